@@ -1,0 +1,1 @@
+//! Filled in by the patching issue (see docs/). Intentionally empty until then.

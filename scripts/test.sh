@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the integration tests on
+# real KVM (natively if this machine's /dev/kvm has VMX/SVM, else inside the nested
+# QEMU-TCG test host). Installs what it needs first (scripts/setup.sh).
+set -Eeuo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+"$ROOT/scripts/setup.sh"
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test (unit and integration)"
+cargo test --workspace

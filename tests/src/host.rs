@@ -1,0 +1,521 @@
+//! The test host (native or nested) and guests started on it.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::console::{tail, Console};
+use crate::{images_dir, lpvmm_binary, repo_root};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostMode {
+    Native,
+    Nested,
+}
+
+/// Under nested TCG a guest boot takes tens of seconds; leave room for slow CI.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct TestHost {
+    mode: HostMode,
+    /// Nested: the QEMU process; its ttyS0 shell and ttyS1 guest console.
+    qemu: Option<Child>,
+    shell: Option<Console>,
+    ttys1: Option<Console>,
+    /// Native: the running lpvmm and its console.
+    native_guest: Option<(Child, Console, PathBuf)>,
+    workdir: PathBuf,
+    seq: u64,
+}
+
+/// How an lpvmm run ended.
+#[derive(Debug)]
+pub struct GuestExit {
+    pub code: i32,
+    pub stderr: String,
+}
+
+fn native_kvm_usable() -> bool {
+    if std::env::var_os("LPVMM_TEST_FORCE_NESTED").is_some() {
+        return false;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_default();
+    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    hw && Path::new("/dev/kvm").exists()
+}
+
+impl TestHost {
+    /// Boot the test host (or use this machine when its KVM can run stock kernels).
+    pub fn start() -> Result<TestHost, String> {
+        let images = images_dir();
+        for need in [
+            "guest-6.1/vmlinuz",
+            "guest-6.12/vmlinuz",
+            "guest-initrd.cpio.gz",
+        ] {
+            if !images.join(need).exists() {
+                return Err(format!(
+                    "missing {}: build the images first with guest-images/build.sh \
+                     (or run scripts/test.sh, which does everything)",
+                    images.join(need).display()
+                ));
+            }
+        }
+        // The tests crate cannot depend on a binary, so make sure the one under test is
+        // current (a no-op when it is).
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let built = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "lpvmm"])
+            .current_dir(repo_root())
+            .status()
+            .map_err(|e| format!("cargo build -p lpvmm: {e}"))?;
+        if !built.success() || !lpvmm_binary().exists() {
+            return Err(format!("could not build {}", lpvmm_binary().display()));
+        }
+        let workdir = std::env::temp_dir().join(format!("lpvmm-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&workdir);
+        std::fs::create_dir_all(&workdir).map_err(|e| format!("workdir: {e}"))?;
+        let mut host = TestHost {
+            mode: if native_kvm_usable() {
+                HostMode::Native
+            } else {
+                HostMode::Nested
+            },
+            qemu: None,
+            shell: None,
+            ttys1: None,
+            native_guest: None,
+            workdir,
+            seq: 0,
+        };
+        if host.mode == HostMode::Nested {
+            host.boot_nested()?;
+        }
+        eprintln!("test host: {:?}", host.mode);
+        Ok(host)
+    }
+
+    pub fn mode(&self) -> HostMode {
+        self.mode
+    }
+
+    fn boot_nested(&mut self) -> Result<(), String> {
+        let images = images_dir();
+        let t0 = Instant::now();
+        let payload = self.workdir.join("payload.cpio");
+        let status = Command::new("bash")
+            .arg(repo_root().join("guest-images/host-payload.sh"))
+            .arg(lpvmm_binary())
+            .arg(&payload)
+            .env("LPVMM_IMAGES", &images)
+            .status()
+            .map_err(|e| format!("host-payload.sh: {e}"))?;
+        if !status.success() {
+            return Err(format!("guest-images/host-payload.sh failed: {status}"));
+        }
+        // The kernel accepts concatenated cpio archives: base system, then payload.
+        let initrd = self.workdir.join("host-initrd.cpio");
+        let mut out = File::create(&initrd).map_err(|e| e.to_string())?;
+        for part in [images.join("host/base.cpio"), payload] {
+            let mut f = File::open(&part).map_err(|e| format!("{}: {e}", part.display()))?;
+            std::io::copy(&mut f, &mut out).map_err(|e| e.to_string())?;
+        }
+        drop(out);
+
+        let s0 = self.workdir.join("ttyS0.sock");
+        let s1 = self.workdir.join("ttyS1.sock");
+        let chardev =
+            |id: &str, p: &Path| format!("socket,id={id},path={},server=on,wait=off", p.display());
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "EPYC,+svm,+npt",
+            "-smp",
+            "2",
+            "-m",
+            "3G",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(images.join("host/vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 loglevel=1 panic=-1 mitigations=off nokaslr",
+        ])
+        .args(["-chardev", &chardev("s0", &s0), "-serial", "chardev:s0"])
+        .args(["-chardev", &chardev("s1", &s1), "-serial", "chardev:s1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(self.workdir.join("qemu.err")).map_err(|e| e.to_string())?);
+        // SAFETY: prctl in the child before exec; QEMU dies with the test process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.qemu = Some(cmd.spawn().map_err(|e| {
+            format!("cannot start qemu-system-x86_64 ({e}); scripts/test.sh installs it")
+        })?);
+
+        let connect = |p: &Path| -> Result<UnixStream, String> {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(s) = UnixStream::connect(p) {
+                    return Ok(s);
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("QEMU never opened {}", p.display()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let a = connect(&s0)?;
+        let b = connect(&s1)?;
+        let shell = Console::new("host", a.try_clone().map_err(|e| e.to_string())?, a);
+        self.ttys1 = Some(Console::new(
+            "guest",
+            b.try_clone().map_err(|e| e.to_string())?,
+            b,
+        ));
+        let ready = shell.wait_for("LPVMM-HOST-READY", BOOT_TIMEOUT, |t| {
+            if let Some(i) = t.find("LPVMM-HOST-ERROR") {
+                return Some((i, t.len()));
+            }
+            t.find("LPVMM-HOST-READY").map(|i| (i, i + 16))
+        });
+        let (_, matched) = ready.map_err(|e| {
+            let qerr = std::fs::read_to_string(self.workdir.join("qemu.err")).unwrap_or_default();
+            format!("{e}\nqemu stderr: {qerr}")
+        })?;
+        if matched.starts_with("LPVMM-HOST-ERROR") {
+            return Err(format!("test host failed: {matched}"));
+        }
+        self.shell = Some(shell);
+        eprintln!("test host up in {:.1}s", t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Run a shell command on the host; returns (exit status, stdout+stderr).
+    pub fn exec_status(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String), String> {
+        match self.mode {
+            HostMode::Native => {
+                let out = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("{{\n{cmd}\n}} 2>&1"))
+                    .env("PATH", native_path())
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(|e| format!("sh: {e}"))?;
+                Ok((
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                ))
+            }
+            HostMode::Nested => {
+                self.seq += 1;
+                let marker = format!("__LPVMM_DONE_{}_", self.seq);
+                let shell = self.shell.as_mut().ok_or("no host shell")?;
+                shell.send(&format!(
+                    "{{\n{cmd}\n}} </dev/null 2>&1; echo \"{marker}$?__\"\n"
+                ))?;
+                let (before, matched) =
+                    shell.wait_for(&format!("end of `{cmd}`"), timeout, |t| {
+                        let i = t.find(&marker)?;
+                        let rest = &t[i + marker.len()..];
+                        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+                        if digits == 0 || !rest[digits..].starts_with("__") {
+                            return None;
+                        }
+                        Some((i, i + marker.len() + digits + 2))
+                    })?;
+                let code = matched[marker.len()..matched.len() - 2]
+                    .parse()
+                    .unwrap_or(-1);
+                Ok((code, before.replace('\r', "")))
+            }
+        }
+    }
+
+    /// Run a command that must succeed; returns its output.
+    pub fn exec(&mut self, cmd: &str) -> Result<String, String> {
+        let (code, out) = self.exec_status(cmd, CMD_TIMEOUT)?;
+        if code != 0 {
+            return Err(format!("`{cmd}` exited {code}:\n{}", tail(&out, 3000)));
+        }
+        Ok(out)
+    }
+
+    /// Path of lpvmm as the host sees it.
+    pub fn lpvmm(&self) -> String {
+        match self.mode {
+            HostMode::Native => lpvmm_binary().display().to_string(),
+            HostMode::Nested => "/usr/bin/lpvmm".into(),
+        }
+    }
+
+    /// Path of an image file (relative to the images dir) as the host sees it.
+    pub fn image(&self, rel: &str) -> String {
+        match self.mode {
+            HostMode::Native => images_dir().join(rel).display().to_string(),
+            HostMode::Nested => format!("/images/{rel}"),
+        }
+    }
+
+    pub fn guest_kernel(&self, series: &str) -> String {
+        self.image(&format!("guest-{series}/vmlinuz"))
+    }
+
+    /// A scratch directory on the host.
+    pub fn tmp(&self) -> String {
+        match self.mode {
+            HostMode::Native => self.workdir.display().to_string(),
+            HostMode::Nested => "/tmp".into(),
+        }
+    }
+
+    /// Start `lpvmm run --name NAME ARGS` with its console connected to the harness.
+    pub fn start_lpvmm(&mut self, name: &str, args: &str) -> Result<Guest<'_>, String> {
+        let err_file = format!("{}/{name}.err", self.tmp());
+        let rc_file = format!("{}/{name}.rc", self.tmp());
+        match self.mode {
+            HostMode::Nested => {
+                if let Some(c) = &self.ttys1 {
+                    c.drain();
+                }
+                let lpvmm = self.lpvmm();
+                self.exec(&format!(
+                    "rm -f {rc_file}; ({lpvmm} run --name {name} {args} </dev/ttyS1 >/dev/ttyS1 \
+                     2>{err_file}; echo $? >{rc_file}) >/dev/null 2>&1 &"
+                ))?;
+            }
+            HostMode::Native => {
+                let mut child = Command::new(lpvmm_binary())
+                    .args(["run", "--name", name])
+                    .args(shell_words(args))
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(File::create(&err_file).map_err(|e| e.to_string())?)
+                    .spawn()
+                    .map_err(|e| format!("lpvmm: {e}"))?;
+                let stdin = child.stdin.take().ok_or("no stdin")?;
+                let stdout = child.stdout.take().ok_or("no stdout")?;
+                let console = Console::new("guest", stdout, stdin);
+                self.native_guest = Some((child, console, PathBuf::from(rc_file)));
+            }
+        }
+        Ok(Guest {
+            host: self,
+            name: name.to_string(),
+            seq: 0,
+        })
+    }
+
+    /// Convenience: boot a guest of a kernel series with the test initramfs and wait
+    /// for its ready line. Returns the guest and the ready line.
+    pub fn boot_guest(
+        &mut self,
+        name: &str,
+        series: &str,
+        vcpus: u8,
+        extra: &str,
+    ) -> Result<(Guest<'_>, String), String> {
+        let args = format!(
+            "--kernel {} --initrd {} --vcpus {vcpus} --memory 512M {extra}",
+            self.guest_kernel(series),
+            self.image("guest-initrd.cpio.gz")
+        );
+        let guest = self.start_lpvmm(name, &args)?;
+        let ready = guest.console().wait_line("LPVMM-GUEST-READY", BOOT_TIMEOUT);
+        match ready {
+            Ok(line) => {
+                // Wait for the first prompt so the shell is reading.
+                guest.console().wait_str("guest# ", CMD_TIMEOUT)?;
+                Ok((guest, line))
+            }
+            Err(e) => {
+                let name = guest.name.clone();
+                let err = guest
+                    .host
+                    .exec(&format!("cat {}/{name}.err", guest.host.tmp()))
+                    .unwrap_or_default();
+                Err(format!("{e}\nlpvmm stderr:\n{err}"))
+            }
+        }
+    }
+
+    fn guest_console(&self) -> &Console {
+        match self.mode {
+            HostMode::Nested => self.ttys1.as_ref().expect("nested host has ttyS1"),
+            HostMode::Native => &self.native_guest.as_ref().expect("a guest was started").1,
+        }
+    }
+}
+
+fn native_path() -> String {
+    let bin = lpvmm_binary();
+    let dir = bin.parent().unwrap_or(Path::new("."));
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Split on whitespace; tests never pass quoted arguments with spaces natively.
+fn shell_words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some((mut c, _, _)) = self.native_guest.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut q) = self.qemu.take() {
+            let _ = q.kill();
+            let _ = q.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.workdir);
+    }
+}
+
+/// A guest started by [`TestHost::start_lpvmm`].
+pub struct Guest<'h> {
+    pub host: &'h mut TestHost,
+    pub name: String,
+    seq: u64,
+}
+
+impl Guest<'_> {
+    pub fn console(&self) -> &Console {
+        self.host.guest_console()
+    }
+
+    /// Type a command at the guest's shell; returns (exit status, output).
+    pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String), String> {
+        self.seq += 1;
+        let template = format!("__G_{}_$?__", self.seq);
+        let marker = format!("__G_{}_", self.seq);
+        let line = format!("{cmd}; echo {template}\n");
+        self.host.guest_console_send(&line)?;
+        let (before, matched) =
+            self.console()
+                .wait_for(&format!("guest `{cmd}`"), timeout, |t| {
+                    // The typed line is echoed with "$?" literally; the real marker has digits.
+                    let mut from = 0;
+                    while let Some(i) = t[from..].find(&marker).map(|i| i + from) {
+                        let rest = &t[i + marker.len()..];
+                        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+                        if digits > 0 && rest[digits..].starts_with("__") {
+                            return Some((i, i + marker.len() + digits + 2));
+                        }
+                        from = i + marker.len();
+                    }
+                    None
+                })?;
+        let code = matched[marker.len()..matched.len() - 2]
+            .parse()
+            .unwrap_or(-1);
+        // Drop the echo of the typed command: everything up to the end of the line that
+        // holds the marker. The tty may echo typed-ahead input once and readline again
+        // (partly, with carriage returns), so take the last echo and match its prefix.
+        let before = before.replace('\r', "");
+        let out = match before.rfind(&marker) {
+            Some(i) => before[i..].split_once('\n').map(|x| x.1).unwrap_or(""),
+            None => &before,
+        };
+        Ok((code, out.to_string()))
+    }
+
+    /// A guest command that must succeed.
+    pub fn run(&mut self, cmd: &str) -> Result<String, String> {
+        let (code, out) = self.run_status(cmd, CMD_TIMEOUT)?;
+        if code != 0 {
+            return Err(format!(
+                "guest `{cmd}` exited {code}:\n{}",
+                tail(&out, 3000)
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Send raw text to the guest console.
+    pub fn send(&mut self, text: &str) -> Result<(), String> {
+        self.host.guest_console_send(text)
+    }
+
+    /// `lpvmm SUBCOMMAND ... NAME ...` on the host, with `{vm}` replaced by the name.
+    pub fn lpvmm(&mut self, args: &str) -> Result<(i32, String), String> {
+        let cmd = format!("{} {}", self.host.lpvmm(), args.replace("{vm}", &self.name));
+        self.host.exec_status(&cmd, CMD_TIMEOUT)
+    }
+
+    /// Wait for lpvmm to exit; returns its exit code and stderr.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<GuestExit, String> {
+        let err_file = format!("{}/{}.err", self.host.tmp(), self.name);
+        let rc_file = format!("{}/{}.rc", self.host.tmp(), self.name);
+        let code = match self.host.mode {
+            HostMode::Nested => {
+                let ticks = timeout.as_secs() * 5;
+                let out = self.host.exec_status(
+                    &format!(
+                        "i=0; while [ ! -s {rc_file} ] && [ $i -lt {ticks} ]; do sleep 0.2; i=$((i+1)); done; cat {rc_file}"
+                    ),
+                    timeout + Duration::from_secs(30),
+                )?;
+                out.1
+                    .trim()
+                    .parse::<i32>()
+                    .map_err(|_| format!("lpvmm '{}' did not exit within {timeout:?}", self.name))?
+            }
+            HostMode::Native => {
+                let (child, _, _) = self.host.native_guest.as_mut().ok_or("no guest")?;
+                let deadline = Instant::now() + timeout;
+                loop {
+                    if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+                        break st.code().unwrap_or(-1);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!(
+                            "lpvmm '{}' did not exit within {timeout:?}",
+                            self.name
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        let stderr = self.host.exec(&format!("cat {err_file}"))?;
+        Ok(GuestExit { code, stderr })
+    }
+}
+
+impl TestHost {
+    fn guest_console_send(&mut self, text: &str) -> Result<(), String> {
+        match self.mode {
+            HostMode::Nested => self.ttys1.as_mut().ok_or("no ttyS1")?.send(text),
+            HostMode::Native => self.native_guest.as_mut().ok_or("no guest")?.1.send(text),
+        }
+    }
+}

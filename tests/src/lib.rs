@@ -1,0 +1,63 @@
+//! The integration-test harness: "a host with real KVM" on which tests run lpvmm.
+//!
+//! - **Native**: this machine's /dev/kvm is backed by VMX/SVM. Commands run here, with
+//!   the freshly built `target/debug/lpvmm`.
+//! - **Nested**: otherwise (for example PVM, which cannot boot a stock kernel). A
+//!   QEMU-TCG VM with an emulated AMD SVM CPU (the *test host*) boots the Debian cloud
+//!   kernel, loads kvm-amd, and runs lpvmm on its real /dev/kvm. Its serial port ttyS0
+//!   carries a command shell; ttyS1 carries the guest's console.
+//!
+//! A test group boots one test host and runs its tests one after another on it.
+//! Images come from `guest-images/build.sh` (see guest-images/README.md).
+
+mod console;
+mod host;
+
+pub use console::Console;
+pub use host::{Guest, GuestExit, HostMode, TestHost};
+
+use std::path::PathBuf;
+
+/// The two kernel series every test runs against.
+pub const SERIES: [&str; 2] = ["6.1", "6.12"];
+
+/// Where guest-images/build.sh put its outputs.
+pub fn images_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LPVMM_IMAGES") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    cache.join("lpvmm/images")
+}
+
+/// The workspace root (tests/ is one level down).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The lpvmm binary cargo built for this test run.
+pub fn lpvmm_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    target.join("debug/lpvmm")
+}
+
+pub type TestResult = Result<(), String>;
+
+/// `ensure!`-style check that turns into a test failure message.
+#[macro_export]
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}

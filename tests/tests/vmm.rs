@@ -1,0 +1,432 @@
+//! `lpvmm run` and the control socket, on real KVM (native or nested).
+//!
+//! One test host serves every test here, one test at a time.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use lpvmm_tests::{check, HostMode, TestHost, TestResult, SERIES};
+
+static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
+
+fn with_host(f: impl FnOnce(&mut TestHost) -> TestResult) -> Result<(), Failed> {
+    let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        *slot = Some(TestHost::start()?);
+    }
+    f(slot.as_mut().unwrap()).map_err(Failed::from)
+}
+
+fn trial(name: &str, f: fn(&mut TestHost) -> TestResult) -> Trial {
+    Trial::test(name, move || with_host(f))
+}
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Acceptance 1 + 2: boot to /init with N vCPUs, nproc = N, an interactive command,
+/// the patch area reserved in /proc/iomem, poweroff → exit 0 and no socket left.
+fn boot(host: &mut TestHost, series: &str, vcpus: u8) -> TestResult {
+    let name = format!("boot-{}-{vcpus}", series.replace('.', "_"));
+    let (mut g, ready) = host.boot_guest(&name, series, vcpus, "")?;
+    check!(
+        ready.contains(&format!("nproc={vcpus}")) && ready.contains(&format!("release={series}")),
+        "ready line {ready:?} does not show {vcpus} CPUs of a {series} kernel"
+    );
+    let nproc = g.run("nproc")?;
+    check!(
+        nproc.trim() == vcpus.to_string(),
+        "guest nproc said {nproc:?}"
+    );
+    let answer = g.run("echo $((6 * 7)) interactive")?;
+    check!(
+        answer.trim() == "42 interactive",
+        "interactive command printed {answer:?}"
+    );
+
+    let iomem = g.run("cat /proc/iomem")?;
+    check!(
+        iomem
+            .lines()
+            .any(|l| l.trim() == "c0000000-c0ffffff : Reserved"),
+        "patch area not reserved in the guest's /proc/iomem:\n{iomem}"
+    );
+
+    let (rc, status) = g.lpvmm("status {vm} --json")?;
+    check!(
+        rc == 0 && status.contains("\"state\": \"running\""),
+        "status: {status}"
+    );
+    let (_, mode) = g.host.exec_status(
+        &format!("stat -c %a /run/lpvmm/{name}.sock"),
+        Duration::from_secs(30),
+    )?;
+    check!(
+        mode.trim() == "600",
+        "control socket mode is {mode:?}, want 600"
+    );
+    let (_, ls) = g.lpvmm("ls")?;
+    check!(ls.contains(&name), "`lpvmm ls` does not list {name}:\n{ls}");
+
+    g.send("poweroff -f\n")?;
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    check!(
+        exit.code == 0,
+        "poweroff: lpvmm exited {} ({})",
+        exit.code,
+        exit.stderr
+    );
+    check!(
+        exit.stderr.contains("guest powered off"),
+        "poweroff not reported: {}",
+        exit.stderr
+    );
+    no_socket_left(host, &name)
+}
+
+fn no_socket_left(host: &mut TestHost, name: &str) -> TestResult {
+    let (_, out) = host.exec_status(
+        &format!("ls /run/lpvmm/{name}.sock"),
+        Duration::from_secs(30),
+    )?;
+    check!(
+        out.contains("No such file"),
+        "stale socket left behind: {out}"
+    );
+    Ok(())
+}
+
+fn reboot_ends_vm(host: &mut TestHost) -> TestResult {
+    let (mut g, _) = host.boot_guest("reboot", "6.1", 1, "")?;
+    g.send("reboot -f\n")?;
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    check!(
+        exit.code == 0,
+        "reboot: lpvmm exited {}: {}",
+        exit.code,
+        exit.stderr
+    );
+    check!(
+        exit.stderr.contains("reboot"),
+        "reboot not reported: {}",
+        exit.stderr
+    );
+    no_socket_left(host, "reboot")
+}
+
+fn panic_is_reported(host: &mut TestHost) -> TestResult {
+    let (mut g, _) = host.boot_guest("panic", "6.12", 1, "")?;
+    g.send("echo c > /proc/sysrq-trigger\n")?;
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    check!(
+        exit.code == 2,
+        "panic: lpvmm exited {} (want 2): {}",
+        exit.code,
+        exit.stderr
+    );
+    check!(
+        exit.stderr.contains("guest kernel panic") && exit.stderr.contains("sysrq"),
+        "panic not reported: {}",
+        exit.stderr
+    );
+    no_socket_left(host, "panic")
+}
+
+/// Acceptance 3 + 4: 1000 pause/resume cycles under a self-checking workload; registers
+/// read while paused agree with the guest; read_phys goes through the paused-guest seam.
+fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("pause-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    g.run(
+        "(n=0; while [ ! -e /tmp/stop ]; do workload -s 2 >/tmp/w.last 2>&1 || { echo WORKLOAD-FAILED; \
+         cat /tmp/w.last; exit 1; }; n=$((n+1)); done; echo WORKLOAD-ALL-OK runs=$n) >/tmp/w.log 2>&1 &",
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let (rc, bench) = g.lpvmm("bench pause {vm} --cycles 1000 --json")?;
+    check!(rc == 0, "bench pause failed: {bench}");
+    eprintln!("{series}: {bench}");
+
+    // Registers while running workloads: sample until both user and kernel mode are seen.
+    let (mut user, mut kernel) = (0, 0);
+    for _ in 0..40 {
+        let (rc, out) = g.lpvmm("regs {vm} --json")?;
+        check!(rc == 0, "regs failed: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        for cpu in v["vcpus"].as_array().ok_or("no vcpus")? {
+            let rip = cpu["rip"].as_u64().unwrap_or(0);
+            let cs = cpu["cs"].as_u64().unwrap_or(0);
+            let cr3 = cpu["cr3"].as_u64().unwrap_or(0) & 0x000f_ffff_ffff_f000;
+            let efer = cpu["efer"].as_u64().unwrap_or(0);
+            check!(efer & (1 << 10) != 0, "vCPU not in long mode: {cpu}");
+            check!(
+                cr3 > 0 && cr3 < 512 << 20,
+                "CR3 {cr3:#x} outside guest RAM: {cpu}"
+            );
+            match cs & 3 {
+                0 => {
+                    check!(rip >= 0xffff_8000_0000_0000, "CPL0 with user RIP {rip:#x}");
+                    kernel += 1;
+                }
+                3 => {
+                    check!(rip < 0x0000_8000_0000_0000, "CPL3 with kernel RIP {rip:#x}");
+                    user += 1;
+                }
+                other => return Err(format!("unexpected CPL {other}: {cpu}")),
+            }
+        }
+        if user > 0 && kernel > 0 {
+            break;
+        }
+    }
+    check!(
+        user > 0 && kernel > 0,
+        "never saw both modes (user {user}, kernel {kernel})"
+    );
+
+    // The page-table root really is a PML4: the kernel half has present entries.
+    let (rc, out) = g.lpvmm("pause {vm} --json")?;
+    check!(rc == 0, "pause: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    let cr3 = v["vcpus"][0]["cr3"].as_u64().unwrap_or(0) & 0x000f_ffff_ffff_f000;
+    let (rc, out) = g.lpvmm(&format!("read-phys {{vm}} {cr3:#x} 4096 --json"))?;
+    check!(rc == 0, "read-phys: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    let hex = v["hex"].as_str().unwrap_or("");
+    check!(
+        hex.len() == 8192,
+        "read-phys returned {} hex digits",
+        hex.len()
+    );
+    let present_kernel_entries = (256..512)
+        .filter(|i| u8::from_str_radix(&hex[i * 16..i * 16 + 2], 16).unwrap_or(0) & 1 == 1)
+        .count();
+    check!(
+        present_kernel_entries > 0,
+        "no present kernel-half PML4 entries at CR3 {cr3:#x}"
+    );
+    let (rc, out) = g.lpvmm("resume {vm}")?;
+    check!(rc == 0, "resume: {out}");
+
+    g.run("touch /tmp/stop; wait")?;
+    let log = g.run("cat /tmp/w.log")?;
+    check!(log.contains("WORKLOAD-ALL-OK"), "workload failed:\n{log}");
+    let bad =
+        g.run("dmesg | grep -E 'WARNING|Oops|BUG:|Call Trace|soft lockup|hung task' || true")?;
+    check!(bad.trim().is_empty(), "guest dmesg has warnings:\n{bad}");
+    g.send("poweroff -f\n")?;
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    check!(
+        exit.code == 0,
+        "lpvmm exited {}: {}",
+        exit.code,
+        exit.stderr
+    );
+    Ok(())
+}
+
+/// Requests that do not fit the VM's state are refused with a message.
+fn control_state_errors(host: &mut TestHost) -> TestResult {
+    let (mut g, _) = host.boot_guest("ctl", "6.1", 1, "")?;
+    let (rc, out) = g.lpvmm("resume {vm}")?;
+    check!(
+        rc != 0 && out.contains("not paused"),
+        "resume while running: {rc} {out}"
+    );
+    let (rc, out) = g.lpvmm("read-phys {vm} 0x1000 16")?;
+    check!(
+        rc != 0 && out.contains("must be paused"),
+        "read-phys while running: {rc} {out}"
+    );
+    let (rc, out) = g.lpvmm("pause {vm}")?;
+    check!(rc == 0, "pause: {out}");
+    let (rc, out) = g.lpvmm("pause {vm}")?;
+    check!(
+        rc != 0 && out.contains("already paused"),
+        "second pause: {rc} {out}"
+    );
+    let (rc, out) = g.lpvmm("read-phys {vm} 0xc0000000 8")?;
+    check!(
+        rc == 0 && out.contains("0x0000c0000000"),
+        "read-phys of the patch area: {out}"
+    );
+    let (rc, out) = g.lpvmm("read-phys {vm} 0xfff00000000 8")?;
+    check!(
+        rc != 0 && out.contains("not backed"),
+        "read-phys outside memory: {rc} {out}"
+    );
+    let (rc, out) = g.lpvmm("status {vm}")?;
+    check!(
+        rc == 0 && out.contains("paused"),
+        "status while paused: {out}"
+    );
+    let (rc, out) = g.lpvmm("resume {vm}")?;
+    check!(rc == 0, "resume: {out}");
+    let echo = g.run("echo alive")?;
+    check!(
+        echo.trim() == "alive",
+        "guest not responsive after resume: {echo:?}"
+    );
+    let (rc, out) = g.lpvmm("stop {vm}")?;
+    check!(rc == 0, "stop: {out}");
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    check!(
+        exit.code == 0 && exit.stderr.contains("stop requested"),
+        "stop: {exit:?}"
+    );
+    let (rc, out) = host.exec_status(
+        &format!("{} status ctl", host.lpvmm()),
+        Duration::from_secs(30),
+    )?;
+    check!(
+        rc != 0 && out.contains("no VM named 'ctl'"),
+        "status after stop: {out}"
+    );
+    no_socket_left(host, "ctl")
+}
+
+/// Acceptance 5: each bad input gets a clear message, a non-zero exit and no socket.
+fn bad_input(host: &mut TestHost) -> TestResult {
+    let lpvmm = host.lpvmm();
+    let kernel = host.guest_kernel("6.1");
+    let tmp = host.tmp();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "missing kernel",
+            format!("--kernel {tmp}/no-such-bzImage"),
+            "cannot open kernel",
+        ),
+        (
+            "not a bzImage",
+            format!("--kernel {lpvmm}"),
+            "is not a bzImage",
+        ),
+        (
+            "memory too small",
+            format!("--kernel {kernel} --memory 40M"),
+            "memory too small",
+        ),
+        (
+            "initrd does not fit",
+            format!("--kernel {kernel} --memory 256M --initrd {tmp}/huge.img"),
+            "does not fit",
+        ),
+        (
+            "zero vcpus",
+            format!("--kernel {kernel} --vcpus 0"),
+            "--vcpus",
+        ),
+        (
+            "bad name",
+            format!("--kernel {kernel} --name ../escape"),
+            "invalid VM name",
+        ),
+    ];
+    host.exec(&format!("truncate -s 400M {tmp}/huge.img"))?;
+    for (what, args, expect) in &cases {
+        let (rc, out) = host.exec_status(
+            &format!("{lpvmm} run --name bad {args}"),
+            Duration::from_secs(60),
+        )?;
+        check!(rc != 0, "{what}: exit code 0");
+        check!(
+            out.contains(expect),
+            "{what}: message lacks {expect:?}: {out}"
+        );
+        no_socket_left(host, "bad")?;
+    }
+    host.exec(&format!("rm -f {tmp}/huge.img"))?;
+
+    // A name in use: the second VM is refused, the first keeps running.
+    let (mut g, _) = host.boot_guest("dup", "6.1", 1, "")?;
+    let (rc, out) = g.host.exec_status(
+        &format!("{lpvmm} run --name dup --kernel {kernel}"),
+        Duration::from_secs(60),
+    )?;
+    check!(
+        rc != 0 && out.contains("already running"),
+        "duplicate name: {rc} {out}"
+    );
+    let alive = g.run("echo still-here")?;
+    check!(
+        alive.trim() == "still-here",
+        "first VM hurt by the duplicate: {alive:?}"
+    );
+    g.send("poweroff -f\n")?;
+    g.wait_exit(EXIT_TIMEOUT)?;
+
+    // /dev/kvm missing (only on the nested host, which is ours to break).
+    if host.mode() == HostMode::Nested {
+        let (rc, out) = host.exec_status(
+            &format!("mv /dev/kvm /dev/kvm.off; {lpvmm} run --name bad --kernel {kernel}; rc=$?; mv /dev/kvm.off /dev/kvm; exit $rc"),
+            Duration::from_secs(60),
+        )?;
+        check!(
+            rc != 0 && out.contains("cannot open /dev/kvm"),
+            "no /dev/kvm: {rc} {out}"
+        );
+        no_socket_left(host, "bad")?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let mut tests = Vec::new();
+    for series in SERIES {
+        for vcpus in [1u8, 2] {
+            let s = series.to_string();
+            tests.push(Trial::test(
+                format!("boot_{}_vcpus_{vcpus}", series.replace('.', "_")),
+                move || with_host(|h| boot(h, &s, vcpus)),
+            ));
+        }
+        let s = series.to_string();
+        tests.push(Trial::test(
+            format!(
+                "pause_resume_1000_cycles_under_load_{}",
+                series.replace('.', "_")
+            ),
+            move || with_host(|h| pause_resume_under_load(h, &s)),
+        ));
+    }
+    tests.push(trial("guest_reboot_ends_vm_with_code_0", reboot_ends_vm));
+    tests.push(trial("guest_panic_ends_vm_with_code_2", panic_is_reported));
+    tests.push(trial(
+        "control_requests_check_vm_state",
+        control_state_errors,
+    ));
+    tests.push(trial("bad_input_is_refused_cleanly", bad_input));
+    tests.push(Trial::test(
+        "software_kvm_is_refused_with_a_pointer_to_nested_mode",
+        || software_kvm_check().map_err(Failed::from),
+    ));
+    let conclusion = libtest_mimic::run(&args, tests);
+    drop(HOST.lock().unwrap_or_else(|e| e.into_inner()).take());
+    conclusion.exit();
+}
+
+/// Runs on this machine, not on the test host: on a machine whose /dev/kvm has no
+/// VMX/SVM under it (PVM), lpvmm says so plainly and points to the nested mode.
+fn software_kvm_check() -> TestResult {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    if hw {
+        eprintln!("this machine has hardware virtualization: nothing to refuse here");
+        return Ok(());
+    }
+    let kernel = lpvmm_tests::images_dir().join("guest-6.1/vmlinuz");
+    let out = std::process::Command::new(lpvmm_tests::lpvmm_binary())
+        .args(["run", "--name", "pvm-check", "--kernel"])
+        .arg(kernel)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    check!(!out.status.success(), "lpvmm ran on software KVM");
+    check!(
+        err.contains("not backed by hardware virtualization") && err.contains("nested"),
+        "unclear message: {err}"
+    );
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Wire format, version 1: one JSON object per line each way.
+//!
+//! Request:  `{"v":1,"op":"pause"}`
+//! Response: `{"v":1,"ok":true,"result":{...}}` or
+//!           `{"v":1,"ok":false,"error":{"kind":"bad_state","message":"..."}}`
+
+use introspection::VcpuState;
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line the server reads; anything longer is refused.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest guest-physical read one `read_phys` request may ask for.
+pub const MAX_READ_PHYS: u32 = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Stop,
+    /// Registers of every vCPU. A running VM is paused just for the read.
+    Regs,
+    /// Read guest-physical memory (the VM must be paused).
+    ReadPhys {
+        addr: u64,
+        len: u32,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RequestLine {
+    pub v: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request could not be parsed or has the wrong version.
+    BadRequest,
+    /// The request does not fit the VM's state (resume while running, ...).
+    BadState,
+    /// The VMM tried and failed.
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResponseLine {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl ResponseLine {
+    pub fn ok(result: impl Serialize) -> Self {
+        ResponseLine {
+            v: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(serde_json::to_value(result).unwrap_or(serde_json::Value::Null)),
+            error: None,
+        }
+    }
+
+    pub fn err(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ResponseLine {
+            v: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                kind,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub name: String,
+    pub pid: u32,
+    pub state: RunState,
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub uptime_ms: u64,
+    pub patch_area_start: u64,
+    pub patch_area_size: u64,
+    pub pauses: u64,
+    pub last_pause_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PauseResult {
+    /// Request received → every vCPU parked, measured inside the VMM.
+    pub parked_ns: u64,
+    pub vcpus: Vec<VcpuState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResumeResult {
+    /// Resume request → every vCPU has left the park, measured inside the VMM.
+    pub resumed_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegsResult {
+    /// True when the VM was running and lpvmm paused it just for this read.
+    pub paused_for_read: bool,
+    pub vcpus: Vec<VcpuState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadPhysResult {
+    pub addr: u64,
+    /// Lower-case hex, two digits per byte.
+    pub hex: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_ops_are_rejected() {
+        let line = r#"{"v":1,"op":"read_phys","addr":4096,"len":8}"#;
+        let r: RequestLine = serde_json::from_str(line).unwrap();
+        assert_eq!(r.request, Request::ReadPhys { addr: 4096, len: 8 });
+        let out = serde_json::to_string(&RequestLine {
+            v: 1,
+            request: Request::Pause,
+        })
+        .unwrap();
+        assert_eq!(out, r#"{"v":1,"op":"pause"}"#);
+        assert!(serde_json::from_str::<RequestLine>(r#"{"v":1,"op":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<RequestLine>(r#"{"v":1}"#).is_err());
+    }
+}

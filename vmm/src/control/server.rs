@@ -1,0 +1,256 @@
+//! The VMM side of the control socket, driven by the main event loop.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind as IoErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use super::proto::{
+    ErrorKind, Request, RequestLine, ResponseLine, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+};
+use super::rundir;
+use crate::devices::StopReason;
+use crate::vm::Vm;
+
+/// The bound socket file; removed when dropped, so that no stale socket outlives the VM.
+pub struct SocketFile {
+    path: PathBuf,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Refuse a name whose socket answers; clear a stale socket nobody answers on.
+pub fn claim_name(name: &str) -> Result<PathBuf> {
+    rundir::validate_name(name)?;
+    let dir = rundir::runtime_dir();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create runtime directory {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    let path = rundir::socket_path(name);
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            bail!(
+                "a VM named '{name}' is already running (socket {}); choose another --name \
+                 or stop it with `lpvmm stop {name}`",
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    Ok(path)
+}
+
+/// Bind the control socket with mode 0600 from the start (umask around bind).
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("cannot bind {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+        },
+    ))
+}
+
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+pub struct ControlServer {
+    listener: UnixListener,
+    conns: HashMap<RawFd, Conn>,
+    vm: Arc<Mutex<Vm>>,
+    uid: u32,
+}
+
+impl ControlServer {
+    pub fn new(listener: UnixListener, vm: Arc<Mutex<Vm>>) -> Self {
+        ControlServer {
+            listener,
+            conns: HashMap::new(),
+            vm,
+            // SAFETY: getuid cannot fail.
+            uid: unsafe { libc::getuid() },
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            match peer_uid(&stream) {
+                Some(uid) if uid == self.uid || uid == 0 => {}
+                other => {
+                    tracing::warn!("refused control connection from uid {other:?}");
+                    continue;
+                }
+            }
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+            let fd = stream.as_raw_fd();
+            if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
+                self.conns.insert(
+                    fd,
+                    Conn {
+                        stream,
+                        buf: Vec::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn close(&mut self, fd: RawFd, ops: &mut EventOps) {
+        if let Some(conn) = self.conns.remove(&fd) {
+            let _ = ops.remove(Events::new(&conn.stream, EventSet::IN));
+        }
+    }
+
+    /// Read what is there; answer every complete line. Returns false to close.
+    fn serve(&mut self, fd: RawFd) -> bool {
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return false;
+        };
+        let mut chunk = [0u8; 4096];
+        let n = match conn.stream.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == IoErrorKind::WouldBlock || e.kind() == IoErrorKind::Interrupted =>
+            {
+                return true
+            }
+            Err(_) => return false,
+        };
+        conn.buf.extend_from_slice(&chunk[..n]);
+        while let Some(pos) = conn.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = conn.buf.drain(..=pos).collect();
+            let resp = handle_line(&self.vm, &line);
+            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+            out.push(b'\n');
+            if conn.stream.write_all(&out).is_err() {
+                return false;
+            }
+        }
+        if conn.buf.len() > MAX_REQUEST_BYTES {
+            let resp = ResponseLine::err(
+                ErrorKind::BadRequest,
+                format!("request longer than {MAX_REQUEST_BYTES} bytes"),
+            );
+            let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+            out.push(b'\n');
+            let _ = conn.stream.write_all(&out);
+            return false;
+        }
+        true
+    }
+}
+
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length on a valid socket fd.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+/// One request line in, one response out. Never panics on any input.
+pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
+    let parsed: RequestLine = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => return ResponseLine::err(ErrorKind::BadRequest, format!("bad request: {e}")),
+    };
+    if parsed.v != PROTOCOL_VERSION {
+        return ResponseLine::err(
+            ErrorKind::BadRequest,
+            format!(
+                "protocol version {} not supported (this lpvmm speaks {PROTOCOL_VERSION})",
+                parsed.v
+            ),
+        );
+    }
+    let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
+    let failed = |e: anyhow::Error| ResponseLine::err(ErrorKind::Failed, format!("{e:#}"));
+    let bad_state = |e: anyhow::Error| ResponseLine::err(ErrorKind::BadState, format!("{e:#}"));
+    match parsed.request {
+        Request::Status => ResponseLine::ok(vm.status()),
+        Request::Pause => {
+            if vm.is_paused() {
+                return bad_state(anyhow::anyhow!("VM '{}' is already paused", vm.config.name));
+            }
+            vm.pause().map(ResponseLine::ok).unwrap_or_else(failed)
+        }
+        Request::Resume => {
+            if !vm.is_paused() {
+                return bad_state(anyhow::anyhow!("VM '{}' is not paused", vm.config.name));
+            }
+            vm.resume().map(ResponseLine::ok).unwrap_or_else(failed)
+        }
+        Request::Regs => vm.regs().map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::ReadPhys { addr, len } => {
+            if !vm.is_paused() {
+                return bad_state(anyhow::anyhow!(
+                    "VM '{}' must be paused to read its memory",
+                    vm.config.name
+                ));
+            }
+            vm.read_phys(addr, len)
+                .map(ResponseLine::ok)
+                .unwrap_or_else(failed)
+        }
+        Request::Stop => {
+            vm.devices.request_stop(StopReason::Requested(
+                "stop requested over the control socket".into(),
+            ));
+            ResponseLine::ok(serde_json::json!({ "stopping": true }))
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("cannot watch the control socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept(ops);
+            return;
+        }
+        let keep = events.event_set().contains(EventSet::IN) && self.serve(fd);
+        if !keep {
+            self.close(fd, ops);
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The guest's legacy devices on port I/O, and how the guest asks the VM to end.
+//!
+//! Devices: the 16550 serial port at 0x3f8 (IRQ 4), the i8042's reset line (0x64,
+//! command 0xfe: `reboot=k`), the ACPI sleep control register (poweroff), and a PCI
+//! config space with only a host bridge (see pci.rs). Everything
+//! else on the port bus reads as all-ones, as an empty ISA bus would.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi;
+use crate::pci::PciConfig;
+
+pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+const I8042_COMMAND_PORT: u16 = 0x64;
+const I8042_RESET_CMD: u8 = 0xfe;
+/// Port 0x80 is the POST/delay port the kernel writes to for I/O delays.
+const POST_PORT: u16 = 0x80;
+
+/// Why the VM ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off (ACPI S5).
+    Poweroff,
+    /// The guest rebooted. lpvmm does not restart guests: the VM ends, like firecracker.
+    Reboot,
+    /// The guest kernel panicked (its panic line was seen on the console before reset).
+    Panic(String),
+    /// Stopped through the control socket or a signal.
+    Requested(String),
+    /// The VMM or KVM failed.
+    Fatal(String),
+}
+
+impl StopReason {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StopReason::Poweroff | StopReason::Reboot | StopReason::Requested(_) => 0,
+            StopReason::Panic(_) => 2,
+            StopReason::Fatal(_) => 1,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            StopReason::Poweroff => "guest powered off".into(),
+            StopReason::Reboot => {
+                "guest requested a reboot: lpvmm ends the VM rather than restarting it".into()
+            }
+            StopReason::Panic(msg) => format!("guest kernel panic: {msg}"),
+            StopReason::Requested(why) => format!("VM stopped: {why}"),
+            StopReason::Fatal(msg) => format!("VM failed: {msg}"),
+        }
+    }
+}
+
+/// Raises the serial IRQ through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the console loop that the guest drained the serial input FIFO.
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+const PANIC_MARKER: &str = "Kernel panic - not syncing: ";
+const LINE_MAX: usize = 512;
+
+/// Console output: passes bytes to stdout and remembers a kernel panic line.
+pub struct ConsoleOut {
+    line: Vec<u8>,
+    panic: Arc<Mutex<Option<String>>>,
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.line);
+                if let Some(pos) = line.find(PANIC_MARKER) {
+                    let msg = line[pos + PANIC_MARKER.len()..].trim().to_string();
+                    *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                }
+                self.line.clear();
+            } else if self.line.len() < LINE_MAX {
+                self.line.push(b);
+            }
+        }
+        let mut out = io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
+pub type GuestSerial = Serial<IrqTrigger, InputDrained, ConsoleOut>;
+
+/// Devices plus the VM's stop request, shared by all vCPU threads and the main loop.
+pub struct Devices {
+    pub serial: Mutex<GuestSerial>,
+    pci: Mutex<PciConfig>,
+    panic: Arc<Mutex<Option<String>>>,
+    stop: Mutex<Option<StopReason>>,
+    /// Written when a stop is requested, to wake the main loop.
+    pub stop_evt: EventFd,
+}
+
+impl Devices {
+    pub fn new(irq: EventFd, drained: EventFd) -> io::Result<Self> {
+        let panic = Arc::new(Mutex::new(None));
+        let out = ConsoleOut {
+            line: Vec::new(),
+            panic: panic.clone(),
+        };
+        Ok(Devices {
+            serial: Mutex::new(Serial::with_events(
+                IrqTrigger(irq),
+                InputDrained(drained),
+                out,
+            )),
+            pci: Mutex::new(PciConfig::default()),
+            panic,
+            stop: Mutex::new(None),
+            stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Record why the VM ends (the first reason wins) and wake the main loop.
+    pub fn request_stop(&self, reason: StopReason) {
+        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+        if stop.is_none() {
+            *stop = Some(reason);
+        }
+        let _ = self.stop_evt.write(1);
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A reset is a panic if the kernel printed its panic line first, else a reboot.
+    pub fn guest_reset(&self) -> StopReason {
+        match self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(msg) => StopReason::Panic(msg),
+            None => StopReason::Reboot,
+        }
+    }
+
+    fn serial(&self) -> std::sync::MutexGuard<'_, GuestSerial> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if self
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(port, data)
+        {
+            return;
+        }
+        match port {
+            SERIAL_PORT_BASE..=0x3ff if data.len() == 1 => {
+                data[0] = self.serial().read((port - SERIAL_PORT_BASE) as u8);
+            }
+            // i8042 status: "input buffer empty", so a keyboard-controller reset is
+            // issued at once instead of after a long busy-wait.
+            I8042_COMMAND_PORT => data.fill(0),
+            acpi::SLEEP_CONTROL_PORT => data.fill(0),
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// Returns a stop reason when the write asks the VM to end.
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<StopReason> {
+        if self
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(port, data)
+        {
+            return None;
+        }
+        match port {
+            SERIAL_PORT_BASE..=0x3ff if data.len() == 1 => {
+                if let Err(e) = self
+                    .serial()
+                    .write((port - SERIAL_PORT_BASE) as u8, data[0])
+                {
+                    tracing::debug!("serial write failed: {e:?}");
+                }
+                None
+            }
+            I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET_CMD) => {
+                Some(self.guest_reset())
+            }
+            acpi::SLEEP_CONTROL_PORT => {
+                let v = data.first().copied().unwrap_or(0);
+                let sleep_type = (v & acpi::SLEEP_TYPE_MASK) >> acpi::SLEEP_TYPE_SHIFT;
+                (v & acpi::SLEEP_ENABLE != 0 && sleep_type == acpi::S5_SLEEP_TYPE)
+                    .then_some(StopReason::Poweroff)
+            }
+            POST_PORT => None,
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices() -> Devices {
+        Devices::new(EventFd::new(0).unwrap(), EventFd::new(0).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn acpi_s5_write_is_poweroff_other_sleep_states_are_not() {
+        let d = devices();
+        let s5 = acpi::SLEEP_ENABLE | (acpi::S5_SLEEP_TYPE << acpi::SLEEP_TYPE_SHIFT);
+        assert_eq!(
+            d.pio_write(acpi::SLEEP_CONTROL_PORT, &[s5]),
+            Some(StopReason::Poweroff)
+        );
+        assert_eq!(
+            d.pio_write(acpi::SLEEP_CONTROL_PORT, &[3 << 2 | 0x20]),
+            None
+        );
+        assert_eq!(d.pio_write(acpi::SLEEP_CONTROL_PORT, &[5 << 2]), None);
+    }
+
+    #[test]
+    fn reset_after_panic_line_is_a_panic() {
+        let d = devices();
+        assert_eq!(d.pio_write(0x64, &[0xfe]), Some(StopReason::Reboot));
+        d.serial()
+            .writer_mut()
+            .write_all(b"[ 1.0] Kernel panic - not syncing: VFS: oops\r\n")
+            .unwrap();
+        assert_eq!(
+            d.pio_write(0x64, &[0xfe]),
+            Some(StopReason::Panic("VFS: oops".into()))
+        );
+    }
+
+    #[test]
+    fn unknown_ports_read_all_ones() {
+        let d = devices();
+        let mut b = [0u8; 2];
+        d.pio_read(0x1234, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn first_stop_reason_wins() {
+        let d = devices();
+        d.request_stop(StopReason::Poweroff);
+        d.request_stop(StopReason::Fatal("later".into()));
+        assert_eq!(d.stop_reason(), Some(StopReason::Poweroff));
+    }
+}

@@ -1,0 +1,174 @@
+//! lpvmm: boots Linux guests on KVM and (in later versions) live-patches their kernels
+//! from the hypervisor.
+
+mod acpi;
+mod boot;
+mod cli;
+mod console;
+mod control;
+mod cpu;
+mod devices;
+mod hostcheck;
+mod layout;
+mod paused;
+mod pci;
+mod run;
+mod vcpu;
+mod vm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Parser)]
+#[command(
+    name = "lpvmm",
+    version,
+    about = "Boot Linux guests on KVM and live-patch their kernels from the hypervisor"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest. The serial console is on stdin/stdout (Ctrl-A x ends the VM).
+    Run {
+        /// The guest kernel (bzImage, e.g. /boot/vmlinuz-*)
+        #[arg(long)]
+        kernel: PathBuf,
+        /// An initramfs (cpio, optionally compressed as the kernel supports)
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// The kernel command line
+        #[arg(long, default_value = DEFAULT_CMDLINE)]
+        cmdline: String,
+        /// Guest RAM, e.g. 512M or 2G
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        memory: u64,
+        /// Number of vCPUs
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// VM name for the control socket (default: the first free vmN)
+        #[arg(long)]
+        name: Option<String>,
+        /// Size of the guest-physical patch area (e820 reserved, owned by lpvmm)
+        #[arg(long, default_value = "16M", value_parser = parse_size)]
+        patch_area: u64,
+    },
+    /// List running VMs
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a VM's state
+    Status {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Park every vCPU of a VM; returns once all are parked
+    Pause {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a paused VM run again
+    Resume {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM (lpvmm run exits with code 0)
+    Stop { vm: String },
+    /// Show every vCPU's registers (a running VM is paused just for the read)
+    Regs {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dump guest-physical memory of a paused VM
+    ReadPhys {
+        vm: String,
+        /// Guest-physical address (0x... or decimal)
+        #[arg(value_parser = parse_u64)]
+        addr: u64,
+        /// Number of bytes (at most 65536)
+        len: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measurements (see docs/benchmarks.md)
+    Bench {
+        #[command(subcommand)]
+        what: cli::Bench,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    layout::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("'{s}' is not a number"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LPVMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Run {
+            kernel,
+            initrd,
+            cmdline,
+            memory,
+            vcpus,
+            name,
+            patch_area,
+        } => cli::default_name(name).and_then(|name| {
+            run::run(vm::VmConfig {
+                name,
+                kernel,
+                initrd,
+                cmdline,
+                memory,
+                vcpus,
+                patch_area,
+            })
+        }),
+        Command::Ls { json } => cli::ls(json),
+        Command::Status { vm, json } => cli::status(&vm, json),
+        Command::Pause { vm, json } => cli::pause(&vm, json),
+        Command::Resume { vm, json } => cli::resume(&vm, json),
+        Command::Stop { vm } => cli::stop(&vm),
+        Command::Regs { vm, json } => cli::regs(&vm, json),
+        Command::ReadPhys {
+            vm,
+            addr,
+            len,
+            json,
+        } => cli::read_phys(&vm, addr, len, json),
+        Command::Bench { what } => cli::bench(what),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("lpvmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! `lpvmm run`: build the VM, serve its console and control socket until it ends.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::{Console, RawTerminal};
+use crate::control::server::{self, ControlServer};
+use crate::devices::StopReason;
+use crate::vm::{Vm, VmConfig};
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Eventfd the termination signal handler writes to (-1 before it exists).
+static TERMINATE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    let fd = TERMINATE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd is async-signal-safe.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// Wakes the loop when the VM must end: a guest event, a stop request or a signal.
+struct StopWatcher {
+    stop_evt: EventFd,
+    terminate: EventFd,
+    devices: Arc<crate::devices::Devices>,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.stop_evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.terminate, EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        use std::os::unix::io::AsRawFd;
+        if events.fd() == self.terminate.as_raw_fd() {
+            let _ = self.terminate.read();
+            self.devices.request_stop(StopReason::Requested(
+                "lpvmm received a termination signal".into(),
+            ));
+        } else {
+            let _ = self.stop_evt.read();
+        }
+    }
+}
+
+/// Run a VM to its end; returns lpvmm's exit code.
+pub fn run(config: VmConfig) -> Result<i32> {
+    let name = config.name.clone();
+    let socket_path = server::claim_name(&name)?;
+    let drained = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    let vm = Vm::create(config, drained.try_clone().context("eventfd")?)?;
+    let devices = vm.devices.clone();
+    let vm = Arc::new(Mutex::new(vm));
+    let (listener, _socket_file) = server::bind(&socket_path)?;
+
+    let terminate = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    {
+        use std::os::unix::io::AsRawFd;
+        TERMINATE_FD.store(terminate.as_raw_fd(), Ordering::Relaxed);
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installing a handler that only writes to an eventfd.
+        unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
+    }
+
+    let (vcpus, memory) = {
+        let vm = vm.lock().unwrap_or_else(|e| e.into_inner());
+        (vm.config.vcpus, vm.config.memory)
+    };
+    eprintln!(
+        "lpvmm: VM '{name}' started ({vcpus} vCPU, {} MiB); control socket {}",
+        memory >> 20,
+        socket_path.display()
+    );
+
+    let raw = RawTerminal::enter();
+    let interactive = {
+        // SAFETY: isatty on fd 0.
+        unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
+    };
+    let mut em: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| anyhow::anyhow!("event manager: {e:?}"))?;
+    em.add_subscriber(Arc::new(Mutex::new(Console::new(
+        devices.clone(),
+        drained,
+        interactive,
+    ))));
+    em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
+        listener,
+        vm.clone(),
+    ))));
+    em.add_subscriber(Arc::new(Mutex::new(StopWatcher {
+        stop_evt: devices.stop_evt.try_clone().context("eventfd")?,
+        terminate,
+        devices: devices.clone(),
+    })));
+
+    let reason = loop {
+        if let Some(reason) = devices.stop_reason() {
+            break reason;
+        }
+        if let Err(e) = em.run_with_timeout(1000) {
+            break StopReason::Fatal(format!("event loop failed: {e:?}"));
+        }
+    };
+
+    vm.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    drop(raw);
+    TERMINATE_FD.store(-1, Ordering::Relaxed);
+    eprintln!("\r\nlpvmm: {}", reason.describe());
+    Ok(reason.exit_code())
+}

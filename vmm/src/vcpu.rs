@@ -1,0 +1,342 @@
+//! vCPU threads and the pause protocol.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread. To pause, the controller publishes
+//! `Want::Pause`, then signals every vCPU thread. The signal handler sets the thread's
+//! `kvm_run.immediate_exit`, so the vCPU leaves (or never enters) the guest even if the
+//! signal lands just before `KVM_RUN`. The thread sees the request, captures its
+//! registers (only the owning thread may call vCPU ioctls cheaply and safely), reports
+//! itself parked, and waits. The controller returns once every vCPU has parked.
+//!
+//! On resume each thread executes CPUID, a serializing instruction, before re-entering
+//! the guest: the VMM may have rewritten guest code while it was parked
+//! (cross-modifying code, Intel SDM vol. 3 §8.1.3).
+
+use std::cell::Cell;
+use std::sync::atomic::{fence, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::cpu;
+use crate::devices::{Devices, StopReason};
+use introspection::VcpuState;
+
+/// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Want {
+    Run = 0,
+    Pause = 1,
+    Stop = 2,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Per vCPU: `Some` while parked, holding the registers captured at park time.
+    parked: Vec<Option<std::result::Result<VcpuState, String>>>,
+    exited: usize,
+}
+
+/// State shared by the controller and the vCPU threads.
+pub struct VcpuControl {
+    want: AtomicU8,
+    shared: Mutex<Shared>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    fn want(&self) -> Want {
+        match self.want.load(Ordering::Acquire) {
+            0 => Want::Run,
+            1 => Want::Pause,
+            _ => Want::Stop,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A vCPU thread that panicked must not take the controller down with it.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    /// Points at this thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a const-initialised thread local and a volatile byte store.
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: set by the vCPU thread to a field of its own mapped kvm_run, which
+        // outlives the thread's run loop; only this thread's handler runs here.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+    fence(Ordering::SeqCst);
+}
+
+/// The vCPU threads of one VM.
+pub struct Vcpus {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Outcome of a pause request.
+pub struct Paused {
+    pub states: Vec<VcpuState>,
+    /// Request → every vCPU parked.
+    pub latency: Duration,
+}
+
+impl Vcpus {
+    /// Start one thread per configured vCPU. They run until `stop`.
+    pub fn start(fds: Vec<VcpuFd>, devices: Arc<Devices>) -> Result<Self> {
+        register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)
+            .map_err(|e| anyhow!("cannot install the vCPU kick signal handler: {e}"))?;
+        let control = Arc::new(VcpuControl {
+            want: AtomicU8::new(Want::Run as u8),
+            shared: Mutex::new(Shared {
+                parked: vec![None; fds.len()],
+                exited: 0,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut threads = Vec::new();
+        for (index, fd) in fds.into_iter().enumerate() {
+            let control = control.clone();
+            let devices = devices.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_vcpu(index, fd, &control, &devices))
+                .map_err(|e| anyhow!("cannot start vCPU thread {index}: {e}"))?;
+            threads.push(t);
+        }
+        Ok(Vcpus { control, threads })
+    }
+
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // A thread that already exited cannot be kicked, and needs no kick.
+            let _ = t.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET);
+        }
+    }
+
+    /// Park every vCPU. Returns their registers once all are parked.
+    pub fn pause(&self, timeout: Duration) -> Result<Paused> {
+        let start = Instant::now();
+        match self.control.want() {
+            Want::Stop => bail!("the VM is stopping"),
+            Want::Pause => bail!("the VM is already paused"),
+            Want::Run => {}
+        }
+        self.control
+            .want
+            .store(Want::Pause as u8, Ordering::Release);
+        self.kick_all();
+        let mut shared = self.control.lock();
+        loop {
+            let all_parked = shared.parked.iter().all(Option::is_some);
+            if all_parked {
+                break;
+            }
+            if shared.exited > 0 {
+                drop(shared);
+                self.resume_inner();
+                bail!("a vCPU thread exited while pausing");
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                let stuck: Vec<usize> = shared
+                    .parked
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.is_none())
+                    .map(|(i, _)| i)
+                    .collect();
+                drop(shared);
+                self.resume_inner();
+                bail!("vCPU(s) {stuck:?} did not park within {timeout:?}; the VM was resumed");
+            }
+            shared = self
+                .control
+                .changed
+                .wait_timeout(shared, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let latency = start.elapsed();
+        let mut states = Vec::with_capacity(shared.parked.len());
+        for (i, p) in shared.parked.iter().enumerate() {
+            match p {
+                Some(Ok(s)) => states.push(s.clone()),
+                Some(Err(e)) => {
+                    let msg = format!("vCPU {i} parked but its registers could not be read: {e}");
+                    drop(shared);
+                    self.resume_inner();
+                    bail!(msg);
+                }
+                None => unreachable!("checked above that every vCPU parked"),
+            }
+        }
+        Ok(Paused { states, latency })
+    }
+
+    /// Let every parked vCPU run again. Returns how long until all had left the park.
+    pub fn resume(&self, timeout: Duration) -> Result<Duration> {
+        if self.control.want() != Want::Pause {
+            bail!("the VM is not paused");
+        }
+        let start = Instant::now();
+        self.resume_inner();
+        let mut shared = self.control.lock();
+        while shared.parked.iter().any(Option::is_some) {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                bail!("vCPUs did not leave the paused state within {timeout:?}");
+            }
+            shared = self
+                .control
+                .changed
+                .wait_timeout(shared, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(start.elapsed())
+    }
+
+    fn resume_inner(&self) {
+        let _shared = self.control.lock();
+        self.control.want.store(Want::Run as u8, Ordering::Release);
+        self.control.changed.notify_all();
+    }
+
+    /// Stop every vCPU thread and wait for them.
+    pub fn stop(&mut self) {
+        {
+            let _shared = self.control.lock();
+            self.control.want.store(Want::Stop as u8, Ordering::Release);
+            self.control.changed.notify_all();
+        }
+        self.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devices) {
+    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+
+    let reason = loop {
+        match control.want() {
+            Want::Run => {}
+            Want::Stop => break None,
+            Want::Pause => {
+                if park(index, &fd, control) == Want::Stop {
+                    break None;
+                }
+                serialize_instruction_stream();
+                fd.set_kvm_immediate_exit(0);
+                continue;
+            }
+        }
+        match fd.run() {
+            Ok(exit) => {
+                if let Some(reason) = handle_exit(index, exit, devices) {
+                    break Some(reason);
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                break Some(StopReason::Fatal(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                )))
+            }
+        }
+    };
+
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    let mut shared = control.lock();
+    shared.exited += 1;
+    control.changed.notify_all();
+    drop(shared);
+    if let Some(reason) = reason {
+        devices.request_stop(reason);
+    }
+}
+
+/// Park until told to run or stop. Returns what ended the park.
+fn park(index: usize, fd: &VcpuFd, control: &VcpuControl) -> Want {
+    let state = cpu::capture_state(fd, index).map_err(|e| format!("{e:#}"));
+    let mut shared = control.lock();
+    shared.parked[index] = Some(state);
+    control.changed.notify_all();
+    while control.want() == Want::Pause {
+        shared = control
+            .changed
+            .wait(shared)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+    shared.parked[index] = None;
+    control.changed.notify_all();
+    control.want()
+}
+
+/// CPUID is architecturally serializing: after it, this CPU fetches guest code afresh.
+fn serialize_instruction_stream() {
+    std::arch::x86_64::__cpuid(0);
+}
+
+fn handle_exit(index: usize, exit: VcpuExit, devices: &Devices) -> Option<StopReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            devices.pio_read(port, data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => devices.pio_write(port, data),
+        VcpuExit::MmioRead(_, data) => {
+            // Nothing is mapped there: reads see all-ones, like an empty bus.
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(..) => None,
+        VcpuExit::Hlt => None,
+        VcpuExit::Shutdown => Some(devices.guest_reset()),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(StopReason::Poweroff),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(devices.guest_reset()),
+            other => Some(StopReason::Fatal(format!(
+                "vCPU {index}: unexpected KVM system event {other}"
+            ))),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Some(StopReason::Fatal(format!(
+            "vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+        ))),
+        VcpuExit::InternalError => Some(StopReason::Fatal(format!(
+            "vCPU {index}: KVM internal error (often an emulation failure: this /dev/kvm may \
+             not be backed by hardware virtualization)"
+        ))),
+        other => Some(StopReason::Fatal(format!(
+            "vCPU {index}: unhandled VM exit {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,258 @@
+//! One VM: KVM objects, guest memory, devices and vCPU threads, and the operations the
+//! control socket offers on them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::proto::{
+    PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo, MAX_READ_PHYS,
+};
+use crate::devices::{Devices, SERIAL_IRQ};
+use crate::layout::MemoryLayout;
+use crate::paused::PausedVm;
+use crate::vcpu::Vcpus;
+use crate::{acpi, boot, cpu, hostcheck};
+use introspection::{PausedGuest, VcpuState};
+
+/// How long a pause may take before it is abandoned and the VM resumed.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub name: String,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u8,
+    pub patch_area: u64,
+}
+
+pub struct Vm {
+    pub config: VmConfig,
+    started: Instant,
+    layout: MemoryLayout,
+    mem: GuestMemoryMmap,
+    vcpus: Vcpus,
+    pub devices: Arc<Devices>,
+    /// Registers from the current pause; `Some` exactly while paused.
+    paused_states: Option<Vec<VcpuState>>,
+    pauses: u64,
+    last_pause: Option<Duration>,
+    // Dropped last: vCPU threads and memory slots belong to these.
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+}
+
+/// Host memory for every region of the layout (RAM and patch area).
+pub fn guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = layout
+        .regions()
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+        anyhow!(
+            "cannot allocate {} MiB of guest memory: {e}",
+            layout.regions().iter().map(|r| r.size).sum::<u64>() >> 20
+        )
+    })
+}
+
+impl Vm {
+    /// Build the VM and start its vCPUs. Every check on user input happens before the
+    /// first vCPU runs; an error leaves nothing behind.
+    pub fn create(config: VmConfig, drained: EventFd) -> Result<Vm> {
+        if config.vcpus == 0 || config.vcpus > 32 {
+            bail!("--vcpus must be between 1 and 32 (got {})", config.vcpus);
+        }
+        boot::check_kernel_file(&config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            std::fs::metadata(initrd)
+                .with_context(|| format!("cannot read initrd '{}'", initrd.display()))?;
+        }
+        let layout = MemoryLayout::new(config.memory, config.patch_area)?;
+
+        let kvm = hostcheck::open_kvm()?;
+        let vm_fd = kvm.create_vm().context("KVM_CREATE_VM")?;
+        vm_fd
+            .set_tss_address(TSS_ADDR)
+            .context("KVM_SET_TSS_ADDR")?;
+        vm_fd
+            .set_identity_map_address(IDENTITY_MAP_ADDR)
+            .context("KVM_SET_IDENTITY_MAP_ADDR")?;
+        vm_fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .context("KVM_CREATE_PIT2")?;
+
+        let mem = guest_memory(&layout)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| anyhow!("guest memory host address: {e}"))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping belongs to `mem`, which the Vm keeps alive longer than
+            // the VM file descriptor uses it.
+            unsafe { vm_fd.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        }
+
+        let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+        let boot = boot::load_linux(
+            &mem,
+            &layout,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            rsdp,
+        )?;
+        cpu::write_boot_page_tables(&mem)?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+        vm_fd
+            .register_irqfd(&irq, SERIAL_IRQ)
+            .context("KVM_IRQFD for the serial port")?;
+        let devices = Arc::new(Devices::new(irq, drained).context("devices")?);
+
+        let base_cpuid = cpu::base_cpuid(&kvm)?;
+        let mut fds = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
+            cpu::set_cpuid(&fd, &base_cpuid, id, config.vcpus)?;
+            cpu::set_lint(&fd)?;
+            if id == 0 {
+                cpu::setup_boot_vcpu(&fd, boot.entry)?;
+            }
+            fds.push(fd);
+        }
+        let vcpus = Vcpus::start(fds, devices.clone())?;
+
+        Ok(Vm {
+            config,
+            started: Instant::now(),
+            layout,
+            mem,
+            vcpus,
+            devices,
+            paused_states: None,
+            pauses: 0,
+            last_pause: None,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+        })
+    }
+
+    pub fn status(&self) -> StatusInfo {
+        StatusInfo {
+            name: self.config.name.clone(),
+            pid: std::process::id(),
+            state: if self.paused_states.is_some() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            vcpus: self.vcpus.count(),
+            memory_bytes: self.config.memory,
+            kernel: self.config.kernel.display().to_string(),
+            initrd: self.config.initrd.as_ref().map(|p| p.display().to_string()),
+            cmdline: self.config.cmdline.clone(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            patch_area_start: self.layout.patch_area.start,
+            patch_area_size: self.layout.patch_area.size,
+            pauses: self.pauses,
+            last_pause_ns: self.last_pause.map(|d| d.as_nanos() as u64),
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused_states.is_some()
+    }
+
+    pub fn pause(&mut self) -> Result<PauseResult> {
+        if self.paused_states.is_some() {
+            bail!("VM '{}' is already paused", self.config.name);
+        }
+        let paused = self.vcpus.pause(PAUSE_TIMEOUT)?;
+        self.pauses += 1;
+        self.last_pause = Some(paused.latency);
+        self.paused_states = Some(paused.states.clone());
+        Ok(PauseResult {
+            parked_ns: paused.latency.as_nanos() as u64,
+            vcpus: paused.states,
+        })
+    }
+
+    pub fn resume(&mut self) -> Result<ResumeResult> {
+        if self.paused_states.is_none() {
+            bail!("VM '{}' is not paused", self.config.name);
+        }
+        let took = self.vcpus.resume(PAUSE_TIMEOUT)?;
+        self.paused_states = None;
+        Ok(ResumeResult {
+            resumed_ns: took.as_nanos() as u64,
+        })
+    }
+
+    /// Registers of every vCPU; a running VM is paused only for the read.
+    pub fn regs(&mut self) -> Result<RegsResult> {
+        if let Some(states) = &self.paused_states {
+            return Ok(RegsResult {
+                paused_for_read: false,
+                vcpus: states.clone(),
+            });
+        }
+        let paused = self.pause()?;
+        self.resume()?;
+        Ok(RegsResult {
+            paused_for_read: true,
+            vcpus: paused.vcpus,
+        })
+    }
+
+    /// Run `f` on the paused guest. Refused while the VM runs: nothing reads a guest
+    /// that can change underneath.
+    pub fn with_paused<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<R> {
+        let states = self
+            .paused_states
+            .clone()
+            .ok_or_else(|| anyhow!("VM '{}' must be paused first", self.config.name))?;
+        let mut guest = PausedVm::new(&self.mem, &self.layout, states);
+        Ok(f(&mut guest))
+    }
+
+    pub fn read_phys(&mut self, addr: u64, len: u32) -> Result<ReadPhysResult> {
+        if len > MAX_READ_PHYS {
+            bail!("read_phys: at most {MAX_READ_PHYS} bytes per request (asked {len})");
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.with_paused(|g| g.read_phys(addr, &mut buf))??;
+        let hex = buf.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(ReadPhysResult { addr, hex })
+    }
+
+    /// Stop the vCPU threads (a paused VM too).
+    pub fn shutdown(&mut self) {
+        self.vcpus.stop();
+    }
+}
