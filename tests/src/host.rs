@@ -19,6 +19,8 @@ pub enum HostMode {
 /// Under nested TCG a guest boot takes tens of seconds; leave room for slow CI.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+/// The guest shell's prompt (guest-images/rootfs/guest-init).
+pub const PROMPT: &str = "guest# ";
 
 pub struct TestHost {
     mode: HostMode,
@@ -55,6 +57,12 @@ fn native_kvm_usable() -> bool {
 impl TestHost {
     /// Boot the test host (or use this machine when its KVM can run stock kernels).
     pub fn start() -> Result<TestHost, String> {
+        Self::start_with(false)
+    }
+
+    /// Like [`TestHost::start`]; `with_qemu` also puts QEMU (microvm build) on the
+    /// nested host, for benchmarks that compare with it.
+    pub fn start_with(with_qemu: bool) -> Result<TestHost, String> {
         let images = images_dir();
         for need in [
             "guest-6.1/vmlinuz",
@@ -97,7 +105,7 @@ impl TestHost {
             seq: 0,
         };
         if host.mode == HostMode::Nested {
-            host.boot_nested()?;
+            host.boot_nested(with_qemu)?;
         }
         eprintln!("test host: {:?}", host.mode);
         Ok(host)
@@ -107,12 +115,16 @@ impl TestHost {
         self.mode
     }
 
-    fn boot_nested(&mut self) -> Result<(), String> {
+    fn boot_nested(&mut self, with_qemu: bool) -> Result<(), String> {
         let images = images_dir();
         let t0 = Instant::now();
         let payload = self.workdir.join("payload.cpio");
-        let status = Command::new("bash")
-            .arg(repo_root().join("guest-images/host-payload.sh"))
+        let mut payload_cmd = Command::new("bash");
+        payload_cmd.arg(repo_root().join("guest-images/host-payload.sh"));
+        if with_qemu {
+            payload_cmd.arg("--qemu");
+        }
+        let status = payload_cmd
             .arg(lpvmm_binary())
             .arg(&payload)
             .env("LPVMM_IMAGES", &images)
@@ -295,6 +307,13 @@ impl TestHost {
 
     /// Start `lpvmm run --name NAME ARGS` with its console connected to the harness.
     pub fn start_lpvmm(&mut self, name: &str, args: &str) -> Result<Guest<'_>, String> {
+        let cmd = format!("{} run --name {name} {args}", self.lpvmm());
+        self.start_console_program(name, &cmd)
+    }
+
+    /// Start any VMM command line (lpvmm, or QEMU for comparisons) whose stdin/stdout is
+    /// the guest console, known to the harness as NAME.
+    pub fn start_console_program(&mut self, name: &str, cmd: &str) -> Result<Guest<'_>, String> {
         let err_file = format!("{}/{name}.err", self.tmp());
         let rc_file = format!("{}/{name}.rc", self.tmp());
         match self.mode {
@@ -302,16 +321,15 @@ impl TestHost {
                 if let Some(c) = &self.ttys1 {
                     c.drain();
                 }
-                let lpvmm = self.lpvmm();
                 self.exec(&format!(
-                    "rm -f {rc_file}; ({lpvmm} run --name {name} {args} </dev/ttyS1 >/dev/ttyS1 \
+                    "rm -f {rc_file}; ({cmd} </dev/ttyS1 >/dev/ttyS1 \
                      2>{err_file}; echo $? >{rc_file}) >/dev/null 2>&1 &"
                 ))?;
             }
             HostMode::Native => {
-                let mut child = Command::new(lpvmm_binary())
-                    .args(["run", "--name", name])
-                    .args(shell_words(args))
+                let mut child = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("exec {cmd}"))
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(File::create(&err_file).map_err(|e| e.to_string())?)
@@ -347,11 +365,7 @@ impl TestHost {
         let guest = self.start_lpvmm(name, &args)?;
         let ready = guest.console().wait_line("LPVMM-GUEST-READY", BOOT_TIMEOUT);
         match ready {
-            Ok(line) => {
-                // Wait for the first prompt so the shell is reading.
-                guest.console().wait_str("guest# ", CMD_TIMEOUT)?;
-                Ok((guest, line))
-            }
+            Ok(line) => Ok((guest, line)),
             Err(e) => {
                 let name = guest.name.clone();
                 let err = guest
@@ -379,11 +393,6 @@ fn native_path() -> String {
         dir.display(),
         std::env::var("PATH").unwrap_or_default()
     )
-}
-
-/// Split on whitespace; tests never pass quoted arguments with spaces natively.
-fn shell_words(s: &str) -> Vec<String> {
-    s.split_whitespace().map(str::to_string).collect()
 }
 
 impl Drop for TestHost {
@@ -417,7 +426,17 @@ impl Guest<'_> {
         self.seq += 1;
         let template = format!("__G_{}_$?__", self.seq);
         let marker = format!("__G_{}_", self.seq);
-        let line = format!("{cmd}; echo {template}\n");
+        // `cmd &; echo` is a syntax error: after a trailing `&` the marker needs no `;`.
+        let sep = if cmd.trim_end().ends_with('&') {
+            " "
+        } else {
+            "; "
+        };
+        let line = format!("{cmd}{sep}echo {template}\n");
+        // Type only at a prompt, as a person would: input typed ahead while bash runs a
+        // foreground job sits in the tty's canonical buffer and can be scrambled when
+        // readline switches the tty mode back (seen on a guest under full CPU load).
+        self.console().wait_str(PROMPT, timeout)?;
         self.host.guest_console_send(&line)?;
         let (before, matched) =
             self.console()
@@ -463,6 +482,13 @@ impl Guest<'_> {
     /// Send raw text to the guest console.
     pub fn send(&mut self, text: &str) -> Result<(), String> {
         self.host.guest_console_send(text)
+    }
+
+    /// Wait for the shell prompt, then type one line (for commands that never return,
+    /// such as `poweroff -f`).
+    pub fn type_at_prompt(&mut self, line: &str) -> Result<(), String> {
+        self.console().wait_str(PROMPT, CMD_TIMEOUT)?;
+        self.host.guest_console_send(&format!("{line}\n"))
     }
 
     /// `lpvmm SUBCOMMAND ... NAME ...` on the host, with `{vm}` replaced by the name.

@@ -14,7 +14,7 @@ mod console;
 mod host;
 
 pub use console::Console;
-pub use host::{Guest, GuestExit, HostMode, TestHost};
+pub use host::{Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, PROMPT};
 
 use std::path::PathBuf;
 

@@ -69,7 +69,7 @@ impl MemoryLayout {
                 ram_bytes >> 20
             );
         }
-        if patch_area_bytes == 0 || patch_area_bytes % 4096 != 0 {
+        if patch_area_bytes == 0 || !patch_area_bytes.is_multiple_of(4096) {
             bail!("--patch-area must be a non-zero multiple of 4 KiB");
         }
         if patch_area_bytes > PATCH_AREA_MAX {

@@ -71,7 +71,7 @@ fn demo() -> Result<(), String> {
     show("host", &g.lpvmm("bench pause {vm} --cycles 100")?.1);
 
     say("guest# poweroff -f");
-    g.send("poweroff -f\n")?;
+    g.type_at_prompt("poweroff -f")?;
     let exit = g.wait_exit(Duration::from_secs(120))?;
     show("host", &exit.stderr);
     println!("    lpvmm exited with code {}", exit.code);

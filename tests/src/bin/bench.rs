@@ -1,0 +1,109 @@
+//! Benchmarks for `lpvmm run` (see docs/benchmarks.md for figures and how to read them).
+//!
+//!   cargo run -p lpvmm-tests --bin bench -- boot [RUNS]    lpvmm vs QEMU microvm, boot to /init
+//!   cargo run -p lpvmm-tests --bin bench -- pause [CYCLES] pause/resume latency, 1 and 2 vCPUs
+//!
+//! Both run on the same host with real KVM (nested where needed), side by side, and
+//! report medians and ratios: absolute times on nested TCG say little.
+
+use std::time::{Duration, Instant};
+
+use lpvmm_tests::{TestHost, BOOT_TIMEOUT};
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let what = args.next().unwrap_or_default();
+    let n: Option<u32> = args.next().and_then(|s| s.parse().ok());
+    let result = match what.as_str() {
+        "boot" => boot(n.unwrap_or(5)),
+        "pause" => pause(n.unwrap_or(1000)),
+        _ => Err("usage: bench boot [RUNS] | bench pause [CYCLES]".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Launch → the guest's /init prints its ready line, then poweroff.
+fn time_boot(host: &mut TestHost, name: &str, cmd: &str) -> Result<f64, String> {
+    let t0 = Instant::now();
+    let mut g = host.start_console_program(name, cmd)?;
+    g.console().wait_line("LPVMM-GUEST-READY", BOOT_TIMEOUT)?;
+    let secs = t0.elapsed().as_secs_f64();
+    g.type_at_prompt("poweroff -f")?;
+    let exit = g.wait_exit(Duration::from_secs(120))?;
+    if exit.code != 0 {
+        return Err(format!("{name} exited {}: {}", exit.code, exit.stderr));
+    }
+    Ok(secs)
+}
+
+fn boot(runs: u32) -> Result<(), String> {
+    let mut host = TestHost::start_with(true)?;
+    let initrd = host.image("guest-initrd.cpio.gz");
+    println!("| kernel | lpvmm median (s) | QEMU microvm median (s) | lpvmm / QEMU |");
+    println!("|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let kernel = host.guest_kernel(series);
+        let lpvmm = format!(
+            "{} run --name bench --kernel {kernel} --initrd {initrd} --memory 512M --vcpus 1",
+            host.lpvmm()
+        );
+        // The same kernel, initrd, memory, vCPUs and command line; QEMU's microvm
+        // machine is its closest match to a minimal VMM.
+        let qemu = format!(
+            "qemu-system-x86_64-microvm -M microvm,rtc=on -accel kvm -cpu host -m 512M -smp 1 \
+             -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
+             -kernel {kernel} -initrd {initrd} -append '{CMDLINE}'"
+        );
+        let (mut l, mut q) = (vec![], vec![]);
+        for _ in 0..runs {
+            // Interleaved, so that drift in the host affects both alike.
+            l.push(time_boot(&mut host, "bench", &lpvmm)?);
+            q.push(time_boot(&mut host, "bench-qemu", &qemu)?);
+        }
+        eprintln!("{series}: lpvmm {l:?} qemu {q:?}");
+        let (lm, qm) = (median(l), median(q));
+        println!("| {series} | {lm:.2} | {qm:.2} | {:.2} |", lm / qm);
+    }
+    Ok(())
+}
+
+fn pause(cycles: u32) -> Result<(), String> {
+    let mut host = TestHost::start()?;
+    println!("| vCPUs | park median (us) | park p99 (us) | resume median (us) | resume p99 (us) | pause round trip median (us) |");
+    println!("|---|---|---|---|---|---|");
+    for vcpus in [1u8, 2] {
+        let (mut g, _) = host.boot_guest("bench", "6.1", vcpus, "")?;
+        // A busy guest: parking must interrupt running vCPUs, not just idle ones.
+        g.run("(while :; do :; done) & (while :; do :; done) &")?;
+        let (rc, out) = g.lpvmm(&format!("bench pause {{vm}} --cycles {cycles} --json"))?;
+        if rc != 0 {
+            return Err(out);
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let f = |k: &str, q: &str| v[k][q].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {vcpus} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            f("park", "median_us"),
+            f("park", "p99_us"),
+            f("resume", "median_us"),
+            f("resume", "p99_us"),
+            f("pause_round_trip", "median_us"),
+        );
+        g.type_at_prompt("poweroff -f")?;
+        g.wait_exit(Duration::from_secs(120))?;
+    }
+    Ok(())
+}
