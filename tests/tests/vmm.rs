@@ -341,8 +341,13 @@ fn bad_input(host: &mut TestHost) -> TestResult {
     ];
     host.exec(&format!("truncate -s 400M {tmp}/huge.img"))?;
     for (what, args, expect) in &cases {
+        let name = if args.contains("--name") {
+            ""
+        } else {
+            "--name bad"
+        };
         let (rc, out) = host.exec_status(
-            &format!("{lpvmm} run --name bad {args}"),
+            &format!("{lpvmm} run {name} {args}"),
             Duration::from_secs(60),
         )?;
         check!(rc != 0, "{what}: exit code 0");
@@ -375,7 +380,7 @@ fn bad_input(host: &mut TestHost) -> TestResult {
     // /dev/kvm missing (only on the nested host, which is ours to break).
     if host.mode() == HostMode::Nested {
         let (rc, out) = host.exec_status(
-            &format!("mv /dev/kvm /dev/kvm.off; {lpvmm} run --name bad --kernel {kernel}; rc=$?; mv /dev/kvm.off /dev/kvm; exit $rc"),
+            &format!("(mv /dev/kvm /dev/kvm.off; {lpvmm} run --name bad --kernel {kernel}; rc=$?; mv /dev/kvm.off /dev/kvm; exit $rc)"),
             Duration::from_secs(60),
         )?;
         check!(

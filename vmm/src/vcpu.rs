@@ -63,6 +63,14 @@ impl VcpuControl {
         // A vCPU thread that panicked must not take the controller down with it.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Wait up to `left` for a vCPU to report a change.
+    fn wait<'a>(&self, guard: MutexGuard<'a, Shared>, left: Duration) -> MutexGuard<'a, Shared> {
+        self.changed
+            .wait_timeout(guard, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
 }
 
 thread_local! {
@@ -167,12 +175,7 @@ impl Vcpus {
                 self.resume_inner();
                 bail!("vCPU(s) {stuck:?} did not park within {timeout:?}; the VM was resumed");
             }
-            shared = self
-                .control
-                .changed
-                .wait_timeout(shared, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            shared = self.control.wait(shared, left);
         }
         let latency = start.elapsed();
         let mut states = Vec::with_capacity(shared.parked.len());
@@ -204,12 +207,7 @@ impl Vcpus {
             if left.is_zero() {
                 bail!("vCPUs did not leave the paused state within {timeout:?}");
             }
-            shared = self
-                .control
-                .changed
-                .wait_timeout(shared, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            shared = self.control.wait(shared, left);
         }
         Ok(start.elapsed())
     }
