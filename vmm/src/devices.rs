@@ -27,8 +27,9 @@ const POST_PORT: u16 = 0x80;
 pub enum StopReason {
     /// The guest powered off (ACPI S5).
     Poweroff,
-    /// The guest rebooted. lpvmm does not restart guests: the VM ends, like firecracker.
-    Reboot,
+    /// The guest rebooted (how: keyboard controller, triple fault, ...). lpvmm does not
+    /// restart guests: the VM ends, like firecracker.
+    Reboot(String),
     /// The guest kernel panicked (its panic line was seen on the console before reset).
     Panic(String),
     /// Stopped through the control socket or a signal.
@@ -40,7 +41,7 @@ pub enum StopReason {
 impl StopReason {
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::Poweroff | StopReason::Reboot | StopReason::Requested(_) => 0,
+            StopReason::Poweroff | StopReason::Reboot(_) | StopReason::Requested(_) => 0,
             StopReason::Panic(_) => 2,
             StopReason::Fatal(_) => 1,
         }
@@ -49,9 +50,9 @@ impl StopReason {
     pub fn describe(&self) -> String {
         match self {
             StopReason::Poweroff => "guest powered off".into(),
-            StopReason::Reboot => {
-                "guest requested a reboot: lpvmm ends the VM rather than restarting it".into()
-            }
+            StopReason::Reboot(how) => format!(
+                "guest requested a reboot ({how}): lpvmm ends the VM rather than restarting it"
+            ),
             StopReason::Panic(msg) => format!("guest kernel panic: {msg}"),
             StopReason::Requested(why) => format!("VM stopped: {why}"),
             StopReason::Fatal(msg) => format!("VM failed: {msg}"),
@@ -160,11 +161,12 @@ impl Devices {
         self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// A reset is a panic if the kernel printed its panic line first, else a reboot.
-    pub fn guest_reset(&self) -> StopReason {
+    /// A reset is a panic if the kernel printed its panic line first, else a reboot;
+    /// `how` says what reset the guest.
+    pub fn guest_reset(&self, how: &str) -> StopReason {
         match self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             Some(msg) => StopReason::Panic(msg),
-            None => StopReason::Reboot,
+            None => StopReason::Reboot(how.to_string()),
         }
     }
 
@@ -214,7 +216,7 @@ impl Devices {
                 None
             }
             I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET_CMD) => {
-                Some(self.guest_reset())
+                Some(self.guest_reset("keyboard controller reset"))
             }
             acpi::SLEEP_CONTROL_PORT => {
                 let v = data.first().copied().unwrap_or(0);
@@ -254,7 +256,10 @@ mod tests {
     #[test]
     fn reset_after_panic_line_is_a_panic() {
         let d = devices();
-        assert_eq!(d.pio_write(0x64, &[0xfe]), Some(StopReason::Reboot));
+        assert_eq!(
+            d.pio_write(0x64, &[0xfe]),
+            Some(StopReason::Reboot("keyboard controller reset".into()))
+        );
         d.serial()
             .writer_mut()
             .write_all(b"[ 1.0] Kernel panic - not syncing: VFS: oops\r\n")

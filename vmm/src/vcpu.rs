@@ -247,6 +247,9 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
             Want::Run => {}
             Want::Stop => break None,
             Want::Pause => {
+                if let Err(reason) = complete_pending_exit(index, &mut fd, devices) {
+                    break Some(reason);
+                }
                 if park(index, &fd, control) == Want::Stop {
                     break None;
                 }
@@ -256,6 +259,7 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
             }
         }
         match fd.run() {
+            Ok(VcpuExit::Shutdown) => break Some(triple_fault(index, &fd, devices)),
             Ok(exit) => {
                 if let Some(reason) = handle_exit(index, exit, devices) {
                     break Some(reason);
@@ -282,6 +286,43 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
     }
 }
 
+/// Finish the instruction behind the last exit before anything looks at this vCPU.
+///
+/// After an I/O or MMIO exit the instruction is only complete (registers written back,
+/// RIP advanced) once userspace re-enters KVM_RUN; until then the vCPU's state is not
+/// consistent, and reading it or parking there corrupted guests (seen as triple faults
+/// under pause/resume load). Re-entering with `immediate_exit` set completes pending
+/// work and returns EINTR without running any guest instruction. A string I/O
+/// instruction may need several rounds, hence the bounded loop.
+fn complete_pending_exit(
+    index: usize,
+    fd: &mut VcpuFd,
+    devices: &Devices,
+) -> Result<(), StopReason> {
+    for _ in 0..MAX_COMPLETION_ROUNDS {
+        fd.set_kvm_immediate_exit(1);
+        match fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(()),
+            Err(e) => {
+                return Err(StopReason::Fatal(format!(
+                    "vCPU {index}: completing an exit before pausing failed: {e}"
+                )))
+            }
+            Ok(VcpuExit::Shutdown) => return Err(triple_fault(index, fd, devices)),
+            Ok(exit) => {
+                if let Some(reason) = handle_exit(index, exit, devices) {
+                    return Err(reason);
+                }
+            }
+        }
+    }
+    Err(StopReason::Fatal(format!(
+        "vCPU {index}: still exiting after {MAX_COMPLETION_ROUNDS} completion rounds"
+    )))
+}
+
+const MAX_COMPLETION_ROUNDS: usize = 4096;
+
 /// Park until told to run or stop. Returns what ended the park.
 fn park(index: usize, fd: &VcpuFd, control: &VcpuControl) -> Want {
     let state = cpu::capture_state(fd, index).map_err(|e| format!("{e:#}"));
@@ -297,6 +338,18 @@ fn park(index: usize, fd: &VcpuFd, control: &VcpuControl) -> Want {
     shared.parked[index] = None;
     control.changed.notify_all();
     control.want()
+}
+
+/// A triple fault resets the guest: say where, it is the only clue to what went wrong.
+fn triple_fault(index: usize, fd: &VcpuFd, devices: &Devices) -> StopReason {
+    let at = match cpu::capture_state(fd, index) {
+        Ok(s) => format!(
+            "triple fault on vCPU {index} at rip {:#x} rsp {:#x} cr3 {:#x} cs {:#x}",
+            s.rip, s.rsp, s.cr3, s.cs
+        ),
+        Err(_) => format!("triple fault on vCPU {index}"),
+    };
+    devices.guest_reset(&at)
 }
 
 /// CPUID is architecturally serializing: after it, this CPU fetches guest code afresh.
@@ -318,10 +371,11 @@ fn handle_exit(index: usize, exit: VcpuExit, devices: &Devices) -> Option<StopRe
         }
         VcpuExit::MmioWrite(..) => None,
         VcpuExit::Hlt => None,
-        VcpuExit::Shutdown => Some(devices.guest_reset()),
+        // run_vcpu handles this first, with the registers; keep a plain fallback.
+        VcpuExit::Shutdown => Some(devices.guest_reset("triple fault")),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(StopReason::Poweroff),
-            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(devices.guest_reset()),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(devices.guest_reset("KVM reset event")),
             other => Some(StopReason::Fatal(format!(
                 "vCPU {index}: unexpected KVM system event {other}"
             ))),

@@ -90,7 +90,16 @@ fn pause(cycles: u32) -> Result<(), String> {
         g.run("(while :; do :; done) & (while :; do :; done) &")?;
         let (rc, out) = g.lpvmm(&format!("bench pause {{vm}} --cycles {cycles} --json"))?;
         if rc != 0 {
-            return Err(out);
+            let tmp = g.host.tmp();
+            let log = g
+                .host
+                .exec(&format!("sleep 2; cat {tmp}/bench.err"))
+                .unwrap_or_default();
+            let console = g.console().drain();
+            let tail = &console[console.len().saturating_sub(3000)..];
+            return Err(format!(
+                "{out}\nlpvmm stderr:\n{log}\nguest console:\n{tail}"
+            ));
         }
         let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
         let f = |k: &str, q: &str| v[k][q].as_f64().unwrap_or(f64::NAN);
