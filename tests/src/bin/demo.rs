@@ -12,7 +12,7 @@ fn say(s: &str) {
 }
 
 fn show(label: &str, text: &str) {
-    for line in text.trim_end().lines() {
+    for line in text.trim_matches('\n').lines() {
         println!("    {label}| {line}");
     }
 }
