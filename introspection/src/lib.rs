@@ -8,5 +8,7 @@
 //! (for example a QEMU VM) be added later without changing them.
 
 mod guest;
+pub mod vmcoreinfo;
 
 pub use guest::{GuestError, PausedGuest, PhysRange, VcpuState};
+pub use vmcoreinfo::{VmcoreInfo, VmcoreInfoError};

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::control::client::Client;
 use crate::control::proto::{
     PauseResult, ReadPhysResult, RegsResult, Request, ResumeResult, RunState, StatusInfo,
+    VmcoreinfoResult,
 };
 use crate::control::rundir;
 
@@ -192,6 +193,30 @@ pub fn read_phys(vm: &str, addr: u64, len: u32, json: bool) -> Result<i32> {
             .map(|c| std::str::from_utf8(c).unwrap_or("??"))
             .collect();
         println!("{:#014x}: {}", addr + i as u64 * 16, line.join(" "));
+    }
+    Ok(0)
+}
+
+pub fn vmcoreinfo(vm: &str, json: bool) -> Result<i32> {
+    let r: VmcoreinfoResult = Client::connect(vm)?.call(Request::Vmcoreinfo)?;
+    if json {
+        return print_json(&r);
+    }
+    let i = &r.info;
+    println!("release:        {}", i.osrelease);
+    println!("kaslr offset:   {:#x}", i.kernel_offset);
+    println!("note at:        {:#x} (guest-physical)", r.phys_addr);
+    println!(
+        "entries:        {} symbols, {} offsets, {} sizes, {} others",
+        i.symbols.len(),
+        i.offsets.len(),
+        i.sizes.len(),
+        i.other.len()
+    );
+    for name in ["_stext", "init_uts_ns", "swapper_pg_dir", "kallsyms_names"] {
+        if let Some(a) = i.symbol(name) {
+            println!("  {name:<14} {a:#018x}");
+        }
     }
     Ok(0)
 }

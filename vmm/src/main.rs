@@ -102,6 +102,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The guest kernel's VMCOREINFO: release, KASLR offset, symbol addresses
+    Vmcoreinfo {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measurements (see docs/benchmarks.md)
     Bench {
         #[command(subcommand)]
@@ -162,6 +168,7 @@ fn main() -> ExitCode {
             len,
             json,
         } => cli::read_phys(&vm, addr, len, json),
+        Command::Vmcoreinfo { vm, json } => cli::vmcoreinfo(&vm, json),
         Command::Bench { what } => cli::bench(what),
     };
     match result {

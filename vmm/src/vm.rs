@@ -12,7 +12,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::proto::{
-    PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo, MAX_READ_PHYS,
+    PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo, VmcoreinfoResult,
+    MAX_READ_PHYS,
 };
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::layout::MemoryLayout;
@@ -249,6 +250,24 @@ impl Vm {
         self.with_paused(|g| g.read_phys(addr, &mut buf))??;
         let hex = buf.iter().map(|b| format!("{b:02x}")).collect();
         Ok(ReadPhysResult { addr, hex })
+    }
+
+    /// Find the guest's VMCOREINFO; a running VM is paused only for the scan.
+    pub fn vmcoreinfo(&mut self) -> Result<VmcoreinfoResult> {
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let found = self.with_paused(|g| introspection::vmcoreinfo::find(g));
+        if !was_paused {
+            self.resume()?;
+        }
+        let (phys_addr, info) = found??;
+        Ok(VmcoreinfoResult {
+            phys_addr,
+            paused_for_read: !was_paused,
+            info,
+        })
     }
 
     /// Stop the vCPU threads (a paused VM too).

@@ -4,7 +4,7 @@
 //! Response: `{"v":1,"ok":true,"result":{...}}` or
 //!           `{"v":1,"ok":false,"error":{"kind":"bad_state","message":"..."}}`
 
-use introspection::VcpuState;
+use introspection::{VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -27,6 +27,8 @@ pub enum Request {
         addr: u64,
         len: u32,
     },
+    /// Find and parse the guest kernel's VMCOREINFO note (pauses a running VM for the scan).
+    Vmcoreinfo,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -135,6 +137,15 @@ pub struct ReadPhysResult {
     pub addr: u64,
     /// Lower-case hex, two digits per byte.
     pub hex: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmcoreinfoResult {
+    /// Guest-physical address of the note's text.
+    pub phys_addr: u64,
+    /// True when the VM was running and lpvmm paused it just for the scan.
+    pub paused_for_read: bool,
+    pub info: VmcoreInfo,
 }
 
 #[cfg(test)]

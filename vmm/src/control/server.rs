@@ -215,6 +215,7 @@ pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
             vm.resume().map(ResponseLine::ok).unwrap_or_else(failed)
         }
         Request::Regs => vm.regs().map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::Vmcoreinfo => vm.vmcoreinfo().map(ResponseLine::ok).unwrap_or_else(failed),
         Request::ReadPhys { addr, len } => {
             if !vm.is_paused() {
                 return bad_state(anyhow::anyhow!(

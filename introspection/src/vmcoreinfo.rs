@@ -1,0 +1,261 @@
+//! The kernel's VMCOREINFO note: a page of `KEY=value` lines the kernel writes at boot
+//! for crash-dump tools (`crash_save_vmcoreinfo_init`, CONFIG_CRASH_CORE on 6.1,
+//! CONFIG_VMCORE_INFO on 6.12). It gives, with no profile, the release, the KASLR slide
+//! (`KERNELOFFSET`) and the addresses of key symbols (`SYMBOL(name)=hex`), among them the
+//! kallsyms tables. The text is found by scanning guest-physical memory for it.
+//!
+//! The guest controls every byte here: the text is bounded to one page, must be ASCII,
+//! and a candidate is accepted only if it has the keys every x86-64 kernel writes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::{GuestError, PausedGuest};
+
+/// The kernel reserves one page for the text (VMCOREINFO_BYTES = PAGE_SIZE).
+pub const MAX_TEXT: usize = 4096;
+const MARKER: &[u8] = b"OSRELEASE=";
+/// Scan granularity; chunks overlap by one text's length so no note is split.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VmcoreInfoError {
+    #[error("no VMCOREINFO note in guest memory (is the guest kernel built with CONFIG_CRASH_CORE / CONFIG_VMCORE_INFO, and booted?)")]
+    NotFound,
+    #[error("VMCOREINFO text is malformed: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+/// The parsed note.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmcoreInfo {
+    pub osrelease: String,
+    pub page_size: u64,
+    /// KASLR slide of the kernel image (`KERNELOFFSET`, hex).
+    pub kernel_offset: u64,
+    pub symbols: BTreeMap<String, u64>,
+    pub offsets: BTreeMap<String, u64>,
+    pub sizes: BTreeMap<String, u64>,
+    /// Every other line, verbatim.
+    pub other: BTreeMap<String, String>,
+}
+
+impl VmcoreInfo {
+    /// Parse the text up to its first NUL (or `MAX_TEXT` bytes).
+    pub fn parse(raw: &[u8]) -> Result<VmcoreInfo, VmcoreInfoError> {
+        let bad = |m: String| VmcoreInfoError::Malformed(m);
+        let end = raw
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw.len())
+            .min(MAX_TEXT);
+        let text = std::str::from_utf8(&raw[..end]).map_err(|_| bad("not UTF-8".into()))?;
+        let mut info = VmcoreInfo::default();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| bad(format!("line without '=': {line:.80}")))?;
+            let hex = |v: &str| {
+                u64::from_str_radix(v, 16).map_err(|_| bad(format!("{key}: not hex: {v:.40}")))
+            };
+            let dec = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{key}: not a number: {v:.40}")))
+            };
+            if let Some(name) = bracketed(key, "SYMBOL") {
+                info.symbols.insert(name.into(), hex(value)?);
+            } else if let Some(name) = bracketed(key, "OFFSET") {
+                info.offsets.insert(name.into(), dec(value)?);
+            } else if let Some(name) = bracketed(key, "SIZE") {
+                info.sizes.insert(name.into(), dec(value)?);
+            } else {
+                match key {
+                    "OSRELEASE" => info.osrelease = value.to_string(),
+                    "PAGESIZE" => info.page_size = dec(value)?,
+                    "KERNELOFFSET" => info.kernel_offset = hex(value)?,
+                    _ => {
+                        info.other.insert(key.to_string(), value.to_string());
+                    }
+                }
+            }
+        }
+        if info.osrelease.is_empty()
+            || info.page_size == 0
+            || !info.symbols.contains_key("swapper_pg_dir")
+        {
+            return Err(bad(
+                "missing OSRELEASE, PAGESIZE or SYMBOL(swapper_pg_dir)".into()
+            ));
+        }
+        if !text.contains("KERNELOFFSET=") {
+            return Err(bad("missing KERNELOFFSET (not an x86-64 kernel?)".into()));
+        }
+        Ok(info)
+    }
+
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.symbols.get(name).copied()
+    }
+}
+
+fn bracketed<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
+    key.strip_prefix(kind)?.strip_prefix('(')?.strip_suffix(')')
+}
+
+/// Scan guest RAM for the note. Returns its guest-physical address and contents.
+///
+/// The kernel keeps two copies (the text page and the ELF note); the first that parses
+/// wins. Time is bounded by RAM size; memory is bounded by one chunk.
+pub fn find(guest: &dyn PausedGuest) -> Result<(u64, VmcoreInfo), VmcoreInfoError> {
+    let mut buf = vec![0u8; CHUNK + MAX_TEXT];
+    for range in guest.ram_ranges() {
+        let mut at = range.start;
+        while at < range.end() {
+            let len = ((range.end() - at) as usize).min(buf.len());
+            guest.read_phys(at, &mut buf[..len])?;
+            let hay = &buf[..len];
+            let mut from = 0;
+            while let Some(i) = find_bytes(&hay[from..], MARKER).map(|i| i + from) {
+                // The text starts with OSRELEASE; it must start a line.
+                if i == 0 || hay[i - 1] == 0 || hay[i - 1] == b'\n' {
+                    let tail_len = (len - i).min(MAX_TEXT);
+                    let mut text = hay[i..i + tail_len].to_vec();
+                    if tail_len < MAX_TEXT && at + ((i + tail_len) as u64) < range.end() {
+                        // Near the end of the chunk: read the whole page-sized text.
+                        text = vec![0u8; MAX_TEXT.min((range.end() - at - i as u64) as usize)];
+                        guest.read_phys(at + i as u64, &mut text)?;
+                    }
+                    if let Ok(info) = VmcoreInfo::parse(&text) {
+                        return Ok((at + i as u64, info));
+                    }
+                }
+                from = i + 1;
+            }
+            if len < buf.len() {
+                break;
+            }
+            at += CHUNK as u64;
+        }
+    }
+    Err(VmcoreInfoError::NotFound)
+}
+
+fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{PhysRange, VcpuState};
+
+    const SAMPLE: &str = "OSRELEASE=6.1.0-56-cloud-amd64\nBUILD-ID=abcd\nPAGESIZE=4096\n\
+        SYMBOL(init_uts_ns)=ffffffffa2e14680\nSYMBOL(swapper_pg_dir)=ffffffffa2e0a000\n\
+        SYMBOL(kallsyms_names)=ffffffffa1c8e1a8\nOFFSET(list_head.next)=0\n\
+        SIZE(list_head)=16\nNUMBER(phys_base)=-1\nKERNELOFFSET=20e00000\n";
+
+    /// Flat memory from 0, for tests.
+    struct Flat(Vec<u8>);
+
+    impl PausedGuest for Flat {
+        fn vcpu_count(&self) -> usize {
+            0
+        }
+        fn vcpu(&self, i: usize) -> Result<&VcpuState, GuestError> {
+            Err(GuestError::NoSuchVcpu(i))
+        }
+        fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+            let start = usize::try_from(addr)
+                .ok()
+                .filter(|&a| a + buf.len() <= self.0.len());
+            let start = start.ok_or(GuestError::Unmapped {
+                addr,
+                len: buf.len(),
+            })?;
+            buf.copy_from_slice(&self.0[start..start + buf.len()]);
+            Ok(())
+        }
+        fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
+            Err(GuestError::Unmapped {
+                addr,
+                len: data.len(),
+            })
+        }
+        fn patch_area(&self) -> PhysRange {
+            PhysRange::default()
+        }
+        fn ram_ranges(&self) -> Vec<PhysRange> {
+            vec![PhysRange {
+                start: 0,
+                size: self.0.len() as u64,
+            }]
+        }
+    }
+
+    #[test]
+    fn parses_the_kernels_text() {
+        let info = VmcoreInfo::parse(format!("{SAMPLE}\0garbage").as_bytes()).unwrap();
+        assert_eq!(info.osrelease, "6.1.0-56-cloud-amd64");
+        assert_eq!(info.kernel_offset, 0x20e0_0000);
+        assert_eq!(info.symbol("init_uts_ns"), Some(0xffff_ffff_a2e1_4680));
+        assert_eq!(info.sizes["list_head"], 16);
+        assert_eq!(info.other["NUMBER(phys_base)"], "-1");
+    }
+
+    #[test]
+    fn rejects_malformed_text() {
+        for bad in [
+            "",
+            "OSRELEASE=x\n",
+            "OSRELEASE=x\nPAGESIZE=4096\nSYMBOL(swapper_pg_dir)=zz\nKERNELOFFSET=0\n",
+            "OSRELEASE=x\nPAGESIZE=4096\nSYMBOL(swapper_pg_dir)=1\n",
+            "OSRELEASE=x\nno equals sign\n",
+        ] {
+            assert!(
+                VmcoreInfo::parse(bad.as_bytes()).is_err(),
+                "accepted {bad:?}"
+            );
+        }
+        assert!(VmcoreInfo::parse(&[0xff, 0xfe, b'=']).is_err());
+    }
+
+    #[test]
+    fn finds_the_note_across_chunk_boundaries_and_skips_decoys() {
+        let mut mem = vec![0u8; 3 * CHUNK];
+        // A decoy that is not a line start, and a truncated copy that fails to parse.
+        mem[100..100 + 12].copy_from_slice(b"xOSRELEASE=1");
+        mem[5000..5000 + 19].copy_from_slice(b"OSRELEASE=only\nPAGE");
+        // The real note straddles the first chunk boundary.
+        let at = CHUNK - 40;
+        mem[at..at + SAMPLE.len()].copy_from_slice(SAMPLE.as_bytes());
+        let (addr, info) = find(&Flat(mem)).unwrap();
+        assert_eq!(addr, at as u64);
+        assert_eq!(info.page_size, 4096);
+    }
+
+    #[test]
+    fn random_memory_has_no_note_and_does_not_panic() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mem: Vec<u8> = (0..(CHUNK + 12345))
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Sprinkle markers so the parser sees many hostile candidates.
+                if i % 50_000 == 0 {
+                    b'O'
+                } else {
+                    x as u8
+                }
+            })
+            .collect();
+        let mut mem = mem;
+        for i in (0..mem.len() - 20).step_by(70_001) {
+            mem[i..i + 10].copy_from_slice(MARKER);
+        }
+        assert_eq!(find(&Flat(mem)), Err(VmcoreInfoError::NotFound));
+    }
+}
