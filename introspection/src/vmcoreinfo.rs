@@ -108,43 +108,40 @@ fn bracketed<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
 /// Scan guest RAM for the note. Returns its guest-physical address and contents.
 ///
 /// The kernel keeps two copies (the text page and the ELF note); the first that parses
-/// wins. Time is bounded by RAM size; memory is bounded by one chunk.
+/// wins. Chunks advance by `CHUNK` but are read one page (`MAX_TEXT`) longer, so a
+/// candidate starting before `CHUNK` has its whole text in the buffer, and one starting
+/// in the overlap is looked at again by the next chunk. Time is bounded by RAM size,
+/// memory by one chunk.
 pub fn find(guest: &dyn PausedGuest) -> Result<(u64, VmcoreInfo), VmcoreInfoError> {
+    let marker = memchr::memmem::Finder::new(MARKER);
     let mut buf = vec![0u8; CHUNK + MAX_TEXT];
     for range in guest.ram_ranges() {
         let mut at = range.start;
         while at < range.end() {
             let len = ((range.end() - at) as usize).min(buf.len());
+            let last_chunk = len < buf.len();
             guest.read_phys(at, &mut buf[..len])?;
             let hay = &buf[..len];
-            let mut from = 0;
-            while let Some(i) = find_bytes(&hay[from..], MARKER).map(|i| i + from) {
-                // The text starts with OSRELEASE; it must start a line.
-                if i == 0 || hay[i - 1] == 0 || hay[i - 1] == b'\n' {
-                    let tail_len = (len - i).min(MAX_TEXT);
-                    let mut text = hay[i..i + tail_len].to_vec();
-                    if tail_len < MAX_TEXT && at + ((i + tail_len) as u64) < range.end() {
-                        // Near the end of the chunk: read the whole page-sized text.
-                        text = vec![0u8; MAX_TEXT.min((range.end() - at - i as u64) as usize)];
-                        guest.read_phys(at + i as u64, &mut text)?;
-                    }
-                    if let Ok(info) = VmcoreInfo::parse(&text) {
-                        return Ok((at + i as u64, info));
-                    }
+            for i in marker.find_iter(hay) {
+                if i >= CHUNK && !last_chunk {
+                    break; // the next chunk sees this one whole
                 }
-                from = i + 1;
+                // The text starts with OSRELEASE, so it starts a line.
+                let line_start = i == 0 || hay[i - 1] == 0 || hay[i - 1] == b'\n';
+                if !line_start {
+                    continue;
+                }
+                if let Ok(info) = VmcoreInfo::parse(&hay[i..len.min(i + MAX_TEXT)]) {
+                    return Ok((at + i as u64, info));
+                }
             }
-            if len < buf.len() {
+            if last_chunk {
                 break;
             }
             at += CHUNK as u64;
         }
     }
     Err(VmcoreInfoError::NotFound)
-}
-
-fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

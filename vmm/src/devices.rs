@@ -13,7 +13,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
-use crate::pci::PciConfig;
+use crate::pci::{self, PciConfig};
 
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
@@ -174,16 +174,18 @@ impl Devices {
         self.serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn pci(&self) -> std::sync::MutexGuard<'_, PciConfig> {
+        self.pci.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if self
-            .pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(port, data)
-        {
-            return;
-        }
         match port {
+            // Only the config ports take the PCI lock: the serial port is the hot path.
+            p if pci::PORTS.contains(&p) => {
+                if !self.pci().read(port, data) {
+                    data.fill(0xff);
+                }
+            }
             SERIAL_PORT_BASE..=0x3ff if data.len() == 1 => {
                 data[0] = self.serial().read((port - SERIAL_PORT_BASE) as u8);
             }
@@ -197,15 +199,11 @@ impl Devices {
 
     /// Returns a stop reason when the write asks the VM to end.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<StopReason> {
-        if self
-            .pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(port, data)
-        {
-            return None;
-        }
         match port {
+            p if pci::PORTS.contains(&p) => {
+                self.pci().write(port, data);
+                None
+            }
             SERIAL_PORT_BASE..=0x3ff if data.len() == 1 => {
                 if let Err(e) = self
                     .serial()

@@ -9,6 +9,8 @@
 
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
 pub const CONFIG_DATA: u16 = 0xcfc;
+/// Every port the config mechanism owns (0xcf8..0xcff).
+pub const PORTS: std::ops::RangeInclusive<u16> = CONFIG_ADDRESS..=0xcff;
 
 const ENABLE: u32 = 1 << 31;
 /// Red Hat, Inc. / "QEMU PCIe host bridge": IDs guests already know to be a plain bridge.
@@ -60,15 +62,11 @@ impl PciConfig {
         }
     }
 
-    /// Config writes are accepted and ignored: the bridge has nothing to configure.
-    pub fn write(&mut self, port: u16, data: &[u8]) -> bool {
-        match port {
-            CONFIG_ADDRESS if data.len() == 4 => {
-                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                true
-            }
-            CONFIG_ADDRESS..=0xcff => true,
-            _ => false,
+    /// A 32-bit write to CONFIG_ADDRESS selects a register; every other write to the
+    /// config ports is accepted and ignored: the bridge has nothing to configure.
+    pub fn write(&mut self, port: u16, data: &[u8]) {
+        if port == CONFIG_ADDRESS && data.len() == 4 {
+            self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         }
     }
 }

@@ -258,21 +258,10 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
                 continue;
             }
         }
-        match fd.run() {
-            Ok(VcpuExit::Shutdown) => break Some(triple_fault(index, &fd, devices)),
-            Ok(exit) => {
-                if let Some(reason) = handle_exit(index, exit, devices) {
-                    break Some(reason);
-                }
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                fd.set_kvm_immediate_exit(0);
-            }
-            Err(e) => {
-                break Some(StopReason::Fatal(format!(
-                    "vCPU {index}: KVM_RUN failed: {e}"
-                )))
-            }
+        match run_once(index, &mut fd, devices) {
+            Step::Continue => {}
+            Step::Interrupted => fd.set_kvm_immediate_exit(0),
+            Step::Stop(reason) => break Some(reason),
         }
     };
 
@@ -301,19 +290,10 @@ fn complete_pending_exit(
 ) -> Result<(), StopReason> {
     for _ in 0..MAX_COMPLETION_ROUNDS {
         fd.set_kvm_immediate_exit(1);
-        match fd.run() {
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(()),
-            Err(e) => {
-                return Err(StopReason::Fatal(format!(
-                    "vCPU {index}: completing an exit before pausing failed: {e}"
-                )))
-            }
-            Ok(VcpuExit::Shutdown) => return Err(triple_fault(index, fd, devices)),
-            Ok(exit) => {
-                if let Some(reason) = handle_exit(index, exit, devices) {
-                    return Err(reason);
-                }
-            }
+        match run_once(index, fd, devices) {
+            Step::Interrupted => return Ok(()),
+            Step::Continue => {}
+            Step::Stop(reason) => return Err(reason),
         }
     }
     Err(StopReason::Fatal(format!(
@@ -338,6 +318,32 @@ fn park(index: usize, fd: &VcpuFd, control: &VcpuControl) -> Want {
     shared.parked[index] = None;
     control.changed.notify_all();
     control.want()
+}
+
+/// What one KVM_RUN came back with.
+enum Step {
+    /// An exit was handled; the guest may run on.
+    Continue,
+    /// KVM_RUN returned EINTR/EAGAIN: a kick (signal or `immediate_exit`), nothing to do.
+    Interrupted,
+    /// The VM must end.
+    Stop(StopReason),
+}
+
+fn run_once(index: usize, fd: &mut VcpuFd, devices: &Devices) -> Step {
+    match fd.run() {
+        // A triple fault needs the vCPU for its report, so it is handled outside
+        // `handle_exit`, which only sees the exit.
+        Ok(VcpuExit::Shutdown) => Step::Stop(triple_fault(index, fd, devices)),
+        Ok(exit) => match handle_exit(index, exit, devices) {
+            Some(reason) => Step::Stop(reason),
+            None => Step::Continue,
+        },
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Interrupted,
+        Err(e) => Step::Stop(StopReason::Fatal(format!(
+            "vCPU {index}: KVM_RUN failed: {e}"
+        ))),
+    }
 }
 
 /// A triple fault resets the guest: say where, it is the only clue to what went wrong.
@@ -371,8 +377,6 @@ fn handle_exit(index: usize, exit: VcpuExit, devices: &Devices) -> Option<StopRe
         }
         VcpuExit::MmioWrite(..) => None,
         VcpuExit::Hlt => None,
-        // run_vcpu handles this first, with the registers; keep a plain fallback.
-        VcpuExit::Shutdown => Some(devices.guest_reset("triple fault")),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(StopReason::Poweroff),
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(devices.guest_reset("KVM reset event")),

@@ -217,18 +217,29 @@ impl Vm {
 
     /// Registers of every vCPU; a running VM is paused only for the read.
     pub fn regs(&mut self) -> Result<RegsResult> {
-        if let Some(states) = &self.paused_states {
-            return Ok(RegsResult {
-                paused_for_read: false,
-                vcpus: states.clone(),
-            });
-        }
-        let paused = self.pause()?;
-        self.resume()?;
+        let (vcpus, paused_for_read) = self.paused_for_read(|g| {
+            (0..g.vcpu_count())
+                .map(|i| g.vcpu(i).cloned())
+                .collect::<Result<Vec<VcpuState>, _>>()
+        })?;
         Ok(RegsResult {
-            paused_for_read: true,
-            vcpus: paused.vcpus,
+            paused_for_read,
+            vcpus: vcpus?,
         })
+    }
+
+    /// Run `f` on the paused guest; a running VM is paused just for it and resumed
+    /// after, even when `f` fails. Also returns whether that pause was needed.
+    fn paused_for_read<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, bool)> {
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let out = self.with_paused(f);
+        if !was_paused {
+            self.resume()?;
+        }
+        Ok((out?, !was_paused))
     }
 
     /// Run `f` on the paused guest. Refused while the VM runs: nothing reads a guest
@@ -254,18 +265,12 @@ impl Vm {
 
     /// Find the guest's VMCOREINFO; a running VM is paused only for the scan.
     pub fn vmcoreinfo(&mut self) -> Result<VmcoreinfoResult> {
-        let was_paused = self.is_paused();
-        if !was_paused {
-            self.pause()?;
-        }
-        let found = self.with_paused(|g| introspection::vmcoreinfo::find(g));
-        if !was_paused {
-            self.resume()?;
-        }
-        let (phys_addr, info) = found??;
+        let (found, paused_for_read) =
+            self.paused_for_read(|g| introspection::vmcoreinfo::find(g))?;
+        let (phys_addr, info) = found?;
         Ok(VmcoreinfoResult {
             phys_addr,
-            paused_for_read: !was_paused,
+            paused_for_read,
             info,
         })
     }
