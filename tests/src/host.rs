@@ -19,6 +19,8 @@ pub enum HostMode {
 /// Under nested TCG a guest boot takes tens of seconds; leave room for slow CI.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a VMM may take to exit once the guest asked it to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The guest shell's prompt (guest-images/rootfs/guest-init).
 pub const PROMPT: &str = "guest# ";
 
@@ -443,8 +445,7 @@ impl Guest<'_> {
         // Type only at a prompt, as a person would: input typed ahead while bash runs a
         // foreground job sits in the tty's canonical buffer and can be scrambled when
         // readline switches the tty mode back (seen on a guest under full CPU load).
-        self.console().wait_str(PROMPT, timeout)?;
-        self.host.guest_console_send(&line)?;
+        self.type_line(&line, timeout)?;
         let (before, matched) =
             self.console()
                 .wait_for(&format!("guest `{cmd}`"), timeout, |t| {
@@ -492,10 +493,27 @@ impl Guest<'_> {
     }
 
     /// Wait for the shell prompt, then type one line (for commands that never return,
-    /// such as `poweroff -f`).
+    /// such as `reboot -f`).
     pub fn type_at_prompt(&mut self, line: &str) -> Result<(), String> {
-        self.console().wait_str(PROMPT, CMD_TIMEOUT)?;
-        self.host.guest_console_send(&format!("{line}\n"))
+        self.type_line(&format!("{line}\n"), CMD_TIMEOUT)
+    }
+
+    fn type_line(&mut self, text: &str, timeout: Duration) -> Result<(), String> {
+        self.console().wait_str(PROMPT, timeout)?;
+        self.host.guest_console_send(text)
+    }
+
+    /// `poweroff -f` in the guest; lpvmm must then exit with code 0.
+    pub fn poweroff(&mut self) -> Result<GuestExit, String> {
+        self.type_at_prompt("poweroff -f")?;
+        let exit = self.wait_exit(EXIT_TIMEOUT)?;
+        if exit.code != 0 {
+            return Err(format!(
+                "after poweroff, lpvmm '{}' exited {}: {}",
+                self.name, exit.code, exit.stderr
+            ));
+        }
+        Ok(exit)
     }
 
     /// `lpvmm SUBCOMMAND ... NAME ...` on the host, with `{vm}` replaced by the name.

@@ -11,10 +11,14 @@
 //! Images come from `guest-images/build.sh` (see guest-images/README.md).
 
 mod console;
+mod group;
 mod host;
 
 pub use console::Console;
-pub use host::{Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, PROMPT};
+pub use group::{host_trial, local_trial, run_group};
+pub use host::{
+    Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PROMPT,
+};
 
 use std::path::PathBuf;
 

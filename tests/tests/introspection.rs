@@ -2,20 +2,7 @@
 //!
 //! One test host serves every test here, one test at a time.
 
-use std::sync::Mutex;
-
-use libtest_mimic::{Arguments, Failed, Trial};
-use lpvmm_tests::{check, TestHost, TestResult, SERIES};
-
-static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
-
-fn with_host(f: impl FnOnce(&mut TestHost) -> TestResult) -> Result<(), Failed> {
-    let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
-    if slot.is_none() {
-        *slot = Some(TestHost::start()?);
-    }
-    f(slot.as_mut().unwrap()).map_err(Failed::from)
-}
+use lpvmm_tests::{check, host_trial, run_group, TestHost, TestResult, SERIES};
 
 /// Where x86-64 kernels link `_text` before KASLR moves them.
 const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
@@ -99,31 +86,19 @@ fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
         status.contains("\"state\": \"running\""),
         "VM left paused: {status}"
     );
-    g.type_at_prompt("poweroff -f")?;
-    let exit = g.wait_exit(std::time::Duration::from_secs(120))?;
-    check!(
-        exit.code == 0,
-        "lpvmm exited {}: {}",
-        exit.code,
-        exit.stderr
-    );
+    g.poweroff()?;
     Ok(())
 }
 
 fn main() {
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
     let tests = SERIES
         .iter()
-        .map(|series| {
-            let s = series.to_string();
-            Trial::test(
-                format!("vmcoreinfo_matches_guest_{}", series.replace('.', "_")),
-                move || with_host(|h| vmcoreinfo_matches_guest(h, &s)),
-            )
+        .map(|&series| {
+            let tag = series.replace('.', "_");
+            host_trial(format!("vmcoreinfo_matches_guest_{tag}"), move |h| {
+                vmcoreinfo_matches_guest(h, series)
+            })
         })
         .collect();
-    let conclusion = libtest_mimic::run(&args, tests);
-    drop(HOST.lock().unwrap_or_else(|e| e.into_inner()).take());
-    conclusion.exit();
+    run_group(tests)
 }

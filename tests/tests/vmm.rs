@@ -2,27 +2,11 @@
 //!
 //! One test host serves every test here, one test at a time.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Failed, Trial};
-use lpvmm_tests::{check, HostMode, TestHost, TestResult, SERIES};
-
-static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
-
-fn with_host(f: impl FnOnce(&mut TestHost) -> TestResult) -> Result<(), Failed> {
-    let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
-    if slot.is_none() {
-        *slot = Some(TestHost::start()?);
-    }
-    f(slot.as_mut().unwrap()).map_err(Failed::from)
-}
-
-fn trial(name: &str, f: fn(&mut TestHost) -> TestResult) -> Trial {
-    Trial::test(name, move || with_host(f))
-}
-
-const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+use lpvmm_tests::{
+    check, host_trial, local_trial, run_group, HostMode, TestHost, TestResult, EXIT_TIMEOUT, SERIES,
+};
 
 /// Kernel warning splats, oopses and lockup reports in the guest's log.
 const SPLATS: &str =
@@ -72,14 +56,8 @@ fn boot(host: &mut TestHost, series: &str, vcpus: u8) -> TestResult {
     let (_, ls) = g.lpvmm("ls")?;
     check!(ls.contains(&name), "`lpvmm ls` does not list {name}:\n{ls}");
 
-    g.type_at_prompt("poweroff -f")?;
-    let exit = g.wait_exit(EXIT_TIMEOUT)?;
-    check!(
-        exit.code == 0,
-        "poweroff: lpvmm exited {} ({})",
-        exit.code,
-        exit.stderr
-    );
+    // poweroff() fails unless lpvmm exits with code 0.
+    let exit = g.poweroff()?;
     check!(
         exit.stderr.contains("guest powered off"),
         "poweroff not reported: {}",
@@ -231,14 +209,7 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
         "guest dmesg has new warnings after pausing:\n{}",
         new.join("\n")
     );
-    g.type_at_prompt("poweroff -f")?;
-    let exit = g.wait_exit(EXIT_TIMEOUT)?;
-    check!(
-        exit.code == 0,
-        "lpvmm exited {}: {}",
-        exit.code,
-        exit.stderr
-    );
+    g.poweroff()?;
     Ok(())
 }
 
@@ -374,8 +345,7 @@ fn bad_input(host: &mut TestHost) -> TestResult {
         alive.trim() == "still-here",
         "first VM hurt by the duplicate: {alive:?}"
     );
-    g.type_at_prompt("poweroff -f")?;
-    g.wait_exit(EXIT_TIMEOUT)?;
+    g.poweroff()?;
 
     // /dev/kvm missing (only on the nested host, which is ours to break).
     if host.mode() == HostMode::Nested {
@@ -393,40 +363,37 @@ fn bad_input(host: &mut TestHost) -> TestResult {
 }
 
 fn main() {
-    let mut args = Arguments::from_args();
-    args.test_threads = Some(1);
     let mut tests = Vec::new();
     for series in SERIES {
+        let tag = series.replace('.', "_");
         for vcpus in [1u8, 2] {
-            let s = series.to_string();
-            tests.push(Trial::test(
-                format!("boot_{}_vcpus_{vcpus}", series.replace('.', "_")),
-                move || with_host(|h| boot(h, &s, vcpus)),
-            ));
+            tests.push(host_trial(format!("boot_{tag}_vcpus_{vcpus}"), move |h| {
+                boot(h, series, vcpus)
+            }));
         }
-        let s = series.to_string();
-        tests.push(Trial::test(
-            format!(
-                "pause_resume_1000_cycles_under_load_{}",
-                series.replace('.', "_")
-            ),
-            move || with_host(|h| pause_resume_under_load(h, &s)),
+        tests.push(host_trial(
+            format!("pause_resume_1000_cycles_under_load_{tag}"),
+            move |h| pause_resume_under_load(h, series),
         ));
     }
-    tests.push(trial("guest_reboot_ends_vm_with_code_0", reboot_ends_vm));
-    tests.push(trial("guest_panic_ends_vm_with_code_2", panic_is_reported));
-    tests.push(trial(
+    tests.push(host_trial(
+        "guest_reboot_ends_vm_with_code_0",
+        reboot_ends_vm,
+    ));
+    tests.push(host_trial(
+        "guest_panic_ends_vm_with_code_2",
+        panic_is_reported,
+    ));
+    tests.push(host_trial(
         "control_requests_check_vm_state",
         control_state_errors,
     ));
-    tests.push(trial("bad_input_is_refused_cleanly", bad_input));
-    tests.push(Trial::test(
+    tests.push(host_trial("bad_input_is_refused_cleanly", bad_input));
+    tests.push(local_trial(
         "software_kvm_is_refused_with_a_pointer_to_nested_mode",
-        || software_kvm_check().map_err(Failed::from),
+        software_kvm_check,
     ));
-    let conclusion = libtest_mimic::run(&args, tests);
-    drop(HOST.lock().unwrap_or_else(|e| e.into_inner()).take());
-    conclusion.exit();
+    run_group(tests)
 }
 
 /// Runs on this machine, not on the test host: on a machine whose /dev/kvm has no

@@ -6,7 +6,7 @@
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lpvmm_tests::{TestHost, BOOT_TIMEOUT};
 
@@ -41,11 +41,7 @@ fn time_boot(host: &mut TestHost, name: &str, cmd: &str) -> Result<f64, String> 
     let mut g = host.start_console_program(name, cmd)?;
     g.console().wait_line("LPVMM-GUEST-READY", BOOT_TIMEOUT)?;
     let secs = t0.elapsed().as_secs_f64();
-    g.type_at_prompt("poweroff -f")?;
-    let exit = g.wait_exit(Duration::from_secs(120))?;
-    if exit.code != 0 {
-        return Err(format!("{name} exited {}: {}", exit.code, exit.stderr));
-    }
+    g.poweroff()?;
     Ok(secs)
 }
 
@@ -111,8 +107,7 @@ fn pause(cycles: u32) -> Result<(), String> {
             f("resume", "p99_us"),
             f("pause_round_trip", "median_us"),
         );
-        g.type_at_prompt("poweroff -f")?;
-        g.wait_exit(Duration::from_secs(120))?;
+        g.poweroff()?;
     }
     Ok(())
 }

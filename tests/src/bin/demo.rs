@@ -3,7 +3,7 @@
 //!
 //! Run through scripts/demo.sh, which installs and builds everything first.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lpvmm_tests::{HostMode, TestHost};
 
@@ -71,8 +71,7 @@ fn demo() -> Result<(), String> {
     show("host", &g.lpvmm("bench pause {vm} --cycles 100")?.1);
 
     say("guest# poweroff -f");
-    g.type_at_prompt("poweroff -f")?;
-    let exit = g.wait_exit(Duration::from_secs(120))?;
+    let exit = g.poweroff()?;
     show("host", &exit.stderr);
     println!("    lpvmm exited with code {}", exit.code);
     say("Done. Live patching comes next: see docs/getting-started.md");

@@ -1,0 +1,42 @@
+//! A test group: one test binary whose tests share one test host, run one at a time.
+
+use std::sync::Mutex;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+use crate::{TestHost, TestResult};
+
+/// The group's host, booted by the first test that needs it.
+static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
+
+/// A test that runs on the group's shared host.
+pub fn host_trial(
+    name: impl Into<String>,
+    f: impl FnOnce(&mut TestHost) -> TestResult + Send + 'static,
+) -> Trial {
+    Trial::test(name, move || {
+        let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(TestHost::start()?);
+        }
+        f(slot.as_mut().expect("booted above")).map_err(Failed::from)
+    })
+}
+
+/// A test that needs no host (it runs on this machine).
+pub fn local_trial(
+    name: impl Into<String>,
+    f: impl FnOnce() -> TestResult + Send + 'static,
+) -> Trial {
+    Trial::test(name, move || f().map_err(Failed::from))
+}
+
+/// Run the group's tests one after another (they share the host and its serial
+/// consoles), shut the host down, and exit with libtest's status.
+pub fn run_group(trials: Vec<Trial>) -> ! {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(HOST.lock().unwrap_or_else(|e| e.into_inner()).take());
+    conclusion.exit()
+}
