@@ -446,21 +446,25 @@ impl Guest<'_> {
         // foreground job sits in the tty's canonical buffer and can be scrambled when
         // readline switches the tty mode back (seen on a guest under full CPU load).
         self.type_line(&line, timeout)?;
-        let (before, matched) =
-            self.console()
-                .wait_for(&format!("guest `{cmd}`"), timeout, |t| {
-                    // The typed line is echoed with "$?" literally; the real marker has digits.
-                    let mut from = 0;
-                    while let Some(i) = t[from..].find(&marker).map(|i| i + from) {
-                        let rest = &t[i + marker.len()..];
-                        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-                        if digits > 0 && rest[digits..].starts_with("__") {
-                            return Some((i, i + marker.len() + digits + 2));
-                        }
-                        from = i + marker.len();
+        let waited = self
+            .console()
+            .wait_for(&format!("guest `{cmd}`"), timeout, |t| {
+                // The typed line is echoed with "$?" literally; the real marker has digits.
+                let mut from = 0;
+                while let Some(i) = t[from..].find(&marker).map(|i| i + from) {
+                    let rest = &t[i + marker.len()..];
+                    let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+                    if digits > 0 && rest[digits..].starts_with("__") {
+                        return Some((i, i + marker.len() + digits + 2));
                     }
-                    None
-                })?;
+                    from = i + marker.len();
+                }
+                None
+            });
+        let (before, matched) = match waited {
+            Ok(found) => found,
+            Err(e) => return Err(format!("{e}\n{}", self.vmm_stderr())),
+        };
         let code = matched[marker.len()..matched.len() - 2]
             .parse()
             .unwrap_or(-1);
@@ -501,6 +505,15 @@ impl Guest<'_> {
     fn type_line(&mut self, text: &str, timeout: Duration) -> Result<(), String> {
         self.console().wait_str(PROMPT, timeout)?;
         self.host.guest_console_send(text)
+    }
+
+    /// What the VMM printed on stderr so far, for failure messages.
+    fn vmm_stderr(&mut self) -> String {
+        let err_file = format!("{}/{}.err", self.host.tmp(), self.name);
+        match self.host.exec(&format!("cat {err_file}")) {
+            Ok(text) => format!("VMM stderr:\n{text}"),
+            Err(e) => format!("(VMM stderr unavailable: {e})"),
+        }
     }
 
     /// `poweroff -f` in the guest; lpvmm must then exit with code 0.
