@@ -6,9 +6,28 @@
 //! unit tests implement it over synthetic memory. Keeping that seam small is what lets
 //! the introspection and patching logic be tested without a VM, and lets another backend
 //! (for example a QEMU VM) be added later without changing them.
+//!
+//! From the running guest alone (no System.map, no debug package, no offsets written by
+//! hand): [`vmcoreinfo`] finds the kernel, [`kallsyms`] decodes its symbol table,
+//! [`btf`] and [`layout`] give struct layouts, [`memory`] walks its page tables,
+//! [`tasks`] lists tasks, and [`stack`] unwinds their kernel stacks with [`orc`].
 
+pub mod btf;
+pub mod disasm;
 mod guest;
+pub mod kallsyms;
+pub mod kernel;
+pub mod layout;
+pub mod memory;
+pub mod orc;
+pub mod stack;
+#[cfg(any(test, feature = "synthetic"))]
+pub mod synth;
+pub mod tasks;
+#[cfg(test)]
+mod tests;
 pub mod vmcoreinfo;
 
 pub use guest::{GuestError, PausedGuest, PhysRange, VcpuState};
+pub use kernel::{AttachError, Kernel};
 pub use vmcoreinfo::{VmcoreInfo, VmcoreInfoError};

@@ -99,6 +99,11 @@ impl VmcoreInfo {
     pub fn symbol(&self, name: &str) -> Option<u64> {
         self.symbols.get(name).copied()
     }
+
+    /// A `NUMBER(name)=decimal` entry (signed, as the kernel prints it with %ld).
+    pub fn number(&self, name: &str) -> Option<i64> {
+        self.other.get(&format!("NUMBER({name})"))?.parse().ok()
+    }
 }
 
 fn bracketed<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
@@ -200,6 +205,8 @@ mod tests {
         assert_eq!(info.symbol("init_uts_ns"), Some(0xffff_ffff_a2e1_4680));
         assert_eq!(info.sizes["list_head"], 16);
         assert_eq!(info.other["NUMBER(phys_base)"], "-1");
+        assert_eq!(info.number("phys_base"), Some(-1));
+        assert_eq!(info.number("nope"), None);
     }
 
     #[test]

@@ -1,0 +1,144 @@
+//! Every struct offset lpvmm uses, read from the guest's BTF once at attach.
+//!
+//! Nothing here is a number written by hand: a field that moves between kernel versions
+//! (or builds) moves in BTF, and the readers follow. Where a field was renamed across
+//! versions, both names are tried, newest first.
+
+use crate::btf::{Btf, BtfError, Field};
+
+/// Offsets in `struct task_struct` (and what it embeds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskLayout {
+    pub tasks: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    pub comm_len: u64,
+    pub stack: u64,
+    pub thread_sp: u64,
+    /// `__state` (5.14+) or `state`; its size in bytes.
+    pub state: u64,
+    pub state_size: u64,
+    pub exit_state: u64,
+    pub flags: u64,
+    pub on_cpu: u64,
+    /// `thread_info.cpu` (THREAD_INFO_IN_TASK) or `cpu`.
+    pub cpu: u64,
+    pub signal: u64,
+    pub thread_node: u64,
+}
+
+/// Offsets in `struct pt_regs`: what the unwinder reads from a register frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegsLayout {
+    pub size: u64,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub cs: u64,
+    pub r10: u64,
+    pub r13: u64,
+    pub di: u64,
+    pub dx: u64,
+}
+
+/// `struct inactive_task_frame`: what `__switch_to_asm` leaves at a sleeping task's
+/// `thread.sp`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwitchFrameLayout {
+    pub size: u64,
+    pub bp: u64,
+    pub ret_addr: u64,
+}
+
+/// 6.2+ keeps the hottest per-CPU variables in one `struct pcpu_hot`; 6.1 has them as
+/// separate per-CPU symbols.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PcpuHotLayout {
+    pub current_task: u64,
+    pub hardirq_stack_ptr: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub task: TaskLayout,
+    pub signal_thread_head: u64,
+    pub list_next: u64,
+    pub regs: RegsLayout,
+    pub switch_frame: SwitchFrameLayout,
+    /// `struct rq.idle`: each CPU's idle task (not on the task list).
+    pub rq_idle: u64,
+    pub pcpu_hot: Option<PcpuHotLayout>,
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("reading struct layouts from the guest's BTF: {0}")]
+pub struct LayoutError(#[from] pub BtfError);
+
+fn first(btf: &Btf, strukt: &str, paths: &[&str]) -> Result<Field, BtfError> {
+    let mut err = None;
+    for p in paths {
+        match btf.field(strukt, p) {
+            Ok(f) => return Ok(f),
+            Err(e) => err = Some(e),
+        }
+    }
+    Err(err.unwrap_or_else(|| BtfError::NoStruct(strukt.into())))
+}
+
+impl Layout {
+    pub fn from_btf(btf: &Btf) -> Result<Layout, LayoutError> {
+        let task = |p: &str| btf.field("task_struct", p).map(|f| f.offset());
+        let comm = btf.field("task_struct", "comm")?;
+        let state = first(btf, "task_struct", &["__state", "state"])?;
+        let regs = |p: &str| btf.field("pt_regs", p).map(|f| f.offset());
+        let frame = |p: &str| btf.field("inactive_task_frame", p).map(|f| f.offset());
+        let pcpu_hot = if btf.has_field("pcpu_hot", "current_task") {
+            Some(PcpuHotLayout {
+                current_task: btf.field("pcpu_hot", "current_task")?.offset(),
+                hardirq_stack_ptr: btf.field("pcpu_hot", "hardirq_stack_ptr")?.offset(),
+            })
+        } else {
+            None
+        };
+        Ok(Layout {
+            task: TaskLayout {
+                tasks: task("tasks")?,
+                pid: task("pid")?,
+                tgid: task("tgid")?,
+                comm: comm.offset(),
+                comm_len: btf.array_len(comm.type_id).unwrap_or(comm.size),
+                stack: task("stack")?,
+                thread_sp: task("thread.sp")?,
+                state: state.offset(),
+                state_size: state.size,
+                exit_state: task("exit_state")?,
+                flags: task("flags")?,
+                on_cpu: task("on_cpu")?,
+                cpu: first(btf, "task_struct", &["thread_info.cpu", "cpu"])?.offset(),
+                signal: task("signal")?,
+                thread_node: task("thread_node")?,
+            },
+            signal_thread_head: btf.field("signal_struct", "thread_head")?.offset(),
+            list_next: btf.field("list_head", "next")?.offset(),
+            regs: RegsLayout {
+                size: btf.struct_size("pt_regs")?,
+                ip: regs("ip")?,
+                sp: regs("sp")?,
+                bp: regs("bp")?,
+                cs: regs("cs")?,
+                r10: regs("r10")?,
+                r13: regs("r13")?,
+                di: regs("di")?,
+                dx: regs("dx")?,
+            },
+            switch_frame: SwitchFrameLayout {
+                size: btf.struct_size("inactive_task_frame")?,
+                bp: frame("bp")?,
+                ret_addr: frame("ret_addr")?,
+            },
+            rq_idle: btf.field("rq", "idle")?.offset(),
+            pcpu_hot,
+        })
+    }
+}

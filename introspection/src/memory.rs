@@ -1,0 +1,244 @@
+//! Kernel virtual memory of a paused guest: x86-64 page-table walks (4 and 5 levels,
+//! 2 MiB and 1 GiB pages) over guest-physical memory, and bounded reads on top.
+//!
+//! The walk starts from the kernel's own master page table (`init_top_pgt`), whose
+//! kernel half every process shares, so one root serves every kernel address: the image,
+//! the direct map, vmalloc'd stacks and per-CPU areas. Every entry read comes from guest
+//! memory and is hostile: a non-present entry, a table outside RAM or a non-canonical
+//! address is a [`MemError`], never a panic.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use crate::guest::{GuestError, PausedGuest};
+
+const PAGE: u64 = 4096;
+const PRESENT: u64 = 1;
+const LARGE: u64 = 1 << 7;
+/// Physical address bits 12..51 of a page-table entry (the NX bit and the bits an OS
+/// may use for itself are above them).
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Most bytes one bounded read may ask for; larger guest-controlled lengths are refused.
+pub const MAX_READ: usize = 64 << 20;
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemError {
+    #[error("kernel address {0:#x} is not canonical")]
+    NonCanonical(u64),
+    #[error("kernel address {va:#x} is not mapped (no present entry at level {level})")]
+    NotMapped { va: u64, level: u8 },
+    #[error("read of {len} bytes at {va:#x} is larger than the {MAX_READ}-byte limit")]
+    TooLarge { va: u64, len: usize },
+    #[error("kernel address {va:#x}: {source}")]
+    Guest { va: u64, source: GuestError },
+}
+
+/// Where the kernel's page tables are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagingRoot {
+    /// Guest-physical address of the top-level table.
+    pub table: u64,
+    /// CR4.LA57: five levels instead of four.
+    pub five_level: bool,
+}
+
+/// Translate one virtual address. Returns the guest-physical address.
+pub fn translate(guest: &dyn PausedGuest, root: PagingRoot, va: u64) -> Result<u64, MemError> {
+    let levels: u8 = if root.five_level { 5 } else { 4 };
+    let top_bit = 12 + 9 * u32::from(levels) - 1;
+    // Canonical: every bit above the top translated bit equals it.
+    let upper = (va as i64) >> top_bit;
+    if upper != 0 && upper != -1 {
+        return Err(MemError::NonCanonical(va));
+    }
+    let mut table = root.table & ADDR_MASK;
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * u32::from(level - 1);
+        let index = (va >> shift) & 0x1ff;
+        let entry = guest
+            .read_u64(table + index * 8)
+            .map_err(|source| MemError::Guest { va, source })?;
+        if entry & PRESENT == 0 {
+            return Err(MemError::NotMapped { va, level });
+        }
+        // Levels 2 and 3 may map 2 MiB / 1 GiB pages directly.
+        if (level == 2 || level == 3) && entry & LARGE != 0 {
+            let size = 1u64 << shift;
+            return Ok((entry & ADDR_MASK & !(size - 1)) | (va & (size - 1)));
+        }
+        table = entry & ADDR_MASK;
+    }
+    Ok(table | (va & (PAGE - 1)))
+}
+
+/// Kernel virtual memory of one paused guest, with a translation cache that lives as long
+/// as this view (page tables can change whenever the guest runs, so a view never outlives
+/// one pause).
+pub struct KernelMemory<'g> {
+    guest: &'g dyn PausedGuest,
+    root: PagingRoot,
+    pages: RefCell<HashMap<u64, u64>>,
+}
+
+impl<'g> KernelMemory<'g> {
+    pub fn new(guest: &'g dyn PausedGuest, root: PagingRoot) -> Self {
+        KernelMemory {
+            guest,
+            root,
+            pages: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn guest(&self) -> &'g dyn PausedGuest {
+        self.guest
+    }
+
+    pub fn root(&self) -> PagingRoot {
+        self.root
+    }
+
+    /// Guest-physical address of a kernel virtual address.
+    pub fn translate(&self, va: u64) -> Result<u64, MemError> {
+        let page = va & !(PAGE - 1);
+        if let Some(pa) = self.pages.borrow().get(&page) {
+            return Ok(pa | (va & (PAGE - 1)));
+        }
+        let pa = translate(self.guest, self.root, page)?;
+        // Bounded: a walk over hostile lists must not grow the cache without limit.
+        let mut pages = self.pages.borrow_mut();
+        if pages.len() > 1 << 20 {
+            pages.clear();
+        }
+        pages.insert(page, pa);
+        Ok(pa | (va & (PAGE - 1)))
+    }
+
+    /// Read `buf.len()` bytes at `va`, page by page (virtually contiguous memory need not
+    /// be physically contiguous).
+    pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if buf.len() > MAX_READ {
+            return Err(MemError::TooLarge { va, len: buf.len() });
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = va.wrapping_add(done as u64);
+            let in_page = (PAGE - (at & (PAGE - 1))) as usize;
+            let n = in_page.min(buf.len() - done);
+            let pa = self.translate(at)?;
+            self.guest
+                .read_phys(pa, &mut buf[done..done + n])
+                .map_err(|source| MemError::Guest { va: at, source })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes into a new vector; `len` is checked against [`MAX_READ`] before
+    /// anything is allocated.
+    pub fn read_vec(&self, va: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        if len > MAX_READ {
+            return Err(MemError::TooLarge { va, len });
+        }
+        let mut v = vec![0u8; len];
+        self.read(va, &mut v)?;
+        Ok(v)
+    }
+
+    pub fn u64(&self, va: u64) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.read(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn u32(&self, va: u64) -> Result<u32, MemError> {
+        let mut b = [0u8; 4];
+        self.read(va, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    pub fn u16(&self, va: u64) -> Result<u16, MemError> {
+        let mut b = [0u8; 2];
+        self.read(va, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// An unsigned integer of 1, 2, 4 or 8 bytes (sizes as BTF gives them).
+    pub fn uint(&self, va: u64, size: u64) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        let n = size.clamp(1, 8) as usize;
+        self.read(va, &mut b[..n])?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// A NUL-terminated string of at most `max` bytes stored in a fixed array (like
+    /// `task_struct.comm`); invalid UTF-8 is replaced, never trusted.
+    pub fn fixed_str(&self, va: u64, max: usize) -> Result<String, MemError> {
+        let raw = self.read_vec(va, max)?;
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        Ok(String::from_utf8_lossy(&raw[..end]).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::SynthGuest;
+
+    #[test]
+    fn walks_4k_2m_and_1g_pages_in_4_and_5_levels() {
+        for five_level in [false, true] {
+            let mut g = SynthGuest::new(64 << 20, five_level);
+            let va4k = 0xffff_c900_0001_2000;
+            let va2m = 0xffff_ffff_8200_0000;
+            let va1g = 0xffff_8880_0000_0000;
+            g.map(va4k, 0x30_0000, 4096);
+            g.map_large(va2m, 0x40_0000, 2 << 20);
+            g.map_large(va1g, 0, 1 << 30);
+            let root = g.root();
+            assert_eq!(translate(&g, root, va4k + 0x123).unwrap(), 0x30_0123);
+            assert_eq!(
+                translate(&g, root, va2m + 0x1f_fff8).unwrap(),
+                0x40_0000 + 0x1f_fff8
+            );
+            assert_eq!(translate(&g, root, va1g + 0x2a_0000).unwrap(), 0x2a_0000);
+            assert!(matches!(
+                translate(&g, root, va4k + 4096),
+                Err(MemError::NotMapped { level: 1, .. })
+            ));
+            assert!(matches!(
+                translate(&g, root, 0x0100_0000_0000_0000),
+                Err(MemError::NonCanonical(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn reads_cross_pages_that_are_not_physically_contiguous() {
+        let mut g = SynthGuest::new(16 << 20, false);
+        let va = 0xffff_c900_0000_0000;
+        g.map(va, 0x20_0000, 4096);
+        g.map(va + 4096, 0x10_0000, 4096);
+        g.write_phys_raw(0x20_0ffc, &[1, 2, 3, 4]);
+        g.write_phys_raw(0x10_0000, &[5, 6, 7, 8]);
+        let m = KernelMemory::new(&g, g.root());
+        assert_eq!(m.u64(va + 0xffc).unwrap(), 0x0807_0605_0403_0201);
+        assert!(matches!(
+            m.read_vec(va, MAX_READ + 1),
+            Err(MemError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_table_pointing_outside_ram_is_an_error() {
+        let mut g = SynthGuest::new(8 << 20, false);
+        let va = 0xffff_c900_0000_0000;
+        g.map(va, 0x10_0000, 4096);
+        // Corrupt the top-level entry to point far outside RAM.
+        let top = g.root().table + ((va >> 39) & 0x1ff) * 8;
+        g.write_phys_raw(top, &(0x7fff_0000_0000u64 | 3).to_le_bytes());
+        assert!(matches!(
+            translate(&g, g.root(), va),
+            Err(MemError::Guest { .. })
+        ));
+    }
+}

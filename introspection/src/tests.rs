@@ -1,0 +1,307 @@
+//! End-to-end tests over synthetic kernels of both formats: attach, symbols, tasks and
+//! stacks, layouts that move with BTF, and hostile memory.
+
+use std::time::{Duration, Instant};
+
+use crate::guest::PausedGuest;
+use crate::kernel::Kernel;
+use crate::stack::{StackTrace, TraceStart, Unwinder};
+use crate::synth::{SynthKernel, SynthKernelSpec};
+use crate::tasks::TaskReader;
+
+fn both() -> [SynthKernel; 2] {
+    [
+        SynthKernel::build(SynthKernelSpec::v6_1()),
+        SynthKernel::build(SynthKernelSpec::v6_12()),
+    ]
+}
+
+fn traces(k: &Kernel, guest: &dyn PausedGuest) -> Vec<StackTrace> {
+    let reader = TaskReader::new(k, guest);
+    let list = reader.list().expect("task list");
+    let unwinder = Unwinder::new(&reader, &[]);
+    list.tasks.iter().map(|t| unwinder.trace(t)).collect()
+}
+
+fn functions(t: &StackTrace) -> Vec<&str> {
+    t.frames
+        .iter()
+        .map(|f| f.function.as_deref().unwrap_or("?"))
+        .collect()
+}
+
+#[test]
+fn attach_decodes_every_symbol_of_both_formats() {
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).expect("attach");
+        assert_eq!(k.symbols.symbols(), &sk.symbols[..], "{}", sk.spec.release);
+        assert_eq!(k.info.osrelease, sk.spec.release);
+        assert_eq!(k.stats.orc_has_end_bit, !sk.spec.new_orc);
+        assert_eq!(k.thread_size, crate::synth::kernel::THREAD_SIZE);
+        assert_eq!(k.root.five_level, sk.spec.five_level);
+        // Per-CPU symbols keep their small absolute values.
+        let percpu = if sk.spec.pcpu_hot { "pcpu_hot" } else { "current_task" };
+        assert_eq!(k.symbols.addr(percpu), Some(0x100));
+    }
+}
+
+#[test]
+fn tasks_threads_idle_tasks_and_current_per_vcpu() {
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).unwrap();
+        let list = TaskReader::new(&k, &sk.guest).list().unwrap();
+        let mut got: Vec<(i32, i32, &str)> = list
+            .tasks
+            .iter()
+            .map(|t| (t.pid, t.tgid, t.comm.as_str()))
+            .collect();
+        got.sort();
+        let mut want: Vec<(i32, i32, &str)> = sk
+            .spec
+            .tasks
+            .iter()
+            .map(|t| (t.pid, t.tgid, t.comm.as_str()))
+            .chain([(0, 0, "swapper/0"), (0, 0, "swapper/1")])
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "{}", sk.spec.release);
+        let idle: Vec<&str> = list.tasks.iter().filter(|t| t.idle).map(|t| t.comm.as_str()).collect();
+        assert_eq!(idle, ["swapper/0", "swapper/1"]);
+        assert!(list.by_pid(2).unwrap().kthread);
+        assert_eq!(list.by_pid(11).unwrap().state, 'S');
+        let cur: Vec<(Option<u32>, Option<i32>, bool)> = list
+            .vcpus
+            .iter()
+            .map(|v| (v.cpu, v.pid, v.user_mode))
+            .collect();
+        assert_eq!(cur, [(Some(0), Some(20), false), (Some(1), Some(21), true)]);
+    }
+}
+
+#[test]
+fn stacks_unwind_like_proc_pid_stack_and_are_reliable() {
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).unwrap();
+        let all = traces(&k, &sk.guest);
+        let by = |pid| all.iter().find(|t| t.pid == pid).unwrap();
+
+        let reader = by(11);
+        assert!(reader.reliable, "{:?}", reader.problem);
+        assert_eq!(reader.start, TraceStart::Saved);
+        assert_eq!(
+            functions(reader),
+            [
+                "__schedule",
+                "schedule",
+                "pipe_read",
+                "vfs_read",
+                "ksys_read",
+                "do_syscall_64",
+                "entry_SYSCALL_64_after_hwframe"
+            ]
+        );
+        let sched: Vec<bool> = reader.frames.iter().map(|f| f.sched).collect();
+        assert_eq!(&sched[..3], [true, true, false]);
+        // %pB style: return addresses at the call site, function size to the next symbol.
+        assert_eq!(reader.frames[2].symbol.as_deref(), Some("pipe_read+0x10/0x100"));
+        assert!(reader.touches(sk.function("pipe_read"), sk.function("pipe_read") + 0x100));
+
+        let kthread = by(2);
+        assert!(kthread.reliable, "{:?}", kthread.problem);
+        assert_eq!(functions(kthread).last(), Some(&"ret_from_fork"));
+
+        let busy_kernel = by(20);
+        assert_eq!(busy_kernel.start, TraceStart::Vcpu(0));
+        assert!(busy_kernel.reliable, "{:?}", busy_kernel.problem);
+        assert_eq!(functions(busy_kernel)[..2], ["clear_user", "read_zero"]);
+        assert!(busy_kernel.frames[0].interrupted);
+        assert_eq!(busy_kernel.frames[0].symbol.as_deref(), Some("clear_user+0x20/0x100"));
+
+        let busy_user = by(21);
+        assert_eq!(busy_user.start, TraceStart::UserMode(1));
+        assert!(busy_user.reliable && busy_user.frames.is_empty());
+
+        for idle in all.iter().filter(|t| t.pid == 0) {
+            assert!(idle.reliable, "{}: {:?}", idle.comm, idle.problem);
+            assert_eq!(functions(idle)[0], "do_idle");
+        }
+    }
+}
+
+#[test]
+fn layouts_come_from_btf_and_move_with_it() {
+    // The same tasks with every task_struct field moved: the same answers.
+    let mut spec = SynthKernelSpec::v6_12();
+    spec.field_shift = 0x48;
+    let moved = SynthKernel::build(spec);
+    let k = Kernel::attach(&moved.guest).unwrap();
+    let list = TaskReader::new(&k, &moved.guest).list().unwrap();
+    assert_eq!(list.by_pid(11).unwrap().comm, "reader");
+    assert!(traces(&k, &moved.guest).iter().all(|t| t.reliable));
+
+    // Memory laid out one way, BTF saying another: lpvmm follows BTF, so the answers move.
+    let plain = SynthKernel::build(SynthKernelSpec::v6_12());
+    let mut lying = Kernel::attach(&plain.guest).unwrap();
+    let moved_layout = Kernel::attach(&moved.guest).unwrap().layout;
+    assert_ne!(lying.layout.task.pid, moved_layout.task.pid);
+    lying.layout = moved_layout;
+    let outcome = TaskReader::new(&lying, &plain.guest).list();
+    let same = outcome
+        .as_ref()
+        .map(|l| l.by_pid(11).map(|t| t.comm.clone()) == Some("reader".into()))
+        .unwrap_or(false);
+    assert!(!same, "results did not move with the layout");
+}
+
+#[test]
+fn corrupt_lists_and_stacks_are_typed_errors() {
+    let sk = SynthKernel::build(SynthKernelSpec::v6_1());
+    let k = Kernel::attach(&sk.guest).unwrap();
+    let l = &k.layout;
+
+    // A cycle: the second leader's `next` points back to the first.
+    let mut g = sk.guest.clone();
+    let first = sk.task_addrs[0] + l.task.tasks;
+    let second = sk.task_addrs[1] + l.task.tasks;
+    let m = k.memory(&sk.guest);
+    let pa = m.translate(second).unwrap();
+    g.write_phys(pa, &first.to_le_bytes()).unwrap();
+    let err = TaskReader::new(&k, &g).list().unwrap_err();
+    assert!(err.to_string().contains("cycle"), "{err}");
+
+    // A saved stack pointer outside the task's stack: unreliable, with the reason.
+    let mut g = sk.guest.clone();
+    let reader_task = sk.task_addrs[2];
+    let pa = m.translate(reader_task + l.task.thread_sp).unwrap();
+    g.write_phys(pa, &0xffff_ffff_ffff_0000u64.to_le_bytes()).unwrap();
+    let t = traces(&k, &g).into_iter().find(|t| t.pid == 11).unwrap();
+    assert!(!t.reliable);
+    assert!(t.problem.unwrap().contains("outside the task's stack"));
+
+    // A return address into data: unreliable.
+    let mut g = sk.guest.clone();
+    let pa = m.translate(reader_task + l.task.thread_sp).unwrap();
+    let sp = g.read_u64_raw(pa);
+    let ret = m.translate(sp + l.switch_frame.ret_addr).unwrap();
+    g.write_phys(ret, &k.addrs.init_task.to_le_bytes()).unwrap();
+    let t = traces(&k, &g).into_iter().find(|t| t.pid == 11).unwrap();
+    assert!(!t.reliable);
+    assert!(t.problem.unwrap().contains("not kernel text"));
+}
+
+/// Deterministic xorshift: the fuzz loops below must be reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Values a hostile guest would plant: pointers near real objects, into nowhere,
+/// huge lengths, self-references.
+fn hostile_word(rng: &mut Rng, near: u64) -> u64 {
+    match rng.below(6) {
+        0 => rng.next(),
+        1 => near.wrapping_add(rng.below(0x4000)).wrapping_sub(0x2000),
+        2 => u64::MAX - rng.below(16),
+        3 => 0,
+        4 => 0xffff_8000_0000_0000 | rng.next() >> 17,
+        _ => near,
+    }
+}
+
+/// Hostile memory: thousands of mutated images and register files go through attach,
+/// task listing and unwinding of every task. Nothing may panic, and every case must end
+/// quickly (walks are bounded, never sized by guest data).
+#[test]
+fn hostile_memory_never_panics_and_stays_bounded() {
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut cases = 0u32;
+    let mut slowest = Duration::ZERO;
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).unwrap();
+        let image_start = k.symbols.addr("_stext").unwrap();
+        let m = k.memory(&sk.guest);
+        // Dynamic state: tasks, lists, stacks, per-CPU data, registers.
+        for _ in 0..1500 {
+            let mut g = sk.guest.clone();
+            for _ in 0..1 + rng.below(8) {
+                let target = match rng.below(4) {
+                    0 => sk.task_addrs[rng.below(sk.task_addrs.len() as u64) as usize] + rng.below(0x300),
+                    1 => k.addrs.init_task + rng.below(0x300),
+                    // Somewhere in a stack: near the saved sp of a task.
+                    2 => {
+                        let t = sk.task_addrs[rng.below(sk.task_addrs.len() as u64) as usize];
+                        m.u64(t + k.layout.task.thread_sp).unwrap_or(t) + rng.below(0x100)
+                    }
+                    _ => k.addrs.per_cpu_offset + rng.below(0x40),
+                } & !7;
+                if let Ok(pa) = m.translate(target) {
+                    let near = g.read_u64_raw(pa);
+                    let _ = g.write_phys(pa, &hostile_word(&mut rng, near).to_le_bytes());
+                }
+            }
+            if rng.below(4) == 0 {
+                let v = rng.below(g.vcpus.len() as u64) as usize;
+                g.vcpus[v].rsp = hostile_word(&mut rng, g.vcpus[v].rsp);
+                g.vcpus[v].rip = hostile_word(&mut rng, g.vcpus[v].rip);
+                g.vcpus[v].gs_base = hostile_word(&mut rng, g.vcpus[v].gs_base);
+            }
+            let t0 = Instant::now();
+            let reader = TaskReader::new(&k, &g);
+            if let Ok(list) = reader.list() {
+                let u = Unwinder::new(&reader, &[]);
+                for t in &list.tasks {
+                    let tr = u.trace(t);
+                    assert!(tr.frames.len() <= crate::stack::MAX_FRAMES);
+                }
+            }
+            slowest = slowest.max(t0.elapsed());
+            cases += 1;
+        }
+        // Static tables: kallsyms, BTF, ORC, VMCOREINFO, page tables.
+        let regions = [
+            (image_start, 0x30_0000u64),
+            (k.symbols.addr("__start_BTF").unwrap(), 0x800),
+        ];
+        for _ in 0..150 {
+            let mut g = sk.guest.clone();
+            for _ in 0..1 + rng.below(16) {
+                let (start, len) = regions[rng.below(2) as usize];
+                let va = start + rng.below(len);
+                if let Ok(pa) = m.translate(va) {
+                    let near = g.read_u64_raw(pa & !7);
+                    let _ = g.write_phys(pa & !7, &hostile_word(&mut rng, near).to_le_bytes());
+                }
+            }
+            if rng.below(8) == 0 {
+                // Page tables themselves.
+                let at = g.tables_start() + rng.below(g.ram.len() as u64 - g.tables_start()) & !7;
+                let near = g.read_u64_raw(at);
+                g.write_phys_raw(at, &hostile_word(&mut rng, near).to_le_bytes());
+            }
+            let t0 = Instant::now();
+            if let Ok(k2) = Kernel::attach(&g) {
+                let reader = TaskReader::new(&k2, &g);
+                if let Ok(list) = reader.list() {
+                    let u = Unwinder::new(&reader, &[]);
+                    for t in &list.tasks {
+                        u.trace(t);
+                    }
+                }
+            }
+            slowest = slowest.max(t0.elapsed());
+            cases += 1;
+        }
+    }
+    eprintln!("hostile memory: {cases} cases, slowest {slowest:?}");
+    assert!(cases >= 3000);
+    assert!(slowest < Duration::from_secs(5), "a case took {slowest:?}");
+}
