@@ -87,8 +87,13 @@ pub struct AttachStats {
     pub orc_has_end_bit: bool,
     pub thread_size: u64,
     pub five_level_paging: bool,
-    /// Wall time of the whole attach (all reads while the guest was paused).
+    /// Wall time of the whole attach (all reads while the guest was paused), and when
+    /// each step was done, from its start: VMCOREINFO found (a scan of guest RAM),
+    /// symbol table decoded, BTF parsed and layouts resolved.
     pub attach_us: u64,
+    pub vmcoreinfo_done_us: u64,
+    pub kallsyms_done_us: u64,
+    pub btf_done_us: u64,
 }
 
 pub struct Kernel {
@@ -110,8 +115,10 @@ impl Kernel {
         let started = Instant::now();
         let (_, info) = vmcoreinfo::find(guest)?;
         let root = find_root(guest, &info)?;
+        let vmcoreinfo_us = duration_us(started.elapsed());
         let mem = KernelMemory::new(guest, root);
         let symbols = SymbolTable::read(&mem, &info)?;
+        let kallsyms_us = duration_us(started.elapsed());
         let need = |n: &'static str| symbols.addr(n).ok_or(AttachError::MissingSymbol(n));
         let range = |a: &'static str, b: &'static str| -> Result<Range, AttachError> {
             Ok(Range {
@@ -127,6 +134,7 @@ impl Kernel {
         }
         let btf = Btf::parse(&mem.read_vec(btf_range.start, btf_len as usize)?)?;
         let layout = Layout::from_btf(&btf)?;
+        let btf_us = duration_us(started.elapsed());
         let orc = OrcTable::read(&mem, &symbols, OrcFormat::from_btf(&btf)?)?;
 
         let optional_range = |a: &str, b: &str| {
@@ -177,6 +185,9 @@ impl Kernel {
             thread_size,
             five_level_paging: root.five_level,
             attach_us: 0,
+            vmcoreinfo_done_us: vmcoreinfo_us,
+            kallsyms_done_us: kallsyms_us,
+            btf_done_us: btf_us,
         };
         let mut kernel = Kernel {
             info,

@@ -347,6 +347,7 @@ impl TestHost {
             host: self,
             name: name.to_string(),
             seq: 0,
+            exited: false,
         })
     }
 
@@ -423,6 +424,23 @@ pub struct Guest<'h> {
     pub host: &'h mut TestHost,
     pub name: String,
     seq: u64,
+    /// Set once lpvmm was seen to exit; a guest dropped before that (a failed test) is
+    /// stopped, so that it cannot disturb the next test on the same host.
+    exited: bool,
+}
+
+impl Drop for Guest<'_> {
+    fn drop(&mut self) {
+        if self.exited {
+            return;
+        }
+        let _ = self.lpvmm("stop {vm}");
+        if self.wait_exit(Duration::from_secs(60)).is_err() {
+            let _ = self
+                .host
+                .exec_status("pkill -9 lpvmm; sleep 1", Duration::from_secs(30));
+        }
+    }
 }
 
 impl Guest<'_> {
@@ -571,6 +589,7 @@ impl Guest<'_> {
             }
         };
         let stderr = self.host.exec(&format!("cat {err_file}"))?;
+        self.exited = true;
         Ok(GuestExit { code, stderr })
     }
 }

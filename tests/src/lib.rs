@@ -14,7 +14,7 @@ mod console;
 mod group;
 mod host;
 
-pub use console::Console;
+pub use console::{tail, Console};
 pub use group::{host_trial, local_trial, run_group};
 pub use host::{
     Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PROMPT,

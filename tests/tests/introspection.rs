@@ -90,15 +90,310 @@ fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
     Ok(())
 }
 
-fn main() {
-    let tests = SERIES
+
+fn json(out: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(out).map_err(|e| format!("{e}: {}", lpvmm_tests::tail(out, 2000)))
+}
+
+/// Count, hash and per-chunk hashes of a command's output lines, computed where the
+/// command runs: under nested TCG megabytes of console text are slow, so only a small
+/// region that differs is ever printed.
+const CHUNK_LINES: usize = 4096;
+const SHOW_LINES: usize = 48;
+
+fn digest_cmd(producer: &str, dir: &str, chunk: usize) -> String {
+    format!(
+        "rm -rf {dir}; mkdir -p {dir}; {producer} > {dir}/all; wc -l < {dir}/all; \
+         sha256sum < {dir}/all; cd {dir} && \
+         awk -v n={chunk} '{{ print > sprintf(\"part_%05d\", int((NR - 1) / n)) }}' all && \
+         for f in part_*; do sha256sum < $f; done; cd /"
+    )
+}
+
+fn nonempty_lines(t: &str) -> Vec<String> {
+    t.lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Index of the first differing per-chunk hash (the first two lines are count and hash).
+fn first_differing_chunk(a: &[String], b: &[String]) -> usize {
+    (2..a.len().max(b.len()))
+        .find(|&i| a.get(i) != b.get(i))
+        .map(|i| i - 2)
+        .unwrap_or(0)
+}
+
+/// Acceptance 1: lpvmm's symbol table equals the guest's /proc/kallsyms, every entry.
+fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("ksyms-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let (rc, out) = g.lpvmm("kernel {vm}")?;
+    check!(rc == 0, "lpvmm kernel failed: {out}");
+    eprintln!("{series}: {}", out.trim());
+
+    // Module, BPF and ftrace entries ("[name]" lines) are not in the kernel's own table.
+    let theirs_cmd = "grep -v '\\[' /proc/kallsyms";
+    let guest = nonempty_lines(&g.run(&digest_cmd(theirs_cmd, "/tmp/ks", CHUNK_LINES))?);
+    let extra = g.run("grep -c '\\[' /proc/kallsyms || true")?;
+    let tmp = g.host.tmp();
+    let (rc, out) = g.lpvmm(&format!("sym {{vm}} --all > {tmp}/ours.all"))?;
+    check!(rc == 0, "lpvmm sym --all failed: {out}");
+    let ours_cmd = format!("cat {tmp}/ours.all");
+    let ours = nonempty_lines(&g.host.exec(&digest_cmd(&ours_cmd, &format!("{tmp}/ks"), CHUNK_LINES))?);
+    eprintln!(
+        "{series}: /proc/kallsyms has {} kernel entries ({} module/bpf lines left out), lpvmm {}",
+        guest.first().map(String::as_str).unwrap_or("?"),
+        extra.trim(),
+        ours.first().map(String::as_str).unwrap_or("?")
+    );
+    if guest == ours {
+        let n = guest.first().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        check!(n > 10_000, "suspiciously few symbols: {guest:?}");
+        eprintln!("{series}: all {n} entries equal (sha256 {})", guest[1]);
+        return g.poweroff().map(|_| ());
+    }
+    // Narrow down to a few lines and show them from both sides.
+    let chunk = first_differing_chunk(&guest, &ours);
+    let window = |producer: &str, dir: &str| {
+        let from = chunk * CHUNK_LINES + 1;
+        let sub = format!("{producer} | sed -n '{from},{}p'", from + CHUNK_LINES - 1);
+        digest_cmd(&sub, dir, SHOW_LINES)
+    };
+    let g2 = nonempty_lines(&g.run(&window(theirs_cmd, "/tmp/ks2"))?);
+    let o2 = nonempty_lines(&g.host.exec(&window(&ours_cmd, &format!("{tmp}/ks2")))?);
+    let sub = first_differing_chunk(&g2, &o2);
+    let show = format!("sed -n '{},{}p'", sub * SHOW_LINES + 1, (sub + 1) * SHOW_LINES);
+    let theirs_region = g.run(&format!("{show} /tmp/ks2/all"))?;
+    let ours_region = g.host.exec(&format!("{show} {tmp}/ks2/all"))?;
+    Err(format!(
+        "{series}: symbol tables differ: guest {} entries (sha256 {}), lpvmm {} (sha256 {}).\n\
+         Lines {}.. of chunk {chunk}:\nguest:\n{theirs_region}\nlpvmm:\n{ours_region}",
+        guest.first().map(String::as_str).unwrap_or("?"),
+        guest.get(1).map(String::as_str).unwrap_or("?"),
+        ours.first().map(String::as_str).unwrap_or("?"),
+        ours.get(1).map(String::as_str).unwrap_or("?"),
+        sub * SHOW_LINES + 1
+    ))
+}
+
+/// The guest's own view of its tasks: "tid tgid comm" per thread.
+const GUEST_TASKS: &str = "for p in /proc/[0-9]*; do for t in $p/task/[0-9]*; do \
+    read -r c < $t/comm 2>/dev/null && echo \"${t##*/} ${p##*/} $c\"; done; done";
+
+fn task_set(out: &str) -> std::collections::BTreeSet<(i64, i64, String)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut f = l.trim().splitn(3, ' ');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// Acceptance 2: `lpvmm tasks` equals the guest's view, and both vCPUs' current tasks
+/// are identified.
+fn tasks_equal_guest_view(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("tasks-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    // Some threads and a busy process, so that there is more than init and kthreads.
+    g.run("(sleep 600 & sleep 600 & while :; do :; done) >/dev/null 2>&1 &")?;
+    let before = task_set(&g.run(GUEST_TASKS)?);
+    let (rc, out) = g.lpvmm("tasks {vm} --json")?;
+    check!(rc == 0, "lpvmm tasks failed: {out}");
+    let after = task_set(&g.run(GUEST_TASKS)?);
+    let v = json(&out)?;
+    let tasks = v["list"]["tasks"].as_array().ok_or("no tasks")?;
+    let ours: std::collections::BTreeSet<(i64, i64, String)> = tasks
         .iter()
-        .map(|&series| {
-            let tag = series.replace('.', "_");
-            host_trial(format!("vmcoreinfo_matches_guest_{tag}"), move |h| {
-                vmcoreinfo_matches_guest(h, series)
-            })
+        .filter(|t| !t["idle"].as_bool().unwrap_or(false))
+        .map(|t| {
+            (
+                t["pid"].as_i64().unwrap_or(-1),
+                t["tgid"].as_i64().unwrap_or(-1),
+                t["comm"].as_str().unwrap_or("").to_string(),
+            )
         })
         .collect();
+    let stable: Vec<_> = before.intersection(&after).collect();
+    let missing: Vec<_> = stable.iter().filter(|t| !ours.contains(t)).collect();
+    check!(
+        missing.is_empty(),
+        "{series}: tasks the guest shows before and after but lpvmm does not: {missing:?}"
+    );
+    let union: std::collections::BTreeSet<_> = before.union(&after).cloned().collect();
+    let unexplained: Vec<_> = ours.difference(&union).collect();
+    check!(
+        unexplained.is_empty(),
+        "{series}: lpvmm lists tasks the guest never showed: {unexplained:?}"
+    );
+    let idle = tasks.iter().filter(|t| t["idle"].as_bool() == Some(true)).count();
+    check!(idle == 2, "{series}: {idle} idle tasks for 2 vCPUs");
+    let vcpus = v["list"]["vcpus"].as_array().ok_or("no vcpus")?;
+    check!(vcpus.len() == 2, "{series}: {} vCPUs reported", vcpus.len());
+    let mut cpus = Vec::new();
+    for vc in vcpus {
+        let pid = vc["pid"].as_i64().ok_or_else(|| format!("vCPU without a current task: {vc}"))?;
+        let known = pid == 0 || ours.iter().any(|t| t.0 == pid);
+        check!(known, "{series}: vCPU current pid {pid} is not in the task list: {vc}");
+        cpus.push(vc["cpu"].as_u64().ok_or_else(|| format!("vCPU without a CPU: {vc}"))?);
+    }
+    cpus.sort();
+    check!(cpus == [0, 1], "{series}: vCPUs map to CPUs {cpus:?}");
+    eprintln!(
+        "{series}: {} tasks match the guest ({} stable, {} idle); vCPUs: {}",
+        ours.len(),
+        stable.len(),
+        idle,
+        vcpus
+            .iter()
+            .map(|v| format!("cpu{} pid {} {}", v["cpu"], v["pid"], v["comm"]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    g.poweroff().map(|_| ())
+}
+
+fn stack_of(g: &mut lpvmm_tests::Guest, pid: i64) -> Result<serde_json::Value, String> {
+    let (rc, out) = g.lpvmm(&format!("stack {{vm}} {pid} --json"))?;
+    check!(rc == 0, "lpvmm stack {pid} failed: {out}");
+    let v = json(&out)?;
+    Ok(v["traces"][0].clone())
+}
+
+fn symbols_of(trace: &serde_json::Value, skip_sched: bool) -> Vec<String> {
+    trace["frames"]
+        .as_array()
+        .map(|fs| {
+            fs.iter()
+                .filter(|f| !(skip_sched && f["sched"].as_bool() == Some(true)))
+                .map(|f| f["symbol"].as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Acceptance 3: blocked tasks unwind exactly as /proc/PID/stack shows them, reliably;
+/// busy tasks in user mode and in the kernel are reported as such.
+fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("stack-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let pid_of = |g: &mut lpvmm_tests::Guest, cmd: &str| -> Result<i64, String> {
+        let out = g.run(&format!("{cmd} echo PID=$!"))?;
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("PID=")?.parse().ok())
+            .ok_or_else(|| format!("no pid from `{cmd}`: {out}"))
+    };
+    let pipe_reader = pid_of(&mut g, "sleep 1000 | cat >/dev/null &")?;
+    let sleeper = pid_of(&mut g, "sleep 1000 &")?;
+    let waiter = pid_of(&mut g, "(sleep 1000; true) &")?;
+    let user_busy = pid_of(&mut g, "(while :; do :; done) &")?;
+    let kernel_busy = pid_of(&mut g, "dd if=/dev/zero of=/dev/null bs=4M count=100000000 2>/dev/null &")?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+
+    for (what, pid, expect) in [
+        ("pipe reader", pipe_reader, "pipe_read"),
+        ("nanosleep", sleeper, "nanosleep"),
+        ("wait", waiter, "wait"),
+    ] {
+        let proc_stack = g.run(&format!("cat /proc/{pid}/stack"))?;
+        let theirs: Vec<String> = proc_stack
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("[<0>] ").map(str::to_string))
+            .collect();
+        let trace = stack_of(&mut g, pid)?;
+        let ours = symbols_of(&trace, true);
+        check!(
+            trace["reliable"].as_bool() == Some(true),
+            "{series} {what} (pid {pid}): trace not reliable: {trace}"
+        );
+        check!(
+            ours == theirs,
+            "{series} {what} (pid {pid}): lpvmm {ours:?}\n/proc/{pid}/stack {theirs:?}"
+        );
+        check!(
+            ours.iter().any(|s| s.contains(expect)),
+            "{series} {what}: no {expect} frame in {ours:?}"
+        );
+        eprintln!("{series} {what}: {} frames equal /proc/{pid}/stack: {}", ours.len(), ours.join(" < "));
+    }
+
+    // Busy tasks: sample until each is caught in the act.
+    let (mut user_seen, mut kernel_seen) = (false, false);
+    for _ in 0..30 {
+        if !user_seen {
+            let t = stack_of(&mut g, user_busy)?;
+            check!(t["reliable"].as_bool() == Some(true), "{series} user loop: {t}");
+            check!(t["state"] == "R", "{series} user loop not running: {t}");
+            user_seen = t["start"].get("user_mode").is_some();
+        }
+        if !kernel_seen {
+            let t = stack_of(&mut g, kernel_busy)?;
+            let frames = symbols_of(&t, false);
+            if t["start"].get("vcpu").is_some() && t["reliable"].as_bool() == Some(true) {
+                check!(
+                    frames.iter().any(|f| f.starts_with("ksys_read") || f.starts_with("vfs_read"))
+                        && frames.last().is_some_and(|f| f.starts_with("entry_SYSCALL_64")),
+                    "{series} dd in the kernel: unexpected frames {frames:?}"
+                );
+                eprintln!("{series} dd on a vCPU in the kernel: {}", frames.join(" < "));
+                kernel_seen = true;
+            }
+        }
+        if user_seen && kernel_seen {
+            break;
+        }
+    }
+    check!(user_seen, "{series}: never saw the busy loop running in user mode");
+    check!(kernel_seen, "{series}: never saw dd running in the kernel with a reliable trace");
+
+    // Every task at once: the unwinder copes with whatever the guest is doing.
+    let (rc, all) = g.lpvmm("stack {vm}")?;
+    check!(rc == 0, "lpvmm stack (all) failed: {all}");
+    eprintln!("{series}: {}", all.lines().last().unwrap_or(""));
+    g.run(&format!("kill {user_busy} {kernel_busy} {pipe_reader} {sleeper} {waiter} 2>/dev/null; true"))?;
+    g.poweroff().map(|_| ())
+}
+
+/// `sym` by name and address and `disasm` agree with the guest.
+fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
+    let (mut g, _) = host.boot_guest("disasm", "6.12", 1, "")?;
+    let line = g.run("grep ' cmdline_proc_show$' /proc/kallsyms")?;
+    let addr = line.split_whitespace().next().ok_or("no cmdline_proc_show")?;
+    let (rc, out) = g.lpvmm("sym {vm} cmdline_proc_show")?;
+    check!(rc == 0 && out.contains(addr), "sym by name: {out} (guest: {line})");
+    let (rc, out) = g.lpvmm(&format!("sym {{vm}} 0x{addr}"))?;
+    check!(rc == 0 && out.contains("cmdline_proc_show+0x0/"), "sym by address: {out}");
+    let (rc, out) = g.lpvmm("disasm {vm} cmdline_proc_show --json")?;
+    check!(rc == 0, "disasm: {out}");
+    let v = json(&out)?;
+    let first = &v["lines"][0];
+    // ftrace's 5-byte NOP at the entry (after endbr64 on IBT kernels).
+    check!(
+        first["bytes"] == "0f1f440000" || v["lines"][1]["bytes"] == "0f1f440000",
+        "no fentry NOP at the start of cmdline_proc_show: {}",
+        v["lines"]
+    );
+    let (rc, out) = g.lpvmm("sym {vm} no_such_symbol_anywhere")?;
+    check!(rc != 0 && out.contains("no kernel symbol named"), "unknown symbol: {out}");
+    g.poweroff().map(|_| ())
+}
+
+fn main() {
+    type Case = fn(&mut TestHost, &str) -> TestResult;
+    let per_series: [(&str, Case); 4] = [
+        ("vmcoreinfo_matches_guest", vmcoreinfo_matches_guest),
+        ("symbols_equal_proc_kallsyms", symbols_equal_proc_kallsyms),
+        ("tasks_equal_guest_view", tasks_equal_guest_view),
+        ("stacks_match_proc_pid_stack", stacks_match_proc_pid_stack),
+    ];
+    let mut tests = Vec::new();
+    for (name, case) in per_series {
+        for series in SERIES {
+            let tag = series.replace('.', "_");
+            tests.push(host_trial(format!("{name}_{tag}"), move |h| case(h, series)));
+        }
+    }
+    tests.push(host_trial("sym_and_disasm_agree_with_guest", sym_and_disasm_agree_with_guest));
     run_group(tests)
 }

@@ -63,6 +63,7 @@ fn boot(host: &mut TestHost, series: &str, vcpus: u8) -> TestResult {
         "poweroff not reported: {}",
         exit.stderr
     );
+    drop(g);
     no_socket_left(host, &name)
 }
 
@@ -93,6 +94,7 @@ fn reboot_ends_vm(host: &mut TestHost) -> TestResult {
         "reboot not reported: {}",
         exit.stderr
     );
+    drop(g);
     no_socket_left(host, "reboot")
 }
 
@@ -111,6 +113,7 @@ fn panic_is_reported(host: &mut TestHost) -> TestResult {
         "panic not reported: {}",
         exit.stderr
     );
+    drop(g);
     no_socket_left(host, "panic")
 }
 
@@ -262,6 +265,7 @@ fn control_state_errors(host: &mut TestHost) -> TestResult {
         exit.code == 0 && exit.stderr.contains("stop requested"),
         "stop: {exit:?}"
     );
+    drop(g);
     let (rc, out) = host.exec_status(
         &format!("{} status ctl", host.lpvmm()),
         Duration::from_secs(30),
@@ -346,6 +350,7 @@ fn bad_input(host: &mut TestHost) -> TestResult {
         "first VM hurt by the duplicate: {alive:?}"
     );
     g.poweroff()?;
+    drop(g);
 
     // /dev/kvm missing (only on the nested host, which is ours to break).
     if host.mode() == HostMode::Nested {

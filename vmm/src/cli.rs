@@ -39,7 +39,7 @@ pub fn default_name(name: Option<String>) -> Result<String> {
     bail!("no free default VM name; pass --name")
 }
 
-fn print_json(v: &impl Serialize) -> Result<i32> {
+pub fn print_json(v: &impl Serialize) -> Result<i32> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(0)
 }

@@ -4,11 +4,13 @@
 mod acpi;
 mod boot;
 mod cli;
+mod cli_inspect;
 mod console;
 mod control;
 mod cpu;
 mod devices;
 mod hostcheck;
+mod inspect;
 mod layout;
 mod paused;
 mod pci;
@@ -108,6 +110,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Attach to the guest kernel and show what lpvmm read from it
+    Kernel {
+        vm: String,
+        /// Read everything again (for measuring the attach)
+        #[arg(long)]
+        reattach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look up a kernel symbol by NAME or 0xADDRESS (or dump all, as /proc/kallsyms)
+    Sym {
+        vm: String,
+        target: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the guest's tasks (processes, threads, kthreads, idle) and each vCPU's current
+    Tasks {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kernel stack of a guest task (every task without PID; 0 = the idle tasks)
+    Stack {
+        vm: String,
+        pid: Option<i32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disassemble a kernel function from live guest memory (NAME or NAME,SYMPOS)
+    Disasm {
+        vm: String,
+        symbol: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measurements (see docs/benchmarks.md)
     Bench {
         #[command(subcommand)]
@@ -169,6 +209,16 @@ fn main() -> ExitCode {
             json,
         } => cli::read_phys(&vm, addr, len, json),
         Command::Vmcoreinfo { vm, json } => cli::vmcoreinfo(&vm, json),
+        Command::Kernel { vm, reattach, json } => cli_inspect::kernel(&vm, reattach, json),
+        Command::Sym {
+            vm,
+            target,
+            all,
+            json,
+        } => cli_inspect::sym(&vm, target, all, json),
+        Command::Tasks { vm, json } => cli_inspect::tasks(&vm, json),
+        Command::Stack { vm, pid, json } => cli_inspect::stack(&vm, pid, json),
+        Command::Disasm { vm, symbol, json } => cli_inspect::disasm(&vm, &symbol, json),
         Command::Bench { what } => cli::bench(what),
     };
     match result {

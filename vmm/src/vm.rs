@@ -20,7 +20,7 @@ use crate::layout::MemoryLayout;
 use crate::paused::PausedVm;
 use crate::vcpu::Vcpus;
 use crate::{acpi, boot, cpu, hostcheck};
-use introspection::{PausedGuest, VcpuState};
+use introspection::{Kernel, PausedGuest, VcpuState};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +48,8 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     /// Registers from the current pause; `Some` exactly while paused.
     paused_states: Option<Vec<VcpuState>>,
+    /// The guest kernel, once an introspection request has attached to it.
+    pub(crate) kernel: Option<Arc<Kernel>>,
     pauses: u64,
     last_pause: Option<Duration>,
     // Dropped last: vCPU threads and memory slots belong to these.
@@ -157,6 +159,7 @@ impl Vm {
             vcpus,
             devices,
             paused_states: None,
+            kernel: None,
             pauses: 0,
             last_pause: None,
             _vm_fd: vm_fd,
@@ -230,7 +233,7 @@ impl Vm {
 
     /// Run `f` on the paused guest; a running VM is paused just for it and resumed
     /// after, even when `f` fails. Also returns whether that pause was needed.
-    fn paused_for_read<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, bool)> {
+    pub(crate) fn paused_for_read<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, bool)> {
         let was_paused = self.is_paused();
         if !was_paused {
             self.pause()?;

@@ -4,6 +4,11 @@
 //! Response: `{"v":1,"ok":true,"result":{...}}` or
 //!           `{"v":1,"ok":false,"error":{"kind":"bad_state","message":"..."}}`
 
+use introspection::disasm::Line;
+use introspection::kallsyms::{Located, Symbol};
+use introspection::kernel::AttachStats;
+use introspection::stack::StackTrace;
+use introspection::tasks::TaskList;
 use introspection::{VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +34,38 @@ pub enum Request {
     },
     /// Find and parse the guest kernel's VMCOREINFO note (pauses a running VM for the scan).
     Vmcoreinfo,
+    /// Attach to the guest kernel (symbols, BTF, ORC) if not yet done, or again with
+    /// `reattach`; reports what was read and how long it took.
+    Kernel {
+        #[serde(default)]
+        reattach: bool,
+    },
+    /// Look up kernel symbols.
+    Sym { query: SymQuery },
+    /// Every task of the guest, and what each vCPU runs.
+    Tasks,
+    /// Kernel stack traces: one task, or every task when `pid` is absent.
+    Stack {
+        #[serde(default)]
+        pid: Option<i32>,
+    },
+    /// Disassemble a kernel function from live guest memory.
+    Disasm {
+        symbol: String,
+        #[serde(default)]
+        sympos: Option<u32>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum SymQuery {
+    /// Every symbol of this name, in kallsyms order.
+    Name { name: String },
+    /// The symbol containing this address.
+    Addr { addr: u64 },
+    /// The whole table, in kallsyms order.
+    All,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,6 +185,51 @@ pub struct VmcoreinfoResult {
     pub info: VmcoreInfo,
 }
 
+/// How long a request kept the guest paused.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PauseCost {
+    /// True when the VM was running and lpvmm paused it just for this request.
+    pub paused_for_read: bool,
+    /// Pause request to resume done, inside the VMM (0 when no pause was needed).
+    pub paused_us: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelResult {
+    /// True when this request attached (the first introspection request does).
+    pub attached_now: bool,
+    pub stats: AttachStats,
+    pub pause: PauseCost,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SymResult {
+    pub symbols: Vec<Symbol>,
+    /// For an address query: where it is.
+    pub located: Option<Located>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TasksResult {
+    pub list: TaskList,
+    pub pause: PauseCost,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StackResult {
+    pub traces: Vec<StackTrace>,
+    pub pause: PauseCost,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DisasmResult {
+    pub symbol: String,
+    pub addr: u64,
+    pub size: u64,
+    pub lines: Vec<Line>,
+    pub pause: PauseCost,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +247,17 @@ mod tests {
         assert_eq!(out, r#"{"v":1,"op":"pause"}"#);
         assert!(serde_json::from_str::<RequestLine>(r#"{"v":1,"op":"format_disk"}"#).is_err());
         assert!(serde_json::from_str::<RequestLine>(r#"{"v":1}"#).is_err());
+        let sym = r#"{"v":1,"op":"sym","query":{"by":"name","name":"init_task"}}"#;
+        let r: RequestLine = serde_json::from_str(sym).unwrap();
+        assert_eq!(
+            r.request,
+            Request::Sym {
+                query: SymQuery::Name {
+                    name: "init_task".into()
+                }
+            }
+        );
+        let r: RequestLine = serde_json::from_str(r#"{"v":1,"op":"stack"}"#).unwrap();
+        assert_eq!(r.request, Request::Stack { pid: None });
     }
 }

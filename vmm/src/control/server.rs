@@ -216,6 +216,17 @@ pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
         }
         Request::Regs => vm.regs().map(ResponseLine::ok).unwrap_or_else(failed),
         Request::Vmcoreinfo => vm.vmcoreinfo().map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::Kernel { reattach } => vm
+            .kernel_info(reattach)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
+        Request::Sym { query } => vm.sym(query).map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::Tasks => vm.tasks().map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::Stack { pid } => vm.stack(pid).map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::Disasm { symbol, sympos } => vm
+            .disasm(&symbol, sympos)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
         Request::ReadPhys { addr, len } => {
             if !vm.is_paused() {
                 return bad_state(anyhow::anyhow!(
