@@ -24,10 +24,14 @@ pub const MAX_FRAMES: usize = 64;
 /// Code the kernel's ORC table does not cover (for example live-patch code): its
 /// addresses count as text, with unwind entries of their own.
 pub trait ExtraCode {
-    /// `Some` if `ip` is in this code, with the unwind entry covering it (if any).
-    fn unwind_entry(&self, ip: u64) -> Option<Option<OrcEntry>>;
-    /// `name+0xoff/0xsize` for an address in this code.
-    fn describe(&self, ip: u64) -> Option<String>;
+    /// True if `ip` is in this code.
+    fn contains(&self, ip: u64) -> bool;
+    /// How to unwind a frame at `ip` (a return address, or an `interrupted` one); `None`
+    /// when unknown, which makes the trace unreliable.
+    fn unwind_entry(&self, ip: u64, interrupted: bool) -> Option<OrcEntry>;
+    /// `name+0xoff/0xsize` for an address in this code (for a return address, the
+    /// function is the one containing `ip - 1`, as the kernel's `%pB`).
+    fn describe(&self, ip: u64, interrupted: bool) -> Option<String>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,14 +115,15 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
     }
 
     fn is_text(&self, ip: u64) -> bool {
-        self.kernel().is_kernel_text(ip) || self.extra.iter().any(|e| e.unwind_entry(ip).is_some())
+        self.kernel().is_kernel_text(ip) || self.extra.iter().any(|e| e.contains(ip))
     }
 
-    fn orc_find(&self, ip: u64) -> Option<OrcEntry> {
+    fn orc_find(&self, ip: u64, interrupted: bool) -> Option<OrcEntry> {
         if self.kernel().is_kernel_text(ip) {
             return self.kernel().orc.find(ip);
         }
-        self.extra.iter().find_map(|e| e.unwind_entry(ip)).flatten()
+        let e = self.extra.iter().find(|e| e.contains(ip))?;
+        e.unwind_entry(ip, interrupted)
     }
 
     fn frame(&self, ip: u64, interrupted: bool) -> Frame {
@@ -134,8 +139,7 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
                 None => (None, None),
             }
         } else {
-            let lookup = if interrupted { ip } else { ip.wrapping_sub(1) };
-            let d = self.extra.iter().find_map(|e| e.describe(lookup));
+            let d = self.extra.iter().find_map(|e| e.describe(ip, interrupted));
             let f = d.as_ref().map(|s| s.split('+').next().unwrap_or(s).to_string());
             (d, f)
         };
@@ -283,7 +287,7 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
         } else {
             state.ip.wrapping_sub(1)
         };
-        let orc = match self.orc_find(lookup) {
+        let orc = match self.orc_find(lookup, state.signal) {
             Some(o) => o,
             None => return Err(format!("no unwind information for {lookup:#x}")),
         };

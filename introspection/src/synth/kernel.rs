@@ -63,6 +63,8 @@ pub struct SynthKernelSpec {
     /// Added to every task_struct field offset (and its size).
     pub field_shift: u32,
     pub tasks: Vec<SynthTask>,
+    /// More functions to put in the text, by name (each with an fentry NOP).
+    pub functions: Vec<String>,
 }
 
 impl SynthKernelSpec {
@@ -82,6 +84,17 @@ impl SynthKernelSpec {
             cpus: 2,
             kaslr: 0x1e00_0000,
             field_shift: 0,
+            functions: [
+                "cmdline_proc_show",
+                "meminfo_proc_show",
+                "seq_printf",
+                "__x86_return_thunk",
+                "__x86_indirect_thunk_rax",
+                "memcpy",
+                "no_fentry",
+            ]
+            .map(String::from)
+            .to_vec(),
             tasks: vec![
                 SynthTask::sleeping(
                     1,
@@ -368,12 +381,15 @@ impl SynthKernel {
             .iter()
             .flat_map(|t| t.calls.iter().cloned())
             .chain(["do_idle", "cpu_startup_entry", "ret_from_fork", "helper", "helper"].map(String::from))
+            .chain(spec.functions.iter().cloned())
             .filter(|n| !names.contains(n))
             .collect();
         let mut seen = std::collections::HashSet::new();
         others.retain(|n| n == "helper" || seen.insert(n.clone()));
         names.extend(others);
         let text = b.img.alloc(FUNC_SIZE * (names.len() as u64 + 1), 4096);
+        b.sym(text, 'T', "_text");
+        b.sym(image_va + IMAGE_SIZE, 'B', "_end");
         b.sym(text, 'T', "_stext");
         b.sym(text, 'T', "__sched_text_start");
         let mut functions = HashMap::new();
@@ -382,9 +398,14 @@ impl SynthKernel {
             let kind = if n == "helper" { 't' } else { 'T' };
             b.sym(a, kind, n);
             functions.entry(n.clone()).or_insert(a);
-            // Every function: a fentry NOP, then `ret` padding (for disassembly tests).
+            // Every function: a fentry NOP, then `ret` padding (for disassembly tests);
+            // `no_fentry` starts with `push %rbp` instead.
             let mut body = vec![0xc3u8; FUNC_SIZE as usize];
-            body[..5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+            if n == "no_fentry" {
+                body[..4].copy_from_slice(&[0x55, 0x48, 0x89, 0xe5]);
+            } else {
+                body[..5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+            }
             b.w(a, &body);
             if i == 1 {
                 b.sym(a + FUNC_SIZE, 'T', "__sched_text_end");
@@ -614,6 +635,11 @@ impl SynthKernel {
         let note_pa = IMAGE_PA + IMAGE_SIZE + 0x1000;
         b.g.write_phys_raw(note_pa, note.as_bytes());
         b.g.vcpus = vcpus;
+        // A patch area as lpvmm run reserves one: 2 MiB aligned, outside the image.
+        b.g.patch_area = crate::guest::PhysRange {
+            start: 8 << 20,
+            size: 4 << 20,
+        };
 
         SynthKernel {
             guest: b.g,
@@ -706,7 +732,10 @@ fn linker_symbol(name: &str) -> bool {
     name.starts_with("__start_")
         || name.starts_with("__stop_")
         || name.starts_with("__end_")
-        || matches!(name, "_stext" | "_etext" | "__sched_text_start" | "__sched_text_end")
+        || matches!(
+            name,
+            "_text" | "_stext" | "_etext" | "_end" | "__sched_text_start" | "__sched_text_end"
+        )
 }
 
 fn link_ring(b: &mut Builder, head: u64, nodes: &[u64]) {

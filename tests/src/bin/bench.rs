@@ -2,6 +2,8 @@
 //!
 //!   cargo run -p lpvmm-tests --bin bench -- boot [RUNS]    lpvmm vs QEMU microvm, boot to /init
 //!   cargo run -p lpvmm-tests --bin bench -- pause [CYCLES] pause/resume latency, 1 and 2 vCPUs
+//!   cargo run -p lpvmm-tests --bin bench -- introspect [RUNS] attach time; pause of `tasks`
+//!                                                      and of all stacks, 100 / 2000 tasks
 //!
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
@@ -27,7 +29,8 @@ fn main() {
     let result = match what.as_str() {
         "boot" => boot(n.unwrap_or(5)),
         "pause" => pause(n.unwrap_or(1000)),
-        _ => Err("usage: bench boot [RUNS] | bench pause [CYCLES]".into()),
+        "introspect" => introspect(n.unwrap_or(5)),
+        _ => Err("usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS]".into()),
     };
     if let Err(e) = result {
         eprintln!("bench failed: {e}");
@@ -108,6 +111,98 @@ fn pause(cycles: u32) -> Result<(), String> {
             f("pause_round_trip", "median_us"),
         );
         g.poweroff()?;
+    }
+    Ok(())
+}
+
+fn json(out: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(out).map_err(|e| format!("{e}: {out}"))
+}
+
+fn p99(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(((v.len() as f64 - 1.0) * 0.99).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Attach time, and the guest-visible pause of `lpvmm tasks` and of unwinding every
+/// task, with 100 and 2000 extra guest tasks. Side by side: the guest reading every
+/// /proc/PID/stack itself (its own cost for the same information).
+fn introspect(runs: u32) -> Result<(), String> {
+    let mut host = TestHost::start()?;
+    println!("| kernel | attach median (ms) | VMCOREINFO found (ms) | symbols ready (ms) | BTF ready (ms) | symbols | BTF types | ORC entries |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for series in lpvmm_tests::SERIES {
+        let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
+        let mut attach = Vec::new();
+        let mut last = serde_json::Value::Null;
+        for _ in 0..runs {
+            let (rc, out) = g.lpvmm("kernel {vm} --reattach --json")?;
+            if rc != 0 {
+                return Err(out);
+            }
+            last = json(&out)?;
+            attach.push(last["stats"]["attach_us"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        }
+        let st = &last["stats"];
+        let ms = |k: &str| st[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
+        eprintln!("{series}: attach runs (ms) {attach:?}");
+        println!(
+            "| {series} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            median(attach),
+            ms("vmcoreinfo_done_us"),
+            ms("kallsyms_done_us"),
+            ms("btf_done_us"),
+            st["symbols"],
+            st["btf_types"],
+            st["orc_entries"]
+        );
+        for extra in [100u32, 2000] {
+            g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
+            let (mut tasks_us, mut stacks_us) = (Vec::new(), Vec::new());
+            let mut count = 0.0;
+            for _ in 0..runs {
+                let (rc, out) = g.lpvmm("tasks {vm} --json")?;
+                if rc != 0 {
+                    return Err(out);
+                }
+                let v = json(&out)?;
+                count = v["list"]["tasks"].as_array().map(|a| a.len()).unwrap_or(0) as f64;
+                tasks_us.push(v["pause"]["paused_us"].as_f64().unwrap_or(f64::NAN));
+                let (rc, out) = g.lpvmm("stack {vm} --json")?;
+                if rc != 0 {
+                    return Err(out);
+                }
+                stacks_us.push(json(&out)?["pause"]["paused_us"].as_f64().unwrap_or(f64::NAN));
+            }
+            // The guest's own cost of the same stacks: read every /proc/PID/stack.
+            let own = g.run(
+                "a=$(date +%s%N); for f in /proc/[0-9]*/task/[0-9]*/stack; do cat $f >/dev/null 2>&1; done; \
+                 b=$(date +%s%N); echo $(( (b - a) / 1000 ))",
+            )?;
+            let own_us: f64 = own.trim().parse().unwrap_or(f64::NAN);
+            eprintln!("{series} +{extra}: tasks pauses {tasks_us:?} stacks pauses {stacks_us:?} guest /proc walk {own_us} us");
+            rows.push(format!(
+                "| {series} | {count:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} |",
+                median(tasks_us.clone()) / 1000.0,
+                p99(tasks_us.clone()) / 1000.0,
+                median(stacks_us.clone()) / 1000.0,
+                p99(stacks_us.clone()) / 1000.0,
+                median(stacks_us.clone()) / count,
+                own_us / 1000.0,
+                median(stacks_us) / own_us,
+            ));
+            g.run("pkill spawn; sleep 1; true")?;
+        }
+        g.poweroff()?;
+    }
+    println!();
+    println!("| kernel | tasks | `tasks` pause median (ms) | p99 (ms) | all-stacks pause median (ms) | p99 (ms) | per task (µs) | guest's own /proc/*/stack walk (ms) | lpvmm pause / guest walk |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
     }
     Ok(())
 }

@@ -1,0 +1,67 @@
+/*
+ * lpvmm/patch.h: declare a live patch for lpvmm.
+ *
+ * A patch is one C file compiled by `lpvmm kp build FILE.c -o FILE.kp`. It defines the
+ * new versions of kernel functions and says, with the macros below, what they replace.
+ * The macros only put short "key=value" strings into the object's `.lpvmm.manifest`
+ * section, which lpvmm reads when it loads the patch (docs/kp-format.md).
+ *
+ *   #include <lpvmm/patch.h>
+ *
+ *   struct seq_file;
+ *   extern int seq_printf(struct seq_file *m, const char *fmt, ...);
+ *
+ *   static int my_cmdline_proc_show(struct seq_file *m, void *v)
+ *   {
+ *           seq_printf(m, "%s\n", "this has been live patched");
+ *           return 0;
+ *   }
+ *
+ *   LPVMM_PATCH("cmdline");
+ *   LPVMM_REPLACE(cmdline_proc_show, my_cmdline_proc_show);
+ *
+ * Kernel symbols a patch uses (functions and data, exported or not, static included)
+ * are resolved against the running guest's kallsyms when the patch is loaded. A static
+ * name the kernel has more than once needs LPVMM_SYMBOL with its position.
+ */
+#ifndef LPVMM_PATCH_H
+#define LPVMM_PATCH_H
+
+#define __LPVMM_CAT2(a, b) a##b
+#define __LPVMM_CAT(a, b) __LPVMM_CAT2(a, b)
+#define __LPVMM_STR2(x) #x
+#define __LPVMM_STR(x) __LPVMM_STR2(x)
+
+/* One manifest entry: a string in .lpvmm.manifest, kept even if unreferenced. */
+#define __LPVMM_ENTRY(text)                                                          \
+	static const char __LPVMM_CAT(__lpvmm_manifest_, __COUNTER__)[]              \
+		__attribute__((section(".lpvmm.manifest"), used, aligned(1))) = text
+
+/* The patch's name (letters, digits, '_', '-', '.'; at most 64), and format version. */
+#define LPVMM_PATCH(name)                                                            \
+	__LPVMM_ENTRY("lpvmm=1");                                                    \
+	__LPVMM_ENTRY("name=" name)
+
+/* Replace kernel function `old` with `new` (a function of this file). */
+#define LPVMM_REPLACE(old, new)                                                      \
+	static void *__LPVMM_CAT(__lpvmm_keep_, new)                                 \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
+	__LPVMM_ENTRY("replace=" #old ":" #new)
+
+/* The same for the pos-th kernel function named `old` (1 = first, in kallsyms order). */
+#define LPVMM_REPLACE_POS(old, pos, new)                                             \
+	static void *__LPVMM_CAT(__lpvmm_keep_, new)                                 \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
+	__LPVMM_ENTRY("replace=" #old "," #pos ":" #new)
+
+/* Make `local`, an extern this file declares, mean the pos-th kernel symbol `kname`. */
+#define LPVMM_SYMBOL(local, kname, pos)                                              \
+	__LPVMM_ENTRY("symbol=" #local ":" #kname "," #pos)
+
+/* This patch needs patch `name` to be enabled first (and keeps it from being disabled). */
+#define LPVMM_DEPENDS(name) __LPVMM_ENTRY("depends=" name)
+
+/* Take over every older patch at once (reserved: refused until the patch stack has it). */
+#define LPVMM_ATOMIC_REPLACE() __LPVMM_ENTRY("flags=replace")
+
+#endif /* LPVMM_PATCH_H */

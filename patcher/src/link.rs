@@ -1,0 +1,150 @@
+//! Linking a patch object at its place in the guest: every section gets an address in
+//! the region its permissions call for, and every relocation is computed against those
+//! addresses and the guest kernel's symbols. Pure: the result is bytes to write.
+
+use std::collections::HashMap;
+
+use crate::object::{PatchObject, RelocKind, RelocTarget, SectionKind};
+use crate::KpError;
+
+/// Where a patch's bytes go: the next free address of each region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub code: u64,
+    pub rodata: u64,
+    pub data: u64,
+}
+
+/// One region's image.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    /// Guest virtual address of the first byte.
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Linked {
+    pub code: Image,
+    pub rodata: Image,
+    pub data: Image,
+    /// Address of each section of the object.
+    pub section_addrs: Vec<u64>,
+    /// Address of each function the object defines.
+    pub functions: HashMap<String, u64>,
+    /// Kernel symbols used, with the addresses they resolved to.
+    pub imports: Vec<(String, u64)>,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// Lay out and relocate `obj`. `resolve` gives the address of a kernel symbol the patch
+/// imports (it applies the manifest's symbol bindings).
+pub fn link(
+    obj: &PatchObject,
+    at: Placement,
+    resolve: &dyn Fn(&str) -> Result<u64, KpError>,
+) -> Result<Linked, KpError> {
+    let mut images = [
+        Image {
+            addr: at.code,
+            bytes: Vec::new(),
+        },
+        Image {
+            addr: at.rodata,
+            bytes: Vec::new(),
+        },
+        Image {
+            addr: at.data,
+            bytes: Vec::new(),
+        },
+    ];
+    let region = |k: SectionKind| match k {
+        SectionKind::Code => 0,
+        SectionKind::ReadOnly => 1,
+        SectionKind::Data | SectionKind::Bss => 2,
+    };
+    let mut section_addrs = Vec::with_capacity(obj.sections.len());
+    let mut offsets = Vec::with_capacity(obj.sections.len());
+    for s in &obj.sections {
+        let img = &mut images[region(s.kind)];
+        let off = align_up(img.bytes.len() as u64, s.align) as usize;
+        // Code padding is int3, so a stray jump into it traps.
+        let fill = if s.kind == SectionKind::Code { 0xcc } else { 0 };
+        img.bytes.resize(off, fill);
+        if s.kind == SectionKind::Bss {
+            img.bytes.resize(off + s.size as usize, 0);
+        } else {
+            img.bytes.extend_from_slice(&s.bytes);
+        }
+        section_addrs.push(img.addr + off as u64);
+        offsets.push((region(s.kind), off));
+    }
+
+    let mut imports = Vec::new();
+    let mut resolved: HashMap<&str, u64> = HashMap::new();
+    for name in &obj.imports {
+        let a = resolve(name)?;
+        resolved.insert(name.as_str(), a);
+        imports.push((name.clone(), a));
+    }
+
+    for (si, s) in obj.sections.iter().enumerate() {
+        let (ri, base_off) = offsets[si];
+        for r in &s.relocs {
+            let target = match &r.target {
+                RelocTarget::Section(i) => section_addrs[*i],
+                RelocTarget::Defined { section, offset, .. } => section_addrs[*section] + offset,
+                RelocTarget::Kernel(n) => resolved[n.as_str()],
+            };
+            let place = section_addrs[si] + r.offset;
+            let value = target.wrapping_add(r.addend as u64);
+            let what = || match &r.target {
+                RelocTarget::Kernel(n) | RelocTarget::Defined { name: n, .. } => n.clone(),
+                RelocTarget::Section(i) => obj.sections[*i].name.clone(),
+            };
+            let out_of_range = |v: i128| {
+                KpError::OutOfRange(format!(
+                    "{}+{:#x} to '{}': {v:#x} does not fit in 32 bits",
+                    s.name,
+                    r.offset,
+                    what()
+                ))
+            };
+            let bytes: Vec<u8> = match r.kind {
+                RelocKind::Abs64 => value.to_le_bytes().to_vec(),
+                RelocKind::Abs32S => {
+                    let v = value as i64;
+                    i32::try_from(v).map_err(|_| out_of_range(v.into()))?.to_le_bytes().to_vec()
+                }
+                RelocKind::Abs32 => u32::try_from(value)
+                    .map_err(|_| out_of_range(value.into()))?
+                    .to_le_bytes()
+                    .to_vec(),
+                RelocKind::Pc32 => {
+                    let d = i128::from(target) + i128::from(r.addend) - i128::from(place);
+                    i32::try_from(d).map_err(|_| out_of_range(d))?.to_le_bytes().to_vec()
+                }
+            };
+            let at = base_off + r.offset as usize;
+            images[ri].bytes[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+    }
+
+    let functions = obj
+        .functions
+        .iter()
+        .map(|f| (f.name.clone(), section_addrs[f.section] + f.offset))
+        .collect();
+    let [code, rodata, data] = images;
+    Ok(Linked {
+        code,
+        rodata,
+        data,
+        section_addrs,
+        functions,
+        imports,
+    })
+}

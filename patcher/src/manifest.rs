@@ -1,0 +1,234 @@
+//! The manifest of a `.kp` patch: NUL-separated `key=value` strings in the object's
+//! `.lpvmm.manifest` section, written by the macros of `lpvmm/patch.h`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::KpError;
+
+/// Manifest format this lpvmm reads (`lpvmm=1`).
+pub const FORMAT_VERSION: u32 = 1;
+const MAX_NAME: usize = 64;
+/// More entries than a patch has; a bound on hostile input.
+const MAX_ENTRIES: usize = 4096;
+
+/// A kernel symbol named the way livepatch does: `name`, or the `pos`-th of that name in
+/// kallsyms order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelSymbol {
+    pub name: String,
+    pub pos: Option<u32>,
+}
+
+impl KernelSymbol {
+    fn parse(s: &str) -> Result<KernelSymbol, String> {
+        let (name, pos) = match s.split_once(',') {
+            Some((n, p)) => {
+                let pos: u32 = p
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or_else(|| format!("'{s}': position must be a number from 1"))?;
+                (n.trim(), Some(pos))
+            }
+            None => (s.trim(), None),
+        };
+        if !is_c_identifier(name) && !name.contains('.') {
+            return Err(format!("'{name}' is not a symbol name"));
+        }
+        Ok(KernelSymbol {
+            name: name.to_string(),
+            pos,
+        })
+    }
+}
+
+impl std::fmt::Display for KernelSymbol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pos {
+            Some(p) => write!(f, "{},{p}", self.name),
+            None => write!(f, "{}", self.name),
+        }
+    }
+}
+
+/// One function replacement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    /// The kernel function replaced.
+    pub old: KernelSymbol,
+    /// The new function, a symbol defined in the patch object.
+    pub new: String,
+}
+
+/// An undefined symbol of the object bound to a particular kernel symbol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SymbolBinding {
+    pub local: String,
+    pub kernel: KernelSymbol,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub replacements: Vec<Replacement>,
+    pub bindings: Vec<SymbolBinding>,
+    pub depends: Vec<String>,
+    /// Atomic replace of every older patch (not supported yet: refused at load).
+    pub replace_all: bool,
+}
+
+fn is_c_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// A patch name: what `lpvmm patch list` shows and `disable NAME` takes.
+pub fn valid_patch_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+impl Manifest {
+    pub fn parse(section: &[u8]) -> Result<Manifest, KpError> {
+        let bad = |m: String| KpError::Manifest(m);
+        let mut m = Manifest::default();
+        let mut version = None;
+        let entries: Vec<&[u8]> = section.split(|&b| b == 0).filter(|e| !e.is_empty()).collect();
+        if entries.len() > MAX_ENTRIES {
+            return Err(bad(format!("more than {MAX_ENTRIES} entries")));
+        }
+        for raw in entries {
+            let entry = std::str::from_utf8(raw)
+                .map_err(|_| bad("an entry is not UTF-8".into()))?;
+            let (key, value) = entry
+                .split_once('=')
+                .ok_or_else(|| bad(format!("entry without '=': {entry:.80}")))?;
+            match key {
+                "lpvmm" => {
+                    let v: u32 = value
+                        .parse()
+                        .map_err(|_| bad(format!("bad format version '{value:.20}'")))?;
+                    if v != FORMAT_VERSION {
+                        return Err(bad(format!(
+                            "format version {v}; this lpvmm reads version {FORMAT_VERSION}"
+                        )));
+                    }
+                    version = Some(v);
+                }
+                "name" => {
+                    if !m.name.is_empty() {
+                        return Err(bad("more than one name".into()));
+                    }
+                    if !valid_patch_name(value) {
+                        return Err(bad(format!(
+                            "name '{value:.80}': use 1 to {MAX_NAME} letters, digits, '_', '-' or '.'"
+                        )));
+                    }
+                    m.name = value.to_string();
+                }
+                "replace" => {
+                    let (old, new) = value
+                        .split_once(':')
+                        .ok_or_else(|| bad(format!("replace={value:.80}: want OLD:NEW")))?;
+                    let old = KernelSymbol::parse(old).map_err(|e| bad(format!("replace: {e}")))?;
+                    if !is_c_identifier(new) {
+                        return Err(bad(format!("replace: '{new:.80}' is not a function name")));
+                    }
+                    if m.replacements.iter().any(|r| r.old == old) {
+                        return Err(bad(format!("{old} is replaced twice")));
+                    }
+                    m.replacements.push(Replacement {
+                        old,
+                        new: new.to_string(),
+                    });
+                }
+                "symbol" => {
+                    let (local, kernel) = value
+                        .split_once(':')
+                        .ok_or_else(|| bad(format!("symbol={value:.80}: want LOCAL:KERNEL,POS")))?;
+                    if !is_c_identifier(local) {
+                        return Err(bad(format!("symbol: '{local:.80}' is not a name")));
+                    }
+                    let kernel = KernelSymbol::parse(kernel).map_err(|e| bad(format!("symbol: {e}")))?;
+                    m.bindings.push(SymbolBinding {
+                        local: local.to_string(),
+                        kernel,
+                    });
+                }
+                "depends" => {
+                    if !valid_patch_name(value) {
+                        return Err(bad(format!("depends: '{value:.80}' is not a patch name")));
+                    }
+                    m.depends.push(value.to_string());
+                }
+                "flags" => match value {
+                    "replace" => m.replace_all = true,
+                    other => return Err(bad(format!("unknown flag '{other:.40}'"))),
+                },
+                other => return Err(bad(format!("unknown key '{other:.40}'"))),
+            }
+        }
+        if version.is_none() {
+            return Err(bad("no 'lpvmm=' version entry (declare the patch with LPVMM_PATCH)".into()));
+        }
+        if m.name.is_empty() {
+            return Err(bad("no name (declare the patch with LPVMM_PATCH)".into()));
+        }
+        if m.replacements.is_empty() {
+            return Err(bad("replaces no function (add LPVMM_REPLACE)".into()));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(entries: &[&str]) -> Vec<u8> {
+        entries.iter().flat_map(|e| e.bytes().chain([0])).collect()
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let m = Manifest::parse(&raw(&[
+            "lpvmm=1",
+            "name=fix-1.2",
+            "replace=cmdline_proc_show:new_show",
+            "replace=helper,2:new_helper",
+            "symbol=local_fn:static_fn,3",
+            "depends=base",
+        ]))
+        .unwrap();
+        assert_eq!(m.name, "fix-1.2");
+        assert_eq!(m.replacements[1].old.pos, Some(2));
+        assert_eq!(m.replacements[1].old.to_string(), "helper,2");
+        assert_eq!(m.bindings[0].kernel.name, "static_fn");
+        assert_eq!(m.depends, ["base"]);
+        assert!(!m.replace_all);
+    }
+
+    #[test]
+    fn refuses_bad_manifests_with_reasons() {
+        for (entries, want) in [
+            (vec!["name=x", "replace=a:b"], "version"),
+            (vec!["lpvmm=2", "name=x", "replace=a:b"], "format version 2"),
+            (vec!["lpvmm=1", "replace=a:b"], "no name"),
+            (vec!["lpvmm=1", "name=x"], "replaces no function"),
+            (vec!["lpvmm=1", "name=bad name", "replace=a:b"], "name"),
+            (vec!["lpvmm=1", "name=x", "replace=a"], "OLD:NEW"),
+            (vec!["lpvmm=1", "name=x", "replace=a,0:b"], "position"),
+            (vec!["lpvmm=1", "name=x", "replace=a:b", "replace=a:c"], "twice"),
+            (vec!["lpvmm=1", "name=x", "replace=a:b", "color=red"], "unknown key"),
+        ] {
+            let e = Manifest::parse(&raw(&entries)).unwrap_err().to_string();
+            assert!(e.contains(want), "{entries:?}: {e}");
+        }
+        assert!(Manifest::parse(&[0xff, 0xfe, b'=', 0]).is_err());
+    }
+}
