@@ -252,7 +252,21 @@ impl Engine {
             rodata: layout.rodata.start,
             data: layout.data.start,
         });
-        let linked = link::link(&obj, next, &resolve)?;
+        // Returns go where the kernel's own do (see link::Returns).
+        let returns = match (syms.addr("x86_return_thunk"), syms.addr(link::RETURN_THUNK)) {
+            (Some(var), Some(default)) => {
+                let t = mem
+                    .u64(var)
+                    .map_err(|e| KpError::Guest(format!("reading x86_return_thunk: {e}")))?;
+                if t == default {
+                    link::Returns::Ret
+                } else {
+                    link::Returns::Jump(t)
+                }
+            }
+            _ => link::Returns::AsSymbol,
+        };
+        let linked = link::link(&obj, next, returns, &resolve)?;
         let page = |n: usize| (n as u64).div_ceil(4096) * 4096;
         let after = Placement {
             code: next.code + page(linked.code.bytes.len()),

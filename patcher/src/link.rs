@@ -7,6 +7,21 @@ use std::collections::HashMap;
 use crate::object::{PatchObject, RelocKind, RelocTarget, SectionKind};
 use crate::KpError;
 
+/// The symbol gcc's `-mfunction-return=thunk-extern` returns through.
+pub const RETURN_THUNK: &str = "__x86_return_thunk";
+
+/// What `jmp __x86_return_thunk` (every `ret` of a patch) must become in this guest, as
+/// the kernel's `apply_returns()` rewrote its own: a jump to the return thunk its
+/// mitigation selected (`x86_return_thunk`), or a plain `ret` when it needs none (6.12's
+/// default `__x86_return_thunk` only warns: "Unpatched return thunk in use").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Returns {
+    /// Resolve the symbol like any other (kernels without `x86_return_thunk`).
+    AsSymbol,
+    Jump(u64),
+    Ret,
+}
+
 /// Where a patch's bytes go: the next free address of each region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -45,6 +60,7 @@ fn align_up(v: u64, a: u64) -> u64 {
 pub fn link(
     obj: &PatchObject,
     at: Placement,
+    returns: Returns,
     resolve: &dyn Fn(&str) -> Result<u64, KpError>,
 ) -> Result<Linked, KpError> {
     let mut images = [
@@ -97,9 +113,37 @@ pub fn link(
             let target = match &r.target {
                 RelocTarget::Section(i) => section_addrs[*i],
                 RelocTarget::Defined { section, offset, .. } => section_addrs[*section] + offset,
-                RelocTarget::Kernel(n) => resolved[n.as_str()],
+                RelocTarget::Kernel(n) => *resolved
+                    .get(n.as_str())
+                    .ok_or_else(|| KpError::Symbol(format!("'{n}' was not resolved")))?,
             };
             let place = section_addrs[si] + r.offset;
+            let at = base_off + r.offset as usize;
+            let is_thunk = matches!(&r.target, RelocTarget::Kernel(n) if n == RETURN_THUNK);
+            if is_thunk && returns != Returns::AsSymbol && r.kind == RelocKind::Pc32 {
+                let bytes = &mut images[ri].bytes;
+                let is_jmp = at >= 1 && bytes[at - 1] == 0xe9;
+                match (returns, is_jmp) {
+                    (Returns::Ret, true) => {
+                        bytes[at - 1..at + 4].copy_from_slice(&[0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+                        continue;
+                    }
+                    (Returns::Jump(t), true) => {
+                        let d = i128::from(t) + i128::from(r.addend) - i128::from(place);
+                        let d = i32::try_from(d).map_err(|_| {
+                            KpError::OutOfRange(format!("{}+{:#x} to the return thunk", s.name, r.offset))
+                        })?;
+                        bytes[at..at + 4].copy_from_slice(&d.to_le_bytes());
+                        continue;
+                    }
+                    _ => {
+                        return Err(KpError::Unsupported(format!(
+                            "{}+{:#x}: a use of {RETURN_THUNK} other than `jmp` (the kernel only rewrites jumps)",
+                            s.name, r.offset
+                        )))
+                    }
+                }
+            }
             let value = target.wrapping_add(r.addend as u64);
             let what = || match &r.target {
                 RelocTarget::Kernel(n) | RelocTarget::Defined { name: n, .. } => n.clone(),
@@ -128,7 +172,6 @@ pub fn link(
                     i32::try_from(d).map_err(|_| out_of_range(d))?.to_le_bytes().to_vec()
                 }
             };
-            let at = base_off + r.offset as usize;
             images[ri].bytes[at..at + bytes.len()].copy_from_slice(&bytes);
         }
     }

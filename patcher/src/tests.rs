@@ -346,3 +346,30 @@ fn guest_memory_errors_do_not_panic() {
     assert!(e.patches().is_empty());
     let _ = g.vcpu_count();
 }
+
+/// Returns become what the kernel made of its own (`apply_returns`): `ret`, or a jump to
+/// the selected thunk.
+#[test]
+fn return_thunk_jumps_follow_the_kernels_choice() {
+    use crate::link::{link, Placement, Returns};
+    let obj = crate::object::PatchObject::parse(&kp(CMDLINE, &[])).unwrap();
+    let at = Placement {
+        code: 0xffff_ffff_a000_0000,
+        rodata: 0xffff_ffff_a010_0000,
+        data: 0xffff_ffff_a020_0000,
+    };
+    let resolve = |_: &str| Ok(0xffff_ffff_8100_1000u64);
+    let f = obj.function("new_cmdline_proc_show").unwrap();
+    let tail = |l: &crate::link::Linked| {
+        let end = (f.offset + f.size) as usize;
+        l.code.bytes[end - 5..end].to_vec()
+    };
+    let ret = link(&obj, at, Returns::Ret, &resolve).unwrap();
+    assert_eq!(tail(&ret), [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+    let thunk = 0xffff_ffff_8200_0000u64;
+    let jmp = link(&obj, at, Returns::Jump(thunk), &resolve).unwrap();
+    let t = tail(&jmp);
+    let site = at.code + f.offset + f.size - 5;
+    let rel = i32::from_le_bytes(t[1..5].try_into().unwrap());
+    assert_eq!((t[0], (site as i64 + 5 + i64::from(rel)) as u64), (0xe9, thunk));
+}

@@ -26,6 +26,13 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Wait after the `attempts`-th blocked attempt: doubling from FIRST_BACKOFF.
+fn backoff_after(attempts: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << attempts.clamp(1, 16) - 1)
+        .min(MAX_BACKOFF)
+}
+
 /// One patch going from one state to the other.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Transition {
@@ -80,15 +87,19 @@ impl Transition {
             return None;
         }
         self.blockers = blockers;
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << self.attempts.min(16).saturating_sub(1))
-            .min(MAX_BACKOFF);
+        let backoff = backoff_after(self.attempts);
         if elapsed + backoff > Duration::from_millis(self.timeout_ms) {
             self.outcome = Outcome::TimedOut;
             return None;
         }
         self.backoff_ms = backoff.as_millis() as u64;
         Some(backoff)
+    }
+
+    /// Whether an attempt made `elapsed` after the start would be the last if blocked
+    /// (so that it can clean up in the same pause).
+    pub fn last_chance(&self, elapsed: Duration) -> bool {
+        elapsed + backoff_after(self.attempts + 1) > Duration::from_millis(self.timeout_ms)
     }
 
     pub fn finished(&self) -> bool {
@@ -124,9 +135,11 @@ mod tests {
     fn backs_off_doubling_and_times_out() {
         let mut t = Transition::new("p", Op::Enable, Duration::from_millis(100));
         let ms = Duration::from_millis;
+        assert!(!t.last_chance(ms(0)));
         assert_eq!(t.record(ms(0), ms(1), 5, vec![blocker()]), Some(ms(10)));
         assert_eq!(t.record(ms(10), ms(1), 5, vec![blocker()]), Some(ms(20)));
         assert_eq!(t.record(ms(30), ms(1), 5, vec![blocker()]), Some(ms(40)));
+        assert!(t.last_chance(ms(70)));
         assert_eq!(t.record(ms(70), ms(1), 5, vec![blocker()]), None);
         assert_eq!(t.outcome, Outcome::TimedOut);
         assert_eq!(t.blockers.len(), 1);

@@ -8,6 +8,13 @@ use crate::{TestHost, TestResult};
 
 /// The group's host, booted by the first test that needs it.
 static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
+/// Extra files the group's host gets (see [`TestHost::start_with_files`]).
+static FILES: Mutex<Vec<(std::path::PathBuf, String)>> = Mutex::new(Vec::new());
+
+/// Give the group's host these files (call before [`run_group`]).
+pub fn host_files(files: Vec<(std::path::PathBuf, String)>) {
+    *FILES.lock().unwrap_or_else(|e| e.into_inner()) = files;
+}
 
 /// A test that runs on the group's shared host.
 pub fn host_trial(
@@ -17,7 +24,8 @@ pub fn host_trial(
     Trial::test(name, move || {
         let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
-            *slot = Some(TestHost::start()?);
+            let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            *slot = Some(TestHost::start_with_files(false, &files)?);
         }
         f(slot.as_mut().expect("booted above")).map_err(Failed::from)
     })

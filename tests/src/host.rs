@@ -34,6 +34,8 @@ pub struct TestHost {
     native_guest: Option<(Child, Console, PathBuf)>,
     workdir: PathBuf,
     seq: u64,
+    /// Extra files (local path, path on the nested host).
+    files: Vec<(PathBuf, String)>,
 }
 
 /// How an lpvmm run ended.
@@ -65,6 +67,12 @@ impl TestHost {
     /// Like [`TestHost::start`]; `with_qemu` also puts QEMU (microvm build) on the
     /// nested host, for benchmarks that compare with it.
     pub fn start_with(with_qemu: bool) -> Result<TestHost, String> {
+        Self::start_with_files(with_qemu, &[])
+    }
+
+    /// Like [`TestHost::start_with`], with extra files on the host: each local file is
+    /// at the given absolute path there (see [`TestHost::file`]).
+    pub fn start_with_files(with_qemu: bool, files: &[(PathBuf, String)]) -> Result<TestHost, String> {
         let images = images_dir();
         for need in [
             "guest-6.1/vmlinuz",
@@ -105,6 +113,7 @@ impl TestHost {
             native_guest: None,
             workdir,
             seq: 0,
+            files: files.to_vec(),
         };
         if host.mode == HostMode::Nested {
             host.boot_nested(with_qemu)?;
@@ -126,9 +135,15 @@ impl TestHost {
         if with_qemu {
             payload_cmd.arg("--qemu");
         }
+        let extras: Vec<String> = self
+            .files
+            .iter()
+            .map(|(src, dest)| format!("{}={dest}", src.display()))
+            .collect();
         let status = payload_cmd
             .arg(lpvmm_binary())
             .arg(&payload)
+            .args(&extras)
             .env("LPVMM_IMAGES", &images)
             .status()
             .map_err(|e| format!("host-payload.sh: {e}"))?;
@@ -297,6 +312,19 @@ impl TestHost {
 
     pub fn guest_kernel(&self, series: &str) -> String {
         self.image(&format!("guest-{series}/vmlinuz"))
+    }
+
+    /// Where an extra file given to [`TestHost::start_with_files`] is, as the host sees it.
+    pub fn file(&self, dest: &str) -> String {
+        match self.mode {
+            HostMode::Nested => dest.to_string(),
+            HostMode::Native => self
+                .files
+                .iter()
+                .find(|(_, d)| d == dest)
+                .map(|(src, _)| src.display().to_string())
+                .unwrap_or_else(|| dest.to_string()),
+        }
     }
 
     /// A scratch directory on the host.

@@ -20,7 +20,7 @@ use crate::vm::Vm;
 impl Vm {
     /// Run `f` on the paused guest (pausing a running VM just for it) and measure the
     /// pause as the guest sees it: from the pause request to the end of the resume.
-    fn inspect<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, PauseCost)> {
+    pub(crate) fn inspect_paused<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, PauseCost)> {
         let t0 = Instant::now();
         let (out, paused_for_read) = self.paused_for_read(f)?;
         let paused_us = if paused_for_read {
@@ -42,10 +42,15 @@ impl Vm {
         if let (Some(k), false) = (&self.kernel, reattach) {
             return Ok((k.clone(), false, PauseCost::default()));
         }
-        let (kernel, cost) = self.inspect(|g| Kernel::attach(g))?;
+        let (kernel, cost) = self.inspect_paused(|g| Kernel::attach(g))?;
         let kernel = Arc::new(kernel.map_err(|e| anyhow!("cannot read the guest kernel: {e}"))?);
         self.kernel = Some(kernel.clone());
         Ok((kernel, true, cost))
+    }
+
+    /// The attached kernel (attaching first if needed).
+    pub(crate) fn kernel_attached(&mut self) -> Result<Arc<Kernel>> {
+        Ok(self.attached(false)?.0)
     }
 
     pub fn kernel_info(&mut self, reattach: bool) -> Result<KernelResult> {
@@ -88,7 +93,7 @@ impl Vm {
 
     pub fn tasks(&mut self) -> Result<TasksResult> {
         let (k, _, _) = self.attached(false)?;
-        let (list, pause) = self.inspect(|g| TaskReader::new(&k, g).list())?;
+        let (list, pause) = self.inspect_paused(|g| TaskReader::new(&k, g).list())?;
         Ok(TasksResult {
             list: list.map_err(|e| anyhow!("reading the guest's tasks: {e}"))?,
             pause,
@@ -98,7 +103,7 @@ impl Vm {
     /// Stack of the task with `pid`, of every idle task for pid 0, of all tasks for None.
     pub fn stack(&mut self, pid: Option<i32>) -> Result<StackResult> {
         let (k, _, _) = self.attached(false)?;
-        let (traces, pause) = self.inspect(|g| {
+        let (traces, pause) = self.inspect_paused(|g| {
             let reader = TaskReader::new(&k, g);
             let list = reader.list()?;
             let unwinder = Unwinder::new(&reader, &[]);
@@ -128,7 +133,7 @@ impl Vm {
             bail!("'{symbol}' is {size} bytes; disasm shows at most {MAX_BYTES}");
         }
         let (code, pause) =
-            self.inspect(|g| k.memory(g as &dyn PausedGuest).read_vec(sym.addr, size as usize))?;
+            self.inspect_paused(|g| k.memory(g as &dyn PausedGuest).read_vec(sym.addr, size as usize))?;
         let code = code.map_err(|e| anyhow!("reading '{symbol}': {e}"))?;
         Ok(DisasmResult {
             symbol: sym.name,

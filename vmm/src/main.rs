@@ -5,6 +5,7 @@ mod acpi;
 mod boot;
 mod cli;
 mod cli_inspect;
+mod cli_patch;
 mod console;
 mod control;
 mod cpu;
@@ -12,6 +13,7 @@ mod devices;
 mod hostcheck;
 mod inspect;
 mod layout;
+mod patching;
 mod paused;
 mod pci;
 mod run;
@@ -148,6 +150,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live-patch a VM: `patch VM FILE.kp` loads and enables; list|status|enable|disable|unload
+    Patch(cli_patch::PatchArgs),
+    /// Build or inspect .kp patch files
+    Kp {
+        #[command(subcommand)]
+        cmd: cli_patch::KpCommand,
+    },
+    /// SHA-256 of the guest's kernel text or of the patch area (`text` or `patch-area`)
+    Checksum {
+        vm: String,
+        what: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measurements (see docs/benchmarks.md)
     Bench {
         #[command(subcommand)]
@@ -219,6 +235,9 @@ fn main() -> ExitCode {
         Command::Tasks { vm, json } => cli_inspect::tasks(&vm, json),
         Command::Stack { vm, pid, json } => cli_inspect::stack(&vm, pid, json),
         Command::Disasm { vm, symbol, json } => cli_inspect::disasm(&vm, &symbol, json),
+        Command::Patch(args) => cli_patch::patch(args),
+        Command::Kp { cmd } => cli_patch::kp(cmd),
+        Command::Checksum { vm, what, json } => cli_patch::checksum(&vm, &what, json),
         Command::Bench { what } => cli::bench(what),
     };
     match result {

@@ -50,6 +50,8 @@ pub struct Vm {
     paused_states: Option<Vec<VcpuState>>,
     /// The guest kernel, once an introspection request has attached to it.
     pub(crate) kernel: Option<Arc<Kernel>>,
+    /// Loaded patches and the transition in progress.
+    pub(crate) patching: crate::patching::Patching,
     pauses: u64,
     last_pause: Option<Duration>,
     // Dropped last: vCPU threads and memory slots belong to these.
@@ -160,6 +162,7 @@ impl Vm {
             devices,
             paused_states: None,
             kernel: None,
+            patching: Default::default(),
             pauses: 0,
             last_pause: None,
             _vm_fd: vm_fd,

@@ -178,11 +178,16 @@ fn introspect(runs: u32) -> Result<(), String> {
                 stacks_us.push(json(&out)?["pause"]["paused_us"].as_f64().unwrap_or(f64::NAN));
             }
             // The guest's own cost of the same stacks: read every /proc/PID/stack.
+            // bash's $EPOCHREALTIME: seconds.microseconds (busybox date has no %N).
             let own = g.run(
-                "a=$(date +%s%N); for f in /proc/[0-9]*/task/[0-9]*/stack; do cat $f >/dev/null 2>&1; done; \
-                 b=$(date +%s%N); echo $(( (b - a) / 1000 ))",
+                "a=$EPOCHREALTIME; for f in /proc/[0-9]*/task/[0-9]*/stack; do cat $f >/dev/null 2>&1; done; \
+                 b=$EPOCHREALTIME; echo \"$a $b\"",
             )?;
-            let own_us: f64 = own.trim().parse().unwrap_or(f64::NAN);
+            let t: Vec<f64> = own.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let own_us = match t[..] {
+                [a, b] => (b - a) * 1e6,
+                _ => f64::NAN,
+            };
             eprintln!("{series} +{extra}: tasks pauses {tasks_us:?} stacks pauses {stacks_us:?} guest /proc walk {own_us} us");
             rows.push(format!(
                 "| {series} | {count:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} |",

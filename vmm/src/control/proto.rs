@@ -13,8 +13,9 @@ use introspection::{VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Longest request line the server reads; anything longer is refused.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line the server reads; anything longer is refused. A patch load
+/// carries the .kp file hex-encoded, so this bounds a .kp at 4 MiB.
+pub const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// Largest guest-physical read one `read_phys` request may ask for.
 pub const MAX_READ_PHYS: u32 = 64 * 1024;
 
@@ -55,6 +56,40 @@ pub enum Request {
         #[serde(default)]
         sympos: Option<u32>,
     },
+    /// Load a patch (the .kp file, hex) and, with `enable`, start enabling it.
+    PatchLoad {
+        kp_hex: String,
+        #[serde(default)]
+        enable: bool,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Start enabling or disabling a loaded patch.
+    PatchEnable {
+        name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    PatchDisable {
+        name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Remove a disabled patch.
+    PatchUnload { name: String },
+    /// Loaded patches, the transition in progress and recent ones.
+    PatchStatus,
+    /// SHA-256 of guest memory lpvmm may change: the kernel text or the patch area.
+    Checksum { what: ChecksumTarget },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChecksumTarget {
+    /// `_stext`..`_etext` of the guest kernel.
+    Text,
+    /// The whole patch area (guest-physical).
+    PatchArea,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +262,46 @@ pub struct DisasmResult {
     pub addr: u64,
     pub size: u64,
     pub lines: Vec<Line>,
+    pub pause: PauseCost,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PatchLoadResult {
+    pub name: String,
+    /// The enable transition started, if one was asked for.
+    pub transition: Option<u64>,
+    pub pause: PauseCost,
+}
+
+/// A transition with the id it was started under.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    pub id: u64,
+    #[serde(flatten)]
+    pub transition: patcher::Transition,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransitionStarted {
+    pub id: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PatchStatusResult {
+    pub patches: Vec<patcher::Patch>,
+    pub active: Option<TransitionRecord>,
+    /// Ended transitions, newest last.
+    pub history: Vec<TransitionRecord>,
+    /// Where the patch area is mapped in the guest, once it is.
+    pub area: Option<patcher::area::AreaLayout>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChecksumResult {
+    pub what: ChecksumTarget,
+    pub start: u64,
+    pub len: u64,
+    pub sha256: String,
     pub pause: PauseCost,
 }
 

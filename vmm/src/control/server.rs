@@ -227,6 +227,28 @@ pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
             .disasm(&symbol, sympos)
             .map(ResponseLine::ok)
             .unwrap_or_else(failed),
+        Request::PatchLoad {
+            kp_hex,
+            enable,
+            timeout_ms,
+        } => vm
+            .patch_load(&kp_hex, enable, timeout_ms)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
+        Request::PatchEnable { name, timeout_ms } => vm
+            .patch_transition(&name, patcher::Op::Enable, timeout_ms)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
+        Request::PatchDisable { name, timeout_ms } => vm
+            .patch_transition(&name, patcher::Op::Disable, timeout_ms)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
+        Request::PatchUnload { name } => vm
+            .patch_unload(&name)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
+        Request::PatchStatus => ResponseLine::ok(vm.patch_status()),
+        Request::Checksum { what } => vm.checksum(what).map(ResponseLine::ok).unwrap_or_else(failed),
         Request::ReadPhys { addr, len } => {
             if !vm.is_paused() {
                 return bad_state(anyhow::anyhow!(

@@ -1,0 +1,444 @@
+//! Live patching on real KVM (native or nested), both kernel series: what the guest
+//! shows before, during and after, and that the guest's kernel text comes back
+//! byte-identical.
+//!
+//! The patches are the samples in patcher/examples, built here with `lpvmm kp build`,
+//! plus deliberately bad ones.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lpvmm_tests::{
+    check, host_files, host_trial, lpvmm_binary, repo_root, run_group, Guest, TestHost,
+    TestResult, SERIES,
+};
+
+const PATCHED: &str = "this has been live patched";
+/// Kernel warning splats, oopses and lockup reports in the guest's log.
+const SPLATS: &str =
+    "dmesg | grep -E 'WARNING: CPU|Oops|BUG:|Call Trace|soft lockup|hung task|rcu_.*stall' || true";
+
+fn patch_path(name: &str) -> String {
+    format!("/root/patches/{name}.kp")
+}
+
+fn json(out: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(out).map_err(|e| format!("{e}: {}", lpvmm_tests::tail(out, 2000)))
+}
+
+/// SHA-256 of the guest's kernel text and of the patch area, as lpvmm reads them.
+fn checksums(g: &mut Guest) -> Result<(String, String), String> {
+    let mut sums = Vec::new();
+    for what in ["text", "patch-area"] {
+        let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
+        check!(rc == 0, "checksum {what}: {out}");
+        sums.push(json(&out)?["sha256"].as_str().unwrap_or("").to_string());
+    }
+    Ok((sums[0].clone(), sums[1].clone()))
+}
+
+fn text_sum(g: &mut Guest) -> Result<String, String> {
+    let (rc, out) = g.lpvmm("checksum {vm} text --json")?;
+    check!(rc == 0, "checksum: {out}");
+    Ok(json(&out)?["sha256"].as_str().unwrap_or("").to_string())
+}
+
+fn apply(g: &mut Guest, name: &str) -> TestResult {
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {}", g.host.file(&patch_path(name))))?;
+    check!(rc == 0, "lpvmm patch {name} failed:\n{out}");
+    eprintln!("  {}", out.trim().replace('\n', "\n  "));
+    Ok(())
+}
+
+fn toggle(g: &mut Guest, op: &str, name: &str) -> TestResult {
+    let (rc, out) = g.lpvmm(&format!("patch {op} {{vm}} {name}"))?;
+    check!(rc == 0, "lpvmm patch {op} {name} failed:\n{out}");
+    Ok(())
+}
+
+/// Acceptance 1 and 5: /proc/cmdline is replaced and restored, and after enable then
+/// disable the whole kernel text is byte-identical to before.
+fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("cmdline-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let original = g.run("cat /proc/cmdline")?.trim().to_string();
+    check!(original.contains("console=ttyS0"), "odd cmdline {original:?}");
+    let text_before = text_sum(&mut g)?;
+
+    apply(&mut g, "cmdline")?;
+    let now = g.run("cat /proc/cmdline")?;
+    check!(now.trim() == PATCHED, "{series}: patched /proc/cmdline says {now:?}");
+    let (_, list) = g.lpvmm("patch list {vm}")?;
+    check!(
+        list.contains("cmdline") && list.contains("enabled"),
+        "patch list: {list}"
+    );
+    check!(text_sum(&mut g)? != text_before, "{series}: enabling changed no text");
+
+    toggle(&mut g, "disable", "cmdline")?;
+    let back = g.run("cat /proc/cmdline")?;
+    check!(back.trim() == original, "{series}: after disable /proc/cmdline says {back:?}");
+    check!(
+        text_sum(&mut g)? == text_before,
+        "{series}: kernel text differs from before the patch after enable + disable"
+    );
+
+    // Enable again from the loaded copy, then back, then unload.
+    toggle(&mut g, "enable", "cmdline")?;
+    check!(g.run("cat /proc/cmdline")?.trim() == PATCHED, "{series}: re-enable");
+    toggle(&mut g, "disable", "cmdline")?;
+    check!(g.run("cat /proc/cmdline")?.trim() == original, "{series}: re-disable");
+    let (rc, out) = g.lpvmm("patch unload {vm} cmdline")?;
+    check!(rc == 0, "unload: {out}");
+    check!(text_sum(&mut g)? == text_before, "{series}: text after unload");
+    eprintln!("{series}: /proc/cmdline patched and restored; kernel text sha256 back to {text_before}");
+    g.poweroff().map(|_| ())
+}
+
+/// Acceptance 2 and 3: a string in meminfo_proc_show, a patched syscall (uname), and a
+/// patch that calls a static, non-exported kernel function.
+fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("more-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let text_before = text_sum(&mut g)?;
+    let uname_before = g.run("uname -a")?.trim().to_string();
+
+    apply(&mut g, "meminfo")?;
+    let mem = g.run("cat /proc/meminfo")?;
+    check!(
+        mem.lines().next().is_some_and(|l| l.starts_with("MemTotalLP:") && l.ends_with(" kB")),
+        "{series}: /proc/meminfo after the patch:\n{mem}"
+    );
+
+    apply(&mut g, "uname")?;
+    let uname = g.run("uname -a")?;
+    check!(
+        uname.contains("lpvmm-live-patched") && uname.contains(series),
+        "{series}: uname -a says {uname:?}"
+    );
+
+    apply(&mut g, "static-call")?;
+    let version = g.run("cat /proc/version")?;
+    let tail: Vec<f64> = version
+        .trim()
+        .strip_prefix("lpvmm static call, uptime: ")
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    check!(
+        tail.len() == 2 && tail[0] > 0.0,
+        "{series}: /proc/version through the static uptime_proc_show says {version:?}"
+    );
+
+    for p in ["static-call", "uname", "meminfo"] {
+        toggle(&mut g, "disable", p)?;
+    }
+    check!(g.run("cat /proc/meminfo")?.starts_with("MemTotal: "), "meminfo not restored");
+    check!(g.run("uname -a")?.trim() == uname_before, "uname not restored");
+    check!(g.run("cat /proc/version")?.starts_with("Linux version"), "version not restored");
+    check!(text_sum(&mut g)? == text_before, "{series}: text differs after disabling all");
+    g.poweroff().map(|_| ())
+}
+
+fn sleep_pid(g: &mut Guest, secs: u32) -> Result<i64, String> {
+    let out = g.run(&format!("sleep {secs} & echo PID=$!"))?;
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("PID=")?.parse().ok())
+        .ok_or_else(|| format!("no pid: {out}"))
+}
+
+/// Acceptance 4: a task sleeping in the function to patch blocks the switch, status
+/// names it with its stack, the patch applies once the sleep ends; kept blocked past the
+/// timeout, the patch fails and the kernel text is byte-identical to before.
+fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("blocked-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let text_before = text_sum(&mut g)?;
+
+    // Blocked, then unblocked within the timeout.
+    let sleeper = sleep_pid(&mut g, 25)?;
+    let file = g.host.file(&patch_path("nsleep"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --timeout 120 --no-wait"))?;
+    check!(rc == 0, "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (rc, out) = g.lpvmm("patch status {vm} --json")?;
+    check!(rc == 0, "status: {out}");
+    let status = json(&out)?;
+    let active = &status["active"];
+    let blockers = active["blockers"].as_array().cloned().unwrap_or_default();
+    let ours = blockers.iter().find(|b| b["pid"].as_i64() == Some(sleeper));
+    let ours = ours.ok_or_else(|| format!("{series}: status does not name sleep {sleeper}: {active}"))?;
+    check!(
+        ours["reason"].as_str().unwrap_or("").contains("common_nsleep"),
+        "{series}: reason {}",
+        ours["reason"]
+    );
+    let frames: Vec<&str> = ours["trace"]["frames"]
+        .as_array()
+        .map(|f| f.iter().filter_map(|x| x["function"].as_str()).collect())
+        .unwrap_or_default();
+    check!(
+        frames.contains(&"common_nsleep") && frames.contains(&"hrtimer_nanosleep"),
+        "{series}: blocker stack {frames:?}"
+    );
+    let (_, human) = g.lpvmm("patch status {vm}")?;
+    check!(
+        human.contains(&format!("blocked by pid {sleeper}")),
+        "{series}: human status does not name the sleeper:\n{human}"
+    );
+    check!(text_sum(&mut g)? == text_before, "{series}: text changed while blocked");
+    // The sleep ends; the patch applies within the timeout.
+    let mut done = None;
+    for _ in 0..120 {
+        let (_, out) = g.lpvmm("patch status {vm} --json")?;
+        let s = json(&out)?;
+        if let Some(t) = s["history"].as_array().and_then(|h| h.last()) {
+            done = Some(t.clone());
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let t = done.ok_or("the transition never ended")?;
+    check!(t["outcome"] == "done", "{series}: outcome {t}");
+    eprintln!(
+        "{series}: nsleep applied after {} attempts, {} ms (sleep {sleeper} blocked it)",
+        t["attempts"], t["elapsed_ms"]
+    );
+    // The patched common_nsleep is the one that sleeps now.
+    let (code, _) = g.run_status("sleep 1", Duration::from_secs(60))?;
+    check!(code == 0, "sleep under the patch exited {code}");
+    toggle(&mut g, "disable", "nsleep")?;
+    let (rc, out) = g.lpvmm("patch unload {vm} nsleep")?;
+    check!(rc == 0, "unload: {out}");
+    check!(text_sum(&mut g)? == text_before, "{series}: text after disable");
+
+    // Blocked past the timeout: the patch fails, the text is as before.
+    let sleeper = sleep_pid(&mut g, 1000)?;
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --timeout 4"))?;
+    check!(rc != 0, "{series}: patch applied although sleep {sleeper} never left: {out}");
+    check!(
+        out.contains("gave up") && out.contains(&format!("blocked by pid {sleeper}")) && out.contains("common_nsleep"),
+        "{series}: failure report:\n{out}"
+    );
+    check!(text_sum(&mut g)? == text_before, "{series}: text changed by a failed patch");
+    let (_, list) = g.lpvmm("patch list {vm}")?;
+    check!(!list.contains("nsleep"), "{series}: failed patch still loaded: {list}");
+    g.run(&format!("kill {sleeper}"))?;
+    g.poweroff().map(|_| ())
+}
+
+/// Acceptance 6: bad patches refused with a clear message before any guest byte
+/// changes (kernel text and patch area hashes compared).
+fn bad_input(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("bad-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 1, "")?;
+    // A good patch first, so that the patch area is in use and "already loaded" exists.
+    apply(&mut g, "cmdline")?;
+    let before = checksums(&mut g)?;
+    for (file, want) in BAD {
+        let path = g.host.file(&patch_path(file));
+        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {path} --timeout 5"))?;
+        check!(rc != 0, "{series}: {file} was accepted: {out}");
+        check!(out.contains(want), "{series}: {file}: message {out:?} lacks {want:?}");
+        check!(checksums(&mut g)? == before, "{series}: {file} changed guest memory");
+        eprintln!("{series}: {file}: {}", out.trim().lines().last().unwrap_or(""));
+    }
+    check!(g.run("cat /proc/cmdline")?.trim() == PATCHED, "good patch disturbed");
+    g.poweroff().map(|_| ())
+}
+
+/// Acceptance 7: 200 enable/disable cycles while 4 processes read /proc/cmdline; every
+/// read is the old or the new text, and the guest logs no warning.
+fn under_load(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("load-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let boot_splats = g.run(SPLATS)?;
+    let original = g.run("cat /proc/cmdline")?.trim().to_string();
+    apply(&mut g, "cmdline")?;
+    toggle(&mut g, "disable", "cmdline")?;
+    g.run(&format!(
+        "rm -f /tmp/stop; readcheck -p 4 -f /proc/cmdline -s /tmp/stop '{original}' '{PATCHED}' >/tmp/rc.log 2>&1 &"
+    ))?;
+    let lp = g.host.lpvmm();
+    let cycles = 200;
+    let (rc, out) = g.host.exec_status(
+        &format!(
+            "i=0; while [ $i -lt {cycles} ]; do {lp} patch enable {name} cmdline >/dev/null || break; \
+             {lp} patch disable {name} cmdline >/dev/null || break; i=$((i+1)); done; echo cycles=$i"
+        ),
+        Duration::from_secs(1800),
+    )?;
+    check!(
+        rc == 0 && out.contains(&format!("cycles={cycles}")),
+        "{series}: enable/disable loop stopped: {out}"
+    );
+    g.run("touch /tmp/stop; wait")?;
+    let log = g.run("cat /tmp/rc.log")?;
+    check!(log.contains("readcheck: OK"), "{series}: bad reads: {log}");
+    let splats = g.run(SPLATS)?;
+    check!(
+        splats.trim() == boot_splats.trim(),
+        "{series}: new kernel warnings:\n{splats}"
+    );
+    let (_, status) = g.lpvmm("patch status {vm} --json")?;
+    let s = json(&status)?;
+    let enables = s["patches"][0]["enables"].as_u64().unwrap_or(0);
+    check!(enables == cycles + 1, "{series}: {enables} enables recorded");
+    eprintln!("{series}: {cycles} enable/disable cycles under load: {}", log.trim());
+    g.poweroff().map(|_| ())
+}
+
+/// (file, what the refusal must say)
+const BAD: &[(&str, &str)] = &[
+    ("bad-not-elf", "not an ELF object"),
+    ("bad-truncated", "not an ELF object"),
+    ("bad-wrong-machine", "wrong machine"),
+    ("bad-no-manifest", "no .lpvmm.manifest"),
+    ("bad-unknown-symbol", "unknown symbol 'no_such_kernel_function'"),
+    ("bad-ambiguous", "'address_show' is ambiguous"),
+    ("bad-relocation", "relocation R_X86_64_REX_GOTPCRELX"),
+    ("bad-special-section", "__ex_table"),
+    ("bad-no-fentry", "not an fentry NOP"),
+    ("bad-out-of-range", "does not fit in 32 bits"),
+    ("bad-area-full", "patch area full"),
+    ("cmdline", "already loaded"),
+];
+
+/// Sources of the bad patches: (name, C source, extra compiler flags).
+fn bad_sources() -> Vec<(&'static str, String, Vec<&'static str>)> {
+    let patch = |body: &str, target: &str| {
+        format!("#include <lpvmm/patch.h>\n{body}\nLPVMM_PATCH(\"bad\");\nLPVMM_REPLACE({target}, nf);\n")
+    };
+    vec![
+        ("bad-no-manifest", "int nf(void) { return 0; }\n".into(), vec![]),
+        (
+            "bad-unknown-symbol",
+            patch("extern int no_such_kernel_function(void);\nint nf(void) { return no_such_kernel_function(); }", "meminfo_proc_show"),
+            vec![],
+        ),
+        (
+            "bad-ambiguous",
+            patch("extern int address_show(void);\nint nf(void) { return address_show(); }", "meminfo_proc_show"),
+            vec![],
+        ),
+        (
+            "bad-relocation",
+            patch("extern int some_int;\nint nf(void) { return some_int; }", "meminfo_proc_show"),
+            vec!["-fpic", "-mcmodel=small"],
+        ),
+        (
+            "bad-special-section",
+            patch("int nf(void) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.popsection\"); return 0; }", "meminfo_proc_show"),
+            vec![],
+        ),
+        ("bad-no-fentry", patch("int nf(void) { return 0; }", "do_syscall_64"), vec![]),
+        (
+            "bad-out-of-range",
+            patch("extern void far_away(void);\nLPVMM_SYMBOL(far_away, runqueues, 1);\nint nf(void) { far_away(); return 0; }", "meminfo_proc_show"),
+            vec![],
+        ),
+        (
+            "bad-area-full",
+            patch("char big[32 << 20];\nint nf(void) { return big[99]; }", "meminfo_proc_show"),
+            vec![],
+        ),
+    ]
+}
+
+/// Build every patch the tests use, here, with lpvmm kp build (or bare gcc for the bad
+/// ones, which kp build would refuse).
+fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
+    let out = repo_root().join("target/lpvmm-test-patches");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "lpvmm"])
+        .current_dir(repo_root())
+        .status()
+        .map_err(|e| e.to_string())?;
+    check!(ok.success(), "cargo build -p lpvmm failed");
+    let mut files = Vec::new();
+    let mut add = |name: &str, path: PathBuf| files.push((path, patch_path(name)));
+    for sample in ["cmdline", "meminfo", "uname", "static-call", "nsleep"] {
+        let kp = out.join(format!("{sample}.kp"));
+        let src = repo_root().join(format!("patcher/examples/{sample}.c"));
+        run(Command::new(lpvmm_binary()).arg("kp").arg("build").arg(&src).arg("-o").arg(&kp))?;
+        add(sample, kp);
+    }
+    for (name, source, flags) in bad_sources() {
+        let src = out.join(format!("{name}.c"));
+        std::fs::write(&src, source).map_err(|e| e.to_string())?;
+        let kp = out.join(format!("{name}.kp"));
+        gcc_like_kp_build(&src, &kp, &flags)?;
+        add(name, kp);
+    }
+    let good = std::fs::read(out.join("cmdline.kp")).map_err(|e| e.to_string())?;
+    let write = |name: &str, bytes: &[u8]| -> Result<PathBuf, String> {
+        let p = out.join(format!("{name}.kp"));
+        std::fs::write(&p, bytes).map_err(|e| e.to_string())?;
+        Ok(p)
+    };
+    add("bad-not-elf", write("bad-not-elf", b"#!/bin/sh\necho not a patch\n")?);
+    add("bad-truncated", write("bad-truncated", &good[..good.len() / 2])?);
+    let mut arm = good.clone();
+    arm[18] = 0xb7; // e_machine: EM_AARCH64
+    add("bad-wrong-machine", write("bad-wrong-machine", &arm)?);
+    Ok(files)
+}
+
+fn run(cmd: &mut Command) -> TestResult {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    check!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// gcc with lpvmm kp build's flags but no checks (for patches that must fail at load).
+fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
+    let include = std::env::temp_dir().join(format!("lpvmm-test-include-{}", std::process::id()));
+    std::fs::create_dir_all(include.join("lpvmm")).map_err(|e| e.to_string())?;
+    std::fs::copy(repo_root().join("patcher/include/lpvmm/patch.h"), include.join("lpvmm/patch.h"))
+        .map_err(|e| e.to_string())?;
+    run(Command::new("gcc")
+        .args(["-c", "-O2", "-mcmodel=kernel", "-fno-pic", "-mno-red-zone", "-ffreestanding"])
+        .args(["-fno-stack-protector", "-fno-common", "-fno-asynchronous-unwind-tables"])
+        .args(["-fcf-protection=none", "-fno-omit-frame-pointer"])
+        .args(extra)
+        .arg("-I")
+        .arg(&include)
+        .arg("-o")
+        .arg(kp)
+        .arg(src))
+}
+
+fn main() {
+    match build_patches() {
+        Ok(files) => host_files(files),
+        Err(e) => {
+            eprintln!("cannot build the test patches: {e}");
+            std::process::exit(1);
+        }
+    }
+    type Case = fn(&mut TestHost, &str) -> TestResult;
+    let cases: [(&str, Case); 5] = [
+        ("cmdline_patched_and_restored", cmdline),
+        ("meminfo_uname_and_static_call", meminfo_uname_static),
+        ("blocked_by_a_sleeping_task", blocked_transition),
+        ("bad_patches_refused", bad_input),
+        ("enable_disable_200_cycles_under_load", under_load),
+    ];
+    let mut tests = Vec::new();
+    for (name, case) in cases {
+        for series in SERIES {
+            let tag = series.replace('.', "_");
+            tests.push(host_trial(format!("{name}_{tag}"), move |h| case(h, series)));
+        }
+    }
+    run_group(tests)
+}
