@@ -150,11 +150,13 @@ pub fn link(
                 RelocTarget::Section(i) => obj.sections[*i].name.clone(),
             };
             let out_of_range = |v: i128| {
+                let sign = if v < 0 { "-" } else { "" };
                 KpError::OutOfRange(format!(
-                    "{}+{:#x} to '{}': {v:#x} does not fit in 32 bits",
+                    "{}+{:#x} to '{}': {sign}{:#x} does not fit in 32 bits",
                     s.name,
                     r.offset,
-                    what()
+                    what(),
+                    v.unsigned_abs()
                 ))
             };
             let bytes: Vec<u8> = match r.kind {

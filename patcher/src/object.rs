@@ -218,7 +218,10 @@ impl PatchObject {
             let Some(kind) = classify(&name, flags, s.kind())? else {
                 continue;
             };
-            if s.size() > MAX_KP_BYTES as u64 {
+            // Contents are bounded by the file; zero-filled data only by a sanity limit
+            // (the patch area, much smaller, refuses it with a clearer message).
+            let limit = if kind == SectionKind::Bss { 1 << 30 } else { MAX_KP_BYTES as u64 };
+            if s.size() > limit {
                 return Err(KpError::Truncated(format!("section {name} claims {} bytes", s.size())));
             }
             let bytes = if kind == SectionKind::Bss {
