@@ -466,7 +466,11 @@ mod tests {
                 ("thread", thread, 384),
             ],
         );
-        b.bitfields("orc_entry", 6, &[("sp_reg", int, 32, 4), ("type", int, 40, 3)]);
+        b.bitfields(
+            "orc_entry",
+            6,
+            &[("sp_reg", int, 32, 4), ("type", int, 40, 3)],
+        );
         b.finish()
     }
 

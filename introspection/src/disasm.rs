@@ -72,12 +72,18 @@ mod tests {
             },
         ]);
         // nopl 0x0(%rax,%rax,1); call g; ret
-        let code = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xe8, 0xf6, 0x00, 0x00, 0x00, 0xc3];
+        let code = [
+            0x0f, 0x1f, 0x44, 0x00, 0x00, 0xe8, 0xf6, 0x00, 0x00, 0x00, 0xc3,
+        ];
         let lines = disassemble(&code, 0xffff_ffff_8100_0000, &syms);
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].bytes, "0f1f440000");
         assert!(lines[0].text.starts_with("nop"), "{}", lines[0].text);
-        assert!(lines[1].text.contains("call") && lines[1].text.contains('g'), "{}", lines[1].text);
+        assert!(
+            lines[1].text.contains("call") && lines[1].text.contains('g'),
+            "{}",
+            lines[1].text
+        );
         assert_eq!(lines[2].location, "f+0xa");
     }
 }

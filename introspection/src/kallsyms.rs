@@ -63,7 +63,11 @@ pub enum ResolveError {
     #[error("symbol '{name}' is ambiguous: {count} symbols have that name; say which with '{name},N' (N from 1 to {count}, in kallsyms order)")]
     Ambiguous { name: String, count: usize },
     #[error("symbol '{name},{pos}' does not exist: only {count} symbol(s) have that name")]
-    NoSuchPosition { name: String, pos: u32, count: usize },
+    NoSuchPosition {
+        name: String,
+        pos: u32,
+        count: usize,
+    },
 }
 
 /// An address resolved to the symbol that contains it.
@@ -120,7 +124,11 @@ impl SymbolTable {
             return Err(corrupt(format!("kallsyms_num_syms = {count}")));
         }
         let n = count as usize;
-        let tokens = read_tokens(mem, table("kallsyms_token_table")?, table("kallsyms_token_index")?)?;
+        let tokens = read_tokens(
+            mem,
+            table("kallsyms_token_table")?,
+            table("kallsyms_token_index")?,
+        )?;
         let addresses = read_addresses(mem, info, n)?;
 
         let mut names = NameStream::new(mem, table("kallsyms_names")?);
@@ -194,14 +202,15 @@ impl SymbolTable {
                 name: name.to_string(),
                 count,
             }),
-            (Some(pos), count) => all
-                .get(pos as usize - 1)
-                .copied()
-                .ok_or(ResolveError::NoSuchPosition {
-                    name: name.to_string(),
-                    pos,
-                    count,
-                }),
+            (Some(pos), count) => {
+                all.get(pos as usize - 1)
+                    .copied()
+                    .ok_or(ResolveError::NoSuchPosition {
+                        name: name.to_string(),
+                        pos,
+                        count,
+                    })
+            }
         }
     }
 
@@ -268,7 +277,11 @@ fn read_tokens(mem: &KernelMemory, table: u64, index: u64) -> Result<Vec<Vec<u8>
         .collect()
 }
 
-fn read_addresses(mem: &KernelMemory, info: &VmcoreInfo, n: usize) -> Result<Vec<u64>, KallsymsError> {
+fn read_addresses(
+    mem: &KernelMemory,
+    info: &VmcoreInfo,
+    n: usize,
+) -> Result<Vec<u64>, KallsymsError> {
     if let (Some(offsets), Some(base)) = (
         info.symbol("kallsyms_offsets"),
         info.symbol("kallsyms_relative_base"),
@@ -365,11 +378,17 @@ mod tests {
     fn locate_picks_first_alias_and_next_higher_symbol_for_size() {
         let t = table();
         let l = t.locate(0x1010).unwrap();
-        assert_eq!((l.name.as_str(), l.offset, l.size), ("_stext", 0x10, Some(0x40)));
+        assert_eq!(
+            (l.name.as_str(), l.offset, l.size),
+            ("_stext", 0x10, Some(0x40))
+        );
         assert_eq!(t.locate(0x1085).unwrap().display(), "second+0x5/0x40");
         assert_eq!(t.locate(0xfff), None);
         // A return address right after a call at the end of `helper` names `helper`.
-        assert_eq!(t.locate_return(0x1080).unwrap().display(), "helper+0x40/0x40");
+        assert_eq!(
+            t.locate_return(0x1080).unwrap().display(),
+            "helper+0x40/0x40"
+        );
         assert_eq!(t.size_at(0x1080), Some(0x40));
         assert_eq!(t.size_at(0x1081), None);
     }
@@ -398,6 +417,9 @@ mod tests {
             t.resolve("helper", Some(3)),
             Err(ResolveError::NoSuchPosition { .. })
         ));
-        assert!(matches!(t.resolve("nope", None), Err(ResolveError::Unknown(_))));
+        assert!(matches!(
+            t.resolve("nope", None),
+            Err(ResolveError::Unknown(_))
+        ));
     }
 }

@@ -160,8 +160,7 @@ impl Kernel {
                 .filter_map(|n| symbols.addr(n))
                 .collect(),
         };
-        if addrs.current_task.is_none() && (addrs.pcpu_hot.is_none() || layout.pcpu_hot.is_none())
-        {
+        if addrs.current_task.is_none() && (addrs.pcpu_hot.is_none() || layout.pcpu_hot.is_none()) {
             return Err(AttachError::MissingSymbol("current_task"));
         }
         let thread_size = optional_range("__start_init_task", "__end_init_task")
@@ -216,7 +215,8 @@ impl Kernel {
 
     /// Code the kernel leaves out of /proc/PID/stack of a sleeping task.
     pub fn is_sched_text(&self, addr: u64) -> bool {
-        self.addrs.sched_text.contains(addr) || self.addrs.lock_text.is_some_and(|r| r.contains(addr))
+        self.addrs.sched_text.contains(addr)
+            || self.addrs.lock_text.is_some_and(|r| r.contains(addr))
     }
 }
 

@@ -213,7 +213,9 @@ impl OrcTable {
             .enumerate()
             .map(|(i, c)| {
                 let rel = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                ip_start.wrapping_add(4 * i as u64).wrapping_add(i64::from(rel) as u64)
+                ip_start
+                    .wrapping_add(4 * i as u64)
+                    .wrapping_add(i64::from(rel) as u64)
             })
             .collect();
         let entries = mem.read_vec(u_start, (count * esize) as usize)?;
@@ -302,6 +304,9 @@ mod tests {
         assert_eq!((regs.kind, regs.signal), (OrcKind::Regs, true));
         assert_eq!(f.decode(&raw(0, 0, 0, 0, 1)).kind, OrcKind::EndOfStack);
         assert_eq!(f.decode(&raw(0, 0, 0, 0, 0)).kind, OrcKind::Undefined);
-        assert_eq!(f.decode(&raw(0, 0, reg::SP, 0, 4)).kind, OrcKind::RegsPartial);
+        assert_eq!(
+            f.decode(&raw(0, 0, reg::SP, 0, 4)).kind,
+            OrcKind::RegsPartial
+        );
     }
 }

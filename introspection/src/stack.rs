@@ -84,7 +84,10 @@ impl StackTrace {
 enum Regs<'a> {
     None,
     /// A `pt_regs` (full) or IRET frame (partial) on the stack, at this address.
-    Stack { addr: u64, full: bool },
+    Stack {
+        addr: u64,
+        full: bool,
+    },
     /// The vCPU's own registers (the starting frame of a running task).
     Vcpu(&'a VcpuState),
 }
@@ -140,7 +143,9 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
             }
         } else {
             let d = self.extra.iter().find_map(|e| e.describe(ip, interrupted));
-            let f = d.as_ref().map(|s| s.split('+').next().unwrap_or(s).to_string());
+            let f = d
+                .as_ref()
+                .map(|s| s.split('+').next().unwrap_or(s).to_string());
             (d, f)
         };
         Frame {
@@ -194,7 +199,11 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
             Some(v) => {
                 out.start = TraceStart::Vcpu(task.vcpu.unwrap_or(0));
                 // A running task may be on its CPU's IRQ stack.
-                if let Some(irq) = self.reader.percpu_base_of(v).and_then(|b| self.reader.irq_stack(b)) {
+                if let Some(irq) = self
+                    .reader
+                    .percpu_base_of(v)
+                    .and_then(|b| self.reader.irq_stack(b))
+                {
                     stacks.push(irq);
                 }
                 State {
@@ -215,9 +224,13 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
                     .map_err(|e| format!("cannot read thread.sp: {e}"))?;
                 let f = &k.layout.switch_frame;
                 if !within(&stacks, sp, f.size) {
-                    return Err(format!("saved stack pointer {sp:#x} is outside the task's stack"));
+                    return Err(format!(
+                        "saved stack pointer {sp:#x} is outside the task's stack"
+                    ));
                 }
-                let ip = m.u64(sp.wrapping_add(f.ret_addr)).map_err(|e| e.to_string())?;
+                let ip = m
+                    .u64(sp.wrapping_add(f.ret_addr))
+                    .map_err(|e| e.to_string())?;
                 State {
                     ip,
                     sp: sp.wrapping_add(f.size),
@@ -251,7 +264,9 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
 
     fn read(&self, addr: u64, stacks: &[(u64, u64)]) -> Result<u64, String> {
         if !within(stacks, addr, 8) {
-            return Err(format!("stack read at {addr:#x} is outside the task's stacks"));
+            return Err(format!(
+                "stack read at {addr:#x} is outside the task's stacks"
+            ));
         }
         self.reader.mem.u64(addr).map_err(|e| e.to_string())
     }
@@ -285,7 +300,7 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
         let lookup = if state.signal {
             state.ip
         } else {
-            state.ip.wrapping_sub(1)
+            state.ip.wrapping_sub(1) // arch: the call is the instruction before the return address
         };
         let orc = match self.orc_find(lookup, state.signal) {
             Some(o) => o,
@@ -330,14 +345,16 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
 
         match orc.kind {
             OrcKind::Call => {
-                state.ip = self.read(sp.wrapping_sub(8), stacks)?;
+                state.ip = self.read(sp.wrapping_sub(8), stacks)?; // arch: return address below the CFA
                 state.sp = sp;
                 state.regs = Regs::None;
                 state.prev_regs = None;
             }
             OrcKind::Regs => {
                 if !within(stacks, sp, l.size) {
-                    return Err(format!("register frame at {sp:#x} is outside the task's stacks"));
+                    return Err(format!(
+                        "register frame at {sp:#x} is outside the task's stacks"
+                    ));
                 }
                 state.ip = self.read(sp.wrapping_add(l.ip), stacks)?;
                 state.sp = self.read(sp.wrapping_add(l.sp), stacks)?;
@@ -381,7 +398,10 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
         }
 
         if prev_stack.is_some() && stack_of(stacks, state.sp) == prev_stack && state.sp <= prev_sp {
-            return Err(format!("stack going in the wrong direction at {:#x}", state.ip));
+            return Err(format!(
+                "stack going in the wrong direction at {:#x}",
+                state.ip
+            ));
         }
         Ok(Step::More)
     }

@@ -121,7 +121,12 @@ impl<'k, 'g> TaskReader<'k, 'g> {
     }
 
     /// Follow a `list_head` ring from `head` (not included) back to `head`.
-    fn walk(&self, head: u64, seen: &mut HashSet<u64>, budget: &mut usize) -> Result<Vec<u64>, TaskError> {
+    fn walk(
+        &self,
+        head: u64,
+        seen: &mut HashSet<u64>,
+        budget: &mut usize,
+    ) -> Result<Vec<u64>, TaskError> {
         let next_off = self.kernel.layout.list_next;
         let mut nodes = Vec::new();
         let mut node = self.mem.u64(head.wrapping_add(next_off))?;
@@ -177,7 +182,9 @@ impl<'k, 'g> TaskReader<'k, 'g> {
 
     /// The per-CPU area base of `cpu`.
     pub fn percpu_base(&self, cpu: u64) -> Result<u64, TaskError> {
-        Ok(self.mem.u64(self.kernel.addrs.per_cpu_offset.wrapping_add(8 * cpu))?)
+        Ok(self
+            .mem
+            .u64(self.kernel.addrs.per_cpu_offset.wrapping_add(8 * cpu))?) // arch: unsigned long __per_cpu_offset[]
     }
 
     /// Address of the per-CPU `current_task` of the CPU whose area starts at `base`.
@@ -193,20 +200,26 @@ impl<'k, 'g> TaskReader<'k, 'g> {
     /// The IRQ stack of the CPU whose area starts at `base`, as [low, high).
     pub fn irq_stack(&self, base: u64) -> Option<(u64, u64)> {
         let a = &self.kernel.addrs;
-        let slot = match (a.hardirq_stack_ptr, a.pcpu_hot, &self.kernel.layout.pcpu_hot) {
+        let slot = match (
+            a.hardirq_stack_ptr,
+            a.pcpu_hot,
+            &self.kernel.layout.pcpu_hot,
+        ) {
             (_, Some(hot), Some(l)) => base.wrapping_add(hot.wrapping_add(l.hardirq_stack_ptr)),
             (Some(p), _, _) => base.wrapping_add(p),
             _ => return None,
         };
         // hardirq_stack_ptr points at the last word of the stack (irq_init_percpu_irqstack:
         // `va + IRQ_STACK_SIZE - 8`); IRQ_STACK_SIZE equals THREAD_SIZE on x86-64.
-        let top = self.mem.u64(slot).ok()?.wrapping_add(8);
+        let top = self.mem.u64(slot).ok()?.wrapping_add(8); // arch: the last word of the stack
         Some((top.wrapping_sub(self.kernel.thread_size), top))
     }
 
     /// Per-CPU area bases of the guest's CPUs.
     pub fn percpu_bases(&self) -> Result<Vec<u64>, TaskError> {
-        (0..self.cpu_count()?).map(|c| self.percpu_base(c)).collect()
+        (0..self.cpu_count()?)
+            .map(|c| self.percpu_base(c))
+            .collect()
     }
 
     /// The guest CPU a vCPU runs as, from its GS base. In the kernel GS holds the per-CPU
@@ -262,7 +275,11 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         let mut addrs = vec![k.addrs.init_task];
         seen.insert(k.addrs.init_task);
         let mut leaders = vec![k.addrs.init_task];
-        for node in self.walk(k.addrs.init_task.wrapping_add(l.task.tasks), &mut HashSet::new(), &mut budget)? {
+        for node in self.walk(
+            k.addrs.init_task.wrapping_add(l.task.tasks),
+            &mut HashSet::new(),
+            &mut budget,
+        )? {
             leaders.push(node.wrapping_sub(l.task.tasks));
         }
         for &leader in &leaders {
@@ -276,7 +293,9 @@ impl<'k, 'g> TaskReader<'k, 'g> {
             let head = signal.wrapping_add(l.signal_thread_head);
             let mut members = HashSet::new();
             let threads = self.walk(head, &mut members, &mut budget)?;
-            if !threads.iter().any(|&n| n.wrapping_sub(l.task.thread_node) == leader)
+            if !threads
+                .iter()
+                .any(|&n| n.wrapping_sub(l.task.thread_node) == leader)
                 && seen.insert(leader)
             {
                 addrs.push(leader);
@@ -296,7 +315,9 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         // Idle tasks of the other CPUs (CPU 0's is init_task, already listed).
         let bases = self.percpu_bases()?;
         for &base in &bases {
-            let idle = self.mem.u64(base.wrapping_add(k.addrs.runqueues.wrapping_add(l.rq_idle)))?;
+            let idle = self
+                .mem
+                .u64(base.wrapping_add(k.addrs.runqueues.wrapping_add(l.rq_idle)))?;
             if idle != 0 && seen.insert(idle) {
                 tasks.push(self.task(idle)?);
             }

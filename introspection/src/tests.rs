@@ -40,7 +40,11 @@ fn attach_decodes_every_symbol_of_both_formats() {
         assert_eq!(k.thread_size, crate::synth::kernel::THREAD_SIZE);
         assert_eq!(k.root.five_level, sk.spec.five_level);
         // Per-CPU symbols keep their small absolute values.
-        let percpu = if sk.spec.pcpu_hot { "pcpu_hot" } else { "current_task" };
+        let percpu = if sk.spec.pcpu_hot {
+            "pcpu_hot"
+        } else {
+            "current_task"
+        };
         assert_eq!(k.symbols.addr(percpu), Some(0x100));
     }
 }
@@ -65,7 +69,12 @@ fn tasks_threads_idle_tasks_and_current_per_vcpu() {
             .collect();
         want.sort();
         assert_eq!(got, want, "{}", sk.spec.release);
-        let idle: Vec<&str> = list.tasks.iter().filter(|t| t.idle).map(|t| t.comm.as_str()).collect();
+        let idle: Vec<&str> = list
+            .tasks
+            .iter()
+            .filter(|t| t.idle)
+            .map(|t| t.comm.as_str())
+            .collect();
         assert_eq!(idle, ["swapper/0", "swapper/1"]);
         assert!(list.by_pid(2).unwrap().kthread);
         assert_eq!(list.by_pid(11).unwrap().state, 'S');
@@ -103,7 +112,10 @@ fn stacks_unwind_like_proc_pid_stack_and_are_reliable() {
         let sched: Vec<bool> = reader.frames.iter().map(|f| f.sched).collect();
         assert_eq!(&sched[..3], [true, true, false]);
         // %pB style: return addresses at the call site, function size to the next symbol.
-        assert_eq!(reader.frames[2].symbol.as_deref(), Some("pipe_read+0x10/0x100"));
+        assert_eq!(
+            reader.frames[2].symbol.as_deref(),
+            Some("pipe_read+0x10/0x100")
+        );
         assert!(reader.touches(sk.function("pipe_read"), sk.function("pipe_read") + 0x100));
 
         let kthread = by(2);
@@ -115,7 +127,10 @@ fn stacks_unwind_like_proc_pid_stack_and_are_reliable() {
         assert!(busy_kernel.reliable, "{:?}", busy_kernel.problem);
         assert_eq!(functions(busy_kernel)[..2], ["clear_user", "read_zero"]);
         assert!(busy_kernel.frames[0].interrupted);
-        assert_eq!(busy_kernel.frames[0].symbol.as_deref(), Some("clear_user+0x20/0x100"));
+        assert_eq!(
+            busy_kernel.frames[0].symbol.as_deref(),
+            Some("clear_user+0x20/0x100")
+        );
 
         let busy_user = by(21);
         assert_eq!(busy_user.start, TraceStart::UserMode(1));
@@ -173,7 +188,8 @@ fn corrupt_lists_and_stacks_are_typed_errors() {
     let mut g = sk.guest.clone();
     let reader_task = sk.task_addrs[2];
     let pa = m.translate(reader_task + l.task.thread_sp).unwrap();
-    g.write_phys(pa, &0xffff_ffff_ffff_0000u64.to_le_bytes()).unwrap();
+    g.write_phys(pa, &0xffff_ffff_ffff_0000u64.to_le_bytes())
+        .unwrap();
     let t = traces(&k, &g).into_iter().find(|t| t.pid == 11).unwrap();
     assert!(!t.reliable);
     assert!(t.problem.unwrap().contains("outside the task's stack"));
@@ -234,7 +250,10 @@ fn hostile_memory_never_panics_and_stays_bounded() {
             let mut g = sk.guest.clone();
             for _ in 0..1 + rng.below(8) {
                 let target = match rng.below(4) {
-                    0 => sk.task_addrs[rng.below(sk.task_addrs.len() as u64) as usize] + rng.below(0x300),
+                    0 => {
+                        sk.task_addrs[rng.below(sk.task_addrs.len() as u64) as usize]
+                            + rng.below(0x300)
+                    }
                     1 => k.addrs.init_task + rng.below(0x300),
                     // Somewhere in a stack: near the saved sp of a task.
                     2 => {
@@ -283,7 +302,7 @@ fn hostile_memory_never_panics_and_stays_bounded() {
             }
             if rng.below(8) == 0 {
                 // Page tables themselves.
-                let at = g.tables_start() + rng.below(g.ram.len() as u64 - g.tables_start()) & !7;
+                let at = (g.tables_start() + rng.below(g.ram.len() as u64 - g.tables_start())) & !7;
                 let near = g.read_u64_raw(at);
                 g.write_phys_raw(at, &hostile_word(&mut rng, near).to_le_bytes());
             }
@@ -304,4 +323,46 @@ fn hostile_memory_never_panics_and_stays_bounded() {
     eprintln!("hostile memory: {cases} cases, slowest {slowest:?}");
     assert!(cases >= 3000);
     assert!(slowest < Duration::from_secs(5), "a case took {slowest:?}");
+}
+
+/// Acceptance: no struct offset is a literal in the code that reads kernel structures.
+/// Every number added to a guest address there must be an architectural constant, and
+/// say so with an `// arch:` comment on its line; struct offsets come from BTF.
+#[test]
+fn no_struct_offset_is_written_by_hand() {
+    let sources = [
+        ("tasks.rs", include_str!("tasks.rs")),
+        ("stack.rs", include_str!("stack.rs")),
+        ("kernel.rs", include_str!("kernel.rs")),
+        ("layout.rs", include_str!("layout.rs")),
+        ("memory.rs", include_str!("memory.rs")),
+    ];
+    let mut offenders = Vec::new();
+    for (file, text) in sources {
+        let code = text.split("#[cfg(test)]").next().unwrap_or(text);
+        for (n, line) in code.lines().enumerate() {
+            let (stmt, comment) = line.split_once("//").unwrap_or((line, ""));
+            let literal_after = |pat: &str| {
+                stmt.match_indices(pat).any(|(i, _)| {
+                    stmt[i + pat.len()..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_digit())
+                })
+            };
+            let arithmetic = literal_after("wrapping_add(")
+                || literal_after("wrapping_sub(")
+                || literal_after("checked_add(")
+                || ((stmt.contains("addr") || stmt.contains("base") || stmt.contains("task"))
+                    && (literal_after(" + ") || literal_after(" - ")));
+            if arithmetic && !comment.trim_start().starts_with("arch:") {
+                offenders.push(format!("{file}:{}: {}", n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "offsets written by hand:\n{}",
+        offenders.join("\n")
+    );
 }

@@ -73,7 +73,8 @@ impl AreaLayout {
     pub fn new(phys: PhysRange, va: u64) -> Result<AreaLayout, KpError> {
         let pages = phys.size / PAGE;
         let table_pages = pages.div_ceil(512);
-        if phys.start % PMD_SPAN != 0 || phys.size % PMD_SPAN != 0 || pages < 16 {
+        if !phys.start.is_multiple_of(PMD_SPAN) || !phys.size.is_multiple_of(PMD_SPAN) || pages < 16
+        {
             return Err(KpError::Area(format!(
                 "patch area {:#x}+{:#x} must be 2 MiB aligned, a multiple of 2 MiB and at least 2 MiB",
                 phys.start, phys.size
@@ -139,12 +140,15 @@ pub fn choose_va(mem: &KernelMemory, kernel: &Kernel, size: u64) -> Result<u64, 
     };
     let (text, end) = (sym("_text")?, sym("_end")?);
     let after = end.div_ceil(PMD_SPAN) * PMD_SPAN + PMD_SPAN;
-    let below = (text / PMD_SPAN * PMD_SPAN).wrapping_sub(PMD_SPAN + size.div_ceil(PMD_SPAN) * PMD_SPAN);
+    let below =
+        (text / PMD_SPAN * PMD_SPAN).wrapping_sub(PMD_SPAN + size.div_ceil(PMD_SPAN) * PMD_SPAN);
     for va in [after, below] {
         if va < IMAGE_RANGE_START || va.checked_add(size).is_none_or(|e| e > IMAGE_RANGE_END) {
             continue;
         }
-        if (0..size.div_ceil(PMD_SPAN)).all(|i| pmd_slot(mem, va + i * PMD_SPAN).is_ok_and(|(_, e)| e == 0)) {
+        if (0..size.div_ceil(PMD_SPAN))
+            .all(|i| pmd_slot(mem, va + i * PMD_SPAN).is_ok_and(|(_, e)| e == 0))
+        {
             return Ok(va);
         }
     }
@@ -238,6 +242,13 @@ mod tests {
         assert_eq!(l.pte_flags(l.rodata.start).unwrap() & (RW | NX), NX);
         assert_eq!(l.pte_flags(l.data.start).unwrap() & (RW | NX), RW | NX);
         assert_eq!(l.pa(l.code.start), 0xc000_0000 + 8 * PAGE);
-        assert!(AreaLayout::new(PhysRange { start: 0x1000, size: 16 << 20 }, 0).is_err());
+        assert!(AreaLayout::new(
+            PhysRange {
+                start: 0x1000,
+                size: 16 << 20
+            },
+            0
+        )
+        .is_err());
     }
 }

@@ -76,7 +76,11 @@ pub fn build(
 }
 
 /// Run the compiler; returns the object's bytes, checked for nothing.
-pub fn compile(source: &Path, includes: &[PathBuf], extra: &[String]) -> Result<Vec<u8>, BuildError> {
+pub fn compile(
+    source: &Path,
+    includes: &[PathBuf],
+    extra: &[String],
+) -> Result<Vec<u8>, BuildError> {
     let cc = std::env::var("CC").unwrap_or_else(|_| "gcc".into());
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -90,7 +94,9 @@ pub fn compile(source: &Path, includes: &[PathBuf], extra: &[String]) -> Result<
         .arg("-print-file-name=include")
         .output()
         .map_err(|e| BuildError::NoCompiler(cc.clone(), e))?;
-    let gcc_include = String::from_utf8_lossy(&gcc_include.stdout).trim().to_string();
+    let gcc_include = String::from_utf8_lossy(&gcc_include.stdout)
+        .trim()
+        .to_string();
     let obj = tmp.join("out.o");
     let mut cmd = Command::new(&cc);
     cmd.args(CFLAGS)
@@ -102,7 +108,9 @@ pub fn compile(source: &Path, includes: &[PathBuf], extra: &[String]) -> Result<
         cmd.arg("-I").arg(i);
     }
     cmd.args(extra).arg("-o").arg(&obj).arg(source);
-    let out = cmd.output().map_err(|e| BuildError::NoCompiler(cc.clone(), e))?;
+    let out = cmd
+        .output()
+        .map_err(|e| BuildError::NoCompiler(cc.clone(), e))?;
     let result = if out.status.success() {
         std::fs::read(&obj).map_err(|e| BuildError::Io(format!("reading {}: {e}", obj.display())))
     } else {

@@ -180,7 +180,10 @@ impl Engine {
         }
         for d in &m.depends {
             self.patch(d).map_err(|_| {
-                KpError::Dependency(format!("{} depends on patch '{d}', which is not loaded", m.name))
+                KpError::Dependency(format!(
+                    "{} depends on patch '{d}', which is not loaded",
+                    m.name
+                ))
             })?;
         }
 
@@ -192,11 +195,14 @@ impl Engine {
                 None => (name, None),
             };
             syms.resolve(kname, pos).map(|s| s.addr).map_err(|e| {
-                KpError::Symbol(format!("{e}{}", if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
-                    " (bind it with LPVMM_SYMBOL(local, name, pos))"
-                } else {
-                    ""
-                }))
+                KpError::Symbol(format!(
+                    "{e}{}",
+                    if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
+                        " (bind it with LPVMM_SYMBOL(local, name, pos))"
+                    } else {
+                        ""
+                    }
+                ))
             })
         };
 
@@ -208,7 +214,10 @@ impl Engine {
                 .resolve(&r.old.name, r.old.pos)
                 .map_err(|e| KpError::Symbol(e.to_string()))?;
             if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
-                return Err(KpError::Symbol(format!("{} is not a kernel function", r.old)));
+                return Err(KpError::Symbol(format!(
+                    "{} is not a kernel function",
+                    r.old
+                )));
             }
             let size = syms.size_at(sym.addr).unwrap_or(0);
             let entry = mem
@@ -293,11 +302,17 @@ impl Engine {
         }
         let mut funcs = Vec::new();
         for (r, old_addr, old_size, site_va, site_pa) in targets {
-            let f = obj.function(&r.new).ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
+            let f = obj
+                .function(&r.new)
+                .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
             let new_addr = linked.functions[&r.new];
             site::jump(site_va, new_addr)?;
             let off = (new_addr - linked.code.addr) as usize;
-            let body = linked.code.bytes.get(off..off + f.size as usize).unwrap_or_default();
+            let body = linked
+                .code
+                .bytes
+                .get(off..off + f.size as usize)
+                .unwrap_or_default();
             funcs.push(PatchedFunc {
                 old: r.old.clone(),
                 old_addr,
@@ -380,8 +395,11 @@ impl Engine {
             plan.ranges
                 .push((f.old_addr, f.old_addr + f.old_size, f.old.to_string()));
             // A task in the version now on top must not stay there across the switch.
-            if let Some((patch, addr, size)) = self.sites.get(&f.old_addr).and_then(|s| s.versions.last()) {
-                plan.ranges.push((*addr, addr + size, format!("{} [{patch}]", f.old)));
+            if let Some((patch, addr, size)) =
+                self.sites.get(&f.old_addr).and_then(|s| s.versions.last())
+            {
+                plan.ranges
+                    .push((*addr, addr + size, format!("{} [{patch}]", f.old)));
             }
         }
         Ok(plan)
@@ -411,9 +429,10 @@ impl Engine {
             ranges: Vec::new(),
         };
         for f in &p.funcs {
-            let s = self.sites.get(&f.old_addr).ok_or_else(|| {
-                KpError::State(format!("{} has no redirection recorded", f.old))
-            })?;
+            let s = self
+                .sites
+                .get(&f.old_addr)
+                .ok_or_else(|| KpError::State(format!("{} has no redirection recorded", f.old)))?;
             match s.versions.last() {
                 Some((top, _, _)) if top == name => {}
                 Some((top, _, _)) => {
@@ -429,14 +448,22 @@ impl Engine {
                 None => s.original,
             };
             plan.writes.push((f.site, f.site_pa, below));
-            plan.ranges
-                .push((f.new_addr, f.new_addr + f.new_size, format!("{} [{name}]", f.new_name)));
+            plan.ranges.push((
+                f.new_addr,
+                f.new_addr + f.new_size,
+                format!("{} [{name}]", f.new_name),
+            ));
         }
         Ok(plan)
     }
 
     /// Unwind every task; those in a planned range, or whose stack is unreliable, block.
-    pub fn blockers(&self, guest: &dyn PausedGuest, kernel: &Kernel, plan: &Plan) -> Result<(Vec<Blocker>, usize), KpError> {
+    pub fn blockers(
+        &self,
+        guest: &dyn PausedGuest,
+        kernel: &Kernel,
+        plan: &Plan,
+    ) -> Result<(Vec<Blocker>, usize), KpError> {
         let reader = TaskReader::new(kernel, guest);
         let list = reader
             .list()
@@ -500,7 +527,8 @@ impl Engine {
                         site_pa: f.site_pa,
                         versions: Vec::new(),
                     });
-                    s.versions.push((plan.patch.clone(), f.new_addr, f.new_size));
+                    s.versions
+                        .push((plan.patch.clone(), f.new_addr, f.new_size));
                 }
                 self.patches[idx].state = PatchState::Enabled;
                 self.patches[idx].enables += 1;
@@ -525,7 +553,9 @@ impl Engine {
     pub fn unload(&mut self, guest: &mut dyn PausedGuest, name: &str) -> Result<(), KpError> {
         let p = self.patch(name)?;
         if p.state != PatchState::Disabled {
-            return Err(KpError::State(format!("patch '{name}' is enabled; disable it first")));
+            return Err(KpError::State(format!(
+                "patch '{name}' is enabled; disable it first"
+            )));
         }
         if let Some(user) = self.patches.iter().find(|q| q.depends.contains(&p.name)) {
             return Err(KpError::Dependency(format!(
@@ -533,7 +563,11 @@ impl Engine {
                 user.name
             )));
         }
-        let layout = &self.area.as_ref().ok_or_else(|| KpError::State("no patch area".into()))?.layout;
+        let layout = &self
+            .area
+            .as_ref()
+            .ok_or_else(|| KpError::State("no patch area".into()))?
+            .layout;
         for (r, fill) in [(p.code, 0xccu8), (p.rodata, 0), (p.data, 0)] {
             if r.size() > 0 {
                 guest

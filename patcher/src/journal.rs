@@ -21,7 +21,12 @@ pub struct Journal {
 
 impl Journal {
     /// Write `data` at `pa`, remembering what was there.
-    pub fn write(&mut self, guest: &mut dyn PausedGuest, pa: u64, data: &[u8]) -> Result<(), KpError> {
+    pub fn write(
+        &mut self,
+        guest: &mut dyn PausedGuest,
+        pa: u64,
+        data: &[u8],
+    ) -> Result<(), KpError> {
         let mut before = vec![0u8; data.len()];
         guest
             .read_phys(pa, &mut before)

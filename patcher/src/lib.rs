@@ -11,9 +11,9 @@ pub mod link;
 pub mod manifest;
 pub mod object;
 pub mod site;
-pub mod transition;
 #[cfg(test)]
 mod tests;
+pub mod transition;
 
 pub use engine::{Blocker, Engine, Op, Patch, PatchState, Plan};
 pub use object::PatchObject;

@@ -112,7 +112,9 @@ pub fn link(
         for r in &s.relocs {
             let target = match &r.target {
                 RelocTarget::Section(i) => section_addrs[*i],
-                RelocTarget::Defined { section, offset, .. } => section_addrs[*section] + offset,
+                RelocTarget::Defined {
+                    section, offset, ..
+                } => section_addrs[*section] + offset,
                 RelocTarget::Kernel(n) => *resolved
                     .get(n.as_str())
                     .ok_or_else(|| KpError::Symbol(format!("'{n}' was not resolved")))?,
@@ -163,7 +165,10 @@ pub fn link(
                 RelocKind::Abs64 => value.to_le_bytes().to_vec(),
                 RelocKind::Abs32S => {
                     let v = value as i64;
-                    i32::try_from(v).map_err(|_| out_of_range(v.into()))?.to_le_bytes().to_vec()
+                    i32::try_from(v)
+                        .map_err(|_| out_of_range(v.into()))?
+                        .to_le_bytes()
+                        .to_vec()
                 }
                 RelocKind::Abs32 => u32::try_from(value)
                     .map_err(|_| out_of_range(value.into()))?
@@ -171,7 +176,10 @@ pub fn link(
                     .to_vec(),
                 RelocKind::Pc32 => {
                     let d = i128::from(target) + i128::from(r.addend) - i128::from(place);
-                    i32::try_from(d).map_err(|_| out_of_range(d))?.to_le_bytes().to_vec()
+                    i32::try_from(d)
+                        .map_err(|_| out_of_range(d))?
+                        .to_le_bytes()
+                        .to_vec()
                 }
             };
             images[ri].bytes[at..at + bytes.len()].copy_from_slice(&bytes);

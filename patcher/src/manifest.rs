@@ -88,8 +88,7 @@ fn is_c_identifier(s: &str) -> bool {
 pub fn valid_patch_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
@@ -98,13 +97,16 @@ impl Manifest {
         let bad = |m: String| KpError::Manifest(m);
         let mut m = Manifest::default();
         let mut version = None;
-        let entries: Vec<&[u8]> = section.split(|&b| b == 0).filter(|e| !e.is_empty()).collect();
+        let entries: Vec<&[u8]> = section
+            .split(|&b| b == 0)
+            .filter(|e| !e.is_empty())
+            .collect();
         if entries.len() > MAX_ENTRIES {
             return Err(bad(format!("more than {MAX_ENTRIES} entries")));
         }
         for raw in entries {
-            let entry = std::str::from_utf8(raw)
-                .map_err(|_| bad("an entry is not UTF-8".into()))?;
+            let entry =
+                std::str::from_utf8(raw).map_err(|_| bad("an entry is not UTF-8".into()))?;
             let (key, value) = entry
                 .split_once('=')
                 .ok_or_else(|| bad(format!("entry without '=': {entry:.80}")))?;
@@ -154,7 +156,8 @@ impl Manifest {
                     if !is_c_identifier(local) {
                         return Err(bad(format!("symbol: '{local:.80}' is not a name")));
                     }
-                    let kernel = KernelSymbol::parse(kernel).map_err(|e| bad(format!("symbol: {e}")))?;
+                    let kernel =
+                        KernelSymbol::parse(kernel).map_err(|e| bad(format!("symbol: {e}")))?;
                     m.bindings.push(SymbolBinding {
                         local: local.to_string(),
                         kernel,
@@ -174,7 +177,9 @@ impl Manifest {
             }
         }
         if version.is_none() {
-            return Err(bad("no 'lpvmm=' version entry (declare the patch with LPVMM_PATCH)".into()));
+            return Err(bad(
+                "no 'lpvmm=' version entry (declare the patch with LPVMM_PATCH)".into(),
+            ));
         }
         if m.name.is_empty() {
             return Err(bad("no name (declare the patch with LPVMM_PATCH)".into()));
@@ -223,8 +228,14 @@ mod tests {
             (vec!["lpvmm=1", "name=bad name", "replace=a:b"], "name"),
             (vec!["lpvmm=1", "name=x", "replace=a"], "OLD:NEW"),
             (vec!["lpvmm=1", "name=x", "replace=a,0:b"], "position"),
-            (vec!["lpvmm=1", "name=x", "replace=a:b", "replace=a:c"], "twice"),
-            (vec!["lpvmm=1", "name=x", "replace=a:b", "color=red"], "unknown key"),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "replace=a:c"],
+                "twice",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "color=red"],
+                "unknown key",
+            ),
         ] {
             let e = Manifest::parse(&raw(&entries)).unwrap_err().to_string();
             assert!(e.contains(want), "{entries:?}: {e}");

@@ -54,7 +54,11 @@ pub enum RelocTarget {
     /// The start of a laid-out section of the patch (index into `sections`).
     Section(usize),
     /// A symbol defined in the patch: section index and offset in it.
-    Defined { section: usize, offset: u64, name: String },
+    Defined {
+        section: usize,
+        offset: u64,
+        name: String,
+    },
     /// A symbol the kernel must provide.
     Kernel(String),
 }
@@ -182,7 +186,9 @@ impl PatchObject {
         }
         let file = object::File::parse(data).map_err(|e| KpError::NotElf(e.to_string()))?;
         if !file.is_64() || !file.is_little_endian() {
-            return Err(KpError::WrongMachine("not a 64-bit little-endian object".into()));
+            return Err(KpError::WrongMachine(
+                "not a 64-bit little-endian object".into(),
+            ));
         }
         if file.architecture() != object::Architecture::X86_64 {
             return Err(KpError::WrongMachine(format!(
@@ -220,9 +226,16 @@ impl PatchObject {
             };
             // Contents are bounded by the file; zero-filled data only by a sanity limit
             // (the patch area, much smaller, refuses it with a clearer message).
-            let limit = if kind == SectionKind::Bss { 1 << 30 } else { MAX_KP_BYTES as u64 };
+            let limit = if kind == SectionKind::Bss {
+                1 << 30
+            } else {
+                MAX_KP_BYTES as u64
+            };
             if s.size() > limit {
-                return Err(KpError::Truncated(format!("section {name} claims {} bytes", s.size())));
+                return Err(KpError::Truncated(format!(
+                    "section {name} claims {} bytes",
+                    s.size()
+                )));
             }
             let bytes = if kind == SectionKind::Bss {
                 Vec::new()
@@ -233,7 +246,9 @@ impl PatchObject {
             };
             let align = s.align().max(1);
             if !align.is_power_of_two() || align > 4096 {
-                return Err(KpError::Unsupported(format!("section {name}: alignment {align}")));
+                return Err(KpError::Unsupported(format!(
+                    "section {name}: alignment {align}"
+                )));
             }
             index_of.insert(s.index(), sections.len());
             sections.push(Section {
@@ -276,7 +291,9 @@ impl PatchObject {
             let sname = sections[ours].name.clone();
             for (offset, r) in s.relocations() {
                 let RelocationFlags::Elf { r_type } = r.flags() else {
-                    return Err(KpError::Unsupported(format!("{sname}+{offset:#x}: non-ELF relocation")));
+                    return Err(KpError::Unsupported(format!(
+                        "{sname}+{offset:#x}: non-ELF relocation"
+                    )));
                 };
                 let target = match r.target() {
                     RelocationTarget::Symbol(si) => {
@@ -337,7 +354,9 @@ impl PatchObject {
                 })?;
                 let width = if kind == RelocKind::Abs64 { 8 } else { 4 };
                 if sections[ours].kind == SectionKind::Bss
-                    || offset.checked_add(width).is_none_or(|e| e > sections[ours].size)
+                    || offset
+                        .checked_add(width)
+                        .is_none_or(|e| e > sections[ours].size)
                 {
                     return Err(KpError::Truncated(format!(
                         "relocation at {sname}+{offset:#x} is outside the section"

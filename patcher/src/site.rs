@@ -73,9 +73,15 @@ mod tests {
             SiteState::Jump(0xffff_ffff_a000_0000)
         );
         let traced = [0xe8, 1, 2, 3, 4];
-        assert!(inspect("f", 0, &traced).unwrap_err().to_string().contains("ftrace"));
+        assert!(inspect("f", 0, &traced)
+            .unwrap_err()
+            .to_string()
+            .contains("ftrace"));
         let plain = [0x55, 0x48, 0x89, 0xe5, 0x90];
-        assert!(inspect("f", 0, &plain).unwrap_err().to_string().contains("not an fentry NOP"));
+        assert!(inspect("f", 0, &plain)
+            .unwrap_err()
+            .to_string()
+            .contains("not an fentry NOP"));
         assert_eq!(site_offset(&[0xf3, 0x0f, 0x1e, 0xfa, 0x0f]), 4);
         assert!(jump(0, 1 << 40).is_err());
     }

@@ -40,7 +40,9 @@ fn kp_build_refuses_what_load_would_refuse() {
     std::fs::write(&bad, "int f(void) { return 0; }\n").unwrap();
     let p = crate::build::build(&good, &dir.join("good.kp"), &[], &[]).unwrap();
     assert_eq!(p.manifest.name, "cmdline");
-    assert!(std::fs::read(dir.join("good.kp")).unwrap().starts_with(b"\x7fELF"));
+    assert!(std::fs::read(dir.join("good.kp"))
+        .unwrap()
+        .starts_with(b"\x7fELF"));
     let e = crate::build::build(&bad, &dir.join("bad.kp"), &[], &[]).unwrap_err();
     assert!(e.to_string().contains("no .lpvmm.manifest"), "{e}");
     assert!(!dir.join("bad.kp").exists());
@@ -87,14 +89,23 @@ fn patch_named(name: &str, target: &str) -> Vec<u8> {
 
 fn site_bytes(f: &Fixture, g: &SynthGuest, func: &str) -> [u8; 5] {
     let m = f.kernel.memory(g);
-    m.read_vec(f.sk.function(func), 5).unwrap().try_into().unwrap()
+    m.read_vec(f.sk.function(func), 5)
+        .unwrap()
+        .try_into()
+        .unwrap()
 }
 
 fn enable(f: &mut Fixture, g: &mut SynthGuest, name: &str) -> Result<(), String> {
     let plan = f.engine.plan_enable(name).map_err(|e| e.to_string())?;
     let (blockers, _) = f.engine.blockers(g, &f.kernel, &plan).unwrap();
     if !blockers.is_empty() {
-        return Err(format!("blocked: {:?}", blockers.iter().map(|b| (&b.comm, &b.reason)).collect::<Vec<_>>()));
+        return Err(format!(
+            "blocked: {:?}",
+            blockers
+                .iter()
+                .map(|b| (&b.comm, &b.reason))
+                .collect::<Vec<_>>()
+        ));
     }
     f.engine.apply(g, &plan).map_err(|e| e.to_string())
 }
@@ -123,15 +134,26 @@ fn load_links_against_kallsyms_and_enable_disable_restore_exact_bytes() {
     assert_eq!(p.state, PatchState::Disabled);
     let func = &p.funcs[0];
     assert!(func.frame_pointer, "kp build keeps frame pointers");
-    assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), FENTRY_NOP, "load alone redirects nothing");
+    assert_eq!(
+        site_bytes(&f, &g, "cmdline_proc_show"),
+        FENTRY_NOP,
+        "load alone redirects nothing"
+    );
     // The call to seq_printf was relocated to the kernel's seq_printf, through the new
     // mapping of the patch area.
     let m = f.kernel.memory(&g);
     let code = m.read_vec(func.new_addr, func.new_size as usize).unwrap();
-    let mut d = iced_x86::Decoder::with_ip(64, &code, func.new_addr, iced_x86::DecoderOptions::NONE);
+    let mut d =
+        iced_x86::Decoder::with_ip(64, &code, func.new_addr, iced_x86::DecoderOptions::NONE);
     let targets: Vec<u64> = d.iter().map(|i| i.near_branch_target()).collect();
-    assert!(targets.contains(&f.sk.function("seq_printf")), "{targets:x?}");
-    assert!(p.imports.iter().any(|(n, a)| n == "seq_printf" && *a == f.sk.function("seq_printf")));
+    assert!(
+        targets.contains(&f.sk.function("seq_printf")),
+        "{targets:x?}"
+    );
+    assert!(p
+        .imports
+        .iter()
+        .any(|(n, a)| n == "seq_printf" && *a == f.sk.function("seq_printf")));
 
     enable(&mut f, &mut g, "cmdline").unwrap();
     let site = site_bytes(&f, &g, "cmdline_proc_show");
@@ -144,7 +166,10 @@ fn load_links_against_kallsyms_and_enable_disable_restore_exact_bytes() {
     disable(&mut f, &mut g, "cmdline").unwrap();
     let m = f.kernel.memory(&g);
     let t = f.kernel.addrs.text;
-    assert_eq!(m.read_vec(t.start, (t.end - t.start) as usize).unwrap(), text_before);
+    assert_eq!(
+        m.read_vec(t.start, (t.end - t.start) as usize).unwrap(),
+        text_before
+    );
     // Enable again after disable, then unload.
     enable(&mut f, &mut g, "cmdline").unwrap();
     disable(&mut f, &mut g, "cmdline").unwrap();
@@ -156,35 +181,60 @@ fn load_links_against_kallsyms_and_enable_disable_restore_exact_bytes() {
 fn a_task_inside_the_old_function_blocks_and_is_named() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
-    f.engine.load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read")).unwrap();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
     let plan = f.engine.plan_enable("pipefix").unwrap();
     let (blockers, tasks) = f.engine.blockers(&g, &f.kernel, &plan).unwrap();
     assert!(tasks >= 8);
-    let mut who: Vec<(i32, &str)> = blockers.iter().map(|b| (b.pid, b.reason.as_str())).collect();
+    let mut who: Vec<(i32, &str)> = blockers
+        .iter()
+        .map(|b| (b.pid, b.reason.as_str()))
+        .collect();
     who.sort();
-    assert_eq!(who, [(11, "pipe_read is on its stack"), (12, "pipe_read is on its stack")]);
-    assert!(blockers[0].trace.frames.iter().any(|fr| fr.function.as_deref() == Some("pipe_read")));
+    assert_eq!(
+        who,
+        [
+            (11, "pipe_read is on its stack"),
+            (12, "pipe_read is on its stack")
+        ]
+    );
+    assert!(blockers[0]
+        .trace
+        .frames
+        .iter()
+        .any(|fr| fr.function.as_deref() == Some("pipe_read")));
 }
 
 #[test]
 fn versions_stack_and_disable_out_of_order_is_refused() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
-    f.engine.load(&mut g, &f.kernel, &patch_named("a", "meminfo_proc_show")).unwrap();
-    f.engine.load(&mut g, &f.kernel, &patch_named("b", "meminfo_proc_show")).unwrap();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("a", "meminfo_proc_show"))
+        .unwrap();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("b", "meminfo_proc_show"))
+        .unwrap();
     enable(&mut f, &mut g, "a").unwrap();
     enable(&mut f, &mut g, "b").unwrap();
     let b_addr = f.engine.patch("b").unwrap().funcs[0].new_addr;
     let a_addr = f.engine.patch("a").unwrap().funcs[0].new_addr;
     let target = |f: &Fixture, g: &SynthGuest| {
         let s = site_bytes(f, g, "meminfo_proc_show");
-        (f.sk.function("meminfo_proc_show") as i64 + 5 + i64::from(i32::from_le_bytes(s[1..5].try_into().unwrap()))) as u64
+        (f.sk.function("meminfo_proc_show") as i64
+            + 5
+            + i64::from(i32::from_le_bytes(s[1..5].try_into().unwrap()))) as u64
     };
     assert_eq!(target(&f, &g), b_addr);
     let e = disable(&mut f, &mut g, "a").unwrap_err();
     assert!(e.contains("newer version from patch 'b'"), "{e}");
     disable(&mut f, &mut g, "b").unwrap();
-    assert_eq!(target(&f, &g), a_addr, "disabling the top re-exposes the version below");
+    assert_eq!(
+        target(&f, &g),
+        a_addr,
+        "disabling the top re-exposes the version below"
+    );
     disable(&mut f, &mut g, "a").unwrap();
     assert_eq!(site_bytes(&f, &g, "meminfo_proc_show"), FENTRY_NOP);
 }
@@ -197,13 +247,22 @@ fn dependencies_are_enforced_both_ways() {
         "#include <lpvmm/patch.h>\nint nf(void) { return 1; }\nLPVMM_PATCH(\"top\");\nLPVMM_DEPENDS(\"base\");\nLPVMM_REPLACE(meminfo_proc_show, nf);\n",
         &[],
     );
-    assert!(matches!(f.engine.load(&mut g, &f.kernel, &dep), Err(KpError::Dependency(_))));
-    f.engine.load(&mut g, &f.kernel, &patch_named("base", "cmdline_proc_show")).unwrap();
+    assert!(matches!(
+        f.engine.load(&mut g, &f.kernel, &dep),
+        Err(KpError::Dependency(_))
+    ));
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("base", "cmdline_proc_show"))
+        .unwrap();
     f.engine.load(&mut g, &f.kernel, &dep).unwrap();
-    assert!(enable(&mut f, &mut g, "top").unwrap_err().contains("not enabled"));
+    assert!(enable(&mut f, &mut g, "top")
+        .unwrap_err()
+        .contains("not enabled"));
     enable(&mut f, &mut g, "base").unwrap();
     enable(&mut f, &mut g, "top").unwrap();
-    assert!(disable(&mut f, &mut g, "base").unwrap_err().contains("depends on 'base'"));
+    assert!(disable(&mut f, &mut g, "base")
+        .unwrap_err()
+        .contains("depends on 'base'"));
     let _ = Op::Enable;
 }
 
@@ -371,5 +430,8 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
     let t = tail(&jmp);
     let site = at.code + f.offset + f.size - 5;
     let rel = i32::from_le_bytes(t[1..5].try_into().unwrap());
-    assert_eq!((t[0], (site as i64 + 5 + i64::from(rel)) as u64), (0xe9, thunk));
+    assert_eq!(
+        (t[0], (site as i64 + 5 + i64::from(rel)) as u64),
+        (0xe9, thunk)
+    );
 }

@@ -29,7 +29,7 @@ pub enum Outcome {
 /// Wait after the `attempts`-th blocked attempt: doubling from FIRST_BACKOFF.
 fn backoff_after(attempts: u32) -> Duration {
     FIRST_BACKOFF
-        .saturating_mul(1 << attempts.clamp(1, 16) - 1)
+        .saturating_mul(1 << (attempts.clamp(1, 16) - 1))
         .min(MAX_BACKOFF)
 }
 

@@ -72,7 +72,10 @@ impl TestHost {
 
     /// Like [`TestHost::start_with`], with extra files on the host: each local file is
     /// at the given absolute path there (see [`TestHost::file`]).
-    pub fn start_with_files(with_qemu: bool, files: &[(PathBuf, String)]) -> Result<TestHost, String> {
+    pub fn start_with_files(
+        with_qemu: bool,
+        files: &[(PathBuf, String)],
+    ) -> Result<TestHost, String> {
         let images = images_dir();
         for need in [
             "guest-6.1/vmlinuz",
@@ -268,14 +271,14 @@ impl TestHost {
                     "{{\n{cmd}\n}} </dev/null 2>&1; echo \"{marker}$?__\"\n"
                 ))?;
                 let waited = shell.wait_for(&format!("end of `{cmd}`"), timeout, |t| {
-                        let i = t.find(&marker)?;
-                        let rest = &t[i + marker.len()..];
-                        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-                        if digits == 0 || !rest[digits..].starts_with("__") {
-                            return None;
-                        }
-                        Some((i, i + marker.len() + digits + 2))
-                    });
+                    let i = t.find(&marker)?;
+                    let rest = &t[i + marker.len()..];
+                    let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+                    if digits == 0 || !rest[digits..].starts_with("__") {
+                        return None;
+                    }
+                    Some((i, i + marker.len() + digits + 2))
+                });
                 let (before, matched) = waited.map_err(|e| format!("{e}{}", self.host_death()))?;
                 let code = matched[marker.len()..matched.len() - 2]
                     .parse()
@@ -294,7 +297,10 @@ impl TestHost {
             return String::new();
         };
         let err = std::fs::read_to_string(self.workdir.join("qemu.err")).unwrap_or_default();
-        format!("\nthe test host's QEMU exited ({status}); its stderr:\n{}", tail(&err, 3000))
+        format!(
+            "\nthe test host's QEMU exited ({status}); its stderr:\n{}",
+            tail(&err, 3000)
+        )
     }
 
     /// Run a command that must succeed; returns its output.
@@ -405,7 +411,10 @@ impl TestHost {
             },
             HostMode::Nested => {
                 let rc = format!("{}/{name}.rc", self.tmp());
-                !self.exec(&format!("cat {rc} 2>/dev/null || true"))?.trim().is_empty()
+                !self
+                    .exec(&format!("cat {rc} 2>/dev/null || true"))?
+                    .trim()
+                    .is_empty()
             }
         };
         if !done {
@@ -418,10 +427,14 @@ impl TestHost {
     /// Start lpvmm and wait for the guest's ready line, failing as soon as lpvmm exits.
     fn boot_attempt(&mut self, name: &str, args: &str) -> Result<String, (String, bool)> {
         let cmd = format!("{} run --name {name} {args}", self.lpvmm());
-        self.spawn_console_program(name, &cmd).map_err(|e| (e, false))?;
+        self.spawn_console_program(name, &cmd)
+            .map_err(|e| (e, false))?;
         let t0 = Instant::now();
         loop {
-            match self.guest_console().wait_line("LPVMM-GUEST-READY", Duration::from_secs(15)) {
+            match self
+                .guest_console()
+                .wait_line("LPVMM-GUEST-READY", Duration::from_secs(15))
+            {
                 Ok(line) => return Ok(line),
                 Err(e) => {
                     if let Some(stderr) = self.exited(name).map_err(|e| (e, false))? {
@@ -429,7 +442,8 @@ impl TestHost {
                         return Err((format!("lpvmm exited during boot:\n{stderr}"), triple));
                     }
                     if t0.elapsed() > BOOT_TIMEOUT {
-                        let _ = self.exec_status(&format!("{} stop {name}", self.lpvmm()), CMD_TIMEOUT);
+                        let _ =
+                            self.exec_status(&format!("{} stop {name}", self.lpvmm()), CMD_TIMEOUT);
                         let stderr = self.exited(name).ok().flatten().unwrap_or_default();
                         return Err((format!("{e}\nlpvmm stderr:\n{stderr}"), false));
                     }
@@ -463,7 +477,9 @@ impl TestHost {
                     break;
                 }
                 Err((e, true)) if attempt == 1 => {
-                    eprintln!("WARNING: guest {name} triple-faulted during boot; booting it again.\n{e}");
+                    eprintln!(
+                        "WARNING: guest {name} triple-faulted during boot; booting it again.\n{e}"
+                    );
                 }
                 Err((e, _)) => return Err(e),
             }

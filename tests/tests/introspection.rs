@@ -90,7 +90,6 @@ fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
     Ok(())
 }
 
-
 fn json(out: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(out).map_err(|e| format!("{e}: {}", lpvmm_tests::tail(out, 2000)))
 }
@@ -141,7 +140,11 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
     let (rc, out) = g.lpvmm(&format!("sym {{vm}} --all > {tmp}/ours.all"))?;
     check!(rc == 0, "lpvmm sym --all failed: {out}");
     let ours_cmd = format!("cat {tmp}/ours.all");
-    let ours = nonempty_lines(&g.host.exec(&digest_cmd(&ours_cmd, &format!("{tmp}/ks"), CHUNK_LINES))?);
+    let ours = nonempty_lines(&g.host.exec(&digest_cmd(
+        &ours_cmd,
+        &format!("{tmp}/ks"),
+        CHUNK_LINES,
+    ))?);
     eprintln!(
         "{series}: /proc/kallsyms has {} kernel entries ({} module/bpf lines left out), lpvmm {}",
         guest.first().map(String::as_str).unwrap_or("?"),
@@ -149,7 +152,10 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
         ours.first().map(String::as_str).unwrap_or("?")
     );
     if guest == ours {
-        let n = guest.first().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        let n = guest
+            .first()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
         check!(n > 10_000, "suspiciously few symbols: {guest:?}");
         eprintln!("{series}: all {n} entries equal (sha256 {})", guest[1]);
         return g.poweroff().map(|_| ());
@@ -164,7 +170,11 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
     let g2 = nonempty_lines(&g.run(&window(theirs_cmd, "/tmp/ks2"))?);
     let o2 = nonempty_lines(&g.host.exec(&window(&ours_cmd, &format!("{tmp}/ks2")))?);
     let sub = first_differing_chunk(&g2, &o2);
-    let show = format!("sed -n '{},{}p'", sub * SHOW_LINES + 1, (sub + 1) * SHOW_LINES);
+    let show = format!(
+        "sed -n '{},{}p'",
+        sub * SHOW_LINES + 1,
+        (sub + 1) * SHOW_LINES
+    );
     let theirs_region = g.run(&format!("{show} /tmp/ks2/all"))?;
     let ours_region = g.host.exec(&format!("{show} {tmp}/ks2/all"))?;
     Err(format!(
@@ -186,7 +196,11 @@ fn task_set(out: &str) -> std::collections::BTreeSet<(i64, i64, String)> {
     out.lines()
         .filter_map(|l| {
             let mut f = l.trim().splitn(3, ' ');
-            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?.to_string()))
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.to_string(),
+            ))
         })
         .collect()
 }
@@ -221,7 +235,8 @@ fn tasks_equal_guest_view(host: &mut TestHost, series: &str) -> TestResult {
     let same_name = |ours: &str, theirs: &str| {
         ours == theirs
             || (theirs.starts_with(ours)
-                && (ours.len() == 15 || matches!(theirs[ours.len()..].chars().next(), Some('-' | '+'))))
+                && (ours.len() == 15
+                    || matches!(theirs[ours.len()..].chars().next(), Some('-' | '+'))))
     };
     let matches = |set: &std::collections::BTreeSet<(i64, i64, String)>, t: &(i64, i64, String)| {
         set.iter()
@@ -236,22 +251,38 @@ fn tasks_equal_guest_view(host: &mut TestHost, series: &str) -> TestResult {
     let union: std::collections::BTreeSet<_> = before.union(&after).cloned().collect();
     let unexplained: Vec<_> = ours
         .iter()
-        .filter(|o| !union.iter().any(|t| t.0 == o.0 && t.1 == o.1 && same_name(&o.2, &t.2)))
+        .filter(|o| {
+            !union
+                .iter()
+                .any(|t| t.0 == o.0 && t.1 == o.1 && same_name(&o.2, &t.2))
+        })
         .collect();
     check!(
         unexplained.is_empty(),
         "{series}: lpvmm lists tasks the guest never showed: {unexplained:?}"
     );
-    let idle = tasks.iter().filter(|t| t["idle"].as_bool() == Some(true)).count();
+    let idle = tasks
+        .iter()
+        .filter(|t| t["idle"].as_bool() == Some(true))
+        .count();
     check!(idle == 2, "{series}: {idle} idle tasks for 2 vCPUs");
     let vcpus = v["list"]["vcpus"].as_array().ok_or("no vcpus")?;
     check!(vcpus.len() == 2, "{series}: {} vCPUs reported", vcpus.len());
     let mut cpus = Vec::new();
     for vc in vcpus {
-        let pid = vc["pid"].as_i64().ok_or_else(|| format!("vCPU without a current task: {vc}"))?;
+        let pid = vc["pid"]
+            .as_i64()
+            .ok_or_else(|| format!("vCPU without a current task: {vc}"))?;
         let known = pid == 0 || ours.iter().any(|t| t.0 == pid);
-        check!(known, "{series}: vCPU current pid {pid} is not in the task list: {vc}");
-        cpus.push(vc["cpu"].as_u64().ok_or_else(|| format!("vCPU without a CPU: {vc}"))?);
+        check!(
+            known,
+            "{series}: vCPU current pid {pid} is not in the task list: {vc}"
+        );
+        cpus.push(
+            vc["cpu"]
+                .as_u64()
+                .ok_or_else(|| format!("vCPU without a CPU: {vc}"))?,
+        );
     }
     cpus.sort();
     check!(cpus == [0, 1], "{series}: vCPUs map to CPUs {cpus:?}");
@@ -303,7 +334,10 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
     let sleeper = pid_of(&mut g, "sleep 1000 &")?;
     let waiter = pid_of(&mut g, "(sleep 1000; true) &")?;
     let user_busy = pid_of(&mut g, "(while :; do :; done) &")?;
-    let kernel_busy = pid_of(&mut g, "dd if=/dev/zero of=/dev/null bs=4M count=100000000 2>/dev/null &")?;
+    let kernel_busy = pid_of(
+        &mut g,
+        "dd if=/dev/zero of=/dev/null bs=4M count=100000000 2>/dev/null &",
+    )?;
     std::thread::sleep(std::time::Duration::from_secs(2));
 
     for (what, pid, expect) in [
@@ -330,7 +364,11 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
             ours.iter().any(|s| s.contains(expect)),
             "{series} {what}: no {expect} frame in {ours:?}"
         );
-        eprintln!("{series} {what}: {} frames equal /proc/{pid}/stack: {}", ours.len(), ours.join(" < "));
+        eprintln!(
+            "{series} {what}: {} frames equal /proc/{pid}/stack: {}",
+            ours.len(),
+            ours.join(" < ")
+        );
     }
 
     // Busy tasks: sample until each is caught in the act.
@@ -338,7 +376,10 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
     for _ in 0..30 {
         if !user_seen {
             let t = stack_of(&mut g, user_busy)?;
-            check!(t["reliable"].as_bool() == Some(true), "{series} user loop: {t}");
+            check!(
+                t["reliable"].as_bool() == Some(true),
+                "{series} user loop: {t}"
+            );
             check!(t["state"] == "R", "{series} user loop not running: {t}");
             user_seen = t["start"].get("user_mode").is_some();
         }
@@ -347,11 +388,18 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
             let frames = symbols_of(&t, false);
             if t["start"].get("vcpu").is_some() && t["reliable"].as_bool() == Some(true) {
                 check!(
-                    frames.iter().any(|f| f.starts_with("ksys_read") || f.starts_with("vfs_read"))
-                        && frames.last().is_some_and(|f| f.starts_with("entry_SYSCALL_64")),
+                    frames
+                        .iter()
+                        .any(|f| f.starts_with("ksys_read") || f.starts_with("vfs_read"))
+                        && frames
+                            .last()
+                            .is_some_and(|f| f.starts_with("entry_SYSCALL_64")),
                     "{series} dd in the kernel: unexpected frames {frames:?}"
                 );
-                eprintln!("{series} dd on a vCPU in the kernel: {}", frames.join(" < "));
+                eprintln!(
+                    "{series} dd on a vCPU in the kernel: {}",
+                    frames.join(" < ")
+                );
                 kernel_seen = true;
             }
         }
@@ -359,14 +407,22 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
             break;
         }
     }
-    check!(user_seen, "{series}: never saw the busy loop running in user mode");
-    check!(kernel_seen, "{series}: never saw dd running in the kernel with a reliable trace");
+    check!(
+        user_seen,
+        "{series}: never saw the busy loop running in user mode"
+    );
+    check!(
+        kernel_seen,
+        "{series}: never saw dd running in the kernel with a reliable trace"
+    );
 
     // Every task at once: the unwinder copes with whatever the guest is doing.
     let (rc, all) = g.lpvmm("stack {vm}")?;
     check!(rc == 0, "lpvmm stack (all) failed: {all}");
     eprintln!("{series}: {}", all.lines().last().unwrap_or(""));
-    g.run(&format!("kill {user_busy} {kernel_busy} {pipe_reader} {sleeper} {waiter} 2>/dev/null; true"))?;
+    g.run(&format!(
+        "kill {user_busy} {kernel_busy} {pipe_reader} {sleeper} {waiter} 2>/dev/null; true"
+    ))?;
     g.poweroff().map(|_| ())
 }
 
@@ -374,11 +430,20 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
 fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
     let (mut g, _) = host.boot_guest("disasm", "6.12", 1, "")?;
     let line = g.run("grep ' cmdline_proc_show$' /proc/kallsyms")?;
-    let addr = line.split_whitespace().next().ok_or("no cmdline_proc_show")?;
+    let addr = line
+        .split_whitespace()
+        .next()
+        .ok_or("no cmdline_proc_show")?;
     let (rc, out) = g.lpvmm("sym {vm} cmdline_proc_show")?;
-    check!(rc == 0 && out.contains(addr), "sym by name: {out} (guest: {line})");
+    check!(
+        rc == 0 && out.contains(addr),
+        "sym by name: {out} (guest: {line})"
+    );
     let (rc, out) = g.lpvmm(&format!("sym {{vm}} 0x{addr}"))?;
-    check!(rc == 0 && out.contains("cmdline_proc_show+0x0/"), "sym by address: {out}");
+    check!(
+        rc == 0 && out.contains("cmdline_proc_show+0x0/"),
+        "sym by address: {out}"
+    );
     let (rc, out) = g.lpvmm("disasm {vm} cmdline_proc_show --json")?;
     check!(rc == 0, "disasm: {out}");
     let v = json(&out)?;
@@ -390,7 +455,10 @@ fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
         v["lines"]
     );
     let (rc, out) = g.lpvmm("sym {vm} no_such_symbol_anywhere")?;
-    check!(rc != 0 && out.contains("no kernel symbol named"), "unknown symbol: {out}");
+    check!(
+        rc != 0 && out.contains("no kernel symbol named"),
+        "unknown symbol: {out}"
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -406,9 +474,14 @@ fn main() {
     for (name, case) in per_series {
         for series in SERIES {
             let tag = series.replace('.', "_");
-            tests.push(host_trial(format!("{name}_{tag}"), move |h| case(h, series)));
+            tests.push(host_trial(format!("{name}_{tag}"), move |h| {
+                case(h, series)
+            }));
         }
     }
-    tests.push(host_trial("sym_and_disasm_agree_with_guest", sym_and_disasm_agree_with_guest));
+    tests.push(host_trial(
+        "sym_and_disasm_agree_with_guest",
+        sym_and_disasm_agree_with_guest,
+    ));
     run_group(tests)
 }

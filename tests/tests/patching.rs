@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use lpvmm_tests::{
-    check, host_files, host_trial, lpvmm_binary, repo_root, run_group, Guest, TestHost,
-    TestResult, SERIES,
+    check, host_files, host_trial, lpvmm_binary, repo_root, run_group, Guest, TestHost, TestResult,
+    SERIES,
 };
 
 const PATCHED: &str = "this has been live patched";
@@ -63,22 +63,34 @@ fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("cmdline-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let original = g.run("cat /proc/cmdline")?.trim().to_string();
-    check!(original.contains("console=ttyS0"), "odd cmdline {original:?}");
+    check!(
+        original.contains("console=ttyS0"),
+        "odd cmdline {original:?}"
+    );
     let text_before = text_sum(&mut g)?;
 
     apply(&mut g, "cmdline")?;
     let now = g.run("cat /proc/cmdline")?;
-    check!(now.trim() == PATCHED, "{series}: patched /proc/cmdline says {now:?}");
+    check!(
+        now.trim() == PATCHED,
+        "{series}: patched /proc/cmdline says {now:?}"
+    );
     let (_, list) = g.lpvmm("patch list {vm}")?;
     check!(
         list.contains("cmdline") && list.contains("enabled"),
         "patch list: {list}"
     );
-    check!(text_sum(&mut g)? != text_before, "{series}: enabling changed no text");
+    check!(
+        text_sum(&mut g)? != text_before,
+        "{series}: enabling changed no text"
+    );
 
     toggle(&mut g, "disable", "cmdline")?;
     let back = g.run("cat /proc/cmdline")?;
-    check!(back.trim() == original, "{series}: after disable /proc/cmdline says {back:?}");
+    check!(
+        back.trim() == original,
+        "{series}: after disable /proc/cmdline says {back:?}"
+    );
     check!(
         text_sum(&mut g)? == text_before,
         "{series}: kernel text differs from before the patch after enable + disable"
@@ -86,13 +98,24 @@ fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
 
     // Enable again from the loaded copy, then back, then unload.
     toggle(&mut g, "enable", "cmdline")?;
-    check!(g.run("cat /proc/cmdline")?.trim() == PATCHED, "{series}: re-enable");
+    check!(
+        g.run("cat /proc/cmdline")?.trim() == PATCHED,
+        "{series}: re-enable"
+    );
     toggle(&mut g, "disable", "cmdline")?;
-    check!(g.run("cat /proc/cmdline")?.trim() == original, "{series}: re-disable");
+    check!(
+        g.run("cat /proc/cmdline")?.trim() == original,
+        "{series}: re-disable"
+    );
     let (rc, out) = g.lpvmm("patch unload {vm} cmdline")?;
     check!(rc == 0, "unload: {out}");
-    check!(text_sum(&mut g)? == text_before, "{series}: text after unload");
-    eprintln!("{series}: /proc/cmdline patched and restored; kernel text sha256 back to {text_before}");
+    check!(
+        text_sum(&mut g)? == text_before,
+        "{series}: text after unload"
+    );
+    eprintln!(
+        "{series}: /proc/cmdline patched and restored; kernel text sha256 back to {text_before}"
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -107,7 +130,9 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     apply(&mut g, "meminfo")?;
     let mem = g.run("cat /proc/meminfo")?;
     check!(
-        mem.lines().next().is_some_and(|l| l.starts_with("MemTotalLP:") && l.ends_with(" kB")),
+        mem.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("MemTotalLP:") && l.ends_with(" kB")),
         "{series}: /proc/meminfo after the patch:\n{mem}"
     );
 
@@ -135,10 +160,22 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     for p in ["static-call", "uname", "meminfo"] {
         toggle(&mut g, "disable", p)?;
     }
-    check!(g.run("cat /proc/meminfo")?.starts_with("MemTotal: "), "meminfo not restored");
-    check!(g.run("uname -a")?.trim() == uname_before, "uname not restored");
-    check!(g.run("cat /proc/version")?.starts_with("Linux version"), "version not restored");
-    check!(text_sum(&mut g)? == text_before, "{series}: text differs after disabling all");
+    check!(
+        g.run("cat /proc/meminfo")?.starts_with("MemTotal: "),
+        "meminfo not restored"
+    );
+    check!(
+        g.run("uname -a")?.trim() == uname_before,
+        "uname not restored"
+    );
+    check!(
+        g.run("cat /proc/version")?.starts_with("Linux version"),
+        "version not restored"
+    );
+    check!(
+        text_sum(&mut g)? == text_before,
+        "{series}: text differs after disabling all"
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -169,9 +206,13 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
     let active = &status["active"];
     let blockers = active["blockers"].as_array().cloned().unwrap_or_default();
     let ours = blockers.iter().find(|b| b["pid"].as_i64() == Some(sleeper));
-    let ours = ours.ok_or_else(|| format!("{series}: status does not name sleep {sleeper}: {active}"))?;
+    let ours =
+        ours.ok_or_else(|| format!("{series}: status does not name sleep {sleeper}: {active}"))?;
     check!(
-        ours["reason"].as_str().unwrap_or("").contains("common_nsleep"),
+        ours["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("common_nsleep"),
         "{series}: reason {}",
         ours["reason"]
     );
@@ -188,7 +229,10 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
         human.contains(&format!("blocked by pid {sleeper}")),
         "{series}: human status does not name the sleeper:\n{human}"
     );
-    check!(text_sum(&mut g)? == text_before, "{series}: text changed while blocked");
+    check!(
+        text_sum(&mut g)? == text_before,
+        "{series}: text changed while blocked"
+    );
     // The sleep ends; the patch applies within the timeout.
     let mut done = None;
     for _ in 0..120 {
@@ -212,19 +256,33 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
     toggle(&mut g, "disable", "nsleep")?;
     let (rc, out) = g.lpvmm("patch unload {vm} nsleep")?;
     check!(rc == 0, "unload: {out}");
-    check!(text_sum(&mut g)? == text_before, "{series}: text after disable");
+    check!(
+        text_sum(&mut g)? == text_before,
+        "{series}: text after disable"
+    );
 
     // Blocked past the timeout: the patch fails, the text is as before.
     let sleeper = sleep_pid(&mut g, 1000)?;
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --timeout 4"))?;
-    check!(rc != 0, "{series}: patch applied although sleep {sleeper} never left: {out}");
     check!(
-        out.contains("gave up") && out.contains(&format!("blocked by pid {sleeper}")) && out.contains("common_nsleep"),
+        rc != 0,
+        "{series}: patch applied although sleep {sleeper} never left: {out}"
+    );
+    check!(
+        out.contains("gave up")
+            && out.contains(&format!("blocked by pid {sleeper}"))
+            && out.contains("common_nsleep"),
         "{series}: failure report:\n{out}"
     );
-    check!(text_sum(&mut g)? == text_before, "{series}: text changed by a failed patch");
+    check!(
+        text_sum(&mut g)? == text_before,
+        "{series}: text changed by a failed patch"
+    );
     let (_, list) = g.lpvmm("patch list {vm}")?;
-    check!(!list.contains("nsleep"), "{series}: failed patch still loaded: {list}");
+    check!(
+        !list.contains("nsleep"),
+        "{series}: failed patch still loaded: {list}"
+    );
     g.run(&format!("kill {sleeper}"))?;
     g.poweroff().map(|_| ())
 }
@@ -241,11 +299,23 @@ fn bad_input(host: &mut TestHost, series: &str) -> TestResult {
         let path = g.host.file(&patch_path(file));
         let (rc, out) = g.lpvmm(&format!("patch {{vm}} {path} --timeout 5"))?;
         check!(rc != 0, "{series}: {file} was accepted: {out}");
-        check!(out.contains(want), "{series}: {file}: message {out:?} lacks {want:?}");
-        check!(checksums(&mut g)? == before, "{series}: {file} changed guest memory");
-        eprintln!("{series}: {file}: {}", out.trim().lines().last().unwrap_or(""));
+        check!(
+            out.contains(want),
+            "{series}: {file}: message {out:?} lacks {want:?}"
+        );
+        check!(
+            checksums(&mut g)? == before,
+            "{series}: {file} changed guest memory"
+        );
+        eprintln!(
+            "{series}: {file}: {}",
+            out.trim().lines().last().unwrap_or("")
+        );
     }
-    check!(g.run("cat /proc/cmdline")?.trim() == PATCHED, "good patch disturbed");
+    check!(
+        g.run("cat /proc/cmdline")?.trim() == PATCHED,
+        "good patch disturbed"
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -285,8 +355,14 @@ fn under_load(host: &mut TestHost, series: &str) -> TestResult {
     let (_, status) = g.lpvmm("patch status {vm} --json")?;
     let s = json(&status)?;
     let enables = s["patches"][0]["enables"].as_u64().unwrap_or(0);
-    check!(enables == cycles + 1, "{series}: {enables} enables recorded");
-    eprintln!("{series}: {cycles} enable/disable cycles under load: {}", log.trim());
+    check!(
+        enables == cycles + 1,
+        "{series}: {enables} enables recorded"
+    );
+    eprintln!(
+        "{series}: {cycles} enable/disable cycles under load: {}",
+        log.trim()
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -296,7 +372,10 @@ const BAD: &[(&str, &str)] = &[
     ("bad-truncated", "not an ELF object"),
     ("bad-wrong-machine", "wrong machine"),
     ("bad-no-manifest", "no .lpvmm.manifest"),
-    ("bad-unknown-symbol", "unknown symbol 'no_such_kernel_function'"),
+    (
+        "bad-unknown-symbol",
+        "unknown symbol 'no_such_kernel_function'",
+    ),
     ("bad-ambiguous", "'address_show' is ambiguous"),
     ("bad-relocation", "relocation R_X86_64_REX_GOTPCRELX"),
     ("bad-special-section", "__ex_table"),
@@ -364,7 +443,12 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
     for sample in ["cmdline", "meminfo", "uname", "static-call", "nsleep"] {
         let kp = out.join(format!("{sample}.kp"));
         let src = repo_root().join(format!("patcher/examples/{sample}.c"));
-        run(Command::new(lpvmm_binary()).arg("kp").arg("build").arg(&src).arg("-o").arg(&kp))?;
+        run(Command::new(lpvmm_binary())
+            .arg("kp")
+            .arg("build")
+            .arg(&src)
+            .arg("-o")
+            .arg(&kp))?;
         add(sample, kp);
     }
     for (name, source, flags) in bad_sources() {
@@ -380,8 +464,14 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
         std::fs::write(&p, bytes).map_err(|e| e.to_string())?;
         Ok(p)
     };
-    add("bad-not-elf", write("bad-not-elf", b"#!/bin/sh\necho not a patch\n")?);
-    add("bad-truncated", write("bad-truncated", &good[..good.len() / 2])?);
+    add(
+        "bad-not-elf",
+        write("bad-not-elf", b"#!/bin/sh\necho not a patch\n")?,
+    );
+    add(
+        "bad-truncated",
+        write("bad-truncated", &good[..good.len() / 2])?,
+    );
     let mut arm = good.clone();
     arm[18] = 0xb7; // e_machine: EM_AARCH64
     add("bad-wrong-machine", write("bad-wrong-machine", &arm)?);
@@ -403,11 +493,25 @@ fn run(cmd: &mut Command) -> TestResult {
 fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
     let include = std::env::temp_dir().join(format!("lpvmm-test-include-{}", std::process::id()));
     std::fs::create_dir_all(include.join("lpvmm")).map_err(|e| e.to_string())?;
-    std::fs::copy(repo_root().join("patcher/include/lpvmm/patch.h"), include.join("lpvmm/patch.h"))
-        .map_err(|e| e.to_string())?;
+    std::fs::copy(
+        repo_root().join("patcher/include/lpvmm/patch.h"),
+        include.join("lpvmm/patch.h"),
+    )
+    .map_err(|e| e.to_string())?;
     run(Command::new("gcc")
-        .args(["-c", "-O2", "-mcmodel=kernel", "-fno-pic", "-mno-red-zone", "-ffreestanding"])
-        .args(["-fno-stack-protector", "-fno-common", "-fno-asynchronous-unwind-tables"])
+        .args([
+            "-c",
+            "-O2",
+            "-mcmodel=kernel",
+            "-fno-pic",
+            "-mno-red-zone",
+            "-ffreestanding",
+        ])
+        .args([
+            "-fno-stack-protector",
+            "-fno-common",
+            "-fno-asynchronous-unwind-tables",
+        ])
         .args(["-fcf-protection=none", "-fno-omit-frame-pointer"])
         .args(extra)
         .arg("-I")
@@ -437,7 +541,9 @@ fn main() {
     for (name, case) in cases {
         for series in SERIES {
             let tag = series.replace('.', "_");
-            tests.push(host_trial(format!("{name}_{tag}"), move |h| case(h, series)));
+            tests.push(host_trial(format!("{name}_{tag}"), move |h| {
+                case(h, series)
+            }));
         }
     }
     run_group(tests)

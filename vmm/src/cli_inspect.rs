@@ -28,7 +28,11 @@ pub fn kernel(vm: &str, reattach: bool, json: bool) -> Result<i32> {
     println!("release:       {}", s.release);
     println!("kaslr offset:  {:#x}", s.kaslr_offset);
     println!("symbols:       {} (kallsyms)", s.symbols);
-    println!("btf:           {} types, {} KiB", s.btf_types, s.btf_bytes >> 10);
+    println!(
+        "btf:           {} types, {} KiB",
+        s.btf_types,
+        s.btf_bytes >> 10
+    );
     println!(
         "orc:           {} entries ({} layout)",
         s.orc_entries,
@@ -81,7 +85,14 @@ pub fn sym(vm: &str, target: Option<String>, all: bool, json: bool) -> Result<i3
     let many = r.symbols.len() > 1 && !all;
     for (i, s) in r.symbols.iter().filter(|s| !s.name.is_empty()).enumerate() {
         if many {
-            writeln!(out, "{:016x} {} {} (sympos {})", s.addr, s.kind, s.name, i + 1)?;
+            writeln!(
+                out,
+                "{:016x} {} {} (sympos {})",
+                s.addr,
+                s.kind,
+                s.name,
+                i + 1
+            )?;
         } else {
             writeln!(out, "{:016x} {} {}", s.addr, s.kind, s.name)?;
         }
@@ -209,7 +220,10 @@ pub fn disasm(vm: &str, target: &str, json: bool) -> Result<i32> {
     if json {
         return print_json(&r);
     }
-    println!("{} at {:#x}, {} bytes (live guest memory):", r.symbol, r.addr, r.size);
+    println!(
+        "{} at {:#x}, {} bytes (live guest memory):",
+        r.symbol, r.addr, r.size
+    );
     for l in &r.lines {
         println!(
             "  {:#018x} <{}>  {:<22} {}",

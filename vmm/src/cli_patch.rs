@@ -10,8 +10,7 @@ use patcher::{Outcome, Transition};
 use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::control::proto::{
-    ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, Request,
-    TransitionStarted,
+    ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, Request, TransitionStarted,
 };
 
 #[derive(Args)]
@@ -70,10 +69,7 @@ pub enum PatchAction {
         wait: WaitArgs,
     },
     /// Remove a disabled patch from the guest
-    Unload {
-        vm: String,
-        name: String,
-    },
+    Unload { vm: String, name: String },
 }
 
 #[derive(Subcommand)]
@@ -154,7 +150,9 @@ fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
             r.name, r.pause.paused_us
         );
     }
-    let id = r.transition.ok_or_else(|| anyhow!("no transition started"))?;
+    let id = r
+        .transition
+        .ok_or_else(|| anyhow!("no transition started"))?;
     follow(vm, &r.name, id, wait)
 }
 
@@ -313,7 +311,11 @@ fn status(vm: &str, json: bool) -> Result<i32> {
                 f.new_name,
                 f.new_addr,
                 f.new_size,
-                if f.frame_pointer { "" } else { ", no frame pointer: tasks in it block" }
+                if f.frame_pointer {
+                    ""
+                } else {
+                    ", no frame pointer: tasks in it block"
+                }
             );
         }
         if !p.depends.is_empty() {

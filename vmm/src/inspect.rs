@@ -20,7 +20,10 @@ use crate::vm::Vm;
 impl Vm {
     /// Run `f` on the paused guest (pausing a running VM just for it) and measure the
     /// pause as the guest sees it: from the pause request to the end of the resume.
-    pub(crate) fn inspect_paused<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, PauseCost)> {
+    pub(crate) fn inspect_paused<R>(
+        &mut self,
+        f: impl FnOnce(&mut PausedVm) -> R,
+    ) -> Result<(R, PauseCost)> {
         let t0 = Instant::now();
         let (out, paused_for_read) = self.paused_for_read(f)?;
         let paused_us = if paused_for_read {
@@ -132,8 +135,10 @@ impl Vm {
         if size > MAX_BYTES {
             bail!("'{symbol}' is {size} bytes; disasm shows at most {MAX_BYTES}");
         }
-        let (code, pause) =
-            self.inspect_paused(|g| k.memory(g as &dyn PausedGuest).read_vec(sym.addr, size as usize))?;
+        let (code, pause) = self.inspect_paused(|g| {
+            k.memory(g as &dyn PausedGuest)
+                .read_vec(sym.addr, size as usize)
+        })?;
         let code = code.map_err(|e| anyhow!("reading '{symbol}': {e}"))?;
         Ok(DisasmResult {
             symbol: sym.name,

@@ -49,13 +49,16 @@ pub struct Patching {
 fn timeout(ms: Option<u64>) -> Result<Duration> {
     let t = ms.map(Duration::from_millis).unwrap_or(DEFAULT_TIMEOUT);
     if t.is_zero() || t > MAX_TIMEOUT {
-        bail!("timeout must be between 1 ms and {} s", MAX_TIMEOUT.as_secs());
+        bail!(
+            "timeout must be between 1 ms and {} s",
+            MAX_TIMEOUT.as_secs()
+        );
     }
     Ok(t)
 }
 
 fn hex_decode(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("kp_hex has an odd number of digits");
     }
     (0..s.len())
@@ -128,7 +131,12 @@ impl Vm {
         })
     }
 
-    pub fn patch_transition(&mut self, name: &str, op: Op, timeout_ms: Option<u64>) -> Result<TransitionStarted> {
+    pub fn patch_transition(
+        &mut self,
+        name: &str,
+        op: Op,
+        timeout_ms: Option<u64>,
+    ) -> Result<TransitionStarted> {
         let timeout = timeout(timeout_ms)?;
         self.ensure_idle()?;
         let plan = match op {
@@ -233,8 +241,14 @@ impl Vm {
                 let k = self.kernel_attached()?;
                 let t = k.addrs.text;
                 let len = t.end - t.start;
-                let (bytes, pause) = self.inspect_paused(|g| k.memory(g).read_vec(t.start, len as usize))?;
-                (t.start, len, bytes.map_err(|e| anyhow!("reading kernel text: {e}"))?, pause)
+                let (bytes, pause) =
+                    self.inspect_paused(|g| k.memory(g).read_vec(t.start, len as usize))?;
+                (
+                    t.start,
+                    len,
+                    bytes.map_err(|e| anyhow!("reading kernel text: {e}"))?,
+                    pause,
+                )
             }
             ChecksumTarget::PatchArea => {
                 let (r, pause) = self.inspect_paused(|g| {

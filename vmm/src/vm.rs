@@ -236,7 +236,10 @@ impl Vm {
 
     /// Run `f` on the paused guest; a running VM is paused just for it and resumed
     /// after, even when `f` fails. Also returns whether that pause was needed.
-    pub(crate) fn paused_for_read<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, bool)> {
+    pub(crate) fn paused_for_read<R>(
+        &mut self,
+        f: impl FnOnce(&mut PausedVm) -> R,
+    ) -> Result<(R, bool)> {
         let was_paused = self.is_paused();
         if !was_paused {
             self.pause()?;

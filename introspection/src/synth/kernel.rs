@@ -71,10 +71,18 @@ impl SynthKernelSpec {
     fn base(release: &str, new: bool) -> Self {
         let user = |pid, comm: &str, inner: &[&str]| {
             let mut calls: Vec<&str> = inner.to_vec();
-            calls.extend(["ksys_read", "do_syscall_64", "entry_SYSCALL_64_after_hwframe"]);
+            calls.extend([
+                "ksys_read",
+                "do_syscall_64",
+                "entry_SYSCALL_64_after_hwframe",
+            ]);
             SynthTask::sleeping(pid, pid, comm, &calls)
         };
-        let mut thread = user(12, "reader-thr", &["__schedule", "schedule", "pipe_read", "vfs_read"]);
+        let mut thread = user(
+            12,
+            "reader-thr",
+            &["__schedule", "schedule", "pipe_read", "vfs_read"],
+        );
         thread.tgid = 11;
         SynthKernelSpec {
             release: release.into(),
@@ -115,7 +123,11 @@ impl SynthKernelSpec {
                     "kthreadd",
                     &["__schedule", "schedule", "kthreadd", "ret_from_fork"],
                 ),
-                user(11, "reader", &["__schedule", "schedule", "pipe_read", "vfs_read"]),
+                user(
+                    11,
+                    "reader",
+                    &["__schedule", "schedule", "pipe_read", "vfs_read"],
+                ),
                 thread,
                 SynthTask {
                     running_on: Some(0),
@@ -227,13 +239,16 @@ struct TaskFields {
 }
 
 const PT_REGS: [&str; 21] = [
-    "r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx", "si",
-    "di", "orig_ax", "ip", "cs", "flags", "sp", "ss",
+    "r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx", "si", "di",
+    "orig_ax", "ip", "cs", "flags", "sp", "ss",
 ];
 const SWITCH_FRAME: [&str; 7] = ["r15", "r14", "r13", "r12", "bx", "bp", "ret_addr"];
 
 fn reg_off(name: &str) -> u64 {
-    8 * PT_REGS.iter().position(|r| *r == name).expect("pt_regs field") as u64
+    8 * PT_REGS
+        .iter()
+        .position(|r| *r == name)
+        .expect("pt_regs field") as u64
 }
 
 fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
@@ -268,7 +283,11 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
             ("thread", thread, bits(f.thread_sp - 8)),
         ],
     );
-    b.strukt("signal_struct", 64, &[("nr_threads", int, 0), ("thread_head", list, 128)]);
+    b.strukt(
+        "signal_struct",
+        64,
+        &[("nr_threads", int, 0), ("thread_head", list, 128)],
+    );
     let regs: Vec<(&str, u32, u32)> = PT_REGS
         .iter()
         .enumerate()
@@ -281,7 +300,15 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
         .map(|(i, n)| (*n, ulong, 64 * i as u32))
         .collect();
     b.strukt("inactive_task_frame", 8 * 7, &frame);
-    b.strukt("rq", 256, &[("nr_running", uint, 0), ("curr", voidp, 1024), ("idle", voidp, 1088)]);
+    b.strukt(
+        "rq",
+        256,
+        &[
+            ("nr_running", uint, 0),
+            ("curr", voidp, 1024),
+            ("idle", voidp, 1088),
+        ],
+    );
     if spec.pcpu_hot {
         let inner = b.strukt(
             "",
@@ -317,9 +344,11 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
 /// stand for themselves, and some unused byte values for common substrings.
 fn token_table() -> Vec<Vec<u8>> {
     let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    for (i, t) in ["T__", "t__", "Tsys_", "do_", "_read", "schedule", "task", "Tentry"]
-        .iter()
-        .enumerate()
+    for (i, t) in [
+        "T__", "t__", "Tsys_", "do_", "_read", "schedule", "task", "Tentry",
+    ]
+    .iter()
+    .enumerate()
     {
         tokens[1 + i] = t.as_bytes().to_vec();
     }
@@ -380,7 +409,16 @@ impl SynthKernel {
             .tasks
             .iter()
             .flat_map(|t| t.calls.iter().cloned())
-            .chain(["do_idle", "cpu_startup_entry", "ret_from_fork", "helper", "helper"].map(String::from))
+            .chain(
+                [
+                    "do_idle",
+                    "cpu_startup_entry",
+                    "ret_from_fork",
+                    "helper",
+                    "helper",
+                ]
+                .map(String::from),
+            )
             .chain(spec.functions.iter().cloned())
             .filter(|n| !names.contains(n))
             .collect();
@@ -434,7 +472,11 @@ impl SynthKernel {
             let at = orc_ip + 4 * i as u64;
             b.w32(at, (*ip as i64 - at as i64) as i32 as u32);
         }
-        b.sym(orc_ip + 4 * orc_rows.len() as u64, 'D', "__stop_orc_unwind_ip");
+        b.sym(
+            orc_ip + 4 * orc_rows.len() as u64,
+            'D',
+            "__stop_orc_unwind_ip",
+        );
         let orc_u = b.img.alloc(6 * orc_rows.len() as u64, 2);
         b.sym(orc_u, 'D', "__start_orc_unwind");
         for (i, (_, row)) in orc_rows.iter().enumerate() {
@@ -485,11 +527,21 @@ impl SynthKernel {
             cpu_bases.push(area);
             b.w64(percpu_offsets + 8 * cpu as u64, area);
             let irq = b.img.alloc(THREAD_SIZE, THREAD_SIZE);
-            let slot = if spec.pcpu_hot { percpu_current + 24 } else { percpu_irqstack };
+            let slot = if spec.pcpu_hot {
+                percpu_current + 24
+            } else {
+                percpu_irqstack
+            };
             b.w64(area + slot, irq + THREAD_SIZE - 8);
         }
 
-        let write_task = |b: &mut Builder, addr: u64, pid: i32, tgid: i32, comm: &str, state: u64, kthread: bool| {
+        let write_task = |b: &mut Builder,
+                          addr: u64,
+                          pid: i32,
+                          tgid: i32,
+                          comm: &str,
+                          state: u64,
+                          kthread: bool| {
             b.w32(addr + f.pid, pid as u32);
             b.w32(addr + f.tgid, tgid as u32);
             let mut c = [0u8; 16];
@@ -512,7 +564,11 @@ impl SynthKernel {
             idles.push(t);
         }
         for (cpu, &t) in idles.iter().enumerate() {
-            let stack = if cpu == 0 { init_stack } else { b.img.alloc(THREAD_SIZE, THREAD_SIZE) };
+            let stack = if cpu == 0 {
+                init_stack
+            } else {
+                b.img.alloc(THREAD_SIZE, THREAD_SIZE)
+            };
             b.w64(t + f.stack, stack);
             let sp = build_stack(&mut b, &functions, stack, &idle_calls);
             b.w64(t + f.thread_sp, sp);
@@ -566,7 +622,15 @@ impl SynthKernel {
                 None => b.w64(addr + f.thread_sp, sp),
             }
         }
-        link_ring(&mut b, init_task + f.tasks, &leaders.iter().skip(1).map(|t| t + f.tasks).collect::<Vec<_>>());
+        link_ring(
+            &mut b,
+            init_task + f.tasks,
+            &leaders
+                .iter()
+                .skip(1)
+                .map(|t| t + f.tasks)
+                .collect::<Vec<_>>(),
+        );
         for (signal, tasks) in &members {
             let nodes: Vec<u64> = tasks.iter().map(|t| t + f.thread_node).collect();
             link_ring(&mut b, signal + 16, &nodes);
@@ -574,8 +638,7 @@ impl SynthKernel {
 
         // --- kallsyms tables, then the symbols that name them.
         // As scripts/kallsyms: among aliases, symbols a linker script provides go last.
-        b.symbols
-            .sort_by_key(|s| (s.addr, linker_symbol(&s.name)));
+        b.symbols.sort_by_key(|s| (s.addr, linker_symbol(&s.name)));
         let tokens = token_table();
         let relative_base = text;
         let mut names_blob = Vec::new();

@@ -120,7 +120,10 @@ impl PausedGuest for SynthGuest {
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         let start = usize::try_from(addr)
             .ok()
-            .filter(|&a| a.checked_add(buf.len()).is_some_and(|e| e <= self.ram.len()))
+            .filter(|&a| {
+                a.checked_add(buf.len())
+                    .is_some_and(|e| e <= self.ram.len())
+            })
             .ok_or(GuestError::Unmapped {
                 addr,
                 len: buf.len(),
@@ -132,7 +135,10 @@ impl PausedGuest for SynthGuest {
     fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
         let start = usize::try_from(addr)
             .ok()
-            .filter(|&a| a.checked_add(data.len()).is_some_and(|e| e <= self.ram.len()))
+            .filter(|&a| {
+                a.checked_add(data.len())
+                    .is_some_and(|e| e <= self.ram.len())
+            })
             .ok_or(GuestError::Unmapped {
                 addr,
                 len: data.len(),

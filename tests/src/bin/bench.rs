@@ -30,7 +30,9 @@ fn main() {
         "boot" => boot(n.unwrap_or(5)),
         "pause" => pause(n.unwrap_or(1000)),
         "introspect" => introspect(n.unwrap_or(5)),
-        _ => Err("usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS]".into()),
+        _ => {
+            Err("usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS]".into())
+        }
     };
     if let Err(e) = result {
         eprintln!("bench failed: {e}");
@@ -175,7 +177,11 @@ fn introspect(runs: u32) -> Result<(), String> {
                 if rc != 0 {
                     return Err(out);
                 }
-                stacks_us.push(json(&out)?["pause"]["paused_us"].as_f64().unwrap_or(f64::NAN));
+                stacks_us.push(
+                    json(&out)?["pause"]["paused_us"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                );
             }
             // The guest's own cost of the same stacks: read every /proc/PID/stack.
             // bash's $EPOCHREALTIME: seconds.microseconds (busybox date has no %N).
@@ -183,7 +189,10 @@ fn introspect(runs: u32) -> Result<(), String> {
                 "a=$EPOCHREALTIME; for f in /proc/[0-9]*/task/[0-9]*/stack; do cat $f >/dev/null 2>&1; done; \
                  b=$EPOCHREALTIME; echo \"$a $b\"",
             )?;
-            let t: Vec<f64> = own.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let t: Vec<f64> = own
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             let own_us = match t[..] {
                 [a, b] => (b - a) * 1e6,
                 _ => f64::NAN,

@@ -1,11 +1,14 @@
 //! The main job, for a person to watch: boot the default guest on lpvmm (on real KVM,
-//! nested where needed), use its console, pause it and read its registers, power it off.
+//! nested where needed), use its console, look inside its kernel from outside, build a
+//! live patch and apply it (the guest prints the patched text), take it out again, and
+//! power the guest off.
 //!
 //! Run through scripts/demo.sh, which installs and builds everything first.
 
+use std::process::Command;
 use std::time::Instant;
 
-use lpvmm_tests::{HostMode, TestHost};
+use lpvmm_tests::{lpvmm_binary, repo_root, HostMode, TestHost};
 
 fn say(s: &str) {
     println!("\n\x1b[1;36m==> {s}\x1b[0m");
@@ -24,10 +27,41 @@ fn main() {
     }
 }
 
+/// `lpvmm kp build patcher/examples/cmdline.c`, here, shown as a person would type it.
+fn build_patch() -> Result<std::path::PathBuf, String> {
+    let out_dir = repo_root().join("target/demo");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let kp = out_dir.join("cmdline.kp");
+    let src = repo_root().join("patcher/examples/cmdline.c");
+    println!("    $ lpvmm kp build patcher/examples/cmdline.c -o target/demo/cmdline.kp");
+    let out = Command::new(lpvmm_binary())
+        .args(["kp", "build"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&kp)
+        .output()
+        .map_err(|e| format!("lpvmm kp build: {e}"))?;
+    show("host", &String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(kp)
+}
+
 fn demo() -> Result<(), String> {
     let series = std::env::args().nth(1).unwrap_or_else(|| "6.1".into());
+    say("Building the live patch: patcher/examples/cmdline.c (replaces cmdline_proc_show)");
+    for line in std::fs::read_to_string(repo_root().join("patcher/examples/cmdline.c"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with(" *") && !l.starts_with("/*"))
+    {
+        println!("    | {line}");
+    }
+    let kp = build_patch()?;
+
     say("Starting a host with real KVM");
-    let mut host = TestHost::start()?;
+    let mut host = TestHost::start_with_files(false, &[(kp, "/root/cmdline.kp".into())])?;
     match host.mode() {
         HostMode::Native => println!("    this machine's /dev/kvm has VMX/SVM: lpvmm runs here directly"),
         HostMode::Nested => println!(
@@ -67,13 +101,39 @@ fn demo() -> Result<(), String> {
     println!("    guest# echo still running");
     show("guest", &g.run("echo still running")?);
 
-    say("lpvmm bench pause demo --cycles 100   (guest keeps running between pauses)");
-    show("host", &g.lpvmm("bench pause {vm} --cycles 100")?.1);
+    say("Looking inside the guest kernel from outside: lpvmm kernel demo (no profile, no debug info)");
+    show("host", &g.lpvmm("kernel {vm}")?.1);
+    g.run("sleep 1000 | cat >/dev/null &")?;
+    let pid = g.run("pidof cat")?.trim().to_string();
+    say(&format!(
+        "lpvmm stack demo {pid}   (a cat blocked on an empty pipe; the guest's own view follows)"
+    ));
+    show("host", &g.lpvmm(&format!("stack {{vm}} {pid}"))?.1);
+    println!("    guest# cat /proc/{pid}/stack");
+    show("guest", &g.run(&format!("cat /proc/{pid}/stack"))?);
+    g.run("kill %1")?;
+
+    say("Live patching: before");
+    println!("    guest# cat /proc/cmdline");
+    show("guest", &g.run("cat /proc/cmdline")?);
+    let kp = g.host.file("/root/cmdline.kp");
+    say(&format!(
+        "lpvmm patch demo {kp}   (link into the patch area, check every task's stack, flip)"
+    ));
+    show("host", &g.lpvmm(&format!("patch {{vm}} {kp}"))?.1);
+    println!("    guest# cat /proc/cmdline");
+    show("guest", &g.run("cat /proc/cmdline")?);
+    say("lpvmm patch status demo");
+    show("host", &g.lpvmm("patch status {vm}")?.1);
+    say("lpvmm patch disable demo cmdline   (the original bytes go back)");
+    show("host", &g.lpvmm("patch disable {vm} cmdline")?.1);
+    println!("    guest# cat /proc/cmdline");
+    show("guest", &g.run("cat /proc/cmdline")?);
 
     say("guest# poweroff -f");
     let exit = g.poweroff()?;
     show("host", &exit.stderr);
     println!("    lpvmm exited with code {}", exit.code);
-    say("Done. Live patching comes next: see docs/getting-started.md");
+    say("Done. More: docs/patching.md (writing patches), docs/introspection.md");
     Ok(())
 }

@@ -42,7 +42,9 @@ pub enum Request {
         reattach: bool,
     },
     /// Look up kernel symbols.
-    Sym { query: SymQuery },
+    Sym {
+        query: SymQuery,
+    },
     /// Every task of the guest, and what each vCPU runs.
     Tasks,
     /// Kernel stack traces: one task, or every task when `pid` is absent.
@@ -76,11 +78,15 @@ pub enum Request {
         timeout_ms: Option<u64>,
     },
     /// Remove a disabled patch.
-    PatchUnload { name: String },
+    PatchUnload {
+        name: String,
+    },
     /// Loaded patches, the transition in progress and recent ones.
     PatchStatus,
     /// SHA-256 of guest memory lpvmm may change: the kernel text or the patch area.
-    Checksum { what: ChecksumTarget },
+    Checksum {
+        what: ChecksumTarget,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

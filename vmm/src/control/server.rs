@@ -248,7 +248,10 @@ pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
             .map(ResponseLine::ok)
             .unwrap_or_else(failed),
         Request::PatchStatus => ResponseLine::ok(vm.patch_status()),
-        Request::Checksum { what } => vm.checksum(what).map(ResponseLine::ok).unwrap_or_else(failed),
+        Request::Checksum { what } => vm
+            .checksum(what)
+            .map(ResponseLine::ok)
+            .unwrap_or_else(failed),
         Request::ReadPhys { addr, len } => {
             if !vm.is_paused() {
                 return bad_state(anyhow::anyhow!(
