@@ -94,6 +94,9 @@ pub enum KpCommand {
     },
 }
 
+/// The request line carries the file hex-encoded (see proto::MAX_REQUEST_BYTES).
+const MAX_KP_SENT: usize = 4 << 20;
+
 fn timeout_ms(w: &WaitArgs) -> Result<u64> {
     if !(w.timeout > 0.0 && w.timeout <= 3600.0) {
         bail!("--timeout must be between 0 and 3600 seconds");
@@ -136,6 +139,9 @@ pub fn patch(args: PatchArgs) -> Result<i32> {
 
 fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if bytes.len() > MAX_KP_SENT {
+        bail!("{}: {} bytes; a patch sent to a VM is at most {MAX_KP_SENT}", file.display(), bytes.len());
+    }
     // Refuse a bad file here already, with the same checks the VMM makes.
     patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
     let kp_hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
