@@ -461,10 +461,22 @@ impl TestHost {
         vcpus: u8,
         extra: &str,
     ) -> Result<(Guest<'_>, String), String> {
+        let initrd = self.image("guest-initrd.cpio.gz");
+        self.boot_guest_initrd(name, series, vcpus, &initrd, extra)
+    }
+
+    /// Like [`TestHost::boot_guest`] with another initrd (a path on the host).
+    pub fn boot_guest_initrd(
+        &mut self,
+        name: &str,
+        series: &str,
+        vcpus: u8,
+        initrd: &str,
+        extra: &str,
+    ) -> Result<(Guest<'_>, String), String> {
         let args = format!(
-            "--kernel {} --initrd {} --vcpus {vcpus} --memory 512M {extra}",
+            "--kernel {} --initrd {initrd} --vcpus {vcpus} --memory 512M {extra}",
             self.guest_kernel(series),
-            self.image("guest-initrd.cpio.gz")
         );
         // A 2-vCPU guest on the nested TCG test host very rarely triple-faults during
         // boot, before lpvmm did anything but run it (docs/testing.md, "Known platform

@@ -140,7 +140,11 @@ pub fn patch(args: PatchArgs) -> Result<i32> {
 fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     if bytes.len() > MAX_KP_SENT {
-        bail!("{}: {} bytes; a patch sent to a VM is at most {MAX_KP_SENT}", file.display(), bytes.len());
+        bail!(
+            "{}: {} bytes; a patch sent to a VM is at most {MAX_KP_SENT}",
+            file.display(),
+            bytes.len()
+        );
     }
     // Refuse a bad file here already, with the same checks the VMM makes.
     patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;

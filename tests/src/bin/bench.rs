@@ -4,6 +4,8 @@
 //!   cargo run -p lpvmm-tests --bin bench -- pause [CYCLES] pause/resume latency, 1 and 2 vCPUs
 //!   cargo run -p lpvmm-tests --bin bench -- introspect [RUNS] attach time; pause of `tasks`
 //!                                                      and of all stacks, 100 / 2000 tasks
+//!   cargo run -p lpvmm-tests --bin bench -- patch [CYCLES]  enable/disable pauses; call cost
+//!                                                      and switch time vs the guest's livepatch
 //!
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
@@ -30,9 +32,11 @@ fn main() {
         "boot" => boot(n.unwrap_or(5)),
         "pause" => pause(n.unwrap_or(1000)),
         "introspect" => introspect(n.unwrap_or(5)),
-        _ => {
-            Err("usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS]".into())
-        }
+        "patch" => patch(n.unwrap_or(30)),
+        _ => Err(
+            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES]"
+                .into(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("bench failed: {e}");
@@ -216,6 +220,186 @@ fn introspect(runs: u32) -> Result<(), String> {
     println!("| kernel | tasks | `tasks` pause median (ms) | p99 (ms) | all-stacks pause median (ms) | p99 (ms) | per task (µs) | guest's own /proc/*/stack walk (ms) | lpvmm pause / guest walk |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
+/// Build a sample patch here with `lpvmm kp build`.
+fn kp_build(sample: &str) -> Result<std::path::PathBuf, String> {
+    let dir = lpvmm_tests::repo_root().join("target/bench");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let out = dir.join(format!("{sample}.kp"));
+    let src = lpvmm_tests::repo_root().join(format!("patcher/examples/{sample}.c"));
+    let st = std::process::Command::new(lpvmm_tests::lpvmm_binary())
+        .args(["kp", "build"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!("lpvmm kp build {sample} failed"));
+    }
+    Ok(out)
+}
+
+/// The guest's livepatch module for a series, as an initrd addition.
+fn livepatch_cpio(series: &str) -> Result<std::path::PathBuf, String> {
+    let out = lpvmm_tests::repo_root().join(format!("target/bench/livepatch-{series}.cpio.gz"));
+    let st = std::process::Command::new("bash")
+        .arg(lpvmm_tests::repo_root().join("guest-images/livepatch-module.sh"))
+        .arg(series)
+        .arg(&out)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!("livepatch-module.sh {series} failed"));
+    }
+    Ok(out)
+}
+
+/// Microseconds per read of /proc/cmdline in a bash loop (builtin read: no fork), the
+/// median of `reps` runs of `n` reads, measured in the guest.
+fn per_read_us(g: &mut lpvmm_tests::Guest, n: u32, reps: u32) -> Result<f64, String> {
+    let mut v = Vec::new();
+    for _ in 0..reps {
+        let out = g.run(&format!(
+            "a=$EPOCHREALTIME; for ((i=0;i<{n};i++)); do read -r x < /proc/cmdline; done; b=$EPOCHREALTIME; echo \"$a $b\""
+        ))?;
+        let t: Vec<f64> = out
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [a, b] = t[..] {
+            v.push((b - a) * 1e6 / f64::from(n));
+        }
+    }
+    Ok(median(v))
+}
+
+fn transition_of(out: &str) -> Result<serde_json::Value, String> {
+    let v = json(out)?;
+    if v["outcome"] != "done" {
+        return Err(format!("transition did not complete: {out}"));
+    }
+    Ok(v)
+}
+
+/// Guest-visible pause of enable and disable; what a call of the patched function costs
+/// (a patch that changes nothing, against the unpatched kernel); and the same fix as
+/// the guest's own livepatch module, side by side: call cost and time to switch.
+fn patch(cycles: u32) -> Result<(), String> {
+    let fix = kp_build("cmdline")?;
+    let same = kp_build("cmdline-same")?;
+    let mut files = vec![
+        (fix, "/root/cmdline.kp".to_string()),
+        (same, "/root/same.kp".to_string()),
+    ];
+    for series in lpvmm_tests::SERIES {
+        files.push((
+            livepatch_cpio(series)?,
+            format!("/root/lp-{series}.cpio.gz"),
+        ));
+    }
+    let mut host = TestHost::start_with_files(false, &files)?;
+    let (n, reps) = (3000, 5);
+    let mut pause_rows = Vec::new();
+    let mut call_rows = Vec::new();
+    for series in lpvmm_tests::SERIES {
+        // The guest initrd with the livepatch module appended.
+        let initrd = format!("{}/initrd-lp-{series}", host.tmp());
+        let (base, lp) = (
+            host.image("guest-initrd.cpio.gz"),
+            host.file(&format!("/root/lp-{series}.cpio.gz")),
+        );
+        host.exec(&format!("cat {base} {lp} > {initrd}"))?;
+        let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
+        let fix = g.host.file("/root/cmdline.kp");
+        let same = g.host.file("/root/same.kp");
+
+        let unpatched = per_read_us(&mut g, n, reps)?;
+        // A patch that changes nothing: the redirection's own cost.
+        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {same} --json"))?;
+        if rc != 0 {
+            return Err(out);
+        }
+        let same_us = per_read_us(&mut g, n, reps)?;
+        g.lpvmm("patch disable {vm} cmdline-same")?;
+        g.lpvmm("patch unload {vm} cmdline-same")?;
+
+        // The fix: enable (timed from the client), read cost, pauses over many cycles.
+        let t0 = Instant::now();
+        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {fix} --json"))?;
+        let lpvmm_switch_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if rc != 0 {
+            return Err(out);
+        }
+        transition_of(&out)?;
+        let fix_us = per_read_us(&mut g, n, reps)?;
+        let (mut en, mut dis) = (Vec::new(), Vec::new());
+        for _ in 0..cycles {
+            for (op, into) in [("disable", &mut dis), ("enable", &mut en)] {
+                let (rc, out) = g.lpvmm(&format!("patch {op} {{vm}} cmdline --json"))?;
+                if rc != 0 {
+                    return Err(out);
+                }
+                let t = transition_of(&out)?;
+                into.push(
+                    t["pauses_us"]
+                        .as_array()
+                        .and_then(|a| a.last())
+                        .and_then(|x| x.as_f64())
+                        .unwrap_or(f64::NAN),
+                );
+            }
+        }
+        g.lpvmm("patch disable {vm} cmdline")?;
+
+        // The guest's own livepatch of the same fix.
+        let sys = "/sys/kernel/livepatch/lpvmm_lp_cmdline";
+        let out = g.run(&format!(
+            "a=$EPOCHREALTIME; insmod /root/lpvmm_lp_cmdline.ko && while [ \"$(cat {sys}/transition)\" = 1 ]; do :; done; b=$EPOCHREALTIME; echo \"$a $b\""
+        ))?;
+        let t: Vec<f64> = out
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let lp_switch_ms = match t[..] {
+            [a, b] => (b - a) * 1e3,
+            _ => return Err(format!("livepatch load: {out}")),
+        };
+        let check = g.run("cat /proc/cmdline")?;
+        if check.trim() != "this has been live patched" {
+            return Err(format!("the livepatch module did not patch: {check}"));
+        }
+        let lp_us = per_read_us(&mut g, n, reps)?;
+        g.run(&format!("echo 0 > {sys}/enabled; while [ -d {sys} ]; do sleep 0.1; done; rmmod lpvmm_lp_cmdline"))?;
+        eprintln!("{series}: enable pauses {en:?} disable pauses {dis:?}");
+        pause_rows.push(format!(
+            "| {series} | {:.0} | {:.0} | {:.0} | {:.0} | {lpvmm_switch_ms:.0} | {lp_switch_ms:.0} | {:.2} |",
+            median(en.clone()),
+            p99(en),
+            median(dis.clone()),
+            p99(dis),
+            lpvmm_switch_ms / lp_switch_ms
+        ));
+        call_rows.push(format!(
+            "| {series} | {unpatched:.2} | {same_us:.2} | {:.3} | {fix_us:.2} | {lp_us:.2} | {:.3} |",
+            same_us / unpatched,
+            fix_us / lp_us
+        ));
+        g.poweroff()?;
+    }
+    println!("| kernel | enable pause median (µs) | p99 | disable pause median (µs) | p99 | lpvmm patch: command to switched (ms) | livepatch: insmod to transition done (ms) | lpvmm / livepatch |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in pause_rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| kernel | unpatched (µs/read) | lpvmm, identical function (µs/read) | ratio | lpvmm, the fix (µs/read) | livepatch, the fix (µs/read) | lpvmm / livepatch |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in call_rows {
         println!("{r}");
     }
     Ok(())
