@@ -203,7 +203,7 @@ fn introspect(runs: u32) -> Result<(), String> {
             };
             eprintln!("{series} +{extra}: tasks pauses {tasks_us:?} stacks pauses {stacks_us:?} guest /proc walk {own_us} us");
             rows.push(format!(
-                "| {series} | {count:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} |",
+                "| {series} | {count:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.4} |",
                 median(tasks_us.clone()) / 1000.0,
                 p99(tasks_us.clone()) / 1000.0,
                 median(stacks_us.clone()) / 1000.0,
@@ -217,7 +217,7 @@ fn introspect(runs: u32) -> Result<(), String> {
         g.poweroff()?;
     }
     println!();
-    println!("| kernel | tasks | `tasks` pause median (ms) | p99 (ms) | all-stacks pause median (ms) | p99 (ms) | per task (µs) | guest's own /proc/*/stack walk (ms) | lpvmm pause / guest walk |");
+    println!("| kernel | tasks | `tasks` pause median (ms) | max (ms) | all-stacks pause median (ms) | max (ms) | per task (µs) | guest's own /proc/*/stack walk (ms) | lpvmm pause / guest walk |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
