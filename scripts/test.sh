@@ -15,6 +15,11 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test (unit and integration)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --all-targets 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs and reports, even after one has failed.
+set +e
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$rc"

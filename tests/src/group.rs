@@ -17,17 +17,46 @@ pub fn host_files(files: Vec<(std::path::PathBuf, String)>) {
 }
 
 /// A test that runs on the group's shared host.
+///
+/// If the test fails and the nested test host no longer answers at all (its QEMU died,
+/// or its kernel stopped responding: rare events of the nested TCG platform, see
+/// docs/testing.md), the host is replaced by a fresh one and the test runs once more,
+/// with a loud WARNING. A failure on a host that still answers is the test's own and
+/// is never retried.
 pub fn host_trial(
     name: impl Into<String>,
-    f: impl FnOnce(&mut TestHost) -> TestResult + Send + 'static,
+    f: impl Fn(&mut TestHost) -> TestResult + Send + 'static,
 ) -> Trial {
+    let name = name.into();
+    let label = name.clone();
     Trial::test(name, move || {
         let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            *slot = Some(TestHost::start_with_files(false, &files)?);
+        for attempt in 1..=2 {
+            if slot.is_none() {
+                let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                *slot = Some(TestHost::start_with_files(false, &files)?);
+            }
+            let host = slot.as_mut().expect("booted above");
+            let err = match f(host) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if host.answers() {
+                return Err(Failed::from(err));
+            }
+            // Dropping the host kills its QEMU.
+            *slot = None;
+            if attempt == 2 {
+                return Err(Failed::from(format!(
+                    "{err}\n(the test host stopped answering, twice)"
+                )));
+            }
+            eprintln!(
+                "WARNING: the test host stopped answering during {label}; booting a new one \
+                 and running {label} again. The failure was:\n{err}"
+            );
         }
-        f(slot.as_mut().expect("booted above")).map_err(Failed::from)
+        unreachable!("the loop returns")
     })
 }
 
