@@ -85,10 +85,18 @@ impl Console {
                 return Ok((before, matched));
             }
             if g.closed {
+                // A kernel report (the test host's own panic, say) is shown from its start.
+                let report = ["------------[ cut here ]", "BUG:", "Oops", "Kernel panic"]
+                    .iter()
+                    .filter_map(|m| text.find(m))
+                    .min();
+                let shown = match report {
+                    Some(i) => tail(&text[i..], 20000),
+                    None => tail(&text, 3000),
+                };
                 return Err(format!(
-                    "{}: stream closed while waiting for {what}; last output:\n{}",
-                    self.label,
-                    tail(&text, 3000)
+                    "{}: stream closed while waiting for {what}; last output:\n{shown}",
+                    self.label
                 ));
             }
             let now = Instant::now();

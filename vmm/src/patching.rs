@@ -7,7 +7,7 @@
 //! `patch_status`; a client that dies changes nothing.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -44,6 +44,8 @@ pub struct Patching {
     active: Option<Active>,
     history: VecDeque<TransitionRecord>,
     next_id: u64,
+    /// Wakes the driver when a transition starts (it waits on the VM's mutex).
+    wakeup: Arc<Condvar>,
 }
 
 fn timeout(ms: Option<u64>) -> Result<Duration> {
@@ -83,6 +85,7 @@ impl Vm {
             next_at: now,
             unload_on_failure,
         });
+        p.wakeup.notify_all();
         p.next_id
     }
 
@@ -275,31 +278,47 @@ impl Vm {
 }
 
 /// Drive every VM transition from a thread of its own, so that neither the control
-/// socket nor the console waits for one. Ends when the VM is gone.
+/// socket nor the console waits for one. Between attempts, and while there is nothing
+/// to do, it sleeps on a condition variable of the VM's mutex (no polling: an idle VM
+/// costs nothing). Ends when the VM stops.
 pub fn spawn_driver(vm: Weak<Mutex<Vm>>) -> Result<()> {
+    let wakeup = match vm.upgrade() {
+        Some(v) => v
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .patching
+            .wakeup
+            .clone(),
+        None => return Ok(()),
+    };
     std::thread::Builder::new()
         .name("patch-driver".into())
         .spawn(move || loop {
             let Some(vm) = vm.upgrade() else { return };
-            let next = {
-                let mut guard = vm.lock().unwrap_or_else(|e| e.into_inner());
-                if guard.devices.stop_reason().is_some() {
-                    return;
-                }
-                guard.drive_transition()
-            };
-            drop(vm);
-            let wait = next
+            let guard = vm.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = guard;
+            if guard.devices.stop_reason().is_some() {
+                return;
+            }
+            let wait = guard
+                .drive_transition()
                 .map(|t| t.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_millis(20))
-                .clamp(Duration::from_millis(1), Duration::from_millis(20));
-            std::thread::sleep(wait);
+                .unwrap_or(IDLE_WAKEUP)
+                .max(Duration::from_millis(1));
+            let guard = wakeup
+                .wait_timeout(guard, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+            drop(guard);
         })
         .map(|_| ())
         .map_err(|e| anyhow!("cannot start the patch driver thread: {e}"))
 }
 
-/// Keep the `Arc` type in one place for run.rs.
+/// How often an idle driver looks whether its VM has stopped.
+const IDLE_WAKEUP: Duration = Duration::from_secs(1);
+
+/// Start the driver for a VM.
 pub fn driver_for(vm: &Arc<Mutex<Vm>>) -> Result<()> {
     spawn_driver(Arc::downgrade(vm))
 }
