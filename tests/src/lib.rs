@@ -65,3 +65,12 @@ macro_rules! check {
         }
     };
 }
+
+/// Parse a command's JSON output; on failure, say what the output was.
+pub fn json(out: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(out).map_err(|e| format!("{e}: {}", tail(out, 2000)))
+}
+
+/// Kernel warning splats, oopses and lockup reports in the guest's log (a guest command).
+pub const SPLATS: &str =
+    "dmesg | grep -E 'WARNING: CPU|Oops|BUG:|Call Trace|soft lockup|hung task|rcu_.*stall' || true";

@@ -2,7 +2,7 @@
 //!
 //! One test host serves every test here, one test at a time.
 
-use lpvmm_tests::{check, host_trial, run_group, TestHost, TestResult, SERIES};
+use lpvmm_tests::{check, host_trial, json, run_group, TestHost, TestResult, SERIES};
 
 /// Where x86-64 kernels link `_text` before KASLR moves them.
 const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
@@ -88,10 +88,6 @@ fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
     );
     g.poweroff()?;
     Ok(())
-}
-
-fn json(out: &str) -> Result<serde_json::Value, String> {
-    serde_json::from_str(out).map_err(|e| format!("{e}: {}", lpvmm_tests::tail(out, 2000)))
 }
 
 /// Count, hash and per-chunk hashes of a command's output lines, computed where the

@@ -10,21 +10,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use lpvmm_tests::{
-    check, host_files, host_trial, lpvmm_binary, repo_root, run_group, Guest, TestHost, TestResult,
-    SERIES,
+    check, host_files, host_trial, json, lpvmm_binary, repo_root, run_group, Guest, TestHost,
+    TestResult, SERIES, SPLATS,
 };
 
 const PATCHED: &str = "this has been live patched";
-/// Kernel warning splats, oopses and lockup reports in the guest's log.
-const SPLATS: &str =
-    "dmesg | grep -E 'WARNING: CPU|Oops|BUG:|Call Trace|soft lockup|hung task|rcu_.*stall' || true";
 
 fn patch_path(name: &str) -> String {
     format!("/root/patches/{name}.kp")
-}
-
-fn json(out: &str) -> Result<serde_json::Value, String> {
-    serde_json::from_str(out).map_err(|e| format!("{e}: {}", lpvmm_tests::tail(out, 2000)))
 }
 
 /// SHA-256 of the guest's kernel text and of the patch area, as lpvmm reads them.

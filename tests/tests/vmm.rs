@@ -5,12 +5,9 @@
 use std::time::Duration;
 
 use lpvmm_tests::{
-    check, host_trial, local_trial, run_group, HostMode, TestHost, TestResult, EXIT_TIMEOUT, SERIES,
+    check, host_trial, local_trial, run_group, HostMode, TestHost, TestResult, EXIT_TIMEOUT,
+    SERIES, SPLATS,
 };
-
-/// Kernel warning splats, oopses and lockup reports in the guest's log.
-const SPLATS: &str =
-    "dmesg | grep -E 'WARNING: CPU|Oops|BUG:|Call Trace|soft lockup|hung task|rcu_.*stall' || true";
 
 /// Acceptance 1 + 2: boot to /init with N vCPUs, nproc = N, an interactive command,
 /// the patch area reserved in /proc/iomem, poweroff → exit 0 and no socket left.

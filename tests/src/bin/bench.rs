@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use lpvmm_tests::{TestHost, BOOT_TIMEOUT};
+use lpvmm_tests::{json, TestHost, BOOT_TIMEOUT};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -119,10 +119,6 @@ fn pause(cycles: u32) -> Result<(), String> {
         g.poweroff()?;
     }
     Ok(())
-}
-
-fn json(out: &str) -> Result<serde_json::Value, String> {
-    serde_json::from_str(out).map_err(|e| format!("{e}: {out}"))
 }
 
 fn p99(mut v: Vec<f64>) -> f64 {
