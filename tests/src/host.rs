@@ -662,7 +662,7 @@ impl Guest<'_> {
     }
 
     /// What the VMM printed on stderr so far, for failure messages.
-    fn vmm_stderr(&mut self) -> String {
+    pub fn vmm_stderr(&mut self) -> String {
         let err_file = format!("{}/{}.err", self.host.tmp(), self.name);
         match self.host.exec(&format!("cat {err_file}")) {
             Ok(text) => format!("VMM stderr:\n{text}"),

@@ -333,10 +333,12 @@ fn under_load(host: &mut TestHost, series: &str) -> TestResult {
         ),
         Duration::from_secs(1800),
     )?;
-    check!(
-        rc == 0 && out.contains(&format!("cycles={cycles}")),
-        "{series}: enable/disable loop stopped: {out}"
-    );
+    if rc != 0 || !out.contains(&format!("cycles={cycles}")) {
+        let why = g.vmm_stderr();
+        return Err(format!(
+            "{series}: enable/disable loop stopped: {out}\n{why}"
+        ));
+    }
     g.run("touch /tmp/stop; wait")?;
     let log = g.run("cat /tmp/rc.log")?;
     check!(log.contains("readcheck: OK"), "{series}: bad reads: {log}");
