@@ -449,8 +449,10 @@ impl TestHost {
                 Ok(line) => return Ok(line),
                 Err(e) => {
                     if let Some(stderr) = self.exited(name).map_err(|e| (e, false))? {
-                        let triple = stderr.contains("triple fault");
-                        return Err((format!("lpvmm exited during boot:\n{stderr}"), triple));
+                        // Known platform deaths during boot get a second boot.
+                        let platform = stderr.contains("triple fault")
+                            || stderr.contains("guest kernel panic: Fatal exception in interrupt");
+                        return Err((format!("lpvmm exited during boot:\n{stderr}"), platform));
                     }
                     if t0.elapsed() > BOOT_TIMEOUT {
                         let _ =

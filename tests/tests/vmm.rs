@@ -132,7 +132,10 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     std::thread::sleep(Duration::from_secs(3));
 
     let (rc, bench) = g.lpvmm("bench pause {vm} --cycles 1000 --json")?;
-    check!(rc == 0, "bench pause failed: {bench}");
+    if rc != 0 {
+        let why = g.vmm_stderr();
+        return Err(format!("bench pause failed: {bench}\n{why}"));
+    }
     eprintln!("{series}: {bench}");
 
     // Registers while running workloads: sample until both user and kernel mode are seen.
