@@ -503,7 +503,7 @@ impl TestHost {
                 }
                 Err((e, true)) if attempt == 1 => {
                     eprintln!(
-                        "WARNING: guest {name} triple-faulted during boot; booting it again.\n{e}"
+                        "WARNING: guest {name} died during boot of a known platform fault; booting it again.\n{e}"
                     );
                 }
                 Err((e, _)) => return Err(e),
