@@ -282,21 +282,17 @@ impl Engine {
             rodata: next.rodata + page(linked.rodata.bytes.len()),
             data: next.data + page(linked.data.bytes.len()),
         };
-        for (what, end, region) in [
-            ("code", after.code, layout.code),
-            ("read-only data", after.rodata, layout.rodata),
-            ("data", after.data, layout.data),
+        for (what, start, end, region) in [
+            ("code", next.code, after.code, layout.code),
+            ("read-only data", next.rodata, after.rodata, layout.rodata),
+            ("data", next.data, after.data, layout.data),
         ] {
             if end > region.end {
                 return Err(KpError::AreaFull(format!(
                     "{} needs {} KiB more {what} than the {} KiB left (lpvmm run --patch-area sets its size)",
                     m.name,
                     (end - region.end).div_ceil(1024),
-                    region.end.saturating_sub(match what {
-                        "code" => next.code,
-                        "data" => next.data,
-                        _ => next.rodata,
-                    }) / 1024
+                    region.end.saturating_sub(start) / 1024
                 )));
             }
         }
@@ -482,9 +478,7 @@ impl Engine {
             } else {
                 plan.ranges.iter().find_map(|(lo, hi, f)| {
                     trace
-                        .frames
-                        .iter()
-                        .any(|fr| fr.addr >= *lo && fr.addr < *hi)
+                        .touches(*lo, *hi)
                         .then(|| format!("{f} is on its stack"))
                 })
             };

@@ -112,11 +112,9 @@ impl Vm {
         }
         let kernel = self.kernel_attached()?;
         let mut engine = std::mem::take(&mut self.patching.engine);
-        let t0 = Instant::now();
-        let loaded = self.paused_for_read(|g| engine.load(g, &kernel, &kp));
-        let paused_us = t0.elapsed().as_micros() as u64;
+        let loaded = self.inspect_paused(|g| engine.load(g, &kernel, &kp));
         self.patching.engine = engine;
-        let (name, paused_for_read) = loaded?;
+        let (name, pause) = loaded?;
         let name = name?;
         let transition = if enable {
             let plan = self.patching.engine.plan_enable(&name)?;
@@ -127,10 +125,7 @@ impl Vm {
         Ok(PatchLoadResult {
             name,
             transition,
-            pause: crate::control::proto::PauseCost {
-                paused_for_read,
-                paused_us: if paused_for_read { paused_us } else { 0 },
-            },
+            pause,
         })
     }
 
@@ -281,16 +276,14 @@ impl Vm {
 /// socket nor the console waits for one. Between attempts, and while there is nothing
 /// to do, it sleeps on a condition variable of the VM's mutex (no polling: an idle VM
 /// costs nothing). Ends when the VM stops.
-pub fn spawn_driver(vm: Weak<Mutex<Vm>>) -> Result<()> {
-    let wakeup = match vm.upgrade() {
-        Some(v) => v
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .patching
-            .wakeup
-            .clone(),
-        None => return Ok(()),
-    };
+pub fn spawn_driver(vm: &Arc<Mutex<Vm>>) -> Result<()> {
+    let wakeup = vm
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .patching
+        .wakeup
+        .clone();
+    let vm: Weak<Mutex<Vm>> = Arc::downgrade(vm);
     std::thread::Builder::new()
         .name("patch-driver".into())
         .spawn(move || loop {
@@ -317,8 +310,3 @@ pub fn spawn_driver(vm: Weak<Mutex<Vm>>) -> Result<()> {
 
 /// How often an idle driver looks whether its VM has stopped.
 const IDLE_WAKEUP: Duration = Duration::from_secs(1);
-
-/// Start the driver for a VM.
-pub fn driver_for(vm: &Arc<Mutex<Vm>>) -> Result<()> {
-    spawn_driver(Arc::downgrade(vm))
-}

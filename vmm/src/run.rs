@@ -60,7 +60,7 @@ pub fn run(config: VmConfig) -> Result<i32> {
     let vm = Vm::create(config, drained.try_clone().context("eventfd")?)?;
     let devices = vm.devices.clone();
     let vm = Arc::new(Mutex::new(vm));
-    crate::patching::driver_for(&vm)?;
+    crate::patching::spawn_driver(&vm)?;
     let (listener, _socket_file) = server::bind(&socket_path)?;
 
     let terminate = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
