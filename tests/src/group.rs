@@ -16,13 +16,6 @@ pub fn host_files(files: Vec<(std::path::PathBuf, String)>) {
     *FILES.lock().unwrap_or_else(|e| e.into_inner()) = files;
 }
 
-/// How lpvmm reports the guest deaths seen on the nested test host without any lpvmm
-/// fault identified (docs/testing.md, "Known platform quirks").
-const PLATFORM_GUEST_DEATHS: &[&str] = &[
-    "triple fault",
-    "guest kernel panic: Fatal exception in interrupt",
-];
-
 /// A test that runs on the group's shared host.
 ///
 /// If the test fails and the nested test host no longer answers at all (its QEMU died,
@@ -52,7 +45,7 @@ pub fn host_trial(
                 // A guest that died of the platform's known faults (docs/testing.md: a
                 // triple fault, or a panic of the bad-GS kind, "Fatal exception in
                 // interrupt") as lpvmm reported it: run the test once more.
-                if attempt == 1 && PLATFORM_GUEST_DEATHS.iter().any(|m| err.contains(m)) {
+                if attempt == 1 && crate::host::platform_guest_death(&err) {
                     eprintln!(
                         "WARNING: a guest died of a known platform fault during {label}; \
                          running {label} again. The failure was:\n{err}"

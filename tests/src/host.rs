@@ -38,6 +38,18 @@ pub struct TestHost {
     files: Vec<(PathBuf, String)>,
 }
 
+/// Whether lpvmm's report (or a test failure quoting it) is one of the guest deaths
+/// seen on the nested test host without any lpvmm fault identified (docs/testing.md,
+/// "Known platform quirks").
+pub(crate) fn platform_guest_death(report: &str) -> bool {
+    [
+        "triple fault",
+        "guest kernel panic: Fatal exception in interrupt",
+    ]
+    .iter()
+    .any(|m| report.contains(m))
+}
+
 /// How an lpvmm run ended.
 #[derive(Debug)]
 pub struct GuestExit {
@@ -450,8 +462,7 @@ impl TestHost {
                 Err(e) => {
                     if let Some(stderr) = self.exited(name).map_err(|e| (e, false))? {
                         // Known platform deaths during boot get a second boot.
-                        let platform = stderr.contains("triple fault")
-                            || stderr.contains("guest kernel panic: Fatal exception in interrupt");
+                        let platform = platform_guest_death(&stderr);
                         return Err((format!("lpvmm exited during boot:\n{stderr}"), platform));
                     }
                     if t0.elapsed() > BOOT_TIMEOUT {
@@ -633,6 +644,15 @@ impl Guest<'_> {
             None => &before,
         };
         Ok((code, out.to_string()))
+    }
+
+    /// Start a background job at the guest's shell (`cmd` ends with `&`); returns the
+    /// pid of its last process (`$!`).
+    pub fn spawn(&mut self, cmd: &str) -> Result<i64, String> {
+        let out = self.run(&format!("{cmd} echo PID=$!"))?;
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("PID=")?.parse().ok())
+            .ok_or_else(|| format!("no pid from `{cmd}`: {out}"))
     }
 
     /// A guest command that must succeed.

@@ -320,20 +320,12 @@ fn symbols_of(trace: &serde_json::Value, skip_sched: bool) -> Vec<String> {
 fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("stack-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
-    let pid_of = |g: &mut lpvmm_tests::Guest, cmd: &str| -> Result<i64, String> {
-        let out = g.run(&format!("{cmd} echo PID=$!"))?;
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix("PID=")?.parse().ok())
-            .ok_or_else(|| format!("no pid from `{cmd}`: {out}"))
-    };
-    let pipe_reader = pid_of(&mut g, "sleep 1000 | cat >/dev/null &")?;
-    let sleeper = pid_of(&mut g, "sleep 1000 &")?;
-    let waiter = pid_of(&mut g, "(sleep 1000; true) &")?;
-    let user_busy = pid_of(&mut g, "(while :; do :; done) &")?;
-    let kernel_busy = pid_of(
-        &mut g,
-        "dd if=/dev/zero of=/dev/null bs=4M count=100000000 2>/dev/null &",
-    )?;
+    let pipe_reader = g.spawn("sleep 1000 | cat >/dev/null &")?;
+    let sleeper = g.spawn("sleep 1000 &")?;
+    let waiter = g.spawn("(sleep 1000; true) &")?;
+    let user_busy = g.spawn("(while :; do :; done) &")?;
+    let kernel_busy =
+        g.spawn("dd if=/dev/zero of=/dev/null bs=4M count=100000000 2>/dev/null &")?;
     std::thread::sleep(std::time::Duration::from_secs(2));
 
     for (what, pid, expect) in [

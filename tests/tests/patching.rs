@@ -21,20 +21,18 @@ fn patch_path(name: &str) -> String {
 }
 
 /// SHA-256 of the guest's kernel text and of the patch area, as lpvmm reads them.
+fn checksum(g: &mut Guest, what: &str) -> Result<String, String> {
+    let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
+    check!(rc == 0, "checksum {what}: {out}");
+    Ok(json(&out)?["sha256"].as_str().unwrap_or("").to_string())
+}
+
 fn checksums(g: &mut Guest) -> Result<(String, String), String> {
-    let mut sums = Vec::new();
-    for what in ["text", "patch-area"] {
-        let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
-        check!(rc == 0, "checksum {what}: {out}");
-        sums.push(json(&out)?["sha256"].as_str().unwrap_or("").to_string());
-    }
-    Ok((sums[0].clone(), sums[1].clone()))
+    Ok((checksum(g, "text")?, checksum(g, "patch-area")?))
 }
 
 fn text_sum(g: &mut Guest) -> Result<String, String> {
-    let (rc, out) = g.lpvmm("checksum {vm} text --json")?;
-    check!(rc == 0, "checksum: {out}");
-    Ok(json(&out)?["sha256"].as_str().unwrap_or("").to_string())
+    checksum(g, "text")
 }
 
 fn apply(g: &mut Guest, name: &str) -> TestResult {
@@ -173,10 +171,7 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
 }
 
 fn sleep_pid(g: &mut Guest, secs: u32) -> Result<i64, String> {
-    let out = g.run(&format!("sleep {secs} & echo PID=$!"))?;
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix("PID=")?.parse().ok())
-        .ok_or_else(|| format!("no pid: {out}"))
+    g.spawn(&format!("sleep {secs} &"))
 }
 
 /// Acceptance 4: a task sleeping in the function to patch blocks the switch, status
