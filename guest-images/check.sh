@@ -237,7 +237,7 @@ check_nested() { # LPVMM SERIES
 	wait_vm_exit 60
 }
 
-command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
+command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 missing (scripts/setup.sh installs it)"
 mode=${1:-}
 shift || true
 case "$mode" in

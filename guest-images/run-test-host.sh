@@ -30,12 +30,8 @@ if ! [ -f "$kernel" ] || ! [ -f "$base" ]; then
 	die "$kernel or $base missing: run guest-images/build.sh first"
 fi
 
-if ! command -v qemu-system-x86_64 >/dev/null; then
-	[ "$(id -u)" = 0 ] || die "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
-	echo "installing qemu-system-x86" >&2
-	apt-get update -qq >&2
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 >&2
-fi
+command -v qemu-system-x86_64 >/dev/null ||
+	die "qemu-system-x86_64 not found: scripts/setup.sh installs QEMU 10 (bookworm-backports)"
 
 initrd=$base
 if [ $# -eq 1 ]; then

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use crate::{TestHost, TestResult};
+use crate::{TestHost, TestResult, PLATFORM_ATTEMPTS};
 
 /// The group's host, booted by the first test that needs it.
 static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
@@ -20,9 +20,10 @@ pub fn host_files(files: Vec<(std::path::PathBuf, String)>) {
 ///
 /// If the test fails and the nested test host no longer answers at all (its QEMU died,
 /// or its kernel stopped responding: rare events of the nested TCG platform, see
-/// docs/testing.md), the host is replaced by a fresh one and the test runs once more,
-/// with a loud WARNING; so does a test whose guest triple-faulted. Any other failure is
-/// the test's own and is never retried.
+/// docs/testing.md), the host is replaced by a fresh one and the test runs again, with a
+/// loud WARNING; so does a test whose guest died of a known platform fault. A test gets
+/// at most [`PLATFORM_ATTEMPTS`] runs. Any other failure is the test's own and is never
+/// retried.
 pub fn host_trial(
     name: impl Into<String>,
     f: impl Fn(&mut TestHost) -> TestResult + Send + 'static,
@@ -31,7 +32,7 @@ pub fn host_trial(
     let label = name.clone();
     Trial::test(name, move || {
         let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
-        for attempt in 1..=2 {
+        for attempt in 1..=PLATFORM_ATTEMPTS {
             if slot.is_none() {
                 let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 *slot = Some(TestHost::start_with_files(false, &files)?);
@@ -45,10 +46,11 @@ pub fn host_trial(
                 // A guest that died of the platform's known faults (docs/testing.md: a
                 // triple fault, or a panic of the bad-GS kind, "Fatal exception in
                 // interrupt") as lpvmm reported it: run the test once more.
-                if attempt == 1 && crate::host::platform_guest_death(&err) {
+                if attempt < PLATFORM_ATTEMPTS && crate::host::platform_guest_death(&err) {
                     eprintln!(
-                        "WARNING: a guest died of a known platform fault during {label}; \
-                         running {label} again. The failure was:\n{err}"
+                        "WARNING: a guest died of a known platform fault during {label} \
+                         (attempt {attempt} of {PLATFORM_ATTEMPTS}); running {label} again. \
+                         The failure was:\n{err}"
                     );
                     continue;
                 }
@@ -56,14 +58,16 @@ pub fn host_trial(
             }
             // Dropping the host kills its QEMU.
             *slot = None;
-            if attempt == 2 {
+            if attempt == PLATFORM_ATTEMPTS {
                 return Err(Failed::from(format!(
-                    "{err}\n(the test host stopped answering, twice)"
+                    "{err}\n(the test host stopped answering on attempt {attempt} of \
+                     {PLATFORM_ATTEMPTS})"
                 )));
             }
             eprintln!(
-                "WARNING: the test host stopped answering during {label}; booting a new one \
-                 and running {label} again. The failure was:\n{err}"
+                "WARNING: the test host stopped answering during {label} (attempt {attempt} \
+                 of {PLATFORM_ATTEMPTS}); booting a new one and running {label} again. The \
+                 failure was:\n{err}"
             );
         }
         unreachable!("the loop returns")
