@@ -56,6 +56,29 @@ pub(crate) fn platform_guest_death(report: &str) -> bool {
     .any(|m| report.contains(m))
 }
 
+/// Why a watched boot did not reach the guest's ready line.
+#[derive(Debug)]
+pub enum BootFailure {
+    /// The VMM exited first; what it printed on stderr.
+    Exited(String),
+    /// Anything else (a timeout, trouble with the host), with the details.
+    Other(String),
+}
+
+impl BootFailure {
+    pub fn report(&self) -> String {
+        match self {
+            BootFailure::Exited(stderr) => format!("the VMM exited during boot:\n{stderr}"),
+            BootFailure::Other(e) => e.clone(),
+        }
+    }
+
+    /// The VMM reported one of the platform's known guest deaths.
+    pub fn platform_death(&self) -> bool {
+        matches!(self, BootFailure::Exited(stderr) if platform_guest_death(stderr))
+    }
+}
+
 /// How an lpvmm run ended.
 #[derive(Debug)]
 pub struct GuestExit {
@@ -392,12 +415,7 @@ impl TestHost {
     /// the guest console, known to the harness as NAME.
     pub fn start_console_program(&mut self, name: &str, cmd: &str) -> Result<Guest<'_>, String> {
         self.spawn_console_program(name, cmd)?;
-        Ok(Guest {
-            host: self,
-            name: name.to_string(),
-            seq: 0,
-            exited: false,
-        })
+        Ok(self.guest(name))
     }
 
     fn spawn_console_program(&mut self, name: &str, cmd: &str) -> Result<(), String> {
@@ -408,9 +426,10 @@ impl TestHost {
                 if let Some(c) = &self.ttys1 {
                     c.drain();
                 }
+                let pid_file = format!("{}/{name}.pid", self.tmp());
                 self.exec(&format!(
                     "rm -f {rc_file}; ({cmd} </dev/ttyS1 >/dev/ttyS1 \
-                     2>{err_file}; echo $? >{rc_file}) >/dev/null 2>&1 &"
+                     2>{err_file}; echo $? >{rc_file}) >/dev/null 2>&1 & echo $! >{pid_file}"
                 ))?;
             }
             HostMode::Native => {
@@ -429,6 +448,28 @@ impl TestHost {
             }
         }
         Ok(())
+    }
+
+    /// Stop the program started as NAME: `lpvmm stop` for lpvmm, else (a peer VMM) kill
+    /// the children of the shell that started it.
+    fn stop_console_program(&mut self, name: &str) {
+        match self.mode {
+            HostMode::Nested => {
+                let pid_file = format!("{}/{name}.pid", self.tmp());
+                let _ = self.exec_status(
+                    &format!(
+                        "{} stop {name} 2>/dev/null || pkill -P \"$(cat {pid_file})\"",
+                        self.lpvmm()
+                    ),
+                    CMD_TIMEOUT,
+                );
+            }
+            HostMode::Native => {
+                if let Some((child, _, _)) = self.native_guest.as_mut() {
+                    let _ = child.kill();
+                }
+            }
+        }
     }
 
     /// Whether the program started as NAME has exited, and its stderr.
@@ -453,11 +494,30 @@ impl TestHost {
         Ok(Some(self.exec(&format!("cat {err} 2>/dev/null || true"))?))
     }
 
-    /// Start lpvmm and wait for the guest's ready line, failing as soon as lpvmm exits.
-    fn boot_attempt(&mut self, name: &str, args: &str) -> Result<String, (String, bool)> {
-        let cmd = format!("{} run --name {name} {args}", self.lpvmm());
-        self.spawn_console_program(name, &cmd)
-            .map_err(|e| (e, false))?;
+    /// Start a VMM command line (as [`TestHost::start_console_program`]) and wait for
+    /// the guest's ready line, failing as soon as the VMM exits. Returns the guest and
+    /// the ready line.
+    pub fn start_and_wait_ready(
+        &mut self,
+        name: &str,
+        cmd: &str,
+    ) -> Result<(Guest<'_>, String), BootFailure> {
+        let line = self.spawn_and_wait_ready(name, cmd)?;
+        Ok((self.guest(name), line))
+    }
+
+    fn guest(&mut self, name: &str) -> Guest<'_> {
+        Guest {
+            host: self,
+            name: name.to_string(),
+            seq: 0,
+            exited: false,
+        }
+    }
+
+    fn spawn_and_wait_ready(&mut self, name: &str, cmd: &str) -> Result<String, BootFailure> {
+        self.spawn_console_program(name, cmd)
+            .map_err(BootFailure::Other)?;
         let t0 = Instant::now();
         loop {
             match self
@@ -466,16 +526,13 @@ impl TestHost {
             {
                 Ok(line) => return Ok(line),
                 Err(e) => {
-                    if let Some(stderr) = self.exited(name).map_err(|e| (e, false))? {
-                        // Known platform deaths during boot get a second boot.
-                        let platform = platform_guest_death(&stderr);
-                        return Err((format!("lpvmm exited during boot:\n{stderr}"), platform));
+                    if let Some(stderr) = self.exited(name).map_err(BootFailure::Other)? {
+                        return Err(BootFailure::Exited(stderr));
                     }
                     if t0.elapsed() > BOOT_TIMEOUT {
-                        let _ =
-                            self.exec_status(&format!("{} stop {name}", self.lpvmm()), CMD_TIMEOUT);
+                        self.stop_console_program(name);
                         let stderr = self.exited(name).ok().flatten().unwrap_or_default();
-                        return Err((format!("{e}\nlpvmm stderr:\n{stderr}"), false));
+                        return Err(BootFailure::Other(format!("{e}\nVMM stderr:\n{stderr}")));
                     }
                 }
             }
@@ -511,29 +568,23 @@ impl TestHost {
         // A 2-vCPU guest on the nested TCG test host sometimes triple-faults during
         // boot, before lpvmm did anything but run it (docs/testing.md, "Known platform
         // quirks"): such a boot is repeated, said loudly.
-        let mut line = None;
-        for attempt in 1..=PLATFORM_ATTEMPTS {
-            match self.boot_attempt(name, &args) {
-                Ok(l) => {
-                    line = Some(l);
-                    break;
-                }
-                Err((e, true)) if attempt < PLATFORM_ATTEMPTS => {
+        let cmd = format!("{} run --name {name} {args}", self.lpvmm());
+        let mut attempt = 1;
+        let line = loop {
+            match self.spawn_and_wait_ready(name, &cmd) {
+                Ok(line) => break line,
+                Err(failure) if failure.platform_death() && attempt < PLATFORM_ATTEMPTS => {
                     eprintln!(
                         "WARNING: guest {name} died during boot of a known platform fault \
-                         (attempt {attempt} of {PLATFORM_ATTEMPTS}); booting it again.\n{e}"
+                         (attempt {attempt} of {PLATFORM_ATTEMPTS}); booting it again.\n{}",
+                        failure.report()
                     );
+                    attempt += 1;
                 }
-                Err((e, _)) => return Err(e),
+                Err(failure) => return Err(failure.report()),
             }
-        }
-        let line = line.ok_or("no boot")?;
-        let guest = Guest {
-            host: self,
-            name: name.to_string(),
-            seq: 0,
-            exited: false,
         };
+        let guest = self.guest(name);
         // The first prompt can appear before readline has switched the tty to its raw
         // mode, and a line typed across that switch arrives split (seen on 6.12). An
         // empty line absorbs the switch harmlessly.

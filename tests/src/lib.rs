@@ -17,7 +17,7 @@ mod host;
 pub use console::{tail, Console};
 pub use group::{host_files, host_trial, local_trial, run_group};
 pub use host::{
-    Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT,
+    BootFailure, Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT,
     PLATFORM_ATTEMPTS, PROMPT,
 };
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lpvmm_tests::{
-    check, host_trial, local_trial, run_group, HostMode, TestHost, TestResult, EXIT_TIMEOUT,
+    check, host_trial, local_trial, run_group, Guest, HostMode, TestHost, TestResult, EXIT_TIMEOUT,
     SERIES, SPLATS,
 };
 
@@ -114,6 +114,45 @@ fn panic_is_reported(host: &mut TestHost) -> TestResult {
     no_socket_left(host, "panic")
 }
 
+/// The privilege level of a vCPU whose registers, read while paused, are those of a
+/// running 64-bit Linux guest with 512 MiB: long mode, CR3 inside guest RAM, kernel RIP
+/// at CPL 0 and user RIP at CPL 3.
+fn vcpu_mode(cpu: &serde_json::Value) -> Result<u64, String> {
+    let rip = cpu["rip"].as_u64().unwrap_or(0);
+    let cs = cpu["cs"].as_u64().unwrap_or(0);
+    let cr3 = cpu["cr3"].as_u64().unwrap_or(0) & 0x000f_ffff_ffff_f000;
+    let efer = cpu["efer"].as_u64().unwrap_or(0);
+    check!(efer & (1 << 10) != 0, "vCPU not in long mode: {cpu}");
+    check!(
+        cr3 > 0 && cr3 < 512 << 20,
+        "CR3 {cr3:#x} outside guest RAM: {cpu}"
+    );
+    match cs & 3 {
+        0 => check!(rip >= 0xffff_8000_0000_0000, "CPL0 with user RIP {rip:#x}"),
+        3 => check!(rip < 0x0000_8000_0000_0000, "CPL3 with kernel RIP {rip:#x}"),
+        other => return Err(format!("unexpected CPL {other}: {cpu}")),
+    }
+    Ok(cs & 3)
+}
+
+/// Registers that no running guest can have mean either that lpvmm read them wrongly or
+/// that the guest's state was already corrupt. The nested platform corrupts guests now
+/// and then (docs/testing.md, "Known platform quirks"; seen once on 2026-11-24: CR3 at
+/// 3 GiB in a 512 MiB guest, RIP = CR2 on an unmapped page), and such a guest dies
+/// within moments. So wait: a guest that then dies of a platform fault is reported as
+/// such (and the runner retries the test); one that lives on convicts the read.
+fn inconsistent_registers(g: &mut Guest, what: String) -> String {
+    match g.wait_exit(Duration::from_secs(30)) {
+        Ok(exit) => format!(
+            "{what}\nthen the guest died (lpvmm exited {}): {}",
+            exit.code, exit.stderr
+        ),
+        Err(_) => {
+            format!("{what}\nand the guest still ran 30 s later: the registers were read wrongly")
+        }
+    }
+}
+
 /// Acceptance 3 + 4: 1000 pause/resume cycles under a self-checking workload; registers
 /// read while paused agree with the guest; read_phys goes through the paused-guest seam.
 fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
@@ -145,25 +184,10 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
         check!(rc == 0, "regs failed: {out}");
         let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
         for cpu in v["vcpus"].as_array().ok_or("no vcpus")? {
-            let rip = cpu["rip"].as_u64().unwrap_or(0);
-            let cs = cpu["cs"].as_u64().unwrap_or(0);
-            let cr3 = cpu["cr3"].as_u64().unwrap_or(0) & 0x000f_ffff_ffff_f000;
-            let efer = cpu["efer"].as_u64().unwrap_or(0);
-            check!(efer & (1 << 10) != 0, "vCPU not in long mode: {cpu}");
-            check!(
-                cr3 > 0 && cr3 < 512 << 20,
-                "CR3 {cr3:#x} outside guest RAM: {cpu}"
-            );
-            match cs & 3 {
-                0 => {
-                    check!(rip >= 0xffff_8000_0000_0000, "CPL0 with user RIP {rip:#x}");
-                    kernel += 1;
-                }
-                3 => {
-                    check!(rip < 0x0000_8000_0000_0000, "CPL3 with kernel RIP {rip:#x}");
-                    user += 1;
-                }
-                other => return Err(format!("unexpected CPL {other}: {cpu}")),
+            match vcpu_mode(cpu) {
+                Ok(0) => kernel += 1,
+                Ok(_) => user += 1,
+                Err(e) => return Err(inconsistent_registers(&mut g, e)),
             }
         }
         if user > 0 && kernel > 0 {

@@ -6,13 +6,17 @@
 //!                                                      and of all stacks, 100 / 2000 tasks
 //!   cargo run -p lpvmm-tests --bin bench -- patch [CYCLES]  enable/disable pauses; call cost
 //!                                                      and switch time vs the guest's livepatch
+//!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS]  guests the platform kills: lpvmm vs
+//!                                                      QEMU microvm, same guests, same load
 //!
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
 
 use std::time::Instant;
 
-use lpvmm_tests::{json, TestHost, BOOT_TIMEOUT};
+use std::time::Duration;
+
+use lpvmm_tests::{json, BootFailure, TestHost, BOOT_TIMEOUT};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -33,8 +37,9 @@ fn main() {
         "pause" => pause(n.unwrap_or(1000)),
         "introspect" => introspect(n.unwrap_or(5)),
         "patch" => patch(n.unwrap_or(30)),
+        "deaths" => deaths(n.unwrap_or(10)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS]"
                 .into(),
         ),
     };
@@ -81,6 +86,96 @@ fn boot(runs: u32) -> Result<(), String> {
         eprintln!("{series}: lpvmm {l:?} qemu {q:?}");
         let (lm, qm) = (median(l), median(q));
         println!("| {series} | {lm:.2} | {qm:.2} | {:.2} |", lm / qm);
+    }
+    Ok(())
+}
+
+/// How one boot-load-poweroff round ended.
+enum Round {
+    Survived,
+    DiedBooting(String),
+    DiedUnderLoad(String),
+}
+
+/// The same work for both VMMs: two busy loops on the two vCPUs while the shell reads
+/// every task's /proc files three times (what the guests were doing when most deaths
+/// were seen), then a poweroff. lpvmm only runs the guest: no pause, no read.
+const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; done) & b=$!; \
+    for i in 1 2 3; do cat /proc/[0-9]*/stat /proc/[0-9]*/task/*/comm >/dev/null 2>&1; done; \
+    kill $a $b; wait";
+
+fn boot_load_poweroff(host: &mut TestHost, name: &str, cmd: &str) -> Result<Round, String> {
+    let mut g = match host.start_and_wait_ready(name, cmd) {
+        Ok((g, _)) => g,
+        Err(BootFailure::Exited(stderr)) => return Ok(Round::DiedBooting(stderr)),
+        Err(BootFailure::Other(e)) => return Err(e),
+    };
+    let loaded = g.run_status(DEATHS_LOAD, Duration::from_secs(180));
+    let off = loaded.and_then(|_| g.poweroff().map(|_| ()));
+    match off {
+        Ok(()) => Ok(Round::Survived),
+        // Did the VMM end (the guest died), or is this a failure of the bench itself?
+        Err(e) => match g.wait_exit(Duration::from_secs(10)) {
+            Ok(exit) => Ok(Round::DiedUnderLoad(format!(
+                "exit {}: {}",
+                exit.code, exit.stderr
+            ))),
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Guests the nested platform kills, lpvmm against QEMU side by side: RUNS rounds per
+/// kernel series, each booting a 2-vCPU guest on lpvmm and then on QEMU's microvm
+/// (same kernel, initrd, memory, vCPUs, command line), running [`DEATHS_LOAD`] and
+/// powering off. If lpvmm's guests die much more often than QEMU's, the deaths are
+/// lpvmm's; if alike, the platform's.
+fn deaths(runs: u32) -> Result<(), String> {
+    let mut host = TestHost::start_with(true)?;
+    let initrd = host.image("guest-initrd.cpio.gz");
+    println!("| kernel | VMM | rounds | died booting | died under load |");
+    println!("|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let kernel = host.guest_kernel(series);
+        let vmms = [
+            (
+                "lpvmm",
+                format!(
+                    "{} run --name deaths --kernel {kernel} --initrd {initrd} --memory 512M --vcpus 2",
+                    host.lpvmm()
+                ),
+            ),
+            (
+                "QEMU microvm",
+                format!(
+                    "qemu-system-x86_64-microvm -M microvm,rtc=on -accel kvm -cpu host -m 512M -smp 2 \
+                     -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
+                     -kernel {kernel} -initrd {initrd} -append '{CMDLINE}'"
+                ),
+            ),
+        ];
+        let mut tally = [(0u32, 0u32); 2];
+        for round in 1..=runs {
+            // Interleaved, so that drift in the host affects both alike.
+            for (i, (vmm, cmd)) in vmms.iter().enumerate() {
+                let name = if i == 0 { "deaths" } else { "deaths-qemu" };
+                match boot_load_poweroff(&mut host, name, cmd)? {
+                    Round::Survived => {}
+                    Round::DiedBooting(why) => {
+                        tally[i].0 += 1;
+                        eprintln!("{series} round {round}: {vmm}'s guest died booting: {why}");
+                    }
+                    Round::DiedUnderLoad(why) => {
+                        tally[i].1 += 1;
+                        eprintln!("{series} round {round}: {vmm}'s guest died under load: {why}");
+                    }
+                }
+            }
+        }
+        for (i, (vmm, _)) in vmms.iter().enumerate() {
+            let (booting, load) = tally[i];
+            println!("| {series} | {vmm} | {runs} | {booting} | {load} |");
+        }
     }
     Ok(())
 }
