@@ -170,8 +170,20 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     g.poweroff().map(|_| ())
 }
 
+/// Start `sleep SECS` in the background and wait until the guest itself shows it asleep
+/// in `common_nsleep` (/proc/PID/stack): a just-started sleep may still be in exec or
+/// startup, and a patch applied then would rightly find nothing in its way.
 fn sleep_pid(g: &mut Guest, secs: u32) -> Result<i64, String> {
-    g.spawn(&format!("sleep {secs} &"))
+    let pid = g.spawn(&format!("sleep {secs} &"))?;
+    let mut stack = String::new();
+    for _ in 0..100 {
+        stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
+        if stack.contains("common_nsleep") {
+            return Ok(pid);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("sleep {pid} never reached common_nsleep: {stack}"))
 }
 
 /// Acceptance 4: a task sleeping in the function to patch blocks the switch, status
