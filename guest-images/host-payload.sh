@@ -39,11 +39,15 @@ fi
 bin=$1 out=$2
 shift 2
 if ((with_qemu)); then
-	# paths as the Debian build expects them (firmware dir compiled in)
+	# paths as the Debian build expects them (its firmware search path is compiled in:
+	# QEMU 7.2 ships bios-microvm.bin in /usr/share/qemu, QEMU 10 takes seabios's)
+	[ -x /usr/bin/qemu-system-x86_64-microvm ] || die "--qemu: /usr/bin/qemu-system-x86_64-microvm missing (scripts/setup.sh installs it)"
+	for fw in /usr/share/qemu/bios-microvm.bin /usr/share/seabios/bios-microvm.bin ""; do
+		[ -z "$fw" ] && die "--qemu: bios-microvm.bin missing (apt-get install seabios)"
+		[ -f "$fw" ] && break
+	done
 	set -- "$@" /usr/bin/qemu-system-x86_64-microvm=/usr/bin/qemu-system-x86_64-microvm \
-		/usr/share/qemu/bios-microvm.bin=/usr/share/qemu/bios-microvm.bin \
-		/usr/share/qemu/linuxboot_dma.bin=/usr/share/qemu/linuxboot_dma.bin
-	[ -x /usr/bin/qemu-system-x86_64-microvm ] || die "--qemu: /usr/bin/qemu-system-x86_64-microvm missing (apt-get install qemu-system-x86)"
+		"$fw=$fw" /usr/share/qemu/linuxboot_dma.bin=/usr/share/qemu/linuxboot_dma.bin
 fi
 if ! [ -f "$bin" ] || ! [ -x "$bin" ]; then
 	die "$bin is not an executable file"

@@ -59,8 +59,9 @@ pub(crate) fn platform_guest_death(report: &str) -> bool {
 /// Why a watched boot did not reach the guest's ready line.
 #[derive(Debug)]
 pub enum BootFailure {
-    /// The VMM exited first; what it printed on stderr.
-    Exited(String),
+    /// The VMM exited first: what it printed on stderr, and the guest console's last
+    /// output.
+    Exited { stderr: String, console: String },
     /// Anything else (a timeout, trouble with the host), with the details.
     Other(String),
 }
@@ -68,14 +69,17 @@ pub enum BootFailure {
 impl BootFailure {
     pub fn report(&self) -> String {
         match self {
-            BootFailure::Exited(stderr) => format!("the VMM exited during boot:\n{stderr}"),
+            BootFailure::Exited { stderr, console } => format!(
+                "the VMM exited during boot:\n{stderr}\nthe guest console's last output:\n{}",
+                tail(console, 1500)
+            ),
             BootFailure::Other(e) => e.clone(),
         }
     }
 
     /// The VMM reported one of the platform's known guest deaths.
     pub fn platform_death(&self) -> bool {
-        matches!(self, BootFailure::Exited(stderr) if platform_guest_death(stderr))
+        matches!(self, BootFailure::Exited { stderr, .. } if platform_guest_death(stderr))
     }
 }
 
@@ -527,7 +531,8 @@ impl TestHost {
                 Ok(line) => return Ok(line),
                 Err(e) => {
                     if let Some(stderr) = self.exited(name).map_err(BootFailure::Other)? {
-                        return Err(BootFailure::Exited(stderr));
+                        let console = self.guest_console().drain();
+                        return Err(BootFailure::Exited { stderr, console });
                     }
                     if t0.elapsed() > BOOT_TIMEOUT {
                         self.stop_console_program(name);

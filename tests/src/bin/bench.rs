@@ -107,7 +107,9 @@ const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; done) &
 fn boot_load_poweroff(host: &mut TestHost, name: &str, cmd: &str) -> Result<Round, String> {
     let mut g = match host.start_and_wait_ready(name, cmd) {
         Ok((g, _)) => g,
-        Err(BootFailure::Exited(stderr)) => return Ok(Round::DiedBooting(stderr)),
+        Err(failure @ BootFailure::Exited { .. }) => {
+            return Ok(Round::DiedBooting(failure.report()))
+        }
         Err(BootFailure::Other(e)) => return Err(e),
     };
     let loaded = g.run_status(DEATHS_LOAD, Duration::from_secs(180));
