@@ -47,7 +47,7 @@ pub const PLATFORM_ATTEMPTS: u32 = 3;
 /// Whether lpvmm's report (or a test failure quoting it) is one of the guest deaths
 /// seen on the nested test host without any lpvmm fault identified (docs/testing.md,
 /// "Known platform quirks").
-pub(crate) fn platform_guest_death(report: &str) -> bool {
+pub fn platform_guest_death(report: &str) -> bool {
     [
         "triple fault",
         "guest kernel panic: Fatal exception in interrupt",

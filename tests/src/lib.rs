@@ -17,8 +17,8 @@ mod host;
 pub use console::{tail, Console};
 pub use group::{host_files, host_trial, local_trial, run_group};
 pub use host::{
-    BootFailure, Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT,
-    PLATFORM_ATTEMPTS, PROMPT,
+    platform_guest_death, BootFailure, Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT,
+    CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
 };
 
 use std::path::PathBuf;
