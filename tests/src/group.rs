@@ -45,7 +45,7 @@ pub fn host_trial(
             if host.answers() {
                 // A guest that died of the platform's known faults (docs/testing.md: a
                 // triple fault, or a panic of the bad-GS kind, "Fatal exception in
-                // interrupt") as lpvmm reported it: run the test once more.
+                // interrupt") as lpvmm reported it: run the test again.
                 if attempt < PLATFORM_ATTEMPTS && crate::host::platform_guest_death(&err) {
                     eprintln!(
                         "WARNING: a guest died of a known platform fault during {label} \

@@ -15,7 +15,7 @@ fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
     let (mut g, _) = host.boot_guest(&name, series, 1, "")?;
     let (rc, out) = g.lpvmm("vmcoreinfo {vm} --json")?;
     check!(rc == 0, "vmcoreinfo failed: {out}");
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    let v = json(&out)?;
     let info = &v["info"];
 
     let release = g.run("uname -r")?;

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use lpvmm_tests::{
-    check, host_trial, local_trial, run_group, Guest, HostMode, TestHost, TestResult, EXIT_TIMEOUT,
-    SERIES, SPLATS,
+    check, host_trial, json, local_trial, run_group, Guest, HostMode, TestHost, TestResult,
+    EXIT_TIMEOUT, SERIES, SPLATS,
 };
 
 /// Acceptance 1 + 2: boot to /init with N vCPUs, nproc = N, an interactive command,
@@ -182,7 +182,7 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     for _ in 0..40 {
         let (rc, out) = g.lpvmm("regs {vm} --json")?;
         check!(rc == 0, "regs failed: {out}");
-        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let v = json(&out)?;
         for cpu in v["vcpus"].as_array().ok_or("no vcpus")? {
             match vcpu_mode(cpu) {
                 Ok(0) => kernel += 1,
@@ -202,11 +202,11 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     // The page-table root really is a PML4: the kernel half has present entries.
     let (rc, out) = g.lpvmm("pause {vm} --json")?;
     check!(rc == 0, "pause: {out}");
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    let v = json(&out)?;
     let cr3 = v["vcpus"][0]["cr3"].as_u64().unwrap_or(0) & 0x000f_ffff_ffff_f000;
     let (rc, out) = g.lpvmm(&format!("read-phys {{vm}} {cr3:#x} 4096 --json"))?;
     check!(rc == 0, "read-phys: {out}");
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    let v = json(&out)?;
     let hex = v["hex"].as_str().unwrap_or("");
     check!(
         hex.len() == 8192,

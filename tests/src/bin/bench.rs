@@ -12,9 +12,7 @@
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
 
-use std::time::Instant;
-
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lpvmm_tests::{json, BootFailure, TestHost, BOOT_TIMEOUT};
 
@@ -59,24 +57,30 @@ fn time_boot(host: &mut TestHost, name: &str, cmd: &str) -> Result<f64, String> 
     Ok(secs)
 }
 
+/// Command lines for the same guest on lpvmm (as NAME) and on QEMU's microvm machine,
+/// its closest match to a minimal VMM: same kernel, initrd, memory, vCPUs and command
+/// line.
+fn lpvmm_and_qemu(host: &TestHost, name: &str, series: &str, vcpus: u8) -> (String, String) {
+    let kernel = host.guest_kernel(series);
+    let initrd = host.image("guest-initrd.cpio.gz");
+    let lpvmm = format!(
+        "{} run --name {name} --kernel {kernel} --initrd {initrd} --memory 512M --vcpus {vcpus}",
+        host.lpvmm()
+    );
+    let qemu = format!(
+        "qemu-system-x86_64-microvm -M microvm,rtc=on -accel kvm -cpu host -m 512M -smp {vcpus} \
+         -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
+         -kernel {kernel} -initrd {initrd} -append '{CMDLINE}'"
+    );
+    (lpvmm, qemu)
+}
+
 fn boot(runs: u32) -> Result<(), String> {
     let mut host = TestHost::start_with(true)?;
-    let initrd = host.image("guest-initrd.cpio.gz");
     println!("| kernel | lpvmm median (s) | QEMU microvm median (s) | lpvmm / QEMU |");
     println!("|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
-        let kernel = host.guest_kernel(series);
-        let lpvmm = format!(
-            "{} run --name bench --kernel {kernel} --initrd {initrd} --memory 512M --vcpus 1",
-            host.lpvmm()
-        );
-        // The same kernel, initrd, memory, vCPUs and command line; QEMU's microvm
-        // machine is its closest match to a minimal VMM.
-        let qemu = format!(
-            "qemu-system-x86_64-microvm -M microvm,rtc=on -accel kvm -cpu host -m 512M -smp 1 \
-             -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
-             -kernel {kernel} -initrd {initrd} -append '{CMDLINE}'"
-        );
+        let (lpvmm, qemu) = lpvmm_and_qemu(&host, "bench", series, 1);
         let (mut l, mut q) = (vec![], vec![]);
         for _ in 0..runs {
             // Interleaved, so that drift in the host affects both alike.
@@ -134,33 +138,18 @@ fn boot_load_poweroff(host: &mut TestHost, name: &str, cmd: &str) -> Result<Roun
 /// lpvmm's; if alike, the platform's.
 fn deaths(runs: u32) -> Result<(), String> {
     let mut host = TestHost::start_with(true)?;
-    let initrd = host.image("guest-initrd.cpio.gz");
     println!("| kernel | VMM | rounds | died booting | died under load |");
     println!("|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
-        let kernel = host.guest_kernel(series);
+        let (lpvmm, qemu) = lpvmm_and_qemu(&host, "deaths", series, 2);
         let vmms = [
-            (
-                "lpvmm",
-                format!(
-                    "{} run --name deaths --kernel {kernel} --initrd {initrd} --memory 512M --vcpus 2",
-                    host.lpvmm()
-                ),
-            ),
-            (
-                "QEMU microvm",
-                format!(
-                    "qemu-system-x86_64-microvm -M microvm,rtc=on -accel kvm -cpu host -m 512M -smp 2 \
-                     -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
-                     -kernel {kernel} -initrd {initrd} -append '{CMDLINE}'"
-                ),
-            ),
+            ("lpvmm", "deaths", lpvmm),
+            ("QEMU microvm", "deaths-qemu", qemu),
         ];
         let mut tally = [(0u32, 0u32); 2];
         for round in 1..=runs {
             // Interleaved, so that drift in the host affects both alike.
-            for (i, (vmm, cmd)) in vmms.iter().enumerate() {
-                let name = if i == 0 { "deaths" } else { "deaths-qemu" };
+            for (i, (vmm, name, cmd)) in vmms.iter().enumerate() {
                 match boot_load_poweroff(&mut host, name, cmd)? {
                     Round::Survived => {}
                     Round::DiedBooting(why) => {
@@ -174,7 +163,7 @@ fn deaths(runs: u32) -> Result<(), String> {
                 }
             }
         }
-        for (i, (vmm, _)) in vmms.iter().enumerate() {
+        for (i, (vmm, _, _)) in vmms.iter().enumerate() {
             let (booting, load) = tally[i];
             println!("| {series} | {vmm} | {runs} | {booting} | {load} |");
         }
@@ -203,7 +192,7 @@ fn pause(cycles: u32) -> Result<(), String> {
                 "{out}\nlpvmm stderr:\n{log}\nguest console:\n{tail}"
             ));
         }
-        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let v = json(&out)?;
         let f = |k: &str, q: &str| v[k][q].as_f64().unwrap_or(f64::NAN);
         println!(
             "| {vcpus} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
