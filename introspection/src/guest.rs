@@ -93,7 +93,8 @@ pub enum GuestError {
     Access(String),
 }
 
-/// A guest whose vCPUs are all parked: nothing changes under the reader.
+/// A guest whose vCPUs are all parked: nothing changes under the reader. Read-only:
+/// whatever writes to a guest (the patcher) does so through a trait of its own.
 ///
 /// Implementations must never panic on any address or length: guest-supplied pointers
 /// end up here, so a bad one is an [`GuestError`], not a crash.
@@ -106,10 +107,6 @@ pub trait PausedGuest {
 
     /// Read guest-physical memory. Fails whole if any byte is outside guest memory.
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError>;
-
-    /// Write guest-physical memory. Fails whole, writing nothing, if any byte is outside
-    /// guest memory.
-    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError>;
 
     /// The guest-physical range the VMM reserved for patches (e820-reserved, never used
     /// by the guest kernel).

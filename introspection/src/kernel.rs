@@ -213,6 +213,17 @@ impl Kernel {
         self.addrs.text.contains(addr) || self.addrs.init_text.is_some_and(|r| r.contains(addr))
     }
 
+    /// Offset of the running task's pointer (`current_task`, or `pcpu_hot.current_task`
+    /// from 6.2) in each CPU's per-CPU area: `%gs`-relative in kernel mode.
+    pub fn current_task_offset(&self) -> Option<u64> {
+        let a = &self.addrs;
+        match (a.current_task, a.pcpu_hot, &self.layout.pcpu_hot) {
+            (_, Some(hot), Some(l)) => Some(hot.wrapping_add(l.current_task)),
+            (Some(ct), _, _) => Some(ct),
+            _ => None,
+        }
+    }
+
     /// Code the kernel leaves out of /proc/PID/stack of a sleeping task.
     pub fn is_sched_text(&self, addr: u64) -> bool {
         self.addrs.sched_text.contains(addr)

@@ -11,6 +11,7 @@
 //! hand): [`vmcoreinfo`] finds the kernel, [`kallsyms`] decodes its symbol table,
 //! [`btf`] and [`layout`] give struct layouts, [`memory`] walks its page tables,
 //! [`tasks`] lists tasks, and [`stack`] unwinds their kernel stacks with [`orc`].
+#![forbid(unsafe_code)]
 
 pub mod btf;
 pub mod disasm;

@@ -189,12 +189,7 @@ impl<'k, 'g> TaskReader<'k, 'g> {
 
     /// Address of the per-CPU `current_task` of the CPU whose area starts at `base`.
     fn current_slot(&self, base: u64) -> u64 {
-        let a = &self.kernel.addrs;
-        match (a.current_task, a.pcpu_hot, &self.kernel.layout.pcpu_hot) {
-            (_, Some(hot), Some(l)) => base.wrapping_add(hot.wrapping_add(l.current_task)),
-            (Some(ct), _, _) => base.wrapping_add(ct),
-            _ => base,
-        }
+        base.wrapping_add(self.kernel.current_task_offset().unwrap_or(0))
     }
 
     /// The IRQ stack of the CPU whose area starts at `base`, as [low, high).

@@ -180,12 +180,6 @@ mod tests {
             buf.copy_from_slice(&self.0[start..start + buf.len()]);
             Ok(())
         }
-        fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
-            Err(GuestError::Unmapped {
-                addr,
-                len: data.len(),
-            })
-        }
         fn patch_area(&self) -> PhysRange {
             PhysRange::default()
         }

@@ -16,7 +16,9 @@
 
 use introspection::kernel::Kernel;
 use introspection::memory::KernelMemory;
-use introspection::{PausedGuest, PhysRange};
+use introspection::PhysRange;
+
+use crate::GuestWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
@@ -186,7 +188,7 @@ fn pmd_slot(mem: &KernelMemory, va: u64) -> Result<(u64, u64), KpError> {
 /// Write the area's page tables and hook them into the kernel's page-middle directory.
 /// The page-middle writes (the only guest kernel memory touched) go to the journal.
 pub fn install(
-    guest: &mut dyn PausedGuest,
+    guest: &mut dyn GuestWriter,
     kernel: &Kernel,
     layout: &AreaLayout,
     journal: &mut Journal,
@@ -194,7 +196,7 @@ pub fn install(
     let spans = layout.phys.size / PMD_SPAN;
     let mut slots = Vec::new();
     {
-        let mem = kernel.memory(guest);
+        let mem = kernel.memory(guest.reader());
         for i in 0..spans {
             let (slot, e) = pmd_slot(&mem, layout.va + i * PMD_SPAN)?;
             if e != 0 {

@@ -1,36 +1,40 @@
-//! The patch engine: loaded patches, the per-function stack of versions, and the
-//! immediate consistency model (every task's stack checked while the guest is paused;
-//! all sites of a patch flipped at once or none).
+//! The patch engine: loaded patches and their lifetime (the kernel livepatch's core.c),
+//! the version stacks of redirected functions ([`crate::funcs`]) and the transition in
+//! progress ([`crate::transition`], advanced by [`Engine::tick`] in `ticks.rs`).
 //!
-//! Operations take a paused guest; the VMM decides when to pause and how often to
-//! retry (see [`crate::transition`]). Every refusal happens before the first guest byte
+//! The VMM decides when to pause and calls the engine with the paused guest; the
+//! engine decides everything else. Every refusal happens before the first guest byte
 //! is written: `load` validates the whole patch, resolves every symbol and checks every
-//! site first; `plan_*` compute the writes without making them.
+//! site first; `begin` checks the request against the patch stack and writes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Register};
 use introspection::kernel::Kernel;
-use introspection::orc::OrcEntry;
-use introspection::stack::{ExtraCode, StackTrace, Unwinder};
-use introspection::tasks::TaskReader;
 use introspection::PausedGuest;
 use serde::{Deserialize, Serialize};
 
 use crate::area::{self, AreaLayout, Region};
+use crate::dispatch::{Bank, Geometry};
+use crate::funcs::{FuncStack, NewCode, Version};
 use crate::journal::Journal;
 use crate::link::{self, Placement};
 use crate::manifest::KernelSymbol;
 use crate::object::PatchObject;
 use crate::site::{self, SiteState};
-use crate::KpError;
+use crate::transition::{Consistency, FuncChange, Op, Request, Transition};
+use crate::{GuestWriter, KpError};
+
+/// Ended transitions kept for status.
+const HISTORY: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PatchState {
-    /// Loaded into the patch area; no site points at it.
+    /// Loaded into the patch area; no task runs it.
     Disabled,
-    /// Every site of the patch jumps to it.
+    /// Every task runs it (or will, once the transition in progress completes).
     Enabled,
 }
 
@@ -49,75 +53,80 @@ pub struct PatchedFunc {
     /// The new function keeps a frame pointer (`push %rbp; mov %rsp,%rbp`), so its call
     /// sites unwind reliably.
     pub frame_pointer: bool,
+    /// Flips without per-task consistency.
+    #[serde(default)]
+    pub immediate: bool,
+}
+
+/// A kernel symbol the patch uses, resolved in this guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Import {
+    pub name: String,
+    pub addr: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Patch {
     pub name: String,
     pub state: PatchState,
+    /// A transition of this patch was forced: a task may still run its code, so the
+    /// code stays in the guest.
+    pub forced: bool,
     pub funcs: Vec<PatchedFunc>,
     pub depends: Vec<String>,
     pub code: Region,
     pub rodata: Region,
     pub data: Region,
-    /// Kernel symbols the patch uses and their addresses in this guest.
-    pub imports: Vec<(String, u64)>,
+    pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
 }
 
-/// A redirected kernel function: its original entry bytes and the versions stacked on
-/// it, oldest first; the site jumps to the last.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Site {
-    name: String,
-    original: [u8; 5],
-    site: u64,
-    site_pa: u64,
-    /// (patch, new function address, its size)
-    versions: Vec<(String, u64, u64)>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Op {
-    Enable,
-    Disable,
-}
-
-/// What a transition of one patch will write, and which code no task may be in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
-    pub op: Op,
-    pub patch: String,
-    /// (site, guest-physical address, the 5 bytes to write there)
-    pub writes: Vec<(u64, u64, [u8; 5])>,
-    /// Code ranges no task may have on its stack: (start, end, function).
-    pub ranges: Vec<(u64, u64, String)>,
-}
-
-/// A task that keeps a transition from happening now.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Blocker {
-    pub pid: i32,
-    pub comm: String,
-    pub reason: String,
-    pub trace: StackTrace,
+impl Patch {
+    fn function_at(&self, ip: u64) -> Option<&PatchedFunc> {
+        self.funcs
+            .iter()
+            .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
+    }
 }
 
 #[derive(Clone, Debug)]
-struct Area {
-    layout: AreaLayout,
-    installed: bool,
-    next: Placement,
-    journal: Journal,
+pub(crate) struct Area {
+    pub(crate) layout: AreaLayout,
+    pub(crate) installed: bool,
+    pub(crate) next: Placement,
+    pub(crate) journal: Journal,
+}
+
+/// Trampoline banks and the geometry of their task maps, set up at the first
+/// per-task transition that needs them.
+#[derive(Clone, Debug)]
+pub(crate) struct Dispatch {
+    pub(crate) geometry: Geometry,
+    pub(crate) current_offset: u64,
+    pub(crate) banks: Vec<Bank>,
+}
+
+/// What a transition is asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Begin {
+    pub patch: String,
+    pub op: Op,
+    pub consistency: Consistency,
+    pub timeout: Option<Duration>,
+    /// Unload the patch if the transition does not complete (a load-and-enable).
+    pub unload_on_failure: bool,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Engine {
-    area: Option<Area>,
-    patches: Vec<Patch>,
-    sites: BTreeMap<u64, Site>,
+    pub(crate) area: Option<Area>,
+    pub(crate) patches: Vec<Patch>,
+    pub(crate) funcs: BTreeMap<u64, FuncStack>,
+    pub(crate) dispatch: Option<Dispatch>,
+    pub(crate) active: Option<Transition>,
+    pub(crate) history: VecDeque<Transition>,
+    next_id: u64,
 }
 
 /// Does the function keep a frame pointer at its call sites: `[endbr64;] push %rbp`
@@ -146,6 +155,15 @@ fn has_frame_pointer(code: &[u8], addr: u64) -> bool {
     false
 }
 
+/// A kernel function a patch replaces, checked live.
+struct Target<'m> {
+    replacement: &'m crate::manifest::Replacement,
+    addr: u64,
+    size: u64,
+    site: u64,
+    site_pa: u64,
+}
+
 impl Engine {
     pub fn new() -> Self {
         Self::default()
@@ -162,14 +180,68 @@ impl Engine {
             .ok_or_else(|| KpError::NoSuchPatch(name.to_string()))
     }
 
+    pub(crate) fn patch_mut(&mut self, name: &str) -> Result<&mut Patch, KpError> {
+        self.patches
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| KpError::NoSuchPatch(name.to_string()))
+    }
+
     pub fn area_layout(&self) -> Option<&AreaLayout> {
         self.area.as_ref().map(|a| &a.layout)
+    }
+
+    /// Redirected functions with their versions, oldest first.
+    pub fn funcs(&self) -> impl Iterator<Item = &FuncStack> {
+        self.funcs.values()
+    }
+
+    /// The transition in progress.
+    pub fn active(&self) -> Option<&Transition> {
+        self.active.as_ref()
+    }
+
+    /// Ended transitions, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &Transition> {
+        self.history.iter()
+    }
+
+    /// When the next tick is due, on the clock `begin` and `tick` were given (ms).
+    pub fn due(&self) -> Option<u64> {
+        let t = self.active.as_ref()?;
+        Some(if t.request.is_some() {
+            0
+        } else {
+            t.next_ms
+        })
+    }
+
+    /// The guest-visible pause of the last tick, as the VMM measured it.
+    pub fn note_pause(&mut self, pause: Duration) {
+        if let Some(t) = self.active.as_mut() {
+            t.note_pause(pause);
+        } else if let Some(t) = self.history.back_mut() {
+            if t.pauses_us.len() < t.ticks as usize {
+                t.note_pause(pause);
+            }
+        }
+    }
+
+    fn ensure_idle(&self, what: &str) -> Result<(), KpError> {
+        match &self.active {
+            Some(t) => Err(KpError::State(format!(
+                "cannot {what}: a transition of patch '{}' is in progress (lpvmm patch status; \
+                 lpvmm patch reverse or force)",
+                t.patch
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Validate, link and load a patch (disabled). On error nothing was written.
     pub fn load(
         &mut self,
-        guest: &mut dyn PausedGuest,
+        guest: &mut dyn GuestWriter,
         kernel: &Kernel,
         kp: &[u8],
     ) -> Result<String, KpError> {
@@ -186,68 +258,10 @@ impl Engine {
                 ))
             })?;
         }
-
-        // Kernel symbols: bindings first, then unique names.
-        let syms = &kernel.symbols;
-        let resolve = |name: &str| -> Result<u64, KpError> {
-            let (kname, pos) = match m.bindings.iter().find(|b| b.local == name) {
-                Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
-                None => (name, None),
-            };
-            syms.resolve(kname, pos).map(|s| s.addr).map_err(|e| {
-                KpError::Symbol(format!(
-                    "{e}{}",
-                    if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
-                        " (bind it with LPVMM_SYMBOL(local, name, pos))"
-                    } else {
-                        ""
-                    }
-                ))
-            })
-        };
-
-        // Every target, checked live.
-        let mem = kernel.memory(guest);
-        let mut targets = Vec::new();
-        for r in &m.replacements {
-            let sym = syms
-                .resolve(&r.old.name, r.old.pos)
-                .map_err(|e| KpError::Symbol(e.to_string()))?;
-            if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
-                return Err(KpError::Symbol(format!(
-                    "{} is not a kernel function",
-                    r.old
-                )));
-            }
-            let size = syms.size_at(sym.addr).unwrap_or(0);
-            let entry = mem
-                .read_vec(sym.addr, 9)
-                .map_err(|e| KpError::Guest(format!("reading {}: {e}", r.old)))?;
-            let site = sym.addr + site::site_offset(&entry);
-            let at = (site - sym.addr) as usize;
-            let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
-            match site::inspect(&r.old.to_string(), site, &bytes)? {
-                SiteState::Nop if !self.sites.contains_key(&sym.addr) => {}
-                SiteState::Jump(t)
-                    if self
-                        .sites
-                        .get(&sym.addr)
-                        .and_then(|s| s.versions.last())
-                        .is_some_and(|v| v.1 == t) => {}
-                _ => {
-                    return Err(KpError::Site(format!(
-                        "{} at {site:#x} was changed by something other than lpvmm",
-                        r.old
-                    )))
-                }
-            }
-            let site_pa = mem
-                .translate(site)
-                .map_err(|e| KpError::Guest(format!("{}: {e}", r.old)))?;
-            targets.push((r, sym.addr, size, site, site_pa));
-        }
+        let targets = self.targets(guest.reader(), kernel, &obj)?;
 
         // Where it goes, and the linked bytes.
+        let mem = kernel.memory(guest.reader());
         let layout = match &self.area {
             Some(a) => a.layout.clone(),
             None => {
@@ -261,48 +275,23 @@ impl Engine {
             rodata: layout.rodata.start,
             data: layout.data.start,
         });
-        // Returns go where the kernel's own do (see link::Returns).
-        let returns = match (syms.addr("x86_return_thunk"), syms.addr(link::RETURN_THUNK)) {
-            (Some(var), Some(default)) => {
-                let t = mem
-                    .u64(var)
-                    .map_err(|e| KpError::Guest(format!("reading x86_return_thunk: {e}")))?;
-                if t == default {
-                    link::Returns::Ret
-                } else {
-                    link::Returns::Jump(t)
-                }
-            }
-            _ => link::Returns::AsSymbol,
-        };
+        let returns = link::Returns::of_guest(&mem, &kernel.symbols)?;
+        let resolve = |name: &str| resolve_import(kernel, &obj, name);
         let linked = link::link(&obj, next, returns, &resolve)?;
-        let page = |n: usize| (n as u64).div_ceil(4096) * 4096;
         let after = Placement {
-            code: next.code + page(linked.code.bytes.len()),
-            rodata: next.rodata + page(linked.rodata.bytes.len()),
-            data: next.data + page(linked.data.bytes.len()),
+            code: next.code + page(linked.code.bytes.len() as u64),
+            rodata: next.rodata + page(linked.rodata.bytes.len() as u64),
+            data: next.data + page(linked.data.bytes.len() as u64),
         };
-        for (what, start, end, region) in [
-            ("code", next.code, after.code, layout.code),
-            ("read-only data", next.rodata, after.rodata, layout.rodata),
-            ("data", next.data, after.data, layout.data),
-        ] {
-            if end > region.end {
-                return Err(KpError::AreaFull(format!(
-                    "{} needs {} KiB more {what} than the {} KiB left (lpvmm run --patch-area sets its size)",
-                    m.name,
-                    (end - region.end).div_ceil(1024),
-                    region.end.saturating_sub(start) / 1024
-                )));
-            }
-        }
+        check_room(&m.name, next, after, &layout)?;
         let mut funcs = Vec::new();
-        for (r, old_addr, old_size, site_va, site_pa) in targets {
+        for t in targets {
+            let r = t.replacement;
             let f = obj
                 .function(&r.new)
                 .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
             let new_addr = linked.functions[&r.new];
-            site::jump(site_va, new_addr)?;
+            site::jump(t.site, new_addr)?;
             let off = (new_addr - linked.code.addr) as usize;
             let body = linked
                 .code
@@ -311,14 +300,15 @@ impl Engine {
                 .unwrap_or_default();
             funcs.push(PatchedFunc {
                 old: r.old.clone(),
-                old_addr,
-                old_size,
-                site: site_va,
-                site_pa,
+                old_addr: t.addr,
+                old_size: t.size,
+                site: t.site,
+                site_pa: t.site_pa,
                 new_name: r.new.clone(),
                 new_addr,
                 new_size: f.size,
                 frame_pointer: has_frame_pointer(body, new_addr),
+                immediate: r.immediate,
             });
         }
         drop(mem);
@@ -338,7 +328,7 @@ impl Engine {
             if !img.bytes.is_empty() {
                 guest
                     .write_phys(area.layout.pa(img.addr), &img.bytes)
-                    .map_err(|e| KpError::Guest(format!("writing the patch area: {e}")))?;
+                    .map_err(|e| KpError::guest("writing the patch area", e))?;
             }
         }
         area.next = after;
@@ -346,6 +336,7 @@ impl Engine {
         self.patches.push(Patch {
             name: m.name.clone(),
             state: PatchState::Disabled,
+            forced: false,
             funcs,
             depends: m.depends.clone(),
             code: Region {
@@ -360,14 +351,96 @@ impl Engine {
                 start: next.data,
                 end: after.data,
             },
-            imports: linked.imports,
+            imports: linked
+                .imports
+                .into_iter()
+                .map(|(name, addr)| Import { name, addr })
+                .collect(),
             enables: 0,
         });
         Ok(m.name.clone())
     }
 
-    /// What enabling `name` will write and which code must be off every stack.
-    pub fn plan_enable(&self, name: &str) -> Result<Plan, KpError> {
+    /// Every function the patch replaces, checked live: a kernel function whose site is
+    /// the fentry NOP, or lpvmm's own jump to the version on top.
+    fn targets<'o>(
+        &self,
+        guest: &dyn PausedGuest,
+        kernel: &Kernel,
+        obj: &'o PatchObject,
+    ) -> Result<Vec<Target<'o>>, KpError> {
+        let syms = &kernel.symbols;
+        let mem = kernel.memory(guest);
+        let mut targets = Vec::new();
+        for r in &obj.manifest.replacements {
+            let sym = syms
+                .resolve(&r.old.name, r.old.pos)
+                .map_err(|e| KpError::Symbol(e.to_string()))?;
+            if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
+                return Err(KpError::Symbol(format!(
+                    "{} is not a kernel function",
+                    r.old
+                )));
+            }
+            let size = syms.size_at(sym.addr).unwrap_or(0);
+            let entry = mem
+                .read_vec(sym.addr, 9)
+                .map_err(|e| KpError::Guest(format!("reading {}: {e}", r.old)))?;
+            let site = sym.addr + site::site_offset(&entry);
+            let at = (site - sym.addr) as usize;
+            let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
+            let ours = self.funcs.get(&sym.addr);
+            match site::inspect(&r.old.to_string(), site, &bytes)? {
+                SiteState::Nop if ours.is_none() => {}
+                _ if ours.is_some_and(|s| s.live == bytes) => {}
+                _ => {
+                    return Err(KpError::Site(format!(
+                        "{} at {site:#x} was changed by something other than lpvmm",
+                        r.old
+                    )))
+                }
+            }
+            let site_pa = mem
+                .translate(site)
+                .map_err(|e| KpError::Guest(format!("{}: {e}", r.old)))?;
+            targets.push(Target {
+                replacement: r,
+                addr: sym.addr,
+                size,
+                site,
+                site_pa,
+            });
+        }
+        Ok(targets)
+    }
+
+    /// Start a transition (written at its first tick). Refused, changing nothing, when
+    /// another runs or the patch stack does not allow it.
+    pub fn begin(&mut self, b: Begin, now_ms: u64) -> Result<u64, KpError> {
+        self.ensure_idle(match b.op {
+            Op::Enable => "enable a patch",
+            Op::Disable => "disable a patch",
+        })?;
+        let changes = match b.op {
+            Op::Enable => self.plan_enable(&b.patch)?,
+            Op::Disable => self.plan_disable(&b.patch)?,
+        };
+        self.next_id += 1;
+        let mut t = Transition::new(
+            self.next_id,
+            &b.patch,
+            b.op,
+            b.consistency,
+            b.timeout,
+            changes,
+            now_ms,
+        );
+        t.unload_on_failure = b.unload_on_failure;
+        self.active = Some(t);
+        Ok(self.next_id)
+    }
+
+    fn plan_enable(&self, name: &str) -> Result<Vec<FuncChange>, KpError> {
         let p = self.patch(name)?;
         if p.state == PatchState::Enabled {
             return Err(KpError::State(format!("patch '{name}' is already enabled")));
@@ -379,31 +452,28 @@ impl Engine {
                 )));
             }
         }
-        let mut plan = Plan {
-            op: Op::Enable,
-            patch: name.into(),
-            writes: Vec::new(),
-            ranges: Vec::new(),
-        };
-        for f in &p.funcs {
-            plan.writes
-                .push((f.site, f.site_pa, site::jump(f.site, f.new_addr)?));
-            plan.ranges
-                .push((f.old_addr, f.old_addr + f.old_size, f.old.to_string()));
-            // A task in the version now on top must not stay there across the switch.
-            if let Some((patch, addr, size)) =
-                self.sites.get(&f.old_addr).and_then(|s| s.versions.last())
-            {
-                plan.ranges
-                    .push((*addr, addr + size, format!("{} [{patch}]", f.old)));
-            }
-        }
-        Ok(plan)
+        Ok(p.funcs
+            .iter()
+            .map(|f| FuncChange {
+                func: f.old_addr,
+                name: f.old.to_string(),
+                from: self
+                    .funcs
+                    .get(&f.old_addr)
+                    .map_or(Version::Original, FuncStack::top),
+                to: Version::Code(NewCode {
+                    patch: name.to_string(),
+                    name: f.new_name.clone(),
+                    addr: f.new_addr,
+                    size: f.new_size,
+                }),
+                immediate: f.immediate,
+                trampoline: None,
+            })
+            .collect())
     }
 
-    /// What disabling `name` will write: each site back to the version below (or the
-    /// original bytes), and the new code no task may be in.
-    pub fn plan_disable(&self, name: &str) -> Result<Plan, KpError> {
+    fn plan_disable(&self, name: &str) -> Result<Vec<FuncChange>, KpError> {
         let p = self.patch(name)?;
         if p.state != PatchState::Enabled {
             return Err(KpError::State(format!("patch '{name}' is not enabled")));
@@ -418,134 +488,72 @@ impl Engine {
                 user.name
             )));
         }
-        let mut plan = Plan {
-            op: Op::Disable,
-            patch: name.into(),
-            writes: Vec::new(),
-            ranges: Vec::new(),
-        };
+        let mut changes = Vec::new();
         for f in &p.funcs {
             let s = self
-                .sites
+                .funcs
                 .get(&f.old_addr)
                 .ok_or_else(|| KpError::State(format!("{} has no redirection recorded", f.old)))?;
             match s.versions.last() {
-                Some((top, _, _)) if top == name => {}
-                Some((top, _, _)) => {
+                Some(top) if top.patch == name => {}
+                Some(top) => {
                     return Err(KpError::State(format!(
-                        "{} has a newer version from patch '{top}' above '{name}'; disable '{top}' first",
-                        f.old
+                        "{} has a newer version from patch '{}' above '{name}'; disable '{}' first",
+                        f.old, top.patch, top.patch
                     )))
                 }
                 None => return Err(KpError::State(format!("{} is not redirected", f.old))),
             }
-            let below = match s.versions.len().checked_sub(2).map(|i| &s.versions[i]) {
-                Some((_, addr, _)) => site::jump(f.site, *addr)?,
-                None => s.original,
-            };
-            plan.writes.push((f.site, f.site_pa, below));
-            plan.ranges.push((
-                f.new_addr,
-                f.new_addr + f.new_size,
-                format!("{} [{name}]", f.new_name),
-            ));
+            changes.push(FuncChange {
+                func: f.old_addr,
+                name: f.old.to_string(),
+                from: s.top(),
+                to: s.below_top(),
+                immediate: f.immediate,
+                trampoline: None,
+            });
         }
-        Ok(plan)
+        Ok(changes)
     }
 
-    /// Unwind every task; those in a planned range, or whose stack is unreliable, block.
-    pub fn blockers(
-        &self,
-        guest: &dyn PausedGuest,
-        kernel: &Kernel,
-        plan: &Plan,
-    ) -> Result<(Vec<Blocker>, usize), KpError> {
-        let reader = TaskReader::new(kernel, guest);
-        let list = reader
-            .list()
-            .map_err(|e| KpError::Guest(format!("listing tasks: {e}")))?;
-        let code = PatchCode(self);
-        let extra: [&dyn ExtraCode; 1] = [&code];
-        let unwinder = Unwinder::new(&reader, &extra);
-        let mut blockers = Vec::new();
-        for t in &list.tasks {
-            let trace = unwinder.trace(t);
-            let reason = if !trace.reliable {
-                Some(format!(
-                    "its stack is unreliable ({})",
-                    trace.problem.as_deref().unwrap_or("unknown")
-                ))
-            } else {
-                plan.ranges.iter().find_map(|(lo, hi, f)| {
-                    trace
-                        .touches(*lo, *hi)
-                        .then(|| format!("{f} is on its stack"))
-                })
-            };
-            if let Some(reason) = reason {
-                blockers.push(Blocker {
-                    pid: t.pid,
-                    comm: t.comm.clone(),
-                    reason,
-                    trace,
-                });
+    /// Ask the transition in progress to turn around or to complete without checks;
+    /// done at the next tick (which [`Engine::due`] makes due at once).
+    pub fn request(&mut self, r: Request) -> Result<u64, KpError> {
+        let verb = match r {
+            Request::Reverse => "reverse",
+            Request::Force => "force",
+        };
+        let t = self
+            .active
+            .as_mut()
+            .ok_or_else(|| KpError::State(format!("nothing to {verb}: no transition is in progress")))?;
+        if let Some(prev) = t.request {
+            if prev != r {
+                return Err(KpError::State(format!(
+                    "transition {} already has a {prev:?} request waiting for its next tick",
+                    t.id
+                )));
             }
         }
-        Ok((blockers, list.tasks.len()))
-    }
-
-    /// Make the plan's writes (all sites at once, the guest paused) and record the new
-    /// state.
-    pub fn apply(&mut self, guest: &mut dyn PausedGuest, plan: &Plan) -> Result<(), KpError> {
-        // Re-check each site still holds what the plan assumed (nothing else wrote it).
-        let idx = self
-            .patches
-            .iter()
-            .position(|p| p.name == plan.patch)
-            .ok_or_else(|| KpError::NoSuchPatch(plan.patch.clone()))?;
-        let mut journal = Journal::default();
-        for (site, pa, bytes) in &plan.writes {
-            if let Err(e) = journal.write(guest, *pa, bytes) {
-                journal.undo(guest)?;
-                return Err(KpError::Guest(format!("site {site:#x}: {e}")));
-            }
-        }
-        let funcs = self.patches[idx].funcs.clone();
-        match plan.op {
-            Op::Enable => {
-                for (f, w) in funcs.iter().zip(&journal.writes) {
-                    let s = self.sites.entry(f.old_addr).or_insert_with(|| Site {
-                        name: f.old.to_string(),
-                        original: w.before.clone().try_into().unwrap_or(site::FENTRY_NOP),
-                        site: f.site,
-                        site_pa: f.site_pa,
-                        versions: Vec::new(),
-                    });
-                    s.versions
-                        .push((plan.patch.clone(), f.new_addr, f.new_size));
-                }
-                self.patches[idx].state = PatchState::Enabled;
-                self.patches[idx].enables += 1;
-            }
-            Op::Disable => {
-                for f in &funcs {
-                    if let Some(s) = self.sites.get_mut(&f.old_addr) {
-                        s.versions.pop();
-                        if s.versions.is_empty() {
-                            self.sites.remove(&f.old_addr);
-                        }
-                    }
-                }
-                self.patches[idx].state = PatchState::Disabled;
-            }
-        }
-        Ok(())
+        t.request = Some(r);
+        Ok(t.id)
     }
 
     /// Remove a disabled patch: its code is overwritten with `int3` and its data zeroed.
     /// (Its space is not reused: patch area space is bump-allocated.)
-    pub fn unload(&mut self, guest: &mut dyn PausedGuest, name: &str) -> Result<(), KpError> {
+    pub fn unload(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
+        if self.active.as_ref().is_some_and(|t| t.patch == name) {
+            return Err(KpError::State(format!(
+                "patch '{name}' is in a transition; wait for it to end"
+            )));
+        }
         let p = self.patch(name)?;
+        if p.forced {
+            return Err(KpError::State(format!(
+                "patch '{name}' was forced: a task may still run its code, so it stays in the \
+                 guest for the guest's lifetime (as the kernel keeps a forced livepatch module)"
+            )));
+        }
         if p.state != PatchState::Disabled {
             return Err(KpError::State(format!(
                 "patch '{name}' is enabled; disable it first"
@@ -566,52 +574,87 @@ impl Engine {
             if r.size() > 0 {
                 guest
                     .write_phys(layout.pa(r.start), &vec![fill; r.size() as usize])
-                    .map_err(|e| KpError::Guest(format!("clearing the patch area: {e}")))?;
+                    .map_err(|e| KpError::guest("clearing the patch area", e))?;
             }
         }
         self.patches.retain(|q| q.name != name);
         Ok(())
     }
 
-    /// The function of a loaded patch that contains `ip`.
-    fn function_at(&self, ip: u64) -> Option<(&Patch, &PatchedFunc)> {
-        self.patches.iter().find_map(|p| {
-            p.funcs
-                .iter()
-                .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
-                .map(|f| (p, f))
-        })
+    /// The loaded patch function that contains `ip`, with its patch.
+    pub fn function_at(&self, ip: u64) -> Option<(&Patch, &PatchedFunc)> {
+        self.patches
+            .iter()
+            .find_map(|p| p.function_at(ip).map(|f| (p, f)))
+    }
+
+    /// Code regions of every trampoline bank.
+    pub fn trampoline_code(&self) -> Vec<Region> {
+        self.dispatch
+            .as_ref()
+            .map(|d| d.banks.iter().map(|b| b.code).collect())
+            .unwrap_or_default()
+    }
+
+    /// The kernel function whose trampoline contains `ip`.
+    pub fn trampoline_at(&self, ip: u64) -> Option<&str> {
+        self.dispatch.as_ref()?.banks.iter().find_map(|b| b.func_at(ip))
+    }
+
+    pub(crate) fn end(&mut self, t: Transition) {
+        self.history.push_back(t);
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
     }
 }
 
-/// Patch code as the unwinder sees it: text, with frame-pointer unwinding at call sites
-/// of functions that keep one.
-pub struct PatchCode<'e>(pub &'e Engine);
+fn page(n: u64) -> u64 {
+    n.div_ceil(4096) * 4096
+}
 
-impl ExtraCode for PatchCode<'_> {
-    fn contains(&self, ip: u64) -> bool {
-        self.0.patches.iter().any(|p| p.code.contains(ip))
-    }
-
-    fn unwind_entry(&self, ip: u64, interrupted: bool) -> Option<OrcEntry> {
-        // An interrupted address may be in a prologue or epilogue, where the frame
-        // pointer is not set up: only return addresses unwind reliably.
-        if interrupted {
-            return None;
+/// Does `after` still fit in the area's regions?
+pub(crate) fn check_room(
+    who: &str,
+    next: Placement,
+    after: Placement,
+    layout: &AreaLayout,
+) -> Result<(), KpError> {
+    for (what, start, end, region) in [
+        ("code", next.code, after.code, layout.code),
+        ("read-only data", next.rodata, after.rodata, layout.rodata),
+        ("data", next.data, after.data, layout.data),
+    ] {
+        if end > region.end {
+            return Err(KpError::AreaFull(format!(
+                "{who} needs {} KiB more {what} than the {} KiB left (lpvmm run --patch-area sets its size)",
+                (end - region.end).div_ceil(1024),
+                region.end.saturating_sub(start) / 1024
+            )));
         }
-        let (_, f) = self.0.function_at(ip)?;
-        f.frame_pointer.then_some(OrcEntry::FRAME_POINTER)
     }
+    Ok(())
+}
 
-    fn describe(&self, ip: u64, interrupted: bool) -> Option<String> {
-        let at = if interrupted { ip } else { ip.wrapping_sub(1) };
-        let (p, f) = self.0.function_at(at)?;
-        Some(format!(
-            "{}+{:#x}/{:#x} [{}]",
-            f.new_name,
-            ip - f.new_addr,
-            f.new_size,
-            p.name
-        ))
-    }
+/// A kernel symbol a patch uses: its binding first, then the unique name.
+fn resolve_import(kernel: &Kernel, obj: &PatchObject, name: &str) -> Result<u64, KpError> {
+    let m = &obj.manifest;
+    let (kname, pos) = match m.bindings.iter().find(|b| b.local == name) {
+        Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
+        None => (name, None),
+    };
+    kernel
+        .symbols
+        .resolve(kname, pos)
+        .map(|s| s.addr)
+        .map_err(|e| {
+            KpError::Symbol(format!(
+                "{e}{}",
+                if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
+                    " (bind it with LPVMM_SYMBOL(local, name, pos))"
+                } else {
+                    ""
+                }
+            ))
+        })
 }

@@ -1,7 +1,7 @@
 //! Every write lpvmm makes to guest memory outside the patch area's contents goes
 //! through here, with the bytes it replaced, so that it can be undone exactly.
 
-use introspection::PausedGuest;
+use crate::GuestWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::KpError;
@@ -23,7 +23,7 @@ impl Journal {
     /// Write `data` at `pa`, remembering what was there.
     pub fn write(
         &mut self,
-        guest: &mut dyn PausedGuest,
+        guest: &mut dyn GuestWriter,
         pa: u64,
         data: &[u8],
     ) -> Result<(), KpError> {
@@ -43,7 +43,7 @@ impl Journal {
     }
 
     /// Undo every write, newest first.
-    pub fn undo(&mut self, guest: &mut dyn PausedGuest) -> Result<(), KpError> {
+    pub fn undo(&mut self, guest: &mut dyn GuestWriter) -> Result<(), KpError> {
         while let Some(w) = self.writes.pop() {
             guest
                 .write_phys(w.pa, &w.before)

@@ -1,11 +1,20 @@
 //! lpvmm's patcher: the `.kp` patch format, the linker that places a patch in the
 //! guest's patch area, redirection sites, and the patch engine with its consistency
-//! model. No KVM here: everything works on an [`introspection::PausedGuest`], so it is
-//! tested over synthetic guests.
+//! model. No KVM here: everything works on a paused guest (reads through
+//! [`introspection::PausedGuest`], writes through [`GuestWriter`]), so it is tested
+//! over synthetic guests.
+//!
+//! The engine reads like the kernel's livepatch: [`engine`] holds patches and their
+//! lifetime (core.c), [`funcs`] the per-function version stacks (patch.c), and
+//! [`transition`] with [`ticks`] the per-task switch (transition.c); [`dispatch`] is
+//! what lets lpvmm do from outside what the kernel does with a flag in each task.
+#![forbid(unsafe_code)]
 
 pub mod area;
 pub mod build;
+pub mod dispatch;
 pub mod engine;
+pub mod funcs;
 pub mod journal;
 pub mod link;
 pub mod manifest;
@@ -13,16 +22,31 @@ pub mod object;
 pub mod site;
 #[cfg(test)]
 mod tests;
+pub mod ticks;
 pub mod transition;
 
-pub use engine::{Blocker, Engine, Op, Patch, PatchState, Plan};
+use introspection::{GuestError, PausedGuest};
+
+pub use engine::{Begin, Engine, Import, Patch, PatchState, PatchedFunc};
+pub use funcs::{FuncStack, NewCode, Version};
 pub use object::PatchObject;
-pub use transition::{Outcome, Transition};
+pub use transition::{Blocker, Consistency, FuncChange, Op, Outcome, Request, Transition};
+
+/// Writing to a paused guest: only the patcher writes, and only through this.
+pub trait GuestWriter: PausedGuest {
+    /// Write guest-physical memory. Fails whole, writing nothing, if any byte is outside
+    /// guest memory.
+    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError>;
+
+    /// The same guest, read-only.
+    fn reader(&self) -> &dyn PausedGuest;
+}
 
 /// Everything that can be wrong with a patch or a patch operation. Each names the file
 /// part, symbol or state at fault; none leaves the guest changed.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KpError {
+    // The .kp file (object.rs, manifest.rs).
     #[error("not an ELF object: {0}")]
     NotElf(String),
     #[error("wrong machine: {0}")]
@@ -37,6 +61,7 @@ pub enum KpError {
     Truncated(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    // Linking against the guest (link.rs, area.rs, site.rs).
     #[error("symbol: {0}")]
     Symbol(String),
     #[error("out of rel32 range: {0}")]
@@ -47,6 +72,7 @@ pub enum KpError {
     Area(String),
     #[error("patch area full: {0}")]
     AreaFull(String),
+    // The engine: the patch stack and transitions.
     #[error("a patch named '{0}' is already loaded")]
     AlreadyLoaded(String),
     #[error("no patch named '{0}' is loaded")]
@@ -55,6 +81,22 @@ pub enum KpError {
     Dependency(String),
     #[error("{0}")]
     State(String),
+    // The guest's memory.
     #[error("guest memory: {0}")]
     Guest(String),
+    #[error("{context}: {source}")]
+    GuestAccess {
+        context: String,
+        #[source]
+        source: GuestError,
+    },
+}
+
+impl KpError {
+    pub fn guest(context: &str, source: GuestError) -> KpError {
+        KpError::GuestAccess {
+            context: context.to_string(),
+            source,
+        }
+    }
 }

@@ -22,6 +22,29 @@ pub enum Returns {
     Ret,
 }
 
+impl Returns {
+    /// What the guest made of its own returns: `x86_return_thunk` holds the selected
+    /// thunk, which is the default one when no mitigation needs a thunk.
+    pub fn of_guest(
+        mem: &introspection::memory::KernelMemory,
+        syms: &introspection::kallsyms::SymbolTable,
+    ) -> Result<Returns, crate::KpError> {
+        match (syms.addr("x86_return_thunk"), syms.addr(RETURN_THUNK)) {
+            (Some(var), Some(default)) => {
+                let t = mem.u64(var).map_err(|e| {
+                    crate::KpError::Guest(format!("reading x86_return_thunk: {e}"))
+                })?;
+                Ok(if t == default {
+                    Returns::Ret
+                } else {
+                    Returns::Jump(t)
+                })
+            }
+            _ => Ok(Returns::AsSymbol),
+        }
+    }
+}
+
 /// Where a patch's bytes go: the next free address of each region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {

@@ -59,6 +59,9 @@ pub struct Replacement {
     pub old: KernelSymbol,
     /// The new function, a symbol defined in the patch object.
     pub new: String,
+    /// Flips at once even in a per-task transition (`LPVMM_REPLACE_IMMEDIATE`).
+    #[serde(default)]
+    pub immediate: bool,
 }
 
 /// An undefined symbol of the object bound to a particular kernel symbol.
@@ -133,7 +136,7 @@ impl Manifest {
                     }
                     m.name = value.to_string();
                 }
-                "replace" => {
+                "replace" | "replace_immediate" => {
                     let (old, new) = value
                         .split_once(':')
                         .ok_or_else(|| bad(format!("replace={value:.80}: want OLD:NEW")))?;
@@ -147,6 +150,7 @@ impl Manifest {
                     m.replacements.push(Replacement {
                         old,
                         new: new.to_string(),
+                        immediate: key == "replace_immediate",
                     });
                 }
                 "symbol" => {
@@ -208,8 +212,10 @@ mod tests {
             "replace=helper,2:new_helper",
             "symbol=local_fn:static_fn,3",
             "depends=base",
+            "replace_immediate=meminfo_proc_show:new_meminfo",
         ]))
         .unwrap();
+        assert!(!m.replacements[0].immediate && m.replacements[2].immediate);
         assert_eq!(m.name, "fix-1.2");
         assert_eq!(m.replacements[1].old.pos, Some(2));
         assert_eq!(m.replacements[1].old.to_string(), "helper,2");

@@ -6,14 +6,26 @@ use introspection::kernel::Kernel;
 use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
 use introspection::PausedGuest;
 
-use crate::engine::{Engine, Op, PatchState};
+use crate::engine::{Begin, Engine, PatchState};
 use crate::site::FENTRY_NOP;
-use crate::KpError;
+use crate::transition::{Consistency, Op, Outcome, Phase, Request, Transition};
+use crate::{GuestWriter, KpError};
+
+impl GuestWriter for SynthGuest {
+    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), introspection::GuestError> {
+        SynthGuest::write_phys(self, addr, data)
+    }
+    fn reader(&self) -> &dyn PausedGuest {
+        self
+    }
+}
 
 struct Fixture {
     sk: SynthKernel,
     kernel: Kernel,
     engine: Engine,
+    /// The engine's clock, ms.
+    now: u64,
 }
 
 fn fixture() -> Fixture {
@@ -23,6 +35,7 @@ fn fixture() -> Fixture {
         sk,
         kernel,
         engine: Engine::new(),
+        now: 0,
     }
 }
 
@@ -95,28 +108,62 @@ fn site_bytes(f: &Fixture, g: &SynthGuest, func: &str) -> [u8; 5] {
         .unwrap()
 }
 
-fn enable(f: &mut Fixture, g: &mut SynthGuest, name: &str) -> Result<(), String> {
-    let plan = f.engine.plan_enable(name).map_err(|e| e.to_string())?;
-    let (blockers, _) = f.engine.blockers(g, &f.kernel, &plan).unwrap();
-    if !blockers.is_empty() {
-        return Err(format!(
-            "blocked: {:?}",
-            blockers
-                .iter()
-                .map(|b| (&b.comm, &b.reason))
-                .collect::<Vec<_>>()
-        ));
+/// Start a transition and tick it (at most `ticks` times, 1 s apart) until it ends or
+/// stops being pending; returns it as it stands.
+fn run(
+    f: &mut Fixture,
+    g: &mut SynthGuest,
+    name: &str,
+    op: Op,
+    consistency: Consistency,
+    ticks: u32,
+) -> Result<Transition, String> {
+    f.engine
+        .begin(
+            Begin {
+                patch: name.into(),
+                op,
+                consistency,
+                timeout: None,
+                unload_on_failure: false,
+            },
+            f.now,
+        )
+        .map_err(|e| e.to_string())?;
+    tick(f, g, ticks)
+}
+
+/// Tick the transition in progress up to `ticks` times, or until it ends.
+fn tick(f: &mut Fixture, g: &mut SynthGuest, ticks: u32) -> Result<Transition, String> {
+    for _ in 0..ticks {
+        f.now += 1000;
+        f.engine.tick(g, &f.kernel, f.now);
+        if f.engine.active().is_none() {
+            break;
+        }
     }
-    f.engine.apply(g, &plan).map_err(|e| e.to_string())
+    Ok(match f.engine.active() {
+        Some(t) => t.clone(),
+        None => f.engine.history().last().cloned().ok_or("no transition")?,
+    })
+}
+
+fn enable(f: &mut Fixture, g: &mut SynthGuest, name: &str) -> Result<(), String> {
+    done(run(f, g, name, Op::Enable, Consistency::Immediate, 1)?)
 }
 
 fn disable(f: &mut Fixture, g: &mut SynthGuest, name: &str) -> Result<(), String> {
-    let plan = f.engine.plan_disable(name).map_err(|e| e.to_string())?;
-    let (blockers, _) = f.engine.blockers(g, &f.kernel, &plan).unwrap();
-    if !blockers.is_empty() {
-        return Err(format!("blocked: {blockers:?}"));
+    done(run(f, g, name, Op::Disable, Consistency::Immediate, 1)?)
+}
+
+fn done(t: Transition) -> Result<(), String> {
+    match t.outcome {
+        Outcome::Done => Ok(()),
+        _ => {
+            let who: Vec<_> = t.blockers.iter().map(|b| (&b.comm, &b.reason)).collect();
+            Err(format!("{:?}: blocked: {who:?}", t.outcome))
+        }
     }
-    f.engine.apply(g, &plan).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -153,7 +200,7 @@ fn load_links_against_kallsyms_and_enable_disable_restore_exact_bytes() {
     assert!(p
         .imports
         .iter()
-        .any(|(n, a)| n == "seq_printf" && *a == f.sk.function("seq_printf")));
+        .any(|i| i.name == "seq_printf" && i.addr == f.sk.function("seq_printf")));
 
     enable(&mut f, &mut g, "cmdline").unwrap();
     let site = site_bytes(&f, &g, "cmdline_proc_show");
@@ -184,8 +231,10 @@ fn a_task_inside_the_old_function_blocks_and_is_named() {
     f.engine
         .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
         .unwrap();
-    let plan = f.engine.plan_enable("pipefix").unwrap();
-    let (blockers, tasks) = f.engine.blockers(&g, &f.kernel, &plan).unwrap();
+    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::Immediate, 1).unwrap();
+    let (blockers, tasks) = (t.blockers.clone(), t.tasks);
+    assert_eq!(t.outcome, Outcome::Pending, "immediate: nothing changes while blocked");
+    assert_eq!(site_bytes(&f, &g, "pipe_read"), FENTRY_NOP);
     assert!(tasks >= 8);
     let mut who: Vec<(i32, &str)> = blockers
         .iter()
@@ -204,6 +253,11 @@ fn a_task_inside_the_old_function_blocks_and_is_named() {
         .frames
         .iter()
         .any(|fr| fr.function.as_deref() == Some("pipe_read")));
+    // Its timeout passes: the transition gives up, the guest as it was.
+    f.engine.request(Request::Reverse).unwrap();
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Reversed);
+    assert_eq!(site_bytes(&f, &g, "pipe_read"), FENTRY_NOP);
 }
 
 #[test]
@@ -263,7 +317,6 @@ fn dependencies_are_enforced_both_ways() {
     assert!(disable(&mut f, &mut g, "base")
         .unwrap_err()
         .contains("depends on 'base'"));
-    let _ = Op::Enable;
 }
 
 /// Every bad input is refused with a message naming the problem, before any byte of
@@ -434,4 +487,226 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
         (t[0], (site as i64 + 5 + i64::from(rel)) as u64),
         (0xe9, thunk)
     );
+}
+
+// --- Per-task consistency over synthetic guests. ---
+
+/// The kernel function a site jumps to now.
+fn site_target(f: &Fixture, g: &SynthGuest, func: &str) -> Option<u64> {
+    let s = site_bytes(f, g, func);
+    (s[0] == 0xe9).then(|| {
+        (f.sk.function(func) as i64 + 5 + i64::from(i32::from_le_bytes(s[1..5].try_into().unwrap())))
+            as u64
+    })
+}
+
+/// Make task `pid` leave `from` (as if it had returned from it and called `to`, a
+/// function with the same frame size, in its place): every return address into `from`
+/// on its stack becomes one into `to`.
+fn move_out_of(f: &Fixture, g: &mut SynthGuest, pid: i32, from: &str, to: &str) {
+    let k = &f.kernel;
+    let list = introspection::tasks::TaskReader::new(k, g).list().unwrap();
+    let task = list.by_pid(pid).unwrap().addr;
+    let m = k.memory(g);
+    let stack = m.u64(task + k.layout.task.stack).unwrap();
+    let (old, new) = (f.sk.function(from) + 0x10, f.sk.function(to) + 0x10);
+    let mut writes = Vec::new();
+    for off in (0..k.thread_size).step_by(8) {
+        if m.u64(stack + off).unwrap() == old {
+            writes.push(m.translate(stack + off).unwrap());
+        }
+    }
+    drop(m);
+    assert!(!writes.is_empty(), "{pid} has no frame in {from}");
+    for pa in writes {
+        g.write_phys(pa, &new.to_le_bytes()).unwrap();
+    }
+}
+
+fn text(f: &Fixture, g: &SynthGuest) -> Vec<u8> {
+    let t = f.kernel.addrs.text;
+    f.kernel
+        .memory(g)
+        .read_vec(t.start, (t.end - t.start) as usize)
+        .unwrap()
+}
+
+#[test]
+fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    let new = f.engine.patch("pipefix").unwrap().funcs[0].new_addr;
+    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!((t.outcome.clone(), t.phase), (Outcome::Pending, Phase::Switching));
+    let mut pending: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
+    pending.sort();
+    assert_eq!(pending, [11, 12], "only the tasks asleep in pipe_read wait");
+    assert_eq!(t.pending, 2);
+    assert!(t.tasks >= 8);
+    // The site dispatches through the trampoline, which leaves to the old function
+    // past its site, or to the new one.
+    let tramp = t.changes[0].trampoline.unwrap();
+    assert_eq!(site_target(&f, &g, "pipe_read"), Some(tramp));
+    let code = f.kernel.memory(&g).read_vec(tramp, 128).unwrap();
+    let exits: Vec<u64> = iced_x86::Decoder::with_ip(64, &code, tramp, iced_x86::DecoderOptions::NONE)
+        .into_iter()
+        .filter(|i| i.code() == iced_x86::Code::Jmp_rel32_64)
+        .map(|i| i.near_branch_target())
+        .collect();
+    assert!(exits.contains(&new) && exits.contains(&(f.sk.function("pipe_read") + 5)), "{exits:x?}");
+
+    // Task 11 leaves pipe_read: it moves; 12 still waits.
+    move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.blockers.iter().map(|b| b.pid).collect::<Vec<_>>(), [12]);
+    move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    assert_eq!(
+        site_target(&f, &g, "pipe_read"),
+        Some(new),
+        "after the transition the site jumps straight to the new function"
+    );
+    assert_eq!(f.engine.patch("pipefix").unwrap().state, PatchState::Enabled);
+    assert_eq!(f.engine.funcs().next().unwrap().versions.len(), 1);
+}
+
+#[test]
+fn reverse_sends_moved_tasks_back_and_restores_the_text() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = text(&f, &g);
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.phase, Phase::Switching);
+    let tramp = t.changes[0].trampoline.unwrap();
+
+    // The busy task on vCPU 0 (moved at the first tick) is interrupted inside the
+    // trampoline: it must stay on the new side until it has left it.
+    let saved = g.vcpus[0].clone();
+    g.vcpus[0].rip = tramp + 0x10;
+    g.vcpus[0].rsp = saved.rsp + 8; // the return address of clear_user's caller
+    f.engine.request(Request::Reverse).unwrap();
+    assert!(f.engine.request(Request::Force).is_err(), "one request at a time");
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert!(t.reversed);
+    let who: Vec<(i32, &str)> = t.blockers.iter().map(|b| (b.pid, b.reason.as_str())).collect();
+    assert_eq!(who, [(20, "it is inside an lpvmm trampoline")]);
+    assert!(t.blockers[0].trace.reliable);
+    let top = t.blockers[0].trace.frames[0].symbol.clone();
+    assert_eq!(top.as_deref(), Some("lpvmm_trampoline+0x10/0x80 [pipe_read]"));
+
+    g.vcpus[0] = saved;
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Reversed);
+    assert_eq!(text(&f, &g), before, "kernel text byte-identical after the reverse");
+    assert_eq!(f.engine.patch("pipefix").unwrap().state, PatchState::Disabled);
+    assert!(f.engine.funcs().next().is_none());
+    // Nothing left to reverse or force.
+    assert!(f.engine.request(Request::Reverse).unwrap_err().to_string().contains("no transition"));
+    // The same patch enables again later, with a bank no task can be inside.
+    move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
+    move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
+    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+}
+
+#[test]
+fn force_completes_names_what_it_skipped_and_keeps_the_code() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    f.engine.request(Request::Force).unwrap();
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Forced);
+    let mut skipped: Vec<i32> = t.skipped.iter().map(|b| b.pid).collect();
+    skipped.sort();
+    assert_eq!(skipped, [11, 12]);
+    let p = f.engine.patch("pipefix").unwrap().clone();
+    assert!(p.forced && p.state == PatchState::Enabled);
+    assert_eq!(site_target(&f, &g, "pipe_read"), Some(p.funcs[0].new_addr));
+    // Disabled, a forced patch still stays.
+    move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
+    move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
+    done(run(&mut f, &mut g, "pipefix", Op::Disable, Consistency::PerTask, 1).unwrap()).unwrap();
+    let e = f.engine.unload(&mut g, "pipefix").unwrap_err().to_string();
+    assert!(e.contains("was forced"), "{e}");
+}
+
+#[test]
+fn an_immediate_function_flips_in_the_first_tick_while_the_rest_waits() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let both = kp(
+        "#include <lpvmm/patch.h>\nint nm(void) { return 1; }\nint np(void) { return 2; }\n\
+         LPVMM_PATCH(\"mixed\");\nLPVMM_REPLACE_IMMEDIATE(meminfo_proc_show, nm);\nLPVMM_REPLACE(pipe_read, np);\n",
+        &[],
+    );
+    f.engine.load(&mut g, &f.kernel, &both).unwrap();
+    let p = f.engine.patch("mixed").unwrap().clone();
+    let func = |n: &str| p.funcs.iter().find(|x| x.old.name == n).unwrap().clone();
+    assert!(func("meminfo_proc_show").immediate && !func("pipe_read").immediate);
+    let t = run(&mut f, &mut g, "mixed", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.phase, Phase::Switching);
+    let change = |n: &str| t.changes.iter().find(|c| c.name == n).unwrap().clone();
+    assert_eq!(
+        site_target(&f, &g, "meminfo_proc_show"),
+        Some(func("meminfo_proc_show").new_addr)
+    );
+    assert!(change("meminfo_proc_show").trampoline.is_none());
+    assert_eq!(site_target(&f, &g, "pipe_read"), change("pipe_read").trampoline);
+    // While it waits, a second transition is refused and nothing changes.
+    let before = g.ram.clone();
+    let e = f
+        .engine
+        .begin(
+            Begin {
+                patch: "mixed".into(),
+                op: Op::Disable,
+                consistency: Consistency::PerTask,
+                timeout: None,
+                unload_on_failure: false,
+            },
+            f.now,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in progress"), "{e}");
+    assert!(f.engine.unload(&mut g, "mixed").is_err());
+    assert!(g.ram == before);
+}
+
+#[test]
+fn per_task_timeout_reverses_and_unloads_a_patch_loaded_for_it() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = text(&f, &g);
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    f.engine
+        .begin(
+            Begin {
+                patch: "pipefix".into(),
+                op: Op::Enable,
+                consistency: Consistency::PerTask,
+                timeout: Some(std::time::Duration::from_secs(3)),
+                unload_on_failure: true,
+            },
+            f.now,
+        )
+        .unwrap();
+    let t = tick(&mut f, &mut g, 10).unwrap();
+    assert_eq!(t.outcome, Outcome::TimedOut);
+    assert!(t.timed_out && t.reversed);
+    assert!(f.engine.patches().is_empty(), "the patch loaded for it is unloaded");
+    assert_eq!(text(&f, &g), before);
 }

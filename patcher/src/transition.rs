@@ -1,151 +1,363 @@
-//! When to try a blocked transition again, and when to give up: the immediate
-//! consistency model's retry policy, kept apart from the clock and the pausing, which the
-//! VMM owns.
+//! A transition: one patch going from one state to the other, task by task (the kernel
+//! livepatch's transition.c, driven from outside).
+//!
+//! The whole transition is one value, [`Transition`], advanced by one engine call per
+//! *tick* ([`crate::Engine::tick`]), each made while the guest is paused. The VMM only
+//! decides when to pause (at [`crate::Engine::due`]) and measures how long.
+//!
+//! - **Immediate** consistency: a tick checks every task; if none is in the code it
+//!   would leave, every site flips in that tick, else nothing changes and the tick is
+//!   retried (backing off) until the timeout.
+//! - **Per-task** consistency (the default): the first tick checks every task, moves
+//!   every task that is at a safe point, and puts the rest on the *task map* of a
+//!   trampoline bank ([`crate::dispatch`]); from then on each site dispatches every
+//!   call by the caller's bit. Later ticks check only the tasks still on the starting
+//!   version and move each one that is at a safe point. When none is left, every site
+//!   becomes a direct jump to its target (no dispatch left).
+//! - A function marked immediate flips in the first tick even in a per-task patch.
+//! - **Reverse** turns a transition around in one tick: the target becomes the
+//!   starting version, tasks that had moved go back as soon as their stacks allow.
+//! - **Force** completes it in one tick without checks; the patch is marked forced
+//!   and its code is never unloaded.
+//!
+//! A task is at a safe point when it runs in user mode, or its kernel stack is reliable
+//! and holds none of the code it would leave, and it is not inside a trampoline.
 
 use std::time::Duration;
 
+use introspection::stack::{StackTrace, TraceStart};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Blocker, Op};
+use crate::area::Region;
+use crate::dispatch::TaskMap;
+use crate::funcs::{CodeRange, Version};
 
 /// First retry after this, doubling up to `MAX_BACKOFF`.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 pub const MAX_BACKOFF: Duration = Duration::from_millis(1000);
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Immediate mode gives up after this unless told otherwise.
+pub const DEFAULT_IMMEDIATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Guest-visible pauses kept per transition (for status and benchmarks).
+const MAX_PAUSES_KEPT: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Enable,
+    Disable,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// Tasks move one by one, each at its own safe point.
+    #[default]
+    PerTask,
+    /// Every task at a safe point in one pause, or nothing changes.
+    Immediate,
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "per-task" | "per_task" => Ok(Consistency::PerTask),
+            "immediate" => Ok(Consistency::Immediate),
+            _ => Err(format!("consistency '{s}': say per-task or immediate")),
+        }
+    }
+}
+
+/// One function the transition moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuncChange {
+    /// The kernel function (its address keys the function's version stack).
+    pub func: u64,
+    pub name: String,
+    /// What every task ran when the transition started.
+    pub from: Version,
+    /// What every task runs when it completes.
+    pub to: Version,
+    /// Flips at once, without per-task consistency.
+    pub immediate: bool,
+    /// The trampoline its site jumps to while tasks are on both versions.
+    pub trampoline: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Nothing written yet (no tick has found a way to start).
+    Waiting,
+    /// Sites dispatch through trampolines; some tasks are still on the starting side.
+    Switching,
+    Ended,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Still trying.
+    /// Still in progress.
     Pending,
-    /// Every site flipped in this attempt.
+    /// Every task runs the target.
     Done,
-    /// Gave up: the guest is as it was before the transition.
+    /// Completed without checks (`force`); the tasks it skipped are in `skipped`.
+    Forced,
+    /// Turned around and back where it started.
+    Reversed,
+    /// Gave up (immediate) or reversed by its timeout (per-task): the guest is as it
+    /// was before.
     TimedOut,
-    /// Could not be attempted (the patch or guest changed underneath).
+    /// Could not go on (the guest or patch area changed underneath): see the message.
     Failed(String),
 }
 
-/// Wait after the `attempts`-th blocked attempt: doubling from FIRST_BACKOFF.
-fn backoff_after(attempts: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1 << (attempts.clamp(1, 16) - 1))
-        .min(MAX_BACKOFF)
+/// What a client asked of the transition in progress; applied at the next tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    Reverse,
+    Force,
+}
+
+/// A task that is not at a safe point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocker {
+    pub pid: i32,
+    pub comm: String,
+    pub reason: String,
+    pub trace: StackTrace,
 }
 
 /// One patch going from one state to the other.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Transition {
+    pub id: u64,
     pub patch: String,
     pub op: Op,
-    pub timeout_ms: u64,
-    /// Time since the transition started, at the last attempt.
-    pub elapsed_ms: u64,
-    pub attempts: u32,
-    pub backoff_ms: u64,
+    pub consistency: Consistency,
+    pub timeout_ms: Option<u64>,
+    /// A patch loaded by the same request is unloaded if the transition does not
+    /// complete.
+    pub unload_on_failure: bool,
+    pub changes: Vec<FuncChange>,
+    pub phase: Phase,
+    /// Heading back to where it started.
+    pub reversed: bool,
+    /// Reversed because its timeout passed.
+    pub timed_out: bool,
     pub outcome: Outcome,
-    /// Tasks that blocked the last attempt.
-    pub blockers: Vec<Blocker>,
-    /// Tasks looked at in the last attempt.
+    /// On the engine's clock (the VMM's), ms.
+    pub started_ms: u64,
+    pub elapsed_ms: u64,
+    pub ticks: u32,
+    pub next_ms: u64,
+    pub backoff_ms: u64,
+    /// Tasks in the guest at the last tick.
     pub tasks: usize,
-    /// Guest-visible pause of each attempt, µs.
+    /// Of those, not yet on the target.
+    pub pending: usize,
+    /// Why each pending task could not move at the last tick.
+    pub blockers: Vec<Blocker>,
+    /// For a forced transition: the tasks moved without a check.
+    pub skipped: Vec<Blocker>,
+    /// Guest-visible pause of each tick, µs.
     pub pauses_us: Vec<u64>,
+    pub request: Option<Request>,
+    /// Something about the last tick a person should know (a retried failure, a wait).
+    pub note: Option<String>,
+    /// The trampoline bank in use.
+    pub bank: Option<usize>,
+    #[serde(skip)]
+    pub(crate) map: Option<TaskMap>,
+}
+
+/// Wait after the `ticks`-th blocked tick: doubling from FIRST_BACKOFF.
+pub fn backoff_after(ticks: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << (ticks.clamp(1, 16) - 1))
+        .min(MAX_BACKOFF)
 }
 
 impl Transition {
-    pub fn new(patch: &str, op: Op, timeout: Duration) -> Self {
+    pub fn new(
+        id: u64,
+        patch: &str,
+        op: Op,
+        consistency: Consistency,
+        timeout: Option<Duration>,
+        changes: Vec<FuncChange>,
+        now_ms: u64,
+    ) -> Self {
+        let timeout = match consistency {
+            Consistency::Immediate => Some(timeout.unwrap_or(DEFAULT_IMMEDIATE_TIMEOUT)),
+            Consistency::PerTask => timeout,
+        };
         Transition {
+            id,
             patch: patch.to_string(),
             op,
-            timeout_ms: timeout.as_millis() as u64,
-            elapsed_ms: 0,
-            attempts: 0,
-            backoff_ms: 0,
+            consistency,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            unload_on_failure: false,
+            changes,
+            phase: Phase::Waiting,
+            reversed: false,
+            timed_out: false,
             outcome: Outcome::Pending,
-            blockers: Vec::new(),
+            started_ms: now_ms,
+            elapsed_ms: 0,
+            ticks: 0,
+            next_ms: now_ms,
+            backoff_ms: 0,
             tasks: 0,
+            pending: 0,
+            blockers: Vec::new(),
+            skipped: Vec::new(),
             pauses_us: Vec::new(),
+            request: None,
+            note: None,
+            bank: None,
+            map: None,
         }
-    }
-
-    /// Record an attempt made `elapsed` after the start; returns how long to wait before
-    /// the next one (`None` once the transition has ended).
-    pub fn record(
-        &mut self,
-        elapsed: Duration,
-        pause: Duration,
-        tasks: usize,
-        blockers: Vec<Blocker>,
-    ) -> Option<Duration> {
-        self.attempts += 1;
-        self.elapsed_ms = elapsed.as_millis() as u64;
-        self.pauses_us.push(pause.as_micros() as u64);
-        self.tasks = tasks;
-        if blockers.is_empty() {
-            self.blockers.clear();
-            self.outcome = Outcome::Done;
-            return None;
-        }
-        self.blockers = blockers;
-        let backoff = backoff_after(self.attempts);
-        if elapsed + backoff > Duration::from_millis(self.timeout_ms) {
-            self.outcome = Outcome::TimedOut;
-            return None;
-        }
-        self.backoff_ms = backoff.as_millis() as u64;
-        Some(backoff)
-    }
-
-    /// Whether an attempt made `elapsed` after the start would be the last if blocked
-    /// (so that it can clean up in the same pause).
-    pub fn last_chance(&self, elapsed: Duration) -> bool {
-        elapsed + backoff_after(self.attempts + 1) > Duration::from_millis(self.timeout_ms)
     }
 
     pub fn finished(&self) -> bool {
         self.outcome != Outcome::Pending
     }
+
+    /// The version every task runs at the end, for `c`.
+    pub fn target<'c>(&self, c: &'c FuncChange) -> &'c Version {
+        if self.reversed {
+            &c.from
+        } else {
+            &c.to
+        }
+    }
+
+    /// Tasks on the starting version are the ones still to move (forward), or the
+    /// ones already back (reversed).
+    pub fn target_is_start(&self) -> bool {
+        self.reversed
+    }
+
+    /// Past its timeout at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.timeout_ms
+            .is_some_and(|t| now_ms.saturating_sub(self.started_ms) >= t)
+    }
+
+    /// Would a blocked tick at `now_ms` be the last one before the timeout?
+    pub fn last_chance(&self, now_ms: u64) -> bool {
+        let next = backoff_after(self.ticks + 1).as_millis() as u64;
+        self.timeout_ms
+            .is_some_and(|t| now_ms.saturating_sub(self.started_ms) + next > t)
+    }
+
+    /// Record a tick at `now_ms` that left `blockers`; schedules the next one.
+    pub(crate) fn record_blocked(&mut self, now_ms: u64, blockers: Vec<Blocker>) {
+        self.blockers = blockers;
+        let wait = backoff_after(self.ticks).as_millis() as u64;
+        self.backoff_ms = wait;
+        self.next_ms = now_ms + wait;
+    }
+
+    pub(crate) fn note_pause(&mut self, pause: Duration) {
+        if self.pauses_us.len() < MAX_PAUSES_KEPT {
+            self.pauses_us.push(pause.as_micros() as u64);
+        }
+    }
+}
+
+/// Why `trace` is not at a safe point for leaving `leaving`, or `None` when it is.
+pub fn unsafe_because(
+    trace: &StackTrace,
+    leaving: &[CodeRange],
+    dispatch: &[Region],
+) -> Option<String> {
+    if matches!(trace.start, TraceStart::UserMode(_)) {
+        return None;
+    }
+    if !trace.reliable {
+        return Some(format!(
+            "its stack is unreliable ({})",
+            trace.problem.as_deref().unwrap_or("unknown")
+        ));
+    }
+    if dispatch.iter().any(|r| trace.touches(r.start, r.end)) {
+        return Some("it is inside an lpvmm trampoline".into());
+    }
+    leaving
+        .iter()
+        .find(|r| trace.touches(r.start, r.end))
+        .map(|r| format!("{} is on its stack", r.name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use introspection::stack::{StackTrace, TraceStart};
+    use introspection::stack::Frame;
 
-    fn blocker() -> Blocker {
-        Blocker {
+    fn trace(start: TraceStart, addrs: &[u64], reliable: bool) -> StackTrace {
+        StackTrace {
             pid: 7,
-            comm: "cat".into(),
-            reason: "f is on its stack".into(),
-            trace: StackTrace {
-                pid: 7,
-                tgid: 7,
-                comm: "cat".into(),
-                state: 'S',
-                task: 0,
-                start: TraceStart::Saved,
-                frames: vec![],
-                reliable: true,
-                problem: None,
-            },
+            tgid: 7,
+            comm: "t".into(),
+            state: 'S',
+            task: 0,
+            start,
+            frames: addrs
+                .iter()
+                .map(|&a| Frame {
+                    addr: a,
+                    symbol: None,
+                    function: None,
+                    interrupted: false,
+                    sched: false,
+                })
+                .collect(),
+            reliable,
+            problem: (!reliable).then(|| "test".into()),
         }
     }
 
     #[test]
-    fn backs_off_doubling_and_times_out() {
-        let mut t = Transition::new("p", Op::Enable, Duration::from_millis(100));
-        let ms = Duration::from_millis;
-        assert!(!t.last_chance(ms(0)));
-        assert_eq!(t.record(ms(0), ms(1), 5, vec![blocker()]), Some(ms(10)));
-        assert_eq!(t.record(ms(10), ms(1), 5, vec![blocker()]), Some(ms(20)));
-        assert_eq!(t.record(ms(30), ms(1), 5, vec![blocker()]), Some(ms(40)));
-        assert!(t.last_chance(ms(70)));
-        assert_eq!(t.record(ms(70), ms(1), 5, vec![blocker()]), None);
-        assert_eq!(t.outcome, Outcome::TimedOut);
-        assert_eq!(t.blockers.len(), 1);
-        let mut ok = Transition::new("p", Op::Disable, ms(100));
-        assert_eq!(ok.record(ms(0), ms(1), 5, vec![]), None);
-        assert_eq!(ok.outcome, Outcome::Done);
-        assert_eq!(ok.pauses_us, [1000]);
+    fn safe_points() {
+        let old = [CodeRange {
+            start: 0x1000,
+            end: 0x1100,
+            name: "f".into(),
+        }];
+        let tramp = [Region {
+            start: 0x9000,
+            end: 0x9100,
+        }];
+        let check = |t: &StackTrace| unsafe_because(t, &old, &tramp);
+        assert_eq!(check(&trace(TraceStart::UserMode(0), &[], true)), None);
+        assert_eq!(check(&trace(TraceStart::Saved, &[0x2000], true)), None);
+        assert_eq!(
+            check(&trace(TraceStart::Saved, &[0x2000, 0x1050], true)).unwrap(),
+            "f is on its stack"
+        );
+        assert!(check(&trace(TraceStart::Saved, &[0x2000], false))
+            .unwrap()
+            .contains("unreliable"));
+        assert!(check(&trace(TraceStart::Vcpu(1), &[0x9010], true))
+            .unwrap()
+            .contains("trampoline"));
+    }
+
+    #[test]
+    fn backs_off_doubling_up_to_a_second() {
+        assert_eq!(backoff_after(1), Duration::from_millis(10));
+        assert_eq!(backoff_after(2), Duration::from_millis(20));
+        assert_eq!(backoff_after(30), MAX_BACKOFF);
+        let mut t = Transition::new(1, "p", Op::Enable, Consistency::Immediate, Some(Duration::from_millis(100)), vec![], 1000);
+        assert!(!t.last_chance(1000));
+        t.ticks = 3;
+        assert!(t.last_chance(1070));
+        assert!(t.expired(1100));
+        let p = Transition::new(2, "p", Op::Enable, Consistency::PerTask, None, vec![], 0);
+        assert!(!p.expired(u64::MAX / 2), "per-task waits for ever by default");
     }
 }

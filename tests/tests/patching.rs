@@ -186,9 +186,10 @@ fn sleep_pid(g: &mut Guest, secs: u32) -> Result<i64, String> {
     Err(format!("sleep {pid} never reached common_nsleep: {stack}"))
 }
 
-/// Acceptance 4: a task sleeping in the function to patch blocks the switch, status
-/// names it with its stack, the patch applies once the sleep ends; kept blocked past the
-/// timeout, the patch fails and the kernel text is byte-identical to before.
+/// Acceptance 4 (immediate consistency): a task sleeping in the function to patch
+/// blocks the switch, status names it with its stack, the patch applies once the sleep
+/// ends; kept blocked past the timeout, the patch fails and the kernel text is
+/// byte-identical to before.
 fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("blocked-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
@@ -197,7 +198,9 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
     // Blocked, then unblocked within the timeout.
     let sleeper = sleep_pid(&mut g, 25)?;
     let file = g.host.file(&patch_path("nsleep"));
-    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --timeout 120 --no-wait"))?;
+    let (rc, out) = g.lpvmm(&format!(
+        "patch {{vm}} {file} --consistency immediate --timeout 120 --no-wait"
+    ))?;
     check!(rc == 0, "{out}");
     std::thread::sleep(Duration::from_secs(2));
     let (rc, out) = g.lpvmm("patch status {vm} --json")?;
@@ -247,8 +250,8 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
     let t = done.ok_or("the transition never ended")?;
     check!(t["outcome"] == "done", "{series}: outcome {t}");
     eprintln!(
-        "{series}: nsleep applied after {} attempts, {} ms (sleep {sleeper} blocked it)",
-        t["attempts"], t["elapsed_ms"]
+        "{series}: nsleep applied after {} ticks, {} ms (sleep {sleeper} blocked it)",
+        t["ticks"], t["elapsed_ms"]
     );
     // The patched common_nsleep is the one that sleeps now.
     let (code, _) = g.run_status("sleep 1", Duration::from_secs(60))?;
@@ -263,7 +266,9 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
 
     // Blocked past the timeout: the patch fails, the text is as before.
     let sleeper = sleep_pid(&mut g, 1000)?;
-    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --timeout 4"))?;
+    let (rc, out) = g.lpvmm(&format!(
+        "patch {{vm}} {file} --consistency immediate --timeout 4"
+    ))?;
     check!(
         rc != 0,
         "{series}: patch applied although sleep {sleeper} never left: {out}"

@@ -75,6 +75,12 @@ pub fn sym(vm: &str, target: Option<String>, all: bool, json: bool) -> Result<i3
     if json {
         return print_json(&r);
     }
+    for p in &r.patch {
+        println!(
+            "{:016x} t {} [{}] ({} bytes, replaces {})",
+            p.addr, p.name, p.patch, p.size, p.replaces
+        );
+    }
     if let Some(l) = &r.located {
         println!("{:#018x} {}", l.symbol_addr + l.offset, l.display());
         return Ok(0);
@@ -224,6 +230,13 @@ pub fn disasm(vm: &str, target: &str, json: bool) -> Result<i32> {
         "{} at {:#x}, {} bytes (live guest memory):",
         r.symbol, r.addr, r.size
     );
+    if let Some(d) = &r.redirect {
+        println!(
+            "  redirected by lpvmm: the site at {:#x} jumps to {:#x}, {}",
+            d.site, d.target, d.to
+        );
+        println!("  versions, oldest first: original, {}", d.versions.join(", "));
+    }
     for l in &r.lines {
         println!(
             "  {:#018x} <{}>  {:<22} {}",

@@ -1,16 +1,18 @@
 //! Client commands for patching: `patch ...`, `kp build|inspect`, `checksum`.
 
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use patcher::{Outcome, Transition};
+use patcher::Consistency;
 
 use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::control::proto::{
-    ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, Request, TransitionStarted,
+    BlockerView, ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, Request,
+    TransitionStarted, TransitionView,
 };
 
 #[derive(Args)]
@@ -30,14 +32,32 @@ pub struct PatchArgs {
 
 #[derive(Args, Clone, Copy)]
 pub struct WaitArgs {
-    /// Give up the transition after this many seconds (the guest is left as it was)
-    #[arg(long, default_value_t = 30.0)]
-    timeout: f64,
+    /// per-task (default: tasks switch one by one, each at a safe point) or immediate
+    /// (every task at once in one pause, or nothing changes)
+    #[arg(long, default_value = "per-task", value_parser = parse_consistency)]
+    consistency: Consistency,
+    /// Give up after this many seconds: immediate leaves the guest as it was (default
+    /// 30), per-task reverses the transition (default: no timeout)
+    #[arg(long)]
+    timeout: Option<f64>,
     /// Return once the transition has started instead of following it
     #[arg(long)]
     no_wait: bool,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Clone, Copy)]
+pub struct FollowArgs {
+    /// Return at once instead of following the transition to its end
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_consistency(s: &str) -> Result<Consistency, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -48,7 +68,8 @@ pub enum PatchAction {
         #[arg(long)]
         json: bool,
     },
-    /// Patches, the transition in progress (with its blocking tasks) and recent ones
+    /// Patches, redirected functions, the transition in progress (with its blocking
+    /// tasks) and recent ones
     Status {
         vm: String,
         #[arg(long)]
@@ -68,9 +89,28 @@ pub enum PatchAction {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Turn the transition in progress around: every task goes back to where it started
+    Reverse {
+        vm: String,
+        #[command(flatten)]
+        wait: FollowArgs,
+    },
+    /// Complete the transition in progress without checks (the patch is marked forced
+    /// and its code stays in the guest)
+    Force {
+        vm: String,
+        #[command(flatten)]
+        wait: FollowArgs,
+    },
     /// Remove a disabled patch from the guest
     Unload { vm: String, name: String },
 }
+
+/// The words after `lpvmm patch` that name a command; `lpvmm run` refuses them as VM
+/// names, so that `lpvmm patch VM FILE` and `lpvmm patch VERB ...` never mix.
+pub const VERBS: &[&str] = &[
+    "list", "status", "enable", "disable", "reverse", "force", "unload", "help",
+];
 
 #[derive(Subcommand)]
 pub enum KpCommand {
@@ -97,11 +137,12 @@ pub enum KpCommand {
 /// The request line carries the file hex-encoded (see proto::MAX_REQUEST_BYTES).
 const MAX_KP_SENT: usize = 4 << 20;
 
-fn timeout_ms(w: &WaitArgs) -> Result<u64> {
-    if !(w.timeout > 0.0 && w.timeout <= 3600.0) {
-        bail!("--timeout must be between 0 and 3600 seconds");
+fn timeout_ms(w: &WaitArgs) -> Result<Option<u64>> {
+    match w.timeout {
+        None => Ok(None),
+        Some(t) if t > 0.0 && t <= 24.0 * 3600.0 => Ok(Some((t * 1000.0) as u64)),
+        Some(_) => bail!("--timeout must be between 0 and 86400 seconds"),
     }
-    Ok((w.timeout * 1000.0) as u64)
 }
 
 pub fn patch(args: PatchArgs) -> Result<i32> {
@@ -109,20 +150,31 @@ pub fn patch(args: PatchArgs) -> Result<i32> {
         Some(PatchAction::List { vm, json }) => list(&vm, json),
         Some(PatchAction::Status { vm, json }) => status(&vm, json),
         Some(PatchAction::Enable { vm, name, wait }) => {
-            let t = timeout_ms(&wait)?;
             let r: TransitionStarted = Client::connect(&vm)?.call(Request::PatchEnable {
                 name: name.clone(),
-                timeout_ms: Some(t),
+                timeout_ms: timeout_ms(&wait)?,
+                consistency: wait.consistency,
             })?;
-            follow(&vm, &name, r.id, &wait)
+            follow(&vm, r.id, wait.no_wait, wait.json, Expect::Done)
         }
         Some(PatchAction::Disable { vm, name, wait }) => {
-            let t = timeout_ms(&wait)?;
             let r: TransitionStarted = Client::connect(&vm)?.call(Request::PatchDisable {
                 name: name.clone(),
-                timeout_ms: Some(t),
+                timeout_ms: timeout_ms(&wait)?,
+                consistency: wait.consistency,
             })?;
-            follow(&vm, &name, r.id, &wait)
+            follow(&vm, r.id, wait.no_wait, wait.json, Expect::Done)
+        }
+        Some(PatchAction::Reverse { vm, wait }) => {
+            let r: TransitionStarted = Client::connect(&vm)?.call(Request::PatchReverse)?;
+            if !wait.json {
+                println!("reversing transition {} in {vm}", r.id);
+            }
+            follow(&vm, r.id, wait.no_wait, wait.json, Expect::Reversed)
+        }
+        Some(PatchAction::Force { vm, wait }) => {
+            let r: TransitionStarted = Client::connect(&vm)?.call(Request::PatchForce)?;
+            follow(&vm, r.id, wait.no_wait, wait.json, Expect::Forced)
         }
         Some(PatchAction::Unload { vm, name }) => {
             let _: serde_json::Value =
@@ -138,6 +190,14 @@ pub fn patch(args: PatchArgs) -> Result<i32> {
 }
 
 fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
+    // `lpvmm patch frobnicate vm1` is a mistyped command, not a VM called frobnicate.
+    if !crate::control::rundir::socket_path(vm).exists() {
+        bail!(
+            "no VM named '{vm}' is running (lpvmm ls lists them); the patch commands are \
+             `lpvmm patch VM FILE.kp` and `lpvmm patch {} ...`",
+            VERBS[..VERBS.len() - 1].join("|")
+        );
+    }
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     if bytes.len() > MAX_KP_SENT {
         bail!(
@@ -152,128 +212,239 @@ fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
     let r: PatchLoadResult = Client::connect(vm)?.call(Request::PatchLoad {
         kp_hex,
         enable: true,
-        timeout_ms: Some(timeout_ms(wait)?),
+        timeout_ms: timeout_ms(wait)?,
+        consistency: wait.consistency,
     })?;
     if !wait.json {
         println!(
-            "loaded '{}' into {vm} (guest paused {} us to link and check it); enabling",
-            r.name, r.pause.paused_us
+            "loaded '{}' into {vm} (guest paused {} us to link and check it); enabling ({})",
+            r.name,
+            r.pause.paused_us,
+            match wait.consistency {
+                Consistency::PerTask => "per-task consistency",
+                Consistency::Immediate => "immediate consistency",
+            }
         );
     }
     let id = r
         .transition
         .ok_or_else(|| anyhow!("no transition started"))?;
-    follow(vm, &r.name, id, wait)
+    follow(vm, id, wait.no_wait, wait.json, Expect::Done)
 }
 
-/// Poll until transition `id` ends, printing what changes. Exit code 0 when it completed.
-fn follow(vm: &str, name: &str, id: u64, wait: &WaitArgs) -> Result<i32> {
-    if wait.no_wait {
-        if wait.json {
-            return print_json(&serde_json::json!({ "patch": name, "transition": id }));
+/// The outcome that makes the command succeed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Done,
+    Reversed,
+    Forced,
+}
+
+/// Poll until transition `id` ends, showing its progress. Exit code 0 when it ended
+/// as expected.
+fn follow(vm: &str, id: u64, no_wait: bool, json: bool, expect: Expect) -> Result<i32> {
+    if no_wait {
+        if json {
+            return print_json(&serde_json::json!({ "transition": id }));
         }
-        println!("transition {id} of '{name}' started; `lpvmm patch status {vm}` follows it");
+        println!("transition {id} in progress; `lpvmm patch status {vm}` follows it");
         return Ok(0);
     }
     let mut client = Client::connect(vm)?;
-    let t0 = Instant::now();
-    let mut shown = (0u32, String::new());
+    let mut progress = Progress::new(vm);
     loop {
         let s: PatchStatusResult = client.call(Request::PatchStatus)?;
-        let ended = s.history.iter().rev().find(|r| r.id == id);
-        let current = s.active.as_ref().filter(|r| r.id == id);
+        let ended = s.history.iter().rev().find(|t| t.id == id);
+        let current = s.active.as_ref().filter(|t| t.id == id);
         let (t, done) = match (ended, current) {
-            (Some(r), _) => (&r.transition, true),
-            (None, Some(r)) => (&r.transition, false),
-            (None, None) => bail!("transition {id} of '{name}' is no longer known to the VM"),
+            (Some(t), _) => (t, true),
+            (None, Some(t)) => (t, false),
+            (None, None) => bail!("transition {id} is no longer known to the VM"),
         };
-        if wait.json && done {
-            print_json(t)?;
-            return Ok(if t.outcome == Outcome::Done { 0 } else { 1 });
-        }
-        if !wait.json {
-            let line = blockers_line(t);
-            if t.attempts != shown.0 && !line.is_empty() && line != shown.1 {
-                println!("  attempt {}: {line}", t.attempts);
-                shown = (t.attempts, line);
-            }
-        }
         if done {
-            return Ok(report(vm, t));
+            progress.clear();
+            if json {
+                print_json(t)?;
+            } else {
+                report(vm, t);
+            }
+            let ok = matches!(
+                (expect, t.outcome.as_str()),
+                (Expect::Done, "done" | "forced")
+                    | (Expect::Reversed, "reversed")
+                    | (Expect::Forced, "forced")
+            );
+            return Ok(if ok { 0 } else { 1 });
         }
-        if t0.elapsed() > Duration::from_millis(t.timeout_ms) + Duration::from_secs(30) {
-            bail!("transition {id} did not end within its timeout; see `lpvmm patch status {vm}`");
+        if !json {
+            progress.show(t);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-fn blockers_line(t: &Transition) -> String {
-    if t.blockers.is_empty() {
-        return String::new();
-    }
-    let who: Vec<String> = t
-        .blockers
-        .iter()
-        .take(3)
-        .map(|b| format!("pid {} ({}): {}", b.pid, b.comm, b.reason))
-        .collect();
-    let more = t.blockers.len().saturating_sub(3);
-    let more = if more > 0 {
-        format!(" and {more} more")
-    } else {
-        String::new()
-    };
-    format!("blocked by {}{more}", who.join("; "))
+/// The live progress line (rewritten in place on a terminal), and each new set of
+/// blocking tasks with their stacks.
+struct Progress {
+    vm: String,
+    tty: bool,
+    line: String,
+    blockers: Vec<i32>,
+    hinted: bool,
 }
 
-fn verb(op: patcher::Op) -> &'static str {
-    match op {
-        patcher::Op::Enable => "enabled",
-        patcher::Op::Disable => "disabled",
-    }
-}
-
-fn report(vm: &str, t: &Transition) -> i32 {
-    let last_pause = t.pauses_us.last().copied().unwrap_or(0);
-    match &t.outcome {
-        Outcome::Done => {
-            println!(
-                "{} '{}' in {vm} after {} attempt(s), {:.2} s (the guest was paused {} us for the switch; {} tasks checked)",
-                verb(t.op),
-                t.patch,
-                t.attempts,
-                t.elapsed_ms as f64 / 1000.0,
-                last_pause,
-                t.tasks
-            );
-            0
+impl Progress {
+    fn new(vm: &str) -> Self {
+        Progress {
+            vm: vm.to_string(),
+            tty: std::io::stdout().is_terminal(),
+            line: String::new(),
+            blockers: Vec::new(),
+            hinted: false,
         }
-        Outcome::TimedOut => {
+    }
+
+    fn show(&mut self, t: &TransitionView) {
+        let pids: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
+        if pids != self.blockers && !t.blockers.is_empty() {
+            self.clear();
             println!(
-                "gave up: '{}' not {} after {} attempts in {:.1} s; the guest is as it was before.",
+                "  waiting for {} task(s) not at a safe point:",
+                t.blockers.len()
+            );
+            for b in t.blockers.iter().take(8) {
+                print_blocker(b, "    ");
+            }
+            if t.blockers.len() > 8 {
+                println!("    ... and {} more (lpvmm patch status)", t.blockers.len() - 8);
+            }
+            if !self.hinted && t.consistency == Consistency::PerTask {
+                println!(
+                    "  (the transition goes on in the VM if this command ends; \
+                     `lpvmm patch reverse {0}` backs out, `lpvmm patch force {0}` completes it without checks)",
+                    self.vm
+                );
+                self.hinted = true;
+            }
+        }
+        self.blockers = pids;
+        let line = progress_line(t);
+        if line != self.line {
+            if self.tty {
+                print!("\r\x1b[K{line}");
+                let _ = std::io::stdout().flush();
+            } else if t.ticks > 0 {
+                println!("{line}");
+            }
+            self.line = line;
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.tty && !self.line.is_empty() {
+            print!("\r\x1b[K");
+            let _ = std::io::stdout().flush();
+            self.line.clear();
+        }
+    }
+}
+
+fn progress_line(t: &TransitionView) -> String {
+    format!(
+        "  {} {} '{}': {}/{} tasks moved, tick {}, {:.1} s{}",
+        if t.reversed { "reversing" } else { "" },
+        op_word(t.op, false),
+        t.patch,
+        t.moved,
+        t.tasks,
+        t.ticks,
+        t.elapsed_ms as f64 / 1000.0,
+        t.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+    )
+    .replace("   ", "  ")
+}
+
+fn print_blocker(b: &BlockerView, indent: &str) {
+    println!("{indent}pid {} ({}): {}", b.pid, b.comm, b.reason);
+    for f in &b.trace.frames {
+        println!(
+            "{indent}    [<{:016x}>] {}",
+            f.addr,
+            f.symbol.as_deref().unwrap_or("?")
+        );
+    }
+}
+
+fn op_word(op: patcher::Op, done: bool) -> &'static str {
+    match (op, done) {
+        (patcher::Op::Enable, false) => "enabling",
+        (patcher::Op::Disable, false) => "disabling",
+        (patcher::Op::Enable, true) => "enabled",
+        (patcher::Op::Disable, true) => "disabled",
+    }
+}
+
+fn pause_summary(t: &TransitionView) -> String {
+    let mut p = t.pauses_us.clone();
+    p.sort_unstable();
+    match p.len() {
+        0 => String::new(),
+        n => format!(
+            "; {} tick(s), guest paused {} us median, {} us longest",
+            t.ticks,
+            p[n / 2],
+            p[n - 1]
+        ),
+    }
+}
+
+fn report(vm: &str, t: &TransitionView) {
+    let secs = t.elapsed_ms as f64 / 1000.0;
+    match t.outcome.as_str() {
+        "done" => println!(
+            "{} '{}' in {vm} after {secs:.2} s: every task ({}) runs it{}",
+            op_word(t.op, true),
+            t.patch,
+            t.tasks,
+            pause_summary(t)
+        ),
+        "forced" => {
+            println!(
+                "forced: '{}' {} in {vm} without checks; {} task(s) skipped:",
                 t.patch,
-                verb(t.op),
-                t.attempts,
-                t.elapsed_ms as f64 / 1000.0
+                op_word(t.op, true),
+                t.skipped.len()
+            );
+            for b in &t.skipped {
+                print_blocker(b, "  ");
+            }
+            println!(
+                "patch '{}' is marked forced: its code stays in the guest (unload is refused)",
+                t.patch
+            );
+        }
+        "reversed" => println!(
+            "reversed: '{}' is back where it started in {vm} after {secs:.2} s (every task runs \
+             what it ran before){}",
+            t.patch,
+            pause_summary(t)
+        ),
+        "timed_out" => {
+            println!(
+                "gave up: '{}' not {} after {} tick(s) in {secs:.1} s; the guest is as it was before.",
+                t.patch,
+                op_word(t.op, true),
+                t.ticks
             );
             for b in &t.blockers {
-                println!("blocked by pid {} ({}): {}", b.pid, b.comm, b.reason);
-                for f in &b.trace.frames {
-                    println!(
-                        "    [<{:016x}>] {}",
-                        f.addr,
-                        f.symbol.as_deref().unwrap_or("?")
-                    );
-                }
+                print_blocker(b, "");
             }
-            1
         }
-        Outcome::Failed(why) => {
-            println!("'{}' failed: {why}", t.patch);
-            1
-        }
-        Outcome::Pending => 1,
+        _ => println!(
+            "'{}' failed: {}",
+            t.patch,
+            t.failure.as_deref().unwrap_or("unknown")
+        ),
     }
 }
 
@@ -286,12 +457,13 @@ fn list(vm: &str, json: bool) -> Result<i32> {
         println!("no patches loaded in {vm}");
     }
     for p in &s.patches {
-        let state = match p.state {
-            patcher::PatchState::Enabled => "enabled",
-            patcher::PatchState::Disabled => "disabled",
+        let funcs: Vec<&str> = p.funcs.iter().map(|f| f.old.as_str()).collect();
+        let state = if p.forced {
+            format!("{} (forced)", p.state)
+        } else {
+            p.state.clone()
         };
-        let funcs: Vec<String> = p.funcs.iter().map(|f| f.old.to_string()).collect();
-        println!("{:<24} {:<9} {}", p.name, state, funcs.join(", "));
+        println!("{:<24} {:<18} {}", p.name, state, funcs.join(", "));
     }
     Ok(0)
 }
@@ -304,23 +476,26 @@ fn status(vm: &str, json: bool) -> Result<i32> {
     if let Some(a) = &s.area {
         println!(
             "patch area: guest-physical {:#x}+{:#x} mapped at {:#x} (code {:#x}-{:#x})",
-            a.phys.start, a.phys.size, a.va, a.code.start, a.code.end
+            a.phys_start, a.phys_size, a.va, a.code_start, a.code_end
         );
     }
     for p in &s.patches {
-        let state = match p.state {
-            patcher::PatchState::Enabled => "enabled",
-            patcher::PatchState::Disabled => "disabled",
-        };
-        println!("patch {} ({state}, enabled {} time(s))", p.name, p.enables);
+        println!(
+            "patch {} ({}{}, enabled {} time(s))",
+            p.name,
+            p.state,
+            if p.forced { ", forced" } else { "" },
+            p.enables
+        );
         for f in &p.funcs {
             println!(
-                "  {} {:#x} -> {} {:#x} ({} bytes{})",
+                "  {} {:#x} -> {} {:#x} ({} bytes{}{})",
                 f.old,
                 f.old_addr,
                 f.new_name,
                 f.new_addr,
                 f.new_size,
+                if f.immediate { ", immediate" } else { "" },
                 if f.frame_pointer {
                     ""
                 } else {
@@ -332,39 +507,57 @@ fn status(vm: &str, json: bool) -> Result<i32> {
             println!("  depends on: {}", p.depends.join(", "));
         }
     }
+    for f in &s.funcs {
+        let versions: Vec<String> = f
+            .versions
+            .iter()
+            .map(|v| format!("{} [{}]", v.function, v.patch))
+            .collect();
+        println!(
+            "function {}: original, {} (site: {})",
+            f.name,
+            versions.join(", "),
+            f.site_now
+        );
+    }
     match &s.active {
-        Some(r) => {
-            let t = &r.transition;
+        Some(t) => {
             println!(
-                "transition {}: {} '{}', attempt {} after {:.1} s (timeout {:.0} s)",
-                r.id,
-                match t.op {
-                    patcher::Op::Enable => "enabling",
-                    patcher::Op::Disable => "disabling",
-                },
+                "transition {}: {}{} '{}' ({}), {}/{} tasks moved, tick {} after {:.1} s{}",
+                t.id,
+                op_word(t.op, false),
+                if t.reversed { ", reversed" } else { "" },
                 t.patch,
-                t.attempts,
+                match t.consistency {
+                    Consistency::PerTask => "per-task",
+                    Consistency::Immediate => "immediate",
+                },
+                t.moved,
+                t.tasks,
+                t.ticks,
                 t.elapsed_ms as f64 / 1000.0,
-                t.timeout_ms as f64 / 1000.0
+                t.timeout_ms
+                    .map(|ms| format!(" (timeout {:.0} s)", ms as f64 / 1000.0))
+                    .unwrap_or_default()
             );
+            if let Some(n) = &t.note {
+                println!("  note: {n}");
+            }
             for b in &t.blockers {
-                println!("  blocked by pid {} ({}): {}", b.pid, b.comm, b.reason);
-                for f in &b.trace.frames {
-                    println!("      {}", f.symbol.as_deref().unwrap_or("?"));
-                }
+                print_blocker(b, "  blocked by ");
             }
         }
         None => println!("no transition in progress"),
     }
-    for r in s.history.iter().rev().take(5) {
-        let t = &r.transition;
+    for t in s.history.iter().rev().take(5) {
         println!(
-            "  earlier: transition {} {} '{}': {:?} after {} attempt(s)",
-            r.id,
-            verb(t.op),
+            "  earlier: transition {} {} '{}': {} after {} tick(s), {:.2} s",
+            t.id,
+            op_word(t.op, false),
             t.patch,
             t.outcome,
-            t.attempts
+            t.ticks,
+            t.elapsed_ms as f64 / 1000.0
         );
     }
     Ok(0)

@@ -1,51 +1,30 @@
 //! Introspection requests on a VM. The guest kernel is attached once (symbols, BTF,
 //! ORC: static for the VM's life) and kept; after that each request pauses the guest
-//! only for the reads it needs, and says how long.
+//! only for the reads it needs, and says how long. Patch code is kernel code to every
+//! view: stacks name new functions with their patch, `sym` finds them, `disasm` of a
+//! redirected function says where its site jumps.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use introspection::disasm::{self, MAX_BYTES};
-use introspection::stack::Unwinder;
 use introspection::tasks::TaskReader;
+use introspection::tasks::Task;
 use introspection::{Kernel, PausedGuest};
 
 use crate::control::proto::{
-    DisasmResult, KernelResult, PauseCost, StackResult, SymQuery, SymResult, TasksResult,
+    DisasmResult, KernelResult, PatchSymbol, PauseCost, Redirect, StackResult, SymQuery,
+    SymResult, TasksResult,
 };
-use crate::paused::PausedVm;
-use crate::vm::Vm;
+use crate::session::Session;
 
-impl Vm {
-    /// Run `f` on the paused guest (pausing a running VM just for it) and measure the
-    /// pause as the guest sees it: from the pause request to the end of the resume.
-    pub(crate) fn inspect_paused<R>(
-        &mut self,
-        f: impl FnOnce(&mut PausedVm) -> R,
-    ) -> Result<(R, PauseCost)> {
-        let t0 = Instant::now();
-        let (out, paused_for_read) = self.paused_for_read(f)?;
-        let paused_us = if paused_for_read {
-            t0.elapsed().as_micros() as u64
-        } else {
-            0
-        };
-        Ok((
-            out,
-            PauseCost {
-                paused_for_read,
-                paused_us,
-            },
-        ))
-    }
-
+impl Session {
     /// The attached kernel, attaching first if needed.
     fn attached(&mut self, reattach: bool) -> Result<(Arc<Kernel>, bool, PauseCost)> {
         if let (Some(k), false) = (&self.kernel, reattach) {
             return Ok((k.clone(), false, PauseCost::default()));
         }
-        let (kernel, cost) = self.inspect_paused(|g| Kernel::attach(g))?;
+        let (kernel, cost) = self.vm.paused(|g| Kernel::attach(g))?;
         let kernel = Arc::new(kernel.map_err(|e| anyhow!("cannot read the guest kernel: {e}"))?);
         self.kernel = Some(kernel.clone());
         Ok((kernel, true, cost))
@@ -65,38 +44,57 @@ impl Vm {
         })
     }
 
-    /// Symbol lookups need no pause once attached: kallsyms is static.
+    /// Symbol lookups need no pause once attached: kallsyms is static, and so is what
+    /// lpvmm loaded.
     pub fn sym(&mut self, query: SymQuery) -> Result<SymResult> {
         let (k, _, _) = self.attached(false)?;
         let s = &k.symbols;
-        Ok(match query {
+        let mut r = SymResult {
+            symbols: Vec::new(),
+            located: None,
+            patch: Vec::new(),
+        };
+        match query {
             SymQuery::Name { name } => {
-                let symbols: Vec<_> = s.named(&name).into_iter().cloned().collect();
-                if symbols.is_empty() {
-                    bail!("no kernel symbol named '{name}'");
-                }
-                SymResult {
-                    symbols,
-                    located: None,
+                r.symbols = s.named(&name).into_iter().cloned().collect();
+                r.patch = self.patch_symbols(|f| f.new_name == name);
+                if r.symbols.is_empty() && r.patch.is_empty() {
+                    bail!("no kernel or patch symbol named '{name}'");
                 }
             }
-            SymQuery::Addr { addr } => SymResult {
-                symbols: Vec::new(),
-                located: Some(
-                    s.locate(addr)
-                        .ok_or_else(|| anyhow!("{addr:#x} is below every kernel symbol"))?,
-                ),
-            },
-            SymQuery::All => SymResult {
-                symbols: s.symbols().to_vec(),
-                located: None,
-            },
-        })
+            SymQuery::Addr { addr } => {
+                r.patch = self.patch_symbols(|f| addr >= f.new_addr && addr < f.new_addr + f.new_size);
+                if r.patch.is_empty() {
+                    r.located = Some(
+                        s.locate(addr)
+                            .ok_or_else(|| anyhow!("{addr:#x} is below every kernel symbol"))?,
+                    );
+                }
+            }
+            SymQuery::All => r.symbols = s.symbols().to_vec(),
+        }
+        Ok(r)
+    }
+
+    fn patch_symbols(&self, want: impl Fn(&patcher::PatchedFunc) -> bool) -> Vec<PatchSymbol> {
+        self.engine
+            .patches()
+            .iter()
+            .flat_map(|p| {
+                p.funcs.iter().filter(|f| want(f)).map(|f| PatchSymbol {
+                    patch: p.name.clone(),
+                    name: f.new_name.clone(),
+                    addr: f.new_addr,
+                    size: f.new_size,
+                    replaces: f.old.to_string(),
+                })
+            })
+            .collect()
     }
 
     pub fn tasks(&mut self) -> Result<TasksResult> {
         let (k, _, _) = self.attached(false)?;
-        let (list, pause) = self.inspect_paused(|g| TaskReader::new(&k, g).list())?;
+        let (list, pause) = self.vm.paused(|g| TaskReader::new(&k, g).list())?;
         Ok(TasksResult {
             list: list.map_err(|e| anyhow!("reading the guest's tasks: {e}"))?,
             pause,
@@ -106,17 +104,15 @@ impl Vm {
     /// Stack of the task with `pid`, of every idle task for pid 0, of all tasks for None.
     pub fn stack(&mut self, pid: Option<i32>) -> Result<StackResult> {
         let (k, _, _) = self.attached(false)?;
-        let (traces, pause) = self.inspect_paused(|g| {
-            let reader = TaskReader::new(&k, g);
-            let list = reader.list()?;
-            let unwinder = Unwinder::new(&reader, &[]);
-            Ok::<_, introspection::tasks::TaskError>(
-                list.tasks
-                    .iter()
-                    .filter(|t| pid.is_none_or(|p| t.pid == p))
-                    .map(|t| unwinder.trace(t))
-                    .collect::<Vec<_>>(),
-            )
+        let Session { vm, engine, .. } = self;
+        let (traces, pause) = vm.paused(|g| {
+            let list = TaskReader::new(&k, g).list()?;
+            let tasks: Vec<&Task> = list
+                .tasks
+                .iter()
+                .filter(|t| pid.is_none_or(|p| t.pid == p))
+                .collect();
+            Ok::<_, introspection::tasks::TaskError>(engine.unwind(g, &k, &tasks))
         })?;
         let traces = traces.map_err(|e| anyhow!("reading the guest's tasks: {e}"))?;
         if let (Some(p), true) = (pid, traces.is_empty()) {
@@ -135,17 +131,40 @@ impl Vm {
         if size > MAX_BYTES {
             bail!("'{symbol}' is {size} bytes; disasm shows at most {MAX_BYTES}");
         }
-        let (code, pause) = self.inspect_paused(|g| {
+        let (code, pause) = self.vm.paused(|g| {
             k.memory(g as &dyn PausedGuest)
                 .read_vec(sym.addr, size as usize)
         })?;
         let code = code.map_err(|e| anyhow!("reading '{symbol}': {e}"))?;
         Ok(DisasmResult {
+            redirect: self.redirect_of(sym.addr),
             symbol: sym.name,
             addr: sym.addr,
             size,
             lines: disasm::disassemble(&code, sym.addr, &k.symbols),
             pause,
+        })
+    }
+
+    /// Where the site of a redirected kernel function jumps, in words.
+    fn redirect_of(&self, func: u64) -> Option<Redirect> {
+        let s = self.engine.funcs().find(|s| s.addr == func)?;
+        let target = (s.live != s.original).then(|| {
+            let rel = i32::from_le_bytes([s.live[1], s.live[2], s.live[3], s.live[4]]);
+            (s.site as i64 + 5 + i64::from(rel)) as u64
+        })?;
+        let to = if let Some(f) = self.engine.trampoline_at(target) {
+            format!("lpvmm trampoline for {f} (a transition is in progress: each task goes to its own version)")
+        } else if let Some((p, f)) = self.engine.function_at(target) {
+            format!("{} [{}]", f.new_name, p.name)
+        } else {
+            format!("{target:#x}")
+        };
+        Some(Redirect {
+            site: s.site,
+            target,
+            to,
+            versions: s.versions.iter().map(|v| format!("{} [{}]", v.name, v.patch)).collect(),
         })
     }
 }

@@ -1,31 +1,12 @@
-//! lpvmm: boots Linux guests on KVM and (in later versions) live-patches their kernels
-//! from the hypervisor.
+//! The `lpvmm` binary: command-line parsing only; everything else is the library.
 
-mod acpi;
-mod boot;
-mod cli;
-mod cli_inspect;
-mod cli_patch;
-mod console;
-mod control;
-mod cpu;
-mod devices;
-mod hostcheck;
-mod inspect;
-mod layout;
-mod patching;
-mod paused;
-mod pci;
-mod run;
-mod vcpu;
-mod vm;
+use lpvmm::{cli, cli_inspect, cli_patch, layout, run, vm, DEFAULT_CMDLINE};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 #[derive(Parser)]
 #[command(

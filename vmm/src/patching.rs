@@ -1,62 +1,39 @@
-//! Patch operations on a VM, and the transition driver.
+//! Patch requests on a VM, and the patch driver.
 //!
 //! The engine lives in the VMM process: a transition outlives the command that started
-//! it. Requests validate and start a transition at once; a driver thread then makes its
-//! attempts (pause, check every task's stack, flip all sites or none, resume) with the
-//! backoff of `patcher::transition` until it completes or times out. Clients poll
-//! `patch_status`; a client that dies changes nothing.
+//! it. Requests validate and start (or change) a transition at once; the driver thread
+//! then pauses the guest whenever the engine says a tick is due, lets the engine do the
+//! tick, and resumes. The engine decides everything about the transition; the driver
+//! only decides when to pause. Clients poll `patch_status`; a client that dies changes
+//! nothing.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use patcher::engine::Plan;
-use patcher::transition::DEFAULT_TIMEOUT;
-use patcher::{Op, Outcome, Transition};
+use patcher::{Begin, Consistency, Op, Request};
 use sha2::{Digest, Sha256};
 
 use crate::control::proto::{
-    ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, TransitionRecord,
-    TransitionStarted,
+    ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, TransitionStarted,
 };
-use crate::vm::Vm;
+use crate::session::Session;
 
-/// Ended transitions kept for `patch status`.
-const HISTORY: usize = 32;
 /// Longest transition timeout a request may ask for.
-const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How often an idle driver looks whether its VM has stopped.
+const IDLE_WAKEUP: Duration = Duration::from_secs(1);
 
-/// The transition in progress.
-pub struct Active {
-    id: u64,
-    transition: Transition,
-    plan: Plan,
-    started: Instant,
-    next_at: Instant,
-    /// A patch loaded by the same request is unloaded again if it cannot be enabled.
-    unload_on_failure: bool,
-}
-
-#[derive(Default)]
-pub struct Patching {
-    pub engine: patcher::Engine,
-    active: Option<Active>,
-    history: VecDeque<TransitionRecord>,
-    next_id: u64,
-    /// Wakes the driver when a transition starts (it waits on the VM's mutex).
-    wakeup: Arc<Condvar>,
-}
-
-fn timeout(ms: Option<u64>) -> Result<Duration> {
-    let t = ms.map(Duration::from_millis).unwrap_or(DEFAULT_TIMEOUT);
+fn timeout(ms: Option<u64>) -> Result<Option<Duration>> {
+    let Some(ms) = ms else { return Ok(None) };
+    let t = Duration::from_millis(ms);
     if t.is_zero() || t > MAX_TIMEOUT {
         bail!(
-            "timeout must be between 1 ms and {} s",
-            MAX_TIMEOUT.as_secs()
+            "timeout must be between 1 ms and {} h",
+            MAX_TIMEOUT.as_secs() / 3600
         );
     }
-    Ok(t)
+    Ok(Some(t))
 }
 
 fn hex_decode(s: &str) -> Result<Vec<u8>> {
@@ -72,53 +49,53 @@ fn hex_decode(s: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
-impl Vm {
-    fn start(&mut self, plan: Plan, op: Op, timeout: Duration, unload_on_failure: bool) -> u64 {
-        let p = &mut self.patching;
-        p.next_id += 1;
-        let now = Instant::now();
-        p.active = Some(Active {
-            id: p.next_id,
-            transition: Transition::new(&plan.patch, op, timeout),
-            plan,
-            started: now,
-            next_at: now,
-            unload_on_failure,
-        });
-        p.wakeup.notify_all();
-        p.next_id
-    }
+/// How a client asked for a transition.
+#[derive(Clone, Copy, Debug)]
+pub struct TransitionArgs {
+    pub consistency: Consistency,
+    pub timeout_ms: Option<u64>,
+}
 
-    fn ensure_idle(&self) -> Result<()> {
-        if let Some(a) = &self.patching.active {
-            bail!(
-                "a transition of patch '{}' is in progress; wait for it (lpvmm patch status)",
-                a.transition.patch
-            );
-        }
-        Ok(())
+impl Session {
+    fn begin(&mut self, name: &str, op: Op, args: TransitionArgs, unload: bool) -> Result<u64> {
+        let now = self.now_ms();
+        let id = self.engine.begin(
+            Begin {
+                patch: name.to_string(),
+                op,
+                consistency: args.consistency,
+                timeout: timeout(args.timeout_ms)?,
+                unload_on_failure: unload,
+            },
+            now,
+        )?;
+        self.wakeup.notify_all();
+        Ok(id)
     }
 
     pub fn patch_load(
         &mut self,
         kp_hex: &str,
         enable: bool,
-        timeout_ms: Option<u64>,
+        args: TransitionArgs,
     ) -> Result<PatchLoadResult> {
-        let timeout = timeout(timeout_ms)?;
+        timeout(args.timeout_ms)?;
         let kp = hex_decode(kp_hex)?;
         if enable {
-            self.ensure_idle()?;
+            if let Some(t) = self.engine.active() {
+                bail!(
+                    "cannot load and enable: a transition of patch '{}' is in progress \
+                     (lpvmm patch status; lpvmm patch reverse or force)",
+                    t.patch
+                );
+            }
         }
         let kernel = self.kernel_attached()?;
-        let mut engine = std::mem::take(&mut self.patching.engine);
-        let loaded = self.inspect_paused(|g| engine.load(g, &kernel, &kp));
-        self.patching.engine = engine;
-        let (name, pause) = loaded?;
+        let Session { vm, engine, .. } = self;
+        let (name, pause) = vm.paused(|g| engine.load(g, &kernel, &kp))?;
         let name = name?;
         let transition = if enable {
-            let plan = self.patching.engine.plan_enable(&name)?;
-            Some(self.start(plan, Op::Enable, timeout, true))
+            Some(self.begin(&name, Op::Enable, args, true)?)
         } else {
             None
         };
@@ -133,104 +110,53 @@ impl Vm {
         &mut self,
         name: &str,
         op: Op,
-        timeout_ms: Option<u64>,
+        args: TransitionArgs,
     ) -> Result<TransitionStarted> {
-        let timeout = timeout(timeout_ms)?;
-        self.ensure_idle()?;
-        let plan = match op {
-            Op::Enable => self.patching.engine.plan_enable(name)?,
-            Op::Disable => self.patching.engine.plan_disable(name)?,
-        };
         Ok(TransitionStarted {
-            id: self.start(plan, op, timeout, false),
+            id: self.begin(name, op, args, false)?,
         })
     }
 
+    /// Reverse or force the transition in progress (done at the next tick, at once).
+    pub fn patch_request(&mut self, r: Request) -> Result<TransitionStarted> {
+        let id = self.engine.request(r)?;
+        self.wakeup.notify_all();
+        Ok(TransitionStarted { id })
+    }
+
     pub fn patch_unload(&mut self, name: &str) -> Result<serde_json::Value> {
-        self.ensure_idle()?;
-        self.patching.engine.patch(name)?;
-        let mut engine = std::mem::take(&mut self.patching.engine);
-        let r = self.paused_for_read(|g| engine.unload(g, name));
-        self.patching.engine = engine;
-        r?.0?;
+        self.engine.patch(name)?;
+        let Session { vm, engine, .. } = self;
+        vm.paused(|g| engine.unload(g, name))?.0?;
         Ok(serde_json::json!({ "unloaded": name }))
     }
 
     pub fn patch_status(&self) -> PatchStatusResult {
-        let p = &self.patching;
-        PatchStatusResult {
-            patches: p.engine.patches().to_vec(),
-            active: p.active.as_ref().map(|a| TransitionRecord {
-                id: a.id,
-                transition: a.transition.clone(),
-            }),
-            history: p.history.iter().cloned().collect(),
-            area: p.engine.area_layout().cloned(),
-        }
+        PatchStatusResult::of(&self.engine)
     }
 
-    /// One attempt of the active transition, if it is due. Returns when to call again.
+    /// One tick of the transition in progress, if it is due. Returns when the next is.
     pub fn drive_transition(&mut self) -> Option<Instant> {
-        let a = self.patching.active.as_ref()?;
-        let now = Instant::now();
-        if now < a.next_at {
-            return Some(a.next_at);
+        let due = self.engine.due()?;
+        let now = self.now_ms();
+        if now < due {
+            return Some(self.instant(due));
         }
-        let elapsed = now - a.started;
-        let last_chance = a.transition.last_chance(elapsed);
-        let unload = a.unload_on_failure && a.plan.op == Op::Enable;
-        let plan = a.plan.clone();
-        let name = plan.patch.clone();
         let kernel = match self.kernel_attached() {
             Ok(k) => k,
-            Err(e) => return self.end_transition(Outcome::Failed(format!("{e:#}"))),
+            Err(e) => {
+                tracing::warn!("patch driver: {e:#}");
+                return Some(Instant::now() + IDLE_WAKEUP);
+            }
         };
-        let mut engine = std::mem::take(&mut self.patching.engine);
-        let t0 = Instant::now();
-        // The whole attempt in one pause: check, then flip every site or none. On the
-        // last chance of a patch loaded for this transition, unload it in the same pause.
-        let attempt = self.paused_for_read(|g| -> Result<_, patcher::KpError> {
-            let (blockers, tasks) = engine.blockers(g, &kernel, &plan)?;
-            if blockers.is_empty() {
-                engine.apply(g, &plan)?;
-            } else if last_chance && unload {
-                engine.unload(g, &name)?;
-            }
-            Ok((blockers, tasks))
-        });
-        let pause = t0.elapsed();
-        self.patching.engine = engine;
-        let (blockers, tasks) = match attempt {
-            Ok((Ok(r), _)) => r,
-            Ok((Err(e), _)) => return self.end_transition(Outcome::Failed(e.to_string())),
-            Err(e) => return self.end_transition(Outcome::Failed(format!("{e:#}"))),
-        };
-        let a = self.patching.active.as_mut()?;
-        match a.transition.record(elapsed, pause, tasks, blockers) {
-            Some(wait) => {
-                a.next_at = Instant::now() + wait;
-                Some(a.next_at)
-            }
-            None => {
-                let outcome = a.transition.outcome.clone();
-                self.end_transition(outcome)
-            }
+        let Session { vm, engine, .. } = self;
+        match vm.paused(|g| engine.tick(g, &kernel, now)) {
+            Ok(((), cost)) => self
+                .engine
+                .note_pause(Duration::from_micros(cost.paused_us)),
+            Err(e) => tracing::warn!("patch driver: cannot pause for a tick: {e:#}"),
         }
-    }
-
-    fn end_transition(&mut self, outcome: Outcome) -> Option<Instant> {
-        if let Some(mut a) = self.patching.active.take() {
-            a.transition.outcome = outcome;
-            let p = &mut self.patching;
-            p.history.push_back(TransitionRecord {
-                id: a.id,
-                transition: a.transition,
-            });
-            while p.history.len() > HISTORY {
-                p.history.pop_front();
-            }
-        }
-        None
+        self.engine.due().map(|d| self.instant(d))
     }
 
     pub fn checksum(&mut self, what: ChecksumTarget) -> Result<ChecksumResult> {
@@ -240,7 +166,7 @@ impl Vm {
                 let t = k.addrs.text;
                 let len = t.end - t.start;
                 let (bytes, pause) =
-                    self.inspect_paused(|g| k.memory(g).read_vec(t.start, len as usize))?;
+                    self.vm.paused(|g| k.memory(g).read_vec(t.start, len as usize))?;
                 (
                     t.start,
                     len,
@@ -249,7 +175,7 @@ impl Vm {
                 )
             }
             ChecksumTarget::PatchArea => {
-                let (r, pause) = self.inspect_paused(|g| {
+                let (r, pause) = self.vm.paused(|g| {
                     let a = introspection::PausedGuest::patch_area(g);
                     let mut buf = vec![0u8; a.size as usize];
                     introspection::PausedGuest::read_phys(g, a.start, &mut buf).map(|_| (a, buf))
@@ -272,25 +198,25 @@ impl Vm {
     }
 }
 
-/// Drive every VM transition from a thread of its own, so that neither the control
-/// socket nor the console waits for one. Between attempts, and while there is nothing
-/// to do, it sleeps on a condition variable of the VM's mutex (no polling: an idle VM
+/// Drive every transition of a VM from a thread of its own, so that neither the control
+/// socket nor the console waits for one. Between ticks, and while there is nothing to
+/// do, it sleeps on a condition variable of the session's mutex (no polling: an idle VM
 /// costs nothing). Ends when the VM stops.
-pub fn spawn_driver(vm: &Arc<Mutex<Vm>>) -> Result<()> {
-    let wakeup = vm
+pub fn spawn_driver(session: &Arc<Mutex<Session>>) -> Result<()> {
+    let wakeup = session
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .patching
         .wakeup
         .clone();
-    let vm: Weak<Mutex<Vm>> = Arc::downgrade(vm);
+    let session: Weak<Mutex<Session>> = Arc::downgrade(session);
     std::thread::Builder::new()
         .name("patch-driver".into())
         .spawn(move || loop {
-            let Some(vm) = vm.upgrade() else { return };
-            let guard = vm.lock().unwrap_or_else(|e| e.into_inner());
-            let mut guard = guard;
-            if guard.devices.stop_reason().is_some() {
+            let Some(session) = session.upgrade() else {
+                return;
+            };
+            let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.vm.devices.stop_reason().is_some() {
                 return;
             }
             let wait = guard
@@ -307,6 +233,3 @@ pub fn spawn_driver(vm: &Arc<Mutex<Vm>>) -> Result<()> {
         .map(|_| ())
         .map_err(|e| anyhow!("cannot start the patch driver thread: {e}"))
 }
-
-/// How often an idle driver looks whether its VM has stopped.
-const IDLE_WAKEUP: Duration = Duration::from_secs(1);

@@ -2,6 +2,7 @@
 //! vCPU threads captured when they parked.
 
 use introspection::{GuestError, PausedGuest, PhysRange, VcpuState};
+use patcher::GuestWriter;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::MemoryLayout;
@@ -59,13 +60,6 @@ impl PausedGuest for PausedVm<'_> {
             .map_err(|e| GuestError::Access(e.to_string()))
     }
 
-    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.check(addr, data.len())?;
-        self.mem
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|e| GuestError::Access(e.to_string()))
-    }
-
     fn patch_area(&self) -> PhysRange {
         PhysRange {
             start: self.layout.patch_area.start,
@@ -82,6 +76,20 @@ impl PausedGuest for PausedVm<'_> {
                 size: r.size,
             })
             .collect()
+    }
+}
+
+/// Only the patcher writes to a paused guest.
+impl GuestWriter for PausedVm<'_> {
+    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.check(addr, data.len())?;
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|e| GuestError::Access(e.to_string()))
+    }
+
+    fn reader(&self) -> &dyn PausedGuest {
+        self
     }
 }
 

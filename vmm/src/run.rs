@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console::{Console, RawTerminal};
 use crate::control::server::{self, ControlServer};
 use crate::devices::StopReason;
+use crate::session::Session;
 use crate::vm::{Vm, VmConfig};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -59,8 +60,8 @@ pub fn run(config: VmConfig) -> Result<i32> {
     let drained = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     let vm = Vm::create(config, drained.try_clone().context("eventfd")?)?;
     let devices = vm.devices.clone();
-    let vm = Arc::new(Mutex::new(vm));
-    crate::patching::spawn_driver(&vm)?;
+    let session = Arc::new(Mutex::new(Session::new(vm)));
+    crate::patching::spawn_driver(&session)?;
     let (listener, _socket_file) = server::bind(&socket_path)?;
 
     let terminate = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
@@ -74,8 +75,8 @@ pub fn run(config: VmConfig) -> Result<i32> {
     }
 
     let (vcpus, memory) = {
-        let vm = vm.lock().unwrap_or_else(|e| e.into_inner());
-        (vm.config.vcpus, vm.config.memory)
+        let s = session.lock().unwrap_or_else(|e| e.into_inner());
+        (s.vm.config.vcpus, s.vm.config.memory)
     };
     eprintln!(
         "lpvmm: VM '{name}' started ({vcpus} vCPU, {} MiB); control socket {}",
@@ -97,7 +98,7 @@ pub fn run(config: VmConfig) -> Result<i32> {
     ))));
     em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
         listener,
-        vm.clone(),
+        session.clone(),
     ))));
     em.add_subscriber(Arc::new(Mutex::new(StopWatcher {
         stop_evt: devices.stop_evt.try_clone().context("eventfd")?,
@@ -114,7 +115,11 @@ pub fn run(config: VmConfig) -> Result<i32> {
         }
     };
 
-    vm.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    session
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .vm
+        .shutdown();
     drop(raw);
     TERMINATE_FD.store(-1, Ordering::Relaxed);
     eprintln!("\r\nlpvmm: {}", reason.describe());

@@ -1,5 +1,6 @@
-//! One VM: KVM objects, guest memory, devices and vCPU threads, and the operations the
-//! control socket offers on them.
+//! One VM: KVM objects, guest memory, devices and vCPU threads, pause and resume. The
+//! VM core knows neither patches nor the control protocol: the [`crate::session`]
+//! builds on it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,16 +12,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::proto::{
-    PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo, VmcoreinfoResult,
-    MAX_READ_PHYS,
-};
+use serde::{Deserialize, Serialize};
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::layout::MemoryLayout;
 use crate::paused::PausedVm;
 use crate::vcpu::Vcpus;
 use crate::{acpi, boot, cpu, hostcheck};
-use introspection::{Kernel, PausedGuest, VcpuState};
+use introspection::{PausedGuest, VcpuState, VmcoreInfo};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,6 +37,86 @@ pub struct VmConfig {
     pub patch_area: u64,
 }
 
+/// Largest guest-physical read one `read_phys` request may ask for.
+pub const MAX_READ_PHYS: u32 = 64 * 1024;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub name: String,
+    pub pid: u32,
+    pub state: RunState,
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub uptime_ms: u64,
+    pub patch_area_start: u64,
+    pub patch_area_size: u64,
+    pub pauses: u64,
+    pub last_pause_ns: Option<u64>,
+}
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PauseResult {
+    /// Request received → every vCPU parked, measured inside the VMM.
+    pub parked_ns: u64,
+    pub vcpus: Vec<VcpuState>,
+}
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResumeResult {
+    /// Resume request → every vCPU has left the park, measured inside the VMM.
+    pub resumed_ns: u64,
+}
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegsResult {
+    /// True when the VM was running and lpvmm paused it just for this read.
+    pub paused_for_read: bool,
+    pub vcpus: Vec<VcpuState>,
+}
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadPhysResult {
+    pub addr: u64,
+    /// Lower-case hex, two digits per byte.
+    pub hex: String,
+}
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmcoreinfoResult {
+    /// Guest-physical address of the note's text.
+    pub phys_addr: u64,
+    /// True when the VM was running and lpvmm paused it just for the scan.
+    pub paused_for_read: bool,
+    pub info: VmcoreInfo,
+}
+
+
+/// How long a request kept the guest paused.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PauseCost {
+    /// True when the VM was running and lpvmm paused it just for this request.
+    pub paused_for_read: bool,
+    /// Pause request to resume done, inside the VMM (0 when no pause was needed).
+    pub paused_us: u64,
+}
+
+
 pub struct Vm {
     pub config: VmConfig,
     started: Instant,
@@ -48,10 +126,6 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     /// Registers from the current pause; `Some` exactly while paused.
     paused_states: Option<Vec<VcpuState>>,
-    /// The guest kernel, once an introspection request has attached to it.
-    pub(crate) kernel: Option<Arc<Kernel>>,
-    /// Loaded patches and the transition in progress.
-    pub(crate) patching: crate::patching::Patching,
     pauses: u64,
     last_pause: Option<Duration>,
     // Dropped last: vCPU threads and memory slots belong to these.
@@ -161,8 +235,6 @@ impl Vm {
             vcpus,
             devices,
             paused_states: None,
-            kernel: None,
-            patching: Default::default(),
             pauses: 0,
             last_pause: None,
             _vm_fd: vm_fd,
@@ -223,63 +295,72 @@ impl Vm {
 
     /// Registers of every vCPU; a running VM is paused only for the read.
     pub fn regs(&mut self) -> Result<RegsResult> {
-        let (vcpus, paused_for_read) = self.paused_for_read(|g| {
+        let (vcpus, cost) = self.paused(|g| {
             (0..g.vcpu_count())
                 .map(|i| g.vcpu(i).cloned())
                 .collect::<Result<Vec<VcpuState>, _>>()
         })?;
         Ok(RegsResult {
-            paused_for_read,
+            paused_for_read: cost.paused_for_read,
             vcpus: vcpus?,
         })
     }
 
-    /// Run `f` on the paused guest; a running VM is paused just for it and resumed
-    /// after, even when `f` fails. Also returns whether that pause was needed.
-    pub(crate) fn paused_for_read<R>(
-        &mut self,
-        f: impl FnOnce(&mut PausedVm) -> R,
-    ) -> Result<(R, bool)> {
+    /// Run `f` on the paused guest. A running VM is paused just for it and resumed
+    /// after, even when `f` fails; the cost says whether that pause was needed and how
+    /// long the guest saw it (pause request to the end of the resume).
+    pub fn paused<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, PauseCost)> {
+        let t0 = Instant::now();
         let was_paused = self.is_paused();
         if !was_paused {
             self.pause()?;
         }
-        let out = self.with_paused(f);
-        if !was_paused {
-            self.resume()?;
-        }
-        Ok((out?, !was_paused))
-    }
-
-    /// Run `f` on the paused guest. Refused while the VM runs: nothing reads a guest
-    /// that can change underneath.
-    pub fn with_paused<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<R> {
         let states = self
             .paused_states
             .clone()
-            .ok_or_else(|| anyhow!("VM '{}' must be paused first", self.config.name))?;
-        let mut guest = PausedVm::new(&self.mem, &self.layout, states);
-        Ok(f(&mut guest))
+            .ok_or_else(|| anyhow!("VM '{}' is not paused", self.config.name))?;
+        let out = f(&mut PausedVm::new(&self.mem, &self.layout, states));
+        if !was_paused {
+            self.resume()?;
+        }
+        Ok((
+            out,
+            PauseCost {
+                paused_for_read: !was_paused,
+                paused_us: if was_paused {
+                    0
+                } else {
+                    t0.elapsed().as_micros() as u64
+                },
+            },
+        ))
     }
 
+    /// Guest-physical memory of a VM the user paused (never pauses by itself: what a
+    /// person reads this way must not change under them between two reads).
     pub fn read_phys(&mut self, addr: u64, len: u32) -> Result<ReadPhysResult> {
+        if !self.is_paused() {
+            bail!(
+                "VM '{}' must be paused to read its memory",
+                self.config.name
+            );
+        }
         if len > MAX_READ_PHYS {
             bail!("read_phys: at most {MAX_READ_PHYS} bytes per request (asked {len})");
         }
         let mut buf = vec![0u8; len as usize];
-        self.with_paused(|g| g.read_phys(addr, &mut buf))??;
+        self.paused(|g| g.read_phys(addr, &mut buf))?.0?;
         let hex = buf.iter().map(|b| format!("{b:02x}")).collect();
         Ok(ReadPhysResult { addr, hex })
     }
 
     /// Find the guest's VMCOREINFO; a running VM is paused only for the scan.
     pub fn vmcoreinfo(&mut self) -> Result<VmcoreinfoResult> {
-        let (found, paused_for_read) =
-            self.paused_for_read(|g| introspection::vmcoreinfo::find(g))?;
+        let (found, cost) = self.paused(|g| introspection::vmcoreinfo::find(g))?;
         let (phys_addr, info) = found?;
         Ok(VmcoreinfoResult {
             phys_addr,
-            paused_for_read,
+            paused_for_read: cost.paused_for_read,
             info,
         })
     }

@@ -517,6 +517,8 @@ impl SynthKernel {
         b.sym(init_stack + THREAD_SIZE, 'D', end_name);
         let init_task = b.img.alloc(f.size, 64);
         b.sym(init_task, 'D', "init_task");
+        // The synthetic image doubles as the direct map: task_structs live in it.
+        b.data("page_offset_base", &image_va.to_le_bytes(), 8);
         let percpu_offsets = b.img.alloc(8 * spec.cpus as u64, 8);
         b.sym(percpu_offsets, 'D', "__per_cpu_offset");
         b.data("nr_cpu_ids", &(spec.cpus as u32).to_le_bytes(), 4);

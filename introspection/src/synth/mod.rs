@@ -97,6 +97,22 @@ impl SynthGuest {
         self.write_phys_raw(slot, &(pa | PRESENT_RW | LARGE).to_le_bytes());
     }
 
+    /// Write guest-physical memory, checked like a real guest's.
+    pub fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
+        let start = usize::try_from(addr)
+            .ok()
+            .filter(|&a| {
+                a.checked_add(data.len())
+                    .is_some_and(|e| e <= self.ram.len())
+            })
+            .ok_or(GuestError::Unmapped {
+                addr,
+                len: data.len(),
+            })?;
+        self.ram[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
     pub fn write_phys_raw(&mut self, pa: u64, data: &[u8]) {
         self.ram[pa as usize..pa as usize + data.len()].copy_from_slice(data);
     }
@@ -132,20 +148,6 @@ impl PausedGuest for SynthGuest {
         Ok(())
     }
 
-    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
-        let start = usize::try_from(addr)
-            .ok()
-            .filter(|&a| {
-                a.checked_add(data.len())
-                    .is_some_and(|e| e <= self.ram.len())
-            })
-            .ok_or(GuestError::Unmapped {
-                addr,
-                len: data.len(),
-            })?;
-        self.ram[start..start + data.len()].copy_from_slice(data);
-        Ok(())
-    }
 
     fn patch_area(&self) -> PhysRange {
         self.patch_area

@@ -54,6 +54,16 @@
 		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
 	__LPVMM_ENTRY("replace=" #old "," #pos ":" #new)
 
+/*
+ * Replace `old` with `new` without per-task consistency: the function flips for every
+ * task at once, even in a per-task patch (for a change that cannot break a caller that
+ * is half-way through the old version, e.g. a changed constant).
+ */
+#define LPVMM_REPLACE_IMMEDIATE(old, new)                                            \
+	static void *__LPVMM_CAT(__lpvmm_keep_, new)                                 \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
+	__LPVMM_ENTRY("replace_immediate=" #old ":" #new)
+
 /* Make `local`, an extern this file declares, mean the pos-th kernel symbol `kname`. */
 #define LPVMM_SYMBOL(local, kname, pos)                                              \
 	__LPVMM_ENTRY("symbol=" #local ":" #kname "," #pos)

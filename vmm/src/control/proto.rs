@@ -8,16 +8,19 @@ use introspection::disasm::Line;
 use introspection::kallsyms::{Located, Symbol};
 use introspection::kernel::AttachStats;
 use introspection::stack::StackTrace;
+pub use patcher::Consistency;
 use introspection::tasks::TaskList;
-use introspection::{VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
+
+pub use crate::vm::{
+    PauseCost, PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo,
+    VmcoreinfoResult, MAX_READ_PHYS,
+};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the server reads; anything longer is refused. A patch load
 /// carries the .kp file hex-encoded, so this bounds a .kp at 4 MiB.
 pub const MAX_REQUEST_BYTES: usize = 8 << 20;
-/// Largest guest-physical read one `read_phys` request may ask for.
-pub const MAX_READ_PHYS: u32 = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -65,18 +68,28 @@ pub enum Request {
         enable: bool,
         #[serde(default)]
         timeout_ms: Option<u64>,
+        #[serde(default)]
+        consistency: Consistency,
     },
     /// Start enabling or disabling a loaded patch.
     PatchEnable {
         name: String,
         #[serde(default)]
         timeout_ms: Option<u64>,
+        #[serde(default)]
+        consistency: Consistency,
     },
     PatchDisable {
         name: String,
         #[serde(default)]
         timeout_ms: Option<u64>,
+        #[serde(default)]
+        consistency: Consistency,
     },
+    /// Turn the transition in progress around.
+    PatchReverse,
+    /// Complete the transition in progress without checks.
+    PatchForce,
     /// Remove a disabled patch.
     PatchUnload {
         name: String,
@@ -166,74 +179,13 @@ impl ResponseLine {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Running,
-    Paused,
-}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StatusInfo {
-    pub name: String,
-    pub pid: u32,
-    pub state: RunState,
-    pub vcpus: usize,
-    pub memory_bytes: u64,
-    pub kernel: String,
-    pub initrd: Option<String>,
-    pub cmdline: String,
-    pub uptime_ms: u64,
-    pub patch_area_start: u64,
-    pub patch_area_size: u64,
-    pub pauses: u64,
-    pub last_pause_ns: Option<u64>,
-}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PauseResult {
-    /// Request received → every vCPU parked, measured inside the VMM.
-    pub parked_ns: u64,
-    pub vcpus: Vec<VcpuState>,
-}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ResumeResult {
-    /// Resume request → every vCPU has left the park, measured inside the VMM.
-    pub resumed_ns: u64,
-}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RegsResult {
-    /// True when the VM was running and lpvmm paused it just for this read.
-    pub paused_for_read: bool,
-    pub vcpus: Vec<VcpuState>,
-}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ReadPhysResult {
-    pub addr: u64,
-    /// Lower-case hex, two digits per byte.
-    pub hex: String,
-}
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmcoreinfoResult {
-    /// Guest-physical address of the note's text.
-    pub phys_addr: u64,
-    /// True when the VM was running and lpvmm paused it just for the scan.
-    pub paused_for_read: bool,
-    pub info: VmcoreInfo,
-}
 
-/// How long a request kept the guest paused.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PauseCost {
-    /// True when the VM was running and lpvmm paused it just for this request.
-    pub paused_for_read: bool,
-    /// Pause request to resume done, inside the VMM (0 when no pause was needed).
-    pub paused_us: u64,
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KernelResult {
@@ -248,6 +200,31 @@ pub struct SymResult {
     pub symbols: Vec<Symbol>,
     /// For an address query: where it is.
     pub located: Option<Located>,
+    /// Functions of loaded patches that match.
+    #[serde(default)]
+    pub patch: Vec<PatchSymbol>,
+}
+
+/// A function of a loaded patch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PatchSymbol {
+    pub patch: String,
+    pub name: String,
+    pub addr: u64,
+    pub size: u64,
+    /// The kernel function it replaces.
+    pub replaces: String,
+}
+
+/// Where a redirected function's site jumps.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Redirect {
+    pub site: u64,
+    pub target: u64,
+    /// The target in words.
+    pub to: String,
+    /// Versions stacked on the function, oldest first.
+    pub versions: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,6 +241,8 @@ pub struct StackResult {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DisasmResult {
+    /// Set when lpvmm redirected the function.
+    pub redirect: Option<Redirect>,
     pub symbol: String,
     pub addr: u64,
     pub size: u64,
@@ -279,27 +258,269 @@ pub struct PatchLoadResult {
     pub pause: PauseCost,
 }
 
-/// A transition with the id it was started under.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TransitionRecord {
-    pub id: u64,
-    #[serde(flatten)]
-    pub transition: patcher::Transition,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TransitionStarted {
     pub id: u64,
 }
 
+/// `patch status`: every patch, every redirected function, the transition in progress
+/// and recent ones. The protocol's own view of the engine, not the engine's structs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PatchStatusResult {
-    pub patches: Vec<patcher::Patch>,
-    pub active: Option<TransitionRecord>,
+    pub patches: Vec<PatchView>,
+    /// Redirected kernel functions and their versions, oldest first.
+    pub funcs: Vec<FuncView>,
+    pub active: Option<TransitionView>,
     /// Ended transitions, newest last.
-    pub history: Vec<TransitionRecord>,
+    pub history: Vec<TransitionView>,
     /// Where the patch area is mapped in the guest, once it is.
-    pub area: Option<patcher::area::AreaLayout>,
+    pub area: Option<AreaView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PatchView {
+    pub name: String,
+    /// `enabled`, `disabled`, `enabling`, `disabling` (a transition of it is in progress).
+    pub state: String,
+    /// A transition of it was forced: its code stays in the guest.
+    pub forced: bool,
+    pub enables: u64,
+    pub depends: Vec<String>,
+    pub funcs: Vec<PatchFuncView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PatchFuncView {
+    pub old: String,
+    pub old_addr: u64,
+    pub new_name: String,
+    pub new_addr: u64,
+    pub new_size: u64,
+    pub frame_pointer: bool,
+    pub immediate: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FuncView {
+    pub name: String,
+    pub addr: u64,
+    pub site: u64,
+    /// Oldest first; the last is what every task runs when no transition moves it.
+    pub versions: Vec<VersionView>,
+    /// What the site holds now: `original`, `jump` (straight to the top version) or
+    /// `trampoline` (a transition dispatches each task).
+    pub site_now: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VersionView {
+    pub patch: String,
+    pub function: String,
+    pub addr: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AreaView {
+    pub phys_start: u64,
+    pub phys_size: u64,
+    pub va: u64,
+    pub code_start: u64,
+    pub code_end: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransitionView {
+    pub id: u64,
+    pub patch: String,
+    /// `enable` or `disable`, as asked.
+    pub op: patcher::Op,
+    pub consistency: Consistency,
+    /// `waiting` (nothing written yet), `switching`, `ended`.
+    pub phase: String,
+    /// Heading back to where it started.
+    pub reversed: bool,
+    /// Reversed because its timeout passed.
+    pub timed_out: bool,
+    /// `pending`, `done`, `forced`, `reversed`, `timed_out`, `failed`.
+    pub outcome: String,
+    pub failure: Option<String>,
+    /// A request (reverse, force) waiting for the next tick.
+    pub request: Option<patcher::Request>,
+    pub note: Option<String>,
+    pub elapsed_ms: u64,
+    pub timeout_ms: Option<u64>,
+    pub ticks: u32,
+    pub backoff_ms: u64,
+    /// Tasks at the last tick, and how many of them run the target.
+    pub tasks: usize,
+    pub moved: usize,
+    pub pending: usize,
+    pub blockers: Vec<BlockerView>,
+    /// For a forced transition: the tasks it moved without a check.
+    pub skipped: Vec<BlockerView>,
+    pub functions: Vec<ChangeView>,
+    /// Guest-visible pause of each tick, µs.
+    pub pauses_us: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChangeView {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    pub immediate: bool,
+    pub trampoline: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockerView {
+    pub pid: i32,
+    pub comm: String,
+    pub reason: String,
+    pub trace: StackTrace,
+}
+
+fn version_name(v: &patcher::Version) -> String {
+    match v {
+        patcher::Version::Original => "original".into(),
+        patcher::Version::Code(c) => format!("{} [{}]", c.name, c.patch),
+    }
+}
+
+fn snake<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+impl BlockerView {
+    fn of(b: &patcher::Blocker) -> Self {
+        BlockerView {
+            pid: b.pid,
+            comm: b.comm.clone(),
+            reason: b.reason.clone(),
+            trace: b.trace.clone(),
+        }
+    }
+}
+
+impl TransitionView {
+    pub fn of(t: &patcher::Transition) -> Self {
+        TransitionView {
+            id: t.id,
+            patch: t.patch.clone(),
+            op: t.op,
+            consistency: t.consistency,
+            phase: snake(&t.phase),
+            reversed: t.reversed,
+            timed_out: t.timed_out,
+            outcome: snake(&t.outcome),
+            failure: match &t.outcome {
+                patcher::Outcome::Failed(why) => Some(why.clone()),
+                _ => None,
+            },
+            request: t.request,
+            note: t.note.clone(),
+            elapsed_ms: t.elapsed_ms,
+            timeout_ms: t.timeout_ms,
+            ticks: t.ticks,
+            backoff_ms: t.backoff_ms,
+            tasks: t.tasks,
+            moved: t.tasks.saturating_sub(t.pending),
+            pending: t.pending,
+            blockers: t.blockers.iter().map(BlockerView::of).collect(),
+            skipped: t.skipped.iter().map(BlockerView::of).collect(),
+            functions: t
+                .changes
+                .iter()
+                .map(|c| ChangeView {
+                    name: c.name.clone(),
+                    from: version_name(&c.from),
+                    to: version_name(&c.to),
+                    immediate: c.immediate,
+                    trampoline: c.trampoline,
+                })
+                .collect(),
+            pauses_us: t.pauses_us.clone(),
+        }
+    }
+}
+
+impl PatchStatusResult {
+    pub fn of(e: &patcher::Engine) -> Self {
+        let active = e.active();
+        let trampolines = e.trampoline_code();
+        PatchStatusResult {
+            patches: e
+                .patches()
+                .iter()
+                .map(|p| PatchView {
+                    name: p.name.clone(),
+                    state: match (active.filter(|t| t.patch == p.name), p.state) {
+                        (Some(t), _) if t.op == patcher::Op::Enable => "enabling".into(),
+                        (Some(_), _) => "disabling".into(),
+                        (None, patcher::PatchState::Enabled) => "enabled".into(),
+                        (None, patcher::PatchState::Disabled) => "disabled".into(),
+                    },
+                    forced: p.forced,
+                    enables: p.enables,
+                    depends: p.depends.clone(),
+                    funcs: p
+                        .funcs
+                        .iter()
+                        .map(|f| PatchFuncView {
+                            old: f.old.to_string(),
+                            old_addr: f.old_addr,
+                            new_name: f.new_name.clone(),
+                            new_addr: f.new_addr,
+                            new_size: f.new_size,
+                            frame_pointer: f.frame_pointer,
+                            immediate: f.immediate,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            funcs: e
+                .funcs()
+                .map(|s| FuncView {
+                    name: s.name.clone(),
+                    addr: s.addr,
+                    site: s.site,
+                    versions: s
+                        .versions
+                        .iter()
+                        .map(|v| VersionView {
+                            patch: v.patch.clone(),
+                            function: v.name.clone(),
+                            addr: v.addr,
+                        })
+                        .collect(),
+                    site_now: if s.live == s.original {
+                        "original".into()
+                    } else {
+                        let rel = i32::from_le_bytes([s.live[1], s.live[2], s.live[3], s.live[4]]);
+                        let to = (s.site as i64 + 5 + i64::from(rel)) as u64;
+                        if trampolines.iter().any(|r| r.contains(to)) {
+                            "trampoline".into()
+                        } else {
+                            "jump".into()
+                        }
+                    },
+                })
+                .collect(),
+            active: active.map(TransitionView::of),
+            history: e.history().map(TransitionView::of).collect(),
+            area: e.area_layout().map(|a| AreaView {
+                phys_start: a.phys.start,
+                phys_size: a.phys.size,
+                va: a.va,
+                code_start: a.code.start,
+                code_end: a.code.end,
+            }),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -37,6 +37,13 @@ pub fn validate_name(name: &str) -> Result<()> {
     if !ok {
         bail!("invalid VM name '{name}': use 1-64 letters, digits, '-', '_' or '.', not starting with '.'");
     }
+    if crate::cli_patch::VERBS.contains(&name) {
+        bail!(
+            "invalid VM name '{name}': it is a command of `lpvmm patch` ({}), so \
+             `lpvmm patch {name} ...` could not reach the VM",
+            crate::cli_patch::VERBS.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -48,7 +55,7 @@ mod tests {
     fn names() {
         assert!(validate_name("vm1").is_ok());
         assert!(validate_name("web-01.prod").is_ok());
-        for bad in ["", "../x", "a/b", ".hidden", "sp ace", &"x".repeat(65)] {
+        for bad in ["", "../x", "a/b", ".hidden", "sp ace", &"x".repeat(65), "status", "reverse"] {
             assert!(validate_name(bad).is_err(), "{bad} accepted");
         }
     }

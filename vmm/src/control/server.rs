@@ -17,7 +17,8 @@ use super::proto::{
 };
 use super::rundir;
 use crate::devices::StopReason;
-use crate::vm::Vm;
+use crate::patching::TransitionArgs;
+use crate::session::Session;
 
 /// The bound socket file; removed when dropped, so that no stale socket outlives the VM.
 pub struct SocketFile {
@@ -78,16 +79,16 @@ struct Conn {
 pub struct ControlServer {
     listener: UnixListener,
     conns: HashMap<RawFd, Conn>,
-    vm: Arc<Mutex<Vm>>,
+    session: Arc<Mutex<Session>>,
     uid: u32,
 }
 
 impl ControlServer {
-    pub fn new(listener: UnixListener, vm: Arc<Mutex<Vm>>) -> Self {
+    pub fn new(listener: UnixListener, session: Arc<Mutex<Session>>) -> Self {
         ControlServer {
             listener,
             conns: HashMap::new(),
-            vm,
+            session,
             // SAFETY: getuid cannot fail.
             uid: unsafe { libc::getuid() },
         }
@@ -141,7 +142,7 @@ impl ControlServer {
         conn.buf.extend_from_slice(&chunk[..n]);
         while let Some(pos) = conn.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = conn.buf.drain(..=pos).collect();
-            let resp = handle_line(&self.vm, &line);
+            let resp = handle_line(&self.session, &line);
             let mut out = serde_json::to_vec(&resp).unwrap_or_default();
             out.push(b'\n');
             if conn.stream.write_all(&out).is_err() {
@@ -183,7 +184,7 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
 }
 
 /// One request line in, one response out. Never panics on any input.
-pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
+pub fn handle_line(session: &Mutex<Session>, line: &[u8]) -> ResponseLine {
     let parsed: RequestLine = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => return ResponseLine::err(ErrorKind::BadRequest, format!("bad request: {e}")),
@@ -197,74 +198,85 @@ pub fn handle_line(vm: &Mutex<Vm>, line: &[u8]) -> ResponseLine {
             ),
         );
     }
-    let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
-    let failed = |e: anyhow::Error| ResponseLine::err(ErrorKind::Failed, format!("{e:#}"));
-    let bad_state = |e: anyhow::Error| ResponseLine::err(ErrorKind::BadState, format!("{e:#}"));
-    match parsed.request {
-        Request::Status => ResponseLine::ok(vm.status()),
+    let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+    dispatch(&mut s, parsed.request)
+}
+
+fn reply<T: serde::Serialize>(r: Result<T>) -> ResponseLine {
+    match r {
+        Ok(v) => ResponseLine::ok(v),
+        Err(e) => {
+            // Refusals of the patch engine are about the VM's state, not failures.
+            let kind = match e.downcast_ref::<patcher::KpError>() {
+                Some(patcher::KpError::State(_) | patcher::KpError::Dependency(_)) => {
+                    ErrorKind::BadState
+                }
+                _ => ErrorKind::Failed,
+            };
+            ResponseLine::err(kind, format!("{e:#}"))
+        }
+    }
+}
+
+fn dispatch(s: &mut Session, request: Request) -> ResponseLine {
+    let bad_state = |e: String| ResponseLine::err(ErrorKind::BadState, e);
+    let args = |consistency, timeout_ms| TransitionArgs {
+        consistency,
+        timeout_ms,
+    };
+    match request {
+        Request::Status => ResponseLine::ok(s.vm.status()),
         Request::Pause => {
-            if vm.is_paused() {
-                return bad_state(anyhow::anyhow!("VM '{}' is already paused", vm.config.name));
+            if s.vm.is_paused() {
+                return bad_state(format!("VM '{}' is already paused", s.vm.config.name));
             }
-            vm.pause().map(ResponseLine::ok).unwrap_or_else(failed)
+            reply(s.vm.pause())
         }
         Request::Resume => {
-            if !vm.is_paused() {
-                return bad_state(anyhow::anyhow!("VM '{}' is not paused", vm.config.name));
+            if !s.vm.is_paused() {
+                return bad_state(format!("VM '{}' is not paused", s.vm.config.name));
             }
-            vm.resume().map(ResponseLine::ok).unwrap_or_else(failed)
+            reply(s.vm.resume())
         }
-        Request::Regs => vm.regs().map(ResponseLine::ok).unwrap_or_else(failed),
-        Request::Vmcoreinfo => vm.vmcoreinfo().map(ResponseLine::ok).unwrap_or_else(failed),
-        Request::Kernel { reattach } => vm
-            .kernel_info(reattach)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
-        Request::Sym { query } => vm.sym(query).map(ResponseLine::ok).unwrap_or_else(failed),
-        Request::Tasks => vm.tasks().map(ResponseLine::ok).unwrap_or_else(failed),
-        Request::Stack { pid } => vm.stack(pid).map(ResponseLine::ok).unwrap_or_else(failed),
-        Request::Disasm { symbol, sympos } => vm
-            .disasm(&symbol, sympos)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
+        Request::Regs => reply(s.vm.regs()),
+        Request::Vmcoreinfo => reply(s.vm.vmcoreinfo()),
+        Request::Kernel { reattach } => reply(s.kernel_info(reattach)),
+        Request::Sym { query } => reply(s.sym(query)),
+        Request::Tasks => reply(s.tasks()),
+        Request::Stack { pid } => reply(s.stack(pid)),
+        Request::Disasm { symbol, sympos } => reply(s.disasm(&symbol, sympos)),
         Request::PatchLoad {
             kp_hex,
             enable,
             timeout_ms,
-        } => vm
-            .patch_load(&kp_hex, enable, timeout_ms)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
-        Request::PatchEnable { name, timeout_ms } => vm
-            .patch_transition(&name, patcher::Op::Enable, timeout_ms)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
-        Request::PatchDisable { name, timeout_ms } => vm
-            .patch_transition(&name, patcher::Op::Disable, timeout_ms)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
-        Request::PatchUnload { name } => vm
-            .patch_unload(&name)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
-        Request::PatchStatus => ResponseLine::ok(vm.patch_status()),
-        Request::Checksum { what } => vm
-            .checksum(what)
-            .map(ResponseLine::ok)
-            .unwrap_or_else(failed),
+            consistency,
+        } => reply(s.patch_load(&kp_hex, enable, args(consistency, timeout_ms))),
+        Request::PatchEnable {
+            name,
+            timeout_ms,
+            consistency,
+        } => reply(s.patch_transition(&name, patcher::Op::Enable, args(consistency, timeout_ms))),
+        Request::PatchDisable {
+            name,
+            timeout_ms,
+            consistency,
+        } => reply(s.patch_transition(&name, patcher::Op::Disable, args(consistency, timeout_ms))),
+        Request::PatchReverse => reply(s.patch_request(patcher::Request::Reverse)),
+        Request::PatchForce => reply(s.patch_request(patcher::Request::Force)),
+        Request::PatchUnload { name } => reply(s.patch_unload(&name)),
+        Request::PatchStatus => ResponseLine::ok(s.patch_status()),
+        Request::Checksum { what } => reply(s.checksum(what)),
         Request::ReadPhys { addr, len } => {
-            if !vm.is_paused() {
-                return bad_state(anyhow::anyhow!(
+            if !s.vm.is_paused() {
+                return bad_state(format!(
                     "VM '{}' must be paused to read its memory",
-                    vm.config.name
+                    s.vm.config.name
                 ));
             }
-            vm.read_phys(addr, len)
-                .map(ResponseLine::ok)
-                .unwrap_or_else(failed)
+            reply(s.vm.read_phys(addr, len))
         }
         Request::Stop => {
-            vm.devices.request_stop(StopReason::Requested(
+            s.vm.devices.request_stop(StopReason::Requested(
                 "stop requested over the control socket".into(),
             ));
             ResponseLine::ok(serde_json::json!({ "stopping": true }))

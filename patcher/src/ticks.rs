@@ -1,0 +1,767 @@
+//! The engine's side of a transition: one [`Engine::tick`] per pause, which looks at
+//! the guest's tasks and writes the sites, trampolines and task map (see
+//! [`crate::transition`] for the model).
+
+use std::collections::HashSet;
+
+use introspection::kernel::Kernel;
+use introspection::orc::{reg, OrcEntry, OrcKind};
+use introspection::stack::{ExtraCode, StackTrace, Unwinder};
+use introspection::tasks::{Task, TaskList, TaskReader};
+use introspection::PausedGuest;
+
+use crate::area::Region;
+use crate::dispatch::{
+    self, Bank, BankState, Geometry, TaskMap, Targets, TrampolineEnv, BANKS, BANK_CODE,
+    MAX_TRAMPOLINE,
+};
+use crate::engine::{check_room, Dispatch, Engine, PatchState};
+use crate::funcs::{CodeRange, FuncStack, Version};
+use crate::link::Placement;
+use crate::transition::{unsafe_because, Blocker, Consistency, Op, Outcome, Phase, Request, Transition};
+use crate::{GuestWriter, KpError};
+
+/// How the unwinder sees code that is not the kernel's: a trampoline, at any of its
+/// instructions, is a function's entry (the return address on top of the stack).
+const AT_ENTRY: OrcEntry = OrcEntry {
+    sp_offset: 8,
+    bp_offset: 0,
+    sp_reg: reg::SP,
+    bp_reg: reg::UNDEFINED,
+    kind: OrcKind::Call,
+    signal: false,
+};
+
+impl Engine {
+    /// One tick of the transition in progress, with the guest paused. Never leaves the
+    /// guest half-written: a tick that cannot go on changes nothing and is retried (or,
+    /// before anything was written, ends the transition as failed).
+    pub fn tick(&mut self, guest: &mut dyn GuestWriter, kernel: &Kernel, now_ms: u64) {
+        let Some(mut t) = self.active.take() else {
+            return;
+        };
+        t.ticks += 1;
+        t.elapsed_ms = now_ms.saturating_sub(t.started_ms);
+        t.note = None;
+        if let Err(e) = self.step(&mut t, guest, kernel, now_ms) {
+            if t.phase == Phase::Waiting {
+                t.outcome = Outcome::Failed(e.to_string());
+                t.phase = Phase::Ended;
+            } else {
+                t.note = Some(format!("tick {} failed, will retry: {e}", t.ticks));
+                let kept = std::mem::take(&mut t.blockers);
+                t.record_blocked(now_ms, kept);
+            }
+        }
+        if t.finished() {
+            self.end(t);
+        } else {
+            self.active = Some(t);
+        }
+    }
+
+    fn step(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        match t.request.take() {
+            Some(Request::Force) => return self.force(t, guest, kernel),
+            Some(Request::Reverse) => return self.reverse(t, guest, kernel, now_ms),
+            None => {}
+        }
+        if t.consistency == Consistency::PerTask && !t.reversed && t.expired(now_ms) {
+            t.timed_out = true;
+            return self.reverse(t, guest, kernel, now_ms);
+        }
+        match t.phase {
+            Phase::Waiting => self.start(t, guest, kernel, now_ms),
+            Phase::Switching => self.advance(t, guest, kernel, now_ms),
+            Phase::Ended => Ok(()),
+        }
+    }
+
+    /// The first tick (or a retry of it): check every task; flip what can flip.
+    fn start(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        let list = list_tasks(guest.reader(), kernel)?;
+        let all: Vec<&Task> = list.tasks.iter().collect();
+        let traces = self.unwind(guest.reader(), kernel, &all);
+        self.clear_suspects(&list, &traces);
+        let leaving = self.leaving(t, |c| &c.from, t.consistency == Consistency::Immediate);
+        let blockers = self.blockers(&traces, &leaving);
+        t.tasks = list.tasks.len();
+        t.pending = blockers.len();
+        for c in &t.changes {
+            self.ensure_stack(&t.patch, c.func)?;
+        }
+        if blockers.is_empty() {
+            return self.complete(t, guest, &list, false);
+        }
+        if t.consistency == Consistency::Immediate {
+            if t.last_chance(now_ms) {
+                t.blockers = blockers;
+                t.outcome = Outcome::TimedOut;
+                t.phase = Phase::Ended;
+                self.drop_unused_stacks();
+                if t.unload_on_failure {
+                    self.unload(guest, &t.patch)?;
+                }
+            } else {
+                t.record_blocked(now_ms, blockers);
+            }
+            return Ok(());
+        }
+        self.start_dispatch(t, guest, kernel, &list, blockers, now_ms)
+    }
+
+    /// Per-task: trampolines on, every blocked task on the starting version.
+    fn start_dispatch(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        list: &TaskList,
+        blockers: Vec<Blocker>,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        self.ensure_dispatch(guest.reader(), kernel)?;
+        let Some(bank) = self.free_bank() else {
+            t.note = Some(
+                "every trampoline bank may still have a task inside it (from earlier \
+                 transitions); waiting for those tasks to run"
+                    .into(),
+            );
+            t.record_blocked(now_ms, blockers);
+            return Ok(());
+        };
+        let d = self.dispatch.as_ref().expect("ensured above");
+        let g = d.geometry;
+        if let Some(x) = list
+            .tasks
+            .iter()
+            .find(|x| g.bit(x.addr).is_none() && x.addr != g.init_task)
+        {
+            return Err(KpError::State(format!(
+                "task {} ({})'s task_struct at {:#x} is outside the direct map, where per-task \
+                 dispatch finds tasks; use --consistency immediate",
+                x.pid, x.comm, x.addr
+            )));
+        }
+        let mut map = TaskMap::filled(&g, false);
+        for b in &blockers {
+            map.set(&g, b.trace.task, true);
+        }
+        let b = &d.banks[bank];
+        let env = TrampolineEnv {
+            current_offset: d.current_offset,
+            geometry: g,
+            map_va: b.map_va,
+            init_slot_va: b.init_slot_va(),
+        };
+        let mut code = Vec::new();
+        let mut slots = Vec::new();
+        let mut at = b.code.start;
+        for c in t.changes.iter_mut().filter(|c| !c.immediate) {
+            let s = &self.funcs[&c.func];
+            let targets = Targets {
+                start: s.entry(&c.from),
+                target: s.entry(&c.to),
+            };
+            let bytes = dispatch::trampoline(&env, targets, at)?;
+            if bytes.len() as u64 > MAX_TRAMPOLINE || at + MAX_TRAMPOLINE > b.code.end {
+                return Err(KpError::State(format!(
+                    "patch '{}' has more functions than one trampoline bank holds ({}); use \
+                     --consistency immediate",
+                    t.patch,
+                    BANK_CODE / MAX_TRAMPOLINE
+                )));
+            }
+            c.trampoline = Some(at);
+            slots.push(c.name.clone());
+            code.push((at, bytes));
+            at += MAX_TRAMPOLINE;
+        }
+        let mut sites = Vec::new();
+        for c in &t.changes {
+            let s = &self.funcs[&c.func];
+            sites.push((
+                c.func,
+                match c.trampoline {
+                    Some(tr) => crate::site::jump(s.site, tr)?,
+                    None => s.site_bytes(&c.to)?,
+                },
+            ));
+        }
+        self.check_sites(guest.reader(), &sites)?;
+        // Order matters only for the guest's view after the resume; it is paused now.
+        let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
+        write_map(guest, &layout, self.dispatch_bank(bank), &g, &mut map)?;
+        for (va, bytes) in &code {
+            guest
+                .write_phys(layout.pa(*va), bytes)
+                .map_err(|e| KpError::guest("writing a trampoline", e))?;
+        }
+        self.write_sites(guest, &sites)?;
+        let b = &mut self.dispatch.as_mut().expect("ensured").banks[bank];
+        b.state = BankState::Live;
+        b.slots = slots;
+        t.bank = Some(bank);
+        t.map = Some(map);
+        t.phase = Phase::Switching;
+        t.record_blocked(now_ms, blockers);
+        Ok(())
+    }
+
+    /// A later tick: move every pending task that is at a safe point.
+    fn advance(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        let list = list_tasks(guest.reader(), kernel)?;
+        let g = self.geometry()?;
+        let target_start = t.target_is_start();
+        let map = t.map.as_ref().ok_or_else(|| KpError::State("no task map".into()))?;
+        let pending: Vec<&Task> = list
+            .tasks
+            .iter()
+            .filter(|x| map.on_start(&g, x.addr) != target_start)
+            .collect();
+        let traces = self.unwind(guest.reader(), kernel, &pending);
+        self.clear_suspects(&list, &traces);
+        let leaving = self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
+        let blockers = self.move_safe(t, &g, &traces, &leaving, target_start);
+        self.finish_tick(t, guest, &list, blockers, now_ms)
+    }
+
+    /// Turn the transition around: the starting version becomes the target.
+    fn reverse(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        if t.phase == Phase::Waiting {
+            // Nothing was written: it ends where it started.
+            t.reversed = !t.reversed;
+            t.blockers.clear();
+            t.outcome = if t.timed_out {
+                Outcome::TimedOut
+            } else {
+                Outcome::Reversed
+            };
+            t.phase = Phase::Ended;
+            self.drop_unused_stacks();
+            if t.unload_on_failure {
+                self.unload(guest, &t.patch)?;
+            }
+            return Ok(());
+        }
+        let list = list_tasks(guest.reader(), kernel)?;
+        let g = self.geometry()?;
+        let all: Vec<&Task> = list.tasks.iter().collect();
+        let traces = self.unwind(guest.reader(), kernel, &all);
+        self.clear_suspects(&list, &traces);
+        t.reversed = !t.reversed;
+        let target_start = t.target_is_start();
+        let map = t.map.as_ref().ok_or_else(|| KpError::State("no task map".into()))?;
+        // Only tasks on the far side have to move; they leave what they run now.
+        let far: Vec<StackTrace> = traces
+            .into_iter()
+            .filter(|tr| map.on_start(&g, tr.task) != target_start)
+            .collect();
+        let leaving = self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
+        let blockers = self.move_safe(t, &g, &far, &leaving, target_start);
+        let immediate: Vec<(u64, [u8; 5])> = t
+            .changes
+            .iter()
+            .filter(|c| c.immediate)
+            .map(|c| Ok((c.func, self.funcs[&c.func].site_bytes(t.target(c))?)))
+            .collect::<Result<_, KpError>>()?;
+        self.check_sites(guest.reader(), &immediate)?;
+        self.write_sites(guest, &immediate)?;
+        self.finish_tick(t, guest, &list, blockers, now_ms)
+    }
+
+    /// Complete without checks, naming the tasks it skipped.
+    fn force(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+    ) -> Result<(), KpError> {
+        let list = list_tasks(guest.reader(), kernel)?;
+        let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
+            (Phase::Switching, Ok(g), Some(map)) => {
+                let target_start = t.target_is_start();
+                let pending: Vec<&Task> = list
+                    .tasks
+                    .iter()
+                    .filter(|x| map.on_start(&g, x.addr) != target_start)
+                    .collect();
+                let traces = self.unwind(guest.reader(), kernel, &pending);
+                let leaving =
+                    self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
+                skipped_tasks(traces, &leaving, &self.trampoline_code())
+            }
+            _ => {
+                let all: Vec<&Task> = list.tasks.iter().collect();
+                let traces = self.unwind(guest.reader(), kernel, &all);
+                let leaving = self.leaving(t, |c| &c.from, true);
+                skipped_tasks(traces, &leaving, &self.trampoline_code())
+            }
+        };
+        for c in &t.changes {
+            self.ensure_stack(&t.patch, c.func)?;
+        }
+        if let (Some(map), Ok(g)) = (t.map.as_mut(), self.geometry()) {
+            // Tasks still inside a trampoline take the target too.
+            map.reset_unowned(&g, &[], t.reversed);
+        }
+        t.skipped = skipped;
+        self.complete(t, guest, &list, true)
+    }
+
+    /// Move each task of `traces` that is at a safe point to the target; the others
+    /// are returned as blockers.
+    fn move_safe(
+        &self,
+        t: &mut Transition,
+        g: &Geometry,
+        traces: &[StackTrace],
+        leaving: &[CodeRange],
+        target_start: bool,
+    ) -> Vec<Blocker> {
+        let tramps = self.trampoline_code();
+        let map = t.map.as_mut().expect("a switching transition has a map");
+        let mut blockers = Vec::new();
+        for tr in traces {
+            let reason = unsafe_because(tr, leaving, &tramps).or_else(|| {
+                (!map.set(g, tr.task, target_start))
+                    .then(|| "its task_struct is outside the direct map".to_string())
+            });
+            if let Some(reason) = reason {
+                blockers.push(blocker(tr, reason));
+            }
+        }
+        blockers
+    }
+
+    /// After the moves of a tick: unowned bits to the target, the map written, and the
+    /// transition completed when nobody is left.
+    fn finish_tick(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        list: &TaskList,
+        blockers: Vec<Blocker>,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        let g = self.geometry()?;
+        let live: Vec<u64> = list.tasks.iter().map(|x| x.addr).collect();
+        let target_start = t.target_is_start();
+        let bank = t.bank.ok_or_else(|| KpError::State("no trampoline bank".into()))?;
+        let map = t.map.as_mut().ok_or_else(|| KpError::State("no task map".into()))?;
+        map.reset_unowned(&g, &live, target_start);
+        let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
+        write_map(guest, &layout, self.dispatch_bank(bank), &g, map)?;
+        t.tasks = list.tasks.len();
+        t.pending = blockers.len();
+        if blockers.is_empty() {
+            return self.complete(t, guest, list, false);
+        }
+        t.record_blocked(now_ms, blockers);
+        Ok(())
+    }
+
+    /// Every task runs the target: sites become direct jumps (or the original bytes),
+    /// the version stacks and the patch's state follow, the bank is retired.
+    fn complete(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        list: &TaskList,
+        forced: bool,
+    ) -> Result<(), KpError> {
+        let writes: Vec<(u64, [u8; 5])> = t
+            .changes
+            .iter()
+            .map(|c| Ok((c.func, self.funcs[&c.func].site_bytes(t.target(c))?)))
+            .collect::<Result<_, KpError>>()?;
+        self.check_sites(guest.reader(), &writes)?;
+        self.write_sites(guest, &writes)?;
+        if let (Some(bank), Some(d)) = (t.bank, self.dispatch.as_mut()) {
+            d.banks[bank].state = BankState::Retired {
+                suspects: list.tasks.iter().map(|x| x.addr).collect(),
+            };
+        }
+        if !t.reversed {
+            for c in &t.changes {
+                let s = self.funcs.get_mut(&c.func).expect("ensured");
+                match (&t.op, &c.to) {
+                    (Op::Enable, Version::Code(code)) => s.versions.push(code.clone()),
+                    _ => {
+                        s.versions.pop();
+                    }
+                }
+            }
+            let p = self.patch_mut(&t.patch)?;
+            match t.op {
+                Op::Enable => {
+                    p.state = PatchState::Enabled;
+                    p.enables += 1;
+                }
+                Op::Disable => p.state = PatchState::Disabled,
+            }
+        }
+        if forced {
+            self.patch_mut(&t.patch)?.forced = true;
+        }
+        self.drop_unused_stacks();
+        t.outcome = match (forced, t.reversed, t.timed_out) {
+            (true, ..) => Outcome::Forced,
+            (false, false, _) => Outcome::Done,
+            (false, true, false) => Outcome::Reversed,
+            (false, true, true) => Outcome::TimedOut,
+        };
+        t.phase = Phase::Ended;
+        t.pending = 0;
+        t.blockers.clear();
+        if t.reversed && !forced && t.unload_on_failure {
+            self.unload(guest, &t.patch)?;
+        }
+        Ok(())
+    }
+
+    /// The code a task leaves, for each function that moves per task (`all`: every
+    /// function, for immediate consistency).
+    fn leaving<'t>(
+        &self,
+        t: &'t Transition,
+        side: impl Fn(&'t crate::transition::FuncChange) -> &'t Version,
+        all: bool,
+    ) -> Vec<CodeRange> {
+        t.changes
+            .iter()
+            .filter(|c| all || !c.immediate)
+            .map(|c| match self.funcs.get(&c.func) {
+                Some(s) => s.code(side(c)),
+                None => self.original_code(&t.patch, c.func, side(c)),
+            })
+            .collect()
+    }
+
+    /// The code of `v` for a function that has no stack yet (the first enable).
+    fn original_code(&self, patch: &str, func: u64, v: &Version) -> CodeRange {
+        let f = self
+            .patch(patch)
+            .ok()
+            .and_then(|p| p.funcs.iter().find(|f| f.old_addr == func));
+        match (v, f) {
+            (Version::Code(c), _) => CodeRange {
+                start: c.addr,
+                end: c.addr + c.size,
+                name: format!("{} [{}]", c.name, c.patch),
+            },
+            (Version::Original, Some(f)) => CodeRange {
+                start: f.old_addr,
+                end: f.old_addr + f.old_size,
+                name: f.old.to_string(),
+            },
+            (Version::Original, None) => CodeRange {
+                start: func,
+                end: func + 1,
+                name: format!("{func:#x}"),
+            },
+        }
+    }
+
+    fn blockers(&self, traces: &[StackTrace], leaving: &[CodeRange]) -> Vec<Blocker> {
+        let tramps = self.trampoline_code();
+        traces
+            .iter()
+            .filter_map(|tr| unsafe_because(tr, leaving, &tramps).map(|r| blocker(tr, r)))
+            .collect()
+    }
+
+    /// Unwind `tasks`, with patch code and trampolines known to the unwinder.
+    pub fn unwind(
+        &self,
+        guest: &dyn PausedGuest,
+        kernel: &Kernel,
+        tasks: &[&Task],
+    ) -> Vec<StackTrace> {
+        let reader = TaskReader::new(kernel, guest);
+        let code = PatchCode(self);
+        let extra: [&dyn ExtraCode; 1] = [&code];
+        let unwinder = Unwinder::new(&reader, &extra);
+        tasks.iter().map(|x| unwinder.trace(x)).collect()
+    }
+
+    /// A kernel function's version stack, created at its first redirection.
+    fn ensure_stack(&mut self, patch: &str, func: u64) -> Result<(), KpError> {
+        if self.funcs.contains_key(&func) {
+            return Ok(());
+        }
+        let f = self
+            .patch(patch)?
+            .funcs
+            .iter()
+            .find(|f| f.old_addr == func)
+            .ok_or_else(|| KpError::State(format!("no function at {func:#x} in '{patch}'")))?;
+        let s = FuncStack::new(f.old.to_string(), f.old_addr, f.old_size, f.site, f.site_pa);
+        self.funcs.insert(func, s);
+        Ok(())
+    }
+
+    /// Stacks of functions nothing redirects any more.
+    fn drop_unused_stacks(&mut self) {
+        self.funcs
+            .retain(|_, s| !s.versions.is_empty() || s.live != s.original);
+    }
+
+    /// Every site still holds what lpvmm last wrote there (nothing else changed it).
+    fn check_sites(&self, guest: &dyn PausedGuest, writes: &[(u64, [u8; 5])]) -> Result<(), KpError> {
+        for (func, _) in writes {
+            let s = &self.funcs[func];
+            let mut now = [0u8; 5];
+            guest
+                .read_phys(s.site_pa, &mut now)
+                .map_err(|e| KpError::guest(&format!("reading the site of {}", s.name), e))?;
+            if now != s.live {
+                return Err(KpError::Site(format!(
+                    "{} at {:#x} was changed by something other than lpvmm",
+                    s.name, s.site
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_sites(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        writes: &[(u64, [u8; 5])],
+    ) -> Result<(), KpError> {
+        for (func, bytes) in writes {
+            let s = self.funcs.get_mut(func).expect("checked");
+            if s.live != *bytes {
+                guest
+                    .write_phys(s.site_pa, bytes)
+                    .map_err(|e| KpError::guest(&format!("writing the site of {}", s.name), e))?;
+                s.live = *bytes;
+            }
+        }
+        Ok(())
+    }
+
+    fn geometry(&self) -> Result<Geometry, KpError> {
+        self.dispatch
+            .as_ref()
+            .map(|d| d.geometry)
+            .ok_or_else(|| KpError::State("per-task dispatch is not set up".into()))
+    }
+
+    fn dispatch_bank(&self, i: usize) -> Bank {
+        self.dispatch.as_ref().expect("set up").banks[i].clone()
+    }
+
+    /// A bank no task can be inside: free, or retired with every suspect seen outside.
+    fn free_bank(&mut self) -> Option<usize> {
+        let d = self.dispatch.as_mut()?;
+        let i = d.banks.iter().position(|b| match &b.state {
+            BankState::Free => true,
+            BankState::Retired { suspects } => suspects.is_empty(),
+            BankState::Live => false,
+        })?;
+        d.banks[i].state = BankState::Free;
+        Some(i)
+    }
+
+    /// Tasks that are gone, or were unwound reliably outside a retired bank, are no
+    /// longer suspected of being inside it.
+    fn clear_suspects(&mut self, list: &TaskList, traces: &[StackTrace]) {
+        let Some(d) = self.dispatch.as_mut() else {
+            return;
+        };
+        let live: HashSet<u64> = list.tasks.iter().map(|x| x.addr).collect();
+        for b in &mut d.banks {
+            let code = b.code;
+            if let BankState::Retired { suspects } = &mut b.state {
+                suspects.retain(|s| {
+                    live.contains(s)
+                        && !traces
+                            .iter()
+                            .any(|tr| tr.task == *s && tr.reliable && !tr.touches(code.start, code.end))
+                });
+            }
+        }
+    }
+
+    /// Trampoline banks and task maps, placed in the patch area once.
+    fn ensure_dispatch(&mut self, guest: &dyn PausedGuest, kernel: &Kernel) -> Result<(), KpError> {
+        if self.dispatch.is_some() {
+            return Ok(());
+        }
+        let need = |what: &str| {
+            KpError::State(format!(
+                "per-task consistency needs {what}, which this guest kernel lacks; use \
+                 --consistency immediate"
+            ))
+        };
+        let mem = kernel.memory(guest);
+        let pob = kernel
+            .symbols
+            .addr("page_offset_base")
+            .ok_or_else(|| need("the symbol page_offset_base"))?;
+        let base = mem
+            .u64(pob)
+            .map_err(|e| KpError::Guest(format!("reading page_offset_base: {e}")))?;
+        let task_size = kernel
+            .btf
+            .struct_size("task_struct")
+            .map_err(|_| need("the size of struct task_struct in BTF"))?;
+        let current_offset = kernel
+            .current_task_offset()
+            .ok_or_else(|| need("the per-CPU current_task"))?;
+        let ram_top = guest.ram_ranges().iter().map(|r| r.end()).max().unwrap_or(0);
+        let geometry = Geometry::new(base, task_size, ram_top, kernel.addrs.init_task);
+        let area = self.area.as_mut().ok_or_else(|| KpError::State("no patch area".into()))?;
+        let per_bank = (geometry.bitmap_bytes() + 8).div_ceil(4096) * 4096;
+        let next = area.next;
+        let after = Placement {
+            code: next.code + BANKS as u64 * BANK_CODE,
+            rodata: next.rodata,
+            data: next.data + BANKS as u64 * per_bank,
+        };
+        check_room("per-task dispatch", next, after, &area.layout)?;
+        area.next = after;
+        let banks = (0..BANKS as u64)
+            .map(|i| Bank {
+                code: Region {
+                    start: next.code + i * BANK_CODE,
+                    end: next.code + (i + 1) * BANK_CODE,
+                },
+                map_va: next.data + i * per_bank,
+                map_bytes: geometry.bitmap_bytes(),
+                state: BankState::Free,
+                slots: Vec::new(),
+            })
+            .collect();
+        self.dispatch = Some(Dispatch {
+            geometry,
+            current_offset,
+            banks,
+        });
+        Ok(())
+    }
+}
+
+fn list_tasks(guest: &dyn PausedGuest, kernel: &Kernel) -> Result<TaskList, KpError> {
+    TaskReader::new(kernel, guest)
+        .list()
+        .map_err(|e| KpError::Guest(format!("listing tasks: {e}")))
+}
+
+fn blocker(tr: &StackTrace, reason: String) -> Blocker {
+    Blocker {
+        pid: tr.pid,
+        comm: tr.comm.clone(),
+        reason,
+        trace: tr.clone(),
+    }
+}
+
+/// The tasks a force moves: each with the reason a check would have kept it, or
+/// "not checked" for one that was at a safe point anyway.
+fn skipped_tasks(traces: Vec<StackTrace>, leaving: &[CodeRange], tramps: &[Region]) -> Vec<Blocker> {
+    traces
+        .iter()
+        .filter_map(|tr| unsafe_because(tr, leaving, tramps).map(|r| blocker(tr, r)))
+        .collect()
+}
+
+/// Write the map's changed words and init_task's slot.
+fn write_map(
+    guest: &mut dyn GuestWriter,
+    layout: &crate::area::AreaLayout,
+    bank: Bank,
+    g: &Geometry,
+    map: &mut TaskMap,
+) -> Result<(), KpError> {
+    let (words, init) = map.take_dirty();
+    for (off, w) in words {
+        guest
+            .write_phys(layout.pa(bank.map_va + off), &w.to_le_bytes())
+            .map_err(|e| KpError::guest("writing the task map", e))?;
+    }
+    if init {
+        let v = if map.init_on_start { g.init_task } else { 0 };
+        guest
+            .write_phys(layout.pa(bank.init_slot_va()), &v.to_le_bytes())
+            .map_err(|e| KpError::guest("writing the task map", e))?;
+    }
+    Ok(())
+}
+
+/// Patch code and trampolines as the unwinder sees them.
+pub struct PatchCode<'e>(pub &'e Engine);
+
+impl PatchCode<'_> {
+    fn in_trampolines(&self, ip: u64) -> bool {
+        self.0.trampoline_code().iter().any(|r| r.contains(ip))
+    }
+}
+
+impl ExtraCode for PatchCode<'_> {
+    fn contains(&self, ip: u64) -> bool {
+        self.0.patches.iter().any(|p| p.code.contains(ip)) || self.in_trampolines(ip)
+    }
+
+    fn unwind_entry(&self, ip: u64, interrupted: bool) -> Option<OrcEntry> {
+        if self.in_trampolines(ip) {
+            return Some(AT_ENTRY);
+        }
+        // An interrupted address may be in a prologue or epilogue, where the frame
+        // pointer is not set up: only return addresses unwind reliably.
+        if interrupted {
+            return None;
+        }
+        let (_, f) = self.0.function_at(ip)?;
+        f.frame_pointer.then_some(OrcEntry::FRAME_POINTER)
+    }
+
+    fn describe(&self, ip: u64, interrupted: bool) -> Option<String> {
+        if self.in_trampolines(ip) {
+            let func = self
+                .0
+                .trampoline_at(ip)
+                .unwrap_or("?");
+            let start = ip & !(MAX_TRAMPOLINE - 1);
+            return Some(format!(
+                "lpvmm_trampoline+{:#x}/{MAX_TRAMPOLINE:#x} [{func}]",
+                ip - start
+            ));
+        }
+        let at = if interrupted { ip } else { ip.wrapping_sub(1) };
+        let (p, f) = self.0.function_at(at)?;
+        Some(format!(
+            "{}+{:#x}/{:#x} [{}]",
+            f.new_name,
+            ip - f.new_addr,
+            f.new_size,
+            p.name
+        ))
+    }
+}

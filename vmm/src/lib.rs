@@ -1,0 +1,35 @@
+//! lpvmm: boots Linux guests on KVM and live-patches their kernels from the
+//! hypervisor. The VMM is this library; the `lpvmm` binary only parses arguments.
+//!
+//! - The VM core: [`vm`] (KVM objects, memory, pause and resume), [`vcpu`] (the vCPU
+//!   state machine), with platform setup apart ([`boot`], [`cpu`], [`acpi`],
+//!   [`devices`], [`pci`], [`layout`]); [`paused`] is the paused guest the
+//!   introspection and patcher crates read and write.
+//! - On top of it, [`session`]: the guest kernel once attached ([`inspect`]) and the
+//!   patch engine with its driver ([`patching`]).
+//! - The control plane apart: [`control`] (socket server, wire protocol, client) and
+//!   the CLI commands ([`cli`], [`cli_inspect`], [`cli_patch`]); [`run`] ties a VM,
+//!   its console and its control socket together.
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod cli_inspect;
+pub mod cli_patch;
+pub mod console;
+pub mod control;
+pub mod cpu;
+pub mod devices;
+pub mod hostcheck;
+pub mod inspect;
+pub mod layout;
+pub mod patching;
+pub mod paused;
+pub mod pci;
+pub mod run;
+pub mod session;
+pub mod vcpu;
+pub mod vm;
+
+/// The kernel command line `lpvmm run` gives a guest unless told otherwise.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
