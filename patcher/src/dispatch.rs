@@ -13,8 +13,10 @@
 //! single `bt` of a bit that only depends on the task's own address, so a task
 //! interrupted anywhere in the trampoline holds no state that depends on the map's
 //! layout; lpvmm can change any bit in any pause. Two task_structs never start in the
-//! same granule (a granule is at most `sizeof(struct task_struct)` bytes), so each
-//! live task has a bit of its own. A freed task_struct reused by a new task keeps its
+//! same granule (a granule is at most the distance between two task_structs: BTF's
+//! `sizeof(struct task_struct)` or the kernel's `arch_task_struct_size`, whichever is
+//! smaller; on x86 the second is often smaller, the FPU state being sized at boot), so
+//! each live task has a bit of its own; and a bit moves only when every task on it may. A freed task_struct reused by a new task keeps its
 //! bit: the new task starts on the version its predecessor had, consistently, until a
 //! tick moves it. Bits of granules where no task lives are set to the target at every
 //! tick, so tasks born during the transition run the target from their first
@@ -45,7 +47,7 @@ const MIN_GRANULE_SHIFT: u32 = 6;
 pub struct Geometry {
     /// Start of the direct map (`page_offset_base`).
     pub base: u64,
-    /// log2 of the granule: the largest power of two not above sizeof(task_struct).
+    /// log2 of the granule: the largest power of two not above the task_struct size.
     pub shift: u32,
     /// Bits in the map: the direct map up to the top of guest RAM.
     pub bits: u64,
@@ -207,7 +209,9 @@ pub enum BankState {
     Live,
     /// No site jumps into it any more; these tasks (task_struct addresses) existed
     /// when it was left and have not been seen outside it since.
-    Retired { suspects: Vec<u64> },
+    Retired {
+        suspects: Vec<u64>,
+    },
 }
 
 /// What one trampoline chooses between.
@@ -277,8 +281,8 @@ pub fn trampoline(env: &TrampolineEnv, t: Targets, at: u64) -> Result<Vec<u8>, K
 mod tests {
     use super::*;
     use iced_x86::{
-        Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory,
-        OpAccess, OpKind, Register,
+        Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
+        OpKind, Register,
     };
 
     const AT: u64 = 0xffff_ffff_a000_1000;
@@ -287,7 +291,12 @@ mod tests {
     const MAP: u64 = 0xffff_ffff_a040_0000;
 
     fn env() -> TrampolineEnv {
-        let geometry = Geometry::new(0xffff_8880_0000_0000, 9600, 512 << 20, 0xffff_ffff_8260_0000);
+        let geometry = Geometry::new(
+            0xffff_8880_0000_0000,
+            9600,
+            512 << 20,
+            0xffff_ffff_8260_0000,
+        );
         TrampolineEnv {
             current_offset: 0x21440,
             geometry,
@@ -310,7 +319,10 @@ mod tests {
         let (mut x10, mut x11, mut cf, mut zf) = (0u64, 0u64, false, false);
         let mut ip = AT;
         for _ in 0..32 {
-            let i = insns.iter().find(|i| i.ip() == ip).expect("ip on an instruction");
+            let i = insns
+                .iter()
+                .find(|i| i.ip() == ip)
+                .expect("ip on an instruction");
             ip = i.next_ip();
             match i.code() {
                 Code::Mov_r64_rm64 => {
@@ -359,7 +371,15 @@ mod tests {
 
     #[test]
     fn trampoline_writes_only_r10_r11_flags_and_never_the_stack() {
-        let code = trampoline(&env(), Targets { start: START, target: TARGET }, AT).unwrap();
+        let code = trampoline(
+            &env(),
+            Targets {
+                start: START,
+                target: TARGET,
+            },
+            AT,
+        )
+        .unwrap();
         let mut info = InstructionInfoFactory::new();
         let mut exits = Vec::new();
         for i in decode(&code) {
@@ -368,7 +388,10 @@ mod tests {
             for r in inf.used_registers() {
                 let written = matches!(
                     r.access(),
-                    OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite
+                    OpAccess::Write
+                        | OpAccess::ReadWrite
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadCondWrite
                 );
                 if written {
                     assert!(
@@ -384,10 +407,7 @@ mod tests {
             }
             assert!(!i.is_stack_instruction(), "{i} uses the stack");
             for m in inf.used_memory() {
-                assert!(
-                    matches!(m.access(), OpAccess::Read),
-                    "{i} writes memory"
-                );
+                assert!(matches!(m.access(), OpAccess::Read), "{i} writes memory");
             }
             if i.flow_control() == FlowControl::UnconditionalBranch {
                 assert_eq!(i.op0_kind(), OpKind::NearBranch64);
@@ -399,7 +419,9 @@ mod tests {
             assert!(
                 matches!(
                     i.flow_control(),
-                    FlowControl::Next | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+                    FlowControl::Next
+                        | FlowControl::UnconditionalBranch
+                        | FlowControl::ConditionalBranch
                 ),
                 "{i}: no calls, returns or indirect branches"
             );
@@ -413,11 +435,23 @@ mod tests {
     fn trampoline_sends_each_task_where_the_map_says() {
         let e = env();
         let g = e.geometry;
-        let code = trampoline(&e, Targets { start: START, target: TARGET }, AT).unwrap();
+        let code = trampoline(
+            &e,
+            Targets {
+                start: START,
+                target: TARGET,
+            },
+            AT,
+        )
+        .unwrap();
         let mut map = TaskMap::filled(&g, false);
         let a = g.base + 0x1234_0000;
         let b = a + 9600; // the next task_struct of the slab
-        assert_ne!(g.bit(a), g.bit(b), "neighbouring task_structs have bits of their own");
+        assert_ne!(
+            g.bit(a),
+            g.bit(b),
+            "neighbouring task_structs have bits of their own"
+        );
         map.set(&g, a, true);
         assert_eq!(run(&code, a, &map, 0), START);
         assert_eq!(run(&code, b, &map, 0), TARGET);

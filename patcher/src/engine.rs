@@ -129,30 +129,72 @@ pub struct Engine {
     next_id: u64,
 }
 
-/// Does the function keep a frame pointer at its call sites: `[endbr64;] push %rbp`
-/// first, and `mov %rsp,%rbp` before its first call or jump (gcc schedules the two apart)?
+/// Does the function keep a frame pointer at its call sites: `push %rbp` and then
+/// `mov %rsp,%rbp` before its first call or jump (gcc schedules other instructions in
+/// between, and may put some that do not touch the stack before the push)?
 fn has_frame_pointer(code: &[u8], addr: u64) -> bool {
+    use iced_x86::InstructionInfoFactory;
+    let mut info = InstructionInfoFactory::new();
+    let touches_frame = |i: &iced_x86::Instruction, info: &mut InstructionInfoFactory| {
+        i.is_stack_instruction()
+            || info.info(i).used_registers().iter().any(|r| {
+                matches!(
+                    r.register(),
+                    Register::RSP | Register::RBP | Register::ESP | Register::EBP
+                )
+            })
+    };
     let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
-    let mut insn = d.decode();
-    if insn.code() == Code::Endbr64 {
-        insn = d.decode();
-    }
-    if insn.code() != Code::Push_r64 || insn.op0_register() != Register::RBP {
-        return false;
-    }
+    let mut pushed = false;
     while d.can_decode() {
         let i = d.decode();
+        if i.flow_control() != iced_x86::FlowControl::Next {
+            return false;
+        }
+        if !pushed {
+            if i.code() == Code::Push_r64 && i.op0_register() == Register::RBP {
+                pushed = true;
+            } else if i.code() != Code::Endbr64 && touches_frame(&i, &mut info) {
+                return false;
+            }
+            continue;
+        }
         let sets_fp = matches!(i.code(), Code::Mov_rm64_r64 | Code::Mov_r64_rm64)
             && i.op0_register() == Register::RBP
             && i.op1_register() == Register::RSP;
         if sets_fp {
             return true;
         }
-        if i.flow_control() != iced_x86::FlowControl::Next {
+        if touches_frame(&i, &mut info) {
             return false;
         }
     }
     false
+}
+
+#[cfg(test)]
+#[test]
+fn frame_pointer_prologues_as_gcc_schedules_them() {
+    // movabs $0x225c17d03,%r8; push %rbp; mov (%rdx),%rcx; mov %rsp,%rbp; call
+    let scheduled = [
+        0x49, 0xb8, 0x03, 0x7d, 0xc1, 0x25, 0x02, 0, 0, 0, 0x55, 0x48, 0x8b, 0x0a, 0x48, 0x89,
+        0xe5, 0xe8, 0, 0, 0, 0,
+    ];
+    assert!(has_frame_pointer(&scheduled, 0x1000));
+    // push %rbp; mov %rsp,%rbp
+    assert!(has_frame_pointer(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0x1000));
+    // sub $8,%rsp before the push: the frame-pointer rule would be wrong.
+    assert!(!has_frame_pointer(
+        &[0x48, 0x83, 0xec, 0x08, 0x55, 0x48, 0x89, 0xe5],
+        0x1000
+    ));
+    // A call before the frame is set up.
+    assert!(!has_frame_pointer(
+        &[0x55, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xe5],
+        0x1000
+    ));
+    // No frame pointer at all.
+    assert!(!has_frame_pointer(&[0x48, 0x89, 0xf8, 0xc3], 0x1000));
 }
 
 /// A kernel function a patch replaces, checked live.
@@ -209,11 +251,7 @@ impl Engine {
     /// When the next tick is due, on the clock `begin` and `tick` were given (ms).
     pub fn due(&self) -> Option<u64> {
         let t = self.active.as_ref()?;
-        Some(if t.request.is_some() {
-            0
-        } else {
-            t.next_ms
-        })
+        Some(if t.request.is_some() { 0 } else { t.next_ms })
     }
 
     /// The guest-visible pause of the last tick, as the VMM measured it.
@@ -523,10 +561,9 @@ impl Engine {
             Request::Reverse => "reverse",
             Request::Force => "force",
         };
-        let t = self
-            .active
-            .as_mut()
-            .ok_or_else(|| KpError::State(format!("nothing to {verb}: no transition is in progress")))?;
+        let t = self.active.as_mut().ok_or_else(|| {
+            KpError::State(format!("nothing to {verb}: no transition is in progress"))
+        })?;
         if let Some(prev) = t.request {
             if prev != r {
                 return Err(KpError::State(format!(
@@ -598,7 +635,11 @@ impl Engine {
 
     /// The kernel function whose trampoline contains `ip`.
     pub fn trampoline_at(&self, ip: u64) -> Option<&str> {
-        self.dispatch.as_ref()?.banks.iter().find_map(|b| b.func_at(ip))
+        self.dispatch
+            .as_ref()?
+            .banks
+            .iter()
+            .find_map(|b| b.func_at(ip))
     }
 
     pub(crate) fn end(&mut self, t: Transition) {

@@ -80,7 +80,9 @@ impl FuncStack {
         self.versions
             .len()
             .checked_sub(2)
-            .map_or(Version::Original, |i| Version::Code(self.versions[i].clone()))
+            .map_or(Version::Original, |i| {
+                Version::Code(self.versions[i].clone())
+            })
     }
 
     /// Where a jump must go to run `v`: the new function, or the original past its

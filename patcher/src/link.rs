@@ -31,9 +31,9 @@ impl Returns {
     ) -> Result<Returns, crate::KpError> {
         match (syms.addr("x86_return_thunk"), syms.addr(RETURN_THUNK)) {
             (Some(var), Some(default)) => {
-                let t = mem.u64(var).map_err(|e| {
-                    crate::KpError::Guest(format!("reading x86_return_thunk: {e}"))
-                })?;
+                let t = mem
+                    .u64(var)
+                    .map_err(|e| crate::KpError::Guest(format!("reading x86_return_thunk: {e}")))?;
                 Ok(if t == default {
                     Returns::Ret
                 } else {

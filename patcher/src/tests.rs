@@ -231,9 +231,21 @@ fn a_task_inside_the_old_function_blocks_and_is_named() {
     f.engine
         .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
         .unwrap();
-    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::Immediate, 1).unwrap();
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::Immediate,
+        1,
+    )
+    .unwrap();
     let (blockers, tasks) = (t.blockers.clone(), t.tasks);
-    assert_eq!(t.outcome, Outcome::Pending, "immediate: nothing changes while blocked");
+    assert_eq!(
+        t.outcome,
+        Outcome::Pending,
+        "immediate: nothing changes while blocked"
+    );
     assert_eq!(site_bytes(&f, &g, "pipe_read"), FENTRY_NOP);
     assert!(tasks >= 8);
     let mut who: Vec<(i32, &str)> = blockers
@@ -495,8 +507,9 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
 fn site_target(f: &Fixture, g: &SynthGuest, func: &str) -> Option<u64> {
     let s = site_bytes(f, g, func);
     (s[0] == 0xe9).then(|| {
-        (f.sk.function(func) as i64 + 5 + i64::from(i32::from_le_bytes(s[1..5].try_into().unwrap())))
-            as u64
+        (f.sk.function(func) as i64
+            + 5
+            + i64::from(i32::from_le_bytes(s[1..5].try_into().unwrap()))) as u64
     })
 }
 
@@ -539,8 +552,19 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
         .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
         .unwrap();
     let new = f.engine.patch("pipefix").unwrap().funcs[0].new_addr;
-    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
-    assert_eq!((t.outcome.clone(), t.phase), (Outcome::Pending, Phase::Switching));
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        (t.outcome.clone(), t.phase),
+        (Outcome::Pending, Phase::Switching)
+    );
     let mut pending: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
     pending.sort();
     assert_eq!(pending, [11, 12], "only the tasks asleep in pipe_read wait");
@@ -551,12 +575,16 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
     let tramp = t.changes[0].trampoline.unwrap();
     assert_eq!(site_target(&f, &g, "pipe_read"), Some(tramp));
     let code = f.kernel.memory(&g).read_vec(tramp, 128).unwrap();
-    let exits: Vec<u64> = iced_x86::Decoder::with_ip(64, &code, tramp, iced_x86::DecoderOptions::NONE)
-        .into_iter()
-        .filter(|i| i.code() == iced_x86::Code::Jmp_rel32_64)
-        .map(|i| i.near_branch_target())
-        .collect();
-    assert!(exits.contains(&new) && exits.contains(&(f.sk.function("pipe_read") + 5)), "{exits:x?}");
+    let exits: Vec<u64> =
+        iced_x86::Decoder::with_ip(64, &code, tramp, iced_x86::DecoderOptions::NONE)
+            .into_iter()
+            .filter(|i| i.code() == iced_x86::Code::Jmp_rel32_64)
+            .map(|i| i.near_branch_target())
+            .collect();
+    assert!(
+        exits.contains(&new) && exits.contains(&(f.sk.function("pipe_read") + 5)),
+        "{exits:x?}"
+    );
 
     // Task 11 leaves pipe_read: it moves; 12 still waits.
     move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
@@ -570,7 +598,10 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
         Some(new),
         "after the transition the site jumps straight to the new function"
     );
-    assert_eq!(f.engine.patch("pipefix").unwrap().state, PatchState::Enabled);
+    assert_eq!(
+        f.engine.patch("pipefix").unwrap().state,
+        PatchState::Enabled
+    );
     assert_eq!(f.engine.funcs().next().unwrap().versions.len(), 1);
 }
 
@@ -582,7 +613,15 @@ fn reverse_sends_moved_tasks_back_and_restores_the_text() {
     f.engine
         .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
         .unwrap();
-    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
     assert_eq!(t.phase, Phase::Switching);
     let tramp = t.changes[0].trampoline.unwrap();
 
@@ -592,27 +631,57 @@ fn reverse_sends_moved_tasks_back_and_restores_the_text() {
     g.vcpus[0].rip = tramp + 0x10;
     g.vcpus[0].rsp = saved.rsp + 8; // the return address of clear_user's caller
     f.engine.request(Request::Reverse).unwrap();
-    assert!(f.engine.request(Request::Force).is_err(), "one request at a time");
+    assert!(
+        f.engine.request(Request::Force).is_err(),
+        "one request at a time"
+    );
     let t = tick(&mut f, &mut g, 1).unwrap();
     assert!(t.reversed);
-    let who: Vec<(i32, &str)> = t.blockers.iter().map(|b| (b.pid, b.reason.as_str())).collect();
+    let who: Vec<(i32, &str)> = t
+        .blockers
+        .iter()
+        .map(|b| (b.pid, b.reason.as_str()))
+        .collect();
     assert_eq!(who, [(20, "it is inside an lpvmm trampoline")]);
     assert!(t.blockers[0].trace.reliable);
     let top = t.blockers[0].trace.frames[0].symbol.clone();
-    assert_eq!(top.as_deref(), Some("lpvmm_trampoline+0x10/0x80 [pipe_read]"));
+    assert_eq!(
+        top.as_deref(),
+        Some("lpvmm_trampoline+0x10/0x80 [pipe_read]")
+    );
 
     g.vcpus[0] = saved;
     let t = tick(&mut f, &mut g, 1).unwrap();
     assert_eq!(t.outcome, Outcome::Reversed);
-    assert_eq!(text(&f, &g), before, "kernel text byte-identical after the reverse");
-    assert_eq!(f.engine.patch("pipefix").unwrap().state, PatchState::Disabled);
+    assert_eq!(
+        text(&f, &g),
+        before,
+        "kernel text byte-identical after the reverse"
+    );
+    assert_eq!(
+        f.engine.patch("pipefix").unwrap().state,
+        PatchState::Disabled
+    );
     assert!(f.engine.funcs().next().is_none());
     // Nothing left to reverse or force.
-    assert!(f.engine.request(Request::Reverse).unwrap_err().to_string().contains("no transition"));
+    assert!(f
+        .engine
+        .request(Request::Reverse)
+        .unwrap_err()
+        .to_string()
+        .contains("no transition"));
     // The same patch enables again later, with a bank no task can be inside.
     move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
     move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
-    let t = run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
     assert_eq!(t.outcome, Outcome::Done);
 }
 
@@ -623,7 +692,15 @@ fn force_completes_names_what_it_skipped_and_keeps_the_code() {
     f.engine
         .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
         .unwrap();
-    run(&mut f, &mut g, "pipefix", Op::Enable, Consistency::PerTask, 1).unwrap();
+    run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
     f.engine.request(Request::Force).unwrap();
     let t = tick(&mut f, &mut g, 1).unwrap();
     assert_eq!(t.outcome, Outcome::Forced);
@@ -636,7 +713,18 @@ fn force_completes_names_what_it_skipped_and_keeps_the_code() {
     // Disabled, a forced patch still stays.
     move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
     move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
-    done(run(&mut f, &mut g, "pipefix", Op::Disable, Consistency::PerTask, 1).unwrap()).unwrap();
+    done(
+        run(
+            &mut f,
+            &mut g,
+            "pipefix",
+            Op::Disable,
+            Consistency::PerTask,
+            1,
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let e = f.engine.unload(&mut g, "pipefix").unwrap_err().to_string();
     assert!(e.contains("was forced"), "{e}");
 }
@@ -662,7 +750,10 @@ fn an_immediate_function_flips_in_the_first_tick_while_the_rest_waits() {
         Some(func("meminfo_proc_show").new_addr)
     );
     assert!(change("meminfo_proc_show").trampoline.is_none());
-    assert_eq!(site_target(&f, &g, "pipe_read"), change("pipe_read").trampoline);
+    assert_eq!(
+        site_target(&f, &g, "pipe_read"),
+        change("pipe_read").trampoline
+    );
     // While it waits, a second transition is refused and nothing changes.
     let before = g.ram.clone();
     let e = f
@@ -707,6 +798,9 @@ fn per_task_timeout_reverses_and_unloads_a_patch_loaded_for_it() {
     let t = tick(&mut f, &mut g, 10).unwrap();
     assert_eq!(t.outcome, Outcome::TimedOut);
     assert!(t.timed_out && t.reversed);
-    assert!(f.engine.patches().is_empty(), "the patch loaded for it is unloaded");
+    assert!(
+        f.engine.patches().is_empty(),
+        "the patch loaded for it is unloaded"
+    );
     assert_eq!(text(&f, &g), before);
 }

@@ -12,13 +12,15 @@ use introspection::PausedGuest;
 
 use crate::area::Region;
 use crate::dispatch::{
-    self, Bank, BankState, Geometry, TaskMap, Targets, TrampolineEnv, BANKS, BANK_CODE,
+    self, Bank, BankState, Geometry, Targets, TaskMap, TrampolineEnv, BANKS, BANK_CODE,
     MAX_TRAMPOLINE,
 };
 use crate::engine::{check_room, Dispatch, Engine, PatchState};
 use crate::funcs::{CodeRange, FuncStack, Version};
 use crate::link::Placement;
-use crate::transition::{unsafe_because, Blocker, Consistency, Op, Outcome, Phase, Request, Transition};
+use crate::transition::{
+    unsafe_because, Blocker, Consistency, Op, Outcome, Phase, Request, Transition,
+};
 use crate::{GuestWriter, KpError};
 
 /// How the unwinder sees code that is not the kernel's: a trampoline, at any of its
@@ -67,9 +69,24 @@ impl Engine {
         kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        match t.request.take() {
-            Some(Request::Force) => return self.force(t, guest, kernel),
-            Some(Request::Reverse) => return self.reverse(t, guest, kernel, now_ms),
+        // A request stays until a tick carries it out (a tick can fail, for example on a
+        // task list caught half-updated, and is then tried again).
+        match t.request {
+            Some(Request::Force) => {
+                self.force(t, guest, kernel)?;
+                t.request = None;
+                return Ok(());
+            }
+            Some(Request::Reverse) => {
+                t.request = None;
+                let before = t.reversed;
+                let r = self.reverse(t, guest, kernel, now_ms);
+                // Failed before turning: ask again at the next tick.
+                if r.is_err() && t.reversed == before {
+                    t.request = Some(Request::Reverse);
+                }
+                return r;
+            }
             None => {}
         }
         if t.consistency == Consistency::PerTask && !t.reversed && t.expired(now_ms) {
@@ -231,7 +248,10 @@ impl Engine {
         let list = list_tasks(guest.reader(), kernel)?;
         let g = self.geometry()?;
         let target_start = t.target_is_start();
-        let map = t.map.as_ref().ok_or_else(|| KpError::State("no task map".into()))?;
+        let map = t
+            .map
+            .as_ref()
+            .ok_or_else(|| KpError::State("no task map".into()))?;
         let pending: Vec<&Task> = list
             .tasks
             .iter()
@@ -240,7 +260,7 @@ impl Engine {
         let traces = self.unwind(guest.reader(), kernel, &pending);
         self.clear_suspects(&list, &traces);
         let leaving = self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
-        let blockers = self.move_safe(t, &g, &traces, &leaving, target_start);
+        let blockers = self.move_safe(t, &g, &list, &traces, &leaving, target_start);
         self.finish_tick(t, guest, &list, blockers, now_ms)
     }
 
@@ -275,14 +295,17 @@ impl Engine {
         self.clear_suspects(&list, &traces);
         t.reversed = !t.reversed;
         let target_start = t.target_is_start();
-        let map = t.map.as_ref().ok_or_else(|| KpError::State("no task map".into()))?;
+        let map = t
+            .map
+            .as_ref()
+            .ok_or_else(|| KpError::State("no task map".into()))?;
         // Only tasks on the far side have to move; they leave what they run now.
         let far: Vec<StackTrace> = traces
             .into_iter()
             .filter(|tr| map.on_start(&g, tr.task) != target_start)
             .collect();
         let leaving = self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
-        let blockers = self.move_safe(t, &g, &far, &leaving, target_start);
+        let blockers = self.move_safe(t, &g, &list, &far, &leaving, target_start);
         let immediate: Vec<(u64, [u8; 5])> = t
             .changes
             .iter()
@@ -334,11 +357,13 @@ impl Engine {
     }
 
     /// Move each task of `traces` that is at a safe point to the target; the others
-    /// are returned as blockers.
+    /// are returned as blockers. A bit moves only when every live task on it is safe
+    /// (two task_structs never share a granule, but the map does not rely on it).
     fn move_safe(
         &self,
         t: &mut Transition,
         g: &Geometry,
+        list: &TaskList,
         traces: &[StackTrace],
         leaving: &[CodeRange],
         target_start: bool,
@@ -346,11 +371,33 @@ impl Engine {
         let tramps = self.trampoline_code();
         let map = t.map.as_mut().expect("a switching transition has a map");
         let mut blockers = Vec::new();
+        let mut held: HashSet<u64> = HashSet::new();
+        let mut safe = Vec::new();
         for tr in traces {
-            let reason = unsafe_because(tr, leaving, &tramps).or_else(|| {
-                (!map.set(g, tr.task, target_start))
-                    .then(|| "its task_struct is outside the direct map".to_string())
-            });
+            match unsafe_because(tr, leaving, &tramps) {
+                Some(reason) => {
+                    held.extend(g.bit(tr.task));
+                    blockers.push(blocker(tr, reason));
+                }
+                None => safe.push(tr),
+            }
+        }
+        // A task sharing its bit with one that was not checked (not pending) or not
+        // safe stays.
+        let unwound: HashSet<u64> = traces.iter().map(|tr| tr.task).collect();
+        for x in &list.tasks {
+            if !unwound.contains(&x.addr) && map.on_start(g, x.addr) != target_start {
+                held.extend(g.bit(x.addr));
+            }
+        }
+        for tr in safe {
+            let reason = if g.bit(tr.task).is_some_and(|b| held.contains(&b)) {
+                Some("its task_struct shares a task-map granule with a task that must wait".into())
+            } else if !map.set(g, tr.task, target_start) {
+                Some("its task_struct is outside the direct map".to_string())
+            } else {
+                None
+            };
             if let Some(reason) = reason {
                 blockers.push(blocker(tr, reason));
             }
@@ -371,8 +418,13 @@ impl Engine {
         let g = self.geometry()?;
         let live: Vec<u64> = list.tasks.iter().map(|x| x.addr).collect();
         let target_start = t.target_is_start();
-        let bank = t.bank.ok_or_else(|| KpError::State("no trampoline bank".into()))?;
-        let map = t.map.as_mut().ok_or_else(|| KpError::State("no task map".into()))?;
+        let bank = t
+            .bank
+            .ok_or_else(|| KpError::State("no trampoline bank".into()))?;
+        let map = t
+            .map
+            .as_mut()
+            .ok_or_else(|| KpError::State("no task map".into()))?;
         map.reset_unowned(&g, &live, target_start);
         let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
         write_map(guest, &layout, self.dispatch_bank(bank), &g, map)?;
@@ -532,7 +584,11 @@ impl Engine {
     }
 
     /// Every site still holds what lpvmm last wrote there (nothing else changed it).
-    fn check_sites(&self, guest: &dyn PausedGuest, writes: &[(u64, [u8; 5])]) -> Result<(), KpError> {
+    fn check_sites(
+        &self,
+        guest: &dyn PausedGuest,
+        writes: &[(u64, [u8; 5])],
+    ) -> Result<(), KpError> {
         for (func, _) in writes {
             let s = &self.funcs[func];
             let mut now = [0u8; 5];
@@ -601,9 +657,9 @@ impl Engine {
             if let BankState::Retired { suspects } = &mut b.state {
                 suspects.retain(|s| {
                     live.contains(s)
-                        && !traces
-                            .iter()
-                            .any(|tr| tr.task == *s && tr.reliable && !tr.touches(code.start, code.end))
+                        && !traces.iter().any(|tr| {
+                            tr.task == *s && tr.reliable && !tr.touches(code.start, code.end)
+                        })
                 });
             }
         }
@@ -628,16 +684,43 @@ impl Engine {
         let base = mem
             .u64(pob)
             .map_err(|e| KpError::Guest(format!("reading page_offset_base: {e}")))?;
-        let task_size = kernel
+        // task_structs are `arch_task_struct_size` bytes apart at least: on x86 that is
+        // sizeof(struct task_struct) with the FPU state resized to what the CPU saves,
+        // often smaller than the static size BTF gives. The granule must not exceed
+        // either.
+        let btf_size = kernel
             .btf
             .struct_size("task_struct")
             .map_err(|_| need("the size of struct task_struct in BTF"))?;
+        let task_size = match kernel.symbols.addr("arch_task_struct_size") {
+            Some(a) => {
+                let n =
+                    u64::from(mem.u32(a).map_err(|e| {
+                        KpError::Guest(format!("reading arch_task_struct_size: {e}"))
+                    })?);
+                if n < 1024 {
+                    return Err(KpError::Guest(format!(
+                        "arch_task_struct_size is {n}, too small for a task_struct"
+                    )));
+                }
+                n.min(btf_size)
+            }
+            None => btf_size,
+        };
         let current_offset = kernel
             .current_task_offset()
             .ok_or_else(|| need("the per-CPU current_task"))?;
-        let ram_top = guest.ram_ranges().iter().map(|r| r.end()).max().unwrap_or(0);
+        let ram_top = guest
+            .ram_ranges()
+            .iter()
+            .map(|r| r.end())
+            .max()
+            .unwrap_or(0);
         let geometry = Geometry::new(base, task_size, ram_top, kernel.addrs.init_task);
-        let area = self.area.as_mut().ok_or_else(|| KpError::State("no patch area".into()))?;
+        let area = self
+            .area
+            .as_mut()
+            .ok_or_else(|| KpError::State("no patch area".into()))?;
         let per_bank = (geometry.bitmap_bytes() + 8).div_ceil(4096) * 4096;
         let next = area.next;
         let after = Placement {
@@ -685,7 +768,11 @@ fn blocker(tr: &StackTrace, reason: String) -> Blocker {
 
 /// The tasks a force moves: each with the reason a check would have kept it, or
 /// "not checked" for one that was at a safe point anyway.
-fn skipped_tasks(traces: Vec<StackTrace>, leaving: &[CodeRange], tramps: &[Region]) -> Vec<Blocker> {
+fn skipped_tasks(
+    traces: Vec<StackTrace>,
+    leaving: &[CodeRange],
+    tramps: &[Region],
+) -> Vec<Blocker> {
     traces
         .iter()
         .filter_map(|tr| unsafe_because(tr, leaving, tramps).map(|r| blocker(tr, r)))
@@ -744,10 +831,7 @@ impl ExtraCode for PatchCode<'_> {
 
     fn describe(&self, ip: u64, interrupted: bool) -> Option<String> {
         if self.in_trampolines(ip) {
-            let func = self
-                .0
-                .trampoline_at(ip)
-                .unwrap_or("?");
+            let func = self.0.trampoline_at(ip).unwrap_or("?");
             let start = ip & !(MAX_TRAMPOLINE - 1);
             return Some(format!(
                 "lpvmm_trampoline+{:#x}/{MAX_TRAMPOLINE:#x} [{func}]",
@@ -763,5 +847,90 @@ impl ExtraCode for PatchCode<'_> {
             f.new_size,
             p.name
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transition::{Consistency, Op, Transition};
+    use introspection::stack::TraceStart;
+
+    fn task(addr: u64, pid: i32) -> Task {
+        Task {
+            addr,
+            pid,
+            tgid: pid,
+            comm: format!("t{pid}"),
+            state: 'S',
+            kthread: false,
+            idle: false,
+            cpu: 0,
+            on_cpu: false,
+            vcpu: None,
+        }
+    }
+
+    fn trace(t: &Task, start: TraceStart) -> StackTrace {
+        StackTrace {
+            pid: t.pid,
+            tgid: t.tgid,
+            comm: t.comm.clone(),
+            state: 'S',
+            task: t.addr,
+            start,
+            frames: vec![],
+            reliable: false,
+            problem: Some("test: unknown".into()),
+        }
+    }
+
+    #[test]
+    fn a_safe_task_never_moves_a_granule_an_unsafe_one_shares() {
+        let base = 0xffff_8880_0000_0000;
+        // A granule (8 KiB) that two 6 KiB task_structs start in.
+        let g = Geometry::new(base, 8192, 1 << 30, 0xffff_ffff_8260_0000);
+        let (a, b, c) = (
+            task(base + 0x10000, 1),
+            task(base + 0x11800, 2),
+            task(base + 0x40000, 3),
+        );
+        assert_eq!(g.bit(a.addr), g.bit(b.addr));
+        let mut e = Engine::default();
+        e.dispatch = Some(Dispatch {
+            geometry: g,
+            current_offset: 0,
+            banks: vec![],
+        });
+        let mut t = Transition::new(1, "p", Op::Enable, Consistency::PerTask, None, vec![], 0);
+        let mut map = TaskMap::filled(&g, false);
+        for x in [&a, &b, &c] {
+            map.set(&g, x.addr, true);
+        }
+        t.map = Some(map);
+        let list = TaskList {
+            tasks: vec![a.clone(), b.clone(), c.clone()],
+            vcpus: vec![],
+        };
+        let traces = vec![
+            trace(&a, TraceStart::UserMode(0)),
+            trace(&b, TraceStart::Saved),
+            trace(&c, TraceStart::UserMode(1)),
+        ];
+        let blockers = e.move_safe(&mut t, &g, &list, &traces, &[], false);
+        let mut who: Vec<(i32, &str)> = blockers
+            .iter()
+            .map(|x| (x.pid, x.reason.as_str()))
+            .collect();
+        who.sort();
+        assert_eq!(who[0].0, 1);
+        assert!(who[0].1.contains("shares a task-map granule"));
+        assert_eq!(who[1].0, 2);
+        let map = t.map.as_ref().unwrap();
+        assert!(map.on_start(&g, a.addr) && map.on_start(&g, b.addr));
+        assert!(
+            !map.on_start(&g, c.addr),
+            "a task with a granule of its own moves"
+        );
     }
 }

@@ -352,12 +352,23 @@ mod tests {
         assert_eq!(backoff_after(1), Duration::from_millis(10));
         assert_eq!(backoff_after(2), Duration::from_millis(20));
         assert_eq!(backoff_after(30), MAX_BACKOFF);
-        let mut t = Transition::new(1, "p", Op::Enable, Consistency::Immediate, Some(Duration::from_millis(100)), vec![], 1000);
+        let mut t = Transition::new(
+            1,
+            "p",
+            Op::Enable,
+            Consistency::Immediate,
+            Some(Duration::from_millis(100)),
+            vec![],
+            1000,
+        );
         assert!(!t.last_chance(1000));
         t.ticks = 3;
         assert!(t.last_chance(1070));
         assert!(t.expired(1100));
         let p = Transition::new(2, "p", Op::Enable, Consistency::PerTask, None, vec![], 0);
-        assert!(!p.expired(u64::MAX / 2), "per-task waits for ever by default");
+        assert!(
+            !p.expired(u64::MAX / 2),
+            "per-task waits for ever by default"
+        );
     }
 }

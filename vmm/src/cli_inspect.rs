@@ -235,7 +235,10 @@ pub fn disasm(vm: &str, target: &str, json: bool) -> Result<i32> {
             "  redirected by lpvmm: the site at {:#x} jumps to {:#x}, {}",
             d.site, d.target, d.to
         );
-        println!("  versions, oldest first: original, {}", d.versions.join(", "));
+        println!(
+            "  versions, oldest first: original, {}",
+            d.versions.join(", ")
+        );
     }
     for l in &r.lines {
         println!(

@@ -313,10 +313,13 @@ impl Progress {
                 t.blockers.len()
             );
             for b in t.blockers.iter().take(8) {
-                print_blocker(b, "    ");
+                print_blocker(b, "    ", "");
             }
             if t.blockers.len() > 8 {
-                println!("    ... and {} more (lpvmm patch status)", t.blockers.len() - 8);
+                println!(
+                    "    ... and {} more (lpvmm patch status)",
+                    t.blockers.len() - 8
+                );
             }
             if !self.hinted && t.consistency == Consistency::PerTask {
                 println!(
@@ -359,13 +362,17 @@ fn progress_line(t: &TransitionView) -> String {
         t.tasks,
         t.ticks,
         t.elapsed_ms as f64 / 1000.0,
-        t.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+        t.note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
     )
     .replace("   ", "  ")
 }
 
-fn print_blocker(b: &BlockerView, indent: &str) {
-    println!("{indent}pid {} ({}): {}", b.pid, b.comm, b.reason);
+/// `lead` starts the task's line; its stack is indented by `indent`.
+fn print_blocker(b: &BlockerView, indent: &str, lead: &str) {
+    println!("{indent}{lead}pid {} ({}): {}", b.pid, b.comm, b.reason);
     for f in &b.trace.frames {
         println!(
             "{indent}    [<{:016x}>] {}",
@@ -416,7 +423,7 @@ fn report(vm: &str, t: &TransitionView) {
                 t.skipped.len()
             );
             for b in &t.skipped {
-                print_blocker(b, "  ");
+                print_blocker(b, "  ", "");
             }
             println!(
                 "patch '{}' is marked forced: its code stays in the guest (unload is refused)",
@@ -437,7 +444,7 @@ fn report(vm: &str, t: &TransitionView) {
                 t.ticks
             );
             for b in &t.blockers {
-                print_blocker(b, "");
+                print_blocker(b, "", "blocked by ");
             }
         }
         _ => println!(
@@ -544,7 +551,7 @@ fn status(vm: &str, json: bool) -> Result<i32> {
                 println!("  note: {n}");
             }
             for b in &t.blockers {
-                print_blocker(b, "  blocked by ");
+                print_blocker(b, "  ", "blocked by ");
             }
         }
         None => println!("no transition in progress"),
@@ -598,7 +605,12 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             println!("patch:     {}", m.name);
             for r in &m.replacements {
                 let size = p.function(&r.new).map(|f| f.size).unwrap_or(0);
-                println!("replaces:  {} with {} ({size} bytes)", r.old, r.new);
+                println!(
+                    "replaces:  {} with {} ({size} bytes{})",
+                    r.old,
+                    r.new,
+                    if r.immediate { ", immediate" } else { "" }
+                );
             }
             for b in &m.bindings {
                 println!("binds:     {} to kernel {}", b.local, b.kernel);

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use introspection::disasm::{self, MAX_BYTES};
-use introspection::tasks::TaskReader;
 use introspection::tasks::Task;
+use introspection::tasks::TaskReader;
 use introspection::{Kernel, PausedGuest};
 
 use crate::control::proto::{
-    DisasmResult, KernelResult, PatchSymbol, PauseCost, Redirect, StackResult, SymQuery,
-    SymResult, TasksResult,
+    DisasmResult, KernelResult, PatchSymbol, PauseCost, Redirect, StackResult, SymQuery, SymResult,
+    TasksResult,
 };
 use crate::session::Session;
 
@@ -63,7 +63,8 @@ impl Session {
                 }
             }
             SymQuery::Addr { addr } => {
-                r.patch = self.patch_symbols(|f| addr >= f.new_addr && addr < f.new_addr + f.new_size);
+                r.patch =
+                    self.patch_symbols(|f| addr >= f.new_addr && addr < f.new_addr + f.new_size);
                 if r.patch.is_empty() {
                     r.located = Some(
                         s.locate(addr)
@@ -164,7 +165,11 @@ impl Session {
             site: s.site,
             target,
             to,
-            versions: s.versions.iter().map(|v| format!("{} [{}]", v.name, v.patch)).collect(),
+            versions: s
+                .versions
+                .iter()
+                .map(|v| format!("{} [{}]", v.name, v.patch))
+                .collect(),
         })
     }
 }

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-
 #[derive(Parser)]
 #[command(
     name = "lpvmm",

@@ -165,8 +165,9 @@ impl Session {
                 let k = self.kernel_attached()?;
                 let t = k.addrs.text;
                 let len = t.end - t.start;
-                let (bytes, pause) =
-                    self.vm.paused(|g| k.memory(g).read_vec(t.start, len as usize))?;
+                let (bytes, pause) = self
+                    .vm
+                    .paused(|g| k.memory(g).read_vec(t.start, len as usize))?;
                 (
                     t.start,
                     len,

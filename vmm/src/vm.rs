@@ -12,13 +12,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use serde::{Deserialize, Serialize};
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::layout::MemoryLayout;
 use crate::paused::PausedVm;
 use crate::vcpu::Vcpus;
 use crate::{acpi, boot, cpu, hostcheck};
 use introspection::{PausedGuest, VcpuState, VmcoreInfo};
+use serde::{Deserialize, Serialize};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,7 +47,6 @@ pub enum RunState {
     Paused,
 }
 
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub name: String,
@@ -65,7 +64,6 @@ pub struct StatusInfo {
     pub last_pause_ns: Option<u64>,
 }
 
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PauseResult {
     /// Request received → every vCPU parked, measured inside the VMM.
@@ -73,13 +71,11 @@ pub struct PauseResult {
     pub vcpus: Vec<VcpuState>,
 }
 
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResumeResult {
     /// Resume request → every vCPU has left the park, measured inside the VMM.
     pub resumed_ns: u64,
 }
-
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RegsResult {
@@ -88,14 +84,12 @@ pub struct RegsResult {
     pub vcpus: Vec<VcpuState>,
 }
 
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReadPhysResult {
     pub addr: u64,
     /// Lower-case hex, two digits per byte.
     pub hex: String,
 }
-
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmcoreinfoResult {
@@ -106,7 +100,6 @@ pub struct VmcoreinfoResult {
     pub info: VmcoreInfo,
 }
 
-
 /// How long a request kept the guest paused.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PauseCost {
@@ -115,7 +108,6 @@ pub struct PauseCost {
     /// Pause request to resume done, inside the VMM (0 when no pause was needed).
     pub paused_us: u64,
 }
-
 
 pub struct Vm {
     pub config: VmConfig,

@@ -148,7 +148,6 @@ impl PausedGuest for SynthGuest {
         Ok(())
     }
 
-
     fn patch_area(&self) -> PhysRange {
         self.patch_area
     }

@@ -8,6 +8,11 @@
 //!                                                      and switch time vs the guest's livepatch
 //!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS]  guests the platform kills: lpvmm vs
 //!                                                      QEMU microvm, same guests, same load
+//!   cargo run -p lpvmm-tests --bin bench -- transition [RUNS]  per-task transitions: completion
+//!                                                      vs the guest's livepatch (with and without
+//!                                                      a 5 s blocker), pause per tick with 100 and
+//!                                                      2000 tasks vs a bare pause, call cost
+//!                                                      through the trampoline and after
 //!
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
@@ -36,8 +41,9 @@ fn main() {
         "introspect" => introspect(n.unwrap_or(5)),
         "patch" => patch(n.unwrap_or(30)),
         "deaths" => deaths(n.unwrap_or(10)),
+        "transition" => transition(n.unwrap_or(5)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS]"
                 .into(),
         ),
     };
@@ -481,6 +487,208 @@ fn patch(cycles: u32) -> Result<(), String> {
     println!();
     println!("| kernel | unpatched (µs/read) | lpvmm, identical function (µs/read) | ratio | lpvmm, the fix (µs/read) | livepatch, the fix (µs/read) | lpvmm / livepatch |");
     println!("|---|---|---|---|---|---|---|");
+    for r in call_rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
+/// Milliseconds from `a=$EPOCHREALTIME` to `b=...` as the guest printed them.
+fn guest_ms(out: &str) -> Result<f64, String> {
+    let t: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match t[..] {
+        [a, b] => Ok((b - a) * 1e3),
+        _ => Err(format!("guest timing: {out}")),
+    }
+}
+
+/// One lpvmm per-task enable of nsleep-cmdline, from the command to every task
+/// switched (client-side), then disable and unload. With `blocker`, a `sleep 5` is
+/// inside common_nsleep when it starts.
+fn lpvmm_completion_ms(g: &mut lpvmm_tests::Guest, kp: &str, blocker: bool) -> Result<f64, String> {
+    if blocker {
+        g.spawn("sleep 5 &")?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let t0 = Instant::now();
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --json"))?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    transition_of(&out)?;
+    if rc != 0 {
+        return Err(out);
+    }
+    g.lpvmm("patch disable {vm} nsleep-cmdline")?;
+    g.lpvmm("patch unload {vm} nsleep-cmdline")?;
+    g.run("wait")?;
+    Ok(ms)
+}
+
+/// The same fix as the guest's own livepatch: insmod until its transition is done
+/// (measured in the guest), then disable and rmmod.
+fn livepatch_completion_ms(g: &mut lpvmm_tests::Guest, blocker: bool) -> Result<f64, String> {
+    let sys = "/sys/kernel/livepatch/lpvmm_lp_nsleep";
+    if blocker {
+        g.spawn("sleep 5 &")?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = g.run_status(
+        &format!(
+            "a=$EPOCHREALTIME; insmod /root/lpvmm_lp_nsleep.ko && while [ \"$(cat {sys}/transition)\" = 1 ]; do :; done; b=$EPOCHREALTIME; echo \"$a $b\""
+        ),
+        Duration::from_secs(120),
+    )?;
+    let ms = guest_ms(&out.1)?;
+    let check = g.run("cat /proc/cmdline")?;
+    if check.trim() != "this has been live patched" {
+        return Err(format!("the livepatch module did not patch: {check}"));
+    }
+    g.run(&format!(
+        "echo 0 > {sys}/enabled; while [ -d {sys} ]; do sleep 0.1; done; rmmod lpvmm_lp_nsleep; wait"
+    ))?;
+    Ok(ms)
+}
+
+/// Bare pause + resume inside the VMM (µs), as `lpvmm pause` and `resume` report them.
+fn bare_pause_us(g: &mut lpvmm_tests::Guest) -> Result<f64, String> {
+    let (_, p) = g.lpvmm("pause {vm} --json")?;
+    let (_, r) = g.lpvmm("resume {vm} --json")?;
+    let parked = json(&p)?["parked_ns"].as_f64().unwrap_or(f64::NAN);
+    let resumed = json(&r)?["resumed_ns"].as_f64().unwrap_or(f64::NAN);
+    Ok((parked + resumed) / 1e3)
+}
+
+/// Per-task transitions: completion against the guest's livepatch, the pause of each
+/// tick next to a bare pause, and the call cost through the trampoline and after.
+fn transition(runs: u32) -> Result<(), String> {
+    let kp = kp_build("nsleep-cmdline")?;
+    let mut files = vec![(kp, "/root/nsleep-cmdline.kp".to_string())];
+    for series in lpvmm_tests::SERIES {
+        files.push((
+            livepatch_cpio(series)?,
+            format!("/root/lp-{series}.cpio.gz"),
+        ));
+    }
+    let mut host = TestHost::start_with_files(false, &files)?;
+    let (n, reps) = (3000, 5);
+    let (mut done_rows, mut tick_rows, mut call_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for series in lpvmm_tests::SERIES {
+        let initrd = format!("{}/initrd-lp-{series}", host.tmp());
+        let (base, lp) = (
+            host.image("guest-initrd.cpio.gz"),
+            host.file(&format!("/root/lp-{series}.cpio.gz")),
+        );
+        host.exec(&format!("cat {base} {lp} > {initrd}"))?;
+        let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
+        let kp = g.host.file("/root/nsleep-cmdline.kp");
+
+        // Completion, interleaved, without and with a 5 s blocker.
+        for blocker in [false, true] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                ours.push(lpvmm_completion_ms(&mut g, &kp, blocker)?);
+                theirs.push(livepatch_completion_ms(&mut g, blocker)?);
+            }
+            eprintln!("{series} blocker={blocker}: lpvmm {ours:?} livepatch {theirs:?}");
+            let (a, b) = (median(ours), median(theirs));
+            done_rows.push(format!(
+                "| {series} | {} | {a:.0} | {b:.0} | {:.3} |",
+                if blocker {
+                    "sleep 5 in common_nsleep"
+                } else {
+                    "none"
+                },
+                a / b
+            ));
+        }
+
+        // Call cost: unpatched, through the trampoline (a sleep holds the transition),
+        // after (direct jump).
+        let unpatched = per_read_us(&mut g, n, reps)?;
+        let holder = g.spawn("sleep 1000 &")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
+        if rc != 0 {
+            return Err(out);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let during = per_read_us(&mut g, n, reps)?;
+        let (_, st) = g.lpvmm("patch status {vm} --json")?;
+        if json(&st)?["active"]["phase"] != "switching" {
+            return Err(format!("the transition was not held: {st}"));
+        }
+
+        // Ticks of the held transition with 100 and 2000 extra tasks, next to bare
+        // pauses in the same run. Reverse, then start again for each task count so that
+        // the backoff starts over.
+        for extra in [100u32, 2000] {
+            g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
+            g.lpvmm("patch reverse {vm}")?;
+            let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
+            if rc != 0 {
+                return Err(out);
+            }
+            let mut bare = Vec::new();
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(500));
+                bare.push(bare_pause_us(&mut g)?);
+            }
+            let (_, st) = g.lpvmm("patch status {vm} --json")?;
+            let a = json(&st)?["active"].clone();
+            let tasks = a["tasks"].as_u64().unwrap_or(0);
+            // The first tick unwinds every task; later ones only those still pending.
+            let ticks: Vec<f64> = a["pauses_us"]
+                .as_array()
+                .map(|p| p.iter().skip(1).filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default();
+            let first = a["pauses_us"][0].as_f64().unwrap_or(f64::NAN);
+            tick_rows.push(format!(
+                "| {series} | {tasks} | {first:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.2} |",
+                median(ticks.clone()),
+                p99(ticks.clone()),
+                ticks.len(),
+                median(bare.clone()),
+                p99(bare.clone()),
+                median(ticks) / median(bare)
+            ));
+            g.run("pkill spawn; true")?;
+        }
+        g.run(&format!("kill {holder}; wait {holder}; true"))?;
+        let t0 = Instant::now();
+        loop {
+            let (_, st) = g.lpvmm("patch status {vm} --json")?;
+            if json(&st)?["active"].is_null() {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Err("the transition did not complete after the sleep ended".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let after = per_read_us(&mut g, n, reps)?;
+        call_rows.push(format!(
+            "| {series} | {unpatched:.2} | {during:.2} | {:.3} | {after:.2} | {:.3} |",
+            during / unpatched,
+            after / unpatched
+        ));
+        g.poweroff()?;
+    }
+    println!("| kernel | blocker | lpvmm per-task: command to every task switched (ms) | livepatch: insmod to transition done (ms) | lpvmm / livepatch |");
+    println!("|---|---|---|---|---|");
+    for r in done_rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| kernel | tasks | first tick (µs) | later ticks median (µs) | p99 | ticks | bare pause+resume median (µs) | p99 | tick / bare |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in tick_rows {
+        println!("{r}");
+    }
+    println!();
+    println!("| kernel | unpatched (µs/read) | through the trampoline (µs/read) | ratio | after, direct jump (µs/read) | ratio |");
+    println!("|---|---|---|---|---|---|");
     for r in call_rows {
         println!("{r}");
     }

@@ -37,13 +37,13 @@ struct Stopped {
     by_platform: bool,
 }
 
-/// `lpvmm kp build patcher/examples/cmdline.c`, here, shown as a person would type it.
-fn build_patch() -> Result<std::path::PathBuf, String> {
+/// `lpvmm kp build patcher/examples/NAME.c`, here, shown as a person would type it.
+fn build_patch(name: &str) -> Result<std::path::PathBuf, String> {
     let out_dir = repo_root().join("target/demo");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let kp = out_dir.join("cmdline.kp");
-    let src = repo_root().join("patcher/examples/cmdline.c");
-    println!("    $ lpvmm kp build patcher/examples/cmdline.c -o target/demo/cmdline.kp");
+    let kp = out_dir.join(format!("{name}.kp"));
+    let src = repo_root().join(format!("patcher/examples/{name}.c"));
+    println!("    $ lpvmm kp build patcher/examples/{name}.c -o target/demo/{name}.kp");
     let out = Command::new(lpvmm_binary())
         .args(["kp", "build"])
         .arg(&src)
@@ -68,9 +68,11 @@ fn demo() -> Result<(), String> {
     {
         println!("    | {line}");
     }
-    let kp = build_patch()?;
+    let kp = build_patch("cmdline")?;
+    say("... and a per-task patch: patcher/examples/nsleep-cmdline.c (common_nsleep and cmdline_proc_show)");
+    let kp2 = build_patch("nsleep-cmdline")?;
     for attempt in 1..=PLATFORM_ATTEMPTS {
-        match walk_through(&series, &kp) {
+        match walk_through(&series, &[kp.clone(), kp2.clone()]) {
             Ok(()) => return Ok(()),
             Err(s) if s.by_platform && attempt < PLATFORM_ATTEMPTS => eprintln!(
                 "\nWARNING: the nested test platform killed the guest or the test host \
@@ -85,9 +87,15 @@ fn demo() -> Result<(), String> {
 }
 
 /// Start a host with real KVM and walk through everything on it.
-fn walk_through(series: &str, kp: &std::path::Path) -> Result<(), Stopped> {
+fn walk_through(series: &str, kps: &[std::path::PathBuf]) -> Result<(), Stopped> {
     say("Starting a host with real KVM");
-    let files = [(kp.to_path_buf(), "/root/cmdline.kp".to_string())];
+    let files: Vec<_> = kps
+        .iter()
+        .map(|kp| {
+            let name = kp.file_name().unwrap_or_default().to_string_lossy();
+            (kp.clone(), format!("/root/{name}"))
+        })
+        .collect();
     let mut host = TestHost::start_with_files(false, &files).map_err(|report| Stopped {
         report,
         by_platform: false,
@@ -170,10 +178,28 @@ fn on_host(host: &mut TestHost, series: &str) -> Result<(), String> {
     println!("    guest# cat /proc/cmdline");
     show("guest", &g.run("cat /proc/cmdline")?);
 
+    let kp = g.host.file("/root/nsleep-cmdline.kp");
+    say("Per-task consistency: a task asleep in common_nsleep holds back only itself");
+    println!("    guest# sleep 8 &");
+    g.spawn("sleep 8 &")?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    say(&format!(
+        "lpvmm patch demo {kp}   (every other task moves at once; the sleep moves when it wakes)"
+    ));
+    show("host", &g.lpvmm(&format!("patch {{vm}} {kp}"))?.1);
+    println!("    guest# cat /proc/cmdline");
+    show("guest", &g.run("cat /proc/cmdline")?);
+    say(
+        "lpvmm disasm demo common_nsleep   (after the transition: a direct jump, no dispatch left)",
+    );
+    let (_, d) = g.lpvmm("disasm {vm} common_nsleep")?;
+    show("host", &d.lines().take(4).collect::<Vec<_>>().join("\n"));
+    show("host", &g.lpvmm("patch disable {vm} nsleep-cmdline")?.1);
+
     say("guest# poweroff -f");
     let exit = g.poweroff()?;
     show("host", &exit.stderr);
     println!("    lpvmm exited with code {}", exit.code);
-    say("Done. More: docs/patching.md (writing patches), docs/introspection.md");
+    say("Done. More: docs/patching.md (writing patches), docs/consistency.md, docs/introspection.md");
     Ok(())
 }

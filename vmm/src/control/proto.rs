@@ -8,8 +8,8 @@ use introspection::disasm::Line;
 use introspection::kallsyms::{Located, Symbol};
 use introspection::kernel::AttachStats;
 use introspection::stack::StackTrace;
-pub use patcher::Consistency;
 use introspection::tasks::TaskList;
+pub use patcher::Consistency;
 use serde::{Deserialize, Serialize};
 
 pub use crate::vm::{
@@ -178,14 +178,6 @@ impl ResponseLine {
         }
     }
 }
-
-
-
-
-
-
-
-
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KernelResult {

@@ -55,7 +55,16 @@ mod tests {
     fn names() {
         assert!(validate_name("vm1").is_ok());
         assert!(validate_name("web-01.prod").is_ok());
-        for bad in ["", "../x", "a/b", ".hidden", "sp ace", &"x".repeat(65), "status", "reverse"] {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "sp ace",
+            &"x".repeat(65),
+            "status",
+            "reverse",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad} accepted");
         }
     }
