@@ -197,6 +197,7 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
         human.contains(&format!("blocked by pid {old_sleeper}")) && human.contains("tasks moved"),
         "{series}: human status:\n{human}"
     );
+    eprintln!("{series}: lpvmm patch status during the transition:\n{human}");
 
     // The sleeper goes: the transition completes, every site a direct jump.
     kill(&mut g, old_sleeper)?;
@@ -421,6 +422,7 @@ fn force(host: &mut TestHost, series: &str) -> TestResult {
         rc == 0 && out.contains("forced") && out.contains(&format!("pid {pid} (sleep)")),
         "{series}: force: {out}"
     );
+    eprintln!("{series}: lpvmm patch force:\n{out}");
     let s = status(&mut g)?;
     let p = &s["patches"][0];
     check!(

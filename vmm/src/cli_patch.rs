@@ -297,7 +297,9 @@ impl Progress {
     fn new(vm: &str) -> Self {
         Progress {
             vm: vm.to_string(),
-            tty: std::io::stdout().is_terminal(),
+            // A live line only for a person's terminal (not a serial console or a log).
+            tty: std::io::stdout().is_terminal()
+                && std::env::var("TERM").is_ok_and(|t| !t.is_empty() && t != "dumb"),
             line: String::new(),
             blockers: Vec::new(),
             hinted: false,
@@ -331,15 +333,22 @@ impl Progress {
             }
         }
         self.blockers = pids;
+        // On a terminal the line is rewritten at every tick; in a log, a line is
+        // written when the number of tasks moved changes.
         let line = progress_line(t);
-        if line != self.line {
+        let key = if self.tty {
+            line.clone()
+        } else {
+            format!("{} {} {:?}", t.moved, t.tasks, t.note)
+        };
+        if key != self.line {
             if self.tty {
                 print!("\r\x1b[K{line}");
                 let _ = std::io::stdout().flush();
             } else if t.ticks > 0 {
                 println!("{line}");
             }
-            self.line = line;
+            self.line = key;
         }
     }
 
@@ -407,11 +416,20 @@ fn pause_summary(t: &TransitionView) -> String {
 
 fn report(vm: &str, t: &TransitionView) {
     let secs = t.elapsed_ms as f64 / 1000.0;
+    let took = if t.elapsed_ms < 10_000 {
+        format!("{} ms", t.elapsed_ms)
+    } else {
+        format!("{secs:.1} s")
+    };
     match t.outcome.as_str() {
         "done" => println!(
-            "{} '{}' in {vm} after {secs:.2} s: every task ({}) runs it{}",
+            "{} '{}' in {vm} after {took}: {} ({} tasks){}",
             op_word(t.op, true),
             t.patch,
+            match t.op {
+                patcher::Op::Enable => "every task runs it",
+                patcher::Op::Disable => "no task runs it any more",
+            },
             t.tasks,
             pause_summary(t)
         ),
@@ -431,7 +449,7 @@ fn report(vm: &str, t: &TransitionView) {
             );
         }
         "reversed" => println!(
-            "reversed: '{}' is back where it started in {vm} after {secs:.2} s (every task runs \
+            "reversed: '{}' is back where it started in {vm} after {took} (every task runs \
              what it ran before){}",
             t.patch,
             pause_summary(t)

@@ -59,7 +59,7 @@ impl Session {
                 r.symbols = s.named(&name).into_iter().cloned().collect();
                 r.patch = self.patch_symbols(|f| f.new_name == name);
                 if r.symbols.is_empty() && r.patch.is_empty() {
-                    bail!("no kernel or patch symbol named '{name}'");
+                    bail!("no kernel symbol named '{name}' (and no loaded patch defines one)");
                 }
             }
             SymQuery::Addr { addr } => {
