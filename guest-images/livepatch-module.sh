@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # livepatch-module.sh SERIES OUT.cpio.gz
 #
-# Builds guest-images/livepatch/lpvmm_lp_cmdline.c as a livepatch kernel module for the
-# guest kernel of SERIES (6.1 or 6.12, as built by build.sh), against that kernel's
-# Debian linux-headers package (fetched with apt-get download, never installed), and
-# writes a gzip'd cpio with /root/lpvmm_lp_cmdline.ko. Appended to the guest initrd
-# (the kernel unpacks concatenated archives), it puts the module in the guest for the
-# side-by-side benchmark (tests/src/bin/bench.rs patch). Cached by kernel release.
+# Builds the livepatch kernel modules in guest-images/livepatch/ (lpvmm_lp_cmdline.c,
+# lpvmm_lp_nsleep.c) for the guest kernel of SERIES (6.1 or 6.12, as built by build.sh),
+# against that kernel's Debian linux-headers package (fetched with apt-get download,
+# never installed), and writes a gzip'd cpio with /root/lpvmm_lp_cmdline.ko and
+# /root/lpvmm_lp_nsleep.ko. Appended to the guest initrd (the kernel unpacks concatenated
+# archives), it puts the modules in the guest for the side-by-side benchmark
+# (tests/src/bin/bench.rs patch). Cached by kernel release and source hash.
 set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,9 +20,14 @@ rel=$(cat "$IMAGES/guest-$series/release" 2>/dev/null) || die "no guest-$series 
 
 work=$CACHE_ROOT/livepatch/$rel
 mkdir -p "$work"
-ko=$work/lpvmm_lp_cmdline.ko
+# One build per release at a time (the benchmark and a person may run this together).
+exec 9>"$work/lock"
+flock 9
+mods="lpvmm_lp_cmdline lpvmm_lp_nsleep"
 src_hash=$(cat "$HERE"/livepatch/* | sha256sum | cut -c1-16)
-if [ "$(cat "$work/stamp" 2>/dev/null)" != "$src_hash" ] || [ ! -f "$ko" ]; then
+built=1
+for m in $mods; do [ -f "$work/$m.ko" ] || built=; done
+if [ "$(cat "$work/stamp" 2>/dev/null)" != "$src_hash" ] || [ -z "$built" ]; then
 	headers=linux-headers-$rel
 	deps=$(apt-cache show --no-all-versions "$headers" 2>/dev/null | sed -n 's/^Depends: //p') ||
 		die "apt-cache show $headers failed"
@@ -45,13 +51,13 @@ if [ "$(cat "$work/stamp" 2>/dev/null)" != "$src_hash" ] || [ ! -f "$ko" ]; then
 	# No BTF for the module: it would need pahole, and the benchmark does not use it.
 	make -s -C "$kdir" M="$build" CONFIG_DEBUG_INFO_BTF_MODULES= modules >"$work/build.log" 2>&1 ||
 		{ tail -30 "$work/build.log" >&2; die "module build failed (log: $work/build.log)"; }
-	cp "$build/lpvmm_lp_cmdline.ko" "$ko"
+	for m in $mods; do cp "$build/$m.ko" "$work/"; done
 	echo "$src_hash" >"$work/stamp"
 fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/root"
-cp "$ko" "$stage/root/"
+for m in $mods; do cp "$work/$m.ko" "$stage/root/"; done
 (cd "$stage" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
 	cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9 -n >"$out"
-echo "livepatch module for $rel: $out"
+echo "livepatch modules for $rel: $out"

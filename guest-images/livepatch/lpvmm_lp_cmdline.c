@@ -48,5 +48,6 @@ static void lpvmm_lp_exit(void)
 
 module_init(lpvmm_lp_init);
 module_exit(lpvmm_lp_exit);
+MODULE_DESCRIPTION("lpvmm benchmark: livepatch of cmdline_proc_show");
 MODULE_LICENSE("GPL");
 MODULE_INFO(livepatch, "Y");

@@ -533,15 +533,17 @@ fn status(vm: &str, json: bool) -> Result<i32> {
         }
     }
     for f in &s.funcs {
-        let versions: Vec<String> = f
-            .versions
-            .iter()
-            .map(|v| format!("{} [{}]", v.function, v.patch))
+        let versions: Vec<String> = std::iter::once("original".to_string())
+            .chain(
+                f.versions
+                    .iter()
+                    .map(|v| format!("{} [{}]", v.function, v.patch)),
+            )
             .collect();
         println!(
-            "function {}: original, {} (site: {})",
+            "function {}: {} (site: {})",
             f.name,
-            versions.join(", "),
+            versions.join(" < "),
             f.site_now
         );
     }

@@ -508,7 +508,12 @@ fn guest_ms(out: &str) -> Result<f64, String> {
 /// One lpvmm per-task enable of nsleep-cmdline, from the command to every task
 /// switched (client-side), then disable and unload. With `blocker`, a `sleep 5` is
 /// inside common_nsleep when it starts.
-fn lpvmm_completion_ms(g: &mut lpvmm_tests::Guest, kp: &str, blocker: bool) -> Result<f64, String> {
+fn lpvmm_completion_ms(
+    g: &mut lpvmm_tests::Guest,
+    kp: &str,
+    name: &str,
+    blocker: bool,
+) -> Result<f64, String> {
     if blocker {
         g.spawn("sleep 5 &")?;
         std::thread::sleep(Duration::from_millis(500));
@@ -520,23 +525,27 @@ fn lpvmm_completion_ms(g: &mut lpvmm_tests::Guest, kp: &str, blocker: bool) -> R
     if rc != 0 {
         return Err(out);
     }
-    g.lpvmm("patch disable {vm} nsleep-cmdline")?;
-    g.lpvmm("patch unload {vm} nsleep-cmdline")?;
+    g.lpvmm(&format!("patch disable {{vm}} {name}"))?;
+    g.lpvmm(&format!("patch unload {{vm}} {name}"))?;
     g.run("wait")?;
     Ok(ms)
 }
 
-/// The same fix as the guest's own livepatch: insmod until its transition is done
-/// (measured in the guest), then disable and rmmod.
-fn livepatch_completion_ms(g: &mut lpvmm_tests::Guest, blocker: bool) -> Result<f64, String> {
-    let sys = "/sys/kernel/livepatch/lpvmm_lp_nsleep";
+/// The same fix as the guest's own livepatch module `module`: insmod until its
+/// transition is done (measured in the guest), then disable and rmmod.
+fn livepatch_completion_ms(
+    g: &mut lpvmm_tests::Guest,
+    module: &str,
+    blocker: bool,
+) -> Result<f64, String> {
+    let sys = format!("/sys/kernel/livepatch/{module}");
     if blocker {
         g.spawn("sleep 5 &")?;
         std::thread::sleep(Duration::from_millis(500));
     }
     let out = g.run_status(
         &format!(
-            "a=$EPOCHREALTIME; insmod /root/lpvmm_lp_nsleep.ko && while [ \"$(cat {sys}/transition)\" = 1 ]; do :; done; b=$EPOCHREALTIME; echo \"$a $b\""
+            "a=$EPOCHREALTIME; insmod /root/{module}.ko && while [ \"$(cat {sys}/transition)\" = 1 ]; do :; done; b=$EPOCHREALTIME; echo \"$a $b\""
         ),
         Duration::from_secs(120),
     )?;
@@ -546,7 +555,7 @@ fn livepatch_completion_ms(g: &mut lpvmm_tests::Guest, blocker: bool) -> Result<
         return Err(format!("the livepatch module did not patch: {check}"));
     }
     g.run(&format!(
-        "echo 0 > {sys}/enabled; while [ -d {sys} ]; do sleep 0.1; done; rmmod lpvmm_lp_nsleep; wait"
+        "echo 0 > {sys}/enabled; while [ -d {sys} ]; do sleep 0.1; done; rmmod {module}; wait"
     ))?;
     Ok(ms)
 }
@@ -564,7 +573,10 @@ fn bare_pause_us(g: &mut lpvmm_tests::Guest) -> Result<f64, String> {
 /// tick next to a bare pause, and the call cost through the trampoline and after.
 fn transition(runs: u32) -> Result<(), String> {
     let kp = kp_build("nsleep-cmdline")?;
-    let mut files = vec![(kp, "/root/nsleep-cmdline.kp".to_string())];
+    let mut files = vec![
+        (kp, "/root/nsleep-cmdline.kp".to_string()),
+        (kp_build("cmdline")?, "/root/cmdline.kp".to_string()),
+    ];
     for series in lpvmm_tests::SERIES {
         files.push((
             livepatch_cpio(series)?,
@@ -584,25 +596,32 @@ fn transition(runs: u32) -> Result<(), String> {
         let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
         let kp = g.host.file("/root/nsleep-cmdline.kp");
 
-        // Completion, interleaved, without and with a 5 s blocker.
-        for blocker in [false, true] {
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..runs {
-                ours.push(lpvmm_completion_ms(&mut g, &kp, blocker)?);
-                theirs.push(livepatch_completion_ms(&mut g, blocker)?);
-            }
-            eprintln!("{series} blocker={blocker}: lpvmm {ours:?} livepatch {theirs:?}");
-            let (a, b) = (median(ours), median(theirs));
-            done_rows.push(format!(
-                "| {series} | {} | {a:.0} | {b:.0} | {:.3} |",
-                if blocker {
-                    "sleep 5 in common_nsleep"
-                } else {
-                    "none"
-                },
-                a / b
-            ));
+        // Completion, interleaved, each against the guest's livepatch module of the same
+        // fix. Without a blocker: the cmdline fix. With a `sleep 5` in common_nsleep:
+        // nsleep-cmdline (guest-images/livepatch/lpvmm_lp_nsleep.c).
+        let cmdline_kp = g.host.file("/root/cmdline.kp");
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            ours.push(lpvmm_completion_ms(&mut g, &cmdline_kp, "cmdline", false)?);
+            theirs.push(livepatch_completion_ms(&mut g, "lpvmm_lp_cmdline", false)?);
         }
+        eprintln!("{series}: lpvmm {ours:?} livepatch {theirs:?}");
+        let (a, b) = (median(ours), median(theirs));
+        done_rows.push(format!(
+            "| {series} | none (cmdline fix) | {a:.0} | {b:.0} | {:.3} |",
+            a / b
+        ));
+        let (mut held, mut lp_held) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            held.push(lpvmm_completion_ms(&mut g, &kp, "nsleep-cmdline", true)?);
+            lp_held.push(livepatch_completion_ms(&mut g, "lpvmm_lp_nsleep", true)?);
+        }
+        eprintln!("{series}: held by sleep 5: lpvmm {held:?} livepatch {lp_held:?}");
+        let (a, b) = (median(held), median(lp_held));
+        done_rows.push(format!(
+            "| {series} | sleep 5 in common_nsleep (nsleep-cmdline) | {a:.0} | {b:.0} | {:.3} |",
+            a / b
+        ));
 
         // Call cost: unpatched, through the trampoline (a sleep holds the transition),
         // after (direct jump).
