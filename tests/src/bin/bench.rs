@@ -42,6 +42,7 @@ fn main() {
         "patch" => patch(n.unwrap_or(30)),
         "deaths" => deaths(n.unwrap_or(10)),
         "transition" => transition(n.unwrap_or(5)),
+        "fork-under-dispatch" => fork_under_dispatch(),
         _ => Err(
             "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS]"
                 .into(),
@@ -672,7 +673,7 @@ fn transition(runs: u32) -> Result<(), String> {
                 p99(bare.clone()),
                 median(ticks) / median(bare)
             ));
-            g.run("pkill spawn; true")?;
+            g.run("kill $(pidof spawn); true")?;
         }
         g.run(&format!("kill {holder}; wait {holder}; true"))?;
         let t0 = Instant::now();
@@ -710,6 +711,40 @@ fn transition(runs: u32) -> Result<(), String> {
     println!("|---|---|---|---|---|---|");
     for r in call_rows {
         println!("{r}");
+    }
+    Ok(())
+}
+
+/// Does a guest survive `spawn 2000` while a per-task transition is held (trampolines
+/// live, ticks running), and without one (pauses only)? `bench fork-under-dispatch`.
+fn fork_under_dispatch() -> Result<(), String> {
+    let kp = kp_build("nsleep-cmdline")?;
+    let files = vec![(kp, "/root/nsleep-cmdline.kp".to_string())];
+    let mut host = TestHost::start_with_files(false, &files)?;
+    for held in [false, true] {
+        let (mut g, _) = host.boot_guest(&format!("fork{}", u8::from(held)), "6.1", 2, "")?;
+        let kp = g.host.file("/root/nsleep-cmdline.kp");
+        let holder = g.spawn("sleep 1000 &")?;
+        std::thread::sleep(Duration::from_millis(500));
+        if held {
+            let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
+            if rc != 0 {
+                return Err(out);
+            }
+        }
+        let r = g.run("spawn 2000 >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done; echo spawned-ok");
+        let (_, st) = g.lpvmm("patch status {vm}")?;
+        println!(
+            "held={held}: {:?}\n{}",
+            r.as_ref().map(|s| s.trim().to_string()),
+            st.lines().take(12).collect::<Vec<_>>().join("\n")
+        );
+        if r.is_err() {
+            println!("VMM stderr: {}", g.vmm_stderr());
+            continue;
+        }
+        g.run(&format!("kill $(pidof spawn) {holder}; wait; true"))?;
+        g.poweroff()?;
     }
     Ok(())
 }
