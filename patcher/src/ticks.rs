@@ -252,14 +252,10 @@ impl Engine {
             .map
             .as_ref()
             .ok_or_else(|| KpError::State("no task map".into()))?;
-        let pending: Vec<&Task> = list
-            .tasks
-            .iter()
-            .filter(|x| map.on_start(&g, x.addr) != target_start)
-            .collect();
+        let pending = pending(map, &g, &list, target_start);
         let traces = self.unwind(guest.reader(), kernel, &pending);
         self.clear_suspects(&list, &traces);
-        let leaving = self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
+        let leaving = self.leaving_far_side(t);
         let blockers = self.move_safe(t, &g, &list, &traces, &leaving, target_start);
         self.finish_tick(t, guest, &list, blockers, now_ms)
     }
@@ -304,7 +300,7 @@ impl Engine {
             .into_iter()
             .filter(|tr| map.on_start(&g, tr.task) != target_start)
             .collect();
-        let leaving = self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
+        let leaving = self.leaving_far_side(t);
         let blockers = self.move_safe(t, &g, &list, &far, &leaving, target_start);
         let immediate: Vec<(u64, [u8; 5])> = t
             .changes
@@ -327,22 +323,14 @@ impl Engine {
         let list = list_tasks(guest.reader(), kernel)?;
         let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
             (Phase::Switching, Ok(g), Some(map)) => {
-                let target_start = t.target_is_start();
-                let pending: Vec<&Task> = list
-                    .tasks
-                    .iter()
-                    .filter(|x| map.on_start(&g, x.addr) != target_start)
-                    .collect();
+                let pending = pending(map, &g, &list, t.target_is_start());
                 let traces = self.unwind(guest.reader(), kernel, &pending);
-                let leaving =
-                    self.leaving(t, |c| if target_start { &c.to } else { &c.from }, false);
-                skipped_tasks(traces, &leaving, &self.trampoline_code())
+                self.blockers(&traces, &self.leaving_far_side(t))
             }
             _ => {
                 let all: Vec<&Task> = list.tasks.iter().collect();
                 let traces = self.unwind(guest.reader(), kernel, &all);
-                let leaving = self.leaving(t, |c| &c.from, true);
-                skipped_tasks(traces, &leaving, &self.trampoline_code())
+                self.blockers(&traces, &self.leaving(t, |c| &c.from, true))
             }
         };
         for c in &t.changes {
@@ -512,6 +500,13 @@ impl Engine {
                 None => self.original_code(&t.patch, c.func, side(c)),
             })
             .collect()
+    }
+
+    /// What a task not yet on the target side leaves when it moves: the starting
+    /// versions going forward, the target ones once reversed.
+    fn leaving_far_side(&self, t: &Transition) -> Vec<CodeRange> {
+        let reversed = t.target_is_start();
+        self.leaving(t, |c| if reversed { &c.to } else { &c.from }, false)
     }
 
     /// The code of `v` for a function that has no stack yet (the first enable).
@@ -766,16 +761,16 @@ fn blocker(tr: &StackTrace, reason: String) -> Blocker {
     }
 }
 
-/// The tasks a force moves: each with the reason a check would have kept it, or
-/// "not checked" for one that was at a safe point anyway.
-fn skipped_tasks(
-    traces: Vec<StackTrace>,
-    leaving: &[CodeRange],
-    tramps: &[Region],
-) -> Vec<Blocker> {
-    traces
+/// Tasks not yet on the target side of the map.
+fn pending<'l>(
+    map: &TaskMap,
+    g: &Geometry,
+    list: &'l TaskList,
+    target_start: bool,
+) -> Vec<&'l Task> {
+    list.tasks
         .iter()
-        .filter_map(|tr| unsafe_because(tr, leaving, tramps).map(|r| blocker(tr, r)))
+        .filter(|x| map.on_start(g, x.addr) != target_start)
         .collect()
 }
 
