@@ -17,12 +17,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::area::{self, AreaLayout, Region};
 use crate::dispatch::{Bank, Geometry};
-use crate::funcs::{FuncStack, NewCode, Version};
+use crate::funcs::{self, FuncStack, FunctionVersions};
 use crate::journal::Journal;
 use crate::link::{self, Placement};
-use crate::manifest::KernelSymbol;
+use crate::manifest::{KernelSymbol, Manifest, SystemState};
 use crate::object::PatchObject;
 use crate::site::{self, SiteState};
+use crate::space::{AreaSpace, Runs, Sizes};
+use crate::states::{self, Candidate};
 use crate::transition::{Consistency, FuncChange, Op, Request, Transition};
 use crate::{GuestWriter, KpError};
 
@@ -34,8 +36,11 @@ const HISTORY: usize = 32;
 pub enum PatchState {
     /// Loaded into the patch area; no task runs it.
     Disabled,
-    /// Every task runs it (or will, once the transition in progress completes).
+    /// Its versions count: each of its functions is visible unless a newer enabled
+    /// patch also names it.
     Enabled,
+    /// A cumulative patch took over (atomic replace): never enabled again; unload it.
+    Replaced,
 }
 
 /// One function of a patch: where the old one is and where its replacement is.
@@ -74,16 +79,21 @@ pub struct Patch {
     pub forced: bool,
     pub funcs: Vec<PatchedFunc>,
     pub depends: Vec<String>,
-    pub code: Region,
-    pub rodata: Region,
-    pub data: Region,
+    /// A cumulative patch (`LPVMM_ATOMIC_REPLACE`).
+    pub atomic_replace: bool,
+    /// System states it establishes (`LPVMM_STATE`).
+    pub states: Vec<SystemState>,
+    /// For a replaced patch: the cumulative patch that replaced it.
+    pub replaced_by: Option<String>,
+    /// Where its code and data are in the patch area.
+    pub runs: Runs,
     pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
 }
 
 impl Patch {
-    fn function_at(&self, ip: u64) -> Option<&PatchedFunc> {
+    pub(crate) fn function_at(&self, ip: u64) -> Option<&PatchedFunc> {
         self.funcs
             .iter()
             .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
@@ -94,8 +104,19 @@ impl Patch {
 pub(crate) struct Area {
     pub(crate) layout: AreaLayout,
     pub(crate) installed: bool,
-    pub(crate) next: Placement,
+    pub(crate) space: AreaSpace,
     pub(crate) journal: Journal,
+}
+
+impl Area {
+    fn new(layout: AreaLayout) -> Area {
+        Area {
+            space: AreaSpace::new(layout.code, layout.rodata, layout.data),
+            layout,
+            installed: false,
+            journal: Journal::default(),
+        }
+    }
 }
 
 /// Trampoline banks and the geometry of their task maps, set up at the first
@@ -222,20 +243,30 @@ impl Engine {
             .ok_or_else(|| KpError::NoSuchPatch(name.to_string()))
     }
 
-    pub(crate) fn patch_mut(&mut self, name: &str) -> Result<&mut Patch, KpError> {
-        self.patches
-            .iter_mut()
-            .find(|p| p.name == name)
-            .ok_or_else(|| KpError::NoSuchPatch(name.to_string()))
-    }
-
     pub fn area_layout(&self) -> Option<&AreaLayout> {
         self.area.as_ref().map(|a| &a.layout)
     }
 
-    /// Redirected functions with their versions, oldest first.
+    /// Functions whose site lpvmm owns now.
     pub fn funcs(&self) -> impl Iterator<Item = &FuncStack> {
         self.funcs.values()
+    }
+
+    /// Every function a loaded patch names, with its versions in load order and which
+    /// one is visible.
+    pub fn function_versions(&self) -> Vec<FunctionVersions> {
+        funcs::function_versions(&self.patches)
+    }
+
+    /// Space in use in the patch area's code, read-only data and data regions, with
+    /// each region's size (bytes).
+    pub fn area_use(&self) -> Option<AreaUse> {
+        let s = &self.area.as_ref()?.space;
+        Some(AreaUse {
+            code: (s.code.used_bytes(), s.code.region.size()),
+            rodata: (s.rodata.used_bytes(), s.rodata.region.size()),
+            data: (s.data.used_bytes(), s.data.region.size()),
+        })
     }
 
     /// The transition in progress.
@@ -298,30 +329,38 @@ impl Engine {
         }
         let targets = self.targets(guest.reader(), kernel, &obj)?;
 
-        // Where it goes, and the linked bytes.
+        // Where it goes, and the linked bytes: linked once to learn its size, then where
+        // the first free runs of that size are.
         let mem = kernel.memory(guest.reader());
-        let layout = match &self.area {
-            Some(a) => a.layout.clone(),
+        let mut area = match &self.area {
+            Some(a) => a.clone(),
             None => {
                 let phys = guest.patch_area();
                 let va = area::choose_va(&mem, kernel, phys.size)?;
-                AreaLayout::new(phys, va)?
+                Area::new(AreaLayout::new(phys, va)?)
             }
         };
-        let next = self.area.as_ref().map(|a| a.next).unwrap_or(Placement {
-            code: layout.code.start,
-            rodata: layout.rodata.start,
-            data: layout.data.start,
-        });
         let returns = link::Returns::of_guest(&mem, &kernel.symbols)?;
         let resolve = |name: &str| resolve_import(kernel, &obj, name);
-        let linked = link::link(&obj, next, returns, &resolve)?;
-        let after = Placement {
-            code: next.code + page(linked.code.bytes.len() as u64),
-            rodata: next.rodata + page(linked.rodata.bytes.len() as u64),
-            data: next.data + page(linked.data.bytes.len() as u64),
+        let at = |r: &Runs| Placement {
+            code: r.code.start,
+            rodata: r.rodata.start,
+            data: r.data.start,
         };
-        check_room(&m.name, next, after, &layout)?;
+        let sized = link::link(
+            &obj,
+            at(&area.space.place(&m.name, Sizes::ZERO)?),
+            returns,
+            &resolve,
+        )?;
+        let runs = area.space.place(&m.name, sized.sizes())?;
+        let linked = link::link(&obj, at(&runs), returns, &resolve)?;
+        if linked.sizes() != sized.sizes() {
+            return Err(KpError::State(format!(
+                "{}: its size changed with its address; not loaded",
+                m.name
+            )));
+        }
         let mut funcs = Vec::new();
         for t in targets {
             let r = t.replacement;
@@ -352,12 +391,6 @@ impl Engine {
         drop(mem);
 
         // Everything checked: write.
-        let mut area = self.area.clone().unwrap_or(Area {
-            layout,
-            installed: false,
-            next,
-            journal: Journal::default(),
-        });
         if !area.installed {
             area::install(guest, kernel, &area.layout, &mut area.journal)?;
             area.installed = true;
@@ -369,7 +402,7 @@ impl Engine {
                     .map_err(|e| KpError::guest("writing the patch area", e))?;
             }
         }
-        area.next = after;
+        area.space.take(runs);
         self.area = Some(area);
         self.patches.push(Patch {
             name: m.name.clone(),
@@ -377,18 +410,10 @@ impl Engine {
             forced: false,
             funcs,
             depends: m.depends.clone(),
-            code: Region {
-                start: next.code,
-                end: after.code,
-            },
-            rodata: Region {
-                start: next.rodata,
-                end: after.rodata,
-            },
-            data: Region {
-                start: next.data,
-                end: after.data,
-            },
+            atomic_replace: m.atomic_replace,
+            states: m.states.clone(),
+            replaced_by: None,
+            runs,
             imports: linked
                 .imports
                 .into_iter()
@@ -478,43 +503,90 @@ impl Engine {
         Ok(self.next_id)
     }
 
-    fn plan_enable(&self, name: &str) -> Result<Vec<FuncChange>, KpError> {
-        let p = self.patch(name)?;
-        if p.state == PatchState::Enabled {
-            return Err(KpError::State(format!("patch '{name}' is already enabled")));
+    /// Would a load-and-enable of `kp` be refused by the patch stack? Checked before
+    /// the load, so that such a request writes nothing.
+    pub fn check_load_and_enable(&self, kp: &[u8]) -> Result<(), KpError> {
+        self.ensure_idle("load and enable a patch")?;
+        let obj = PatchObject::parse(kp)?;
+        if self.patch(&obj.manifest.name).is_ok() {
+            return Err(KpError::AlreadyLoaded(obj.manifest.name.clone()));
         }
-        for d in &p.depends {
-            if self.patch(d)?.state != PatchState::Enabled {
+        self.check_enable(&obj.manifest.name, &EnableRules::of_manifest(&obj.manifest))
+    }
+
+    /// Dependencies and states of a patch about to be enabled.
+    fn check_enable(&self, name: &str, r: &EnableRules) -> Result<(), KpError> {
+        for d in r.depends {
+            let dep = self.patch(d).map_err(|_| {
+                KpError::Dependency(format!(
+                    "'{name}' depends on patch '{d}', which is not loaded"
+                ))
+            })?;
+            if dep.state != PatchState::Enabled {
                 return Err(KpError::Dependency(format!(
                     "'{name}' depends on '{d}', which is not enabled"
                 )));
             }
+            if r.atomic_replace {
+                return Err(KpError::Dependency(format!(
+                    "'{name}' is a cumulative patch (atomic replace) and depends on '{d}', which \
+                     it would replace; a cumulative patch carries what it needs instead"
+                )));
+            }
         }
-        Ok(p.funcs
-            .iter()
-            .map(|f| FuncChange {
-                func: f.old_addr,
-                name: f.old.to_string(),
-                from: self
-                    .funcs
-                    .get(&f.old_addr)
-                    .map_or(Version::Original, FuncStack::top),
-                to: Version::Code(NewCode {
-                    patch: name.to_string(),
-                    name: f.new_name.clone(),
-                    addr: f.new_addr,
-                    size: f.new_size,
-                }),
-                immediate: f.immediate,
-                trampoline: None,
-            })
-            .collect())
+        states::check_compatible(
+            &Candidate {
+                name,
+                atomic_replace: r.atomic_replace,
+                states: r.states,
+            },
+            &self.patches,
+        )
+    }
+
+    /// Whether patch `q` is enabled once `name` is: `name` itself, and every patch that
+    /// is enabled now unless `name` is a cumulative patch, which replaces them all.
+    fn enabled_after_enable<'a>(&'a self, name: &'a str) -> impl Fn(&Patch) -> bool + 'a {
+        let replace = self.patch(name).is_ok_and(|p| p.atomic_replace);
+        move |q: &Patch| q.name == name || (!replace && q.state == PatchState::Enabled)
+    }
+
+    fn plan_enable(&self, name: &str) -> Result<Vec<FuncChange>, KpError> {
+        let p = self.patch(name)?;
+        match p.state {
+            PatchState::Enabled => {
+                return Err(KpError::State(format!("patch '{name}' is already enabled")))
+            }
+            PatchState::Replaced => {
+                return Err(KpError::State(format!(
+                    "patch '{name}' was replaced by cumulative patch '{}' and cannot be enabled \
+                     again (unload it; to go back, load a patch that carries its fix)",
+                    p.replaced_by.as_deref().unwrap_or("?")
+                )))
+            }
+            PatchState::Disabled => {}
+        }
+        self.check_enable(name, &EnableRules::of_patch(p))?;
+        Ok(funcs::plan(
+            &self.patches,
+            &self.funcs,
+            &self.enabled_after_enable(name),
+        ))
     }
 
     fn plan_disable(&self, name: &str) -> Result<Vec<FuncChange>, KpError> {
         let p = self.patch(name)?;
-        if p.state != PatchState::Enabled {
-            return Err(KpError::State(format!("patch '{name}' is not enabled")));
+        match p.state {
+            PatchState::Enabled => {}
+            PatchState::Replaced => {
+                return Err(KpError::State(format!(
+                    "patch '{name}' is not enabled: cumulative patch '{}' replaced it",
+                    p.replaced_by.as_deref().unwrap_or("?")
+                )))
+            }
+            PatchState::Disabled => {
+                return Err(KpError::State(format!("patch '{name}' is not enabled")))
+            }
         }
         if let Some(user) = self
             .patches
@@ -526,32 +598,39 @@ impl Engine {
                 user.name
             )));
         }
-        let mut changes = Vec::new();
-        for f in &p.funcs {
-            let s = self
-                .funcs
-                .get(&f.old_addr)
-                .ok_or_else(|| KpError::State(format!("{} has no redirection recorded", f.old)))?;
-            match s.versions.last() {
-                Some(top) if top.patch == name => {}
-                Some(top) => {
-                    return Err(KpError::State(format!(
-                        "{} has a newer version from patch '{}' above '{name}'; disable '{}' first",
-                        f.old, top.patch, top.patch
-                    )))
+        Ok(funcs::plan(&self.patches, &self.funcs, &|q: &Patch| {
+            q.name != name && q.state == PatchState::Enabled
+        }))
+    }
+
+    /// The patch states a completed transition leaves: the patch enabled or disabled;
+    /// for a cumulative patch's enable, every other enabled patch, and every disabled one
+    /// loaded before it, replaced.
+    pub(crate) fn settle(&mut self, name: &str, op: Op) -> Result<(), KpError> {
+        let at = self
+            .patches
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| KpError::NoSuchPatch(name.to_string()))?;
+        let replace = self.patches[at].atomic_replace;
+        for (i, q) in self.patches.iter_mut().enumerate() {
+            if i == at {
+                match op {
+                    Op::Enable => {
+                        q.state = PatchState::Enabled;
+                        q.enables += 1;
+                    }
+                    Op::Disable => q.state = PatchState::Disabled,
                 }
-                None => return Err(KpError::State(format!("{} is not redirected", f.old))),
+            } else if op == Op::Enable
+                && replace
+                && (q.state == PatchState::Enabled || (q.state == PatchState::Disabled && i < at))
+            {
+                q.state = PatchState::Replaced;
+                q.replaced_by = Some(name.to_string());
             }
-            changes.push(FuncChange {
-                func: f.old_addr,
-                name: f.old.to_string(),
-                from: s.top(),
-                to: s.below_top(),
-                immediate: f.immediate,
-                trampoline: None,
-            });
         }
-        Ok(changes)
+        Ok(())
     }
 
     /// Ask the transition in progress to turn around or to complete without checks;
@@ -576,8 +655,8 @@ impl Engine {
         Ok(t.id)
     }
 
-    /// Remove a disabled patch: its code is overwritten with `int3` and its data zeroed.
-    /// (Its space is not reused: patch area space is bump-allocated.)
+    /// Remove a disabled or replaced patch: its code is overwritten with `int3`, its
+    /// data zeroed, and its space is free for the next load.
     pub fn unload(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
         if self.active.as_ref().is_some_and(|t| t.patch == name) {
             return Err(KpError::State(format!(
@@ -591,7 +670,7 @@ impl Engine {
                  guest for the guest's lifetime (as the kernel keeps a forced livepatch module)"
             )));
         }
-        if p.state != PatchState::Disabled {
+        if p.state == PatchState::Enabled {
             return Err(KpError::State(format!(
                 "patch '{name}' is enabled; disable it first"
             )));
@@ -602,18 +681,19 @@ impl Engine {
                 user.name
             )));
         }
-        let layout = &self
+        let runs = p.runs;
+        let area = self
             .area
-            .as_ref()
-            .ok_or_else(|| KpError::State("no patch area".into()))?
-            .layout;
-        for (r, fill) in [(p.code, 0xccu8), (p.rodata, 0), (p.data, 0)] {
+            .as_mut()
+            .ok_or_else(|| KpError::State("no patch area".into()))?;
+        for (r, fill) in [(runs.code, 0xccu8), (runs.rodata, 0), (runs.data, 0)] {
             if r.size() > 0 {
                 guest
-                    .write_phys(layout.pa(r.start), &vec![fill; r.size() as usize])
+                    .write_phys(area.layout.pa(r.start), &vec![fill; r.size() as usize])
                     .map_err(|e| KpError::guest("clearing the patch area", e))?;
             }
         }
+        area.space.free(runs);
         self.patches.retain(|q| q.name != name);
         Ok(())
     }
@@ -650,31 +730,37 @@ impl Engine {
     }
 }
 
-fn page(n: u64) -> u64 {
-    n.div_ceil(4096) * 4096
+/// What enabling a patch must respect, from its manifest or its loaded form.
+struct EnableRules<'a> {
+    depends: &'a [String],
+    atomic_replace: bool,
+    states: &'a [SystemState],
 }
 
-/// Does `after` still fit in the area's regions?
-pub(crate) fn check_room(
-    who: &str,
-    next: Placement,
-    after: Placement,
-    layout: &AreaLayout,
-) -> Result<(), KpError> {
-    for (what, start, end, region) in [
-        ("code", next.code, after.code, layout.code),
-        ("read-only data", next.rodata, after.rodata, layout.rodata),
-        ("data", next.data, after.data, layout.data),
-    ] {
-        if end > region.end {
-            return Err(KpError::AreaFull(format!(
-                "{who} needs {} KiB more {what} than the {} KiB left (lpvmm run --patch-area sets its size)",
-                (end - region.end).div_ceil(1024),
-                region.end.saturating_sub(start) / 1024
-            )));
+impl<'a> EnableRules<'a> {
+    fn of_manifest(m: &'a Manifest) -> Self {
+        EnableRules {
+            depends: &m.depends,
+            atomic_replace: m.atomic_replace,
+            states: &m.states,
         }
     }
-    Ok(())
+
+    fn of_patch(p: &'a Patch) -> Self {
+        EnableRules {
+            depends: &p.depends,
+            atomic_replace: p.atomic_replace,
+            states: &p.states,
+        }
+    }
+}
+
+/// Space in use in each region of the patch area, and the region's size (bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AreaUse {
+    pub code: (u64, u64),
+    pub rodata: (u64, u64),
+    pub data: (u64, u64),
 }
 
 /// A kernel symbol a patch uses: its binding first, then the unique name.

@@ -1,16 +1,24 @@
-//! The per-function stack of versions (the kernel livepatch's `klp_ops` and its
-//! `func_stack`): for every redirected kernel function, its original entry bytes and the
-//! versions stacked on it, oldest first. Which version a task runs is the transition's
-//! business ([`crate::transition`]); when no transition runs, every task runs the
-//! top one.
+//! Who sees which version of a redirected function (the kernel livepatch's patch.c).
+//!
+//! A function's versions are the loaded patches that name it, in *load* order; the
+//! visible one is the newest *enabled* one, or the kernel's original when none is. So
+//! re-enabling an older patch never hides a newer one, a patch hidden under a newer one
+//! for a function changes nothing there, and a cumulative patch that replaces the
+//! others leaves the functions it does not name with the original (upstream's "nop"
+//! version). A transition is planned as the difference between the visible versions
+//! before and after it ([`plan`]); while it runs, which version each task sees is the
+//! transition's business ([`crate::transition`]).
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::{Patch, PatchState};
 use crate::site;
+use crate::transition::FuncChange;
 use crate::KpError;
 
 /// One version of a function: the kernel's own code, or a patch's replacement.
-/// (Cumulative patches will add a "nop" version: the original, named by a patch.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Version {
@@ -49,8 +57,6 @@ pub struct FuncStack {
     pub original: [u8; 5],
     /// What lpvmm last wrote at the site (checked before every write).
     pub live: [u8; 5],
-    /// Oldest first; the last is the one every task runs outside transitions.
-    pub versions: Vec<NewCode>,
 }
 
 impl FuncStack {
@@ -63,26 +69,7 @@ impl FuncStack {
             site_pa,
             original: site::FENTRY_NOP,
             live: site::FENTRY_NOP,
-            versions: Vec::new(),
         }
-    }
-
-    /// The version tasks run when no transition is in progress.
-    pub fn top(&self) -> Version {
-        self.versions
-            .last()
-            .cloned()
-            .map_or(Version::Original, Version::Code)
-    }
-
-    /// The version below the top.
-    pub fn below_top(&self) -> Version {
-        self.versions
-            .len()
-            .checked_sub(2)
-            .map_or(Version::Original, |i| {
-                Version::Code(self.versions[i].clone())
-            })
     }
 
     /// Where a jump must go to run `v`: the new function, or the original past its
@@ -117,4 +104,149 @@ impl FuncStack {
             },
         }
     }
+}
+
+/// One patch's version of a function, as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionEntry {
+    pub patch: String,
+    pub function: String,
+    pub addr: u64,
+    pub state: PatchState,
+    /// The one tasks run when no transition moves this function.
+    pub visible: bool,
+}
+
+/// Every version of a kernel function that a loaded patch names, in load order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionVersions {
+    pub name: String,
+    pub addr: u64,
+    /// Its fentry site.
+    pub site: u64,
+    pub versions: Vec<VersionEntry>,
+    /// No enabled patch names it: tasks run the kernel's own code.
+    pub original_visible: bool,
+}
+
+impl Patch {
+    /// This patch's version of kernel function `func`.
+    pub fn version_of(&self, func: u64) -> Option<NewCode> {
+        self.funcs
+            .iter()
+            .find(|f| f.old_addr == func)
+            .map(|f| NewCode {
+                patch: self.name.clone(),
+                name: f.new_name.clone(),
+                addr: f.new_addr,
+                size: f.new_size,
+            })
+    }
+
+    fn immediate_for(&self, func: u64) -> bool {
+        self.funcs.iter().any(|f| f.old_addr == func && f.immediate)
+    }
+}
+
+/// Which patches count as enabled, now or in a state a transition would leave.
+pub(crate) type Enabled<'a> = &'a dyn Fn(&Patch) -> bool;
+
+/// The version of `func` tasks run when the patches `enabled` says are enabled: the
+/// newest of them in load order (`patches` is in load order) that names it.
+pub(crate) fn visible(patches: &[Patch], func: u64, enabled: Enabled) -> Version {
+    patches
+        .iter()
+        .rev()
+        .filter(|p| enabled(p))
+        .find_map(|p| p.version_of(func))
+        .map_or(Version::Original, Version::Code)
+}
+
+pub(crate) fn is_enabled(p: &Patch) -> bool {
+    p.state == PatchState::Enabled
+}
+
+/// The functions whose visible version differs between now and `after`, each with
+/// both versions: exactly what a transition to `after` must move.
+pub(crate) fn plan(
+    patches: &[Patch],
+    stacks: &BTreeMap<u64, FuncStack>,
+    after: Enabled,
+) -> Vec<FuncChange> {
+    let funcs: BTreeSet<u64> = stacks
+        .keys()
+        .copied()
+        .chain(
+            patches
+                .iter()
+                .flat_map(|p| p.funcs.iter().map(|f| f.old_addr)),
+        )
+        .collect();
+    let mut changes = Vec::new();
+    for func in funcs {
+        let from = visible(patches, func, &is_enabled);
+        let to = visible(patches, func, after);
+        if from == to {
+            continue;
+        }
+        // The flag of the patch whose code the function gets, or leaves.
+        let immediate = match (&to, &from) {
+            (Version::Code(c), _) | (Version::Original, Version::Code(c)) => patches
+                .iter()
+                .any(|p| p.name == c.patch && p.immediate_for(func)),
+            (Version::Original, Version::Original) => false,
+        };
+        let name = patches
+            .iter()
+            .flat_map(|p| &p.funcs)
+            .find(|f| f.old_addr == func)
+            .map(|f| f.old.to_string())
+            .or_else(|| stacks.get(&func).map(|s| s.name.clone()))
+            .unwrap_or_else(|| format!("{func:#x}"));
+        changes.push(FuncChange {
+            func,
+            name,
+            from,
+            to,
+            immediate,
+            trampoline: None,
+        });
+    }
+    changes
+}
+
+/// Every function a loaded patch names, with its versions in load order.
+pub(crate) fn function_versions(patches: &[Patch]) -> Vec<FunctionVersions> {
+    let mut by_func: BTreeMap<u64, FunctionVersions> = BTreeMap::new();
+    for p in patches {
+        for f in &p.funcs {
+            let e = by_func
+                .entry(f.old_addr)
+                .or_insert_with(|| FunctionVersions {
+                    name: f.old.to_string(),
+                    addr: f.old_addr,
+                    site: f.site,
+                    versions: Vec::new(),
+                    original_visible: false,
+                });
+            e.versions.push(VersionEntry {
+                patch: p.name.clone(),
+                function: f.new_name.clone(),
+                addr: f.new_addr,
+                state: p.state,
+                visible: false,
+            });
+        }
+    }
+    for fv in by_func.values_mut() {
+        match visible(patches, fv.addr, &is_enabled) {
+            Version::Code(c) => {
+                if let Some(v) = fv.versions.iter_mut().find(|v| v.patch == c.patch) {
+                    v.visible = true;
+                }
+            }
+            Version::Original => fv.original_visible = true,
+        }
+    }
+    by_func.into_values().collect()
 }

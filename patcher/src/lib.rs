@@ -6,7 +6,8 @@
 //!
 //! The engine reads like the kernel's livepatch: [`engine`] holds patches and their
 //! lifetime (core.c), [`funcs`] the per-function version stacks (patch.c), and
-//! [`transition`] with [`ticks`] the per-task switch (transition.c); [`dispatch`] is
+//! [`transition`] with [`ticks`] the per-task switch (transition.c), [`states`] the
+//! system states of cumulative patches (state.c); [`dispatch`] is
 //! what lets lpvmm do from outside what the kernel does with a flag in each task.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,8 @@ pub mod link;
 pub mod manifest;
 pub mod object;
 pub mod site;
+pub mod space;
+pub mod states;
 #[cfg(test)]
 mod tests;
 pub mod ticks;
@@ -28,7 +31,8 @@ pub mod transition;
 use introspection::{GuestError, PausedGuest};
 
 pub use engine::{Begin, Engine, Import, Patch, PatchState, PatchedFunc};
-pub use funcs::{FuncStack, NewCode, Version};
+pub use funcs::{FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
+pub use manifest::SystemState;
 pub use object::PatchObject;
 pub use transition::{Blocker, Consistency, FuncChange, Op, Outcome, Request, Transition};
 
@@ -79,6 +83,8 @@ pub enum KpError {
     NoSuchPatch(String),
     #[error("dependency: {0}")]
     Dependency(String),
+    #[error("incompatible system state: {0}")]
+    IncompatibleState(String),
     #[error("{0}")]
     State(String),
     // The guest's memory.

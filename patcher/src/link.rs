@@ -74,6 +74,17 @@ pub struct Linked {
     pub imports: Vec<(String, u64)>,
 }
 
+impl Linked {
+    /// Bytes of each region.
+    pub fn sizes(&self) -> crate::space::Sizes {
+        crate::space::Sizes {
+            code: self.code.bytes.len() as u64,
+            rodata: self.rodata.bytes.len() as u64,
+            data: self.data.bytes.len() as u64,
+        }
+    }
+}
+
 fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }

@@ -71,14 +71,26 @@ pub struct SymbolBinding {
     pub kernel: KernelSymbol,
 }
 
+/// A system state a patch establishes (the kernel livepatch's `klp_state`): an id the
+/// patch authors agree on, and the version of that state this patch handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemState {
+    pub id: u64,
+    pub version: u32,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub name: String,
     pub replacements: Vec<Replacement>,
     pub bindings: Vec<SymbolBinding>,
     pub depends: Vec<String>,
-    /// Atomic replace of every older patch (not supported yet: refused at load).
-    pub replace_all: bool,
+    /// A cumulative patch (`LPVMM_ATOMIC_REPLACE`): once enabled it is the whole truth,
+    /// and every function an older patch changed that it does not name runs the
+    /// original again.
+    pub atomic_replace: bool,
+    /// States it establishes (`LPVMM_STATE`), each id once.
+    pub states: Vec<SystemState>,
 }
 
 fn is_c_identifier(s: &str) -> bool {
@@ -93,6 +105,18 @@ pub fn valid_patch_name(s: &str) -> bool {
         && s.len() <= MAX_NAME
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// `ID:VERSION`, both decimal.
+fn parse_state(v: &str) -> Result<SystemState, &'static str> {
+    let (id, version) = v.split_once(':').ok_or("want ID:VERSION")?;
+    Ok(SystemState {
+        id: id.trim().parse().map_err(|_| "the id is not a number")?,
+        version: version
+            .trim()
+            .parse()
+            .map_err(|_| "the version is not a number")?,
+    })
 }
 
 impl Manifest {
@@ -173,8 +197,16 @@ impl Manifest {
                     }
                     m.depends.push(value.to_string());
                 }
+                "state" => {
+                    let st =
+                        parse_state(value).map_err(|e| bad(format!("state={value:.40}: {e}")))?;
+                    if m.states.iter().any(|s| s.id == st.id) {
+                        return Err(bad(format!("state {} is declared twice", st.id)));
+                    }
+                    m.states.push(st);
+                }
                 "flags" => match value {
-                    "replace" => m.replace_all = true,
+                    "replace" => m.atomic_replace = true,
                     other => return Err(bad(format!("unknown flag '{other:.40}'"))),
                 },
                 other => return Err(bad(format!("unknown key '{other:.40}'"))),
@@ -213,15 +245,18 @@ mod tests {
             "symbol=local_fn:static_fn,3",
             "depends=base",
             "replace_immediate=meminfo_proc_show:new_meminfo",
+            "state=7:2",
+            "flags=replace",
         ]))
         .unwrap();
+        assert_eq!(m.states, [SystemState { id: 7, version: 2 }]);
+        assert!(m.atomic_replace);
         assert!(!m.replacements[0].immediate && m.replacements[2].immediate);
         assert_eq!(m.name, "fix-1.2");
         assert_eq!(m.replacements[1].old.pos, Some(2));
         assert_eq!(m.replacements[1].old.to_string(), "helper,2");
         assert_eq!(m.bindings[0].kernel.name, "static_fn");
         assert_eq!(m.depends, ["base"]);
-        assert!(!m.replace_all);
     }
 
     #[test]
@@ -241,6 +276,18 @@ mod tests {
             (
                 vec!["lpvmm=1", "name=x", "replace=a:b", "color=red"],
                 "unknown key",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "state=1"],
+                "ID:VERSION",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "state=1:-1"],
+                "version is not",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "state=1:1", "state=1:2"],
+                "declared twice",
             ),
         ] {
             let e = Manifest::parse(&raw(&entries)).unwrap_err().to_string();

@@ -206,11 +206,6 @@ impl PatchObject {
             .data()
             .map_err(|e| KpError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
         let manifest = Manifest::parse(manifest_data)?;
-        if manifest.replace_all {
-            return Err(KpError::Unsupported(
-                "LPVMM_ATOMIC_REPLACE: atomic replace needs the full patch stack, not in this version".into(),
-            ));
-        }
 
         // Sections to lay out, with a map from ELF section index to ours.
         let mut sections = Vec::new();

@@ -272,37 +272,265 @@ fn a_task_inside_the_old_function_blocks_and_is_named() {
     assert_eq!(site_bytes(&f, &g, "pipe_read"), FENTRY_NOP);
 }
 
+/// A replacement of `target` in a patch with `extra` manifest lines.
+fn patch_with(name: &str, target: &str, extra: &str) -> Vec<u8> {
+    kp(
+        &format!(
+            "#include <lpvmm/patch.h>\nint nf_{name}(void) {{ return 42; }}\nLPVMM_PATCH(\"{name}\");\nLPVMM_REPLACE({target}, nf_{name});\n{extra}\n"
+        ),
+        &[],
+    )
+}
+
+fn new_addr(f: &Fixture, name: &str) -> u64 {
+    f.engine.patch(name).unwrap().funcs[0].new_addr
+}
+
+fn state(f: &Fixture, name: &str) -> PatchState {
+    f.engine.patch(name).unwrap().state
+}
+
 #[test]
-fn versions_stack_and_disable_out_of_order_is_refused() {
+fn the_visible_version_is_the_newest_enabled_in_load_order() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    for name in ["a", "b"] {
+        f.engine
+            .load(&mut g, &f.kernel, &patch_named(name, "meminfo_proc_show"))
+            .unwrap();
+    }
+    f.engine
+        .load(
+            &mut g,
+            &f.kernel,
+            &patch_named("other", "cmdline_proc_show"),
+        )
+        .unwrap();
+    let (a, b) = (new_addr(&f, "a"), new_addr(&f, "b"));
+    // B (loaded later) first, then A: B stays visible; A's enable moves nothing.
+    enable(&mut f, &mut g, "b").unwrap();
+    let t = run(&mut f, &mut g, "a", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    assert!(t.changes.is_empty(), "a hidden version changes nothing");
+    assert_eq!(site_target(&f, &g, "meminfo_proc_show"), Some(b));
+    let v = f.engine.function_versions();
+    let meminfo = v.iter().find(|v| v.name == "meminfo_proc_show").unwrap();
+    let shown: Vec<(&str, bool)> = meminfo
+        .versions
+        .iter()
+        .map(|v| (v.patch.as_str(), v.visible))
+        .collect();
+    assert_eq!(shown, [("a", false), ("b", true)]);
+    // Disabling the hidden A changes nothing visible; disabling B shows the original.
+    let before = g.ram.clone();
+    let t = run(&mut f, &mut g, "a", Op::Disable, Consistency::PerTask, 1).unwrap();
+    assert!(t.outcome == Outcome::Done && t.changes.is_empty());
+    assert!(g.ram == before, "disabling a hidden patch writes nothing");
+    disable(&mut f, &mut g, "b").unwrap();
+    assert_eq!(site_bytes(&f, &g, "meminfo_proc_show"), FENTRY_NOP);
+    // A below B, and B disabled first: A shows again.
+    enable(&mut f, &mut g, "a").unwrap();
+    enable(&mut f, &mut g, "b").unwrap();
+    disable(&mut f, &mut g, "b").unwrap();
+    assert_eq!(site_target(&f, &g, "meminfo_proc_show"), Some(a));
+    // Independent patches disable in either order.
+    enable(&mut f, &mut g, "other").unwrap();
+    disable(&mut f, &mut g, "a").unwrap();
+    disable(&mut f, &mut g, "other").unwrap();
+    enable(&mut f, &mut g, "other").unwrap();
+    enable(&mut f, &mut g, "a").unwrap();
+    disable(&mut f, &mut g, "other").unwrap();
+    disable(&mut f, &mut g, "a").unwrap();
+    assert!(f.engine.funcs().next().is_none());
+}
+
+#[test]
+fn atomic_replace_returns_what_it_does_not_name_to_the_original() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = text(&f, &g);
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("a", "meminfo_proc_show"))
+        .unwrap();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("b", "cmdline_proc_show"))
+        .unwrap();
+    enable(&mut f, &mut g, "a").unwrap();
+    enable(&mut f, &mut g, "b").unwrap();
+    let c = patch_with("c", "meminfo_proc_show", "LPVMM_ATOMIC_REPLACE();");
+    f.engine.check_load_and_enable(&c).unwrap();
+    f.engine.load(&mut g, &f.kernel, &c).unwrap();
+    let t = run(&mut f, &mut g, "c", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    let mut moved: Vec<(&str, String)> = t
+        .changes
+        .iter()
+        .map(|c| {
+            (
+                c.name.as_str(),
+                match &c.to {
+                    crate::Version::Original => "original".to_string(),
+                    crate::Version::Code(n) => n.patch.clone(),
+                },
+            )
+        })
+        .collect();
+    moved.sort();
+    assert_eq!(
+        moved,
+        [
+            ("cmdline_proc_show", "original".to_string()),
+            ("meminfo_proc_show", "c".to_string())
+        ],
+        "one transition: c's version, and a nop for what only b changed"
+    );
+    assert_eq!(
+        site_target(&f, &g, "meminfo_proc_show"),
+        Some(new_addr(&f, "c"))
+    );
+    assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), FENTRY_NOP);
+    assert_eq!(
+        (state(&f, "a"), state(&f, "b"), state(&f, "c")),
+        (
+            PatchState::Replaced,
+            PatchState::Replaced,
+            PatchState::Enabled
+        )
+    );
+    for name in ["a", "b"] {
+        let e = enable(&mut f, &mut g, name).unwrap_err();
+        assert!(e.contains("was replaced by cumulative patch 'c'"), "{e}");
+        let e = disable(&mut f, &mut g, name).unwrap_err();
+        assert!(e.contains("replaced it"), "{e}");
+    }
+    f.engine.unload(&mut g, "a").unwrap();
+    f.engine.unload(&mut g, "b").unwrap();
+    disable(&mut f, &mut g, "c").unwrap();
+    assert_eq!(
+        text(&f, &g),
+        before,
+        "disabling the replace patch restores all"
+    );
+    f.engine.unload(&mut g, "c").unwrap();
+    assert!(f.engine.patches().is_empty());
+}
+
+#[test]
+fn atomic_replace_under_per_task_reverses_back_to_the_patches_it_replaced() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
     f.engine
         .load(&mut g, &f.kernel, &patch_named("a", "meminfo_proc_show"))
         .unwrap();
+    enable(&mut f, &mut g, "a").unwrap();
+    let a = new_addr(&f, "a");
+    // C names pipe_read, where tasks 11 and 12 sleep: they wait; meminfo gets its nop.
     f.engine
-        .load(&mut g, &f.kernel, &patch_named("b", "meminfo_proc_show"))
+        .load(
+            &mut g,
+            &f.kernel,
+            &patch_with("c", "pipe_read", "LPVMM_ATOMIC_REPLACE();"),
+        )
+        .unwrap();
+    let t = run(&mut f, &mut g, "c", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.phase, Phase::Switching);
+    let mut who: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
+    who.sort();
+    assert_eq!(who, [11, 12]);
+    assert_eq!(t.changes.len(), 2);
+    f.engine.request(Request::Reverse).unwrap();
+    let t = tick(&mut f, &mut g, 3).unwrap();
+    assert_eq!(t.outcome, Outcome::Reversed);
+    assert_eq!(site_target(&f, &g, "meminfo_proc_show"), Some(a));
+    assert_eq!(site_bytes(&f, &g, "pipe_read"), FENTRY_NOP);
+    assert_eq!(
+        (state(&f, "a"), state(&f, "c")),
+        (PatchState::Enabled, PatchState::Disabled)
+    );
+}
+
+#[test]
+fn states_refuse_a_downgrade_or_a_dropped_state_before_anything_changes() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(
+            &mut g,
+            &f.kernel,
+            &patch_with("a", "meminfo_proc_show", "LPVMM_STATE(7, 2);"),
+        )
         .unwrap();
     enable(&mut f, &mut g, "a").unwrap();
-    enable(&mut f, &mut g, "b").unwrap();
-    let b_addr = f.engine.patch("b").unwrap().funcs[0].new_addr;
-    let a_addr = f.engine.patch("a").unwrap().funcs[0].new_addr;
-    let target = |f: &Fixture, g: &SynthGuest| {
-        let s = site_bytes(f, g, "meminfo_proc_show");
-        (f.sk.function("meminfo_proc_show") as i64
-            + 5
-            + i64::from(i32::from_le_bytes(s[1..5].try_into().unwrap()))) as u64
-    };
-    assert_eq!(target(&f, &g), b_addr);
-    let e = disable(&mut f, &mut g, "a").unwrap_err();
-    assert!(e.contains("newer version from patch 'b'"), "{e}");
-    disable(&mut f, &mut g, "b").unwrap();
-    assert_eq!(
-        target(&f, &g),
-        a_addr,
-        "disabling the top re-exposes the version below"
-    );
-    disable(&mut f, &mut g, "a").unwrap();
-    assert_eq!(site_bytes(&f, &g, "meminfo_proc_show"), FENTRY_NOP);
+    for (name, extra, want) in [
+        (
+            "lower",
+            "LPVMM_ATOMIC_REPLACE();\nLPVMM_STATE(7, 1);",
+            "would lower state 7 from version 2",
+        ),
+        ("drop", "LPVMM_ATOMIC_REPLACE();", "would drop state 7"),
+        ("lower2", "LPVMM_STATE(7, 1);", "would lower state 7"),
+    ] {
+        let kp = patch_with(name, "cmdline_proc_show", extra);
+        let e = f.engine.check_load_and_enable(&kp).unwrap_err().to_string();
+        assert!(e.contains(want), "{name}: {e}");
+        // Loaded anyway (disabled), its enable is refused the same way.
+        let before = g.ram.clone();
+        f.engine.load(&mut g, &f.kernel, &kp).unwrap();
+        let e = enable(&mut f, &mut g, name).unwrap_err();
+        assert!(e.contains(want), "{name}: {e}");
+        f.engine.unload(&mut g, name).unwrap();
+        assert!(f.engine.active().is_none());
+        let _ = before;
+    }
+    // Keeping or raising the version, or (not cumulative) not naming it, is fine.
+    for (name, extra) in [
+        ("same", "LPVMM_ATOMIC_REPLACE();\nLPVMM_STATE(7, 2);"),
+        ("plain", ""),
+    ] {
+        let kp = patch_with(name, "cmdline_proc_show", extra);
+        f.engine.check_load_and_enable(&kp).unwrap();
+    }
+}
+
+#[test]
+fn a_chain_of_cumulative_patches_reuses_the_space_of_unloaded_ones() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    // Two cumulative patches, each replacing the other in turn: more loads than the
+    // area holds without reuse (each takes at least a page of code).
+    let kps: Vec<Vec<u8>> = ["c0", "c1"]
+        .iter()
+        .map(|n| patch_with(n, "meminfo_proc_show", "LPVMM_ATOMIC_REPLACE();"))
+        .collect();
+    let mut steady = None;
+    let mut loads = 2;
+    for i in 0.. {
+        if i >= loads {
+            break;
+        }
+        let (name, prev) = (format!("c{}", i % 2), format!("c{}", (i + 1) % 2));
+        f.engine
+            .load(&mut g, &f.kernel, &kps[(i % 2) as usize])
+            .unwrap();
+        enable(&mut f, &mut g, &name).unwrap();
+        assert_eq!(
+            site_target(&f, &g, "meminfo_proc_show"),
+            Some(new_addr(&f, &name))
+        );
+        if i > 0 {
+            assert_eq!(state(&f, &prev), PatchState::Replaced);
+            f.engine.unload(&mut g, &prev).unwrap();
+        }
+        let used = f.engine.area_use().unwrap();
+        match steady {
+            None => {
+                steady = Some(used);
+                loads = used.code.1 / 4096 + 2;
+            }
+            Some(s) => assert_eq!(used, s, "after {i} replaces"),
+        }
+    }
+    assert!(loads > 100);
 }
 
 #[test]
@@ -390,11 +618,6 @@ fn bad_patches_are_refused_before_any_guest_byte_changes() {
             "patch area full",
             kp("#include <lpvmm/patch.h>\nchar big[8 << 20];\nint nf(void) { return big[12345]; }\nLPVMM_PATCH(\"big\");\nLPVMM_REPLACE(meminfo_proc_show, nf);\n", &[]),
             "patch area full",
-        ),
-        (
-            "atomic replace (not yet)",
-            kp("#include <lpvmm/patch.h>\nint nf(void) { return 0; }\nLPVMM_PATCH(\"r\");\nLPVMM_ATOMIC_REPLACE();\nLPVMM_REPLACE(meminfo_proc_show, nf);\n", &[]),
-            "atomic replace",
         ),
     ];
     for (what, bytes, want) in cases {
@@ -602,7 +825,8 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
         f.engine.patch("pipefix").unwrap().state,
         PatchState::Enabled
     );
-    assert_eq!(f.engine.funcs().next().unwrap().versions.len(), 1);
+    let v = f.engine.function_versions();
+    assert!(v.len() == 1 && v[0].versions.len() == 1 && v[0].versions[0].visible);
 }
 
 #[test]

@@ -15,11 +15,11 @@ use crate::dispatch::{
     self, Bank, BankState, Geometry, Targets, TaskMap, TrampolineEnv, BANKS, BANK_CODE,
     MAX_TRAMPOLINE,
 };
-use crate::engine::{check_room, Dispatch, Engine, PatchState};
+use crate::engine::{Dispatch, Engine};
 use crate::funcs::{CodeRange, FuncStack, Version};
-use crate::link::Placement;
+use crate::space::Sizes;
 use crate::transition::{
-    unsafe_because, Blocker, Consistency, Op, Outcome, Phase, Request, Transition,
+    unsafe_because, Blocker, Consistency, Outcome, Phase, Request, Transition,
 };
 use crate::{GuestWriter, KpError};
 
@@ -117,7 +117,7 @@ impl Engine {
         t.tasks = list.tasks.len();
         t.pending = blockers.len();
         for c in &t.changes {
-            self.ensure_stack(&t.patch, c.func)?;
+            self.ensure_stack(c.func)?;
         }
         if blockers.is_empty() {
             return self.complete(t, guest, &list, false);
@@ -334,7 +334,7 @@ impl Engine {
             }
         };
         for c in &t.changes {
-            self.ensure_stack(&t.patch, c.func)?;
+            self.ensure_stack(c.func)?;
         }
         if let (Some(map), Ok(g)) = (t.map.as_mut(), self.geometry()) {
             // Tasks still inside a trampoline take the target too.
@@ -447,26 +447,24 @@ impl Engine {
             };
         }
         if !t.reversed {
-            for c in &t.changes {
-                let s = self.funcs.get_mut(&c.func).expect("ensured");
-                match (&t.op, &c.to) {
-                    (Op::Enable, Version::Code(code)) => s.versions.push(code.clone()),
-                    _ => {
-                        s.versions.pop();
-                    }
-                }
-            }
-            let p = self.patch_mut(&t.patch)?;
-            match t.op {
-                Op::Enable => {
-                    p.state = PatchState::Enabled;
-                    p.enables += 1;
-                }
-                Op::Disable => p.state = PatchState::Disabled,
-            }
+            self.settle(&t.patch, t.op)?;
         }
         if forced {
-            self.patch_mut(&t.patch)?.forced = true;
+            // A task it skipped may be in any code of the transition, of whichever patch
+            // (as upstream marks every patch forced): none of it is ever unloaded.
+            let owners: Vec<String> = t
+                .changes
+                .iter()
+                .flat_map(|c| [&c.from, &c.to])
+                .filter_map(|v| match v {
+                    Version::Code(c) => Some(c.patch.clone()),
+                    Version::Original => None,
+                })
+                .chain([t.patch.clone()])
+                .collect();
+            for p in self.patches.iter_mut().filter(|p| owners.contains(&p.name)) {
+                p.forced = true;
+            }
         }
         self.drop_unused_stacks();
         t.outcome = match (forced, t.reversed, t.timed_out) {
@@ -497,7 +495,7 @@ impl Engine {
             .filter(|c| all || !c.immediate)
             .map(|c| match self.funcs.get(&c.func) {
                 Some(s) => s.code(side(c)),
-                None => self.original_code(&t.patch, c.func, side(c)),
+                None => self.original_code(c.func, side(c)),
             })
             .collect()
     }
@@ -510,11 +508,12 @@ impl Engine {
     }
 
     /// The code of `v` for a function that has no stack yet (the first enable).
-    fn original_code(&self, patch: &str, func: u64, v: &Version) -> CodeRange {
+    fn original_code(&self, func: u64, v: &Version) -> CodeRange {
         let f = self
-            .patch(patch)
-            .ok()
-            .and_then(|p| p.funcs.iter().find(|f| f.old_addr == func));
+            .patches
+            .iter()
+            .flat_map(|p| &p.funcs)
+            .find(|f| f.old_addr == func);
         match (v, f) {
             (Version::Code(c), _) => CodeRange {
                 start: c.addr,
@@ -556,26 +555,25 @@ impl Engine {
         tasks.iter().map(|x| unwinder.trace(x)).collect()
     }
 
-    /// A kernel function's version stack, created at its first redirection.
-    fn ensure_stack(&mut self, patch: &str, func: u64) -> Result<(), KpError> {
+    /// A kernel function's site record, created at its first redirection.
+    fn ensure_stack(&mut self, func: u64) -> Result<(), KpError> {
         if self.funcs.contains_key(&func) {
             return Ok(());
         }
         let f = self
-            .patch(patch)?
-            .funcs
+            .patches
             .iter()
+            .flat_map(|p| &p.funcs)
             .find(|f| f.old_addr == func)
-            .ok_or_else(|| KpError::State(format!("no function at {func:#x} in '{patch}'")))?;
+            .ok_or_else(|| KpError::State(format!("no loaded patch names {func:#x}")))?;
         let s = FuncStack::new(f.old.to_string(), f.old_addr, f.old_size, f.site, f.site_pa);
         self.funcs.insert(func, s);
         Ok(())
     }
 
-    /// Stacks of functions nothing redirects any more.
+    /// Site records of functions whose site is the original again.
     fn drop_unused_stacks(&mut self) {
-        self.funcs
-            .retain(|_, s| !s.versions.is_empty() || s.live != s.original);
+        self.funcs.retain(|_, s| s.live != s.original);
     }
 
     /// Every site still holds what lpvmm last wrote there (nothing else changed it).
@@ -717,21 +715,24 @@ impl Engine {
             .as_mut()
             .ok_or_else(|| KpError::State("no patch area".into()))?;
         let per_bank = (geometry.bitmap_bytes() + 8).div_ceil(4096) * 4096;
-        let next = area.next;
-        let after = Placement {
-            code: next.code + BANKS as u64 * BANK_CODE,
-            rodata: next.rodata,
-            data: next.data + BANKS as u64 * per_bank,
-        };
-        check_room("per-task dispatch", next, after, &area.layout)?;
-        area.next = after;
+        let runs = area.space.place(
+            "per-task dispatch (trampolines and task maps)",
+            Sizes {
+                code: BANKS as u64 * BANK_CODE,
+                rodata: 0,
+                data: BANKS as u64 * per_bank,
+            },
+        )?;
+        // Never freed: a retired bank is reused by later transitions.
+        area.space.take(runs);
+        let (code, data) = (runs.code.start, runs.data.start);
         let banks = (0..BANKS as u64)
             .map(|i| Bank {
                 code: Region {
-                    start: next.code + i * BANK_CODE,
-                    end: next.code + (i + 1) * BANK_CODE,
+                    start: code + i * BANK_CODE,
+                    end: code + (i + 1) * BANK_CODE,
                 },
-                map_va: next.data + i * per_bank,
+                map_va: data + i * per_bank,
                 map_bytes: geometry.bitmap_bytes(),
                 state: BankState::Free,
                 slots: Vec::new(),
@@ -808,7 +809,7 @@ impl PatchCode<'_> {
 
 impl ExtraCode for PatchCode<'_> {
     fn contains(&self, ip: u64) -> bool {
-        self.0.patches.iter().any(|p| p.code.contains(ip)) || self.in_trampolines(ip)
+        self.0.patches.iter().any(|p| p.runs.code.contains(ip)) || self.in_trampolines(ip)
     }
 
     fn unwind_entry(&self, ip: u64, interrupted: bool) -> Option<OrcEntry> {

@@ -16,6 +16,35 @@ pub fn host_files(files: Vec<(std::path::PathBuf, String)>) {
     *FILES.lock().unwrap_or_else(|e| e.into_inner()) = files;
 }
 
+/// A test case run once per kernel series.
+pub type SeriesCase = fn(&mut TestHost, &str) -> TestResult;
+
+/// One trial per case and series, named `CASE_6_1`, `CASE_6_12`.
+pub fn series_trials(cases: &[(&str, SeriesCase)]) -> Vec<Trial> {
+    let mut trials = Vec::new();
+    for &(name, case) in cases {
+        for series in crate::SERIES {
+            let tag = series.replace('.', "_");
+            trials.push(host_trial(format!("{name}_{tag}"), move |h| {
+                case(h, series)
+            }));
+        }
+    }
+    trials
+}
+
+/// Give the group's host the files a build step made, or end the test binary saying
+/// why they could not be built.
+pub fn host_files_or_exit(built: Result<Vec<(std::path::PathBuf, String)>, String>) {
+    match built {
+        Ok(files) => host_files(files),
+        Err(e) => {
+            eprintln!("cannot build the test patches: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// A test that runs on the group's shared host.
 ///
 /// If the test fails and the nested test host no longer answers at all (its QEMU died,

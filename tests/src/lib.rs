@@ -13,9 +13,12 @@
 mod console;
 mod group;
 mod host;
+pub mod patchtest;
 
 pub use console::{tail, Console};
-pub use group::{host_files, host_trial, local_trial, run_group};
+pub use group::{
+    host_files, host_files_or_exit, host_trial, local_trial, run_group, series_trials, SeriesCase,
+};
 pub use host::{
     platform_guest_death, BootFailure, Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT,
     CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,

@@ -7,113 +7,21 @@
 //! `gen-N`, built from patcher/examples/gen.c.in.
 
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use lpvmm_tests::patchtest::{
+    build_lpvmm, checksum, cmdline, dispatched_history, ended, kill, kp_build, patch_path, pids,
+    site_now, sleeper, status, switching, Readers,
+};
 use lpvmm_tests::{
-    check, host_files, host_trial, json, lpvmm_binary, repo_root, run_group, Guest, TestHost,
-    TestResult, SERIES, SPLATS,
+    check, host_files_or_exit, json, repo_root, run_group, series_trials, Guest, TestHost,
+    TestResult,
 };
 use serde_json::Value;
 
 const PATCHED: &str = "this has been live patched";
 /// Transitions of the consistency-under-load test.
 const GENERATIONS: u32 = 100;
-
-fn patch_path(name: &str) -> String {
-    format!("/root/patches/{name}.kp")
-}
-
-fn checksum(g: &mut Guest, what: &str) -> Result<String, String> {
-    let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
-    check!(rc == 0, "checksum {what}: {out}");
-    let sum = json(&out)?["sha256"].as_str().unwrap_or("").to_string();
-    check!(sum.len() == 64, "checksum {what} without a sha256: {out}");
-    Ok(sum)
-}
-
-fn status(g: &mut Guest) -> Result<Value, String> {
-    let (rc, out) = g.lpvmm("patch status {vm} --json")?;
-    check!(rc == 0, "patch status: {out}");
-    json(&out)
-}
-
-/// `sleep SECS` in the background, once the guest shows it asleep in `func`
-/// (/proc/PID/stack); returns its pid and that stack.
-fn sleeper(g: &mut Guest, secs: u32, func: &str) -> Result<(i64, String), String> {
-    let pid = g.spawn(&format!("sleep {secs} &"))?;
-    let mut stack = String::new();
-    for _ in 0..100 {
-        stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
-        if stack.contains(func) {
-            return Ok((pid, stack));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("sleep {pid} never reached {func}: {stack}"))
-}
-
-/// The transition in progress once it has had its first tick.
-fn switching(g: &mut Guest) -> Result<Value, String> {
-    let t0 = Instant::now();
-    loop {
-        let s = status(g)?;
-        let a = &s["active"];
-        if a["phase"] == "switching" {
-            return Ok(a.clone());
-        }
-        check!(
-            !a.is_null() || t0.elapsed() < Duration::from_secs(1),
-            "no transition in progress: {s}"
-        );
-        check!(
-            t0.elapsed() < Duration::from_secs(60),
-            "the transition never started switching: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Wait for transition `id` to end; returns it.
-fn ended(g: &mut Guest, id: u64) -> Result<Value, String> {
-    for _ in 0..300 {
-        let s = status(g)?;
-        if let Some(t) = s["history"]
-            .as_array()
-            .and_then(|h| h.iter().find(|t| t["id"] == id))
-        {
-            return Ok(t.clone());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!("transition {id} never ended"))
-}
-
-fn pids(list: &Value) -> Vec<i64> {
-    list.as_array()
-        .map(|l| l.iter().filter_map(|b| b["pid"].as_i64()).collect())
-        .unwrap_or_default()
-}
-
-/// What the site of `func` holds now (`original`, `jump`, `trampoline`).
-fn site_now(s: &Value, func: &str) -> String {
-    s["funcs"]
-        .as_array()
-        .and_then(|f| f.iter().find(|x| x["name"] == func))
-        .and_then(|x| x["site_now"].as_str())
-        .unwrap_or("original")
-        .to_string()
-}
-
-fn cmdline(g: &mut Guest) -> Result<String, String> {
-    Ok(g.run("cat /proc/cmdline")?.trim().to_string())
-}
-
-/// Kill a background job and reap it (so that the shell prints nothing about it later).
-fn kill(g: &mut Guest, pid: i64) -> TestResult {
-    g.run(&format!("kill {pid}; wait {pid} 2>/dev/null; true"))?;
-    Ok(())
-}
 
 /// Start the two-function patch per-task while `sleep` holds common_nsleep, and wait
 /// for its first tick.
@@ -565,16 +473,7 @@ fn bad_requests(host: &mut TestHost, series: &str) -> TestResult {
 fn consistency_under_load(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("consist-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
-    let boot_splats = g.run(SPLATS)?;
-    // A sleep loop: most transitions start with a `sleep` inside common_nsleep, so
-    // every other task (the readers among them) is dispatched by the trampolines until
-    // the sleep ends.
-    g.run("(while [ ! -e /tmp/stop ]; do sleep 0.2; done) >/dev/null 2>&1 &")?;
-    g.run(
-        "rm -f /tmp/stop; oc=$(cat /proc/cmdline); ov=$(cat /proc/version); \
-         pairread -G -p 4 -s /tmp/stop -a /proc/cmdline -b /proc/version \"$oc\" \"$ov\" \
-         'lpvmm cmdline gen ' 'lpvmm version gen ' >/tmp/pr.log 2>&1 &",
-    )?;
+    let readers = Readers::start(&mut g)?;
     let lp = g.host.lpvmm();
     let dir = g.host.file(&patch_path("gen-1"));
     let dir = dir.trim_end_matches("gen-1.kp");
@@ -590,70 +489,27 @@ fn consistency_under_load(host: &mut TestHost, series: &str) -> TestResult {
         let (_, st) = g.lpvmm("patch status {vm}")?;
         return Err(format!("{series}: transitions stopped: {out}\n{st}\n{why}"));
     }
-    g.run("touch /tmp/stop; wait")?;
-    let log = g.run("cat /tmp/pr.log")?;
-    check!(
-        log.contains("pairread: OK") && log.contains(&format!("max_gen={GENERATIONS}")),
-        "{series}: readers saw a mix of versions: {log}"
-    );
-    let s = status(&mut g)?;
-    let history = s["history"].as_array().cloned().unwrap_or_default();
-    check!(
-        history.iter().all(|t| t["outcome"] == "done"),
-        "{series}: a transition did not complete"
-    );
-    let multi = history
-        .iter()
-        .filter(|t| t["ticks"].as_u64() > Some(1))
-        .count();
-    check!(
-        multi * 4 >= history.len(),
-        "{series}: only {multi} of {} transitions dispatched tasks by trampoline; the test \
-         would not exercise per-task dispatch",
-        history.len()
-    );
-    let splats = g.run(SPLATS)?;
-    check!(
-        splats.trim() == boot_splats.trim(),
-        "{series}: new kernel warnings:\n{splats}"
-    );
+    let log = readers
+        .stop(&mut g, GENERATIONS)
+        .map_err(|e| format!("{series}: {e}"))?;
+    let (multi, of) = dispatched_history(&status(&mut g)?).map_err(|e| format!("{series}: {e}"))?;
     eprintln!(
-        "{series}: {GENERATIONS} per-task transitions under 4 readers: {}; of the last {}, {multi} \
-         needed more than one tick (tasks dispatched by trampoline)",
-        log.trim(),
-        history.len()
+        "{series}: {GENERATIONS} per-task transitions under 4 readers: {log}; of the last {of}, \
+         {multi} needed more than one tick (tasks dispatched by trampoline)"
     );
     g.poweroff().map(|_| ())
-}
-
-fn run(cmd: &mut Command) -> TestResult {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    check!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// Build the samples and the generations with `lpvmm kp build`.
 fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
     let out = repo_root().join("target/lpvmm-test-patches/consistency");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .args(["build", "--quiet", "-p", "lpvmm"])
-        .current_dir(repo_root()))?;
+    build_lpvmm()?;
     let examples = repo_root().join("patcher/examples");
     let mut files = Vec::new();
     for sample in ["cmdline", "nsleep-cmdline", "immediate-cmdline"] {
         let kp = out.join(format!("{sample}.kp"));
-        run(Command::new(lpvmm_binary())
-            .args(["kp", "build"])
-            .arg(examples.join(format!("{sample}.c")))
-            .arg("-o")
-            .arg(&kp))?;
+        kp_build(&examples.join(format!("{sample}.c")), &kp, &[])?;
         files.push((kp, patch_path(sample)));
     }
     let template = examples.join("gen.c.in");
@@ -661,28 +517,19 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
         let kp = out.join(format!("gen-{n}.kp"));
         let src = out.join(format!("gen-{n}.c"));
         std::fs::copy(&template, &src).map_err(|e| e.to_string())?;
-        run(Command::new(lpvmm_binary())
-            .args(["kp", "build"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&kp)
-            .arg(format!("--cflag=-DGEN={n}"))
-            .arg(format!("--cflag=-DGENSTR=\"{n}\"")))?;
+        kp_build(
+            &src,
+            &kp,
+            &[format!("-DGEN={n}"), format!("-DGENSTR=\"{n}\"")],
+        )?;
         files.push((kp, patch_path(&format!("gen-{n}"))));
     }
     Ok(files)
 }
 
 fn main() {
-    match build_patches() {
-        Ok(files) => host_files(files),
-        Err(e) => {
-            eprintln!("cannot build the test patches: {e}");
-            std::process::exit(1);
-        }
-    }
-    type Case = fn(&mut TestHost, &str) -> TestResult;
-    let cases: [(&str, Case); 6] = [
+    host_files_or_exit(build_patches());
+    run_group(series_trials(&[
         (
             "per_task_sleeper_holds_only_itself",
             sleeper_holds_only_itself,
@@ -698,15 +545,5 @@ fn main() {
             "consistency_under_load_100_transitions",
             consistency_under_load,
         ),
-    ];
-    let mut tests = Vec::new();
-    for (name, case) in cases {
-        for series in SERIES {
-            let tag = series.replace('.', "_");
-            tests.push(host_trial(format!("{name}_{tag}"), move |h| {
-                case(h, series)
-            }));
-        }
-    }
-    run_group(tests)
+    ]))
 }

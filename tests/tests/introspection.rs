@@ -2,7 +2,7 @@
 //!
 //! One test host serves every test here, one test at a time.
 
-use lpvmm_tests::{check, host_trial, json, run_group, TestHost, TestResult, SERIES};
+use lpvmm_tests::{check, host_trial, json, run_group, series_trials, TestHost, TestResult};
 
 /// Where x86-64 kernels link `_text` before KASLR moves them.
 const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
@@ -454,22 +454,12 @@ fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
 }
 
 fn main() {
-    type Case = fn(&mut TestHost, &str) -> TestResult;
-    let per_series: [(&str, Case); 4] = [
+    let mut tests = series_trials(&[
         ("vmcoreinfo_matches_guest", vmcoreinfo_matches_guest),
         ("symbols_equal_proc_kallsyms", symbols_equal_proc_kallsyms),
         ("tasks_equal_guest_view", tasks_equal_guest_view),
         ("stacks_match_proc_pid_stack", stacks_match_proc_pid_stack),
-    ];
-    let mut tests = Vec::new();
-    for (name, case) in per_series {
-        for series in SERIES {
-            let tag = series.replace('.', "_");
-            tests.push(host_trial(format!("{name}_{tag}"), move |h| {
-                case(h, series)
-            }));
-        }
-    }
+    ]);
     tests.push(host_trial(
         "sym_and_disasm_agree_with_guest",
         sym_and_disasm_agree_with_guest,

@@ -9,27 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use lpvmm_tests::patchtest::{checksum, checksums, patch_path, run_cmd as run};
 use lpvmm_tests::{
-    check, host_files, host_trial, json, lpvmm_binary, repo_root, run_group, Guest, TestHost,
-    TestResult, SERIES, SPLATS,
+    check, host_files_or_exit, json, lpvmm_binary, repo_root, run_group, series_trials, Guest,
+    TestHost, TestResult, SPLATS,
 };
 
 const PATCHED: &str = "this has been live patched";
-
-fn patch_path(name: &str) -> String {
-    format!("/root/patches/{name}.kp")
-}
-
-/// SHA-256 of the guest's kernel text and of the patch area, as lpvmm reads them.
-fn checksum(g: &mut Guest, what: &str) -> Result<String, String> {
-    let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
-    check!(rc == 0, "checksum {what}: {out}");
-    Ok(json(&out)?["sha256"].as_str().unwrap_or("").to_string())
-}
-
-fn checksums(g: &mut Guest) -> Result<(String, String), String> {
-    Ok((checksum(g, "text")?, checksum(g, "patch-area")?))
-}
 
 fn text_sum(g: &mut Guest) -> Result<String, String> {
     checksum(g, "text")
@@ -485,17 +471,6 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
     Ok(files)
 }
 
-fn run(cmd: &mut Command) -> TestResult {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    check!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// gcc with lpvmm kp build's flags but no checks (for patches that must fail at load).
 fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
     let include = std::env::temp_dir().join(format!("lpvmm-test-include-{}", std::process::id()));
@@ -529,29 +504,12 @@ fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
 }
 
 fn main() {
-    match build_patches() {
-        Ok(files) => host_files(files),
-        Err(e) => {
-            eprintln!("cannot build the test patches: {e}");
-            std::process::exit(1);
-        }
-    }
-    type Case = fn(&mut TestHost, &str) -> TestResult;
-    let cases: [(&str, Case); 5] = [
+    host_files_or_exit(build_patches());
+    run_group(series_trials(&[
         ("cmdline_patched_and_restored", cmdline),
         ("meminfo_uname_and_static_call", meminfo_uname_static),
         ("blocked_by_a_sleeping_task", blocked_transition),
         ("bad_patches_refused", bad_input),
         ("enable_disable_200_cycles_under_load", under_load),
-    ];
-    let mut tests = Vec::new();
-    for (name, case) in cases {
-        for series in SERIES {
-            let tag = series.replace('.', "_");
-            tests.push(host_trial(format!("{name}_{tag}"), move |h| {
-                case(h, series)
-            }));
-        }
-    }
-    run_group(tests)
+    ]))
 }

@@ -236,7 +236,7 @@ pub fn disasm(vm: &str, target: &str, json: bool) -> Result<i32> {
             d.site, d.target, d.to
         );
         println!(
-            "  versions, oldest first: original, {}",
+            "  versions in load order: original, {}",
             d.versions.join(", ")
         );
     }

@@ -75,6 +75,13 @@ pub enum PatchAction {
         #[arg(long)]
         json: bool,
     },
+    /// Load a patch without enabling it (enable it later with `enable`)
+    Load {
+        vm: String,
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Enable a loaded, disabled patch
     Enable {
         vm: String,
@@ -109,7 +116,7 @@ pub enum PatchAction {
 /// The words after `lpvmm patch` that name a command; `lpvmm run` refuses them as VM
 /// names, so that `lpvmm patch VM FILE` and `lpvmm patch VERB ...` never mix.
 pub const VERBS: &[&str] = &[
-    "list", "status", "enable", "disable", "reverse", "force", "unload", "help",
+    "list", "status", "load", "enable", "disable", "reverse", "force", "unload", "help",
 ];
 
 #[derive(Subcommand)]
@@ -148,6 +155,7 @@ fn timeout_ms(w: &WaitArgs) -> Result<Option<u64>> {
 pub fn patch(args: PatchArgs) -> Result<i32> {
     match args.action {
         Some(PatchAction::List { vm, json }) => list(&vm, json),
+        Some(PatchAction::Load { vm, file, json }) => load_only(&vm, &file, json),
         Some(PatchAction::Status { vm, json }) => status(&vm, json),
         Some(PatchAction::Enable { vm, name, wait }) => {
             let r: TransitionStarted = Client::connect(&vm)?.call(Request::PatchEnable {
@@ -189,7 +197,9 @@ pub fn patch(args: PatchArgs) -> Result<i32> {
     }
 }
 
-fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
+/// The file as a load request carries it, checked here already with the same checks
+/// the VMM makes.
+fn read_kp(vm: &str, file: &Path) -> Result<String> {
     // `lpvmm patch frobnicate vm1` is a mistyped command, not a VM called frobnicate.
     if !crate::control::rundir::socket_path(vm).exists() {
         bail!(
@@ -206,9 +216,31 @@ fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
             bytes.len()
         );
     }
-    // Refuse a bad file here already, with the same checks the VMM makes.
     patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
-    let kp_hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn load_only(vm: &str, file: &Path, json: bool) -> Result<i32> {
+    let kp_hex = read_kp(vm, file)?;
+    let r: PatchLoadResult = Client::connect(vm)?.call(Request::PatchLoad {
+        kp_hex,
+        enable: false,
+        timeout_ms: None,
+        consistency: Consistency::PerTask,
+    })?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "loaded '{}' into {vm}, disabled (guest paused {} us to link and check it); \
+         lpvmm patch enable {vm} {} enables it",
+        r.name, r.pause.paused_us, r.name
+    );
+    Ok(0)
+}
+
+fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
+    let kp_hex = read_kp(vm, file)?;
     let r: PatchLoadResult = Client::connect(vm)?.call(Request::PatchLoad {
         kp_hex,
         enable: true,
@@ -483,11 +515,13 @@ fn list(vm: &str, json: bool) -> Result<i32> {
     }
     for p in &s.patches {
         let funcs: Vec<&str> = p.funcs.iter().map(|f| f.old.as_str()).collect();
-        let state = if p.forced {
-            format!("{} (forced)", p.state)
-        } else {
-            p.state.clone()
-        };
+        let mut state = p.state.clone();
+        if let Some(by) = &p.replaced_by {
+            state = format!("{state} by {by}");
+        }
+        if p.forced {
+            state.push_str(" (forced)");
+        }
         println!("{:<24} {:<18} {}", p.name, state, funcs.join(", "));
     }
     Ok(0)
@@ -500,15 +534,31 @@ fn status(vm: &str, json: bool) -> Result<i32> {
     }
     if let Some(a) = &s.area {
         println!(
-            "patch area: guest-physical {:#x}+{:#x} mapped at {:#x} (code {:#x}-{:#x})",
-            a.phys_start, a.phys_size, a.va, a.code_start, a.code_end
+            "patch area: guest-physical {:#x}+{:#x} mapped at {:#x} (code {:#x}-{:#x}); in use: \
+             code {} of {} KiB, read-only data {} of {} KiB, data {} of {} KiB",
+            a.phys_start,
+            a.phys_size,
+            a.va,
+            a.code_start,
+            a.code_end,
+            a.code_used / 1024,
+            a.code_size / 1024,
+            a.rodata_used / 1024,
+            a.rodata_size / 1024,
+            a.data_used / 1024,
+            a.data_size / 1024
         );
     }
     for p in &s.patches {
         println!(
-            "patch {} ({}{}, enabled {} time(s))",
+            "patch {} ({}{}{}{}, enabled {} time(s))",
             p.name,
             p.state,
+            p.replaced_by
+                .as_ref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default(),
+            if p.atomic_replace { ", cumulative" } else { "" },
             if p.forced { ", forced" } else { "" },
             p.enables
         );
@@ -531,21 +581,33 @@ fn status(vm: &str, json: bool) -> Result<i32> {
         if !p.depends.is_empty() {
             println!("  depends on: {}", p.depends.join(", "));
         }
+        for st in &p.states {
+            println!("  state {} version {}", st.id, st.version);
+        }
     }
     for f in &s.funcs {
-        let versions: Vec<String> = std::iter::once("original".to_string())
-            .chain(
-                f.versions
-                    .iter()
-                    .map(|v| format!("{} [{}]", v.function, v.patch)),
-            )
-            .collect();
+        let mark = |visible: bool| if visible { "*" } else { "" };
+        let versions: Vec<String> =
+            std::iter::once(format!("original{}", mark(f.visible == "original")))
+                .chain(f.versions.iter().map(|v| {
+                    format!(
+                        "{} [{}, {}]{}",
+                        v.function,
+                        v.patch,
+                        v.state,
+                        mark(v.visible)
+                    )
+                }))
+                .collect();
         println!(
             "function {}: {} (site: {})",
             f.name,
             versions.join(" < "),
             f.site_now
         );
+    }
+    if !s.funcs.is_empty() {
+        println!("  (versions in load order; * is the one tasks run outside transitions)");
     }
     match &s.active {
         Some(t) => {
@@ -637,6 +699,12 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             }
             if !m.depends.is_empty() {
                 println!("depends:   {}", m.depends.join(", "));
+            }
+            if m.atomic_replace {
+                println!("cumulative: replaces every other patch when enabled (atomic replace)");
+            }
+            for st in &m.states {
+                println!("state:     {} version {}", st.id, st.version);
             }
             for s in &p.sections {
                 println!(

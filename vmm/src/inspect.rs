@@ -165,10 +165,20 @@ impl Session {
             site: s.site,
             target,
             to,
-            versions: s
-                .versions
-                .iter()
-                .map(|v| format!("{} [{}]", v.name, v.patch))
+            versions: self
+                .engine
+                .function_versions()
+                .into_iter()
+                .filter(|v| v.addr == func)
+                .flat_map(|v| v.versions)
+                .map(|v| {
+                    let how = if v.visible {
+                        "visible".to_string()
+                    } else {
+                        format!("{:?}", v.state).to_lowercase()
+                    };
+                    format!("{} [{}] ({how})", v.function, v.patch)
+                })
                 .collect(),
         })
     }

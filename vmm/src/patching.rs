@@ -82,20 +82,28 @@ impl Session {
         timeout(args.timeout_ms)?;
         let kp = hex_decode(kp_hex)?;
         if enable {
-            if let Some(t) = self.engine.active() {
-                bail!(
-                    "cannot load and enable: a transition of patch '{}' is in progress \
-                     (lpvmm patch status; lpvmm patch reverse or force)",
-                    t.patch
-                );
-            }
+            // Everything the enable would refuse is refused before the load writes.
+            self.engine.check_load_and_enable(&kp)?;
         }
         let kernel = self.kernel_attached()?;
         let Session { vm, engine, .. } = self;
         let (name, pause) = vm.paused(|g| engine.load(g, &kernel, &kp))?;
         let name = name?;
         let transition = if enable {
-            Some(self.begin(&name, Op::Enable, args, true)?)
+            match self.begin(&name, Op::Enable, args, true) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    // Checked above, so not expected; leave nothing behind regardless.
+                    let Session { vm, engine, .. } = self;
+                    let undone = vm
+                        .paused(|g| engine.unload(g, &name))
+                        .and_then(|(r, _)| r.map_err(anyhow::Error::from));
+                    if let Err(u) = undone {
+                        tracing::warn!("cannot unload {name} after a refused enable: {u:#}");
+                    }
+                    return Err(e);
+                }
+            }
         } else {
             None
         };

@@ -71,7 +71,21 @@
 /* This patch needs patch `name` to be enabled first (and keeps it from being disabled). */
 #define LPVMM_DEPENDS(name) __LPVMM_ENTRY("depends=" name)
 
-/* Take over every older patch at once (reserved: refused until the patch stack has it). */
+/*
+ * A cumulative patch: once enabled it is the whole truth. In one transition every
+ * function it names runs its version and every function another enabled patch changed
+ * that it does not name runs the kernel's original again; the other patches become
+ * "replaced" (never enabled again; unload them). See docs/patching.md.
+ */
 #define LPVMM_ATOMIC_REPLACE() __LPVMM_ENTRY("flags=replace")
+
+/*
+ * This patch establishes system state `id` (a number the patch authors agree on) at
+ * `version` (the kernel livepatch's klp_state). A patch that would lower the version
+ * of a state an enabled patch holds is refused, and so is a cumulative patch that does
+ * not carry every state the enabled patches hold.
+ */
+#define LPVMM_STATE(id, version)                                                     \
+	__LPVMM_ENTRY("state=" __LPVMM_STR(id) ":" __LPVMM_STR(version))
 
 #endif /* LPVMM_PATCH_H */

@@ -215,7 +215,8 @@ pub struct Redirect {
     pub target: u64,
     /// The target in words.
     pub to: String,
-    /// Versions stacked on the function, oldest first.
+    /// Every loaded patch's version of the function, in load order, each with its
+    /// patch's state or `visible`.
     pub versions: Vec<String>,
 }
 
@@ -259,8 +260,9 @@ pub struct TransitionStarted {
 /// and recent ones. The protocol's own view of the engine, not the engine's structs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PatchStatusResult {
+    /// In load order.
     pub patches: Vec<PatchView>,
-    /// Redirected kernel functions and their versions, oldest first.
+    /// Every kernel function a loaded patch names, with its versions in load order.
     pub funcs: Vec<FuncView>,
     pub active: Option<TransitionView>,
     /// Ended transitions, newest last.
@@ -272,13 +274,26 @@ pub struct PatchStatusResult {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PatchView {
     pub name: String,
-    /// `enabled`, `disabled`, `enabling`, `disabling` (a transition of it is in progress).
+    /// `enabled`, `disabled`, `replaced` (by a cumulative patch), or `enabling`,
+    /// `disabling` (a transition of it is in progress).
     pub state: String,
     /// A transition of it was forced: its code stays in the guest.
     pub forced: bool,
     pub enables: u64,
     pub depends: Vec<String>,
+    /// A cumulative patch (atomic replace).
+    pub atomic_replace: bool,
+    /// The cumulative patch that replaced it.
+    pub replaced_by: Option<String>,
+    /// System states it establishes.
+    pub states: Vec<StateView>,
     pub funcs: Vec<PatchFuncView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StateView {
+    pub id: u64,
+    pub version: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -297,8 +312,10 @@ pub struct FuncView {
     pub name: String,
     pub addr: u64,
     pub site: u64,
-    /// Oldest first; the last is what every task runs when no transition moves it.
+    /// In load order.
     pub versions: Vec<VersionView>,
+    /// What tasks run when no transition moves it: a patch's name, or `original`.
+    pub visible: String,
     /// What the site holds now: `original`, `jump` (straight to the top version) or
     /// `trampoline` (a transition dispatches each task).
     pub site_now: String,
@@ -309,6 +326,9 @@ pub struct VersionView {
     pub patch: String,
     pub function: String,
     pub addr: u64,
+    /// The patch's state, as in [`PatchView::state`].
+    pub state: String,
+    pub visible: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -318,6 +338,29 @@ pub struct AreaView {
     pub va: u64,
     pub code_start: u64,
     pub code_end: u64,
+    /// Bytes in use by patches and trampolines, and each region's size.
+    pub code_used: u64,
+    pub code_size: u64,
+    pub rodata_used: u64,
+    pub rodata_size: u64,
+    pub data_used: u64,
+    pub data_size: u64,
+}
+
+/// A patch's state as status shows it: `enabling`/`disabling` while a transition of
+/// it runs, else its engine state.
+fn state_now(
+    active: Option<&patcher::Transition>,
+    patch: &str,
+    state: patcher::PatchState,
+) -> &'static str {
+    match (active.filter(|t| t.patch == patch), state) {
+        (Some(t), _) if t.op == patcher::Op::Enable => "enabling",
+        (Some(_), _) => "disabling",
+        (None, patcher::PatchState::Enabled) => "enabled",
+        (None, patcher::PatchState::Disabled) => "disabled",
+        (None, patcher::PatchState::Replaced) => "replaced",
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -440,25 +483,49 @@ impl TransitionView {
     }
 }
 
+/// What the site of kernel function `func` holds now: `original`, `jump` (straight to
+/// one version) or `trampoline` (a transition dispatches each task).
+fn site_now(e: &patcher::Engine, func: u64, trampolines: &[patcher::area::Region]) -> String {
+    let Some(s) = e.funcs().find(|s| s.addr == func) else {
+        return "original".into();
+    };
+    if s.live == s.original {
+        return "original".into();
+    }
+    let rel = i32::from_le_bytes([s.live[1], s.live[2], s.live[3], s.live[4]]);
+    let to = (s.site as i64 + 5 + i64::from(rel)) as u64;
+    if trampolines.iter().any(|r| r.contains(to)) {
+        "trampoline".into()
+    } else {
+        "jump".into()
+    }
+}
+
 impl PatchStatusResult {
     pub fn of(e: &patcher::Engine) -> Self {
         let active = e.active();
         let trampolines = e.trampoline_code();
+        let u = e.area_use();
         PatchStatusResult {
             patches: e
                 .patches()
                 .iter()
                 .map(|p| PatchView {
                     name: p.name.clone(),
-                    state: match (active.filter(|t| t.patch == p.name), p.state) {
-                        (Some(t), _) if t.op == patcher::Op::Enable => "enabling".into(),
-                        (Some(_), _) => "disabling".into(),
-                        (None, patcher::PatchState::Enabled) => "enabled".into(),
-                        (None, patcher::PatchState::Disabled) => "disabled".into(),
-                    },
+                    state: state_now(active, &p.name, p.state).into(),
                     forced: p.forced,
                     enables: p.enables,
                     depends: p.depends.clone(),
+                    atomic_replace: p.atomic_replace,
+                    replaced_by: p.replaced_by.clone(),
+                    states: p
+                        .states
+                        .iter()
+                        .map(|s| StateView {
+                            id: s.id,
+                            version: s.version,
+                        })
+                        .collect(),
                     funcs: p
                         .funcs
                         .iter()
@@ -475,31 +542,29 @@ impl PatchStatusResult {
                 })
                 .collect(),
             funcs: e
-                .funcs()
-                .map(|s| FuncView {
-                    name: s.name.clone(),
-                    addr: s.addr,
-                    site: s.site,
-                    versions: s
+                .function_versions()
+                .into_iter()
+                .map(|v| FuncView {
+                    name: v.name,
+                    addr: v.addr,
+                    site: v.site,
+                    visible: v
                         .versions
                         .iter()
-                        .map(|v| VersionView {
-                            patch: v.patch.clone(),
-                            function: v.name.clone(),
-                            addr: v.addr,
+                        .find(|x| x.visible)
+                        .map_or("original".into(), |x| x.patch.clone()),
+                    versions: v
+                        .versions
+                        .into_iter()
+                        .map(|x| VersionView {
+                            state: state_now(active, &x.patch, x.state).into(),
+                            patch: x.patch,
+                            function: x.function,
+                            addr: x.addr,
+                            visible: x.visible,
                         })
                         .collect(),
-                    site_now: if s.live == s.original {
-                        "original".into()
-                    } else {
-                        let rel = i32::from_le_bytes([s.live[1], s.live[2], s.live[3], s.live[4]]);
-                        let to = (s.site as i64 + 5 + i64::from(rel)) as u64;
-                        if trampolines.iter().any(|r| r.contains(to)) {
-                            "trampoline".into()
-                        } else {
-                            "jump".into()
-                        }
-                    },
+                    site_now: site_now(e, v.addr, &trampolines),
                 })
                 .collect(),
             active: active.map(TransitionView::of),
@@ -510,6 +575,12 @@ impl PatchStatusResult {
                 va: a.va,
                 code_start: a.code.start,
                 code_end: a.code.end,
+                code_used: u.map_or(0, |u| u.code.0),
+                code_size: a.code.size(),
+                rodata_used: u.map_or(0, |u| u.rodata.0),
+                rodata_size: a.rodata.size(),
+                data_used: u.map_or(0, |u| u.data.0),
+                data_size: a.data.size(),
             }),
         }
     }

@@ -1,0 +1,238 @@
+//! Helpers the patch tests share: the guest's view (files it prints), lpvmm's view
+//! (`patch status`, checksums), sleepers held in a kernel function, and building
+//! patches with `lpvmm kp build`. Each helper fails when the value it reads is missing
+//! (a checksum without its sha256, a transition that never shows), never passes on it.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{check, json, lpvmm_binary, repo_root, Guest, TestResult, SPLATS};
+
+/// Where the test host keeps a patch the tests built.
+pub fn patch_path(name: &str) -> String {
+    format!("/root/patches/{name}.kp")
+}
+
+/// SHA-256 of the guest's kernel text (`text`) or of the patch area (`patch-area`), as
+/// lpvmm reads them.
+pub fn checksum(g: &mut Guest, what: &str) -> Result<String, String> {
+    let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
+    check!(rc == 0, "checksum {what}: {out}");
+    let sum = json(&out)?["sha256"].as_str().unwrap_or("").to_string();
+    check!(
+        sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()),
+        "checksum {what} without a sha256: {out}"
+    );
+    Ok(sum)
+}
+
+/// Kernel text and patch area checksums.
+pub fn checksums(g: &mut Guest) -> Result<(String, String), String> {
+    Ok((checksum(g, "text")?, checksum(g, "patch-area")?))
+}
+
+pub fn status(g: &mut Guest) -> Result<Value, String> {
+    let (rc, out) = g.lpvmm("patch status {vm} --json")?;
+    check!(rc == 0, "patch status: {out}");
+    let s = json(&out)?;
+    check!(
+        s["patches"].is_array(),
+        "patch status without patches: {out}"
+    );
+    Ok(s)
+}
+
+/// A loaded patch in `patch status`, which must be there.
+pub fn patch_of<'s>(s: &'s Value, name: &str) -> Result<&'s Value, String> {
+    s["patches"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .ok_or_else(|| format!("patch {name} is not in status: {}", s["patches"]))
+}
+
+/// `sleep SECS` in the background, once the guest shows it asleep in `func`
+/// (/proc/PID/stack); returns its pid and that stack.
+pub fn sleeper(g: &mut Guest, secs: u32, func: &str) -> Result<(i64, String), String> {
+    let pid = g.spawn(&format!("sleep {secs} &"))?;
+    let mut stack = String::new();
+    for _ in 0..100 {
+        stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
+        if stack.contains(func) {
+            return Ok((pid, stack));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("sleep {pid} never reached {func}: {stack}"))
+}
+
+/// The transition in progress once it has had its first tick.
+pub fn switching(g: &mut Guest) -> Result<Value, String> {
+    let t0 = Instant::now();
+    loop {
+        let s = status(g)?;
+        let a = &s["active"];
+        if a["phase"] == "switching" {
+            return Ok(a.clone());
+        }
+        check!(
+            !a.is_null() || t0.elapsed() < Duration::from_secs(1),
+            "no transition in progress: {s}"
+        );
+        check!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the transition never started switching: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Wait for transition `id` to end; returns it.
+pub fn ended(g: &mut Guest, id: u64) -> Result<Value, String> {
+    for _ in 0..300 {
+        let s = status(g)?;
+        if let Some(t) = s["history"]
+            .as_array()
+            .and_then(|h| h.iter().find(|t| t["id"] == id))
+        {
+            return Ok(t.clone());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("transition {id} never ended"))
+}
+
+/// The pids of a list of blockers.
+pub fn pids(list: &Value) -> Vec<i64> {
+    list.as_array()
+        .map(|l| l.iter().filter_map(|b| b["pid"].as_i64()).collect())
+        .unwrap_or_default()
+}
+
+/// A function in `patch status`'s `funcs`, which must be there.
+pub fn func_of<'s>(s: &'s Value, func: &str) -> Result<&'s Value, String> {
+    s["funcs"]
+        .as_array()
+        .and_then(|f| f.iter().find(|x| x["name"] == func))
+        .ok_or_else(|| format!("{func} is not in status: {}", s["funcs"]))
+}
+
+/// What the site of `func` holds now (`original`, `jump`, `trampoline`); a function no
+/// loaded patch names is `original`.
+pub fn site_now(s: &Value, func: &str) -> String {
+    match func_of(s, func) {
+        Ok(f) => f["site_now"].as_str().unwrap_or("missing").to_string(),
+        Err(_) => "original".to_string(),
+    }
+}
+
+/// The guest's /proc/cmdline.
+pub fn cmdline(g: &mut Guest) -> Result<String, String> {
+    Ok(g.run("cat /proc/cmdline")?.trim().to_string())
+}
+
+/// Kill a background job and reap it (so that the shell prints nothing about it later).
+pub fn kill(g: &mut Guest, pid: i64) -> TestResult {
+    g.run(&format!("kill {pid}; wait {pid} 2>/dev/null; true"))?;
+    Ok(())
+}
+
+/// Run a host command; fail with its output unless it succeeds.
+pub fn run_cmd(cmd: &mut Command) -> TestResult {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    check!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Build the lpvmm binary the tests run.
+pub fn build_lpvmm() -> TestResult {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_cmd(
+        Command::new(cargo)
+            .args(["build", "--quiet", "-p", "lpvmm"])
+            .current_dir(repo_root()),
+    )
+}
+
+/// `lpvmm kp build SRC -o KP` with extra compiler flags.
+pub fn kp_build(src: &Path, kp: &Path, cflags: &[String]) -> TestResult {
+    let mut cmd = Command::new(lpvmm_binary());
+    cmd.args(["kp", "build"]).arg(src).arg("-o").arg(kp);
+    for f in cflags {
+        cmd.arg(format!("--cflag={f}"));
+    }
+    run_cmd(&mut cmd)
+}
+
+/// A guest workload for transitions under load: a `sleep 0.2` loop (so that most
+/// transitions of a patch that also replaces `common_nsleep` start with a sleep inside
+/// it, and every other task is dispatched by the trampolines until it ends) and four
+/// `pairread -G` readers of /proc/cmdline and /proc/version, which check that no process
+/// ever sees an older generation (`lpvmm cmdline gen N`, `lpvmm version gen N`) after a
+/// newer one. Stop it with [`Readers::stop`].
+pub struct Readers {
+    boot_splats: String,
+}
+
+impl Readers {
+    pub fn start(g: &mut Guest) -> Result<Readers, String> {
+        let boot_splats = g.run(SPLATS)?;
+        g.run("(while [ ! -e /tmp/stop ]; do sleep 0.2; done) >/dev/null 2>&1 &")?;
+        g.run(
+            "rm -f /tmp/stop; oc=$(cat /proc/cmdline); ov=$(cat /proc/version); \
+             pairread -G -p 4 -s /tmp/stop -a /proc/cmdline -b /proc/version \"$oc\" \"$ov\" \
+             'lpvmm cmdline gen ' 'lpvmm version gen ' >/tmp/pr.log 2>&1 &",
+        )?;
+        Ok(Readers { boot_splats })
+    }
+
+    /// Stop the workload; fails unless the readers saw no violation and no bad read and
+    /// reached generation `last`, and the guest logged no new kernel warning. Returns
+    /// the readers' summary line.
+    pub fn stop(self, g: &mut Guest, last: u32) -> Result<String, String> {
+        g.run("touch /tmp/stop; wait")?;
+        let log = g.run("cat /tmp/pr.log")?;
+        check!(
+            log.contains("pairread: OK") && log.contains(&format!("max_gen={last}")),
+            "readers saw a mix of versions (or not generation {last}): {log}"
+        );
+        let splats = g.run(SPLATS)?;
+        check!(
+            splats.trim() == self.boot_splats.trim(),
+            "new kernel warnings:\n{splats}"
+        );
+        Ok(log.trim().to_string())
+    }
+}
+
+/// Every transition in `patch status`'s history completed, and at least a quarter of
+/// them needed more than one tick (so the run exercised per-task dispatch). Returns how
+/// many did, of how many.
+pub fn dispatched_history(s: &Value) -> Result<(usize, usize), String> {
+    let history = s["history"]
+        .as_array()
+        .ok_or_else(|| format!("status without history: {s}"))?;
+    check!(
+        !history.is_empty() && history.iter().all(|t| t["outcome"] == "done"),
+        "a transition did not complete: {}",
+        s["history"]
+    );
+    let multi = history
+        .iter()
+        .filter(|t| t["ticks"].as_u64() > Some(1))
+        .count();
+    check!(
+        multi * 4 >= history.len(),
+        "only {multi} of {} transitions dispatched tasks by trampoline; the run would not \
+         exercise per-task dispatch",
+        history.len()
+    );
+    Ok((multi, history.len()))
+}
