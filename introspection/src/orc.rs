@@ -28,7 +28,7 @@ pub mod reg {
     pub const SP_INDIRECT: u8 = 9;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OrcKind {
     /// No unwind information: unwinding must stop with an error.
     Undefined,
@@ -42,7 +42,7 @@ pub enum OrcKind {
     RegsPartial,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrcEntry {
     pub sp_offset: i16,
     pub bp_offset: i16,

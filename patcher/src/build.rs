@@ -55,8 +55,18 @@ pub enum BuildError {
     Compile(String, String),
     #[error("{0}")]
     Io(String),
+    /// The guest kernel's build tree for `--kernel` (packages, network, release).
+    #[error("--kernel: {0}")]
+    Kernel(String),
+    /// (Not a `#[source]`: the message already has it, and a chain would say it twice.)
     #[error("the built object is not a loadable patch: {0}")]
-    Invalid(#[from] KpError),
+    Invalid(KpError),
+}
+
+impl From<KpError> for BuildError {
+    fn from(e: KpError) -> Self {
+        BuildError::Invalid(e)
+    }
 }
 
 /// Compile `source` to `output` and check that the result is a loadable patch.

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Register};
 use introspection::kernel::Kernel;
+use introspection::orc::OrcEntry;
 use introspection::PausedGuest;
 use serde::{Deserialize, Serialize};
 
+use crate::alternatives::CpuFeatures;
 use crate::area::{self, AreaLayout, Region};
 use crate::dispatch::{Bank, Geometry};
 use crate::funcs::{self, FuncStack, FunctionVersions};
@@ -63,6 +65,13 @@ pub struct PatchedFunc {
     pub immediate: bool,
 }
 
+/// One ORC entry of a patch's code: it covers `ip` up to the next entry's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrcAt {
+    pub ip: u64,
+    pub entry: OrcEntry,
+}
+
 /// A kernel symbol the patch uses, resolved in this guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Import {
@@ -87,12 +96,22 @@ pub struct Patch {
     pub replaced_by: Option<String>,
     /// Where its code and data are in the patch area.
     pub runs: Runs,
+    /// objtool's unwind table for its code (kbuild builds), in address order; without
+    /// one, tasks unwind through its code by the frame-pointer rule.
+    #[serde(default)]
+    pub orc: Vec<OrcAt>,
     pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
 }
 
 impl Patch {
+    /// How to unwind at `ip` in its code, from its ORC table.
+    pub(crate) fn orc_at(&self, ip: u64) -> Option<OrcEntry> {
+        let i = self.orc.partition_point(|o| o.ip <= ip).checked_sub(1)?;
+        Some(self.orc[i].entry)
+    }
+
     pub(crate) fn function_at(&self, ip: u64) -> Option<&PatchedFunc> {
         self.funcs
             .iter()
@@ -347,20 +366,37 @@ impl Engine {
             rodata: r.rodata.start,
             data: r.data.start,
         };
+        let cpu = match &obj.alternatives {
+            None => None,
+            Some(alts) => {
+                if let Ok(size) = kernel.btf.struct_size("alt_instr") {
+                    if size != alts.entry_size as u64 {
+                        return Err(KpError::Unsupported(format!(
+                            "{}: its alternatives are {}-byte entries, the guest kernel's \
+                             {size}: was it built for another kernel? (lpvmm kp build --kernel)",
+                            m.name, alts.entry_size
+                        )));
+                    }
+                }
+                Some(CpuFeatures::of_guest(&mem, kernel)?)
+            }
+        };
         let sized = link::link(
             &obj,
             at(&area.space.place(&m.name, Sizes::ZERO)?),
             returns,
+            cpu.as_ref(),
             &resolve,
         )?;
         let runs = area.space.place(&m.name, sized.sizes())?;
-        let linked = link::link(&obj, at(&runs), returns, &resolve)?;
+        let linked = link::link(&obj, at(&runs), returns, cpu.as_ref(), &resolve)?;
         if linked.sizes() != sized.sizes() {
             return Err(KpError::State(format!(
                 "{}: its size changed with its address; not loaded",
                 m.name
             )));
         }
+        let orc = decode_orc(kernel, &m.name, &obj, &linked)?;
         let mut funcs = Vec::new();
         for t in targets {
             let r = t.replacement;
@@ -414,6 +450,7 @@ impl Engine {
             states: m.states.clone(),
             replaced_by: None,
             runs,
+            orc,
             imports: linked
                 .imports
                 .into_iter()
@@ -730,6 +767,34 @@ impl Engine {
     }
 }
 
+/// The patch's ORC entries decoded with the guest kernel's own layout.
+fn decode_orc(
+    kernel: &Kernel,
+    name: &str,
+    obj: &PatchObject,
+    linked: &link::Linked,
+) -> Result<Vec<OrcAt>, KpError> {
+    let Some(t) = &obj.orc else {
+        return Ok(Vec::new());
+    };
+    let format = kernel.orc.format();
+    if t.entry_size as u64 != format.entry_size {
+        return Err(KpError::Unsupported(format!(
+            "{name}: its ORC entries are {} bytes, the guest kernel's {}: was it built for \
+             another kernel? (lpvmm kp build --kernel RELEASE, as `uname -r` in the guest says)",
+            t.entry_size, format.entry_size
+        )));
+    }
+    Ok(linked
+        .orc
+        .iter()
+        .map(|(ip, raw)| OrcAt {
+            ip: *ip,
+            entry: format.decode(raw),
+        })
+        .collect())
+}
+
 /// What enabling a patch must respect, from its manifest or its loaded form.
 struct EnableRules<'a> {
     depends: &'a [String],
@@ -769,6 +834,13 @@ fn resolve_import(kernel: &Kernel, obj: &PatchObject, name: &str) -> Result<u64,
     let (kname, pos) = match m.bindings.iter().find(|b| b.local == name) {
         Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
         None => (name, None),
+    };
+    // Names the kernel's linker script gives another symbol, which kallsyms does not
+    // list (arch/x86/kernel/vmlinux.lds.S: `PROVIDE(const_pcpu_hot = pcpu_hot)`, what
+    // `current` reads on 6.x kernels with compiler segment support).
+    let kname = match kname {
+        "const_pcpu_hot" if kernel.symbols.addr("const_pcpu_hot").is_none() => "pcpu_hot",
+        other => other,
     };
     kernel
         .symbols

@@ -11,12 +11,14 @@
 //! what lets lpvmm do from outside what the kernel does with a flag in each task.
 #![forbid(unsafe_code)]
 
+pub mod alternatives;
 pub mod area;
 pub mod build;
 pub mod dispatch;
 pub mod engine;
 pub mod funcs;
 pub mod journal;
+pub mod kbuild;
 pub mod link;
 pub mod manifest;
 pub mod object;

@@ -4,11 +4,14 @@
 
 use std::collections::HashMap;
 
+use crate::alternatives::{self, CpuFeatures};
 use crate::object::{PatchObject, RelocKind, RelocTarget, SectionKind};
 use crate::KpError;
 
 /// The symbol gcc's `-mfunction-return=thunk-extern` returns through.
 pub const RETURN_THUNK: &str = "__x86_return_thunk";
+/// What `-mfentry` calls at every function's entry.
+pub const FENTRY: &str = "__fentry__";
 
 /// What `jmp __x86_return_thunk` (every `ret` of a patch) must become in this guest, as
 /// the kernel's `apply_returns()` rewrote its own: a jump to the return thunk its
@@ -72,6 +75,81 @@ pub struct Linked {
     pub functions: HashMap<String, u64>,
     /// Kernel symbols used, with the addresses they resolved to.
     pub imports: Vec<(String, u64)>,
+    /// objtool's ORC entries, each at its address, in address order (raw, in the guest
+    /// kernel's own layout).
+    pub orc: Vec<(u64, Vec<u8>)>,
+}
+
+/// Rewrite each alternative the guest would use, in the relocated images.
+fn apply_alternatives(
+    obj: &PatchObject,
+    images: &mut [Image; 3],
+    section_addrs: &[u64],
+    offsets: &[(usize, usize)],
+    cpu: Option<&CpuFeatures>,
+) -> Result<(), KpError> {
+    let Some(alts) = &obj.alternatives else {
+        return Ok(());
+    };
+    let cpu = cpu.ok_or_else(|| {
+        KpError::Unsupported("alternatives, without the guest's CPU features".into())
+    })?;
+    for a in &alts.entries {
+        if !alternatives::selected(a, cpu) {
+            continue;
+        }
+        let (ri, ro) = offsets[a.repl.section];
+        let (ii, io) = offsets[a.instr.section];
+        let repl_at = ro + a.repl.offset as usize;
+        let instr_at = io + a.instr.offset as usize;
+        let repl = images[ri].bytes[repl_at..repl_at + usize::from(a.repl_len)].to_vec();
+        let what = || {
+            let f = obj.functions.iter().find(|f| {
+                f.section == a.instr.section
+                    && a.instr.offset >= f.offset
+                    && a.instr.offset < f.offset + f.size
+            });
+            match f {
+                Some(f) => format!("{}+{:#x}", f.name, a.instr.offset - f.offset),
+                None => format!(
+                    "{}+{:#x}",
+                    obj.sections[a.instr.section].name, a.instr.offset
+                ),
+            }
+        };
+        let bytes = alternatives::rewrite(
+            a,
+            &repl,
+            section_addrs[a.repl.section] + a.repl.offset,
+            section_addrs[a.instr.section] + a.instr.offset,
+            &what,
+        )?;
+        images[ii].bytes[instr_at..instr_at + bytes.len()].copy_from_slice(&bytes);
+    }
+    Ok(())
+}
+
+/// Where the code's `%gs:disp32(%rip)` displacements are (section, offset): per-CPU
+/// accesses, whose RIP-relative address wraps around to a per-CPU offset.
+fn gs_relative_displacements(obj: &PatchObject) -> std::collections::HashSet<(usize, u64)> {
+    use iced_x86::{Decoder, DecoderOptions, Register};
+    let mut spots = std::collections::HashSet::new();
+    for (si, s) in obj.sections.iter().enumerate() {
+        if !s.kind.executable() {
+            continue;
+        }
+        let mut d = Decoder::with_ip(64, &s.bytes, 0, DecoderOptions::NONE);
+        while d.can_decode() {
+            let i = d.decode();
+            if i.segment_prefix() == Register::GS && i.is_ip_rel_memory_operand() {
+                let c = d.get_constant_offsets(&i);
+                if c.has_displacement() {
+                    spots.insert((si, i.ip() + c.displacement_offset() as u64));
+                }
+            }
+        }
+    }
+    spots
 }
 
 impl Linked {
@@ -91,10 +169,13 @@ fn align_up(v: u64, a: u64) -> u64 {
 
 /// Lay out and relocate `obj`. `resolve` gives the address of a kernel symbol the patch
 /// imports (it applies the manifest's symbol bindings).
+/// Alternatives are applied for `cpu`, the guest's CPU features (needed only when the
+/// object has alternatives).
 pub fn link(
     obj: &PatchObject,
     at: Placement,
     returns: Returns,
+    cpu: Option<&CpuFeatures>,
     resolve: &dyn Fn(&str) -> Result<u64, KpError>,
 ) -> Result<Linked, KpError> {
     let mut images = [
@@ -141,6 +222,7 @@ pub fn link(
         imports.push((name.clone(), a));
     }
 
+    let per_cpu = gs_relative_displacements(obj);
     for (si, s) in obj.sections.iter().enumerate() {
         let (ri, base_off) = offsets[si];
         for r in &s.relocs {
@@ -155,6 +237,19 @@ pub fn link(
             };
             let place = section_addrs[si] + r.offset;
             let at = base_off + r.offset as usize;
+            // The kernel turns a module's `call __fentry__` into the fentry NOP at load.
+            let is_fentry = matches!(&r.target, RelocTarget::Kernel(n) if n == FENTRY);
+            if is_fentry && r.kind == RelocKind::Pc32 {
+                let bytes = &mut images[ri].bytes;
+                if at >= 1 && bytes[at - 1] == 0xe8 {
+                    bytes[at - 1..at + 4].copy_from_slice(&crate::site::FENTRY_NOP);
+                    continue;
+                }
+                return Err(KpError::Unsupported(format!(
+                    "{}+{:#x}: a use of {FENTRY} other than `call`",
+                    s.name, r.offset
+                )));
+            }
             let is_thunk = matches!(&r.target, RelocTarget::Kernel(n) if n == RETURN_THUNK);
             if is_thunk && returns != Returns::AsSymbol && r.kind == RelocKind::Pc32 {
                 let bytes = &mut images[ri].bytes;
@@ -208,6 +303,16 @@ pub fn link(
                     .map_err(|_| out_of_range(value.into()))?
                     .to_le_bytes()
                     .to_vec(),
+                RelocKind::Pc32 if per_cpu.contains(&(si, r.offset)) => {
+                    // A `%gs:sym(%rip)` access to a per-CPU symbol (a small offset, as
+                    // 6.12's `current` is): the CPU computes the address modulo 2^64,
+                    // so it reaches the symbol from the top 2 GiB.
+                    let d = target.wrapping_add(r.addend as u64).wrapping_sub(place) as i64;
+                    i32::try_from(d)
+                        .map_err(|_| out_of_range(d.into()))?
+                        .to_le_bytes()
+                        .to_vec()
+                }
                 RelocKind::Pc32 => {
                     let d = i128::from(target) + i128::from(r.addend) - i128::from(place);
                     i32::try_from(d)
@@ -225,6 +330,14 @@ pub fn link(
         .iter()
         .map(|f| (f.name.clone(), section_addrs[f.section] + f.offset))
         .collect();
+    apply_alternatives(obj, &mut images, &section_addrs, &offsets, cpu)?;
+    let mut orc: Vec<(u64, Vec<u8>)> = obj
+        .orc
+        .iter()
+        .flat_map(|t| &t.entries)
+        .map(|e| (section_addrs[e.section] + e.offset, e.raw.clone()))
+        .collect();
+    orc.sort_by_key(|(ip, _)| *ip);
     let [code, rodata, data] = images;
     Ok(Linked {
         code,
@@ -233,5 +346,6 @@ pub fn link(
         section_addrs,
         functions,
         imports,
+        orc,
     })
 }

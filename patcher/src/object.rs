@@ -10,6 +10,7 @@ use object::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::alternatives::{Alternative, Place};
 use crate::manifest::Manifest;
 use crate::KpError;
 
@@ -98,22 +99,268 @@ pub struct PatchObject {
     pub functions: Vec<Function>,
     /// Kernel symbols the patch refers to, sorted.
     pub imports: Vec<String>,
+    /// objtool's unwind table, when the object has one (kbuild builds).
+    pub orc: Option<OrcTables>,
+    /// `.altinstructions`, applied at link time for the guest's CPU.
+    #[serde(default)]
+    pub alternatives: Option<Alternatives>,
+}
+
+/// The object's alternatives, in table order (the kernel applies them in that order: a
+/// later one may replace what an earlier one put).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alternatives {
+    /// Bytes per `struct alt_instr` (12 or 14; checked against the guest's at load).
+    pub entry_size: usize,
+    pub entries: Vec<Alternative>,
+}
+
+/// Where a relocation points: a place in a laid-out section.
+fn reloc_place(
+    file: &object::File,
+    r: &object::Relocation,
+    index_of: &std::collections::HashMap<object::SectionIndex, usize>,
+) -> Option<Place> {
+    let (s, base) = match r.target() {
+        RelocationTarget::Section(s) => (s, 0),
+        RelocationTarget::Symbol(si) => {
+            let sym = file.symbol_by_index(si).ok()?;
+            match sym.section() {
+                SymbolSection::Section(s) => (s, sym.address()),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    Some(Place {
+        section: *index_of.get(&s)?,
+        offset: base.wrapping_add(r.addend() as u64),
+    })
+}
+
+/// `.altinstructions`: each entry's two PC32 relocations (to the original instruction and
+/// to its replacement) and its feature, flags and lengths, all checked to lie in code
+/// lpvmm lays out. Two layouts of `struct alt_instr` exist (both packed): 12 bytes
+/// (`u16 cpuid; u8 instrlen; u8 replacementlen`, up to 6.1) and 14 bytes (`u32 ft_flags`
+/// with flags above bit 16, later); which one is the stride between the entries'
+/// relocations.
+fn read_alternatives(
+    file: &object::File,
+    index_of: &std::collections::HashMap<object::SectionIndex, usize>,
+    sections: &[Section],
+) -> Result<Option<Alternatives>, KpError> {
+    let Some(sec) = file.section_by_name(".altinstructions") else {
+        return Ok(None);
+    };
+    let bad = |m: String| KpError::Truncated(format!(".altinstructions: {m}"));
+    let data = sec.data().map_err(|e| bad(e.to_string()))?;
+    let relocs: Vec<(u64, object::Relocation)> = sec.relocations().collect();
+    let n = relocs.len() / 2;
+    let stride = data.len().checked_div(n).unwrap_or(0);
+    if n == 0
+        || n > MAX_ORC
+        || !relocs.len().is_multiple_of(2)
+        || stride * n != data.len()
+        || !(stride == 12 || stride == 14)
+    {
+        return Err(bad(format!(
+            "{} bytes with {} relocations is neither layout of struct alt_instr",
+            data.len(),
+            relocs.len()
+        )));
+    }
+    let mut places: Vec<[Option<Place>; 2]> = vec![[None, None]; n];
+    for (offset, r) in &relocs {
+        let (i, field) = ((*offset as usize) / stride, (*offset as usize) % stride);
+        if i >= n || (field != 0 && field != 4) {
+            return Err(bad(format!("relocation at {offset:#x}")));
+        }
+        places[i][field / 4] = reloc_place(file, r, index_of);
+    }
+    let mut entries = Vec::with_capacity(n);
+    for (i, p) in places.into_iter().enumerate() {
+        let e = &data[i * stride..(i + 1) * stride];
+        let [Some(instr), Some(repl)] = p else {
+            return Err(bad(format!("entry {i} does not point into loaded code")));
+        };
+        let (feature, flags, lens) = if stride == 14 {
+            let ft = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+            (ft as u16, (ft >> 16) as u16, (e[12], e[13]))
+        } else {
+            (u16::from_le_bytes([e[8], e[9]]), 0, (e[10], e[11]))
+        };
+        let a = Alternative {
+            instr,
+            repl,
+            feature,
+            flags,
+            instr_len: lens.0,
+            repl_len: lens.1,
+        };
+        for (what, at, len) in [
+            ("instruction", a.instr, a.instr_len),
+            ("replacement", a.repl, a.repl_len),
+        ] {
+            let s = &sections[at.section];
+            if !s.kind.executable()
+                || at
+                    .offset
+                    .checked_add(u64::from(len))
+                    .is_none_or(|end| end > s.size)
+            {
+                return Err(bad(format!("entry {i}: its {what} is not inside code")));
+            }
+        }
+        entries.push(a);
+    }
+    Ok(Some(Alternatives {
+        entry_size: stride,
+        entries,
+    }))
+}
+
+/// objtool's ORC table of the object: one raw `struct orc_entry` per address, the
+/// address as a place in a laid-out section. Entries are decoded with the guest's own
+/// layout at load.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrcTables {
+    pub entry_size: usize,
+    pub entries: Vec<OrcSpot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrcSpot {
+    /// Section (index into `sections`) and offset the entry starts at.
+    pub section: usize,
+    pub offset: u64,
+    pub raw: Vec<u8>,
+}
+
+/// At most this many ORC entries (a bound on hostile input; a patch has a few hundred).
+const MAX_ORC: usize = 1 << 20;
+
+impl OrcTables {
+    fn read(
+        file: &object::File,
+        index_of: &std::collections::HashMap<object::SectionIndex, usize>,
+    ) -> Result<Option<OrcTables>, KpError> {
+        let (Some(ips), Some(unwind)) = (
+            file.section_by_name(".orc_unwind_ip"),
+            file.section_by_name(".orc_unwind"),
+        ) else {
+            return Ok(None);
+        };
+        let bad = |m: String| KpError::Truncated(format!("ORC table: {m}"));
+        let n = (ips.size() / 4) as usize;
+        if n == 0 || n > MAX_ORC || ips.size() % 4 != 0 || unwind.size() % n as u64 != 0 {
+            return Err(bad(format!(
+                "{} addresses for {} bytes of entries",
+                ips.size() / 4,
+                unwind.size()
+            )));
+        }
+        let entry_size = (unwind.size() / n as u64) as usize;
+        if !(6..=8).contains(&entry_size) {
+            return Err(bad(format!("entries of {entry_size} bytes")));
+        }
+        let data = unwind.data().map_err(|e| bad(e.to_string()))?;
+        let mut at: Vec<Option<(usize, u64)>> = vec![None; n];
+        for (offset, r) in ips.relocations() {
+            let i = (offset / 4) as usize;
+            if offset % 4 != 0 || i >= n {
+                return Err(bad(format!("relocation at {offset:#x}")));
+            }
+            let section = match r.target() {
+                RelocationTarget::Section(s) => Some((s, 0)),
+                RelocationTarget::Symbol(si) => {
+                    file.symbol_by_index(si)
+                        .ok()
+                        .and_then(|sym| match sym.section() {
+                            SymbolSection::Section(s) => Some((s, sym.address())),
+                            _ => None,
+                        })
+                }
+                _ => None,
+            };
+            // The entry's address is S + A (a PC32 relocation, read back from its place).
+            if let Some((s, base)) = section {
+                if let Some(&ours) = index_of.get(&s) {
+                    at[i] = Some((ours, base.wrapping_add(r.addend() as u64)));
+                }
+            }
+        }
+        let mut entries = Vec::with_capacity(n);
+        for (i, spot) in at.into_iter().enumerate() {
+            // An entry for code lpvmm does not load (init code, say) is dropped.
+            let Some((section, offset)) = spot else {
+                continue;
+            };
+            let raw = data
+                .get(i * entry_size..(i + 1) * entry_size)
+                .ok_or_else(|| bad("entry past the end".into()))?
+                .to_vec();
+            entries.push(OrcSpot {
+                section,
+                offset,
+                raw,
+            });
+        }
+        Ok(Some(OrcTables {
+            entry_size,
+            entries,
+        }))
+    }
+}
+
+/// The functions a section's relocations point into (for example the functions whose
+/// faulting instructions an `__ex_table` lists).
+fn users_of(
+    file: &object::File,
+    index: object::SectionIndex,
+    index_of: &std::collections::HashMap<object::SectionIndex, usize>,
+    functions: &[Function],
+) -> Vec<String> {
+    let Ok(sec) = file.section_by_index(index) else {
+        return Vec::new();
+    };
+    let mut users = std::collections::BTreeSet::new();
+    for (_, r) in sec.relocations() {
+        let spot = match r.target() {
+            RelocationTarget::Section(s) => Some((s, 0)),
+            RelocationTarget::Symbol(si) => file.symbol_by_index(si).ok().and_then(|sym| match sym
+                .section()
+            {
+                SymbolSection::Section(s) => Some((s, sym.address())),
+                _ => None,
+            }),
+            _ => None,
+        };
+        let Some((s, base)) = spot else { continue };
+        let Some(&ours) = index_of.get(&s) else {
+            continue;
+        };
+        let off = base.wrapping_add(r.addend() as u64);
+        if let Some(f) = functions
+            .iter()
+            .find(|f| f.section == ours && off >= f.offset && off < f.offset + f.size)
+        {
+            users.insert(f.name.clone());
+        }
+    }
+    users.into_iter().collect()
 }
 
 /// Sections that make the kernel do something with the code (fix up faults, patch
-/// instructions at boot, trace calls): loading them without telling the kernel would be
-/// silently wrong, so a patch that has them is refused, with what to do instead.
+/// instructions at run time): loading them without telling the kernel would be silently
+/// wrong, so a patch that has them is refused, naming the functions that need them, with
+/// what to do instead.
 fn special_section_advice(name: &str) -> Option<&'static str> {
     Some(match name {
         "__ex_table" => "an exception table (code that may fault on user memory, e.g. inline get_user/copy_to_user): call the kernel's out-of-line helpers such as _copy_to_user instead",
-        ".altinstructions" | ".altinstr_replacement" | ".altinstr_aux" => "alternative instructions the kernel patches at boot (asm/alternative.h)",
         "__jump_table" => "static keys / jump labels (static_branch_*), which the kernel patches at run time",
         ".static_call_sites" | ".static_call.text" => "static calls, which the kernel patches at run time",
-        "__bug_table" => "BUG()/WARN() entries the kernel's trap handler looks up",
-        "__mcount_loc" | "__patchable_function_entries" => "ftrace call sites (built with -pg/-mfentry; lpvmm kp build does not use them)",
-        ".smp_locks" => "SMP lock prefixes the kernel rewrites",
+        "__bug_table" => "BUG()/WARN() entries the kernel's trap handler looks up (use pr_warn, or return an error, instead)",
         ".parainstructions" => "paravirt call sites the kernel patches",
-        ".retpoline_sites" | ".return_sites" | ".call_sites" | ".ibt_endbr_seal" => "objtool call-site tables the kernel patches at boot",
         ".data..percpu" => "per-CPU variables, which need the kernel's per-CPU allocator",
         _ if name.starts_with(".init") || name.starts_with(".exit") => "init/exit code, which never runs in a live patch",
         _ if name.starts_with(".tdata") || name.starts_with(".tbss") => "thread-local storage, which the kernel does not have",
@@ -121,18 +368,71 @@ fn special_section_advice(name: &str) -> Option<&'static str> {
     })
 }
 
-fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Option<SectionKind>, KpError> {
+/// Sections kbuild and objtool emit that lpvmm handles itself, or that leave the code
+/// correct as it was compiled, in this guest:
+/// - `__mcount_loc`, `__patchable_function_entries`: ftrace call sites; the linker turns
+///   every `call __fentry__` into the 5-byte NOP, as the kernel does at module load;
+/// - `.return_sites`: `jmp __x86_return_thunk` sites, rewritten by the linker to the
+///   guest's own choice (see [`crate::link::Returns`]);
+/// - `.retpoline_sites`: calls through the guest's `__x86_indirect_thunk_*`, which the
+///   guest itself patched for its mitigation mode, so calling them is what it chose;
+/// - `.call_sites`: call-depth accounting sites, only patched in `retbleed=stuff` mode;
+/// - `.ibt_endbr_seal`: ENDBR instructions the kernel would seal; left as they are;
+/// - `.smp_locks`: LOCK prefixes a uniprocessor kernel would drop; kept (always correct);
+/// - `.orc_unwind`, `.orc_unwind_ip`, `.orc_header`: objtool's unwind table, read
+///   separately ([`OrcTables`]);
+/// - `.altinstructions`: alternatives, read separately and applied at link time for the
+///   guest's CPU ([`crate::alternatives`]); their `.altinstr_replacement` (and
+///   `.altinstr_aux`) code is laid out as code;
+/// - `.modinfo`, `__versions`, `.gnu.linkonce.this_module`, `.comment`, `.discard.*`:
+///   module bookkeeping.
+fn handled_elsewhere(name: &str) -> bool {
+    matches!(
+        name,
+        "__mcount_loc"
+            | "__patchable_function_entries"
+            | ".return_sites"
+            | ".retpoline_sites"
+            | ".call_sites"
+            | ".ibt_endbr_seal"
+            | ".smp_locks"
+            | ".orc_unwind"
+            | ".orc_unwind_ip"
+            | ".orc_header"
+            | ".altinstructions"
+            | ".modinfo"
+            | "__versions"
+            | ".gnu.linkonce.this_module"
+            | ".comment"
+    ) || name.starts_with(".discard")
+}
+
+/// Why a section is refused, or how it is laid out (`None`: not loaded).
+enum Class {
+    Load(SectionKind),
+    Skip,
+    Refuse(&'static str),
+}
+
+fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Class, KpError> {
     let alloc = flags & u64::from(elf::SHF_ALLOC) != 0;
     let exec = flags & u64::from(elf::SHF_EXECINSTR) != 0;
-    if !alloc || name.starts_with(".lpvmm.") || name == ".eh_frame" || name.starts_with(".note") {
-        return Ok(None);
-    }
     if let Some(why) = special_section_advice(name) {
-        return Err(KpError::Unsupported(format!(
-            "section {name}: {why}; the guest kernel would have to know about it"
-        )));
+        return Ok(Class::Refuse(why));
     }
-    let k = if name == ".text" || name.starts_with(".text.") {
+    if !alloc
+        || name.starts_with(".lpvmm.")
+        || name == ".eh_frame"
+        || name.starts_with(".note")
+        || handled_elsewhere(name)
+    {
+        return Ok(Class::Skip);
+    }
+    let k = if name == ".text"
+        || name.starts_with(".text.")
+        || name == ".altinstr_replacement"
+        || name == ".altinstr_aux"
+    {
         SectionKind::Code
     } else if exec {
         return Err(KpError::Unsupported(format!(
@@ -149,7 +449,7 @@ fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Option<SectionKind>
             "section {name}: unknown allocated section; lpvmm lays out only .text*, .rodata*, .data* and .bss*"
         )));
     };
-    Ok(Some(k))
+    Ok(Class::Load(k))
 }
 
 fn reloc_kind(r_type: u32) -> Option<RelocKind> {
@@ -207,17 +507,24 @@ impl PatchObject {
             .map_err(|e| KpError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
         let manifest = Manifest::parse(manifest_data)?;
 
-        // Sections to lay out, with a map from ELF section index to ours.
+        // Sections to lay out, with a map from ELF section index to ours; sections that
+        // must be refused, refused once the functions that need them are known.
         let mut sections = Vec::new();
         let mut index_of = std::collections::HashMap::new();
+        let mut refused = Vec::new();
         for s in file.sections() {
             let name = s.name().unwrap_or("").to_string();
             let flags = match s.flags() {
                 SectionFlags::Elf { sh_flags } => sh_flags,
                 _ => 0,
             };
-            let Some(kind) = classify(&name, flags, s.kind())? else {
-                continue;
+            let kind = match classify(&name, flags, s.kind())? {
+                Class::Load(k) => k,
+                Class::Skip => continue,
+                Class::Refuse(why) => {
+                    refused.push((s.index(), name, why));
+                    continue;
+                }
             };
             // Contents are bounded by the file; zero-filled data only by a sanity limit
             // (the patch area, much smaller, refuses it with a clearer message).
@@ -278,6 +585,42 @@ impl PatchObject {
                 }
             }
         }
+
+        if !refused.is_empty() {
+            // One line per reason (an alternative has two sections, say), each with
+            // the sections and the functions that need them.
+            let mut each: Vec<String> = Vec::new();
+            let mut reasons: Vec<&str> = refused.iter().map(|r| r.2).collect();
+            reasons.dedup();
+            for why in reasons {
+                let of: Vec<_> = refused.iter().filter(|r| r.2 == why).collect();
+                let names: Vec<&str> = of.iter().map(|r| r.1.as_str()).collect();
+                let mut users: Vec<String> = of
+                    .iter()
+                    .flat_map(|r| users_of(&file, r.0, &index_of, &functions))
+                    .collect();
+                users.sort();
+                users.dedup();
+                let by = if users.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (needed by {})", users.join(", "))
+                };
+                let word = if names.len() == 1 {
+                    "section"
+                } else {
+                    "sections"
+                };
+                each.push(format!("{word} {}{by}: {why}", names.join(", ")));
+            }
+            return Err(KpError::Unsupported(format!(
+                "{}; the guest kernel would have to know about {}",
+                each.join("; "),
+                if each.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        let orc = OrcTables::read(&file, &index_of)?;
+        let alternatives = read_alternatives(&file, &index_of, &sections)?;
 
         for s in file.sections() {
             let Some(&ours) = index_of.get(&s.index()) else {
@@ -391,6 +734,8 @@ impl PatchObject {
             sections,
             functions,
             imports: imports.into_iter().collect(),
+            orc,
+            alternatives,
         })
     }
 

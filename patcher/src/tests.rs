@@ -602,7 +602,12 @@ fn bad_patches_are_refused_before_any_guest_byte_changes() {
         (
             "special section",
             kp("#include <lpvmm/patch.h>\nint nf(void) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.popsection\"); return 0; }\nLPVMM_PATCH(\"ex\");\nLPVMM_REPLACE(meminfo_proc_show, nf);\n", &[]),
-            "__ex_table",
+            "section __ex_table (needed by nf): an exception table",
+        ),
+        (
+            "a jump table and a bug table, each named with its function",
+            kp("#include <lpvmm/patch.h>\nint nf(void) { asm volatile(\"1: nop\\n.pushsection __jump_table,\\\"a\\\"\\n.long 1b - .\\n.popsection\\n.pushsection __bug_table,\\\"a\\\"\\n.long 1b - .\\n.popsection\"); return 0; }\nLPVMM_PATCH(\"two\");\nLPVMM_REPLACE(meminfo_proc_show, nf);\n", &[]),
+            "section __jump_table (needed by nf): static keys",
         ),
         (
             "target without fentry NOP",
@@ -711,10 +716,10 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
         let end = (f.offset + f.size) as usize;
         l.code.bytes[end - 5..end].to_vec()
     };
-    let ret = link(&obj, at, Returns::Ret, &resolve).unwrap();
+    let ret = link(&obj, at, Returns::Ret, None, &resolve).unwrap();
     assert_eq!(tail(&ret), [0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
     let thunk = 0xffff_ffff_8200_0000u64;
-    let jmp = link(&obj, at, Returns::Jump(thunk), &resolve).unwrap();
+    let jmp = link(&obj, at, Returns::Jump(thunk), None, &resolve).unwrap();
     let t = tail(&jmp);
     let site = at.code + f.offset + f.size - 5;
     let rel = i32::from_le_bytes(t[1..5].try_into().unwrap());
@@ -1027,4 +1032,92 @@ fn per_task_timeout_reverses_and_unloads_a_patch_loaded_for_it() {
         "the patch loaded for it is unloaded"
     );
     assert_eq!(text(&f, &g), before);
+}
+
+/// `current` on 6.12 kernels: `mov %gs:const_pcpu_hot(%rip)`, a RIP-relative address
+/// of a per-CPU symbol (a small offset), reached modulo 2^64 from the patch area, and
+/// `const_pcpu_hot` is what the kernel's linker script makes of `pcpu_hot`.
+#[test]
+fn rip_relative_per_cpu_access_reaches_the_per_cpu_symbol() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let hot = f
+        .kernel
+        .addrs
+        .pcpu_hot
+        .expect("a 6.12 synthetic kernel has pcpu_hot");
+    let src = r#"
+#include <lpvmm/patch.h>
+extern char const_pcpu_hot[];
+unsigned long nf(void)
+{
+	unsigned long v;
+	asm volatile("movq %%gs:const_pcpu_hot(%%rip), %0" : "=r"(v));
+	return v;
+}
+LPVMM_PATCH("percpu");
+LPVMM_REPLACE(meminfo_proc_show, nf);
+"#;
+    f.engine.load(&mut g, &f.kernel, &kp(src, &[])).unwrap();
+    let func = f.engine.patch("percpu").unwrap().funcs[0].clone();
+    let code = f
+        .kernel
+        .memory(&g)
+        .read_vec(func.new_addr, func.new_size as usize)
+        .unwrap();
+    let mov = iced_x86::Decoder::with_ip(64, &code, func.new_addr, iced_x86::DecoderOptions::NONE)
+        .into_iter()
+        .find(|i| i.segment_prefix() == iced_x86::Register::GS)
+        .expect("the %gs access");
+    assert!(mov.is_ip_rel_memory_operand());
+    assert_eq!(mov.ip_rel_memory_address(), hot);
+}
+
+/// objtool's table in a patch object (here written by hand in asm, as objtool would):
+/// relocated to where the code went, decoded with the guest's own ORC layout, and used
+/// for the patch's code at any instruction.
+#[test]
+fn a_patchs_orc_table_unwinds_its_code_at_every_instruction() {
+    use introspection::orc::{reg, OrcKind};
+    use introspection::stack::ExtraCode;
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    // One entry at the label: sp+8 is the CFA, a call frame (6.4+ numbering: CALL = 2).
+    let src = r#"
+#include <lpvmm/patch.h>
+int nf(void)
+{
+	asm volatile("nop\n1: nop\n"
+		     ".pushsection .orc_unwind_ip,\"a\"\n.long 1b - .\n.popsection\n"
+		     ".pushsection .orc_unwind,\"a\"\n.short 8\n.short 0\n.short 0x0205\n.popsection\n");
+	return 0;
+}
+LPVMM_PATCH("orc");
+LPVMM_REPLACE(meminfo_proc_show, nf);
+"#;
+    f.engine.load(&mut g, &f.kernel, &kp(src, &[])).unwrap();
+    let p = f.engine.patch("orc").unwrap();
+    assert_eq!(p.orc.len(), 1);
+    let at = p.orc[0];
+    let func = &p.funcs[0];
+    assert!(
+        at.ip > func.new_addr && at.ip < func.new_addr + func.new_size,
+        "{at:x?} {func:x?}"
+    );
+    assert_eq!(
+        (at.entry.sp_offset, at.entry.sp_reg, at.entry.kind),
+        (8, reg::SP, OrcKind::Call)
+    );
+    let code = crate::ticks::PatchCode(&f.engine);
+    assert_eq!(
+        code.unwind_entry(at.ip, true),
+        Some(at.entry),
+        "interrupted"
+    );
+    assert_eq!(code.unwind_entry(at.ip + 1, false), Some(at.entry));
+    assert_eq!(
+        code.unwind_entry(at.ip - 1, true),
+        None,
+        "before the first entry nothing is known"
+    );
 }

@@ -816,8 +816,15 @@ impl ExtraCode for PatchCode<'_> {
         if self.in_trampolines(ip) {
             return Some(AT_ENTRY);
         }
-        // An interrupted address may be in a prologue or epilogue, where the frame
-        // pointer is not set up: only return addresses unwind reliably.
+        // With objtool's table (kbuild builds), every instruction unwinds as the
+        // kernel's own code does.
+        if let Some(p) = self.0.patches.iter().find(|p| p.runs.code.contains(ip)) {
+            if !p.orc.is_empty() {
+                return p.orc_at(ip);
+            }
+        }
+        // Otherwise: an interrupted address may be in a prologue or epilogue, where the
+        // frame pointer is not set up, so only return addresses unwind reliably.
         if interrupted {
             return None;
         }

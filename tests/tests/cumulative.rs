@@ -374,9 +374,9 @@ fn replace_chain(host: &mut TestHost, series: &str) -> TestResult {
     let step = |g: &mut Guest, from: u32, to: u32| -> TestResult {
         let (rc, out) = g.host.exec_status(
             &format!(
-                "i={from}; while [ $i -le {to} ]; do {lp} patch {name} {dir}chain-$i.kp >/dev/null || break; \
+                "i={from}; while [ $i -le {to} ]; do {lp} patch {name} {dir}chain-$i.kp --timeout 120 >/tmp/chain.out 2>&1 || break; \
                  if [ $i -gt 1 ]; then {lp} patch unload {name} chain-$((i-1)) >/dev/null || break; fi; \
-                 i=$((i+1)); done; echo reached=$((i-1))"
+                 i=$((i+1)); done; echo reached=$((i-1)); tail -5 /tmp/chain.out"
             ),
             Duration::from_secs(1800),
         )?;

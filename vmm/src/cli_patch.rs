@@ -132,6 +132,13 @@ pub enum KpCommand {
         /// Extra compiler flag (repeatable)
         #[arg(long = "cflag", value_name = "FLAG", allow_hyphen_values = true)]
         cflags: Vec<String>,
+        /// Build with this guest kernel's own kbuild and headers (RELEASE as `uname -r`
+        /// prints it in the guest; Debian's packages are fetched once and cached)
+        #[arg(long, value_name = "RELEASE", conflicts_with_all = ["vm", "include"])]
+        kernel: Option<String>,
+        /// The same, with the release of a running VM's kernel
+        #[arg(long, value_name = "VM", conflicts_with = "include")]
+        vm: Option<String>,
     },
     /// Show what a .kp contains and what it needs from the kernel
     Inspect {
@@ -571,7 +578,7 @@ fn status(vm: &str, json: bool) -> Result<i32> {
                 f.new_addr,
                 f.new_size,
                 if f.immediate { ", immediate" } else { "" },
-                if f.frame_pointer {
+                if f.frame_pointer || p.orc_entries > 0 {
                     ""
                 } else {
                     ", no frame pointer: tasks in it block"
@@ -580,6 +587,12 @@ fn status(vm: &str, json: bool) -> Result<i32> {
         }
         if !p.depends.is_empty() {
             println!("  depends on: {}", p.depends.join(", "));
+        }
+        if p.orc_entries > 0 {
+            println!(
+                "  unwound with its ORC table ({} entries, from objtool)",
+                p.orc_entries
+            );
         }
         for st in &p.states {
             println!("  state {} version {}", st.id, st.version);
@@ -659,8 +672,18 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             output,
             include,
             cflags,
+            kernel,
+            vm,
         } => {
-            let p = patcher::build::build(&source, &output, &include, &cflags)?;
+            let release = match (kernel, vm) {
+                (Some(r), _) => Some(r),
+                (None, Some(vm)) => Some(guest_release(&vm)?),
+                (None, None) => None,
+            };
+            let p = match &release {
+                Some(r) => patcher::kbuild::build(&source, &output, r, &cflags)?,
+                None => patcher::build::build(&source, &output, &include, &cflags)?,
+            };
             let funcs: Vec<String> = p
                 .manifest
                 .replacements
@@ -668,9 +691,12 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
                 .map(|r| format!("{} -> {}", r.old, r.new))
                 .collect();
             println!(
-                "built {} ({}): {}",
+                "built {} ({}){}: {}",
                 output.display(),
                 p.manifest.name,
+                release
+                    .map(|r| format!(" with the kbuild of {r}"))
+                    .unwrap_or_default(),
                 funcs.join(", ")
             );
             Ok(0)
@@ -706,6 +732,12 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             for st in &m.states {
                 println!("state:     {} version {}", st.id, st.version);
             }
+            if let Some(orc) = &p.orc {
+                println!(
+                    "unwind:    {} ORC entries (objtool): tasks unwind through it at any instruction",
+                    orc.entries.len()
+                );
+            }
             for s in &p.sections {
                 println!(
                     "section:   {:<20} {:?}, {} bytes, {} relocations",
@@ -719,6 +751,13 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The release of a running VM's kernel, as introspection reads it.
+fn guest_release(vm: &str) -> Result<String> {
+    let k: crate::control::proto::KernelResult =
+        Client::connect(vm)?.call(Request::Kernel { reattach: false })?;
+    Ok(k.stats.release)
 }
 
 pub fn checksum(vm: &str, what: &str, json: bool) -> Result<i32> {

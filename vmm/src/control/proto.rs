@@ -287,6 +287,9 @@ pub struct PatchView {
     pub replaced_by: Option<String>,
     /// System states it establishes.
     pub states: Vec<StateView>,
+    /// Entries of objtool's unwind table for its code (kbuild builds; 0: tasks unwind
+    /// through it by its frame pointer).
+    pub orc_entries: usize,
     pub funcs: Vec<PatchFuncView>,
 }
 
@@ -518,6 +521,7 @@ impl PatchStatusResult {
                     depends: p.depends.clone(),
                     atomic_replace: p.atomic_replace,
                     replaced_by: p.replaced_by.clone(),
+                    orc_entries: p.orc.len(),
                     states: p
                         .states
                         .iter()

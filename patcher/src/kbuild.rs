@@ -1,0 +1,243 @@
+//! `lpvmm kp build --kernel RELEASE`: build a patch the way the guest kernel's own
+//! modules were built, with its kbuild against Debian's `linux-headers-RELEASE` (and the
+//! `-common` and `linux-kbuild` packages it depends on). So the object has that kernel's
+//! exact flags, config and code generation: retpolines, return thunks, IBT, `-mfentry`,
+//! objtool and its ORC table.
+//!
+//! The packages are fetched with `apt-get download` (never installed) and unpacked under
+//! `~/.cache/lpvmm/kbuild/RELEASE` (or `$XDG_CACHE_HOME`), once; later builds for the
+//! same release need no network.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::build::{BuildError, PATCH_H};
+use crate::object::PatchObject;
+
+/// A Debian kernel release as `uname -r` prints it (`6.1.0-28-cloud-amd64`): what may be
+/// put in a package name.
+pub fn valid_release(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 64
+        && r.starts_with(|c: char| c.is_ascii_digit())
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_'))
+}
+
+/// Where the unpacked headers of every release are kept.
+pub fn cache_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
+        });
+    base.join("lpvmm/kbuild")
+}
+
+/// The guest kernel's build tree: `usr/src/linux-headers-RELEASE` of the unpacked
+/// packages, fetched first if this machine has not got it yet.
+pub fn kernel_tree(release: &str) -> Result<PathBuf, BuildError> {
+    if !valid_release(release) {
+        return Err(BuildError::Kernel(format!(
+            "'{release}' is not a kernel release (say what `uname -r` prints in the guest, \
+             for example 6.1.0-28-cloud-amd64)"
+        )));
+    }
+    let dir = cache_root().join(release);
+    let tree = dir
+        .join("root/usr/src")
+        .join(format!("linux-headers-{release}"));
+    if dir.join("root/ready").exists() && tree.join("Makefile").exists() {
+        return Ok(tree);
+    }
+    fetch(release, &dir)?;
+    Ok(tree)
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
+    let out = cmd
+        .output()
+        .map_err(|e| BuildError::Kernel(format!("cannot run {what}: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(BuildError::Kernel(format!(
+            "{what} failed: {}",
+            err.trim().lines().last().unwrap_or("no message")
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The headers package and the two it needs: `(headers, common, kbuild)`.
+fn packages(release: &str) -> Result<[String; 3], BuildError> {
+    let headers = format!("linux-headers-{release}");
+    let show = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", &headers])
+        .output()
+        .map_err(|e| {
+            BuildError::Kernel(format!(
+                "cannot run apt-cache: {e} (a Debian host is needed)"
+            ))
+        })?;
+    let text = String::from_utf8_lossy(&show.stdout);
+    let depends = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Depends: "))
+        .filter(|_| show.status.success())
+        .ok_or_else(|| {
+            BuildError::Kernel(format!(
+                "Debian has no package {headers}: is '{release}' what `uname -r` prints in the \
+                 guest, and a Debian kernel? (apt-get update refreshes the package lists)"
+            ))
+        })?;
+    let find = |prefix: &str, suffix: &str| {
+        depends
+            .split(',')
+            .map(|d| d.trim().split([' ', '(']).next().unwrap_or(""))
+            .find(|d| d.starts_with(prefix) && d.ends_with(suffix))
+            .map(String::from)
+    };
+    match (find("linux-headers-", "-common"), find("linux-kbuild-", "")) {
+        (Some(common), Some(kbuild)) => Ok([headers, common, kbuild]),
+        _ => Err(BuildError::Kernel(format!(
+            "{headers} does not depend on a -common headers and a linux-kbuild package: {depends}"
+        ))),
+    }
+}
+
+/// Download and unpack the packages into `dir/root` (a fresh directory renamed into
+/// place, so that two builds at once never see half of it).
+fn fetch(release: &str, dir: &Path) -> Result<(), BuildError> {
+    let pkgs = packages(release)?;
+    let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let stage = dir.join(format!("stage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&stage);
+    let debs = stage.join("debs");
+    let root = stage.join("root");
+    std::fs::create_dir_all(&debs).map_err(io)?;
+    std::fs::create_dir_all(&root).map_err(io)?;
+    let user = run(Command::new("id").arg("-un"), "id -un")?;
+    let downloaded = run(
+        Command::new("apt-get")
+            .args(["download", "-qq", "-o"])
+            .arg(format!("APT::Sandbox::User={}", user.trim()))
+            .args(&pkgs)
+            .current_dir(&debs),
+        &format!("apt-get download {}", pkgs.join(" ")),
+    );
+    if let Err(e) = downloaded {
+        let _ = std::fs::remove_dir_all(&stage);
+        return Err(BuildError::Kernel(format!(
+            "{e} (cannot reach Debian's package registry? a release built once before builds \
+             offline from {})",
+            cache_root().display()
+        )));
+    }
+    for deb in std::fs::read_dir(&debs).map_err(io)? {
+        let deb = deb.map_err(io)?.path();
+        run(
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+            &format!("dpkg-deb -x {}", deb.display()),
+        )?;
+    }
+    // The flavour's Makefile includes the common one by its installed path; point it at
+    // the unpacked copy (relative links, such as scripts/, work as they are).
+    let final_root = dir.join("root");
+    let makefile = root
+        .join("usr/src")
+        .join(format!("linux-headers-{release}"))
+        .join("Makefile");
+    let text = std::fs::read_to_string(&makefile)
+        .map_err(|e| BuildError::Kernel(format!("{}: {e}", makefile.display())))?;
+    let fixed = text.replace("/usr/src/", &format!("{}/usr/src/", final_root.display()));
+    std::fs::write(&makefile, fixed).map_err(io)?;
+    std::fs::write(root.join("ready"), release).map_err(io)?;
+    let _ = std::fs::remove_dir_all(&debs);
+    if std::fs::rename(&root, &final_root).is_err() {
+        // Another build put it there first, or a stale copy without `ready` is there.
+        if !final_root.join("ready").exists() {
+            let _ = std::fs::remove_dir_all(&final_root);
+            std::fs::rename(&root, &final_root).map_err(io)?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&stage);
+    Ok(())
+}
+
+/// Build `source` as the one object of a kbuild module against the headers of `release`, with
+/// `lpvmm/patch.h` on the include path and `extra` compiler flags; returns the object's
+/// bytes, checked for nothing.
+pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>, BuildError> {
+    let tree = kernel_tree(release)?;
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = std::env::temp_dir().join(format!("lpvmm-kbuild-{}-{seq}", std::process::id()));
+    let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", work.display()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("include/lpvmm")).map_err(io)?;
+    std::fs::write(work.join("include/lpvmm/patch.h"), PATCH_H).map_err(io)?;
+    std::fs::copy(source, work.join("lpvmm_patch.c"))
+        .map_err(|e| BuildError::Io(format!("reading {}: {e}", source.display())))?;
+    std::fs::write(
+        work.join("Kbuild"),
+        "obj-m := lpvmm_patch.o\nccflags-y := -I$(src)/include\n",
+    )
+    .map_err(io)?;
+    let out = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&tree)
+        .arg(format!("M={}", work.display()))
+        // The object alone, compiled and checked by objtool as the kernel's own modules'
+        // objects are; no modpost (lpvmm resolves every symbol, exported or not, from
+        // the guest's kallsyms), no BTF (lpvmm reads the kernel's).
+        .arg("CONFIG_DEBUG_INFO_BTF_MODULES=")
+        .arg(format!("KCFLAGS={}", extra.join(" ")))
+        .arg("lpvmm_patch.o")
+        .output()
+        .map_err(|e| BuildError::NoCompiler("make".into(), e))?;
+    let result = if out.status.success() {
+        let obj = work.join("lpvmm_patch.o");
+        std::fs::read(&obj).map_err(|e| BuildError::Io(format!("reading {}: {e}", obj.display())))
+    } else {
+        Err(BuildError::Compile(
+            format!("kbuild of {} for {release}", source.display()),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Build `source` with the guest kernel's kbuild into `output`, checked as `load` will.
+pub fn build(
+    source: &Path,
+    output: &Path,
+    release: &str,
+    extra: &[String],
+) -> Result<PatchObject, BuildError> {
+    let bytes = compile(source, release, extra)?;
+    let parsed = PatchObject::parse(&bytes)?;
+    std::fs::write(output, &bytes)
+        .map_err(|e| BuildError::Io(format!("writing {}: {e}", output.display())))?;
+    Ok(parsed)
+}
+
+#[cfg(test)]
+#[test]
+fn releases_are_checked_before_they_reach_apt() {
+    assert!(valid_release("6.1.0-28-cloud-amd64"));
+    assert!(valid_release("6.12.57+deb13-cloud-amd64"));
+    for bad in ["", "-rf", "6.1 0", "6.1;ls", "../x", "cloud-amd64"] {
+        assert!(!valid_release(bad), "{bad}");
+    }
+    assert!(kernel_tree("6.1;ls")
+        .unwrap_err()
+        .to_string()
+        .contains("not a kernel release"));
+}

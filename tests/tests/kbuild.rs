@@ -1,0 +1,403 @@
+//! Patches written as kernel code (patcher/examples/kbuild/), built with each guest
+//! kernel's own kbuild against Debian's headers for it (`lpvmm kp build --kernel`), on
+//! real KVM (native or nested), both kernel series: what the guest prints, lpvmm's
+//! unwinding through the new code with objtool's ORC table, refusals of what the guest
+//! would have to know about, and the errors of `--kernel` itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lpvmm_tests::patchtest::{
+    build_lpvmm, checksum, checksums, patch_path, pids, sleeper, status, switching,
+};
+use lpvmm_tests::{
+    check, host_files_or_exit, images_dir, json, local_trial, lpvmm_binary, repo_root, run_group,
+    series_trials, Guest, TestHost, TestResult, SERIES,
+};
+use serde_json::Value;
+
+/// The samples built for each series; the `bad-` ones only compiled (lpvmm refuses them).
+const SAMPLES: &[&str] = &["loadavg", "current", "features", "nsleep", "spin"];
+const BAD: &[&str] = &["bad-get-user", "bad-warn"];
+
+/// The guest kernel release of `series` (what `uname -r` prints in it).
+fn release(series: &str) -> Result<String, String> {
+    let p = images_dir().join(format!("guest-{series}/release"));
+    let r = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let r = r.trim().to_string();
+    check!(!r.is_empty(), "{} is empty", p.display());
+    Ok(r)
+}
+
+fn sample(name: &str) -> PathBuf {
+    repo_root().join(format!("patcher/examples/kbuild/{name}.c"))
+}
+
+fn kp(series: &str, name: &str) -> String {
+    patch_path(&format!("kbuild-{series}-{name}"))
+}
+
+fn apply(g: &mut Guest, series: &str, name: &str) -> TestResult {
+    let file = g.host.file(&kp(series, name));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    check!(rc == 0, "{series}: patch {name}: {out}");
+    Ok(())
+}
+
+fn verb(g: &mut Guest, verb: &str, name: &str) -> TestResult {
+    let (rc, out) = g.lpvmm(&format!("patch {verb} {{vm}} {name}"))?;
+    check!(rc == 0, "patch {verb} {name}: {out}");
+    Ok(())
+}
+
+/// `lpvmm kp build SRC -o OUT --kernel RELEASE`, with `env` set; returns its exit code
+/// and output.
+fn kp_build(src: &Path, out: &Path, release: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(lpvmm_binary());
+    cmd.args(["kp", "build"])
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .args(["--kernel", release]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    match cmd.output() {
+        Ok(o) => (
+            o.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (-1, format!("{cmd:?}: {e}")),
+    }
+}
+
+/// The five fields of /proc/loadavg: three averages, `running/threads`, last pid.
+fn loadavg_fields(line: &str) -> Result<(Vec<f64>, u32, u32, i64), String> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    check!(f.len() >= 5, "not /proc/loadavg: {line:?}");
+    let avg: Vec<f64> = f[..3].iter().filter_map(|x| x.parse().ok()).collect();
+    let (run, threads) = f[3].split_once('/').ok_or(format!("field 4 of {line:?}"))?;
+    let run: u32 = run.parse().map_err(|_| format!("running in {line:?}"))?;
+    let threads: u32 = threads
+        .parse()
+        .map_err(|_| format!("threads in {line:?}"))?;
+    let pid: i64 = f[4].parse().map_err(|_| format!("last pid in {line:?}"))?;
+    check!(avg.len() == 3, "averages in {line:?}");
+    Ok((avg, run, threads, pid))
+}
+
+/// Acceptance 1: the kernel's own loadavg_proc_show, changed and rebuilt.
+fn loadavg(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbload-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let text_before = checksum(&mut g, "text")?;
+    let before = g.run("cat /proc/loadavg")?.trim().to_string();
+    let (_, _, threads0, pid0) = loadavg_fields(&before)?;
+    apply(&mut g, series, "loadavg")?;
+    let after = g.run("cat /proc/loadavg")?.trim().to_string();
+    check!(
+        after.ends_with(" lpvmm") && after.split_whitespace().count() == 6,
+        "{series}: patched /proc/loadavg: {after:?}"
+    );
+    let (_, run, threads, pid) = loadavg_fields(&after)?;
+    check!(
+        run >= 1 && threads.abs_diff(threads0) <= 20 && pid > pid0 && pid < pid0 + 200,
+        "{series}: the patched numbers are not the real ones: {before:?} then {after:?}"
+    );
+    eprintln!("{series}: /proc/loadavg {before:?} -> {after:?}");
+    verb(&mut g, "disable", "loadavg")?;
+    let back = g.run("cat /proc/loadavg")?.trim().to_string();
+    check!(
+        !back.contains("lpvmm") && loadavg_fields(&back).is_ok(),
+        "{series}: after disable: {back:?}"
+    );
+    check!(
+        checksum(&mut g, "text")? == text_before,
+        "{series}: kernel text after disable differs from before"
+    );
+    verb(&mut g, "unload", "loadavg")?;
+    g.poweroff().map(|_| ())
+}
+
+/// Acceptance 2: `current`, its fields through the real headers, a function the kernel
+/// does not export; and alternatives applied for the guest's CPU.
+fn current(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbcur-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    apply(&mut g, series, "current")?;
+    let out = g.run("sh -c 'echo $$; exec cat /proc/cmdline'")?;
+    let mut lines = out.lines().map(str::trim);
+    let pid = lines.next().unwrap_or("");
+    let line = lines.next().unwrap_or("");
+    let want = format!("comm=cat pid={pid} tgid={pid} processes=");
+    check!(
+        !pid.is_empty() && line.starts_with(&want),
+        "{series}: /proc/cmdline read by pid {pid}: {line:?} (want {want}N)"
+    );
+    let n: i64 = line
+        .rsplit('=')
+        .next()
+        .and_then(|x| x.parse().ok())
+        .ok_or(format!("{series}: no process count in {line:?}"))?;
+    let tasks: i64 = g
+        .run("ls /proc/*/task | grep -c '^[0-9]'")?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{series}: counting tasks: {e}"))?;
+    check!(
+        n > 0 && (n - tasks).abs() <= 20,
+        "{series}: nr_processes() says {n}, the guest has about {tasks} tasks"
+    );
+    eprintln!("{series}: {line}");
+    verb(&mut g, "disable", "current")?;
+
+    // Alternatives, linked for the guest's own CPU features: applied exactly where the
+    // guest's /proc/cpuinfo has the feature; static_cpu_has() says what it says.
+    apply(&mut g, series, "features")?;
+    let line = g.run("cat /proc/cmdline")?.trim().to_string();
+    let flags = g.run("grep -m1 '^flags' /proc/cpuinfo")?;
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    // alt(F) is 1 as compiled, 2 where the replacement was applied.
+    let applied = format!(
+        "always=2 hypervisor={} la57={}",
+        1 + u8::from(has("hypervisor")),
+        1 + u8::from(has("la57"))
+    );
+    let cpu_has = ["hypervisor", "avx2", "xsave", "la57"]
+        .iter()
+        .map(|f| format!("{f}={}", u8::from(has(f))))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let want = format!("{applied} | {cpu_has}");
+    check!(
+        line == want,
+        "{series}: alternatives for the guest's CPU: the patch says {line:?}, /proc/cpuinfo {want:?}"
+    );
+    eprintln!("{series}: alternatives in the patch: {line}");
+    verb(&mut g, "disable", "features")?;
+    g.poweroff().map(|_| ())
+}
+
+/// The frames of a trace, innermost first.
+fn frames(trace: &Value) -> Vec<Value> {
+    trace["frames"].as_array().cloned().unwrap_or_default()
+}
+
+/// Acceptance 3: a task asleep in, and one interrupted in, kbuild-built code unwind
+/// reliably through it with its ORC table; the blocker of a disable agrees.
+fn orc(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kborc-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    apply(&mut g, series, "nsleep")?;
+    let s = status(&mut g)?;
+    check!(
+        s["patches"][0]["orc_entries"].as_u64() > Some(0),
+        "{series}: the kbuild-built patch has no ORC entries: {}",
+        s["patches"][0]
+    );
+    let (pid, guest_stack) = sleeper(&mut g, 1000, "hrtimer_nanosleep")?;
+    let (rc, out) = g.lpvmm(&format!("stack {{vm}} {pid} --json"))?;
+    check!(rc == 0, "{series}: stack: {out}");
+    let trace = json(&out)?["traces"][0].clone();
+    let names: Vec<String> = frames(&trace)
+        .iter()
+        .filter(|f| f["sched"] != true)
+        .filter_map(|f| f["symbol"].as_str().map(String::from))
+        .collect();
+    let at = names.iter().position(|n| {
+        n.starts_with("lpvmm_kbuild_common_nsleep+") && n.ends_with("[kbuild-nsleep]")
+    });
+    check!(
+        trace["reliable"] == true
+            && at.is_some_and(|i| i > 0
+                && names[i - 1].starts_with("hrtimer_nanosleep+")
+                && names.get(i + 1).is_some_and(|n| n.contains("sys_clock_nanosleep"))),
+        "{series}: a sleep in kbuild-built common_nsleep:\n{names:#?}\nguest: {guest_stack}\n{trace}"
+    );
+    // The guest's own view, above the new function, is the same.
+    let guest: Vec<&str> = guest_stack
+        .lines()
+        .filter_map(|l| l.split_once("] ").map(|(_, f)| f.trim()))
+        .take_while(|f| !f.starts_with("0x"))
+        .collect();
+    let ours: Vec<&str> = names.iter().map(String::as_str).collect();
+    check!(
+        !guest.is_empty() && ours.len() >= guest.len() && ours[..guest.len()] == guest[..],
+        "{series}: frames above the new function:\nlpvmm {ours:#?}\nguest {guest:#?}"
+    );
+    // Its disable is held by that task, named through the new code.
+    let (rc, out) = g.lpvmm("patch disable {vm} kbuild-nsleep --no-wait")?;
+    check!(rc == 0, "{series}: disable: {out}");
+    let t = switching(&mut g)?;
+    let reason = t["blockers"][0]["reason"].as_str().unwrap_or("");
+    check!(
+        pids(&t["blockers"]) == [pid]
+            && reason.contains("lpvmm_kbuild_common_nsleep [kbuild-nsleep]"),
+        "{series}: blockers of the disable: {}",
+        t["blockers"]
+    );
+    let (rc, out) = g.lpvmm("patch reverse {vm}")?;
+    check!(rc == 0, "{series}: reverse: {out}");
+    g.run(&format!("kill {pid}; wait {pid} 2>/dev/null; true"))?;
+
+    // Interrupted inside the new code: a reader of /proc/version spends most of its time
+    // in the spinning version_proc_show.
+    apply(&mut g, series, "spin")?;
+    let reader = g.spawn("(while :; do read -r x < /proc/version; done) &")?;
+    let mut seen = None;
+    for _ in 0..60 {
+        let (rc, out) = g.lpvmm(&format!("stack {{vm}} {reader} --json"))?;
+        check!(rc == 0, "{series}: stack: {out}");
+        let trace = json(&out)?["traces"][0].clone();
+        let top = frames(&trace).first().cloned().unwrap_or_default();
+        let in_spin = top["interrupted"] == true
+            && top["symbol"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("lpvmm_spin_version_proc_show+"));
+        if in_spin {
+            seen = Some(trace);
+            break;
+        }
+    }
+    g.run(&format!("kill {reader}; wait {reader} 2>/dev/null; true"))?;
+    let trace = seen.ok_or(format!(
+        "{series}: in 60 samples the reader was never interrupted inside the spinning function"
+    ))?;
+    let all = frames(&trace);
+    let names: Vec<&str> = all
+        .iter()
+        .filter_map(|f| f["symbol"].as_str())
+        .map(|s| s.split('+').next().unwrap_or(s))
+        .collect();
+    check!(
+        trace["reliable"] == true && names.contains(&"seq_read_iter"),
+        "{series}: interrupted in kbuild-built code, the trace must be reliable and reach \
+         its callers: {names:?}\n{trace}"
+    );
+    eprintln!("{series}: interrupted in the new code: {names:?}");
+    verb(&mut g, "disable", "spin")?;
+    g.poweroff().map(|_| ())
+}
+
+/// Acceptance 4: what the guest would have to know about is refused, naming the section
+/// and the function, and nothing changes.
+fn refused(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbbad-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 1, "")?;
+    let before = checksums(&mut g)?;
+    for (bad, want) in [
+        (
+            "bad-get-user",
+            "section __ex_table (needed by lpvmm_bad_cmdline_proc_show)",
+        ),
+        (
+            "bad-warn",
+            "section __bug_table (needed by lpvmm_warn_cmdline_proc_show)",
+        ),
+    ] {
+        let file = g.host.file(&kp(series, bad));
+        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+        check!(
+            rc != 0 && out.contains(want),
+            "{series}: {bad} should be refused with '{want}': {out}"
+        );
+        eprintln!("{series}: refused as it should be: {}", out.trim());
+        check!(
+            checksums(&mut g)? == before,
+            "{series}: refused {bad} changed kernel text or the patch area"
+        );
+    }
+    g.poweroff().map(|_| ())
+}
+
+/// Acceptance 5: `--kernel` with a release Debian does not have, or without the network
+/// for an uncached one, fails clearly; a cached release builds offline.
+fn kernel_errors() -> TestResult {
+    let tmp = std::env::temp_dir().join(format!("lpvmm-kbuild-test-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let out = tmp.join("x.kp");
+    let src = sample("loadavg");
+    let (rc, msg) = kp_build(&src, &out, "9.9.9-1-nosuch-amd64", &[]);
+    check!(
+        rc != 0 && msg.contains("Debian has no package linux-headers-9.9.9-1-nosuch-amd64"),
+        "an unknown release: {msg}"
+    );
+    // No route to the registry: apt reads this file last, so its proxy wins.
+    let apt = tmp.join("apt.conf");
+    std::fs::write(
+        &apt,
+        "Acquire::http::Proxy \"http://127.0.0.1:9\";\nAcquire::https::Proxy \"http://127.0.0.1:9\";\nAcquire::Retries \"0\";\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let apt = apt.to_string_lossy().to_string();
+    let empty_cache = tmp.join("cache");
+    let empty_cache = empty_cache.to_string_lossy().to_string();
+    let rel = release("6.1")?;
+    let (rc, msg) = kp_build(
+        &src,
+        &out,
+        &rel,
+        &[("APT_CONFIG", &apt), ("XDG_CACHE_HOME", &empty_cache)],
+    );
+    check!(
+        rc != 0 && msg.contains("cannot reach Debian's package registry?"),
+        "an uncached release without network: {msg}"
+    );
+    check!(!out.exists(), "a failed build left {}", out.display());
+    // The release the suite built before is cached: it builds with the network gone.
+    let (rc, msg) = kp_build(&src, &out, &rel, &[("APT_CONFIG", &apt)]);
+    check!(
+        rc == 0 && msg.contains(&format!("with the kbuild of {rel}")),
+        "a cached release offline: {msg}"
+    );
+    // The header-less build refuses the same bad patches at build time already.
+    let (rc, msg) = kp_build(&sample("bad-warn"), &out, &rel, &[]);
+    check!(
+        rc != 0 && msg.contains("__bug_table (needed by lpvmm_warn_cmdline_proc_show)"),
+        "kp build of bad-warn: {msg}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+/// Build every sample for both series with the guest's kbuild (the bad ones without
+/// lpvmm's checks, as a user's object could arrive).
+fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
+    build_lpvmm()?;
+    let mut files = Vec::new();
+    for series in SERIES {
+        let rel = release(series)?;
+        let out = repo_root().join(format!("target/lpvmm-test-patches/kbuild/{series}"));
+        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+        for name in SAMPLES {
+            let kp_file = out.join(format!("{name}.kp"));
+            let (rc, msg) = kp_build(&sample(name), &kp_file, &rel, &[]);
+            check!(rc == 0, "kp build {name} --kernel {rel}: {msg}");
+            files.push((kp_file, kp(series, name)));
+        }
+        for name in BAD {
+            let bytes = patcher::kbuild::compile(&sample(name), &rel, &[])
+                .map_err(|e| format!("kbuild of {name} for {rel}: {e}"))?;
+            let kp_file = out.join(format!("{name}.kp"));
+            std::fs::write(&kp_file, bytes).map_err(|e| e.to_string())?;
+            files.push((kp_file, kp(series, name)));
+        }
+    }
+    Ok(files)
+}
+
+fn main() {
+    host_files_or_exit(build_patches());
+    let mut trials = series_trials(&[
+        ("loadavg_from_kernel_source", loadavg),
+        ("current_and_unexported_function", current),
+        ("orc_unwinds_kbuild_code", orc),
+        ("kbuild_special_sections_refused", refused),
+    ]);
+    trials.push(local_trial("kernel_release_errors", kernel_errors));
+    run_group(trials)
+}
