@@ -454,6 +454,26 @@ impl TestHost {
         Ok(())
     }
 
+    /// Kill the program started as NAME by its process, never by its name (a `pkill
+    /// lpvmm` would kill every VM of the user in native mode).
+    fn kill_console_program(&mut self, name: &str) {
+        match self.mode {
+            HostMode::Nested => {
+                let pid_file = format!("{}/{name}.pid", self.tmp());
+                let _ = self.exec_status(
+                    &format!("pkill -9 -P \"$(cat {pid_file})\"; sleep 1"),
+                    Duration::from_secs(30),
+                );
+            }
+            HostMode::Native => {
+                if let Some((child, ..)) = self.native_guest.as_mut() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+
     /// Stop the program started as NAME: `lpvmm stop` for lpvmm, else (a peer VMM) kill
     /// the children of the shell that started it.
     fn stop_console_program(&mut self, name: &str) {
@@ -648,9 +668,8 @@ impl Drop for Guest<'_> {
         }
         let _ = self.lpvmm("stop {vm}");
         if self.wait_exit(Duration::from_secs(60)).is_err() {
-            let _ = self
-                .host
-                .exec_status("pkill -9 lpvmm; sleep 1", Duration::from_secs(30));
+            let name = self.name.clone();
+            self.host.kill_console_program(&name);
         }
     }
 }

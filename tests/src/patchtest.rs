@@ -21,10 +21,16 @@ pub fn patch_path(name: &str) -> String {
 pub fn checksum(g: &mut Guest, what: &str) -> Result<String, String> {
     let (rc, out) = g.lpvmm(&format!("checksum {{vm}} {what} --json"))?;
     check!(rc == 0, "checksum {what}: {out}");
-    let sum = json(&out)?["sha256"].as_str().unwrap_or("").to_string();
+    sha256_in(&out).map_err(|e| format!("checksum {what}: {e}"))
+}
+
+/// The `sha256` of `lpvmm checksum --json` output: 64 hex digits, or an error (never an
+/// empty string that would compare equal to another missing one).
+pub fn sha256_in(out: &str) -> Result<String, String> {
+    let sum = json(out)?["sha256"].as_str().unwrap_or("").to_string();
     check!(
         sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()),
-        "checksum {what} without a sha256: {out}"
+        "no sha256 in: {out}"
     );
     Ok(sum)
 }
@@ -235,4 +241,43 @@ pub fn dispatched_history(s: &Value) -> Result<(usize, usize), String> {
         history.len()
     );
     Ok((multi, history.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_of_lpvmm_output_fail_when_the_value_is_missing() {
+        let sum = "a".repeat(64);
+        assert_eq!(
+            sha256_in(&format!("{{\"sha256\": \"{sum}\"}}")).unwrap(),
+            sum
+        );
+        for bad in [
+            "{}",
+            "{\"sha256\": \"\"}",
+            "{\"sha256\": null}",
+            "{\"sha256\": \"xyz\"}",
+            "not json",
+        ] {
+            assert!(sha256_in(bad).is_err(), "{bad}");
+        }
+        let s: Value = serde_json::json!({
+            "patches": [{"name": "a", "state": "enabled"}],
+            "funcs": [{"name": "f", "site_now": "jump"}],
+        });
+        assert!(patch_of(&s, "a").is_ok());
+        assert!(patch_of(&s, "b").is_err(), "a missing patch is an error");
+        assert!(patch_of(&serde_json::json!({}), "a").is_err());
+        assert!(func_of(&s, "g").is_err());
+        assert_eq!(site_now(&s, "f"), "jump");
+        let no_site = serde_json::json!({"funcs": [{"name": "f"}]});
+        assert_eq!(
+            site_now(&no_site, "f"),
+            "missing",
+            "never a value that could pass"
+        );
+        assert!(pids(&serde_json::json!(null)).is_empty());
+    }
 }
