@@ -5,9 +5,10 @@
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# gcc, libc6-dev: static guest test programs. The rest: image building. QEMU (the
-# nested test host, when /dev/kvm has no VMX/SVM under it) comes below.
-PKGS=(gcc libc6-dev cpio kmod binutils xz-utils zstd busybox-static)
+# gcc, libc6-dev: static guest test programs; make: kbuild-built patches (`lpvmm kp
+# build --kernel`). The rest: image building. QEMU (the nested test host, when /dev/kvm
+# has no VMX/SVM under it) comes below.
+PKGS=(gcc libc6-dev make cpio kmod binutils xz-utils zstd busybox-static)
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 apt_install() {
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null

@@ -49,7 +49,7 @@ pub const CFLAGS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot run {0}: {1} (install gcc: apt-get install gcc)")]
+    #[error("cannot run {0}: {1} (install it: apt-get install gcc make)")]
     NoCompiler(String, std::io::Error),
     #[error("{0} failed:\n{1}")]
     Compile(String, String),

@@ -348,8 +348,7 @@ impl Engine {
         }
         let targets = self.targets(guest.reader(), kernel, &obj)?;
 
-        // Where it goes, and the linked bytes: linked once to learn its size, then where
-        // the first free runs of that size are.
+        // Where it goes, and the linked bytes.
         let mem = kernel.memory(guest.reader());
         let mut area = match &self.area {
             Some(a) => a.clone(),
@@ -359,71 +358,9 @@ impl Engine {
                 Area::new(AreaLayout::new(phys, va)?)
             }
         };
-        let returns = link::Returns::of_guest(&mem, &kernel.symbols)?;
-        let resolve = |name: &str| resolve_import(kernel, &obj, name);
-        let at = |r: &Runs| Placement {
-            code: r.code.start,
-            rodata: r.rodata.start,
-            data: r.data.start,
-        };
-        let cpu = match &obj.alternatives {
-            None => None,
-            Some(alts) => {
-                if let Ok(size) = kernel.btf.struct_size("alt_instr") {
-                    if size != alts.entry_size as u64 {
-                        return Err(KpError::Unsupported(format!(
-                            "{}: its alternatives are {}-byte entries, the guest kernel's \
-                             {size}: was it built for another kernel? (lpvmm kp build --kernel)",
-                            m.name, alts.entry_size
-                        )));
-                    }
-                }
-                Some(CpuFeatures::of_guest(&mem, kernel)?)
-            }
-        };
-        let sized = link::link(
-            &obj,
-            at(&area.space.place(&m.name, Sizes::ZERO)?),
-            returns,
-            cpu.as_ref(),
-            &resolve,
-        )?;
-        let runs = area.space.place(&m.name, sized.sizes())?;
-        let linked = link::link(&obj, at(&runs), returns, cpu.as_ref(), &resolve)?;
-        if linked.sizes() != sized.sizes() {
-            return Err(KpError::State(format!(
-                "{}: its size changed with its address; not loaded",
-                m.name
-            )));
-        }
+        let (runs, linked) = link_into(&area, &mem, kernel, &obj)?;
         let orc = decode_orc(kernel, &m.name, &obj, &linked)?;
-        let mut funcs = Vec::new();
-        for t in targets {
-            let r = t.replacement;
-            let f = obj
-                .function(&r.new)
-                .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
-            let new_addr = linked.functions[&r.new];
-            site::jump(t.site, new_addr)?;
-            let off = (new_addr - linked.code.addr) as usize;
-            let body = linked
-                .code
-                .bytes
-                .get(off..off + f.size as usize)
-                .unwrap_or_default();
-            funcs.push(PatchedFunc {
-                old: r.old.clone(),
-                old_addr: t.addr,
-                old_size: t.size,
-                site: t.site,
-                site_pa: t.site_pa,
-                new_name: r.new.clone(),
-                new_addr,
-                new_size: f.size,
-                frame_pointer: has_frame_pointer(body, new_addr),
-                immediate: r.immediate,
-            });
-        }
+        let funcs = patched_funcs(targets, &obj, &linked)?;
         drop(mem);
 
         // Everything checked: write.
@@ -765,6 +702,93 @@ impl Engine {
             self.history.pop_front();
         }
     }
+}
+
+/// Link `obj` where the area's first free runs of its size are: linked once to learn
+/// its size, then at its place. Takes nothing from the area.
+fn link_into(
+    area: &Area,
+    mem: &introspection::memory::KernelMemory,
+    kernel: &Kernel,
+    obj: &PatchObject,
+) -> Result<(Runs, link::Linked), KpError> {
+    let name = &obj.manifest.name;
+    let returns = link::Returns::of_guest(mem, &kernel.symbols)?;
+    let cpu = guest_cpu(mem, kernel, obj)?;
+    let resolve = |sym: &str| resolve_import(kernel, obj, sym);
+    let at = |r: &Runs| Placement {
+        code: r.code.start,
+        rodata: r.rodata.start,
+        data: r.data.start,
+    };
+    let start = at(&area.space.place(name, Sizes::ZERO)?);
+    let sized = link::link(obj, start, returns, cpu.as_ref(), &resolve)?;
+    let runs = area.space.place(name, sized.sizes())?;
+    let linked = link::link(obj, at(&runs), returns, cpu.as_ref(), &resolve)?;
+    if linked.sizes() != sized.sizes() {
+        return Err(KpError::State(format!(
+            "{name}: its size changed with its address; not loaded"
+        )));
+    }
+    Ok((runs, linked))
+}
+
+/// The guest's CPU features, when the patch has alternatives to apply for them (their
+/// entry layout checked against the guest's BTF).
+fn guest_cpu(
+    mem: &introspection::memory::KernelMemory,
+    kernel: &Kernel,
+    obj: &PatchObject,
+) -> Result<Option<CpuFeatures>, KpError> {
+    let Some(alts) = &obj.alternatives else {
+        return Ok(None);
+    };
+    if let Ok(size) = kernel.btf.struct_size("alt_instr") {
+        if size != alts.entry_size as u64 {
+            return Err(KpError::Unsupported(format!(
+                "{}: its alternatives are {}-byte entries, the guest kernel's {size}: was it \
+                 built for another kernel? (lpvmm kp build --kernel)",
+                obj.manifest.name, alts.entry_size
+            )));
+        }
+    }
+    CpuFeatures::of_guest(mem, kernel).map(Some)
+}
+
+/// Each function the patch replaces, with where its new version was linked.
+fn patched_funcs(
+    targets: Vec<Target>,
+    obj: &PatchObject,
+    linked: &link::Linked,
+) -> Result<Vec<PatchedFunc>, KpError> {
+    let mut funcs = Vec::new();
+    for t in targets {
+        let r = t.replacement;
+        let f = obj
+            .function(&r.new)
+            .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
+        let new_addr = linked.functions[&r.new];
+        site::jump(t.site, new_addr)?;
+        let off = (new_addr - linked.code.addr) as usize;
+        let body = linked
+            .code
+            .bytes
+            .get(off..off + f.size as usize)
+            .unwrap_or_default();
+        funcs.push(PatchedFunc {
+            old: r.old.clone(),
+            old_addr: t.addr,
+            old_size: t.size,
+            site: t.site,
+            site_pa: t.site_pa,
+            new_name: r.new.clone(),
+            new_addr,
+            new_size: f.size,
+            frame_pointer: has_frame_pointer(body, new_addr),
+            immediate: r.immediate,
+        });
+    }
+    Ok(funcs)
 }
 
 /// The patch's ORC entries decoded with the guest kernel's own layout.

@@ -555,9 +555,21 @@ impl TestHost {
                         return Err(BootFailure::Exited { stderr, console });
                     }
                     if t0.elapsed() > BOOT_TIMEOUT {
+                        // Where the vCPUs are: a vCPU that no longer runs cannot park,
+                        // and lpvmm names it; one that parks shows its registers.
+                        let regs = self
+                            .exec_status(
+                                &format!("{} regs {name} 2>&1", self.lpvmm()),
+                                Duration::from_secs(30),
+                            )
+                            .map(|(_, out)| out)
+                            .unwrap_or_else(|e| e);
                         self.stop_console_program(name);
                         let stderr = self.exited(name).ok().flatten().unwrap_or_default();
-                        return Err(BootFailure::Other(format!("{e}\nVMM stderr:\n{stderr}")));
+                        return Err(BootFailure::Other(format!(
+                            "{e}\nVMM stderr:\n{stderr}\nlpvmm regs at the timeout:\n{}",
+                            tail(&regs, 3000)
+                        )));
                     }
                 }
             }
