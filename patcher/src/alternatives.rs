@@ -11,6 +11,7 @@ use introspection::kernel::Kernel;
 use introspection::memory::KernelMemory;
 use serde::{Deserialize, Serialize};
 
+use crate::object::Place;
 use crate::KpError;
 
 /// `ALT_FLAG_NOT`: use the replacement when the feature is *absent*.
@@ -20,14 +21,6 @@ const FLAG_NOT: u16 = 1 << 0;
 const FLAG_DIRECT_CALL: u16 = 1 << 1;
 /// Words of capability and bug bits read (NCAPINTS + NBUGINTS is about 24 today).
 const MAX_WORDS: u64 = 64;
-
-/// A place in a laid-out section of the patch object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Place {
-    /// Index into the object's `sections`.
-    pub section: usize,
-    pub offset: u64,
-}
 
 /// One `struct alt_instr` of the object: the original instruction, its replacement, the
 /// feature that selects it, flags (`ALT_FLAG_*`, 0 in the older layout) and lengths.

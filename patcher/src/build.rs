@@ -78,11 +78,36 @@ pub fn build(
     includes: &[PathBuf],
     extra: &[String],
 ) -> Result<PatchObject, BuildError> {
-    let bytes = compile(source, includes, extra)?;
-    let parsed = PatchObject::parse(&bytes)?;
-    std::fs::write(output, &bytes)
+    write_checked(&compile(source, includes, extra)?, output)
+}
+
+/// Check `bytes` as `load` will (everything but the guest's symbols) and write them to
+/// `output`; nothing is written for an object that would be refused.
+pub fn write_checked(bytes: &[u8], output: &Path) -> Result<PatchObject, BuildError> {
+    let parsed = PatchObject::parse(bytes)?;
+    std::fs::write(output, bytes)
         .map_err(|e| BuildError::Io(format!("writing {}: {e}", output.display())))?;
     Ok(parsed)
+}
+
+/// The object a compiler run left at `obj`, or its failure (`what`, with its output).
+pub(crate) fn compiled(
+    out: &std::process::Output,
+    obj: &Path,
+    what: String,
+) -> Result<Vec<u8>, BuildError> {
+    if out.status.success() {
+        std::fs::read(obj).map_err(|e| BuildError::Io(format!("reading {}: {e}", obj.display())))
+    } else {
+        Err(BuildError::Compile(
+            what,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
 }
 
 /// Run the compiler; returns the object's bytes, checked for nothing.
@@ -121,14 +146,7 @@ pub fn compile(
     let out = cmd
         .output()
         .map_err(|e| BuildError::NoCompiler(cc.clone(), e))?;
-    let result = if out.status.success() {
-        std::fs::read(&obj).map_err(|e| BuildError::Io(format!("reading {}: {e}", obj.display())))
-    } else {
-        Err(BuildError::Compile(
-            format!("{cc} {}", source.display()),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
-    };
+    let result = compiled(&out, &obj, format!("{cc} {}", source.display()));
     let _ = std::fs::remove_dir_all(&tmp);
     result
 }

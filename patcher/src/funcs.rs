@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Patch, PatchState};
+use crate::engine::{Patch, PatchState, PatchedFunc};
 use crate::site;
 use crate::transition::FuncChange;
 use crate::KpError;
@@ -44,6 +44,17 @@ pub struct CodeRange {
     pub name: String,
 }
 
+impl CodeRange {
+    /// A patch's new function, named `func [patch]`.
+    pub fn of(c: &NewCode) -> CodeRange {
+        CodeRange {
+            start: c.addr,
+            end: c.addr + c.size,
+            name: format!("{} [{}]", c.name, c.patch),
+        }
+    }
+}
+
 /// A redirected kernel function.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FuncStack {
@@ -72,6 +83,19 @@ impl FuncStack {
         }
     }
 
+    /// The site record of a function a patch names, not yet redirected.
+    pub(crate) fn of(f: &PatchedFunc) -> FuncStack {
+        FuncStack::new(f.old.to_string(), f.old_addr, f.old_size, f.site, f.site_pa)
+    }
+
+    /// Where the site's jump goes now (`None` while it holds the original bytes).
+    pub fn jump_target(&self) -> Option<u64> {
+        (self.live != self.original).then(|| {
+            let rel = i32::from_le_bytes([self.live[1], self.live[2], self.live[3], self.live[4]]);
+            (self.site as i64 + 5 + i64::from(rel)) as u64
+        })
+    }
+
     /// Where a jump must go to run `v`: the new function, or the original past its
     /// fentry site (which may itself be redirected).
     pub fn entry(&self, v: &Version) -> u64 {
@@ -97,11 +121,7 @@ impl FuncStack {
                 end: self.addr + self.size,
                 name: self.name.clone(),
             },
-            Version::Code(c) => CodeRange {
-                start: c.addr,
-                end: c.addr + c.size,
-                name: format!("{} [{}]", c.name, c.patch),
-            },
+            Version::Code(c) => CodeRange::of(c),
         }
     }
 }
@@ -124,9 +144,8 @@ pub struct FunctionVersions {
     pub addr: u64,
     /// Its fentry site.
     pub site: u64,
+    /// At most one is `visible`; none is when tasks run the kernel's own code.
     pub versions: Vec<VersionEntry>,
-    /// No enabled patch names it: tasks run the kernel's own code.
-    pub original_visible: bool,
 }
 
 impl Patch {
@@ -146,6 +165,15 @@ impl Patch {
     fn immediate_for(&self, func: u64) -> bool {
         self.funcs.iter().any(|f| f.old_addr == func && f.immediate)
     }
+}
+
+/// The first loaded patch's record of kernel function `func` (every patch naming it
+/// resolved the same function, site and size).
+pub(crate) fn named(patches: &[Patch], func: u64) -> Option<&PatchedFunc> {
+    patches
+        .iter()
+        .flat_map(|p| &p.funcs)
+        .find(|f| f.old_addr == func)
 }
 
 /// Which patches count as enabled, now or in a state a transition would leave.
@@ -196,10 +224,7 @@ pub(crate) fn plan(
                 .any(|p| p.name == c.patch && p.immediate_for(func)),
             (Version::Original, Version::Original) => false,
         };
-        let name = patches
-            .iter()
-            .flat_map(|p| &p.funcs)
-            .find(|f| f.old_addr == func)
+        let name = named(patches, func)
             .map(|f| f.old.to_string())
             .or_else(|| stacks.get(&func).map(|s| s.name.clone()))
             .unwrap_or_else(|| format!("{func:#x}"));
@@ -227,7 +252,6 @@ pub(crate) fn function_versions(patches: &[Patch]) -> Vec<FunctionVersions> {
                     addr: f.old_addr,
                     site: f.site,
                     versions: Vec::new(),
-                    original_visible: false,
                 });
             e.versions.push(VersionEntry {
                 patch: p.name.clone(),
@@ -239,13 +263,10 @@ pub(crate) fn function_versions(patches: &[Patch]) -> Vec<FunctionVersions> {
         }
     }
     for fv in by_func.values_mut() {
-        match visible(patches, fv.addr, &is_enabled) {
-            Version::Code(c) => {
-                if let Some(v) = fv.versions.iter_mut().find(|v| v.patch == c.patch) {
-                    v.visible = true;
-                }
+        if let Version::Code(c) = visible(patches, fv.addr, &is_enabled) {
+            if let Some(v) = fv.versions.iter_mut().find(|v| v.patch == c.patch) {
+                v.visible = true;
             }
-            Version::Original => fv.original_visible = true,
         }
     }
     by_func.into_values().collect()

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::build::{BuildError, PATCH_H};
+use crate::build::{compiled, write_checked, BuildError, PATCH_H};
 use crate::object::PatchObject;
 
 /// A Debian kernel release as `uname -r` prints it (`6.1.0-28-cloud-amd64`): what may be
@@ -197,19 +197,11 @@ pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>
         .arg("lpvmm_patch.o")
         .output()
         .map_err(|e| BuildError::NoCompiler("make".into(), e))?;
-    let result = if out.status.success() {
-        let obj = work.join("lpvmm_patch.o");
-        std::fs::read(&obj).map_err(|e| BuildError::Io(format!("reading {}: {e}", obj.display())))
-    } else {
-        Err(BuildError::Compile(
-            format!("kbuild of {} for {release}", source.display()),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ))
-    };
+    let result = compiled(
+        &out,
+        &work.join("lpvmm_patch.o"),
+        format!("kbuild of {} for {release}", source.display()),
+    );
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -221,11 +213,7 @@ pub fn build(
     release: &str,
     extra: &[String],
 ) -> Result<PatchObject, BuildError> {
-    let bytes = compile(source, release, extra)?;
-    let parsed = PatchObject::parse(&bytes)?;
-    std::fs::write(output, &bytes)
-        .map_err(|e| BuildError::Io(format!("writing {}: {e}", output.display())))?;
-    Ok(parsed)
+    write_checked(&compile(source, release, extra)?, output)
 }
 
 #[cfg(test)]

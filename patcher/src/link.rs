@@ -103,19 +103,12 @@ fn apply_alternatives(
         let repl_at = ro + a.repl.offset as usize;
         let instr_at = io + a.instr.offset as usize;
         let repl = images[ri].bytes[repl_at..repl_at + usize::from(a.repl_len)].to_vec();
-        let what = || {
-            let f = obj.functions.iter().find(|f| {
-                f.section == a.instr.section
-                    && a.instr.offset >= f.offset
-                    && a.instr.offset < f.offset + f.size
-            });
-            match f {
-                Some(f) => format!("{}+{:#x}", f.name, a.instr.offset - f.offset),
-                None => format!(
-                    "{}+{:#x}",
-                    obj.sections[a.instr.section].name, a.instr.offset
-                ),
-            }
+        let what = || match crate::object::function_at(&obj.functions, a.instr) {
+            Some(f) => format!("{}+{:#x}", f.name, a.instr.offset - f.offset),
+            None => format!(
+                "{}+{:#x}",
+                obj.sections[a.instr.section].name, a.instr.offset
+            ),
         };
         let bytes = alternatives::rewrite(
             a,

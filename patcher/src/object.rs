@@ -10,7 +10,7 @@ use object::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::alternatives::{Alternative, Place};
+use crate::alternatives::Alternative;
 use crate::manifest::Manifest;
 use crate::KpError;
 
@@ -113,6 +113,21 @@ pub struct Alternatives {
     /// Bytes per `struct alt_instr` (12 or 14; checked against the guest's at load).
     pub entry_size: usize,
     pub entries: Vec<Alternative>,
+}
+
+/// The function of `functions` that contains `p`.
+pub fn function_at(functions: &[Function], p: Place) -> Option<&Function> {
+    functions
+        .iter()
+        .find(|f| f.section == p.section && p.offset >= f.offset && p.offset < f.offset + f.size)
+}
+
+/// A place in a laid-out section of the patch object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    /// Index into the object's `sections`.
+    pub section: usize,
+    pub offset: u64,
 }
 
 /// Where a relocation points: a place in a laid-out section.
@@ -264,35 +279,19 @@ impl OrcTables {
             return Err(bad(format!("entries of {entry_size} bytes")));
         }
         let data = unwind.data().map_err(|e| bad(e.to_string()))?;
-        let mut at: Vec<Option<(usize, u64)>> = vec![None; n];
+        let mut at: Vec<Option<Place>> = vec![None; n];
         for (offset, r) in ips.relocations() {
             let i = (offset / 4) as usize;
             if offset % 4 != 0 || i >= n {
                 return Err(bad(format!("relocation at {offset:#x}")));
             }
-            let section = match r.target() {
-                RelocationTarget::Section(s) => Some((s, 0)),
-                RelocationTarget::Symbol(si) => {
-                    file.symbol_by_index(si)
-                        .ok()
-                        .and_then(|sym| match sym.section() {
-                            SymbolSection::Section(s) => Some((s, sym.address())),
-                            _ => None,
-                        })
-                }
-                _ => None,
-            };
             // The entry's address is S + A (a PC32 relocation, read back from its place).
-            if let Some((s, base)) = section {
-                if let Some(&ours) = index_of.get(&s) {
-                    at[i] = Some((ours, base.wrapping_add(r.addend() as u64)));
-                }
-            }
+            at[i] = reloc_place(file, &r, index_of);
         }
         let mut entries = Vec::with_capacity(n);
         for (i, spot) in at.into_iter().enumerate() {
             // An entry for code lpvmm does not load (init code, say) is dropped.
-            let Some((section, offset)) = spot else {
+            let Some(Place { section, offset }) = spot else {
                 continue;
             };
             let raw = data
@@ -325,25 +324,8 @@ fn users_of(
     };
     let mut users = std::collections::BTreeSet::new();
     for (_, r) in sec.relocations() {
-        let spot = match r.target() {
-            RelocationTarget::Section(s) => Some((s, 0)),
-            RelocationTarget::Symbol(si) => file.symbol_by_index(si).ok().and_then(|sym| match sym
-                .section()
-            {
-                SymbolSection::Section(s) => Some((s, sym.address())),
-                _ => None,
-            }),
-            _ => None,
-        };
-        let Some((s, base)) = spot else { continue };
-        let Some(&ours) = index_of.get(&s) else {
-            continue;
-        };
-        let off = base.wrapping_add(r.addend() as u64);
-        if let Some(f) = functions
-            .iter()
-            .find(|f| f.section == ours && off >= f.offset && off < f.offset + f.size)
-        {
+        let f = reloc_place(file, &r, index_of).and_then(|p| function_at(functions, p));
+        if let Some(f) = f {
             users.insert(f.name.clone());
         }
     }

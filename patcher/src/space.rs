@@ -29,6 +29,24 @@ impl Space {
         }
     }
 
+    /// The free gaps between the runs in use, lowest first (possibly empty ones).
+    fn gaps(&self) -> Vec<Region> {
+        let mut gaps = Vec::with_capacity(self.used.len() + 1);
+        let mut at = self.region.start;
+        for (&start, &end) in &self.used {
+            gaps.push(Region {
+                start: at,
+                end: start.max(at),
+            });
+            at = at.max(end);
+        }
+        gaps.push(Region {
+            start: at,
+            end: self.region.end.max(at),
+        });
+        gaps
+    }
+
     /// Where a run of `bytes` (rounded up to pages) would go: the lowest gap it fits.
     pub fn find(&self, bytes: u64) -> Option<Region> {
         let len = bytes.div_ceil(PAGE) * PAGE;
@@ -38,23 +56,19 @@ impl Space {
                 end: self.region.start,
             });
         }
-        let mut at = self.region.start;
-        for (&start, &end) in &self.used {
-            if start.saturating_sub(at) >= len {
-                break;
-            }
-            at = at.max(end);
-        }
-        let end = at.checked_add(len)?;
-        (end <= self.region.end).then_some(Region { start: at, end })
+        self.gaps()
+            .into_iter()
+            .find(|g| g.size() >= len)
+            .map(|g| Region {
+                start: g.start,
+                end: g.start + len,
+            })
     }
 
     /// Take a run of `bytes`; an empty run takes nothing.
     pub fn alloc(&mut self, bytes: u64) -> Option<Region> {
         let r = self.find(bytes)?;
-        if r.size() > 0 {
-            self.used.insert(r.start, r.end);
-        }
+        self.take(r);
         Some(r)
     }
 
@@ -78,13 +92,7 @@ impl Space {
 
     /// The largest run [`Space::alloc`] could hand out now.
     pub fn largest_free(&self) -> u64 {
-        let mut at = self.region.start;
-        let mut best = 0;
-        for (&start, &end) in &self.used {
-            best = best.max(start.saturating_sub(at));
-            at = at.max(end);
-        }
-        best.max(self.region.end.saturating_sub(at))
+        self.gaps().iter().map(Region::size).max().unwrap_or(0)
     }
 }
 

@@ -509,23 +509,10 @@ impl Engine {
 
     /// The code of `v` for a function that has no stack yet (the first enable).
     fn original_code(&self, func: u64, v: &Version) -> CodeRange {
-        let f = self
-            .patches
-            .iter()
-            .flat_map(|p| &p.funcs)
-            .find(|f| f.old_addr == func);
-        match (v, f) {
-            (Version::Code(c), _) => CodeRange {
-                start: c.addr,
-                end: c.addr + c.size,
-                name: format!("{} [{}]", c.name, c.patch),
-            },
-            (Version::Original, Some(f)) => CodeRange {
-                start: f.old_addr,
-                end: f.old_addr + f.old_size,
-                name: f.old.to_string(),
-            },
-            (Version::Original, None) => CodeRange {
+        match (crate::funcs::named(&self.patches, func), v) {
+            (Some(f), _) => FuncStack::of(f).code(v),
+            (None, Version::Code(c)) => CodeRange::of(c),
+            (None, Version::Original) => CodeRange {
                 start: func,
                 end: func + 1,
                 name: format!("{func:#x}"),
@@ -560,14 +547,9 @@ impl Engine {
         if self.funcs.contains_key(&func) {
             return Ok(());
         }
-        let f = self
-            .patches
-            .iter()
-            .flat_map(|p| &p.funcs)
-            .find(|f| f.old_addr == func)
+        let f = crate::funcs::named(&self.patches, func)
             .ok_or_else(|| KpError::State(format!("no loaded patch names {func:#x}")))?;
-        let s = FuncStack::new(f.old.to_string(), f.old_addr, f.old_size, f.site, f.site_pa);
-        self.funcs.insert(func, s);
+        self.funcs.insert(func, FuncStack::of(f));
         Ok(())
     }
 

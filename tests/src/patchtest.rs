@@ -35,6 +35,22 @@ pub fn sha256_in(out: &str) -> Result<String, String> {
     Ok(sum)
 }
 
+/// `lpvmm patch {vm} FILE` of the patch the tests built as `stem` ([`patch_path`]),
+/// which must load and enable; returns what it printed.
+pub fn apply(g: &mut Guest, stem: &str) -> Result<String, String> {
+    let file = g.host.file(&patch_path(stem));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    check!(rc == 0, "lpvmm patch {stem} failed:\n{out}");
+    Ok(out)
+}
+
+/// `lpvmm patch VERB {vm} NAME`, which must succeed; returns what it printed.
+pub fn verb(g: &mut Guest, verb: &str, name: &str) -> Result<String, String> {
+    let (rc, out) = g.lpvmm(&format!("patch {verb} {{vm}} {name}"))?;
+    check!(rc == 0, "lpvmm patch {verb} {name} failed:\n{out}");
+    Ok(out)
+}
+
 /// Kernel text and patch area checksums.
 pub fn checksums(g: &mut Guest) -> Result<(String, String), String> {
     Ok((checksum(g, "text")?, checksum(g, "patch-area")?))

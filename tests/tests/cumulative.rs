@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lpvmm_tests::patchtest::{
-    build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of, kill, kp_build,
-    patch_of, patch_path, pids, sleeper, status, switching, Readers,
+    apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of, kill,
+    kp_build, patch_of, patch_path, pids, sleeper, status, switching, verb, Readers,
 };
 use lpvmm_tests::{
     check, host_files_or_exit, repo_root, run_group, series_trials, Guest, TestHost, TestResult,
@@ -64,21 +64,6 @@ const PATCHES: &[(&str, &[&str])] = &[
 
 fn version(g: &mut Guest) -> Result<String, String> {
     Ok(g.run("cat /proc/version")?.trim().to_string())
-}
-
-/// Load and enable a patch the tests built; fails unless it is enabled.
-fn apply(g: &mut Guest, name: &str) -> TestResult {
-    let file = g.host.file(&patch_path(name));
-    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
-    check!(rc == 0, "patch {name}: {out}");
-    Ok(())
-}
-
-/// `lpvmm patch VERB {vm} NAME`, which must succeed.
-fn verb(g: &mut Guest, verb: &str, name: &str) -> TestResult {
-    let (rc, out) = g.lpvmm(&format!("patch {verb} {{vm}} {name}"))?;
-    check!(rc == 0, "patch {verb} {name}: {out}");
-    Ok(())
 }
 
 /// `lpvmm patch VERB {vm} NAME`, which must be refused with `want` in its message.

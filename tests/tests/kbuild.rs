@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use lpvmm_tests::patchtest::{
-    build_lpvmm, checksum, checksums, patch_path, pids, sleeper, status, switching,
+    self, build_lpvmm, checksum, checksums, patch_path, pids, sleeper, status, switching, verb,
 };
 use lpvmm_tests::{
     check, host_files_or_exit, images_dir, json, local_trial, lpvmm_binary, repo_root, run_group,
@@ -34,20 +34,16 @@ fn sample(name: &str) -> PathBuf {
 }
 
 fn kp(series: &str, name: &str) -> String {
-    patch_path(&format!("kbuild-{series}-{name}"))
+    patch_path(&stem(series, name))
+}
+
+/// The stem of a sample built for `series`.
+fn stem(series: &str, name: &str) -> String {
+    format!("kbuild-{series}-{name}")
 }
 
 fn apply(g: &mut Guest, series: &str, name: &str) -> TestResult {
-    let file = g.host.file(&kp(series, name));
-    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
-    check!(rc == 0, "{series}: patch {name}: {out}");
-    Ok(())
-}
-
-fn verb(g: &mut Guest, verb: &str, name: &str) -> TestResult {
-    let (rc, out) = g.lpvmm(&format!("patch {verb} {{vm}} {name}"))?;
-    check!(rc == 0, "patch {verb} {name}: {out}");
-    Ok(())
+    patchtest::apply(g, &stem(series, name)).map(|_| ())
 }
 
 /// `lpvmm kp build SRC -o OUT --kernel RELEASE`, with `env` set; returns its exit code

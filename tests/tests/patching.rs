@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use lpvmm_tests::patchtest::{checksum, checksums, patch_path, run_cmd as run};
+use lpvmm_tests::patchtest::{self, checksum, checksums, patch_path, run_cmd as run};
 use lpvmm_tests::{
     check, host_files_or_exit, json, lpvmm_binary, repo_root, run_group, series_trials, Guest,
     TestHost, TestResult, SPLATS,
@@ -22,16 +22,13 @@ fn text_sum(g: &mut Guest) -> Result<String, String> {
 }
 
 fn apply(g: &mut Guest, name: &str) -> TestResult {
-    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {}", g.host.file(&patch_path(name))))?;
-    check!(rc == 0, "lpvmm patch {name} failed:\n{out}");
+    let out = patchtest::apply(g, name)?;
     eprintln!("  {}", out.trim().replace('\n', "\n  "));
     Ok(())
 }
 
 fn toggle(g: &mut Guest, op: &str, name: &str) -> TestResult {
-    let (rc, out) = g.lpvmm(&format!("patch {op} {{vm}} {name}"))?;
-    check!(rc == 0, "lpvmm patch {op} {name} failed:\n{out}");
-    Ok(())
+    patchtest::verb(g, op, name).map(|_| ())
 }
 
 /// Acceptance 1 and 5: /proc/cmdline is replaced and restored, and after enable then

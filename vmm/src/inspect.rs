@@ -150,10 +150,7 @@ impl Session {
     /// Where the site of a redirected kernel function jumps, in words.
     fn redirect_of(&self, func: u64) -> Option<Redirect> {
         let s = self.engine.funcs().find(|s| s.addr == func)?;
-        let target = (s.live != s.original).then(|| {
-            let rel = i32::from_le_bytes([s.live[1], s.live[2], s.live[3], s.live[4]]);
-            (s.site as i64 + 5 + i64::from(rel)) as u64
-        })?;
+        let target = s.jump_target()?;
         let to = if let Some(f) = self.engine.trampoline_at(target) {
             format!("lpvmm trampoline for {f} (a transition is in progress: each task goes to its own version)")
         } else if let Some((p, f)) = self.engine.function_at(target) {

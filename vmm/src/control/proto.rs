@@ -489,14 +489,13 @@ impl TransitionView {
 /// What the site of kernel function `func` holds now: `original`, `jump` (straight to
 /// one version) or `trampoline` (a transition dispatches each task).
 fn site_now(e: &patcher::Engine, func: u64, trampolines: &[patcher::area::Region]) -> String {
-    let Some(s) = e.funcs().find(|s| s.addr == func) else {
+    let Some(to) = e
+        .funcs()
+        .find(|s| s.addr == func)
+        .and_then(|s| s.jump_target())
+    else {
         return "original".into();
     };
-    if s.live == s.original {
-        return "original".into();
-    }
-    let rel = i32::from_le_bytes([s.live[1], s.live[2], s.live[3], s.live[4]]);
-    let to = (s.site as i64 + 5 + i64::from(rel)) as u64;
     if trampolines.iter().any(|r| r.contains(to)) {
         "trampoline".into()
     } else {
