@@ -21,5 +21,12 @@ cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# Every test the harness ran again because the nested platform killed its guest or its
+# host is counted here and listed, so that no retry hides in a long log.
+awk '/^test result:/ { p += $4; f += $6 }
+     /^WARNING: / { w[++n] = $0 }
+     END {
+       printf "tests: %d passed, %d failed; platform retries and host replacements: %d\n", p, f, n
+       for (i = 1; i <= n; i++) print "  " substr(w[i], 1, 300)
+     }' "$log"
 exit "$rc"

@@ -129,6 +129,11 @@ impl Console {
         .map(|(_, line)| line.trim().to_string())
     }
 
+    /// How many bytes the stream has delivered so far (to tell a silent one).
+    pub fn received(&self) -> usize {
+        self.buf.0.lock().unwrap().data.len()
+    }
+
     /// Everything received and not yet consumed (consumes it).
     pub fn drain(&self) -> String {
         let (m, _) = &*self.buf;

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use crate::{TestHost, TestResult, PLATFORM_ATTEMPTS};
+use crate::{platform_guest_death, platform_host_fault, TestHost, TestResult, PLATFORM_ATTEMPTS};
 
 /// The group's host, booted by the first test that needs it.
 static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
@@ -49,10 +49,13 @@ pub fn host_files_or_exit(built: Result<Vec<(std::path::PathBuf, String)>, Strin
 ///
 /// If the test fails and the nested test host no longer answers at all (its QEMU died,
 /// or its kernel stopped responding: rare events of the nested TCG platform, see
-/// docs/testing.md), the host is replaced by a fresh one and the test runs again, with a
-/// loud WARNING; so does a test whose guest died of a known platform fault. A test gets
-/// at most [`PLATFORM_ATTEMPTS`] runs. Any other failure is the test's own and is never
-/// retried.
+/// docs/testing.md), or its kernel is shown at fault ([`platform_host_fault`]: a vCPU
+/// it kept inside `KVM_RUN` despite lpvmm's kick, a VMM that outlived SIGKILL), the host
+/// is replaced by a fresh one and the test runs again, with a loud WARNING; so does a
+/// test whose guest died of a known platform fault (on the same host). A test gets at
+/// most [`PLATFORM_ATTEMPTS`] runs. Any other failure is the test's own and is never
+/// retried. A host left wedged by a test that passed is replaced before the next test,
+/// said loudly too, so that one platform fault cannot fail the tests after it.
 pub fn host_trial(
     name: impl Into<String>,
     f: impl Fn(&mut TestHost) -> TestResult + Send + 'static,
@@ -67,15 +70,27 @@ pub fn host_trial(
                 *slot = Some(TestHost::start_with_files(false, &files)?);
             }
             let host = slot.as_mut().expect("booted above");
-            let err = match f(host) {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
+            let outcome = f(host);
+            let wedged = host.wedged().map(str::to_string);
+            let err = match (outcome, wedged) {
+                (Ok(()), None) => return Ok(()),
+                (Ok(()), Some(why)) => {
+                    eprintln!(
+                        "WARNING: {label} passed but left the test host unusable ({why}); \
+                         the next test gets a new host"
+                    );
+                    *slot = None;
+                    return Ok(());
+                }
+                (Err(e), None) => e,
+                (Err(e), Some(why)) => format!("{e}\n{why}"),
             };
-            if host.answers() {
+            let host_fault = platform_host_fault(&err);
+            if !host_fault && host.answers() {
                 // A guest that died of the platform's known faults (docs/testing.md: a
                 // triple fault, or a panic of the bad-GS kind, "Fatal exception in
                 // interrupt") as lpvmm reported it: run the test again.
-                if attempt < PLATFORM_ATTEMPTS && crate::host::platform_guest_death(&err) {
+                if attempt < PLATFORM_ATTEMPTS && platform_guest_death(&err) {
                     eprintln!(
                         "WARNING: a guest died of a known platform fault during {label} \
                          (attempt {attempt} of {PLATFORM_ATTEMPTS}); running {label} again. \
@@ -85,18 +100,21 @@ pub fn host_trial(
                 }
                 return Err(Failed::from(err));
             }
+            let what = if host_fault {
+                "the test host's kernel failed (see below)"
+            } else {
+                "the test host stopped answering"
+            };
             // Dropping the host kills its QEMU.
             *slot = None;
             if attempt == PLATFORM_ATTEMPTS {
                 return Err(Failed::from(format!(
-                    "{err}\n(the test host stopped answering on attempt {attempt} of \
-                     {PLATFORM_ATTEMPTS})"
+                    "{err}\n({what} on attempt {attempt} of {PLATFORM_ATTEMPTS})"
                 )));
             }
             eprintln!(
-                "WARNING: the test host stopped answering during {label} (attempt {attempt} \
-                 of {PLATFORM_ATTEMPTS}); booting a new one and running {label} again. The \
-                 failure was:\n{err}"
+                "WARNING: {what} during {label} (attempt {attempt} of {PLATFORM_ATTEMPTS}); \
+                 booting a new one and running {label} again. The failure was:\n{err}"
             );
         }
         unreachable!("the loop returns")

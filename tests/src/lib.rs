@@ -20,8 +20,8 @@ pub use group::{
     host_files, host_files_or_exit, host_trial, local_trial, run_group, series_trials, SeriesCase,
 };
 pub use host::{
-    platform_guest_death, BootFailure, Guest, GuestExit, HostMode, TestHost, BOOT_TIMEOUT,
-    CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
+    platform_guest_death, platform_host_fault, BootFailure, Guest, GuestExit, HostMode, TestHost,
+    BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
 };
 
 use std::path::PathBuf;

@@ -7,12 +7,17 @@
 //! registers (only the owning thread may call vCPU ioctls cheaply and safely), reports
 //! itself parked, and waits. The controller returns once every vCPU has parked.
 //!
+//! Each thread also records where it is (inside `KVM_RUN`, or in lpvmm) and since when,
+//! so that a pause that times out can say whose the stuck vCPU is: a thread that stays
+//! inside `KVM_RUN` after its kick is held by the host kernel (a healthy kernel returns
+//! within microseconds of a pending signal); one stuck in lpvmm is lpvmm's.
+//!
 //! On resume each thread executes CPUID, a serializing instruction, before re-entering
 //! the guest: the VMM may have rewritten guest code while it was parked
 //! (cross-modifying code, Intel SDM vol. 3 §8.1.3).
 
 use std::cell::Cell;
-use std::sync::atomic::{fence, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,7 +53,58 @@ pub struct VcpuControl {
     want: AtomicU8,
     shared: Mutex<Shared>,
     changed: Condvar,
+    /// Per vCPU: where its thread is.
+    whereabouts: Vec<Whereabouts>,
+    /// The time base of the whereabouts' timestamps.
+    epoch: Instant,
 }
+
+/// Where one vCPU thread is: inside `KVM_RUN` or in lpvmm, since a time (microseconds
+/// after [`VcpuControl::epoch`]). Written only by the vCPU's own thread.
+#[derive(Default)]
+struct Whereabouts {
+    in_kvm_run: AtomicBool,
+    since_us: AtomicU64,
+}
+
+/// Where a vCPU that did not park was, as the pause found it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StuckVcpu {
+    pub index: usize,
+    pub in_kvm_run: bool,
+    /// How long it had been there when the pause gave up.
+    pub for_: Duration,
+    /// Whether it was already there when the pause kicked it.
+    pub since_before_kick: bool,
+}
+
+impl std::fmt::Display for StuckVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.for_.as_secs_f64();
+        match (self.in_kvm_run, self.since_before_kick) {
+            (true, true) => write!(
+                f,
+                "vCPU {}: inside KVM_RUN for {secs:.1} s although kicked ({HOST_HELD})",
+                self.index
+            ),
+            (true, false) => write!(
+                f,
+                "vCPU {}: inside KVM_RUN for {secs:.1} s, entered after its kick ({HOST_HELD})",
+                self.index
+            ),
+            (false, _) => write!(
+                f,
+                "vCPU {}: in lpvmm (handling an exit) for {secs:.1} s",
+                self.index
+            ),
+        }
+    }
+}
+
+/// How a pause names a vCPU that the host kernel keeps inside `KVM_RUN` despite a pending
+/// kick (which a healthy kernel honours within microseconds, and which the thread's
+/// `immediate_exit` makes it honour even before entry): the test harness recognises it.
+pub const HOST_HELD: &str = "the host kernel did not return it to lpvmm";
 
 impl VcpuControl {
     fn want(&self) -> Want {
@@ -56,6 +112,32 @@ impl VcpuControl {
             0 => Want::Run,
             1 => Want::Pause,
             _ => Want::Stop,
+        }
+    }
+
+    fn micros_since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// The vCPU thread `index` enters (`true`) or leaves `KVM_RUN`.
+    fn record(&self, index: usize, in_kvm_run: bool) {
+        if let Some(w) = self.whereabouts.get(index) {
+            w.since_us
+                .store(self.micros_since_epoch(), Ordering::Relaxed);
+            w.in_kvm_run.store(in_kvm_run, Ordering::Release);
+        }
+    }
+
+    /// Where vCPU `index` is now; `kicked_at` is when the pause kicked it.
+    fn stuck(&self, index: usize, kicked_at: Instant) -> StuckVcpu {
+        let w = &self.whereabouts[index];
+        let in_kvm_run = w.in_kvm_run.load(Ordering::Acquire);
+        let since = self.epoch + Duration::from_micros(w.since_us.load(Ordering::Relaxed));
+        StuckVcpu {
+            index,
+            in_kvm_run,
+            for_: since.elapsed(),
+            since_before_kick: since <= kicked_at,
         }
     }
 
@@ -114,6 +196,8 @@ impl Vcpus {
                 exited: 0,
             }),
             changed: Condvar::new(),
+            whereabouts: (0..fds.len()).map(|_| Whereabouts::default()).collect(),
+            epoch: Instant::now(),
         });
         let mut threads = Vec::new();
         for (index, fd) in fds.into_iter().enumerate() {
@@ -164,16 +248,21 @@ impl Vcpus {
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                let stuck: Vec<usize> = shared
+                let stuck: Vec<StuckVcpu> = shared
                     .parked
                     .iter()
                     .enumerate()
                     .filter(|(_, p)| p.is_none())
-                    .map(|(i, _)| i)
+                    .map(|(i, _)| self.control.stuck(i, start))
                     .collect();
                 drop(shared);
                 self.resume_inner();
-                bail!("vCPU(s) {stuck:?} did not park within {timeout:?}; the VM was resumed");
+                let indices: Vec<usize> = stuck.iter().map(|s| s.index).collect();
+                let where_: Vec<String> = stuck.iter().map(StuckVcpu::to_string).collect();
+                bail!(
+                    "vCPU(s) {indices:?} did not park within {timeout:?} ({}); the VM was resumed",
+                    where_.join("; ")
+                );
             }
             shared = self.control.wait(shared, left);
         }
@@ -247,7 +336,7 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
             Want::Run => {}
             Want::Stop => break None,
             Want::Pause => {
-                if let Err(reason) = complete_pending_exit(index, &mut fd, devices) {
+                if let Err(reason) = complete_pending_exit(index, &mut fd, control, devices) {
                     break Some(reason);
                 }
                 if park(index, &fd, control) == Want::Stop {
@@ -258,7 +347,7 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
                 continue;
             }
         }
-        match run_once(index, &mut fd, devices) {
+        match run_once(index, &mut fd, control, devices) {
             Step::Continue => {}
             Step::Interrupted => fd.set_kvm_immediate_exit(0),
             Step::Stop(reason) => break Some(reason),
@@ -286,11 +375,12 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
 fn complete_pending_exit(
     index: usize,
     fd: &mut VcpuFd,
+    control: &VcpuControl,
     devices: &Devices,
 ) -> Result<(), StopReason> {
     for _ in 0..MAX_COMPLETION_ROUNDS {
         fd.set_kvm_immediate_exit(1);
-        match run_once(index, fd, devices) {
+        match run_once(index, fd, control, devices) {
             Step::Interrupted => return Ok(()),
             Step::Continue => {}
             Step::Stop(reason) => return Err(reason),
@@ -330,8 +420,11 @@ enum Step {
     Stop(StopReason),
 }
 
-fn run_once(index: usize, fd: &mut VcpuFd, devices: &Devices) -> Step {
-    match fd.run() {
+fn run_once(index: usize, fd: &mut VcpuFd, control: &VcpuControl, devices: &Devices) -> Step {
+    control.record(index, true);
+    let ran = fd.run();
+    control.record(index, false);
+    match ran {
         // A triple fault needs the vCPU for its report, so it is handled outside
         // `handle_exit`, which only sees the exit.
         Ok(VcpuExit::Shutdown) => Step::Stop(triple_fault(index, fd, devices)),
@@ -394,5 +487,53 @@ fn handle_exit(index: usize, exit: VcpuExit, devices: &Devices) -> Option<StopRe
         other => Some(StopReason::Fatal(format!(
             "vCPU {index}: unhandled VM exit {other:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(vcpus: usize) -> VcpuControl {
+        VcpuControl {
+            want: AtomicU8::new(Want::Run as u8),
+            shared: Mutex::new(Shared::default()),
+            changed: Condvar::new(),
+            whereabouts: (0..vcpus).map(|_| Whereabouts::default()).collect(),
+            epoch: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_vcpu_that_does_not_park_is_named_with_where_it_is() {
+        let c = control(2);
+        c.record(0, true);
+        c.record(1, true);
+        c.record(1, false);
+        std::thread::sleep(Duration::from_millis(20));
+        let kicked = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        c.record(0, true);
+
+        let held = c.stuck(0, kicked);
+        assert!(held.in_kvm_run && !held.since_before_kick);
+        assert!(held.to_string().contains(HOST_HELD), "{held}");
+        assert!(
+            held.to_string().contains("entered after its kick"),
+            "{held}"
+        );
+
+        let in_lpvmm = c.stuck(1, kicked);
+        assert!(!in_lpvmm.in_kvm_run && in_lpvmm.since_before_kick);
+        assert!(in_lpvmm.for_ >= Duration::from_millis(40));
+        let text = in_lpvmm.to_string();
+        assert!(text.starts_with("vCPU 1: in lpvmm") && !text.contains(HOST_HELD));
+
+        c.record(0, false);
+        c.record(0, true);
+        let before = Instant::now() + Duration::from_millis(5);
+        let kicked_later = c.stuck(0, before);
+        assert!(kicked_later.since_before_kick);
+        assert!(kicked_later.to_string().contains("although kicked"));
     }
 }

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use lpvmm_tests::{
-    lpvmm_binary, platform_guest_death, repo_root, HostMode, TestHost, PLATFORM_ATTEMPTS,
+    lpvmm_binary, platform_guest_death, platform_host_fault, repo_root, HostMode, TestHost,
+    PLATFORM_ATTEMPTS,
 };
 
 fn say(s: &str) {
@@ -101,7 +102,10 @@ fn walk_through(series: &str, kps: &[std::path::PathBuf]) -> Result<(), Stopped>
         by_platform: false,
     })?;
     on_host(&mut host, series).map_err(|report| {
-        let by_platform = platform_guest_death(&report) || !host.answers();
+        let by_platform = platform_guest_death(&report)
+            || platform_host_fault(&report)
+            || host.wedged().is_some()
+            || !host.answers();
         Stopped {
             report,
             by_platform,
