@@ -458,6 +458,18 @@ impl TestHost {
         }
     }
 
+    /// Where `lpvmm run --name NAME` puts its control socket on the host: lpvmm's own
+    /// rule (natively the harness shares lpvmm's environment; the nested host runs it as
+    /// root with no `XDG_RUNTIME_DIR`).
+    pub fn socket_path(&self, name: &str) -> String {
+        match self.mode {
+            HostMode::Native => lpvmm::control::rundir::socket_path(name)
+                .display()
+                .to_string(),
+            HostMode::Nested => format!("/run/lpvmm/{name}.sock"),
+        }
+    }
+
     /// A scratch directory on the host.
     pub fn tmp(&self) -> String {
         match self.mode {

@@ -75,6 +75,17 @@ pub fn json(out: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(out).map_err(|e| format!("{e}: {}", tail(out, 2000)))
 }
 
+/// The lines of the guest's [`SPLATS`] now that were not there `at_boot` (its output
+/// then): the warnings a test caused.
+pub fn new_splats(g: &mut Guest, at_boot: &str) -> Result<Vec<String>, String> {
+    let now = g.run(SPLATS)?;
+    Ok(now
+        .lines()
+        .filter(|l| !at_boot.lines().any(|b| b == *l))
+        .map(str::to_string)
+        .collect())
+}
+
 /// Kernel warning splats, oopses and lockup reports in the guest's log (a guest command).
 pub const SPLATS: &str =
     "dmesg | grep -E 'WARNING: CPU|Oops|BUG:|Call Trace|soft lockup|hung task|rcu_.*stall' || true";

@@ -11,13 +11,17 @@ use lpvmm_tests::patchtest::{
     self, build_lpvmm, checksum, checksums, patch_path, pids, sleeper, status, switching, verb,
 };
 use lpvmm_tests::{
-    check, host_files_or_exit, images_dir, json, local_trial, lpvmm_binary, repo_root, run_group,
-    series_trials, Guest, TestHost, TestResult, SERIES,
+    check, host_files_or_exit, images_dir, json, local_trial, lpvmm_binary, new_splats, repo_root,
+    run_group, series_trials, Guest, TestHost, TestResult, SERIES, SPLATS,
 };
 use serde_json::Value;
 
 /// The samples built for each series; the `bad-` ones only compiled (lpvmm refuses them).
-const SAMPLES: &[&str] = &["loadavg", "current", "features", "nsleep", "spin"];
+const SAMPLES: &[&str] = &["loadavg", "current", "features", "nsleep", "spin", "getpid"];
+/// Guest processes hammering the patched getpid, and the per-task disable/enable cycles
+/// they go through (the 10,000-cycle run is `bench endurance`, docs/benchmarks.md).
+const HAMMERS: u32 = 128;
+const HAMMER_CYCLES: u32 = 20;
 const BAD: &[&str] = &["bad-get-user", "bad-warn"];
 
 /// The guest kernel release of `series` (what `uname -r` prints in it).
@@ -116,6 +120,80 @@ fn loadavg(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: kernel text after disable differs from before"
     );
     verb(&mut g, "unload", "loadavg")?;
+    g.poweroff().map(|_| ())
+}
+
+/// The kernel's test-syscall.sh from outside: 128 guest processes call getpid(2) as fast
+/// as they can, each checking every result against its pid, while `__x64_sys_getpid`
+/// (its own body, built with kbuild) goes through 20 per-task disable/enable cycles.
+/// Every call right, every transition complete with every task moved, no new kernel
+/// warning, and the text as before once disabled.
+fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbpid-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let boot_splats = g.run(SPLATS)?;
+    let text_before = checksum(&mut g, "text")?;
+    // Niced, so that the shell the test types into still gets the CPU.
+    g.run(&format!(
+        "rm -f /tmp/hstop; getpid-hammer -p {HAMMERS} -n 10 -s /tmp/hstop \
+         >/tmp/hammer.log 2>&1 &"
+    ))?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let running = g.run("ps | grep -c '[g]etpid-hammer'")?;
+    check!(
+        running.trim().parse::<u32>().unwrap_or(0) > HAMMERS,
+        "{series}: the hammers are not all running: {running}"
+    );
+    apply(&mut g, series, "getpid")?;
+    for cycle in 1..=HAMMER_CYCLES {
+        for op in ["disable", "enable"] {
+            let (rc, out) = g.lpvmm(&format!("patch {op} {{vm}} getpid --timeout 120"))?;
+            check!(rc == 0, "{series}: cycle {cycle}: {op}: {out}");
+        }
+    }
+    let s = status(&mut g)?;
+    check!(
+        patchtest::site_now(&s, "__x64_sys_getpid") == "jump",
+        "{series}: after the cycles getpid is not a direct jump: {}",
+        s["funcs"]
+    );
+    // Each command above succeeded only once its transition was done; status keeps the
+    // last 32 of them, and each must say so.
+    let history = s["history"].as_array().cloned().unwrap_or_default();
+    let kept: Vec<&Value> = history.iter().filter(|t| t["patch"] == "getpid").collect();
+    check!(
+        kept.len() >= 20 && kept.iter().all(|t| t["outcome"] == "done"),
+        "{series}: the getpid transitions in status: {}",
+        s["history"]
+    );
+    let last = history.last().cloned().unwrap_or_default();
+    check!(
+        last["tasks"].as_u64().unwrap_or(0) > u64::from(HAMMERS) && last["pending"] == 0,
+        "{series}: the last transition did not move every task: {last}"
+    );
+    g.run("touch /tmp/hstop; wait")?;
+    let log = g.run("cat /tmp/hammer.log")?;
+    check!(
+        log.contains(&format!("getpid-hammer: OK procs={HAMMERS} ")),
+        "{series}: {log}"
+    );
+    eprintln!(
+        "{series}: {} per-task cycles under the hammer: {}",
+        HAMMER_CYCLES,
+        log.trim()
+    );
+    let new = new_splats(&mut g, &boot_splats)?;
+    check!(
+        new.is_empty(),
+        "{series}: new kernel warnings:\n{}",
+        new.join("\n")
+    );
+    verb(&mut g, "disable", "getpid")?;
+    check!(
+        checksum(&mut g, "text")? == text_before,
+        "{series}: kernel text after disable differs from before"
+    );
+    verb(&mut g, "unload", "getpid")?;
     g.poweroff().map(|_| ())
 }
 
@@ -393,6 +471,7 @@ fn main() {
         ("current_and_unexported_function", current),
         ("orc_unwinds_kbuild_code", orc),
         ("kbuild_special_sections_refused", refused),
+        ("getpid_hammered_through_per_task_cycles", getpid_hammered),
     ]);
     trials.push(local_trial("kernel_release_errors", kernel_errors));
     run_group(trials)

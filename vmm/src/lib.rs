@@ -27,6 +27,7 @@ pub mod patching;
 pub mod paused;
 pub mod pci;
 pub mod run;
+pub mod seccomp;
 pub mod session;
 pub mod vcpu;
 pub mod vm;

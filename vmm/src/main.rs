@@ -43,6 +43,9 @@ enum Command {
         /// Size of the guest-physical patch area (e820 reserved, owned by lpvmm)
         #[arg(long, default_value = "16M", value_parser = parse_size)]
         patch_area: u64,
+        /// Run without the per-thread seccomp filters (for debugging lpvmm itself)
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// List running VMs
     Ls {
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
             vcpus,
             name,
             patch_area,
+            no_seccomp,
         } => cli::default_name(name).and_then(|name| {
             run::run(vm::VmConfig {
                 name,
@@ -190,6 +194,7 @@ fn main() -> ExitCode {
                 memory,
                 vcpus,
                 patch_area,
+                seccomp: !no_seccomp,
             })
         }),
         Command::Ls { json } => cli::ls(json),

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::control::proto::{
     ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, TransitionStarted,
 };
+use crate::devices::StopReason;
 use crate::session::Session;
 
 /// Longest transition timeout a request may ask for.
@@ -217,28 +218,58 @@ pub fn spawn_driver(session: &Arc<Mutex<Session>>) -> Result<()> {
         .unwrap_or_else(|e| e.into_inner())
         .wakeup
         .clone();
+    let seccomp = session
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .vm
+        .config
+        .seccomp;
     let session: Weak<Mutex<Session>> = Arc::downgrade(session);
     std::thread::Builder::new()
         .name("patch-driver".into())
-        .spawn(move || loop {
-            let Some(session) = session.upgrade() else {
-                return;
-            };
-            let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
-            if guard.vm.devices.stop_reason().is_some() {
+        .spawn(move || {
+            if let Err(e) = lock_down(seccomp) {
+                if let Some(s) = session.upgrade() {
+                    let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                    s.vm.devices.request_stop(StopReason::Fatal(e.to_string()));
+                }
                 return;
             }
-            let wait = guard
-                .drive_transition()
-                .map(|t| t.saturating_duration_since(Instant::now()))
-                .unwrap_or(IDLE_WAKEUP)
-                .max(Duration::from_millis(1));
-            let guard = wakeup
-                .wait_timeout(guard, wait)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-            drop(guard);
+            drive(session, wakeup)
         })
         .map(|_| ())
         .map_err(|e| anyhow!("cannot start the patch driver thread: {e}"))
+}
+
+/// The patch driver's seccomp filter, before it touches the guest.
+fn lock_down(seccomp: bool) -> Result<(), crate::seccomp::SeccompError> {
+    use crate::seccomp::{self, ThreadKind};
+    if !seccomp {
+        seccomp::selftest_without_filter(ThreadKind::PatchDriver);
+        return Ok(());
+    }
+    seccomp::install(ThreadKind::PatchDriver)
+}
+
+/// Drive transitions until the VM ends.
+fn drive(session: Weak<Mutex<Session>>, wakeup: Arc<std::sync::Condvar>) {
+    loop {
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.vm.devices.stop_reason().is_some() {
+            return;
+        }
+        let wait = guard
+            .drive_transition()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(IDLE_WAKEUP)
+            .max(Duration::from_millis(1));
+        let guard = wakeup
+            .wait_timeout(guard, wait)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+        drop(guard);
+    }
 }

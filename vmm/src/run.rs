@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console::{Console, RawTerminal};
 use crate::control::server::{self, ControlServer};
 use crate::devices::StopReason;
+use crate::seccomp::ThreadKind;
 use crate::session::Session;
 use crate::vm::{Vm, VmConfig};
 
@@ -56,7 +57,11 @@ impl MutEventSubscriber for StopWatcher {
 /// Run a VM to its end; returns lpvmm's exit code.
 pub fn run(config: VmConfig) -> Result<i32> {
     let name = config.name.clone();
+    let seccomp = config.seccomp;
     let socket_path = server::claim_name(&name)?;
+    if seccomp {
+        crate::seccomp::install_handler(&socket_path)?;
+    }
     let drained = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     let vm = Vm::create(config, drained.try_clone().context("eventfd")?)?;
     let devices = vm.devices.clone();
@@ -106,6 +111,12 @@ pub fn run(config: VmConfig) -> Result<i32> {
         devices: devices.clone(),
     })));
 
+    // From here on the main thread only serves: lock it down.
+    if seccomp {
+        crate::seccomp::install(ThreadKind::Api)?;
+    } else {
+        crate::seccomp::selftest_without_filter(ThreadKind::Api);
+    }
     let reason = loop {
         if let Some(reason) = devices.stop_reason() {
             break reason;

@@ -28,6 +28,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::cpu;
 use crate::devices::{Devices, StopReason};
+use crate::seccomp::{self, ThreadKind};
 use introspection::VcpuState;
 
 /// Offset from SIGRTMIN of the signal that kicks a vCPU out of KVM_RUN.
@@ -186,7 +187,7 @@ pub struct Paused {
 
 impl Vcpus {
     /// Start one thread per configured vCPU. They run until `stop`.
-    pub fn start(fds: Vec<VcpuFd>, devices: Arc<Devices>) -> Result<Self> {
+    pub fn start(fds: Vec<VcpuFd>, devices: Arc<Devices>, seccomp: bool) -> Result<Self> {
         register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)
             .map_err(|e| anyhow!("cannot install the vCPU kick signal handler: {e}"))?;
         let control = Arc::new(VcpuControl {
@@ -205,7 +206,7 @@ impl Vcpus {
             let devices = devices.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(index, fd, &control, &devices))
+                .spawn(move || run_vcpu(index, fd, &control, &devices, seccomp))
                 .map_err(|e| anyhow!("cannot start vCPU thread {index}: {e}"))?;
             threads.push(t);
         }
@@ -327,31 +328,22 @@ impl Drop for Vcpus {
     }
 }
 
-fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devices) {
+/// This vCPU thread's seccomp filter, before it first enters the guest.
+fn lock_down(seccomp: bool) -> Result<(), StopReason> {
+    if !seccomp {
+        seccomp::selftest_without_filter(ThreadKind::Vcpu);
+        return Ok(());
+    }
+    seccomp::install(ThreadKind::Vcpu).map_err(|e| StopReason::Fatal(e.to_string()))
+}
+
+fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devices, seccomp: bool) {
     let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
 
-    let reason = loop {
-        match control.want() {
-            Want::Run => {}
-            Want::Stop => break None,
-            Want::Pause => {
-                if let Err(reason) = complete_pending_exit(index, &mut fd, control, devices) {
-                    break Some(reason);
-                }
-                if park(index, &fd, control) == Want::Stop {
-                    break None;
-                }
-                serialize_instruction_stream();
-                fd.set_kvm_immediate_exit(0);
-                continue;
-            }
-        }
-        match run_once(index, &mut fd, control, devices) {
-            Step::Continue => {}
-            Step::Interrupted => fd.set_kvm_immediate_exit(0),
-            Step::Stop(reason) => break Some(reason),
-        }
+    let reason = match lock_down(seccomp) {
+        Err(reason) => Some(reason),
+        Ok(()) => run_loop(index, &mut fd, control, devices),
     };
 
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
@@ -361,6 +353,37 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
     drop(shared);
     if let Some(reason) = reason {
         devices.request_stop(reason);
+    }
+}
+
+/// Run the guest until told to stop (`None`) or the VM must end.
+fn run_loop(
+    index: usize,
+    fd: &mut VcpuFd,
+    control: &VcpuControl,
+    devices: &Devices,
+) -> Option<StopReason> {
+    loop {
+        match control.want() {
+            Want::Run => {}
+            Want::Stop => break None,
+            Want::Pause => {
+                if let Err(reason) = complete_pending_exit(index, fd, control, devices) {
+                    break Some(reason);
+                }
+                if park(index, fd, control) == Want::Stop {
+                    break None;
+                }
+                serialize_instruction_stream();
+                fd.set_kvm_immediate_exit(0);
+                continue;
+            }
+        }
+        match run_once(index, fd, control, devices) {
+            Step::Continue => {}
+            Step::Interrupted => fd.set_kvm_immediate_exit(0),
+            Step::Stop(reason) => break Some(reason),
+        }
     }
 }
 

@@ -35,6 +35,8 @@ pub struct VmConfig {
     pub memory: u64,
     pub vcpus: u8,
     pub patch_area: u64,
+    /// Each thread runs under its seccomp filter (`--no-seccomp` turns them off).
+    pub seccomp: bool,
 }
 
 /// Largest guest-physical read one `read_phys` request may ask for.
@@ -217,7 +219,7 @@ impl Vm {
             }
             fds.push(fd);
         }
-        let vcpus = Vcpus::start(fds, devices.clone())?;
+        let vcpus = Vcpus::start(fds, devices.clone(), config.seccomp)?;
 
         Ok(Vm {
             config,
