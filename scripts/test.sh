@@ -24,7 +24,9 @@ set -e
 # Every test the harness ran again because the nested platform killed its guest or its
 # host is counted here and listed, so that no retry hides in a long log.
 awk '/^test result:/ { p += $4; f += $6 }
-     /^WARNING: / { w[++n] = $0 }
+     # Anywhere in a line: libtest may print "test NAME ... " before it. The kernel's
+     # own "WARNING: CPU: ..." lines (in a failing test's dmesg) are not retries.
+     /WARNING: / && !/WARNING: CPU:/ { w[++n] = substr($0, index($0, "WARNING: ")) }
      END {
        printf "tests: %d passed, %d failed; platform retries and host replacements: %d\n", p, f, n
        for (i = 1; i <= n; i++) print "  " substr(w[i], 1, 300)

@@ -109,6 +109,14 @@ struct Member {
     bit_size: u32,
 }
 
+/// One named constant of an enum (`BTF_KIND_ENUM` or `BTF_KIND_ENUM64`), as the
+/// unsigned bits of its value: lpvmm reads flag masks this way, never from the source.
+#[derive(Clone, Copy, Debug)]
+struct Enumerator {
+    name_off: u32,
+    value: u64,
+}
+
 /// A field located in a struct: where it is, and its (unqualified) type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Field {
@@ -132,6 +140,7 @@ impl Field {
 pub struct Btf {
     types: Vec<Type>,
     members: Vec<Member>,
+    enumerators: Vec<Enumerator>,
     strings: Vec<u8>,
     /// Struct and union names to their type ids, in id order.
     composites: HashMap<String, Vec<u32>>,
@@ -177,6 +186,7 @@ impl Btf {
             count: 0,
         }];
         let mut members = Vec::new();
+        let mut enumerators = Vec::new();
         let mut at = 0usize;
         while at < type_sec.len() {
             let id = types.len() as u32;
@@ -234,6 +244,23 @@ impl Btf {
                     t.first = u32_at(type_sec, body).unwrap_or(0);
                     t.count = u32_at(type_sec, body + 8).unwrap_or(0);
                 }
+                Kind::Enum | Kind::Enum64 => {
+                    t.first = enumerators.len() as u32;
+                    t.count = vlen as u32;
+                    let step = if kind == Kind::Enum { 8 } else { 12 };
+                    for e in 0..vlen {
+                        let r = body + step * e;
+                        let lo = u64::from(u32_at(type_sec, r + 4).unwrap_or(0));
+                        let hi = match kind {
+                            Kind::Enum64 => u64::from(u32_at(type_sec, r + 8).unwrap_or(0)),
+                            _ => 0,
+                        };
+                        enumerators.push(Enumerator {
+                            name_off: u32_at(type_sec, r).unwrap_or(0),
+                            value: hi << 32 | lo,
+                        });
+                    }
+                }
                 _ => {}
             }
             types.push(t);
@@ -243,6 +270,7 @@ impl Btf {
         let mut btf = Btf {
             types,
             members,
+            enumerators,
             strings,
             composites: HashMap::new(),
         };
@@ -389,6 +417,34 @@ impl Btf {
         })
     }
 
+    /// Every constant of the enum that defines `name` (anonymous enums included), by
+    /// name, with the unsigned bits of its value; `None` if no enum defines it.
+    pub fn enum_of(&self, name: &str) -> Option<Vec<(String, u64)>> {
+        let found = self
+            .enumerators
+            .iter()
+            .position(|e| self.str_at(e.name_off) == name)? as u32;
+        let t = self.types.iter().find(|t| {
+            matches!(t.kind, Kind::Enum | Kind::Enum64)
+                && (t.first..t.first.saturating_add(t.count)).contains(&found)
+        })?;
+        let range = t.first as usize..(t.first as usize).checked_add(t.count as usize)?;
+        Some(
+            self.enumerators
+                .get(range)?
+                .iter()
+                .map(|e| (self.str_at(e.name_off).to_string(), e.value))
+                .collect(),
+        )
+    }
+
+    /// The value of enum constant `name`.
+    pub fn enumerator(&self, name: &str) -> Option<u64> {
+        self.enum_of(name)?
+            .into_iter()
+            .find_map(|(n, v)| (n == name).then_some(v))
+    }
+
     /// True if `struct strukt` has the field.
     pub fn has_field(&self, strukt: &str, path: &str) -> bool {
         self.field(strukt, path).is_ok()
@@ -492,6 +548,20 @@ mod tests {
             Err(BtfError::NoField { .. })
         ));
         assert!(matches!(btf.field("nope", "x"), Err(BtfError::NoStruct(_))));
+    }
+
+    #[test]
+    fn finds_enum_constants_of_anonymous_and_64_bit_enums() {
+        let mut b = BtfBuilder::new();
+        b.enumeration("", 8, &[("FL_ENABLED", 1 << 31), ("FL_DISABLED", 1 << 25)]);
+        b.enumeration("wide", 8, &[("W_TOP", 1 << 40), ("W_LOW", 2)]);
+        let btf = Btf::parse(&b.finish()).unwrap();
+        assert_eq!(btf.enumerator("FL_ENABLED"), Some(1 << 31));
+        assert_eq!(btf.enumerator("FL_DISABLED"), Some(1 << 25));
+        assert_eq!(btf.enumerator("W_TOP"), Some(1 << 40));
+        let all = btf.enum_of("W_LOW").unwrap();
+        assert_eq!(all, vec![("W_TOP".into(), 1 << 40), ("W_LOW".into(), 2)]);
+        assert_eq!(btf.enumerator("NOPE"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::btf::{Btf, BtfError};
+use crate::ftrace::{FtraceError, FtraceLayout};
 use crate::guest::PausedGuest;
 use crate::kallsyms::{KallsymsError, SymbolTable};
 use crate::layout::{Layout, LayoutError};
@@ -38,6 +39,8 @@ pub enum AttachError {
     Orc(#[from] OrcError),
     #[error("reading kernel memory: {0}")]
     Mem(#[from] MemError),
+    #[error(transparent)]
+    Ftrace(#[from] FtraceError),
     #[error("implausible kernel value: {0}")]
     Implausible(String),
 }
@@ -106,6 +109,8 @@ pub struct Kernel {
     pub addrs: KernelAddrs,
     /// THREAD_SIZE, measured from the initial task's stack in the image.
     pub thread_size: u64,
+    /// Where the guest's ftrace keeps its records (`None`: no dynamic ftrace).
+    pub ftrace: Option<FtraceLayout>,
     pub stats: AttachStats,
 }
 
@@ -136,6 +141,7 @@ impl Kernel {
         let layout = Layout::from_btf(&btf)?;
         let btf_us = duration_us(started.elapsed());
         let orc = OrcTable::read(&mem, &symbols, OrcFormat::from_btf(&btf)?)?;
+        let ftrace = FtraceLayout::from_kernel(&symbols, &btf)?;
 
         let optional_range = |a: &str, b: &str| {
             Some(Range {
@@ -197,6 +203,7 @@ impl Kernel {
             orc,
             addrs,
             thread_size,
+            ftrace,
             stats,
         };
         kernel.stats.attach_us = duration_us(started.elapsed());

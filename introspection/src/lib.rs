@@ -15,6 +15,7 @@
 
 pub mod btf;
 pub mod disasm;
+pub mod ftrace;
 mod guest;
 pub mod kallsyms;
 pub mod kernel;

@@ -336,6 +336,7 @@ fn no_struct_offset_is_written_by_hand() {
         ("kernel.rs", include_str!("kernel.rs")),
         ("layout.rs", include_str!("layout.rs")),
         ("memory.rs", include_str!("memory.rs")),
+        ("ftrace.rs", include_str!("ftrace.rs")),
     ];
     let mut offenders = Vec::new();
     for (file, text) in sources {
@@ -365,4 +366,140 @@ fn no_struct_offset_is_written_by_hand() {
         "offsets written by hand:\n{}",
         offenders.join("\n")
     );
+}
+
+#[test]
+fn ftrace_records_users_and_lock_read_as_the_kernel_keeps_them() {
+    for mut sk in both() {
+        let k = Kernel::attach(&sk.guest).expect("attach");
+        let ft = k.ftrace.as_ref().expect("the synthetic kernel has ftrace");
+        assert_eq!(ft.disabled, 1 << 25);
+        // 6.1's lowest record flag is bit 23, 6.12's bit 19: the count's bits differ.
+        let want_mask = if sk.spec.new_orc {
+            (1 << 19) - 1
+        } else {
+            (1 << 23) - 1
+        };
+        assert_eq!(ft.ref_mask, want_mask, "{}", sk.spec.release);
+        let mut g = sk.guest.clone();
+        let (a, b) = (sk.function("cmdline_proc_show"), sk.function("pipe_read"));
+        // Every site is found, in whichever page it is; others are not.
+        for (&ip, &flags_va) in &sk.ftrace.records {
+            let r = ft.record(&k.memory(&g), ip).unwrap().expect("a record");
+            assert_eq!((r.ip, r.flags_va, r.flags), (ip, flags_va, 0));
+        }
+        assert_eq!(ft.record(&k.memory(&g), a + 1).unwrap(), None);
+        assert_eq!(
+            ft.record(&k.memory(&g), sk.function("no_fentry")).unwrap(),
+            None
+        );
+        assert_eq!(ft.lock_owner(&k.memory(&g)).unwrap(), None);
+        sk.ftrace.set_lock_owner(&mut g, 0xffff_8880_0123_4500 | 1);
+        assert_eq!(
+            ft.lock_owner(&k.memory(&g)).unwrap(),
+            Some(0xffff_8880_0123_4500)
+        );
+        sk.ftrace.set_lock_owner(&mut g, 0);
+
+        // Who covers a function: an empty filter covers all, notrace excludes, a filter
+        // names; a disabled ops covers nothing.
+        assert!(ft.users(&k.memory(&g), a).unwrap().is_empty());
+        let only_b = sk.ftrace.add_ops(&mut g, &[b], &[]);
+        let all_but_a = sk.ftrace.add_ops(&mut g, &[], &[a]);
+        let users = |g: &crate::synth::SynthGuest, ip| -> Vec<u64> {
+            let mut v: Vec<u64> = ft
+                .users(&k.memory(g), ip)
+                .unwrap()
+                .iter()
+                .map(|u| u.ops)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(users(&g, a), Vec::<u64>::new());
+        let mut both_ops = vec![only_b, all_but_a];
+        both_ops.sort();
+        assert_eq!(users(&g, b), both_ops);
+        let everything = sk.ftrace.add_ops(&mut g, &[], &[]);
+        assert_eq!(users(&g, a), vec![everything]);
+        let r = ft.record(&k.memory(&g), b).unwrap().unwrap();
+        assert_eq!(ft.refs(&r), 3, "the synthetic guest counts as ftrace does");
+        sk.ftrace.disable_ops(&mut g, everything);
+        assert_eq!(users(&g, a), Vec::<u64>::new());
+    }
+}
+
+#[test]
+fn corrupt_ftrace_lists_are_errors_not_loops() {
+    let sk = SynthKernel::build(SynthKernelSpec::v6_12());
+    let k = Kernel::attach(&sk.guest).expect("attach");
+    let ft = k.ftrace.as_ref().unwrap();
+    let a = sk.function("cmdline_proc_show");
+    let mut g = sk.guest.clone();
+    // ftrace_ops_list pointing at itself: an ops whose next is itself.
+    let list = k.symbols.addr("ftrace_ops_list").unwrap();
+    let pa = k.memory(&g).translate(list).unwrap();
+    g.write_phys_raw(pa, &(list - 8).to_le_bytes());
+    assert!(ft.users(&k.memory(&g), a).is_err());
+    // A page list that loops.
+    let mut g = sk.guest.clone();
+    let start = k.symbols.addr("ftrace_pages_start").unwrap();
+    let m = k.memory(&g);
+    let first = m.u64(start).unwrap();
+    let second = m.u64(first).unwrap();
+    let pa = m.translate(second).unwrap();
+    g.write_phys_raw(pa, &first.to_le_bytes());
+    assert!(ft.record(&k.memory(&g), a + 3).is_err());
+}
+
+#[test]
+fn hostile_ftrace_memory_is_bounded_and_never_panics() {
+    let mut rng = Rng(0x5eed_f7ac_e000_0001);
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).unwrap();
+        let ft = k.ftrace.as_ref().unwrap();
+        let m = k.memory(&sk.guest);
+        let mut sites: Vec<u64> = sk.ftrace.records.keys().copied().collect();
+        sites.sort();
+        // What ftrace's walks read: the page list, records, ops list, a hash.
+        let mut g = sk.guest.clone();
+        let mut ftc = sk.ftrace.clone();
+        ftc.add_ops(&mut g, &sites[..3], &sites[3..5]);
+        let start = k.symbols.addr("ftrace_pages_start").unwrap();
+        let first_page = m.u64(start).unwrap();
+        let targets = [
+            start,
+            first_page,
+            m.u64(first_page + 8).unwrap(),
+            k.symbols.addr("ftrace_ops_list").unwrap(),
+            m.u64(k.symbols.addr("ftrace_ops_list").unwrap()).unwrap(),
+        ];
+        let mg = k.memory(&g);
+        let (base, hashes) = (g.clone(), mg.u64(targets[4] + 32).unwrap());
+        drop(mg);
+        let mut slowest = Duration::ZERO;
+        for _ in 0..400 {
+            let mut h = base.clone();
+            for _ in 0..1 + rng.below(4) {
+                let at = match rng.below(3) {
+                    0 => targets[rng.below(targets.len() as u64) as usize] + 8 * rng.below(4),
+                    1 => hashes + 8 * rng.below(3),
+                    _ => targets[2] + 8 * rng.below(2 * sites.len() as u64),
+                };
+                if let Ok(pa) = m.translate(at) {
+                    let near = h.read_u64_raw(pa);
+                    h.write_phys_raw(pa, &hostile_word(&mut rng, near).to_le_bytes());
+                }
+            }
+            let t0 = Instant::now();
+            let mh = k.memory(&h);
+            for &ip in sites.iter().step_by(3) {
+                let _ = ft.record(&mh, ip);
+                let _ = ft.users(&mh, ip);
+            }
+            let _ = ft.lock_owner(&mh);
+            slowest = slowest.max(t0.elapsed());
+        }
+        assert!(slowest < Duration::from_secs(2), "a case took {slowest:?}");
+    }
 }

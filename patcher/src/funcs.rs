@@ -68,6 +68,10 @@ pub struct FuncStack {
     pub original: [u8; 5],
     /// What lpvmm last wrote at the site (checked before every write).
     pub live: [u8; 5],
+    /// The `flags` of the site's ftrace record, while lpvmm hides it from the guest's
+    /// ftrace (see [`crate::ftrace`]).
+    #[serde(default)]
+    pub ftrace_hidden: Option<u64>,
 }
 
 impl FuncStack {
@@ -80,6 +84,7 @@ impl FuncStack {
             site_pa,
             original: site::FENTRY_NOP,
             live: site::FENTRY_NOP,
+            ftrace_hidden: None,
         }
     }
 

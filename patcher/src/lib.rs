@@ -16,6 +16,7 @@ pub mod area;
 pub mod build;
 pub mod dispatch;
 pub mod engine;
+pub mod ftrace;
 pub mod funcs;
 pub mod journal;
 pub mod kbuild;
@@ -92,6 +93,10 @@ pub enum KpError {
     // The guest's memory.
     #[error("guest memory: {0}")]
     Guest(String),
+    /// The guest is in the middle of something lpvmm must not cut across (its ftrace
+    /// updating code, a tracer on a function lpvmm hands back); a transition waits.
+    #[error("waiting for the guest: {0}")]
+    GuestBusy(String),
     #[error("{context}: {source}")]
     GuestAccess {
         context: String,

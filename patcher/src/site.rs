@@ -9,7 +9,7 @@ use crate::KpError;
 pub const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 const JMP_REL32: u8 = 0xe9;
-const CALL_REL32: u8 = 0xe8;
+pub(crate) const CALL_REL32: u8 = 0xe8;
 
 /// Offset of the fentry site from the function's start.
 pub fn site_offset(entry: &[u8]) -> u64 {

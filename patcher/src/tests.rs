@@ -1121,3 +1121,169 @@ LPVMM_REPLACE(meminfo_proc_show, nf);
         "before the first entry nothing is known"
     );
 }
+
+const FTRACE_DISABLED: u64 = 1 << 25;
+
+fn ftrace_flags(f: &Fixture, g: &SynthGuest, func: &str) -> u64 {
+    f.sk.ftrace.flags(g, f.sk.function(func))
+}
+
+#[test]
+fn a_redirected_site_is_hidden_from_the_guests_ftrace_until_no_tracer_covers_it() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let mut ft = f.sk.ftrace.clone();
+    let before = text(&f, &g);
+    f.engine.load(&mut g, &f.kernel, &kp(CMDLINE, &[])).unwrap();
+    assert_eq!(
+        ftrace_flags(&f, &g, "cmdline_proc_show"),
+        0,
+        "load hides nothing"
+    );
+    enable(&mut f, &mut g, "cmdline").unwrap();
+    assert_eq!(ftrace_flags(&f, &g, "cmdline_proc_show"), FTRACE_DISABLED);
+    assert_eq!(
+        ftrace_flags(&f, &g, "seq_printf"),
+        0,
+        "other records untouched"
+    );
+
+    // The guest traces every function: ftrace counts every record but the hidden one.
+    let tracer = ft.add_ops(&mut g, &[], &[]);
+    assert_eq!(ftrace_flags(&f, &g, "cmdline_proc_show"), FTRACE_DISABLED);
+    assert_eq!(ftrace_flags(&f, &g, "seq_printf"), 1);
+    // Giving the site back now would leave ftrace counting 0 for a function its tracer
+    // covers: the disable waits, says for what, and changes nothing.
+    let jumped = site_bytes(&f, &g, "cmdline_proc_show");
+    let t = run(
+        &mut f,
+        &mut g,
+        "cmdline",
+        Op::Disable,
+        Consistency::Immediate,
+        3,
+    )
+    .unwrap();
+    assert_eq!(t.outcome, Outcome::Pending);
+    let note = t.note.clone().unwrap_or_default();
+    assert!(
+        note.contains("ftrace user") && note.contains("cmdline_proc_show"),
+        "{note}"
+    );
+    assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), jumped);
+    assert_eq!(ftrace_flags(&f, &g, "cmdline_proc_show"), FTRACE_DISABLED);
+
+    // The guest stops tracing: the disable completes and ftrace has its record back.
+    ft.disable_ops(&mut g, tracer);
+    let t = tick(&mut f, &mut g, 2).unwrap();
+    assert_eq!(t.outcome, Outcome::Done, "{:?}", t.note);
+    assert_eq!(ftrace_flags(&f, &g, "cmdline_proc_show"), 0);
+    assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), FENTRY_NOP);
+    assert_eq!(text(&f, &g), before);
+
+    // A tracer of other functions only, or one that excludes this one, does not hold
+    // a disable back.
+    let others = ft.add_ops(&mut g, &[f.sk.function("seq_printf")], &[]);
+    let excluding = ft.add_ops(&mut g, &[], &[f.sk.function("cmdline_proc_show")]);
+    enable(&mut f, &mut g, "cmdline").unwrap();
+    disable(&mut f, &mut g, "cmdline").unwrap();
+    assert_eq!(ftrace_flags(&f, &g, "cmdline_proc_show"), 0);
+    ft.disable_ops(&mut g, others);
+    ft.disable_ops(&mut g, excluding);
+}
+
+#[test]
+fn per_task_hides_the_record_from_the_first_trampoline_to_the_last_jump() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
+    assert_eq!(t.phase, Phase::Switching);
+    assert_eq!(
+        ftrace_flags(&f, &g, "pipe_read"),
+        FTRACE_DISABLED,
+        "trampoline on"
+    );
+    move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
+    move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    assert_eq!(
+        ftrace_flags(&f, &g, "pipe_read"),
+        FTRACE_DISABLED,
+        "direct jump"
+    );
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Disable,
+        Consistency::PerTask,
+        2,
+    )
+    .unwrap();
+    assert_eq!(t.outcome, Outcome::Done, "{:?}", t.note);
+    assert_eq!(ftrace_flags(&f, &g, "pipe_read"), 0);
+    assert_eq!(site_bytes(&f, &g, "pipe_read"), FENTRY_NOP);
+}
+
+#[test]
+fn ftrace_changing_code_or_counting_a_nop_holds_the_site_back() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let ft = f.sk.ftrace.clone();
+    f.engine.load(&mut g, &f.kernel, &kp(CMDLINE, &[])).unwrap();
+    // A guest task holds ftrace_lock: ftrace may be half way through an update.
+    ft.set_lock_owner(&mut g, 0xffff_8880_0200_0000);
+    let t = run(
+        &mut f,
+        &mut g,
+        "cmdline",
+        Op::Enable,
+        Consistency::Immediate,
+        2,
+    )
+    .unwrap();
+    assert_eq!(t.outcome, Outcome::Pending);
+    assert!(
+        t.note.as_deref().unwrap_or("").contains("ftrace_lock"),
+        "{:?}",
+        t.note
+    );
+    assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), FENTRY_NOP);
+    assert_eq!(ftrace_flags(&f, &g, "cmdline_proc_show"), 0);
+    ft.set_lock_owner(&mut g, 0);
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    disable(&mut f, &mut g, "cmdline").unwrap();
+
+    // ftrace counts a user of a site that holds its NOP: its books are not ours to
+    // rewrite; the enable fails, naming why, and writes nothing.
+    let site = f.sk.function("cmdline_proc_show");
+    ft.set_flags(&mut g, site, 1);
+    let t = run(
+        &mut f,
+        &mut g,
+        "cmdline",
+        Op::Enable,
+        Consistency::Immediate,
+        1,
+    )
+    .unwrap();
+    let Outcome::Failed(why) = &t.outcome else {
+        panic!("{:?}", t.outcome)
+    };
+    assert!(why.contains("counts 1 tracer"), "{why}");
+    assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), FENTRY_NOP);
+    assert_eq!(ft.flags(&g, site), 1);
+}

@@ -16,6 +16,7 @@ use crate::dispatch::{
     MAX_TRAMPOLINE,
 };
 use crate::engine::{Dispatch, Engine};
+use crate::ftrace::{self, FlagWrite, SiteMove};
 use crate::funcs::{CodeRange, FuncStack, Version};
 use crate::space::Sizes;
 use crate::transition::{
@@ -46,7 +47,9 @@ impl Engine {
         t.elapsed_ms = now_ms.saturating_sub(t.started_ms);
         t.note = None;
         if let Err(e) = self.step(&mut t, guest, kernel, now_ms) {
-            if t.phase == Phase::Waiting {
+            // A busy guest is waited for, at the first tick too, up to the deadline.
+            let wait = matches!(e, KpError::GuestBusy(_)) && !t.last_chance(now_ms);
+            if t.phase == Phase::Waiting && !wait {
                 t.outcome = Outcome::Failed(e.to_string());
                 t.phase = Phase::Ended;
             } else {
@@ -120,7 +123,7 @@ impl Engine {
             self.ensure_stack(c.func)?;
         }
         if blockers.is_empty() {
-            return self.complete(t, guest, &list, false);
+            return self.complete(t, guest, kernel, &list, false);
         }
         if t.consistency == Consistency::Immediate {
             if t.last_chance(now_ms) {
@@ -217,7 +220,7 @@ impl Engine {
                 },
             ));
         }
-        self.check_sites(guest.reader(), &sites)?;
+        let flags = self.check_sites(guest.reader(), kernel, &sites)?;
         // Order matters only for the guest's view after the resume; it is paused now.
         let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
         write_map(guest, &layout, self.dispatch_bank(bank), &g, &mut map)?;
@@ -226,7 +229,7 @@ impl Engine {
                 .write_phys(layout.pa(*va), bytes)
                 .map_err(|e| KpError::guest("writing a trampoline", e))?;
         }
-        self.write_sites(guest, &sites)?;
+        self.write_sites(guest, &sites, flags)?;
         let b = &mut self.dispatch.as_mut().expect("ensured").banks[bank];
         b.state = BankState::Live;
         b.slots = slots;
@@ -257,7 +260,7 @@ impl Engine {
         self.clear_suspects(&list, &traces);
         let leaving = self.leaving_far_side(t);
         let blockers = self.move_safe(t, &g, &list, &traces, &leaving, target_start);
-        self.finish_tick(t, guest, &list, blockers, now_ms)
+        self.finish_tick(t, guest, kernel, &list, blockers, now_ms)
     }
 
     /// Turn the transition around: the starting version becomes the target.
@@ -308,9 +311,9 @@ impl Engine {
             .filter(|c| c.immediate)
             .map(|c| Ok((c.func, self.funcs[&c.func].site_bytes(t.target(c))?)))
             .collect::<Result<_, KpError>>()?;
-        self.check_sites(guest.reader(), &immediate)?;
-        self.write_sites(guest, &immediate)?;
-        self.finish_tick(t, guest, &list, blockers, now_ms)
+        let flags = self.check_sites(guest.reader(), kernel, &immediate)?;
+        self.write_sites(guest, &immediate, flags)?;
+        self.finish_tick(t, guest, kernel, &list, blockers, now_ms)
     }
 
     /// Complete without checks, naming the tasks it skipped.
@@ -341,7 +344,7 @@ impl Engine {
             map.reset_unowned(&g, &[], t.reversed);
         }
         t.skipped = skipped;
-        self.complete(t, guest, &list, true)
+        self.complete(t, guest, kernel, &list, true)
     }
 
     /// Move each task of `traces` that is at a safe point to the target; the others
@@ -399,6 +402,7 @@ impl Engine {
         &mut self,
         t: &mut Transition,
         guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
         list: &TaskList,
         blockers: Vec<Blocker>,
         now_ms: u64,
@@ -419,7 +423,7 @@ impl Engine {
         t.tasks = list.tasks.len();
         t.pending = blockers.len();
         if blockers.is_empty() {
-            return self.complete(t, guest, list, false);
+            return self.complete(t, guest, kernel, list, false);
         }
         t.record_blocked(now_ms, blockers);
         Ok(())
@@ -431,6 +435,7 @@ impl Engine {
         &mut self,
         t: &mut Transition,
         guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
         list: &TaskList,
         forced: bool,
     ) -> Result<(), KpError> {
@@ -439,8 +444,8 @@ impl Engine {
             .iter()
             .map(|c| Ok((c.func, self.funcs[&c.func].site_bytes(t.target(c))?)))
             .collect::<Result<_, KpError>>()?;
-        self.check_sites(guest.reader(), &writes)?;
-        self.write_sites(guest, &writes)?;
+        let flags = self.check_sites(guest.reader(), kernel, &writes)?;
+        self.write_sites(guest, &writes, flags)?;
         if let (Some(bank), Some(d)) = (t.bank, self.dispatch.as_mut()) {
             d.banks[bank].state = BankState::Retired {
                 suspects: list.tasks.iter().map(|x| x.addr).collect(),
@@ -558,12 +563,15 @@ impl Engine {
         self.funcs.retain(|_, s| s.live != s.original);
     }
 
-    /// Every site still holds what lpvmm last wrote there (nothing else changed it).
+    /// Every site still holds what lpvmm last wrote there (nothing else changed it), and
+    /// the guest's ftrace lets go of or takes back the sites that cross the NOP: the
+    /// record writes to make with the sites (see [`crate::ftrace`]).
     fn check_sites(
         &self,
         guest: &dyn PausedGuest,
+        kernel: &Kernel,
         writes: &[(u64, [u8; 5])],
-    ) -> Result<(), KpError> {
+    ) -> Result<Vec<FlagWrite>, KpError> {
         for (func, _) in writes {
             let s = &self.funcs[func];
             let mut now = [0u8; 5];
@@ -571,20 +579,36 @@ impl Engine {
                 .read_phys(s.site_pa, &mut now)
                 .map_err(|e| KpError::guest(&format!("reading the site of {}", s.name), e))?;
             if now != s.live {
-                return Err(KpError::Site(format!(
-                    "{} at {:#x} was changed by something other than lpvmm",
-                    s.name, s.site
-                )));
+                // The guest's ftrace may have taken a site lpvmm had left as the NOP.
+                return Err(match crate::site::inspect(&s.name, s.site, &now) {
+                    Err(why) if now[0] == crate::site::CALL_REL32 => why,
+                    _ => KpError::Site(format!(
+                        "{} at {:#x} was changed by something other than lpvmm",
+                        s.name, s.site
+                    )),
+                });
             }
         }
-        Ok(())
+        let moves: Vec<(&FuncStack, SiteMove)> = writes
+            .iter()
+            .filter_map(|(func, bytes)| {
+                let s = &self.funcs[func];
+                SiteMove::of(s, bytes).map(|m| (s, m))
+            })
+            .collect();
+        ftrace::plan(kernel, guest, &moves)
     }
 
+    /// The sites, with the ftrace record writes [`Engine::check_sites`] planned for them:
+    /// records hidden before their site leaves the NOP, given back after it returns.
     fn write_sites(
         &mut self,
         guest: &mut dyn GuestWriter,
         writes: &[(u64, [u8; 5])],
+        flags: Vec<FlagWrite>,
     ) -> Result<(), KpError> {
+        let (releases, claims): (Vec<_>, Vec<_>) = flags.into_iter().partition(|f| f.release);
+        self.write_flags(guest, claims)?;
         for (func, bytes) in writes {
             let s = self.funcs.get_mut(func).expect("checked");
             if s.live != *bytes {
@@ -593,6 +617,21 @@ impl Engine {
                     .map_err(|e| KpError::guest(&format!("writing the site of {}", s.name), e))?;
                 s.live = *bytes;
             }
+        }
+        self.write_flags(guest, releases)
+    }
+
+    fn write_flags(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        flags: Vec<FlagWrite>,
+    ) -> Result<(), KpError> {
+        for f in flags {
+            let s = self.funcs.get_mut(&f.func).expect("checked");
+            guest
+                .write_phys(f.flags_pa, &f.flags.to_le_bytes())
+                .map_err(|e| KpError::guest(&format!("the ftrace record of {}", s.name), e))?;
+            s.ftrace_hidden = f.hidden;
         }
         Ok(())
     }

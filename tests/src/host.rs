@@ -531,19 +531,8 @@ impl TestHost {
         let gone = match self.mode {
             HostMode::Nested => {
                 let pid_file = format!("{}/{name}.pid", self.tmp());
-                let rc_file = format!("{}/{name}.rc", self.tmp());
-                let ticks = KILL_TIMEOUT.as_secs() * 5;
-                // The shell that started the VMM writes its status once the VMM is gone.
-                matches!(
-                    self.exec_status(
-                        &format!(
-                            "pkill -9 -P \"$(cat {pid_file})\"; i=0; while [ ! -s {rc_file} ] \
-                             && [ $i -lt {ticks} ]; do sleep 0.2; i=$((i+1)); done; [ -s {rc_file} ]"
-                        ),
-                        KILL_TIMEOUT + Duration::from_secs(30),
-                    ),
-                    Ok((0, _))
-                )
+                let kill = format!("pkill -9 -P \"$(cat {pid_file})\"");
+                matches!(self.wait_for_rc(name, &kill, KILL_TIMEOUT), Ok(Some(_)))
             }
             HostMode::Native => match self.native_guest.as_mut() {
                 Some((child, ..)) => {
@@ -577,19 +566,8 @@ impl TestHost {
     /// `grace` to exit, then kill it; Ok once it is gone.
     fn end_console_program(&mut self, name: &str, grace: Duration) -> Result<(), String> {
         self.stop_console_program(name);
-        let rc_file = format!("{}/{name}.rc", self.tmp());
-        let ticks = grace.as_secs() * 5;
         let exited = match self.mode {
-            HostMode::Nested => matches!(
-                self.exec_status(
-                    &format!(
-                        "i=0; while [ ! -s {rc_file} ] && [ $i -lt {ticks} ]; do sleep 0.2; \
-                         i=$((i+1)); done; [ -s {rc_file} ]"
-                    ),
-                    grace + Duration::from_secs(30),
-                ),
-                Ok((0, _))
-            ),
+            HostMode::Nested => matches!(self.wait_for_rc(name, ":", grace), Ok(Some(_))),
             // Natively the stop above already killed the child.
             HostMode::Native => false,
         };
@@ -597,6 +575,26 @@ impl TestHost {
             return Ok(());
         }
         self.kill_console_program(name)
+    }
+
+    /// Nested: run `first`, then wait up to `timeout` for the exit status of the program
+    /// started as NAME (the shell that started it writes `NAME.rc` once it is gone).
+    fn wait_for_rc(
+        &mut self,
+        name: &str,
+        first: &str,
+        timeout: Duration,
+    ) -> Result<Option<i32>, String> {
+        let rc_file = format!("{}/{name}.rc", self.tmp());
+        let ticks = timeout.as_secs() * 5;
+        let (_, out) = self.exec_status(
+            &format!(
+                "{first}; i=0; while [ ! -s {rc_file} ] && [ $i -lt {ticks} ]; do sleep 0.2; \
+                 i=$((i+1)); done; cat {rc_file} 2>/dev/null"
+            ),
+            timeout + Duration::from_secs(30),
+        )?;
+        Ok(out.trim().parse::<i32>().ok())
     }
 
     /// Why the host cannot be trusted with another test, if a VMM outlived SIGKILL.
@@ -977,20 +975,12 @@ impl Guest<'_> {
     /// Wait for lpvmm to exit; returns its exit code and stderr.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<GuestExit, String> {
         let err_file = format!("{}/{}.err", self.host.tmp(), self.name);
-        let rc_file = format!("{}/{}.rc", self.host.tmp(), self.name);
         let code = match self.host.mode {
             HostMode::Nested => {
-                let ticks = timeout.as_secs() * 5;
-                let out = self.host.exec_status(
-                    &format!(
-                        "i=0; while [ ! -s {rc_file} ] && [ $i -lt {ticks} ]; do sleep 0.2; i=$((i+1)); done; cat {rc_file}"
-                    ),
-                    timeout + Duration::from_secs(30),
-                )?;
-                out.1
-                    .trim()
-                    .parse::<i32>()
-                    .map_err(|_| format!("lpvmm '{}' did not exit within {timeout:?}", self.name))?
+                let name = self.name.clone();
+                self.host
+                    .wait_for_rc(&name, ":", timeout)?
+                    .ok_or_else(|| format!("lpvmm '{name}' did not exit within {timeout:?}"))?
             }
             HostMode::Native => {
                 let (child, _, _) = self.host.native_guest.as_mut().ok_or("no guest")?;

@@ -197,6 +197,173 @@ fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
     g.poweroff().map(|_| ())
 }
 
+/// The guest's tracefs, mounted by [`ftrace_coexists`].
+const T: &str = "/sys/kernel/tracing";
+/// ftrace's own complaints: a site it did not find as it left it, or gave up on.
+const FTRACE_TROUBLE: &str =
+    "dmesg | grep -iE 'ftrace (bug|failed|record)|ftrace_verify_code|ftrace faulted' || true";
+
+/// Trace `funcs` (a filter, globs allowed) with the guest's function tracer while
+/// `work` runs in the guest; returns the trace.
+fn function_trace(g: &mut Guest, filter: &str, work: &str) -> Result<String, String> {
+    g.run(&format!(
+        "echo '{filter}' > {T}/set_ftrace_filter && echo > {T}/trace && \
+         echo function > {T}/current_tracer"
+    ))?;
+    // Read before the tracer goes: changing the tracer empties the buffer.
+    let trace = g.run(work).and_then(|_| g.run(&format!("cat {T}/trace")));
+    g.run(&format!(
+        "echo nop > {T}/current_tracer; echo > {T}/set_ftrace_filter"
+    ))?;
+    trace
+}
+
+/// Probe each `(event, function)` with a kprobe while `work` runs; returns the trace.
+fn kprobe_trace(g: &mut Guest, probes: &[(&str, &str)], work: &str) -> Result<String, String> {
+    for (event, func) in probes {
+        g.run(&format!("echo 'p:{event} {func}' >> {T}/kprobe_events"))?;
+    }
+    g.run(&format!(
+        "echo > {T}/trace && echo 1 > {T}/events/kprobes/enable"
+    ))?;
+    let trace = g.run(work).and_then(|_| g.run(&format!("cat {T}/trace")));
+    g.run(&format!(
+        "echo 0 > {T}/events/kprobes/enable; echo > {T}/kprobe_events"
+    ))?;
+    trace
+}
+
+fn traced(trace: &str, what: &str) -> usize {
+    trace
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(what))
+        .count()
+}
+
+/// The guest's own ftrace and kprobes on a function lpvmm redirected: the guest's
+/// tracer cannot take the function (its filter matches nothing there) and traces every
+/// other function, a kprobe on it is accepted and never fires while another fires, the
+/// patch stays in effect, nothing in dmesg; lpvmm will not hand the function back while
+/// a guest kprobe covers it and says so; after disable the guest traces and probes it.
+/// A function the guest traces is refused by lpvmm, naming ftrace.
+fn ftrace_coexists(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbftr-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let boot_splats = g.run(SPLATS)?;
+    g.run(&format!(
+        "mount -t tracefs nodev {T} 2>/dev/null; test -w {T}/current_tracer"
+    ))?;
+    let work = "cat /proc/loadavg /proc/uptime >/dev/null";
+    apply(&mut g, series, "loadavg")?;
+    let patched = |g: &mut Guest| -> Result<bool, String> {
+        Ok(g.run("cat /proc/loadavg")?.trim().ends_with(" lpvmm"))
+    };
+    check!(patched(&mut g)?, "{series}: the patch is not in effect");
+    let s = status(&mut g)?;
+    check!(
+        patchtest::func_of(&s, "loadavg_proc_show")?["ftrace_hidden"] == true,
+        "{series}: status does not say the record is hidden: {}",
+        s["funcs"]
+    );
+
+    // The function tracer: the redirected function alone matches nothing, a glob takes
+    // the others, and tracing works for them.
+    let (rc, out) = g.run_status(
+        &format!("echo loadavg_proc_show > {T}/set_ftrace_filter"),
+        std::time::Duration::from_secs(30),
+    )?;
+    check!(
+        rc != 0,
+        "{series}: the guest's ftrace took loadavg_proc_show: {out}"
+    );
+    let trace = function_trace(&mut g, "*_proc_show", work)?;
+    check!(
+        traced(&trace, "uptime_proc_show") >= 1 && traced(&trace, "loadavg_proc_show") == 0,
+        "{series}: function trace of *_proc_show:\n{trace}"
+    );
+    check!(patched(&mut g)?, "{series}: tracing undid the patch");
+
+    // kprobes: one on the redirected function is accepted and stays silent.
+    let probes = [
+        ("lpvmm_la", "loadavg_proc_show"),
+        ("lpvmm_up", "uptime_proc_show"),
+    ];
+    let trace = kprobe_trace(&mut g, &probes, work)?;
+    check!(
+        traced(&trace, "lpvmm_up:") >= 1 && traced(&trace, "lpvmm_la:") == 0,
+        "{series}: kprobe trace:\n{trace}"
+    );
+    check!(patched(&mut g)?, "{series}: a kprobe undid the patch");
+
+    // A kprobe that stays on the function holds the disable back, named.
+    g.run(&format!(
+        "echo 'p:lpvmm_la loadavg_proc_show' > {T}/kprobe_events && \
+         echo 1 > {T}/events/kprobes/enable"
+    ))?;
+    let (rc, out) = g.lpvmm("patch disable {vm} loadavg --timeout 8")?;
+    check!(
+        rc != 0 && out.contains("ftrace user") && out.contains("kprobe"),
+        "{series}: disable under a guest kprobe: rc {rc}: {out}"
+    );
+    check!(
+        patched(&mut g)?,
+        "{series}: the refused disable undid the patch"
+    );
+    g.run(&format!(
+        "echo 0 > {T}/events/kprobes/enable; echo > {T}/kprobe_events"
+    ))?;
+
+    let trouble = g.run(FTRACE_TROUBLE)?;
+    let new = new_splats(&mut g, &boot_splats)?;
+    check!(
+        trouble.trim().is_empty() && new.is_empty(),
+        "{series}: the guest's log:\n{trouble}\n{}",
+        new.join("\n")
+    );
+
+    // Given back: the guest traces and probes the function itself.
+    verb(&mut g, "disable", "loadavg")?;
+    check!(!patched(&mut g)?, "{series}: still patched after disable");
+    let trace = function_trace(&mut g, "loadavg_proc_show", work)?;
+    check!(
+        traced(&trace, "loadavg_proc_show") >= 1,
+        "{series}: after disable, the function trace:\n{trace}"
+    );
+    let trace = kprobe_trace(&mut g, &probes[..1], work)?;
+    check!(
+        traced(&trace, "lpvmm_la:") >= 1,
+        "{series}: after disable, the kprobe trace:\n{trace}"
+    );
+
+    // What the guest traces, lpvmm refuses, naming ftrace, and changes nothing.
+    let text = checksum(&mut g, "text")?;
+    g.run(&format!(
+        "echo loadavg_proc_show > {T}/set_ftrace_filter && echo function > {T}/current_tracer"
+    ))?;
+    let (rc, out) = g.lpvmm("patch enable {vm} loadavg")?;
+    g.run(&format!(
+        "echo nop > {T}/current_tracer; echo > {T}/set_ftrace_filter"
+    ))?;
+    check!(
+        rc != 0 && out.contains("ftrace"),
+        "{series}: enable of a traced function: rc {rc}: {out}"
+    );
+    check!(!patched(&mut g)?, "{series}: the refused enable patched");
+    check!(
+        checksum(&mut g, "text")? == text,
+        "{series}: the refused enable changed the text"
+    );
+    let trouble = g.run(FTRACE_TROUBLE)?;
+    let new = new_splats(&mut g, &boot_splats)?;
+    check!(
+        trouble.trim().is_empty() && new.is_empty(),
+        "{series}: the guest's log at the end:\n{trouble}\n{}",
+        new.join("\n")
+    );
+    verb(&mut g, "unload", "loadavg")?;
+    g.poweroff().map(|_| ())
+}
+
 /// Acceptance 2: `current`, its fields through the real headers, a function the kernel
 /// does not export; and alternatives applied for the guest's CPU.
 fn current(host: &mut TestHost, series: &str) -> TestResult {
@@ -472,6 +639,10 @@ fn main() {
         ("orc_unwinds_kbuild_code", orc),
         ("kbuild_special_sections_refused", refused),
         ("getpid_hammered_through_per_task_cycles", getpid_hammered),
+        (
+            "ftrace_and_kprobes_share_a_redirected_function",
+            ftrace_coexists,
+        ),
     ]);
     trials.push(local_trial("kernel_release_errors", kernel_errors));
     run_group(trials)

@@ -613,10 +613,15 @@ fn status(vm: &str, json: bool) -> Result<i32> {
                 }))
                 .collect();
         println!(
-            "function {}: {} (site: {})",
+            "function {}: {} (site: {}{})",
             f.name,
             versions.join(" < "),
-            f.site_now
+            f.site_now,
+            if f.ftrace_hidden {
+                "; hidden from the guest's ftrace"
+            } else {
+                ""
+            }
         );
     }
     if !s.funcs.is_empty() {

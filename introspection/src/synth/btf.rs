@@ -103,6 +103,23 @@ impl BtfBuilder {
         id
     }
 
+    /// An enum of (name, value): `BTF_KIND_ENUM64` if a value needs more than 32 bits,
+    /// else `BTF_KIND_ENUM`, as pahole chooses.
+    pub fn enumeration(&mut self, name: &str, size: u32, values: &[(&str, u64)]) -> u32 {
+        let wide = values.iter().any(|&(_, v)| v > u64::from(u32::MAX));
+        let kind = if wide { 19 } else { 6 };
+        let id = self.record(name, kind, values.len() as u32, false, size);
+        for &(n, v) in values {
+            let n = self.string(n);
+            if wide {
+                self.words(&[n, v as u32, (v >> 32) as u32]);
+            } else {
+                self.words(&[n, v as u32]);
+            }
+        }
+        id
+    }
+
     pub fn finish(self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&0xeb9fu16.to_le_bytes());

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use super::btf::BtfBuilder;
+use super::ftrace::SynthFtrace;
 use super::SynthGuest;
 use crate::guest::VcpuState;
 use crate::kallsyms::Symbol;
@@ -165,6 +166,7 @@ pub struct SynthKernel {
     /// task_struct address of each spec task, in spec order.
     pub task_addrs: Vec<u64>,
     pub init_task: u64,
+    pub ftrace: SynthFtrace,
 }
 
 /// Bump allocator over the image's virtual range.
@@ -337,6 +339,71 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
         orc.extend([("type", uint, 40, 2), ("end", uint, 42, 1)]);
     }
     b.bitfields("orc_entry", 6, &orc);
+    // ftrace (include/linux/ftrace.h, kernel/trace/ftrace.c), as synth/ftrace.rs fills it.
+    let node = b.strukt(
+        "hlist_node",
+        16,
+        &[("next", voidp, 0), ("pprev", voidp, 64)],
+    );
+    b.strukt(
+        "ftrace_func_entry",
+        32,
+        &[
+            ("hlist", node, 0),
+            ("ip", ulong, 128),
+            ("direct", ulong, 192),
+        ],
+    );
+    b.strukt(
+        "ftrace_hash",
+        40,
+        &[
+            ("size_bits", ulong, 0),
+            ("buckets", voidp, 64),
+            ("count", ulong, 128),
+            ("flags", ulong, 192),
+        ],
+    );
+    b.strukt(
+        "ftrace_ops_hash",
+        24,
+        &[("notrace_hash", voidp, 0), ("filter_hash", voidp, 64)],
+    );
+    b.strukt(
+        "ftrace_ops",
+        64,
+        &[
+            ("func", voidp, 0),
+            ("next", voidp, 64),
+            ("flags", ulong, 128),
+            ("private", voidp, 192),
+            ("func_hash", voidp, 256),
+        ],
+    );
+    b.strukt("dyn_ftrace", 16, &[("ip", ulong, 0), ("flags", ulong, 64)]);
+    b.strukt(
+        "ftrace_page",
+        24,
+        &[
+            ("next", voidp, 0),
+            ("records", voidp, 64),
+            ("index", int, 128),
+            ("order", int, 160),
+        ],
+    );
+    let atomic = b.strukt("", 8, &[("counter", ulong, 0)]);
+    let atomic_long = b.typedef("atomic_long_t", atomic);
+    b.strukt(
+        "mutex",
+        32,
+        &[("owner", atomic_long, 0), ("wait_lock", uint, 64)],
+    );
+    b.enumeration("", 8, &super::ftrace::record_flags(spec.new_orc));
+    b.enumeration(
+        "",
+        4,
+        &[("FTRACE_OPS_FL_ENABLED", 1), ("FTRACE_OPS_FL_DYNAMIC", 2)],
+    );
     b.finish()
 }
 
@@ -452,6 +519,13 @@ impl SynthKernel {
         let etext = text + FUNC_SIZE * names.len() as u64;
         b.sym(etext, 'T', "_etext");
         b.img.next = etext + FUNC_SIZE;
+        let sites: Vec<u64> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| *n != "no_fentry")
+            .map(|(i, _)| text + FUNC_SIZE * i as u64)
+            .collect();
+        let ftrace = b.ftrace(&sites);
 
         // --- ORC: one entry per function, sorted by address, plus a terminator.
         let mut orc_rows: Vec<(u64, [u8; 6])> = Vec::new();
@@ -713,11 +787,52 @@ impl SynthKernel {
             functions,
             task_addrs,
             init_task,
+            ftrace,
         }
     }
 
     pub fn function(&self, name: &str) -> u64 {
         self.functions[name]
+    }
+}
+
+impl Builder {
+    /// ftrace's records of `sites` (sorted), in two pages as the kernel allocates them,
+    /// its ops list (empty: only `ftrace_list_end`), `ftrace_lock`, and space for ops.
+    fn ftrace(&mut self, sites: &[u64]) -> SynthFtrace {
+        use super::ftrace::{MUTEX, PAGE, RECORD};
+        let mut records = HashMap::new();
+        let mut next_page = 0;
+        let half = sites.len() / 2;
+        for part in [&sites[half..], &sites[..half]] {
+            let recs = self.img.alloc(RECORD * part.len() as u64, 16);
+            for (i, &ip) in part.iter().enumerate() {
+                let at = recs + RECORD * i as u64;
+                self.w64(at, ip);
+                self.w64(at + 8, 0);
+                records.insert(ip, at + 8);
+            }
+            let page = self.img.alloc(PAGE, 8);
+            self.w64(page, next_page);
+            self.w64(page + 8, recs);
+            self.w32(page + 16, part.len() as u32);
+            next_page = page;
+        }
+        self.data("ftrace_pages_start", &next_page.to_le_bytes(), 8);
+        let list_end = self.img.alloc(64, 8);
+        self.sym(list_end, 'D', "ftrace_list_end");
+        let ops_list = self.data("ftrace_ops_list", &list_end.to_le_bytes(), 8);
+        let lock = self.img.alloc(MUTEX, 8);
+        self.sym(lock, 'D', "ftrace_lock");
+        let spare = self.img.alloc(64 << 10, 4096);
+        SynthFtrace {
+            records,
+            ops_list,
+            lock,
+            spare: (spare, spare + (64 << 10)),
+            va_minus_pa: self.img.base - IMAGE_PA,
+            covers: HashMap::new(),
+        }
     }
 }
 

@@ -6,11 +6,13 @@
 //! tests. Never used with a real guest.
 
 pub mod btf;
+pub mod ftrace;
 pub mod kernel;
 
 use crate::guest::{GuestError, PausedGuest, PhysRange, VcpuState};
 use crate::memory::PagingRoot;
 
+pub use ftrace::SynthFtrace;
 pub use kernel::{SynthKernel, SynthKernelSpec, SynthTask};
 
 const PRESENT_RW: u64 = 0x3;

@@ -13,6 +13,14 @@
 //!                                                      a 5 s blocker), pause per tick with 100 and
 //!                                                      2000 tasks vs a bare pause, call cost
 //!                                                      through the trampoline and after
+//!   cargo run -p lpvmm-tests --bin bench -- endurance [CYCLES]  enable/disable cycles (default
+//!                                                      10,000), per-task and immediate in turn,
+//!                                                      under 4 readers and 128 getpid hammers
+//!                                                      that check every result, both series
+//!   cargo run -p lpvmm-tests --bin bench -- pause-deaths [CYCLES]  guests that die under
+//!                                                      pause/resume: lpvmm's pause against
+//!                                                      QEMU's QMP stop/cont, CYCLES each
+//!                                                      (default 10,000), same load, interleaved
 //!
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
@@ -43,8 +51,10 @@ fn main() {
         "deaths" => deaths(n.unwrap_or(10)),
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
+        "endurance" => endurance(n.unwrap_or(10_000)),
+        "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES]"
                 .into(),
         ),
     };
@@ -747,4 +757,295 @@ fn fork_under_dispatch() -> Result<(), String> {
         g.poweroff()?;
     }
     Ok(())
+}
+
+/// Enable/disable cycles per batch: one shell loop on the test host, then the guest is
+/// checked (alive, readers and hammers still running) before the next.
+const ENDURANCE_BATCH: u32 = 250;
+
+/// `lpvmm kp build --kernel RELEASE` of a kbuild sample for `series`.
+fn kbuild_kp(series: &str, sample: &str) -> Result<std::path::PathBuf, String> {
+    let root = lpvmm_tests::repo_root();
+    let release =
+        std::fs::read_to_string(lpvmm_tests::images_dir().join(format!("guest-{series}/release")))
+            .map_err(|e| e.to_string())?;
+    let dir = root.join(format!("target/bench/kbuild-{series}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let out = dir.join(format!("{sample}.kp"));
+    let st = std::process::Command::new(lpvmm_tests::lpvmm_binary())
+        .args(["kp", "build"])
+        .arg(root.join(format!("patcher/examples/kbuild/{sample}.c")))
+        .arg("-o")
+        .arg(&out)
+        .args(["--kernel", release.trim()])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!(
+            "lpvmm kp build {sample} --kernel {} failed",
+            release.trim()
+        ));
+    }
+    Ok(out)
+}
+
+/// Issue 11's endurance run: CYCLES enable/disable cycles of two patches (`cmdline`,
+/// read by 4 `readcheck` processes that check every read, and a kbuild-built
+/// `__x64_sys_getpid`, called by 128 `getpid-hammer` processes that check every result),
+/// per-task and immediate in turn. Reports cycles done, bad reads and results, new
+/// kernel warnings and whether the guest died, per series.
+fn endurance(cycles: u32) -> Result<(), String> {
+    let mut files = vec![(kp_build("cmdline")?, "/root/cmdline.kp".to_string())];
+    for series in lpvmm_tests::SERIES {
+        files.push((
+            kbuild_kp(series, "getpid")?,
+            format!("/root/getpid-{series}.kp"),
+        ));
+    }
+    let mut host = TestHost::start_with_files(false, &files)?;
+    println!("| kernel | cycles | per-task / immediate | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let row = endurance_series(&mut host, series, cycles)?;
+        println!("{row}");
+    }
+    Ok(())
+}
+
+fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<String, String> {
+    let started = Instant::now();
+    let name = format!("endure-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let boot_splats = g.run(lpvmm_tests::SPLATS)?;
+    let original = g.run("cat /proc/cmdline")?.trim().to_string();
+    for kp in [
+        "/root/cmdline.kp".to_string(),
+        format!("/root/getpid-{series}.kp"),
+    ] {
+        let file = g.host.file(&kp);
+        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+        if rc != 0 {
+            return Err(format!("{series}: lpvmm patch {kp}: {out}"));
+        }
+    }
+    let patched = g.run("cat /proc/cmdline")?.trim().to_string();
+    for p in ["cmdline", "getpid"] {
+        g.lpvmm(&format!("patch disable {{vm}} {p}"))?;
+    }
+    g.run(&format!(
+        "rm -f /tmp/stop; readcheck -p 4 -f /proc/cmdline -s /tmp/stop '{original}' '{patched}' \
+         >/tmp/rc.log 2>&1 & getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &"
+    ))?;
+    let lp = g.host.lpvmm();
+    let mut done = 0;
+    let mut stopped = None;
+    while done < cycles {
+        let (before, batch) = (done, ENDURANCE_BATCH.min(cycles - done));
+        // Odd cycles immediate, even ones per-task (the default).
+        let (rc, out) = g.host.exec_status(
+            &format!(
+                "i={before}; end=$((i+{batch})); while [ $i -lt $end ]; do \
+                 c=; [ $((i % 2)) -eq 1 ] && c='--consistency immediate'; \
+                 for v in enable disable; do for p in cmdline getpid; do \
+                 {lp} patch $v {name} $p $c --timeout 120 >/tmp/endure.out 2>&1 || break 3; \
+                 done; done; i=$((i+1)); done; echo cycles=$i; cat /tmp/endure.out"
+            ),
+            Duration::from_secs(3600),
+        )?;
+        done = out
+            .lines()
+            .find_map(|l| l.strip_prefix("cycles=")?.trim().parse().ok())
+            .unwrap_or(before);
+        if rc != 0 || done < before + batch {
+            stopped = Some(format!(
+                "stopped in cycle {}: {out}\n{}",
+                done + 1,
+                g.vmm_stderr()
+            ));
+            break;
+        }
+        eprintln!(
+            "{series}: {done}/{cycles} cycles, {:.1} min",
+            started.elapsed().as_secs_f64() / 60.0
+        );
+    }
+    let (bad_reads, bad_results, splats) = match &stopped {
+        None => {
+            g.run("touch /tmp/stop; wait")?;
+            let reads = g.run("cat /tmp/rc.log")?;
+            let hammer = g.run("cat /tmp/hammer.log")?;
+            let new = lpvmm_tests::new_splats(&mut g, &boot_splats)?;
+            eprintln!("{series}: {} | {}", reads.trim(), hammer.trim());
+            for w in &new {
+                eprintln!("{series}: new kernel warning: {w}");
+            }
+            let zero_unless = |ok: bool, log: &str| {
+                if ok {
+                    "0".to_string()
+                } else {
+                    log.trim().replace('\n', " ")
+                }
+            };
+            (
+                zero_unless(reads.contains("readcheck: OK"), &reads),
+                zero_unless(hammer.contains("getpid-hammer: OK"), &hammer),
+                new.len().to_string(),
+            )
+        }
+        Some(why) => {
+            eprintln!("{series}: {why}");
+            ("?".into(), "?".into(), "?".into())
+        }
+    };
+    if stopped.is_none() {
+        g.poweroff()?;
+    }
+    Ok(format!(
+        "| {series} | {done} | {} / {} | {bad_reads} | {bad_results} | {splats} | {} | {:.0} |",
+        done.div_ceil(2),
+        done / 2,
+        if stopped.is_none() {
+            "no"
+        } else {
+            "stopped (see stderr)"
+        },
+        started.elapsed().as_secs_f64() / 60.0
+    ))
+}
+
+/// Pause/resume cycles per guest boot in `pause-deaths`.
+const PAUSE_DEATH_BATCH: u32 = 1000;
+
+/// The load both guests run while they are paused and resumed: both vCPUs busy, and the
+/// shell reading every task's /proc files (the mix under which nested guests died).
+const PAUSE_LOAD: &str = "rm -f /tmp/ls; (while [ ! -e /tmp/ls ]; do :; done) & \
+    (while [ ! -e /tmp/ls ]; do :; done) & \
+    (while [ ! -e /tmp/ls ]; do cat /proc/[0-9]*/stat >/dev/null 2>&1; done) &";
+
+/// How one boot of `pause-deaths` ended.
+enum PauseRound {
+    /// The guest answered after every cycle; median pause in µs.
+    Survived(f64),
+    DiedBooting(String),
+    Died(String),
+}
+
+/// Issue 11, item 4: whether lpvmm's pause kills guests more often than QEMU's own
+/// (`stop`/`cont` over QMP), with the same guest, load and test host, in interleaved
+/// boots of PAUSE_DEATH_BATCH cycles each, CYCLES per VMM and series.
+fn pause_deaths(cycles: u32) -> Result<(), String> {
+    let qmp = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("qmp-cycles");
+    let mut host = TestHost::start_with_files(true, &[(qmp, "/usr/bin/qmp-cycles".to_string())])?;
+    println!("| kernel | VMM | pause/resume cycles | boots | died booting | died paused or after | deaths per 10,000 cycles | median pause (us) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let (lpvmm, qemu) = lpvmm_and_qemu(&host, "pdeath", series, 2);
+        let sock = format!("{}/qmp.sock", host.tmp());
+        let qemu = format!("{qemu} -qmp unix:{sock},server=on,wait=off");
+        let vmms = [
+            ("lpvmm", "pdeath", lpvmm),
+            ("QEMU microvm", "pdeath-qemu", qemu),
+        ];
+        // (cycles done, boots, died booting, died, pause medians)
+        let mut tally: [(u32, u32, u32, u32, Vec<f64>); 2] = Default::default();
+        while tally.iter().any(|t| t.0 < cycles) {
+            for (i, (vmm, name, cmd)) in vmms.iter().enumerate() {
+                let n = PAUSE_DEATH_BATCH.min(cycles - tally[i].0);
+                if n == 0 {
+                    continue;
+                }
+                let t = &mut tally[i];
+                t.1 += 1;
+                match pause_round(&mut host, name, cmd, &sock, n)? {
+                    PauseRound::Survived(us) => {
+                        t.0 += n;
+                        t.4.push(us);
+                    }
+                    PauseRound::DiedBooting(why) => {
+                        t.2 += 1;
+                        eprintln!("{series}: {vmm}'s guest died booting: {why}");
+                    }
+                    PauseRound::Died(why) => {
+                        // The cycles of a boot that died count: the death is among them.
+                        t.0 += n;
+                        t.3 += 1;
+                        eprintln!("{series}: {vmm}'s guest died under pause/resume: {why}");
+                    }
+                }
+                eprintln!("{series}: {vmm}: {} cycles, {} deaths", t.0, t.3);
+            }
+        }
+        for (i, (vmm, _, _)) in vmms.iter().enumerate() {
+            let (done, boots, booting, died, us) = &tally[i];
+            println!(
+                "| {series} | {vmm} | {done} | {boots} | {booting} | {died} | {:.1} | {:.0} |",
+                f64::from(*died) * 10_000.0 / f64::from((*done).max(1)),
+                median(us.clone())
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pause_round(
+    host: &mut TestHost,
+    name: &str,
+    cmd: &str,
+    qmp_sock: &str,
+    cycles: u32,
+) -> Result<PauseRound, String> {
+    let mut g = match host.start_and_wait_ready(name, cmd) {
+        Ok((g, _)) => g,
+        Err(failure @ BootFailure::Exited { .. }) => {
+            return Ok(PauseRound::DiedBooting(failure.report()))
+        }
+        Err(BootFailure::Other(e)) => return Err(e),
+    };
+    let paused = g.run(PAUSE_LOAD).and_then(|_| {
+        if name.ends_with("-qemu") {
+            let (rc, out) = g.host.exec_status(
+                &format!("qmp-cycles {qmp_sock} {cycles}"),
+                Duration::from_secs(1800),
+            )?;
+            let us = out
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("median_stop_us=")?.parse().ok());
+            match (rc, us) {
+                (0, Some(us)) => Ok(us),
+                _ => Err(format!("qmp-cycles: {out}")),
+            }
+        } else {
+            let (rc, out) = g.lpvmm(&format!("bench pause {{vm}} --cycles {cycles} --json"))?;
+            match (rc, json(&out).ok()) {
+                (0, Some(v)) => Ok(v["park"]["median_us"].as_f64().unwrap_or(f64::NAN)),
+                _ => Err(format!("lpvmm bench pause: {out}")),
+            }
+        }
+    });
+    let answered = paused.and_then(|us| {
+        g.run_status("touch /tmp/ls; wait; echo alive", Duration::from_secs(120))
+            .and_then(|(rc, out)| match rc == 0 && out.contains("alive") {
+                true => Ok(us),
+                false => Err(format!("the guest's shell: {out}")),
+            })
+    });
+    let off = answered.and_then(|us| g.poweroff().map(|_| us));
+    match off {
+        Ok(us) => Ok(PauseRound::Survived(us)),
+        Err(e) => match g.wait_exit(Duration::from_secs(10)) {
+            Ok(exit) => Ok(PauseRound::Died(format!(
+                "{e}; exit {}: {}",
+                exit.code, exit.stderr
+            ))),
+            // The VMM still runs but the guest does not answer: dead too, for the
+            // guest's user. Dropping the guest ends the VMM (stop, then kill by pid).
+            Err(_) => {
+                let console = g.console().drain();
+                let tail = console[console.len().saturating_sub(1500)..].to_string();
+                Ok(PauseRound::Died(format!("{e}; guest console: {tail}")))
+            }
+        },
+    }
 }

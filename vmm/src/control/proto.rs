@@ -322,6 +322,10 @@ pub struct FuncView {
     /// What the site holds now: `original`, `jump` (straight to the top version) or
     /// `trampoline` (a transition dispatches each task).
     pub site_now: String,
+    /// lpvmm hides the function's ftrace record from the guest's ftrace while it owns
+    /// the site (docs/patching.md, "The guest's ftrace and kprobes").
+    #[serde(default)]
+    pub ftrace_hidden: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -568,6 +572,9 @@ impl PatchStatusResult {
                         })
                         .collect(),
                     site_now: site_now(e, v.addr, &trampolines),
+                    ftrace_hidden: e
+                        .funcs()
+                        .any(|s| s.addr == v.addr && s.ftrace_hidden.is_some()),
                 })
                 .collect(),
             active: active.map(TransitionView::of),
