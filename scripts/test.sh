@@ -10,6 +10,7 @@ cd "$ROOT"
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test (unit and integration)"
@@ -19,6 +20,12 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
+# A short coverage-guided run of every fuzz target (the 1,000,000-execution runs are
+# `scripts/fuzz.sh`, docs/testing.md).
+echo "== fuzz (AFL++, 20000 executions per target)"
+"$ROOT/scripts/fuzz.sh" 20000 2>&1 | tee -a "$log"
+fuzz_rc=${PIPESTATUS[0]}
+((rc)) || rc=$fuzz_rc
 set -e
 # One closing line for the whole run (cargo prints one per test binary).
 # Every test the harness ran again because the nested platform killed its guest or its

@@ -455,6 +455,14 @@ fn reloc_name(r_type: u32) -> String {
     }
 }
 
+/// `data` copied to an 8-byte aligned place: the buffer, and where the copy starts in it.
+fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
+    let mut buf = vec![0u8; data.len() + 7];
+    let at = buf.as_ptr().align_offset(8);
+    buf[at..at + data.len()].copy_from_slice(data);
+    (buf, at)
+}
+
 impl PatchObject {
     pub fn parse(data: &[u8]) -> Result<PatchObject, KpError> {
         if data.len() > MAX_KP_BYTES {
@@ -466,6 +474,15 @@ impl PatchObject {
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
             return Err(KpError::NotElf("no ELF magic".into()));
         }
+        // object's ELF reader needs 8-byte aligned input; a caller's slice need not be
+        // (found by fuzzing: AFL++ hands over inputs at any address).
+        let copy;
+        let data = if data.as_ptr().align_offset(8) == 0 {
+            data
+        } else {
+            copy = aligned_copy(data);
+            &copy.0[copy.1..]
+        };
         let file = object::File::parse(data).map_err(|e| KpError::NotElf(e.to_string()))?;
         if !file.is_64() || !file.is_little_endian() {
             return Err(KpError::WrongMachine(
@@ -494,6 +511,7 @@ impl PatchObject {
         let mut sections = Vec::new();
         let mut index_of = std::collections::HashMap::new();
         let mut refused = Vec::new();
+        let mut laid_out = 0u64;
         for s in file.sections() {
             let name = s.name().unwrap_or("").to_string();
             let flags = match s.flags() {
@@ -508,16 +526,14 @@ impl PatchObject {
                     continue;
                 }
             };
-            // Contents are bounded by the file; zero-filled data only by a sanity limit
-            // (the patch area, much smaller, refuses it with a clearer message).
-            let limit = if kind == SectionKind::Bss {
-                1 << 30
-            } else {
-                MAX_KP_BYTES as u64
-            };
-            if s.size() > limit {
+            // Contents are bounded by the file; zero-filled data, which the linker lays
+            // out in memory too, by the same limit for all sections together (found by
+            // fuzzing: a 1 GiB .bss made the linker allocate it).
+            laid_out = laid_out.saturating_add(s.size());
+            if laid_out > MAX_KP_BYTES as u64 {
                 return Err(KpError::Truncated(format!(
-                    "section {name} claims {} bytes",
+                    "section {name} claims {} bytes: a patch's sections take at most \
+                     {MAX_KP_BYTES} bytes together",
                     s.size()
                 )));
             }
@@ -711,14 +727,63 @@ impl PatchObject {
             }
         }
 
-        Ok(PatchObject {
+        let obj = PatchObject {
             manifest,
             sections,
             functions,
             imports: imports.into_iter().collect(),
             orc,
             alternatives,
-        })
+        };
+        obj.check_places()?;
+        Ok(obj)
+    }
+
+    /// Every place the object names lies in its section. Symbol values, sizes and
+    /// addends are the object's to choose; checked once here, the linker may add them
+    /// to where it lays the sections (found by fuzzing: a function's value near 2^64).
+    fn check_places(&self) -> Result<(), KpError> {
+        let inside = |section: usize, offset: u64, len: u64, what: &dyn Fn() -> String| {
+            let s = self.sections.get(section);
+            match (s, offset.checked_add(len)) {
+                (Some(s), Some(end)) if end <= s.size => Ok(()),
+                _ => Err(KpError::Truncated(format!(
+                    "{} at {offset:#x}+{len:#x} lies outside its section {}",
+                    what(),
+                    s.map_or("(none)".into(), |s| format!(
+                        "{} ({:#x} bytes)",
+                        s.name, s.size
+                    ))
+                ))),
+            }
+        };
+        for f in &self.functions {
+            inside(f.section, f.offset, f.size, &|| {
+                format!("function {}", f.name)
+            })?;
+        }
+        for r in self.sections.iter().flat_map(|s| &s.relocs) {
+            if let RelocTarget::Defined {
+                section,
+                offset,
+                name,
+            } = &r.target
+            {
+                inside(*section, *offset, 0, &|| format!("symbol {name}"))?;
+            }
+        }
+        for e in self.orc.iter().flat_map(|t| &t.entries) {
+            inside(e.section, e.offset, 0, &|| "an ORC entry".into())?;
+        }
+        for a in self.alternatives.iter().flat_map(|t| &t.entries) {
+            inside(a.instr.section, a.instr.offset, a.instr_len.into(), &|| {
+                "an alternative's instruction".into()
+            })?;
+            inside(a.repl.section, a.repl.offset, a.repl_len.into(), &|| {
+                "an alternative's replacement".into()
+            })?;
+        }
+        Ok(())
     }
 
     pub fn function(&self, name: &str) -> Option<&Function> {

@@ -640,6 +640,30 @@ fn bad_patches_are_refused_before_any_guest_byte_changes() {
 
 /// A fuzz target on the .kp parser: mutated and truncated objects never panic.
 #[test]
+fn a_kp_parses_wherever_its_bytes_lie_in_memory() {
+    let bytes = kp(CMDLINE, &[]);
+    for shift in 0..8 {
+        let mut buf = vec![0u8; shift];
+        buf.extend(&bytes);
+        let p = crate::PatchObject::parse(&buf[shift..]).unwrap_or_else(|e| panic!("{shift}: {e}"));
+        assert_eq!(p.manifest.name, "cmdline");
+    }
+}
+
+/// What fuzz/ found, kept: each input is refused with an error, never a panic.
+#[test]
+fn fuzz_findings_are_refused_cleanly() {
+    let e = crate::PatchObject::parse(include_bytes!(
+        "../../fuzz/regressions/kp/function-value-near-2-64.kp"
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("lies outside its section"), "{e}");
+    let e = crate::PatchObject::parse(include_bytes!("../../fuzz/regressions/kp/bss-of-1-gib.kp"))
+        .unwrap_err();
+    assert!(e.to_string().contains("sections take at most"), "{e}");
+}
+
+#[test]
 fn kp_parser_fuzz() {
     let seeds = [kp(CMDLINE, &[]), patch_named("fz", "meminfo_proc_show")];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;

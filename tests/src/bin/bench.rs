@@ -928,61 +928,96 @@ enum PauseRound {
     Survived(f64),
     DiedBooting(String),
     Died(String),
+    /// The test host stopped answering or held a VMM it was told to kill: it is
+    /// replaced, and the boot counted as the platform's.
+    HostLost(String),
 }
 
 /// Issue 11, item 4: whether lpvmm's pause kills guests more often than QEMU's own
 /// (`stop`/`cont` over QMP), with the same guest, load and test host, in interleaved
 /// boots of PAUSE_DEATH_BATCH cycles each, CYCLES per VMM and series.
+/// One VMM's side of `pause-deaths` for one series.
+#[derive(Default)]
+struct PauseTally {
+    cycles: u32,
+    boots: u32,
+    died_booting: u32,
+    died: u32,
+    host_lost: u32,
+    /// Median pause of each boot that survived, µs.
+    pause_us: Vec<f64>,
+}
+
 fn pause_deaths(cycles: u32) -> Result<(), String> {
     let qmp = std::env::current_exe()
         .map_err(|e| e.to_string())?
         .with_file_name("qmp-cycles");
-    let mut host = TestHost::start_with_files(true, &[(qmp, "/usr/bin/qmp-cycles".to_string())])?;
-    println!("| kernel | VMM | pause/resume cycles | boots | died booting | died paused or after | deaths per 10,000 cycles | median pause (us) |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for series in lpvmm_tests::SERIES {
-        let (lpvmm, qemu) = lpvmm_and_qemu(&host, "pdeath", series, 2);
-        let sock = format!("{}/qmp.sock", host.tmp());
-        let qemu = format!("{qemu} -qmp unix:{sock},server=on,wait=off");
-        let vmms = [
-            ("lpvmm", "pdeath", lpvmm),
-            ("QEMU microvm", "pdeath-qemu", qemu),
-        ];
-        // (cycles done, boots, died booting, died, pause medians)
-        let mut tally: [(u32, u32, u32, u32, Vec<f64>); 2] = Default::default();
-        while tally.iter().any(|t| t.0 < cycles) {
-            for (i, (vmm, name, cmd)) in vmms.iter().enumerate() {
-                let n = PAUSE_DEATH_BATCH.min(cycles - tally[i].0);
+    let files = [(qmp, "/usr/bin/qmp-cycles".to_string())];
+    let mut host = TestHost::start_with_files(true, &files)?;
+    // `bench pause-deaths CYCLES SERIES` runs one series.
+    let only = std::env::args().nth(3);
+    let series_list: Vec<&str> = match &only {
+        Some(s) => vec![s.as_str()],
+        None => lpvmm_tests::SERIES.to_vec(),
+    };
+    println!("| kernel | VMM | pause/resume cycles | boots | died booting | died paused or after | test host lost | deaths per 10,000 cycles | median pause (us) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for series in series_list {
+        let mut tally: [PauseTally; 2] = Default::default();
+        while tally.iter().any(|t| t.cycles < cycles) {
+            for (i, vmm) in ["lpvmm", "QEMU microvm"].into_iter().enumerate() {
+                let n = PAUSE_DEATH_BATCH.min(cycles - tally[i].cycles);
                 if n == 0 {
                     continue;
                 }
+                // Built per boot: a replaced test host has its own paths.
+                let (lpvmm, qemu) = lpvmm_and_qemu(&host, "pdeath", series, 2);
+                let sock = format!("{}/qmp.sock", host.tmp());
+                let (name, cmd) = match i {
+                    0 => ("pdeath", lpvmm),
+                    _ => (
+                        "pdeath-qemu",
+                        format!("{qemu} -qmp unix:{sock},server=on,wait=off"),
+                    ),
+                };
                 let t = &mut tally[i];
-                t.1 += 1;
-                match pause_round(&mut host, name, cmd, &sock, n)? {
+                t.boots += 1;
+                match pause_round(&mut host, name, &cmd, &sock, n)? {
                     PauseRound::Survived(us) => {
-                        t.0 += n;
-                        t.4.push(us);
+                        t.cycles += n;
+                        t.pause_us.push(us);
                     }
                     PauseRound::DiedBooting(why) => {
-                        t.2 += 1;
+                        t.died_booting += 1;
                         eprintln!("{series}: {vmm}'s guest died booting: {why}");
                     }
                     PauseRound::Died(why) => {
                         // The cycles of a boot that died count: the death is among them.
-                        t.0 += n;
-                        t.3 += 1;
+                        t.cycles += n;
+                        t.died += 1;
                         eprintln!("{series}: {vmm}'s guest died under pause/resume: {why}");
                     }
+                    PauseRound::HostLost(why) => {
+                        t.host_lost += 1;
+                        eprintln!(
+                            "{series}: WARNING: the test host was lost during {vmm}'s boot: {why}"
+                        );
+                        host = TestHost::start_with_files(true, &files)?;
+                    }
                 }
-                eprintln!("{series}: {vmm}: {} cycles, {} deaths", t.0, t.3);
+                eprintln!("{series}: {vmm}: {} cycles, {} deaths", t.cycles, t.died);
             }
         }
-        for (i, (vmm, _, _)) in vmms.iter().enumerate() {
-            let (done, boots, booting, died, us) = &tally[i];
+        for (t, vmm) in tally.iter().zip(["lpvmm", "QEMU microvm"]) {
             println!(
-                "| {series} | {vmm} | {done} | {boots} | {booting} | {died} | {:.1} | {:.0} |",
-                f64::from(*died) * 10_000.0 / f64::from((*done).max(1)),
-                median(us.clone())
+                "| {series} | {vmm} | {} | {} | {} | {} | {} | {:.1} | {:.0} |",
+                t.cycles,
+                t.boots,
+                t.died_booting,
+                t.died,
+                t.host_lost,
+                f64::from(t.died) * 10_000.0 / f64::from(t.cycles.max(1)),
+                median(t.pause_us.clone())
             );
         }
     }
@@ -1001,7 +1036,7 @@ fn pause_round(
         Err(failure @ BootFailure::Exited { .. }) => {
             return Ok(PauseRound::DiedBooting(failure.report()))
         }
-        Err(BootFailure::Other(e)) => return Err(e),
+        Err(BootFailure::Other(e)) => return Ok(PauseRound::HostLost(e)),
     };
     let paused = g.run(PAUSE_LOAD).and_then(|_| {
         if name.ends_with("-qemu") {
