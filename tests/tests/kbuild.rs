@@ -138,11 +138,19 @@ fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
         "rm -f /tmp/hstop; getpid-hammer -p {HAMMERS} -n 10 -s /tmp/hstop \
          >/tmp/hammer.log 2>&1 &"
     ))?;
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let running = g.run("ps | grep -c '[g]etpid-hammer'")?;
+    // 128 forks take a nested guest a while: wait for them (a fixed 2 s was not always
+    // enough on a loaded test host), then require all of them.
+    let mut running = String::new();
+    for _ in 0..60 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        running = g.run("ps | grep -c '[g]etpid-hammer'")?;
+        if running.trim().parse::<u32>().unwrap_or(0) > HAMMERS {
+            break;
+        }
+    }
     check!(
         running.trim().parse::<u32>().unwrap_or(0) > HAMMERS,
-        "{series}: the hammers are not all running: {running}"
+        "{series}: the hammers are not all running after 60 s: {running}"
     );
     apply(&mut g, series, "getpid")?;
     for cycle in 1..=HAMMER_CYCLES {

@@ -128,7 +128,7 @@ impl ControlServer {
         let Some(conn) = self.conns.get_mut(&fd) else {
             return false;
         };
-        let mut chunk = [0u8; 4096];
+        let mut chunk = [0u8; 65536];
         let n = match conn.stream.read(&mut chunk) {
             Ok(0) => return false,
             Ok(n) => n,
@@ -139,9 +139,14 @@ impl ControlServer {
             }
             Err(_) => return false,
         };
+        // Only the new bytes can hold a newline: scanning the whole buffer at every read
+        // made a never-ending line cost time quadratic in its length (the api thread
+        // spent minutes on one 8 MiB line under nested TCG).
+        let mut from = conn.buf.len();
         conn.buf.extend_from_slice(&chunk[..n]);
-        while let Some(pos) = conn.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = conn.buf.drain(..=pos).collect();
+        while let Some(off) = conn.buf[from..].iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = conn.buf.drain(..=from + off).collect();
+            from = 0;
             let resp = handle_line(&self.session, &line);
             let mut out = serde_json::to_vec(&resp).unwrap_or_default();
             out.push(b'\n');
