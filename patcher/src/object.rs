@@ -17,6 +17,8 @@ use crate::KpError;
 pub const MANIFEST_SECTION: &str = ".lpvmm.manifest";
 /// No patch is this big; a larger file or section is refused before it is read.
 pub const MAX_KP_BYTES: usize = 16 << 20;
+/// Most bytes all of a patch's sections may take once laid out (zero-filled ones too).
+pub const MAX_LAID_OUT: u64 = 64 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -529,11 +531,12 @@ impl PatchObject {
             // Contents are bounded by the file; zero-filled data, which the linker lays
             // out in memory too, by the same limit for all sections together (found by
             // fuzzing: a 1 GiB .bss made the linker allocate it).
+            // (The patch area, smaller, refuses most large patches with a clearer message.)
             laid_out = laid_out.saturating_add(s.size());
-            if laid_out > MAX_KP_BYTES as u64 {
+            if laid_out > MAX_LAID_OUT {
                 return Err(KpError::Truncated(format!(
                     "section {name} claims {} bytes: a patch's sections take at most \
-                     {MAX_KP_BYTES} bytes together",
+                     {MAX_LAID_OUT} bytes together",
                     s.size()
                 )));
             }
