@@ -124,13 +124,17 @@ impl FtraceLayout {
             })
         };
         let constant = |n: &'static str| btf.enumerator(n).ok_or(FtraceError::NoConstant(n));
-        let disabled = constant("FTRACE_FL_DISABLED")?;
-        let lowest_flag = btf
+        // One look-up of the record flags' enum (each scans all of BTF's enumerators).
+        let record_flags = btf
             .enum_of("FTRACE_FL_DISABLED")
-            .into_iter()
-            .flatten()
+            .ok_or(FtraceError::NoConstant("FTRACE_FL_DISABLED"))?;
+        let flag = |n: &str| record_flags.iter().find(|(f, _)| f == n).map(|(_, v)| *v);
+        let disabled =
+            flag("FTRACE_FL_DISABLED").ok_or(FtraceError::NoConstant("FTRACE_FL_DISABLED"))?;
+        let lowest_flag = record_flags
+            .iter()
             .filter(|(n, v)| n.starts_with("FTRACE_FL_") && *v != 0)
-            .map(|(_, v)| v)
+            .map(|(_, v)| *v)
             .min()
             .unwrap_or(disabled);
         let mutex_owner = off("mutex", "owner").or_else(|_| off("mutex", "rtmutex.owner"))?;
