@@ -24,7 +24,7 @@ use introspection::orc::OrcFormat;
 use introspection::stack::Unwinder;
 use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
 use introspection::tasks::TaskReader;
-use introspection::{GuestError, PausedGuest, PhysRange, VcpuState, VmcoreInfo};
+use introspection::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState, VmcoreInfo};
 use patcher::{Begin, Consistency, Engine, GuestWriter, Op};
 
 /// A synthetic guest whose writes are undone after each input: cheaper than a copy of
@@ -59,6 +59,9 @@ impl PausedGuest for Undoable<'_> {
     fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError> {
         self.guest.vcpu(index)
     }
+}
+
+impl GuestRam for Undoable<'_> {
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         self.guest.read_phys(addr, buf)
     }

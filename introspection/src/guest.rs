@@ -93,18 +93,14 @@ pub enum GuestError {
     Access(String),
 }
 
-/// A guest whose vCPUs are all parked: nothing changes under the reader. Read-only:
-/// whatever writes to a guest (the patcher) does so through a trait of its own.
+/// Guest-physical memory, read-only. The guest may be running while it is read, so two
+/// reads can see different contents: on its own this is only for data the guest kernel
+/// never changes once booted (VMCOREINFO, kallsyms, BTF, ORC). Everything else is read
+/// through a [`PausedGuest`].
 ///
 /// Implementations must never panic on any address or length: guest-supplied pointers
 /// end up here, so a bad one is an [`GuestError`], not a crash.
-pub trait PausedGuest {
-    /// Number of vCPUs (every one of them is parked).
-    fn vcpu_count(&self) -> usize;
-
-    /// Registers of vCPU `index` as captured when it parked.
-    fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError>;
-
+pub trait GuestRam {
     /// Read guest-physical memory. Fails whole if any byte is outside guest memory.
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError>;
 
@@ -121,6 +117,16 @@ pub trait PausedGuest {
         self.read_phys(addr, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
+}
+
+/// A guest whose vCPUs are all parked: nothing changes under the reader. Read-only:
+/// whatever writes to a guest (the patcher) does so through a trait of its own.
+pub trait PausedGuest: GuestRam {
+    /// Number of vCPUs (every one of them is parked).
+    fn vcpu_count(&self) -> usize;
+
+    /// Registers of vCPU `index` as captured when it parked.
+    fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError>;
 }
 
 #[cfg(test)]

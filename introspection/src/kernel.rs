@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::btf::{Btf, BtfError};
 use crate::ftrace::{FtraceError, FtraceLayout};
-use crate::guest::PausedGuest;
+use crate::guest::{GuestRam, PausedGuest, VcpuState};
 use crate::kallsyms::{KallsymsError, SymbolTable};
 use crate::layout::{Layout, LayoutError};
 use crate::memory::{KernelMemory, MemError, PagingRoot};
@@ -90,8 +90,9 @@ pub struct AttachStats {
     pub orc_has_end_bit: bool,
     pub thread_size: u64,
     pub five_level_paging: bool,
-    /// Wall time of the whole attach (all reads while the guest was paused), and when
-    /// each step was done, from its start: VMCOREINFO found (a scan of guest RAM),
+    /// Wall time of the whole attach (its reads need no pause, so the guest runs
+    /// through them unless it was already paused), and when each step was done, from
+    /// its start: VMCOREINFO found (a scan of guest RAM),
     /// symbol table decoded, BTF parsed and layouts resolved.
     pub attach_us: u64,
     pub vmcoreinfo_done_us: u64,
@@ -115,13 +116,25 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// Read everything static about the guest kernel. The guest must be paused.
+    /// Read everything static about a paused guest's kernel.
     pub fn attach(guest: &dyn PausedGuest) -> Result<Kernel, AttachError> {
+        let vcpus: Vec<VcpuState> = (0..guest.vcpu_count())
+            .filter_map(|i| guest.vcpu(i).ok().cloned())
+            .collect();
+        Self::attach_static(guest, &vcpus)
+    }
+
+    /// Read everything static about the guest kernel; the guest may run meanwhile. Only
+    /// what the kernel never changes once it has booted is read: VMCOREINFO, the
+    /// page-table entries that map the kernel image, kallsyms, BTF and ORC. `vcpus`:
+    /// registers from a pause, for the page tables' root when VMCOREINFO does not give
+    /// it.
+    pub fn attach_static(ram: &dyn GuestRam, vcpus: &[VcpuState]) -> Result<Kernel, AttachError> {
         let started = Instant::now();
-        let (_, info) = vmcoreinfo::find(guest)?;
-        let root = find_root(guest, &info)?;
+        let (_, info) = vmcoreinfo::find(ram)?;
+        let root = find_root(ram, &info, vcpus)?;
         let vmcoreinfo_us = duration_us(started.elapsed());
-        let mem = KernelMemory::new(guest, root);
+        let mem = KernelMemory::new(ram, root);
         let symbols = SymbolTable::read(&mem, &info)?;
         let kallsyms_us = duration_us(started.elapsed());
         let need = |n: &'static str| symbols.addr(n).ok_or(AttachError::MissingSymbol(n));
@@ -247,16 +260,18 @@ pub(crate) fn duration_us(d: Duration) -> u64 {
 /// if translating its own virtual address through it lands on itself. Failing that (a
 /// note without `phys_base`), each vCPU's CR3 is tried: with PTI, CR3 in user mode points
 /// at the user half of an 8 KiB pair, so the kernel half is one page below.
-fn find_root(guest: &dyn PausedGuest, info: &VmcoreInfo) -> Result<PagingRoot, AttachError> {
+fn find_root(
+    guest: &dyn GuestRam,
+    info: &VmcoreInfo,
+    vcpus: &[VcpuState],
+) -> Result<PagingRoot, AttachError> {
     let pgd_va = info
         .symbol("init_top_pgt")
         .or_else(|| info.symbol("swapper_pg_dir"))
         .ok_or_else(|| AttachError::PageTables("VMCOREINFO has no SYMBOL(init_top_pgt)".into()))?;
     let five_level = match info.number("pgtable_l5_enabled") {
         Some(n) => n == 1,
-        None => (0..guest.vcpu_count())
-            .filter_map(|i| guest.vcpu(i).ok())
-            .any(|v| v.five_level_paging()),
+        None => vcpus.iter().any(|v| v.five_level_paging()),
     };
     let self_maps = |table: u64| {
         let root = PagingRoot { table, five_level };
@@ -270,8 +285,7 @@ fn find_root(guest: &dyn PausedGuest, info: &VmcoreInfo) -> Result<PagingRoot, A
             return Ok(PagingRoot { table, five_level });
         }
     }
-    for i in 0..guest.vcpu_count() {
-        let Ok(v) = guest.vcpu(i) else { continue };
+    for v in vcpus {
         let cr3 = v.page_table_root();
         for candidate in [cr3, cr3 & !0x1fff] {
             let root = PagingRoot {

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::guest::{GuestError, PausedGuest};
+use crate::guest::{GuestError, GuestRam};
 
 const PAGE: u64 = 4096;
 const PRESENT: u64 = 1;
@@ -43,7 +43,7 @@ pub struct PagingRoot {
 }
 
 /// Translate one virtual address. Returns the guest-physical address.
-pub fn translate(guest: &dyn PausedGuest, root: PagingRoot, va: u64) -> Result<u64, MemError> {
+pub fn translate(guest: &dyn GuestRam, root: PagingRoot, va: u64) -> Result<u64, MemError> {
     let levels: u8 = if root.five_level { 5 } else { 4 };
     let top_bit = 12 + 9 * u32::from(levels) - 1;
     // Canonical: every bit above the top translated bit equals it.
@@ -73,15 +73,16 @@ pub fn translate(guest: &dyn PausedGuest, root: PagingRoot, va: u64) -> Result<u
 
 /// Kernel virtual memory of one paused guest, with a translation cache that lives as long
 /// as this view (page tables can change whenever the guest runs, so a view never outlives
-/// one pause).
+/// one pause). Attach reads the kernel's static tables this way while the guest runs:
+/// their mappings do not change once it has booted.
 pub struct KernelMemory<'g> {
-    guest: &'g dyn PausedGuest,
+    guest: &'g dyn GuestRam,
     root: PagingRoot,
     pages: RefCell<HashMap<u64, u64>>,
 }
 
 impl<'g> KernelMemory<'g> {
-    pub fn new(guest: &'g dyn PausedGuest, root: PagingRoot) -> Self {
+    pub fn new(guest: &'g dyn GuestRam, root: PagingRoot) -> Self {
         KernelMemory {
             guest,
             root,
@@ -89,7 +90,7 @@ impl<'g> KernelMemory<'g> {
         }
     }
 
-    pub fn guest(&self) -> &'g dyn PausedGuest {
+    pub fn guest(&self) -> &'g dyn GuestRam {
         self.guest
     }
 

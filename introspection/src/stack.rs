@@ -186,7 +186,7 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
         let task_stack = (stack_base, stack_base.wrapping_add(k.thread_size));
         let mut stacks = vec![task_stack];
 
-        let guest = m.guest();
+        let guest = self.reader.guest;
         let vcpu_state = match task.vcpu {
             Some(i) => Some(guest.vcpu(i).map_err(|e| e.to_string())?),
             None => None,

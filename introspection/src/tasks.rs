@@ -109,6 +109,8 @@ pub fn state_letter(state: u64, exit_state: u64) -> char {
 /// One pass over the tasks of a paused guest.
 pub struct TaskReader<'k, 'g> {
     pub kernel: &'k Kernel,
+    /// The parked vCPUs (for the tasks on them) and their memory.
+    pub guest: &'g dyn PausedGuest,
     pub mem: KernelMemory<'g>,
 }
 
@@ -116,6 +118,7 @@ impl<'k, 'g> TaskReader<'k, 'g> {
     pub fn new(kernel: &'k Kernel, guest: &'g dyn PausedGuest) -> Self {
         TaskReader {
             kernel,
+            guest,
             mem: kernel.memory(guest),
         }
     }
@@ -167,7 +170,7 @@ impl<'k, 'g> TaskReader<'k, 'g> {
 
     /// Number of CPUs the guest set up, bounded.
     fn cpu_count(&self) -> Result<u64, TaskError> {
-        let vcpus = self.mem.guest().vcpu_count() as u64;
+        let vcpus = self.guest.vcpu_count() as u64;
         match self.kernel.addrs.nr_cpu_ids {
             Some(a) => {
                 let n = u64::from(self.mem.u32(a)?);
@@ -239,7 +242,7 @@ impl<'k, 'g> TaskReader<'k, 'g> {
 
     /// Map each vCPU to its guest CPU and current task.
     pub fn vcpus(&self, bases: &[u64]) -> Result<Vec<VcpuTask>, TaskError> {
-        let guest = self.mem.guest();
+        let guest = self.guest;
         let mut out = Vec::new();
         for i in 0..guest.vcpu_count() {
             let Ok(v) = guest.vcpu(i) else { continue };

@@ -49,6 +49,45 @@ fn attach_decodes_every_symbol_of_both_formats() {
     }
 }
 
+/// Attach reads nothing the guest changes while it runs: from RAM alone, with no
+/// registers, it finds the same kernel, and scribbling over every task and its stack
+/// (what a running guest changes all the time) changes nothing it reads.
+#[test]
+fn attach_reads_only_what_the_running_guest_never_changes() {
+    for mut sk in both() {
+        let paused = Kernel::attach(&sk.guest).expect("attach");
+        let mut scribbled = 0;
+        let tasks: Vec<u64> = sk
+            .task_addrs
+            .iter()
+            .copied()
+            .chain([sk.init_task])
+            .collect();
+        for task in tasks {
+            let stack = paused
+                .memory(&sk.guest)
+                .u64(task + paused.layout.task.stack);
+            let pages = [Some(task), stack.ok()]
+                .into_iter()
+                .flatten()
+                .filter_map(|va| paused.memory(&sk.guest).translate(va).ok())
+                .collect::<Vec<_>>();
+            for pa in pages {
+                sk.guest.write_phys_raw(pa, &[0xa5; 512]);
+                scribbled += 1;
+            }
+        }
+        assert!(scribbled >= 2 * sk.task_addrs.len(), "{scribbled}");
+        let running = Kernel::attach_static(&sk.guest, &[]).expect("attach from RAM alone");
+        assert_eq!(running.symbols.symbols(), paused.symbols.symbols());
+        assert_eq!(running.layout, paused.layout);
+        assert_eq!(running.addrs, paused.addrs);
+        assert_eq!(running.root, paused.root);
+        assert_eq!(running.orc.len(), paused.orc.len());
+        assert_eq!(running.thread_size, paused.thread_size);
+    }
+}
+
 #[test]
 fn tasks_threads_idle_tasks_and_current_per_vcpu() {
     for sk in both() {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::{GuestError, PausedGuest};
+use crate::guest::{GuestError, GuestRam};
 
 /// The kernel reserves one page for the text (VMCOREINFO_BYTES = PAGE_SIZE).
 pub const MAX_TEXT: usize = 4096;
@@ -117,7 +117,7 @@ fn bracketed<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
 /// candidate starting before `CHUNK` has its whole text in the buffer, and one starting
 /// in the overlap is looked at again by the next chunk. Time is bounded by RAM size,
 /// memory by one chunk.
-pub fn find(guest: &dyn PausedGuest) -> Result<(u64, VmcoreInfo), VmcoreInfoError> {
+pub fn find(guest: &dyn GuestRam) -> Result<(u64, VmcoreInfo), VmcoreInfoError> {
     let marker = memchr::memmem::Finder::new(MARKER);
     let mut buf = vec![0u8; CHUNK + MAX_TEXT];
     for range in guest.ram_ranges() {
@@ -152,7 +152,7 @@ pub fn find(guest: &dyn PausedGuest) -> Result<(u64, VmcoreInfo), VmcoreInfoErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guest::{PhysRange, VcpuState};
+    use crate::guest::PhysRange;
 
     const SAMPLE: &str = "OSRELEASE=6.1.0-56-cloud-amd64\nBUILD-ID=abcd\nPAGESIZE=4096\n\
         SYMBOL(init_uts_ns)=ffffffffa2e14680\nSYMBOL(swapper_pg_dir)=ffffffffa2e0a000\n\
@@ -162,13 +162,7 @@ mod tests {
     /// Flat memory from 0, for tests.
     struct Flat(Vec<u8>);
 
-    impl PausedGuest for Flat {
-        fn vcpu_count(&self) -> usize {
-            0
-        }
-        fn vcpu(&self, i: usize) -> Result<&VcpuState, GuestError> {
-            Err(GuestError::NoSuchVcpu(i))
-        }
+    impl GuestRam for Flat {
         fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
             let start = usize::try_from(addr)
                 .ok()

@@ -1,6 +1,7 @@
 //! A test group: one test binary whose tests share one test host, run one at a time.
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -63,62 +64,72 @@ pub fn host_trial(
     let name = name.into();
     let label = name.clone();
     Trial::test(name, move || {
-        let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
-        for attempt in 1..=PLATFORM_ATTEMPTS {
-            if slot.is_none() {
-                let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                *slot = Some(TestHost::start_with_files(false, &files)?);
-            }
-            let host = slot.as_mut().expect("booted above");
-            let outcome = f(host);
-            let wedged = host.wedged().map(str::to_string);
-            let err = match (outcome, wedged) {
-                (Ok(()), None) => return Ok(()),
-                (Ok(()), Some(why)) => {
-                    eprintln!(
-                        "WARNING: {label} passed but left the test host unusable ({why}); \
-                         the next test gets a new host"
-                    );
-                    *slot = None;
-                    return Ok(());
-                }
-                (Err(e), None) => e,
-                (Err(e), Some(why)) => format!("{e}\n{why}"),
-            };
-            let host_fault = platform_host_fault(&err);
-            if !host_fault && host.answers() {
-                // A guest that died of the platform's known faults (docs/testing.md: a
-                // triple fault, or a panic of the bad-GS kind, "Fatal exception in
-                // interrupt") as lpvmm reported it: run the test again.
-                if attempt < PLATFORM_ATTEMPTS && platform_guest_death(&err) {
-                    eprintln!(
-                        "WARNING: a guest died of a known platform fault during {label} \
-                         (attempt {attempt} of {PLATFORM_ATTEMPTS}); running {label} again. \
-                         The failure was:\n{err}"
-                    );
-                    continue;
-                }
-                return Err(Failed::from(err));
-            }
-            let what = if host_fault {
-                "the test host's kernel failed (see below)"
-            } else {
-                "the test host stopped answering"
-            };
-            // Dropping the host kills its QEMU.
-            *slot = None;
-            if attempt == PLATFORM_ATTEMPTS {
-                return Err(Failed::from(format!(
-                    "{err}\n({what} on attempt {attempt} of {PLATFORM_ATTEMPTS})"
-                )));
-            }
-            eprintln!(
-                "WARNING: {what} during {label} (attempt {attempt} of {PLATFORM_ATTEMPTS}); \
-                 booting a new one and running {label} again. The failure was:\n{err}"
-            );
-        }
-        unreachable!("the loop returns")
+        let started = Instant::now();
+        let outcome = run_on_host(&label, &f);
+        // scripts/test.sh lists the slowest tests from these lines.
+        eprintln!("TIME: {label} {} s", started.elapsed().as_secs());
+        outcome
     })
+}
+
+/// [`host_trial`]'s body: run `f` on the group's host, replacing the host and running
+/// again where the platform is to blame.
+fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(), Failed> {
+    let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    for attempt in 1..=PLATFORM_ATTEMPTS {
+        if slot.is_none() {
+            let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            *slot = Some(TestHost::start_with_files(false, &files)?);
+        }
+        let host = slot.as_mut().expect("booted above");
+        let outcome = f(host);
+        let wedged = host.wedged().map(str::to_string);
+        let err = match (outcome, wedged) {
+            (Ok(()), None) => return Ok(()),
+            (Ok(()), Some(why)) => {
+                eprintln!(
+                    "WARNING: {label} passed but left the test host unusable ({why}); \
+                     the next test gets a new host"
+                );
+                *slot = None;
+                return Ok(());
+            }
+            (Err(e), None) => e,
+            (Err(e), Some(why)) => format!("{e}\n{why}"),
+        };
+        let host_fault = platform_host_fault(&err);
+        if !host_fault && host.answers() {
+            // A guest that died of the platform's known faults (docs/testing.md: a
+            // triple fault, or a panic of the bad-GS kind, "Fatal exception in
+            // interrupt") as lpvmm reported it: run the test again.
+            if attempt < PLATFORM_ATTEMPTS && platform_guest_death(&err) {
+                eprintln!(
+                    "WARNING: a guest died of a known platform fault during {label} \
+                     (attempt {attempt} of {PLATFORM_ATTEMPTS}); running {label} again. \
+                     The failure was:\n{err}"
+                );
+                continue;
+            }
+            return Err(Failed::from(err));
+        }
+        let what = if host_fault {
+            "the test host's kernel failed (see below)"
+        } else {
+            "the test host stopped answering"
+        };
+        // Dropping the host kills its QEMU.
+        *slot = None;
+        if attempt == PLATFORM_ATTEMPTS {
+            return Err(Failed::from(format!(
+                "{err}\n({what} on attempt {attempt} of {PLATFORM_ATTEMPTS})"
+            )));
+        }
+        eprintln!(
+            "WARNING: {what} during {label} (attempt {attempt} of {PLATFORM_ATTEMPTS}); \
+             booting a new one and running {label} again. The failure was:\n{err}"
+        );
+    }
+    unreachable!("the loop returns")
 }
 
 /// A test that needs no host (it runs on this machine).

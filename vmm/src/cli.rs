@@ -159,7 +159,10 @@ pub fn regs(vm: &str, json: bool) -> Result<i32> {
         return print_json(&r);
     }
     if r.paused_for_read {
-        println!("(VM was paused for the read and resumed)");
+        println!(
+            "(VM was paused for the read and resumed: {} us)",
+            r.paused_us
+        );
     }
     for s in &r.vcpus {
         println!(

@@ -19,12 +19,15 @@ use crate::control::proto::{
 use crate::session::Session;
 
 impl Session {
-    /// The attached kernel, attaching first if needed.
+    /// The attached kernel, attaching first if needed. The guest pauses only for its
+    /// registers (a bare pause); the kernel's tables are read while it runs, because
+    /// nothing in them changes once it has booted.
     fn attached(&mut self, reattach: bool) -> Result<(Arc<Kernel>, bool, PauseCost)> {
         if let (Some(k), false) = (&self.kernel, reattach) {
             return Ok((k.clone(), false, PauseCost::default()));
         }
-        let (kernel, cost) = self.vm.paused(|g| Kernel::attach(g))?;
+        let (vcpus, cost) = self.vm.paused(|g| g.states().to_vec())?;
+        let kernel = self.vm.static_ram(|ram| Kernel::attach_static(ram, &vcpus));
         let kernel = Arc::new(kernel.map_err(|e| anyhow!("cannot read the guest kernel: {e}"))?);
         self.kernel = Some(kernel.clone());
         Ok((kernel, true, cost))

@@ -186,9 +186,9 @@ impl Session {
             }
             ChecksumTarget::PatchArea => {
                 let (r, pause) = self.vm.paused(|g| {
-                    let a = introspection::PausedGuest::patch_area(g);
+                    let a = introspection::GuestRam::patch_area(g);
                     let mut buf = vec![0u8; a.size as usize];
-                    introspection::PausedGuest::read_phys(g, a.start, &mut buf).map(|_| (a, buf))
+                    introspection::GuestRam::read_phys(g, a.start, &mut buf).map(|_| (a, buf))
                 })?;
                 let (a, buf) = r?;
                 (a.start, a.size, buf, pause)

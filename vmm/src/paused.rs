@@ -1,27 +1,23 @@
-//! The VMM's implementation of [`PausedGuest`]: real guest memory plus the registers the
-//! vCPU threads captured when they parked.
+//! The VMM's implementations of [`GuestRam`] (guest memory as the VMM maps it, readable
+//! while the vCPUs run) and [`PausedGuest`] (that memory plus the registers the vCPU
+//! threads captured when they parked).
 
-use introspection::{GuestError, PausedGuest, PhysRange, VcpuState};
+use introspection::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState};
 use patcher::GuestWriter;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::MemoryLayout;
 
-pub struct PausedVm<'a> {
+/// Guest RAM and the patch area, read-only. Nothing says the vCPUs are parked: see
+/// [`GuestRam`] for what may be read this way.
+pub struct RamView<'a> {
     mem: &'a GuestMemoryMmap,
     layout: &'a MemoryLayout,
-    states: Vec<VcpuState>,
 }
 
-impl<'a> PausedVm<'a> {
-    /// Only constructed from the states a successful pause returned: holding one means
-    /// every vCPU is parked.
-    pub fn new(mem: &'a GuestMemoryMmap, layout: &'a MemoryLayout, states: Vec<VcpuState>) -> Self {
-        PausedVm {
-            mem,
-            layout,
-            states,
-        }
+impl<'a> RamView<'a> {
+    pub fn new(mem: &'a GuestMemoryMmap, layout: &'a MemoryLayout) -> Self {
+        RamView { mem, layout }
     }
 
     /// Whole range inside one region, else `Unmapped`. Checked before any byte moves so
@@ -44,15 +40,7 @@ impl<'a> PausedVm<'a> {
     }
 }
 
-impl PausedGuest for PausedVm<'_> {
-    fn vcpu_count(&self) -> usize {
-        self.states.len()
-    }
-
-    fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError> {
-        self.states.get(index).ok_or(GuestError::NoSuchVcpu(index))
-    }
-
+impl GuestRam for RamView<'_> {
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         self.check(addr, buf.len())?;
         self.mem
@@ -79,11 +67,57 @@ impl PausedGuest for PausedVm<'_> {
     }
 }
 
+pub struct PausedVm<'a> {
+    ram: RamView<'a>,
+    states: Vec<VcpuState>,
+}
+
+impl<'a> PausedVm<'a> {
+    /// Only constructed from the states a successful pause returned: holding one means
+    /// every vCPU is parked.
+    pub fn new(mem: &'a GuestMemoryMmap, layout: &'a MemoryLayout, states: Vec<VcpuState>) -> Self {
+        PausedVm {
+            ram: RamView::new(mem, layout),
+            states,
+        }
+    }
+
+    /// The registers every vCPU parked with.
+    pub fn states(&self) -> &[VcpuState] {
+        &self.states
+    }
+}
+
+impl PausedGuest for PausedVm<'_> {
+    fn vcpu_count(&self) -> usize {
+        self.states.len()
+    }
+
+    fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError> {
+        self.states.get(index).ok_or(GuestError::NoSuchVcpu(index))
+    }
+}
+
+impl GuestRam for PausedVm<'_> {
+    fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.ram.read_phys(addr, buf)
+    }
+
+    fn patch_area(&self) -> PhysRange {
+        self.ram.patch_area()
+    }
+
+    fn ram_ranges(&self) -> Vec<PhysRange> {
+        self.ram.ram_ranges()
+    }
+}
+
 /// Only the patcher writes to a paused guest.
 impl GuestWriter for PausedVm<'_> {
     fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
-        self.check(addr, data.len())?;
-        self.mem
+        self.ram.check(addr, data.len())?;
+        self.ram
+            .mem
             .write_slice(data, GuestAddress(addr))
             .map_err(|e| GuestError::Access(e.to_string()))
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use introspection::GuestRam;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -14,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::layout::MemoryLayout;
-use crate::paused::PausedVm;
+use crate::paused::{PausedVm, RamView};
 use crate::vcpu::Vcpus;
 use crate::{acpi, boot, cpu, hostcheck};
 use introspection::{PausedGuest, VcpuState, VmcoreInfo};
@@ -83,6 +84,9 @@ pub struct ResumeResult {
 pub struct RegsResult {
     /// True when the VM was running and lpvmm paused it just for this read.
     pub paused_for_read: bool,
+    /// How long the guest saw that pause (0 when it was already paused): a bare pause,
+    /// the yardstick for every other request's pause.
+    pub paused_us: u64,
     pub vcpus: Vec<VcpuState>,
 }
 
@@ -97,8 +101,6 @@ pub struct ReadPhysResult {
 pub struct VmcoreinfoResult {
     /// Guest-physical address of the note's text.
     pub phys_addr: u64,
-    /// True when the VM was running and lpvmm paused it just for the scan.
-    pub paused_for_read: bool,
     pub info: VmcoreInfo,
 }
 
@@ -296,6 +298,7 @@ impl Vm {
         })?;
         Ok(RegsResult {
             paused_for_read: cost.paused_for_read,
+            paused_us: cost.paused_us,
             vcpus: vcpus?,
         })
     }
@@ -348,15 +351,18 @@ impl Vm {
         Ok(ReadPhysResult { addr, hex })
     }
 
-    /// Find the guest's VMCOREINFO; a running VM is paused only for the scan.
+    /// Run `f` on guest RAM without pausing the guest (a paused one stays paused). Only
+    /// for what the guest kernel never changes once booted ([`GuestRam`]); everything
+    /// else is read through [`Vm::paused`].
+    pub fn static_ram<R>(&self, f: impl FnOnce(&RamView) -> R) -> R {
+        f(&RamView::new(&self.mem, &self.layout))
+    }
+
+    /// Find the guest's VMCOREINFO. The kernel writes it once while booting, so the
+    /// scan needs no pause.
     pub fn vmcoreinfo(&mut self) -> Result<VmcoreinfoResult> {
-        let (found, cost) = self.paused(|g| introspection::vmcoreinfo::find(g))?;
-        let (phys_addr, info) = found?;
-        Ok(VmcoreinfoResult {
-            phys_addr,
-            paused_for_read: cost.paused_for_read,
-            info,
-        })
+        let (phys_addr, info) = self.static_ram(|r| introspection::vmcoreinfo::find(r))?;
+        Ok(VmcoreinfoResult { phys_addr, info })
     }
 
     /// Stop the vCPU threads (a paused VM too).

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use introspection::synth::{SynthKernel, SynthKernelSpec};
-use introspection::PausedGuest;
+use introspection::GuestRam;
 
 const TWO: &str = r#"
 #include <lpvmm/patch.h>

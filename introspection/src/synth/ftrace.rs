@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use super::SynthGuest;
-use crate::guest::PausedGuest;
+use crate::guest::GuestRam;
 
 /// Struct sizes and offsets of the synthetic BTF (see `build_btf`).
 pub(crate) const RECORD: u64 = 16;

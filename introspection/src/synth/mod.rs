@@ -9,7 +9,7 @@ pub mod btf;
 pub mod ftrace;
 pub mod kernel;
 
-use crate::guest::{GuestError, PausedGuest, PhysRange, VcpuState};
+use crate::guest::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState};
 use crate::memory::PagingRoot;
 
 pub use ftrace::SynthFtrace;
@@ -134,7 +134,9 @@ impl PausedGuest for SynthGuest {
     fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError> {
         self.vcpus.get(index).ok_or(GuestError::NoSuchVcpu(index))
     }
+}
 
+impl GuestRam for SynthGuest {
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         let start = usize::try_from(addr)
             .ok()

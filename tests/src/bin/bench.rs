@@ -4,6 +4,10 @@
 //!   cargo run -p lpvmm-tests --bin bench -- pause [CYCLES] pause/resume latency, 1 and 2 vCPUs
 //!   cargo run -p lpvmm-tests --bin bench -- introspect [RUNS] attach time; pause of `tasks`
 //!                                                      and of all stacks, 100 / 2000 tasks
+//!   cargo run -p lpvmm-tests --bin bench -- attach [RUNS]  attach time and its pause against
+//!                                                      a bare pause (introspect's first table)
+//!   cargo run -p lpvmm-tests --bin bench -- memory  the VMM's resident memory outside guest
+//!                                                      RAM, before and after attach
 //!   cargo run -p lpvmm-tests --bin bench -- patch [CYCLES]  enable/disable pauses; call cost
 //!                                                      and switch time vs the guest's livepatch
 //!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS]  guests the platform kills: lpvmm vs
@@ -47,6 +51,8 @@ fn main() {
         "boot" => boot(n.unwrap_or(5)),
         "pause" => pause(n.unwrap_or(1000)),
         "introspect" => introspect(n.unwrap_or(5)),
+        "attach" => attach_only(n.unwrap_or(5)),
+        "memory" => vmm_memory(),
         "patch" => patch(n.unwrap_or(30)),
         "deaths" => deaths(n.unwrap_or(10)),
         "transition" => transition(n.unwrap_or(5)),
@@ -54,7 +60,7 @@ fn main() {
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES]"
                 .into(),
         ),
     };
@@ -235,13 +241,68 @@ fn p99(mut v: Vec<f64>) -> f64 {
 /// task, with 100 and 2000 extra guest tasks. Side by side: the guest reading every
 /// /proc/PID/stack itself (its own cost for the same information).
 fn introspect(runs: u32) -> Result<(), String> {
+    introspect_with(runs, true)
+}
+
+/// The VMM's own memory, as a user would measure it: the resident set of the lpvmm
+/// process from /proc/PID/smaps, leaving out the mappings of guest RAM and of the patch
+/// area (guest memory, whatever the VMM), before the first attach and after it.
+fn vmm_memory() -> Result<(), String> {
     let mut host = TestHost::start()?;
-    println!("| kernel | attach median (ms) | VMCOREINFO found (ms) | symbols ready (ms) | BTF ready (ms) | symbols | BTF types | ORC entries |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| kernel | guest RAM (MiB) | VMM RSS outside guest memory, before attach (MiB) | after attach (MiB) | attach adds (MiB) |");
+    println!("|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
+        let (_, status) = g.lpvmm("status {vm} --json")?;
+        let st = json(&status)?;
+        let field = |k: &str| st[k].as_u64().ok_or(format!("status has no {k}: {status}"));
+        let (pid, ram, area) = (
+            field("pid")?,
+            field("memory_bytes")?,
+            field("patch_area_size")?,
+        );
+        let outside = |g: &mut lpvmm_tests::Guest| -> Result<f64, String> {
+            // Size precedes Rss in each mapping's block; the kernel may merge the RAM
+            // and patch-area mappings into one.
+            let out = g.host.exec(&format!(
+                "awk -v ram={} -v area={} '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size != ram && size != area && size != ram + area) rss += $2; n++ }} END {{ if (n) print rss; else print \"none\" }}' /proc/{pid}/smaps",
+                ram / 1024,
+                area / 1024
+            ))?;
+            out.trim()
+                .parse::<f64>()
+                .map(|kib| kib / 1024.0)
+                .map_err(|_| format!("no Rss lines in /proc/{pid}/smaps: {out}"))
+        };
+        let before = outside(&mut g)?;
+        let (rc, out) = g.lpvmm("kernel {vm}")?;
+        if rc != 0 {
+            return Err(out);
+        }
+        let after = outside(&mut g)?;
+        println!(
+            "| {series} | {} | {before:.1} | {after:.1} | {:.1} |",
+            ram >> 20,
+            after - before
+        );
+        g.poweroff()?;
+    }
+    Ok(())
+}
+
+/// Only `introspect`'s attach table.
+fn attach_only(runs: u32) -> Result<(), String> {
+    introspect_with(runs, false)
+}
+
+fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
+    let mut host = TestHost::start()?;
+    println!("| kernel | attach median (ms) | VMCOREINFO found (ms) | symbols ready (ms) | BTF ready (ms) | attach pause median (ms) | bare pause median (ms) | attach pause / bare pause | symbols | BTF types | ORC entries |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for series in lpvmm_tests::SERIES {
         let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
-        let mut attach = Vec::new();
+        let (mut attach, mut attach_pause, mut bare_pause) = (Vec::new(), Vec::new(), Vec::new());
         let mut last = serde_json::Value::Null;
         for _ in 0..runs {
             let (rc, out) = g.lpvmm("kernel {vm} --reattach --json")?;
@@ -250,21 +311,34 @@ fn introspect(runs: u32) -> Result<(), String> {
             }
             last = json(&out)?;
             attach.push(last["stats"]["attach_us"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+            attach_pause.push(last["pause"]["paused_us"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+            // A bare pause, interleaved: park every vCPU, copy the registers, resume.
+            let (rc, out) = g.lpvmm("regs {vm} --json")?;
+            if rc != 0 {
+                return Err(out);
+            }
+            bare_pause.push(json(&out)?["paused_us"].as_f64().unwrap_or(f64::NAN) / 1000.0);
         }
+        let (_, note) = g.lpvmm("vmcoreinfo {vm} --json")?;
+        let note_at = json(&note)?["phys_addr"].as_u64().unwrap_or(0);
+        eprintln!("{series}: VMCOREINFO text at guest-physical {note_at:#x}");
         let st = &last["stats"];
         let ms = |k: &str| st[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
-        eprintln!("{series}: attach runs (ms) {attach:?}");
+        eprintln!("{series}: attach runs (ms) {attach:?}, their pauses {attach_pause:?}, bare pauses {bare_pause:?}");
+        let (attach_pause, bare_pause) = (median(attach_pause), median(bare_pause));
         println!(
-            "| {series} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {series} | {:.0} | {:.0} | {:.0} | {:.0} | {attach_pause:.1} | {bare_pause:.1} | {:.2} | {} | {} | {} |",
             median(attach),
             ms("vmcoreinfo_done_us"),
             ms("kallsyms_done_us"),
             ms("btf_done_us"),
+            attach_pause / bare_pause,
             st["symbols"],
             st["btf_types"],
             st["orc_entries"]
         );
-        for extra in [100u32, 2000] {
+        let extras: &[u32] = if task_pauses { &[100, 2000] } else { &[] };
+        for &extra in extras {
             g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
             let (mut tasks_us, mut stacks_us) = (Vec::new(), Vec::new());
             let mut count = 0.0;
@@ -314,6 +388,9 @@ fn introspect(runs: u32) -> Result<(), String> {
             g.run("pkill spawn; sleep 1; true")?;
         }
         g.poweroff()?;
+    }
+    if !task_pauses {
+        return Ok(());
     }
     println!();
     println!("| kernel | tasks | `tasks` pause median (ms) | max (ms) | all-stacks pause median (ms) | max (ms) | per task (µs) | guest's own /proc/*/stack walk (ms) | lpvmm pause / guest walk |");
