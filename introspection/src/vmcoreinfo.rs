@@ -110,14 +110,57 @@ fn bracketed<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
     key.strip_prefix(kind)?.strip_prefix('(')?.strip_suffix(')')
 }
 
-/// Scan guest RAM for the note. Returns its guest-physical address and contents.
+/// Where the kernel's two copies of the text start in their pages: the text page
+/// (`get_zeroed_page`) at 0, the ELF note (`alloc_pages_exact`) after the note's 12-byte
+/// header and its name, "VMCOREINFO" padded to 12 bytes.
+const PAGE_OFFSETS: [usize; 2] = [0, 24];
+const PAGE: u64 = 4096;
+
+/// Find the note in guest RAM. Returns its guest-physical address and contents.
 ///
-/// The kernel keeps two copies (the text page and the ELF note); the first that parses
-/// wins. Chunks advance by `CHUNK` but are read one page (`MAX_TEXT`) longer, so a
-/// candidate starting before `CHUNK` has its whole text in the buffer, and one starting
-/// in the overlap is looked at again by the next chunk. Time is bounded by RAM size,
-/// memory by one chunk.
+/// The kernel keeps two copies (the text page and the ELF note), each at a fixed place
+/// in a page of its own; the first that parses wins. So lpvmm first looks only there:
+/// a few bytes of each page, not all of RAM. A kernel that keeps them elsewhere (older
+/// ones had the note in a static array) is found by the whole scan that follows.
 pub fn find(guest: &dyn GuestRam) -> Result<(u64, VmcoreInfo), VmcoreInfoError> {
+    match find_at_page_offsets(guest)? {
+        Some(found) => Ok(found),
+        None => scan(guest),
+    }
+}
+
+/// [`find`]'s first pass: one short read per page of RAM.
+fn find_at_page_offsets(
+    guest: &dyn GuestRam,
+) -> Result<Option<(u64, VmcoreInfo)>, VmcoreInfoError> {
+    let mut head = [0u8; PAGE_OFFSETS[1] + MARKER.len()];
+    let mut text = vec![0u8; MAX_TEXT];
+    for range in guest.ram_ranges() {
+        let mut page = range.start.next_multiple_of(PAGE);
+        while page.saturating_add(head.len() as u64) <= range.end() {
+            guest.read_phys(page, &mut head)?;
+            for off in PAGE_OFFSETS {
+                if &head[off..off + MARKER.len()] != MARKER {
+                    continue;
+                }
+                let at = page + off as u64;
+                let len = (range.end() - at).min(MAX_TEXT as u64) as usize;
+                guest.read_phys(at, &mut text[..len])?;
+                if let Ok(info) = VmcoreInfo::parse(&text[..len]) {
+                    return Ok(Some((at, info)));
+                }
+            }
+            page += PAGE;
+        }
+    }
+    Ok(None)
+}
+
+/// [`find`]'s second pass: every byte of RAM. Chunks advance by `CHUNK` but are read
+/// one page (`MAX_TEXT`) longer, so a candidate starting before `CHUNK` has its whole
+/// text in the buffer, and one starting in the overlap is looked at again by the next
+/// chunk. Time is bounded by RAM size, memory by one chunk.
+fn scan(guest: &dyn GuestRam) -> Result<(u64, VmcoreInfo), VmcoreInfoError> {
     let marker = memchr::memmem::Finder::new(MARKER);
     let mut buf = vec![0u8; CHUNK + MAX_TEXT];
     for range in guest.ram_ranges() {
@@ -226,6 +269,26 @@ mod tests {
         let (addr, info) = find(&Flat(mem)).unwrap();
         assert_eq!(addr, at as u64);
         assert_eq!(info.page_size, 4096);
+    }
+
+    #[test]
+    fn finds_either_copy_where_the_kernel_puts_it_before_scanning() {
+        for off in PAGE_OFFSETS {
+            let mut mem = vec![0u8; 3 * CHUNK];
+            // An unaligned copy earlier in RAM is passed over by the first pass.
+            mem[1000..1000 + SAMPLE.len()].copy_from_slice(SAMPLE.replace("56", "57").as_bytes());
+            let at = 2 * CHUNK + 5 * PAGE as usize + off;
+            mem[at..at + SAMPLE.len()].copy_from_slice(SAMPLE.as_bytes());
+            let (addr, info) = find(&Flat(mem)).unwrap();
+            assert_eq!(addr, at as u64);
+            assert_eq!(info.osrelease, "6.1.0-56-cloud-amd64");
+        }
+        // A decoy at a page offset that does not parse: the scan goes on to the real one.
+        let mut mem = vec![0u8; 2 * CHUNK];
+        mem[PAGE as usize..PAGE as usize + 19].copy_from_slice(b"OSRELEASE=only\nPAGE");
+        let at = CHUNK + 24;
+        mem[at..at + SAMPLE.len()].copy_from_slice(SAMPLE.as_bytes());
+        assert_eq!(find(&Flat(mem)).unwrap().0, at as u64);
     }
 
     #[test]

@@ -29,6 +29,7 @@ impl Session {
         let (vcpus, cost) = self.vm.paused(|g| g.states().to_vec())?;
         let kernel = self.vm.static_ram(|ram| Kernel::attach_static(ram, &vcpus));
         let kernel = Arc::new(kernel.map_err(|e| anyhow!("cannot read the guest kernel: {e}"))?);
+        release_free_heap();
         self.kernel = Some(kernel.clone());
         Ok((kernel, true, cost))
     }
@@ -181,5 +182,17 @@ impl Session {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Attach's temporaries (the BTF blob, kallsyms' decoding buffers, ORC as read) are
+/// freed by the time it returns, but the allocator keeps their pages: give them back, so
+/// that the VMM's resident memory is what it holds (docs/benchmarks.md, `bench memory`).
+fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it reads and
+    // writes no memory the program holds, and any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
