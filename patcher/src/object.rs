@@ -547,6 +547,16 @@ impl PatchObject {
                     .map_err(|e| KpError::Truncated(format!("section {name}: {e}")))?
                     .to_vec()
             };
+            // A section with no contents in the file (SHT_NOBITS) under a .text, .rodata
+            // or .data name would be laid out shorter than the places it claims (found
+            // by fuzzing: a relocation written past its empty image).
+            if kind != SectionKind::Bss && bytes.len() as u64 != s.size() {
+                return Err(KpError::Truncated(format!(
+                    "section {name}: {} bytes by its header, {} in the file",
+                    s.size(),
+                    bytes.len()
+                )));
+            }
             let align = s.align().max(1);
             if !align.is_power_of_two() || align > 4096 {
                 return Err(KpError::Unsupported(format!(

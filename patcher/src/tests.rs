@@ -661,6 +661,13 @@ fn fuzz_findings_are_refused_cleanly() {
     let e = crate::PatchObject::parse(include_bytes!("../../fuzz/regressions/kp/bss-of-1-gib.kp"))
         .unwrap_err();
     assert!(e.to_string().contains("sections take at most"), "{e}");
+    // A .data section without contents in the file: the linker wrote a relocation past
+    // its empty image (a panic) until the parser compared size and contents.
+    let e = crate::PatchObject::parse(include_bytes!(
+        "../../fuzz/regressions/kp/nobits-named-data.kp"
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("in the file"), "{e}");
 }
 
 #[test]

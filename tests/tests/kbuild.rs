@@ -251,7 +251,8 @@ fn traced(trace: &str, what: &str) -> usize {
 /// The guest's own ftrace and kprobes on a function lpvmm redirected: the guest's
 /// tracer cannot take the function (its filter matches nothing there) and traces every
 /// other function, a kprobe on it is accepted and never fires while another fires, the
-/// patch stays in effect, nothing in dmesg; lpvmm will not hand the function back while
+/// patch stays in effect, nothing in dmesg, and so through the ftrace_enabled sysctl
+/// turned off and on; lpvmm will not hand the function back while
 /// a guest kprobe covers it and says so; after disable the guest traces and probes it.
 /// A function the guest traces is refused by lpvmm, naming ftrace.
 fn ftrace_coexists(host: &mut TestHost, series: &str) -> TestResult {
@@ -290,6 +291,42 @@ fn ftrace_coexists(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: function trace of *_proc_show:\n{trace}"
     );
     check!(patched(&mut g)?, "{series}: tracing undid the patch");
+
+    // The ftrace_enabled sysctl (test-ftrace.sh), turned off and on under a running
+    // tracer: ftrace rewrites every enabled record both ways and must skip the hidden
+    // one. lpvmm registers nothing with ftrace, so, unlike a livepatch, it does not make
+    // the sysctl busy; the patch stays in effect and tracing comes back.
+    const SYSCTL: &str = "/proc/sys/kernel/ftrace_enabled";
+    g.run(&format!(
+        "echo '*_proc_show' > {T}/set_ftrace_filter && echo function > {T}/current_tracer"
+    ))?;
+    let (rc, out) = g.run_status(
+        &format!("echo 0 > {SYSCTL} && cat {SYSCTL}"),
+        std::time::Duration::from_secs(30),
+    )?;
+    check!(
+        rc == 0 && out.trim() == "0",
+        "{series}: ftrace_enabled=0 with the patch on: rc {rc}: {out}"
+    );
+    check!(
+        patched(&mut g)?,
+        "{series}: turning ftrace off undid the patch"
+    );
+    g.run(&format!("echo 1 > {SYSCTL} && echo > {T}/trace"))?;
+    g.run(work)?;
+    let trace = g.run(&format!("cat {T}/trace"));
+    g.run(&format!(
+        "echo nop > {T}/current_tracer; echo > {T}/set_ftrace_filter"
+    ))?;
+    let trace = trace?;
+    check!(
+        traced(&trace, "uptime_proc_show") >= 1 && traced(&trace, "loadavg_proc_show") == 0,
+        "{series}: function trace after ftrace_enabled went 0 and back to 1:\n{trace}"
+    );
+    check!(
+        patched(&mut g)?,
+        "{series}: turning ftrace back on undid the patch"
+    );
 
     // kprobes: one on the redirected function is accepted and stays silent.
     let probes = [
