@@ -92,8 +92,8 @@ pub struct AttachStats {
     pub five_level_paging: bool,
     /// Wall time of the whole attach (its reads need no pause, so the guest runs
     /// through them unless it was already paused), and when each step was done, from
-    /// its start: VMCOREINFO found (a scan of guest RAM),
-    /// symbol table decoded, BTF parsed and layouts resolved.
+    /// its start: VMCOREINFO found (in guest RAM), symbol table decoded, BTF parsed and
+    /// layouts resolved.
     pub attach_us: u64,
     pub vmcoreinfo_done_us: u64,
     pub kallsyms_done_us: u64,

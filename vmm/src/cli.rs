@@ -158,10 +158,10 @@ pub fn regs(vm: &str, json: bool) -> Result<i32> {
     if json {
         return print_json(&r);
     }
-    if r.paused_for_read {
+    if r.pause.paused_for_read {
         println!(
             "(VM was paused for the read and resumed: {} us)",
-            r.paused_us
+            r.pause.paused_us
         );
     }
     for s in &r.vcpus {

@@ -26,12 +26,14 @@ impl Session {
         if let (Some(k), false) = (&self.kernel, reattach) {
             return Ok((k.clone(), false, PauseCost::default()));
         }
-        let (vcpus, cost) = self.vm.paused(|g| g.states().to_vec())?;
-        let kernel = self.vm.static_ram(|ram| Kernel::attach_static(ram, &vcpus));
+        let regs = self.vm.regs()?;
+        let kernel = self
+            .vm
+            .static_ram(|ram| Kernel::attach_static(ram, &regs.vcpus));
         let kernel = Arc::new(kernel.map_err(|e| anyhow!("cannot read the guest kernel: {e}"))?);
         release_free_heap();
         self.kernel = Some(kernel.clone());
-        Ok((kernel, true, cost))
+        Ok((kernel, true, regs.pause))
     }
 
     /// The attached kernel (attaching first if needed).

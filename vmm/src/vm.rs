@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use introspection::GuestRam;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -18,7 +17,7 @@ use crate::layout::MemoryLayout;
 use crate::paused::{PausedVm, RamView};
 use crate::vcpu::Vcpus;
 use crate::{acpi, boot, cpu, hostcheck};
-use introspection::{PausedGuest, VcpuState, VmcoreInfo};
+use introspection::{GuestRam, VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
@@ -82,11 +81,10 @@ pub struct ResumeResult {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RegsResult {
-    /// True when the VM was running and lpvmm paused it just for this read.
-    pub paused_for_read: bool,
-    /// How long the guest saw that pause (0 when it was already paused): a bare pause,
-    /// the yardstick for every other request's pause.
-    pub paused_us: u64,
+    /// Whether lpvmm paused a running VM for this read, and how long the guest saw it:
+    /// a bare pause, the yardstick for every other request's pause.
+    #[serde(flatten)]
+    pub pause: PauseCost,
     pub vcpus: Vec<VcpuState>,
 }
 
@@ -291,16 +289,8 @@ impl Vm {
 
     /// Registers of every vCPU; a running VM is paused only for the read.
     pub fn regs(&mut self) -> Result<RegsResult> {
-        let (vcpus, cost) = self.paused(|g| {
-            (0..g.vcpu_count())
-                .map(|i| g.vcpu(i).cloned())
-                .collect::<Result<Vec<VcpuState>, _>>()
-        })?;
-        Ok(RegsResult {
-            paused_for_read: cost.paused_for_read,
-            paused_us: cost.paused_us,
-            vcpus: vcpus?,
-        })
+        let (vcpus, pause) = self.paused(|g| g.states().to_vec())?;
+        Ok(RegsResult { pause, vcpus })
     }
 
     /// Run `f` on the paused guest. A running VM is paused just for it and resumed
@@ -360,7 +350,7 @@ impl Vm {
 
     /// Find the guest's VMCOREINFO. The kernel writes it once while booting, so the
     /// scan needs no pause.
-    pub fn vmcoreinfo(&mut self) -> Result<VmcoreinfoResult> {
+    pub fn vmcoreinfo(&self) -> Result<VmcoreinfoResult> {
         let (phys_addr, info) = self.static_ram(|r| introspection::vmcoreinfo::find(r))?;
         Ok(VmcoreinfoResult { phys_addr, info })
     }

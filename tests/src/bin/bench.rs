@@ -244,53 +244,7 @@ fn introspect(runs: u32) -> Result<(), String> {
     introspect_with(runs, true)
 }
 
-/// The VMM's own memory, as a user would measure it: the resident set of the lpvmm
-/// process from /proc/PID/smaps, leaving out the mappings of guest RAM and of the patch
-/// area (guest memory, whatever the VMM), before the first attach and after it.
-fn vmm_memory() -> Result<(), String> {
-    let mut host = TestHost::start()?;
-    println!("| kernel | guest RAM (MiB) | VMM RSS outside guest memory, before attach (MiB) | after attach (MiB) | attach adds (MiB) |");
-    println!("|---|---|---|---|---|");
-    for series in lpvmm_tests::SERIES {
-        let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
-        let (_, status) = g.lpvmm("status {vm} --json")?;
-        let st = json(&status)?;
-        let field = |k: &str| st[k].as_u64().ok_or(format!("status has no {k}: {status}"));
-        let (pid, ram, area) = (
-            field("pid")?,
-            field("memory_bytes")?,
-            field("patch_area_size")?,
-        );
-        let outside = |g: &mut lpvmm_tests::Guest| -> Result<f64, String> {
-            // Size precedes Rss in each mapping's block; the kernel may merge the RAM
-            // and patch-area mappings into one.
-            let out = g.host.exec(&format!(
-                "awk -v ram={} -v area={} '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size != ram && size != area && size != ram + area) rss += $2; n++ }} END {{ if (n) print rss; else print \"none\" }}' /proc/{pid}/smaps",
-                ram / 1024,
-                area / 1024
-            ))?;
-            out.trim()
-                .parse::<f64>()
-                .map(|kib| kib / 1024.0)
-                .map_err(|_| format!("no Rss lines in /proc/{pid}/smaps: {out}"))
-        };
-        let before = outside(&mut g)?;
-        let (rc, out) = g.lpvmm("kernel {vm}")?;
-        if rc != 0 {
-            return Err(out);
-        }
-        let after = outside(&mut g)?;
-        println!(
-            "| {series} | {} | {before:.1} | {after:.1} | {:.1} |",
-            ram >> 20,
-            after - before
-        );
-        g.poweroff()?;
-    }
-    Ok(())
-}
-
-/// Only `introspect`'s attach table.
+/// Only `introspect`'s attach table (attach time, its pause and a bare pause).
 fn attach_only(runs: u32) -> Result<(), String> {
     introspect_with(runs, false)
 }
@@ -320,7 +274,9 @@ fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
             bare_pause.push(json(&out)?["paused_us"].as_f64().unwrap_or(f64::NAN) / 1000.0);
         }
         let (_, note) = g.lpvmm("vmcoreinfo {vm} --json")?;
-        let note_at = json(&note)?["phys_addr"].as_u64().unwrap_or(0);
+        let note_at = json(&note)?["phys_addr"]
+            .as_u64()
+            .ok_or(format!("vmcoreinfo has no phys_addr: {note}"))?;
         eprintln!("{series}: VMCOREINFO text at guest-physical {note_at:#x}");
         let st = &last["stats"];
         let ms = |k: &str| st[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
@@ -397,6 +353,52 @@ fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
+    }
+    Ok(())
+}
+
+/// The VMM's own memory, as a user would measure it: the resident set of the lpvmm
+/// process from /proc/PID/smaps, leaving out the mappings of guest RAM and of the patch
+/// area (guest memory, whatever the VMM), before the first attach and after it.
+fn vmm_memory() -> Result<(), String> {
+    let mut host = TestHost::start()?;
+    println!("| kernel | guest RAM (MiB) | VMM RSS outside guest memory, before attach (MiB) | after attach (MiB) | attach adds (MiB) |");
+    println!("|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
+        let (_, status) = g.lpvmm("status {vm} --json")?;
+        let st = json(&status)?;
+        let field = |k: &str| st[k].as_u64().ok_or(format!("status has no {k}: {status}"));
+        let (pid, ram, area) = (
+            field("pid")?,
+            field("memory_bytes")?,
+            field("patch_area_size")?,
+        );
+        let outside = |g: &mut lpvmm_tests::Guest| -> Result<f64, String> {
+            // Size precedes Rss in each mapping's block; the kernel may merge the RAM
+            // and patch-area mappings into one.
+            let out = g.host.exec(&format!(
+                "awk -v ram={} -v area={} '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size != ram && size != area && size != ram + area) rss += $2; n++ }} END {{ if (n) print rss; else print \"none\" }}' /proc/{pid}/smaps",
+                ram / 1024,
+                area / 1024
+            ))?;
+            out.trim()
+                .parse::<f64>()
+                .map(|kib| kib / 1024.0)
+                .map_err(|_| format!("no Rss lines in /proc/{pid}/smaps: {out}"))
+        };
+        let before = outside(&mut g)?;
+        let (rc, out) = g.lpvmm("kernel {vm}")?;
+        if rc != 0 {
+            return Err(out);
+        }
+        let after = outside(&mut g)?;
+        println!(
+            "| {series} | {} | {before:.1} | {after:.1} | {:.1} |",
+            ram >> 20,
+            after - before
+        );
+        g.poweroff()?;
     }
     Ok(())
 }
