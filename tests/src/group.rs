@@ -66,6 +66,12 @@ pub fn host_trial(
     Trial::test(name, move || {
         let started = Instant::now();
         let outcome = run_on_host(&label, &f);
+        if let Err(e) = &outcome {
+            // Next to the test's own output, not only in libtest's summary at the end of
+            // the binary (a CI log shown in part keeps the reason).
+            let why = e.message().unwrap_or("no message");
+            eprintln!("FAILED: {label}: {}", crate::tail(why, 4000));
+        }
         // scripts/test.sh lists the slowest tests from these lines.
         eprintln!("TIME: {label} {} s", started.elapsed().as_secs());
         outcome

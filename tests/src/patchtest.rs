@@ -111,9 +111,12 @@ pub fn switching(g: &mut Guest) -> Result<Value, String> {
     }
 }
 
-/// Wait for transition `id` to end; returns it.
+/// Wait for transition `id` to end (at most two minutes); returns it. If it does not
+/// end, the error says what held it: `patch status` as a person reads it, and the
+/// VMM's stderr.
 pub fn ended(g: &mut Guest, id: u64) -> Result<Value, String> {
-    for _ in 0..300 {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(120) {
         let s = status(g)?;
         if let Some(t) = s["history"]
             .as_array()
@@ -123,7 +126,11 @@ pub fn ended(g: &mut Guest, id: u64) -> Result<Value, String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Err(format!("transition {id} never ended"))
+    let (_, human) = g.lpvmm("patch status {vm}")?;
+    Err(format!(
+        "transition {id} did not end within 120 s:\n{human}\nVMM stderr:\n{}",
+        g.vmm_stderr()
+    ))
 }
 
 /// The pids of a list of blockers.
