@@ -1034,7 +1034,7 @@ mod tests {
         let held = StuckVcpu {
             index: 1,
             in_kvm_run: true,
-            for_: Duration::from_secs(290),
+            waited: Duration::from_secs(5),
             since_before_kick: true,
         };
         let report = format!("lpvmm: error: vCPU(s) [1] did not park within 5s ({held})");

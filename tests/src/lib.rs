@@ -70,6 +70,37 @@ macro_rules! check {
     };
 }
 
+/// A command's console output without the kernel's own console lines (`[  12.345678]
+/// ...`), which the guest prints on the same serial console whenever it warns (a
+/// clocksource watchdog on the nested host, for example). Only for output that is not
+/// itself kernel log: `dmesg` prints the same prefix.
+pub fn without_kernel_lines(out: &str) -> String {
+    out.lines()
+        .filter(|l| !is_kernel_line(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Whether a console line starts with printk's `[seconds.micros]` time stamp.
+fn is_kernel_line(line: &str) -> bool {
+    let Some(rest) = line.trim_start().strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
+    let stamp = stamp.trim_start();
+    match stamp.split_once('.') {
+        Some((s, us)) => {
+            !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && us.len() == 6
+                && us.bytes().all(|b| b.is_ascii_digit())
+        }
+        None => false,
+    }
+}
+
 /// Parse a command's JSON output; on failure, say what the output was.
 pub fn json(out: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(out).map_err(|e| format!("{e}: {}", tail(out, 2000)))
@@ -89,3 +120,23 @@ pub fn new_splats(g: &mut Guest, at_boot: &str) -> Result<Vec<String>, String> {
 /// Kernel warning splats, oopses and lockup reports in the guest's log (a guest command).
 pub const SPLATS: &str =
     "dmesg | grep -E 'WARNING: CPU|Oops|BUG:|Call Trace|soft lockup|hung task|rcu_.*stall' || true";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_console_lines_are_left_out_and_nothing_else() {
+        let out = "[   13.105655] clocksource:   'kvm-clock' wd_nsec: 530388352\n\
+                   [13.311274] clocksource: 'kvm-clock' (not 'tsc') is current clocksource.\n\
+                   \n42 interactive\n[not a stamp] stays\n[ 1.5] stays too";
+        assert_eq!(
+            without_kernel_lines(out),
+            "\n42 interactive\n[not a stamp] stays\n[ 1.5] stays too"
+        );
+        assert_eq!(
+            without_kernel_lines("42 interactive").trim(),
+            "42 interactive"
+        );
+    }
+}

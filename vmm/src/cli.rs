@@ -108,6 +108,12 @@ pub fn status(vm: &str, json: bool) -> Result<i32> {
     println!("initrd:      {}", s.initrd.as_deref().unwrap_or("-"));
     println!("cmdline:     {}", s.cmdline);
     println!("uptime:      {:.1} s", s.uptime_ms as f64 / 1000.0);
+    if let Some(us) = s.start_to_first_run_us {
+        println!(
+            "started in:  {:.1} ms (lpvmm's start to the first KVM_RUN)",
+            us as f64 / 1000.0
+        );
+    }
     println!(
         "patch area:  {:#x}-{:#x} ({} KiB, reserved in the guest's e820 map)",
         s.patch_area_start,

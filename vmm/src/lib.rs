@@ -32,5 +32,20 @@ pub mod session;
 pub mod vcpu;
 pub mod vm;
 
+/// When this process began, as the binary marks it first thing in `main`
+/// ([`mark_process_start`]): `status` reports the time from there to the first
+/// `KVM_RUN` (how long the VMM takes to start a guest).
+static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Mark now as the start of the process (the first call counts).
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(std::time::Instant::now);
+}
+
+/// The instant [`mark_process_start`] recorded, if it was called.
+pub fn process_start() -> Option<std::time::Instant> {
+    PROCESS_START.get().copied()
+}
+
 /// The kernel command line `lpvmm run` gives a guest unless told otherwise.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";

@@ -167,6 +167,7 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    lpvmm::mark_process_start();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LPVMM_LOG")

@@ -18,7 +18,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,16 +56,27 @@ pub struct VcpuControl {
     changed: Condvar,
     /// Per vCPU: where its thread is.
     whereabouts: Vec<Whereabouts>,
-    /// The time base of the whereabouts' timestamps.
-    epoch: Instant,
+    /// When a vCPU first entered `KVM_RUN`.
+    first_run: OnceLock<Instant>,
 }
 
-/// Where one vCPU thread is: inside `KVM_RUN` or in lpvmm, since a time (microseconds
-/// after [`VcpuControl::epoch`]). Written only by the vCPU's own thread.
+/// Where one vCPU thread is: inside `KVM_RUN` or in lpvmm, and how many times it has
+/// entered `KVM_RUN`. Written only by the vCPU's own thread, twice per exit, so it holds
+/// no time: reading the clock is a system call where the host has no TSC clock source
+/// (the nested test host reads its HPET), and it made every exit and every pause slower
+/// (docs/benchmarks.md, "Pause and resume latency"). A pause that gives up compares it
+/// with what it saw at its kick instead.
 #[derive(Default)]
 struct Whereabouts {
     in_kvm_run: AtomicBool,
-    since_us: AtomicU64,
+    entries: AtomicU64,
+}
+
+/// One vCPU's [`Whereabouts`] as a pause saw them when it kicked.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Seen {
+    in_kvm_run: bool,
+    entries: u64,
 }
 
 /// Where a vCPU that did not park was, as the pause found it.
@@ -73,30 +84,33 @@ struct Whereabouts {
 pub struct StuckVcpu {
     pub index: usize,
     pub in_kvm_run: bool,
-    /// How long it had been there when the pause gave up.
-    pub for_: Duration,
-    /// Whether it was already there when the pause kicked it.
+    /// How long the pause waited after its kick.
+    pub waited: Duration,
+    /// Whether it had not moved (entered or left `KVM_RUN`) since the kick: it has been
+    /// where it is for all of `waited`.
     pub since_before_kick: bool,
 }
 
 impl std::fmt::Display for StuckVcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let secs = self.for_.as_secs_f64();
+        let secs = self.waited.as_secs_f64();
+        let index = self.index;
         match (self.in_kvm_run, self.since_before_kick) {
             (true, true) => write!(
                 f,
-                "vCPU {}: inside KVM_RUN for {secs:.1} s although kicked ({HOST_HELD})",
-                self.index
+                "vCPU {index}: inside KVM_RUN for {secs:.1} s although kicked ({HOST_HELD})"
             ),
             (true, false) => write!(
                 f,
-                "vCPU {}: inside KVM_RUN for {secs:.1} s, entered after its kick ({HOST_HELD})",
-                self.index
+                "vCPU {index}: inside KVM_RUN, entered after its kick {secs:.1} s ago ({HOST_HELD})"
             ),
-            (false, _) => write!(
+            (false, true) => write!(
                 f,
-                "vCPU {}: in lpvmm (handling an exit) for {secs:.1} s",
-                self.index
+                "vCPU {index}: in lpvmm (handling an exit) for {secs:.1} s"
+            ),
+            (false, false) => write!(
+                f,
+                "vCPU {index}: in lpvmm (handling an exit), after running since its kick {secs:.1} s ago"
             ),
         }
     }
@@ -116,29 +130,38 @@ impl VcpuControl {
         }
     }
 
-    fn micros_since_epoch(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
-    }
-
     /// The vCPU thread `index` enters (`true`) or leaves `KVM_RUN`.
     fn record(&self, index: usize, in_kvm_run: bool) {
         if let Some(w) = self.whereabouts.get(index) {
-            w.since_us
-                .store(self.micros_since_epoch(), Ordering::Relaxed);
+            if in_kvm_run {
+                w.entries.fetch_add(1, Ordering::Relaxed);
+                // Reads the clock once: later calls find it set.
+                self.first_run.get_or_init(Instant::now);
+            }
             w.in_kvm_run.store(in_kvm_run, Ordering::Release);
         }
     }
 
-    /// Where vCPU `index` is now; `kicked_at` is when the pause kicked it.
-    fn stuck(&self, index: usize, kicked_at: Instant) -> StuckVcpu {
-        let w = &self.whereabouts[index];
-        let in_kvm_run = w.in_kvm_run.load(Ordering::Acquire);
-        let since = self.epoch + Duration::from_micros(w.since_us.load(Ordering::Relaxed));
+    /// Every vCPU's whereabouts now (a pause takes them as it kicks).
+    fn seen(&self) -> Vec<Seen> {
+        self.whereabouts
+            .iter()
+            .map(|w| Seen {
+                in_kvm_run: w.in_kvm_run.load(Ordering::Acquire),
+                entries: w.entries.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Where vCPU `index` is now, against `at_kick` (what the pause saw as it kicked,
+    /// `waited` ago).
+    fn stuck(&self, index: usize, at_kick: Seen, waited: Duration) -> StuckVcpu {
+        let now = self.seen().get(index).copied().unwrap_or_default();
         StuckVcpu {
             index,
-            in_kvm_run,
-            for_: since.elapsed(),
-            since_before_kick: since <= kicked_at,
+            in_kvm_run: now.in_kvm_run,
+            waited,
+            since_before_kick: now == at_kick,
         }
     }
 
@@ -198,7 +221,7 @@ impl Vcpus {
             }),
             changed: Condvar::new(),
             whereabouts: (0..fds.len()).map(|_| Whereabouts::default()).collect(),
-            epoch: Instant::now(),
+            first_run: OnceLock::new(),
         });
         let mut threads = Vec::new();
         for (index, fd) in fds.into_iter().enumerate() {
@@ -211,6 +234,11 @@ impl Vcpus {
             threads.push(t);
         }
         Ok(Vcpus { control, threads })
+    }
+
+    /// When the first vCPU entered `KVM_RUN`, once one has.
+    pub fn first_run(&self) -> Option<Instant> {
+        self.control.first_run.get().copied()
     }
 
     pub fn count(&self) -> usize {
@@ -235,6 +263,7 @@ impl Vcpus {
         self.control
             .want
             .store(Want::Pause as u8, Ordering::Release);
+        let at_kick = self.control.seen();
         self.kick_all();
         let mut shared = self.control.lock();
         loop {
@@ -254,7 +283,7 @@ impl Vcpus {
                     .iter()
                     .enumerate()
                     .filter(|(_, p)| p.is_none())
-                    .map(|(i, _)| self.control.stuck(i, start))
+                    .map(|(i, _)| self.control.stuck(i, at_kick[i], start.elapsed()))
                     .collect();
                 drop(shared);
                 self.resume_inner();
@@ -523,40 +552,68 @@ mod tests {
             shared: Mutex::new(Shared::default()),
             changed: Condvar::new(),
             whereabouts: (0..vcpus).map(|_| Whereabouts::default()).collect(),
-            epoch: Instant::now(),
+            first_run: OnceLock::new(),
         }
     }
 
     #[test]
     fn a_vcpu_that_does_not_park_is_named_with_where_it_is() {
-        let c = control(2);
+        let c = control(3);
         c.record(0, true);
+        c.record(0, false);
         c.record(1, true);
-        c.record(1, false);
-        std::thread::sleep(Duration::from_millis(20));
-        let kicked = Instant::now();
-        std::thread::sleep(Duration::from_millis(20));
-        c.record(0, true);
+        c.record(2, true);
+        c.record(2, false);
+        let at_kick = c.seen();
+        let waited = Duration::from_millis(5000);
+        c.record(0, true); // entered again after the kick
+        c.record(2, true); // ran after the kick, then came out
+        c.record(2, false);
 
-        let held = c.stuck(0, kicked);
-        assert!(held.in_kvm_run && !held.since_before_kick);
-        assert!(held.to_string().contains(HOST_HELD), "{held}");
+        let entered_after = c.stuck(0, at_kick[0], waited);
+        assert!(entered_after.in_kvm_run && !entered_after.since_before_kick);
+        let text = entered_after.to_string();
         assert!(
-            held.to_string().contains("entered after its kick"),
-            "{held}"
+            text.contains(HOST_HELD) && text.contains("entered after its kick 5.0 s ago"),
+            "{text}"
         );
 
-        let in_lpvmm = c.stuck(1, kicked);
-        assert!(!in_lpvmm.in_kvm_run && in_lpvmm.since_before_kick);
-        assert!(in_lpvmm.for_ >= Duration::from_millis(40));
-        let text = in_lpvmm.to_string();
-        assert!(text.starts_with("vCPU 1: in lpvmm") && !text.contains(HOST_HELD));
+        let held = c.stuck(1, at_kick[1], waited);
+        assert!(held.in_kvm_run && held.since_before_kick);
+        let text = held.to_string();
+        assert!(
+            text.contains("inside KVM_RUN for 5.0 s although kicked") && text.contains(HOST_HELD),
+            "{text}"
+        );
 
-        c.record(0, false);
+        let in_lpvmm = c.stuck(2, at_kick[2], waited);
+        assert!(!in_lpvmm.in_kvm_run && !in_lpvmm.since_before_kick);
+        let text = in_lpvmm.to_string();
+        assert!(
+            text.starts_with("vCPU 2: in lpvmm") && !text.contains(HOST_HELD),
+            "{text}"
+        );
+
+        let c = control(1);
         c.record(0, true);
-        let before = Instant::now() + Duration::from_millis(5);
-        let kicked_later = c.stuck(0, before);
-        assert!(kicked_later.since_before_kick);
-        assert!(kicked_later.to_string().contains("although kicked"));
+        c.record(0, false);
+        let long_in_lpvmm = c.stuck(0, c.seen()[0], waited);
+        assert!(long_in_lpvmm.since_before_kick);
+        assert_eq!(
+            long_in_lpvmm.to_string(),
+            "vCPU 0: in lpvmm (handling an exit) for 5.0 s"
+        );
+    }
+
+    #[test]
+    fn the_first_entry_into_kvm_run_is_the_one_remembered() {
+        let c = control(2);
+        assert!(c.first_run.get().is_none());
+        c.record(1, true);
+        let first = *c.first_run.get().expect("set by the first entry");
+        std::thread::sleep(Duration::from_millis(2));
+        c.record(0, true);
+        c.record(1, false);
+        assert_eq!(c.first_run.get(), Some(&first));
     }
 }

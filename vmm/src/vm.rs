@@ -64,6 +64,10 @@ pub struct StatusInfo {
     pub patch_area_size: u64,
     pub pauses: u64,
     pub last_pause_ns: Option<u64>,
+    /// From the start of the lpvmm process (or, in a program that did not mark it, the
+    /// creation of this VM) to the first vCPU's first `KVM_RUN`: the VMM's start-up.
+    #[serde(default)]
+    pub start_to_first_run_us: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -114,6 +118,9 @@ pub struct PauseCost {
 pub struct Vm {
     pub config: VmConfig,
     started: Instant,
+    /// When [`Vm::create`] began (the start-up measure of a program that did not mark its
+    /// own start).
+    created: Instant,
     layout: MemoryLayout,
     mem: GuestMemoryMmap,
     vcpus: Vcpus,
@@ -146,6 +153,7 @@ impl Vm {
     /// Build the VM and start its vCPUs. Every check on user input happens before the
     /// first vCPU runs; an error leaves nothing behind.
     pub fn create(config: VmConfig, drained: EventFd) -> Result<Vm> {
+        let created = Instant::now();
         if config.vcpus == 0 || config.vcpus > 32 {
             bail!("--vcpus must be between 1 and 32 (got {})", config.vcpus);
         }
@@ -224,6 +232,7 @@ impl Vm {
         Ok(Vm {
             config,
             started: Instant::now(),
+            created,
             layout,
             mem,
             vcpus,
@@ -255,7 +264,14 @@ impl Vm {
             patch_area_size: self.layout.patch_area.size,
             pauses: self.pauses,
             last_pause_ns: self.last_pause.map(|d| d.as_nanos() as u64),
+            start_to_first_run_us: self.start_to_first_run().map(|d| d.as_micros() as u64),
         }
+    }
+
+    /// How long the VMM took from its start to the first `KVM_RUN` (see [`StatusInfo`]).
+    pub fn start_to_first_run(&self) -> Option<Duration> {
+        let start = crate::process_start().unwrap_or(self.created);
+        self.vcpus.first_run()?.checked_duration_since(start)
     }
 
     pub fn is_paused(&self) -> bool {

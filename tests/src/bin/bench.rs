@@ -1,7 +1,8 @@
 //! Benchmarks for `lpvmm run` (see docs/benchmarks.md for figures and how to read them).
 //!
 //!   cargo run -p lpvmm-tests --bin bench -- boot [RUNS]    lpvmm vs QEMU microvm, boot to /init
-//!   cargo run -p lpvmm-tests --bin bench -- pause [CYCLES] pause/resume latency, 1 and 2 vCPUs
+//!   cargo run -p lpvmm-tests --bin bench -- pause [CYCLES] [VCPUS]  pause/resume latency with
+//!                                                      1, 2, 4 and 8 vCPUs (or VCPUS, e.g. 1,2)
 //!   cargo run -p lpvmm-tests --bin bench -- introspect [RUNS] attach time; pause of `tasks`
 //!                                                      and of all stacks, 100 / 2000 tasks
 //!   cargo run -p lpvmm-tests --bin bench -- attach [RUNS]  attach time and its pause against
@@ -49,18 +50,20 @@ fn main() {
     let n: Option<u32> = args.next().and_then(|s| s.parse().ok());
     let result = match what.as_str() {
         "boot" => boot(n.unwrap_or(5)),
-        "pause" => pause(n.unwrap_or(1000)),
+        "pause" => vcpu_counts(args.next()).and_then(|v| pause(n.unwrap_or(1000), &v)),
         "introspect" => introspect(n.unwrap_or(5)),
         "attach" => attach_only(n.unwrap_or(5)),
         "memory" => vmm_memory(),
+        "start" => vmm_start(n.unwrap_or(5)),
         "patch" => patch(n.unwrap_or(30)),
         "deaths" => deaths(n.unwrap_or(10)),
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
+        "host-info" => host_info(),
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench host-info"
                 .into(),
         ),
     };
@@ -194,40 +197,96 @@ fn deaths(runs: u32) -> Result<(), String> {
     Ok(())
 }
 
-fn pause(cycles: u32) -> Result<(), String> {
+/// What the test host is, for the "machine" of a figure: its kernel, CPUs, clock source.
+fn host_info() -> Result<(), String> {
     let mut host = TestHost::start()?;
-    println!("| vCPUs | park median (us) | park p99 (us) | resume median (us) | resume p99 (us) | pause round trip median (us) |");
-    println!("|---|---|---|---|---|---|");
-    for vcpus in [1u8, 2] {
-        let (mut g, _) = host.boot_guest("bench", "6.1", vcpus, "")?;
-        // A busy guest: parking must interrupt running vCPUs, not just idle ones.
-        g.run("(while :; do :; done) & (while :; do :; done) &")?;
-        let (rc, out) = g.lpvmm(&format!("bench pause {{vm}} --cycles {cycles} --json"))?;
-        if rc != 0 {
-            let tmp = g.host.tmp();
-            let log = g
-                .host
-                .exec(&format!("sleep 2; cat {tmp}/bench.err"))
-                .unwrap_or_default();
-            let console = g.console().drain();
-            let tail = &console[console.len().saturating_sub(3000)..];
-            return Err(format!(
-                "{out}\nlpvmm stderr:\n{log}\nguest console:\n{tail}"
-            ));
+    let out = host.exec(
+        "uname -r; nproc; grep -m1 'model name' /proc/cpuinfo; \
+         cat /sys/devices/system/clocksource/clocksource0/current_clocksource \
+             /sys/devices/system/clocksource/clocksource0/available_clocksource",
+    )?;
+    println!("{out}");
+    Ok(())
+}
+
+/// The vCPU counts of a comma-separated list (`1,2,4,8` when absent).
+fn vcpu_counts(list: Option<String>) -> Result<Vec<u8>, String> {
+    let list = list.unwrap_or_else(|| "1,2,4,8".into());
+    list.split(',')
+        .map(|s| match s.trim().parse::<u8>() {
+            Ok(n @ 1..=32) => Ok(n),
+            _ => Err(format!(
+                "not a vCPU count from 1 to 32: '{s}' (in '{list}')"
+            )),
+        })
+        .collect()
+}
+
+/// Pause/resume latency for each vCPU count, the guest running two busy loops, with
+/// lpvmm's seccomp filters on (the default) and off, side by side. More vCPUs than the
+/// test host's 2 CPUs are overcommitted: parking then waits for vCPU threads the host
+/// has not scheduled, which is part of what the figure shows.
+fn pause(cycles: u32, vcpu_counts: &[u8]) -> Result<(), String> {
+    let mut host = TestHost::start()?;
+    println!("| vCPUs | seccomp | park median (us) | park p99 (us) | resume median (us) | resume p99 (us) | pause round trip median (us) |");
+    println!("|---|---|---|---|---|---|---|");
+    for &vcpus in vcpu_counts {
+        for (seccomp, extra) in [("on", ""), ("off", "--no-seccomp")] {
+            // A guest that dies is a row of its own: the other rows still count.
+            let v = match pause_one(&mut host, vcpus, extra, cycles) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("{vcpus} vCPUs, seccomp {seccomp}: {e}");
+                    let why = e.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+                    println!("| {vcpus} | {seccomp} | guest died: {why} |");
+                    if !host.answers() {
+                        eprintln!("the test host stopped answering: starting another");
+                        host = TestHost::start()?;
+                    }
+                    continue;
+                }
+            };
+            let f = |k: &str, q: &str| v[k][q].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {vcpus} | {seccomp} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                f("park", "median_us"),
+                f("park", "p99_us"),
+                f("resume", "median_us"),
+                f("resume", "p99_us"),
+                f("pause_round_trip", "median_us"),
+            );
         }
-        let v = json(&out)?;
-        let f = |k: &str, q: &str| v[k][q].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "| {vcpus} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            f("park", "median_us"),
-            f("park", "p99_us"),
-            f("resume", "median_us"),
-            f("resume", "p99_us"),
-            f("pause_round_trip", "median_us"),
-        );
-        g.poweroff()?;
     }
     Ok(())
+}
+
+/// One guest of `vcpus` (`extra`: more `lpvmm run` arguments), two busy loops in it,
+/// `lpvmm bench pause` over `cycles`: its JSON.
+fn pause_one(
+    host: &mut TestHost,
+    vcpus: u8,
+    extra: &str,
+    cycles: u32,
+) -> Result<serde_json::Value, String> {
+    let (mut g, _) = host.boot_guest("bench", "6.1", vcpus, extra)?;
+    // A busy guest: parking must interrupt running vCPUs, not just idle ones.
+    g.run("(while :; do :; done) & (while :; do :; done) &")?;
+    let (rc, out) = g.lpvmm(&format!("bench pause {{vm}} --cycles {cycles} --json"))?;
+    if rc != 0 {
+        let tmp = g.host.tmp();
+        let log = g
+            .host
+            .exec(&format!("sleep 2; cat {tmp}/bench.err"))
+            .unwrap_or_default();
+        let console = g.console().drain();
+        let tail = &console[console.len().saturating_sub(3000)..];
+        return Err(format!(
+            "{out}\nlpvmm stderr:\n{log}\nguest console:\n{tail}"
+        ));
+    }
+    let v = json(&out)?;
+    g.poweroff()?;
+    Ok(v)
 }
 
 fn p99(mut v: Vec<f64>) -> f64 {
@@ -353,6 +412,38 @@ fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
+    }
+    Ok(())
+}
+
+/// The VMM's start-up: from the start of the lpvmm process to its first `KVM_RUN`, as
+/// lpvmm itself measures it (`lpvmm status`'s `start_to_first_run_us`), RUNS boots per
+/// series and vCPU count.
+fn vmm_start(runs: u32) -> Result<(), String> {
+    let mut host = TestHost::start()?;
+    println!("| kernel | vCPUs | lpvmm start to first KVM_RUN, median (ms) | min–max (ms) |");
+    println!("|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        for vcpus in [1u8, 2] {
+            let mut ms = Vec::new();
+            for _ in 0..runs {
+                let (mut g, _) = host.boot_guest("bench", series, vcpus, "")?;
+                let (_, status) = g.lpvmm("status {vm} --json")?;
+                let us = json(&status)?["start_to_first_run_us"]
+                    .as_u64()
+                    .ok_or(format!("status without start_to_first_run_us: {status}"))?;
+                ms.push(us as f64 / 1000.0);
+                g.poweroff()?;
+            }
+            eprintln!("{series}, {vcpus} vCPU: {ms:?} ms");
+            let (lo, hi) = ms
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+            println!(
+                "| {series} | {vcpus} | {:.1} | {lo:.1}–{hi:.1} |",
+                median(ms)
+            );
+        }
     }
     Ok(())
 }
