@@ -29,9 +29,13 @@ phase "done"
 # Every test the harness ran again because the nested platform killed its guest or its
 # host is counted here and listed, so that no retry hides in a long log.
 awk '/^test result:/ { p += $4; f += $6 }
-     # Anywhere in a line: libtest may print "test NAME ... " before it. The kernel
-     # itself prints "WARNING: CPU: ..." (in the dmesg of a failing test): not a retry.
-     /WARNING: / && !/WARNING: CPU:/ { w[++n] = substr($0, index($0, "WARNING: ")) }
+     # Anywhere in a line: libtest may print "test NAME ... " before it. Only the
+     # harness's own retry lines count (tests/src/group.rs, host.rs): a guest's console
+     # in a failure text has WARNING lines of its own (the kernel's "WARNING: CPU: ...",
+     # its SRSO notice), which are not retries.
+     /WARNING: (a guest died of|the test host|guest [^ ]+ died during boot|[^ ]+ passed but left the test host)/ {
+       w[++n] = substr($0, index($0, "WARNING: "))
+     }
      END {
        printf "tests: %d passed, %d failed; platform retries and host replacements: %d\n", p, f, n
        for (i = 1; i <= n; i++) print "  " substr(w[i], 1, 300)

@@ -129,6 +129,34 @@ pub trait PausedGuest: GuestRam {
     fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError>;
 }
 
+/// A *running* guest read through the [`PausedGuest`] interface, with no vCPU states,
+/// so that the task and stack readers can be used on it. Two reads through it may see
+/// the guest at different moments, and a task it finds may be running: nothing read this
+/// way may be relied on until a pause confirms it. Its one user is the patcher's early
+/// checks, which do (patcher/src/early.rs).
+pub struct Unconfirmed<'a>(pub &'a dyn GuestRam);
+
+impl GuestRam for Unconfirmed<'_> {
+    fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        self.0.read_phys(addr, buf)
+    }
+    fn patch_area(&self) -> PhysRange {
+        self.0.patch_area()
+    }
+    fn ram_ranges(&self) -> Vec<PhysRange> {
+        self.0.ram_ranges()
+    }
+}
+
+impl PausedGuest for Unconfirmed<'_> {
+    fn vcpu_count(&self) -> usize {
+        0
+    }
+    fn vcpu(&self, index: usize) -> Result<&VcpuState, GuestError> {
+        Err(GuestError::NoSuchVcpu(index))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,9 @@ pub struct TaskLayout {
     pub exit_state: u64,
     pub flags: u64,
     pub on_cpu: u64,
+    /// `nvcsw` and `nivcsw`: the task's voluntary and involuntary context switches.
+    pub nvcsw: u64,
+    pub nivcsw: u64,
     /// `thread_info.cpu` (THREAD_INFO_IN_TASK) or `cpu`.
     pub cpu: u64,
     pub signal: u64,
@@ -115,6 +118,8 @@ impl Layout {
                 exit_state: task("exit_state")?,
                 flags: task("flags")?,
                 on_cpu: task("on_cpu")?,
+                nvcsw: task("nvcsw")?,
+                nivcsw: task("nivcsw")?,
                 cpu: first(btf, "task_struct", &["thread_info.cpu", "cpu"])?.offset(),
                 signal: task("signal")?,
                 thread_node: task("thread_node")?,

@@ -30,6 +30,6 @@ pub mod tasks;
 mod tests;
 pub mod vmcoreinfo;
 
-pub use guest::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState};
+pub use guest::{GuestError, GuestRam, PausedGuest, PhysRange, Unconfirmed, VcpuState};
 pub use kernel::{AttachError, Kernel};
 pub use vmcoreinfo::{VmcoreInfo, VmcoreInfoError};

@@ -49,6 +49,13 @@ pub struct Task {
     pub on_cpu: bool,
     /// The vCPU on which this task is `current` at the pause.
     pub vcpu: Option<usize>,
+    /// How many times the task was switched out (`nvcsw + nivcsw`): a task that ran
+    /// since an earlier read shows a higher count.
+    #[serde(default)]
+    pub switches: u64,
+    /// `thread.sp`, the stack pointer saved at its last switch out.
+    #[serde(default)]
+    pub saved_sp: u64,
 }
 
 /// What one vCPU was doing when it parked.
@@ -150,6 +157,11 @@ impl<'k, 'g> TaskReader<'k, 'g> {
     pub fn task(&self, addr: u64) -> Result<Task, TaskError> {
         let l = &self.kernel.layout.task;
         let m = &self.mem;
+        // The switch counts first: a reader that reads a task twice around other reads
+        // (the patcher's early checks) relies on a switch in between showing in them.
+        let switches = m
+            .u64(addr.wrapping_add(l.nvcsw))?
+            .wrapping_add(m.u64(addr.wrapping_add(l.nivcsw))?);
         let flags = m.u32(addr.wrapping_add(l.flags))?;
         Ok(Task {
             addr,
@@ -165,6 +177,8 @@ impl<'k, 'g> TaskReader<'k, 'g> {
             cpu: m.u32(addr.wrapping_add(l.cpu))?,
             on_cpu: m.u32(addr.wrapping_add(l.on_cpu))? != 0,
             vcpu: None,
+            switches,
+            saved_sp: m.u64(addr.wrapping_add(l.thread_sp))?,
         })
     }
 

@@ -167,6 +167,10 @@ pub struct Engine {
     pub(crate) active: Option<Transition>,
     pub(crate) history: VecDeque<Transition>,
     next_id: u64,
+    /// Traces unwound while the guest ran, for the next tick to confirm.
+    pub(crate) early: Option<crate::early::EarlyTraces>,
+    /// Check each confirmed early trace against a fresh unwind.
+    pub(crate) verify_early: bool,
 }
 
 /// Does the function keep a frame pointer at its call sites: `push %rbp` and then

@@ -15,6 +15,7 @@ pub mod alternatives;
 pub mod area;
 pub mod build;
 pub mod dispatch;
+pub mod early;
 pub mod engine;
 pub mod ftrace;
 pub mod funcs;
@@ -33,6 +34,7 @@ pub mod transition;
 
 use introspection::{GuestError, PausedGuest};
 
+pub use early::EarlyCheckCounts;
 pub use engine::{Begin, Engine, Import, Patch, PatchState, PatchedFunc};
 pub use funcs::{FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
 pub use manifest::SystemState;

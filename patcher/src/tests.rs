@@ -1318,3 +1318,127 @@ fn ftrace_changing_code_or_counting_a_nop_holds_the_site_back() {
     assert_eq!(site_bytes(&f, &g, "cmdline_proc_show"), FENTRY_NOP);
     assert_eq!(ft.flags(&g, site), 1);
 }
+
+/// The task `pid` ran: one more context switch in its `nvcsw` (what the kernel counts
+/// at every switch out), so an early trace of it is no longer confirmed.
+fn count_a_switch(f: &Fixture, g: &mut SynthGuest, pid: i32) {
+    let k = &f.kernel;
+    let list = introspection::tasks::TaskReader::new(k, g).list().unwrap();
+    let task = list.by_pid(pid).unwrap().addr;
+    let m = k.memory(g);
+    let at = task + k.layout.task.nvcsw;
+    let (pa, n) = (m.translate(at).unwrap(), m.u64(at).unwrap());
+    drop(m);
+    g.write_phys(pa, &(n + 1).to_le_bytes()).unwrap();
+}
+
+/// One per-task transition driven in steps, with or without an early unwind before each
+/// tick; what each tick decided (blocked pids, outcome) and the counts of its checks.
+fn pipefix_in_steps(early: bool) -> (Vec<(Vec<i32>, Outcome)>, crate::EarlyCheckCounts) {
+    let mut f = fixture();
+    f.engine.set_verify_early(true);
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    f.engine
+        .begin(
+            Begin {
+                patch: "pipefix".into(),
+                op: Op::Enable,
+                consistency: Consistency::PerTask,
+                timeout: None,
+                unload_on_failure: false,
+            },
+            f.now,
+        )
+        .unwrap();
+    let mut decided = Vec::new();
+    // Between the early unwind and the pause: nothing; task 11 leaves pipe_read (it
+    // ran); task 12 leaves it; nothing.
+    type Between = fn(&Fixture, &mut SynthGuest);
+    let between: [Between; 4] = [
+        |_, _| {},
+        |f, g| {
+            move_out_of(f, g, 11, "pipe_read", "ksys_read");
+            count_a_switch(f, g, 11);
+        },
+        |f, g| {
+            move_out_of(f, g, 12, "pipe_read", "ksys_read");
+            count_a_switch(f, g, 12);
+        },
+        |_, _| {},
+    ];
+    for step in between {
+        if early {
+            f.engine.unwind_early(&g, &f.kernel);
+        }
+        step(&f, &mut g);
+        let t = tick(&mut f, &mut g, 1).unwrap();
+        decided.push((
+            t.blockers.iter().map(|b| b.pid).collect(),
+            t.outcome.clone(),
+        ));
+        if t.outcome != Outcome::Pending {
+            return (decided, t.early_checks);
+        }
+    }
+    panic!("the transition did not end: {decided:?}");
+}
+
+#[test]
+fn early_checks_confirmed_in_the_pause_decide_exactly_as_unwinding_in_the_pause() {
+    let (with_early, counts) = pipefix_in_steps(true);
+    let (without, plain) = pipefix_in_steps(false);
+    assert_eq!(with_early, without);
+    assert_eq!(
+        with_early
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect::<Vec<_>>(),
+        [vec![11, 12], vec![12], vec![]],
+        "11 and 12 wait in pipe_read, each moves once it ran out of it"
+    );
+    assert_eq!(with_early.last().unwrap().1, Outcome::Done);
+    // Without early traces everything is unwound in the pause.
+    assert_eq!((plain.confirmed, plain.unwound), (0, plain.unwound));
+    assert!(plain.unwound > 0);
+    // With them, only what ran or is on a vCPU is: the first tick checks every task
+    // (two run on vCPUs), the second the two pending ones (11 ran), the third only 12
+    // (which ran); every confirmed trace equals a fresh unwind.
+    assert_eq!(counts.unwound, 2 + 1 + 1, "{counts:?}");
+    assert_eq!(
+        counts.confirmed + counts.unwound,
+        plain.unwound,
+        "{counts:?}"
+    );
+    assert!(counts.confirmed > counts.unwound, "{counts:?}");
+    assert_eq!((counts.verified, counts.mismatches), (counts.confirmed, 0));
+}
+
+#[test]
+fn an_early_trace_is_used_by_one_tick_only() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    // No transition: nothing to unwind early.
+    f.engine.unwind_early(&g, &f.kernel);
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
+    assert_eq!(t.early_checks.confirmed, 0);
+    f.engine.unwind_early(&g, &f.kernel);
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!((t.early_checks.confirmed, t.blockers.len()), (2, 2));
+    // The next tick had no early unwind before it: everything in the pause.
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.early_checks.confirmed, 2, "{:?}", t.early_checks);
+}

@@ -58,6 +58,8 @@ impl Engine {
                 t.record_blocked(now_ms, kept);
             }
         }
+        // Early traces serve one tick: the guest runs on after it.
+        self.early = None;
         if t.finished() {
             self.end(t);
         } else {
@@ -113,7 +115,7 @@ impl Engine {
     ) -> Result<(), KpError> {
         let list = list_tasks(guest.reader(), kernel)?;
         let all: Vec<&Task> = list.tasks.iter().collect();
-        let traces = self.unwind(guest.reader(), kernel, &all);
+        let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
         self.clear_suspects(&list, &traces);
         let leaving = self.leaving(t, |c| &c.from, t.consistency == Consistency::Immediate);
         let blockers = self.blockers(&traces, &leaving);
@@ -256,7 +258,7 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| KpError::State("no task map".into()))?;
         let pending = pending(map, &g, &list, target_start);
-        let traces = self.unwind(guest.reader(), kernel, &pending);
+        let traces = self.unwind_checked(guest.reader(), kernel, &pending, &mut t.early_checks);
         self.clear_suspects(&list, &traces);
         let leaving = self.leaving_far_side(t);
         let blockers = self.move_safe(t, &g, &list, &traces, &leaving, target_start);
@@ -290,7 +292,7 @@ impl Engine {
         let list = list_tasks(guest.reader(), kernel)?;
         let g = self.geometry()?;
         let all: Vec<&Task> = list.tasks.iter().collect();
-        let traces = self.unwind(guest.reader(), kernel, &all);
+        let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
         self.clear_suspects(&list, &traces);
         t.reversed = !t.reversed;
         let target_start = t.target_is_start();
@@ -327,12 +329,13 @@ impl Engine {
         let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
             (Phase::Switching, Ok(g), Some(map)) => {
                 let pending = pending(map, &g, &list, t.target_is_start());
-                let traces = self.unwind(guest.reader(), kernel, &pending);
+                let traces =
+                    self.unwind_checked(guest.reader(), kernel, &pending, &mut t.early_checks);
                 self.blockers(&traces, &self.leaving_far_side(t))
             }
             _ => {
                 let all: Vec<&Task> = list.tasks.iter().collect();
-                let traces = self.unwind(guest.reader(), kernel, &all);
+                let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
                 self.blockers(&traces, &self.leaving(t, |c| &c.from, true))
             }
         };
@@ -636,7 +639,7 @@ impl Engine {
         Ok(())
     }
 
-    fn geometry(&self) -> Result<Geometry, KpError> {
+    pub(crate) fn geometry(&self) -> Result<Geometry, KpError> {
         self.dispatch
             .as_ref()
             .map(|d| d.geometry)
@@ -784,7 +787,7 @@ fn blocker(tr: &StackTrace, reason: String) -> Blocker {
 }
 
 /// Tasks not yet on the target side of the map.
-fn pending<'l>(
+pub(crate) fn pending<'l>(
     map: &TaskMap,
     g: &Geometry,
     list: &'l TaskList,
@@ -892,6 +895,8 @@ mod tests {
             cpu: 0,
             on_cpu: false,
             vcpu: None,
+            switches: 0,
+            saved_sp: 0,
         }
     }
 

@@ -168,6 +168,10 @@ pub struct Transition {
     pub note: Option<String>,
     /// The trampoline bank in use.
     pub bank: Option<usize>,
+    /// How its task checks were made: confirmed early traces against unwinds in the
+    /// pause (patcher/src/early.rs).
+    #[serde(default)]
+    pub early_checks: crate::early::EarlyCheckCounts,
     #[serde(skip)]
     pub(crate) map: Option<TaskMap>,
 }
@@ -218,6 +222,7 @@ impl Transition {
             request: None,
             note: None,
             bank: None,
+            early_checks: Default::default(),
             map: None,
         }
     }

@@ -88,6 +88,7 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
             *slot = Some(TestHost::start_with_files(false, &files)?);
         }
         let host = slot.as_mut().expect("booted above");
+        host.mark_attempt();
         let outcome = f(host);
         let wedged = host.wedged().map(str::to_string);
         let err = match (outcome, wedged) {
@@ -102,6 +103,13 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
             }
             (Err(e), None) => e,
             (Err(e), Some(why)) => format!("{e}\n{why}"),
+        };
+        // What each VMM of the test said last: whether its guest died, and of what,
+        // even where the test's own message only saw a closed socket.
+        let err = if host.answers() {
+            format!("{err}\n{}", host.vmm_reports_since_mark())
+        } else {
+            err
         };
         let host_fault = platform_host_fault(&err);
         if !host_fault && host.answers() {

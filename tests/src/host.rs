@@ -52,6 +52,9 @@ pub struct TestHost {
 /// every few runs; two retries make it rare. Every retry prints a WARNING.
 pub const PLATFORM_ATTEMPTS: u32 = 3;
 
+/// The file [`TestHost::mark_attempt`] touches in the host's scratch directory.
+const ATTEMPT_MARK: &str = "lpvmm-attempt.mark";
+
 /// Whether lpvmm's report (or a test failure quoting it) is one of the guest deaths
 /// seen on the nested test host without any lpvmm fault identified (docs/testing.md,
 /// "Known platform quirks").
@@ -473,6 +476,22 @@ impl TestHost {
                 .to_string(),
             HostMode::Nested => format!("/run/lpvmm/{name}.sock"),
         }
+    }
+
+    /// Mark the start of a test's attempt for [`TestHost::vmm_reports_since_mark`].
+    pub fn mark_attempt(&mut self) {
+        let _ = self.exec(&format!("touch {}/{ATTEMPT_MARK}", self.tmp()));
+    }
+
+    /// The end of the stderr of every VMM that wrote to it since [`TestHost::mark_attempt`]
+    /// (a failing test's own message may not say that its VMM died, or of what).
+    pub fn vmm_reports_since_mark(&mut self) -> String {
+        let tmp = self.tmp();
+        self.exec(&format!(
+            "cd {tmp} && for f in $(find . -maxdepth 1 -name '*.err' -newer {ATTEMPT_MARK}); do \
+             echo \"== VMM stderr ($f):\"; tail -c 2000 \"$f\"; echo; done"
+        ))
+        .unwrap_or_else(|e| format!("(VMM stderr unavailable: {e})"))
     }
 
     /// A scratch directory on the host.

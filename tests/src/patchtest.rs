@@ -266,6 +266,37 @@ pub fn dispatched_history(s: &Value) -> Result<(usize, usize), String> {
     Ok((multi, history.len()))
 }
 
+/// How the task checks of the transitions in a status's history were made, summed
+/// (`early_checks` of each: patcher/src/early.rs).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EarlyChecks {
+    pub confirmed: u64,
+    pub unwound: u64,
+    pub verified: u64,
+    pub mismatches: u64,
+}
+
+/// The [`EarlyChecks`] of a status's history; an error when a transition lacks them.
+pub fn early_checks(s: &Value) -> Result<EarlyChecks, String> {
+    let history = s["history"]
+        .as_array()
+        .ok_or_else(|| format!("status without history: {s}"))?;
+    check!(!history.is_empty(), "no transition in the history: {s}");
+    let mut sum = EarlyChecks::default();
+    for t in history {
+        let c = &t["early_checks"];
+        let n = |k: &str| {
+            c[k].as_u64()
+                .ok_or_else(|| format!("transition {} without early_checks.{k}: {t}", t["id"]))
+        };
+        sum.confirmed += n("confirmed")?;
+        sum.unwound += n("unwound")?;
+        sum.verified += n("verified")?;
+        sum.mismatches += n("mismatches")?;
+    }
+    Ok(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +333,24 @@ mod tests {
             "never a value that could pass"
         );
         assert!(pids(&serde_json::json!(null)).is_empty());
+        let counts =
+            serde_json::json!({"confirmed": 5, "unwound": 2, "verified": 5, "mismatches": 0});
+        let ok = serde_json::json!({"history": [{"id": 1, "early_checks": counts}, {"id": 2, "early_checks": counts}]});
+        assert_eq!(
+            early_checks(&ok).unwrap(),
+            EarlyChecks {
+                confirmed: 10,
+                unwound: 4,
+                verified: 10,
+                mismatches: 0
+            }
+        );
+        let partial = serde_json::json!({"history": [{"id": 1, "early_checks": {"confirmed": 5}}]});
+        assert!(
+            early_checks(&partial).is_err(),
+            "a missing count is an error"
+        );
+        assert!(early_checks(&serde_json::json!({"history": [{"id": 1}]})).is_err());
+        assert!(early_checks(&serde_json::json!({"history": []})).is_err());
     }
 }

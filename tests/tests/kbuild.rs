@@ -507,7 +507,9 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
     // The guest's own view, above the new function, is the same.
     let guest: Vec<&str> = guest_stack
         .lines()
-        .filter_map(|l| l.split_once("] ").map(|(_, f)| f.trim()))
+        // `[<0>] func+0xoff/0xsize`, not the kernel's warnings on the same console.
+        .filter_map(|l| l.trim().strip_prefix("[<")?.split_once("] "))
+        .map(|(_, f)| f.trim())
         .take_while(|f| !f.starts_with("0x"))
         .collect();
     let ours: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -442,10 +442,18 @@ fn op_word(op: patcher::Op, done: bool) -> &'static str {
 fn pause_summary(t: &TransitionView) -> String {
     let mut p = t.pauses_us.clone();
     p.sort_unstable();
+    let c = &t.early_checks;
+    let checks = match c.confirmed + c.unwound {
+        0 => String::new(),
+        all => format!(
+            "; {} of {all} task checks unwound before the pause",
+            c.confirmed
+        ),
+    };
     match p.len() {
         0 => String::new(),
         n => format!(
-            "; {} tick(s), guest paused {} us median, {} us longest",
+            "; {} tick(s), guest paused {} us median, {} us longest{checks}",
             t.ticks,
             p[n / 2],
             p[n - 1]

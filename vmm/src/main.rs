@@ -46,6 +46,11 @@ enum Command {
         /// Run without the per-thread seccomp filters (for debugging lpvmm itself)
         #[arg(long)]
         no_seccomp: bool,
+        /// Check every task check a transition confirms from an unwind made while the
+        /// guest ran against a fresh unwind in the pause, counted in `patch status`
+        /// (costs pause time; for tests)
+        #[arg(long)]
+        verify_early_checks: bool,
     },
     /// List running VMs
     Ls {
@@ -186,6 +191,7 @@ fn main() -> ExitCode {
             name,
             patch_area,
             no_seccomp,
+            verify_early_checks,
         } => cli::default_name(name).and_then(|name| {
             run::run(vm::VmConfig {
                 name,
@@ -196,6 +202,7 @@ fn main() -> ExitCode {
                 vcpus,
                 patch_area,
                 seccomp: !no_seccomp,
+                verify_early_checks,
             })
         }),
         Command::Ls { json } => cli::ls(json),

@@ -159,6 +159,8 @@ impl Session {
             }
         };
         let Session { vm, engine, .. } = self;
+        // Unwind while the guest runs; the tick confirms in its pause what it takes.
+        vm.running_ram(|ram| engine.unwind_early(ram, &kernel));
         match vm.paused(|g| engine.tick(g, &kernel, now)) {
             Ok(((), cost)) => self
                 .engine

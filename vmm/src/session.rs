@@ -22,10 +22,12 @@ pub struct Session {
 
 impl Session {
     pub fn new(vm: Vm) -> Self {
+        let mut engine = patcher::Engine::new();
+        engine.set_verify_early(vm.config.verify_early_checks);
         Session {
             vm,
             kernel: None,
-            engine: patcher::Engine::new(),
+            engine,
             epoch: Instant::now(),
             wakeup: Arc::new(Condvar::new()),
         }

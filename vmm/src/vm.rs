@@ -37,6 +37,9 @@ pub struct VmConfig {
     pub patch_area: u64,
     /// Each thread runs under its seccomp filter (`--no-seccomp` turns them off).
     pub seccomp: bool,
+    /// The patch engine checks each early trace it confirms against a fresh unwind
+    /// (`--verify-early-checks`).
+    pub verify_early_checks: bool,
 }
 
 /// Largest guest-physical read one `read_phys` request may ask for.
@@ -361,6 +364,12 @@ impl Vm {
     /// for what the guest kernel never changes once booted ([`GuestRam`]); everything
     /// else is read through [`Vm::paused`].
     pub fn static_ram<R>(&self, f: impl FnOnce(&RamView) -> R) -> R {
+        f(&RamView::new(&self.mem, &self.layout))
+    }
+
+    /// Run `f` on guest RAM while the guest runs, for reads whose results a later pause
+    /// confirms before anything relies on them (the patch engine's early checks).
+    pub fn running_ram<R>(&self, f: impl FnOnce(&RamView) -> R) -> R {
         f(&RamView::new(&self.mem, &self.layout))
     }
 

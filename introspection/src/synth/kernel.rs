@@ -238,6 +238,8 @@ struct TaskFields {
     cpu: u64,
     signal: u64,
     thread_node: u64,
+    nvcsw: u64,
+    nivcsw: u64,
 }
 
 const PT_REGS: [&str; 21] = [
@@ -280,6 +282,8 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
             ("pid", int, bits(f.pid)),
             ("tgid", int, bits(f.tgid)),
             ("thread_node", list, bits(f.thread_node)),
+            ("nvcsw", ulong, bits(f.nvcsw)),
+            ("nivcsw", ulong, bits(f.nivcsw)),
             ("comm", comm, bits(f.comm)),
             ("signal", voidp, bits(f.signal)),
             ("thread", thread, bits(f.thread_sp - 8)),
@@ -572,6 +576,8 @@ impl SynthKernel {
             pid: 0x58 + s,
             tgid: 0x5c + s,
             thread_node: 0x60 + s,
+            nvcsw: 0x70 + s,
+            nivcsw: 0x78 + s,
             comm: 0x80 + s,
             signal: 0x90 + s,
             thread_sp: 0x100 + s + 8,

@@ -18,6 +18,11 @@
 //!                                                      a 5 s blocker), pause per tick with 100 and
 //!                                                      2000 tasks vs a bare pause, call cost
 //!                                                      through the trampoline and after
+//!   cargo run -p lpvmm-tests --bin bench -- ticks [RUNS] [TASKS]  the pause of an immediate
+//!                                                      enable and of a per-task enable's first
+//!                                                      tick with 100, 2000 (or TASKS, e.g.
+//!                                                      100,2000,5000) extra tasks, against a
+//!                                                      bare pause; how many checks were early
 //!   cargo run -p lpvmm-tests --bin bench -- endurance [CYCLES]  enable/disable cycles (default
 //!                                                      10,000), per-task and immediate in turn,
 //!                                                      under 4 readers and 128 getpid hammers
@@ -59,11 +64,12 @@ fn main() {
         "deaths" => deaths(n.unwrap_or(10)),
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
+        "ticks" => task_counts(args.next()).and_then(|c| ticks(n.unwrap_or(5), &c)),
         "host-info" => host_info(),
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench host-info"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench host-info"
                 .into(),
         ),
     };
@@ -479,11 +485,19 @@ fn vmm_memory() -> Result<(), String> {
                 .map_err(|_| format!("no Rss lines in /proc/{pid}/smaps: {out}"))
         };
         let before = outside(&mut g)?;
+        eprintln!(
+            "{series}, before attach:\n{}",
+            largest_mappings(&mut g, pid)?
+        );
         let (rc, out) = g.lpvmm("kernel {vm}")?;
         if rc != 0 {
             return Err(out);
         }
         let after = outside(&mut g)?;
+        eprintln!(
+            "{series}, after attach:\n{}",
+            largest_mappings(&mut g, pid)?
+        );
         println!(
             "| {series} | {} | {before:.1} | {after:.1} | {:.1} |",
             ram >> 20,
@@ -492,6 +506,16 @@ fn vmm_memory() -> Result<(), String> {
         g.poweroff()?;
     }
     Ok(())
+}
+
+/// The ten mappings of process `pid` with the most resident memory: KiB, size and name
+/// (what the RSS outside guest memory is made of).
+fn largest_mappings(g: &mut lpvmm_tests::Guest, pid: u64) -> Result<String, String> {
+    g.host.exec(&format!(
+        "awk '/^[0-9a-f]+-[0-9a-f]+ / {{ name = ($6 == \"\") ? \"[anon]\" : $6 }} \
+         /^Size:/ {{ size = $2 }} /^Rss:/ {{ if ($2 > 0) print $2, size, name }}' \
+         /proc/{pid}/smaps | sort -rn | head -10"
+    ))
 }
 
 /// Build a sample patch here with `lpvmm kp build`.
@@ -748,6 +772,163 @@ fn bare_pause_us(g: &mut lpvmm_tests::Guest) -> Result<f64, String> {
     let parked = json(&p)?["parked_ns"].as_f64().unwrap_or(f64::NAN);
     let resumed = json(&r)?["resumed_ns"].as_f64().unwrap_or(f64::NAN);
     Ok((parked + resumed) / 1e3)
+}
+
+/// Extra task counts from a comma-separated list (`100,2000` when absent).
+fn task_counts(list: Option<String>) -> Result<Vec<u32>, String> {
+    let list = list.unwrap_or_else(|| "100,2000".into());
+    list.split(',')
+        .map(|s| match s.trim().parse::<u32>() {
+            Ok(n @ 1..=10_000) => Ok(n),
+            _ => Err(format!(
+                "not a task count from 1 to 10000: '{s}' (in '{list}')"
+            )),
+        })
+        .collect()
+}
+
+/// The guest-visible pause of checking every task, against a bare pause in the same
+/// guest, with `extra` more sleeping processes (`spawn`): RUNS immediate enables of the
+/// cmdline fix (one tick checks every task and flips), and RUNS first ticks of a
+/// per-task enable of nsleep-cmdline (every task checked; a `sleep` in the patched
+/// function holds the rest), each followed by a bare pause (`pause` + `resume`).
+fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
+    let files = vec![
+        (
+            kp_build("nsleep-cmdline")?,
+            "/root/nsleep-cmdline.kp".to_string(),
+        ),
+        (kp_build("cmdline")?, "/root/cmdline.kp".to_string()),
+    ];
+    let mut host = TestHost::start_with_files(false, &files)?;
+    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | bare pause median (µs) | pause / bare | checks taken early / all |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
+        let immediate = g.host.file("/root/cmdline.kp");
+        let per_task = g.host.file("/root/nsleep-cmdline.kp");
+        for &extra in extra_counts {
+            g.run(&format!(
+                "spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"
+            ))?;
+            let mut rows = [
+                TickRow::new("immediate enable"),
+                TickRow::new("per-task first tick"),
+            ];
+            for _ in 0..runs {
+                let v = transition_of(
+                    &g.lpvmm(&format!(
+                        "patch {{vm}} {immediate} --consistency immediate --json"
+                    ))?
+                    .1,
+                )?;
+                rows[0].add(&v, bare_pause_us(&mut g)?)?;
+                g.lpvmm("patch disable {vm} cmdline --consistency immediate")?;
+                g.lpvmm("patch unload {vm} cmdline")?;
+
+                let holder = g.spawn("sleep 1000 &")?;
+                std::thread::sleep(Duration::from_millis(300));
+                let (rc, out) = g.lpvmm(&format!("patch {{vm}} {per_task} --no-wait"))?;
+                if rc != 0 {
+                    return Err(out);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                let (_, st) = g.lpvmm("patch status {vm} --json")?;
+                let active = json(&st)?["active"].clone();
+                if active["phase"] != "switching" {
+                    return Err(format!("the per-task transition was not held: {st}"));
+                }
+                rows[1].add(&active, bare_pause_us(&mut g)?)?;
+                g.run(&format!("kill {holder}; wait {holder}; true"))?;
+                wait_no_transition(&mut g)?;
+                g.lpvmm("patch disable {vm} nsleep-cmdline")?;
+                g.lpvmm("patch unload {vm} nsleep-cmdline")?;
+            }
+            for r in &rows {
+                eprintln!(
+                    "{series} +{extra}: {}: {:?} bare {:?}",
+                    r.what, r.pauses, r.bare
+                );
+                println!("{}", r.line(series));
+            }
+            g.run("kill $(pidof spawn); true")?;
+        }
+        g.poweroff()?;
+    }
+    Ok(())
+}
+
+/// One row of `bench ticks`: the first tick's pause of each run, the bare pause after
+/// it, the tasks and how their checks were made.
+struct TickRow {
+    what: &'static str,
+    tasks: u64,
+    pauses: Vec<f64>,
+    bare: Vec<f64>,
+    early: u64,
+    checks: u64,
+}
+
+impl TickRow {
+    fn new(what: &'static str) -> Self {
+        TickRow {
+            what,
+            tasks: 0,
+            pauses: Vec::new(),
+            bare: Vec::new(),
+            early: 0,
+            checks: 0,
+        }
+    }
+
+    /// Take a transition's first tick (`v`: its status JSON) and the bare pause after it.
+    fn add(&mut self, v: &serde_json::Value, bare_us: f64) -> Result<(), String> {
+        let first = v["pauses_us"][0]
+            .as_f64()
+            .ok_or(format!("a transition without its first pause: {v}"))?;
+        // An lpvmm from before early checks has no counts (compared with this one).
+        let c = &v["early_checks"];
+        if !c.is_null() {
+            let n = |k: &str| c[k].as_u64().ok_or(format!("no early_checks.{k}: {v}"));
+            self.early += n("confirmed")?;
+            self.checks += n("confirmed")? + n("unwound")?;
+        }
+        self.tasks = v["tasks"].as_u64().unwrap_or(0);
+        self.pauses.push(first);
+        self.bare.push(bare_us);
+        Ok(())
+    }
+
+    fn line(&self, series: &str) -> String {
+        let (lo, hi) = self
+            .pauses
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+        let (p, b) = (median(self.pauses.clone()), median(self.bare.clone()));
+        format!(
+            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {b:.0} | {:.1} | {} / {} |",
+            self.tasks,
+            self.what,
+            p / b,
+            self.early,
+            self.checks
+        )
+    }
+}
+
+/// Wait up to 60 s for the transition in progress to end.
+fn wait_no_transition(g: &mut lpvmm_tests::Guest) -> Result<(), String> {
+    let t0 = Instant::now();
+    loop {
+        let (_, st) = g.lpvmm("patch status {vm} --json")?;
+        if json(&st)?["active"].is_null() {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!("the transition did not end: {st}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Per-task transitions: completion against the guest's livepatch, the pause of each

@@ -403,6 +403,10 @@ pub struct TransitionView {
     pub functions: Vec<ChangeView>,
     /// Guest-visible pause of each tick, µs.
     pub pauses_us: Vec<u64>,
+    /// How the task checks were made: confirmed early traces against unwinds in the
+    /// pause (docs/consistency.md, "Checks made before the pause").
+    #[serde(default)]
+    pub early_checks: patcher::EarlyCheckCounts,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -486,6 +490,7 @@ impl TransitionView {
                 })
                 .collect(),
             pauses_us: t.pauses_us.clone(),
+            early_checks: t.early_checks,
         }
     }
 }

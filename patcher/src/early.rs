@@ -1,0 +1,286 @@
+//! Checks made before the pause (issue 12): most tasks sleep, and a sleeping task's
+//! stack does not change until it runs again. So the patch driver unwinds the guest's
+//! tasks while the guest runs ([`crate::Engine::unwind_early`]), and the tick that
+//! follows, in the pause, takes such a trace instead of unwinding the task again only
+//! when it can confirm that the task has not run since:
+//!
+//! - before and after the early unwind the task was off every CPU (`on_cpu` clear) and
+//!   its switch count (`nvcsw + nivcsw`) and saved stack pointer (`thread.sp`) were the
+//!   same: it did not run while its stack was read;
+//! - in the pause it is still the same task (address and pid), still off every CPU and
+//!   not `current` on a vCPU, with the same switch count and saved stack pointer. A task
+//!   that ran in between was switched out again (the count grew) or is still running
+//!   (on a CPU).
+//!
+//! Everything else (tasks that ran, tasks on a vCPU, tasks that appeared, reads that
+//! failed) is unwound in the pause, as before. The early traces are used by one tick
+//! only. Nothing read early is trusted on its own: the confirmation reads come from the
+//! paused guest.
+//!
+//! With verification on ([`crate::Engine::set_verify_early`]) every confirmed task is
+//! also unwound in the pause and the two traces compared; the counts are in the
+//! transition's status (`early_checks`), so a test can show that the verdicts agree.
+
+use std::collections::HashMap;
+
+use introspection::kernel::Kernel;
+use introspection::stack::{ExtraCode, StackTrace, Unwinder};
+use introspection::tasks::{Task, TaskList, TaskReader};
+use introspection::{GuestRam, PausedGuest, Unconfirmed};
+use serde::{Deserialize, Serialize};
+
+use crate::ticks::{pending, PatchCode};
+use crate::transition::Phase;
+use crate::Engine;
+
+/// What must not change between the early unwind and the pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    task: u64,
+    pid: i32,
+    switches: u64,
+    saved_sp: u64,
+}
+
+impl Stamp {
+    /// The stamp of a task that is off every CPU, `None` for one that may be running.
+    pub(crate) fn of(t: &Task) -> Option<Stamp> {
+        (!t.on_cpu && t.vcpu.is_none()).then_some(Stamp {
+            task: t.addr,
+            pid: t.pid,
+            switches: t.switches,
+            saved_sp: t.saved_sp,
+        })
+    }
+}
+
+/// Traces unwound while the guest ran, by task address, each with its stamp.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct EarlyTraces {
+    traces: HashMap<u64, (Stamp, StackTrace)>,
+}
+
+impl EarlyTraces {
+    /// Keep `trace`, taken between reads of the task that gave `before` and `after`, if
+    /// the two agree (the task did not run while its stack was read).
+    pub(crate) fn keep(&mut self, before: &Task, after: &Task, trace: StackTrace) {
+        if let (Some(b), Some(a)) = (Stamp::of(before), Stamp::of(after)) {
+            if a == b {
+                self.traces.insert(a.task, (a, trace));
+            }
+        }
+    }
+
+    /// The early trace of `task` as the pause sees it, if the task has not run since.
+    /// The task's own fields (its state letter) are the pause's.
+    pub(crate) fn confirmed(&self, task: &Task) -> Option<StackTrace> {
+        let now = Stamp::of(task)?;
+        let (then, trace) = self.traces.get(&task.addr)?;
+        (*then == now).then(|| StackTrace {
+            state: task.state,
+            comm: task.comm.clone(),
+            ..trace.clone()
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.traces.len()
+    }
+}
+
+/// How a transition's checks were made, summed over its ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyCheckCounts {
+    /// Task checks that took an early trace, confirmed in the pause.
+    pub confirmed: u64,
+    /// Task checks unwound in the pause.
+    pub unwound: u64,
+    /// With verification on: confirmed traces that a fresh unwind in the pause also gave.
+    pub verified: u64,
+    /// With verification on: confirmed traces that differed from a fresh unwind (a bug).
+    pub mismatches: u64,
+}
+
+/// Whether two traces of one task give the same verdict for every patch: the same
+/// frames (addresses and whether each is reliable), the same reliability and problem.
+pub(crate) fn same_trace(a: &StackTrace, b: &StackTrace) -> bool {
+    a.task == b.task
+        && a.pid == b.pid
+        && a.start == b.start
+        && a.reliable == b.reliable
+        && a.problem == b.problem
+        && a.frames.len() == b.frames.len()
+        && a.frames
+            .iter()
+            .zip(&b.frames)
+            .all(|(x, y)| x.addr == y.addr && x.interrupted == y.interrupted)
+}
+
+impl Engine {
+    /// Unwind every task of the running guest that is off its CPU, for the next tick to
+    /// confirm (see the module's text). Only while a transition is in progress. Fails
+    /// quietly: a tick without early traces unwinds everything in its pause.
+    pub fn unwind_early(&mut self, ram: &dyn GuestRam, kernel: &Kernel) {
+        self.early = None;
+        if self.active.is_none() {
+            return;
+        }
+        let running = Unconfirmed(ram);
+        let reader = TaskReader::new(kernel, &running);
+        let Ok(list) = reader.list() else {
+            return;
+        };
+        let code = PatchCode(self);
+        let extra: [&dyn ExtraCode; 1] = [&code];
+        let unwinder = Unwinder::new(&reader, &extra);
+        // A tick that goes on switching checks only the tasks still to move.
+        let checked: Vec<&Task> = match self.still_to_move(&list) {
+            Some(pending) => pending,
+            None => list.tasks.iter().collect(),
+        };
+        let mut early = EarlyTraces::default();
+        for &before in checked.iter().filter(|t| Stamp::of(t).is_some()) {
+            let trace = unwinder.trace(before);
+            if let Ok(after) = reader.task(before.addr) {
+                early.keep(before, &after, trace);
+            }
+        }
+        self.early = Some(early);
+    }
+
+    /// The tasks the next tick will check, if that is not every task: those not yet
+    /// moved, in a per-task transition that is switching with no request waiting.
+    fn still_to_move<'l>(&self, list: &'l TaskList) -> Option<Vec<&'l Task>> {
+        let t = self.active.as_ref()?;
+        if t.phase != Phase::Switching || t.request.is_some() {
+            return None;
+        }
+        let map = t.map.as_ref()?;
+        let g = self.geometry().ok()?;
+        Some(pending(map, &g, list, t.target_is_start()))
+    }
+
+    /// Turn verification of early traces on or off (off by default): each confirmed
+    /// trace is checked against a fresh unwind in the pause, and the result counted.
+    pub fn set_verify_early(&mut self, on: bool) {
+        self.verify_early = on;
+    }
+
+    /// Unwind `tasks` in the pause, taking each early trace that the pause confirms;
+    /// counts into `counts`.
+    pub(crate) fn unwind_checked(
+        &self,
+        guest: &dyn PausedGuest,
+        kernel: &Kernel,
+        tasks: &[&Task],
+        counts: &mut EarlyCheckCounts,
+    ) -> Vec<StackTrace> {
+        let Some(early) = &self.early else {
+            counts.unwound += tasks.len() as u64;
+            return self.unwind(guest, kernel, tasks);
+        };
+        let reader = TaskReader::new(kernel, guest);
+        let code = PatchCode(self);
+        let extra: [&dyn ExtraCode; 1] = [&code];
+        let unwinder = Unwinder::new(&reader, &extra);
+        tasks
+            .iter()
+            .map(|t| match early.confirmed(t) {
+                Some(trace) => {
+                    counts.confirmed += 1;
+                    if self.verify_early {
+                        if same_trace(&trace, &unwinder.trace(t)) {
+                            counts.verified += 1;
+                        } else {
+                            counts.mismatches += 1;
+                        }
+                    }
+                    trace
+                }
+                None => {
+                    counts.unwound += 1;
+                    unwinder.trace(t)
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use introspection::stack::TraceStart;
+
+    fn task(switches: u64, on_cpu: bool) -> Task {
+        Task {
+            addr: 0x1000,
+            pid: 7,
+            tgid: 7,
+            comm: "t".into(),
+            state: 'S',
+            kthread: false,
+            idle: false,
+            cpu: 0,
+            on_cpu,
+            vcpu: None,
+            switches,
+            saved_sp: 0xffff_c900_0000_3e00,
+        }
+    }
+
+    fn trace() -> StackTrace {
+        StackTrace {
+            pid: 7,
+            tgid: 7,
+            comm: "t".into(),
+            state: 'S',
+            task: 0x1000,
+            start: TraceStart::Saved,
+            frames: Vec::new(),
+            reliable: true,
+            problem: None,
+        }
+    }
+
+    #[test]
+    fn only_a_task_that_did_not_run_keeps_its_early_trace() {
+        let asleep = task(40, false);
+        let mut early = EarlyTraces::default();
+        early.keep(&asleep, &asleep, trace());
+        assert!(early.confirmed(&asleep).is_some());
+        // Woken but not yet run: a new state letter, the same stack.
+        let woken = Task {
+            state: 'R',
+            ..asleep.clone()
+        };
+        assert_eq!(early.confirmed(&woken).map(|t| t.state), Some('R'));
+        // Ran and slept again; is running; is current on a vCPU; another task there.
+        assert!(early.confirmed(&task(41, false)).is_none());
+        assert!(early.confirmed(&task(40, true)).is_none());
+        let on_vcpu = Task {
+            vcpu: Some(0),
+            ..asleep.clone()
+        };
+        assert!(early.confirmed(&on_vcpu).is_none());
+        let moved_sp = Task {
+            saved_sp: asleep.saved_sp - 0x40,
+            ..asleep.clone()
+        };
+        assert!(early.confirmed(&moved_sp).is_none());
+        let reused = Task {
+            pid: 8,
+            ..asleep.clone()
+        };
+        assert!(early.confirmed(&reused).is_none());
+    }
+
+    #[test]
+    fn a_task_that_ran_during_the_early_unwind_is_not_kept() {
+        let mut early = EarlyTraces::default();
+        early.keep(&task(40, false), &task(41, false), trace());
+        early.keep(&task(40, false), &task(40, true), trace());
+        early.keep(&task(40, true), &task(40, true), trace());
+        assert_eq!(early.len(), 0);
+    }
+}
