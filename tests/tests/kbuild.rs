@@ -155,8 +155,16 @@ fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
     apply(&mut g, series, "getpid")?;
     for cycle in 1..=HAMMER_CYCLES {
         for op in ["disable", "enable"] {
-            let (rc, out) = g.lpvmm(&format!("patch {op} {{vm}} getpid --timeout 120"))?;
-            check!(rc == 0, "{series}: cycle {cycle}: {op}: {out}");
+            // Longer than the transition's own timeout, so that a held transition ends
+            // with lpvmm's own account of who held it (then reversed), not the harness's.
+            let cmd = format!("{} patch {op} {name} getpid --timeout 120", g.host.lpvmm());
+            let (rc, out) = g
+                .host
+                .exec_status(&cmd, std::time::Duration::from_secs(200))?;
+            if rc != 0 {
+                let (_, st) = g.lpvmm("patch status {vm}")?;
+                return Err(format!("{series}: cycle {cycle}: {op}: {out}\n{st}"));
+            }
         }
     }
     let s = status(&mut g)?;

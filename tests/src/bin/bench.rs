@@ -217,12 +217,26 @@ fn host_info() -> Result<(), String> {
 
 /// The vCPU counts of a comma-separated list (`1,2,4,8` when absent).
 fn vcpu_counts(list: Option<String>) -> Result<Vec<u8>, String> {
-    let list = list.unwrap_or_else(|| "1,2,4,8".into());
+    counts(list, "1,2,4,8", 1, 32, "vCPU count")
+}
+
+/// The numbers of a comma-separated list (`default` when absent), each in [lo, hi].
+fn counts<T>(
+    list: Option<String>,
+    default: &str,
+    lo: T,
+    hi: T,
+    what: &str,
+) -> Result<Vec<T>, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let list = list.unwrap_or_else(|| default.into());
     list.split(',')
-        .map(|s| match s.trim().parse::<u8>() {
-            Ok(n @ 1..=32) => Ok(n),
+        .map(|s| match s.trim().parse::<T>() {
+            Ok(n) if n >= lo && n <= hi => Ok(n),
             _ => Err(format!(
-                "not a vCPU count from 1 to 32: '{s}' (in '{list}')"
+                "not a {what} from {lo} to {hi}: '{s}' (in '{list}')"
             )),
         })
         .collect()
@@ -776,15 +790,7 @@ fn bare_pause_us(g: &mut lpvmm_tests::Guest) -> Result<f64, String> {
 
 /// Extra task counts from a comma-separated list (`100,2000` when absent).
 fn task_counts(list: Option<String>) -> Result<Vec<u32>, String> {
-    let list = list.unwrap_or_else(|| "100,2000".into());
-    list.split(',')
-        .map(|s| match s.trim().parse::<u32>() {
-            Ok(n @ 1..=10_000) => Ok(n),
-            _ => Err(format!(
-                "not a task count from 1 to 10000: '{s}' (in '{list}')"
-            )),
-        })
-        .collect()
+    counts(list, "100,2000", 1, 10_000, "task count")
 }
 
 /// The guest-visible pause of checking every task, against a bare pause in the same
