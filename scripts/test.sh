@@ -30,9 +30,9 @@ phase "done"
 # host is counted here and listed, so that no retry hides in a long log.
 awk '/^test result:/ { p += $4; f += $6 }
      # Anywhere in a line: libtest may print "test NAME ... " before it. Only the
-     # harness's own retry lines count (tests/src/group.rs, host.rs): a guest's console
-     # in a failure text has WARNING lines of its own (the kernel's "WARNING: CPU: ...",
-     # its SRSO notice), which are not retries.
+     # retry lines of the harness count (tests/src/group.rs, host.rs): the console of a
+     # guest in a failure text has WARNING lines of its own (the kernel "WARNING: CPU:
+     # ...", its SRSO notice), which are not retries. No apostrophes in this program.
      /WARNING: (a guest died of|the test host|guest [^ ]+ died during boot|[^ ]+ passed but left the test host)/ {
        w[++n] = substr($0, index($0, "WARNING: "))
      }
