@@ -24,12 +24,12 @@
 use std::collections::HashMap;
 
 use introspection::kernel::Kernel;
-use introspection::stack::{ExtraCode, StackTrace, Unwinder};
-use introspection::tasks::{Task, TaskList, TaskReader};
+use introspection::stack::StackTrace;
+use introspection::tasks::{Task, TaskList};
 use introspection::{GuestRam, PausedGuest, Unconfirmed};
 use serde::{Deserialize, Serialize};
 
-use crate::ticks::{pending, PatchCode};
+use crate::ticks::pending;
 use crate::transition::Phase;
 use crate::Engine;
 
@@ -127,26 +127,23 @@ impl Engine {
             return;
         }
         let running = Unconfirmed(ram);
-        let reader = TaskReader::new(kernel, &running);
-        let Ok(list) = reader.list() else {
-            return;
-        };
-        let code = PatchCode(self);
-        let extra: [&dyn ExtraCode; 1] = [&code];
-        let unwinder = Unwinder::new(&reader, &extra);
-        // A tick that goes on switching checks only the tasks still to move.
-        let checked: Vec<&Task> = match self.still_to_move(&list) {
-            Some(pending) => pending,
-            None => list.tasks.iter().collect(),
-        };
-        let mut early = EarlyTraces::default();
-        for &before in checked.iter().filter(|t| Stamp::of(t).is_some()) {
-            let trace = unwinder.trace(before);
-            if let Ok(after) = reader.task(before.addr) {
-                early.keep(before, &after, trace);
+        let early = self.with_unwinder(&running, kernel, |reader, unwinder| {
+            let list = reader.list().ok()?;
+            // A tick that goes on switching checks only the tasks still to move.
+            let checked: Vec<&Task> = match self.still_to_move(&list) {
+                Some(pending) => pending,
+                None => list.tasks.iter().collect(),
+            };
+            let mut early = EarlyTraces::default();
+            for &before in checked.iter().filter(|t| Stamp::of(t).is_some()) {
+                let trace = unwinder.trace(before);
+                if let Ok(after) = reader.task(before.addr) {
+                    early.keep(before, &after, trace);
+                }
             }
-        }
-        self.early = Some(early);
+            Some(early)
+        });
+        self.early = early;
     }
 
     /// The tasks the next tick will check, if that is not every task: those not yet
@@ -176,34 +173,29 @@ impl Engine {
         tasks: &[&Task],
         counts: &mut EarlyCheckCounts,
     ) -> Vec<StackTrace> {
-        let Some(early) = &self.early else {
-            counts.unwound += tasks.len() as u64;
-            return self.unwind(guest, kernel, tasks);
-        };
-        let reader = TaskReader::new(kernel, guest);
-        let code = PatchCode(self);
-        let extra: [&dyn ExtraCode; 1] = [&code];
-        let unwinder = Unwinder::new(&reader, &extra);
-        tasks
-            .iter()
-            .map(|t| match early.confirmed(t) {
-                Some(trace) => {
-                    counts.confirmed += 1;
-                    if self.verify_early {
-                        if same_trace(&trace, &unwinder.trace(t)) {
-                            counts.verified += 1;
-                        } else {
-                            counts.mismatches += 1;
+        let early = self.early.as_ref();
+        self.with_unwinder(guest, kernel, |_, unwinder| {
+            tasks
+                .iter()
+                .map(|t| match early.and_then(|e| e.confirmed(t)) {
+                    Some(trace) => {
+                        counts.confirmed += 1;
+                        if self.verify_early {
+                            if same_trace(&trace, &unwinder.trace(t)) {
+                                counts.verified += 1;
+                            } else {
+                                counts.mismatches += 1;
+                            }
                         }
+                        trace
                     }
-                    trace
-                }
-                None => {
-                    counts.unwound += 1;
-                    unwinder.trace(t)
-                }
-            })
-            .collect()
+                    None => {
+                        counts.unwound += 1;
+                        unwinder.trace(t)
+                    }
+                })
+                .collect()
+        })
     }
 }
 

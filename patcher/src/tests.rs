@@ -1341,18 +1341,16 @@ fn pipefix_in_steps(early: bool) -> (Vec<(Vec<i32>, Outcome)>, crate::EarlyCheck
     f.engine
         .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
         .unwrap();
-    f.engine
-        .begin(
-            Begin {
-                patch: "pipefix".into(),
-                op: Op::Enable,
-                consistency: Consistency::PerTask,
-                timeout: None,
-                unload_on_failure: false,
-            },
-            f.now,
-        )
-        .unwrap();
+    // Begun, not ticked: each tick below follows its early unwind.
+    run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        0,
+    )
+    .unwrap();
     let mut decided = Vec::new();
     // Between the early unwind and the pause: nothing; task 11 leaves pipe_read (it
     // ran); task 12 leaves it; nothing.

@@ -543,11 +543,23 @@ impl Engine {
         kernel: &Kernel,
         tasks: &[&Task],
     ) -> Vec<StackTrace> {
+        self.with_unwinder(guest, kernel, |_, unwinder| {
+            tasks.iter().map(|x| unwinder.trace(x)).collect()
+        })
+    }
+
+    /// Run `f` with a task reader of `guest` and an unwinder over it that knows patch
+    /// code and trampolines.
+    pub(crate) fn with_unwinder<R>(
+        &self,
+        guest: &dyn PausedGuest,
+        kernel: &Kernel,
+        f: impl FnOnce(&TaskReader, &Unwinder) -> R,
+    ) -> R {
         let reader = TaskReader::new(kernel, guest);
         let code = PatchCode(self);
         let extra: [&dyn ExtraCode; 1] = [&code];
-        let unwinder = Unwinder::new(&reader, &extra);
-        tasks.iter().map(|x| unwinder.trace(x)).collect()
+        f(&reader, &Unwinder::new(&reader, &extra))
     }
 
     /// A kernel function's site record, created at its first redirection.

@@ -997,8 +997,13 @@ impl Guest<'_> {
 
     /// `lpvmm SUBCOMMAND ... NAME ...` on the host, with `{vm}` replaced by the name.
     pub fn lpvmm(&mut self, args: &str) -> Result<(i32, String), String> {
+        self.lpvmm_within(args, CMD_TIMEOUT)
+    }
+
+    /// [`Guest::lpvmm`], given `timeout` to finish.
+    pub fn lpvmm_within(&mut self, args: &str, timeout: Duration) -> Result<(i32, String), String> {
         let cmd = format!("{} {}", self.host.lpvmm(), args.replace("{vm}", &self.name));
-        self.host.exec_status(&cmd, CMD_TIMEOUT)
+        self.host.exec_status(&cmd, timeout)
     }
 
     /// Wait for lpvmm to exit; returns its exit code and stderr.

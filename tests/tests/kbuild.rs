@@ -157,10 +157,10 @@ fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
         for op in ["disable", "enable"] {
             // Longer than the transition's own timeout, so that a held transition ends
             // with lpvmm's own account of who held it (then reversed), not the harness's.
-            let cmd = format!("{} patch {op} {name} getpid --timeout 120", g.host.lpvmm());
-            let (rc, out) = g
-                .host
-                .exec_status(&cmd, std::time::Duration::from_secs(200))?;
+            let (rc, out) = g.lpvmm_within(
+                &format!("patch {op} {{vm}} getpid --timeout 120"),
+                std::time::Duration::from_secs(200),
+            )?;
             if rc != 0 {
                 let (_, st) = g.lpvmm("patch status {vm}")?;
                 return Err(format!("{series}: cycle {cycle}: {op}: {out}\n{st}"));

@@ -29,7 +29,7 @@ impl Session {
         let regs = self.vm.regs()?;
         let kernel = self
             .vm
-            .static_ram(|ram| Kernel::attach_static(ram, &regs.vcpus));
+            .running_ram(|ram| Kernel::attach_static(ram, &regs.vcpus));
         let kernel = Arc::new(kernel.map_err(|e| anyhow!("cannot read the guest kernel: {e}"))?);
         release_free_heap();
         self.kernel = Some(kernel.clone());

@@ -361,14 +361,9 @@ impl Vm {
     }
 
     /// Run `f` on guest RAM without pausing the guest (a paused one stays paused). Only
-    /// for what the guest kernel never changes once booted ([`GuestRam`]); everything
-    /// else is read through [`Vm::paused`].
-    pub fn static_ram<R>(&self, f: impl FnOnce(&RamView) -> R) -> R {
-        f(&RamView::new(&self.mem, &self.layout))
-    }
-
-    /// Run `f` on guest RAM while the guest runs, for reads whose results a later pause
-    /// confirms before anything relies on them (the patch engine's early checks).
+    /// for what the guest kernel never changes once booted ([`GuestRam`]), or for reads
+    /// whose results a later pause confirms before anything relies on them (the patch
+    /// engine's early checks); everything else is read through [`Vm::paused`].
     pub fn running_ram<R>(&self, f: impl FnOnce(&RamView) -> R) -> R {
         f(&RamView::new(&self.mem, &self.layout))
     }
@@ -376,7 +371,7 @@ impl Vm {
     /// Find the guest's VMCOREINFO. The kernel writes it once while booting, so the
     /// scan needs no pause.
     pub fn vmcoreinfo(&self) -> Result<VmcoreinfoResult> {
-        let (phys_addr, info) = self.static_ram(|r| introspection::vmcoreinfo::find(r))?;
+        let (phys_addr, info) = self.running_ram(|r| introspection::vmcoreinfo::find(r))?;
         Ok(VmcoreinfoResult { phys_addr, info })
     }
 

@@ -1043,17 +1043,7 @@ fn transition(runs: u32) -> Result<(), String> {
             g.run("kill $(pidof spawn); true")?;
         }
         g.run(&format!("kill {holder}; wait {holder}; true"))?;
-        let t0 = Instant::now();
-        loop {
-            let (_, st) = g.lpvmm("patch status {vm} --json")?;
-            if json(&st)?["active"].is_null() {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                return Err("the transition did not complete after the sleep ended".into());
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_no_transition(&mut g)?;
         let after = per_read_us(&mut g, n, reps)?;
         call_rows.push(format!(
             "| {series} | {unpatched:.2} | {during:.2} | {:.3} | {after:.2} | {:.3} |",
