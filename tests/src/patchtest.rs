@@ -111,6 +111,42 @@ pub fn switching(g: &mut Guest) -> Result<Value, String> {
     }
 }
 
+/// The transition in progress once `pid` alone holds it. A task caught running on a
+/// vCPU at an instant its stack cannot be trusted (an idle task inside a retpoline
+/// thunk, say) blocks one tick and is checked again at the next, as the kernel's
+/// livepatch retries a task running on another CPU; such a blocker is waited out for
+/// at most ten seconds. Any other blocker, a task asleep where the patch cannot let
+/// it go, is an error at once.
+pub fn held_by(g: &mut Guest, pid: i64) -> Result<Value, String> {
+    let t0 = Instant::now();
+    loop {
+        let t = switching(g)?;
+        let blockers = t["blockers"].as_array().cloned().unwrap_or_default();
+        if pids(&t["blockers"]) == [pid] {
+            return Ok(t);
+        }
+        let asleep: Vec<&Value> = blockers
+            .iter()
+            .filter(|b| b["pid"].as_i64() != Some(pid) && b["trace"]["start"]["vcpu"].is_null())
+            .collect();
+        check!(
+            asleep.is_empty() && blockers.iter().any(|b| b["pid"].as_i64() == Some(pid)),
+            "the transition should be held by {pid} alone: {}",
+            t["blockers"]
+        );
+        check!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a running task still blocks beside {pid} after 10 s: {}",
+            t["blockers"]
+        );
+        eprintln!(
+            "a running task blocks for now beside {pid}: {}",
+            t["blockers"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Wait for transition `id` to end (at most two minutes); returns it. If it does not
 /// end, the error says what held it: `patch status` as a person reads it, and the
 /// VMM's stderr.

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lpvmm_tests::patchtest::{
-    apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of, kill,
-    kp_build, patch_of, patch_path, pids, sleeper, status, switching, verb, Readers,
+    apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of, held_by,
+    kill, kp_build, patch_of, patch_path, sleeper, status, verb, Readers,
 };
 use lpvmm_tests::{
     check, host_files_or_exit, repo_root, run_group, series_trials, Guest, TestHost, TestResult,
@@ -302,12 +302,7 @@ fn replace_per_task_and_reverse(host: &mut TestHost, series: &str) -> TestResult
     let file = g.host.file(&patch_path("pc"));
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
     check!(rc == 0, "{series}: pc: {out}");
-    let t = switching(&mut g)?;
-    check!(
-        pids(&t["blockers"]) == [pid],
-        "{series}: the sleeper alone should wait: {}",
-        t["blockers"]
-    );
+    let t = held_by(&mut g, pid)?;
     let reason = t["blockers"][0]["reason"].as_str().unwrap_or("");
     check!(
         reason.contains("lpvmm_cum_common_nsleep [pa]"),
