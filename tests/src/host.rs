@@ -957,6 +957,16 @@ impl Guest<'_> {
         Ok(out)
     }
 
+    /// The text a guest command printed, trimmed, without the kernel's own console
+    /// lines that can land amid it (`hrtimer: interrupt took ...` and clocksource
+    /// watchdog warnings on the nested host): for output compared with what a patch
+    /// makes the guest print. Not for `dmesg`, whose every line has that prefix.
+    pub fn text(&mut self, cmd: &str) -> Result<String, String> {
+        Ok(crate::without_kernel_lines(&self.run(cmd)?)
+            .trim()
+            .to_string())
+    }
+
     /// Send raw text to the guest console.
     pub fn send(&mut self, text: &str) -> Result<(), String> {
         self.host.guest_console_send(text)

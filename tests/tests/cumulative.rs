@@ -63,7 +63,7 @@ const PATCHES: &[(&str, &[&str])] = &[
 ];
 
 fn version(g: &mut Guest) -> Result<String, String> {
-    Ok(g.run("cat /proc/version")?.trim().to_string())
+    g.text("cat /proc/version")
 }
 
 /// `lpvmm patch VERB {vm} NAME`, which must be refused with `want` in its message.
@@ -158,9 +158,10 @@ fn versions_in_load_order(host: &mut TestHost, series: &str) -> TestResult {
         "patch disable {vm} va",
         "patch 'vb-dep' depends on 'va'",
     )?;
+    let after = cmdline(&mut g)?;
     check!(
-        cmdline(&mut g)? == "version B",
-        "{series}: after the refusal"
+        after == "version B",
+        "{series}: after the refusal /proc/cmdline says {after:?}"
     );
     verb(&mut g, "disable", "vb-dep")?;
     check!(cmdline(&mut g)? == "version A", "{series}: A below");
@@ -314,7 +315,7 @@ fn replace_per_task_and_reverse(host: &mut TestHost, series: &str) -> TestResult
     );
     let (_, human) = g.lpvmm("patch status {vm}")?;
     eprintln!("{series}: cumulative pc held by a sleep in pa's code:\n{human}");
-    let original_version = g.run("cat /proc/version")?;
+    let original_version = g.text("cat /proc/version")?;
     check!(
         !original_version.contains("per-task B"),
         "{series}: a new process during C's transition runs C's nop for /proc/version"

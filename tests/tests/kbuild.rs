@@ -95,10 +95,10 @@ fn loadavg(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("kbload-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let text_before = checksum(&mut g, "text")?;
-    let before = g.run("cat /proc/loadavg")?.trim().to_string();
+    let before = g.text("cat /proc/loadavg")?;
     let (_, _, threads0, pid0) = loadavg_fields(&before)?;
     apply(&mut g, series, "loadavg")?;
-    let after = g.run("cat /proc/loadavg")?.trim().to_string();
+    let after = g.text("cat /proc/loadavg")?;
     check!(
         after.ends_with(" lpvmm") && after.split_whitespace().count() == 6,
         "{series}: patched /proc/loadavg: {after:?}"
@@ -110,7 +110,7 @@ fn loadavg(host: &mut TestHost, series: &str) -> TestResult {
     );
     eprintln!("{series}: /proc/loadavg {before:?} -> {after:?}");
     verb(&mut g, "disable", "loadavg")?;
-    let back = g.run("cat /proc/loadavg")?.trim().to_string();
+    let back = g.text("cat /proc/loadavg")?;
     check!(
         !back.contains("lpvmm") && loadavg_fields(&back).is_ok(),
         "{series}: after disable: {back:?}"
@@ -273,7 +273,7 @@ fn ftrace_coexists(host: &mut TestHost, series: &str) -> TestResult {
     let work = "cat /proc/loadavg /proc/uptime >/dev/null";
     apply(&mut g, series, "loadavg")?;
     let patched = |g: &mut Guest| -> Result<bool, String> {
-        Ok(g.run("cat /proc/loadavg")?.trim().ends_with(" lpvmm"))
+        Ok(g.text("cat /proc/loadavg")?.ends_with(" lpvmm"))
     };
     check!(patched(&mut g)?, "{series}: the patch is not in effect");
     let s = status(&mut g)?;
@@ -452,7 +452,7 @@ fn current(host: &mut TestHost, series: &str) -> TestResult {
     // Alternatives, linked for the guest's own CPU features: applied exactly where the
     // guest's /proc/cpuinfo has the feature; static_cpu_has() says what it says.
     apply(&mut g, series, "features")?;
-    let line = g.run("cat /proc/cmdline")?.trim().to_string();
+    let line = g.text("cat /proc/cmdline")?;
     let flags = g.run("grep -m1 '^flags' /proc/cpuinfo")?;
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
     // alt(F) is 1 as compiled, 2 where the replacement was applied.

@@ -36,7 +36,7 @@ fn toggle(g: &mut Guest, op: &str, name: &str) -> TestResult {
 fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("cmdline-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
-    let original = g.run("cat /proc/cmdline")?.trim().to_string();
+    let original = g.text("cat /proc/cmdline")?;
     check!(
         original.contains("console=ttyS0"),
         "odd cmdline {original:?}"
@@ -44,7 +44,7 @@ fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
     let text_before = text_sum(&mut g)?;
 
     apply(&mut g, "cmdline")?;
-    let now = g.run("cat /proc/cmdline")?;
+    let now = g.text("cat /proc/cmdline")?;
     check!(
         now.trim() == PATCHED,
         "{series}: patched /proc/cmdline says {now:?}"
@@ -60,7 +60,7 @@ fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
     );
 
     toggle(&mut g, "disable", "cmdline")?;
-    let back = g.run("cat /proc/cmdline")?;
+    let back = g.text("cat /proc/cmdline")?;
     check!(
         back.trim() == original,
         "{series}: after disable /proc/cmdline says {back:?}"
@@ -73,12 +73,12 @@ fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
     // Enable again from the loaded copy, then back, then unload.
     toggle(&mut g, "enable", "cmdline")?;
     check!(
-        g.run("cat /proc/cmdline")?.trim() == PATCHED,
+        g.text("cat /proc/cmdline")? == PATCHED,
         "{series}: re-enable"
     );
     toggle(&mut g, "disable", "cmdline")?;
     check!(
-        g.run("cat /proc/cmdline")?.trim() == original,
+        g.text("cat /proc/cmdline")? == original,
         "{series}: re-disable"
     );
     let (rc, out) = g.lpvmm("patch unload {vm} cmdline")?;
@@ -102,7 +102,7 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     let uname_before = g.run("uname -a")?.trim().to_string();
 
     apply(&mut g, "meminfo")?;
-    let mem = g.run("cat /proc/meminfo")?;
+    let mem = g.text("cat /proc/meminfo")?;
     check!(
         mem.lines()
             .next()
@@ -118,7 +118,7 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     );
 
     apply(&mut g, "static-call")?;
-    let version = g.run("cat /proc/version")?;
+    let version = g.text("cat /proc/version")?;
     let tail: Vec<f64> = version
         .trim()
         .strip_prefix("lpvmm static call, uptime: ")
@@ -135,7 +135,7 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
         toggle(&mut g, "disable", p)?;
     }
     check!(
-        g.run("cat /proc/meminfo")?.starts_with("MemTotal: "),
+        g.text("cat /proc/meminfo")?.starts_with("MemTotal: "),
         "meminfo not restored"
     );
     check!(
@@ -143,7 +143,7 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
         "uname not restored"
     );
     check!(
-        g.run("cat /proc/version")?.starts_with("Linux version"),
+        g.text("cat /proc/version")?.starts_with("Linux version"),
         "version not restored"
     );
     check!(
@@ -301,7 +301,7 @@ fn bad_input(host: &mut TestHost, series: &str) -> TestResult {
         );
     }
     check!(
-        g.run("cat /proc/cmdline")?.trim() == PATCHED,
+        g.text("cat /proc/cmdline")? == PATCHED,
         "good patch disturbed"
     );
     g.poweroff().map(|_| ())
@@ -313,7 +313,7 @@ fn under_load(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("load-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let boot_splats = g.run(SPLATS)?;
-    let original = g.run("cat /proc/cmdline")?.trim().to_string();
+    let original = g.text("cat /proc/cmdline")?;
     apply(&mut g, "cmdline")?;
     toggle(&mut g, "disable", "cmdline")?;
     g.run(&format!(
