@@ -2,12 +2,12 @@
 # livepatch-module.sh SERIES OUT.cpio.gz
 #
 # Builds the livepatch kernel modules in guest-images/livepatch/ (lpvmm_lp_cmdline.c,
-# lpvmm_lp_nsleep.c) for the guest kernel of SERIES (6.1 or 6.12, as built by build.sh),
+# lpvmm_lp_nsleep.c, lpvmm_lp_getpid.c) for the guest kernel of SERIES (6.1 or 6.12, as built by build.sh),
 # against that kernel's Debian linux-headers package (fetched with apt-get download,
-# never installed), and writes a gzip'd cpio with /root/lpvmm_lp_cmdline.ko and
-# /root/lpvmm_lp_nsleep.ko. Appended to the guest initrd (the kernel unpacks concatenated
+# never installed), and writes a gzip'd cpio with each module in /root/ (for example
+# /root/lpvmm_lp_cmdline.ko). Appended to the guest initrd (the kernel unpacks concatenated
 # archives), it puts the modules in the guest for the side-by-side benchmark
-# (tests/src/bin/bench.rs patch). Cached by kernel release and source hash.
+# (tests/src/bin/bench.rs patch, transition and calls). Cached by kernel release and source hash.
 set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,7 +23,7 @@ mkdir -p "$work"
 # One build per release at a time (the benchmark and a person may run this together).
 exec 9>"$work/lock"
 flock 9
-mods="lpvmm_lp_cmdline lpvmm_lp_nsleep"
+mods="lpvmm_lp_cmdline lpvmm_lp_nsleep lpvmm_lp_getpid"
 src_hash=$(cat "$HERE"/livepatch/* | sha256sum | cut -c1-16)
 built=1
 for m in $mods; do [ -f "$work/$m.ko" ] || built=; done

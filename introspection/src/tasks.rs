@@ -113,12 +113,124 @@ pub fn state_letter(state: u64, exit_state: u64) -> char {
     }
 }
 
+/// Fields closer than this share one read of a task_struct.
+const SPAN_GAP: u64 = 64;
+/// Room for every field [`TaskReader::task`] decodes with the gaps between them (eleven
+/// fields of at most 64 bytes each, gaps of at most [`SPAN_GAP`]).
+const SPAN_BYTES: usize = 2048;
+
+/// One read of a task_struct: `len` bytes from offset `start`, kept at `at` in the
+/// buffer of one task's fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: u64,
+    len: usize,
+    at: usize,
+}
+
+/// The parts of a task_struct that [`TaskReader::task`] decodes, as few reads as the
+/// field offsets allow (each read is a page-table look-up and a copy; a list of
+/// thousands of tasks is read in a pause). The span with the switch counts comes first:
+/// a reader that reads a task twice around other reads (the patcher's early checks)
+/// relies on a switch in between showing in them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TaskSpans(Vec<Span>);
+
+impl TaskSpans {
+    fn of(l: &crate::layout::TaskLayout) -> TaskSpans {
+        let mut fields = [
+            (l.nvcsw, 8),
+            (l.nivcsw, 8),
+            (l.flags, 4),
+            (l.pid, 4),
+            (l.tgid, 4),
+            (l.comm, l.comm_len.clamp(1, 64)),
+            (l.state, l.state_size.clamp(1, 8)),
+            (l.exit_state, 4),
+            (l.cpu, 4),
+            (l.on_cpu, 4),
+            (l.thread_sp, 8),
+        ];
+        fields.sort_unstable();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for (off, size) in fields {
+            match spans.last_mut() {
+                Some((start, end)) if off <= end.saturating_add(SPAN_GAP) => {
+                    *end = (*end).max(off.saturating_add(size));
+                }
+                _ => spans.push((off, off.saturating_add(size))),
+            }
+        }
+        // The switch counts' span first.
+        if let Some(i) = spans.iter().position(|&(a, b)| (a..b).contains(&l.nvcsw)) {
+            spans[..=i].rotate_right(1);
+        }
+        let mut at = 0;
+        TaskSpans(
+            spans
+                .into_iter()
+                .map(|(start, end)| {
+                    let len = (end - start) as usize;
+                    let s = Span { start, len, at };
+                    at += len;
+                    s
+                })
+                .collect(),
+        )
+    }
+
+    fn total(&self) -> usize {
+        self.0.iter().map(|s| s.len).sum()
+    }
+}
+
+/// One task's fields as read, by task_struct offset.
+struct TaskBytes<'s> {
+    spans: &'s [Span],
+    buf: &'s [u8],
+}
+
+impl TaskBytes<'_> {
+    fn bytes(&self, off: u64, len: usize) -> &[u8] {
+        let s = self
+            .spans
+            .iter()
+            .find(|s| off >= s.start && off + len as u64 <= s.start + s.len as u64)
+            .expect("every decoded field lies in a span");
+        let from = s.at + (off - s.start) as usize;
+        &self.buf[from..from + len]
+    }
+
+    fn uint(&self, off: u64, size: u64) -> u64 {
+        let mut b = [0u8; 8];
+        let n = size.clamp(1, 8) as usize;
+        b[..n].copy_from_slice(self.bytes(off, n));
+        u64::from_le_bytes(b)
+    }
+
+    fn u32(&self, off: u64) -> u32 {
+        self.uint(off, 4) as u32
+    }
+
+    fn u64(&self, off: u64) -> u64 {
+        self.uint(off, 8)
+    }
+
+    /// A NUL-terminated string in a fixed array; invalid UTF-8 is replaced.
+    fn fixed_str(&self, off: u64, max: u64) -> String {
+        let raw = self.bytes(off, max.clamp(1, 64) as usize);
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
+}
+
 /// One pass over the tasks of a paused guest.
 pub struct TaskReader<'k, 'g> {
     pub kernel: &'k Kernel,
     /// The parked vCPUs (for the tasks on them) and their memory.
     pub guest: &'g dyn PausedGuest,
     pub mem: KernelMemory<'g>,
+    spans: TaskSpans,
 }
 
 impl<'k, 'g> TaskReader<'k, 'g> {
@@ -127,6 +239,7 @@ impl<'k, 'g> TaskReader<'k, 'g> {
             kernel,
             guest,
             mem: kernel.memory(guest),
+            spans: TaskSpans::of(&kernel.layout.task),
         }
     }
 
@@ -156,29 +269,35 @@ impl<'k, 'g> TaskReader<'k, 'g> {
     /// Read one task_struct.
     pub fn task(&self, addr: u64) -> Result<Task, TaskError> {
         let l = &self.kernel.layout.task;
-        let m = &self.mem;
-        // The switch counts first: a reader that reads a task twice around other reads
-        // (the patcher's early checks) relies on a switch in between showing in them.
-        let switches = m
-            .u64(addr.wrapping_add(l.nvcsw))?
-            .wrapping_add(m.u64(addr.wrapping_add(l.nivcsw))?);
-        let flags = m.u32(addr.wrapping_add(l.flags))?;
+        let mut buf = [0u8; SPAN_BYTES];
+        let spans = &self.spans.0;
+        if self.spans.total() > SPAN_BYTES {
+            return Err(TaskError::Corrupt(
+                "task_struct fields too far apart".into(),
+            ));
+        }
+        for s in spans {
+            self.mem
+                .read(addr.wrapping_add(s.start), &mut buf[s.at..s.at + s.len])?;
+        }
+        let b = TaskBytes { spans, buf: &buf };
+        let flags = b.u32(l.flags);
         Ok(Task {
             addr,
-            pid: m.u32(addr.wrapping_add(l.pid))? as i32,
-            tgid: m.u32(addr.wrapping_add(l.tgid))? as i32,
-            comm: m.fixed_str(addr.wrapping_add(l.comm), l.comm_len.clamp(1, 64) as usize)?,
+            pid: b.u32(l.pid) as i32,
+            tgid: b.u32(l.tgid) as i32,
+            comm: b.fixed_str(l.comm, l.comm_len),
             state: state_letter(
-                m.uint(addr.wrapping_add(l.state), l.state_size)?,
-                u64::from(m.u32(addr.wrapping_add(l.exit_state))?),
+                b.uint(l.state, l.state_size),
+                u64::from(b.u32(l.exit_state)),
             ),
             kthread: u64::from(flags) & PF_KTHREAD != 0,
             idle: false,
-            cpu: m.u32(addr.wrapping_add(l.cpu))?,
-            on_cpu: m.u32(addr.wrapping_add(l.on_cpu))? != 0,
+            cpu: b.u32(l.cpu),
+            on_cpu: b.u32(l.on_cpu) != 0,
             vcpu: None,
-            switches,
-            saved_sp: m.u64(addr.wrapping_add(l.thread_sp))?,
+            switches: b.u64(l.nvcsw).wrapping_add(b.u64(l.nivcsw)),
+            saved_sp: b.u64(l.thread_sp),
         })
     }
 

@@ -71,15 +71,20 @@ impl EarlyTraces {
         }
     }
 
-    /// The early trace of `task` as the pause sees it, if the task has not run since.
-    /// The task's own fields (its state letter) are the pause's.
-    pub(crate) fn confirmed(&self, task: &Task) -> Option<StackTrace> {
+    /// The early trace of `task` as the pause sees it, if the task has not run since,
+    /// taken out (a trace serves one check: moved, never copied, in the pause). The
+    /// task's own fields (its state letter) are the pause's.
+    pub(crate) fn take_confirmed(&mut self, task: &Task) -> Option<StackTrace> {
         let now = Stamp::of(task)?;
-        let (then, trace) = self.traces.get(&task.addr)?;
-        (*then == now).then(|| StackTrace {
+        match self.traces.get(&task.addr) {
+            Some((then, _)) if *then == now => {}
+            _ => return None,
+        }
+        let (_, trace) = self.traces.remove(&task.addr)?;
+        Some(StackTrace {
             state: task.state,
             comm: task.comm.clone(),
-            ..trace.clone()
+            ..trace
         })
     }
 
@@ -165,19 +170,20 @@ impl Engine {
     }
 
     /// Unwind `tasks` in the pause, taking each early trace that the pause confirms;
-    /// counts into `counts`.
+    /// counts into `counts`. The early traces are used up: they serve this tick only.
     pub(crate) fn unwind_checked(
-        &self,
+        &mut self,
         guest: &dyn PausedGuest,
         kernel: &Kernel,
         tasks: &[&Task],
         counts: &mut EarlyCheckCounts,
     ) -> Vec<StackTrace> {
-        let early = self.early.as_ref();
-        self.with_unwinder(guest, kernel, |_, unwinder| {
+        let started = std::time::Instant::now();
+        let mut early = self.early.take();
+        let traces = self.with_unwinder(guest, kernel, |_, unwinder| {
             tasks
                 .iter()
-                .map(|t| match early.and_then(|e| e.confirmed(t)) {
+                .map(|t| match early.as_mut().and_then(|e| e.take_confirmed(t)) {
                     Some(trace) => {
                         counts.confirmed += 1;
                         if self.verify_early {
@@ -195,7 +201,9 @@ impl Engine {
                     }
                 })
                 .collect()
-        })
+        });
+        self.tick_parts.checks_us += crate::ticks::micros(started.elapsed());
+        traces
     }
 }
 
@@ -238,33 +246,38 @@ mod tests {
     #[test]
     fn only_a_task_that_did_not_run_keeps_its_early_trace() {
         let asleep = task(40, false);
-        let mut early = EarlyTraces::default();
-        early.keep(&asleep, &asleep, trace());
-        assert!(early.confirmed(&asleep).is_some());
+        let mut kept = EarlyTraces::default();
+        kept.keep(&asleep, &asleep, trace());
+        let confirmed = |t: &Task| kept.clone().take_confirmed(t);
+        assert!(confirmed(&asleep).is_some());
         // Woken but not yet run: a new state letter, the same stack.
         let woken = Task {
             state: 'R',
             ..asleep.clone()
         };
-        assert_eq!(early.confirmed(&woken).map(|t| t.state), Some('R'));
+        assert_eq!(confirmed(&woken).map(|t| t.state), Some('R'));
         // Ran and slept again; is running; is current on a vCPU; another task there.
-        assert!(early.confirmed(&task(41, false)).is_none());
-        assert!(early.confirmed(&task(40, true)).is_none());
+        assert!(confirmed(&task(41, false)).is_none());
+        assert!(confirmed(&task(40, true)).is_none());
         let on_vcpu = Task {
             vcpu: Some(0),
             ..asleep.clone()
         };
-        assert!(early.confirmed(&on_vcpu).is_none());
+        assert!(confirmed(&on_vcpu).is_none());
         let moved_sp = Task {
             saved_sp: asleep.saved_sp - 0x40,
             ..asleep.clone()
         };
-        assert!(early.confirmed(&moved_sp).is_none());
+        assert!(confirmed(&moved_sp).is_none());
         let reused = Task {
             pid: 8,
             ..asleep.clone()
         };
-        assert!(early.confirmed(&reused).is_none());
+        assert!(confirmed(&reused).is_none());
+        // A trace serves one check: taken, it is gone.
+        let mut once = kept.clone();
+        assert!(once.take_confirmed(&asleep).is_some());
+        assert!(once.take_confirmed(&asleep).is_none());
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub struct Engine {
     pub(crate) early: Option<crate::early::EarlyTraces>,
     /// Check each confirmed early trace against a fresh unwind.
     pub(crate) verify_early: bool,
+    /// Where the tick in progress spends its time (see [`crate::TickParts`]).
+    pub(crate) tick_parts: crate::transition::TickParts,
 }
 
 /// Does the function keep a frame pointer at its call sites: `push %rbp` and then

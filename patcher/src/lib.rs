@@ -39,7 +39,9 @@ pub use engine::{Begin, Engine, Import, Patch, PatchState, PatchedFunc};
 pub use funcs::{FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
 pub use manifest::SystemState;
 pub use object::PatchObject;
-pub use transition::{Blocker, Consistency, FuncChange, Op, Outcome, Request, Transition};
+pub use transition::{
+    Blocker, Consistency, FuncChange, Op, Outcome, Request, TickParts, Transition,
+};
 
 /// Writing to a paused guest: only the patcher writes, and only through this.
 pub trait GuestWriter: PausedGuest {

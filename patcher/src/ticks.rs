@@ -3,6 +3,7 @@
 //! [`crate::transition`] for the model).
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use introspection::kernel::Kernel;
 use introspection::orc::{reg, OrcEntry, OrcKind};
@@ -20,7 +21,7 @@ use crate::ftrace::{self, FlagWrite, SiteMove};
 use crate::funcs::{CodeRange, FuncStack, Version};
 use crate::space::Sizes;
 use crate::transition::{
-    unsafe_because, Blocker, Consistency, Outcome, Phase, Request, Transition,
+    unsafe_because, Blocker, Consistency, Outcome, Phase, Request, TickParts, Transition,
 };
 use crate::{GuestWriter, KpError};
 
@@ -46,7 +47,12 @@ impl Engine {
         t.ticks += 1;
         t.elapsed_ms = now_ms.saturating_sub(t.started_ms);
         t.note = None;
-        if let Err(e) = self.step(&mut t, guest, kernel, now_ms) {
+        let started = Instant::now();
+        self.tick_parts = TickParts::default();
+        let stepped = self.step(&mut t, guest, kernel, now_ms);
+        self.tick_parts.tick_us = micros(started.elapsed());
+        t.note_tick_parts(self.tick_parts);
+        if let Err(e) = stepped {
             // A busy guest is waited for, at the first tick too, up to the deadline.
             let wait = matches!(e, KpError::GuestBusy(_)) && !t.last_chance(now_ms);
             if t.phase == Phase::Waiting && !wait {
@@ -113,7 +119,7 @@ impl Engine {
         kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        let list = list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel)?;
         let all: Vec<&Task> = list.tasks.iter().collect();
         let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
         self.clear_suspects(&list, &traces);
@@ -250,7 +256,7 @@ impl Engine {
         kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        let list = list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel)?;
         let g = self.geometry()?;
         let target_start = t.target_is_start();
         let map = t
@@ -289,7 +295,7 @@ impl Engine {
             }
             return Ok(());
         }
-        let list = list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel)?;
         let g = self.geometry()?;
         let all: Vec<&Task> = list.tasks.iter().collect();
         let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
@@ -325,7 +331,7 @@ impl Engine {
         guest: &mut dyn GuestWriter,
         kernel: &Kernel,
     ) -> Result<(), KpError> {
-        let list = list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel)?;
         let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
             (Phase::Switching, Ok(g), Some(map)) => {
                 let pending = pending(map, &g, &list, t.target_is_start());
@@ -534,6 +540,20 @@ impl Engine {
             .iter()
             .filter_map(|tr| unsafe_because(tr, leaving, &tramps).map(|r| blocker(tr, r)))
             .collect()
+    }
+
+    /// Every task of the paused guest, timed into the tick's parts.
+    fn list_tasks(
+        &mut self,
+        guest: &dyn PausedGuest,
+        kernel: &Kernel,
+    ) -> Result<TaskList, KpError> {
+        let started = Instant::now();
+        let list = TaskReader::new(kernel, guest)
+            .list()
+            .map_err(|e| KpError::Guest(format!("listing tasks: {e}")));
+        self.tick_parts.list_us += micros(started.elapsed());
+        list
     }
 
     /// Unwind `tasks`, with patch code and trampolines known to the unwinder.
@@ -783,10 +803,8 @@ impl Engine {
     }
 }
 
-fn list_tasks(guest: &dyn PausedGuest, kernel: &Kernel) -> Result<TaskList, KpError> {
-    TaskReader::new(kernel, guest)
-        .list()
-        .map_err(|e| KpError::Guest(format!("listing tasks: {e}")))
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn blocker(tr: &StackTrace, reason: String) -> Blocker {

@@ -172,8 +172,23 @@ pub struct Transition {
     /// pause (patcher/src/early.rs).
     #[serde(default)]
     pub early_checks: crate::early::EarlyCheckCounts,
+    /// The engine's part of each tick's pause (as many as `pauses_us`, in order).
+    #[serde(default)]
+    pub tick_parts: Vec<TickParts>,
     #[serde(skip)]
     pub(crate) map: Option<TaskMap>,
+}
+
+/// Where the engine's part of one tick's pause went, µs, as the engine measured it. The
+/// rest of the tick's pause (`pauses_us`) is the VMM's: parking and resuming the vCPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TickParts {
+    /// Reading the task list (every task's fields, each vCPU's current task).
+    pub list_us: u64,
+    /// Checking tasks: confirming early traces and unwinding the rest.
+    pub checks_us: u64,
+    /// The whole tick: the two above, then deciding who moves and writing the guest.
+    pub tick_us: u64,
 }
 
 /// Wait after the `ticks`-th blocked tick: doubling from FIRST_BACKOFF.
@@ -223,6 +238,7 @@ impl Transition {
             note: None,
             bank: None,
             early_checks: Default::default(),
+            tick_parts: Vec::new(),
             map: None,
         }
     }
@@ -265,6 +281,12 @@ impl Transition {
         let wait = backoff_after(self.ticks).as_millis() as u64;
         self.backoff_ms = wait;
         self.next_ms = now_ms + wait;
+    }
+
+    pub(crate) fn note_tick_parts(&mut self, parts: TickParts) {
+        if self.tick_parts.len() < MAX_PAUSES_KEPT {
+            self.tick_parts.push(parts);
+        }
     }
 
     pub(crate) fn note_pause(&mut self, pause: Duration) {

@@ -18,6 +18,14 @@
 //!                                                      a 5 s blocker), pause per tick with 100 and
 //!                                                      2000 tasks vs a bare pause, call cost
 //!                                                      through the trampoline and after
+//!   cargo run -p lpvmm-tests --bin bench -- completion [RUNS] [TASKS]  per-task transition
+//!                                                      completion vs the guest's livepatch
+//!                                                      with 2000 (or TASKS, e.g. 100,2000)
+//!                                                      extra tasks
+//!   cargo run -p lpvmm-tests --bin bench -- calls [ROUNDS]  ns per getpid(2) call in the
+//!                                                      guest: unpatched, through lpvmm's
+//!                                                      dispatch, after (direct jump), and
+//!                                                      the guest's livepatch, interleaved
 //!   cargo run -p lpvmm-tests --bin bench -- ticks [RUNS] [TASKS]  the pause of an immediate
 //!                                                      enable and of a per-task enable's first
 //!                                                      tick with 100, 2000 (or TASKS, e.g.
@@ -65,11 +73,14 @@ fn main() {
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
         "ticks" => task_counts(args.next()).and_then(|c| ticks(n.unwrap_or(5), &c)),
+        "completion" => counts(args.next(), "2000", 0, 10_000, "task count")
+            .and_then(|c| completion(n.unwrap_or(5), &c)),
+        "calls" => calls(n.unwrap_or(5)),
         "host-info" => host_info(),
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench host-info"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info"
                 .into(),
         ),
     };
@@ -614,13 +625,7 @@ fn patch(cycles: u32) -> Result<(), String> {
     let mut pause_rows = Vec::new();
     let mut call_rows = Vec::new();
     for series in lpvmm_tests::SERIES {
-        // The guest initrd with the livepatch module appended.
-        let initrd = format!("{}/initrd-lp-{series}", host.tmp());
-        let (base, lp) = (
-            host.image("guest-initrd.cpio.gz"),
-            host.file(&format!("/root/lp-{series}.cpio.gz")),
-        );
-        host.exec(&format!("cat {base} {lp} > {initrd}"))?;
+        let initrd = initrd_with_livepatch(&mut host, series)?;
         let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
         let fix = g.host.file("/root/cmdline.kp");
         let same = g.host.file("/root/same.kp");
@@ -807,8 +812,8 @@ fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
         (kp_build("cmdline")?, "/root/cmdline.kp".to_string()),
     ];
     let mut host = TestHost::start_with_files(false, &files)?;
-    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | bare pause median (µs) | pause / bare | checks taken early / all |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | of it: task list / checks / whole tick, medians (µs) | bare pause median (µs) | pause / bare | checks taken early / all |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
         let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
         let immediate = g.host.file("/root/cmdline.kp");
@@ -870,6 +875,8 @@ struct TickRow {
     what: &'static str,
     tasks: u64,
     pauses: Vec<f64>,
+    /// The engine's parts of the first tick (`tick_parts[0]`): list, checks, whole tick.
+    parts: [Vec<f64>; 3],
     bare: Vec<f64>,
     early: u64,
     checks: u64,
@@ -881,6 +888,7 @@ impl TickRow {
             what,
             tasks: 0,
             pauses: Vec::new(),
+            parts: Default::default(),
             bare: Vec::new(),
             early: 0,
             checks: 0,
@@ -899,6 +907,14 @@ impl TickRow {
             self.early += n("confirmed")?;
             self.checks += n("confirmed")? + n("unwound")?;
         }
+        // An lpvmm from before tick parts has none (compared with this one).
+        let parts = &v["tick_parts"][0];
+        if !parts.is_null() {
+            for (i, k) in ["list_us", "checks_us", "tick_us"].iter().enumerate() {
+                let us = parts[k].as_f64().ok_or(format!("no tick_parts.{k}: {v}"))?;
+                self.parts[i].push(us);
+            }
+        }
         self.tasks = v["tasks"].as_u64().unwrap_or(0);
         self.pauses.push(first);
         self.bare.push(bare_us);
@@ -911,8 +927,17 @@ impl TickRow {
             .iter()
             .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
         let (p, b) = (median(self.pauses.clone()), median(self.bare.clone()));
+        let parts = match self.parts[0].is_empty() {
+            true => "–".to_string(),
+            false => self
+                .parts
+                .iter()
+                .map(|v| format!("{:.0}", median(v.clone())))
+                .collect::<Vec<_>>()
+                .join(" / "),
+        };
         format!(
-            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {b:.0} | {:.1} | {} / {} |",
+            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {parts} | {b:.0} | {:.1} | {} / {} |",
             self.tasks,
             self.what,
             p / b,
@@ -955,12 +980,7 @@ fn transition(runs: u32) -> Result<(), String> {
     let (n, reps) = (3000, 5);
     let (mut done_rows, mut tick_rows, mut call_rows) = (Vec::new(), Vec::new(), Vec::new());
     for series in lpvmm_tests::SERIES {
-        let initrd = format!("{}/initrd-lp-{series}", host.tmp());
-        let (base, lp) = (
-            host.image("guest-initrd.cpio.gz"),
-            host.file(&format!("/root/lp-{series}.cpio.gz")),
-        );
-        host.exec(&format!("cat {base} {lp} > {initrd}"))?;
+        let initrd = initrd_with_livepatch(&mut host, series)?;
         let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
         let kp = g.host.file("/root/nsleep-cmdline.kp");
 
@@ -1072,6 +1092,187 @@ fn transition(runs: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The guest initrd with the livepatch modules of `series` appended (livepatch_cpio,
+/// copied to the test host as /root/lp-SERIES.cpio.gz), on the test host.
+fn initrd_with_livepatch(host: &mut TestHost, series: &str) -> Result<String, String> {
+    let initrd = format!("{}/initrd-lp-{series}", host.tmp());
+    let (base, lp) = (
+        host.image("guest-initrd.cpio.gz"),
+        host.file(&format!("/root/lp-{series}.cpio.gz")),
+    );
+    host.exec(&format!("cat {base} {lp} > {initrd}"))?;
+    Ok(initrd)
+}
+
+/// The median of `v` with its smallest and largest value, as "M (L–H)".
+fn median_range(v: &[f64], digits: usize) -> String {
+    let lo = v.iter().copied().fold(f64::MAX, f64::min);
+    let hi = v.iter().copied().fold(f64::MIN, f64::max);
+    let m = median(v.to_vec());
+    format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
+}
+
+/// Per-task transition completion against the guest's livepatch with `extra` more
+/// sleeping processes: RUNS interleaved runs of lpvmm's per-task enable of the cmdline
+/// fix (command to every task switched) and of `insmod lpvmm_lp_cmdline.ko` (until its
+/// transition reads 0), nothing holding either.
+fn completion(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
+    let mut files = vec![(kp_build("cmdline")?, "/root/cmdline.kp".to_string())];
+    for series in lpvmm_tests::SERIES {
+        files.push((
+            livepatch_cpio(series)?,
+            format!("/root/lp-{series}.cpio.gz"),
+        ));
+    }
+    let mut host = TestHost::start_with_files(false, &files)?;
+    println!("| kernel | tasks | lpvmm per-task: command to every task switched, median (min–max) (ms) | livepatch: insmod to transition done, median (min–max) (ms) | lpvmm / livepatch |");
+    println!("|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let initrd = initrd_with_livepatch(&mut host, series)?;
+        let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
+        let kp = g.host.file("/root/cmdline.kp");
+        // Attach first, so that no run pays for it.
+        g.lpvmm("kernel {vm}")?;
+        for &extra in extra_counts {
+            g.run(&format!(
+                "spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"
+            ))?;
+            let tasks = g.run("ls -d /proc/[0-9]* | wc -l")?.trim().to_string();
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                ours.push(lpvmm_completion_ms(&mut g, &kp, "cmdline", false)?);
+                theirs.push(livepatch_completion_ms(&mut g, "lpvmm_lp_cmdline", false)?);
+            }
+            eprintln!("{series} {tasks} tasks: lpvmm {ours:?} livepatch {theirs:?}");
+            println!(
+                "| {series} | {tasks} | {} | {} | {:.3} |",
+                median_range(&ours, 0),
+                median_range(&theirs, 0),
+                median(ours.clone()) / median(theirs.clone())
+            );
+            g.run("kill $(pidof spawn); true")?;
+        }
+        g.poweroff()?;
+    }
+    Ok(())
+}
+
+/// Nanoseconds per getpid(2) call in the guest (`callcost`: batches of calls, every
+/// result checked; the median batch).
+fn ns_per_call(g: &mut lpvmm_tests::Guest) -> Result<f64, String> {
+    let out = g.run("callcost -n 100000 -b 21")?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("callcost: OK"))
+        .ok_or(format!("callcost failed: {out}"))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("median_ns="))
+        .and_then(|v| v.parse().ok())
+        .ok_or(format!("callcost printed no median: {out}"))
+}
+
+/// Issue 12's in-guest call cost: ns per getpid(2) call with `__x64_sys_getpid`
+/// unpatched; patched by lpvmm to the same body, through its dispatch while a `sleep` in
+/// the old common_nsleep holds the per-task transition (getpid-nsleep, kbuild-built);
+/// after the transition (a direct jump); and by the guest's own livepatch of the same
+/// change (lpvmm_lp_getpid.ko, an ftrace handler). ROUNDS rounds, interleaved.
+fn calls(rounds: u32) -> Result<(), String> {
+    let mut files = Vec::new();
+    for series in lpvmm_tests::SERIES {
+        files.push((
+            kbuild_kp(series, "getpid-nsleep")?,
+            format!("/root/getpid-nsleep-{series}.kp"),
+        ));
+        files.push((
+            livepatch_cpio(series)?,
+            format!("/root/lp-{series}.cpio.gz"),
+        ));
+    }
+    let mut host = TestHost::start_with_files(false, &files)?;
+    println!("| kernel | unpatched (ns/call) | lpvmm through dispatch (ns/call) | lpvmm after, direct jump (ns/call) | livepatch (ns/call) | dispatch / unpatched | direct / unpatched | livepatch / unpatched | lpvmm direct / livepatch |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for series in lpvmm_tests::SERIES {
+        let initrd = initrd_with_livepatch(&mut host, series)?;
+        let (mut g, _) = host.boot_guest_initrd("bench", series, 2, &initrd, "")?;
+        let kp = g.host.file(&format!("/root/getpid-nsleep-{series}.kp"));
+        g.lpvmm("kernel {vm}")?;
+        let mut c = CallCosts::default();
+        for _ in 0..rounds {
+            c.unpatched.push(ns_per_call(&mut g)?);
+            let holder = g.spawn("sleep 1000 &")?;
+            std::thread::sleep(Duration::from_millis(300));
+            let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
+            if rc != 0 {
+                return Err(out);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let (_, st) = g.lpvmm("patch status {vm} --json")?;
+            if json(&st)?["active"]["phase"] != "switching" {
+                return Err(format!("the per-task transition was not held: {st}"));
+            }
+            c.dispatch.push(ns_per_call(&mut g)?);
+            g.run(&format!("kill {holder}; wait {holder}; true"))?;
+            wait_no_transition(&mut g)?;
+            c.direct.push(ns_per_call(&mut g)?);
+            for op in ["disable", "unload"] {
+                let (rc, out) = g.lpvmm(&format!("patch {op} {{vm}} getpid-nsleep"))?;
+                if rc != 0 {
+                    return Err(out);
+                }
+            }
+            let sys = "/sys/kernel/livepatch/lpvmm_lp_getpid";
+            g.run(&format!(
+                "insmod /root/lpvmm_lp_getpid.ko && while [ \"$(cat {sys}/transition)\" = 1 ]; do sleep 0.1; done"
+            ))?;
+            c.livepatch.push(ns_per_call(&mut g)?);
+            g.run(&format!(
+                "echo 0 > {sys}/enabled; while [ -d {sys} ]; do sleep 0.1; done; rmmod lpvmm_lp_getpid"
+            ))?;
+        }
+        eprintln!("{series}: {c:?}");
+        println!("{}", c.line(series));
+        g.poweroff()?;
+    }
+    Ok(())
+}
+
+/// `bench calls`: ns per call of each round, per case.
+#[derive(Debug, Default)]
+struct CallCosts {
+    unpatched: Vec<f64>,
+    dispatch: Vec<f64>,
+    direct: Vec<f64>,
+    livepatch: Vec<f64>,
+}
+
+impl CallCosts {
+    /// The row: each case's median (min–max over rounds), then the ratios of medians
+    /// with, in brackets, the range of the same ratio taken round by round.
+    fn line(&self, series: &str) -> String {
+        let ratio = |a: &[f64], b: &[f64]| {
+            let per_round: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+            let (lo, hi) = per_round
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+            format!(
+                "{:.3} ({lo:.3}–{hi:.3})",
+                median(a.to_vec()) / median(b.to_vec())
+            )
+        };
+        format!(
+            "| {series} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            median_range(&self.unpatched, 1),
+            median_range(&self.dispatch, 1),
+            median_range(&self.direct, 1),
+            median_range(&self.livepatch, 1),
+            ratio(&self.dispatch, &self.unpatched),
+            ratio(&self.direct, &self.unpatched),
+            ratio(&self.livepatch, &self.unpatched),
+            ratio(&self.direct, &self.livepatch),
+        )
+    }
+}
+
 /// Does a guest survive `spawn 2000` while a per-task transition is held (trampolines
 /// live, ticks running), and without one (pauses only)? `bench fork-under-dispatch`.
 fn fork_under_dispatch() -> Result<(), String> {
@@ -1164,7 +1365,7 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
     let name = format!("endure-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let boot_splats = g.run(lpvmm_tests::SPLATS)?;
-    let original = g.run("cat /proc/cmdline")?.trim().to_string();
+    let original = g.text("cat /proc/cmdline")?;
     for kp in [
         "/root/cmdline.kp".to_string(),
         format!("/root/getpid-{series}.kp"),
@@ -1175,7 +1376,7 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
             return Err(format!("{series}: lpvmm patch {kp}: {out}"));
         }
     }
-    let patched = g.run("cat /proc/cmdline")?.trim().to_string();
+    let patched = g.text("cat /proc/cmdline")?;
     for p in ["cmdline", "getpid"] {
         g.lpvmm(&format!("patch disable {{vm}} {p}"))?;
     }

@@ -407,6 +407,10 @@ pub struct TransitionView {
     /// pause (docs/consistency.md, "Checks made before the pause").
     #[serde(default)]
     pub early_checks: patcher::EarlyCheckCounts,
+    /// The engine's part of each tick's pause: reading the task list, checking tasks,
+    /// the whole tick (µs; the rest of `pauses_us` is parking and resuming vCPUs).
+    #[serde(default)]
+    pub tick_parts: Vec<patcher::TickParts>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -491,6 +495,7 @@ impl TransitionView {
                 .collect(),
             pauses_us: t.pauses_us.clone(),
             early_checks: t.early_checks,
+            tick_parts: t.tick_parts.clone(),
         }
     }
 }
