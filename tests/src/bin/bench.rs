@@ -385,7 +385,7 @@ fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
         );
         let extras: &[u32] = if task_pauses { &[100, 2000] } else { &[] };
         for &extra in extras {
-            g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
+            spawn_tasks(&mut g, extra)?;
             let (mut tasks_us, mut stacks_us) = (Vec::new(), Vec::new());
             let mut count = 0.0;
             for _ in 0..runs {
@@ -799,6 +799,31 @@ fn livepatch_completion_ms(
     Ok(ms)
 }
 
+/// Start `spawn N` in the guest (N extra processes asleep in `pause()`) and wait until
+/// all of them exist; they run on until `kill $(pidof spawn)`.
+fn spawn_tasks(g: &mut lpvmm_tests::Guest, extra: u32) -> Result<(), String> {
+    g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
+    Ok(())
+}
+
+/// A per-task enable of `kp` held by a `sleep 1000` in the old code: the sleeper's pid
+/// and the transition in progress (`active` of `patch status`), which must be switching.
+fn held_per_task(g: &mut lpvmm_tests::Guest, kp: &str) -> Result<(i64, serde_json::Value), String> {
+    let holder = g.spawn("sleep 1000 &")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
+    if rc != 0 {
+        return Err(out);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, st) = g.lpvmm("patch status {vm} --json")?;
+    let active = json(&st)?["active"].clone();
+    if active["phase"] != "switching" {
+        return Err(format!("the per-task transition was not held: {st}"));
+    }
+    Ok((holder, active))
+}
+
 /// Bare pause + resume inside the VMM (µs), as `lpvmm pause` and `resume` report them.
 fn bare_pause_us(g: &mut lpvmm_tests::Guest) -> Result<f64, String> {
     let (_, p) = g.lpvmm("pause {vm} --json")?;
@@ -834,9 +859,7 @@ fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
         let immediate = g.host.file("/root/cmdline.kp");
         let per_task = g.host.file("/root/nsleep-cmdline.kp");
         for &extra in extra_counts {
-            g.run(&format!(
-                "spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"
-            ))?;
+            spawn_tasks(&mut g, extra)?;
             let mut rows = [
                 TickRow::new("immediate enable"),
                 TickRow::new("per-task first tick"),
@@ -852,18 +875,7 @@ fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
                 g.lpvmm("patch disable {vm} cmdline --consistency immediate")?;
                 g.lpvmm("patch unload {vm} cmdline")?;
 
-                let holder = g.spawn("sleep 1000 &")?;
-                std::thread::sleep(Duration::from_millis(300));
-                let (rc, out) = g.lpvmm(&format!("patch {{vm}} {per_task} --no-wait"))?;
-                if rc != 0 {
-                    return Err(out);
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                let (_, st) = g.lpvmm("patch status {vm} --json")?;
-                let active = json(&st)?["active"].clone();
-                if active["phase"] != "switching" {
-                    return Err(format!("the per-task transition was not held: {st}"));
-                }
+                let (holder, active) = held_per_task(&mut g, &per_task)?;
                 rows[1].add(&active, bare_pause_us(&mut g)?)?;
                 g.run(&format!("kill {holder}; wait {holder}; true"))?;
                 wait_no_transition(&mut g)?;
@@ -1046,7 +1058,7 @@ fn transition(runs: u32) -> Result<(), String> {
         // pauses in the same run. Reverse, then start again for each task count so that
         // the backoff starts over.
         for extra in [100u32, 2000] {
-            g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
+            spawn_tasks(&mut g, extra)?;
             g.lpvmm("patch reverse {vm}")?;
             let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
             if rc != 0 {
@@ -1149,9 +1161,7 @@ fn completion(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
         // Attach first, so that no run pays for it.
         g.lpvmm("kernel {vm}")?;
         for &extra in extra_counts {
-            g.run(&format!(
-                "spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"
-            ))?;
+            spawn_tasks(&mut g, extra)?;
             let tasks = g.run("ls -d /proc/[0-9]* | wc -l")?.trim().to_string();
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             for _ in 0..runs {
@@ -1226,17 +1236,7 @@ fn calls(rounds: u32) -> Result<(), String> {
         let mut c = CallCosts::default();
         for _ in 0..rounds {
             c.unpatched.push(ns_per_call(&mut g)?);
-            let holder = g.spawn("sleep 1000 &")?;
-            std::thread::sleep(Duration::from_millis(300));
-            let (rc, out) = g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?;
-            if rc != 0 {
-                return Err(out);
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            let (_, st) = g.lpvmm("patch status {vm} --json")?;
-            if json(&st)?["active"]["phase"] != "switching" {
-                return Err(format!("the per-task transition was not held: {st}"));
-            }
+            let (holder, _) = held_per_task(&mut g, &kp)?;
             c.dispatch.push(ns_per_call(&mut g)?);
             g.run(&format!("kill {holder}; wait {holder}; true"))?;
             wait_no_transition(&mut g)?;
