@@ -88,28 +88,133 @@ impl Located {
     }
 }
 
+/// One symbol as the table stores it: its name is a range of the table's one string
+/// (16 bytes a symbol, where a `Symbol` with its own heap name takes about 70).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    addr: u64,
+    name_at: u32,
+    name_len: u16,
+    kind: u8,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct SymbolTable {
     /// In kallsyms order (by address, aliases in the order the kernel lists them).
-    symbols: Vec<Symbol>,
-    /// Indices into `symbols`, stably sorted by address.
+    entries: Vec<Entry>,
+    /// Every name, one after the other.
+    names: String,
+    /// Indices into `entries`, stably sorted by address.
     by_addr: Vec<u32>,
-    /// Indices into `symbols`, stably sorted by name (a name's symbols stay in kallsyms
-    /// order). Searched, not hashed: a map keyed by a copy of every name doubled the
-    /// table's memory (150,000 names on 6.12).
-    by_name: Vec<u32>,
+    /// The symbols of each name, in kallsyms order.
+    by_name: NameIndex,
+}
+
+/// Which symbols have a name: a hash table of the first index of each name (open
+/// addressing, 4 bytes a slot, at most two thirds full) and, per symbol, the next one of
+/// the same name. Built in one pass: sorting 150,000 names (6.12) was most of decoding
+/// kallsyms, and a map keyed by a copy of every name doubled the table's memory. The
+/// hash is seeded per process, so names from guest memory cannot be chosen to collide;
+/// a name many symbols share is one slot and a chain.
+#[derive(Clone, Debug, Default)]
+struct NameIndex {
+    slots: Vec<u32>,
+    /// Per symbol: the next symbol with its name, or [`NONE`].
+    next: Vec<u32>,
+    hasher: std::hash::RandomState,
+}
+
+/// No symbol: an empty slot, the end of a chain.
+const NONE: u32 = u32::MAX;
+
+impl NameIndex {
+    /// The index of symbols `0..n`, where `name(i)` is the name of symbol `i`.
+    fn build<'n>(n: usize, name: impl Fn(u32) -> &'n str) -> NameIndex {
+        let hasher = std::hash::RandomState::new();
+        let mut slots = vec![NONE; (n + n / 2).max(1).next_power_of_two()];
+        let mut next = vec![NONE; n];
+        // The last symbol of each slot's chain, while building.
+        let mut last = vec![NONE; slots.len()];
+        let mask = slots.len() - 1;
+        for i in 0..n as u32 {
+            let key = name(i);
+            let mut at = std::hash::BuildHasher::hash_one(&hasher, key) as usize & mask;
+            loop {
+                match slots[at] {
+                    NONE => {
+                        (slots[at], last[at]) = (i, i);
+                        break;
+                    }
+                    s if name(s) == key => {
+                        next[last[at] as usize] = i;
+                        last[at] = i;
+                        break;
+                    }
+                    _ => at = (at + 1) & mask,
+                }
+            }
+        }
+        NameIndex {
+            slots,
+            next,
+            hasher,
+        }
+    }
+
+    /// The symbols named `key`, in kallsyms order.
+    fn find<'n>(&self, key: &str, name: impl Fn(u32) -> &'n str) -> Vec<u32> {
+        if self.slots.is_empty() {
+            return Vec::new();
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = std::hash::BuildHasher::hash_one(&self.hasher, key) as usize & mask;
+        // A slot is always empty (at most two thirds are full): the probe ends.
+        let first = loop {
+            match self.slots[at] {
+                NONE => return Vec::new(),
+                s if name(s) == key => break s,
+                _ => at = (at + 1) & mask,
+            }
+        };
+        let mut out = vec![first];
+        let mut i = first;
+        while let Some(&n) = self.next.get(i as usize).filter(|&&n| n != NONE) {
+            out.push(n);
+            i = n;
+        }
+        out
+    }
 }
 
 impl SymbolTable {
+    /// A table of `symbols`, in kallsyms order. Names longer than [`MAX_NAME`] are cut
+    /// there (the kernel's own limit), type letters outside ASCII become `?`.
     pub fn new(symbols: Vec<Symbol>) -> Self {
-        let mut by_addr: Vec<u32> = (0..symbols.len() as u32).collect();
-        by_addr.sort_by_key(|&i| symbols[i as usize].addr);
-        let mut by_name: Vec<u32> = (0..symbols.len() as u32).collect();
-        by_name.sort_by(|&a, &b| symbols[a as usize].name.cmp(&symbols[b as usize].name));
-        SymbolTable {
-            symbols,
-            by_addr,
-            by_name,
+        let mut b = TableBuilder::with_capacity(symbols.len());
+        for s in &symbols {
+            let kind = u8::try_from(s.kind)
+                .ok()
+                .filter(u8::is_ascii)
+                .unwrap_or(b'?');
+            b.push(s.addr, kind, s.name.as_bytes());
+        }
+        b.finish()
+    }
+
+    fn entry(&self, i: u32) -> &Entry {
+        &self.entries[i as usize]
+    }
+
+    fn name_of(&self, e: &Entry) -> &str {
+        let at = e.name_at as usize;
+        &self.names[at..at + usize::from(e.name_len)]
+    }
+
+    fn symbol(&self, e: &Entry) -> Symbol {
+        Symbol {
+            addr: e.addr,
+            kind: char::from(e.kind),
+            name: self.name_of(e).to_string(),
         }
     }
 
@@ -131,7 +236,7 @@ impl SymbolTable {
         let addresses = read_addresses(mem, info, n)?;
 
         let mut names = NameStream::new(mem, table("kallsyms_names")?);
-        let mut symbols = Vec::with_capacity(n);
+        let mut symbols = TableBuilder::with_capacity(n);
         let mut expanded = Vec::with_capacity(MAX_NAME);
         for (i, &addr) in addresses.iter().enumerate() {
             let mut len = usize::from(names.byte()?);
@@ -152,33 +257,29 @@ impl SymbolTable {
             let (&kind, name) = expanded
                 .split_first()
                 .ok_or_else(|| corrupt(format!("symbol {i} expands to nothing")))?;
-            symbols.push(Symbol {
-                addr,
-                kind: char::from(kind),
-                name: String::from_utf8_lossy(name).into_owned(),
-            });
+            symbols.push(addr, kind, name);
         }
-        Ok(SymbolTable::new(symbols))
+        Ok(symbols.finish())
     }
 
     pub fn len(&self) -> usize {
-        self.symbols.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.symbols.is_empty()
+        self.entries.is_empty()
     }
 
-    /// Every symbol, in kallsyms order.
-    pub fn symbols(&self) -> &[Symbol] {
-        &self.symbols
+    /// Every symbol, in kallsyms order (each one built as it is asked for).
+    pub fn symbols(&self) -> impl ExactSizeIterator<Item = Symbol> + '_ {
+        self.entries.iter().map(|e| self.symbol(e))
     }
 
     /// All symbols with this name, in kallsyms order.
-    pub fn named(&self, name: &str) -> Vec<&Symbol> {
+    pub fn named(&self, name: &str) -> Vec<Symbol> {
         self.named_indices(name)
             .iter()
-            .map(|&i| &self.symbols[i as usize])
+            .map(|&i| self.symbol(self.entry(i)))
             .collect()
     }
 
@@ -186,31 +287,29 @@ impl SymbolTable {
     pub fn addr(&self, name: &str) -> Option<u64> {
         self.named_indices(name)
             .first()
-            .map(|&i| self.symbols[i as usize].addr)
+            .map(|&i| self.entry(i).addr)
     }
 
-    /// The run of `by_name` that holds `name`'s symbols.
-    fn named_indices(&self, name: &str) -> &[u32] {
-        let key = |i: &u32| self.symbols[*i as usize].name.as_str();
-        let start = self.by_name.partition_point(|i| key(i) < name);
-        let len = self.by_name[start..].partition_point(|i| key(i) == name);
-        &self.by_name[start..start + len]
+    /// The indices of `name`'s symbols, in kallsyms order.
+    fn named_indices(&self, name: &str) -> Vec<u32> {
+        self.by_name.find(name, |i| self.name_of(self.entry(i)))
     }
 
     /// Resolve `name` (must be unique) or `name,pos` (the pos-th symbol of that name,
     /// from 1, in kallsyms order: livepatch's `sympos`).
-    pub fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<&Symbol, ResolveError> {
-        let all = self.named(name);
+    pub fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<Symbol, ResolveError> {
+        let all = self.named_indices(name);
+        let symbol = |i: &u32| self.symbol(self.entry(*i));
         match (sympos, all.len()) {
             (_, 0) => Err(ResolveError::Unknown(name.to_string())),
-            (None | Some(0), 1) => Ok(all[0]),
+            (None | Some(0), 1) => Ok(symbol(&all[0])),
             (None | Some(0), count) => Err(ResolveError::Ambiguous {
                 name: name.to_string(),
                 count,
             }),
             (Some(pos), count) => {
                 all.get(pos as usize - 1)
-                    .copied()
+                    .map(symbol)
                     .ok_or(ResolveError::NoSuchPosition {
                         name: name.to_string(),
                         pos,
@@ -223,23 +322,16 @@ impl SymbolTable {
     /// The symbol containing `addr`: the last one at or below it (the first of several
     /// aliases, as the kernel picks), with the distance to the next higher symbol.
     pub fn locate(&self, addr: u64) -> Option<Located> {
-        let pos = self
-            .by_addr
-            .partition_point(|&i| self.symbols[i as usize].addr <= addr);
+        let addr_of = |i: &u32| self.entry(*i).addr;
+        let pos = self.by_addr.partition_point(|i| addr_of(i) <= addr);
         if pos == 0 {
             return None;
         }
-        let start = self.symbols[self.by_addr[pos - 1] as usize].addr;
-        let first = self
-            .by_addr
-            .partition_point(|&i| self.symbols[i as usize].addr < start);
-        let sym = &self.symbols[self.by_addr[first] as usize];
-        let size = self
-            .by_addr
-            .get(pos)
-            .map(|&i| self.symbols[i as usize].addr - start);
+        let start = addr_of(&self.by_addr[pos - 1]);
+        let first = self.by_addr.partition_point(|i| addr_of(i) < start);
+        let size = self.by_addr.get(pos).map(|i| addr_of(i) - start);
         Some(Located {
-            name: sym.name.clone(),
+            name: self.name_of(self.entry(self.by_addr[first])).to_string(),
             symbol_addr: start,
             offset: addr - start,
             size,
@@ -259,6 +351,57 @@ impl SymbolTable {
     pub fn size_at(&self, addr: u64) -> Option<u64> {
         let l = self.locate(addr)?;
         (l.offset == 0).then_some(l.size).flatten()
+    }
+}
+
+/// Collects symbols into a [`SymbolTable`], names into its one string.
+struct TableBuilder {
+    entries: Vec<Entry>,
+    names: String,
+}
+
+impl TableBuilder {
+    fn with_capacity(n: usize) -> Self {
+        TableBuilder {
+            entries: Vec::with_capacity(n),
+            names: String::new(),
+        }
+    }
+
+    /// Add a symbol; invalid UTF-8 in its name is replaced, a name is cut at
+    /// [`MAX_NAME`] bytes (at a character boundary).
+    fn push(&mut self, addr: u64, kind: u8, name: &[u8]) {
+        let name = String::from_utf8_lossy(name);
+        let mut len = name.len().min(MAX_NAME);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        // At most MAX_SYMBOLS names of at most MAX_NAME bytes: 2 GiB, within u32.
+        self.entries.push(Entry {
+            addr,
+            name_at: self.names.len() as u32,
+            name_len: len as u16,
+            kind,
+        });
+        self.names.push_str(&name[..len]);
+    }
+
+    fn finish(mut self) -> SymbolTable {
+        self.names.shrink_to_fit();
+        let entries = self.entries;
+        let name = |i: u32| {
+            let e = &entries[i as usize];
+            &self.names[e.name_at as usize..e.name_at as usize + usize::from(e.name_len)]
+        };
+        let mut by_addr: Vec<u32> = (0..entries.len() as u32).collect();
+        by_addr.sort_by_key(|&i| entries[i as usize].addr);
+        let by_name = NameIndex::build(entries.len(), name);
+        SymbolTable {
+            entries,
+            names: self.names,
+            by_addr,
+            by_name,
+        }
     }
 }
 
@@ -397,6 +540,64 @@ mod tests {
         );
         assert_eq!(t.size_at(0x1080), Some(0x40));
         assert_eq!(t.size_at(0x1081), None);
+    }
+
+    #[test]
+    fn stores_16_bytes_a_symbol_and_gives_back_what_it_was_given() {
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
+        let long = "x".repeat(MAX_NAME + 10);
+        let t = SymbolTable::new(vec![
+            Symbol {
+                addr: 0x10,
+                kind: 'T',
+                name: "a".into(),
+            },
+            Symbol {
+                addr: 0x20,
+                kind: 'é',
+                name: long,
+            },
+        ]);
+        let all: Vec<Symbol> = t.symbols().collect();
+        assert_eq!(
+            all[0],
+            Symbol {
+                addr: 0x10,
+                kind: 'T',
+                name: "a".into()
+            }
+        );
+        assert_eq!((all[1].kind, all[1].name.len()), ('?', MAX_NAME));
+        assert_eq!(t.addr(&"x".repeat(MAX_NAME)), Some(0x20));
+    }
+
+    #[test]
+    fn a_name_shared_by_many_symbols_is_one_chain_in_kallsyms_order() {
+        // As a hostile guest could name every symbol: building stays one pass.
+        let n = 200_000u64;
+        let t = SymbolTable::new(
+            (0..n)
+                .map(|i| Symbol {
+                    addr: 0x1000 + i,
+                    kind: 't',
+                    name: if i % 1000 == 7 {
+                        "other".into()
+                    } else {
+                        "same".into()
+                    },
+                })
+                .collect(),
+        );
+        let same = t.named("same");
+        assert_eq!(same.len() as u64, n - n / 1000);
+        assert!(
+            same.windows(2).all(|w| w[0].addr < w[1].addr),
+            "kallsyms order"
+        );
+        assert_eq!(t.resolve("other", Some(3)).unwrap().addr, 0x1000 + 2007);
+        assert!(t.named("absent").is_empty());
+        assert!(SymbolTable::default().named("same").is_empty());
+        assert_eq!(SymbolTable::new(Vec::new()).addr("same"), None);
     }
 
     #[test]

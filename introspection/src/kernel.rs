@@ -75,6 +75,12 @@ pub struct KernelAddrs {
     pub pcpu_hot: Option<u64>,
     pub hardirq_stack_ptr: Option<u64>,
     pub nr_cpu_ids: Option<u64>,
+    /// `total_forks`, `nr_threads` and `tasklist_lock` (kernel/fork.c): what tells that
+    /// the task list did not change between two looks at it (see
+    /// [`crate::tasks::ListStamp`]).
+    pub total_forks: Option<u64>,
+    pub nr_threads: Option<u64>,
+    pub tasklist_lock: Option<u64>,
     /// Where a new task first runs (`ret_from_fork`, `ret_from_fork_asm` in 6.7+).
     pub ret_from_fork: Vec<u64>,
 }
@@ -104,7 +110,7 @@ pub struct Kernel {
     pub info: VmcoreInfo,
     pub root: PagingRoot,
     pub symbols: SymbolTable,
-    pub btf: Btf,
+    /// Everything lpvmm uses from BTF (the parsed types are dropped after attach).
     pub layout: Layout,
     pub orc: OrcTable,
     pub addrs: KernelAddrs,
@@ -174,6 +180,9 @@ impl Kernel {
             pcpu_hot: symbols.addr("pcpu_hot"),
             hardirq_stack_ptr: symbols.addr("hardirq_stack_ptr"),
             nr_cpu_ids: symbols.addr("nr_cpu_ids"),
+            total_forks: symbols.addr("total_forks"),
+            nr_threads: symbols.addr("nr_threads"),
+            tasklist_lock: symbols.addr("tasklist_lock"),
             ret_from_fork: ["ret_from_fork", "ret_from_fork_asm"]
                 .iter()
                 .filter_map(|n| symbols.addr(n))
@@ -211,7 +220,6 @@ impl Kernel {
             info,
             root,
             symbols,
-            btf,
             layout,
             orc,
             addrs,

@@ -1,4 +1,6 @@
-//! Every struct offset lpvmm uses, read from the guest's BTF once at attach.
+//! Every struct offset lpvmm uses, read from the guest's BTF once at attach. Nothing
+//! asks BTF anything later: what the patcher needs (a few sizes and one field) is read
+//! here too, so attach can drop the parsed types (several MiB) once it is done.
 //!
 //! Nothing here is a number written by hand: a field that moves between kernel versions
 //! (or builds) moves in BTF, and the readers follow. Where a field was renamed across
@@ -62,6 +64,18 @@ pub struct PcpuHotLayout {
     pub hardirq_stack_ptr: u64,
 }
 
+/// What the patcher asks of BTF, each `None` where this kernel's BTF lacks it (the
+/// patcher then says what it needed, when it needs it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatcherTypes {
+    /// `sizeof(struct task_struct)`: the upper bound of the dispatch granule.
+    pub task_struct_size: Option<u64>,
+    /// `cpuinfo_x86.x86_capability`: the CPU feature words alternatives test.
+    pub x86_capability: Option<Field>,
+    /// `sizeof(struct alt_instr)`: checked against a patch's `.altinstructions`.
+    pub alt_instr_size: Option<u64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub task: TaskLayout,
@@ -72,6 +86,7 @@ pub struct Layout {
     /// `struct rq.idle`: each CPU's idle task (not on the task list).
     pub rq_idle: u64,
     pub pcpu_hot: Option<PcpuHotLayout>,
+    pub patcher: PatcherTypes,
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -144,6 +159,11 @@ impl Layout {
             },
             rq_idle: btf.field("rq", "idle")?.offset(),
             pcpu_hot,
+            patcher: PatcherTypes {
+                task_struct_size: btf.struct_size("task_struct").ok(),
+                x86_capability: btf.field("cpuinfo_x86", "x86_capability").ok(),
+                alt_instr_size: btf.struct_size("alt_instr").ok(),
+            },
         })
     }
 }

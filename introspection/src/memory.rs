@@ -7,7 +7,7 @@
 //! memory and is hostile: a non-present entry, a table outside RAM or a non-canonical
 //! address is a [`MemError`], never a panic.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use crate::guest::{GuestError, GuestRam};
@@ -79,7 +79,13 @@ pub struct KernelMemory<'g> {
     guest: &'g dyn GuestRam,
     root: PagingRoot,
     pages: RefCell<HashMap<u64, u64>>,
+    /// The page last translated and its physical page (most reads follow one in the same
+    /// page: the fields of one task_struct, the words of one stack). `NO_PAGE` at first.
+    last: Cell<(u64, u64)>,
 }
+
+/// No 4 KiB page starts here: the `last` of a view that has translated nothing.
+const NO_PAGE: u64 = 1;
 
 impl<'g> KernelMemory<'g> {
     pub fn new(guest: &'g dyn GuestRam, root: PagingRoot) -> Self {
@@ -87,6 +93,7 @@ impl<'g> KernelMemory<'g> {
             guest,
             root,
             pages: RefCell::new(HashMap::new()),
+            last: Cell::new((NO_PAGE, 0)),
         }
     }
 
@@ -101,10 +108,16 @@ impl<'g> KernelMemory<'g> {
     /// Guest-physical address of a kernel virtual address.
     pub fn translate(&self, va: u64) -> Result<u64, MemError> {
         let page = va & !(PAGE - 1);
-        if let Some(pa) = self.pages.borrow().get(&page) {
+        let (last, last_pa) = self.last.get();
+        if last == page {
+            return Ok(last_pa | (va & (PAGE - 1)));
+        }
+        if let Some(&pa) = self.pages.borrow().get(&page) {
+            self.last.set((page, pa));
             return Ok(pa | (va & (PAGE - 1)));
         }
         let pa = translate(self.guest, self.root, page)?;
+        self.last.set((page, pa));
         // Bounded: a walk over hostile lists must not grow the cache without limit.
         let mut pages = self.pages.borrow_mut();
         if pages.len() > 1 << 20 {

@@ -180,8 +180,11 @@ impl OrcFormat {
 #[derive(Clone, Debug)]
 pub struct OrcTable {
     format: OrcFormat,
-    /// Absolute addresses, as the kernel sorted them.
-    ips: Vec<u64>,
+    /// The lowest address of the table: `ips` are offsets from it.
+    base: u64,
+    /// Addresses as offsets from `base`, as the kernel sorted them (4 bytes an entry, as
+    /// the kernel keeps them, not 8: the image's text spans far less than 4 GiB).
+    ips: Vec<u32>,
     entries: Vec<u8>,
 }
 
@@ -208,7 +211,7 @@ impl OrcTable {
             )));
         }
         let raw_ips = mem.read_vec(ip_start, (count * 4) as usize)?;
-        let ips = raw_ips
+        let absolute: Vec<u64> = raw_ips
             .chunks_exact(4)
             .enumerate()
             .map(|(i, c)| {
@@ -218,9 +221,27 @@ impl OrcTable {
                     .wrapping_add(i64::from(rel) as u64)
             })
             .collect();
+        drop(raw_ips);
         let entries = mem.read_vec(u_start, (count * esize) as usize)?;
+        Self::from_addresses(format, &absolute, entries)
+    }
+
+    /// The table of `entries` (`format.entry_size` bytes each) at the absolute
+    /// addresses `ips`, stored as offsets from the lowest.
+    fn from_addresses(
+        format: OrcFormat,
+        ips: &[u64],
+        entries: Vec<u8>,
+    ) -> Result<OrcTable, OrcError> {
+        let base = ips.iter().copied().min().unwrap_or(0);
+        let ips = ips
+            .iter()
+            .map(|&ip| u32::try_from(ip - base))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(|_| OrcError::Corrupt("addresses span more than 4 GiB".into()))?;
         Ok(OrcTable {
             format,
+            base,
             ips,
             entries,
         })
@@ -241,7 +262,9 @@ impl OrcTable {
     /// The entry covering `ip`: the last one at or below it. The caller decides whether
     /// `ip` is kernel text at all.
     pub fn find(&self, ip: u64) -> Option<OrcEntry> {
-        let pos = self.ips.partition_point(|&x| x <= ip);
+        let rel = ip.checked_sub(self.base)?;
+        let rel = u32::try_from(rel).unwrap_or(u32::MAX);
+        let pos = self.ips.partition_point(|&x| x <= rel);
         let i = pos.checked_sub(1)?;
         let size = self.format.entry_size as usize;
         let raw = self.entries.get(i * size..(i + 1) * size)?;
@@ -278,6 +301,23 @@ mod tests {
         let s = sp_off.to_le_bytes();
         let b = bp_off.to_le_bytes();
         [s[0], s[1], b[0], b[1], sp_reg | (bp_reg << 4), high]
+    }
+
+    #[test]
+    fn finds_the_last_entry_at_or_below_an_address_kept_as_offsets() {
+        let f = format(true);
+        let base = 0xffff_c900_0000_0000u64;
+        let entries = [raw(8, 0, reg::SP, 0, 2), raw(16, 0, reg::SP, 0, 2)].concat();
+        let t = OrcTable::from_addresses(f.clone(), &[base, base + 0x40], entries).unwrap();
+        assert!(t.find(base - 1).is_none(), "below the table");
+        assert_eq!(t.find(base).unwrap().sp_offset, 8);
+        assert_eq!(t.find(base + 0x3f).unwrap().sp_offset, 8);
+        assert_eq!(t.find(base + 0x40).unwrap().sp_offset, 16);
+        // Past 4 GiB above the lowest address: still the last entry, not a wrap-around.
+        assert_eq!(t.find(base + (5u64 << 30)).unwrap().sp_offset, 16);
+        // A hostile table spanning more than 4 GiB is refused.
+        let e = OrcTable::from_addresses(f, &[base, base + (5u64 << 30)], vec![0; 12]);
+        assert!(matches!(e, Err(OrcError::Corrupt(_))));
     }
 
     #[test]

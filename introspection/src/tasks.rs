@@ -84,6 +84,27 @@ impl TaskList {
     }
 }
 
+/// What tells whether the task list changed between two looks at it. Every change to
+/// the list happens with `tasklist_lock` held for writing, in the same critical section
+/// as a change of these counters: `copy_process` links a new task and increments
+/// `nr_threads` and `total_forks`, `__unhash_process` unlinks one and decrements
+/// `nr_threads` (the one other writer, `de_thread`, puts the exec'ing thread in its
+/// leader's place on `init_task.tasks`, which leaves the set of tasks the same). So if a
+/// stamp read *before* a walk of the running guest equals one read in a later pause,
+/// and in that pause no writer holds the lock, no fork or exit completed after the walk
+/// began and none is under way: the walk's list of task addresses is the pause's.
+/// (`total_forks` only grows; `nr_threads` only falls without a fork.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListStamp {
+    pub forks: u64,
+    pub threads: u32,
+}
+
+/// The writer's byte of a queued rwlock's `cnts` (`_QW_LOCKED`, include/asm-generic/
+/// qrwlock.h, the same since 4.x): non-zero while a writer holds the lock. `cnts` is
+/// the first word of `rwlock_t` without lock debugging, as distribution kernels build.
+const QRW_WRITER_LOCKED: u32 = 0xff;
+
 /// `ps`'s state letter from `__state` and `exit_state` (TASK_* values of
 /// include/linux/sched.h, unchanged from 4.14 to 6.12 for these bits).
 pub fn state_letter(state: u64, exit_state: u64) -> char {
@@ -397,8 +418,41 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         Ok(out)
     }
 
+    /// The task list's stamp now, `None` for a kernel without the counters' symbols.
+    pub fn list_stamp(&self) -> Result<Option<ListStamp>, TaskError> {
+        let a = &self.kernel.addrs;
+        let (Some(forks), Some(threads)) = (a.total_forks, a.nr_threads) else {
+            return Ok(None);
+        };
+        Ok(Some(ListStamp {
+            forks: self.mem.u64(forks)?, // kernel/fork.c: unsigned long total_forks
+            threads: self.mem.u32(threads)?, // kernel/fork.c: int nr_threads
+        }))
+    }
+
+    /// Whether the task list read from a running guest after `then` was taken is the
+    /// list of this (paused) guest: the stamp is the same and no writer holds
+    /// `tasklist_lock` (see [`ListStamp`]). `false` whenever it cannot be told.
+    pub fn list_unchanged_since(&self, then: ListStamp) -> bool {
+        let Some(lock) = self.kernel.addrs.tasklist_lock else {
+            return false;
+        };
+        let writer = match self.mem.u32(lock) {
+            Ok(cnts) => cnts & QRW_WRITER_LOCKED != 0,
+            Err(_) => return false,
+        };
+        !writer && matches!(self.list_stamp(), Ok(Some(now)) if now == then)
+    }
+
     /// Every task, and what each vCPU runs.
     pub fn list(&self) -> Result<TaskList, TaskError> {
+        self.list_of(&self.addresses()?)
+    }
+
+    /// The address of every task on the lists, in list order: processes from
+    /// `init_task.tasks`, each followed by its threads (idle tasks other than
+    /// `init_task` are on no list: [`TaskReader::list_of`] adds them).
+    pub fn addresses(&self) -> Result<Vec<u64>, TaskError> {
         let k = self.kernel;
         let l = &k.layout;
         let mut seen = HashSet::new();
@@ -438,18 +492,32 @@ impl<'k, 'g> TaskReader<'k, 'g> {
                 }
             }
         }
+        Ok(addrs)
+    }
 
+    /// The tasks at `addrs` (from [`TaskReader::addresses`], of this guest or of an
+    /// earlier look at it that a stamp confirmed), each CPU's idle task, and what each
+    /// vCPU runs: every field read now.
+    pub fn list_of(&self, addrs: &[u64]) -> Result<TaskList, TaskError> {
+        let k = self.kernel;
+        let l = &k.layout;
+        if addrs.len() > MAX_TASKS {
+            return Err(TaskError::TooMany);
+        }
         let mut tasks = Vec::with_capacity(addrs.len());
-        for a in addrs {
+        for &a in addrs {
             tasks.push(self.task(a)?);
         }
         // Idle tasks of the other CPUs (CPU 0's is init_task, already listed).
+        let mut listed = addrs.to_vec();
+        listed.sort_unstable();
+        let mut idles = HashSet::new();
         let bases = self.percpu_bases()?;
         for &base in &bases {
             let idle = self
                 .mem
                 .u64(base.wrapping_add(k.addrs.runqueues.wrapping_add(l.rq_idle)))?;
-            if idle != 0 && seen.insert(idle) {
+            if idle != 0 && listed.binary_search(&idle).is_err() && idles.insert(idle) {
                 tasks.push(self.task(idle)?);
             }
         }

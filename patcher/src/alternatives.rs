@@ -59,9 +59,10 @@ impl CpuFeatures {
             .addr("boot_cpu_data")
             .ok_or_else(|| need("the symbol boot_cpu_data"))?;
         let field = kernel
-            .btf
-            .field("cpuinfo_x86", "x86_capability")
-            .map_err(|_| need("cpuinfo_x86.x86_capability in BTF"))?;
+            .layout
+            .patcher
+            .x86_capability
+            .ok_or_else(|| need("cpuinfo_x86.x86_capability in BTF"))?;
         let words = (field.size / 4).clamp(1, MAX_WORDS);
         let at = base + field.bit_offset / 8;
         let bytes = mem

@@ -13,7 +13,14 @@
 //!   (on a CPU).
 //!
 //! Everything else (tasks that ran, tasks on a vCPU, tasks that appeared, reads that
-//! failed) is unwound in the pause, as before. The early traces are used by one tick
+//! failed) is unwound in the pause, as before.
+//!
+//! The task list itself is walked early too. The walk (following `init_task.tasks` and
+//! every process's thread list) is about half of reading the list; the pause skips it
+//! when the kernel's fork and exit counters, read before the early walk, are the same in
+//! the pause and no writer holds `tasklist_lock` ([`introspection::tasks::ListStamp`]):
+//! then no task appeared or went away, and the pause reads the fields of the tasks the
+//! early walk found. Otherwise the pause walks the list itself. The early traces are used by one tick
 //! only. Nothing read early is trusted on its own: the confirmation reads come from the
 //! paused guest.
 //!
@@ -25,7 +32,7 @@ use std::collections::HashMap;
 
 use introspection::kernel::Kernel;
 use introspection::stack::StackTrace;
-use introspection::tasks::{Task, TaskList};
+use introspection::tasks::{ListStamp, Task, TaskList, TaskReader};
 use introspection::{GuestRam, PausedGuest, Unconfirmed};
 use serde::{Deserialize, Serialize};
 
@@ -54,10 +61,20 @@ impl Stamp {
     }
 }
 
-/// Traces unwound while the guest ran, by task address, each with its stamp.
+/// Traces unwound while the guest ran, by task address, each with its stamp; and the
+/// task list's addresses as walked then, with the list's stamp from before the walk.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct EarlyTraces {
     traces: HashMap<u64, (Stamp, StackTrace)>,
+    pub(crate) list: Option<EarlyList>,
+}
+
+/// The task addresses a walk of the running guest found, and the task list's stamp read
+/// before that walk began.
+#[derive(Clone, Debug)]
+pub(crate) struct EarlyList {
+    pub(crate) stamp: ListStamp,
+    pub(crate) addrs: Vec<u64>,
 }
 
 impl EarlyTraces {
@@ -105,6 +122,17 @@ pub struct EarlyCheckCounts {
     pub verified: u64,
     /// With verification on: confirmed traces that differed from a fresh unwind (a bug).
     pub mismatches: u64,
+    /// Task lists read in the pause at the addresses an early walk found (the list's
+    /// stamp confirmed that no task appeared or went away since).
+    #[serde(default)]
+    pub lists_confirmed: u64,
+    /// Task lists walked in the pause (no early walk, or its stamp did not hold).
+    #[serde(default)]
+    pub lists_walked: u64,
+    /// With verification on: confirmed lists that differed from a walk in the same
+    /// pause (a bug).
+    #[serde(default)]
+    pub list_mismatches: u64,
 }
 
 /// Whether two traces of one task give the same verdict for every patch: the same
@@ -133,13 +161,19 @@ impl Engine {
         }
         let running = Unconfirmed(ram);
         let early = self.with_unwinder(&running, kernel, |reader, unwinder| {
-            let list = reader.list().ok()?;
+            // The stamp first: a fork or exit during the walk must show in the pause.
+            let stamp = reader.list_stamp().ok().flatten();
+            let addrs = reader.addresses().ok()?;
+            let list = reader.list_of(&addrs).ok()?;
             // A tick that goes on switching checks only the tasks still to move.
             let checked: Vec<&Task> = match self.still_to_move(&list) {
                 Some(pending) => pending,
                 None => list.tasks.iter().collect(),
             };
-            let mut early = EarlyTraces::default();
+            let mut early = EarlyTraces {
+                list: stamp.map(|stamp| EarlyList { stamp, addrs }),
+                ..EarlyTraces::default()
+            };
             for &before in checked.iter().filter(|t| Stamp::of(t).is_some()) {
                 let trace = unwinder.trace(before);
                 if let Ok(after) = reader.task(before.addr) {
@@ -167,6 +201,27 @@ impl Engine {
     /// trace is checked against a fresh unwind in the pause, and the result counted.
     pub fn set_verify_early(&mut self, on: bool) {
         self.verify_early = on;
+    }
+
+    /// The task list of the paused guest: at the early walk's addresses if its stamp
+    /// still holds, else walked now (see the module's text); counts into `counts`. With
+    /// verification on, a confirmed list is checked against a walk in the same pause.
+    pub(crate) fn confirmed_list(
+        &mut self,
+        reader: &TaskReader,
+        counts: &mut EarlyCheckCounts,
+    ) -> Result<TaskList, introspection::tasks::TaskError> {
+        let early = self.early.as_mut().and_then(|e| e.list.take());
+        let Some(early) = early.filter(|l| reader.list_unchanged_since(l.stamp)) else {
+            counts.lists_walked += 1;
+            return reader.list();
+        };
+        counts.lists_confirmed += 1;
+        let list = reader.list_of(&early.addrs)?;
+        if self.verify_early && reader.list().as_ref() != Ok(&list) {
+            counts.list_mismatches += 1;
+        }
+        Ok(list)
     }
 
     /// Unwind `tasks` in the pause, taking each early trace that the pause confirms;

@@ -749,7 +749,7 @@ fn guest_cpu(
     let Some(alts) = &obj.alternatives else {
         return Ok(None);
     };
-    if let Ok(size) = kernel.btf.struct_size("alt_instr") {
+    if let Some(size) = kernel.layout.patcher.alt_instr_size {
         if size != alts.entry_size as u64 {
             return Err(KpError::Unsupported(format!(
                 "{}: its alternatives are {}-byte entries, the guest kernel's {size}: was it \

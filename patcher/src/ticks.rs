@@ -23,7 +23,7 @@ use crate::space::Sizes;
 use crate::transition::{
     unsafe_because, Blocker, Consistency, Outcome, Phase, Request, TickParts, Transition,
 };
-use crate::{GuestWriter, KpError};
+use crate::{EarlyCheckCounts, GuestWriter, KpError};
 
 /// How the unwinder sees code that is not the kernel's: a trampoline, at any of its
 /// instructions, is a function's entry (the return address on top of the stack).
@@ -119,7 +119,7 @@ impl Engine {
         kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        let list = self.list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let all: Vec<&Task> = list.tasks.iter().collect();
         let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
         self.clear_suspects(&list, &traces);
@@ -160,15 +160,35 @@ impl Engine {
         blockers: Vec<Blocker>,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        self.ensure_dispatch(guest.reader(), kernel)?;
-        let Some(bank) = self.free_bank() else {
+        let started = Instant::now();
+        let r = self.install_dispatch(t, guest, kernel, list, &blockers);
+        self.tick_parts.writes_us += micros(started.elapsed());
+        if r? {
+            t.phase = Phase::Switching;
+        } else {
             t.note = Some(
                 "every trampoline bank may still have a task inside it (from earlier \
                  transitions); waiting for those tasks to run"
                     .into(),
             );
-            t.record_blocked(now_ms, blockers);
-            return Ok(());
+        }
+        t.record_blocked(now_ms, blockers);
+        Ok(())
+    }
+
+    /// Trampolines, the task map with `blockers` on the starting side, and the sites
+    /// jumping to the trampolines. `false`: no bank was free, nothing written.
+    fn install_dispatch(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        list: &TaskList,
+        blockers: &[Blocker],
+    ) -> Result<bool, KpError> {
+        self.ensure_dispatch(guest.reader(), kernel)?;
+        let Some(bank) = self.free_bank() else {
+            return Ok(false);
         };
         let d = self.dispatch.as_ref().expect("ensured above");
         let g = d.geometry;
@@ -184,7 +204,7 @@ impl Engine {
             )));
         }
         let mut map = TaskMap::filled(&g, false);
-        for b in &blockers {
+        for b in blockers {
             map.set(&g, b.trace.task, true);
         }
         let b = &d.banks[bank];
@@ -243,9 +263,7 @@ impl Engine {
         b.slots = slots;
         t.bank = Some(bank);
         t.map = Some(map);
-        t.phase = Phase::Switching;
-        t.record_blocked(now_ms, blockers);
-        Ok(())
+        Ok(true)
     }
 
     /// A later tick: move every pending task that is at a safe point.
@@ -256,7 +274,7 @@ impl Engine {
         kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        let list = self.list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let g = self.geometry()?;
         let target_start = t.target_is_start();
         let map = t
@@ -295,7 +313,7 @@ impl Engine {
             }
             return Ok(());
         }
-        let list = self.list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let g = self.geometry()?;
         let all: Vec<&Task> = list.tasks.iter().collect();
         let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
@@ -331,7 +349,7 @@ impl Engine {
         guest: &mut dyn GuestWriter,
         kernel: &Kernel,
     ) -> Result<(), KpError> {
-        let list = self.list_tasks(guest.reader(), kernel)?;
+        let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
             (Phase::Switching, Ok(g), Some(map)) => {
                 let pending = pending(map, &g, &list, t.target_is_start());
@@ -428,7 +446,9 @@ impl Engine {
             .ok_or_else(|| KpError::State("no task map".into()))?;
         map.reset_unowned(&g, &live, target_start);
         let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
+        let started = Instant::now();
         write_map(guest, &layout, self.dispatch_bank(bank), &g, map)?;
+        self.tick_parts.writes_us += micros(started.elapsed());
         t.tasks = list.tasks.len();
         t.pending = blockers.len();
         if blockers.is_empty() {
@@ -453,8 +473,10 @@ impl Engine {
             .iter()
             .map(|c| Ok((c.func, self.funcs[&c.func].site_bytes(t.target(c))?)))
             .collect::<Result<_, KpError>>()?;
+        let started = Instant::now();
         let flags = self.check_sites(guest.reader(), kernel, &writes)?;
         self.write_sites(guest, &writes, flags)?;
+        self.tick_parts.writes_us += micros(started.elapsed());
         if let (Some(bank), Some(d)) = (t.bank, self.dispatch.as_mut()) {
             d.banks[bank].state = BankState::Retired {
                 suspects: list.tasks.iter().map(|x| x.addr).collect(),
@@ -542,15 +564,17 @@ impl Engine {
             .collect()
     }
 
-    /// Every task of the paused guest, timed into the tick's parts.
+    /// Every task of the paused guest, timed into the tick's parts; how the list was
+    /// read is counted into `counts`.
     fn list_tasks(
         &mut self,
         guest: &dyn PausedGuest,
         kernel: &Kernel,
+        counts: &mut EarlyCheckCounts,
     ) -> Result<TaskList, KpError> {
         let started = Instant::now();
-        let list = TaskReader::new(kernel, guest)
-            .list()
+        let list = self
+            .confirmed_list(&TaskReader::new(kernel, guest), counts)
             .map_err(|e| KpError::Guest(format!("listing tasks: {e}")));
         self.tick_parts.list_us += micros(started.elapsed());
         list
@@ -704,12 +728,14 @@ impl Engine {
         for b in &mut d.banks {
             let code = b.code;
             if let BankState::Retired { suspects } = &mut b.state {
-                suspects.retain(|s| {
-                    live.contains(s)
-                        && !traces.iter().any(|tr| {
-                            tr.task == *s && tr.reliable && !tr.touches(code.start, code.end)
-                        })
-                });
+                // One pass over the traces per bank, not one per suspect: thousands of
+                // tasks are suspects of a bank retired by a per-task transition.
+                let cleared: HashSet<u64> = traces
+                    .iter()
+                    .filter(|tr| tr.reliable && !tr.touches(code.start, code.end))
+                    .map(|tr| tr.task)
+                    .collect();
+                suspects.retain(|s| live.contains(s) && !cleared.contains(s));
             }
         }
     }
@@ -738,9 +764,10 @@ impl Engine {
         // often smaller than the static size BTF gives. The granule must not exceed
         // either.
         let btf_size = kernel
-            .btf
-            .struct_size("task_struct")
-            .map_err(|_| need("the size of struct task_struct in BTF"))?;
+            .layout
+            .patcher
+            .task_struct_size
+            .ok_or_else(|| need("the size of struct task_struct in BTF"))?;
         let task_size = match kernel.symbols.addr("arch_task_struct_size") {
             Some(a) => {
                 let n =

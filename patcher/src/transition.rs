@@ -187,7 +187,11 @@ pub struct TickParts {
     pub list_us: u64,
     /// Checking tasks: confirming early traces and unwinding the rest.
     pub checks_us: u64,
-    /// The whole tick: the two above, then deciding who moves and writing the guest.
+    /// Checking and writing the guest's code and data: the sites, ftrace's records,
+    /// trampolines, the task map.
+    #[serde(default)]
+    pub writes_us: u64,
+    /// The whole tick: the three above, then deciding who moves.
     pub tick_us: u64,
 }
 

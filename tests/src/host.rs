@@ -202,8 +202,10 @@ impl TestHost {
         // The tests crate cannot depend on a binary, so make sure the one under test is
         // current (a no-op when it is).
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let release = crate::release_build().then_some("--release");
         let built = Command::new(cargo)
             .args(["build", "--quiet", "-p", "lpvmm"])
+            .args(release)
             .current_dir(repo_root())
             .status()
             .map_err(|e| format!("cargo build -p lpvmm: {e}"))?;

@@ -50,12 +50,20 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Whether the lpvmm under test is the release build: `LPVMM_TEST_RELEASE=1` (for
+/// benchmarks, so that lpvmm is measured as a user runs it; the suite uses the dev build).
+pub fn release_build() -> bool {
+    std::env::var_os("LPVMM_TEST_RELEASE").is_some_and(|v| v == "1")
+}
+
 /// The lpvmm binary cargo built for this test run.
 pub fn lpvmm_binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug/lpvmm")
+    target
+        .join(if release_build() { "release" } else { "debug" })
+        .join("lpvmm")
 }
 
 pub type TestResult = Result<(), String>;

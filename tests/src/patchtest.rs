@@ -310,6 +310,9 @@ pub struct EarlyChecks {
     pub unwound: u64,
     pub verified: u64,
     pub mismatches: u64,
+    pub lists_confirmed: u64,
+    pub lists_walked: u64,
+    pub list_mismatches: u64,
 }
 
 /// The [`EarlyChecks`] of a status's history; an error when a transition lacks them.
@@ -329,6 +332,9 @@ pub fn early_checks(s: &Value) -> Result<EarlyChecks, String> {
         sum.unwound += n("unwound")?;
         sum.verified += n("verified")?;
         sum.mismatches += n("mismatches")?;
+        sum.lists_confirmed += n("lists_confirmed")?;
+        sum.lists_walked += n("lists_walked")?;
+        sum.list_mismatches += n("list_mismatches")?;
     }
     Ok(sum)
 }
@@ -369,8 +375,8 @@ mod tests {
             "never a value that could pass"
         );
         assert!(pids(&serde_json::json!(null)).is_empty());
-        let counts =
-            serde_json::json!({"confirmed": 5, "unwound": 2, "verified": 5, "mismatches": 0});
+        let counts = serde_json::json!({"confirmed": 5, "unwound": 2, "verified": 5, "mismatches": 0,
+                "lists_confirmed": 3, "lists_walked": 1, "list_mismatches": 0});
         let ok = serde_json::json!({"history": [{"id": 1, "early_checks": counts}, {"id": 2, "early_checks": counts}]});
         assert_eq!(
             early_checks(&ok).unwrap(),
@@ -378,7 +384,10 @@ mod tests {
                 confirmed: 10,
                 unwound: 4,
                 verified: 10,
-                mismatches: 0
+                mismatches: 0,
+                lists_confirmed: 6,
+                lists_walked: 2,
+                list_mismatches: 0,
             }
         );
         let partial = serde_json::json!({"history": [{"id": 1, "early_checks": {"confirmed": 5}}]});

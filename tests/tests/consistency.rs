@@ -499,6 +499,16 @@ fn consistency_under_load(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: a task check confirmed from an early unwind differed from the unwind in \
          the pause: {early:?}"
     );
+    // Task lists from an early walk, taken where the fork and exit counters held: each
+    // equal to a walk in the same pause, and some taken, or that compared nothing.
+    check!(
+        early.list_mismatches == 0 && early.lists_confirmed > 0,
+        "{series}: task lists from early walks: {} taken, {} walked in the pause, {} \
+         differed from a walk in the same pause",
+        early.lists_confirmed,
+        early.lists_walked,
+        early.list_mismatches
+    );
     // Most tasks sleep through a tick: most checks must come from early unwinds, or
     // the comparison above compared nothing.
     check!(

@@ -450,6 +450,14 @@ fn pause_summary(t: &TransitionView) -> String {
             c.confirmed
         ),
     };
+    let lists = match c.lists_confirmed + c.lists_walked {
+        0 => String::new(),
+        all => format!(
+            ", {} of {all} task lists walked before it",
+            c.lists_confirmed
+        ),
+    };
+    let checks = checks + &lists;
     match p.len() {
         0 => String::new(),
         n => format!(

@@ -62,7 +62,7 @@ impl Session {
         };
         match query {
             SymQuery::Name { name } => {
-                r.symbols = s.named(&name).into_iter().cloned().collect();
+                r.symbols = s.named(&name);
                 r.patch = self.patch_symbols(|f| f.new_name == name);
                 if r.symbols.is_empty() && r.patch.is_empty() {
                     bail!("no kernel symbol named '{name}' (and no loaded patch defines one)");
@@ -78,7 +78,7 @@ impl Session {
                     );
                 }
             }
-            SymQuery::All => r.symbols = s.symbols().to_vec(),
+            SymQuery::All => r.symbols = s.symbols().collect(),
         }
         Ok(r)
     }
@@ -130,7 +130,7 @@ impl Session {
 
     pub fn disasm(&mut self, symbol: &str, sympos: Option<u32>) -> Result<DisasmResult> {
         let (k, _, _) = self.attached(false)?;
-        let sym = k.symbols.resolve(symbol, sympos)?.clone();
+        let sym = k.symbols.resolve(symbol, sympos)?;
         let size = k
             .symbols
             .size_at(sym.addr)

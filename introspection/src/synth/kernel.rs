@@ -602,6 +602,17 @@ impl SynthKernel {
         let percpu_offsets = b.img.alloc(8 * spec.cpus as u64, 8);
         b.sym(percpu_offsets, 'D', "__per_cpu_offset");
         b.data("nr_cpu_ids", &(spec.cpus as u32).to_le_bytes(), 4);
+        b.data(
+            "total_forks",
+            &(500 + spec.tasks.len() as u64).to_le_bytes(),
+            8,
+        );
+        b.data(
+            "nr_threads",
+            &(1 + spec.tasks.len() as u32).to_le_bytes(),
+            4,
+        );
+        b.data("tasklist_lock", &[0; 8], 64);
         let mut cpu_bases = Vec::new();
         for cpu in 0..spec.cpus {
             let area = b.img.alloc(percpu_size, 4096);

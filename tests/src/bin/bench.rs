@@ -852,8 +852,8 @@ fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
         (kp_build("cmdline")?, "/root/cmdline.kp".to_string()),
     ];
     let mut host = TestHost::start_with_files(false, &files)?;
-    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | of it: task list / checks / whole tick, medians (µs) | bare pause median (µs) | pause / bare | checks taken early / all |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | of it: task list / checks / writes / whole tick, medians (µs) | bare pause median (µs) | pause / bare | checks taken early / all | lists walked early / all |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
         let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
         let immediate = g.host.file("/root/cmdline.kp");
@@ -902,11 +902,14 @@ struct TickRow {
     what: &'static str,
     tasks: u64,
     pauses: Vec<f64>,
-    /// The engine's parts of the first tick (`tick_parts[0]`): list, checks, whole tick.
-    parts: [Vec<f64>; 3],
+    /// The engine's parts of the first tick (`tick_parts[0]`): list, checks, writes,
+    /// whole tick.
+    parts: [Vec<f64>; 4],
     bare: Vec<f64>,
     early: u64,
     checks: u64,
+    lists_early: u64,
+    lists: u64,
 }
 
 impl TickRow {
@@ -919,6 +922,8 @@ impl TickRow {
             bare: Vec::new(),
             early: 0,
             checks: 0,
+            lists_early: 0,
+            lists: 0,
         }
     }
 
@@ -933,11 +938,14 @@ impl TickRow {
             let n = |k: &str| c[k].as_u64().ok_or(format!("no early_checks.{k}: {v}"));
             self.early += n("confirmed")?;
             self.checks += n("confirmed")? + n("unwound")?;
+            self.lists_early += n("lists_confirmed")?;
+            self.lists += n("lists_confirmed")? + n("lists_walked")?;
         }
         // An lpvmm from before tick parts has none (compared with this one).
         let parts = &v["tick_parts"][0];
         if !parts.is_null() {
-            for (i, k) in ["list_us", "checks_us", "tick_us"].iter().enumerate() {
+            let names = ["list_us", "checks_us", "writes_us", "tick_us"];
+            for (i, k) in names.iter().enumerate() {
                 let us = parts[k].as_f64().ok_or(format!("no tick_parts.{k}: {v}"))?;
                 self.parts[i].push(us);
             }
@@ -964,12 +972,14 @@ impl TickRow {
                 .join(" / "),
         };
         format!(
-            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {parts} | {b:.0} | {:.1} | {} / {} |",
+            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {parts} | {b:.0} | {:.1} | {} / {} | {} / {} |",
             self.tasks,
             self.what,
             p / b,
             self.early,
-            self.checks
+            self.checks,
+            self.lists_early,
+            self.lists
         )
     }
 }
