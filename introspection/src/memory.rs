@@ -44,6 +44,17 @@ pub struct PagingRoot {
 
 /// Translate one virtual address. Returns the guest-physical address.
 pub fn translate(guest: &dyn GuestRam, root: PagingRoot, va: u64) -> Result<u64, MemError> {
+    walk(guest, root, va).map(|m| m.pa)
+}
+
+/// Where a walk ended: the physical address, and the size of the page that maps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Walked {
+    pa: u64,
+    page_size: u64,
+}
+
+fn walk(guest: &dyn GuestRam, root: PagingRoot, va: u64) -> Result<Walked, MemError> {
     let levels: u8 = if root.five_level { 5 } else { 4 };
     let top_bit = 12 + 9 * u32::from(levels) - 1;
     // Canonical: every bit above the top translated bit equals it.
@@ -64,12 +75,31 @@ pub fn translate(guest: &dyn GuestRam, root: PagingRoot, va: u64) -> Result<u64,
         // Levels 2 and 3 may map 2 MiB / 1 GiB pages directly.
         if (level == 2 || level == 3) && entry & LARGE != 0 {
             let size = 1u64 << shift;
-            return Ok((entry & ADDR_MASK & !(size - 1)) | (va & (size - 1)));
+            return Ok(Walked {
+                pa: (entry & ADDR_MASK & !(size - 1)) | (va & (size - 1)),
+                page_size: size,
+            });
         }
         table = entry & ADDR_MASK;
     }
-    Ok(table | (va & (PAGE - 1)))
+    Ok(Walked {
+        pa: table | (va & (PAGE - 1)),
+        page_size: PAGE,
+    })
 }
+
+/// A 2 MiB or 1 GiB page a walk found: `[va, va + size)` maps to `[pa, pa + size)`.
+#[derive(Clone, Copy, Debug, Default)]
+struct LargePage {
+    va: u64,
+    pa: u64,
+    size: u64,
+}
+
+/// Large pages remembered by one view: the direct map (where every task_struct is) and
+/// the kernel image are a few large pages, so most reads need neither a walk nor a
+/// look-up in the 4 KiB cache.
+const LARGE_PAGES: usize = 4;
 
 /// Kernel virtual memory of one paused guest, with a translation cache that lives as long
 /// as this view (page tables can change whenever the guest runs, so a view never outlives
@@ -82,6 +112,9 @@ pub struct KernelMemory<'g> {
     /// The page last translated and its physical page (most reads follow one in the same
     /// page: the fields of one task_struct, the words of one stack). `NO_PAGE` at first.
     last: Cell<(u64, u64)>,
+    /// The last [`LARGE_PAGES`] large pages found, replaced in turn (size 0: none yet).
+    large: Cell<[LargePage; LARGE_PAGES]>,
+    next_large: Cell<usize>,
 }
 
 /// No 4 KiB page starts here: the `last` of a view that has translated nothing.
@@ -94,6 +127,8 @@ impl<'g> KernelMemory<'g> {
             root,
             pages: RefCell::new(HashMap::new()),
             last: Cell::new((NO_PAGE, 0)),
+            large: Cell::new([LargePage::default(); LARGE_PAGES]),
+            next_large: Cell::new(0),
         }
     }
 
@@ -112,11 +147,29 @@ impl<'g> KernelMemory<'g> {
         if last == page {
             return Ok(last_pa | (va & (PAGE - 1)));
         }
+        let large = self.large.get();
+        if let Some(l) = large.iter().find(|l| va.wrapping_sub(l.va) < l.size) {
+            return Ok(l.pa + (va - l.va));
+        }
         if let Some(&pa) = self.pages.borrow().get(&page) {
             self.last.set((page, pa));
             return Ok(pa | (va & (PAGE - 1)));
         }
-        let pa = translate(self.guest, self.root, page)?;
+        let walked = walk(self.guest, self.root, page)?;
+        let pa = walked.pa;
+        if walked.page_size > PAGE {
+            let mut large = large;
+            let size = walked.page_size;
+            let i = self.next_large.get();
+            large[i] = LargePage {
+                va: page & !(size - 1),
+                pa: pa & !(size - 1),
+                size,
+            };
+            self.large.set(large);
+            self.next_large.set((i + 1) % LARGE_PAGES);
+            return Ok(pa | (va & (PAGE - 1)));
+        }
         self.last.set((page, pa));
         // Bounded: a walk over hostile lists must not grow the cache without limit.
         let mut pages = self.pages.borrow_mut();
@@ -224,6 +277,36 @@ mod tests {
                 Err(MemError::NonCanonical(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_view_translates_as_a_walk_does_through_its_caches() {
+        let mut g = SynthGuest::new(64 << 20, false);
+        let va4k = 0xffff_c900_0001_2000;
+        let va2m = 0xffff_ffff_8200_0000;
+        let va1g = 0xffff_8880_0000_0000;
+        g.map(va4k, 0x30_0000, 2 * 4096);
+        g.map_large(va2m, 0x40_0000, 2 << 20);
+        g.map_large(va1g, 0, 1 << 30);
+        let m = KernelMemory::new(&g, g.root());
+        // Alternating between more large pages than the view remembers, and 4 KiB ones.
+        let addrs = [
+            va1g + 0x2a_0123,
+            va2m + 0x1f_fff8,
+            va4k + 8,
+            va1g + (1 << 30) - 8,
+            va2m,
+            va4k + 4096 + 16,
+            va1g,
+        ];
+        for _ in 0..3 {
+            for &va in &addrs {
+                assert_eq!(m.translate(va), translate(&g, g.root(), va), "{va:#x}");
+            }
+        }
+        // Just past each mapping: not mapped, however warm the caches are.
+        assert!(m.translate(va2m + (2 << 20)).is_err());
+        assert!(m.translate(va4k + 2 * 4096).is_err());
     }
 
     #[test]

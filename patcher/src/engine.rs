@@ -173,6 +173,33 @@ pub struct Engine {
     pub(crate) verify_early: bool,
     /// Where the tick in progress spends its time (see [`crate::TickParts`]).
     pub(crate) tick_parts: crate::transition::TickParts,
+    /// What the last tick read and no longer needs, freed by [`Engine::release_spent`].
+    pub(crate) spent: Spent,
+}
+
+/// What a tick read and no longer needs (task lists, stack traces, early traces), kept
+/// to be freed once the guest runs again: freeing its thousands of small allocations in
+/// the pause cost the guest about 5 ms with 2,000 tasks (tick parts, 2026-12-04).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Spent {
+    lists: Vec<introspection::tasks::TaskList>,
+    traces: Vec<Vec<introspection::stack::StackTrace>>,
+    early: Vec<crate::early::EarlyTraces>,
+}
+
+impl Spent {
+    pub(crate) fn keep(
+        &mut self,
+        list: introspection::tasks::TaskList,
+        traces: Vec<introspection::stack::StackTrace>,
+    ) {
+        self.lists.push(list);
+        self.traces.push(traces);
+    }
+
+    pub(crate) fn keep_early(&mut self, early: Option<crate::early::EarlyTraces>) {
+        self.early.extend(early);
+    }
 }
 
 /// Does the function keep a frame pointer at its call sites: `push %rbp` and then
@@ -311,6 +338,12 @@ impl Engine {
     }
 
     /// The guest-visible pause of the last tick, as the VMM measured it.
+    /// Free what the last tick read (call it once the guest runs again; a tick frees
+    /// what an earlier one left if this was not called).
+    pub fn release_spent(&mut self) {
+        self.spent = Spent::default();
+    }
+
     pub fn note_pause(&mut self, pause: Duration) {
         if let Some(t) = self.active.as_mut() {
             t.note_pause(pause);

@@ -47,6 +47,8 @@ impl Engine {
         t.ticks += 1;
         t.elapsed_ms = now_ms.saturating_sub(t.started_ms);
         t.note = None;
+        // Left by a caller that did not release it after the last pause.
+        self.release_spent();
         let started = Instant::now();
         self.tick_parts = TickParts::default();
         let stepped = self.step(&mut t, guest, kernel, now_ms);
@@ -65,7 +67,8 @@ impl Engine {
             }
         }
         // Early traces serve one tick: the guest runs on after it.
-        self.early = None;
+        let early = self.early.take();
+        self.spent.keep_early(early);
         if t.finished() {
             self.end(t);
         } else {
@@ -122,16 +125,32 @@ impl Engine {
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let all: Vec<&Task> = list.tasks.iter().collect();
         let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
-        self.clear_suspects(&list, &traces);
+        drop(all);
+        let decided = self.start_with(t, guest, kernel, &list, &traces, now_ms);
+        self.spent.keep(list, traces);
+        decided
+    }
+
+    /// [`Engine::start`] once every task is checked.
+    fn start_with(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        list: &TaskList,
+        traces: &[StackTrace],
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        self.clear_suspects(list, traces);
         let leaving = self.leaving(t, |c| &c.from, t.consistency == Consistency::Immediate);
-        let blockers = self.blockers(&traces, &leaving);
+        let blockers = self.blockers(traces, &leaving);
         t.tasks = list.tasks.len();
         t.pending = blockers.len();
         for c in &t.changes {
             self.ensure_stack(c.func)?;
         }
         if blockers.is_empty() {
-            return self.complete(t, guest, kernel, &list, false);
+            return self.complete(t, guest, kernel, list, false);
         }
         if t.consistency == Consistency::Immediate {
             if t.last_chance(now_ms) {
@@ -147,7 +166,7 @@ impl Engine {
             }
             return Ok(());
         }
-        self.start_dispatch(t, guest, kernel, &list, blockers, now_ms)
+        self.start_dispatch(t, guest, kernel, list, blockers, now_ms)
     }
 
     /// Per-task: trampolines on, every blocked task on the starting version.
@@ -283,10 +302,13 @@ impl Engine {
             .ok_or_else(|| KpError::State("no task map".into()))?;
         let pending = pending(map, &g, &list, target_start);
         let traces = self.unwind_checked(guest.reader(), kernel, &pending, &mut t.early_checks);
+        drop(pending);
         self.clear_suspects(&list, &traces);
         let leaving = self.leaving_far_side(t);
         let blockers = self.move_safe(t, &g, &list, &traces, &leaving, target_start);
-        self.finish_tick(t, guest, kernel, &list, blockers, now_ms)
+        let advanced = self.finish_tick(t, guest, kernel, &list, blockers, now_ms);
+        self.spent.keep(list, traces);
+        advanced
     }
 
     /// Turn the transition around: the starting version becomes the target.
@@ -724,18 +746,26 @@ impl Engine {
         let Some(d) = self.dispatch.as_mut() else {
             return;
         };
-        let live: HashSet<u64> = list.tasks.iter().map(|x| x.addr).collect();
+        let suspected = |b: &crate::dispatch::Bank| matches!(&b.state, BankState::Retired { suspects } if !suspects.is_empty());
+        if !d.banks.iter().any(suspected) {
+            return;
+        }
+        // Sorted addresses, searched: one pass over the traces per bank, not one per
+        // suspect (thousands of tasks are suspects of a bank a per-task transition
+        // retired), and no hashing in the pause.
+        let mut live: Vec<u64> = list.tasks.iter().map(|x| x.addr).collect();
+        live.sort_unstable();
         for b in &mut d.banks {
             let code = b.code;
             if let BankState::Retired { suspects } = &mut b.state {
-                // One pass over the traces per bank, not one per suspect: thousands of
-                // tasks are suspects of a bank retired by a per-task transition.
-                let cleared: HashSet<u64> = traces
+                let mut cleared: Vec<u64> = traces
                     .iter()
                     .filter(|tr| tr.reliable && !tr.touches(code.start, code.end))
                     .map(|tr| tr.task)
                     .collect();
-                suspects.retain(|s| live.contains(s) && !cleared.contains(s));
+                cleared.sort_unstable();
+                suspects
+                    .retain(|s| live.binary_search(s).is_ok() && cleared.binary_search(s).is_err());
             }
         }
     }

@@ -167,6 +167,8 @@ impl Session {
                 .note_pause(Duration::from_micros(cost.paused_us)),
             Err(e) => tracing::warn!("patch driver: cannot pause for a tick: {e:#}"),
         }
+        // The guest runs again: free what the tick read.
+        self.engine.release_spent();
         self.engine.due().map(|d| self.instant(d))
     }
 

@@ -144,12 +144,33 @@ pub fn guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
         anyhow!(
             "cannot allocate {} MiB of guest memory: {e}",
             layout.regions().iter().map(|r| r.size).sum::<u64>() >> 20
         )
-    })
+    })?;
+    for r in mem.iter() {
+        advise_huge_pages(r.as_ptr(), r.len() as usize);
+    }
+    Ok(mem)
+}
+
+/// Ask the host kernel to back guest memory with transparent huge pages where it can
+/// (`MADV_HUGEPAGE`; with THP set to `madvise`, Debian's default, nothing else does), as
+/// QEMU does for guest RAM. KVM then maps the guest with 2 MiB pages: fewer nested page
+/// faults and smaller host page tables. A host without THP refuses, and the guest runs on
+/// 4 KiB pages as before.
+fn advise_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: `addr..addr + len` is one whole mapping of guest memory that this process
+    // made and keeps; MADV_HUGEPAGE changes how the kernel backs it, never its contents.
+    let rc = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(
+            "madvise(MADV_HUGEPAGE) on guest memory: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 impl Vm {
@@ -378,5 +399,36 @@ impl Vm {
     /// Stop the vCPU threads (a paused VM too).
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mapping of each region of guest memory carries the huge-page advice (`hg` in
+    /// its smaps VmFlags), where the host kernel has THP at all.
+    #[test]
+    fn guest_memory_is_advised_to_use_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            eprintln!("no THP on this host: nothing to check");
+            return;
+        }
+        let layout = MemoryLayout::new(64 << 20, 2 << 20).unwrap();
+        let mem = guest_memory(&layout).unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        for r in mem.iter() {
+            let start = format!("{:x}-", r.as_ptr() as usize);
+            // A mapping's block of smaps ends with its VmFlags line.
+            let block = smaps
+                .lines()
+                .skip_while(|l| !l.starts_with(&start))
+                .find(|l| l.starts_with("VmFlags:"))
+                .unwrap_or_else(|| panic!("no mapping at {start} in smaps"));
+            assert!(
+                block.split_whitespace().any(|f| f == "hg"),
+                "region at {start}: {block}"
+            );
+        }
     }
 }

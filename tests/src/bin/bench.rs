@@ -11,7 +11,7 @@
 //!                                                      RAM, before and after attach
 //!   cargo run -p lpvmm-tests --bin bench -- patch [CYCLES]  enable/disable pauses; call cost
 //!                                                      and switch time vs the guest's livepatch
-//!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS]  guests the platform kills: lpvmm vs
+//!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS] [spawn]  guests the platform kills: lpvmm vs
 //!                                                      QEMU microvm, same guests, same load
 //!   cargo run -p lpvmm-tests --bin bench -- transition [RUNS]  per-task transitions: completion
 //!                                                      vs the guest's livepatch (with and without
@@ -69,7 +69,11 @@ fn main() {
         "memory" => vmm_memory(),
         "start" => vmm_start(n.unwrap_or(5)),
         "patch" => patch(n.unwrap_or(30)),
-        "deaths" => deaths(n.unwrap_or(10)),
+        "deaths" => match args.next().as_deref() {
+            None => deaths(n.unwrap_or(10), DEATHS_LOAD),
+            Some("spawn") => deaths(n.unwrap_or(10), SPAWN_LOAD),
+            Some(other) => Err(format!("bench deaths: no load named '{other}' (spawn)")),
+        },
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
         "ticks" => task_counts(args.next()).and_then(|c| ticks(n.unwrap_or(5), &c)),
@@ -80,7 +84,7 @@ fn main() {
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info"
                 .into(),
         ),
     };
@@ -142,6 +146,9 @@ enum Round {
     Survived,
     DiedBooting(String),
     DiedUnderLoad(String),
+    /// The test host itself stopped answering: it is replaced, and the round counted
+    /// apart (the platform's, whichever VMM it ran).
+    HostLost(String),
 }
 
 /// The same work for both VMMs: two busy loops on the two vCPUs while the shell reads
@@ -151,25 +158,42 @@ const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; done) &
     for i in 1 2 3; do cat /proc/[0-9]*/stat /proc/[0-9]*/task/*/comm >/dev/null 2>&1; done; \
     kill $a $b; wait";
 
-fn boot_load_poweroff(host: &mut TestHost, name: &str, cmd: &str) -> Result<Round, String> {
+/// The load of `bench deaths RUNS spawn`: what `bench ticks` does before its 2,000-task
+/// rows (2,000 processes forked at once, each asleep in pause(), then killed), where the
+/// guests of the nested host died most often on 2026-12-04.
+const SPAWN_LOAD: &str = "spawn 2000 >/tmp/spawn.out & \
+    while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done; \
+    kill $(pidof spawn); wait; true";
+
+fn boot_load_poweroff(
+    host: &mut TestHost,
+    name: &str,
+    cmd: &str,
+    load: &str,
+) -> Result<Round, String> {
     let mut g = match host.start_and_wait_ready(name, cmd) {
         Ok((g, _)) => g,
         Err(failure @ BootFailure::Exited { .. }) => {
             return Ok(Round::DiedBooting(failure.report()))
         }
-        Err(BootFailure::Other(e)) => return Err(e),
+        Err(BootFailure::Other(e)) => return Ok(Round::HostLost(e)),
     };
-    let loaded = g.run_status(DEATHS_LOAD, Duration::from_secs(180));
+    let loaded = g.run_status(load, Duration::from_secs(180));
     let off = loaded.and_then(|_| g.poweroff().map(|_| ()));
     match off {
         Ok(()) => Ok(Round::Survived),
-        // Did the VMM end (the guest died), or is this a failure of the bench itself?
+        // Did the VMM end (the guest died), the guest stop answering, or the test host?
         Err(e) => match g.wait_exit(Duration::from_secs(10)) {
             Ok(exit) => Ok(Round::DiedUnderLoad(format!(
-                "exit {}: {}",
+                "{e}; exit {}: {}",
                 exit.code, exit.stderr
             ))),
-            Err(_) => Err(e),
+            Err(_) => match g.host.exec("echo host-alive") {
+                Ok(out) if out.contains("host-alive") => {
+                    Ok(Round::DiedUnderLoad(format!("{e} (the VMM runs on)")))
+                }
+                _ => Ok(Round::HostLost(e)),
+            },
         },
     }
 }
@@ -179,36 +203,39 @@ fn boot_load_poweroff(host: &mut TestHost, name: &str, cmd: &str) -> Result<Roun
 /// (same kernel, initrd, memory, vCPUs, command line), running [`DEATHS_LOAD`] and
 /// powering off. If lpvmm's guests die much more often than QEMU's, the deaths are
 /// lpvmm's; if alike, the platform's.
-fn deaths(runs: u32) -> Result<(), String> {
+fn deaths(runs: u32, load: &str) -> Result<(), String> {
     let mut host = TestHost::start_with(true)?;
-    println!("| kernel | VMM | rounds | died booting | died under load |");
-    println!("|---|---|---|---|---|");
+    println!("| kernel | VMM | rounds | died booting | died under load | test host lost |");
+    println!("|---|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
-        let (lpvmm, qemu) = lpvmm_and_qemu(&host, "deaths", series, 2);
-        let vmms = [
-            ("lpvmm", "deaths", lpvmm),
-            ("QEMU microvm", "deaths-qemu", qemu),
-        ];
-        let mut tally = [(0u32, 0u32); 2];
+        let mut tally = [[0u32; 3]; 2];
         for round in 1..=runs {
             // Interleaved, so that drift in the host affects both alike.
-            for (i, (vmm, name, cmd)) in vmms.iter().enumerate() {
-                match boot_load_poweroff(&mut host, name, cmd)? {
-                    Round::Survived => {}
-                    Round::DiedBooting(why) => {
-                        tally[i].0 += 1;
-                        eprintln!("{series} round {round}: {vmm}'s guest died booting: {why}");
-                    }
-                    Round::DiedUnderLoad(why) => {
-                        tally[i].1 += 1;
-                        eprintln!("{series} round {round}: {vmm}'s guest died under load: {why}");
-                    }
+            for (i, vmm) in ["lpvmm", "QEMU microvm"].into_iter().enumerate() {
+                // Built per boot: a replaced test host has its own paths.
+                let (lpvmm, qemu) = lpvmm_and_qemu(&host, "deaths", series, 2);
+                let (name, cmd) = match i {
+                    0 => ("deaths", lpvmm),
+                    _ => ("deaths-qemu", qemu),
+                };
+                let (k, what, why) = match boot_load_poweroff(&mut host, name, &cmd, load)? {
+                    Round::Survived => continue,
+                    Round::DiedBooting(why) => (0, "guest died booting", why),
+                    Round::DiedUnderLoad(why) => (1, "guest died under load", why),
+                    Round::HostLost(why) => (2, "test host was lost", why),
+                };
+                tally[i][k] += 1;
+                eprintln!("{series} round {round}: {vmm}'s {what}: {why}");
+                if k == 2 {
+                    host = TestHost::start_with(true)?;
                 }
             }
         }
-        for (i, (vmm, _, _)) in vmms.iter().enumerate() {
-            let (booting, load) = tally[i];
-            println!("| {series} | {vmm} | {runs} | {booting} | {load} |");
+        for (t, vmm) in tally.iter().zip(["lpvmm", "QEMU microvm"]) {
+            println!(
+                "| {series} | {vmm} | {runs} | {} | {} | {} |",
+                t[0], t[1], t[2]
+            );
         }
     }
     Ok(())
