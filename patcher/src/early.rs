@@ -20,9 +20,10 @@
 //! when the kernel's fork and exit counters, read before the early walk, are the same in
 //! the pause and no writer holds `tasklist_lock` ([`introspection::tasks::ListStamp`]):
 //! then no task appeared or went away, and the pause reads the fields of the tasks the
-//! early walk found. Otherwise the pause walks the list itself. The early traces are used by one tick
-//! only. Nothing read early is trusted on its own: the confirmation reads come from the
-//! paused guest.
+//! early walk found. Otherwise the pause walks the list itself.
+//!
+//! The early traces and the early list serve one tick only. Nothing read early is
+//! trusted on its own: the confirmation reads come from the paused guest.
 //!
 //! With verification on ([`crate::Engine::set_verify_early`]) every confirmed task is
 //! also unwound in the pause and the two traces compared; the counts are in the

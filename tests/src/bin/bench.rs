@@ -39,6 +39,8 @@
 //!                                                      pause/resume: lpvmm's pause against
 //!                                                      QEMU's QMP stop/cont, CYCLES each
 //!                                                      (default 10,000), same load, interleaved
+//!   cargo run -p lpvmm-tests --bin bench -- guest-diff [SERIES]  what lpvmm's and QEMU's
+//!                                                      guests see: CPU flags, KVM features
 //!
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
@@ -81,10 +83,11 @@ fn main() {
             .and_then(|c| completion(n.unwrap_or(5), &c)),
         "calls" => calls(n.unwrap_or(5)),
         "host-info" => host_info(),
+        "guest-diff" => guest_diff(),
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
@@ -238,6 +241,50 @@ fn deaths(runs: u32, load: &str) -> Result<(), String> {
             );
         }
     }
+    Ok(())
+}
+
+/// What each VMM's guest sees of its platform, side by side: the CPU flags, and the
+/// lines of its boot log about KVM's paravirtual features, clocks, APICs and ACPI (for
+/// the guests lpvmm loses while they fork and QEMU does not: benchmarks.md, "Guests
+/// lost while forking"). `bench guest-diff [SERIES]`, 6.1 by default.
+fn guest_diff() -> Result<(), String> {
+    let mut host = TestHost::start_with(true)?;
+    let series = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| lpvmm_tests::SERIES[0].to_string());
+    let (lpvmm, qemu) = lpvmm_and_qemu(&host, "gdiff", &series, 2);
+    let mut flags = Vec::new();
+    for (vmm, name, cmd) in [
+        ("lpvmm", "gdiff", lpvmm),
+        ("QEMU microvm", "gdiff-qemu", qemu),
+    ] {
+        let (mut g, _) = host
+            .start_and_wait_ready(name, &cmd)
+            .map_err(|f| format!("{vmm}: {}", f.report()))?;
+        let f = g.text("grep -m1 '^flags' /proc/cpuinfo")?;
+        // Without the timestamps, so that the lines are not taken for console noise.
+        let log = g.text(
+            "dmesg | grep -iE 'kvm|clocksource|tsc|apic|tlb|pv|hpet|acpi|smpboot|fpu|spectre|mds|retbleed|srso' | cut -c16-",
+        )?;
+        println!("## {vmm} ({series})\n\n```\n{log}\n```\n");
+        flags.push(
+            f.split_whitespace()
+                .skip(2)
+                .map(String::from)
+                .collect::<std::collections::BTreeSet<String>>(),
+        );
+        g.poweroff()?;
+    }
+    let only = |a: usize, b: usize| {
+        flags[a]
+            .difference(&flags[b])
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("CPU flags only lpvmm's guest has: {}", only(0, 1));
+    println!("CPU flags only QEMU's guest has: {}", only(1, 0));
     Ok(())
 }
 
