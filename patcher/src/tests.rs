@@ -763,6 +763,15 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
 // --- Per-task consistency over synthetic guests. ---
 
 /// The kernel function a site jumps to now.
+/// `pipefix` (a patch of `pipe_read`, where tasks 11 and 12 wait) loaded and its per-task
+/// enable begun, ticked `ticks` times: the transition then.
+fn pipefix_per_task(f: &mut Fixture, g: &mut SynthGuest, ticks: u32) -> Transition {
+    f.engine
+        .load(g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    run(f, g, "pipefix", Op::Enable, Consistency::PerTask, ticks).unwrap()
+}
+
 fn site_target(f: &Fixture, g: &SynthGuest, func: &str) -> Option<u64> {
     let s = site_bytes(f, g, func);
     (s[0] == 0xe9).then(|| {
@@ -870,18 +879,7 @@ fn reverse_sends_moved_tasks_back_and_restores_the_text() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
     let before = text(&f, &g);
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
-    let t = run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        1,
-    )
-    .unwrap();
+    let t = pipefix_per_task(&mut f, &mut g, 1);
     assert_eq!(t.phase, Phase::Switching);
     let tramp = t.changes[0].trampoline.unwrap();
 
@@ -949,18 +947,7 @@ fn reverse_sends_moved_tasks_back_and_restores_the_text() {
 fn force_completes_names_what_it_skipped_and_keeps_the_code() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
-    run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        1,
-    )
-    .unwrap();
+    pipefix_per_task(&mut f, &mut g, 1);
     f.engine.request(Request::Force).unwrap();
     let t = tick(&mut f, &mut g, 1).unwrap();
     assert_eq!(t.outcome, Outcome::Forced);
@@ -1227,18 +1214,7 @@ fn a_redirected_site_is_hidden_from_the_guests_ftrace_until_no_tracer_covers_it(
 fn per_task_hides_the_record_from_the_first_trampoline_to_the_last_jump() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
-    let t = run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        1,
-    )
-    .unwrap();
+    let t = pipefix_per_task(&mut f, &mut g, 1);
     assert_eq!(t.phase, Phase::Switching);
     assert_eq!(
         ftrace_flags(&f, &g, "pipe_read"),
@@ -1338,19 +1314,8 @@ fn pipefix_in_steps(early: bool) -> (Vec<(Vec<i32>, Outcome)>, crate::EarlyCheck
     let mut f = fixture();
     f.engine.set_verify_early(true);
     let mut g = f.sk.guest.clone();
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
     // Begun, not ticked: each tick below follows its early unwind.
-    run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        0,
-    )
-    .unwrap();
+    pipefix_per_task(&mut f, &mut g, 0);
     let mut decided = Vec::new();
     // Between the early unwind and the pause: nothing; task 11 leaves pipe_read (it
     // ran); task 12 leaves it; nothing.
@@ -1476,18 +1441,7 @@ fn a_task_list_walked_early_is_used_only_while_no_task_appeared_or_went_away() {
     let mut f = fixture();
     f.engine.set_verify_early(true);
     let mut g = f.sk.guest.clone();
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
-    run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        0,
-    )
-    .unwrap();
+    pipefix_per_task(&mut f, &mut g, 0);
     // Each tick below follows an early walk; what happens in between decides whether
     // the pause may take the walk's addresses. 11 and 12 stay in pipe_read throughout.
     let step =
