@@ -11,8 +11,10 @@
 //!                                                      RAM, before and after attach
 //!   cargo run -p lpvmm-tests --bin bench -- patch [CYCLES]  enable/disable pauses; call cost
 //!                                                      and switch time vs the guest's livepatch
-//!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS] [spawn]  guests the platform kills: lpvmm vs
-//!                                                      QEMU microvm, same guests, same load
+//!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS] [spawn [SERIES]]  guests the platform
+//!                                                      kills: lpvmm vs QEMU microvm, same guests,
+//!                                                      same load (LPVMM_BENCH_HOST_TRACE=1: the
+//!                                                      test host's KVM trace of each death)
 //!   cargo run -p lpvmm-tests --bin bench -- transition [RUNS]  per-task transitions: completion
 //!                                                      vs the guest's livepatch (with and without
 //!                                                      a 5 s blocker), pause per tick with 100 and
@@ -72,8 +74,11 @@ fn main() {
         "start" => vmm_start(n.unwrap_or(5)),
         "patch" => patch(n.unwrap_or(30)),
         "deaths" => match args.next().as_deref() {
-            None => deaths(n.unwrap_or(10), DEATHS_LOAD),
-            Some("spawn") => deaths(n.unwrap_or(10), SPAWN_LOAD),
+            None => deaths(n.unwrap_or(10), DEATHS_LOAD, &lpvmm_tests::SERIES),
+            Some("spawn") => match args.next() {
+                None => deaths(n.unwrap_or(10), SPAWN_LOAD, &lpvmm_tests::SERIES),
+                Some(series) => deaths(n.unwrap_or(10), SPAWN_LOAD, &[series.as_str()]),
+            },
             Some(other) => Err(format!("bench deaths: no load named '{other}' (spawn)")),
         },
         "transition" => transition(n.unwrap_or(5)),
@@ -87,7 +92,7 @@ fn main() {
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
@@ -168,12 +173,49 @@ const SPAWN_LOAD: &str = "spawn 2000 >/tmp/spawn.out & \
     while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done; \
     kill $(pidof spawn); wait; true";
 
+/// The test host's kernel trace, for the deaths of `bench deaths`: every KVM exit of the
+/// guests (the last few thousand fit) and every exception KVM injected. On AMD a triple
+/// fault resets the vCPU before its VMM sees it (its registers then read the reset
+/// vector), so the `shutdown` exit in this trace is the only record of where the guest
+/// was, and the exits before it say what it was doing.
+const HOST_TRACE: &str = "/sys/kernel/debug/tracing";
+
+fn trace_guest_exits(host: &mut TestHost) -> Result<(), String> {
+    host.exec(&format!(
+        "cd {HOST_TRACE} && echo 0 > tracing_on && echo 1024 > buffer_size_kb && \
+         echo 1 > events/kvm/kvm_exit/enable && echo 1 > events/kvm/kvm_inj_exception/enable && \
+         echo 1 > events/kvm/kvm_userspace_exit/enable"
+    ))
+    .map(|_| ())
+}
+
+fn restart_host_trace(host: &mut TestHost) -> Result<(), String> {
+    host.exec(&format!(
+        "cd {HOST_TRACE} && echo > trace && echo 1 > tracing_on"
+    ))
+    .map(|_| ())
+}
+
+/// What the host trace holds of a death: its shutdown exits and injected exceptions, and
+/// the last exits before the trace was stopped.
+fn host_trace_of_death(host: &mut TestHost) -> String {
+    host.exec(&format!(
+        "cd {HOST_TRACE} && echo 0 > tracing_on && echo \"events traced: $(grep -vc '^#' trace)\" && \
+         grep -E 'shutdown|kvm_inj_exception' trace | tail -n 20; echo '-- last exits:'; \
+         grep -v '^#' trace | tail -n 60"
+    ))
+    .unwrap_or_else(|e| format!("(no host trace: {e})"))
+}
+
 fn boot_load_poweroff(
     host: &mut TestHost,
     name: &str,
     cmd: &str,
     load: &str,
 ) -> Result<Round, String> {
+    if std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some() {
+        restart_host_trace(host)?;
+    }
     let mut g = match host.start_and_wait_ready(name, cmd) {
         Ok((g, _)) => g,
         Err(failure @ BootFailure::Exited { .. }) => {
@@ -181,6 +223,11 @@ fn boot_load_poweroff(
         }
         Err(BootFailure::Other(e)) => return Ok(Round::HostLost(e)),
     };
+    // Where the kernel's text lies in this boot (KASLR), to place a traced rip.
+    let text = g
+        .text("grep -m1 ' _text$' /proc/kallsyms")
+        .unwrap_or_default();
+    eprintln!("{name}: {text}");
     let loaded = g.run_status(load, Duration::from_secs(180));
     let off = loaded.and_then(|_| g.poweroff().map(|_| ()));
     match off {
@@ -206,11 +253,15 @@ fn boot_load_poweroff(
 /// (same kernel, initrd, memory, vCPUs, command line), running [`DEATHS_LOAD`] and
 /// powering off. If lpvmm's guests die much more often than QEMU's, the deaths are
 /// lpvmm's; if alike, the platform's.
-fn deaths(runs: u32, load: &str) -> Result<(), String> {
+fn deaths(runs: u32, load: &str, series_list: &[&str]) -> Result<(), String> {
     let mut host = TestHost::start_with(true)?;
+    let traced = std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some();
+    if traced {
+        trace_guest_exits(&mut host)?;
+    }
     println!("| kernel | VMM | rounds | died booting | died under load | test host lost |");
     println!("|---|---|---|---|---|---|");
-    for series in lpvmm_tests::SERIES {
+    for &series in series_list {
         let mut tally = [[0u32; 3]; 2];
         for round in 1..=runs {
             // Interleaved, so that drift in the host affects both alike.
@@ -229,8 +280,14 @@ fn deaths(runs: u32, load: &str) -> Result<(), String> {
                 };
                 tally[i][k] += 1;
                 eprintln!("{series} round {round}: {vmm}'s {what}: {why}");
+                if traced && k != 2 {
+                    eprintln!("test host trace:\n{}", host_trace_of_death(&mut host));
+                }
                 if k == 2 {
                     host = TestHost::start_with(true)?;
+                    if traced {
+                        trace_guest_exits(&mut host)?;
+                    }
                 }
             }
         }
@@ -265,7 +322,8 @@ fn guest_diff() -> Result<(), String> {
         let f = g.text("grep -m1 '^flags' /proc/cpuinfo")?;
         // Without the timestamps, so that the lines are not taken for console noise.
         let log = g.text(
-            "dmesg | grep -iE 'kvm|clocksource|tsc|apic|tlb|pv|hpet|acpi|smpboot|fpu|spectre|mds|retbleed|srso' | cut -c16-",
+            "dmesg | grep -iE 'kvm|clocksource|tsc|apic|tlb|pv|hpet|acpi|smpboot|fpu|spectre|mds|retbleed|srso|8259|extint|spurious|overflow|trap|segfault|#nm' | cut -c16-; \
+             cat /proc/interrupts",
         )?;
         println!("## {vmm} ({series})\n\n```\n{log}\n```\n");
         flags.push(
