@@ -291,6 +291,7 @@ fn follow(vm: &str, id: u64, no_wait: bool, json: bool, expect: Expect) -> Resul
     }
     let mut client = Client::connect(vm)?;
     let mut progress = Progress::new(vm);
+    let mut poll = FIRST_POLL;
     loop {
         let s: PatchStatusResult = client.call(Request::PatchStatus)?;
         let ended = s.history.iter().rev().find(|t| t.id == id);
@@ -318,9 +319,17 @@ fn follow(vm: &str, id: u64, no_wait: bool, json: bool, expect: Expect) -> Resul
         if !json {
             progress.show(t);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(MAX_POLL);
     }
 }
+
+/// How soon `follow` asks again after its first look: most transitions end within a tick
+/// or two (tens of milliseconds), and a client that always slept 100 ms made every one of
+/// them look that long. The interval doubles up to [`MAX_POLL`], so a long transition
+/// costs the VM ten status requests a second at most.
+const FIRST_POLL: Duration = Duration::from_millis(5);
+const MAX_POLL: Duration = Duration::from_millis(100);
 
 /// The live progress line (rewritten in place on a terminal), and each new set of
 /// blocking tasks with their stacks.

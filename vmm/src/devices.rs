@@ -27,9 +27,13 @@ const POST_PORT: u16 = 0x80;
 pub enum StopReason {
     /// The guest powered off (ACPI S5).
     Poweroff,
-    /// The guest rebooted (how: keyboard controller, triple fault, ...). lpvmm does not
+    /// The guest rebooted (how: keyboard controller, KVM reset event). lpvmm does not
     /// restart guests: the VM ends, like firecracker.
     Reboot(String),
+    /// A vCPU triple-faulted (where, as far as KVM still knows it): the guest crashed,
+    /// unless it was told to reboot that way (`reboot=t`, which lpvmm's default command
+    /// line does not use). A crash, so not a success of `lpvmm run`.
+    TripleFault(String),
     /// The guest kernel panicked (its panic line was seen on the console before reset).
     Panic(String),
     /// Stopped through the control socket or a signal.
@@ -43,6 +47,7 @@ impl StopReason {
         match self {
             StopReason::Poweroff | StopReason::Reboot(_) | StopReason::Requested(_) => 0,
             StopReason::Panic(_) => 2,
+            StopReason::TripleFault(_) => 3,
             StopReason::Fatal(_) => 1,
         }
     }
@@ -54,6 +59,7 @@ impl StopReason {
                 "guest requested a reboot ({how}): lpvmm ends the VM rather than restarting it"
             ),
             StopReason::Panic(msg) => format!("guest kernel panic: {msg}"),
+            StopReason::TripleFault(at) => format!("guest crashed ({at}): lpvmm ends the VM"),
             StopReason::Requested(why) => format!("VM stopped: {why}"),
             StopReason::Fatal(msg) => format!("VM failed: {msg}"),
         }
@@ -164,9 +170,19 @@ impl Devices {
     /// A reset is a panic if the kernel printed its panic line first, else a reboot;
     /// `how` says what reset the guest.
     pub fn guest_reset(&self, how: &str) -> StopReason {
+        self.panic_or(|| StopReason::Reboot(how.to_string()))
+    }
+
+    /// A triple fault is a panic's reset if the kernel printed its panic line first
+    /// (`panic=N` with `reboot=t`), else a crash of its own; `at` says where.
+    pub fn guest_triple_fault(&self, at: &str) -> StopReason {
+        self.panic_or(|| StopReason::TripleFault(at.to_string()))
+    }
+
+    fn panic_or(&self, otherwise: impl FnOnce() -> StopReason) -> StopReason {
         match self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             Some(msg) => StopReason::Panic(msg),
-            None => StopReason::Reboot(how.to_string()),
+            None => otherwise(),
         }
     }
 
@@ -265,6 +281,26 @@ mod tests {
         assert_eq!(
             d.pio_write(0x64, &[0xfe]),
             Some(StopReason::Panic("VFS: oops".into()))
+        );
+    }
+
+    #[test]
+    fn triple_fault_is_a_crash_unless_a_panic_came_first() {
+        let d = devices();
+        let crash = d.guest_triple_fault("triple fault on vCPU 1 at rip 0xfff0");
+        assert_eq!(
+            crash,
+            StopReason::TripleFault("triple fault on vCPU 1 at rip 0xfff0".into())
+        );
+        assert_ne!(crash.exit_code(), 0);
+        assert!(crash.describe().contains("triple fault on vCPU 1"));
+        d.serial()
+            .writer_mut()
+            .write_all(b"[ 1.0] Kernel panic - not syncing: Fatal exception\r\n")
+            .unwrap();
+        assert_eq!(
+            d.guest_triple_fault("triple fault on vCPU 0"),
+            StopReason::Panic("Fatal exception".into())
         );
     }
 

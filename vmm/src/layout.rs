@@ -69,6 +69,9 @@ impl MemoryLayout {
                 ram_bytes >> 20
             );
         }
+        if !ram_bytes.is_multiple_of(4096) {
+            bail!("--memory must be a multiple of 4 KiB (got {ram_bytes} bytes)");
+        }
         if patch_area_bytes == 0 || !patch_area_bytes.is_multiple_of(4096) {
             bail!("--patch-area must be a non-zero multiple of 4 KiB");
         }
@@ -188,6 +191,7 @@ mod tests {
     #[test]
     fn bad_sizes_are_refused() {
         assert!(MemoryLayout::new(1 << 20, 16 << 20).is_err());
+        assert!(MemoryLayout::new((512 << 20) + 100, 16 << 20).is_err());
         assert!(MemoryLayout::new(1 << 30, 1000).is_err());
         assert!(MemoryLayout::new(1 << 30, 2 << 30).is_err());
     }

@@ -3,7 +3,7 @@
 //!
 //! - The VM core: [`vm`] (KVM objects, memory, pause and resume), [`vcpu`] (the vCPU
 //!   state machine), with platform setup apart ([`boot`], [`cpu`], [`acpi`],
-//!   [`devices`], [`pci`], [`layout`]); [`paused`] is the paused guest the
+//!   [`devices`], [`pci`], [`layout`], [`host_memory`]); [`paused`] is the paused guest the
 //!   introspection and patcher crates read and write.
 //! - On top of it, [`session`]: the guest kernel once attached ([`inspect`]) and the
 //!   patch engine with its driver ([`patching`]).
@@ -20,6 +20,7 @@ pub mod console;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod host_memory;
 pub mod hostcheck;
 pub mod inspect;
 pub mod layout;

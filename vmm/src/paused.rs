@@ -164,7 +164,7 @@ mod tests {
     #[test]
     fn reads_and_writes_stay_inside_regions() {
         let layout = MemoryLayout::new(64 << 20, 1 << 20).unwrap();
-        let mem = guest_memory(&layout).unwrap();
+        let (mem, _host) = guest_memory(&layout).unwrap();
         let mut g = PausedVm::new(&mem, &layout, vec![VcpuState::default()]);
 
         g.write_phys(0x1000, b"hello").unwrap();
@@ -205,7 +205,7 @@ mod read_cost {
     #[ignore = "a measurement: run it in release mode and read what it prints"]
     fn cost_of_a_read() {
         let layout = MemoryLayout::new(64 << 20, 1 << 20).unwrap();
-        let mem = guest_memory(&layout).unwrap();
+        let (mem, _host) = guest_memory(&layout).unwrap();
         let mut g = PausedVm::new(&mem, &layout, vec![VcpuState::default()]);
         // The direct map's first GiB as one 1 GiB page: a top-level and a level-3 table.
         let va: u64 = 0xffff_8880_0000_0000;

@@ -500,7 +500,7 @@ fn triple_fault(index: usize, fd: &VcpuFd, devices: &Devices) -> StopReason {
         ),
         Err(_) => format!("triple fault on vCPU {index}"),
     };
-    devices.guest_reset(&at)
+    devices.guest_triple_fault(&at)
 }
 
 /// CPUID is architecturally serializing: after it, this CPU fetches guest code afresh.

@@ -13,6 +13,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::{Devices, SERIAL_IRQ};
+use crate::host_memory::{self, HostMapping};
 use crate::layout::MemoryLayout;
 use crate::paused::{PausedVm, RamView};
 use crate::vcpu::Vcpus;
@@ -135,16 +136,19 @@ pub struct Vm {
     // Dropped last: vCPU threads and memory slots belong to these.
     _vm_fd: VmFd,
     _kvm: Kvm,
+    /// The host memory under `mem` and the memory slots: unmapped after both are gone.
+    _host_memory: Vec<HostMapping>,
 }
 
-/// Host memory for every region of the layout (RAM and patch area).
-pub fn guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+/// Host memory for every region of the layout (RAM and patch area), 2 MiB-aligned
+/// ([`crate::host_memory`]), with the mappings under it, which must be dropped last.
+pub fn guest_memory(layout: &MemoryLayout) -> Result<(GuestMemoryMmap, Vec<HostMapping>)> {
     let ranges: Vec<(GuestAddress, usize)> = layout
         .regions()
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+    let (mem, mappings) = host_memory::guest_memory(&ranges).map_err(|e| {
         anyhow!(
             "cannot allocate {} MiB of guest memory: {e}",
             layout.regions().iter().map(|r| r.size).sum::<u64>() >> 20
@@ -153,7 +157,7 @@ pub fn guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
     for r in mem.iter() {
         advise_huge_pages(r.as_ptr(), r.len() as usize);
     }
-    Ok(mem)
+    Ok((mem, mappings))
 }
 
 /// Ask the host kernel to back guest memory with transparent huge pages where it can
@@ -204,7 +208,7 @@ impl Vm {
             })
             .context("KVM_CREATE_PIT2")?;
 
-        let mem = guest_memory(&layout)?;
+        let (mem, host_memory) = guest_memory(&layout)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -266,6 +270,7 @@ impl Vm {
             last_pause: None,
             _vm_fd: vm_fd,
             _kvm: kvm,
+            _host_memory: host_memory,
         })
     }
 
@@ -415,7 +420,7 @@ mod tests {
             return;
         }
         let layout = MemoryLayout::new(64 << 20, 2 << 20).unwrap();
-        let mem = guest_memory(&layout).unwrap();
+        let (mem, _host) = guest_memory(&layout).unwrap();
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         for r in mem.iter() {
             let start = format!("{:x}-", r.as_ptr() as usize);

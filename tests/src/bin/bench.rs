@@ -207,14 +207,28 @@ fn host_trace_of_death(host: &mut TestHost) -> String {
     .unwrap_or_else(|e| format!("(no host trace: {e})"))
 }
 
+/// How the test host's kernel has been moving and backing memory (page migrations,
+/// compaction, transparent huge pages): printed around each round of a traced `deaths`,
+/// to tell whether the host moved the guest's memory while it ran.
+fn host_memory_counters(host: &mut TestHost) -> String {
+    host.exec(
+        "grep -E '^(pgmigrate_success|compact_stall|thp_fault_alloc|thp_fault_fallback|thp_collapse_alloc|thp_split_pmd) ' \
+         /proc/vmstat | tr '\n' ' '; grep AnonHugePages /proc/meminfo",
+    )
+    .map(|s| s.trim().to_string())
+    .unwrap_or_else(|e| format!("(unavailable: {e})"))
+}
+
 fn boot_load_poweroff(
     host: &mut TestHost,
     name: &str,
     cmd: &str,
     load: &str,
 ) -> Result<Round, String> {
-    if std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some() {
+    let traced = std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some();
+    if traced {
         restart_host_trace(host)?;
+        eprintln!("{name}: test host before: {}", host_memory_counters(host));
     }
     let mut g = match host.start_and_wait_ready(name, cmd) {
         Ok((g, _)) => g,
@@ -229,6 +243,12 @@ fn boot_load_poweroff(
         .unwrap_or_default();
     eprintln!("{name}: {text}");
     let loaded = g.run_status(load, Duration::from_secs(180));
+    if traced {
+        eprintln!(
+            "{name}: test host after the load: {}",
+            host_memory_counters(g.host)
+        );
+    }
     let off = loaded.and_then(|_| g.poweroff().map(|_| ()));
     match off {
         Ok(()) => Ok(Round::Survived),
@@ -258,6 +278,13 @@ fn deaths(runs: u32, load: &str, series_list: &[&str]) -> Result<(), String> {
     let traced = std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some();
     if traced {
         trace_guest_exits(&mut host)?;
+        eprintln!(
+            "test host: {}",
+            host.exec(
+                "uname -r; cat /sys/kernel/mm/transparent_hugepage/enabled \
+                 /sys/kernel/mm/transparent_hugepage/defrag; grep MemTotal /proc/meminfo"
+            )?
+        );
     }
     println!("| kernel | VMM | rounds | died booting | died under load | test host lost |");
     println!("|---|---|---|---|---|---|");
