@@ -197,12 +197,14 @@ fn restart_host_trace(host: &mut TestHost) -> Result<(), String> {
 }
 
 /// What the host trace holds of a death: its shutdown exits and injected exceptions, and
-/// the last exits before the trace was stopped.
+/// each vCPU's last exits before the trace was stopped (one busy vCPU would crowd out the
+/// other's in a single list).
 fn host_trace_of_death(host: &mut TestHost) -> String {
     host.exec(&format!(
         "cd {HOST_TRACE} && echo 0 > tracing_on && echo \"events traced: $(grep -vc '^#' trace)\" && \
-         grep -E 'shutdown|kvm_inj_exception' trace | tail -n 20; echo '-- last exits:'; \
-         grep -v '^#' trace | tail -n 60"
+         grep -E 'shutdown|kvm_inj_exception' trace | tail -n 20; \
+         for v in $(grep -o 'kvm_exit: vcpu [0-9]*' trace | sort -u | cut -d' ' -f3); do \
+         echo \"-- last exits of vCPU $v:\"; grep \"kvm_exit: vcpu $v \" trace | tail -n 30; done"
     ))
     .unwrap_or_else(|e| format!("(no host trace: {e})"))
 }
