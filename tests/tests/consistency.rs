@@ -473,7 +473,8 @@ fn consistency_under_load(host: &mut TestHost, series: &str) -> TestResult {
     let dir = dir.trim_end_matches("gen-1.kp");
     let (rc, out) = g.host.exec_status(
         &format!(
-            "i=1; while [ $i -le {GENERATIONS} ]; do {lp} patch {name} {dir}gen-$i.kp --timeout 120 >/dev/null || break; \
+            "i=1; while [ $i -le {GENERATIONS} ]; do \
+             {lp} patch {name} {dir}gen-$i.kp --timeout 120 >/tmp/{name}-patch.out 2>&1 || {{ cat /tmp/{name}-patch.out; break; }}; \
              i=$((i+1)); done; echo generations=$((i-1))"
         ),
         Duration::from_secs(1800),
