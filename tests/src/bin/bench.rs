@@ -963,7 +963,16 @@ fn livepatch_completion_ms(
 /// Start `spawn N` in the guest (N extra processes asleep in `pause()`) and wait until
 /// all of them exist; they run on until `kill $(pidof spawn)`.
 fn spawn_tasks(g: &mut lpvmm_tests::Guest, extra: u32) -> Result<(), String> {
-    g.run(&format!("spawn {extra} >/tmp/spawn.out & while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done"))?;
+    // A guest's threads-max scales with its RAM: about 4,000 in 512 MiB, so the 5,000-task
+    // rows raise it (fork said EAGAIN, and the wait below used to run into its timeout).
+    let out = g.run(&format!(
+        "echo 16384 > /proc/sys/kernel/threads-max; spawn {extra} >/tmp/spawn.out 2>&1 & p=$!; \
+         while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do \
+         kill -0 $p 2>/dev/null || {{ echo spawn-failed; cat /tmp/spawn.out; break; }}; sleep 1; done"
+    ))?;
+    if out.contains("spawn-failed") {
+        return Err(format!("spawn {extra} failed in the guest: {out}"));
+    }
     Ok(())
 }
 
