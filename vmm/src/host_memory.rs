@@ -83,14 +83,6 @@ impl HostMapping {
     pub fn addr(&self) -> usize {
         self.addr
     }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl Drop for HostMapping {

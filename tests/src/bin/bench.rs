@@ -180,6 +180,11 @@ const SPAWN_LOAD: &str = "spawn 2000 >/tmp/spawn.out & \
 /// was, and the exits before it say what it was doing.
 const HOST_TRACE: &str = "/sys/kernel/debug/tracing";
 
+/// Whether `bench deaths` records the test host's trace (`LPVMM_BENCH_HOST_TRACE=1`).
+fn host_traced() -> bool {
+    std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some()
+}
+
 fn trace_guest_exits(host: &mut TestHost) -> Result<(), String> {
     host.exec(&format!(
         "cd {HOST_TRACE} && echo 0 > tracing_on && echo 1024 > buffer_size_kb && \
@@ -227,7 +232,7 @@ fn boot_load_poweroff(
     cmd: &str,
     load: &str,
 ) -> Result<Round, String> {
-    let traced = std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some();
+    let traced = host_traced();
     if traced {
         restart_host_trace(host)?;
         eprintln!("{name}: test host before: {}", host_memory_counters(host));
@@ -239,11 +244,13 @@ fn boot_load_poweroff(
         }
         Err(BootFailure::Other(e)) => return Ok(Round::HostLost(e)),
     };
-    // Where the kernel's text lies in this boot (KASLR), to place a traced rip.
-    let text = g
-        .text("grep -m1 ' _text$' /proc/kallsyms")
-        .unwrap_or_default();
-    eprintln!("{name}: {text}");
+    if traced {
+        // Where the kernel's text lies in this boot (KASLR), to place a traced rip.
+        let text = g
+            .text("grep -m1 ' _text$' /proc/kallsyms")
+            .unwrap_or_default();
+        eprintln!("{name}: {text}");
+    }
     let loaded = g.run_status(load, Duration::from_secs(180));
     if traced {
         eprintln!(
@@ -277,7 +284,7 @@ fn boot_load_poweroff(
 /// lpvmm's; if alike, the platform's.
 fn deaths(runs: u32, load: &str, series_list: &[&str]) -> Result<(), String> {
     let mut host = TestHost::start_with(true)?;
-    let traced = std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some();
+    let traced = host_traced();
     if traced {
         trace_guest_exits(&mut host)?;
         eprintln!(
