@@ -51,7 +51,8 @@ pub fn host_files_or_exit(built: Result<Vec<(std::path::PathBuf, String)>, Strin
 /// If the test fails and the nested test host no longer answers at all (its QEMU died,
 /// or its kernel stopped responding: rare events of the nested TCG platform, see
 /// docs/testing.md), or its kernel is shown at fault ([`platform_host_fault`]: a vCPU
-/// it kept inside `KVM_RUN` despite lpvmm's kick, a VMM that outlived SIGKILL), the host
+/// it kept inside `KVM_RUN` despite lpvmm's kick, a VMM that outlived SIGKILL, a
+/// lockup, stall or oops in its own kernel log), the host
 /// is replaced by a fresh one and the test runs again, with a loud WARNING; so does a
 /// test whose guest died of a known platform fault (on the same host). A test gets at
 /// most [`PLATFORM_ATTEMPTS`] runs. Any other failure is the test's own and is never
@@ -106,8 +107,10 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
         };
         // What each VMM of the test said last: whether its guest died, and of what,
         // even where the test's own message only saw a closed socket.
+        // And what the test host's own kernel logged about itself, if it failed.
         let err = if host.answers() {
-            format!("{err}\n{}", host.vmm_reports_since_mark())
+            let host_kernel = host.host_kernel_faults_since_mark().unwrap_or_default();
+            format!("{err}\n{}\n{host_kernel}", host.vmm_reports_since_mark())
         } else {
             err
         };

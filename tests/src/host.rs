@@ -79,6 +79,32 @@ pub fn platform_host_fault(report: &str) -> bool {
     report.contains(lpvmm::vcpu::HOST_HELD)
         || report.contains(SURVIVED_SIGKILL)
         || report.contains(IMPOSSIBLE_AT_BOOT)
+        || report.contains(HOST_KERNEL_FAULT)
+}
+
+/// How the harness introduces what the nested test host's own kernel logged about
+/// itself during a failed attempt ([`TestHost::host_kernel_faults_since_mark`]): a soft
+/// or hard lockup, an RCU stall, an oops or BUG. No user-space program can make a
+/// healthy kernel do that, so the host is replaced and the test runs again.
+pub const HOST_KERNEL_FAULT: &str = "the test host's own kernel reported a fault";
+
+/// The test host's kernel log lines that say its kernel failed (not its guests': those
+/// reach the guest console, never the host's log).
+const HOST_FAULT_LINES: &[&str] = &[
+    "soft lockup",
+    "hard LOCKUP",
+    "detected stall",
+    "BUG:",
+    "Oops:",
+    "general protection fault",
+    "Kernel panic",
+];
+
+/// The lines of `log` (a `dmesg` with time stamps) that say the kernel failed.
+pub fn host_fault_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| HOST_FAULT_LINES.iter().any(|m| l.contains(m)))
+        .collect()
 }
 
 /// How the harness names a boot that stalled with a vCPU holding registers no guest can
@@ -480,9 +506,42 @@ impl TestHost {
         }
     }
 
-    /// Mark the start of a test's attempt for [`TestHost::vmm_reports_since_mark`].
+    /// Mark the start of a test's attempt for [`TestHost::vmm_reports_since_mark`] and
+    /// [`TestHost::host_kernel_faults_since_mark`] (the host's uptime, to compare with
+    /// its kernel log's time stamps).
     pub fn mark_attempt(&mut self) {
-        let _ = self.exec(&format!("touch {}/{ATTEMPT_MARK}", self.tmp()));
+        let tmp = self.tmp();
+        let _ = self.exec(&format!(
+            "touch {tmp}/{ATTEMPT_MARK}; cut -d' ' -f1 /proc/uptime > {tmp}/{ATTEMPT_MARK}.uptime"
+        ));
+    }
+
+    /// What the nested test host's kernel logged since [`TestHost::mark_attempt`] that
+    /// says it failed ([`HOST_FAULT_LINES`]), introduced by [`HOST_KERNEL_FAULT`]; `None`
+    /// when it logged no such line, when its log cannot be read, and natively (this
+    /// machine's kernel is not a test platform to blame).
+    pub fn host_kernel_faults_since_mark(&mut self) -> Option<String> {
+        if self.mode == HostMode::Native {
+            return None;
+        }
+        let log = self.host_kernel_log_since_mark().ok()?;
+        let lines = host_fault_lines(&log);
+        (!lines.is_empty())
+            .then(|| format!("{HOST_KERNEL_FAULT}:\n{}", tail(&lines.join("\n"), 3000)))
+    }
+
+    /// The test host's kernel log from [`TestHost::mark_attempt`] on (nested; natively,
+    /// nothing).
+    pub fn host_kernel_log_since_mark(&mut self) -> Result<String, String> {
+        if self.mode == HostMode::Native {
+            return Ok(String::new());
+        }
+        let tmp = self.tmp();
+        // busybox dmesg prints "[  123.456789] text"; keep the lines from the mark on.
+        self.exec(&format!(
+            "t=$(cat {tmp}/{ATTEMPT_MARK}.uptime) && dmesg | \
+             awk -v t=\"$t\" '{{ s = $0; sub(/^\\[ */, \"\", s); if (s + 0 >= t + 0) print }}'"
+        ))
     }
 
     /// The end of the stderr of every VMM that wrote to it since [`TestHost::mark_attempt`]
@@ -922,7 +981,7 @@ impl Guest<'_> {
             });
         let (before, matched) = match waited {
             Ok(found) => found,
-            Err(e) => return Err(format!("{e}\n{}", self.vmm_stderr())),
+            Err(e) => return Err(format!("{e}\n{}", self.silence_report())),
         };
         let code = matched[marker.len()..matched.len() - 2]
             .parse()
@@ -983,6 +1042,21 @@ impl Guest<'_> {
     fn type_line(&mut self, text: &str, timeout: Duration) -> Result<(), String> {
         self.console().wait_str(PROMPT, timeout)?;
         self.host.guest_console_send(text)
+    }
+
+    /// Why the guest may have stopped answering, for a command that timed out: what the
+    /// VMM printed, whether it is running or paused, and where its vCPUs are (`lpvmm
+    /// regs`, as for a silent boot: a vCPU the host kernel holds inside `KVM_RUN` is
+    /// named so, and one stuck in lpvmm too).
+    fn silence_report(&mut self) -> String {
+        let stderr = self.vmm_stderr();
+        let name = self.name.clone();
+        let status = self
+            .lpvmm("status {vm}")
+            .map(|(rc, out)| format!("lpvmm status (exit {rc}):\n{}", out.trim()))
+            .unwrap_or_else(|e| format!("(lpvmm status failed: {e})"));
+        let regs = self.host.vcpu_whereabouts(&name);
+        format!("{stderr}\n{status}\nlpvmm regs:\n{}", tail(&regs, 3000))
     }
 
     /// What the VMM printed on stderr so far, for failure messages.
@@ -1091,6 +1165,29 @@ mod tests {
         assert!(!platform_host_fault(
             "guest: timed out after 15s waiting for READY"
         ));
+    }
+
+    #[test]
+    fn only_the_host_kernels_own_failures_in_its_log_blame_the_host() {
+        // What the test host's kernel logs in a healthy run (KVM's notes, the nested
+        // clock) is no fault; a lockup, stall, oops or BUG is.
+        let healthy = "[   12.000001] kvm: Nested Virtualization enabled\n\
+                       [   40.500000] kvm [312]: vcpu0, guest rIP: 0xffffffff81000000 \
+                       unhandled rdmsr: 0xc0011029\n\
+                       [   41.000000] clocksource: timekeeping watchdog on CPU1: Marking \
+                       clocksource 'tsc' as unstable";
+        assert!(host_fault_lines(healthy).is_empty());
+        for fault in [
+            "[  301.2] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [lpvmm:vcpu1:912]",
+            "[  301.2] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+            "[  301.2] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+            "[  301.2] general protection fault, probably for non-canonical address",
+        ] {
+            let log = format!("{healthy}\n{fault}");
+            assert_eq!(host_fault_lines(&log), vec![fault]);
+            let report = format!("{HOST_KERNEL_FAULT}:\n{fault}");
+            assert!(platform_host_fault(&report), "{report}");
+        }
     }
 
     #[test]

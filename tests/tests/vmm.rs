@@ -498,11 +498,51 @@ fn main() {
         "seccomp_stops_a_forbidden_call",
         seccomp_stops_forbidden_calls,
     ));
+    tests.push(host_trial(
+        "the_test_hosts_own_faults_are_read_from_its_log_since_the_mark",
+        host_faults_since_the_mark,
+    ));
     tests.push(local_trial(
         "software_kvm_is_refused_with_a_pointer_to_nested_mode",
         software_kvm_check,
     ));
     run_group(tests)
+}
+
+/// The harness reads the nested test host's kernel log from the start of a test's
+/// attempt on, and takes a lockup, stall or oops there for the host's fault (its
+/// platform retry, docs/testing.md). Lines logged before the mark are not read; a fault
+/// line after it is found and recognised.
+fn host_faults_since_the_mark(host: &mut TestHost) -> TestResult {
+    if host.mode() == HostMode::Native {
+        eprintln!("native mode: this machine's kernel is not blamed, nothing to read");
+        return Ok(());
+    }
+    host.exec("echo 'lpvmm-test: logged before the mark' > /dev/kmsg; sleep 1")?;
+    host.mark_attempt();
+    check!(
+        host.host_kernel_faults_since_mark().is_none(),
+        "a healthy test host's log was read as a fault"
+    );
+    host.exec("echo 'lpvmm-test: logged after the mark' > /dev/kmsg")?;
+    let log = host.host_kernel_log_since_mark()?;
+    check!(
+        log.contains("logged after the mark") && !log.contains("logged before the mark"),
+        "the log since the mark is wrong:\n{log}"
+    );
+    // As the kernel's watchdog words it (written by this test, not by a lockup).
+    host.exec("echo 'watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [lpvmm-test]' > /dev/kmsg")?;
+    let fault = host.host_kernel_faults_since_mark();
+    // The written line must not make the harness blame this host for anything else,
+    // this test's own failure included: the mark moves past it.
+    host.exec("sleep 1")?;
+    host.mark_attempt();
+    let fault = fault.ok_or("a soft lockup line after the mark was not found")?;
+    check!(
+        lpvmm_tests::platform_host_fault(&fault) && fault.contains("CPU#1 stuck"),
+        "not recognised as the host's fault: {fault}"
+    );
+    Ok(())
 }
 
 /// Runs on this machine, not on the test host: on a machine whose /dev/kvm has no
