@@ -23,8 +23,10 @@ use introspection::layout::Layout;
 use introspection::orc::OrcFormat;
 use introspection::stack::Unwinder;
 use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
-use introspection::tasks::TaskReader;
-use introspection::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState, VmcoreInfo};
+use introspection::tasks::{TaskList, TaskReader};
+use introspection::{
+    GuestError, GuestRam, PausedGuest, PhysRange, Unconfirmed, VcpuState, VmcoreInfo,
+};
 use patcher::{Begin, Consistency, Engine, GuestWriter, Op};
 
 /// A synthetic guest whose writes are undone after each input: cheaper than a copy of
@@ -94,6 +96,9 @@ struct Fixture {
     /// (which scans all of RAM for VMCOREINFO, the slow part of an execution).
     static_words: usize,
     ftrace_sites: Vec<u64>,
+    /// The task list read as the patcher's early checks read it (no vCPUs), for the
+    /// pause's refresh of it over hostile memory.
+    early: TaskList,
 }
 
 thread_local! {
@@ -140,6 +145,17 @@ fn fixture() -> Fixture {
         vas.extend((0..24).step_by(8).map(|o| first + o));
     }
     vas.extend(sk.ftrace.records.values().flat_map(|&f| [f - 8, f]));
+    // Each CPU's runqueue (its `curr` and `idle`) and `current`: what a refresh reads.
+    let reader = TaskReader::new(&kernel, &sk.guest);
+    for base in reader.percpu_bases().unwrap_or_default() {
+        let rq = base + kernel.addrs.runqueues;
+        vas.extend((0..0x100).step_by(8).map(|o| rq + o));
+        vas.extend(kernel.current_task_offset().map(|o| base + o));
+    }
+    let early = TaskReader::new(&kernel, &Unconfirmed(&sk.guest))
+        .list()
+        .expect("the synthetic kernel's task list");
+    drop(reader);
     let words: Vec<u64> = vas.iter().filter_map(|&va| m.translate(va).ok()).collect();
     let static_words = vas[..static_vas]
         .iter()
@@ -154,6 +170,7 @@ fn fixture() -> Fixture {
         words,
         static_words,
         ftrace_sites,
+        early,
     }
 }
 
@@ -252,6 +269,7 @@ pub fn guest(data: &[u8]) {
                 let _ = u.trace(t);
             }
         }
+        let _ = reader.refresh(f.early.clone());
         if let Some(ft) = &k.ftrace {
             let m = k.memory(&g);
             let _ = ft.lock_owner(&m);

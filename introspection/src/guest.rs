@@ -117,6 +117,30 @@ pub trait GuestRam {
         self.read_phys(addr, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
+
+    /// Many small reads in one call: `out` holds one chunk of `out.len() / addrs.len()`
+    /// bytes per address, read at that address, in order (a pause reads one field of
+    /// every task this way). Fails whole if any read would; an `out` that does not split
+    /// into equal chunks is an error too. Implementations may do it faster than this
+    /// loop of [`GuestRam::read_phys`].
+    fn read_each(&self, addrs: &[u64], out: &mut [u8]) -> Result<(), GuestError> {
+        let len = each_chunk_len(addrs, out)?;
+        for (&a, chunk) in addrs.iter().zip(out.chunks_exact_mut(len)) {
+            self.read_phys(a, chunk)?;
+        }
+        Ok(())
+    }
+}
+
+/// The chunk length of a [`GuestRam::read_each`]: `out` split evenly, at least a byte.
+pub fn each_chunk_len(addrs: &[u64], out: &[u8]) -> Result<usize, GuestError> {
+    match (addrs.len(), out.len()) {
+        (0, 0) => Ok(1),
+        (n, len) if n > 0 && len > 0 && len % n == 0 => Ok(len / n),
+        (n, len) => Err(GuestError::Access(format!(
+            "{len} bytes do not split into {n} equal reads"
+        ))),
+    }
 }
 
 /// A guest whose vCPUs are all parked: nothing changes under the reader. Read-only:
@@ -139,6 +163,9 @@ pub struct Unconfirmed<'a>(pub &'a dyn GuestRam);
 impl GuestRam for Unconfirmed<'_> {
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         self.0.read_phys(addr, buf)
+    }
+    fn read_each(&self, addrs: &[u64], out: &mut [u8]) -> Result<(), GuestError> {
+        self.0.read_each(addrs, out)
     }
     fn patch_area(&self) -> PhysRange {
         self.0.patch_area()

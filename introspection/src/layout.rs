@@ -85,6 +85,9 @@ pub struct Layout {
     pub switch_frame: SwitchFrameLayout,
     /// `struct rq.idle`: each CPU's idle task (not on the task list).
     pub rq_idle: u64,
+    /// `struct rq.curr`: the task each CPU's scheduler last switched to (running, or
+    /// being switched to), set before that task runs.
+    pub rq_curr: u64,
     pub pcpu_hot: Option<PcpuHotLayout>,
     pub patcher: PatcherTypes,
 }
@@ -158,6 +161,7 @@ impl Layout {
                 ret_addr: frame("ret_addr")?,
             },
             rq_idle: btf.field("rq", "idle")?.offset(),
+            rq_curr: btf.field("rq", "curr")?.offset(),
             pcpu_hot,
             patcher: PatcherTypes {
                 task_struct_size: btf.struct_size("task_struct").ok(),

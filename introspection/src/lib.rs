@@ -30,6 +30,8 @@ pub mod tasks;
 mod tests;
 pub mod vmcoreinfo;
 
-pub use guest::{GuestError, GuestRam, PausedGuest, PhysRange, Unconfirmed, VcpuState};
+pub use guest::{
+    each_chunk_len, GuestError, GuestRam, PausedGuest, PhysRange, Unconfirmed, VcpuState,
+};
 pub use kernel::{AttachError, Kernel};
 pub use vmcoreinfo::{VmcoreInfo, VmcoreInfoError};

@@ -96,10 +96,20 @@ struct LargePage {
     size: u64,
 }
 
-/// Large pages remembered by one view: the direct map (where every task_struct is) and
-/// the kernel image are a few large pages, so most reads need neither a walk nor a
+/// 1 GiB pages remembered by one view: the direct map (where every task_struct is) of a
+/// guest with a few GiB is a few of them, so most reads need neither a walk nor a
 /// look-up in the 4 KiB cache.
 const LARGE_PAGES: usize = 4;
+/// 2 MiB pages remembered by one view, each in the slot its address picks: a smaller
+/// guest's direct map is hundreds of 2 MiB pages (256 in 512 MiB), and a pause that
+/// reads every task_struct must walk each only once.
+const MID_SLOTS: usize = 512;
+const MID_PAGE: u64 = 2 << 20;
+
+/// The slot of [`KernelMemory`]'s 2 MiB page cache that `va` uses.
+fn mid_slot(va: u64) -> usize {
+    ((va / MID_PAGE) % MID_SLOTS as u64) as usize
+}
 
 /// Kernel virtual memory of one paused guest, with a translation cache that lives as long
 /// as this view (page tables can change whenever the guest runs, so a view never outlives
@@ -112,9 +122,11 @@ pub struct KernelMemory<'g> {
     /// The page last translated and its physical page (most reads follow one in the same
     /// page: the fields of one task_struct, the words of one stack). `NO_PAGE` at first.
     last: Cell<(u64, u64)>,
-    /// The last [`LARGE_PAGES`] large pages found, replaced in turn (size 0: none yet).
-    large: Cell<[LargePage; LARGE_PAGES]>,
+    /// The last [`LARGE_PAGES`] 1 GiB pages found, replaced in turn (size 0: none yet).
+    large: [Cell<LargePage>; LARGE_PAGES],
     next_large: Cell<usize>,
+    /// 2 MiB pages found, slot `(va / 2 MiB) % MID_SLOTS` (size 0: none yet).
+    mid: RefCell<Vec<LargePage>>,
 }
 
 /// No 4 KiB page starts here: the `last` of a view that has translated nothing.
@@ -127,8 +139,9 @@ impl<'g> KernelMemory<'g> {
             root,
             pages: RefCell::new(HashMap::new()),
             last: Cell::new((NO_PAGE, 0)),
-            large: Cell::new([LargePage::default(); LARGE_PAGES]),
+            large: Default::default(),
             next_large: Cell::new(0),
+            mid: RefCell::new(Vec::new()),
         }
     }
 
@@ -147,10 +160,28 @@ impl<'g> KernelMemory<'g> {
         if last == page {
             return Ok(last_pa | (va & (PAGE - 1)));
         }
-        let large = self.large.get();
-        if let Some(l) = large.iter().find(|l| va.wrapping_sub(l.va) < l.size) {
-            return Ok(l.pa + (va - l.va));
+        if let Some(pa) = self.in_large_pages(va) {
+            return Ok(pa);
         }
+        self.translate_missed(va)
+    }
+
+    /// `va` through the large pages this view found, if one holds it.
+    fn in_large_pages(&self, va: u64) -> Option<u64> {
+        let hit = |l: LargePage| (va.wrapping_sub(l.va) < l.size).then(|| l.pa + (va - l.va));
+        if let Some(&l) = self.mid.borrow().get(mid_slot(va)) {
+            if let Some(pa) = hit(l) {
+                return Some(pa);
+            }
+        }
+        self.large.iter().find_map(|l| hit(l.get()))
+    }
+
+    /// [`KernelMemory::translate`] past the large pages: the 4 KiB cache, else a walk,
+    /// whose page is remembered. Kept out of line: the hits stay short.
+    #[inline(never)]
+    fn translate_missed(&self, va: u64) -> Result<u64, MemError> {
+        let page = va & !(PAGE - 1);
         if let Some(&pa) = self.pages.borrow().get(&page) {
             self.last.set((page, pa));
             return Ok(pa | (va & (PAGE - 1)));
@@ -158,16 +189,23 @@ impl<'g> KernelMemory<'g> {
         let walked = walk(self.guest, self.root, page)?;
         let pa = walked.pa;
         if walked.page_size > PAGE {
-            let mut large = large;
             let size = walked.page_size;
-            let i = self.next_large.get();
-            large[i] = LargePage {
+            let found = LargePage {
                 va: page & !(size - 1),
                 pa: pa & !(size - 1),
                 size,
             };
-            self.large.set(large);
-            self.next_large.set((i + 1) % LARGE_PAGES);
+            if size == MID_PAGE {
+                let mut mid = self.mid.borrow_mut();
+                if mid.is_empty() {
+                    mid.resize(MID_SLOTS, LargePage::default());
+                }
+                mid[mid_slot(va)] = found;
+            } else {
+                let i = self.next_large.get();
+                self.large[i].set(found);
+                self.next_large.set((i + 1) % LARGE_PAGES);
+            }
             return Ok(pa | (va & (PAGE - 1)));
         }
         self.last.set((page, pa));
@@ -196,6 +234,50 @@ impl<'g> KernelMemory<'g> {
                 .read_phys(pa, &mut buf[done..done + n])
                 .map_err(|source| MemError::Guest { va: at, source })?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes at each of `vas` into `out` (`vas.len() * len` bytes), in one
+    /// call down to guest memory: a pause reads one field of thousands of tasks this
+    /// way, and the per-read path (translation cache, trait calls, region look-up) would
+    /// cost more than the bytes. A read that crosses into a page not physically next to
+    /// its first is made on its own.
+    pub fn read_each(&self, vas: &[u64], len: usize, out: &mut [u8]) -> Result<(), MemError> {
+        let first = vas.first().copied().unwrap_or(0);
+        if len > MAX_READ {
+            return Err(MemError::TooLarge { va: first, len });
+        }
+        if len == 0 || Some(out.len()) != vas.len().checked_mul(len) {
+            return Err(MemError::Guest {
+                va: first,
+                source: GuestError::Access(format!(
+                    "{} bytes are not {} reads of {len}",
+                    out.len(),
+                    vas.len()
+                )),
+            });
+        }
+        let mut pas = Vec::with_capacity(vas.len());
+        let mut apart = Vec::new();
+        for (i, &va) in vas.iter().enumerate() {
+            let pa = self.translate(va)?;
+            let end = va.wrapping_add(len as u64 - 1);
+            if (va ^ end) & !(PAGE - 1) != 0
+                && self.translate(end)? != pa.wrapping_add(len as u64 - 1)
+            {
+                apart.push(i);
+            }
+            pas.push(pa);
+        }
+        if self.guest.read_each(&pas, out).is_err() {
+            // Find the read that failed, and say which.
+            for (&va, chunk) in vas.iter().zip(out.chunks_exact_mut(len)) {
+                self.read(va, chunk)?;
+            }
+        }
+        for i in apart {
+            self.read(vas[i], &mut out[i * len..(i + 1) * len])?;
         }
         Ok(())
     }
@@ -307,6 +389,80 @@ mod tests {
         // Just past each mapping: not mapped, however warm the caches are.
         assert!(m.translate(va2m + (2 << 20)).is_err());
         assert!(m.translate(va4k + 2 * 4096).is_err());
+    }
+
+    #[test]
+    fn a_view_walks_each_2m_page_of_a_direct_map_once() {
+        // 64 MiB of 2 MiB pages (32 of them, more than the 1 GiB cache holds), read in
+        // an order that visits every page many times, as a pause reads task_structs.
+        let mut g = SynthGuest::new(80 << 20, false);
+        let base = 0xffff_8880_0000_0000;
+        for i in 0..32u64 {
+            g.map_large(base + i * MID_PAGE, i * MID_PAGE, MID_PAGE);
+        }
+        let m = KernelMemory::new(&g, g.root());
+        let counted = Counted {
+            inner: &g,
+            reads: Cell::new(0),
+        };
+        let m2 = KernelMemory::new(&counted, g.root());
+        for round in 0..4u64 {
+            for i in 0..32u64 {
+                let va = base + ((i * 7) % 32) * MID_PAGE + round * 0x1_2340;
+                assert_eq!(m.translate(va), translate(&g, g.root(), va));
+                m2.translate(va).unwrap();
+            }
+        }
+        // Three table reads for each 2 MiB page's one walk (PML4, PDPT, PD), no more.
+        assert_eq!(counted.reads.get(), 32 * 3);
+    }
+
+    /// A guest that counts the reads made of it.
+    struct Counted<'g> {
+        inner: &'g SynthGuest,
+        reads: Cell<usize>,
+    }
+
+    impl GuestRam for Counted<'_> {
+        fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), crate::GuestError> {
+            self.reads.set(self.reads.get() + 1);
+            self.inner.read_phys(addr, buf)
+        }
+        fn patch_area(&self) -> crate::PhysRange {
+            self.inner.patch_area()
+        }
+        fn ram_ranges(&self) -> Vec<crate::PhysRange> {
+            self.inner.ram_ranges()
+        }
+    }
+
+    #[test]
+    fn many_reads_in_one_call_equal_reads_one_by_one() {
+        let mut g = SynthGuest::new(16 << 20, false);
+        let va = 0xffff_c900_0000_0000;
+        g.map(va, 0x20_0000, 4096);
+        // The next virtual page is not the next physical one.
+        g.map(va + 4096, 0x10_0000, 4096);
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        g.write_phys_raw(0x20_0000, &pattern);
+        g.write_phys_raw(0x10_0000, &pattern.iter().map(|b| !b).collect::<Vec<u8>>());
+        let m = KernelMemory::new(&g, g.root());
+        // One read crosses into the page that lies apart.
+        let vas = [va + 8, va + 4090, va + 4096 + 16, va + 8];
+        let mut each = [0u8; 4 * 12];
+        m.read_each(&vas, 12, &mut each).unwrap();
+        let one_by_one: Vec<u8> = vas
+            .iter()
+            .flat_map(|&v| m.read_vec(v, 12).unwrap())
+            .collect();
+        assert_eq!(each.to_vec(), one_by_one);
+        // An unmapped address fails as a read of it would; so does a wrong buffer.
+        assert!(matches!(
+            m.read_each(&[va, va + 2 * 4096], 8, &mut [0u8; 16]),
+            Err(MemError::NotMapped { .. })
+        ));
+        assert!(m.read_each(&[va], 8, &mut [0u8; 9]).is_err());
+        assert!(m.read_each(&[va], 0, &mut []).is_err());
     }
 
     #[test]

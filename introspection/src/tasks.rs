@@ -524,9 +524,65 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         for t in tasks.iter_mut() {
             t.idle = t.pid == 0;
         }
+        let vcpus = self.assign_vcpus(&mut tasks, &bases)?;
+        Ok(TaskList { tasks, vcpus })
+    }
 
+    /// The tasks of `earlier` as they are in this paused guest, and what each vCPU runs.
+    /// `earlier` must be a list of this guest, read while it ran, for which
+    /// [`TaskReader::list_unchanged_since`] holds with the stamp read before that list's
+    /// walk began: the same tasks are alive now.
+    ///
+    /// A task that has not run since it was read keeps what was read then, and only its
+    /// switch count is read now. That is exact: a task that is switched in becomes `curr`
+    /// of its CPU's runqueue before it runs, and stays `curr` until the next switch on
+    /// that CPU, which adds one to its count. So a task that was off every CPU then, is
+    /// `curr` (or `current`) of no CPU now and has the same count has not run in
+    /// between: its saved stack pointer, stack and CPU state are the same. Every other
+    /// task is read again. Two fields of a task that did not run may still have changed,
+    /// and are kept as read then: its state letter (a sleeper woken, not yet run) and its
+    /// name (written through /proc by another task). Nothing lpvmm decides depends on them.
+    pub fn refresh(&self, earlier: TaskList) -> Result<Refreshed, TaskError> {
+        let k = self.kernel;
+        if earlier.tasks.len() > MAX_TASKS {
+            return Err(TaskError::TooMany);
+        }
+        let bases = self.percpu_bases()?;
+        let mut running = Vec::with_capacity(2 * bases.len());
+        for &base in &bases {
+            running.push(self.mem.u64(self.current_slot(base))?);
+            running.push(
+                self.mem
+                    .u64(base.wrapping_add(k.addrs.runqueues.wrapping_add(k.layout.rq_curr)))?,
+            );
+        }
+        running.sort_unstable();
+        let mut tasks = earlier.tasks;
+        let now = SwitchCounts::of(&k.layout.task).read_all(&self.mem, &tasks)?;
+        let mut reread = 0;
+        for (t, now) in tasks.iter_mut().zip(now) {
+            let may_have_run = t.on_cpu
+                || t.vcpu.is_some()
+                || running.binary_search(&t.addr).is_ok()
+                || now != t.switches;
+            if may_have_run {
+                *t = self.task(t.addr)?;
+                t.idle = t.pid == 0;
+                reread += 1;
+            }
+        }
+        let vcpus = self.assign_vcpus(&mut tasks, &bases)?;
+        Ok(Refreshed {
+            list: TaskList { tasks, vcpus },
+            reread,
+        })
+    }
+
+    /// What each vCPU runs, from the per-CPU areas at `bases`; the task that is current
+    /// on a vCPU gets its number.
+    fn assign_vcpus(&self, tasks: &mut [Task], bases: &[u64]) -> Result<Vec<VcpuTask>, TaskError> {
         let mut vcpus = Vec::new();
-        for mut v in self.vcpus(&bases)? {
+        for mut v in self.vcpus(bases)? {
             if let Some(addr) = v.task {
                 match tasks.iter_mut().find(|t| t.addr == addr) {
                     Some(t) => {
@@ -545,7 +601,54 @@ impl<'k, 'g> TaskReader<'k, 'g> {
             }
             vcpus.push(v);
         }
-        Ok(TaskList { tasks, vcpus })
+        Ok(vcpus)
+    }
+}
+
+/// A list brought up to date by [`TaskReader::refresh`], and how many of its tasks had
+/// to be read again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refreshed {
+    pub list: TaskList,
+    pub reread: usize,
+}
+
+/// Where a task's switch counts are: one read of both where they are neighbours (every
+/// kernel declares `nvcsw` and `nivcsw` one after the other), two otherwise.
+struct SwitchCounts {
+    nvcsw: u64,
+    nivcsw: u64,
+}
+
+impl SwitchCounts {
+    fn of(l: &crate::layout::TaskLayout) -> SwitchCounts {
+        SwitchCounts {
+            nvcsw: l.nvcsw,
+            nivcsw: l.nivcsw,
+        }
+    }
+
+    /// `nvcsw + nivcsw` of each of `tasks`, as [`TaskReader::task`] sums them, read in
+    /// one call ([`KernelMemory::read_each`]).
+    fn read_all(&self, mem: &KernelMemory, tasks: &[Task]) -> Result<Vec<u64>, MemError> {
+        let words = |off: u64, n: usize| -> Result<Vec<u64>, MemError> {
+            let vas: Vec<u64> = tasks.iter().map(|t| t.addr.wrapping_add(off)).collect();
+            let mut raw = vec![0u8; vas.len() * 8 * n];
+            mem.read_each(&vas, 8 * n, &mut raw)?;
+            Ok(raw
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                .collect())
+        };
+        if self.nivcsw == self.nvcsw + 8 {
+            let both = words(self.nvcsw, 2)?;
+            return Ok(both
+                .chunks_exact(2)
+                .map(|w| w[0].wrapping_add(w[1]))
+                .collect());
+        }
+        let (v, iv) = (words(self.nvcsw, 1)?, words(self.nivcsw, 1)?);
+        Ok(v.iter().zip(&iv).map(|(a, b)| a.wrapping_add(*b)).collect())
     }
 }
 

@@ -547,3 +547,62 @@ fn hostile_ftrace_memory_is_bounded_and_never_panics() {
         assert!(slowest < Duration::from_secs(2), "a case took {slowest:?}");
     }
 }
+
+#[test]
+fn a_refreshed_list_reads_again_exactly_the_tasks_that_may_have_run() {
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).unwrap();
+        let mut g = sk.guest.clone();
+        // Read while the guest "runs": no vCPU states, as the patcher's early walk.
+        let early = TaskReader::new(&k, &crate::guest::Unconfirmed(&g))
+            .list()
+            .unwrap();
+        let task = |pid: i32| early.by_pid(pid).unwrap().addr;
+        let poke = |g: &mut crate::synth::SynthGuest, va: u64, bytes: &[u8]| {
+            let pa = k.memory(g).translate(va).unwrap();
+            g.write_phys_raw(pa, bytes);
+        };
+        let l = &k.layout.task;
+        let (ran, woken, switched_to, renamed) = (task(11), task(12), task(1), task(2));
+        // 11 ran and was switched out again: a higher count, another saved stack pointer.
+        let switches = early.by_pid(11).unwrap().switches;
+        poke(&mut g, ran + l.nvcsw, &(switches + 1).to_le_bytes());
+        let sp = early.by_pid(11).unwrap().saved_sp;
+        poke(&mut g, ran + l.thread_sp, &(sp - 0x40).to_le_bytes());
+        // 12 was woken and has not run yet; kthreadd was renamed through /proc.
+        poke(&mut g, woken + l.state, &0u32.to_le_bytes());
+        poke(&mut g, renamed + l.comm, b"renamed\0");
+        // CPU 1's scheduler has picked init (`rq->curr`), not yet switched to it.
+        let reader = TaskReader::new(&k, &g);
+        let rq1 = reader.percpu_base(1).unwrap() + k.addrs.runqueues + k.layout.rq_curr;
+        drop(reader);
+        poke(&mut g, rq1, &switched_to.to_le_bytes());
+
+        let reader = TaskReader::new(&k, &g);
+        let refreshed = reader.refresh(early.clone()).unwrap();
+        let fresh = reader.list().unwrap();
+        // Read again: 11 (its count), init (`curr` of CPU 1), and the two tasks that
+        // were on their CPUs when the early list was read (20, 21). No other.
+        assert_eq!(refreshed.reread, 4, "{}", sk.spec.release);
+        // Everything a check decides by is what a walk in the pause reads...
+        let decisive = |t: &crate::tasks::Task| {
+            (
+                t.addr, t.pid, t.tgid, t.switches, t.saved_sp, t.on_cpu, t.vcpu, t.idle,
+            )
+        };
+        let got: Vec<_> = refreshed.list.tasks.iter().map(decisive).collect();
+        let want: Vec<_> = fresh.tasks.iter().map(decisive).collect();
+        assert_eq!(got, want, "{}", sk.spec.release);
+        assert_eq!(refreshed.list.vcpus, fresh.vcpus);
+        // ...and what a task that did not run keeps from then is its state letter and
+        // its name.
+        let state = |l: &crate::tasks::TaskList, pid| l.by_pid(pid).unwrap().state;
+        assert_eq!((state(&refreshed.list, 12), state(&fresh, 12)), ('S', 'R'));
+        let comm = |l: &crate::tasks::TaskList| l.by_pid(2).unwrap().comm.clone();
+        assert_eq!(
+            (comm(&refreshed.list), comm(&fresh)),
+            ("kthreadd".into(), "renamed".into())
+        );
+        assert_eq!(state(&refreshed.list, 11), state(&fresh, 11));
+    }
+}

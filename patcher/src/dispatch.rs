@@ -158,20 +158,41 @@ impl TaskMap {
         }
     }
 
-    /// Changed words as (byte offset, value), and whether init_task's slot changed.
-    pub fn take_dirty(&mut self) -> (Vec<(u64, u64)>, bool) {
-        let words = self
-            .dirty
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, d)| **d)
-            .map(|(i, d)| {
-                *d = false;
-                (i as u64 * 8, self.words[i])
-            })
-            .collect();
-        (words, std::mem::take(&mut self.init_dirty))
+    /// Changed words, as runs of neighbours (one guest write each: a new map is one
+    /// run, not a write per word), and whether init_task's slot changed.
+    pub fn take_dirty(&mut self) -> (Vec<DirtyRun>, bool) {
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < self.dirty.len() {
+            if !self.dirty[i] {
+                i += 1;
+                continue;
+            }
+            let end = self.dirty[i..]
+                .iter()
+                .position(|d| !d)
+                .map_or(self.dirty.len(), |n| i + n);
+            self.dirty[i..end].fill(false);
+            let mut bytes = Vec::with_capacity((end - i) * 8);
+            for w in &self.words[i..end] {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+            runs.push(DirtyRun {
+                offset: i as u64 * 8,
+                bytes,
+            });
+            i = end;
+        }
+        (runs, std::mem::take(&mut self.init_dirty))
     }
+}
+
+/// Changed words of a [`TaskMap`] next to each other: where they start (bytes into the
+/// bitmap) and their bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyRun {
+    pub offset: u64,
+    pub bytes: Vec<u8>,
 }
 
 /// One bank: trampoline code and the task map its trampolines read.
@@ -277,12 +298,41 @@ pub fn trampoline(env: &TrampolineEnv, t: Targets, at: u64) -> Result<Vec<u8>, K
     a.assemble(at).map_err(asm_err)
 }
 
+/// Assemble one trampoline and throw it away, once per process. The assembler builds
+/// its encoding tables on first use, about as much work as checking a few thousand
+/// tasks, and that first use must not fall inside a transition's first pause: the patch
+/// driver calls this before it (see [`crate::Engine::unwind_early`]).
+pub fn warm_up() {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| {
+        let _ = warm_up_code();
+    });
+}
+
+/// The trampoline [`warm_up`] assembles: any addresses in reach of a 32-bit
+/// displacement will do.
+fn warm_up_code() -> Result<Vec<u8>, KpError> {
+    let map_va = 0xffff_ffff_a040_0000;
+    let geometry = Geometry::new(0xffff_8880_0000_0000, 9600, 512 << 20, map_va);
+    let env = TrampolineEnv {
+        current_offset: 0x2_0000,
+        geometry,
+        map_va,
+        init_slot_va: map_va + geometry.bitmap_bytes(),
+    };
+    let targets = Targets {
+        start: 0xffff_ffff_8100_0005,
+        target: 0xffff_ffff_a000_8000,
+    };
+    trampoline(&env, targets, 0xffff_ffff_a000_1000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use iced_x86::{
-        Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, OpAccess,
-        OpKind, Register,
+        Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
+        OpAccess, OpKind, Register,
     };
 
     const AT: u64 = 0xffff_ffff_a000_1000;
@@ -367,6 +417,16 @@ mod tests {
             }
         }
         panic!("trampoline did not leave in 32 steps")
+    }
+
+    #[test]
+    fn the_warm_up_assembles_a_whole_trampoline() {
+        // Failing before the encoder ran would leave its first use to a pause.
+        let code = warm_up_code().unwrap();
+        assert_eq!(
+            decode(&code).last().map(|i| i.mnemonic()),
+            Some(Mnemonic::Jmp)
+        );
     }
 
     #[test]
@@ -490,6 +550,23 @@ mod tests {
         let (dirty, _) = map.take_dirty();
         assert!(!dirty.is_empty());
         assert!(map.take_dirty().0.is_empty());
+        // A new map is written whole, in one run; changes apart are runs apart.
+        let mut map = TaskMap::filled(&g, true);
+        let (runs, init) = map.take_dirty();
+        assert!(init);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(
+            (runs[0].offset, runs[0].bytes.len() as u64),
+            (0, g.bitmap_bytes())
+        );
+        assert!(runs[0].bytes.iter().all(|&b| b == 0xff));
+        let (x, y) = (g.base + 0x10_0000, g.base + 0x1000_0000);
+        map.set(&g, x, false);
+        map.set(&g, y, false);
+        let (runs, _) = map.take_dirty();
+        let at = |t: u64| g.bit(t).unwrap() / 64 * 8;
+        let runs: Vec<(u64, usize)> = runs.iter().map(|r| (r.offset, r.bytes.len())).collect();
+        assert_eq!(runs, [(at(x), 8), (at(y), 8)]);
         // Outside the direct map only init_task has a place.
         assert!(map.set(&g, g.init_task, true));
         assert!(map.on_start(&g, g.init_task));

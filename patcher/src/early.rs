@@ -15,30 +15,34 @@
 //! Everything else (tasks that ran, tasks on a vCPU, tasks that appeared, reads that
 //! failed) is unwound in the pause, as before.
 //!
-//! The task list itself is walked early too. The walk (following `init_task.tasks` and
-//! every process's thread list) is about half of reading the list; the pause skips it
-//! when the kernel's fork and exit counters, read before the early walk, are the same in
-//! the pause and no writer holds `tasklist_lock` ([`introspection::tasks::ListStamp`]):
-//! then no task appeared or went away, and the pause reads the fields of the tasks the
-//! early walk found. Otherwise the pause walks the list itself.
+//! The task list itself is walked and read early too. The pause skips the walk when the
+//! kernel's fork and exit counters, read before the early walk, are the same in the
+//! pause and no writer holds `tasklist_lock` ([`introspection::tasks::ListStamp`]): then
+//! no task appeared or went away. It then brings the early list up to date
+//! ([`introspection::tasks::TaskReader::refresh`]): one read of each task's switch count,
+//! and the whole task read again only where it ran. Otherwise the pause walks the list
+//! and reads every task itself.
+//!
+//! Each early trace is also judged before the pause against the code the next tick
+//! will check (`Engine::next_code`); the tick takes that verdict with the trace when it
+//! checks the same code, and judges again otherwise.
 //!
 //! The early traces and the early list serve one tick only. Nothing read early is
 //! trusted on its own: the confirmation reads come from the paused guest.
 //!
 //! With verification on ([`crate::Engine::set_verify_early`]) every confirmed task is
-//! also unwound in the pause and the two traces compared; the counts are in the
+//! also unwound and judged in the pause and compared with its early trace and verdict,
+//! and every refreshed list with a full read of the list; the counts are in the
 //! transition's status (`early_checks`), so a test can show that the verdicts agree.
-
-use std::collections::HashMap;
 
 use introspection::kernel::Kernel;
 use introspection::stack::StackTrace;
-use introspection::tasks::{ListStamp, Task, TaskList, TaskReader};
+use introspection::tasks::{ListStamp, Task, TaskList, TaskReader, VcpuTask};
 use introspection::{GuestRam, PausedGuest, Unconfirmed};
 use serde::{Deserialize, Serialize};
 
 use crate::ticks::pending;
-use crate::transition::Phase;
+use crate::transition::{Check, CheckedCode, Phase};
 use crate::Engine;
 
 /// What must not change between the early unwind and the pause.
@@ -62,53 +66,98 @@ impl Stamp {
     }
 }
 
-/// Traces unwound while the guest ran, by task address, each with its stamp; and the
-/// task list's addresses as walked then, with the list's stamp from before the walk.
+/// Traces unwound while the guest ran, in the order they were made (the task list's),
+/// each with its task's stamp and, where the next tick's code to check was known then,
+/// its verdict; and the task list as walked and read then, with the list's stamp from
+/// before the walk. The pause takes traces in list order, each found where the last one
+/// was taken (a cursor), else by a search of their addresses sorted before the pause: no
+/// hashing of guest-chosen addresses in the pause.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct EarlyTraces {
-    traces: HashMap<u64, (Stamp, StackTrace)>,
+    stamps: Vec<Stamp>,
+    /// Each trace, with its verdict for `judged` (`None` without it).
+    checks: Vec<Option<Check>>,
+    judged: Option<CheckedCode>,
+    /// (task address, index), sorted by address.
+    by_addr: Vec<(u64, usize)>,
+    /// Where the next trace is likeliest to be: after the last one taken.
+    next: usize,
     pub(crate) list: Option<EarlyList>,
 }
 
-/// The task addresses a walk of the running guest found, and the task list's stamp read
-/// before that walk began.
+/// The tasks a walk of the running guest found, as read then, and the task list's stamp
+/// read before that walk began.
 #[derive(Clone, Debug)]
 pub(crate) struct EarlyList {
     pub(crate) stamp: ListStamp,
-    pub(crate) addrs: Vec<u64>,
+    pub(crate) list: TaskList,
 }
 
 impl EarlyTraces {
     /// Keep `trace`, taken between reads of the task that gave `before` and `after`, if
-    /// the two agree (the task did not run while its stack was read).
+    /// the two agree (the task did not run while its stack was read). Call
+    /// [`EarlyTraces::ready`] once every trace is kept.
     pub(crate) fn keep(&mut self, before: &Task, after: &Task, trace: StackTrace) {
         if let (Some(b), Some(a)) = (Stamp::of(before), Stamp::of(after)) {
             if a == b {
-                self.traces.insert(a.task, (a, trace));
+                self.stamps.push(a);
+                self.checks.push(Some(Check::unjudged(trace)));
             }
         }
     }
 
-    /// The early trace of `task` as the pause sees it, if the task has not run since,
-    /// taken out (a trace serves one check: moved, never copied, in the pause). The
-    /// task's own fields (its state letter) are the pause's.
-    pub(crate) fn take_confirmed(&mut self, task: &Task) -> Option<StackTrace> {
-        let now = Stamp::of(task)?;
-        match self.traces.get(&task.addr) {
-            Some((then, _)) if *then == now => {}
-            _ => return None,
+    /// Ready for the pause: each trace judged against `judged` (the code the next tick
+    /// will check, if known), and the addresses sorted for searching.
+    pub(crate) fn ready(mut self, judged: Option<CheckedCode>) -> Self {
+        if let Some(code) = &judged {
+            for c in self.checks.iter_mut().flatten() {
+                c.judge(code);
+            }
         }
-        let (_, trace) = self.traces.remove(&task.addr)?;
-        Some(StackTrace {
-            state: task.state,
-            comm: task.comm.clone(),
-            ..trace
-        })
+        self.judged = judged;
+        self.by_addr = self
+            .stamps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.task, i))
+            .collect();
+        self.by_addr.sort_unstable();
+        self
+    }
+
+    /// Whether the traces were judged against `code`.
+    fn judged_for(&self, code: &CheckedCode) -> bool {
+        self.judged.as_ref() == Some(code)
+    }
+
+    /// Where the trace of the task at `addr` is.
+    fn find(&self, addr: u64) -> Option<usize> {
+        if self.stamps.get(self.next).is_some_and(|s| s.task == addr) {
+            return Some(self.next);
+        }
+        let i = self.by_addr.binary_search_by_key(&addr, |&(a, _)| a).ok()?;
+        Some(self.by_addr[i].1)
+    }
+
+    /// The early trace of `task` as the pause sees it, if the task has not run since,
+    /// taken out (a trace serves one check: moved, never copied, in the pause), with
+    /// its early verdict (meaningless where it was not judged). The trace is not read:
+    /// its state letter is the early one's.
+    #[inline]
+    pub(crate) fn take_confirmed(&mut self, task: &Task) -> Option<Check> {
+        let now = Stamp::of(task)?;
+        let i = self.find(task.addr)?;
+        if self.stamps[i] != now {
+            return None;
+        }
+        let check = self.checks[i].take()?;
+        self.next = i + 1;
+        Some(check)
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.traces.len()
+        self.checks.iter().flatten().count()
     }
 }
 
@@ -134,6 +183,34 @@ pub struct EarlyCheckCounts {
     /// pause (a bug).
     #[serde(default)]
     pub list_mismatches: u64,
+    /// Tasks of confirmed lists that had run since the early read and were read again
+    /// in the pause (the others: one read of their switch count).
+    #[serde(default)]
+    pub tasks_reread: u64,
+}
+
+/// Whether two lists of one paused guest are the same for every check: the same tasks
+/// in the same order, each with the same identity, switch count, saved stack pointer
+/// and CPU state, and the same vCPUs. Not the state letter and name, which a task that
+/// has not run keeps from an earlier read ([`TaskReader::refresh`]).
+pub(crate) fn same_list(a: &TaskList, b: &TaskList) -> bool {
+    let same_task = |x: &Task, y: &Task| {
+        Task {
+            state: y.state,
+            comm: y.comm.clone(),
+            ..x.clone()
+        } == *y
+    };
+    let same_vcpu = |x: &VcpuTask, y: &VcpuTask| {
+        VcpuTask {
+            comm: y.comm.clone(),
+            ..x.clone()
+        } == *y
+    };
+    a.tasks.len() == b.tasks.len()
+        && a.vcpus.len() == b.vcpus.len()
+        && a.tasks.iter().zip(&b.tasks).all(|(x, y)| same_task(x, y))
+        && a.vcpus.iter().zip(&b.vcpus).all(|(x, y)| same_vcpu(x, y))
 }
 
 /// Whether two traces of one task give the same verdict for every patch: the same
@@ -160,28 +237,28 @@ impl Engine {
         if self.active.is_none() {
             return;
         }
+        // The first tick may assemble trampolines: the assembler's first use is costly.
+        crate::dispatch::warm_up();
         let running = Unconfirmed(ram);
         let early = self.with_unwinder(&running, kernel, |reader, unwinder| {
             // The stamp first: a fork or exit during the walk must show in the pause.
             let stamp = reader.list_stamp().ok().flatten();
-            let addrs = reader.addresses().ok()?;
-            let list = reader.list_of(&addrs).ok()?;
+            let list = reader.list().ok()?;
             // A tick that goes on switching checks only the tasks still to move.
             let checked: Vec<&Task> = match self.still_to_move(&list) {
                 Some(pending) => pending,
                 None => list.tasks.iter().collect(),
             };
-            let mut early = EarlyTraces {
-                list: stamp.map(|stamp| EarlyList { stamp, addrs }),
-                ..EarlyTraces::default()
-            };
+            let mut early = EarlyTraces::default();
             for &before in checked.iter().filter(|t| Stamp::of(t).is_some()) {
                 let trace = unwinder.trace(before);
                 if let Ok(after) = reader.task(before.addr) {
                     early.keep(before, &after, trace);
                 }
             }
-            Some(early)
+            drop(checked);
+            early.list = stamp.map(|stamp| EarlyList { stamp, list });
+            Some(early.ready(self.next_code()))
         });
         self.early = early;
     }
@@ -204,9 +281,10 @@ impl Engine {
         self.verify_early = on;
     }
 
-    /// The task list of the paused guest: at the early walk's addresses if its stamp
-    /// still holds, else walked now (see the module's text); counts into `counts`. With
-    /// verification on, a confirmed list is checked against a walk in the same pause.
+    /// The task list of the paused guest: the early list brought up to date if its stamp
+    /// still holds, else walked and read now (see the module's text); counts into
+    /// `counts`. With verification on, a confirmed list is checked against a walk in the
+    /// same pause.
     pub(crate) fn confirmed_list(
         &mut self,
         reader: &TaskReader,
@@ -218,48 +296,59 @@ impl Engine {
             return reader.list();
         };
         counts.lists_confirmed += 1;
-        let list = reader.list_of(&early.addrs)?;
-        if self.verify_early && reader.list().as_ref() != Ok(&list) {
+        let refreshed = reader.refresh(early.list)?;
+        counts.tasks_reread += refreshed.reread as u64;
+        if self.verify_early && !reader.list().is_ok_and(|l| same_list(&l, &refreshed.list)) {
             counts.list_mismatches += 1;
         }
-        Ok(list)
+        Ok(refreshed.list)
     }
 
-    /// Unwind `tasks` in the pause, taking each early trace that the pause confirms;
-    /// counts into `counts`. The early traces are used up: they serve this tick only.
+    /// Check `tasks` against `code` in the pause: each early trace that the pause
+    /// confirms is taken, with its verdict where it was judged against the same code;
+    /// the other tasks are unwound and judged now. Counts into `counts`. The early
+    /// traces are used up: they serve this tick only.
     pub(crate) fn unwind_checked(
         &mut self,
         guest: &dyn PausedGuest,
         kernel: &Kernel,
         tasks: &[&Task],
+        code: &CheckedCode,
         counts: &mut EarlyCheckCounts,
-    ) -> Vec<StackTrace> {
+    ) -> Vec<Check> {
         let started = std::time::Instant::now();
         let mut early = self.early.take();
-        let traces = self.with_unwinder(guest, kernel, |_, unwinder| {
+        let judged = early.as_ref().is_some_and(|e| e.judged_for(code));
+        let checks = self.with_unwinder(guest, kernel, |_, unwinder| {
             tasks
                 .iter()
                 .map(|t| match early.as_mut().and_then(|e| e.take_confirmed(t)) {
-                    Some(trace) => {
+                    Some(mut check) => {
                         counts.confirmed += 1;
+                        if !judged {
+                            check.judge(code);
+                        }
                         if self.verify_early {
-                            if same_trace(&trace, &unwinder.trace(t)) {
+                            let fresh = unwinder.trace(t);
+                            if same_trace(&check.trace, &fresh)
+                                && code.verdict(&fresh) == check.unsafe_because
+                            {
                                 counts.verified += 1;
                             } else {
                                 counts.mismatches += 1;
                             }
                         }
-                        trace
+                        check
                     }
                     None => {
                         counts.unwound += 1;
-                        unwinder.trace(t)
+                        Check::judged(unwinder.trace(t), code)
                     }
                 })
                 .collect()
         });
         self.tick_parts.checks_us += crate::ticks::micros(started.elapsed());
-        traces
+        checks
     }
 }
 
@@ -304,6 +393,7 @@ mod tests {
         let asleep = task(40, false);
         let mut kept = EarlyTraces::default();
         kept.keep(&asleep, &asleep, trace());
+        let kept = kept.ready(None);
         let confirmed = |t: &Task| kept.clone().take_confirmed(t);
         assert!(confirmed(&asleep).is_some());
         // Woken but not yet run: a new state letter, the same stack.
@@ -311,7 +401,7 @@ mod tests {
             state: 'R',
             ..asleep.clone()
         };
-        assert_eq!(confirmed(&woken).map(|t| t.state), Some('R'));
+        assert!(confirmed(&woken).is_some());
         // Ran and slept again; is running; is current on a vCPU; another task there.
         assert!(confirmed(&task(41, false)).is_none());
         assert!(confirmed(&task(40, true)).is_none());
@@ -334,6 +424,51 @@ mod tests {
         let mut once = kept.clone();
         assert!(once.take_confirmed(&asleep).is_some());
         assert!(once.take_confirmed(&asleep).is_none());
+    }
+
+    #[test]
+    fn an_early_verdict_serves_only_the_code_it_was_judged_against() {
+        let code = |start: u64, name: &str| CheckedCode {
+            leaving: vec![crate::funcs::CodeRange {
+                start,
+                end: start + 0x100,
+                name: name.into(),
+            }],
+            tramps: vec![],
+        };
+        let (f, g) = (code(0x5000, "f"), code(0x9000, "g"));
+        let in_f = StackTrace {
+            frames: vec![introspection::stack::Frame {
+                addr: 0x5010,
+                symbol: None,
+                function: None,
+                interrupted: false,
+                sched: false,
+            }],
+            ..trace()
+        };
+        let asleep = task(40, false);
+        let early = |judged: Option<CheckedCode>| {
+            let mut e = EarlyTraces::default();
+            e.keep(&asleep, &asleep, in_f.clone());
+            e.ready(judged)
+        };
+        let judged = early(Some(f.clone()));
+        assert!(judged.judged_for(&f) && !judged.judged_for(&g));
+        let c = judged.clone().take_confirmed(&asleep).unwrap();
+        assert_eq!(c.unsafe_because.as_deref(), Some("f is on its stack"));
+        assert!(c.out_of_trampolines && c.task == asleep.addr);
+        // Not judged: the trace comes without a verdict, for the pause to make.
+        let plain = early(None);
+        assert!(!plain.judged_for(&f));
+        assert_eq!(
+            plain
+                .clone()
+                .take_confirmed(&asleep)
+                .unwrap()
+                .unsafe_because,
+            None
+        );
     }
 
     #[test]

@@ -183,7 +183,7 @@ pub struct Engine {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Spent {
     lists: Vec<introspection::tasks::TaskList>,
-    traces: Vec<Vec<introspection::stack::StackTrace>>,
+    checks: Vec<Vec<crate::transition::Check>>,
     early: Vec<crate::early::EarlyTraces>,
 }
 
@@ -191,10 +191,10 @@ impl Spent {
     pub(crate) fn keep(
         &mut self,
         list: introspection::tasks::TaskList,
-        traces: Vec<introspection::stack::StackTrace>,
+        checks: Vec<crate::transition::Check>,
     ) {
         self.lists.push(list);
-        self.traces.push(traces);
+        self.checks.push(checks);
     }
 
     pub(crate) fn keep_early(&mut self, early: Option<crate::early::EarlyTraces>) {

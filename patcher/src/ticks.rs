@@ -2,7 +2,6 @@
 //! the guest's tasks and writes the sites, trampolines and task map (see
 //! [`crate::transition`] for the model).
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use introspection::kernel::Kernel;
@@ -21,7 +20,7 @@ use crate::ftrace::{self, FlagWrite, SiteMove};
 use crate::funcs::{CodeRange, FuncStack, Version};
 use crate::space::Sizes;
 use crate::transition::{
-    unsafe_because, Blocker, Consistency, Outcome, Phase, Request, TickParts, Transition,
+    Blocker, Check, CheckedCode, Consistency, Outcome, Phase, Request, TickParts, Transition,
 };
 use crate::{EarlyCheckCounts, GuestWriter, KpError};
 
@@ -124,10 +123,11 @@ impl Engine {
     ) -> Result<(), KpError> {
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let all: Vec<&Task> = list.tasks.iter().collect();
-        let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
+        let code = self.start_code(t);
+        let checks = self.unwind_checked(guest.reader(), kernel, &all, &code, &mut t.early_checks);
         drop(all);
-        let decided = self.start_with(t, guest, kernel, &list, &traces, now_ms);
-        self.spent.keep(list, traces);
+        let decided = self.start_with(t, guest, kernel, &list, &checks, now_ms);
+        self.spent.keep(list, checks);
         decided
     }
 
@@ -138,12 +138,11 @@ impl Engine {
         guest: &mut dyn GuestWriter,
         kernel: &Kernel,
         list: &TaskList,
-        traces: &[StackTrace],
+        checks: &[Check],
         now_ms: u64,
     ) -> Result<(), KpError> {
-        self.clear_suspects(list, traces);
-        let leaving = self.leaving(t, |c| &c.from, t.consistency == Consistency::Immediate);
-        let blockers = self.blockers(traces, &leaving);
+        self.clear_suspects(list, checks);
+        let blockers = blockers_of(checks);
         t.tasks = list.tasks.len();
         t.pending = blockers.len();
         for c in &t.changes {
@@ -301,13 +300,14 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| KpError::State("no task map".into()))?;
         let pending = pending(map, &g, &list, target_start);
-        let traces = self.unwind_checked(guest.reader(), kernel, &pending, &mut t.early_checks);
+        let code = self.far_side_code(t);
+        let checks =
+            self.unwind_checked(guest.reader(), kernel, &pending, &code, &mut t.early_checks);
         drop(pending);
-        self.clear_suspects(&list, &traces);
-        let leaving = self.leaving_far_side(t);
-        let blockers = self.move_safe(t, &g, &list, &traces, &leaving, target_start);
+        self.clear_suspects(&list, &checks);
+        let blockers = self.move_safe(t, &g, &list, &checks, target_start);
         let advanced = self.finish_tick(t, guest, kernel, &list, blockers, now_ms);
-        self.spent.keep(list, traces);
+        self.spent.keep(list, checks);
         advanced
     }
 
@@ -337,22 +337,24 @@ impl Engine {
         }
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let g = self.geometry()?;
-        let all: Vec<&Task> = list.tasks.iter().collect();
-        let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
-        self.clear_suspects(&list, &traces);
+        if t.map.is_none() {
+            return Err(KpError::State("no task map".into()));
+        }
         t.reversed = !t.reversed;
+        // Every task is checked against what it leaves if it is on the far side now.
+        let code = self.far_side_code(t);
+        let all: Vec<&Task> = list.tasks.iter().collect();
+        let checks = self.unwind_checked(guest.reader(), kernel, &all, &code, &mut t.early_checks);
+        drop(all);
+        self.clear_suspects(&list, &checks);
         let target_start = t.target_is_start();
-        let map = t
-            .map
-            .as_ref()
-            .ok_or_else(|| KpError::State("no task map".into()))?;
+        let map = t.map.as_ref().expect("checked above");
         // Only tasks on the far side have to move; they leave what they run now.
-        let far: Vec<StackTrace> = traces
+        let far: Vec<Check> = checks
             .into_iter()
-            .filter(|tr| map.on_start(&g, tr.task) != target_start)
+            .filter(|c| map.on_start(&g, c.task) != target_start)
             .collect();
-        let leaving = self.leaving_far_side(t);
-        let blockers = self.move_safe(t, &g, &list, &far, &leaving, target_start);
+        let blockers = self.move_safe(t, &g, &list, &far, target_start);
         let immediate: Vec<(u64, [u8; 5])> = t
             .changes
             .iter()
@@ -361,7 +363,9 @@ impl Engine {
             .collect::<Result<_, KpError>>()?;
         let flags = self.check_sites(guest.reader(), kernel, &immediate)?;
         self.write_sites(guest, &immediate, flags)?;
-        self.finish_tick(t, guest, kernel, &list, blockers, now_ms)
+        let reversed = self.finish_tick(t, guest, kernel, &list, blockers, now_ms);
+        self.spent.keep(list, far);
+        reversed
     }
 
     /// Complete without checks, naming the tasks it skipped.
@@ -375,14 +379,28 @@ impl Engine {
         let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
             (Phase::Switching, Ok(g), Some(map)) => {
                 let pending = pending(map, &g, &list, t.target_is_start());
-                let traces =
-                    self.unwind_checked(guest.reader(), kernel, &pending, &mut t.early_checks);
-                self.blockers(&traces, &self.leaving_far_side(t))
+                let code = self.far_side_code(t);
+                blockers_of(&self.unwind_checked(
+                    guest.reader(),
+                    kernel,
+                    &pending,
+                    &code,
+                    &mut t.early_checks,
+                ))
             }
             _ => {
                 let all: Vec<&Task> = list.tasks.iter().collect();
-                let traces = self.unwind_checked(guest.reader(), kernel, &all, &mut t.early_checks);
-                self.blockers(&traces, &self.leaving(t, |c| &c.from, true))
+                let code = CheckedCode {
+                    leaving: self.leaving(t, |c| &c.from, true),
+                    tramps: self.trampoline_code(),
+                };
+                blockers_of(&self.unwind_checked(
+                    guest.reader(),
+                    kernel,
+                    &all,
+                    &code,
+                    &mut t.early_checks,
+                ))
             }
         };
         for c in &t.changes {
@@ -396,50 +414,53 @@ impl Engine {
         self.complete(t, guest, kernel, &list, true)
     }
 
-    /// Move each task of `traces` that is at a safe point to the target; the others
-    /// are returned as blockers. A bit moves only when every live task on it is safe
-    /// (two task_structs never share a granule, but the map does not rely on it).
+    /// Move each checked task that is at a safe point to the target; the others are
+    /// returned as blockers. A bit moves only when every live task on it is safe (two
+    /// task_structs never share a granule, but the map does not rely on it).
     fn move_safe(
         &self,
         t: &mut Transition,
         g: &Geometry,
         list: &TaskList,
-        traces: &[StackTrace],
-        leaving: &[CodeRange],
+        checks: &[Check],
         target_start: bool,
     ) -> Vec<Blocker> {
-        let tramps = self.trampoline_code();
         let map = t.map.as_mut().expect("a switching transition has a map");
         let mut blockers = Vec::new();
-        let mut held: HashSet<u64> = HashSet::new();
+        let mut held: Vec<u64> = Vec::new();
         let mut safe = Vec::new();
-        for tr in traces {
-            match unsafe_because(tr, leaving, &tramps) {
+        for c in checks {
+            match &c.unsafe_because {
                 Some(reason) => {
-                    held.extend(g.bit(tr.task));
-                    blockers.push(blocker(tr, reason));
+                    held.extend(g.bit(c.task));
+                    blockers.push(blocker(&c.trace, reason.clone()));
                 }
-                None => safe.push(tr),
+                None => safe.push(c),
             }
         }
         // A task sharing its bit with one that was not checked (not pending) or not
-        // safe stays.
-        let unwound: HashSet<u64> = traces.iter().map(|tr| tr.task).collect();
+        // safe stays. Sorted addresses, searched: no hashing of guest addresses.
+        let mut checked: Vec<u64> = checks.iter().map(|c| c.task).collect();
+        checked.sort_unstable();
         for x in &list.tasks {
-            if !unwound.contains(&x.addr) && map.on_start(g, x.addr) != target_start {
+            if checked.binary_search(&x.addr).is_err() && map.on_start(g, x.addr) != target_start {
                 held.extend(g.bit(x.addr));
             }
         }
-        for tr in safe {
-            let reason = if g.bit(tr.task).is_some_and(|b| held.contains(&b)) {
+        held.sort_unstable();
+        for c in safe {
+            let reason = if g
+                .bit(c.task)
+                .is_some_and(|b| held.binary_search(&b).is_ok())
+            {
                 Some("its task_struct shares a task-map granule with a task that must wait".into())
-            } else if !map.set(g, tr.task, target_start) {
+            } else if !map.set(g, c.task, target_start) {
                 Some("its task_struct is outside the direct map".to_string())
             } else {
                 None
             };
             if let Some(reason) = reason {
-                blockers.push(blocker(tr, reason));
+                blockers.push(blocker(&c.trace, reason));
             }
         }
         blockers
@@ -578,12 +599,35 @@ impl Engine {
         }
     }
 
-    fn blockers(&self, traces: &[StackTrace], leaving: &[CodeRange]) -> Vec<Blocker> {
-        let tramps = self.trampoline_code();
-        traces
-            .iter()
-            .filter_map(|tr| unsafe_because(tr, leaving, &tramps).map(|r| blocker(tr, r)))
-            .collect()
+    /// What the first tick checks every task against: the starting versions of the
+    /// functions that move per task (every function, for immediate consistency).
+    pub(crate) fn start_code(&self, t: &Transition) -> CheckedCode {
+        CheckedCode {
+            leaving: self.leaving(t, |c| &c.from, t.consistency == Consistency::Immediate),
+            tramps: self.trampoline_code(),
+        }
+    }
+
+    /// What a later tick checks the tasks not yet moved against.
+    pub(crate) fn far_side_code(&self, t: &Transition) -> CheckedCode {
+        CheckedCode {
+            leaving: self.leaving_far_side(t),
+            tramps: self.trampoline_code(),
+        }
+    }
+
+    /// What the next tick of the transition in progress will check stacks against,
+    /// if that is known before it (no request waiting to change it).
+    pub(crate) fn next_code(&self) -> Option<CheckedCode> {
+        let t = self.active.as_ref()?;
+        if t.request.is_some() {
+            return None;
+        }
+        match t.phase {
+            Phase::Waiting => Some(self.start_code(t)),
+            Phase::Switching => Some(self.far_side_code(t)),
+            Phase::Ended => None,
+        }
     }
 
     /// Every task of the paused guest, timed into the tick's parts; how the list was
@@ -742,7 +786,7 @@ impl Engine {
 
     /// Tasks that are gone, or were unwound reliably outside a retired bank, are no
     /// longer suspected of being inside it.
-    fn clear_suspects(&mut self, list: &TaskList, traces: &[StackTrace]) {
+    fn clear_suspects(&mut self, list: &TaskList, checks: &[Check]) {
         let Some(d) = self.dispatch.as_mut() else {
             return;
         };
@@ -756,12 +800,12 @@ impl Engine {
         let mut live: Vec<u64> = list.tasks.iter().map(|x| x.addr).collect();
         live.sort_unstable();
         for b in &mut d.banks {
-            let code = b.code;
             if let BankState::Retired { suspects } = &mut b.state {
-                let mut cleared: Vec<u64> = traces
+                // A task in no trampoline is in none of this bank's.
+                let mut cleared: Vec<u64> = checks
                     .iter()
-                    .filter(|tr| tr.reliable && !tr.touches(code.start, code.end))
-                    .map(|tr| tr.task)
+                    .filter(|c| c.out_of_trampolines)
+                    .map(|c| c.task)
                     .collect();
                 cleared.sort_unstable();
                 suspects
@@ -864,6 +908,14 @@ pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// The tasks of `checks` that may not move, each with why.
+fn blockers_of(checks: &[Check]) -> Vec<Blocker> {
+    checks
+        .iter()
+        .filter_map(|c| Some(blocker(&c.trace, c.unsafe_because.clone()?)))
+        .collect()
+}
+
 fn blocker(tr: &StackTrace, reason: String) -> Blocker {
     Blocker {
         pid: tr.pid,
@@ -894,10 +946,10 @@ fn write_map(
     g: &Geometry,
     map: &mut TaskMap,
 ) -> Result<(), KpError> {
-    let (words, init) = map.take_dirty();
-    for (off, w) in words {
+    let (runs, init) = map.take_dirty();
+    for run in runs {
         guest
-            .write_phys(layout.pa(bank.map_va + off), &w.to_le_bytes())
+            .write_phys(layout.pa(bank.map_va + run.offset), &run.bytes)
             .map_err(|e| KpError::guest("writing the task map", e))?;
     }
     if init {
@@ -1028,12 +1080,19 @@ mod tests {
             tasks: vec![a.clone(), b.clone(), c.clone()],
             vcpus: vec![],
         };
-        let traces = vec![
+        let code = CheckedCode {
+            leaving: vec![],
+            tramps: vec![],
+        };
+        let checks: Vec<Check> = [
             trace(&a, TraceStart::UserMode(0)),
             trace(&b, TraceStart::Saved),
             trace(&c, TraceStart::UserMode(1)),
-        ];
-        let blockers = e.move_safe(&mut t, &g, &list, &traces, &[], false);
+        ]
+        .into_iter()
+        .map(|trace| Check::judged(trace, &code))
+        .collect();
+        let blockers = e.move_safe(&mut t, &g, &list, &checks, false);
         let mut who: Vec<(i32, &str)> = blockers
             .iter()
             .map(|x| (x.pid, x.reason.as_str()))

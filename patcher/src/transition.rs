@@ -300,6 +300,66 @@ impl Transition {
     }
 }
 
+/// The code a tick checks every stack against: what a task leaves when it moves, and
+/// the trampolines (a task inside one is never moved). The patch driver's early checks
+/// judge their traces against the code the next tick will check, so that the tick can
+/// take those verdicts as they are when its code is the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CheckedCode {
+    pub leaving: Vec<CodeRange>,
+    pub tramps: Vec<Region>,
+}
+
+impl CheckedCode {
+    /// Why the task of `trace` may not move, `None` at a safe point.
+    pub fn verdict(&self, trace: &StackTrace) -> Option<String> {
+        unsafe_because(trace, &self.leaving, &self.tramps)
+    }
+}
+
+/// One task checked by a tick: its stack, and why it may not move (`None`: it may).
+/// A tick's passes over thousands of checks read only the fields here, never the boxed
+/// trace (on the nested test host each trace touched in the pause is a miss of the
+/// emulated TLB); the trace is read for blockers and for checks made in the pause.
+#[derive(Clone, Debug)]
+pub(crate) struct Check {
+    /// The task's `task_struct` (the trace's own `task`).
+    pub task: u64,
+    pub trace: Box<StackTrace>,
+    pub unsafe_because: Option<String>,
+    /// Its stack is reliable and in no trampoline: it is not inside a retired bank.
+    pub out_of_trampolines: bool,
+}
+
+impl Check {
+    /// A check of `trace` not judged yet (see [`Check::judge`]).
+    pub fn unjudged(trace: StackTrace) -> Check {
+        Check {
+            task: trace.task,
+            trace: Box::new(trace),
+            unsafe_because: None,
+            out_of_trampolines: false,
+        }
+    }
+
+    /// A check of `trace` judged against `code`.
+    pub fn judged(trace: StackTrace, code: &CheckedCode) -> Check {
+        let mut c = Check::unjudged(trace);
+        c.judge(code);
+        c
+    }
+
+    /// Judge the trace against `code`.
+    pub fn judge(&mut self, code: &CheckedCode) {
+        self.unsafe_because = code.verdict(&self.trace);
+        self.out_of_trampolines = self.trace.reliable
+            && !code
+                .tramps
+                .iter()
+                .any(|r| self.trace.touches(r.start, r.end));
+    }
+}
+
 /// Why `trace` is not at a safe point for leaving `leaving`, or `None` when it is.
 pub fn unsafe_because(
     trace: &StackTrace,

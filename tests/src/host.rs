@@ -849,8 +849,13 @@ impl TestHost {
         initrd: &str,
         extra: &str,
     ) -> Result<(Guest<'_>, String), String> {
+        // 512 MiB unless `extra` says otherwise (lpvmm takes each option once).
+        let memory = match extra.contains("--memory") {
+            true => "",
+            false => "--memory 512M",
+        };
         let args = format!(
-            "--kernel {} --initrd {initrd} --vcpus {vcpus} --memory 512M --cmdline '{GUEST_CMDLINE}' {extra}",
+            "--kernel {} --initrd {initrd} --vcpus {vcpus} {memory} --cmdline '{GUEST_CMDLINE}' {extra}",
             self.guest_kernel(series),
         );
         // A 2-vCPU guest on the nested TCG test host sometimes triple-faults during

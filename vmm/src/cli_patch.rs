@@ -462,8 +462,9 @@ fn pause_summary(t: &TransitionView) -> String {
     let lists = match c.lists_confirmed + c.lists_walked {
         0 => String::new(),
         all => format!(
-            ", {} of {all} task lists walked before it",
-            c.lists_confirmed
+            ", {} of {all} task lists walked before it ({} tasks read again in the pause: \
+             they had run)",
+            c.lists_confirmed, c.tasks_reread
         ),
     };
     let checks = checks + &lists;

@@ -14,11 +14,18 @@ use crate::kallsyms::Symbol;
 
 const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 const IMAGE_PA: u64 = 0x10_0000;
+/// The image (which doubles as the direct map) of a kernel with few tasks; each task
+/// beyond that takes [`TASK_SPACE`] more (see [`SynthKernelSpec::layout`]).
 const IMAGE_SIZE: u64 = 6 << 20;
+/// Image space per task: its task_struct, and its stack aligned to THREAD_SIZE.
+const TASK_SPACE: u64 = 2 * THREAD_SIZE;
 const FUNC_SIZE: u64 = 0x100;
 /// Where inside a function its call sites (return addresses) are.
 const CALL_SITE: u64 = 0x10;
 pub const THREAD_SIZE: u64 = 0x4000;
+/// Byte offsets of `struct rq`'s `curr` and `idle` in the synthetic BTF.
+const RQ_CURR: u64 = 128;
+const RQ_IDLE: u64 = 136;
 
 #[derive(Clone, Debug)]
 pub struct SynthTask {
@@ -146,6 +153,29 @@ impl SynthKernelSpec {
         }
     }
 
+    /// Where the image, the patch area and the page tables go: a kernel with a few
+    /// tasks has a 6 MiB image, its patch area at 8 MiB and 24 MiB of RAM; one with
+    /// thousands of tasks (benchmarks of the per-task checks) a larger image, and
+    /// everything after it moved up.
+    ///
+    /// The larger image is mapped with 2 MiB pages, as a real kernel maps its direct map
+    /// (where every task_struct is), so that reading thousands of tasks costs what it
+    /// costs there.
+    fn layout(&self) -> SynthLayout {
+        let extra = (self.tasks.len() as u64).saturating_sub(64) * TASK_SPACE;
+        let large_pages = extra > 0;
+        let image = (IMAGE_SIZE + extra).next_multiple_of(2 << 20);
+        let image_pa = if large_pages { 2 << 20 } else { IMAGE_PA };
+        let patch_area = (image_pa + image + (1 << 20)).next_multiple_of(2 << 20);
+        SynthLayout {
+            image,
+            image_pa,
+            large_pages,
+            patch_area,
+            ram: patch_area + PATCH_AREA + (12 << 20),
+        }
+    }
+
     /// Formats of Debian's 6.1 kernel.
     pub fn v6_1() -> Self {
         Self::base("6.1.0-synth-amd64", false)
@@ -155,6 +185,18 @@ impl SynthKernelSpec {
     pub fn v6_12() -> Self {
         Self::base("6.12.0-synth-amd64", true)
     }
+}
+
+/// The size of the patch area a synthetic guest reserves.
+const PATCH_AREA: u64 = 4 << 20;
+
+/// See [`SynthKernelSpec::layout`].
+struct SynthLayout {
+    image: u64,
+    image_pa: u64,
+    large_pages: bool,
+    patch_area: u64,
+    ram: u64,
 }
 
 pub struct SynthKernel {
@@ -173,6 +215,9 @@ pub struct SynthKernel {
 struct Image {
     base: u64,
     next: u64,
+    size: u64,
+    /// Where the image starts in guest-physical memory.
+    pa: u64,
 }
 
 impl Image {
@@ -180,7 +225,7 @@ impl Image {
         self.next = (self.next + align - 1) & !(align - 1);
         let at = self.next;
         self.next += size.max(1);
-        assert!(self.next - self.base < IMAGE_SIZE, "synthetic image full");
+        assert!(self.next - self.base < self.size, "synthetic image full");
         at
     }
 }
@@ -193,7 +238,7 @@ struct Builder {
 
 impl Builder {
     fn pa(&self, va: u64) -> u64 {
-        IMAGE_PA + (va - self.img.base)
+        self.img.pa + (va - self.img.base)
     }
     fn w(&mut self, va: u64, data: &[u8]) {
         let pa = self.pa(va);
@@ -311,8 +356,8 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
         256,
         &[
             ("nr_running", uint, 0),
-            ("curr", voidp, 1024),
-            ("idle", voidp, 1088),
+            ("curr", voidp, (RQ_CURR * 8) as u32),
+            ("idle", voidp, (RQ_IDLE * 8) as u32),
         ],
     );
     if spec.pcpu_hot {
@@ -449,14 +494,23 @@ fn compress(typed_name: &[u8], tokens: &[Vec<u8>]) -> Vec<u8> {
 
 impl SynthKernel {
     pub fn build(spec: SynthKernelSpec) -> SynthKernel {
-        let mut g = SynthGuest::new(24 << 20, spec.five_level);
+        let layout = spec.layout();
+        let mut g = SynthGuest::new(layout.ram as usize, spec.five_level);
         let image_va = 0xffff_ffff_8100_0000 + spec.kaslr;
-        g.map(image_va, IMAGE_PA, IMAGE_SIZE);
+        if layout.large_pages {
+            for off in (0..layout.image).step_by(2 << 20) {
+                g.map_large(image_va + off, layout.image_pa + off, 2 << 20);
+            }
+        } else {
+            g.map(image_va, layout.image_pa, layout.image);
+        }
         let mut b = Builder {
             g,
             img: Image {
                 base: image_va,
                 next: image_va,
+                size: layout.image,
+                pa: layout.image_pa,
             },
             symbols: Vec::new(),
         };
@@ -498,7 +552,7 @@ impl SynthKernel {
         names.extend(others);
         let text = b.img.alloc(FUNC_SIZE * (names.len() as u64 + 1), 4096);
         b.sym(text, 'T', "_text");
-        b.sym(image_va + IMAGE_SIZE, 'B', "_end");
+        b.sym(image_va + layout.image, 'B', "_end");
         b.sym(text, 'T', "_stext");
         b.sym(text, 'T', "__sched_text_start");
         let mut functions = HashMap::new();
@@ -666,9 +720,11 @@ impl SynthKernel {
             let sp = build_stack(&mut b, &functions, stack, &idle_calls);
             b.w64(t + f.thread_sp, sp);
             vcpus.push(idle_vcpu(cpu, cpu_bases[cpu], &functions, sp + 8 * 7));
-            b.w64(cpu_bases[cpu] + percpu_runqueues + 1088 / 8, t);
-            // Until a spec task claims the CPU, its idle task is current.
+            b.w64(cpu_bases[cpu] + percpu_runqueues + RQ_IDLE, t);
+            // Until a spec task claims the CPU, its idle task is current (and the
+            // runqueue's `curr`).
             b.w64(cpu_bases[cpu] + percpu_current, t);
+            b.w64(cpu_bases[cpu] + percpu_runqueues + RQ_CURR, t);
         }
 
         // Spec tasks: leaders on init_task.tasks, threads on their leader's signal list.
@@ -698,6 +754,7 @@ impl SynthKernel {
                     b.w32(addr + f.on_cpu, 1);
                     b.w32(addr + f.cpu, cpu as u32);
                     b.w64(cpu_bases[cpu] + percpu_current, addr);
+                    b.w64(cpu_bases[cpu] + percpu_runqueues + RQ_CURR, addr);
                     let v = &mut vcpus[cpu];
                     if t.user_mode {
                         v.cs = 0x33;
@@ -774,6 +831,7 @@ impl SynthKernel {
         // --- init_top_pgt: one image page mapped onto the real root table.
         let pgd_va = b.img.alloc(4096, 4096);
         let root = b.g.root().table;
+        b.g.split_large(pgd_va);
         b.g.map(pgd_va, root, 4096);
         let phys_base = root as i64 - (pgd_va - START_KERNEL_MAP) as i64;
         let note = format!(
@@ -788,13 +846,13 @@ impl SynthKernel {
             u8::from(spec.five_level),
             spec.kaslr
         );
-        let note_pa = IMAGE_PA + IMAGE_SIZE + 0x1000;
+        let note_pa = layout.image_pa + layout.image + 0x1000;
         b.g.write_phys_raw(note_pa, note.as_bytes());
         b.g.vcpus = vcpus;
         // A patch area as lpvmm run reserves one: 2 MiB aligned, outside the image.
         b.g.patch_area = crate::guest::PhysRange {
-            start: 8 << 20,
-            size: 4 << 20,
+            start: layout.patch_area,
+            size: PATCH_AREA,
         };
 
         SynthKernel {
@@ -847,7 +905,7 @@ impl Builder {
             ops_list,
             lock,
             spare: (spare, spare + (64 << 10)),
-            va_minus_pa: self.img.base - IMAGE_PA,
+            va_minus_pa: self.img.base - self.img.pa,
             covers: HashMap::new(),
         }
     }

@@ -92,6 +92,24 @@ impl SynthGuest {
         }
     }
 
+    /// Map the 2 MiB page that holds `va` with 512 4 KiB pages instead, the same
+    /// memory (so that one of them can then be mapped elsewhere); nothing if it is not
+    /// a 2 MiB page.
+    pub fn split_large(&mut self, va: u64) {
+        let slot = self.entry_addr(va, 2);
+        let entry = self.read_u64_raw(slot);
+        if entry & LARGE == 0 {
+            return;
+        }
+        let pa = entry & 0x000f_ffff_ffe0_0000;
+        let table = self.alloc_table();
+        for i in 0..512u64 {
+            let pte = (pa + i * 4096) | PRESENT_RW;
+            self.write_phys_raw(table + 8 * i, &pte.to_le_bytes());
+        }
+        self.write_phys_raw(slot, &(table | PRESENT_RW).to_le_bytes());
+    }
+
     /// Map one 2 MiB or 1 GiB page.
     pub fn map_large(&mut self, va: u64, pa: u64, size: u64) {
         let level = if size == 1 << 30 { 3 } else { 2 };

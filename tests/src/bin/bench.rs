@@ -83,7 +83,8 @@ fn main() {
         },
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
-        "ticks" => task_counts(args.next()).and_then(|c| ticks(n.unwrap_or(5), &c)),
+        "ticks" => task_counts(args.next())
+            .and_then(|c| ticks(n.unwrap_or(5), &c, args.next().as_deref())),
         "completion" => counts(args.next(), "2000", 0, 10_000, "task count")
             .and_then(|c| completion(n.unwrap_or(5), &c)),
         "calls" => calls(n.unwrap_or(5)),
@@ -92,7 +93,7 @@ fn main() {
         "endurance" => endurance(n.unwrap_or(10_000)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
@@ -1019,8 +1020,11 @@ fn task_counts(list: Option<String>) -> Result<Vec<u32>, String> {
 /// guest, with `extra` more sleeping processes (`spawn`): RUNS immediate enables of the
 /// cmdline fix (one tick checks every task and flips), and RUNS first ticks of a
 /// per-task enable of nsleep-cmdline (every task checked; a `sleep` in the patched
-/// function holds the rest), each followed by a bare pause (`pause` + `resume`).
-fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
+/// function holds the rest), each followed by a bare pause (`pause` + `resume`). The
+/// guests have `memory` (`lpvmm run --memory`; 512 MiB by default): 6.12 needs 1G for
+/// 5,000 more processes.
+fn ticks(runs: u32, extra_counts: &[u32], memory: Option<&str>) -> Result<(), String> {
+    let memory = memory.map(|m| format!("--memory {m}")).unwrap_or_default();
     let files = vec![
         (
             kp_build("nsleep-cmdline")?,
@@ -1029,10 +1033,10 @@ fn ticks(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
         (kp_build("cmdline")?, "/root/cmdline.kp".to_string()),
     ];
     let mut host = TestHost::start_with_files(false, &files)?;
-    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | of it: task list / checks / writes / whole tick, medians (µs) | bare pause median (µs) | pause / bare | checks taken early / all | lists walked early / all |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| kernel | tasks | what | pause median (µs) | min–max (µs) | of it: task list / checks / writes / whole tick, medians (µs) | bare pause median (µs) | pause / bare | checks taken early / all | lists walked early / all | tasks read again in the pause |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
-        let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
+        let (mut g, _) = host.boot_guest("bench", series, 2, &memory)?;
         let immediate = g.host.file("/root/cmdline.kp");
         let per_task = g.host.file("/root/nsleep-cmdline.kp");
         for &extra in extra_counts {
@@ -1087,6 +1091,9 @@ struct TickRow {
     checks: u64,
     lists_early: u64,
     lists: u64,
+    /// Tasks of early lists read again in the pause (they had run); `None` from an
+    /// lpvmm that read every task again.
+    reread: Option<u64>,
 }
 
 impl TickRow {
@@ -1101,6 +1108,7 @@ impl TickRow {
             checks: 0,
             lists_early: 0,
             lists: 0,
+            reread: None,
         }
     }
 
@@ -1117,6 +1125,9 @@ impl TickRow {
             self.checks += n("confirmed")? + n("unwound")?;
             self.lists_early += n("lists_confirmed")?;
             self.lists += n("lists_confirmed")? + n("lists_walked")?;
+            if let Some(r) = c["tasks_reread"].as_u64() {
+                self.reread = Some(self.reread.unwrap_or(0) + r);
+            }
         }
         // An lpvmm from before tick parts has none (compared with this one).
         let parts = &v["tick_parts"][0];
@@ -1148,8 +1159,9 @@ impl TickRow {
                 .collect::<Vec<_>>()
                 .join(" / "),
         };
+        let reread = self.reread.map_or("–".to_string(), |r| r.to_string());
         format!(
-            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {parts} | {b:.0} | {:.1} | {} / {} | {} / {} |",
+            "| {series} | {} | {} | {p:.0} | {lo:.0}–{hi:.0} | {parts} | {b:.0} | {:.1} | {} / {} | {} / {} | {reread} |",
             self.tasks,
             self.what,
             p / b,
