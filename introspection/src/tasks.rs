@@ -539,9 +539,11 @@ impl<'k, 'g> TaskReader<'k, 'g> {
     /// that CPU, which adds one to its count. So a task that was off every CPU then, is
     /// `curr` (or `current`) of no CPU now and has the same count has not run in
     /// between: its saved stack pointer, stack and CPU state are the same. Every other
-    /// task is read again. Two fields of a task that did not run may still have changed,
-    /// and are kept as read then: its state letter (a sleeper woken, not yet run) and its
-    /// name (written through /proc by another task). Nothing lpvmm decides depends on them.
+    /// task is read again. Three fields of a task that did not run may still have
+    /// changed, and are kept as read then: its state letter (a sleeper woken, not yet
+    /// run), its CPU (a woken task is put on a CPU's queue before it runs, and the load
+    /// balancer moves tasks that wait) and its name (written through /proc by another
+    /// task). Nothing lpvmm decides depends on them.
     pub fn refresh(&self, earlier: TaskList) -> Result<Refreshed, TaskError> {
         let k = self.kernel;
         if earlier.tasks.len() > MAX_TASKS {

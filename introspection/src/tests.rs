@@ -569,8 +569,9 @@ fn a_refreshed_list_reads_again_exactly_the_tasks_that_may_have_run() {
         poke(&mut g, ran + l.nvcsw, &(switches + 1).to_le_bytes());
         let sp = early.by_pid(11).unwrap().saved_sp;
         poke(&mut g, ran + l.thread_sp, &(sp - 0x40).to_le_bytes());
-        // 12 was woken and has not run yet; kthreadd was renamed through /proc.
+        // 12 was woken onto CPU 1 and has not run yet; kthreadd was renamed through /proc.
         poke(&mut g, woken + l.state, &0u32.to_le_bytes());
+        poke(&mut g, woken + l.cpu, &1u32.to_le_bytes());
         poke(&mut g, renamed + l.comm, b"renamed\0");
         // CPU 1's scheduler has picked init (`rq->curr`), not yet switched to it.
         let reader = TaskReader::new(&k, &g);
@@ -587,17 +588,19 @@ fn a_refreshed_list_reads_again_exactly_the_tasks_that_may_have_run() {
         // Everything a check decides by is what a walk in the pause reads...
         let decisive = |t: &crate::tasks::Task| {
             (
-                t.addr, t.pid, t.tgid, t.switches, t.saved_sp, t.on_cpu, t.vcpu, t.idle,
+                t.addr, t.pid, t.tgid, t.switches, t.saved_sp, t.on_cpu, t.vcpu, t.idle, t.kthread,
             )
         };
         let got: Vec<_> = refreshed.list.tasks.iter().map(decisive).collect();
         let want: Vec<_> = fresh.tasks.iter().map(decisive).collect();
         assert_eq!(got, want, "{}", sk.spec.release);
         assert_eq!(refreshed.list.vcpus, fresh.vcpus);
-        // ...and what a task that did not run keeps from then is its state letter and
-        // its name.
+        // ...and what a task that did not run keeps from then is its state letter, its
+        // CPU and its name.
         let state = |l: &crate::tasks::TaskList, pid| l.by_pid(pid).unwrap().state;
         assert_eq!((state(&refreshed.list, 12), state(&fresh, 12)), ('S', 'R'));
+        let cpu = |l: &crate::tasks::TaskList| l.by_pid(12).unwrap().cpu;
+        assert_eq!((cpu(&refreshed.list), cpu(&fresh)), (0, 1));
         let comm = |l: &crate::tasks::TaskList| l.by_pid(2).unwrap().comm.clone();
         assert_eq!(
             (comm(&refreshed.list), comm(&fresh)),

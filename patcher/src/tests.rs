@@ -1498,3 +1498,33 @@ fn a_task_list_walked_early_is_used_only_while_no_task_appeared_or_went_away() {
     // counts the difference.
     assert_eq!(step(&mut f, &mut g, &|f, g| unlink(f, g, 20)), (1, 0, 1));
 }
+
+#[test]
+fn a_refreshed_list_is_the_same_list_for_every_check_when_a_sleeper_was_woken_elsewhere() {
+    use introspection::tasks::TaskReader;
+    let f = fixture();
+    let mut g = f.sk.guest.clone();
+    let k = &f.kernel;
+    let early = TaskReader::new(k, &introspection::Unconfirmed(&g))
+        .list()
+        .unwrap();
+    // Woken onto the other CPU, not yet run: a new state and CPU, nothing else.
+    let woken = early.by_pid(12).unwrap().addr;
+    let l = &k.layout.task;
+    for (off, v) in [(l.state, 0u32), (l.cpu, 1)] {
+        let pa = k.memory(&g).translate(woken + off).unwrap();
+        g.write_phys(pa, &v.to_le_bytes()).unwrap();
+    }
+    let reader = TaskReader::new(k, &g);
+    let refreshed = reader.refresh(early).unwrap().list;
+    let fresh = reader.list().unwrap();
+    assert_ne!(
+        refreshed, fresh,
+        "the woken task's state and CPU are the early read's"
+    );
+    assert!(crate::early::same_list(&fresh, &refreshed));
+    // A task whose saved stack pointer moved is another list.
+    let mut moved = refreshed.clone();
+    moved.tasks[1].saved_sp -= 8;
+    assert!(!crate::early::same_list(&fresh, &moved));
+}

@@ -81,6 +81,28 @@ fn cmdline(host: &mut TestHost, series: &str) -> TestResult {
         g.text("cat /proc/cmdline")? == original,
         "{series}: re-disable"
     );
+    // The endurance benchmark's driver: cycles from one client, one immediate and one
+    // per-task here, each an enable and a disable that end done.
+    let (rc, out) = g.lpvmm("bench cycles {vm} --patches cmdline --cycles 2 --json")?;
+    let r = lpvmm_tests::json(&out)?;
+    let count = |k: &str| r[k].as_array().map(Vec::len);
+    check!(
+        rc == 0
+            && r["cycles_done"].as_u64() == Some(2)
+            && r["transitions"].as_u64() == Some(4)
+            && (count("per_task_ms"), count("immediate_ms")) == (Some(2), Some(2))
+            && r["stopped"].is_null(),
+        "{series}: bench cycles: {out}"
+    );
+    check!(
+        g.text("cat /proc/cmdline")? == original,
+        "{series}: after bench cycles"
+    );
+    let (rc, out) = g.lpvmm("bench cycles {vm} --patches nosuch --cycles 1")?;
+    check!(
+        rc != 0 && out.contains("nosuch"),
+        "{series}: bench cycles of a patch that is not loaded: {out}"
+    );
     let (rc, out) = g.lpvmm("patch unload {vm} cmdline")?;
     check!(rc == 0, "unload: {out}");
     check!(

@@ -23,6 +23,24 @@ pub enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Enable then disable loaded patches repeatedly, odd cycles immediate and even ones
+    /// per-task; stop at the first transition that does not end done
+    Cycles {
+        vm: String,
+        /// The loaded patches, comma-separated: enabled in this order, then disabled
+        #[arg(long, value_delimiter = ',', required = true)]
+        patches: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        cycles: u32,
+        /// Number of the first cycle (a run in batches keeps the alternation)
+        #[arg(long, default_value_t = 0)]
+        first: u32,
+        /// Per-transition timeout in seconds (as `lpvmm patch --timeout`)
+        #[arg(long)]
+        timeout: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The first `vmN` with no live socket.
@@ -268,7 +286,26 @@ struct PauseBench {
 }
 
 pub fn bench(what: Bench) -> Result<i32> {
-    let Bench::Pause { vm, cycles, json } = what;
+    let (vm, cycles, json) = match what {
+        Bench::Pause { vm, cycles, json } => (vm, cycles, json),
+        Bench::Cycles {
+            vm,
+            patches,
+            cycles,
+            first,
+            timeout,
+            json,
+        } => {
+            return crate::cli_cycles::cycles(crate::cli_cycles::CyclesArgs {
+                vm,
+                patches,
+                cycles,
+                first,
+                timeout_ms: crate::cli_patch::seconds_to_ms(timeout)?,
+                json,
+            })
+        }
+    };
     let mut client = Client::connect(&vm)?;
     let (mut park, mut resume, mut prt, mut rrt) = (vec![], vec![], vec![], vec![]);
     let mut vcpus = 0;

@@ -152,7 +152,12 @@ pub enum KpCommand {
 const MAX_KP_SENT: usize = 4 << 20;
 
 fn timeout_ms(w: &WaitArgs) -> Result<Option<u64>> {
-    match w.timeout {
+    seconds_to_ms(w.timeout)
+}
+
+/// A `--timeout` in seconds, as the control protocol's milliseconds.
+pub fn seconds_to_ms(timeout: Option<f64>) -> Result<Option<u64>> {
+    match timeout {
         None => Ok(None),
         Some(t) if t > 0.0 && t <= 24.0 * 3600.0 => Ok(Some((t * 1000.0) as u64)),
         Some(_) => bail!("--timeout must be between 0 and 86400 seconds"),

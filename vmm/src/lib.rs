@@ -14,6 +14,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cli;
+pub mod cli_cycles;
 pub mod cli_inspect;
 pub mod cli_patch;
 pub mod console;

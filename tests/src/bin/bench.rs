@@ -1590,8 +1590,8 @@ fn endurance(cycles: u32) -> Result<(), String> {
         ));
     }
     let mut host = TestHost::start_with_files(false, &files)?;
-    println!("| kernel | cycles | per-task / immediate | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| kernel | cycles | per-task / immediate | transition median, per-task / immediate (ms) | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
         let row = endurance_series(&mut host, series, cycles)?;
         println!("{row}");
@@ -1626,24 +1626,35 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
     let lp = g.host.lpvmm();
     let mut done = 0;
     let mut stopped = None;
+    let (mut per_task_ms, mut immediate_ms) = (Vec::new(), Vec::new());
     while done < cycles {
         let (before, batch) = (done, ENDURANCE_BATCH.min(cycles - done));
-        // Odd cycles immediate, even ones per-task (the default).
+        // Odd cycles immediate, even ones per-task (the default), driven over the control
+        // socket by one client (a process per command cost more than the transition).
         let (rc, out) = g.host.exec_status(
             &format!(
-                "i={before}; end=$((i+{batch})); while [ $i -lt $end ]; do \
-                 c=; [ $((i % 2)) -eq 1 ] && c='--consistency immediate'; \
-                 for v in enable disable; do for p in cmdline getpid; do \
-                 {lp} patch $v {name} $p $c --timeout 120 >/tmp/endure.out 2>&1 || break 3; \
-                 done; done; i=$((i+1)); done; echo cycles=$i; cat /tmp/endure.out"
+                "{lp} bench cycles {name} --patches cmdline,getpid --cycles {batch} \
+                 --first {before} --timeout 120 --json"
             ),
             Duration::from_secs(3600),
         )?;
-        done = out
-            .lines()
-            .find_map(|l| l.strip_prefix("cycles=")?.trim().parse().ok())
-            .unwrap_or(before);
-        if rc != 0 || done < before + batch {
+        let report = json(&out);
+        let ran = report
+            .as_ref()
+            .ok()
+            .and_then(|r| r["cycles_done"].as_u64())
+            .unwrap_or(0) as u32;
+        done = before + ran;
+        if let Ok(r) = &report {
+            let ms = |k: &str| -> Vec<f64> {
+                r[k].as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+                    .unwrap_or_default()
+            };
+            per_task_ms.extend(ms("per_task_ms"));
+            immediate_ms.extend(ms("immediate_ms"));
+        }
+        if rc != 0 || ran < batch {
             stopped = Some(format!(
                 "stopped in cycle {}: {out}\n{}",
                 done + 1,
@@ -1687,10 +1698,16 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
     if stopped.is_none() {
         g.poweroff()?;
     }
+    let med = |v: Vec<f64>| match v.is_empty() {
+        true => "–".to_string(),
+        false => format!("{:.0}", median(v)),
+    };
     Ok(format!(
-        "| {series} | {done} | {} / {} | {bad_reads} | {bad_results} | {splats} | {} | {:.0} |",
+        "| {series} | {done} | {} / {} | {} / {} | {bad_reads} | {bad_results} | {splats} | {} | {:.0} |",
         done.div_ceil(2),
         done / 2,
+        med(per_task_ms),
+        med(immediate_ms),
         if stopped.is_none() {
             "no"
         } else {
