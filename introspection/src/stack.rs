@@ -56,6 +56,11 @@ pub enum TraceStart {
     Vcpu(usize),
     /// Running on this vCPU in user mode: nothing on the kernel stack.
     UserMode(usize),
+    /// A task that has exited and switched out for the last time: the kernel freed its
+    /// stack (`task->stack` is NULL), so nothing can be on it. The kernel's own
+    /// reliable unwinder calls such a stack "reliably empty" (kernel/stacktrace.c,
+    /// `stack_trace_save_tsk_reliable`), and its livepatch switches the task at once.
+    NoStack,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,12 +182,32 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
         out
     }
 
+    /// A task without a stack: reliably empty if it is dead (`exit_state` set: the
+    /// kernel frees a stack only after the task's last switch out, `release_task_stack`
+    /// from `finish_task_switch`); any other task without one is corrupt.
+    fn stackless(&self, task: &Task, out: &mut StackTrace) -> Result<(), String> {
+        let k = self.kernel();
+        let exit_state = self
+            .reader
+            .mem
+            .u32(task.addr.wrapping_add(k.layout.task.exit_state))
+            .map_err(|e| format!("cannot read exit_state: {e}"))?;
+        if exit_state == 0 || task.on_cpu || task.vcpu.is_some() {
+            return Err("the task has no stack but has not exited".into());
+        }
+        out.start = TraceStart::NoStack;
+        Ok(())
+    }
+
     fn unwind(&self, task: &Task, out: &mut StackTrace) -> Result<(), String> {
         let k = self.kernel();
         let m = &self.reader.mem;
         let stack_base = m
             .u64(task.addr.wrapping_add(k.layout.task.stack))
             .map_err(|e| format!("cannot read task->stack: {e}"))?;
+        if stack_base == 0 {
+            return self.stackless(task, out);
+        }
         let task_stack = (stack_base, stack_base.wrapping_add(k.thread_size));
         let mut stacks = vec![task_stack];
 

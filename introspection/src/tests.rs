@@ -212,6 +212,36 @@ fn layouts_come_from_btf_and_move_with_it() {
     assert!(!same, "results did not move with the layout");
 }
 
+/// A task that exited and switched out for the last time has no stack (the kernel
+/// freed it and set `task->stack` to NULL): its trace is reliably empty, as the kernel's
+/// own reliable unwinder says, while a task with no stack that has not exited is
+/// corrupt.
+#[test]
+fn an_exited_task_without_a_stack_is_reliably_empty() {
+    let sk = SynthKernel::build(SynthKernelSpec::v6_1());
+    let k = Kernel::attach(&sk.guest).unwrap();
+    let l = &k.layout;
+    let m = k.memory(&sk.guest);
+    let reader_task = sk.task_addrs[2];
+    let mut g = sk.guest.clone();
+    let stack = m.translate(reader_task + l.task.stack).unwrap();
+    g.write_phys(stack, &0u64.to_le_bytes()).unwrap();
+    let t = traces(&k, &g).into_iter().find(|t| t.pid == 11).unwrap();
+    assert!(!t.reliable, "{t:?}");
+    assert!(t.problem.unwrap().contains("no stack but has not exited"));
+
+    const EXIT_ZOMBIE: u32 = 0x20;
+    let exit_state = m.translate(reader_task + l.task.exit_state).unwrap();
+    g.write_phys(exit_state, &EXIT_ZOMBIE.to_le_bytes())
+        .unwrap();
+    let t = traces(&k, &g).into_iter().find(|t| t.pid == 11).unwrap();
+    assert!(t.reliable && t.problem.is_none(), "{t:?}");
+    assert_eq!(
+        (t.start, t.frames.len(), t.state),
+        (TraceStart::NoStack, 0, 'Z')
+    );
+}
+
 #[test]
 fn corrupt_lists_and_stacks_are_typed_errors() {
     let sk = SynthKernel::build(SynthKernelSpec::v6_1());

@@ -812,6 +812,55 @@ fn text(f: &Fixture, g: &SynthGuest) -> Vec<u8> {
         .unwrap()
 }
 
+/// A task asleep in the old code that exits and becomes a zombie (its stack freed,
+/// `task->stack` NULL, `exit_state` set) no longer holds the transition: nothing can be
+/// on a stack that is gone, as the kernel's own livepatch decides.
+#[test]
+fn a_zombie_no_longer_holds_a_per_task_transition() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    let t = run(
+        &mut f,
+        &mut g,
+        "pipefix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
+    let mut pending: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
+    pending.sort();
+    assert_eq!(pending, [11, 12]);
+    move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
+    let k = &f.kernel;
+    let task = introspection::tasks::TaskReader::new(k, &g)
+        .list()
+        .unwrap()
+        .by_pid(12)
+        .unwrap()
+        .addr;
+    let m = k.memory(&g);
+    let (stack, exit_state) = (
+        m.translate(task + k.layout.task.stack).unwrap(),
+        m.translate(task + k.layout.task.exit_state).unwrap(),
+    );
+    g.write_phys(stack, &0u64.to_le_bytes()).unwrap();
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(
+        t.blockers.iter().map(|b| b.pid).collect::<Vec<_>>(),
+        [12],
+        "a task without a stack that has not exited is corrupt: it holds"
+    );
+    const EXIT_ZOMBIE: u32 = 0x20;
+    g.write_phys(exit_state, &EXIT_ZOMBIE.to_le_bytes())
+        .unwrap();
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done, "{:?}", t.blockers);
+}
+
 #[test]
 fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows() {
     let mut f = fixture();
@@ -1045,6 +1094,9 @@ fn per_task_timeout_reverses_and_unloads_a_patch_loaded_for_it() {
     let t = tick(&mut f, &mut g, 10).unwrap();
     assert_eq!(t.outcome, Outcome::TimedOut);
     assert!(t.timed_out && t.reversed);
+    let mut held: Vec<i32> = t.gave_up_on.iter().map(|b| b.pid).collect();
+    held.sort();
+    assert_eq!(held, [11, 12], "what held it when it gave up is kept");
     assert!(
         f.engine.patches().is_empty(),
         "the patch loaded for it is unloaded"

@@ -104,6 +104,7 @@ impl Engine {
         }
         if t.consistency == Consistency::PerTask && !t.reversed && t.expired(now_ms) {
             t.timed_out = true;
+            t.gave_up_on = t.blockers.clone();
             return self.reverse(t, guest, kernel, now_ms);
         }
         match t.phase {
@@ -153,6 +154,7 @@ impl Engine {
         }
         if t.consistency == Consistency::Immediate {
             if t.last_chance(now_ms) {
+                t.gave_up_on = blockers.clone();
                 t.blockers = blockers;
                 t.outcome = Outcome::TimedOut;
                 t.phase = Phase::Ended;

@@ -161,6 +161,10 @@ pub struct Transition {
     pub blockers: Vec<Blocker>,
     /// For a forced transition: the tasks moved without a check.
     pub skipped: Vec<Blocker>,
+    /// For a transition that timed out: what held each pending task at its last tick
+    /// (a per-task transition then turns back, and `blockers` follows the way back).
+    #[serde(default)]
+    pub gave_up_on: Vec<Blocker>,
     /// Guest-visible pause of each tick, µs.
     pub pauses_us: Vec<u64>,
     pub request: Option<Request>,
@@ -237,6 +241,7 @@ impl Transition {
             pending: 0,
             blockers: Vec::new(),
             skipped: Vec::new(),
+            gave_up_on: Vec::new(),
             pauses_us: Vec::new(),
             request: None,
             note: None,

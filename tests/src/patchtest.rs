@@ -164,9 +164,23 @@ pub fn ended(g: &mut Guest, id: u64) -> Result<Value, String> {
     }
     let (_, human) = g.lpvmm("patch status {vm}")?;
     Err(format!(
-        "transition {id} did not end within 120 s:\n{human}\nVMM stderr:\n{}",
-        g.vmm_stderr()
+        "transition {id} did not end within 120 s:\n{human}\nVMM stderr:\n{}\n{}",
+        g.vmm_stderr(),
+        guest_report(g)
     ))
+}
+
+/// What the guest says of itself after a failure, for its message: its kernel's
+/// complaints (with their context) and its processes; or, if it no longer answers, why
+/// (the VMM's state and where each vCPU is: a vCPU the test host holds is named so).
+pub fn guest_report(g: &mut Guest) -> String {
+    let cmd =
+        "dmesg | grep -E -A14 'WARNING: CPU|Oops|BUG:|RIP:|soft lockup|hung task|rcu_.*stall' \
+               | tail -80; ps -o pid,ppid,stat,comm";
+    match g.run_status(cmd, Duration::from_secs(30)) {
+        Ok((_, out)) => format!("the guest's kernel log (complaints) and processes:\n{out}"),
+        Err(e) => format!("the guest did not answer: {e}"),
+    }
 }
 
 /// The pids of a list of blockers.

@@ -33,8 +33,36 @@ fn held_transition(g: &mut Guest, patch: &str) -> Result<(i64, Value), String> {
     Ok((pid, held_by(g, pid)?))
 }
 
+/// A child that has exited and that its parent (a `cat` of a FIFO nobody writes, asleep
+/// in `open`, not in the patched `common_nsleep`; it never waits) leaves a zombie: the
+/// kernel has freed its stack.
+struct Zombie {
+    parent: i64,
+    child: i64,
+}
+
+fn zombie_child(g: &mut Guest) -> Result<Zombie, String> {
+    let parent =
+        g.spawn("mkfifo /tmp/zombie-fifo; sh -c 'sleep 0.1 & exec cat /tmp/zombie-fifo' &")?;
+    for _ in 0..50 {
+        let ps = g.run("ps -o pid,ppid,stat")?;
+        let child = ps.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[1] == parent.to_string() && f[2].starts_with('Z'))
+                .then(|| f[0].parse().ok())
+                .flatten()
+        });
+        if let Some(child) = child {
+            return Ok(Zombie { parent, child });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("no zombie child of {parent}"))
+}
+
 /// Acceptance 1 and 6: per-task beats immediate; every site ends as a direct jump; a
-/// task asleep in the new function unwinds through it, named with its patch.
+/// task asleep in the new function unwinds through it, named with its patch. A zombie
+/// (its stack freed) holds nothing, and lpvmm shows its stack empty, as the guest does.
 fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("pertask-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
@@ -63,6 +91,10 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
         cmdline(&mut g)? == original,
         "{series}: immediate changed /proc/cmdline"
     );
+
+    // A zombie nobody reaps: its stack is gone, so it holds nothing (as in the kernel's
+    // livepatch), and lpvmm sees the same empty stack the guest shows.
+    let zombie = zombie_child(&mut g)?;
 
     // Per-task: only the sleeper waits; a new process sees the new text.
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
@@ -101,6 +133,27 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: human status:\n{human}"
     );
     eprintln!("{series}: lpvmm patch status during the transition:\n{human}");
+
+    let (rc, out) = g.lpvmm(&format!("stack {{vm}} {} --json", zombie.child))?;
+    let z = &json(&out)?["traces"][0];
+    check!(
+        rc == 0
+            && z["reliable"] == true
+            && z["start"] == "no_stack"
+            && z["frames"].as_array().is_some_and(|f| f.is_empty()),
+        "{series}: the zombie's stack as lpvmm sees it: {out}"
+    );
+    let guest_view = g.run(&format!("cat /proc/{}/stack; echo end", zombie.child))?;
+    check!(
+        guest_view.trim() == "end",
+        "{series}: the guest shows the zombie's stack as {guest_view:?}"
+    );
+    check!(
+        g.run(&format!("ps -o pid,stat | grep -w {}", zombie.child))?
+            .contains('Z'),
+        "{series}: the zombie was reaped during the transition"
+    );
+    kill(&mut g, zombie.parent)?;
 
     // The sleeper goes: the transition completes, every site a direct jump.
     kill(&mut g, old_sleeper)?;

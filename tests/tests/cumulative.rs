@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lpvmm_tests::patchtest::{
-    apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of, held_by,
-    kill, kp_build, patch_of, patch_path, sleeper, status, verb, Readers,
+    apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of,
+    guest_report, held_by, kill, kp_build, patch_of, patch_path, sleeper, status, verb, Readers,
 };
 use lpvmm_tests::{
     check, host_files_or_exit, repo_root, run_group, series_trials, Guest, TestHost, TestResult,
@@ -364,7 +364,10 @@ fn replace_chain(host: &mut TestHost, series: &str) -> TestResult {
         if rc != 0 || !out.contains(&format!("reached={to}")) {
             let why = g.vmm_stderr();
             let (_, st) = g.lpvmm("patch status {vm}")?;
-            return Err(format!("{series}: the chain stopped: {out}\n{st}\n{why}"));
+            let guest = guest_report(g);
+            return Err(format!(
+                "{series}: the chain stopped: {out}\n{st}\n{why}\n{guest}"
+            ));
         }
         Ok(())
     };

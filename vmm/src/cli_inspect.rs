@@ -152,6 +152,7 @@ fn print_trace(t: &StackTrace) {
         TraceStart::Saved => "saved switch frame".to_string(),
         TraceStart::Vcpu(v) => format!("running on vcpu{v}, from its registers"),
         TraceStart::UserMode(v) => format!("running on vcpu{v} in user mode"),
+        TraceStart::NoStack => "exited: its stack is freed, nothing on it".to_string(),
     };
     let verdict = match (&t.reliable, &t.problem) {
         (true, _) => "reliable".to_string(),

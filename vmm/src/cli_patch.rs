@@ -531,7 +531,7 @@ fn report(vm: &str, t: &TransitionView) {
                 op_word(t.op, true),
                 t.ticks
             );
-            for b in &t.blockers {
+            for b in &t.gave_up_on {
                 print_blocker(b, "", "blocked by ");
             }
         }
@@ -697,6 +697,9 @@ fn status(vm: &str, json: bool) -> Result<i32> {
             t.ticks,
             t.elapsed_ms as f64 / 1000.0
         );
+        for b in &t.gave_up_on {
+            print_blocker(b, "    ", "gave up on ");
+        }
     }
     Ok(0)
 }

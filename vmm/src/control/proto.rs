@@ -400,6 +400,9 @@ pub struct TransitionView {
     pub blockers: Vec<BlockerView>,
     /// For a forced transition: the tasks it moved without a check.
     pub skipped: Vec<BlockerView>,
+    /// For a transition that timed out: what held each pending task at its last tick.
+    #[serde(default)]
+    pub gave_up_on: Vec<BlockerView>,
     pub functions: Vec<ChangeView>,
     /// Guest-visible pause of each tick, µs.
     pub pauses_us: Vec<u64>,
@@ -482,6 +485,7 @@ impl TransitionView {
             pending: t.pending,
             blockers: t.blockers.iter().map(BlockerView::of).collect(),
             skipped: t.skipped.iter().map(BlockerView::of).collect(),
+            gave_up_on: t.gave_up_on.iter().map(BlockerView::of).collect(),
             functions: t
                 .changes
                 .iter()
