@@ -560,13 +560,18 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         }
         running.sort_unstable();
         let mut tasks = earlier.tasks;
-        let now = SwitchCounts::of(&k.layout.task).read_all(&self.mem, &tasks)?;
+        let now = LivenessFields::of(&k.layout.task).read_all(&self.mem, &tasks)?;
         let mut reread = 0;
         for (t, now) in tasks.iter_mut().zip(now) {
+            // `on_cpu` and `thread.sp` read now as well as early: an early read is
+            // several reads of a running guest, so they may predate or follow the count it
+            // shows by a switch.
             let may_have_run = t.on_cpu
+                || now.on_cpu
                 || t.vcpu.is_some()
                 || running.binary_search(&t.addr).is_ok()
-                || now != t.switches;
+                || now.switches != t.switches
+                || now.saved_sp != t.saved_sp;
             if may_have_run {
                 *t = self.task(t.addr)?;
                 t.idle = t.pid == 0;
@@ -615,42 +620,70 @@ pub struct Refreshed {
     pub reread: usize,
 }
 
-/// Where a task's switch counts are: one read of both where they are neighbours (every
-/// kernel declares `nvcsw` and `nivcsw` one after the other), two otherwise.
-struct SwitchCounts {
-    nvcsw: u64,
-    nivcsw: u64,
+/// What the pause reads of each task of a confirmed list: its switch count, whether it
+/// is on a CPU (being switched to or from, or running), and its saved stack pointer.
+struct Liveness {
+    switches: u64,
+    on_cpu: bool,
+    saved_sp: u64,
 }
 
-impl SwitchCounts {
-    fn of(l: &crate::layout::TaskLayout) -> SwitchCounts {
-        SwitchCounts {
+/// Where [`Liveness`] is in a task_struct: the two switch counts (neighbours in every
+/// kernel: one read of both), `on_cpu` and `thread.sp`.
+struct LivenessFields {
+    nvcsw: u64,
+    nivcsw: u64,
+    on_cpu: u64,
+    thread_sp: u64,
+}
+
+impl LivenessFields {
+    fn of(l: &crate::layout::TaskLayout) -> LivenessFields {
+        LivenessFields {
             nvcsw: l.nvcsw,
             nivcsw: l.nivcsw,
+            on_cpu: l.on_cpu,
+            thread_sp: l.thread_sp,
         }
     }
 
-    /// `nvcsw + nivcsw` of each of `tasks`, as [`TaskReader::task`] sums them, read in
-    /// one call ([`KernelMemory::read_each`]).
-    fn read_all(&self, mem: &KernelMemory, tasks: &[Task]) -> Result<Vec<u64>, MemError> {
-        let words = |off: u64, n: usize| -> Result<Vec<u64>, MemError> {
+    /// The liveness of each of `tasks`, the counts summed as [`TaskReader::task`] sums
+    /// them, each field read for every task in one call ([`KernelMemory::read_each`]).
+    fn read_all(&self, mem: &KernelMemory, tasks: &[Task]) -> Result<Vec<Liveness>, MemError> {
+        let words = |off: u64, size: usize, n: usize| -> Result<Vec<u64>, MemError> {
             let vas: Vec<u64> = tasks.iter().map(|t| t.addr.wrapping_add(off)).collect();
-            let mut raw = vec![0u8; vas.len() * 8 * n];
-            mem.read_each(&vas, 8 * n, &mut raw)?;
+            let mut raw = vec![0u8; vas.len() * size * n];
+            mem.read_each(&vas, size * n, &mut raw)?;
             Ok(raw
-                .chunks_exact(8)
-                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                .chunks_exact(size)
+                .map(|w| {
+                    let mut b = [0u8; 8];
+                    b[..size].copy_from_slice(w);
+                    u64::from_le_bytes(b)
+                })
                 .collect())
         };
-        if self.nivcsw == self.nvcsw + 8 {
-            let both = words(self.nvcsw, 2)?;
-            return Ok(both
+        let switches: Vec<u64> = if self.nivcsw == self.nvcsw + 8 {
+            words(self.nvcsw, 8, 2)?
                 .chunks_exact(2)
                 .map(|w| w[0].wrapping_add(w[1]))
-                .collect());
-        }
-        let (v, iv) = (words(self.nvcsw, 1)?, words(self.nivcsw, 1)?);
-        Ok(v.iter().zip(&iv).map(|(a, b)| a.wrapping_add(*b)).collect())
+                .collect()
+        } else {
+            let (v, iv) = (words(self.nvcsw, 8, 1)?, words(self.nivcsw, 8, 1)?);
+            v.iter().zip(&iv).map(|(a, b)| a.wrapping_add(*b)).collect()
+        };
+        let on_cpu = words(self.on_cpu, 4, 1)?; // int on_cpu
+        let saved_sp = words(self.thread_sp, 8, 1)?;
+        Ok(switches
+            .into_iter()
+            .zip(on_cpu)
+            .zip(saved_sp)
+            .map(|((switches, on_cpu), saved_sp)| Liveness {
+                switches,
+                on_cpu: on_cpu != 0,
+                saved_sp,
+            })
+            .collect())
     }
 }
 

@@ -33,10 +33,11 @@
 //!                                                      tick with 100, 2000 (or TASKS, e.g.
 //!                                                      100,2000,5000) extra tasks, against a
 //!                                                      bare pause; how many checks were early
-//!   cargo run -p lpvmm-tests --bin bench -- endurance [CYCLES]  enable/disable cycles (default
-//!                                                      10,000), per-task and immediate in turn,
-//!                                                      under 4 readers and 128 getpid hammers
-//!                                                      that check every result, both series
+//!   cargo run -p lpvmm-tests --bin bench -- endurance [CYCLES] [SERIES]  enable/disable cycles
+//!                                                      (default 10,000), per-task and immediate
+//!                                                      in turn, under 4 readers and 128 getpid
+//!                                                      hammers that check every result, both
+//!                                                      series unless one is named
 //!   cargo run -p lpvmm-tests --bin bench -- pause-deaths [CYCLES]  guests that die under
 //!                                                      pause/resume: lpvmm's pause against
 //!                                                      QEMU's QMP stop/cont, CYCLES each
@@ -90,10 +91,11 @@ fn main() {
         "calls" => calls(n.unwrap_or(5)),
         "host-info" => host_info(),
         "guest-diff" => guest_diff(),
-        "endurance" => endurance(n.unwrap_or(10_000)),
+        "endurance" => series_or_both(args.next())
+            .and_then(|series| endurance(n.unwrap_or(10_000), &series)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
@@ -1576,14 +1578,26 @@ fn kbuild_kp(series: &str, sample: &str) -> Result<std::path::PathBuf, String> {
     Ok(out)
 }
 
+/// The kernel series named on the command line, or both when none is.
+fn series_or_both(arg: Option<String>) -> Result<Vec<&'static str>, String> {
+    match arg {
+        None => Ok(lpvmm_tests::SERIES.to_vec()),
+        Some(a) => lpvmm_tests::SERIES
+            .iter()
+            .find(|s| **s == a)
+            .map(|s| vec![*s])
+            .ok_or_else(|| format!("no kernel series '{a}' (one of {:?})", lpvmm_tests::SERIES)),
+    }
+}
+
 /// Issue 11's endurance run: CYCLES enable/disable cycles of two patches (`cmdline`,
 /// read by 4 `readcheck` processes that check every read, and a kbuild-built
 /// `__x64_sys_getpid`, called by 128 `getpid-hammer` processes that check every result),
 /// per-task and immediate in turn. Reports cycles done, bad reads and results, new
 /// kernel warnings and whether the guest died, per series.
-fn endurance(cycles: u32) -> Result<(), String> {
+fn endurance(cycles: u32, serieses: &[&'static str]) -> Result<(), String> {
     let mut files = vec![(kp_build("cmdline")?, "/root/cmdline.kp".to_string())];
-    for series in lpvmm_tests::SERIES {
+    for &series in serieses {
         files.push((
             kbuild_kp(series, "getpid")?,
             format!("/root/getpid-{series}.kp"),
@@ -1592,7 +1606,7 @@ fn endurance(cycles: u32) -> Result<(), String> {
     let mut host = TestHost::start_with_files(false, &files)?;
     println!("| kernel | cycles | per-task / immediate | transition median, per-task / immediate (ms) | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for series in lpvmm_tests::SERIES {
+    for &series in serieses {
         let row = endurance_series(&mut host, series, cycles)?;
         println!("{row}");
     }
