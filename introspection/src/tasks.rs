@@ -563,15 +563,14 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         let now = LivenessFields::of(&k.layout.task).read_all(&self.mem, &tasks)?;
         let mut reread = 0;
         for (t, now) in tasks.iter_mut().zip(now) {
-            // `on_cpu` and `thread.sp` read now as well as early: an early read is
-            // several reads of a running guest, so they may predate or follow the count it
-            // shows by a switch.
+            // `on_cpu` read now as well as early: an early read is several reads of a
+            // running guest, so its `on_cpu` may predate a switch to the task whose switch
+            // away it shows counted.
             let may_have_run = t.on_cpu
                 || now.on_cpu
                 || t.vcpu.is_some()
                 || running.binary_search(&t.addr).is_ok()
-                || now.switches != t.switches
-                || now.saved_sp != t.saved_sp;
+                || now.switches != t.switches;
             if may_have_run {
                 *t = self.task(t.addr)?;
                 t.idle = t.pid == 0;
@@ -620,21 +619,19 @@ pub struct Refreshed {
     pub reread: usize,
 }
 
-/// What the pause reads of each task of a confirmed list: its switch count, whether it
-/// is on a CPU (being switched to or from, or running), and its saved stack pointer.
+/// What the pause reads of each task of a confirmed list: its switch count, and whether
+/// it is on a CPU (being switched to or from, or running).
 struct Liveness {
     switches: u64,
     on_cpu: bool,
-    saved_sp: u64,
 }
 
 /// Where [`Liveness`] is in a task_struct: the two switch counts (neighbours in every
-/// kernel: one read of both), `on_cpu` and `thread.sp`.
+/// kernel: one read of both) and `on_cpu`.
 struct LivenessFields {
     nvcsw: u64,
     nivcsw: u64,
     on_cpu: u64,
-    thread_sp: u64,
 }
 
 impl LivenessFields {
@@ -643,7 +640,6 @@ impl LivenessFields {
             nvcsw: l.nvcsw,
             nivcsw: l.nivcsw,
             on_cpu: l.on_cpu,
-            thread_sp: l.thread_sp,
         }
     }
 
@@ -673,15 +669,12 @@ impl LivenessFields {
             v.iter().zip(&iv).map(|(a, b)| a.wrapping_add(*b)).collect()
         };
         let on_cpu = words(self.on_cpu, 4, 1)?; // int on_cpu
-        let saved_sp = words(self.thread_sp, 8, 1)?;
         Ok(switches
             .into_iter()
             .zip(on_cpu)
-            .zip(saved_sp)
-            .map(|((switches, on_cpu), saved_sp)| Liveness {
+            .map(|(switches, on_cpu)| Liveness {
                 switches,
                 on_cpu: on_cpu != 0,
-                saved_sp,
             })
             .collect())
     }

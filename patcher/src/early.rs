@@ -190,16 +190,17 @@ pub struct EarlyCheckCounts {
 }
 
 /// Whether two lists of one paused guest are the same for every check: the same tasks
-/// in the same order, each with the same identity, switch count, saved stack pointer
-/// and whether it is on a CPU, and the same vCPUs. Not the state letter, the CPU it is
-/// queued on and the name, which a task that has not run keeps from an earlier read
-/// ([`TaskReader::refresh`]).
+/// in the same order, each with the same identity, switch count and whether it is on a
+/// CPU, and the same vCPUs. Not the state letter, the CPU it is queued on, the name and
+/// the saved stack pointer, which a task that has not run keeps from an earlier read
+/// ([`TaskReader::refresh`]; the unwinder reads the stack pointer from the paused guest).
 pub(crate) fn same_list(a: &TaskList, b: &TaskList) -> bool {
     let same_task = |x: &Task, y: &Task| {
         Task {
             state: y.state,
             cpu: y.cpu,
             comm: y.comm.clone(),
+            saved_sp: y.saved_sp,
             ..x.clone()
         } == *y
     };

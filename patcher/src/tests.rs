@@ -1575,8 +1575,11 @@ fn a_refreshed_list_is_the_same_list_for_every_check_when_a_sleeper_was_woken_el
         "the woken task's state and CPU are the early read's"
     );
     assert!(crate::early::same_list(&fresh, &refreshed));
-    // A task whose saved stack pointer moved is another list.
-    let mut moved = refreshed.clone();
-    moved.tasks[1].saved_sp -= 8;
-    assert!(!crate::early::same_list(&fresh, &moved));
+    // A task whose switch count moved, or that is on a CPU, is another list.
+    let mut ran = refreshed.clone();
+    ran.tasks[1].switches += 1;
+    assert!(!crate::early::same_list(&fresh, &ran));
+    let mut running = refreshed.clone();
+    running.tasks[1].on_cpu = !running.tasks[1].on_cpu;
+    assert!(!crate::early::same_list(&fresh, &running));
 }
