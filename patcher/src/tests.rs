@@ -762,7 +762,6 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
 
 // --- Per-task consistency over synthetic guests. ---
 
-/// The kernel function a site jumps to now.
 /// `pipefix` (a patch of `pipe_read`, where tasks 11 and 12 wait) loaded and its per-task
 /// enable begun, ticked `ticks` times: the transition then.
 fn pipefix_per_task(f: &mut Fixture, g: &mut SynthGuest, ticks: u32) -> Transition {
@@ -772,6 +771,7 @@ fn pipefix_per_task(f: &mut Fixture, g: &mut SynthGuest, ticks: u32) -> Transiti
     run(f, g, "pipefix", Op::Enable, Consistency::PerTask, ticks).unwrap()
 }
 
+/// The kernel function a site jumps to now.
 fn site_target(f: &Fixture, g: &SynthGuest, func: &str) -> Option<u64> {
     let s = site_bytes(f, g, func);
     (s[0] == 0xe9).then(|| {
@@ -819,18 +819,7 @@ fn text(f: &Fixture, g: &SynthGuest) -> Vec<u8> {
 fn a_zombie_no_longer_holds_a_per_task_transition() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
-    let t = run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        1,
-    )
-    .unwrap();
+    let t = pipefix_per_task(&mut f, &mut g, 1);
     let mut pending: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
     pending.sort();
     assert_eq!(pending, [11, 12]);
@@ -865,19 +854,8 @@ fn a_zombie_no_longer_holds_a_per_task_transition() {
 fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
+    let t = pipefix_per_task(&mut f, &mut g, 1);
     let new = f.engine.patch("pipefix").unwrap().funcs[0].new_addr;
-    let t = run(
-        &mut f,
-        &mut g,
-        "pipefix",
-        Op::Enable,
-        Consistency::PerTask,
-        1,
-    )
-    .unwrap();
     assert_eq!(
         (t.outcome.clone(), t.phase),
         (Outcome::Pending, Phase::Switching)
