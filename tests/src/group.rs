@@ -5,7 +5,10 @@ use std::time::Instant;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use crate::{platform_guest_death, platform_host_fault, TestHost, TestResult, PLATFORM_ATTEMPTS};
+use crate::{
+    host_code_in_report, platform_guest_death, platform_host_fault, HostMode, TestHost, TestResult,
+    HOST_CODE_IN_GUEST, PLATFORM_ATTEMPTS,
+};
 
 /// The group's host, booted by the first test that needs it.
 static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
@@ -83,13 +86,24 @@ pub fn host_trial(
 /// again where the platform is to blame.
 fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(), Failed> {
     let mut slot = HOST.lock().unwrap_or_else(|e| e.into_inner());
+    let trace = crate::harness_host_trace();
+    let traced = |h: &TestHost| trace.is_some() && h.mode() == HostMode::Nested;
     for attempt in 1..=PLATFORM_ATTEMPTS {
         if slot.is_none() {
             let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            *slot = Some(TestHost::start_with_files(false, &files)?);
+            let mut host = TestHost::start_with_files(false, &files)?;
+            // Evidence only: a host whose trace cannot be set up still runs the tests
+            // (a host that no longer answers fails them and is replaced).
+            if let (true, Some(what)) = (traced(&host), trace) {
+                let _ = host.trace_kvm(what);
+            }
+            *slot = Some(host);
         }
         let host = slot.as_mut().expect("booted above");
         host.mark_attempt();
+        if traced(host) {
+            let _ = host.restart_kvm_trace();
+        }
         let outcome = f(host);
         let wedged = host.wedged().map(str::to_string);
         let err = match (outcome, wedged) {
@@ -108,9 +122,11 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
         // What each VMM of the test said last: whether its guest died, and of what,
         // even where the test's own message only saw a closed socket.
         // And what the test host's own kernel logged about itself, if it failed.
+        // And what the test host's own KVM says of it.
         let err = if host.answers() {
             let host_kernel = host.host_kernel_faults_since_mark().unwrap_or_default();
-            format!("{err}\n{}\n{host_kernel}", host.vmm_reports_since_mark())
+            let err = format!("{err}\n{}\n{host_kernel}", host.vmm_reports_since_mark());
+            platform_evidence(host, err, traced(host))
         } else {
             err
         };
@@ -147,6 +163,27 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
         );
     }
     unreachable!("the loop returns")
+}
+
+/// What the nested test host's own KVM says of a failure (tests/src/hostkvm.rs): where a
+/// guest that died was (its trace of the shutdown), and whether the guest held an
+/// address of the host's KVM code (then the platform ran it with the host's state, and
+/// [`HOST_CODE_IN_GUEST`] makes the failure the host's).
+fn platform_evidence(host: &mut TestHost, err: String, traced: bool) -> String {
+    if host.mode() != HostMode::Nested {
+        return err;
+    }
+    let err = if traced && platform_guest_death(&err) {
+        let trace = host.kvm_trace_of_death();
+        let memory = host.memory_counters();
+        format!("{err}\ntest host's KVM trace:\n{trace}\ntest host's memory: {memory}")
+    } else {
+        err
+    };
+    match host_code_in_report(&err, &host.kvm_modules()) {
+        Some(at) => format!("{err}\n{HOST_CODE_IN_GUEST}: {at}"),
+        None => err,
+    }
 }
 
 /// A test that needs no host (it runs on this machine).

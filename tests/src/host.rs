@@ -80,6 +80,7 @@ pub fn platform_host_fault(report: &str) -> bool {
         || report.contains(SURVIVED_SIGKILL)
         || report.contains(IMPOSSIBLE_AT_BOOT)
         || report.contains(HOST_KERNEL_FAULT)
+        || report.contains(crate::HOST_CODE_IN_GUEST)
 }
 
 /// How the harness introduces what the nested test host's own kernel logged about
@@ -1170,6 +1171,15 @@ mod tests {
         assert!(!platform_host_fault(
             "guest: timed out after 15s waiting for READY"
         ));
+        // A guest that held the host's KVM code, as the harness says it.
+        let modules = crate::KvmModule::parse_all("kvm_amd 126976 0 - Live 0xffffffffc031f000");
+        let stack = "blocked by pid 57 (pairread): [<ffffffffc032ddcc>] 0xffffffffc032ddcc";
+        let at = crate::host_code_in_report(stack, &modules).expect("kvm_amd's address");
+        assert!(platform_host_fault(&format!(
+            "{stack}\n{}: {at}",
+            crate::HOST_CODE_IN_GUEST
+        )));
+        assert!(!platform_host_fault(stack), "only with the harness's words");
     }
 
     #[test]

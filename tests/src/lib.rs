@@ -13,6 +13,7 @@
 mod console;
 mod group;
 mod host;
+mod hostkvm;
 pub mod patchtest;
 
 pub use console::{tail, Console};
@@ -22,6 +23,9 @@ pub use group::{
 pub use host::{
     platform_guest_death, platform_host_fault, BootFailure, Guest, GuestExit, HostMode, TestHost,
     BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
+};
+pub use hostkvm::{
+    harness_host_trace, host_code_in_report, KvmModule, KvmTrace, HOST_CODE_IN_GUEST,
 };
 
 use std::path::PathBuf;

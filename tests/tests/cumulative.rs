@@ -382,6 +382,11 @@ fn replace_chain(host: &mut TestHost, series: &str) -> TestResult {
     // The space in use once one patch replaced another and the trampoline banks exist
     // (set up by the first transition that had to dispatch tasks).
     step(&mut g, 1, 2)?;
+    // Where the kernel and the patch area lie in this boot, to place a guest RIP that
+    // the test host's KVM trace (LPVMM_TEST_HOST_TRACE=1) reports for a death.
+    let text = g.text("grep -w _stext /proc/kallsyms")?;
+    let area = status(&mut g)?["area"]["va"].as_u64().unwrap_or(0);
+    eprintln!("{series}: kernel {} ; patch area at {area:#x}", text.trim());
     let mut at = 2;
     let early = loop {
         let s = status(&mut g)?;

@@ -127,6 +127,52 @@ fn panic_is_reported(host: &mut TestHost) -> TestResult {
     no_socket_left(host, "panic")
 }
 
+/// A guest that triple-faults (Linux's own reboot by triple fault, `reboot type
+/// triple`): lpvmm ends the VM with code 3 and says so, and, on the nested test host, the
+/// host's KVM trace that the harness keeps for every retried death places the fault in
+/// the guest's kernel text (tests/src/hostkvm.rs): what a retry's WARNING then shows.
+fn triple_fault_is_reported_and_located(host: &mut TestHost) -> TestResult {
+    let (mut g, _) = host.boot_guest("triple", "6.1", 1, "")?;
+    let text = g.text("grep -wE '_stext|_etext' /proc/kallsyms")?;
+    let bound = |name: &str| {
+        text.lines()
+            .find(|l| l.ends_with(name))
+            .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+            .ok_or_else(|| format!("no {name} in the guest's kallsyms: {text}"))
+    };
+    let (stext, etext) = (bound(" _stext")?, bound(" _etext")?);
+    g.run("echo triple > /sys/kernel/reboot/type")?;
+    g.type_at_prompt("echo b > /proc/sysrq-trigger")?;
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    drop(g);
+    check!(
+        exit.code == 3 && exit.stderr.contains("triple fault on vCPU 0"),
+        "lpvmm exited {} (want 3, a triple fault): {}",
+        exit.code,
+        exit.stderr
+    );
+    if host.mode() == HostMode::Native || lpvmm_tests::harness_host_trace().is_none() {
+        eprintln!("no test host trace here (native, or LPVMM_TEST_HOST_TRACE=0)");
+        return Ok(());
+    }
+    let trace = host.kvm_trace_of_death();
+    host.restart_kvm_trace()?;
+    let rip = trace
+        .lines()
+        .find_map(|l| l.split("reason shutdown rip 0x").nth(1))
+        .and_then(|r| u64::from_str_radix(r.split_whitespace().next()?, 16).ok())
+        .ok_or_else(|| format!("the test host's trace has no shutdown exit:\n{trace}"))?;
+    check!(
+        (stext..etext).contains(&rip),
+        "the shutdown's rip {rip:#x} is not in the guest's text {stext:#x}-{etext:#x}:\n{trace}"
+    );
+    eprintln!(
+        "the test host's trace placed the triple fault at _stext+{:#x}",
+        rip - stext
+    );
+    Ok(())
+}
+
 /// The privilege level of a vCPU whose registers, read while paused, are those of a
 /// running 64-bit Linux guest with 512 MiB: long mode, CR3 inside guest RAM, kernel RIP
 /// at CPL 0 and user RIP at CPL 3.
@@ -488,6 +534,10 @@ fn main() {
     tests.push(host_trial(
         "guest_panic_ends_vm_with_code_2",
         panic_is_reported,
+    ));
+    tests.push(host_trial(
+        "guest_triple_fault_ends_vm_with_code_3_and_is_located",
+        triple_fault_is_reported_and_located,
     ));
     tests.push(host_trial(
         "control_requests_check_vm_state",

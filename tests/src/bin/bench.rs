@@ -50,7 +50,7 @@
 
 use std::time::{Duration, Instant};
 
-use lpvmm_tests::{json, BootFailure, TestHost, BOOT_TIMEOUT};
+use lpvmm_tests::{json, BootFailure, KvmTrace, TestHost, BOOT_TIMEOUT};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -176,57 +176,10 @@ const SPAWN_LOAD: &str = "spawn 2000 >/tmp/spawn.out & \
     while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done; \
     kill $(pidof spawn); wait; true";
 
-/// The test host's kernel trace, for the deaths of `bench deaths`: every KVM exit of the
-/// guests (the last few thousand fit) and every exception KVM injected. On AMD a triple
-/// fault resets the vCPU before its VMM sees it (its registers then read the reset
-/// vector), so the `shutdown` exit in this trace is the only record of where the guest
-/// was, and the exits before it say what it was doing.
-const HOST_TRACE: &str = "/sys/kernel/debug/tracing";
-
-/// Whether `bench deaths` records the test host's trace (`LPVMM_BENCH_HOST_TRACE=1`).
+/// Whether `bench deaths` records the test host's KVM trace (`LPVMM_BENCH_HOST_TRACE=1`;
+/// tests/src/hostkvm.rs says what it holds).
 fn host_traced() -> bool {
     std::env::var_os("LPVMM_BENCH_HOST_TRACE").is_some()
-}
-
-fn trace_guest_exits(host: &mut TestHost) -> Result<(), String> {
-    host.exec(&format!(
-        "cd {HOST_TRACE} && echo 0 > tracing_on && echo 1024 > buffer_size_kb && \
-         echo 1 > events/kvm/kvm_exit/enable && echo 1 > events/kvm/kvm_inj_exception/enable && \
-         echo 1 > events/kvm/kvm_userspace_exit/enable"
-    ))
-    .map(|_| ())
-}
-
-fn restart_host_trace(host: &mut TestHost) -> Result<(), String> {
-    host.exec(&format!(
-        "cd {HOST_TRACE} && echo > trace && echo 1 > tracing_on"
-    ))
-    .map(|_| ())
-}
-
-/// What the host trace holds of a death: its shutdown exits and injected exceptions, and
-/// each vCPU's last exits before the trace was stopped (one busy vCPU would crowd out the
-/// other's in a single list).
-fn host_trace_of_death(host: &mut TestHost) -> String {
-    host.exec(&format!(
-        "cd {HOST_TRACE} && echo 0 > tracing_on && echo \"events traced: $(grep -vc '^#' trace)\" && \
-         grep -E 'shutdown|kvm_inj_exception' trace | tail -n 20; \
-         for v in $(grep -o 'kvm_exit: vcpu [0-9]*' trace | sort -u | cut -d' ' -f3); do \
-         echo \"-- last exits of vCPU $v:\"; grep \"kvm_exit: vcpu $v \" trace | tail -n 30; done"
-    ))
-    .unwrap_or_else(|e| format!("(no host trace: {e})"))
-}
-
-/// How the test host's kernel has been moving and backing memory (page migrations,
-/// compaction, transparent huge pages): printed around each round of a traced `deaths`,
-/// to tell whether the host moved the guest's memory while it ran.
-fn host_memory_counters(host: &mut TestHost) -> String {
-    host.exec(
-        "grep -E '^(pgmigrate_success|compact_stall|thp_fault_alloc|thp_fault_fallback|thp_collapse_alloc|thp_split_pmd) ' \
-         /proc/vmstat | tr '\n' ' '; grep AnonHugePages /proc/meminfo",
-    )
-    .map(|s| s.trim().to_string())
-    .unwrap_or_else(|e| format!("(unavailable: {e})"))
 }
 
 fn boot_load_poweroff(
@@ -237,8 +190,8 @@ fn boot_load_poweroff(
 ) -> Result<Round, String> {
     let traced = host_traced();
     if traced {
-        restart_host_trace(host)?;
-        eprintln!("{name}: test host before: {}", host_memory_counters(host));
+        host.restart_kvm_trace()?;
+        eprintln!("{name}: test host before: {}", host.memory_counters());
     }
     let mut g = match host.start_and_wait_ready(name, cmd) {
         Ok((g, _)) => g,
@@ -258,7 +211,7 @@ fn boot_load_poweroff(
     if traced {
         eprintln!(
             "{name}: test host after the load: {}",
-            host_memory_counters(g.host)
+            g.host.memory_counters()
         );
     }
     let off = loaded.and_then(|_| g.poweroff().map(|_| ()));
@@ -289,7 +242,7 @@ fn deaths(runs: u32, load: &str, series_list: &[&str]) -> Result<(), String> {
     let mut host = TestHost::start_with(true)?;
     let traced = host_traced();
     if traced {
-        trace_guest_exits(&mut host)?;
+        host.trace_kvm(KvmTrace::Everything)?;
         eprintln!(
             "test host: {}",
             host.exec(
@@ -320,12 +273,12 @@ fn deaths(runs: u32, load: &str, series_list: &[&str]) -> Result<(), String> {
                 tally[i][k] += 1;
                 eprintln!("{series} round {round}: {vmm}'s {what}: {why}");
                 if traced && k != 2 {
-                    eprintln!("test host trace:\n{}", host_trace_of_death(&mut host));
+                    eprintln!("test host trace:\n{}", host.kvm_trace_of_death());
                 }
                 if k == 2 {
                     host = TestHost::start_with(true)?;
                     if traced {
-                        trace_guest_exits(&mut host)?;
+                        host.trace_kvm(KvmTrace::Everything)?;
                     }
                 }
             }

@@ -1,0 +1,243 @@
+//! The nested test host's own KVM, as evidence of whose a guest's death is.
+//!
+//! lpvmm runs its guests on the test host's KVM, itself running on an emulated SVM CPU
+//! (QEMU's TCG). When a guest dies, two records there say whether lpvmm or that
+//! platform killed it:
+//!
+//! - **Its code addresses.** The test host's KVM modules lie at fixed addresses (the
+//!   test host boots with `nokaslr`), in module space, where lpvmm's guests have nothing
+//!   (they load no modules, and lpvmm's patch area lies in the kernel image's range,
+//!   below 0xffffffffc0000000: patcher/src/area.rs). A guest vCPU found at such an
+//!   address, or a guest task with one on its stack, ran with the test host's own
+//!   state: seen on 2026-12-06, vCPU 1 at `__svm_vcpu_run+0x9c` of the test host's
+//!   kvm_amd, and, in the CI run of 020614f, a guest task holding that same address.
+//!   No VMM can give its guest the host kernel's registers.
+//! - **Its trace.** On AMD a triple fault resets the vCPU before its VMM sees it (its
+//!   registers then read the reset vector: `shutdown_interception` in
+//!   arch/x86/kvm/svm/svm.c), so lpvmm cannot say where a dead guest was. The test
+//!   host's `kvm_exit` event of that shutdown can: it carries the guest's RIP and the
+//!   event being delivered, and `kvm_inj_exception` each exception KVM injected. The
+//!   harness records those two by default (every other exit is filtered out), every
+//!   exit with `LPVMM_TEST_HOST_TRACE=1` (the last few thousand per CPU fit; a test
+//!   then takes about half again as long), nothing with `LPVMM_TEST_HOST_TRACE=0`;
+//!   `bench deaths` records every exit with `LPVMM_BENCH_HOST_TRACE=1`.
+//!
+//! Natively there is no test host: this machine's kernel is not ours to trace or blame.
+
+use crate::{HostMode, TestHost};
+
+const TRACEFS: &str = "/sys/kernel/debug/tracing";
+
+/// SVM's exit code for a shutdown (a triple fault), as `kvm_exit` records it.
+const SVM_EXIT_SHUTDOWN: u32 = 0x7f;
+
+/// How the harness says a guest held an address of the test host's KVM code
+/// ([`host_code_in_report`]); [`crate::platform_host_fault`] recognises it.
+pub const HOST_CODE_IN_GUEST: &str = "the guest held an address of the test host's own KVM code";
+
+/// What the harness traces on its nested test hosts: [`KvmTrace::Deaths`] unless
+/// `LPVMM_TEST_HOST_TRACE` says `0` (nothing) or `1` (everything).
+pub fn harness_host_trace() -> Option<KvmTrace> {
+    match std::env::var("LPVMM_TEST_HOST_TRACE").as_deref() {
+        Ok("0") => None,
+        Ok("1") => Some(KvmTrace::Everything),
+        _ => Some(KvmTrace::Deaths),
+    }
+}
+
+/// Which KVM events the test host records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmTrace {
+    /// Shutdown exits and injected exceptions only: where a guest died.
+    Deaths,
+    /// Every exit too: what the guest did before.
+    Everything,
+}
+
+/// A KVM module of the test host's kernel and where its code lies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvmModule {
+    pub name: String,
+    pub start: u64,
+    pub size: u64,
+}
+
+impl KvmModule {
+    /// The KVM modules of a `/proc/modules` listing, each line like
+    /// `kvm_amd 126976 0 - Live 0xffffffffc031f000`. Lines that are not KVM's, or
+    /// show no address (an unprivileged reader sees zeros), are left out.
+    pub fn parse_all(proc_modules: &str) -> Vec<KvmModule> {
+        proc_modules
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let name = *f.first()?;
+                if !matches!(name, "kvm" | "kvm_amd" | "kvm_intel") {
+                    return None;
+                }
+                let size = f.get(1)?.parse().ok()?;
+                let start = u64::from_str_radix(f.get(5)?.strip_prefix("0x")?, 16).ok()?;
+                (start != 0 && size != 0).then(|| KvmModule {
+                    name: name.to_string(),
+                    start,
+                    size,
+                })
+            })
+            .collect()
+    }
+
+    fn offset_of(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(self.start)?;
+        (off < self.size).then_some(off)
+    }
+}
+
+/// The first kernel address in `report` that lies in one of `modules`, as
+/// `0x… (kvm_amd+0x…)`. Addresses are read as 16 hex digits (with or without `0x`, as
+/// stacks and registers print them) or as the decimal numbers of `lpvmm regs --json`.
+pub fn host_code_in_report(report: &str, modules: &[KvmModule]) -> Option<String> {
+    report
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter_map(address)
+        .find_map(|a| {
+            modules.iter().find_map(|m| {
+                m.offset_of(a)
+                    .map(|off| format!("{a:#x} ({}+{off:#x})", m.name))
+            })
+        })
+}
+
+/// A token of a report read as a kernel address, if it is one.
+fn address(token: &str) -> Option<u64> {
+    let hex = token.strip_prefix("0x").unwrap_or(token);
+    let value = if hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        u64::from_str_radix(hex, 16).ok()?
+    } else if token.len() == 20 && token.bytes().all(|b| b.is_ascii_digit()) {
+        token.parse().ok()?
+    } else {
+        return None;
+    };
+    // The kernel half of the address space.
+    (value >= 0xffff_8000_0000_0000).then_some(value)
+}
+
+impl TestHost {
+    /// The test host's KVM modules and where their code lies (none natively, or when
+    /// the host cannot say).
+    pub fn kvm_modules(&mut self) -> Vec<KvmModule> {
+        if self.mode() == HostMode::Native {
+            return Vec::new();
+        }
+        self.exec("grep -E '^kvm(_amd|_intel)? ' /proc/modules")
+            .map(|m| KvmModule::parse_all(&m))
+            .unwrap_or_default()
+    }
+
+    /// Set up the test host's trace of KVM into a ring buffer of 1 MiB per CPU (off
+    /// until [`TestHost::restart_kvm_trace`]).
+    pub fn trace_kvm(&mut self, what: KvmTrace) -> Result<(), String> {
+        if self.mode() == HostMode::Native {
+            return Err("the KVM trace is taken on the nested test host only".into());
+        }
+        let filter = match what {
+            KvmTrace::Deaths => format!("exit_reason == {SVM_EXIT_SHUTDOWN}"),
+            KvmTrace::Everything => "0".to_string(),
+        };
+        self.exec(&format!(
+            "cd {TRACEFS} && echo 0 > tracing_on && echo 1024 > buffer_size_kb && \
+             echo '{filter}' > events/kvm/kvm_exit/filter && \
+             echo 1 > events/kvm/kvm_exit/enable && echo 1 > events/kvm/kvm_inj_exception/enable && \
+             echo {} > events/kvm/kvm_userspace_exit/enable",
+            u8::from(what == KvmTrace::Everything)
+        ))
+        .map(|_| ())
+    }
+
+    /// Empty the trace and start recording.
+    pub fn restart_kvm_trace(&mut self) -> Result<(), String> {
+        self.exec(&format!(
+            "cd {TRACEFS} && echo > trace && echo 1 > tracing_on"
+        ))
+        .map(|_| ())
+    }
+
+    /// Stop the trace and say what it holds of a death: its shutdown exits and injected
+    /// exceptions, and each vCPU's last exits (one busy vCPU would crowd out the other's
+    /// in a single list). Never an error: what cannot be read says so.
+    pub fn kvm_trace_of_death(&mut self) -> String {
+        self.exec(&format!(
+            "cd {TRACEFS} && echo 0 > tracing_on && echo \"events traced: $(grep -vc '^#' trace)\" && \
+             grep -E 'shutdown|kvm_inj_exception' trace | tail -n 20; \
+             for v in $(grep -o 'kvm_exit: vcpu [0-9]*' trace | sort -u | cut -d' ' -f3); do \
+             echo \"-- last exits of vCPU $v:\"; grep \"kvm_exit: vcpu $v \" trace | tail -n 30; done"
+        ))
+        .unwrap_or_else(|e| format!("(no host trace: {e})"))
+    }
+
+    /// How the test host's kernel has been moving and backing memory (page migrations,
+    /// compaction, transparent huge pages): whether the guests ran on 2 MiB pages (their
+    /// deaths under 4 KiB nested pages: docs/testing.md, "Known platform quirks").
+    pub fn memory_counters(&mut self) -> String {
+        self.exec(
+            "grep -E '^(pgmigrate_success|compact_stall|thp_fault_alloc|thp_fault_fallback|thp_collapse_alloc|thp_split_pmd) ' \
+             /proc/vmstat | tr '\\n' ' '; grep AnonHugePages /proc/meminfo",
+        )
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("(unavailable: {e})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODULES: &str = "kvm_amd 126976 0 - Live 0xffffffffc031f000\n\
+        kvm 1146880 1 kvm_amd, Live 0xffffffffc0206000\n\
+        irqbypass 16384 1 kvm, Live 0xffffffffc0201000\n";
+
+    #[test]
+    fn kvm_modules_are_read_from_proc_modules() {
+        let m = KvmModule::parse_all(MODULES);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].name, "kvm_amd");
+        assert_eq!((m[0].start, m[0].size), (0xffff_ffff_c031_f000, 126_976));
+        // An unprivileged reader's zeros say nothing.
+        assert!(KvmModule::parse_all("kvm_amd 126976 0 - Live 0x0000000000000000").is_empty());
+        assert!(KvmModule::parse_all("").is_empty());
+    }
+
+    #[test]
+    fn a_guest_holding_the_hosts_kvm_code_is_named_with_where() {
+        let m = KvmModule::parse_all(MODULES);
+        // As a blocked task's stack prints it (CI, 020614f), as `lpvmm regs` prints a
+        // RIP in hex, and as `regs --json` prints it in decimal (2026-12-06).
+        for report in [
+            "      [<ffffffffc032ddcc>] 0xffffffffc032ddcc",
+            "rip 0xffffffffc032ddcc rsp 0xffffc90000967b80",
+            "\"rip\": 18446744072639143372,",
+        ] {
+            assert_eq!(
+                host_code_in_report(report, &m).as_deref(),
+                Some("0xffffffffc032ddcc (kvm_amd+0xedcc)"),
+                "{report}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_addresses_and_other_numbers_are_not_the_hosts() {
+        let m = KvmModule::parse_all(MODULES);
+        for report in [
+            // The guest's own kernel and patch area (below module space).
+            "[<ffffffffb5810e3d>] __schedule+0x34d/0xa00 lpvmm_cum_common_nsleep 0xffffffffb7a0806a",
+            // Just past kvm_amd's end, and just before kvm's start.
+            "0xffffffffc033e000 0xffffffffc0205fff",
+            // Short hex, user addresses, a 20-digit number below the kernel half.
+            "rip 0xfff0 cr3 0x0 0x00007ffd12345678 12345678901234567890",
+        ] {
+            assert_eq!(host_code_in_report(report, &m), None, "{report}");
+        }
+        // Without the modules (natively) nothing is the host's.
+        assert_eq!(host_code_in_report("0xffffffffc032ddcc", &[]), None);
+    }
+}
