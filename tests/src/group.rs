@@ -6,7 +6,7 @@ use std::time::Instant;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 use crate::{
-    host_code_in_report, platform_guest_death, platform_host_fault, HostMode, TestHost, TestResult,
+    address_in_report, platform_guest_death, platform_host_fault, HostMode, TestHost, TestResult,
     HOST_CODE_IN_GUEST, PLATFORM_ATTEMPTS,
 };
 
@@ -145,7 +145,10 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
             }
             return Err(Failed::from(err));
         }
-        let what = if host_fault {
+        // Each starts "the test host", as scripts/test.sh's count of retries expects.
+        let what = if err.contains(HOST_CODE_IN_GUEST) {
+            "the test host ran its guest on its own KVM's state (see below)"
+        } else if host_fault {
             "the test host's kernel failed (see below)"
         } else {
             "the test host stopped answering"
@@ -180,7 +183,7 @@ fn platform_evidence(host: &mut TestHost, err: String, traced: bool) -> String {
     } else {
         err
     };
-    match host_code_in_report(&err, &host.kvm_modules()) {
+    match address_in_report(&err, &host.kvm_modules()) {
         Some(at) => format!("{err}\n{HOST_CODE_IN_GUEST}: {at}"),
         None => err,
     }

@@ -1172,9 +1172,9 @@ mod tests {
             "guest: timed out after 15s waiting for READY"
         ));
         // A guest that held the host's KVM code, as the harness says it.
-        let modules = crate::KvmModule::parse_all("kvm_amd 126976 0 - Live 0xffffffffc031f000");
+        let modules = crate::CodeRange::kvm_modules("kvm_amd 126976 0 - Live 0xffffffffc031f000");
         let stack = "blocked by pid 57 (pairread): [<ffffffffc032ddcc>] 0xffffffffc032ddcc";
-        let at = crate::host_code_in_report(stack, &modules).expect("kvm_amd's address");
+        let at = crate::address_in_report(stack, &modules).expect("kvm_amd's address");
         assert!(platform_host_fault(&format!(
             "{stack}\n{}: {at}",
             crate::HOST_CODE_IN_GUEST

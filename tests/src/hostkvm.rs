@@ -32,7 +32,7 @@ const TRACEFS: &str = "/sys/kernel/debug/tracing";
 const SVM_EXIT_SHUTDOWN: u32 = 0x7f;
 
 /// How the harness says a guest held an address of the test host's KVM code
-/// ([`host_code_in_report`]); [`crate::platform_host_fault`] recognises it.
+/// ([`address_in_report`]); [`crate::platform_host_fault`] recognises it.
 pub const HOST_CODE_IN_GUEST: &str = "the guest held an address of the test host's own KVM code";
 
 /// What the harness traces on its nested test hosts: [`KvmTrace::Deaths`] unless
@@ -54,19 +54,20 @@ pub enum KvmTrace {
     Everything,
 }
 
-/// A KVM module of the test host's kernel and where its code lies.
+/// Code that lies at known addresses: a KVM module of the test host's kernel, or
+/// lpvmm's patch code in a guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KvmModule {
+pub struct CodeRange {
     pub name: String,
     pub start: u64,
     pub size: u64,
 }
 
-impl KvmModule {
+impl CodeRange {
     /// The KVM modules of a `/proc/modules` listing, each line like
     /// `kvm_amd 126976 0 - Live 0xffffffffc031f000`. Lines that are not KVM's, or
     /// show no address (an unprivileged reader sees zeros), are left out.
-    pub fn parse_all(proc_modules: &str) -> Vec<KvmModule> {
+    pub fn kvm_modules(proc_modules: &str) -> Vec<CodeRange> {
         proc_modules
             .lines()
             .filter_map(|l| {
@@ -77,7 +78,7 @@ impl KvmModule {
                 }
                 let size = f.get(1)?.parse().ok()?;
                 let start = u64::from_str_radix(f.get(5)?.strip_prefix("0x")?, 16).ok()?;
-                (start != 0 && size != 0).then(|| KvmModule {
+                (start != 0 && size != 0).then(|| CodeRange {
                     name: name.to_string(),
                     start,
                     size,
@@ -92,15 +93,15 @@ impl KvmModule {
     }
 }
 
-/// The first kernel address in `report` that lies in one of `modules`, as
+/// The first kernel address in `report` that lies in one of `ranges`, as
 /// `0x… (kvm_amd+0x…)`. Addresses are read as 16 hex digits (with or without `0x`, as
 /// stacks and registers print them) or as the decimal numbers of `lpvmm regs --json`.
-pub fn host_code_in_report(report: &str, modules: &[KvmModule]) -> Option<String> {
+pub fn address_in_report(report: &str, ranges: &[CodeRange]) -> Option<String> {
     report
         .split(|c: char| !c.is_ascii_alphanumeric())
         .filter_map(address)
         .find_map(|a| {
-            modules.iter().find_map(|m| {
+            ranges.iter().find_map(|m| {
                 m.offset_of(a)
                     .map(|off| format!("{a:#x} ({}+{off:#x})", m.name))
             })
@@ -124,12 +125,12 @@ fn address(token: &str) -> Option<u64> {
 impl TestHost {
     /// The test host's KVM modules and where their code lies (none natively, or when
     /// the host cannot say).
-    pub fn kvm_modules(&mut self) -> Vec<KvmModule> {
+    pub fn kvm_modules(&mut self) -> Vec<CodeRange> {
         if self.mode() == HostMode::Native {
             return Vec::new();
         }
         self.exec("grep -E '^kvm(_amd|_intel)? ' /proc/modules")
-            .map(|m| KvmModule::parse_all(&m))
+            .map(|m| CodeRange::kvm_modules(&m))
             .unwrap_or_default()
     }
 
@@ -197,18 +198,18 @@ mod tests {
 
     #[test]
     fn kvm_modules_are_read_from_proc_modules() {
-        let m = KvmModule::parse_all(MODULES);
+        let m = CodeRange::kvm_modules(MODULES);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].name, "kvm_amd");
         assert_eq!((m[0].start, m[0].size), (0xffff_ffff_c031_f000, 126_976));
         // An unprivileged reader's zeros say nothing.
-        assert!(KvmModule::parse_all("kvm_amd 126976 0 - Live 0x0000000000000000").is_empty());
-        assert!(KvmModule::parse_all("").is_empty());
+        assert!(CodeRange::kvm_modules("kvm_amd 126976 0 - Live 0x0000000000000000").is_empty());
+        assert!(CodeRange::kvm_modules("").is_empty());
     }
 
     #[test]
     fn a_guest_holding_the_hosts_kvm_code_is_named_with_where() {
-        let m = KvmModule::parse_all(MODULES);
+        let m = CodeRange::kvm_modules(MODULES);
         // As a blocked task's stack prints it (CI, 020614f), as `lpvmm regs` prints a
         // RIP in hex, and as `regs --json` prints it in decimal (2026-12-06).
         for report in [
@@ -217,7 +218,7 @@ mod tests {
             "\"rip\": 18446744072639143372,",
         ] {
             assert_eq!(
-                host_code_in_report(report, &m).as_deref(),
+                address_in_report(report, &m).as_deref(),
                 Some("0xffffffffc032ddcc (kvm_amd+0xedcc)"),
                 "{report}"
             );
@@ -226,7 +227,7 @@ mod tests {
 
     #[test]
     fn guest_addresses_and_other_numbers_are_not_the_hosts() {
-        let m = KvmModule::parse_all(MODULES);
+        let m = CodeRange::kvm_modules(MODULES);
         for report in [
             // The guest's own kernel and patch area (below module space).
             "[<ffffffffb5810e3d>] __schedule+0x34d/0xa00 lpvmm_cum_common_nsleep 0xffffffffb7a0806a",
@@ -235,9 +236,9 @@ mod tests {
             // Short hex, user addresses, a 20-digit number below the kernel half.
             "rip 0xfff0 cr3 0x0 0x00007ffd12345678 12345678901234567890",
         ] {
-            assert_eq!(host_code_in_report(report, &m), None, "{report}");
+            assert_eq!(address_in_report(report, &m), None, "{report}");
         }
         // Without the modules (natively) nothing is the host's.
-        assert_eq!(host_code_in_report("0xffffffffc032ddcc", &[]), None);
+        assert_eq!(address_in_report("0xffffffffc032ddcc", &[]), None);
     }
 }

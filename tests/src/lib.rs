@@ -24,9 +24,7 @@ pub use host::{
     platform_guest_death, platform_host_fault, BootFailure, Guest, GuestExit, HostMode, TestHost,
     BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
 };
-pub use hostkvm::{
-    harness_host_trace, host_code_in_report, KvmModule, KvmTrace, HOST_CODE_IN_GUEST,
-};
+pub use hostkvm::{address_in_report, harness_host_trace, CodeRange, KvmTrace, HOST_CODE_IN_GUEST};
 
 use std::path::PathBuf;
 

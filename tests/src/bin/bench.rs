@@ -50,7 +50,7 @@
 
 use std::time::{Duration, Instant};
 
-use lpvmm_tests::{json, BootFailure, KvmTrace, TestHost, BOOT_TIMEOUT};
+use lpvmm_tests::{json, BootFailure, HostMode, KvmTrace, TestHost, BOOT_TIMEOUT};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -80,7 +80,13 @@ fn main() {
                 None => deaths(n.unwrap_or(10), SPAWN_LOAD, &lpvmm_tests::SERIES),
                 Some(series) => deaths(n.unwrap_or(10), SPAWN_LOAD, &[series.as_str()]),
             },
-            Some(other) => Err(format!("bench deaths: no load named '{other}' (spawn)")),
+            Some("hammer") => match args.next() {
+                None => deaths(n.unwrap_or(10), HAMMER_LOAD, &lpvmm_tests::SERIES),
+                Some(series) => deaths(n.unwrap_or(10), HAMMER_LOAD, &[series.as_str()]),
+            },
+            Some(other) => Err(format!(
+                "bench deaths: no load named '{other}' (spawn, hammer)"
+            )),
         },
         "transition" => transition(n.unwrap_or(5)),
         "fork-under-dispatch" => fork_under_dispatch(),
@@ -95,7 +101,7 @@ fn main() {
             .and_then(|series| endurance(n.unwrap_or(10_000), &series)),
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn|hammer [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
@@ -168,6 +174,12 @@ enum Round {
 const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; done) & b=$!; \
     for i in 1 2 3; do cat /proc/[0-9]*/stat /proc/[0-9]*/task/*/comm >/dev/null 2>&1; done; \
     kill $a $b; wait";
+
+/// The load of `bench deaths RUNS hammer`: the endurance run's load without its patches
+/// (4 `readcheck` readers of /proc/cmdline and 128 `getpid-hammer` processes, for two
+/// minutes), under which lpvmm's guests died within a few hundred cycles on 2026-12-06:
+/// whether QEMU's guest dies of the load alone.
+const HAMMER_LOAD: &str = "rm -f /tmp/stop; c=$(cat /proc/cmdline);     readcheck -p 4 -f /proc/cmdline -s /tmp/stop \"$c\" \"$c\" >/tmp/rc.log 2>&1 &     getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &     sleep 120; touch /tmp/stop; wait; cat /tmp/rc.log /tmp/hammer.log";
 
 /// The load of `bench deaths RUNS spawn`: what `bench ticks` does before its 2,000-task
 /// rows (2,000 processes forked at once, each asleep in pause(), then killed), where the
@@ -1557,18 +1569,183 @@ fn endurance(cycles: u32, serieses: &[&'static str]) -> Result<(), String> {
         ));
     }
     let mut host = TestHost::start_with_files(false, &files)?;
-    println!("| kernel | cycles | per-task / immediate | transition median, per-task / immediate (ms) | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    // Where a guest that dies was (tests/src/hostkvm.rs): shutdown exits always, every
+    // exit with LPVMM_BENCH_HOST_TRACE=1.
+    let traced = host.mode() == HostMode::Nested;
+    if traced {
+        host.trace_kvm(if host_traced() {
+            KvmTrace::Everything
+        } else {
+            KvmTrace::Deaths
+        })?;
+    }
+    println!("| kernel | cycles | per-task / immediate | transition median, per-task / immediate (ms) | guests (deaths) | cycles checked | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &series in serieses {
+        if traced {
+            host.restart_kvm_trace()?;
+        }
         let row = endurance_series(&mut host, series, cycles)?;
         println!("{row}");
     }
     Ok(())
 }
 
+/// Guests one endurance series may use: the run goes on after a guest dies of anything
+/// but lpvmm's code, on a new guest, up to this many (a platform that kills every guest
+/// at once must not loop forever).
+const ENDURANCE_GUESTS: usize = 20;
+
+/// The time an endurance series may take (`LPVMM_BENCH_MINUTES`; none by default):
+/// past it, the guest running finishes its batch, its readers and hammers are checked,
+/// and the row says how far the run got.
+fn endurance_deadline(started: Instant) -> Option<Instant> {
+    let minutes: u64 = std::env::var("LPVMM_BENCH_MINUTES").ok()?.parse().ok()?;
+    Some(started + Duration::from_secs(minutes * 60))
+}
+
+fn past(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
+
+/// How one guest of an endurance run ended.
+enum LifeEnd {
+    /// It ran its share of the cycles; what its readers and hammers found (`0` or
+    /// their log) and how many kernel warnings it logged that it had not at boot.
+    Finished {
+        bad_reads: String,
+        bad_results: String,
+        warnings: usize,
+    },
+    /// The guest died (its VMM ended, or it stopped answering) somewhere other than
+    /// lpvmm's patch code, with what says where: the run goes on with a new guest, and
+    /// the reads and calls of this guest go unchecked.
+    Died(String),
+    /// A transition did not end `done`, or the guest died in lpvmm's patch code: the
+    /// run stops.
+    Stopped(String),
+}
+
+/// One guest of an endurance run: the cycles it ran and how it ended.
+struct Life {
+    cycles: u32,
+    end: LifeEnd,
+}
+
+/// Each transition's time from request to its end, by consistency (ms).
+#[derive(Default)]
+struct TransitionTimes {
+    per_task: Vec<f64>,
+    immediate: Vec<f64>,
+}
+
 fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<String, String> {
     let started = Instant::now();
-    let name = format!("endure-{}", series.replace('.', "_"));
+    let mut times = TransitionTimes::default();
+    let mut lives: Vec<Life> = Vec::new();
+    let mut done = 0;
+    let deadline = endurance_deadline(started);
+    while done < cycles && lives.len() < ENDURANCE_GUESTS && !past(deadline) {
+        let life = endurance_life(
+            host,
+            series,
+            lives.len() + 1,
+            done..cycles,
+            deadline,
+            &mut times,
+        )?;
+        done += life.cycles;
+        match &life.end {
+            LifeEnd::Died(why) => eprintln!(
+                "{series}: guest {} died after {} of its cycles (cycle {done} of the run): {why}",
+                lives.len() + 1,
+                life.cycles
+            ),
+            LifeEnd::Stopped(why) => eprintln!("{series}: stopped in cycle {}: {why}", done + 1),
+            LifeEnd::Finished { .. } => {}
+        }
+        let stop = matches!(life.end, LifeEnd::Stopped(_));
+        lives.push(life);
+        if stop {
+            break;
+        }
+        eprintln!(
+            "{series}: so far: {}",
+            endurance_row(series, done, cycles, &lives, &times, started)
+        );
+    }
+    Ok(endurance_row(series, done, cycles, &lives, &times, started))
+}
+
+/// The table row of one series: the verdicts of the guests that lived to check them.
+fn endurance_row(
+    series: &str,
+    done: u32,
+    cycles: u32,
+    lives: &[Life],
+    times: &TransitionTimes,
+    started: Instant,
+) -> String {
+    let (mut reads, mut results, mut warnings, mut checked) = (Vec::new(), Vec::new(), 0, 0);
+    for life in lives {
+        if let LifeEnd::Finished {
+            bad_reads,
+            bad_results,
+            warnings: w,
+        } = &life.end
+        {
+            reads.push(bad_reads.clone());
+            results.push(bad_results.clone());
+            warnings += w;
+            checked += life.cycles;
+        }
+    }
+    let sum = |v: Vec<String>| match v.iter().all(|s| s == "0") {
+        true if v.is_empty() => "?".to_string(),
+        true => "0".to_string(),
+        false => v.join("; "),
+    };
+    let deaths = lives
+        .iter()
+        .filter(|l| matches!(l.end, LifeEnd::Died(_)))
+        .count();
+    let stopped = match () {
+        _ if lives.iter().any(|l| matches!(l.end, LifeEnd::Stopped(_))) => "stopped (see stderr)",
+        _ if done >= cycles => "no",
+        _ if lives.len() >= ENDURANCE_GUESTS => "out of guests",
+        _ => "at LPVMM_BENCH_MINUTES",
+    };
+    let med = |v: Vec<f64>| match v.is_empty() {
+        true => "–".to_string(),
+        false => format!("{:.0}", median(v)),
+    };
+    format!(
+        "| {series} | {done} | {} / {} | {} / {} | {} ({deaths}) | {checked} | {} | {} | {warnings} | {} | {:.0} |",
+        done.div_ceil(2),
+        done / 2,
+        med(times.per_task.clone()),
+        med(times.immediate.clone()),
+        lives.len(),
+        sum(reads),
+        sum(results),
+        stopped,
+        started.elapsed().as_secs_f64() / 60.0
+    )
+}
+
+/// Boot guest number `nth`, load both patches, start the load and run the cycles of
+/// `range` until their end, the guest's death or a failed transition.
+fn endurance_life(
+    host: &mut TestHost,
+    series: &str,
+    nth: usize,
+    range: std::ops::Range<u32>,
+    deadline: Option<Instant>,
+    times: &mut TransitionTimes,
+) -> Result<Life, String> {
+    let (first, cycles) = (range.start, range.end);
+    // A name per guest: one that died may leave its VMM's socket behind.
+    let name = format!("endure-{}-{nth}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let boot_splats = g.run(lpvmm_tests::SPLATS)?;
     let original = g.text("cat /proc/cmdline")?;
@@ -1583,6 +1760,15 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
         }
     }
     let patched = g.text("cat /proc/cmdline")?;
+    let patch_code = patch_code_of(&mut g)?;
+    // Where the kernel lies in this boot, to place a traced RIP.
+    let stext = g.text("grep -w _stext /proc/kallsyms")?;
+    eprintln!(
+        "{series}: kernel {} ; patch code {:#x}+{:#x}",
+        stext.trim(),
+        patch_code.start,
+        patch_code.size
+    );
     for p in ["cmdline", "getpid"] {
         g.lpvmm(&format!("patch disable {{vm}} {p}"))?;
     }
@@ -1591,10 +1777,9 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
          >/tmp/rc.log 2>&1 & getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &"
     ))?;
     let lp = g.host.lpvmm();
-    let mut done = 0;
-    let mut stopped = None;
-    let (mut per_task_ms, mut immediate_ms) = (Vec::new(), Vec::new());
-    while done < cycles {
+    let started = Instant::now();
+    let mut done = first;
+    while done < cycles && !past(deadline) {
         let (before, batch) = (done, ENDURANCE_BATCH.min(cycles - done));
         // Odd cycles immediate, even ones per-task (the default), driven over the control
         // socket by one client (a process per command cost more than the transition).
@@ -1618,70 +1803,109 @@ fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<St
                     .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
                     .unwrap_or_default()
             };
-            per_task_ms.extend(ms("per_task_ms"));
-            immediate_ms.extend(ms("immediate_ms"));
+            times.per_task.extend(ms("per_task_ms"));
+            times.immediate.extend(ms("immediate_ms"));
         }
         if rc != 0 || ran < batch {
-            stopped = Some(format!(
-                "stopped in cycle {}: {out}\n{}",
-                done + 1,
-                g.vmm_stderr()
-            ));
-            break;
+            let end = why_cycles_stopped(&mut g, &out, &patch_code);
+            return Ok(Life {
+                cycles: done - first,
+                end,
+            });
         }
         eprintln!(
-            "{series}: {done}/{cycles} cycles, {:.1} min",
+            "{series}: {done}/{cycles} cycles, this guest {:.1} min",
             started.elapsed().as_secs_f64() / 60.0
         );
     }
-    let (bad_reads, bad_results, splats) = match &stopped {
-        None => {
-            g.run("touch /tmp/stop; wait")?;
-            let reads = g.run("cat /tmp/rc.log")?;
-            let hammer = g.run("cat /tmp/hammer.log")?;
-            let new = lpvmm_tests::new_splats(&mut g, &boot_splats)?;
-            eprintln!("{series}: {} | {}", reads.trim(), hammer.trim());
-            for w in &new {
-                eprintln!("{series}: new kernel warning: {w}");
-            }
-            let zero_unless = |ok: bool, log: &str| {
-                if ok {
-                    "0".to_string()
-                } else {
-                    log.trim().replace('\n', " ")
-                }
-            };
-            (
-                zero_unless(reads.contains("readcheck: OK"), &reads),
-                zero_unless(hammer.contains("getpid-hammer: OK"), &hammer),
-                new.len().to_string(),
-            )
-        }
-        Some(why) => {
-            eprintln!("{series}: {why}");
-            ("?".into(), "?".into(), "?".into())
-        }
+    // A guest that dies while it is checked is a death like any other.
+    let end = match check_life(&mut g, series, &boot_splats) {
+        Ok(end) => end,
+        Err(e) => why_cycles_stopped(&mut g, &e, &patch_code),
     };
-    if stopped.is_none() {
-        g.poweroff()?;
+    Ok(Life {
+        cycles: done - first,
+        end,
+    })
+}
+
+/// Stop a guest's readers and hammers, read their verdicts and the kernel warnings new
+/// since boot, and power the guest off.
+fn check_life(
+    g: &mut lpvmm_tests::Guest,
+    series: &str,
+    boot_splats: &str,
+) -> Result<LifeEnd, String> {
+    g.run("touch /tmp/stop; wait")?;
+    let reads = g.run("cat /tmp/rc.log")?;
+    let hammer = g.run("cat /tmp/hammer.log")?;
+    let new = lpvmm_tests::new_splats(g, boot_splats)?;
+    eprintln!("{series}: {} | {}", reads.trim(), hammer.trim());
+    for w in &new {
+        eprintln!("{series}: new kernel warning: {w}");
     }
-    let med = |v: Vec<f64>| match v.is_empty() {
-        true => "–".to_string(),
-        false => format!("{:.0}", median(v)),
+    let zero_unless = |ok: bool, log: &str| match ok {
+        true => "0".to_string(),
+        false => log.trim().replace('\n', " "),
     };
-    Ok(format!(
-        "| {series} | {done} | {} / {} | {} / {} | {bad_reads} | {bad_results} | {splats} | {} | {:.0} |",
-        done.div_ceil(2),
-        done / 2,
-        med(per_task_ms),
-        med(immediate_ms),
-        if stopped.is_none() {
-            "no"
-        } else {
-            "stopped (see stderr)"
-        },
-        started.elapsed().as_secs_f64() / 60.0
-    ))
+    g.poweroff()?;
+    Ok(LifeEnd::Finished {
+        bad_reads: zero_unless(reads.contains("readcheck: OK"), &reads),
+        bad_results: zero_unless(hammer.contains("getpid-hammer: OK"), &hammer),
+        warnings: new.len(),
+    })
+}
+
+/// Where lpvmm put the patches' code in this guest (`patch status --json`: the area's
+/// code region, patches and trampolines alike).
+fn patch_code_of(g: &mut lpvmm_tests::Guest) -> Result<lpvmm_tests::CodeRange, String> {
+    let (_, out) = g.lpvmm("patch status {vm} --json")?;
+    let s = json(&out)?;
+    let n = |k: &str| {
+        s["area"][k]
+            .as_u64()
+            .ok_or_else(|| format!("patch status without area.{k}: {out}"))
+    };
+    let (start, end) = (n("code_start")?, n("code_end")?);
+    Ok(lpvmm_tests::CodeRange {
+        name: "lpvmm's patch code".into(),
+        start,
+        size: end.saturating_sub(start),
+    })
+}
+
+/// Why `bench cycles` ended early: the guest died (where, as far as the VMM, the test
+/// host's KVM trace and the guest's console say), or a transition failed. A death with
+/// an address of lpvmm's patch code in that evidence stops the run as lpvmm's.
+fn why_cycles_stopped(
+    g: &mut lpvmm_tests::Guest,
+    out: &str,
+    patch_code: &lpvmm_tests::CodeRange,
+) -> LifeEnd {
+    let exit = g.wait_exit(Duration::from_secs(10));
+    let stderr = g.vmm_stderr();
+    let answers = exit.is_err() && g.run_status("true", Duration::from_secs(30)).is_ok();
+    if answers {
+        return LifeEnd::Stopped(format!("{out}\n{stderr}"));
+    }
+    let trace = match g.host.mode() {
+        HostMode::Nested => format!("\ntest host's KVM trace:\n{}", g.host.kvm_trace_of_death()),
+        HostMode::Native => String::new(),
+    };
+    if g.host.mode() == HostMode::Nested {
+        let _ = g.host.restart_kvm_trace();
+    }
+    let console = g.console().drain();
+    let evidence = format!(
+        "{out}\n{stderr}{trace}\nthe guest console's last output:\n{}",
+        lpvmm_tests::tail(&console, 6000)
+    );
+    match lpvmm_tests::address_in_report(&evidence, std::slice::from_ref(patch_code)) {
+        Some(at) => LifeEnd::Stopped(format!(
+            "the guest died in lpvmm's patch code ({at}): {evidence}"
+        )),
+        None => LifeEnd::Died(evidence),
+    }
 }
 
 /// Pause/resume cycles per guest boot in `pause-deaths`.
