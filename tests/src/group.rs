@@ -6,8 +6,8 @@ use std::time::Instant;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 use crate::{
-    address_in_report, platform_guest_death, platform_host_fault, HostMode, TestHost, TestResult,
-    HOST_CODE_IN_GUEST, PLATFORM_ATTEMPTS,
+    address_in_report, death_in_patch_code, platform_guest_death, platform_host_fault, HostMode,
+    TestHost, TestResult, DIED_IN_PATCH_CODE, HOST_CODE_IN_GUEST, PLATFORM_ATTEMPTS,
 };
 
 /// The group's host, booted by the first test that needs it.
@@ -135,6 +135,11 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
             // A guest that died of the platform's known faults (docs/testing.md: a
             // triple fault, or a panic of the bad-GS kind, "Fatal exception in
             // interrupt") as lpvmm reported it: run the test again.
+            // Never one that died executing lpvmm's own code.
+            let in_lpvmm = death_in_patch_code(&err);
+            if let Some(at) = &in_lpvmm {
+                return Err(Failed::from(format!("{err}\n{DIED_IN_PATCH_CODE}: {at}")));
+            }
             if attempt < PLATFORM_ATTEMPTS && platform_guest_death(&err) {
                 eprintln!(
                     "WARNING: a guest died of a known platform fault during {label} \

@@ -108,6 +108,44 @@ pub fn address_in_report(report: &str, ranges: &[CodeRange]) -> Option<String> {
         })
 }
 
+/// How the harness says a guest died executing lpvmm's patch code
+/// ([`death_in_patch_code`]): never retried.
+pub const DIED_IN_PATCH_CODE: &str = "the guest died executing lpvmm's patch code";
+
+/// Whether a guest death's report places the death in lpvmm's patch code: where the
+/// test host's trace says the shutdown happened (`reason shutdown rip 0x…`) or the
+/// guest's oops says it was (`RIP: 0010:0x…`, the form for code outside the kernel's
+/// symbols), inside a range the VMM announced (`PATCH_CODE_MAPPED START-END`). Other
+/// addresses of patch code in a report (a blocked task's stack, `patch status`) say
+/// nothing of where a guest died and are not read.
+pub fn death_in_patch_code(report: &str) -> Option<String> {
+    let ranges: Vec<CodeRange> = report
+        .lines()
+        .filter_map(|l| l.split(lpvmm::patching::PATCH_CODE_MAPPED).nth(1))
+        .filter_map(|rest| {
+            let (a, b) = rest.split_whitespace().next()?.split_once('-')?;
+            let hex = |x: &str| u64::from_str_radix(x.strip_prefix("0x")?, 16).ok();
+            let (start, end) = (hex(a)?, hex(b)?);
+            (end > start).then(|| CodeRange {
+                name: "lpvmm's patch code".into(),
+                start,
+                size: end - start,
+            })
+        })
+        .collect();
+    let where_died: String = report
+        .lines()
+        .filter_map(|l| {
+            l.split("reason shutdown rip ")
+                .nth(1)
+                .or_else(|| l.split("RIP: 0010:").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    address_in_report(&where_died, &ranges)
+}
+
 /// A token of a report read as a kernel address, if it is one.
 fn address(token: &str) -> Option<u64> {
     let hex = token.strip_prefix("0x").unwrap_or(token);
@@ -222,6 +260,34 @@ mod tests {
                 Some("0xffffffffc032ddcc (kvm_amd+0xedcc)"),
                 "{report}"
             );
+        }
+    }
+
+    #[test]
+    fn a_death_is_placed_in_patch_code_only_by_where_the_guest_died() {
+        let mapped = format!(
+            "{} 0xffffffff94208000-0xffffffff94a04000 (patches and trampolines)",
+            lpvmm::patching::PATCH_CODE_MAPPED
+        );
+        let shutdown = "vcpu0-124 [000] 51.8: kvm_exit: vcpu 0 reason shutdown rip             0xffffffff94208031 info1 0x0 info2 0x0 intr_info 0x80000b0e error_code 0x10";
+        let oops = "[   63.2] RIP: 0010:0xffffffff94208031";
+        for died in [shutdown, oops] {
+            assert_eq!(
+                death_in_patch_code(&format!("{mapped}\n{died}")).as_deref(),
+                Some("0xffffffff94208031 (lpvmm's patch code+0x31)"),
+                "{died}"
+            );
+        }
+        // Outside the range (srso_return_thunk, 2026-12-06), without the VMM's line, or
+        // patch code only on a stack or in `patch status`: not a death in patch code.
+        let elsewhere = shutdown.replace("0xffffffff94208031", "0xffffffffb3a01a60");
+        let stack = "[<ffffffff94208031>] lpvmm_getpid+0x31\n  getpid 0xffffffff94208000";
+        for report in [
+            format!("{mapped}\n{elsewhere}"),
+            shutdown.to_string(),
+            format!("{mapped}\n{stack}\n{elsewhere}"),
+        ] {
+            assert_eq!(death_in_patch_code(&report), None, "{report}");
         }
     }
 

@@ -24,7 +24,10 @@ pub use host::{
     platform_guest_death, platform_host_fault, BootFailure, Guest, GuestExit, HostMode, TestHost,
     BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
 };
-pub use hostkvm::{address_in_report, harness_host_trace, CodeRange, KvmTrace, HOST_CODE_IN_GUEST};
+pub use hostkvm::{
+    address_in_report, death_in_patch_code, harness_host_trace, CodeRange, KvmTrace,
+    DIED_IN_PATCH_CODE, HOST_CODE_IN_GUEST,
+};
 
 use std::path::PathBuf;
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use lpvmm_tests::patchtest::{self, checksum, checksums, patch_path, run_cmd as run};
 use lpvmm_tests::{
-    check, host_files_or_exit, json, lpvmm_binary, repo_root, run_group, series_trials, Guest,
-    TestHost, TestResult, SPLATS,
+    check, death_in_patch_code, host_files_or_exit, host_trial, json, lpvmm_binary, repo_root,
+    run_group, series_trials, Guest, HostMode, TestHost, TestResult, DIED_IN_PATCH_CODE,
+    EXIT_TIMEOUT, SPLATS,
 };
 
 const PATCHED: &str = "this has been live patched";
@@ -398,6 +399,52 @@ const BAD: &[(&str, &str)] = &[
 ];
 
 /// Sources of the bad patches: (name, C source, extra compiler flags).
+/// A patch that kills its guest from inside its own code: its `cmdline_proc_show` loads
+/// an empty IDT and traps, so the CPU cannot deliver the trap, nor the faults that
+/// follow, and triple-faults with its RIP in the patch.
+fn crash_in_patch() -> (&'static str, String, Vec<&'static str>) {
+    let source = r#"#include <lpvmm/patch.h>
+struct seq_file;
+static int crash(struct seq_file *m, void *v)
+{
+	struct { unsigned short limit; unsigned long base; } __attribute__((packed)) none = { 0, 0 };
+	asm volatile("lidt %0\n\tint3" : : "m"(none));
+	return 0;
+}
+LPVMM_PATCH("crash-in-patch");
+LPVMM_REPLACE(cmdline_proc_show, crash);
+"#;
+    ("crash-in-patch", source.to_string(), vec![])
+}
+
+/// A guest that dies executing lpvmm's code is lpvmm's, and the harness must name it so
+/// rather than retry it as the platform's: the VMM says where its patch code lies, the
+/// test host's KVM trace says where the guest triple-faulted, and
+/// `death_in_patch_code` (what the harness asks before any retry) puts the two together.
+fn death_in_patch_code_is_lpvmms(host: &mut TestHost) -> TestResult {
+    let (mut g, _) = host.boot_guest("crashpatch", "6.1", 1, "")?;
+    apply(&mut g, "crash-in-patch")?;
+    g.type_at_prompt("cat /proc/cmdline")?;
+    let exit = g.wait_exit(EXIT_TIMEOUT)?;
+    drop(g);
+    check!(
+        exit.code == 3 && exit.stderr.contains(lpvmm::patching::PATCH_CODE_MAPPED),
+        "lpvmm exited {} (want 3, a triple fault, and where the patch code lies): {}",
+        exit.code,
+        exit.stderr
+    );
+    if host.mode() == HostMode::Native || lpvmm_tests::harness_host_trace().is_none() {
+        eprintln!("no test host trace here (native, or LPVMM_TEST_HOST_TRACE=0)");
+        return Ok(());
+    }
+    let report = format!("{}\n{}", exit.stderr, host.kvm_trace_of_death());
+    host.restart_kvm_trace()?;
+    let at = death_in_patch_code(&report)
+        .ok_or_else(|| format!("the death was not placed in the patch code:\n{report}"))?;
+    eprintln!("{DIED_IN_PATCH_CODE}: {at}");
+    Ok(())
+}
+
 fn bad_sources() -> Vec<(&'static str, String, Vec<&'static str>)> {
     let patch = |body: &str, target: &str| {
         format!("#include <lpvmm/patch.h>\n{body}\nLPVMM_PATCH(\"bad\");\nLPVMM_REPLACE({target}, nf);\n")
@@ -463,7 +510,7 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
             .arg(&kp))?;
         add(sample, kp);
     }
-    for (name, source, flags) in bad_sources() {
+    for (name, source, flags) in bad_sources().into_iter().chain([crash_in_patch()]) {
         let src = out.join(format!("{name}.c"));
         std::fs::write(&src, source).map_err(|e| e.to_string())?;
         let kp = out.join(format!("{name}.kp"));
@@ -524,11 +571,16 @@ fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
 
 fn main() {
     host_files_or_exit(build_patches());
-    run_group(series_trials(&[
+    let mut trials = series_trials(&[
         ("cmdline_patched_and_restored", cmdline),
         ("meminfo_uname_and_static_call", meminfo_uname_static),
         ("blocked_by_a_sleeping_task", blocked_transition),
         ("bad_patches_refused", bad_input),
         ("enable_disable_200_cycles_under_load", under_load),
-    ]))
+    ]);
+    trials.push(host_trial(
+        "a_death_in_patch_code_is_lpvmms_and_named",
+        death_in_patch_code_is_lpvmms,
+    ));
+    run_group(trials)
 }

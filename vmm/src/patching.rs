@@ -20,6 +20,11 @@ use crate::control::proto::{
 use crate::devices::StopReason;
 use crate::session::Session;
 
+/// How the VMM says, on stderr, where the patch code lies in the guest once it first
+/// maps the patch area (followed by `START-END`): a guest that dies executing there dies
+/// in lpvmm's code, which the test harness never takes for the platform's.
+pub const PATCH_CODE_MAPPED: &str = "lpvmm: patch code mapped in the guest at";
+
 /// Longest transition timeout a request may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// How often an idle driver looks whether its VM has stopped.
@@ -87,9 +92,18 @@ impl Session {
             self.engine.check_load_and_enable(&kp)?;
         }
         let kernel = self.kernel_attached()?;
+        let mapped_before = self.engine.area_layout().is_some();
         let Session { vm, engine, .. } = self;
         let (name, pause) = vm.paused(|g| engine.load(g, &kernel, &kp))?;
         let name = name?;
+        if let (false, Some(a)) = (mapped_before, self.engine.area_layout()) {
+            // Once per VM, on stderr beside a crash report: whether a dead guest was
+            // running lpvmm's code (docs/testing.md; the test harness reads it).
+            eprintln!(
+                "{PATCH_CODE_MAPPED} {:#x}-{:#x} (patches and trampolines)",
+                a.code.start, a.code.end
+            );
+        }
         let transition = if enable {
             match self.begin(&name, Op::Enable, args, true) {
                 Ok(id) => Some(id),

@@ -1760,15 +1760,10 @@ fn endurance_life(
         }
     }
     let patched = g.text("cat /proc/cmdline")?;
-    let patch_code = patch_code_of(&mut g)?;
-    // Where the kernel lies in this boot, to place a traced RIP.
+    // Where the kernel lies in this boot, to place a traced RIP (the VMM says where the
+    // patch code lies).
     let stext = g.text("grep -w _stext /proc/kallsyms")?;
-    eprintln!(
-        "{series}: kernel {} ; patch code {:#x}+{:#x}",
-        stext.trim(),
-        patch_code.start,
-        patch_code.size
-    );
+    eprintln!("{series}: kernel {}", stext.trim());
     for p in ["cmdline", "getpid"] {
         g.lpvmm(&format!("patch disable {{vm}} {p}"))?;
     }
@@ -1807,7 +1802,7 @@ fn endurance_life(
             times.immediate.extend(ms("immediate_ms"));
         }
         if rc != 0 || ran < batch {
-            let end = why_cycles_stopped(&mut g, &out, &patch_code);
+            let end = why_cycles_stopped(&mut g, &out);
             return Ok(Life {
                 cycles: done - first,
                 end,
@@ -1821,7 +1816,7 @@ fn endurance_life(
     // A guest that dies while it is checked is a death like any other.
     let end = match check_life(&mut g, series, &boot_splats) {
         Ok(end) => end,
-        Err(e) => why_cycles_stopped(&mut g, &e, &patch_code),
+        Err(e) => why_cycles_stopped(&mut g, &e),
     };
     Ok(Life {
         cycles: done - first,
@@ -1856,32 +1851,10 @@ fn check_life(
     })
 }
 
-/// Where lpvmm put the patches' code in this guest (`patch status --json`: the area's
-/// code region, patches and trampolines alike).
-fn patch_code_of(g: &mut lpvmm_tests::Guest) -> Result<lpvmm_tests::CodeRange, String> {
-    let (_, out) = g.lpvmm("patch status {vm} --json")?;
-    let s = json(&out)?;
-    let n = |k: &str| {
-        s["area"][k]
-            .as_u64()
-            .ok_or_else(|| format!("patch status without area.{k}: {out}"))
-    };
-    let (start, end) = (n("code_start")?, n("code_end")?);
-    Ok(lpvmm_tests::CodeRange {
-        name: "lpvmm's patch code".into(),
-        start,
-        size: end.saturating_sub(start),
-    })
-}
-
 /// Why `bench cycles` ended early: the guest died (where, as far as the VMM, the test
-/// host's KVM trace and the guest's console say), or a transition failed. A death with
-/// an address of lpvmm's patch code in that evidence stops the run as lpvmm's.
-fn why_cycles_stopped(
-    g: &mut lpvmm_tests::Guest,
-    out: &str,
-    patch_code: &lpvmm_tests::CodeRange,
-) -> LifeEnd {
+/// host's KVM trace and the guest's console say), or a transition failed. A death in
+/// lpvmm's patch code stops the run as lpvmm's.
+fn why_cycles_stopped(g: &mut lpvmm_tests::Guest, out: &str) -> LifeEnd {
     let exit = g.wait_exit(Duration::from_secs(10));
     let stderr = g.vmm_stderr();
     let answers = exit.is_err() && g.run_status("true", Duration::from_secs(30)).is_ok();
@@ -1900,9 +1873,12 @@ fn why_cycles_stopped(
         "{out}\n{stderr}{trace}\nthe guest console's last output:\n{}",
         lpvmm_tests::tail(&console, 6000)
     );
-    match lpvmm_tests::address_in_report(&evidence, std::slice::from_ref(patch_code)) {
+    // Where it died, as the harness reads it (the VMM announced the patch code's range
+    // on its stderr): a death in lpvmm's code ends the run.
+    match lpvmm_tests::death_in_patch_code(&evidence) {
         Some(at) => LifeEnd::Stopped(format!(
-            "the guest died in lpvmm's patch code ({at}): {evidence}"
+            "{}: {at}: {evidence}",
+            lpvmm_tests::DIED_IN_PATCH_CODE
         )),
         None => LifeEnd::Died(evidence),
     }
