@@ -213,6 +213,19 @@ impl TestHost {
         .unwrap_or_else(|e| format!("(no host trace: {e})"))
     }
 
+    /// For a test that kills its guest on purpose: the trace of that death, with the
+    /// trace restarted for the rest of the attempt; `None` where none is kept (natively,
+    /// or with `LPVMM_TEST_HOST_TRACE=0`).
+    pub fn trace_of_planned_death(&mut self) -> Result<Option<String>, String> {
+        if self.mode() == HostMode::Native || harness_host_trace().is_none() {
+            eprintln!("no test host trace here (native, or LPVMM_TEST_HOST_TRACE=0)");
+            return Ok(None);
+        }
+        let trace = self.kvm_trace_of_death();
+        self.restart_kvm_trace()?;
+        Ok(Some(trace))
+    }
+
     /// How the test host's kernel has been moving and backing memory (page migrations,
     /// compaction, transparent huge pages): whether the guests ran on 2 MiB pages (their
     /// deaths under 4 KiB nested pages: docs/testing.md, "Known platform quirks").

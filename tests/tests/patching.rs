@@ -12,8 +12,8 @@ use std::time::Duration;
 use lpvmm_tests::patchtest::{self, checksum, checksums, patch_path, run_cmd as run};
 use lpvmm_tests::{
     check, death_in_patch_code, host_files_or_exit, host_trial, json, lpvmm_binary, repo_root,
-    run_group, series_trials, Guest, HostMode, TestHost, TestResult, DIED_IN_PATCH_CODE,
-    EXIT_TIMEOUT, SPLATS,
+    run_group, series_trials, Guest, TestHost, TestResult, DIED_IN_PATCH_CODE, EXIT_TIMEOUT,
+    SPLATS,
 };
 
 const PATCHED: &str = "this has been live patched";
@@ -433,12 +433,10 @@ fn death_in_patch_code_is_lpvmms(host: &mut TestHost) -> TestResult {
         exit.code,
         exit.stderr
     );
-    if host.mode() == HostMode::Native || lpvmm_tests::harness_host_trace().is_none() {
-        eprintln!("no test host trace here (native, or LPVMM_TEST_HOST_TRACE=0)");
+    let Some(trace) = host.trace_of_planned_death()? else {
         return Ok(());
-    }
-    let report = format!("{}\n{}", exit.stderr, host.kvm_trace_of_death());
-    host.restart_kvm_trace()?;
+    };
+    let report = format!("{}\n{trace}", exit.stderr);
     let at = death_in_patch_code(&report)
         .ok_or_else(|| format!("the death was not placed in the patch code:\n{report}"))?;
     eprintln!("{DIED_IN_PATCH_CODE}: {at}");

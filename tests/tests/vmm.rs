@@ -151,12 +151,9 @@ fn triple_fault_is_reported_and_located(host: &mut TestHost) -> TestResult {
         exit.code,
         exit.stderr
     );
-    if host.mode() == HostMode::Native || lpvmm_tests::harness_host_trace().is_none() {
-        eprintln!("no test host trace here (native, or LPVMM_TEST_HOST_TRACE=0)");
+    let Some(trace) = host.trace_of_planned_death()? else {
         return Ok(());
-    }
-    let trace = host.kvm_trace_of_death();
-    host.restart_kvm_trace()?;
+    };
     let rip = trace
         .lines()
         .find_map(|l| l.split("reason shutdown rip 0x").nth(1))
