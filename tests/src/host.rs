@@ -549,9 +549,12 @@ impl TestHost {
     /// (a failing test's own message may not say that its VMM died, or of what).
     pub fn vmm_reports_since_mark(&mut self) -> String {
         let tmp = self.tmp();
+        // Where the patch code lies, however long the stderr grew after it said so
+        // (`death_in_patch_code` reads it).
+        let mapped = lpvmm::patching::PATCH_CODE_MAPPED;
         self.exec(&format!(
             "cd {tmp} && for f in $(find . -maxdepth 1 -name '*.err' -newer {ATTEMPT_MARK}); do \
-             echo \"== VMM stderr ($f):\"; tail -c 2000 \"$f\"; echo; done"
+             echo \"== VMM stderr ($f):\"; grep -m1 -F '{mapped}' \"$f\"; tail -c 2000 \"$f\"; echo; done"
         ))
         .unwrap_or_else(|e| format!("(VMM stderr unavailable: {e})"))
     }
