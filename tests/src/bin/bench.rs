@@ -1610,25 +1610,25 @@ fn past(deadline: Option<Instant>) -> bool {
 
 /// How one guest of an endurance run ended.
 enum LifeEnd {
-    /// It ran its share of the cycles; what its readers and hammers found (`0` or
-    /// their log) and how many kernel warnings it logged that it had not at boot.
-    Finished {
-        bad_reads: String,
-        bad_results: String,
-        warnings: usize,
-    },
+    /// It ran its share of the cycles; the kernel warnings it logged that it had not at
+    /// boot.
+    Finished { warnings: usize },
     /// The guest died (its VMM ended, or it stopped answering) somewhere other than
     /// lpvmm's patch code, with what says where: the run goes on with a new guest, and
-    /// the reads and calls of this guest go unchecked.
+    /// the reads and calls of the batch it died in go unchecked.
     Died(String),
     /// A transition did not end `done`, or the guest died in lpvmm's patch code: the
     /// run stops.
     Stopped(String),
 }
 
-/// One guest of an endurance run: the cycles it ran and how it ended.
+/// One guest of an endurance run: the cycles it ran, those whose reads and calls its
+/// readers and hammers checked (each batch is checked before the next), what they
+/// found wrong, and how it ended.
 struct Life {
     cycles: u32,
+    checked: u32,
+    bad: Vec<String>,
     end: LifeEnd,
 }
 
@@ -1686,24 +1686,29 @@ fn endurance_row(
     times: &TransitionTimes,
     started: Instant,
 ) -> String {
-    let (mut reads, mut results, mut warnings, mut checked) = (Vec::new(), Vec::new(), 0, 0);
-    for life in lives {
-        if let LifeEnd::Finished {
-            bad_reads,
-            bad_results,
-            warnings: w,
-        } = &life.end
-        {
-            reads.push(bad_reads.clone());
-            results.push(bad_results.clone());
-            warnings += w;
-            checked += life.cycles;
+    let checked: u32 = lives.iter().map(|l| l.checked).sum();
+    let bad: Vec<&str> = lives
+        .iter()
+        .flat_map(|l| l.bad.iter().map(String::as_str))
+        .collect();
+    let warnings: usize = lives
+        .iter()
+        .map(|l| match l.end {
+            LifeEnd::Finished { warnings } => warnings,
+            _ => 0,
+        })
+        .sum();
+    let verdict = |what: &str| {
+        let found: Vec<&str> = bad
+            .iter()
+            .copied()
+            .filter(|b| b.starts_with(what))
+            .collect();
+        match (checked, found.is_empty()) {
+            (0, _) => "?".to_string(),
+            (_, true) => "0".to_string(),
+            (_, false) => found.join("; "),
         }
-    }
-    let sum = |v: Vec<String>| match v.iter().all(|s| s == "0") {
-        true if v.is_empty() => "?".to_string(),
-        true => "0".to_string(),
-        false => v.join("; "),
     };
     let deaths = lives
         .iter()
@@ -1726,8 +1731,8 @@ fn endurance_row(
         med(times.per_task.clone()),
         med(times.immediate.clone()),
         lives.len(),
-        sum(reads),
-        sum(results),
+        verdict("readcheck"),
+        verdict("getpid-hammer"),
         stopped,
         started.elapsed().as_secs_f64() / 60.0
     )
@@ -1767,13 +1772,15 @@ fn endurance_life(
     for p in ["cmdline", "getpid"] {
         g.lpvmm(&format!("patch disable {{vm}} {p}"))?;
     }
-    g.run(&format!(
+    let load = format!(
         "rm -f /tmp/stop; readcheck -p 4 -f /proc/cmdline -s /tmp/stop '{original}' '{patched}' \
          >/tmp/rc.log 2>&1 & getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &"
-    ))?;
+    );
+    g.run(&load)?;
     let lp = g.host.lpvmm();
     let started = Instant::now();
     let mut done = first;
+    let (mut checked, mut bad) = (0, Vec::new());
     while done < cycles && !past(deadline) {
         let (before, batch) = (done, ENDURANCE_BATCH.min(cycles - done));
         // Odd cycles immediate, even ones per-task (the default), driven over the control
@@ -1801,52 +1808,79 @@ fn endurance_life(
             times.per_task.extend(ms("per_task_ms"));
             times.immediate.extend(ms("immediate_ms"));
         }
-        if rc != 0 || ran < batch {
-            let end = why_cycles_stopped(&mut g, &out);
-            return Ok(Life {
-                cycles: done - first,
-                end,
-            });
+        // The batch's reads and calls are checked before the next (a guest that dies
+        // later keeps them), and a guest that dies while checked is a death like any
+        // other.
+        let checks = match (rc, ran) {
+            (0, r) if r == batch => check_batch(&mut g, &load),
+            _ => Err(out),
+        };
+        match checks {
+            Ok(found) => {
+                checked += ran;
+                bad.extend(found);
+            }
+            Err(e) => {
+                let end = why_cycles_stopped(&mut g, &e);
+                return Ok(Life {
+                    cycles: done - first,
+                    checked,
+                    bad,
+                    end,
+                });
+            }
         }
         eprintln!(
-            "{series}: {done}/{cycles} cycles, this guest {:.1} min",
+            "{series}: {done}/{cycles} cycles ({checked} checked by this guest), this guest {:.1} min",
             started.elapsed().as_secs_f64() / 60.0
         );
     }
-    // A guest that dies while it is checked is a death like any other.
-    let end = match check_life(&mut g, series, &boot_splats) {
+    let end = match finish_life(&mut g, series, &boot_splats) {
         Ok(end) => end,
         Err(e) => why_cycles_stopped(&mut g, &e),
     };
     Ok(Life {
         cycles: done - first,
+        checked,
+        bad,
         end,
     })
 }
 
-/// Stop a guest's readers and hammers, read their verdicts and the kernel warnings new
-/// since boot, and power the guest off.
-fn check_life(
+/// Stop the guest's readers and hammers, read their verdicts on the batch that just
+/// ran (each prints `OK` only if every read and call was right), and start them again:
+/// what was wrong, if anything.
+fn check_batch(g: &mut lpvmm_tests::Guest, load: &str) -> Result<Vec<String>, String> {
+    let out = g.run(&format!(
+        "touch /tmp/stop; wait; cat /tmp/rc.log /tmp/hammer.log; {load}"
+    ))?;
+    Ok(["readcheck", "getpid-hammer"]
+        .into_iter()
+        .filter(|tool| !out.contains(&format!("{tool}: OK")))
+        .map(|tool| {
+            let said = out
+                .lines()
+                .find(|l| l.starts_with(tool))
+                .unwrap_or("no verdict");
+            format!("{tool}: {said}")
+        })
+        .collect())
+}
+
+/// Stop the guest's readers and hammers (their last batch was checked), read the
+/// kernel warnings new since boot, and power the guest off.
+fn finish_life(
     g: &mut lpvmm_tests::Guest,
     series: &str,
     boot_splats: &str,
 ) -> Result<LifeEnd, String> {
     g.run("touch /tmp/stop; wait")?;
-    let reads = g.run("cat /tmp/rc.log")?;
-    let hammer = g.run("cat /tmp/hammer.log")?;
     let new = lpvmm_tests::new_splats(g, boot_splats)?;
-    eprintln!("{series}: {} | {}", reads.trim(), hammer.trim());
     for w in &new {
         eprintln!("{series}: new kernel warning: {w}");
     }
-    let zero_unless = |ok: bool, log: &str| match ok {
-        true => "0".to_string(),
-        false => log.trim().replace('\n', " "),
-    };
     g.poweroff()?;
     Ok(LifeEnd::Finished {
-        bad_reads: zero_unless(reads.contains("readcheck: OK"), &reads),
-        bad_results: zero_unless(hammer.contains("getpid-hammer: OK"), &hammer),
         warnings: new.len(),
     })
 }
