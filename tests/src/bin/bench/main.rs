@@ -33,11 +33,14 @@
 //!                                                      tick with 100, 2000 (or TASKS, e.g.
 //!                                                      100,2000,5000) extra tasks, against a
 //!                                                      bare pause; how many checks were early
-//!   cargo run -p lpvmm-tests --bin bench -- endurance [CYCLES] [SERIES]  enable/disable cycles
-//!                                                      (default 10,000), per-task and immediate
-//!                                                      in turn, under 4 readers and 128 getpid
-//!                                                      hammers that check every result, both
-//!                                                      series unless one is named
+//!   cargo run -p lpvmm-tests --bin bench -- endurance [CYCLES] [SERIES] [alone]  enable/disable
+//!                                                      cycles (default 10,000), per-task and
+//!                                                      immediate in turn, under 4 readers and
+//!                                                      128 getpid hammers that check every
+//!                                                      result, both series unless one is
+//!                                                      named; interleaved with the same load
+//!                                                      on the guest's livepatch under QEMU
+//!                                                      for as long (`alone`: without it)
 //!   cargo run -p lpvmm-tests --bin bench -- pause-deaths [CYCLES]  guests that die under
 //!                                                      pause/resume: lpvmm's pause against
 //!                                                      QEMU's QMP stop/cont, CYCLES each
@@ -48,9 +51,11 @@
 //! Both run on the same host with real KVM (nested where needed), side by side, and
 //! report medians and ratios: absolute times on nested TCG say little.
 
+mod endurance;
+
 use std::time::{Duration, Instant};
 
-use lpvmm_tests::{json, BootFailure, HostMode, KvmTrace, TestHost, BOOT_TIMEOUT};
+use lpvmm_tests::{json, BootFailure, KvmTrace, TestHost, BOOT_TIMEOUT};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -97,11 +102,16 @@ fn main() {
         "calls" => calls(n.unwrap_or(5)),
         "host-info" => host_info(),
         "guest-diff" => guest_diff(),
-        "endurance" => series_or_both(args.next())
-            .and_then(|series| endurance(n.unwrap_or(10_000), &series)),
+        "endurance" => {
+            // `bench endurance [CYCLES] [SERIES] [alone]`: `alone` leaves the peer out.
+            let rest: Vec<String> = args.collect();
+            let alone = rest.iter().any(|a| a == "alone");
+            series_or_both(rest.into_iter().find(|a| a != "alone"))
+                .and_then(|series| endurance::endurance(n.unwrap_or(10_000), &series, !alone))
+        }
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn|hammer [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn|hammer [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] [alone] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
@@ -131,12 +141,17 @@ fn lpvmm_and_qemu(host: &TestHost, name: &str, series: &str, vcpus: u8) -> (Stri
         "{} run --name {name} --kernel {kernel} --initrd {initrd} --memory 512M --vcpus {vcpus}",
         host.lpvmm()
     );
-    let qemu = format!(
+    (lpvmm, qemu_microvm(host, series, vcpus, &initrd))
+}
+
+/// QEMU's microvm command line for the guest of `series` with `initrd`.
+fn qemu_microvm(host: &TestHost, series: &str, vcpus: u8, initrd: &str) -> String {
+    let kernel = host.guest_kernel(series);
+    format!(
         "qemu-system-x86_64-microvm -M microvm,rtc=on -accel kvm -cpu host -m 512M -smp {vcpus} \
          -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
          -kernel {kernel} -initrd {initrd} -append '{CMDLINE}'"
-    );
-    (lpvmm, qemu)
+    )
 }
 
 fn boot(runs: u32) -> Result<(), String> {
@@ -1513,10 +1528,6 @@ fn fork_under_dispatch() -> Result<(), String> {
     Ok(())
 }
 
-/// Enable/disable cycles per batch: one shell loop on the test host, then the guest is
-/// checked (alive, readers and hammers still running) before the next.
-const ENDURANCE_BATCH: u32 = 250;
-
 /// `lpvmm kp build --kernel RELEASE` of a kbuild sample for `series`.
 fn kbuild_kp(series: &str, sample: &str) -> Result<std::path::PathBuf, String> {
     let root = lpvmm_tests::repo_root();
@@ -1552,369 +1563,6 @@ fn series_or_both(arg: Option<String>) -> Result<Vec<&'static str>, String> {
             .find(|s| **s == a)
             .map(|s| vec![*s])
             .ok_or_else(|| format!("no kernel series '{a}' (one of {:?})", lpvmm_tests::SERIES)),
-    }
-}
-
-/// Issue 11's endurance run: CYCLES enable/disable cycles of two patches (`cmdline`,
-/// read by 4 `readcheck` processes that check every read, and a kbuild-built
-/// `__x64_sys_getpid`, called by 128 `getpid-hammer` processes that check every result),
-/// per-task and immediate in turn. Reports cycles done, bad reads and results, new
-/// kernel warnings and whether the guest died, per series.
-fn endurance(cycles: u32, serieses: &[&'static str]) -> Result<(), String> {
-    let mut files = vec![(kp_build("cmdline")?, "/root/cmdline.kp".to_string())];
-    for &series in serieses {
-        files.push((
-            kbuild_kp(series, "getpid")?,
-            format!("/root/getpid-{series}.kp"),
-        ));
-    }
-    let mut host = TestHost::start_with_files(false, &files)?;
-    // Where a guest that dies was (tests/src/hostkvm.rs): shutdown exits always, every
-    // exit with LPVMM_BENCH_HOST_TRACE=1.
-    let traced = host.mode() == HostMode::Nested;
-    if traced {
-        host.trace_kvm(if host_traced() {
-            KvmTrace::Everything
-        } else {
-            KvmTrace::Deaths
-        })?;
-    }
-    println!("| kernel | cycles | per-task / immediate | transition median, per-task / immediate (ms) | guests (deaths) | cycles checked | bad reads | bad getpid results | new kernel warnings | stopped early | minutes |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for &series in serieses {
-        if traced {
-            host.restart_kvm_trace()?;
-        }
-        let row = endurance_series(&mut host, series, cycles)?;
-        println!("{row}");
-    }
-    Ok(())
-}
-
-/// Guests one endurance series may use: the run goes on after a guest dies of anything
-/// but lpvmm's code, on a new guest, up to this many (a platform that kills every guest
-/// at once must not loop forever).
-const ENDURANCE_GUESTS: usize = 20;
-
-/// The time an endurance series may take (`LPVMM_BENCH_MINUTES`; none by default):
-/// past it, the guest running finishes its batch, its readers and hammers are checked,
-/// and the row says how far the run got.
-fn endurance_deadline(started: Instant) -> Option<Instant> {
-    let minutes: u64 = std::env::var("LPVMM_BENCH_MINUTES").ok()?.parse().ok()?;
-    Some(started + Duration::from_secs(minutes * 60))
-}
-
-fn past(deadline: Option<Instant>) -> bool {
-    deadline.is_some_and(|d| Instant::now() >= d)
-}
-
-/// How one guest of an endurance run ended.
-enum LifeEnd {
-    /// It ran its share of the cycles; the kernel warnings it logged that it had not at
-    /// boot.
-    Finished { warnings: usize },
-    /// The guest died (its VMM ended, or it stopped answering) somewhere other than
-    /// lpvmm's patch code, with what says where: the run goes on with a new guest, and
-    /// the reads and calls of the batch it died in go unchecked.
-    Died(String),
-    /// A transition did not end `done`, or the guest died in lpvmm's patch code: the
-    /// run stops.
-    Stopped(String),
-}
-
-/// One guest of an endurance run: the cycles it ran, those whose reads and calls its
-/// readers and hammers checked (each batch is checked before the next), what they
-/// found wrong, and how it ended.
-struct Life {
-    cycles: u32,
-    checked: u32,
-    bad: Vec<String>,
-    end: LifeEnd,
-}
-
-/// Each transition's time from request to its end, by consistency (ms).
-#[derive(Default)]
-struct TransitionTimes {
-    per_task: Vec<f64>,
-    immediate: Vec<f64>,
-}
-
-fn endurance_series(host: &mut TestHost, series: &str, cycles: u32) -> Result<String, String> {
-    let started = Instant::now();
-    let mut times = TransitionTimes::default();
-    let mut lives: Vec<Life> = Vec::new();
-    let mut done = 0;
-    let deadline = endurance_deadline(started);
-    while done < cycles && lives.len() < ENDURANCE_GUESTS && !past(deadline) {
-        let life = endurance_life(
-            host,
-            series,
-            lives.len() + 1,
-            done..cycles,
-            deadline,
-            &mut times,
-        )?;
-        done += life.cycles;
-        match &life.end {
-            LifeEnd::Died(why) => eprintln!(
-                "{series}: guest {} died after {} of its cycles (cycle {done} of the run): {why}",
-                lives.len() + 1,
-                life.cycles
-            ),
-            LifeEnd::Stopped(why) => eprintln!("{series}: stopped in cycle {}: {why}", done + 1),
-            LifeEnd::Finished { .. } => {}
-        }
-        let stop = matches!(life.end, LifeEnd::Stopped(_));
-        lives.push(life);
-        if stop {
-            break;
-        }
-        eprintln!(
-            "{series}: so far: {}",
-            endurance_row(series, done, cycles, &lives, &times, started)
-        );
-    }
-    Ok(endurance_row(series, done, cycles, &lives, &times, started))
-}
-
-/// The table row of one series: the verdicts of the guests that lived to check them.
-fn endurance_row(
-    series: &str,
-    done: u32,
-    cycles: u32,
-    lives: &[Life],
-    times: &TransitionTimes,
-    started: Instant,
-) -> String {
-    let checked: u32 = lives.iter().map(|l| l.checked).sum();
-    let bad: Vec<&str> = lives
-        .iter()
-        .flat_map(|l| l.bad.iter().map(String::as_str))
-        .collect();
-    let warnings: usize = lives
-        .iter()
-        .map(|l| match l.end {
-            LifeEnd::Finished { warnings } => warnings,
-            _ => 0,
-        })
-        .sum();
-    let verdict = |what: &str| {
-        let found: Vec<&str> = bad
-            .iter()
-            .copied()
-            .filter(|b| b.starts_with(what))
-            .collect();
-        match (checked, found.is_empty()) {
-            (0, _) => "?".to_string(),
-            (_, true) => "0".to_string(),
-            (_, false) => found.join("; "),
-        }
-    };
-    let deaths = lives
-        .iter()
-        .filter(|l| matches!(l.end, LifeEnd::Died(_)))
-        .count();
-    let stopped = match () {
-        _ if lives.iter().any(|l| matches!(l.end, LifeEnd::Stopped(_))) => "stopped (see stderr)",
-        _ if done >= cycles => "no",
-        _ if lives.len() >= ENDURANCE_GUESTS => "out of guests",
-        _ => "at LPVMM_BENCH_MINUTES",
-    };
-    let med = |v: Vec<f64>| match v.is_empty() {
-        true => "–".to_string(),
-        false => format!("{:.0}", median(v)),
-    };
-    format!(
-        "| {series} | {done} | {} / {} | {} / {} | {} ({deaths}) | {checked} | {} | {} | {warnings} | {} | {:.0} |",
-        done.div_ceil(2),
-        done / 2,
-        med(times.per_task.clone()),
-        med(times.immediate.clone()),
-        lives.len(),
-        verdict("readcheck"),
-        verdict("getpid-hammer"),
-        stopped,
-        started.elapsed().as_secs_f64() / 60.0
-    )
-}
-
-/// Boot guest number `nth`, load both patches, start the load and run the cycles of
-/// `range` until their end, the guest's death or a failed transition.
-fn endurance_life(
-    host: &mut TestHost,
-    series: &str,
-    nth: usize,
-    range: std::ops::Range<u32>,
-    deadline: Option<Instant>,
-    times: &mut TransitionTimes,
-) -> Result<Life, String> {
-    let (first, cycles) = (range.start, range.end);
-    // A name per guest: one that died may leave its VMM's socket behind.
-    let name = format!("endure-{}-{nth}", series.replace('.', "_"));
-    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
-    let boot_splats = g.run(lpvmm_tests::SPLATS)?;
-    let original = g.text("cat /proc/cmdline")?;
-    for kp in [
-        "/root/cmdline.kp".to_string(),
-        format!("/root/getpid-{series}.kp"),
-    ] {
-        let file = g.host.file(&kp);
-        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
-        if rc != 0 {
-            return Err(format!("{series}: lpvmm patch {kp}: {out}"));
-        }
-    }
-    let patched = g.text("cat /proc/cmdline")?;
-    // Where the kernel lies in this boot, to place a traced RIP (the VMM says where the
-    // patch code lies).
-    let stext = g.text("grep -w _stext /proc/kallsyms")?;
-    eprintln!("{series}: kernel {}", stext.trim());
-    for p in ["cmdline", "getpid"] {
-        g.lpvmm(&format!("patch disable {{vm}} {p}"))?;
-    }
-    let load = format!(
-        "rm -f /tmp/stop; readcheck -p 4 -f /proc/cmdline -s /tmp/stop '{original}' '{patched}' \
-         >/tmp/rc.log 2>&1 & getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &"
-    );
-    g.run(&load)?;
-    let lp = g.host.lpvmm();
-    let started = Instant::now();
-    let mut done = first;
-    let (mut checked, mut bad) = (0, Vec::new());
-    while done < cycles && !past(deadline) {
-        let (before, batch) = (done, ENDURANCE_BATCH.min(cycles - done));
-        // Odd cycles immediate, even ones per-task (the default), driven over the control
-        // socket by one client (a process per command cost more than the transition).
-        let (rc, out) = g.host.exec_status(
-            &format!(
-                "{lp} bench cycles {name} --patches cmdline,getpid --cycles {batch} \
-                 --first {before} --timeout 120 --json"
-            ),
-            Duration::from_secs(3600),
-        )?;
-        let report = json(&out);
-        let ran = report
-            .as_ref()
-            .ok()
-            .and_then(|r| r["cycles_done"].as_u64())
-            .unwrap_or(0) as u32;
-        done = before + ran;
-        if let Ok(r) = &report {
-            let ms = |k: &str| -> Vec<f64> {
-                r[k].as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
-                    .unwrap_or_default()
-            };
-            times.per_task.extend(ms("per_task_ms"));
-            times.immediate.extend(ms("immediate_ms"));
-        }
-        // The batch's reads and calls are checked before the next (a guest that dies
-        // later keeps them), and a guest that dies while checked is a death like any
-        // other.
-        let checks = match (rc, ran) {
-            (0, r) if r == batch => check_batch(&mut g, &load),
-            _ => Err(out),
-        };
-        match checks {
-            Ok(found) => {
-                checked += ran;
-                bad.extend(found);
-            }
-            Err(e) => {
-                let end = why_cycles_stopped(&mut g, &e);
-                return Ok(Life {
-                    cycles: done - first,
-                    checked,
-                    bad,
-                    end,
-                });
-            }
-        }
-        eprintln!(
-            "{series}: {done}/{cycles} cycles ({checked} checked by this guest), this guest {:.1} min",
-            started.elapsed().as_secs_f64() / 60.0
-        );
-    }
-    let end = match finish_life(&mut g, series, &boot_splats) {
-        Ok(end) => end,
-        Err(e) => why_cycles_stopped(&mut g, &e),
-    };
-    Ok(Life {
-        cycles: done - first,
-        checked,
-        bad,
-        end,
-    })
-}
-
-/// Stop the guest's readers and hammers, read their verdicts on the batch that just
-/// ran (each prints `OK` only if every read and call was right), and start them again:
-/// what was wrong, if anything.
-fn check_batch(g: &mut lpvmm_tests::Guest, load: &str) -> Result<Vec<String>, String> {
-    let out = g.run(&format!(
-        "touch /tmp/stop; wait; cat /tmp/rc.log /tmp/hammer.log; {load}"
-    ))?;
-    Ok(["readcheck", "getpid-hammer"]
-        .into_iter()
-        .filter(|tool| !out.contains(&format!("{tool}: OK")))
-        .map(|tool| {
-            let said = out
-                .lines()
-                .find(|l| l.starts_with(tool))
-                .unwrap_or("no verdict");
-            format!("{tool}: {said}")
-        })
-        .collect())
-}
-
-/// Stop the guest's readers and hammers (their last batch was checked), read the
-/// kernel warnings new since boot, and power the guest off.
-fn finish_life(
-    g: &mut lpvmm_tests::Guest,
-    series: &str,
-    boot_splats: &str,
-) -> Result<LifeEnd, String> {
-    g.run("touch /tmp/stop; wait")?;
-    let new = lpvmm_tests::new_splats(g, boot_splats)?;
-    for w in &new {
-        eprintln!("{series}: new kernel warning: {w}");
-    }
-    g.poweroff()?;
-    Ok(LifeEnd::Finished {
-        warnings: new.len(),
-    })
-}
-
-/// Why `bench cycles` ended early: the guest died (where, as far as the VMM, the test
-/// host's KVM trace and the guest's console say), or a transition failed. A death in
-/// lpvmm's patch code stops the run as lpvmm's.
-fn why_cycles_stopped(g: &mut lpvmm_tests::Guest, out: &str) -> LifeEnd {
-    let exit = g.wait_exit(Duration::from_secs(10));
-    let stderr = g.vmm_stderr();
-    let answers = exit.is_err() && g.run_status("true", Duration::from_secs(30)).is_ok();
-    if answers {
-        return LifeEnd::Stopped(format!("{out}\n{stderr}"));
-    }
-    let trace = match g.host.mode() {
-        HostMode::Nested => format!("\ntest host's KVM trace:\n{}", g.host.kvm_trace_of_death()),
-        HostMode::Native => String::new(),
-    };
-    if g.host.mode() == HostMode::Nested {
-        let _ = g.host.restart_kvm_trace();
-    }
-    let console = g.console().drain();
-    let evidence = format!(
-        "{out}\n{stderr}{trace}\nthe guest console's last output:\n{}",
-        lpvmm_tests::tail(&console, 6000)
-    );
-    // Where it died, as the harness reads it (the VMM announced the patch code's range
-    // on its stderr): a death in lpvmm's code ends the run.
-    match lpvmm_tests::death_in_patch_code(&evidence) {
-        Some(at) => LifeEnd::Stopped(format!(
-            "{}: {at}: {evidence}",
-            lpvmm_tests::DIED_IN_PATCH_CODE
-        )),
-        None => LifeEnd::Died(evidence),
     }
 }
 
