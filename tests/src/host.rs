@@ -1103,13 +1103,21 @@ impl Guest<'_> {
 
     /// Wait for lpvmm to exit; returns its exit code and stderr.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<GuestExit, String> {
+        self.exit_within(timeout)?
+            .ok_or_else(|| format!("lpvmm '{}' did not exit within {timeout:?}", self.name))
+    }
+
+    /// The VMM's exit code and stderr if it exits within `timeout`; `None` if it still
+    /// runs then (a guest that lives through the wait). An error says the host failed.
+    pub fn exit_within(&mut self, timeout: Duration) -> Result<Option<GuestExit>, String> {
         let err_file = format!("{}/{}.err", self.host.tmp(), self.name);
         let code = match self.host.mode {
             HostMode::Nested => {
                 let name = self.name.clone();
-                self.host
-                    .wait_for_rc(&name, ":", timeout)?
-                    .ok_or_else(|| format!("lpvmm '{name}' did not exit within {timeout:?}"))?
+                match self.host.wait_for_rc(&name, ":", timeout)? {
+                    Some(code) => code,
+                    None => return Ok(None),
+                }
             }
             HostMode::Native => {
                 let (child, _, _) = self.host.native_guest.as_mut().ok_or("no guest")?;
@@ -1119,10 +1127,7 @@ impl Guest<'_> {
                         break st.code().unwrap_or(-1);
                     }
                     if Instant::now() > deadline {
-                        return Err(format!(
-                            "lpvmm '{}' did not exit within {timeout:?}",
-                            self.name
-                        ));
+                        return Ok(None);
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -1130,7 +1135,7 @@ impl Guest<'_> {
         };
         let stderr = self.host.exec(&format!("cat {err_file}"))?;
         self.exited = true;
-        Ok(GuestExit { code, stderr })
+        Ok(Some(GuestExit { code, stderr }))
     }
 }
 

@@ -599,7 +599,7 @@ const LIVEPATCHED: &str = "this has been live patched";
 const PEER_SLICE: Duration = Duration::from_secs(60);
 
 /// Peer guests one segment may use: the platform may kill several in a row.
-const PEER_GUESTS_PER_SEGMENT: usize = 5;
+const PEER_GUESTS_PER_SEGMENT: usize = 3;
 
 /// The peer's cycles, in the background of the guest's shell, until /tmp/peer.stop: load
 /// and enable both livepatch modules, each waiting for its transition to end, then
@@ -776,19 +776,21 @@ fn peer_slices(
             .min(exposure - life.loaded)
             .max(Duration::from_secs(1));
         let t0 = Instant::now();
-        let slept = g.run_status(
-            &format!("sleep {}", slice.as_secs()),
-            slice + Duration::from_secs(60),
-        );
-        match slept {
-            Ok((0, _)) => {}
-            Ok((rc, out)) => return Err(PeerStop::Died(format!("sleep exited {rc}: {out}"))),
+        // The slice passes on the test host, which sees at once a VMM that ends (a
+        // guest that dies); one that hangs fails the check after it.
+        match g.exit_within(slice) {
+            Ok(None) => {}
+            Ok(Some(exit)) => {
+                life.loaded += t0.elapsed();
+                let why = format!("QEMU exited {}: {}", exit.code, exit.stderr);
+                return Err(PeerStop::Died(why));
+            }
             Err(e) => return Err(PeerStop::Died(e)),
         }
-        let found = check_batch(g, load).map_err(PeerStop::Died)?;
-        // Under load until the readers and hammers were stopped; a guest that dies in
-        // a slice was loaded until then.
+        let found = check_batch(g, load);
+        // Under load until the readers and hammers were stopped, or until it died.
         life.loaded += t0.elapsed();
+        let found = found.map_err(PeerStop::Died)?;
         let progress = g.run(PEER_PROGRESS).map_err(PeerStop::Died)?;
         let progress = PeerProgress::parse(&progress);
         life.cycles = progress.cycles;
