@@ -275,14 +275,8 @@ fn report_end(series: &str, vmm: &str, nth: usize, life: &Life, done: u32) {
 /// (`transition_ms`), and what the checks found.
 fn side_by_side_row(series: &str, vmm: &str, lives: &[Life], transition_ms: &[f64]) -> String {
     let minutes: f64 = lives.iter().map(|l| l.loaded.as_secs_f64()).sum::<f64>() / 60.0;
-    let deaths = lives
-        .iter()
-        .filter(|l| matches!(l.end, LifeEnd::Died(_)))
-        .count();
-    let hosts_lost = lives
-        .iter()
-        .filter(|l| matches!(l.end, LifeEnd::HostLost(_)))
-        .count();
+    let deaths = count(lives, |e| matches!(e, LifeEnd::Died(_)));
+    let hosts_lost = count(lives, |e| matches!(e, LifeEnd::HostLost(_)));
     let cycles: u32 = lives.iter().map(|l| l.cycles).sum();
     let checked: u32 = lives.iter().map(|l| l.checked).sum();
     let stopped = lives.iter().any(|l| matches!(l.end, LifeEnd::Stopped(_)));
@@ -317,6 +311,11 @@ fn verdict(lives: &[Life], tool: &str) -> String {
     }
 }
 
+/// How many of `lives` ended as `ended` says.
+fn count(lives: &[Life], ended: fn(&LifeEnd) -> bool) -> usize {
+    lives.iter().filter(|l| ended(&l.end)).count()
+}
+
 /// Kernel warnings, oopses and lockups that guests which finished logged after boot.
 fn warnings(lives: &[Life]) -> usize {
     lives
@@ -338,15 +337,8 @@ fn endurance_row(
     started: Instant,
 ) -> String {
     let checked: u32 = lives.iter().map(|l| l.checked).sum();
-    let deaths = lives
-        .iter()
-        .filter(|l| matches!(l.end, LifeEnd::Died(_)))
-        .count();
-    let deaths = match lives
-        .iter()
-        .filter(|l| matches!(l.end, LifeEnd::HostLost(_)))
-        .count()
-    {
+    let deaths = count(lives, |e| matches!(e, LifeEnd::Died(_)));
+    let deaths = match count(lives, |e| matches!(e, LifeEnd::HostLost(_))) {
         0 => deaths.to_string(),
         lost => format!("{deaths}; {lost} test host lost"),
     };
