@@ -1,6 +1,7 @@
 //! `lpvmm kp build --kernel RELEASE`: build a patch the way the guest kernel's own
 //! modules were built, with its kbuild against Debian's `linux-headers-RELEASE` (and the
-//! `-common` and `linux-kbuild` packages it depends on). So the object has that kernel's
+//! `-common` or `-common-FEATURESET` headers and the `linux-kbuild` package it depends
+//! on: [`build_dependencies`]). So the object has that kernel's
 //! exact flags, config and code generation: retpolines, return thunks, IBT, `-mfentry`,
 //! objtool and its ORC table.
 //!
@@ -82,7 +83,7 @@ fn packages(release: &str) -> Result<[String; 3], BuildError> {
     let text = String::from_utf8_lossy(&show.stdout);
     let depends = text
         .lines()
-        .find_map(|l| l.strip_prefix("Depends: "))
+        .find_map(|l| l.strip_prefix("Depends:"))
         .filter(|_| show.status.success())
         .ok_or_else(|| {
             BuildError::Kernel(format!(
@@ -90,19 +91,57 @@ fn packages(release: &str) -> Result<[String; 3], BuildError> {
                  guest, and a Debian kernel? (apt-get update refreshes the package lists)"
             ))
         })?;
-    let find = |prefix: &str, suffix: &str| {
-        depends
-            .split(',')
-            .map(|d| d.trim().split([' ', '(']).next().unwrap_or(""))
-            .find(|d| d.starts_with(prefix) && d.ends_with(suffix))
-            .map(String::from)
-    };
-    match (find("linux-headers-", "-common"), find("linux-kbuild-", "")) {
-        (Some(common), Some(kbuild)) => Ok([headers, common, kbuild]),
+    let [common, kbuild] = build_dependencies(&headers, depends)?;
+    Ok([headers, common, kbuild])
+}
+
+/// Of the `Depends` field of a flavour's headers package, the two packages its build
+/// tree needs: the headers shared by the flavours (`linux-headers-ABI-common`, or
+/// `linux-headers-ABI-common-FEATURESET` for a featureset such as `rt`, whose Makefile
+/// the flavour's includes) and kbuild (`linux-kbuild-VERSION`, where its `scripts` and
+/// `tools` links point). Each dependency may list alternatives (`a | b`: the first that
+/// is one of the two is taken), a version constraint (`(= 6.1.192-3)`) or an
+/// architecture (`:any`); the rest (`linux-compiler-gcc-12-x86`, `gcc-12`,
+/// `linux-base`, `linux-image-...`) is for installing the package and is not fetched.
+fn build_dependencies(headers: &str, depends: &str) -> Result<[String; 2], BuildError> {
+    let names = depends.split(',').filter_map(|dep| {
+        dep.split('|')
+            .map(|alt| {
+                let name = alt.split(['(', '[', '<']).next().unwrap_or("").trim();
+                name.split(':').next().unwrap_or("")
+            })
+            .find(|n| is_common(n) || n.starts_with("linux-kbuild-"))
+    });
+    let (mut common, mut kbuild) = (Vec::new(), Vec::new());
+    for n in names {
+        let list = if is_common(n) {
+            &mut common
+        } else {
+            &mut kbuild
+        };
+        if !list.contains(&n) {
+            list.push(n);
+        }
+    }
+    match (common.as_slice(), kbuild.as_slice()) {
+        ([common], [kbuild]) => Ok([common.to_string(), kbuild.to_string()]),
         _ => Err(BuildError::Kernel(format!(
-            "{headers} does not depend on a -common headers and a linux-kbuild package: {depends}"
+            "{headers} does not depend on exactly one -common headers package \
+             (linux-headers-ABI-common[-FEATURESET]) and one linux-kbuild package: \
+             Depends: {}",
+            depends.trim()
         ))),
     }
+}
+
+/// `linux-headers-ABI-common` or `linux-headers-ABI-common-FEATURESET`.
+fn is_common(name: &str) -> bool {
+    name.strip_prefix("linux-headers-").is_some_and(|rest| {
+        rest.ends_with("-common")
+            || rest
+                .rsplit_once("-common-")
+                .is_some_and(|(_, fs)| !fs.is_empty())
+    })
 }
 
 /// Download and unpack the packages into `dir/root` (a fresh directory renamed into
@@ -217,15 +256,118 @@ pub fn build(
 }
 
 #[cfg(test)]
-#[test]
-fn releases_are_checked_before_they_reach_apt() {
-    assert!(valid_release("6.1.0-28-cloud-amd64"));
-    assert!(valid_release("6.12.57+deb13-cloud-amd64"));
-    for bad in ["", "-rf", "6.1 0", "6.1;ls", "../x", "cloud-amd64"] {
-        assert!(!valid_release(bad), "{bad}");
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_are_checked_before_they_reach_apt() {
+        assert!(valid_release("6.1.0-28-cloud-amd64"));
+        assert!(valid_release("6.12.57+deb13-cloud-amd64"));
+        for bad in ["", "-rf", "6.1 0", "6.1;ls", "../x", "cloud-amd64"] {
+            assert!(!valid_release(bad), "{bad}");
+        }
+        assert!(kernel_tree("6.1;ls")
+            .unwrap_err()
+            .to_string()
+            .contains("not a kernel release"));
     }
-    assert!(kernel_tree("6.1;ls")
-        .unwrap_err()
-        .to_string()
-        .contains("not a kernel release"));
+
+    /// `Depends` of `apt-cache show --no-all-versions linux-headers-RELEASE`, verbatim
+    /// (Debian bookworm and bookworm-backports, 2026-12-06), and the two packages that
+    /// are fetched with it.
+    fn deps(release: &str, depends: &str) -> [String; 2] {
+        build_dependencies(&format!("linux-headers-{release}"), depends)
+            .unwrap_or_else(|e| panic!("{release}: {e}"))
+    }
+
+    #[test]
+    fn the_6_1_flavours_need_the_abis_common_headers_and_kbuild_6_1() {
+        let depends = "linux-headers-6.1.0-57-common (= 6.1.192-3), linux-kbuild-6.1 (>= \
+                       6.1.192-3), linux-compiler-gcc-12-x86";
+        for flavour in ["cloud-amd64", "amd64"] {
+            assert_eq!(
+                deps(&format!("6.1.0-57-{flavour}"), depends),
+                ["linux-headers-6.1.0-57-common", "linux-kbuild-6.1"]
+            );
+        }
+    }
+
+    #[test]
+    fn the_6_1_rt_flavour_needs_the_rt_featuresets_common_headers() {
+        assert_eq!(
+            deps(
+                "6.1.0-57-rt-amd64",
+                "linux-headers-6.1.0-57-common-rt (= 6.1.192-3), linux-kbuild-6.1 (>= \
+                 6.1.192-3), linux-compiler-gcc-12-x86"
+            ),
+            ["linux-headers-6.1.0-57-common-rt", "linux-kbuild-6.1"]
+        );
+    }
+
+    #[test]
+    fn the_6_12_backports_need_their_versions_common_headers_and_kbuild() {
+        assert_eq!(
+            deps(
+                "6.12.118+deb12-cloud-amd64",
+                "linux-base (>= 4.12~), linux-headers-6.12.118+deb12-common (= \
+                 6.12.118-1~deb12u1), linux-image-6.12.118+deb12-cloud-amd64 (= \
+                 6.12.118-1~deb12u1) | linux-image-6.12.118+deb12-cloud-amd64-unsigned (= \
+                 6.12.118-1~deb12u1), linux-kbuild-6.12.118+deb12, gcc-12"
+            ),
+            [
+                "linux-headers-6.12.118+deb12-common",
+                "linux-kbuild-6.12.118+deb12"
+            ]
+        );
+        assert_eq!(
+            deps(
+                "6.12.118+deb12-rt-amd64",
+                "linux-base (>= 4.12~), linux-headers-6.12.118+deb12-common-rt (= \
+                 6.12.118-1~deb12u1), linux-image-6.12.118+deb12-rt-amd64 (= \
+                 6.12.118-1~deb12u1) | linux-image-6.12.118+deb12-rt-amd64-unsigned (= \
+                 6.12.118-1~deb12u1), linux-kbuild-6.12.118+deb12, gcc-12"
+            ),
+            [
+                "linux-headers-6.12.118+deb12-common-rt",
+                "linux-kbuild-6.12.118+deb12"
+            ]
+        );
+    }
+
+    /// Not a field Debian ships today: every form Debian's policy allows in a binary
+    /// package's `Depends` around the two names (alternatives, either first, version
+    /// constraints with and without spaces, architecture qualifiers, no space after the
+    /// field's colon).
+    #[test]
+    fn alternatives_versions_and_architectures_are_read_as_debian_writes_them() {
+        assert_eq!(
+            deps(
+                "6.1.0-57-cloud-amd64",
+                "linux-compiler-gcc-12-x86|gcc-12, linux-headers-6.1.0-57-common(=6.1.192-3) \
+                 | linux-headers-6.1.0-57-common-rt (= 6.1.192-3), make:any | \
+                 linux-kbuild-6.1:amd64 (>= 6.1.192-3)"
+            ),
+            ["linux-headers-6.1.0-57-common", "linux-kbuild-6.1"]
+        );
+    }
+
+    #[test]
+    fn a_headers_package_without_exactly_one_of_each_is_refused_naming_its_depends() {
+        for depends in [
+            "linux-headers-6.1.0-57-common (= 6.1.192-3), linux-compiler-gcc-12-x86",
+            "linux-kbuild-6.1 (>= 6.1.192-3), linux-compiler-gcc-12-x86",
+            "linux-headers-6.1.0-57-common, linux-headers-6.1.0-57-common-rt, linux-kbuild-6.1",
+            "linux-headers-6.1.0-57-commonplace, linux-headers-6.1.0-57-common-, linux-kbuild-6.1",
+            "",
+        ] {
+            let e = build_dependencies("linux-headers-6.1.0-57-x-amd64", depends)
+                .expect_err(depends)
+                .to_string();
+            assert!(
+                e.contains("linux-headers-6.1.0-57-x-amd64 does not depend on exactly one")
+                    && e.contains(depends.trim()),
+                "{e}"
+            );
+        }
+    }
 }
