@@ -21,7 +21,6 @@ use introspection::PhysRange;
 use crate::GuestWriter;
 use serde::{Deserialize, Serialize};
 
-use crate::journal::Journal;
 use crate::KpError;
 
 const PAGE: u64 = 4096;
@@ -185,13 +184,12 @@ fn pmd_slot(mem: &KernelMemory, va: u64) -> Result<(u64, u64), KpError> {
     Ok((slot, e))
 }
 
-/// Write the area's page tables and hook them into the kernel's page-middle directory.
-/// The page-middle writes (the only guest kernel memory touched) go to the journal.
+/// Write the area's page tables and hook them into the kernel's page-middle directory
+/// (the only guest kernel memory the area touches).
 pub fn install(
     guest: &mut dyn GuestWriter,
     kernel: &Kernel,
     layout: &AreaLayout,
-    journal: &mut Journal,
 ) -> Result<(), KpError> {
     let spans = layout.phys.size / PMD_SPAN;
     let mut slots = Vec::new();
@@ -220,7 +218,9 @@ pub fn install(
         guest
             .write_phys(table_pa, &table)
             .map_err(|e| KpError::Area(format!("writing the area's page tables: {e}")))?;
-        journal.write(guest, *slot, &(table_pa | TABLE).to_le_bytes())?;
+        guest
+            .write_phys(*slot, &(table_pa | TABLE).to_le_bytes())
+            .map_err(|e| KpError::Area(format!("mapping the patch area: {e}")))?;
     }
     Ok(())
 }

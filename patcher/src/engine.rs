@@ -20,7 +20,7 @@ use crate::alternatives::CpuFeatures;
 use crate::area::{self, AreaLayout, Region};
 use crate::dispatch::{Bank, Geometry};
 use crate::funcs::{self, FuncStack, FunctionVersions};
-use crate::journal::Journal;
+use crate::journal::{Journal, PostMortem};
 use crate::link::{self, Placement};
 use crate::manifest::{KernelSymbol, Manifest, SystemState};
 use crate::object::PatchObject;
@@ -124,7 +124,6 @@ pub(crate) struct Area {
     pub(crate) layout: AreaLayout,
     pub(crate) installed: bool,
     pub(crate) space: AreaSpace,
-    pub(crate) journal: Journal,
 }
 
 impl Area {
@@ -133,7 +132,6 @@ impl Area {
             space: AreaSpace::new(layout.code, layout.rodata, layout.data),
             layout,
             installed: false,
-            journal: Journal::default(),
         }
     }
 }
@@ -175,6 +173,8 @@ pub struct Engine {
     pub(crate) tick_parts: crate::transition::TickParts,
     /// What the last tick read and no longer needs, freed by [`Engine::release_spent`].
     pub(crate) spent: Spent,
+    /// Every byte the engine wrote to the guest (all writes go through it).
+    journal: Journal,
 }
 
 /// What a tick read and no longer needs (task lists, stack traces, early traces), kept
@@ -372,6 +372,17 @@ impl Engine {
         kernel: &Kernel,
         kp: &[u8],
     ) -> Result<String, KpError> {
+        self.journaled(guest, |engine, guest| {
+            engine.load_journaled(guest, kernel, kp)
+        })
+    }
+
+    fn load_journaled(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        kp: &[u8],
+    ) -> Result<String, KpError> {
         let obj = PatchObject::parse(kp)?;
         let m = &obj.manifest;
         if self.patches.iter().any(|p| p.name == m.name) {
@@ -404,7 +415,7 @@ impl Engine {
 
         // Everything checked: write.
         if !area.installed {
-            area::install(guest, kernel, &area.layout, &mut area.journal)?;
+            area::install(guest, kernel, &area.layout)?;
             area.installed = true;
         }
         for img in [&linked.code, &linked.rodata, &linked.data] {
@@ -671,6 +682,10 @@ impl Engine {
     /// Remove a disabled or replaced patch: its code is overwritten with `int3`, its
     /// data zeroed, and its space is free for the next load.
     pub fn unload(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
+        self.journaled(guest, |engine, guest| engine.unload_journaled(guest, name))
+    }
+
+    fn unload_journaled(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
         if self.active.as_ref().is_some_and(|t| t.patch == name) {
             return Err(KpError::State(format!(
                 "patch '{name}' is in a transition; wait for it to end"
@@ -709,6 +724,38 @@ impl Engine {
         area.space.free(runs);
         self.patches.retain(|q| q.name != name);
         Ok(())
+    }
+
+    /// Run `f` with a writer that journals every write to `guest`: the one way the
+    /// engine's public entry points write.
+    pub(crate) fn journaled<R>(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        f: impl FnOnce(&mut Engine, &mut dyn GuestWriter) -> R,
+    ) -> R {
+        let mut journal = std::mem::take(&mut self.journal);
+        let out = f(self, &mut journal.recorder(guest));
+        self.journal = journal;
+        out
+    }
+
+    /// Whether the guest still holds every byte the engine wrote (for a guest that
+    /// died: see [`crate::journal`]).
+    pub fn post_mortem(&self, ram: &dyn introspection::GuestRam) -> PostMortem {
+        let guest_written = self.area.as_ref().map(|a| {
+            let data = a.layout.data;
+            introspection::PhysRange {
+                start: a.layout.pa(data.start),
+                size: data.end - data.start,
+            }
+        });
+        self.journal.post_mortem(ram, guest_written)
+    }
+
+    /// Test builds only: the next site jump is written one byte wrong, as a bug would.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_wrong_site_byte(&mut self) {
+        self.journal.inject_wrong_site_byte();
     }
 
     /// The loaded patch function that contains `ip`, with its patch.

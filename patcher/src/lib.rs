@@ -11,6 +11,11 @@
 //! what lets lpvmm do from outside what the kernel does with a flag in each task.
 #![forbid(unsafe_code)]
 
+// The fault-injection switch exists for one integration test; an optimised build that
+// a user could run never carries it.
+#[cfg(all(feature = "fault-injection", not(debug_assertions)))]
+compile_error!("the fault-injection feature is for test builds only, never a release build");
+
 pub mod alternatives;
 pub mod area;
 pub mod build;
@@ -37,6 +42,7 @@ use introspection::{GuestError, PausedGuest};
 pub use early::EarlyCheckCounts;
 pub use engine::{Begin, Engine, Import, Patch, PatchState, PatchedFunc};
 pub use funcs::{FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
+pub use journal::{PostMortem, POST_MORTEM_CLEAN, POST_MORTEM_MISMATCH};
 pub use manifest::SystemState;
 pub use object::PatchObject;
 pub use transition::{

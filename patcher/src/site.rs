@@ -8,7 +8,7 @@ use crate::KpError;
 /// `nopl 0x0(%rax,%rax,1)`: what ftrace leaves at an untraced function's entry.
 pub const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-const JMP_REL32: u8 = 0xe9;
+pub(crate) const JMP_REL32: u8 = 0xe9;
 pub(crate) const CALL_REL32: u8 = 0xe8;
 
 /// Offset of the fentry site from the function's start.

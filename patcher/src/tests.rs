@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use introspection::kernel::Kernel;
 use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
-use introspection::PausedGuest;
+use introspection::{GuestRam, PausedGuest};
 
 use crate::engine::{Begin, Engine, PatchState};
 use crate::site::FENTRY_NOP;
@@ -899,6 +899,57 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
     );
     let v = f.engine.function_versions();
     assert!(v.len() == 1 && v[0].versions.len() == 1 && v[0].versions[0].visible);
+}
+
+/// The post-mortem is clean through a whole per-task transition (sites, ftrace flags,
+/// the area's page tables, trampolines, patch code) and after unload, and names a byte
+/// of any of them that the guest no longer holds as lpvmm wrote it.
+#[test]
+fn the_post_mortem_holds_every_byte_the_engine_wrote() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let clean = |f: &Fixture, g: &SynthGuest| {
+        let pm = f.engine.post_mortem(g);
+        assert!(pm.clean(), "{pm}");
+        pm
+    };
+    assert_eq!(clean(&f, &g).held_bytes, 0, "nothing written yet");
+    let t = pipefix_per_task(&mut f, &mut g, 1);
+    let enabled = clean(&f, &g);
+    // The site and the page-middle entry (bytes equal to what was there are not held).
+    assert!(
+        enabled.held_bytes > 5 && enabled.area_pages >= 2,
+        "{enabled:?}"
+    );
+
+    // A byte of the site's jump, then of the trampoline, as something else left them.
+    let site_pa = f.engine.funcs().next().unwrap().site_pa;
+    let tramp = t.changes[0].trampoline.unwrap();
+    let tramp_pa = f.kernel.memory(&g).translate(tramp).unwrap();
+    for pa in [site_pa + 2, tramp_pa + 1] {
+        let mut was = [0u8];
+        g.read_phys(pa, &mut was).unwrap();
+        g.write_phys(pa, &[was[0] ^ 0xff]).unwrap();
+        let pm = f.engine.post_mortem(&g);
+        assert_eq!(pm.mismatches.len(), 1, "{pm}");
+        assert_eq!(pm.mismatches[0].pa, pa);
+        assert!(pm.to_string().starts_with(crate::POST_MORTEM_MISMATCH));
+        g.write_phys(pa, &was).unwrap();
+    }
+    clean(&f, &g);
+
+    move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
+    move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
+    assert_eq!(tick(&mut f, &mut g, 1).unwrap().outcome, Outcome::Done);
+    clean(&f, &g);
+    disable(&mut f, &mut g, "pipefix").unwrap();
+    f.engine.unload(&mut g, "pipefix").unwrap();
+    let pm = clean(&f, &g);
+    // The site is the guest's again; the area's mapping stays lpvmm's.
+    assert!(
+        pm.held_bytes > 0 && pm.held_bytes < enabled.held_bytes,
+        "{pm:?}"
+    );
 }
 
 #[test]

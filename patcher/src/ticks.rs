@@ -40,6 +40,12 @@ impl Engine {
     /// guest half-written: a tick that cannot go on changes nothing and is retried (or,
     /// before anything was written, ends the transition as failed).
     pub fn tick(&mut self, guest: &mut dyn GuestWriter, kernel: &Kernel, now_ms: u64) {
+        self.journaled(guest, |engine, guest| {
+            engine.tick_journaled(guest, kernel, now_ms)
+        });
+    }
+
+    fn tick_journaled(&mut self, guest: &mut dyn GuestWriter, kernel: &Kernel, now_ms: u64) {
         let Some(mut t) = self.active.take() else {
             return;
         };

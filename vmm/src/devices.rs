@@ -43,6 +43,11 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// Whether the guest died (crashed or panicked), rather than ended or was ended.
+    pub fn guest_died(&self) -> bool {
+        matches!(self, StopReason::Panic(_) | StopReason::TripleFault(_))
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             StopReason::Poweroff | StopReason::Reboot(_) | StopReason::Requested(_) => 0,
@@ -89,11 +94,19 @@ impl SerialEvents for InputDrained {
 }
 
 const PANIC_MARKER: &str = "Kernel panic - not syncing: ";
+/// How an oops or warning names where the CPU was (kernel code segment 0x10).
+const RIP_MARKER: &str = "RIP: 0010:";
 const LINE_MAX: usize = 512;
+/// How a panic's report introduces where the guest's last oops was (the test harness
+/// reads it as where the guest died).
+pub const LAST_OOPS_AT: &str = "the guest's last oops was at";
 
-/// Console output: passes bytes to stdout and remembers a kernel panic line.
+/// Console output: passes bytes to stdout and remembers a kernel panic line, with the
+/// last oops's `RIP:` line before it (where the guest was when it died: evidence of
+/// whose the death is, docs/testing.md).
 pub struct ConsoleOut {
     line: Vec<u8>,
+    last_rip: Option<String>,
     panic: Arc<Mutex<Option<String>>>,
 }
 
@@ -102,8 +115,14 @@ impl Write for ConsoleOut {
         for &b in buf {
             if b == b'\n' {
                 let line = String::from_utf8_lossy(&self.line);
+                if let Some(pos) = line.find(RIP_MARKER) {
+                    self.last_rip = Some(line[pos..].trim().to_string());
+                }
                 if let Some(pos) = line.find(PANIC_MARKER) {
-                    let msg = line[pos + PANIC_MARKER.len()..].trim().to_string();
+                    let mut msg = line[pos + PANIC_MARKER.len()..].trim().to_string();
+                    if let Some(rip) = &self.last_rip {
+                        msg = format!("{msg}; {LAST_OOPS_AT} {rip}");
+                    }
                     *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
                 }
                 self.line.clear();
@@ -139,6 +158,7 @@ impl Devices {
         let panic = Arc::new(Mutex::new(None));
         let out = ConsoleOut {
             line: Vec::new(),
+            last_rip: None,
             panic: panic.clone(),
         };
         Ok(Devices {
@@ -281,6 +301,26 @@ mod tests {
         assert_eq!(
             d.pio_write(0x64, &[0xfe]),
             Some(StopReason::Panic("VFS: oops".into()))
+        );
+    }
+
+    #[test]
+    fn a_panic_says_where_the_last_oops_was() {
+        let d = devices();
+        d.serial()
+            .writer_mut()
+            .write_all(
+                b"[ 1.0] RIP: 0010:memcpy+0x12/0x20\r\n[ 1.1] Code: 48 89\r\n\
+                  [ 1.2] RIP: 0010:0xffffffff94208031\r\n[ 1.3] RSP: 0018:ffffc900\r\n\
+                  [ 1.4] Kernel panic - not syncing: Fatal exception in interrupt\r\n",
+            )
+            .unwrap();
+        let StopReason::Panic(msg) = d.guest_triple_fault("triple fault on vCPU 0") else {
+            panic!("not a panic");
+        };
+        assert_eq!(
+            msg,
+            "Fatal exception in interrupt; the guest's last oops was at RIP: 0010:0xffffffff94208031"
         );
     }
 

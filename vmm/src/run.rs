@@ -126,13 +126,18 @@ pub fn run(config: VmConfig) -> Result<i32> {
         }
     };
 
-    session
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .vm
-        .shutdown();
+    let post_mortem = {
+        let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+        s.vm.shutdown();
+        // A dead guest's memory is still here: is every byte lpvmm wrote as it wrote
+        // it? (The test harness never takes a death for the platform's without this.)
+        reason.guest_died().then(|| s.post_mortem())
+    };
     drop(raw);
     TERMINATE_FD.store(-1, Ordering::Relaxed);
     eprintln!("\r\nlpvmm: {}", reason.describe());
+    if let Some(verdict) = post_mortem {
+        eprintln!("lpvmm: {verdict}");
+    }
     Ok(reason.exit_code())
 }

@@ -7,10 +7,13 @@
 //! registers (only the owning thread may call vCPU ioctls cheaply and safely), reports
 //! itself parked, and waits. The controller returns once every vCPU has parked.
 //!
-//! Each thread also records where it is (inside `KVM_RUN`, or in lpvmm) and since when,
-//! so that a pause that times out can say whose the stuck vCPU is: a thread that stays
-//! inside `KVM_RUN` after its kick is held by the host kernel (a healthy kernel returns
-//! within microseconds of a pending signal); one stuck in lpvmm is lpvmm's.
+//! Each thread also records where it is (inside `KVM_RUN`, or in lpvmm), whether
+//! `immediate_exit` was set when it last entered, and how many kicks its handler has
+//! handled, so that a pause that times out can say whose the stuck vCPU is: a thread
+//! that stays inside `KVM_RUN` with its kick pending or `immediate_exit` set is held by
+//! the host kernel (a healthy kernel returns within microseconds); one that entered
+//! after handling its kick with `immediate_exit` clear lost the kick in lpvmm, and one
+//! stuck in lpvmm is lpvmm's.
 //!
 //! On resume each thread executes CPUID, a serializing instruction, before re-entering
 //! the guest: the VMM may have rewritten guest code while it was parked
@@ -70,6 +73,12 @@ pub struct VcpuControl {
 struct Whereabouts {
     in_kvm_run: AtomicBool,
     entries: AtomicU64,
+    /// Kick signals this thread has handled (counted by the handler itself).
+    kicks: AtomicU64,
+    /// At the latest entry into `KVM_RUN`: the kicks handled by then, and whether
+    /// `immediate_exit` was set.
+    kicks_at_entry: AtomicU64,
+    armed_at_entry: AtomicBool,
 }
 
 /// One vCPU's [`Whereabouts`] as a pause saw them when it kicked.
@@ -77,6 +86,7 @@ struct Whereabouts {
 struct Seen {
     in_kvm_run: bool,
     entries: u64,
+    kicks: u64,
 }
 
 /// Where a vCPU that did not park was, as the pause found it.
@@ -89,12 +99,25 @@ pub struct StuckVcpu {
     /// Whether it had not moved (entered or left `KVM_RUN`) since the kick: it has been
     /// where it is for all of `waited`.
     pub since_before_kick: bool,
+    /// Inside `KVM_RUN`, entered after its thread had handled this pause's kick and with
+    /// `immediate_exit` clear: lpvmm dropped the kick (its bug, never the host's). The
+    /// run loop clears `immediate_exit` only right before it looks at what the
+    /// controller wants, which the controller publishes before it kicks, so this is not
+    /// expected to happen; the pause says so if it ever does.
+    pub lost_kick: bool,
 }
 
 impl std::fmt::Display for StuckVcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.waited.as_secs_f64();
         let index = self.index;
+        if self.lost_kick {
+            return write!(
+                f,
+                "vCPU {index}: inside KVM_RUN, entered {secs:.1} s ago after it had handled its \
+                 kick and cleared immediate_exit: lpvmm lost the kick ({LPVMM_LOST_KICK})"
+            );
+        }
         match (self.in_kvm_run, self.since_before_kick) {
             (true, true) => write!(
                 f,
@@ -102,7 +125,8 @@ impl std::fmt::Display for StuckVcpu {
             ),
             (true, false) => write!(
                 f,
-                "vCPU {index}: inside KVM_RUN, entered after its kick {secs:.1} s ago ({HOST_HELD})"
+                "vCPU {index}: inside KVM_RUN, entered after its kick {secs:.1} s ago with the \
+                 kick pending or immediate_exit set ({HOST_HELD})"
             ),
             (false, true) => write!(
                 f,
@@ -121,6 +145,9 @@ impl std::fmt::Display for StuckVcpu {
 /// `immediate_exit` makes it honour even before entry): the test harness recognises it.
 pub const HOST_HELD: &str = "the host kernel did not return it to lpvmm";
 
+/// How a pause names a vCPU whose kick lpvmm itself dropped ([`StuckVcpu::lost_kick`]).
+pub const LPVMM_LOST_KICK: &str = "a fault of lpvmm's";
+
 impl VcpuControl {
     fn want(&self) -> Want {
         match self.want.load(Ordering::Acquire) {
@@ -128,6 +155,17 @@ impl VcpuControl {
             1 => Want::Pause,
             _ => Want::Stop,
         }
+    }
+
+    /// The vCPU thread `index` is about to enter `KVM_RUN` with `immediate_exit` as
+    /// `armed` says.
+    fn record_entry(&self, index: usize, armed: bool) {
+        if let Some(w) = self.whereabouts.get(index) {
+            w.kicks_at_entry
+                .store(w.kicks.load(Ordering::Acquire), Ordering::Release);
+            w.armed_at_entry.store(armed, Ordering::Release);
+        }
+        self.record(index, true);
     }
 
     /// The vCPU thread `index` enters (`true`) or leaves `KVM_RUN`.
@@ -149,6 +187,7 @@ impl VcpuControl {
             .map(|w| Seen {
                 in_kvm_run: w.in_kvm_run.load(Ordering::Acquire),
                 entries: w.entries.load(Ordering::Relaxed),
+                kicks: w.kicks.load(Ordering::Acquire),
             })
             .collect()
     }
@@ -157,11 +196,18 @@ impl VcpuControl {
     /// `waited` ago).
     fn stuck(&self, index: usize, at_kick: Seen, waited: Duration) -> StuckVcpu {
         let now = self.seen().get(index).copied().unwrap_or_default();
+        let since_before_kick =
+            now.in_kvm_run == at_kick.in_kvm_run && now.entries == at_kick.entries;
+        let entry = self.whereabouts.get(index);
+        let kick_handled_before_entry =
+            entry.is_some_and(|w| w.kicks_at_entry.load(Ordering::Acquire) > at_kick.kicks);
+        let armed = entry.is_some_and(|w| w.armed_at_entry.load(Ordering::Acquire));
         StuckVcpu {
             index,
             in_kvm_run: now.in_kvm_run,
             waited,
-            since_before_kick: now == at_kick,
+            since_before_kick,
+            lost_kick: now.in_kvm_run && !since_before_kick && kick_handled_before_entry && !armed,
         }
     }
 
@@ -182,15 +228,24 @@ impl VcpuControl {
 thread_local! {
     /// Points at this thread's `kvm_run.immediate_exit`, for the kick signal handler.
     static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+    /// Points at this thread's [`Whereabouts::kicks`], which the handler counts up.
+    static KICKS: Cell<*const AtomicU64> = const { Cell::new(std::ptr::null()) };
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Async-signal-safe: a const-initialised thread local and a volatile byte store.
+    // Async-signal-safe: const-initialised thread locals, a volatile byte store and an
+    // atomic add.
     let p = IMMEDIATE_EXIT.with(|c| c.get());
     if !p.is_null() {
         // SAFETY: set by the vCPU thread to a field of its own mapped kvm_run, which
         // outlives the thread's run loop; only this thread's handler runs here.
         unsafe { std::ptr::write_volatile(p, 1) };
+    }
+    let kicks = KICKS.with(|c| c.get());
+    if !kicks.is_null() {
+        // SAFETY: set by the vCPU thread to its own `Whereabouts::kicks`, inside the
+        // `VcpuControl` its run loop borrows; cleared before that borrow ends.
+        unsafe { (*kicks).fetch_add(1, Ordering::AcqRel) };
     }
     fence(Ordering::SeqCst);
 }
@@ -369,6 +424,9 @@ fn lock_down(seccomp: bool) -> Result<(), StopReason> {
 fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devices, seccomp: bool) {
     let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+    if let Some(w) = control.whereabouts.get(index) {
+        KICKS.with(|c| c.set(&w.kicks));
+    }
 
     let reason = match lock_down(seccomp) {
         Err(reason) => Some(reason),
@@ -376,6 +434,7 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
     };
 
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    KICKS.with(|c| c.set(std::ptr::null()));
     let mut shared = control.lock();
     shared.exited += 1;
     control.changed.notify_all();
@@ -473,7 +532,11 @@ enum Step {
 }
 
 fn run_once(index: usize, fd: &mut VcpuFd, control: &VcpuControl, devices: &Devices) -> Step {
-    control.record(index, true);
+    let immediate_exit: *const u8 = &fd.get_kvm_run().immediate_exit;
+    // SAFETY: a field of this thread's own mapped kvm_run; the kick handler may store to
+    // it at any time, hence the volatile read.
+    let armed = unsafe { std::ptr::read_volatile(immediate_exit) } != 0;
+    control.record_entry(index, armed);
     let ran = fd.run();
     control.record(index, false);
     match ran {
@@ -603,6 +666,35 @@ mod tests {
             long_in_lpvmm.to_string(),
             "vCPU 0: in lpvmm (handling an exit) for 5.0 s"
         );
+    }
+
+    /// A vCPU that entered `KVM_RUN` after handling its kick is held by the host only if
+    /// it entered with `immediate_exit` set; with it clear, lpvmm dropped the kick.
+    #[test]
+    fn a_kick_lpvmm_dropped_is_lpvmms_never_the_hosts() {
+        let waited = Duration::from_millis(5000);
+        for armed in [false, true] {
+            let c = control(1);
+            c.record(0, true);
+            c.record(0, false);
+            let at_kick = c.seen()[0];
+            // The handler ran (the thread left KVM_RUN with EINTR), then the thread went in
+            // again.
+            c.whereabouts[0].kicks.fetch_add(1, Ordering::AcqRel);
+            c.record_entry(0, armed);
+            let stuck = c.stuck(0, at_kick, waited);
+            let text = stuck.to_string();
+            assert_eq!(stuck.lost_kick, !armed, "{text}");
+            assert_eq!(text.contains(HOST_HELD), armed, "{text}");
+            assert_eq!(text.contains(LPVMM_LOST_KICK), !armed, "{text}");
+        }
+        // The kick not yet handled when it entered: the signal was pending in KVM_RUN,
+        // which a healthy host kernel answers at once.
+        let c = control(1);
+        let at_kick = c.seen()[0];
+        c.record_entry(0, false);
+        let stuck = c.stuck(0, at_kick, waited);
+        assert!(!stuck.lost_kick && stuck.to_string().contains(HOST_HELD));
     }
 
     #[test]
