@@ -17,6 +17,10 @@ phase "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 phase "cargo test (unit and integration)"
 log=$(mktemp)
+# Every retry the harness makes files its evidence here, one file each; the run gets
+# 3 retries in all (tests/src/retries.rs, docs/testing.md).
+export LPVMM_TEST_LOG_DIR="$ROOT/target/test-logs/run-$(date +%Y%m%d-%H%M%S)-$$"
+mkdir -p "$LPVMM_TEST_LOG_DIR"
 trap 'rm -f "$log"' EXIT
 # --no-fail-fast: every test binary runs and reports, even after one has failed. The
 # short fuzz run is one of them (fuzz/tests/short_run.rs; the long runs: scripts/fuzz.sh).
@@ -26,20 +30,24 @@ rc=${PIPESTATUS[0]}
 set -e
 phase "done"
 # One closing line for the whole run (cargo prints one per test binary).
-# Every test the harness ran again because the nested platform killed its guest or its
-# host is counted here and listed, so that no retry hides in a long log.
 awk '/^test result:/ { p += $4; f += $6 }
-     # Anywhere in a line: libtest may print "test NAME ... " before it. Only the
-     # retry lines of the harness count (tests/src/group.rs, host.rs): the console of a
-     # guest in a failure text has WARNING lines of its own (the kernel "WARNING: CPU:
-     # ...", its SRSO notice), which are not retries. No apostrophes in this program.
-     /WARNING: (a guest died of|the test host|guest [^ ]+ died during boot|[^ ]+ passed but left the test host)/ {
-       w[++n] = substr($0, index($0, "WARNING: "))
-     }
-     END {
-       printf "tests: %d passed, %d failed; platform retries and host replacements: %d\n", p, f, n
-       for (i = 1; i <= n; i++) print "  " substr(w[i], 1, 300)
-     }' "$log"
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+# Every retry, with its signature and evidence file; more than the budget fails the run.
+budget=3
+retries=("$LPVMM_TEST_LOG_DIR"/retry-*.txt)
+[ -e "${retries[0]}" ] || retries=()
+echo "platform retries: ${#retries[@]} of at most $budget (evidence: $LPVMM_TEST_LOG_DIR)"
+for f in "${retries[@]}"; do
+	test=$(sed -n 's/^test: //p' "$f" | head -n 1)
+	sig=$(sed -n 's/^signature: //p' "$f" | head -n 1)
+	echo "  $test: ${sig:0:200} ($f)"
+done
+# Hosts replaced after a test that passed but left them unusable (not retries).
+{ grep -o 'WARNING: [^ ]* passed but left the test host unusable.*' "$log" || true; } | sed 's/^/  /'
+if ((${#retries[@]} > budget)); then
+	echo "FAILED: ${#retries[@]} platform retries in one run, more than the budget of $budget" >&2
+	rc=1
+fi
 # Where the time went: the integration tests that took longest (each prints a TIME line).
 { grep -o 'TIME: [^ ]* [0-9]* s' "$log" || true; } | sort -k3,3nr | awk '
   { total += $3; if (NR <= 10) top[NR] = "  " $2 " " $3 " s" }

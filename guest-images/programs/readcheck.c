@@ -7,8 +7,12 @@
  * Each process opens, reads and closes FILE in a loop until STOPFILE exists. A read is
  * good if its content, without one trailing newline, equals one of the TEXTs. At the end
  * one line:
- *   readcheck: OK reads=N matches=N1,N2,...        exit 0
- *   readcheck: FAIL reads=N bad=M first="..."      exit 1
+ *   readcheck: OK reads=N matches=N1,N2,... switches=S min=L max=H   exit 0
+ *   readcheck: FAIL reads=N bad=M first="..."                        exit 1
+ * where Nt counts the reads of TEXT t, and S the times a process read a different text
+ * than its good read before (summed over the processes; L and H are the fewest and the
+ * most one process saw): a process that reads through K changes of the file sees at
+ * most K switches, and at least one for each change it outlasts by a whole read.
  */
 #include <fcntl.h>
 #include <stdio.h>
@@ -22,7 +26,7 @@
 #define MAX_PROCS 64
 
 struct counts {
-	unsigned long reads, bad, match[MAX_TEXTS];
+	unsigned long reads, bad, switches, match[MAX_TEXTS];
 	char first_bad[128];
 };
 
@@ -52,6 +56,7 @@ int main(int argc, char **argv)
 	for (int p = 0; p < procs; p++) {
 		if (fork() == 0) {
 			char buf[4096];
+			int last = -1;
 			while (access(stop, F_OK) != 0) {
 				int fd = open(file, O_RDONLY);
 				ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof(buf) - 1);
@@ -69,6 +74,9 @@ int main(int argc, char **argv)
 						break;
 				if (t < ntexts) {
 					c[p].match[t]++;
+					if (last >= 0 && t != last)
+						c[p].switches++;
+					last = t;
 				} else if (c[p].bad++ == 0) {
 					snprintf(c[p].first_bad, sizeof(c[p].first_bad), "%s", buf);
 				}
@@ -78,10 +86,16 @@ int main(int argc, char **argv)
 	}
 	while (wait(NULL) > 0)
 		;
-	unsigned long reads = 0, bad = 0, match[MAX_TEXTS] = {0};
+	unsigned long reads = 0, bad = 0, switches = 0, min = (unsigned long)-1, max = 0;
+	unsigned long match[MAX_TEXTS] = {0};
 	const char *first = "";
 	for (int p = 0; p < procs; p++) {
 		reads += c[p].reads;
+		switches += c[p].switches;
+		if (c[p].switches < min)
+			min = c[p].switches;
+		if (c[p].switches > max)
+			max = c[p].switches;
 		if (c[p].bad && !bad)
 			first = c[p].first_bad;
 		bad += c[p].bad;
@@ -95,7 +109,7 @@ int main(int argc, char **argv)
 	printf("readcheck: OK reads=%lu matches=", reads);
 	for (int t = 0; t < ntexts; t++)
 		printf("%s%lu", t ? "," : "", match[t]);
-	printf("\n");
+	printf(" switches=%lu min=%lu max=%lu\n", switches, min, max);
 	return 0;
 usage:
 	fprintf(stderr, "usage: readcheck -p PROCS -f FILE -s STOPFILE TEXT...\n");

@@ -134,6 +134,14 @@ impl Console {
         self.buf.0.lock().unwrap().data.len()
     }
 
+    /// The last `n` bytes received, consumed or not (consumes nothing): what a console
+    /// showed last, as evidence.
+    pub fn last(&self, n: usize) -> String {
+        let g = self.buf.0.lock().unwrap();
+        let from = g.data.len().saturating_sub(n);
+        String::from_utf8_lossy(&g.data[from..]).into_owned()
+    }
+
     /// Everything received and not yet consumed (consumes it).
     pub fn drain(&self) -> String {
         let (m, _) = &*self.buf;

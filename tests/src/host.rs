@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::console::{tail, Console};
+use crate::verdict::{decide, Decision, Evidence};
 use crate::{images_dir, lpvmm_binary, repo_root};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,31 +56,14 @@ pub const PLATFORM_ATTEMPTS: u32 = 3;
 /// The file [`TestHost::mark_attempt`] touches in the host's scratch directory.
 const ATTEMPT_MARK: &str = "lpvmm-attempt.mark";
 
-/// Whether lpvmm's report (or a test failure quoting it) is one of the guest deaths
-/// seen on the nested test host without any lpvmm fault identified (docs/testing.md,
-/// "Known platform quirks").
-pub fn platform_guest_death(report: &str) -> bool {
-    [
-        "triple fault",
-        "guest kernel panic: Fatal exception in interrupt",
-    ]
-    .iter()
-    .any(|m| report.contains(m))
-}
+pub use crate::verdict::platform_guest_death;
 
-/// Whether a failure report shows the test host's own kernel at fault rather than a
-/// guest or lpvmm: it kept a vCPU inside `KVM_RUN` although lpvmm kicked it (lpvmm names
-/// such a vCPU when a pause times out, [`lpvmm::vcpu::HOST_HELD`]; a healthy kernel
-/// returns within microseconds of a pending signal), or it could not end a VMM process
-/// with SIGKILL (a thread stuck in the kernel; no program can do that to a healthy
-/// one). Either leaves the host's KVM suspect for every later guest (on 2026-12-02 one
-/// such vCPU was followed by seven guests that never printed a byte), so the test runs
-/// again on a new host. A vCPU stuck *in lpvmm* is never taken for this.
+/// Whether a report names the test host at fault in lpvmm's or the harness's words
+/// ([`crate::verdict::HostFault`]; an address of the host's KVM code counts only where
+/// the harness named it, with [`crate::HOST_CODE_IN_GUEST`]). The boot watch asks it of
+/// `lpvmm regs`, to end a stalled boot at once.
 pub fn platform_host_fault(report: &str) -> bool {
-    report.contains(lpvmm::vcpu::HOST_HELD)
-        || report.contains(SURVIVED_SIGKILL)
-        || report.contains(IMPOSSIBLE_AT_BOOT)
-        || report.contains(HOST_KERNEL_FAULT)
+    crate::verdict::host_fault_of(report, &[]).is_some()
         || report.contains(crate::HOST_CODE_IN_GUEST)
 }
 
@@ -89,22 +73,31 @@ pub fn platform_host_fault(report: &str) -> bool {
 /// healthy kernel do that, so the host is replaced and the test runs again.
 pub const HOST_KERNEL_FAULT: &str = "the test host's own kernel reported a fault";
 
-/// The test host's kernel log lines that say its kernel failed (not its guests': those
-/// reach the guest console, never the host's log).
-const HOST_FAULT_LINES: &[&str] = &[
-    "soft lockup",
-    "hard LOCKUP",
-    "detected stall",
-    "BUG:",
-    "Oops:",
+/// How the test host's kernel starts the message of its own failure, right after the
+/// log's time stamp (kernel-format lines only: the kernel also logs a user-space crash,
+/// `traps: lpvmm[912] general protection fault ip:…`, and `lpvmm[912]: segfault at …`,
+/// which are lpvmm's, never the host's).
+const HOST_FAULT_STARTS: &[&str] = &[
+    "watchdog: BUG: soft lockup",
+    "watchdog: Watchdog detected hard LOCKUP",
+    "BUG: ",
+    "Oops: ",
     "general protection fault",
-    "Kernel panic",
+    "Kernel panic - not syncing",
 ];
 
-/// The lines of `log` (a `dmesg` with time stamps) that say the kernel failed.
+/// The lines of `log` (a `dmesg` with time stamps) that say the kernel itself failed.
 pub fn host_fault_lines(log: &str) -> Vec<&str> {
     log.lines()
-        .filter(|l| HOST_FAULT_LINES.iter().any(|m| l.contains(m)))
+        .filter(|l| {
+            let msg = l
+                .trim_start()
+                .strip_prefix('[')
+                .and_then(|r| r.split_once(']'))
+                .map_or("", |(_, m)| m.trim_start());
+            HOST_FAULT_STARTS.iter().any(|m| msg.starts_with(m))
+                || (msg.starts_with("rcu: INFO: ") && msg.contains("detected stall"))
+        })
         .collect()
 }
 
@@ -166,11 +159,6 @@ impl BootFailure {
             ),
             BootFailure::Other(e) => e.clone(),
         }
-    }
-
-    /// The VMM reported one of the platform's known guest deaths.
-    pub fn platform_death(&self) -> bool {
-        matches!(self, BootFailure::Exited { stderr, .. } if platform_guest_death(stderr))
     }
 }
 
@@ -844,6 +832,20 @@ impl TestHost {
         self.boot_guest_initrd(name, series, vcpus, &initrd, extra)
     }
 
+    /// Like [`TestHost::boot_guest`] with another VMM command (`vmm` in place of the
+    /// path of lpvmm, for example with variables set in front).
+    pub fn boot_guest_vmm(
+        &mut self,
+        vmm: &str,
+        name: &str,
+        series: &str,
+        vcpus: u8,
+        extra: &str,
+    ) -> Result<(Guest<'_>, String), String> {
+        let initrd = self.image("guest-initrd.cpio.gz");
+        self.boot_guest_with(vmm, name, series, vcpus, &initrd, extra)
+    }
+
     /// Like [`TestHost::boot_guest`] with another initrd (a path on the host).
     pub fn boot_guest_initrd(
         &mut self,
@@ -853,46 +855,157 @@ impl TestHost {
         initrd: &str,
         extra: &str,
     ) -> Result<(Guest<'_>, String), String> {
-        // 512 MiB unless `extra` says otherwise (lpvmm takes each option once).
-        let memory = match extra.contains("--memory") {
-            true => "",
-            false => "--memory 512M",
-        };
-        let args = format!(
-            "--kernel {} --initrd {initrd} --vcpus {vcpus} {memory} --cmdline '{GUEST_CMDLINE}' {extra}",
-            self.guest_kernel(series),
-        );
-        // A 2-vCPU guest on the nested TCG test host sometimes triple-faults during
-        // boot, before lpvmm did anything but run it (docs/testing.md, "Known platform
-        // quirks"): such a boot is repeated, said loudly.
-        let cmd = format!("{} run --name {name} {args}", self.lpvmm());
+        let vmm = self.lpvmm();
+        self.boot_guest_with(&vmm, name, series, vcpus, initrd, extra)
+    }
+
+    fn boot_guest_with(
+        &mut self,
+        vmm: &str,
+        name: &str,
+        series: &str,
+        vcpus: u8,
+        initrd: &str,
+        extra: &str,
+    ) -> Result<(Guest<'_>, String), String> {
+        // A 2-vCPU guest on the nested TCG test host sometimes dies during boot, before
+        // lpvmm did anything but run it (docs/testing.md, "Known platform quirks"): such a
+        // boot is repeated, said loudly, where the harness's rule lets it.
+        let cmd = self.run_command(vmm, name, series, vcpus, initrd, extra);
         let booting = Instant::now();
         let mut attempt = 1;
         let line = loop {
-            match self.spawn_and_wait_ready(name, &cmd) {
+            let failure = match self.spawn_and_wait_ready(name, &cmd) {
                 Ok(line) => break line,
-                Err(failure) if failure.platform_death() && attempt < PLATFORM_ATTEMPTS => {
-                    eprintln!(
-                        "WARNING: guest {name} died during boot of a known platform fault \
-                         (attempt {attempt} of {PLATFORM_ATTEMPTS}); booting it again.\n{}",
-                        failure.report()
-                    );
-                    attempt += 1;
-                }
-                Err(failure) => return Err(failure.report()),
+                Err(failure) => failure,
+            };
+            // The same rule as a test's retry (crate::verdict), with the same budget.
+            let (report, decision) = self.judge_boot_failure(&failure);
+            let why = decision.signature().to_string();
+            if !matches!(decision, Decision::RetrySameHost(_)) || attempt == PLATFORM_ATTEMPTS {
+                return Err(format!("{report}\n(harness, booting {name}: {why})"));
             }
+            let file = crate::retries::file_retry(&format!("boot of {name}"), &why, &report)
+                .map_err(|no| format!("{report}\n(harness: {why}; not booted again: {no})"))?;
+            eprintln!(
+                "WARNING: retry: boot of guest {name}: {why} (attempt {attempt} of \
+                 {PLATFORM_ATTEMPTS}; booting it again; evidence: {})",
+                file.display()
+            );
+            attempt += 1;
         };
         eprintln!(
             "guest {name} ready after {:.1} s",
             booting.elapsed().as_secs_f64()
         );
+        Ok((self.ready_guest(name)?, line))
+    }
+
+    /// [`TestHost::boot_guest`] tried once: a guest that dies booting is returned as such
+    /// and never booted again, so that a caller that counts deaths (the endurance bench,
+    /// as it counts its peer's) sees every one.
+    pub fn boot_guest_once(
+        &mut self,
+        name: &str,
+        series: &str,
+        vcpus: u8,
+        extra: &str,
+    ) -> Result<(Guest<'_>, String), BootFailure> {
+        let (vmm, initrd) = (self.lpvmm(), self.image("guest-initrd.cpio.gz"));
+        let cmd = self.run_command(&vmm, name, series, vcpus, &initrd, extra);
+        let line = self.spawn_and_wait_ready(name, &cmd)?;
+        Ok((self.ready_guest(name).map_err(BootFailure::Other)?, line))
+    }
+
+    /// `VMM run --name NAME ...` for a test guest.
+    fn run_command(
+        &self,
+        vmm: &str,
+        name: &str,
+        series: &str,
+        vcpus: u8,
+        initrd: &str,
+        extra: &str,
+    ) -> String {
+        // 512 MiB unless `extra` says otherwise (lpvmm takes each option once).
+        let memory = match extra.contains("--memory") {
+            true => "",
+            false => "--memory 512M",
+        };
+        format!(
+            "{vmm} run --name {name} --kernel {} --initrd {initrd} --vcpus {vcpus} {memory} \
+             --cmdline '{GUEST_CMDLINE}' {extra}",
+            self.guest_kernel(series),
+        )
+    }
+
+    /// The guest whose ready line was seen, once its shell prompts.
+    fn ready_guest(&mut self, name: &str) -> Result<Guest<'_>, String> {
         let guest = self.guest(name);
         // The first prompt can appear before readline has switched the tty to its raw
         // mode, and a line typed across that switch arrives split (seen on 6.12). An
         // empty line absorbs the switch harmlessly.
         guest.console().wait_str(PROMPT, CMD_TIMEOUT)?;
         guest.host.guest_console_send("\n")?;
-        Ok((guest, line))
+        Ok(guest)
+    }
+
+    /// Start the test host's trace of where guests die (nested, unless
+    /// `LPVMM_TEST_HOST_TRACE=0`); evidence only, so a trace that cannot be set up
+    /// leaves the host running (a death then cannot be placed, and fails its test).
+    pub fn start_death_trace(&mut self) {
+        if let Some(what) = self.death_trace() {
+            let _ = self.trace_kvm(what);
+        }
+    }
+
+    /// Empty the death trace and record again (at the start of each attempt).
+    pub fn restart_death_trace(&mut self) {
+        if self.death_trace().is_some() {
+            let _ = self.restart_kvm_trace();
+        }
+    }
+
+    /// What this host traces of its guests' deaths, if anything.
+    fn death_trace(&self) -> Option<crate::KvmTrace> {
+        crate::harness_host_trace().filter(|_| self.mode == HostMode::Nested)
+    }
+
+    /// A failed attempt's whole report (the failure, every VMM's stderr since the mark
+    /// with lpvmm's post-mortem, the host kernel's own fault lines, the guest console's
+    /// last output, and for a guest death the test host's trace of it) and what the
+    /// harness does about it ([`crate::verdict::decide`]).
+    pub fn judge_failure(&mut self, err: String) -> (String, Decision) {
+        if !self.answers() {
+            let decision = decide(&Evidence::of(&err, false, &[]));
+            return (err, decision);
+        }
+        let host_kernel = self.host_kernel_faults_since_mark().unwrap_or_default();
+        let report = format!(
+            "{err}\n{}\n{host_kernel}\nthe guest console's last output:\n{}",
+            self.vmm_reports_since_mark(),
+            self.guest_console().last(3000)
+        );
+        self.judge_report(report)
+    }
+
+    /// [`TestHost::judge_failure`] for a boot that failed.
+    fn judge_boot_failure(&mut self, failure: &BootFailure) -> (String, Decision) {
+        self.judge_report(failure.report())
+    }
+
+    fn judge_report(&mut self, report: String) -> (String, Decision) {
+        let report = if self.death_trace().is_some() && platform_guest_death(&report) {
+            let trace = self.kvm_trace_of_death();
+            let _ = self.restart_kvm_trace();
+            let memory = self.memory_counters();
+            format!("{report}\ntest host's KVM trace:\n{trace}\ntest host's memory: {memory}")
+        } else {
+            report
+        };
+        let kvm = self.kvm_modules();
+        let decision = decide(&Evidence::of(&report, true, &kvm));
+        (report, decision)
     }
 
     fn guest_console(&self) -> &Console {
@@ -1160,6 +1273,7 @@ mod tests {
             in_kvm_run: true,
             waited: Duration::from_secs(5),
             since_before_kick: true,
+            lost_kick: false,
         };
         let report = format!("lpvmm: error: vCPU(s) [1] did not park within 5s ({held})");
         assert!(platform_host_fault(&report), "{report}");
@@ -1200,8 +1314,15 @@ mod tests {
                        [   41.000000] clocksource: timekeeping watchdog on CPU1: Marking \
                        clocksource 'tsc' as unstable";
         assert!(host_fault_lines(healthy).is_empty());
+        // A crash of lpvmm itself, as the host's kernel logs it, is lpvmm's.
+        let lpvmm_crash = "[  300.1] traps: lpvmm[912] general protection fault ip:55d0c0 sp:7ffd error:0 in lpvmm[55d0+1000]\n\
+                           [  300.1] lpvmm[913]: segfault at 8 ip 000055d0c0 sp 00007ffd error 4 in lpvmm\n\
+                           [  300.2] potential BUG: in a message";
+        assert!(host_fault_lines(lpvmm_crash).is_empty());
         for fault in [
             "[  301.2] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [lpvmm:vcpu1:912]",
+            "[  301.2] BUG: unable to handle page fault for address: ffff888000000000",
+            "[  301.2] Kernel panic - not syncing: Fatal exception",
             "[  301.2] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
             "[  301.2] Oops: 0000 [#1] PREEMPT SMP NOPTI",
             "[  301.2] general protection fault, probably for non-canonical address",

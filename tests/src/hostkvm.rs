@@ -5,13 +5,13 @@
 //! platform killed it:
 //!
 //! - **Its code addresses.** The test host's KVM modules lie at fixed addresses (the
-//!   test host boots with `nokaslr`), in module space, where lpvmm's guests have nothing
-//!   (they load no modules, and lpvmm's patch area lies in the kernel image's range,
-//!   below 0xffffffffc0000000: patcher/src/area.rs). A guest vCPU found at such an
-//!   address, or a guest task with one on its stack, ran with the test host's own
-//!   state: seen on 2026-12-06, vCPU 1 at `__svm_vcpu_run+0x9c` of the test host's
-//!   kvm_amd, and, in the CI run of 020614f, a guest task holding that same address.
-//!   No VMM can give its guest the host kernel's registers.
+//!   test host boots with `nokaslr`). A guest vCPU found at such an address (its RIP:
+//!   the trace's shutdown exit, `lpvmm regs`, lpvmm's triple-fault line) ran with the
+//!   test host's own state: seen on 2026-12-06, vCPU 1 at `__svm_vcpu_run+0x9c` of the
+//!   test host's kvm_amd. No VMM can give its guest the host kernel's registers. Only a
+//!   dead vCPU's RIP counts ([`dead_vcpu_rips`]): the guest's own module area (ftrace trampolines,
+//!   kprobe slots) can overlap the host's KVM range, so an address on a task's stack
+//!   says nothing of the host.
 //! - **Its trace.** On AMD a triple fault resets the vCPU before its VMM sees it (its
 //!   registers then read the reset vector: `shutdown_interception` in
 //!   arch/x86/kvm/svm/svm.c), so lpvmm cannot say where a dead guest was. The test
@@ -31,8 +31,8 @@ const TRACEFS: &str = "/sys/kernel/debug/tracing";
 /// SVM's exit code for a shutdown (a triple fault), as `kvm_exit` records it.
 const SVM_EXIT_SHUTDOWN: u32 = 0x7f;
 
-/// How the harness says a guest held an address of the test host's KVM code
-/// ([`address_in_report`]); [`crate::platform_host_fault`] recognises it.
+/// How the harness says a vCPU's RIP lay in the test host's KVM code
+/// ([`crate::verdict::HostFault::HostCodeAtRip`]).
 pub const HOST_CODE_IN_GUEST: &str = "the guest held an address of the test host's own KVM code";
 
 /// What the harness traces on its nested test hosts: [`KvmTrace::Deaths`] unless
@@ -144,6 +144,46 @@ pub fn death_in_patch_code(report: &str) -> Option<String> {
         .collect::<Vec<_>>()
         .join(" ");
     address_in_report(&where_died, &ranges)
+}
+
+/// Where a report places a guest's death: the test host's trace of its shutdown
+/// (`reason shutdown rip 0x…`) and the oops lpvmm saw on the guest's console before the
+/// panic (`the guest's last oops was at RIP: 0010:…`, an address or `function+off/size`).
+/// Other addresses and oopses in a report (a warning earlier in the run, a task's
+/// stack) say nothing of where the guest died and are not read.
+pub fn death_places(report: &str) -> Vec<String> {
+    let oops = format!("{} RIP: 0010:", lpvmm::devices::LAST_OOPS_AT);
+    report
+        .lines()
+        .filter_map(|l| {
+            l.split("reason shutdown rip ")
+                .nth(1)
+                .or_else(|| l.split(oops.as_str()).nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Where a dead vCPU was, as a report gives it: the test host's trace of the shutdown
+/// exit (`reason shutdown rip 0x…`) and lpvmm's own triple-fault line (`triple fault on
+/// vCPU N at rip 0x…`). The one place an address of the test host's KVM code names the
+/// host: a running guest's vCPU (`lpvmm regs`), a task's stack or other output may hold
+/// an address of the guest's own module area, which can overlap the host's KVM range.
+pub fn dead_vcpu_rips(report: &str) -> Vec<String> {
+    report
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("reason shutdown rip ").nth(1).or_else(|| {
+                l.split("triple fault on vCPU ")
+                    .nth(1)
+                    .and_then(|r| r.split(" at rip ").nth(1))
+            })?;
+            rest.split_whitespace()
+                .next()
+                .map(|t| t.trim_end_matches([',', ')']).to_string())
+        })
+        .collect()
 }
 
 /// A token of a report read as a kernel address, if it is one.
@@ -302,6 +342,31 @@ mod tests {
         ] {
             assert_eq!(death_in_patch_code(&report), None, "{report}");
         }
+    }
+
+    #[test]
+    fn only_a_dead_vcpus_rip_is_read_as_where_it_was() {
+        let report = "vCPU 1 rip 0xffffffffc032ddcc rsp 0xffffc90000967b80\n\
+            {\"index\": 0, \"rip\": 18446744072639143372, \"rsp\": 1}\n\
+            lpvmm: guest crashed (triple fault on vCPU 0 at rip 0xfff0 rsp 0x0 cr3 0x0): lpvmm ends the VM\n\
+            kvm_exit: vcpu 0 reason shutdown rip 0xffffffffb3a01a60 info1 0x0\n\
+            [<ffffffffc032ddcc>] RIP: 0010:0xffffffffc032ddcc";
+        assert_eq!(dead_vcpu_rips(report), ["0xfff0", "0xffffffffb3a01a60"]);
+    }
+
+    #[test]
+    fn a_death_is_placed_by_the_trace_or_the_oops_before_the_panic_only() {
+        let report = format!(
+            "[ 3.0] WARNING: CPU: 0 ...\n[ 3.0] RIP: 0010:memcpy+0x1/0x2\n\
+             kvm_exit: vcpu 0 reason shutdown rip 0xffffffffb3a01a60 info1 0x0\n\
+             lpvmm: guest kernel panic: Fatal exception in interrupt; {} RIP: 0010:srso_return_thunk+0x0/0x10",
+            lpvmm::devices::LAST_OOPS_AT
+        );
+        assert_eq!(
+            death_places(&report),
+            ["0xffffffffb3a01a60", "srso_return_thunk+0x0/0x10"]
+        );
+        assert!(death_places("[ 3.0] RIP: 0010:memcpy+0x1/0x2").is_empty());
     }
 
     #[test]

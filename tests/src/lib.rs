@@ -11,10 +11,13 @@
 //! Images come from `guest-images/build.sh` (see guest-images/README.md).
 
 mod console;
+pub mod fault_injection;
 mod group;
 mod host;
 mod hostkvm;
 pub mod patchtest;
+pub mod retries;
+pub mod verdict;
 
 pub use console::{tail, Console};
 pub use group::{
@@ -25,8 +28,8 @@ pub use host::{
     BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
 };
 pub use hostkvm::{
-    address_in_report, death_in_patch_code, harness_host_trace, CodeRange, KvmTrace,
-    DIED_IN_PATCH_CODE, HOST_CODE_IN_GUEST,
+    address_in_report, dead_vcpu_rips, death_in_patch_code, death_places, harness_host_trace,
+    CodeRange, KvmTrace, DIED_IN_PATCH_CODE, HOST_CODE_IN_GUEST,
 };
 
 use std::path::PathBuf;

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{check, json, lpvmm_binary, repo_root, Guest, TestResult, SPLATS};
+use crate::{
+    address_in_report, check, json, lpvmm_binary, repo_root, CodeRange, Guest, HostMode,
+    TestResult, SPLATS,
+};
 
 /// Where the test host keeps a patch the tests built.
 pub fn patch_path(name: &str) -> String {
@@ -218,6 +221,83 @@ pub fn kill(g: &mut Guest, pid: i64) -> TestResult {
     Ok(())
 }
 
+/// Where lpvmm's own report of a guest's triple fault (`triple fault on vCPU N at rip
+/// 0x…`, in its stderr) puts the vCPU, when that says anything: a kernel-half address.
+/// On AMD, KVM resets a vCPU after its shutdown before lpvmm can read it (`rip 0xfff0`,
+/// the reset vector: `shutdown_interception` in arch/x86/kvm/svm/svm.c), which says
+/// nothing and gives `None`; Intel's KVM keeps the state of the fault.
+pub fn triple_fault_rip(stderr: &str) -> Option<u64> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("triple fault on vCPU"))
+        .find_map(|l| {
+            let hex = l.split(" at rip 0x").nth(1)?.split_whitespace().next()?;
+            u64::from_str_radix(hex, 16).ok()
+        })
+        .filter(|&rip| rip >= 0xffff_8000_0000_0000)
+}
+
+/// The patch code the VMM announced it mapped in the guest (`PATCH_CODE_MAPPED
+/// START-END`, in its stderr).
+pub fn patch_code_ranges(stderr: &str) -> Vec<CodeRange> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split(lpvmm::patching::PATCH_CODE_MAPPED).nth(1))
+        .filter_map(|rest| {
+            let (a, b) = rest.split_whitespace().next()?.split_once('-')?;
+            let hex = |x: &str| u64::from_str_radix(x.strip_prefix("0x")?, 16).ok();
+            let (start, end) = (hex(a)?, hex(b)?);
+            (end > start).then(|| CodeRange {
+                name: "lpvmm's patch code".into(),
+                start,
+                size: end - start,
+            })
+        })
+        .collect()
+}
+
+/// `rip` as an offset into the patch code of [`patch_code_ranges`], if it lies there.
+pub fn in_patch_code(stderr: &str, rip: u64) -> Option<String> {
+    address_in_report(&format!("{rip:#018x}"), &patch_code_ranges(stderr))
+}
+
+/// The end of a test that killed its guest on purpose and has nothing that says where
+/// the guest died: no test host trace (natively there is no test host; nested, the user
+/// turned it off) and lpvmm's own report shows the reset vector (AMD). Where the user
+/// set `LPVMM_TEST_HOST_TRACE=0` on purpose, the location check is skipped, loudly;
+/// otherwise this is a failure, never a silent pass.
+pub fn unlocated_death(mode: HostMode, what: &str, stderr: &str) -> TestResult {
+    let skip = std::env::var("LPVMM_TEST_HOST_TRACE").as_deref() == Ok("0");
+    unlocated(mode, what, stderr, skip)
+}
+
+/// [`unlocated_death`], with whether the user turned the trace off on purpose.
+fn unlocated(mode: HostMode, what: &str, stderr: &str, skip: bool) -> TestResult {
+    let why = match mode {
+        HostMode::Native => "natively there is no test host, so no KVM trace of the guest's death",
+        HostMode::Nested => "the test host kept no KVM trace",
+    };
+    let lpvmm_said = stderr
+        .lines()
+        .find(|l| l.contains("triple fault on vCPU"))
+        .unwrap_or("(no triple fault line)")
+        .trim();
+    if skip {
+        eprintln!(
+            "LOCATION NOT CHECKED: {what}: LPVMM_TEST_HOST_TRACE=0 was set, {why}, and lpvmm's \
+             own report does not say where ({lpvmm_said}); the exit code and lpvmm's message \
+             were checked, where the guest died was not"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "{what} cannot be located: {why}, and lpvmm's own report does not say where \
+         ({lpvmm_said}: on AMD, KVM resets a vCPU after a triple fault before lpvmm reads \
+         it). Run the test nested (LPVMM_TEST_FORCE_NESTED=1) for the test host's trace, \
+         or set LPVMM_TEST_HOST_TRACE=0 to skip the location check on purpose"
+    ))
+}
+
 /// Run a host command; fail with its output unless it succeeds.
 pub fn run_cmd(cmd: &mut Command) -> TestResult {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -411,5 +491,39 @@ mod tests {
         );
         assert!(early_checks(&serde_json::json!({"history": [{"id": 1}]})).is_err());
         assert!(early_checks(&serde_json::json!({"history": []})).is_err());
+    }
+
+    #[test]
+    fn a_triple_fault_is_placed_only_by_a_kernel_address() {
+        let mapped = lpvmm::patching::PATCH_CODE_MAPPED;
+        let stderr = format!(
+            "{mapped} 0xffffffffc0000000-0xffffffffc0010000 (patches and trampolines)\n\
+             lpvmm: guest crashed (triple fault on vCPU 0 at rip 0xffffffffc000001a rsp 0x1 \
+             cr3 0x2 cs 0x10): lpvmm ends the VM"
+        );
+        assert_eq!(triple_fault_rip(&stderr), Some(0xffff_ffff_c000_001a));
+        assert!(in_patch_code(&stderr, 0xffff_ffff_c000_001a)
+            .is_some_and(|at| at.contains("lpvmm's patch code+0x1a")));
+        assert_eq!(in_patch_code(&stderr, 0xffff_ffff_8100_0000), None);
+        // The reset vector (AMD) and a report without a place say nothing.
+        let reset =
+            "guest crashed (triple fault on vCPU 1 at rip 0xfff0 rsp 0x0 cr3 0x0 cs 0xf000)";
+        assert_eq!(triple_fault_rip(reset), None);
+        assert_eq!(
+            triple_fault_rip("guest crashed (triple fault on vCPU 0)"),
+            None
+        );
+        assert_eq!(triple_fault_rip(""), None);
+        assert!(patch_code_ranges("no announcement").is_empty());
+        // Nothing to place it by: a failure that says why, unless skipped on purpose.
+        let native = unlocated(HostMode::Native, "the triple fault", reset, false);
+        assert!(
+            native.is_err_and(|e| e.contains("natively there is no test host")
+                && e.contains("rip 0xfff0")
+                && e.contains("LPVMM_TEST_HOST_TRACE=0"))
+        );
+        assert!(unlocated(HostMode::Nested, "the triple fault", reset, false).is_err());
+        assert!(unlocated(HostMode::Native, "the triple fault", reset, true).is_ok());
+        assert!(unlocated(HostMode::Nested, "the triple fault", reset, true).is_ok());
     }
 }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use lpvmm_tests::patchtest::{self, checksum, checksums, patch_path, run_cmd as run};
+use lpvmm_tests::patchtest::{
+    self, checksum, checksums, in_patch_code, patch_path, run_cmd as run, triple_fault_rip,
+    unlocated_death,
+};
 use lpvmm_tests::{
     check, death_in_patch_code, host_files_or_exit, host_trial, json, lpvmm_binary, repo_root,
     run_group, series_trials, Guest, TestHost, TestResult, DIED_IN_PATCH_CODE, EXIT_TIMEOUT,
@@ -123,6 +126,11 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let text_before = text_sum(&mut g)?;
     let uname_before = g.run("uname -a")?.trim().to_string();
+    let release = g.text("uname -r")?;
+    check!(
+        release.starts_with(&format!("{series}.")),
+        "{series}: uname -r says {release:?}"
+    );
 
     apply(&mut g, "meminfo")?;
     let mem = g.text("cat /proc/meminfo")?;
@@ -134,10 +142,13 @@ fn meminfo_uname_static(host: &mut TestHost, series: &str) -> TestResult {
     );
 
     apply(&mut g, "uname")?;
-    let uname = g.run("uname -a")?;
+    // `uname -a`: sysname, nodename, release, version, ...: the version is the patch's,
+    // the release exactly the kernel's own (not a prefix: 6.1 is one of 6.12).
+    let uname = g.text("uname -a")?;
+    let fields: Vec<&str> = uname.split_whitespace().collect();
     check!(
-        uname.contains("lpvmm-live-patched") && uname.contains(series),
-        "{series}: uname -a says {uname:?}"
+        fields.get(3) == Some(&"lpvmm-live-patched") && fields.get(2) == Some(&release.as_str()),
+        "{series}: uname -a says {uname:?} (want release {release:?}, version lpvmm-live-patched)"
     );
 
     apply(&mut g, "static-call")?;
@@ -259,10 +270,33 @@ fn blocked_transition(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: nsleep applied after {} ticks, {} ms (sleep {sleeper} blocked it)",
         t["ticks"], t["elapsed_ms"]
     );
-    // The patched common_nsleep is the one that sleeps now.
+    // The patched common_nsleep is the one that sleeps now: it counts the sleeps it
+    // served, and the patch's /proc/version shows the count.
+    let served = |g: &mut Guest| -> Result<u64, String> {
+        // Its own line: the shell may add a job's `Done` notice.
+        let v = g.text("cat /proc/version")?;
+        v.lines()
+            .find_map(|l| l.strip_prefix("lpvmm nsleep: "))
+            .and_then(|r| r.strip_suffix(" sleeps in the new common_nsleep"))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("{series}: /proc/version under the nsleep patch: {v:?}"))
+    };
+    let before = served(&mut g)?;
     let (code, _) = g.run_status("sleep 1", Duration::from_secs(60))?;
     check!(code == 0, "sleep under the patch exited {code}");
+    let after = served(&mut g)?;
+    check!(
+        after > before,
+        "{series}: `sleep 1` did not go through the new common_nsleep (its count went \
+         from {before} to {after})"
+    );
+    eprintln!("{series}: the new common_nsleep served `sleep 1` (count {before} -> {after})");
     toggle(&mut g, "disable", "nsleep")?;
+    let version = g.text("cat /proc/version")?;
+    check!(
+        version.starts_with("Linux version"),
+        "{series}: /proc/version after disable: {version:?}"
+    );
     let (rc, out) = g.lpvmm("patch unload {vm} nsleep")?;
     check!(rc == 0, "unload: {out}");
     check!(
@@ -360,6 +394,25 @@ fn under_load(host: &mut TestHost, series: &str) -> TestResult {
     g.run("touch /tmp/stop; wait")?;
     let log = g.run("cat /tmp/rc.log")?;
     check!(log.contains("readcheck: OK"), "{series}: bad reads: {log}");
+    // Every read was one of the two texts. That the patch came and went with the
+    // cycles: both texts were read, and each reader switched between them at least
+    // `cycles` times (a reader sees one switch each way for every enable and disable it
+    // outlasts by a whole read, and starts and ends on the original: at most
+    // 2 × `cycles`; each read takes well under a millisecond, each state lasts tens)
+    // and none more than twice per cycle (one that read the old text again while the
+    // patch stayed enabled would).
+    let (matches, min, max) = readcheck_counts(&log)
+        .ok_or_else(|| format!("{series}: no counts in readcheck's line: {log}"))?;
+    check!(
+        matches.len() == 2 && matches[0] > 0 && matches[1] > 0,
+        "{series}: readers did not see both the original and the patched text: {log}"
+    );
+    check!(
+        min >= cycles && max <= 2 * cycles,
+        "{series}: each reader should switch between the texts between {cycles} and {} \
+         times over {cycles} enable/disable cycles (min=, max=): {log}",
+        2 * cycles
+    );
     let splats = g.run(SPLATS)?;
     check!(
         splats.trim() == boot_splats.trim(),
@@ -377,6 +430,26 @@ fn under_load(host: &mut TestHost, series: &str) -> TestResult {
         log.trim()
     );
     g.poweroff().map(|_| ())
+}
+
+/// `readcheck`'s counts: the reads of each text (`matches=N1,N2`) and the fewest and
+/// the most switches between texts one reader saw (`min=L max=H`).
+fn readcheck_counts(log: &str) -> Option<(Vec<u64>, u64, u64)> {
+    let line = log.lines().find(|l| l.contains("readcheck: OK"))?;
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(key))
+            .map(str::to_string)
+    };
+    let matches = field("matches=")?
+        .split(',')
+        .map(|n| n.parse().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    Some((
+        matches,
+        field("min=")?.parse().ok()?,
+        field("max=")?.parse().ok()?,
+    ))
 }
 
 /// (file, what the refusal must say)
@@ -433,12 +506,26 @@ fn death_in_patch_code_is_lpvmms(host: &mut TestHost) -> TestResult {
         exit.code,
         exit.stderr
     );
-    let Some(trace) = host.trace_of_planned_death()? else {
-        return Ok(());
+    // Where it died: the harness's own rule over the test host's trace (nested), else
+    // lpvmm's own report where that keeps the vCPU's state (Intel); with neither, an
+    // explicit failure unless the user turned the trace off on purpose.
+    let at = match host.trace_of_planned_death()? {
+        Some(trace) => {
+            let report = format!("{}\n{trace}", exit.stderr);
+            death_in_patch_code(&report)
+                .ok_or_else(|| format!("the death was not placed in the patch code:\n{report}"))?
+        }
+        None => match triple_fault_rip(&exit.stderr) {
+            Some(rip) => in_patch_code(&exit.stderr, rip).ok_or_else(|| {
+                format!(
+                    "lpvmm's own report puts the triple fault at {rip:#x}, not in its patch \
+                     code:\n{}",
+                    exit.stderr
+                )
+            })?,
+            None => return unlocated_death(host.mode(), "the death in patch code", &exit.stderr),
+        },
     };
-    let report = format!("{}\n{trace}", exit.stderr);
-    let at = death_in_patch_code(&report)
-        .ok_or_else(|| format!("the death was not placed in the patch code:\n{report}"))?;
     eprintln!("{DIED_IN_PATCH_CODE}: {at}");
     Ok(())
 }
@@ -568,7 +655,11 @@ fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
 }
 
 fn main() {
-    host_files_or_exit(build_patches());
+    // The patches, and lpvmm built with the test-only fault-injection feature.
+    host_files_or_exit(build_patches().and_then(|mut files| {
+        files.push(lpvmm_tests::fault_injection::faulty_lpvmm()?);
+        Ok(files)
+    }));
     let mut trials = series_trials(&[
         ("cmdline_patched_and_restored", cmdline),
         ("meminfo_uname_and_static_call", meminfo_uname_static),
@@ -579,6 +670,10 @@ fn main() {
     trials.push(host_trial(
         "a_death_in_patch_code_is_lpvmms_and_named",
         death_in_patch_code_is_lpvmms,
+    ));
+    trials.push(host_trial(
+        "a_fault_of_lpvmms_is_never_retried",
+        lpvmm_tests::fault_injection::a_fault_of_lpvmms_is_never_retried,
     ));
     run_group(trials)
 }

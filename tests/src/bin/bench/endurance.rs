@@ -409,7 +409,16 @@ fn endurance_life(
     let (first, cycles) = (range.start, range.end);
     // A name per guest: one that died may leave its VMM's socket behind.
     let name = format!("endure-{}-{nth}", series.replace('.', "_"));
-    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    // Booted once, as the peer's guests are: a guest that dies booting is a death, counted
+    // the same way in both arms (the suite's harness would boot it again).
+    let mut g = match host.boot_guest_once(&name, series, 2, "") {
+        Ok((g, _)) => g,
+        Err(failure @ BootFailure::Exited { .. }) => {
+            let why = format!("died booting: {}", failure.report());
+            return Ok(Life::ended_early(LifeEnd::Died(why)));
+        }
+        Err(BootFailure::Other(e)) => return Err(e),
+    };
     // A guest that dies while it is made ready is a death like any other.
     let (boot_splats, load) = match lpvmm_guest_ready(&mut g, series) {
         Ok(ready) => ready,
