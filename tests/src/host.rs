@@ -828,8 +828,8 @@ impl TestHost {
         vcpus: u8,
         extra: &str,
     ) -> Result<(Guest<'_>, String), String> {
-        let initrd = self.image("guest-initrd.cpio.gz");
-        self.boot_guest_initrd(name, series, vcpus, &initrd, extra)
+        let vmm = self.lpvmm();
+        self.boot_guest_vmm(&vmm, name, series, vcpus, extra)
     }
 
     /// Like [`TestHost::boot_guest`] with another VMM command (`vmm` in place of the

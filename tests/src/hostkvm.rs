@@ -119,20 +119,7 @@ pub const DIED_IN_PATCH_CODE: &str = "the guest died executing lpvmm's patch cod
 /// addresses of patch code in a report (a blocked task's stack, `patch status`) say
 /// nothing of where a guest died and are not read.
 pub fn death_in_patch_code(report: &str) -> Option<String> {
-    let ranges: Vec<CodeRange> = report
-        .lines()
-        .filter_map(|l| l.split(lpvmm::patching::PATCH_CODE_MAPPED).nth(1))
-        .filter_map(|rest| {
-            let (a, b) = rest.split_whitespace().next()?.split_once('-')?;
-            let hex = |x: &str| u64::from_str_radix(x.strip_prefix("0x")?, 16).ok();
-            let (start, end) = (hex(a)?, hex(b)?);
-            (end > start).then(|| CodeRange {
-                name: "lpvmm's patch code".into(),
-                start,
-                size: end - start,
-            })
-        })
-        .collect();
+    let ranges = patch_code_ranges(report);
     let where_died: String = report
         .lines()
         .filter_map(|l| {
@@ -182,6 +169,25 @@ pub fn dead_vcpu_rips(report: &str) -> Vec<String> {
             rest.split_whitespace()
                 .next()
                 .map(|t| t.trim_end_matches([',', ')']).to_string())
+        })
+        .collect()
+}
+
+/// The patch code the VMM announced it mapped in the guest (`PATCH_CODE_MAPPED
+/// START-END`, in its stderr or a report quoting it).
+pub fn patch_code_ranges(report: &str) -> Vec<CodeRange> {
+    report
+        .lines()
+        .filter_map(|l| l.split(lpvmm::patching::PATCH_CODE_MAPPED).nth(1))
+        .filter_map(|rest| {
+            let (a, b) = rest.split_whitespace().next()?.split_once('-')?;
+            let hex = |x: &str| u64::from_str_radix(x.strip_prefix("0x")?, 16).ok();
+            let (start, end) = (hex(a)?, hex(b)?);
+            (end > start).then(|| CodeRange {
+                name: "lpvmm's patch code".into(),
+                start,
+                size: end - start,
+            })
         })
         .collect()
 }

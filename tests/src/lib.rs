@@ -29,7 +29,7 @@ pub use host::{
 };
 pub use hostkvm::{
     address_in_report, dead_vcpu_rips, death_in_patch_code, death_places, harness_host_trace,
-    CodeRange, KvmTrace, DIED_IN_PATCH_CODE, HOST_CODE_IN_GUEST,
+    patch_code_ranges, CodeRange, KvmTrace, DIED_IN_PATCH_CODE, HOST_CODE_IN_GUEST,
 };
 
 use std::path::PathBuf;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::{
-    address_in_report, check, json, lpvmm_binary, repo_root, CodeRange, Guest, HostMode,
+    address_in_report, check, json, lpvmm_binary, patch_code_ranges, repo_root, Guest, HostMode,
     TestResult, SPLATS,
 };
 
@@ -235,25 +235,6 @@ pub fn triple_fault_rip(stderr: &str) -> Option<u64> {
             u64::from_str_radix(hex, 16).ok()
         })
         .filter(|&rip| rip >= 0xffff_8000_0000_0000)
-}
-
-/// The patch code the VMM announced it mapped in the guest (`PATCH_CODE_MAPPED
-/// START-END`, in its stderr).
-pub fn patch_code_ranges(stderr: &str) -> Vec<CodeRange> {
-    stderr
-        .lines()
-        .filter_map(|l| l.split(lpvmm::patching::PATCH_CODE_MAPPED).nth(1))
-        .filter_map(|rest| {
-            let (a, b) = rest.split_whitespace().next()?.split_once('-')?;
-            let hex = |x: &str| u64::from_str_radix(x.strip_prefix("0x")?, 16).ok();
-            let (start, end) = (hex(a)?, hex(b)?);
-            (end > start).then(|| CodeRange {
-                name: "lpvmm's patch code".into(),
-                start,
-                size: end - start,
-            })
-        })
-        .collect()
 }
 
 /// `rip` as an offset into the patch code of [`patch_code_ranges`], if it lies there.
