@@ -984,7 +984,7 @@ impl TestHost {
         let report = format!(
             "{err}\n{}\n{host_kernel}\nthe guest console's last output:\n{}",
             self.vmm_reports_since_mark(),
-            self.guest_console().last(3000)
+            self.guest_console_last(3000)
         );
         self.judge_report(report)
     }
@@ -1006,6 +1006,16 @@ impl TestHost {
         let kvm = self.kvm_modules();
         let decision = decide(&Evidence::of(&report, true, &kvm));
         (report, decision)
+    }
+
+    /// The last `n` bytes of the guest console, if a guest was started (natively there is
+    /// none before the first).
+    fn guest_console_last(&self, n: usize) -> String {
+        let console = match self.mode {
+            HostMode::Nested => self.ttys1.as_ref(),
+            HostMode::Native => self.native_guest.as_ref().map(|g| &g.1),
+        };
+        console.map_or_else(|| "(no guest console yet)".into(), |c| c.last(n))
     }
 
     fn guest_console(&self) -> &Console {
