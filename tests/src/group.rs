@@ -69,8 +69,9 @@ pub fn host_trial(
         if let Err(e) = &outcome {
             // Next to the test's own output, not only in libtest's summary at the end of
             // the binary (a CI log shown in part keeps the reason).
+            // Its head: the failure and the harness's verdict (the evidence follows).
             let why = e.message().unwrap_or("no message");
-            eprintln!("FAILED: {label}: {}", crate::tail(why, 4000));
+            eprintln!("FAILED: {label}: {}", crate::head(why, 4000));
         }
         // scripts/test.sh lists the slowest tests from these lines.
         eprintln!("TIME: {label} {} s", started.elapsed().as_secs());
@@ -110,7 +111,7 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
         let (report, decision) = host.judge_failure(err);
         let why = decision.signature().to_string();
         let new_host = match decision {
-            Decision::Fail(_) => return Err(Failed::from(format!("{report}\n(harness: {why})"))),
+            Decision::Fail(_) => return Err(Failed::from(format!("(harness: {why})\n{report}"))),
             Decision::RetrySameHost(_) => false,
             Decision::RetryNewHost(_) => true,
         };
@@ -120,13 +121,13 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
         }
         if attempt == PLATFORM_ATTEMPTS {
             return Err(Failed::from(format!(
-                "{report}\n(harness: {why}, on attempt {attempt} of {PLATFORM_ATTEMPTS})"
+                "(harness: {why}, on attempt {attempt} of {PLATFORM_ATTEMPTS})\n{report}"
             )));
         }
         match crate::retries::file_retry(label, &why, &report) {
             Err(no) => {
                 return Err(Failed::from(format!(
-                    "{report}\n(harness: {why}; not run again: {no})"
+                    "(harness: {why}; not run again: {no})\n{report}"
                 )))
             }
             Ok(file) => eprintln!(

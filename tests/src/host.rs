@@ -883,10 +883,10 @@ impl TestHost {
             let (report, decision) = self.judge_boot_failure(&failure);
             let why = decision.signature().to_string();
             if !matches!(decision, Decision::RetrySameHost(_)) || attempt == PLATFORM_ATTEMPTS {
-                return Err(format!("{report}\n(harness, booting {name}: {why})"));
+                return Err(format!("(harness, booting {name}: {why})\n{report}"));
             }
             let file = crate::retries::file_retry(&format!("boot of {name}"), &why, &report)
-                .map_err(|no| format!("{report}\n(harness: {why}; not booted again: {no})"))?;
+                .map_err(|no| format!("(harness: {why}; not booted again: {no})\n{report}"))?;
             eprintln!(
                 "WARNING: retry: boot of guest {name}: {why} (attempt {attempt} of \
                  {PLATFORM_ATTEMPTS}; booting it again; evidence: {})",
@@ -1172,7 +1172,10 @@ impl Guest<'_> {
     }
 
     fn type_line(&mut self, text: &str, timeout: Duration) -> Result<(), String> {
-        self.console().wait_str(PROMPT, timeout)?;
+        if let Err(e) = self.console().wait_str(PROMPT, timeout) {
+            // A shell that never prompts again: say why, as for a command that timed out.
+            return Err(format!("{e}\n{}", self.silence_report()));
+        }
         self.host.guest_console_send(text)
     }
 

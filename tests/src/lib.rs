@@ -19,7 +19,7 @@ pub mod patchtest;
 pub mod retries;
 pub mod verdict;
 
-pub use console::{tail, Console};
+pub use console::{head, tail, Console};
 pub use group::{
     host_files, host_files_or_exit, host_trial, local_trial, run_group, series_trials, SeriesCase,
 };
