@@ -11,6 +11,9 @@
 //!   the CLI commands ([`cli`], [`cli_inspect`], [`cli_patch`]); [`run`] ties a VM,
 //!   its console and its control socket together.
 
+// Every `unsafe` block says why it is sound (a `// SAFETY:` line), checked by clippy.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod acpi;
 pub mod boot;
 pub mod cli;
