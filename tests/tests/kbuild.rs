@@ -153,6 +153,31 @@ fn phase_of(line: &str) -> Option<Phase> {
     })
 }
 
+/// Where the first process that made no call in a phase (`idle=PID`) is, as lpvmm sees it
+/// (its stack, and whether it is on a vCPU), and where the vCPUs are, twice 2 s apart: a
+/// process that never runs again while the rest do sits on a vCPU that stopped (the
+/// nested platform's quirk, docs/testing.md), or in the kernel, which its stack shows.
+fn where_idle(g: &mut Guest, line: &str) -> String {
+    let idle = line
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("idle="))
+        .filter(|p| *p != "0")
+        .unwrap_or("");
+    let mut out = String::new();
+    if !idle.is_empty() {
+        let (_, stack) = g
+            .lpvmm(&format!("stack {{vm}} {idle}"))
+            .unwrap_or_else(|e| (-1, e));
+        out += &format!("lpvmm stack of the idle process {idle}:\n{stack}\n");
+    }
+    for n in 1..=2 {
+        let (_, regs) = g.lpvmm("regs {vm}").unwrap_or_else(|e| (-1, e));
+        out += &format!("lpvmm regs ({n} of 2):\n{regs}\n");
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    out
+}
+
 /// Open the hammer's phase `k` (its `k`-th SIGUSR1) and wait for its line: the hammer
 /// closes it once every child made a call wholly inside it (guest-images/programs/
 /// getpid-hammer.c), and says so through its FIFO, read with the shell's builtins
@@ -231,9 +256,10 @@ fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
             return Err(format!(
                 "{series}: after {after}, every hammering process should run the {} getpid \
                  and none the {}: {line}\n(called: made a call in the phase; new, old: ran \
-                 that version)\n{st}",
+                 that version)\n{st}\n{}",
                 if patched { "new" } else { "old" },
                 if patched { "old" } else { "new" },
+                where_idle(g, &line),
             ));
         }
         let ms = line
