@@ -45,7 +45,7 @@ pub fn a_fault_of_lpvmms_is_never_retried(host: &mut TestHost) -> TestResult {
         "env LPVMM_FAULT_INJECTION=wrong-site-byte {}",
         host.file(FAULTY_LPVMM)
     );
-    let retries_before = filed_retries();
+    let retries_before = crate::retries::filed_retries();
     let (mut g, _) = host.boot_guest_vmm(&vmm, "faulty", "6.1", 1, "")?;
     // An oops kills the guest (as the platform's faults do), rather than only `cat`.
     g.run("echo 1 > /proc/sys/kernel/panic_on_oops")?;
@@ -81,15 +81,9 @@ pub fn a_fault_of_lpvmms_is_never_retried(host: &mut TestHost) -> TestResult {
         "a platform-looking death with a post-mortem mismatch was not failed"
     );
     check!(
-        filed_retries() == retries_before,
+        crate::retries::filed_retries() == retries_before,
         "a retry was filed for lpvmm's own fault"
     );
     eprintln!("the harness fails it at once: {}", decision.signature());
     Ok(())
-}
-
-fn filed_retries() -> usize {
-    std::fs::read_dir(crate::retries::log_dir())
-        .map(|d| d.filter_map(Result::ok).count())
-        .unwrap_or(0)
 }

@@ -90,11 +90,7 @@ const HOST_FAULT_STARTS: &[&str] = &[
 pub fn host_fault_lines(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|l| {
-            let msg = l
-                .trim_start()
-                .strip_prefix('[')
-                .and_then(|r| r.split_once(']'))
-                .map_or("", |(_, m)| m.trim_start());
+            let msg = crate::kernel_message(l).unwrap_or("");
             HOST_FAULT_STARTS.iter().any(|m| msg.starts_with(m))
                 || (msg.starts_with("rcu: INFO: ") && msg.contains("detected stall"))
         })
@@ -540,9 +536,11 @@ impl TestHost {
         // Where the patch code lies, however long the stderr grew after it said so
         // (`death_in_patch_code` reads it).
         let mapped = lpvmm::patching::PATCH_CODE_MAPPED;
+        // Each VMM's part headed as the harness's verdict reads it.
+        let section = crate::verdict::VMM_SECTION;
         self.exec(&format!(
             "cd {tmp} && for f in $(find . -maxdepth 1 -name '*.err' -newer {ATTEMPT_MARK}); do \
-             echo \"== VMM stderr ($f):\"; grep -m1 -F '{mapped}' \"$f\"; tail -c 2000 \"$f\"; echo; done"
+             echo \"{section}$f):\"; grep -m1 -F '{mapped}' \"$f\"; tail -c 2000 \"$f\"; echo; done"
         ))
         .unwrap_or_else(|e| format!("(VMM stderr unavailable: {e})"))
     }
@@ -1328,17 +1326,17 @@ mod tests {
                        clocksource 'tsc' as unstable";
         assert!(host_fault_lines(healthy).is_empty());
         // A crash of lpvmm itself, as the host's kernel logs it, is lpvmm's.
-        let lpvmm_crash = "[  300.1] traps: lpvmm[912] general protection fault ip:55d0c0 sp:7ffd error:0 in lpvmm[55d0+1000]\n\
-                           [  300.1] lpvmm[913]: segfault at 8 ip 000055d0c0 sp 00007ffd error 4 in lpvmm\n\
-                           [  300.2] potential BUG: in a message";
+        let lpvmm_crash = "[  300.100000] traps: lpvmm[912] general protection fault ip:55d0c0 sp:7ffd error:0 in lpvmm[55d0+1000]\n\
+                           [  300.100000] lpvmm[913]: segfault at 8 ip 000055d0c0 sp 00007ffd error 4 in lpvmm\n\
+                           [  300.200000] potential BUG: in a message";
         assert!(host_fault_lines(lpvmm_crash).is_empty());
         for fault in [
-            "[  301.2] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [lpvmm:vcpu1:912]",
-            "[  301.2] BUG: unable to handle page fault for address: ffff888000000000",
-            "[  301.2] Kernel panic - not syncing: Fatal exception",
-            "[  301.2] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
-            "[  301.2] Oops: 0000 [#1] PREEMPT SMP NOPTI",
-            "[  301.2] general protection fault, probably for non-canonical address",
+            "[  301.200000] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [lpvmm:vcpu1:912]",
+            "[  301.200000] BUG: unable to handle page fault for address: ffff888000000000",
+            "[  301.200000] Kernel panic - not syncing: Fatal exception",
+            "[  301.200000] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+            "[  301.200000] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+            "[  301.200000] general protection fault, probably for non-canonical address",
         ] {
             let log = format!("{healthy}\n{fault}");
             assert_eq!(host_fault_lines(&log), vec![fault]);

@@ -99,22 +99,20 @@ pub fn without_kernel_lines(out: &str) -> String {
 
 /// Whether a console line starts with printk's `[seconds.micros]` time stamp.
 fn is_kernel_line(line: &str) -> bool {
-    let Some(rest) = line.trim_start().strip_prefix('[') else {
-        return false;
-    };
-    let Some((stamp, _)) = rest.split_once(']') else {
-        return false;
-    };
-    let stamp = stamp.trim_start();
-    match stamp.split_once('.') {
-        Some((s, us)) => {
-            !s.is_empty()
-                && s.bytes().all(|b| b.is_ascii_digit())
-                && us.len() == 6
-                && us.bytes().all(|b| b.is_ascii_digit())
-        }
-        None => false,
-    }
+    kernel_message(line).is_some()
+}
+
+/// The message of a kernel log line, after printk's `[seconds.micros]` time stamp (as
+/// the console and busybox's `dmesg` print it); `None` for any other line.
+pub(crate) fn kernel_message(line: &str) -> Option<&str> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (stamp, message) = rest.split_once(']')?;
+    let (s, us) = stamp.trim_start().split_once('.')?;
+    let stamped = !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && us.len() == 6
+        && us.bytes().all(|b| b.is_ascii_digit());
+    stamped.then(|| message.trim_start())
 }
 
 /// Parse a command's JSON output; on failure, say what the output was.

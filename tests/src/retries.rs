@@ -72,6 +72,11 @@ pub fn file_retry_in(
     }
 }
 
+/// How many retries this run has filed so far.
+pub fn filed_retries() -> usize {
+    filed(&log_dir())
+}
+
 /// [`file_retry_in`] this run's [`log_dir`].
 pub fn file_retry(test: &str, signature: &str, evidence: &str) -> Result<PathBuf, String> {
     file_retry_in(&log_dir(), test, signature, evidence)
