@@ -15,6 +15,8 @@ phase "cargo fmt --check"
 cargo fmt --all --check
 phase "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+phase "import circles (scripts/check-imports.sh)"
+scripts/check-imports.sh patcher vmm introspection
 phase "cargo test (unit and integration)"
 log=$(mktemp)
 # Every retry the harness makes files its evidence here, one file each; the run gets

@@ -9,9 +9,8 @@
 use iced_x86::{BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, InstructionBlock};
 use introspection::kernel::Kernel;
 use introspection::memory::KernelMemory;
-use serde::{Deserialize, Serialize};
 
-use crate::object::Place;
+use crate::object::Alternative;
 use crate::KpError;
 
 /// `ALT_FLAG_NOT`: use the replacement when the feature is *absent*.
@@ -21,19 +20,6 @@ const FLAG_NOT: u16 = 1 << 0;
 const FLAG_DIRECT_CALL: u16 = 1 << 1;
 /// Words of capability and bug bits read (NCAPINTS + NBUGINTS is about 24 today).
 const MAX_WORDS: u64 = 64;
-
-/// One `struct alt_instr` of the object: the original instruction, its replacement, the
-/// feature that selects it, flags (`ALT_FLAG_*`, 0 in the older layout) and lengths.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Alternative {
-    pub instr: Place,
-    pub repl: Place,
-    /// `X86_FEATURE_*` or `X86_BUG_*`: word * 32 + bit of `x86_capability`.
-    pub feature: u16,
-    pub flags: u16,
-    pub instr_len: u8,
-    pub repl_len: u8,
-}
 
 /// The guest's CPU capability and bug bits, as its kernel decided them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,6 +126,7 @@ pub fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::object::Place;
 
     fn alt(feature: u16, flags: u16, instr_len: u8) -> Alternative {
         Alternative {

@@ -35,15 +35,10 @@
 //! and every refreshed list with a full read of the list; the counts are in the
 //! transition's status (`early_checks`), so a test can show that the verdicts agree.
 
-use introspection::kernel::Kernel;
 use introspection::stack::StackTrace;
-use introspection::tasks::{ListStamp, Task, TaskList, TaskReader, VcpuTask};
-use introspection::{GuestRam, PausedGuest, Unconfirmed};
-use serde::{Deserialize, Serialize};
+use introspection::tasks::{ListStamp, Task, TaskList, VcpuTask};
 
-use crate::ticks::pending;
-use crate::transition::{Check, CheckedCode, Phase};
-use crate::Engine;
+use crate::transition::{Check, CheckedCode};
 
 /// What must not change between the early unwind and the pause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +121,7 @@ impl EarlyTraces {
     }
 
     /// Whether the traces were judged against `code`.
-    fn judged_for(&self, code: &CheckedCode) -> bool {
+    pub(crate) fn judged_for(&self, code: &CheckedCode) -> bool {
         self.judged.as_ref() == Some(code)
     }
 
@@ -159,34 +154,6 @@ impl EarlyTraces {
     pub(crate) fn len(&self) -> usize {
         self.checks.iter().flatten().count()
     }
-}
-
-/// How a transition's checks were made, summed over its ticks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EarlyCheckCounts {
-    /// Task checks that took an early trace, confirmed in the pause.
-    pub confirmed: u64,
-    /// Task checks unwound in the pause.
-    pub unwound: u64,
-    /// With verification on: confirmed traces that a fresh unwind in the pause also gave.
-    pub verified: u64,
-    /// With verification on: confirmed traces that differed from a fresh unwind (a bug).
-    pub mismatches: u64,
-    /// Task lists read in the pause at the addresses an early walk found (the list's
-    /// stamp confirmed that no task appeared or went away since).
-    #[serde(default)]
-    pub lists_confirmed: u64,
-    /// Task lists walked in the pause (no early walk, or its stamp did not hold).
-    #[serde(default)]
-    pub lists_walked: u64,
-    /// With verification on: confirmed lists that differed from a walk in the same
-    /// pause (a bug).
-    #[serde(default)]
-    pub list_mismatches: u64,
-    /// Tasks of confirmed lists that had run since the early read and were read again
-    /// in the pause (the others: one read of their switch count).
-    #[serde(default)]
-    pub tasks_reread: u64,
 }
 
 /// Whether two lists of one paused guest are the same for every check: the same tasks
@@ -229,130 +196,6 @@ pub(crate) fn same_trace(a: &StackTrace, b: &StackTrace) -> bool {
             .iter()
             .zip(&b.frames)
             .all(|(x, y)| x.addr == y.addr && x.interrupted == y.interrupted)
-}
-
-impl Engine {
-    /// Unwind every task of the running guest that is off its CPU, for the next tick to
-    /// confirm (see the module's text). Only while a transition is in progress. Fails
-    /// quietly: a tick without early traces unwinds everything in its pause.
-    pub fn unwind_early(&mut self, ram: &dyn GuestRam, kernel: &Kernel) {
-        self.early = None;
-        if self.active.is_none() {
-            return;
-        }
-        // The first tick may assemble trampolines: the assembler's first use is costly.
-        crate::dispatch::warm_up();
-        let running = Unconfirmed(ram);
-        let early = self.with_unwinder(&running, kernel, |reader, unwinder| {
-            // The stamp first: a fork or exit during the walk must show in the pause.
-            let stamp = reader.list_stamp().ok().flatten();
-            let list = reader.list().ok()?;
-            // A tick that goes on switching checks only the tasks still to move.
-            let checked: Vec<&Task> = match self.still_to_move(&list) {
-                Some(pending) => pending,
-                None => list.tasks.iter().collect(),
-            };
-            let mut early = EarlyTraces::default();
-            for &before in checked.iter().filter(|t| Stamp::of(t).is_some()) {
-                let trace = unwinder.trace(before);
-                if let Ok(after) = reader.task(before.addr) {
-                    early.keep(before, &after, trace);
-                }
-            }
-            drop(checked);
-            early.list = stamp.map(|stamp| EarlyList { stamp, list });
-            Some(early.ready(self.next_code()))
-        });
-        self.early = early;
-    }
-
-    /// The tasks the next tick will check, if that is not every task: those not yet
-    /// moved, in a per-task transition that is switching with no request waiting.
-    fn still_to_move<'l>(&self, list: &'l TaskList) -> Option<Vec<&'l Task>> {
-        let t = self.active.as_ref()?;
-        if t.phase != Phase::Switching || t.request.is_some() {
-            return None;
-        }
-        let map = t.map.as_ref()?;
-        let g = self.geometry().ok()?;
-        Some(pending(map, &g, list, t.target_is_start()))
-    }
-
-    /// Turn verification of early traces on or off (off by default): each confirmed
-    /// trace is checked against a fresh unwind in the pause, and the result counted.
-    pub fn set_verify_early(&mut self, on: bool) {
-        self.verify_early = on;
-    }
-
-    /// The task list of the paused guest: the early list brought up to date if its stamp
-    /// still holds, else walked and read now (see the module's text); counts into
-    /// `counts`. With verification on, a confirmed list is checked against a walk in the
-    /// same pause.
-    pub(crate) fn confirmed_list(
-        &mut self,
-        reader: &TaskReader,
-        counts: &mut EarlyCheckCounts,
-    ) -> Result<TaskList, introspection::tasks::TaskError> {
-        let early = self.early.as_mut().and_then(|e| e.list.take());
-        let Some(early) = early.filter(|l| reader.list_unchanged_since(l.stamp)) else {
-            counts.lists_walked += 1;
-            return reader.list();
-        };
-        counts.lists_confirmed += 1;
-        let refreshed = reader.refresh(early.list)?;
-        counts.tasks_reread += refreshed.reread as u64;
-        if self.verify_early && !reader.list().is_ok_and(|l| same_list(&l, &refreshed.list)) {
-            counts.list_mismatches += 1;
-        }
-        Ok(refreshed.list)
-    }
-
-    /// Check `tasks` against `code` in the pause: each early trace that the pause
-    /// confirms is taken, with its verdict where it was judged against the same code;
-    /// the other tasks are unwound and judged now. Counts into `counts`. The early
-    /// traces are used up: they serve this tick only.
-    pub(crate) fn unwind_checked(
-        &mut self,
-        guest: &dyn PausedGuest,
-        kernel: &Kernel,
-        tasks: &[&Task],
-        code: &CheckedCode,
-        counts: &mut EarlyCheckCounts,
-    ) -> Vec<Check> {
-        let started = std::time::Instant::now();
-        let mut early = self.early.take();
-        let judged = early.as_ref().is_some_and(|e| e.judged_for(code));
-        let checks = self.with_unwinder(guest, kernel, |_, unwinder| {
-            tasks
-                .iter()
-                .map(|t| match early.as_mut().and_then(|e| e.take_confirmed(t)) {
-                    Some(mut check) => {
-                        counts.confirmed += 1;
-                        if !judged {
-                            check.judge(code);
-                        }
-                        if self.verify_early {
-                            let fresh = unwinder.trace(t);
-                            if same_trace(&check.trace, &fresh)
-                                && code.verdict(&fresh) == check.unsafe_because
-                            {
-                                counts.verified += 1;
-                            } else {
-                                counts.mismatches += 1;
-                            }
-                        }
-                        check
-                    }
-                    None => {
-                        counts.unwound += 1;
-                        Check::judged(unwinder.trace(t), code)
-                    }
-                })
-                .collect()
-        });
-        self.tick_parts.checks_us += crate::ticks::micros(started.elapsed());
-        checks
-    }
 }
 
 #[cfg(test)]

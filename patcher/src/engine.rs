@@ -12,112 +12,27 @@ use std::time::Duration;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Register};
 use introspection::kernel::Kernel;
-use introspection::orc::OrcEntry;
 use introspection::PausedGuest;
 use serde::{Deserialize, Serialize};
 
 use crate::alternatives::CpuFeatures;
 use crate::area::{self, AreaLayout, Region};
 use crate::dispatch::{Bank, Geometry};
+use crate::funcs::FuncChange;
 use crate::funcs::{self, FuncStack, FunctionVersions};
 use crate::journal::{Journal, PostMortem};
 use crate::link::{self, Placement};
-use crate::manifest::{KernelSymbol, Manifest, SystemState};
+use crate::manifest::{Manifest, SystemState};
 use crate::object::PatchObject;
+use crate::patch::{Import, OrcAt, Patch, PatchState, PatchedFunc};
 use crate::site::{self, SiteState};
 use crate::space::{AreaSpace, Runs, Sizes};
 use crate::states::{self, Candidate};
-use crate::transition::{Consistency, FuncChange, Op, Request, Transition};
+use crate::transition::{Consistency, Op, Request, Transition};
 use crate::{GuestWriter, KpError};
 
 /// Ended transitions kept for status.
 const HISTORY: usize = 32;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PatchState {
-    /// Loaded into the patch area; no task runs it.
-    Disabled,
-    /// Its versions count: each of its functions is visible unless a newer enabled
-    /// patch also names it.
-    Enabled,
-    /// A cumulative patch took over (atomic replace): never enabled again; unload it.
-    Replaced,
-}
-
-/// One function of a patch: where the old one is and where its replacement is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PatchedFunc {
-    pub old: KernelSymbol,
-    pub old_addr: u64,
-    pub old_size: u64,
-    /// The fentry site (the function's start, or +4 after `endbr64`).
-    pub site: u64,
-    pub site_pa: u64,
-    pub new_name: String,
-    pub new_addr: u64,
-    pub new_size: u64,
-    /// The new function keeps a frame pointer (`push %rbp; mov %rsp,%rbp`), so its call
-    /// sites unwind reliably.
-    pub frame_pointer: bool,
-    /// Flips without per-task consistency.
-    #[serde(default)]
-    pub immediate: bool,
-}
-
-/// One ORC entry of a patch's code: it covers `ip` up to the next entry's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrcAt {
-    pub ip: u64,
-    pub entry: OrcEntry,
-}
-
-/// A kernel symbol the patch uses, resolved in this guest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Import {
-    pub name: String,
-    pub addr: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Patch {
-    pub name: String,
-    pub state: PatchState,
-    /// A transition of this patch was forced: a task may still run its code, so the
-    /// code stays in the guest.
-    pub forced: bool,
-    pub funcs: Vec<PatchedFunc>,
-    pub depends: Vec<String>,
-    /// A cumulative patch (`LPVMM_ATOMIC_REPLACE`).
-    pub atomic_replace: bool,
-    /// System states it establishes (`LPVMM_STATE`).
-    pub states: Vec<SystemState>,
-    /// For a replaced patch: the cumulative patch that replaced it.
-    pub replaced_by: Option<String>,
-    /// Where its code and data are in the patch area.
-    pub runs: Runs,
-    /// objtool's unwind table for its code (kbuild builds), in address order; without
-    /// one, tasks unwind through its code by the frame-pointer rule.
-    #[serde(default)]
-    pub orc: Vec<OrcAt>,
-    pub imports: Vec<Import>,
-    /// Times this patch was enabled.
-    pub enables: u64,
-}
-
-impl Patch {
-    /// How to unwind at `ip` in its code, from its ORC table.
-    pub(crate) fn orc_at(&self, ip: u64) -> Option<OrcEntry> {
-        let i = self.orc.partition_point(|o| o.ip <= ip).checked_sub(1)?;
-        Some(self.orc[i].entry)
-    }
-
-    pub(crate) fn function_at(&self, ip: u64) -> Option<&PatchedFunc> {
-        self.funcs
-            .iter()
-            .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
-    }
-}
 
 #[derive(Clone, Debug)]
 pub(crate) struct Area {

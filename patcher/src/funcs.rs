@@ -13,10 +13,26 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Patch, PatchState, PatchedFunc};
+use crate::patch::{Patch, PatchState, PatchedFunc};
 use crate::site;
-use crate::transition::FuncChange;
 use crate::KpError;
+
+/// One function a transition moves: from the version every task ran to the one every
+/// task will run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuncChange {
+    /// The kernel function (its address keys the function's version stack).
+    pub func: u64,
+    pub name: String,
+    /// What every task ran when the transition started.
+    pub from: Version,
+    /// What every task runs when it completes.
+    pub to: Version,
+    /// Flips at once, without per-task consistency.
+    pub immediate: bool,
+    /// The trampoline its site jumps to while tasks are on both versions.
+    pub trampoline: Option<u64>,
+}
 
 /// One version of a function: the kernel's own code, or a patch's replacement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

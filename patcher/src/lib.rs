@@ -29,24 +29,26 @@ pub mod kbuild;
 pub mod link;
 pub mod manifest;
 pub mod object;
+pub mod patch;
 pub mod site;
 pub mod space;
 pub mod states;
 #[cfg(test)]
 mod tests;
+pub mod tick_early;
 pub mod ticks;
 pub mod transition;
 
 use introspection::{GuestError, PausedGuest};
 
-pub use early::EarlyCheckCounts;
-pub use engine::{Begin, Engine, Import, Patch, PatchState, PatchedFunc};
-pub use funcs::{FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
+pub use engine::{Begin, Engine};
+pub use funcs::{FuncChange, FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
 pub use journal::{PostMortem, POST_MORTEM_CLEAN, POST_MORTEM_MISMATCH};
 pub use manifest::SystemState;
 pub use object::PatchObject;
+pub use patch::{Import, Patch, PatchState, PatchedFunc};
 pub use transition::{
-    Blocker, Consistency, FuncChange, Op, Outcome, Request, TickParts, Transition,
+    Blocker, Consistency, EarlyCheckCounts, Op, Outcome, Request, TickParts, Transition,
 };
 
 /// Writing to a paused guest: only the patcher writes, and only through this.

@@ -10,7 +10,6 @@ use object::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::alternatives::Alternative;
 use crate::manifest::Manifest;
 use crate::KpError;
 
@@ -115,6 +114,19 @@ pub struct Alternatives {
     /// Bytes per `struct alt_instr` (12 or 14; checked against the guest's at load).
     pub entry_size: usize,
     pub entries: Vec<Alternative>,
+}
+
+/// One `struct alt_instr` of the object: the original instruction, its replacement, the
+/// feature that selects it, flags (`ALT_FLAG_*`, 0 in the older layout) and lengths.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alternative {
+    pub instr: Place,
+    pub repl: Place,
+    /// `X86_FEATURE_*` or `X86_BUG_*`: word * 32 + bit of `x86_capability`.
+    pub feature: u16,
+    pub flags: u16,
+    pub instr_len: u8,
+    pub repl_len: u8,
 }
 
 /// The function of `functions` that contains `p`.

@@ -5,8 +5,8 @@
 //! cumulative patch that does not carry a state an enabled patch holds (it would
 //! silently drop it), is refused before anything changes.
 
-use crate::engine::{Patch, PatchState};
 use crate::manifest::SystemState;
+use crate::patch::{Patch, PatchState};
 use crate::KpError;
 
 /// A patch about to be enabled, as far as states are concerned.

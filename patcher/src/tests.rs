@@ -6,7 +6,8 @@ use introspection::kernel::Kernel;
 use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
 use introspection::{GuestRam, PausedGuest};
 
-use crate::engine::{Begin, Engine, PatchState};
+use crate::engine::{Begin, Engine};
+use crate::patch::PatchState;
 use crate::site::FENTRY_NOP;
 use crate::transition::{Consistency, Op, Outcome, Phase, Request, Transition};
 use crate::{GuestWriter, KpError};

@@ -574,7 +574,7 @@ impl Engine {
     fn leaving<'t>(
         &self,
         t: &'t Transition,
-        side: impl Fn(&'t crate::transition::FuncChange) -> &'t Version,
+        side: impl Fn(&'t crate::funcs::FuncChange) -> &'t Version,
         all: bool,
     ) -> Vec<CodeRange> {
         t.changes

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::area::Region;
 use crate::dispatch::TaskMap;
-use crate::funcs::{CodeRange, Version};
+use crate::funcs::{CodeRange, FuncChange, Version};
 
 /// First retry after this, doubling up to `MAX_BACKOFF`.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -66,22 +66,6 @@ impl std::str::FromStr for Consistency {
             _ => Err(format!("consistency '{s}': say per-task or immediate")),
         }
     }
-}
-
-/// One function the transition moves.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FuncChange {
-    /// The kernel function (its address keys the function's version stack).
-    pub func: u64,
-    pub name: String,
-    /// What every task ran when the transition started.
-    pub from: Version,
-    /// What every task runs when it completes.
-    pub to: Version,
-    /// Flips at once, without per-task consistency.
-    pub immediate: bool,
-    /// The trampoline its site jumps to while tasks are on both versions.
-    pub trampoline: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,7 +159,7 @@ pub struct Transition {
     /// How its task checks were made: confirmed early traces against unwinds in the
     /// pause (patcher/src/early.rs).
     #[serde(default)]
-    pub early_checks: crate::early::EarlyCheckCounts,
+    pub early_checks: EarlyCheckCounts,
     /// The engine's part of each tick's pause (as many as `pauses_us`, in order).
     #[serde(default)]
     pub tick_parts: Vec<TickParts>,
@@ -387,6 +371,34 @@ pub fn unsafe_because(
         .iter()
         .find(|r| trace.touches(r.start, r.end))
         .map(|r| format!("{} is on its stack", r.name))
+}
+
+/// How a transition's checks were made, summed over its ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyCheckCounts {
+    /// Task checks that took an early trace, confirmed in the pause.
+    pub confirmed: u64,
+    /// Task checks unwound in the pause.
+    pub unwound: u64,
+    /// With verification on: confirmed traces that a fresh unwind in the pause also gave.
+    pub verified: u64,
+    /// With verification on: confirmed traces that differed from a fresh unwind (a bug).
+    pub mismatches: u64,
+    /// Task lists read in the pause at the addresses an early walk found (the list's
+    /// stamp confirmed that no task appeared or went away since).
+    #[serde(default)]
+    pub lists_confirmed: u64,
+    /// Task lists walked in the pause (no early walk, or its stamp did not hold).
+    #[serde(default)]
+    pub lists_walked: u64,
+    /// With verification on: confirmed lists that differed from a walk in the same
+    /// pause (a bug).
+    #[serde(default)]
+    pub list_mismatches: u64,
+    /// Tasks of confirmed lists that had run since the early read and were read again
+    /// in the pause (the others: one read of their switch count).
+    #[serde(default)]
+    pub tasks_reread: u64,
 }
 
 #[cfg(test)]

@@ -290,13 +290,16 @@ impl TestHost {
         let chardev =
             |id: &str, p: &Path| format!("socket,id={id},path={},server=on,wait=off", p.display());
         let mut cmd = Command::new("qemu-system-x86_64");
+        let smp = std::env::var("LPVMM_TEST_HOST_SMP").unwrap_or_else(|_| "2".to_string());
+        let accel = std::env::var("LPVMM_TEST_HOST_ACCEL")
+            .unwrap_or_else(|_| "tcg,thread=multi".to_string());
         cmd.args([
             "-accel",
-            "tcg,thread=multi",
+            &accel,
             "-cpu",
             "EPYC,+svm,+npt",
             "-smp",
-            "2",
+            &smp,
             "-m",
             "3G",
         ])
@@ -314,7 +317,10 @@ impl TestHost {
         .arg(&initrd)
         .args([
             "-append",
-            "console=ttyS0 loglevel=1 panic=-1 mitigations=off nokaslr",
+            &format!(
+                "console=ttyS0 loglevel=1 panic=-1 mitigations=off nokaslr {}",
+                std::env::var("LPVMM_TEST_HOST_APPEND").unwrap_or_default()
+            ),
         ])
         .args(["-chardev", &chardev("s0", &s0), "-serial", "chardev:s0"])
         .args(["-chardev", &chardev("s1", &s1), "-serial", "chardev:s1"])
@@ -535,7 +541,7 @@ impl TestHost {
         let tmp = self.tmp();
         // Where the patch code lies, however long the stderr grew after it said so
         // (`death_in_patch_code` reads it).
-        let mapped = lpvmm::patching::PATCH_CODE_MAPPED;
+        let mapped = lpvmm::session::patching::PATCH_CODE_MAPPED;
         // Each VMM's part headed as the harness's verdict reads it.
         let section = crate::verdict::VMM_SECTION;
         self.exec(&format!(
@@ -1275,7 +1281,7 @@ impl TestHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lpvmm::vcpu::StuckVcpu;
+    use lpvmm::vstate::vcpu::StuckVcpu;
 
     #[test]
     fn only_a_vcpu_the_host_kernel_holds_or_an_unkillable_vmm_is_the_hosts_fault() {

@@ -178,7 +178,7 @@ pub fn dead_vcpu_rips(report: &str) -> Vec<String> {
 pub fn patch_code_ranges(report: &str) -> Vec<CodeRange> {
     report
         .lines()
-        .filter_map(|l| l.split(lpvmm::patching::PATCH_CODE_MAPPED).nth(1))
+        .filter_map(|l| l.split(lpvmm::session::patching::PATCH_CODE_MAPPED).nth(1))
         .filter_map(|rest| {
             let (a, b) = rest.split_whitespace().next()?.split_once('-')?;
             let hex = |x: &str| u64::from_str_radix(x.strip_prefix("0x")?, 16).ok();
@@ -326,7 +326,7 @@ mod tests {
     fn a_death_is_placed_in_patch_code_only_by_where_the_guest_died() {
         let mapped = format!(
             "{} 0xffffffff94208000-0xffffffff94a04000 (patches and trampolines)",
-            lpvmm::patching::PATCH_CODE_MAPPED
+            lpvmm::session::patching::PATCH_CODE_MAPPED
         );
         let shutdown = "vcpu0-124 [000] 51.8: kvm_exit: vcpu 0 reason shutdown rip             0xffffffff94208031 info1 0x0 info2 0x0 intr_info 0x80000b0e error_code 0x10";
         let oops = "[   63.2] RIP: 0010:0xffffffff94208031";

@@ -476,7 +476,7 @@ mod tests {
 
     #[test]
     fn a_triple_fault_is_placed_only_by_a_kernel_address() {
-        let mapped = lpvmm::patching::PATCH_CODE_MAPPED;
+        let mapped = lpvmm::session::patching::PATCH_CODE_MAPPED;
         let stderr = format!(
             "{mapped} 0xffffffffc0000000-0xffffffffc0010000 (patches and trampolines)\n\
              lpvmm: guest crashed (triple fault on vCPU 0 at rip 0xffffffffc000001a rsp 0x1 \

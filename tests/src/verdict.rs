@@ -21,7 +21,7 @@
 use crate::hostkvm::{address_in_report, death_places, CodeRange};
 
 /// How lpvmm reports a guest that died of the platform's known faults (its stop line,
-/// vmm/src/devices.rs `StopReason::describe`).
+/// vmm/src/devices/mod.rs `StopReason::describe`).
 const PLATFORM_DEATHS: &[&str] = &[
     "triple fault",
     "guest kernel panic: Fatal exception in interrupt",
@@ -200,7 +200,7 @@ pub fn platform_guest_death(report: &str) -> bool {
 /// The host fault a report names in lpvmm's or the harness's words, if any
 /// (`host_kvm`: where the test host's KVM code lies).
 pub fn host_fault_of(report: &str, host_kvm: &[CodeRange]) -> Option<HostFault> {
-    if report.contains(lpvmm::vcpu::HOST_HELD) {
+    if report.contains(lpvmm::vstate::vcpu::HOST_HELD) {
         Some(HostFault::HeldVcpu)
     } else if report.contains(crate::host::SURVIVED_SIGKILL) {
         Some(HostFault::SurvivedSigkill)
@@ -226,7 +226,7 @@ impl Evidence {
             place: place_of(report),
             post_mortem: post_mortem_of(report),
             host_fault,
-            lost_kick: report.contains(lpvmm::vcpu::LPVMM_LOST_KICK),
+            lost_kick: report.contains(lpvmm::vstate::vcpu::LPVMM_LOST_KICK),
         }
     }
 }
@@ -295,7 +295,7 @@ mod tests {
         let host_faults = [
             format!(
                 "vCPU 1: inside KVM_RUN for 5.0 s although kicked ({})",
-                lpvmm::vcpu::HOST_HELD
+                lpvmm::vstate::vcpu::HOST_HELD
             ),
             format!("the VMM 'x' {}", crate::host::SURVIVED_SIGKILL),
             format!(
@@ -328,7 +328,7 @@ mod tests {
         }
         let lost = format!(
             "vCPU 0: ... lpvmm lost the kick ({})",
-            lpvmm::vcpu::LPVMM_LOST_KICK
+            lpvmm::vstate::vcpu::LPVMM_LOST_KICK
         );
         assert!(matches!(decide_on(&[&lost]), Decision::Fail(w) if w.contains("kick")));
     }
@@ -337,7 +337,7 @@ mod tests {
     fn each_host_fault_replaces_the_host() {
         let modules = CodeRange::kvm_modules("kvm_amd 126976 0 - Live 0xffffffffc031f000");
         for (report, host_kvm) in [
-            (format!("({})", lpvmm::vcpu::HOST_HELD), &[][..]),
+            (format!("({})", lpvmm::vstate::vcpu::HOST_HELD), &[][..]),
             (format!("x {}", crate::host::SURVIVED_SIGKILL), &[][..]),
             (format!("{}: y", crate::host::IMPOSSIBLE_AT_BOOT), &[][..]),
             (

@@ -501,7 +501,10 @@ fn death_in_patch_code_is_lpvmms(host: &mut TestHost) -> TestResult {
     let exit = g.wait_exit(EXIT_TIMEOUT)?;
     drop(g);
     check!(
-        exit.code == 3 && exit.stderr.contains(lpvmm::patching::PATCH_CODE_MAPPED),
+        exit.code == 3
+            && exit
+                .stderr
+                .contains(lpvmm::session::patching::PATCH_CODE_MAPPED),
         "lpvmm exited {} (want 3, a triple fault, and where the patch code lies): {}",
         exit.code,
         exit.stderr

@@ -1,41 +1,31 @@
 //! lpvmm: boots Linux guests on KVM and live-patches their kernels from the
 //! hypervisor. The VMM is this library; the `lpvmm` binary only parses arguments.
 //!
-//! - The VM core: [`vm`] (KVM objects, memory, pause and resume), [`vcpu`] (the vCPU
-//!   state machine), with platform setup apart ([`boot`], [`cpu`], [`acpi`],
-//!   [`devices`], [`pci`], [`layout`], [`host_memory`]); [`paused`] is the paused guest the
-//!   introspection and patcher crates read and write.
-//! - On top of it, [`session`]: the guest kernel once attached ([`inspect`]) and the
-//!   patch engine with its driver ([`patching`]).
-//! - The control plane apart: [`control`] (socket server, wire protocol, client) and
-//!   the CLI commands ([`cli`], [`cli_inspect`], [`cli_patch`]); [`run`] ties a VM,
-//!   its console and its control socket together.
+//! Its parts, each a folder, in the order a request meets them (docs/architecture.md
+//! draws them):
+//! - [`cli`]: the client commands, which talk to a running VM's control socket;
+//! - [`control`]: the socket server, the wire protocol and the client;
+//! - [`session`]: a running VM with its attached guest kernel and patch engine, and
+//!   the requests' glue ([`session::inspect`], [`session::patching`]);
+//! - [`vstate`]: the VM core (KVM objects, memory, vCPU threads, pause and resume);
+//! - [`arch`]: platform setup (layout, boot parameters, CPU, ACPI tables);
+//! - [`devices`]: the guest's devices (serial console, reset, poweroff, PCI host bridge).
+//!
+//! [`run`] is the composition root (a VM, its console and its control socket);
+//! [`seccomp`] and [`hostcheck`] confine the process and check the host.
 
 // Every `unsafe` block says why it is sound (a `// SAFETY:` line), checked by clippy.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod acpi;
-pub mod boot;
+pub mod arch;
 pub mod cli;
-pub mod cli_cycles;
-pub mod cli_inspect;
-pub mod cli_patch;
-pub mod console;
 pub mod control;
-pub mod cpu;
 pub mod devices;
-pub mod host_memory;
 pub mod hostcheck;
-pub mod inspect;
-pub mod layout;
-pub mod patching;
-pub mod paused;
-pub mod pci;
 pub mod run;
 pub mod seccomp;
 pub mod session;
-pub mod vcpu;
-pub mod vm;
+pub mod vstate;
 
 /// When this process began, as the binary marks it first thing in `main`
 /// ([`mark_process_start`]): `status` reports the time from there to the first

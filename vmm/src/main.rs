@@ -1,6 +1,9 @@
 //! The `lpvmm` binary: command-line parsing only; everything else is the library.
 
-use lpvmm::{cli, cli_inspect, cli_patch, layout, run, vm, DEFAULT_CMDLINE};
+use lpvmm::arch::layout;
+use lpvmm::cli::{self, inspect as cli_inspect, patch as cli_patch};
+use lpvmm::vstate::vm;
+use lpvmm::{run, DEFAULT_CMDLINE};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -155,7 +158,7 @@ enum Command {
     /// Measurements (see docs/benchmarks.md)
     Bench {
         #[command(subcommand)]
-        what: cli::Bench,
+        what: cli::vm::Bench,
     },
 }
 
@@ -192,7 +195,7 @@ fn main() -> ExitCode {
             patch_area,
             no_seccomp,
             verify_early_checks,
-        } => cli::default_name(name).and_then(|name| {
+        } => cli::vm::default_name(name).and_then(|name| {
             run::run(vm::VmConfig {
                 name,
                 kernel,
@@ -205,19 +208,19 @@ fn main() -> ExitCode {
                 verify_early_checks,
             })
         }),
-        Command::Ls { json } => cli::ls(json),
-        Command::Status { vm, json } => cli::status(&vm, json),
-        Command::Pause { vm, json } => cli::pause(&vm, json),
-        Command::Resume { vm, json } => cli::resume(&vm, json),
-        Command::Stop { vm } => cli::stop(&vm),
-        Command::Regs { vm, json } => cli::regs(&vm, json),
+        Command::Ls { json } => cli::vm::ls(json),
+        Command::Status { vm, json } => cli::vm::status(&vm, json),
+        Command::Pause { vm, json } => cli::vm::pause(&vm, json),
+        Command::Resume { vm, json } => cli::vm::resume(&vm, json),
+        Command::Stop { vm } => cli::vm::stop(&vm),
+        Command::Regs { vm, json } => cli::vm::regs(&vm, json),
         Command::ReadPhys {
             vm,
             addr,
             len,
             json,
-        } => cli::read_phys(&vm, addr, len, json),
-        Command::Vmcoreinfo { vm, json } => cli::vmcoreinfo(&vm, json),
+        } => cli::vm::read_phys(&vm, addr, len, json),
+        Command::Vmcoreinfo { vm, json } => cli::vm::vmcoreinfo(&vm, json),
         Command::Kernel { vm, reattach, json } => cli_inspect::kernel(&vm, reattach, json),
         Command::Sym {
             vm,
@@ -231,7 +234,7 @@ fn main() -> ExitCode {
         Command::Patch(args) => cli_patch::patch(args),
         Command::Kp { cmd } => cli_patch::kp(cmd),
         Command::Checksum { vm, what, json } => cli_patch::checksum(&vm, &what, json),
-        Command::Bench { what } => cli::bench(what),
+        Command::Bench { what } => cli::vm::bench(what),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

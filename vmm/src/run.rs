@@ -7,12 +7,12 @@ use anyhow::{Context, Result};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::{Console, RawTerminal};
 use crate::control::server::{self, ControlServer};
+use crate::devices::console::{Console, RawTerminal};
 use crate::devices::StopReason;
 use crate::seccomp::ThreadKind;
 use crate::session::Session;
-use crate::vm::{Vm, VmConfig};
+use crate::vstate::vm::{Vm, VmConfig};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -66,7 +66,7 @@ pub fn run(config: VmConfig) -> Result<i32> {
     let vm = Vm::create(config, drained.try_clone().context("eventfd")?)?;
     let devices = vm.devices.clone();
     let session = Arc::new(Mutex::new(Session::new(vm)));
-    crate::patching::spawn_driver(&session)?;
+    crate::session::patching::spawn_driver(&session)?;
     let (listener, _socket_file) = server::bind(&socket_path)?;
 
     let terminate = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;

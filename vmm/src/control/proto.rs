@@ -12,7 +12,7 @@ use introspection::tasks::TaskList;
 pub use patcher::Consistency;
 use serde::{Deserialize, Serialize};
 
-pub use crate::vm::{
+pub use crate::vstate::vm::{
     PauseCost, PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo,
     VmcoreinfoResult, MAX_READ_PHYS,
 };

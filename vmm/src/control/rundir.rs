@@ -26,6 +26,12 @@ pub fn socket_path(name: &str) -> PathBuf {
     runtime_dir().join(format!("{name}.sock"))
 }
 
+/// The words after `lpvmm patch` that name a command (cli/patch.rs); a VM may not be
+/// named so, so that `lpvmm patch VM FILE` and `lpvmm patch VERB ...` never mix.
+pub const PATCH_VERBS: &[&str] = &[
+    "list", "status", "load", "enable", "disable", "reverse", "force", "unload", "help",
+];
+
 /// Names become file names: keep them short and plain.
 pub fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -37,11 +43,11 @@ pub fn validate_name(name: &str) -> Result<()> {
     if !ok {
         bail!("invalid VM name '{name}': use 1-64 letters, digits, '-', '_' or '.', not starting with '.'");
     }
-    if crate::cli_patch::VERBS.contains(&name) {
+    if PATCH_VERBS.contains(&name) {
         bail!(
             "invalid VM name '{name}': it is a command of `lpvmm patch` ({}), so \
              `lpvmm patch {name} ...` could not reach the VM",
-            crate::cli_patch::VERBS.join(", ")
+            PATCH_VERBS.join(", ")
         );
     }
     Ok(())

@@ -17,7 +17,7 @@ use super::proto::{
 };
 use super::rundir;
 use crate::devices::StopReason;
-use crate::patching::TransitionArgs;
+use crate::session::patching::TransitionArgs;
 use crate::session::Session;
 
 /// The bound socket file; removed when dropped, so that no stale socket outlives the VM.

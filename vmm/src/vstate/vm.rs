@@ -12,12 +12,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::layout::MemoryLayout;
+use crate::arch::{acpi, boot, cpu};
 use crate::devices::{Devices, SERIAL_IRQ};
-use crate::host_memory::{self, HostMapping};
-use crate::layout::MemoryLayout;
-use crate::paused::{PausedVm, RamView};
-use crate::vcpu::Vcpus;
-use crate::{acpi, boot, cpu, hostcheck};
+use crate::hostcheck;
+use crate::vstate::host_memory::{self, HostMapping};
+use crate::vstate::paused::{PausedVm, RamView};
+use crate::vstate::vcpu::Vcpus;
 use introspection::{GuestRam, VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
@@ -141,7 +142,7 @@ pub struct Vm {
 }
 
 /// Host memory for every region of the layout (RAM and patch area), 2 MiB-aligned
-/// ([`crate::host_memory`]), with the mappings under it, which must be dropped last.
+/// ([`crate::vstate::host_memory`]), with the mappings under it, which must be dropped last.
 pub fn guest_memory(layout: &MemoryLayout) -> Result<(GuestMemoryMmap, Vec<HostMapping>)> {
     let ranges: Vec<(GuestAddress, usize)> = layout
         .regions()
@@ -338,10 +339,19 @@ impl Vm {
         Ok(RegsResult { pause, vcpus })
     }
 
-    /// Run `f` on the paused guest. A running VM is paused just for it and resumed
-    /// after, even when `f` fails; the cost says whether that pause was needed and how
-    /// long the guest saw it (pause request to the end of the resume).
-    pub fn paused<R>(&mut self, f: impl FnOnce(&mut PausedVm) -> R) -> Result<(R, PauseCost)> {
+    /// Run `f` on the paused guest, to read it. A running VM is paused just for it and
+    /// resumed after, even when `f` fails; the cost says whether that pause was needed
+    /// and how long the guest saw it (pause request to the end of the resume).
+    pub fn paused<R>(&mut self, f: impl FnOnce(&PausedVm) -> R) -> Result<(R, PauseCost)> {
+        self.paused_for_write(|g| f(g))
+    }
+
+    /// [`Vm::paused`] for the one caller that writes: the patcher, through the
+    /// patching glue.
+    pub fn paused_for_write<R>(
+        &mut self,
+        f: impl FnOnce(&mut PausedVm) -> R,
+    ) -> Result<(R, PauseCost)> {
         let t0 = Instant::now();
         let was_paused = self.is_paused();
         if !was_paused {

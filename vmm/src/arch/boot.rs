@@ -13,7 +13,7 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{self, MemoryLayout};
+use crate::arch::layout::{self, MemoryLayout};
 
 /// `type_of_loader = 0xff`: "undefined" loader. Without a loader type the kernel ignores
 /// the initrd fields.

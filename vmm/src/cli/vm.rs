@@ -1,4 +1,5 @@
-//! Client commands: talk to a running VM's control socket and print for humans or JSON.
+//! Client commands on a running VM as a whole: list, status, pause, resume, stop,
+//! registers, memory, VMCOREINFO, and the pause benchmark.
 
 use std::time::Instant;
 
@@ -6,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde::Serialize;
 
+use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::control::proto::{
     PauseResult, ReadPhysResult, RegsResult, Request, ResumeResult, RunState, StatusInfo,
@@ -55,11 +57,6 @@ pub fn default_name(name: Option<String>) -> Result<String> {
         }
     }
     bail!("no free default VM name; pass --name")
-}
-
-pub fn print_json(v: &impl Serialize) -> Result<i32> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(0)
 }
 
 pub fn ls(json: bool) -> Result<i32> {
@@ -296,12 +293,12 @@ pub fn bench(what: Bench) -> Result<i32> {
             timeout,
             json,
         } => {
-            return crate::cli_cycles::cycles(crate::cli_cycles::CyclesArgs {
+            return crate::cli::cycles::cycles(crate::cli::cycles::CyclesArgs {
                 vm,
                 patches,
                 cycles,
                 first,
-                timeout_ms: crate::cli_patch::seconds_to_ms(timeout)?,
+                timeout_ms: crate::cli::patch::seconds_to_ms(timeout)?,
                 json,
             })
         }

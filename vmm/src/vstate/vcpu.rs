@@ -29,7 +29,7 @@ use anyhow::{anyhow, bail, Result};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::cpu;
+use crate::arch::cpu;
 use crate::devices::{Devices, StopReason};
 use crate::seccomp::{self, ThreadKind};
 use introspection::VcpuState;

@@ -5,6 +5,9 @@
 //! config space with only a host bridge (see pci.rs). Everything
 //! else on the port bus reads as all-ones, as an empty ISA bus would.
 
+pub mod console;
+pub mod pci;
+
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
@@ -12,11 +15,19 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi;
-use crate::pci::{self, PciConfig};
+use pci::PciConfig;
 
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
+/// I/O port of the hardware-reduced sleep control register (as cloud-hypervisor uses), which the
+/// FADT names (arch/acpi.rs).
+pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// Bits the guest writes to the sleep control register: SLP_EN and the sleep type.
+pub const SLEEP_ENABLE: u8 = 1 << 5;
+pub const SLEEP_TYPE_SHIFT: u8 = 2;
+pub const SLEEP_TYPE_MASK: u8 = 0x7 << SLEEP_TYPE_SHIFT;
+/// The sleep type we advertise for S5 in the DSDT's `_S5_` package.
+pub const S5_SLEEP_TYPE: u8 = 5;
 const I8042_COMMAND_PORT: u16 = 0x64;
 const I8042_RESET_CMD: u8 = 0xfe;
 /// Port 0x80 is the POST/delay port the kernel writes to for I/O delays.
@@ -228,7 +239,7 @@ impl Devices {
             // i8042 status: "input buffer empty", so a keyboard-controller reset is
             // issued at once instead of after a long busy-wait.
             I8042_COMMAND_PORT => data.fill(0),
-            acpi::SLEEP_CONTROL_PORT => data.fill(0),
+            SLEEP_CONTROL_PORT => data.fill(0),
             _ => data.fill(0xff),
         }
     }
@@ -252,10 +263,10 @@ impl Devices {
             I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET_CMD) => {
                 Some(self.guest_reset("keyboard controller reset"))
             }
-            acpi::SLEEP_CONTROL_PORT => {
+            SLEEP_CONTROL_PORT => {
                 let v = data.first().copied().unwrap_or(0);
-                let sleep_type = (v & acpi::SLEEP_TYPE_MASK) >> acpi::SLEEP_TYPE_SHIFT;
-                (v & acpi::SLEEP_ENABLE != 0 && sleep_type == acpi::S5_SLEEP_TYPE)
+                let sleep_type = (v & SLEEP_TYPE_MASK) >> SLEEP_TYPE_SHIFT;
+                (v & SLEEP_ENABLE != 0 && sleep_type == S5_SLEEP_TYPE)
                     .then_some(StopReason::Poweroff)
             }
             POST_PORT => None,
@@ -275,16 +286,13 @@ mod tests {
     #[test]
     fn acpi_s5_write_is_poweroff_other_sleep_states_are_not() {
         let d = devices();
-        let s5 = acpi::SLEEP_ENABLE | (acpi::S5_SLEEP_TYPE << acpi::SLEEP_TYPE_SHIFT);
+        let s5 = SLEEP_ENABLE | (S5_SLEEP_TYPE << SLEEP_TYPE_SHIFT);
         assert_eq!(
-            d.pio_write(acpi::SLEEP_CONTROL_PORT, &[s5]),
+            d.pio_write(SLEEP_CONTROL_PORT, &[s5]),
             Some(StopReason::Poweroff)
         );
-        assert_eq!(
-            d.pio_write(acpi::SLEEP_CONTROL_PORT, &[3 << 2 | 0x20]),
-            None
-        );
-        assert_eq!(d.pio_write(acpi::SLEEP_CONTROL_PORT, &[5 << 2]), None);
+        assert_eq!(d.pio_write(SLEEP_CONTROL_PORT, &[3 << 2 | 0x20]), None);
+        assert_eq!(d.pio_write(SLEEP_CONTROL_PORT, &[5 << 2]), None);
     }
 
     #[test]

@@ -1,13 +1,19 @@
 //! A running VM as the control socket sees it: the VM core, the guest kernel once
 //! attached, and the patch engine. Requests and the patch driver lock one `Session`;
 //! the VM core itself knows neither patches nor the protocol.
+//!
+//! - [`inspect`]: read-only requests (kernel, tasks, stacks, symbols);
+//! - [`patching`]: the patch engine's driver (load, unload, ticks).
+
+pub mod inspect;
+pub mod patching;
 
 use std::sync::{Arc, Condvar};
 use std::time::Instant;
 
 use introspection::Kernel;
 
-use crate::vm::Vm;
+use crate::vstate::vm::Vm;
 
 pub struct Session {
     pub vm: Vm,

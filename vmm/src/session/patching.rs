@@ -19,6 +19,7 @@ use crate::control::proto::{
 };
 use crate::devices::StopReason;
 use crate::session::Session;
+use crate::vstate::paused::PausedVm;
 
 /// How the VMM says, on stderr, where the patch code lies in the guest once it first
 /// maps the patch area (followed by `START-END`): a guest that dies executing there dies
@@ -94,7 +95,7 @@ impl Session {
         let kernel = self.kernel_attached()?;
         let mapped_before = self.engine.area_layout().is_some();
         let Session { vm, engine, .. } = self;
-        let (name, pause) = vm.paused(|g| engine.load(g, &kernel, &kp))?;
+        let (name, pause) = vm.paused_for_write(|g| engine.load(g, &kernel, &kp))?;
         let name = name?;
         if let (false, Some(a)) = (mapped_before, self.engine.area_layout()) {
             // Once per VM, on stderr beside a crash report: whether a dead guest was
@@ -111,7 +112,7 @@ impl Session {
                     // Checked above, so not expected; leave nothing behind regardless.
                     let Session { vm, engine, .. } = self;
                     let undone = vm
-                        .paused(|g| engine.unload(g, &name))
+                        .paused_for_write(|g| engine.unload(g, &name))
                         .and_then(|(r, _)| r.map_err(anyhow::Error::from));
                     if let Err(u) = undone {
                         tracing::warn!("cannot unload {name} after a refused enable: {u:#}");
@@ -150,7 +151,7 @@ impl Session {
     pub fn patch_unload(&mut self, name: &str) -> Result<serde_json::Value> {
         self.engine.patch(name)?;
         let Session { vm, engine, .. } = self;
-        vm.paused(|g| engine.unload(g, name))?.0?;
+        vm.paused_for_write(|g| engine.unload(g, name))?.0?;
         Ok(serde_json::json!({ "unloaded": name }))
     }
 
@@ -175,7 +176,7 @@ impl Session {
         let Session { vm, engine, .. } = self;
         // Unwind while the guest runs; the tick confirms in its pause what it takes.
         vm.running_ram(|ram| engine.unwind_early(ram, &kernel));
-        match vm.paused(|g| engine.tick(g, &kernel, now)) {
+        match vm.paused_for_write(|g| engine.tick(g, &kernel, now)) {
             Ok(((), cost)) => self
                 .engine
                 .note_pause(Duration::from_micros(cost.paused_us)),
@@ -289,5 +290,18 @@ fn drive(session: Weak<Mutex<Session>>, wakeup: Arc<std::sync::Condvar>) {
             .map(|(g, _)| g)
             .unwrap_or_else(|e| e.into_inner().0);
         drop(guard);
+    }
+}
+
+/// The patcher's view of a paused guest it may write: the VM core offers the write
+/// ([`PausedVm::write_phys`], under [`crate::vstate::vm::Vm::paused_for_write`]) and
+/// knows nothing of the patcher; this glue is where the two meet.
+impl patcher::GuestWriter for PausedVm<'_> {
+    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), introspection::GuestError> {
+        PausedVm::write_phys(self, addr, data)
+    }
+
+    fn reader(&self) -> &dyn introspection::PausedGuest {
+        self
     }
 }

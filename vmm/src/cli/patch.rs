@@ -14,6 +14,7 @@ use crate::control::proto::{
     BlockerView, ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, Request,
     TransitionStarted, TransitionView,
 };
+use crate::control::rundir::PATCH_VERBS;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -113,12 +114,6 @@ pub enum PatchAction {
     Unload { vm: String, name: String },
 }
 
-/// The words after `lpvmm patch` that name a command; `lpvmm run` refuses them as VM
-/// names, so that `lpvmm patch VM FILE` and `lpvmm patch VERB ...` never mix.
-pub const VERBS: &[&str] = &[
-    "list", "status", "load", "enable", "disable", "reverse", "force", "unload", "help",
-];
-
 #[derive(Subcommand)]
 pub enum KpCommand {
     /// Compile a C patch into a .kp
@@ -217,7 +212,7 @@ fn read_kp(vm: &str, file: &Path) -> Result<String> {
         bail!(
             "no VM named '{vm}' is running (lpvmm ls lists them); the patch commands are \
              `lpvmm patch VM FILE.kp` and `lpvmm patch {} ...`",
-            VERBS[..VERBS.len() - 1].join("|")
+            PATCH_VERBS[..PATCH_VERBS.len() - 1].join("|")
         );
     }
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;

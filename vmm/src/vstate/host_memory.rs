@@ -8,7 +8,7 @@
 //! anonymous area on the kernels lpvmm runs on (Linux aligns such mappings itself only
 //! from 6.7), so until this module a VM never got 2 MiB pages, however it advised the
 //! host (`MADV_HUGEPAGE`). QEMU aligns its RAM blocks for the same reason. Every region
-//! of [`crate::layout::MemoryLayout`] starts on a 2 MiB boundary of guest-physical
+//! of [`crate::arch::layout::MemoryLayout`] starts on a 2 MiB boundary of guest-physical
 //! memory, so aligning the host start of each is enough.
 //!
 //! vm-memory maps memory itself only where the kernel chooses, so the mapping is made

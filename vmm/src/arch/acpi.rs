@@ -3,7 +3,7 @@
 //! Debian's cloud kernels are built without CONFIG_X86_MPPARSE, so the MADT is the only
 //! way they learn about secondary CPUs. The platform is "hardware-reduced" ACPI: no PM1
 //! blocks, no SCI; poweroff is a write to the FADT's sleep control register, which
-//! [`SLEEP_CONTROL_PORT`] catches.
+//! the devices' [`SLEEP_CONTROL_PORT`] catches.
 
 use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -18,16 +18,8 @@ use acpi_tables::Aml;
 use anyhow::{bail, Context, Result};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout;
-
-/// I/O port of the hardware-reduced sleep control register (as cloud-hypervisor uses).
-pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
-/// Bits the guest writes to the sleep control register: SLP_EN and the sleep type.
-pub const SLEEP_ENABLE: u8 = 1 << 5;
-pub const SLEEP_TYPE_SHIFT: u8 = 2;
-pub const SLEEP_TYPE_MASK: u8 = 0x7 << SLEEP_TYPE_SHIFT;
-/// The sleep type we advertise for S5 in the DSDT's `_S5_` package.
-pub const S5_SLEEP_TYPE: u8 = 5;
+use crate::arch::layout;
+use crate::devices::{S5_SLEEP_TYPE, SERIAL_IRQ, SERIAL_PORT_BASE, SLEEP_CONTROL_PORT};
 
 const OEM_ID: [u8; 6] = *b"LPVMM ";
 const OEM_TABLE: [u8; 8] = *b"LPVMMTBL";
@@ -91,13 +83,8 @@ fn dsdt() -> Vec<u8> {
     sdt.append_slice(&to_bytes(&s5));
     let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
     let uid = Name::new(Path::new("_UID"), &0u8);
-    let irq = Interrupt::new(true, true, false, false, crate::devices::SERIAL_IRQ);
-    let io = IO::new(
-        crate::devices::SERIAL_PORT_BASE,
-        crate::devices::SERIAL_PORT_BASE,
-        1,
-        8,
-    );
+    let irq = Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let io = IO::new(SERIAL_PORT_BASE, SERIAL_PORT_BASE, 1, 8);
     let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
     let com1 = Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]);
     sdt.append_slice(&to_bytes(&com1));

@@ -11,7 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout;
+use crate::arch::layout;
 use introspection::VcpuState;
 
 const X86_CR0_PE: u64 = 1 << 0;

@@ -3,13 +3,12 @@
 //! threads captured when they parked).
 
 use introspection::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState};
-use patcher::GuestWriter;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::layout::MemoryLayout;
+use crate::arch::layout::MemoryLayout;
 
 /// Guest RAM and the patch area, read-only. Nothing says the vCPUs are parked: see
 /// [`GuestRam`] for what may be read this way.
@@ -170,25 +169,24 @@ impl GuestRam for PausedVm<'_> {
     }
 }
 
-/// Only the patcher writes to a paused guest.
-impl GuestWriter for PausedVm<'_> {
-    fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
+impl PausedVm<'_> {
+    /// Write guest-physical memory, all of it or nothing: a write that is not wholly
+    /// inside guest RAM or the patch area is refused before a byte is written. Needs the
+    /// writing pause ([`crate::vstate::vm::Vm::paused_for_write`]); only the patcher
+    /// writes, through the `GuestWriter` the patching glue implements on this.
+    pub fn write_phys(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
         self.ram.check(addr, data.len())?;
         self.ram
             .mem
             .write_slice(data, GuestAddress(addr))
             .map_err(|e| GuestError::Access(e.to_string()))
     }
-
-    fn reader(&self) -> &dyn PausedGuest {
-        self
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::guest_memory;
+    use crate::vstate::vm::guest_memory;
 
     #[test]
     fn reads_and_writes_stay_inside_regions() {
@@ -244,7 +242,7 @@ mod tests {
 #[cfg(test)]
 mod read_cost {
     use super::*;
-    use crate::vm::guest_memory;
+    use crate::vstate::vm::guest_memory;
     use introspection::memory::{KernelMemory, PagingRoot};
 
     #[test]
