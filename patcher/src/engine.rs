@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use iced_x86::{Code, Decoder, DecoderOptions, Register};
 use introspection::kernel::Kernel;
-use introspection::PausedGuest;
+use introspection::memory::KernelMemory;
+use introspection::{GuestRam, PausedGuest};
 use serde::{Deserialize, Serialize};
 
 use crate::alternatives::CpuFeatures;
@@ -90,6 +91,9 @@ pub struct Engine {
     pub(crate) spent: Spent,
     /// Every byte the engine wrote to the guest (all writes go through it).
     journal: Journal,
+    /// Counts changes to the patch area's space (loads, unloads, the dispatch banks):
+    /// a [`Prepared`] patch was linked against one.
+    pub(crate) generation: u64,
 }
 
 /// What a tick read and no longer needs (task lists, stack traces, early traces), kept
@@ -280,25 +284,71 @@ impl Engine {
         }
     }
 
-    /// Validate, link and load a patch (disabled). On error nothing was written.
+    /// Validate, link and load a patch (disabled), all in one pause: [`Engine::prepare`]
+    /// then [`Engine::load_prepared`]. On error nothing was written.
     pub fn load(
         &mut self,
         guest: &mut dyn GuestWriter,
         kernel: &Kernel,
         kp: &[u8],
     ) -> Result<String, KpError> {
-        self.journaled(guest, |engine, guest| {
-            engine.load_journaled(guest, kernel, kp)
+        let prepared = self.prepare(guest.reader(), kernel, kp)?;
+        self.load_prepared(guest, kernel, prepared)
+    }
+
+    /// Parse, resolve and link a patch while the guest runs: everything of a load that
+    /// needs only what the guest decided at boot (its symbols, its CPU features, its
+    /// return thunk, where the patch area can be mapped) and the engine's own state. What
+    /// it read of the guest, [`Engine::load_prepared`] reads again in the pause.
+    pub fn prepare(
+        &self,
+        ram: &dyn GuestRam,
+        kernel: &Kernel,
+        kp: &[u8],
+    ) -> Result<Prepared, KpError> {
+        let obj = PatchObject::parse(kp)?;
+        self.check_loadable(&obj)?;
+        let mem = KernelMemory::new(ram, kernel.root);
+        let area = match &self.area {
+            Some(a) => a.clone(),
+            None => {
+                let phys = ram.patch_area();
+                let va = area::choose_va(&mem, kernel, phys.size)?;
+                Area::new(AreaLayout::new(phys, va)?)
+            }
+        };
+        let boot = BootChoices::of_guest(&mem, kernel, &obj)?;
+        let (runs, linked) = link_into(&area, &boot, kernel, &obj)?;
+        let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
+        Ok(Prepared {
+            obj,
+            area,
+            runs,
+            linked,
+            orc,
+            boot,
+            generation: self.generation,
         })
     }
 
-    fn load_journaled(
+    /// The load's pause: check what must be checked against a stopped guest (every
+    /// function's site, and that the boot choices the link used still hold), then write
+    /// the linked bytes (and, for the first patch, map the area). A patch prepared
+    /// before another load or unload is refused: its place in the area may be taken.
+    pub fn load_prepared(
         &mut self,
         guest: &mut dyn GuestWriter,
         kernel: &Kernel,
-        kp: &[u8],
+        prepared: Prepared,
     ) -> Result<String, KpError> {
-        let obj = PatchObject::parse(kp)?;
+        self.journaled(guest, |engine, guest| {
+            engine.load_journaled(guest, kernel, prepared)
+        })
+    }
+
+    /// Refusals that need only the engine's state: a name already loaded, or a
+    /// dependency that is not.
+    fn check_loadable(&self, obj: &PatchObject) -> Result<(), KpError> {
         let m = &obj.manifest;
         if self.patches.iter().any(|p| p.name == m.name) {
             return Err(KpError::AlreadyLoaded(m.name.clone()));
@@ -311,22 +361,42 @@ impl Engine {
                 ))
             })?;
         }
-        let targets = self.targets(guest.reader(), kernel, &obj)?;
+        Ok(())
+    }
 
-        // Where it goes, and the linked bytes.
-        let mem = kernel.memory(guest.reader());
-        let mut area = match &self.area {
-            Some(a) => a.clone(),
-            None => {
-                let phys = guest.patch_area();
-                let va = area::choose_va(&mem, kernel, phys.size)?;
-                Area::new(AreaLayout::new(phys, va)?)
-            }
-        };
-        let (runs, linked) = link_into(&area, &mem, kernel, &obj)?;
-        let orc = decode_orc(kernel, &m.name, &obj, &linked)?;
+    fn load_journaled(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        prepared: Prepared,
+    ) -> Result<String, KpError> {
+        let Prepared {
+            obj,
+            mut area,
+            runs,
+            linked,
+            orc,
+            boot,
+            generation,
+        } = prepared;
+        let m = &obj.manifest;
+        if generation != self.generation {
+            return Err(KpError::State(format!(
+                "{}: patches were loaded or unloaded since it was linked; load it again",
+                m.name
+            )));
+        }
+        self.check_loadable(&obj)?;
+        let now = BootChoices::of_guest(&kernel.memory(guest.reader()), kernel, &obj)?;
+        if now != boot {
+            return Err(KpError::State(format!(
+                "{}: the guest's CPU features or return thunk changed while it was linked; \
+                 not loaded",
+                m.name
+            )));
+        }
+        let targets = self.targets(guest.reader(), kernel, &obj)?;
         let funcs = patched_funcs(targets, &obj, &linked)?;
-        drop(mem);
 
         // Everything checked: write.
         if !area.installed {
@@ -342,6 +412,7 @@ impl Engine {
         }
         area.space.take(runs);
         self.area = Some(area);
+        self.generation += 1;
         self.patches.push(Patch {
             name: m.name.clone(),
             state: PatchState::Disabled,
@@ -638,6 +709,7 @@ impl Engine {
         }
         area.space.free(runs);
         self.patches.retain(|q| q.name != name);
+        self.generation += 1;
         Ok(())
     }
 
@@ -707,15 +779,53 @@ impl Engine {
 
 /// Link `obj` where the area's first free runs of its size are: linked once to learn
 /// its size, then at its place. Takes nothing from the area.
+/// A patch parsed, resolved and linked while the guest ran ([`Engine::prepare`]), to be
+/// checked and written in a pause ([`Engine::load_prepared`]).
+#[derive(Debug)]
+pub struct Prepared {
+    obj: PatchObject,
+    /// The patch area as it will be once loaded (chosen now for the first patch).
+    area: Area,
+    runs: Runs,
+    linked: link::Linked,
+    orc: Vec<OrcAt>,
+    /// What the link took from the guest, checked again in the pause.
+    boot: BootChoices,
+    /// The engine's [`Engine::generation`] it was linked against.
+    generation: u64,
+}
+
+impl Prepared {
+    pub fn name(&self) -> &str {
+        &self.obj.manifest.name
+    }
+}
+
+/// What the guest decided at boot that a link depends on: its return thunk, and its CPU
+/// features where the patch has alternatives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BootChoices {
+    returns: link::Returns,
+    cpu: Option<CpuFeatures>,
+}
+
+impl BootChoices {
+    fn of_guest(mem: &KernelMemory, kernel: &Kernel, obj: &PatchObject) -> Result<Self, KpError> {
+        Ok(BootChoices {
+            returns: link::Returns::of_guest(mem, &kernel.symbols)?,
+            cpu: guest_cpu(mem, kernel, obj)?,
+        })
+    }
+}
+
 fn link_into(
     area: &Area,
-    mem: &introspection::memory::KernelMemory,
+    boot: &BootChoices,
     kernel: &Kernel,
     obj: &PatchObject,
 ) -> Result<(Runs, link::Linked), KpError> {
     let name = &obj.manifest.name;
-    let returns = link::Returns::of_guest(mem, &kernel.symbols)?;
-    let cpu = guest_cpu(mem, kernel, obj)?;
+    let (returns, cpu) = (boot.returns, &boot.cpu);
     let resolve = |sym: &str| resolve_import(kernel, obj, sym);
     let at = |r: &Runs| Placement {
         code: r.code.start,

@@ -1613,3 +1613,49 @@ fn a_refreshed_list_is_the_same_list_for_every_check_when_a_sleeper_was_woken_el
     running.tasks[1].on_cpu = !running.tasks[1].on_cpu;
     assert!(!crate::early::same_list(&fresh, &running));
 }
+
+/// A patch linked while the guest runs (`prepare`) loads in a later pause as `load` would
+/// have loaded it; one prepared before another load changed the area is refused in the
+/// pause, writing nothing, and loads once prepared again.
+#[test]
+fn a_prepared_patch_loads_as_load_would_and_a_stale_one_is_refused() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let a = f
+        .engine
+        .prepare(&g, &f.kernel, &patch_named("a", "meminfo_proc_show"))
+        .unwrap();
+    let b = f
+        .engine
+        .prepare(&g, &f.kernel, &patch_named("b", "cmdline_proc_show"))
+        .unwrap();
+    assert_eq!((a.name(), b.name()), ("a", "b"));
+    f.engine.load_prepared(&mut g, &f.kernel, a).unwrap();
+
+    // b was linked where a now is.
+    let before = g.clone();
+    let err = f.engine.load_prepared(&mut g, &f.kernel, b).unwrap_err();
+    assert!(err.to_string().contains("load it again"), "{err}");
+    assert!(g.ram == before.ram, "a refused load wrote to the guest");
+    assert_eq!(f.engine.patches().len(), 1);
+
+    let b = f
+        .engine
+        .prepare(&g, &f.kernel, &patch_named("b", "cmdline_proc_show"))
+        .unwrap();
+    f.engine.load_prepared(&mut g, &f.kernel, b).unwrap();
+    let (pa, pb) = (f.engine.patch("a").unwrap(), f.engine.patch("b").unwrap());
+    assert!(pa.runs.code.end <= pb.runs.code.start || pb.runs.code.end <= pa.runs.code.start);
+
+    // The same patch through load, on a fresh engine and guest: the same functions.
+    let mut f2 = fixture();
+    let mut g2 = f2.sk.guest.clone();
+    f2.engine
+        .load(&mut g2, &f2.kernel, &patch_named("a", "meminfo_proc_show"))
+        .unwrap();
+    assert_eq!(
+        f2.engine.patch("a").unwrap().funcs,
+        f.engine.patch("a").unwrap().funcs
+    );
+    enable(&mut f, &mut g, "b").unwrap();
+}

@@ -890,6 +890,8 @@ impl Engine {
         )?;
         // Never freed: a retired bank is reused by later transitions.
         area.space.take(runs);
+        // A patch linked before this took its place in the area must be linked again.
+        self.generation += 1;
         let (code, data) = (runs.code.start, runs.data.start);
         let banks = (0..BANKS as u64)
             .map(|i| Bank {

@@ -239,7 +239,7 @@ fn load_only(vm: &str, file: &Path, json: bool) -> Result<i32> {
         return print_json(&r);
     }
     println!(
-        "loaded '{}' into {vm}, disabled (guest paused {} us to link and check it); \
+        "loaded '{}' into {vm}, disabled (guest paused {} us to check and write it); \
          lpvmm patch enable {vm} {} enables it",
         r.name, r.pause.paused_us, r.name
     );
@@ -256,7 +256,7 @@ fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
     })?;
     if !wait.json {
         println!(
-            "loaded '{}' into {vm} (guest paused {} us to link and check it); enabling ({})",
+            "loaded '{}' into {vm} (guest paused {} us to check and write it); enabling ({})",
             r.name,
             r.pause.paused_us,
             match wait.consistency {

@@ -95,7 +95,9 @@ impl Session {
         let kernel = self.kernel_attached()?;
         let mapped_before = self.engine.area_layout().is_some();
         let Session { vm, engine, .. } = self;
-        let (name, pause) = vm.paused_for_write(|g| engine.load(g, &kernel, &kp))?;
+        // Parse, resolve and link while the guest runs; the pause checks and writes.
+        let prepared = vm.running_ram(|ram| engine.prepare(ram, &kernel, &kp))?;
+        let (name, pause) = vm.paused_for_write(|g| engine.load_prepared(g, &kernel, prepared))?;
         let name = name?;
         if let (false, Some(a)) = (mapped_before, self.engine.area_layout()) {
             // Once per VM, on stderr beside a crash report: whether a dead guest was

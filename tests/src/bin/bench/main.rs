@@ -11,6 +11,9 @@
 //!                                                      RAM, before and after attach
 //!   cargo run -p lpvmm-tests --bin bench -- patch [CYCLES]  enable/disable pauses; call cost
 //!                                                      and switch time vs the guest's livepatch
+//!   cargo run -p lpvmm-tests --bin bench -- load [RUNS]  a patch load's pause (first patch,
+//!                                                      later patch) and the enable's first
+//!                                                      tick against a bare pause (load.rs)
 //!   cargo run -p lpvmm-tests --bin bench -- deaths [RUNS] [spawn [SERIES]]  guests the platform
 //!                                                      kills: lpvmm vs QEMU microvm, same guests,
 //!                                                      same load (LPVMM_BENCH_HOST_TRACE=1: the
@@ -52,6 +55,7 @@
 //! report medians and ratios: absolute times on nested TCG say little.
 
 mod endurance;
+mod load;
 
 use std::time::{Duration, Instant};
 
@@ -79,6 +83,7 @@ fn main() {
         "memory" => vmm_memory(),
         "start" => vmm_start(n.unwrap_or(5)),
         "patch" => patch(n.unwrap_or(30)),
+        "load" => load::load(n.unwrap_or(3)),
         "deaths" => match args.next().as_deref() {
             None => deaths(n.unwrap_or(10), DEATHS_LOAD, &lpvmm_tests::SERIES),
             Some("spawn") => match args.next() {
@@ -111,7 +116,7 @@ fn main() {
         }
         "pause-deaths" => pause_deaths(n.unwrap_or(10_000)),
         _ => Err(
-            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench deaths [RUNS] [spawn|hammer [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] [alone] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
+            "usage: bench boot [RUNS] | bench pause [CYCLES] [VCPUS,...] | bench introspect [RUNS] | bench attach [RUNS] | bench memory | bench start [RUNS] | bench patch [CYCLES] | bench load [RUNS] | bench deaths [RUNS] [spawn|hammer [SERIES]] | bench transition [RUNS] | bench endurance [CYCLES] [SERIES] [alone] | bench pause-deaths [CYCLES] | bench ticks [RUNS] [TASKS,...] [MEMORY] | bench completion [RUNS] [TASKS,...] | bench calls [ROUNDS] | bench host-info | bench guest-diff [SERIES]"
                 .into(),
         ),
     };
