@@ -3,6 +3,8 @@
 //! only what the linker can lay out and relocate safely, or an error that names the
 //! section, symbol or relocation that cannot be honoured.
 
+use std::collections::{BTreeSet, HashMap};
+
 use object::elf;
 use object::{
     Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionFlags,
@@ -469,6 +471,299 @@ fn reloc_name(r_type: u32) -> String {
     }
 }
 
+/// The sections a patch lays out, and those it must refuse.
+struct Laid {
+    sections: Vec<Section>,
+    /// ELF section index to ours.
+    index_of: HashMap<object::SectionIndex, usize>,
+    /// Sections refused (ELF index, name, why), refused once the functions that need
+    /// them are known.
+    refused: Vec<(object::SectionIndex, String, &'static str)>,
+}
+
+/// Classify every section: laid out (with its contents, bounded), skipped, or refused.
+fn lay_out_sections(file: &object::File) -> Result<Laid, KpError> {
+    // Sections to lay out, with a map from ELF section index to ours; sections that
+    // must be refused, refused once the functions that need them are known.
+    let mut sections = Vec::new();
+    let mut index_of = HashMap::new();
+    let mut refused = Vec::new();
+    let mut laid_out = 0u64;
+    for s in file.sections() {
+        let name = s.name().unwrap_or("").to_string();
+        let flags = match s.flags() {
+            SectionFlags::Elf { sh_flags } => sh_flags,
+            _ => 0,
+        };
+        let kind = match classify(&name, flags, s.kind())? {
+            Class::Load(k) => k,
+            Class::Skip => continue,
+            Class::Refuse(why) => {
+                refused.push((s.index(), name, why));
+                continue;
+            }
+        };
+        // Contents are bounded by the file; zero-filled data, which the linker lays
+        // out in memory too, by the same limit for all sections together (found by
+        // fuzzing: a 1 GiB .bss made the linker allocate it).
+        // (The patch area, smaller, refuses most large patches with a clearer message.)
+        laid_out = laid_out.saturating_add(s.size());
+        if laid_out > MAX_LAID_OUT {
+            return Err(KpError::Truncated(format!(
+                "section {name} claims {} bytes: a patch's sections take at most \
+                 {MAX_LAID_OUT} bytes together",
+                s.size()
+            )));
+        }
+        let bytes = if kind == SectionKind::Bss {
+            Vec::new()
+        } else {
+            s.data()
+                .map_err(|e| KpError::Truncated(format!("section {name}: {e}")))?
+                .to_vec()
+        };
+        // A section with no contents in the file (SHT_NOBITS) under a .text, .rodata
+        // or .data name would be laid out shorter than the places it claims (found
+        // by fuzzing: a relocation written past its empty image).
+        if kind != SectionKind::Bss && bytes.len() as u64 != s.size() {
+            return Err(KpError::Truncated(format!(
+                "section {name}: {} bytes by its header, {} in the file",
+                s.size(),
+                bytes.len()
+            )));
+        }
+        let align = s.align().max(1);
+        if !align.is_power_of_two() || align > 4096 {
+            return Err(KpError::Unsupported(format!(
+                "section {name}: alignment {align}"
+            )));
+        }
+        index_of.insert(s.index(), sections.len());
+        sections.push(Section {
+            name,
+            kind,
+            align,
+            size: s.size(),
+            bytes,
+            relocs: Vec::new(),
+        });
+    }
+    Ok(Laid {
+        sections,
+        index_of,
+        refused,
+    })
+}
+
+/// The object's functions (its text symbols in sections it lays out); a common symbol
+/// is refused.
+fn functions_of(
+    file: &object::File,
+    index_of: &HashMap<object::SectionIndex, usize>,
+) -> Result<Vec<Function>, KpError> {
+    let mut functions = Vec::new();
+    for sym in file.symbols() {
+        let name = sym.name().unwrap_or("").to_string();
+        if sym.section() == SymbolSection::Common {
+            return Err(KpError::Unsupported(format!(
+                "common symbol {name} (build with -fno-common, as lpvmm kp build does)"
+            )));
+        }
+        if sym.kind() == SymbolKind::Text {
+            if let SymbolSection::Section(i) = sym.section() {
+                if let Some(&section) = index_of.get(&i) {
+                    functions.push(Function {
+                        name,
+                        section,
+                        offset: sym.address(),
+                        size: sym.size(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(functions)
+}
+
+/// The error for refused sections: one line per reason (an alternative has two
+/// sections, say), each with the sections and the functions that need them.
+fn refusal(
+    file: &object::File,
+    refused: &[(object::SectionIndex, String, &'static str)],
+    index_of: &HashMap<object::SectionIndex, usize>,
+    functions: &[Function],
+) -> KpError {
+    // One line per reason (an alternative has two sections, say), each with
+    // the sections and the functions that need them.
+    let mut each: Vec<String> = Vec::new();
+    let mut reasons: Vec<&str> = refused.iter().map(|r| r.2).collect();
+    reasons.dedup();
+    for why in reasons {
+        let of: Vec<_> = refused.iter().filter(|r| r.2 == why).collect();
+        let names: Vec<&str> = of.iter().map(|r| r.1.as_str()).collect();
+        let mut users: Vec<String> = of
+            .iter()
+            .flat_map(|r| users_of(file, r.0, index_of, functions))
+            .collect();
+        users.sort();
+        users.dedup();
+        let by = if users.is_empty() {
+            String::new()
+        } else {
+            format!(" (needed by {})", users.join(", "))
+        };
+        let word = if names.len() == 1 {
+            "section"
+        } else {
+            "sections"
+        };
+        each.push(format!("{word} {}{by}: {why}", names.join(", ")));
+    }
+    KpError::Unsupported(format!(
+        "{}; the guest kernel would have to know about {}",
+        each.join("; "),
+        if each.len() == 1 { "it" } else { "them" }
+    ))
+}
+
+/// What one relocation at `sname+offset` points to: a kernel symbol (added to
+/// `imports`), or a place in a section the patch lays out.
+fn reloc_target(
+    file: &object::File,
+    r: &object::Relocation,
+    index_of: &HashMap<object::SectionIndex, usize>,
+    imports: &mut BTreeSet<String>,
+    sname: &str,
+    offset: u64,
+) -> Result<RelocTarget, KpError> {
+    Ok(match r.target() {
+        RelocationTarget::Symbol(si) => {
+            let sym = file
+                .symbol_by_index(si)
+                .map_err(|e| KpError::Truncated(format!("relocation symbol: {e}")))?;
+            let name = sym.name().unwrap_or("").to_string();
+            match sym.section() {
+                SymbolSection::Undefined => {
+                    imports.insert(name.clone());
+                    RelocTarget::Kernel(name)
+                }
+                SymbolSection::Section(i) => match index_of.get(&i) {
+                    Some(&section) if sym.kind() == SymbolKind::Section => {
+                        RelocTarget::Section(section)
+                    }
+                    Some(&section) => RelocTarget::Defined {
+                        section,
+                        offset: sym.address(),
+                        name,
+                    },
+                    None => return Err(KpError::Unsupported(format!(
+                        "{sname}+{offset:#x} refers to '{name}' in a section lpvmm does not load"
+                    ))),
+                },
+                other => {
+                    return Err(KpError::Unsupported(format!(
+                        "{sname}+{offset:#x} refers to '{name}' ({other:?})"
+                    )))
+                }
+            }
+        }
+        RelocationTarget::Section(i) => match index_of.get(&i) {
+            Some(&section) => RelocTarget::Section(section),
+            None => {
+                return Err(KpError::Unsupported(format!(
+                    "{sname}+{offset:#x} refers to a section lpvmm does not load"
+                )))
+            }
+        },
+        _ => {
+            return Err(KpError::Unsupported(format!(
+                "{sname}+{offset:#x}: relocation without a target"
+            )))
+        }
+    })
+}
+
+/// Every relocation of the laid-out sections, checked and attached to its section; the
+/// kernel symbols they use.
+fn read_relocations(
+    file: &object::File,
+    index_of: &HashMap<object::SectionIndex, usize>,
+    sections: &mut [Section],
+) -> Result<BTreeSet<String>, KpError> {
+    let mut imports = BTreeSet::new();
+    for s in file.sections() {
+        let Some(&ours) = index_of.get(&s.index()) else {
+            continue;
+        };
+        let sname = sections[ours].name.clone();
+        for (offset, r) in s.relocations() {
+            let RelocationFlags::Elf { r_type } = r.flags() else {
+                return Err(KpError::Unsupported(format!(
+                    "{sname}+{offset:#x}: non-ELF relocation"
+                )));
+            };
+            let target = reloc_target(file, &r, index_of, &mut imports, &sname, offset)?;
+            let what = match &target {
+                RelocTarget::Kernel(n) | RelocTarget::Defined { name: n, .. } => n.clone(),
+                RelocTarget::Section(i) => sections[*i].name.clone(),
+            };
+            let kind = reloc_kind(r_type).ok_or_else(|| {
+                KpError::Unsupported(format!(
+                    "relocation {} against '{what}' at {sname}+{offset:#x} (build with -mcmodel=kernel -fno-pic, as lpvmm kp build does)",
+                    reloc_name(r_type)
+                ))
+            })?;
+            let width = if kind == RelocKind::Abs64 { 8 } else { 4 };
+            if sections[ours].kind == SectionKind::Bss
+                || offset
+                    .checked_add(width)
+                    .is_none_or(|e| e > sections[ours].size)
+            {
+                return Err(KpError::Truncated(format!(
+                    "relocation at {sname}+{offset:#x} is outside the section"
+                )));
+            }
+            sections[ours].relocs.push(Reloc {
+                offset,
+                kind,
+                target,
+                addend: r.addend(),
+            });
+        }
+    }
+    Ok(imports)
+}
+
+/// The manifest against the object: every replacement is a function of the object,
+/// every symbol binding is for a symbol the patch uses.
+fn check_manifest(
+    manifest: &Manifest,
+    functions: &[Function],
+    sections: &[Section],
+    imports: &BTreeSet<String>,
+) -> Result<(), KpError> {
+    for r in &manifest.replacements {
+        let f = functions.iter().find(|f| f.name == r.new).ok_or_else(|| {
+            KpError::Manifest(format!(
+                "{} is to be replaced by '{}', which the object does not define as a function",
+                r.old, r.new
+            ))
+        })?;
+        if !sections[f.section].kind.executable() || f.size == 0 {
+            return Err(KpError::Manifest(format!("'{}' is not code", r.new)));
+        }
+    }
+    for b in &manifest.bindings {
+        if !imports.contains(&b.local) {
+            return Err(KpError::Manifest(format!(
+                "symbol binding for '{}', which the patch does not use",
+                b.local
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `data` copied to an 8-byte aligned place: the buffer, and where the copy starts in it.
 fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
     let mut buf = vec![0u8; data.len() + 7];
@@ -520,237 +815,23 @@ impl PatchObject {
             .map_err(|e| KpError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
         let manifest = Manifest::parse(manifest_data)?;
 
-        // Sections to lay out, with a map from ELF section index to ours; sections that
-        // must be refused, refused once the functions that need them are known.
-        let mut sections = Vec::new();
-        let mut index_of = std::collections::HashMap::new();
-        let mut refused = Vec::new();
-        let mut laid_out = 0u64;
-        for s in file.sections() {
-            let name = s.name().unwrap_or("").to_string();
-            let flags = match s.flags() {
-                SectionFlags::Elf { sh_flags } => sh_flags,
-                _ => 0,
-            };
-            let kind = match classify(&name, flags, s.kind())? {
-                Class::Load(k) => k,
-                Class::Skip => continue,
-                Class::Refuse(why) => {
-                    refused.push((s.index(), name, why));
-                    continue;
-                }
-            };
-            // Contents are bounded by the file; zero-filled data, which the linker lays
-            // out in memory too, by the same limit for all sections together (found by
-            // fuzzing: a 1 GiB .bss made the linker allocate it).
-            // (The patch area, smaller, refuses most large patches with a clearer message.)
-            laid_out = laid_out.saturating_add(s.size());
-            if laid_out > MAX_LAID_OUT {
-                return Err(KpError::Truncated(format!(
-                    "section {name} claims {} bytes: a patch's sections take at most \
-                     {MAX_LAID_OUT} bytes together",
-                    s.size()
-                )));
-            }
-            let bytes = if kind == SectionKind::Bss {
-                Vec::new()
-            } else {
-                s.data()
-                    .map_err(|e| KpError::Truncated(format!("section {name}: {e}")))?
-                    .to_vec()
-            };
-            // A section with no contents in the file (SHT_NOBITS) under a .text, .rodata
-            // or .data name would be laid out shorter than the places it claims (found
-            // by fuzzing: a relocation written past its empty image).
-            if kind != SectionKind::Bss && bytes.len() as u64 != s.size() {
-                return Err(KpError::Truncated(format!(
-                    "section {name}: {} bytes by its header, {} in the file",
-                    s.size(),
-                    bytes.len()
-                )));
-            }
-            let align = s.align().max(1);
-            if !align.is_power_of_two() || align > 4096 {
-                return Err(KpError::Unsupported(format!(
-                    "section {name}: alignment {align}"
-                )));
-            }
-            index_of.insert(s.index(), sections.len());
-            sections.push(Section {
-                name,
-                kind,
-                align,
-                size: s.size(),
-                bytes,
-                relocs: Vec::new(),
-            });
-        }
+        let Laid {
+            mut sections,
+            index_of,
+            refused,
+        } = lay_out_sections(&file)?;
 
-        let mut imports = std::collections::BTreeSet::new();
-        let mut functions = Vec::new();
-        for sym in file.symbols() {
-            let name = sym.name().unwrap_or("").to_string();
-            if sym.section() == SymbolSection::Common {
-                return Err(KpError::Unsupported(format!(
-                    "common symbol {name} (build with -fno-common, as lpvmm kp build does)"
-                )));
-            }
-            if sym.kind() == SymbolKind::Text {
-                if let SymbolSection::Section(i) = sym.section() {
-                    if let Some(&section) = index_of.get(&i) {
-                        functions.push(Function {
-                            name,
-                            section,
-                            offset: sym.address(),
-                            size: sym.size(),
-                        });
-                    }
-                }
-            }
-        }
+        let functions = functions_of(&file, &index_of)?;
 
         if !refused.is_empty() {
-            // One line per reason (an alternative has two sections, say), each with
-            // the sections and the functions that need them.
-            let mut each: Vec<String> = Vec::new();
-            let mut reasons: Vec<&str> = refused.iter().map(|r| r.2).collect();
-            reasons.dedup();
-            for why in reasons {
-                let of: Vec<_> = refused.iter().filter(|r| r.2 == why).collect();
-                let names: Vec<&str> = of.iter().map(|r| r.1.as_str()).collect();
-                let mut users: Vec<String> = of
-                    .iter()
-                    .flat_map(|r| users_of(&file, r.0, &index_of, &functions))
-                    .collect();
-                users.sort();
-                users.dedup();
-                let by = if users.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (needed by {})", users.join(", "))
-                };
-                let word = if names.len() == 1 {
-                    "section"
-                } else {
-                    "sections"
-                };
-                each.push(format!("{word} {}{by}: {why}", names.join(", ")));
-            }
-            return Err(KpError::Unsupported(format!(
-                "{}; the guest kernel would have to know about {}",
-                each.join("; "),
-                if each.len() == 1 { "it" } else { "them" }
-            )));
+            return Err(refusal(&file, &refused, &index_of, &functions));
         }
         let orc = OrcTables::read(&file, &index_of)?;
         let alternatives = read_alternatives(&file, &index_of, &sections)?;
 
-        for s in file.sections() {
-            let Some(&ours) = index_of.get(&s.index()) else {
-                continue;
-            };
-            let sname = sections[ours].name.clone();
-            for (offset, r) in s.relocations() {
-                let RelocationFlags::Elf { r_type } = r.flags() else {
-                    return Err(KpError::Unsupported(format!(
-                        "{sname}+{offset:#x}: non-ELF relocation"
-                    )));
-                };
-                let target = match r.target() {
-                    RelocationTarget::Symbol(si) => {
-                        let sym = file
-                            .symbol_by_index(si)
-                            .map_err(|e| KpError::Truncated(format!("relocation symbol: {e}")))?;
-                        let name = sym.name().unwrap_or("").to_string();
-                        match sym.section() {
-                            SymbolSection::Undefined => {
-                                imports.insert(name.clone());
-                                RelocTarget::Kernel(name)
-                            }
-                            SymbolSection::Section(i) => match index_of.get(&i) {
-                                Some(&section) if sym.kind() == SymbolKind::Section => {
-                                    RelocTarget::Section(section)
-                                }
-                                Some(&section) => RelocTarget::Defined {
-                                    section,
-                                    offset: sym.address(),
-                                    name,
-                                },
-                                None => {
-                                    return Err(KpError::Unsupported(format!(
-                                        "{sname}+{offset:#x} refers to '{name}' in a section lpvmm does not load"
-                                    )))
-                                }
-                            },
-                            other => {
-                                return Err(KpError::Unsupported(format!(
-                                    "{sname}+{offset:#x} refers to '{name}' ({other:?})"
-                                )))
-                            }
-                        }
-                    }
-                    RelocationTarget::Section(i) => match index_of.get(&i) {
-                        Some(&section) => RelocTarget::Section(section),
-                        None => {
-                            return Err(KpError::Unsupported(format!(
-                                "{sname}+{offset:#x} refers to a section lpvmm does not load"
-                            )))
-                        }
-                    },
-                    _ => {
-                        return Err(KpError::Unsupported(format!(
-                            "{sname}+{offset:#x}: relocation without a target"
-                        )))
-                    }
-                };
-                let what = match &target {
-                    RelocTarget::Kernel(n) | RelocTarget::Defined { name: n, .. } => n.clone(),
-                    RelocTarget::Section(i) => sections[*i].name.clone(),
-                };
-                let kind = reloc_kind(r_type).ok_or_else(|| {
-                    KpError::Unsupported(format!(
-                        "relocation {} against '{what}' at {sname}+{offset:#x} (build with -mcmodel=kernel -fno-pic, as lpvmm kp build does)",
-                        reloc_name(r_type)
-                    ))
-                })?;
-                let width = if kind == RelocKind::Abs64 { 8 } else { 4 };
-                if sections[ours].kind == SectionKind::Bss
-                    || offset
-                        .checked_add(width)
-                        .is_none_or(|e| e > sections[ours].size)
-                {
-                    return Err(KpError::Truncated(format!(
-                        "relocation at {sname}+{offset:#x} is outside the section"
-                    )));
-                }
-                sections[ours].relocs.push(Reloc {
-                    offset,
-                    kind,
-                    target,
-                    addend: r.addend(),
-                });
-            }
-        }
+        let imports = read_relocations(&file, &index_of, &mut sections)?;
 
-        for r in &manifest.replacements {
-            let f = functions.iter().find(|f| f.name == r.new).ok_or_else(|| {
-                KpError::Manifest(format!(
-                    "{} is to be replaced by '{}', which the object does not define as a function",
-                    r.old, r.new
-                ))
-            })?;
-            if !sections[f.section].kind.executable() || f.size == 0 {
-                return Err(KpError::Manifest(format!("'{}' is not code", r.new)));
-            }
-        }
-        for b in &manifest.bindings {
-            if !imports.contains(&b.local) {
-                return Err(KpError::Manifest(format!(
-                    "symbol binding for '{}', which the patch does not use",
-                    b.local
-                )));
-            }
-        }
+        check_manifest(&manifest, &functions, &sections, &imports)?;
 
         let obj = PatchObject {
             manifest,
