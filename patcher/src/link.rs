@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::alternatives::{self, CpuFeatures};
-use crate::object::{PatchObject, RelocKind, RelocTarget, SectionKind};
+use crate::object::{PatchObject, Reloc, RelocKind, RelocTarget, SectionKind};
 use crate::KpError;
 
 /// The symbol gcc's `-mfunction-return=thunk-extern` returns through.
@@ -171,42 +171,7 @@ pub fn link(
     cpu: Option<&CpuFeatures>,
     resolve: &dyn Fn(&str) -> Result<u64, KpError>,
 ) -> Result<Linked, KpError> {
-    let mut images = [
-        Image {
-            addr: at.code,
-            bytes: Vec::new(),
-        },
-        Image {
-            addr: at.rodata,
-            bytes: Vec::new(),
-        },
-        Image {
-            addr: at.data,
-            bytes: Vec::new(),
-        },
-    ];
-    let region = |k: SectionKind| match k {
-        SectionKind::Code => 0,
-        SectionKind::ReadOnly => 1,
-        SectionKind::Data | SectionKind::Bss => 2,
-    };
-    let mut section_addrs = Vec::with_capacity(obj.sections.len());
-    let mut offsets = Vec::with_capacity(obj.sections.len());
-    for s in &obj.sections {
-        let img = &mut images[region(s.kind)];
-        let off = align_up(img.bytes.len() as u64, s.align) as usize;
-        // Code padding is int3, so a stray jump into it traps.
-        let fill = if s.kind == SectionKind::Code { 0xcc } else { 0 };
-        img.bytes.resize(off, fill);
-        if s.kind == SectionKind::Bss {
-            img.bytes.resize(off + s.size as usize, 0);
-        } else {
-            img.bytes.extend_from_slice(&s.bytes);
-        }
-        section_addrs.push(img.addr + off as u64);
-        offsets.push((region(s.kind), off));
-    }
-
+    let mut layout = lay_out(obj, at);
     let mut imports = Vec::new();
     let mut resolved: HashMap<&str, u64> = HashMap::new();
     for name in &obj.imports {
@@ -214,110 +179,13 @@ pub fn link(
         resolved.insert(name.as_str(), a);
         imports.push((name.clone(), a));
     }
+    relocate(obj, &mut layout, &resolved, returns)?;
 
-    let per_cpu = gs_relative_displacements(obj);
-    for (si, s) in obj.sections.iter().enumerate() {
-        let (ri, base_off) = offsets[si];
-        for r in &s.relocs {
-            let target = match &r.target {
-                RelocTarget::Section(i) => section_addrs[*i],
-                RelocTarget::Defined {
-                    section, offset, ..
-                } => section_addrs[*section] + offset,
-                RelocTarget::Kernel(n) => *resolved
-                    .get(n.as_str())
-                    .ok_or_else(|| KpError::Symbol(format!("'{n}' was not resolved")))?,
-            };
-            let place = section_addrs[si] + r.offset;
-            let at = base_off + r.offset as usize;
-            // The kernel turns a module's `call __fentry__` into the fentry NOP at load.
-            let is_fentry = matches!(&r.target, RelocTarget::Kernel(n) if n == FENTRY);
-            if is_fentry && r.kind == RelocKind::Pc32 {
-                let bytes = &mut images[ri].bytes;
-                if at >= 1 && bytes[at - 1] == 0xe8 {
-                    bytes[at - 1..at + 4].copy_from_slice(&crate::site::FENTRY_NOP);
-                    continue;
-                }
-                return Err(KpError::Unsupported(format!(
-                    "{}+{:#x}: a use of {FENTRY} other than `call`",
-                    s.name, r.offset
-                )));
-            }
-            let is_thunk = matches!(&r.target, RelocTarget::Kernel(n) if n == RETURN_THUNK);
-            if is_thunk && returns != Returns::AsSymbol && r.kind == RelocKind::Pc32 {
-                let bytes = &mut images[ri].bytes;
-                let is_jmp = at >= 1 && bytes[at - 1] == 0xe9;
-                match (returns, is_jmp) {
-                    (Returns::Ret, true) => {
-                        bytes[at - 1..at + 4].copy_from_slice(&[0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
-                        continue;
-                    }
-                    (Returns::Jump(t), true) => {
-                        let d = i128::from(t) + i128::from(r.addend) - i128::from(place);
-                        let d = i32::try_from(d).map_err(|_| {
-                            KpError::OutOfRange(format!("{}+{:#x} to the return thunk", s.name, r.offset))
-                        })?;
-                        bytes[at..at + 4].copy_from_slice(&d.to_le_bytes());
-                        continue;
-                    }
-                    _ => {
-                        return Err(KpError::Unsupported(format!(
-                            "{}+{:#x}: a use of {RETURN_THUNK} other than `jmp` (the kernel only rewrites jumps)",
-                            s.name, r.offset
-                        )))
-                    }
-                }
-            }
-            let value = target.wrapping_add(r.addend as u64);
-            let what = || match &r.target {
-                RelocTarget::Kernel(n) | RelocTarget::Defined { name: n, .. } => n.clone(),
-                RelocTarget::Section(i) => obj.sections[*i].name.clone(),
-            };
-            let out_of_range = |v: i128| {
-                let sign = if v < 0 { "-" } else { "" };
-                KpError::OutOfRange(format!(
-                    "{}+{:#x} to '{}': {sign}{:#x} does not fit in 32 bits",
-                    s.name,
-                    r.offset,
-                    what(),
-                    v.unsigned_abs()
-                ))
-            };
-            let bytes: Vec<u8> = match r.kind {
-                RelocKind::Abs64 => value.to_le_bytes().to_vec(),
-                RelocKind::Abs32S => {
-                    let v = value as i64;
-                    i32::try_from(v)
-                        .map_err(|_| out_of_range(v.into()))?
-                        .to_le_bytes()
-                        .to_vec()
-                }
-                RelocKind::Abs32 => u32::try_from(value)
-                    .map_err(|_| out_of_range(value.into()))?
-                    .to_le_bytes()
-                    .to_vec(),
-                RelocKind::Pc32 if per_cpu.contains(&(si, r.offset)) => {
-                    // A `%gs:sym(%rip)` access to a per-CPU symbol (a small offset, as
-                    // 6.12's `current` is): the CPU computes the address modulo 2^64,
-                    // so it reaches the symbol from the top 2 GiB.
-                    let d = target.wrapping_add(r.addend as u64).wrapping_sub(place) as i64;
-                    i32::try_from(d)
-                        .map_err(|_| out_of_range(d.into()))?
-                        .to_le_bytes()
-                        .to_vec()
-                }
-                RelocKind::Pc32 => {
-                    let d = i128::from(target) + i128::from(r.addend) - i128::from(place);
-                    i32::try_from(d)
-                        .map_err(|_| out_of_range(d))?
-                        .to_le_bytes()
-                        .to_vec()
-                }
-            };
-            images[ri].bytes[at..at + bytes.len()].copy_from_slice(&bytes);
-        }
-    }
-
+    let Layout {
+        mut images,
+        section_addrs,
+        offsets,
+    } = layout;
     let functions = obj
         .functions
         .iter()
@@ -340,5 +208,198 @@ pub fn link(
         functions,
         imports,
         orc,
+    })
+}
+
+/// Where each section goes: the three images (code, read-only data, data), and each
+/// section's address and place (image, offset) in them.
+struct Layout {
+    images: [Image; 3],
+    section_addrs: Vec<u64>,
+    offsets: Vec<(usize, usize)>,
+}
+
+/// Lay the sections out in their images, each at its alignment.
+fn lay_out(obj: &PatchObject, at: Placement) -> Layout {
+    let image = |addr| Image {
+        addr,
+        bytes: Vec::new(),
+    };
+    let mut images = [image(at.code), image(at.rodata), image(at.data)];
+    let region = |k: SectionKind| match k {
+        SectionKind::Code => 0,
+        SectionKind::ReadOnly => 1,
+        SectionKind::Data | SectionKind::Bss => 2,
+    };
+    let mut section_addrs = Vec::with_capacity(obj.sections.len());
+    let mut offsets = Vec::with_capacity(obj.sections.len());
+    for s in &obj.sections {
+        let img = &mut images[region(s.kind)];
+        let off = align_up(img.bytes.len() as u64, s.align) as usize;
+        // Code padding is int3, so a stray jump into it traps.
+        let fill = if s.kind == SectionKind::Code { 0xcc } else { 0 };
+        img.bytes.resize(off, fill);
+        if s.kind == SectionKind::Bss {
+            img.bytes.resize(off + s.size as usize, 0);
+        } else {
+            img.bytes.extend_from_slice(&s.bytes);
+        }
+        section_addrs.push(img.addr + off as u64);
+        offsets.push((region(s.kind), off));
+    }
+    Layout {
+        images,
+        section_addrs,
+        offsets,
+    }
+}
+
+/// Apply every relocation of every section to the laid-out images.
+fn relocate(
+    obj: &PatchObject,
+    layout: &mut Layout,
+    resolved: &HashMap<&str, u64>,
+    returns: Returns,
+) -> Result<(), KpError> {
+    let per_cpu = gs_relative_displacements(obj);
+    for (si, s) in obj.sections.iter().enumerate() {
+        let (ri, base_off) = layout.offsets[si];
+        for r in &s.relocs {
+            let target = match &r.target {
+                RelocTarget::Section(i) => layout.section_addrs[*i],
+                RelocTarget::Defined {
+                    section, offset, ..
+                } => layout.section_addrs[*section] + offset,
+                RelocTarget::Kernel(n) => *resolved
+                    .get(n.as_str())
+                    .ok_or_else(|| KpError::Symbol(format!("'{n}' was not resolved")))?,
+            };
+            let spot = Spot {
+                section: &s.name,
+                place: layout.section_addrs[si] + r.offset,
+                at: base_off + r.offset as usize,
+            };
+            let bytes = &mut layout.images[ri].bytes;
+            if rewrite_as_the_kernel_does(bytes, &spot, r, returns)? {
+                continue;
+            }
+            let what = || match &r.target {
+                RelocTarget::Kernel(n) | RelocTarget::Defined { name: n, .. } => n.clone(),
+                RelocTarget::Section(i) => obj.sections[*i].name.clone(),
+            };
+            let gs_relative = per_cpu.contains(&(si, r.offset));
+            let value = reloc_bytes(r, target, &spot, gs_relative, &what)?;
+            bytes[spot.at..spot.at + value.len()].copy_from_slice(&value);
+        }
+    }
+    Ok(())
+}
+
+/// Where one relocation writes: its section's name, its address, its offset in the image.
+struct Spot<'a> {
+    section: &'a str,
+    place: u64,
+    at: usize,
+}
+
+/// The two kernel symbols whose uses the kernel's module loader rewrites instead of
+/// relocating: `call __fentry__` becomes the fentry NOP, and `jmp` to the return thunk
+/// becomes what the guest chose at boot ([`Returns`]). True when `r` was one of them and
+/// is done.
+fn rewrite_as_the_kernel_does(
+    bytes: &mut [u8],
+    spot: &Spot,
+    r: &Reloc,
+    returns: Returns,
+) -> Result<bool, KpError> {
+    let at = spot.at;
+    let is_fentry = matches!(&r.target, RelocTarget::Kernel(n) if n == FENTRY);
+    if is_fentry && r.kind == RelocKind::Pc32 {
+        if at >= 1 && bytes[at - 1] == 0xe8 {
+            bytes[at - 1..at + 4].copy_from_slice(&crate::site::FENTRY_NOP);
+            return Ok(true);
+        }
+        return Err(KpError::Unsupported(format!(
+            "{}+{:#x}: a use of {FENTRY} other than `call`",
+            spot.section, r.offset
+        )));
+    }
+    let is_thunk = matches!(&r.target, RelocTarget::Kernel(n) if n == RETURN_THUNK);
+    if !(is_thunk && returns != Returns::AsSymbol && r.kind == RelocKind::Pc32) {
+        return Ok(false);
+    }
+    let is_jmp = at >= 1 && bytes[at - 1] == 0xe9;
+    match (returns, is_jmp) {
+        (Returns::Ret, true) => {
+            bytes[at - 1..at + 4].copy_from_slice(&[0xc3, 0xcc, 0xcc, 0xcc, 0xcc]);
+            Ok(true)
+        }
+        (Returns::Jump(t), true) => {
+            let d = i128::from(t) + i128::from(r.addend) - i128::from(spot.place);
+            let d = i32::try_from(d).map_err(|_| {
+                KpError::OutOfRange(format!(
+                    "{}+{:#x} to the return thunk",
+                    spot.section, r.offset
+                ))
+            })?;
+            bytes[at..at + 4].copy_from_slice(&d.to_le_bytes());
+            Ok(true)
+        }
+        _ => Err(KpError::Unsupported(format!(
+            "{}+{:#x}: a use of {RETURN_THUNK} other than `jmp` (the kernel only rewrites jumps)",
+            spot.section, r.offset
+        ))),
+    }
+}
+
+/// The bytes relocation `r` writes at `spot`, its value range-checked for its width.
+/// `gs_relative`: a `%gs:sym(%rip)` access to a per-CPU symbol.
+fn reloc_bytes(
+    r: &Reloc,
+    target: u64,
+    spot: &Spot,
+    gs_relative: bool,
+    what: &dyn Fn() -> String,
+) -> Result<Vec<u8>, KpError> {
+    let value = target.wrapping_add(r.addend as u64);
+    let out_of_range = |v: i128| {
+        let sign = if v < 0 { "-" } else { "" };
+        KpError::OutOfRange(format!(
+            "{}+{:#x} to '{}': {sign}{:#x} does not fit in 32 bits",
+            spot.section,
+            r.offset,
+            what(),
+            v.unsigned_abs()
+        ))
+    };
+    Ok(match r.kind {
+        RelocKind::Abs64 => value.to_le_bytes().to_vec(),
+        RelocKind::Abs32S => {
+            let v = value as i64;
+            i32::try_from(v)
+                .map_err(|_| out_of_range(v.into()))?
+                .to_le_bytes()
+                .to_vec()
+        }
+        RelocKind::Abs32 => u32::try_from(value)
+            .map_err(|_| out_of_range(value.into()))?
+            .to_le_bytes()
+            .to_vec(),
+        RelocKind::Pc32 if gs_relative => {
+            // A small per-CPU offset (as 6.12's `current` is): the CPU computes the
+            // address modulo 2^64, so it reaches the symbol from the top 2 GiB.
+            let d = value.wrapping_sub(spot.place) as i64;
+            i32::try_from(d)
+                .map_err(|_| out_of_range(d.into()))?
+                .to_le_bytes()
+                .to_vec()
+        }
+        RelocKind::Pc32 => {
+            let d = i128::from(target) + i128::from(r.addend) - i128::from(spot.place);
+            i32::try_from(d)
+                .map_err(|_| out_of_range(d))?
+                .to_le_bytes()
+                .to_vec()
+        }
     })
 }

@@ -656,9 +656,11 @@ fn reloc_target(
                         offset: sym.address(),
                         name,
                     },
-                    None => return Err(KpError::Unsupported(format!(
+                    None => {
+                        return Err(KpError::Unsupported(format!(
                         "{sname}+{offset:#x} refers to '{name}' in a section lpvmm does not load"
-                    ))),
+                    )))
+                    }
                 },
                 other => {
                     return Err(KpError::Unsupported(format!(
