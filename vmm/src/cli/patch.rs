@@ -11,8 +11,8 @@ use patcher::Consistency;
 use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::control::proto::{
-    BlockerView, ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, Request,
-    TransitionStarted, TransitionView,
+    AreaView, BlockerView, ChecksumResult, ChecksumTarget, FuncView, PatchLoadResult,
+    PatchStatusResult, PatchView, Request, TransitionStarted, TransitionView,
 };
 use crate::control::rundir::PATCH_VERBS;
 
@@ -566,93 +566,113 @@ fn status(vm: &str, json: bool) -> Result<i32> {
         return print_json(&s);
     }
     if let Some(a) = &s.area {
-        println!(
-            "patch area: guest-physical {:#x}+{:#x} mapped at {:#x} (code {:#x}-{:#x}); in use: \
-             code {} of {} KiB, read-only data {} of {} KiB, data {} of {} KiB",
-            a.phys_start,
-            a.phys_size,
-            a.va,
-            a.code_start,
-            a.code_end,
-            a.code_used / 1024,
-            a.code_size / 1024,
-            a.rodata_used / 1024,
-            a.rodata_size / 1024,
-            a.data_used / 1024,
-            a.data_size / 1024
-        );
+        print_area(a);
     }
     for p in &s.patches {
-        println!(
-            "patch {} ({}{}{}{}, enabled {} time(s))",
-            p.name,
-            p.state,
-            p.replaced_by
-                .as_ref()
-                .map(|b| format!(" by {b}"))
-                .unwrap_or_default(),
-            if p.atomic_replace { ", cumulative" } else { "" },
-            if p.forced { ", forced" } else { "" },
-            p.enables
-        );
-        for f in &p.funcs {
-            println!(
-                "  {} {:#x} -> {} {:#x} ({} bytes{}{})",
-                f.old,
-                f.old_addr,
-                f.new_name,
-                f.new_addr,
-                f.new_size,
-                if f.immediate { ", immediate" } else { "" },
-                if f.frame_pointer || p.orc_entries > 0 {
-                    ""
-                } else {
-                    ", no frame pointer: tasks in it block"
-                }
-            );
-        }
-        if !p.depends.is_empty() {
-            println!("  depends on: {}", p.depends.join(", "));
-        }
-        if p.orc_entries > 0 {
-            println!(
-                "  unwound with its ORC table ({} entries, from objtool)",
-                p.orc_entries
-            );
-        }
-        for st in &p.states {
-            println!("  state {} version {}", st.id, st.version);
-        }
+        print_patch(p);
     }
     for f in &s.funcs {
-        let mark = |visible: bool| if visible { "*" } else { "" };
-        let versions: Vec<String> =
-            std::iter::once(format!("original{}", mark(f.visible == "original")))
-                .chain(f.versions.iter().map(|v| {
-                    format!(
-                        "{} [{}, {}]{}",
-                        v.function,
-                        v.patch,
-                        v.state,
-                        mark(v.visible)
-                    )
-                }))
-                .collect();
-        println!(
-            "function {}: {} (site: {}{})",
-            f.name,
-            versions.join(" < "),
-            f.site_now,
-            if f.ftrace_hidden {
-                "; hidden from the guest's ftrace"
-            } else {
-                ""
-            }
-        );
+        print_function(f);
     }
     if !s.funcs.is_empty() {
         println!("  (versions in load order; * is the one tasks run outside transitions)");
     }
+    print_transitions(&s);
+    Ok(0)
+}
+
+fn print_area(a: &AreaView) {
+    println!(
+        "patch area: guest-physical {:#x}+{:#x} mapped at {:#x} (code {:#x}-{:#x}); in use: \
+         code {} of {} KiB, read-only data {} of {} KiB, data {} of {} KiB",
+        a.phys_start,
+        a.phys_size,
+        a.va,
+        a.code_start,
+        a.code_end,
+        a.code_used / 1024,
+        a.code_size / 1024,
+        a.rodata_used / 1024,
+        a.rodata_size / 1024,
+        a.data_used / 1024,
+        a.data_size / 1024
+    );
+}
+
+/// A patch, its functions, dependencies, unwind table and states.
+fn print_patch(p: &PatchView) {
+    println!(
+        "patch {} ({}{}{}{}, enabled {} time(s))",
+        p.name,
+        p.state,
+        p.replaced_by
+            .as_ref()
+            .map(|b| format!(" by {b}"))
+            .unwrap_or_default(),
+        if p.atomic_replace { ", cumulative" } else { "" },
+        if p.forced { ", forced" } else { "" },
+        p.enables
+    );
+    for f in &p.funcs {
+        println!(
+            "  {} {:#x} -> {} {:#x} ({} bytes{}{})",
+            f.old,
+            f.old_addr,
+            f.new_name,
+            f.new_addr,
+            f.new_size,
+            if f.immediate { ", immediate" } else { "" },
+            if f.frame_pointer || p.orc_entries > 0 {
+                ""
+            } else {
+                ", no frame pointer: tasks in it block"
+            }
+        );
+    }
+    if !p.depends.is_empty() {
+        println!("  depends on: {}", p.depends.join(", "));
+    }
+    if p.orc_entries > 0 {
+        println!(
+            "  unwound with its ORC table ({} entries, from objtool)",
+            p.orc_entries
+        );
+    }
+    for st in &p.states {
+        println!("  state {} version {}", st.id, st.version);
+    }
+}
+
+/// A redirected function's stack of versions.
+fn print_function(f: &FuncView) {
+    let mark = |visible: bool| if visible { "*" } else { "" };
+    let versions: Vec<String> =
+        std::iter::once(format!("original{}", mark(f.visible == "original")))
+            .chain(f.versions.iter().map(|v| {
+                format!(
+                    "{} [{}, {}]{}",
+                    v.function,
+                    v.patch,
+                    v.state,
+                    mark(v.visible)
+                )
+            }))
+            .collect();
+    println!(
+        "function {}: {} (site: {}{})",
+        f.name,
+        versions.join(" < "),
+        f.site_now,
+        if f.ftrace_hidden {
+            "; hidden from the guest's ftrace"
+        } else {
+            ""
+        }
+    );
+}
+
+/// The transition in progress, and the last five.
+fn print_transitions(s: &PatchStatusResult) {
     match &s.active {
         Some(t) => {
             println!(
@@ -696,7 +716,6 @@ fn status(vm: &str, json: bool) -> Result<i32> {
             print_blocker(b, "    ", "gave up on ");
         }
     }
-    Ok(0)
 }
 
 pub fn kp(cmd: KpCommand) -> Result<i32> {
@@ -708,83 +727,95 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             cflags,
             kernel,
             vm,
-        } => {
-            let release = match (kernel, vm) {
-                (Some(r), _) => Some(r),
-                (None, Some(vm)) => Some(guest_release(&vm)?),
-                (None, None) => None,
-            };
-            let p = match &release {
-                Some(r) => patcher::kbuild::build(&source, &output, r, &cflags)?,
-                None => patcher::build::build(&source, &output, &include, &cflags)?,
-            };
-            let funcs: Vec<String> = p
-                .manifest
-                .replacements
-                .iter()
-                .map(|r| format!("{} -> {}", r.old, r.new))
-                .collect();
-            println!(
-                "built {} ({}){}: {}",
-                output.display(),
-                p.manifest.name,
-                release
-                    .map(|r| format!(" with the kbuild of {r}"))
-                    .unwrap_or_default(),
-                funcs.join(", ")
-            );
-            Ok(0)
-        }
-        KpCommand::Inspect { file, json } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let p = patcher::PatchObject::parse(&bytes)
-                .with_context(|| format!("{}", file.display()))?;
-            if json {
-                return print_json(&p);
-            }
-            let m = &p.manifest;
-            println!("patch:     {}", m.name);
-            for r in &m.replacements {
-                let size = p.function(&r.new).map(|f| f.size).unwrap_or(0);
-                println!(
-                    "replaces:  {} with {} ({size} bytes{})",
-                    r.old,
-                    r.new,
-                    if r.immediate { ", immediate" } else { "" }
-                );
-            }
-            for b in &m.bindings {
-                println!("binds:     {} to kernel {}", b.local, b.kernel);
-            }
-            if !m.depends.is_empty() {
-                println!("depends:   {}", m.depends.join(", "));
-            }
-            if m.atomic_replace {
-                println!("cumulative: replaces every other patch when enabled (atomic replace)");
-            }
-            for st in &m.states {
-                println!("state:     {} version {}", st.id, st.version);
-            }
-            if let Some(orc) = &p.orc {
-                println!(
-                    "unwind:    {} ORC entries (objtool): tasks unwind through it at any instruction",
-                    orc.entries.len()
-                );
-            }
-            for s in &p.sections {
-                println!(
-                    "section:   {:<20} {:?}, {} bytes, {} relocations",
-                    s.name,
-                    s.kind,
-                    s.size,
-                    s.relocs.len()
-                );
-            }
-            println!("needs:     {}", p.imports.join(", "));
-            Ok(0)
-        }
+        } => kp_build(&source, &output, &include, &cflags, kernel, vm),
+        KpCommand::Inspect { file, json } => kp_inspect(&file, json),
     }
+}
+
+/// `lpvmm kp build`: with the guest kernel's own kbuild when a release (or a VM) is
+/// named, else with the system's gcc and lpvmm's header.
+fn kp_build(
+    source: &Path,
+    output: &Path,
+    include: &[PathBuf],
+    cflags: &[String],
+    kernel: Option<String>,
+    vm: Option<String>,
+) -> Result<i32> {
+    let release = match (kernel, vm) {
+        (Some(r), _) => Some(r),
+        (None, Some(vm)) => Some(guest_release(&vm)?),
+        (None, None) => None,
+    };
+    let p = match &release {
+        Some(r) => patcher::kbuild::build(source, output, r, cflags)?,
+        None => patcher::build::build(source, output, include, cflags)?,
+    };
+    let funcs: Vec<String> = p
+        .manifest
+        .replacements
+        .iter()
+        .map(|r| format!("{} -> {}", r.old, r.new))
+        .collect();
+    println!(
+        "built {} ({}){}: {}",
+        output.display(),
+        p.manifest.name,
+        release
+            .map(|r| format!(" with the kbuild of {r}"))
+            .unwrap_or_default(),
+        funcs.join(", ")
+    );
+    Ok(0)
+}
+
+/// `lpvmm kp inspect`: what a .kp holds and what it needs from the kernel.
+fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let p = patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+    if json {
+        return print_json(&p);
+    }
+    let m = &p.manifest;
+    println!("patch:     {}", m.name);
+    for r in &m.replacements {
+        let size = p.function(&r.new).map(|f| f.size).unwrap_or(0);
+        println!(
+            "replaces:  {} with {} ({size} bytes{})",
+            r.old,
+            r.new,
+            if r.immediate { ", immediate" } else { "" }
+        );
+    }
+    for b in &m.bindings {
+        println!("binds:     {} to kernel {}", b.local, b.kernel);
+    }
+    if !m.depends.is_empty() {
+        println!("depends:   {}", m.depends.join(", "));
+    }
+    if m.atomic_replace {
+        println!("cumulative: replaces every other patch when enabled (atomic replace)");
+    }
+    for st in &m.states {
+        println!("state:     {} version {}", st.id, st.version);
+    }
+    if let Some(orc) = &p.orc {
+        println!(
+            "unwind:    {} ORC entries (objtool): tasks unwind through it at any instruction",
+            orc.entries.len()
+        );
+    }
+    for s in &p.sections {
+        println!(
+            "section:   {:<20} {:?}, {} bytes, {} relocations",
+            s.name,
+            s.kind,
+            s.size,
+            s.relocs.len()
+        );
+    }
+    println!("needs:     {}", p.imports.join(", "));
+    Ok(0)
 }
 
 /// The release of a running VM's kernel, as introspection reads it.
