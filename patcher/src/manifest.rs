@@ -137,79 +137,8 @@ impl Manifest {
             let (key, value) = entry
                 .split_once('=')
                 .ok_or_else(|| bad(format!("entry without '=': {entry:.80}")))?;
-            match key {
-                "lpvmm" => {
-                    let v: u32 = value
-                        .parse()
-                        .map_err(|_| bad(format!("bad format version '{value:.20}'")))?;
-                    if v != FORMAT_VERSION {
-                        return Err(bad(format!(
-                            "format version {v}; this lpvmm reads version {FORMAT_VERSION}"
-                        )));
-                    }
-                    version = Some(v);
-                }
-                "name" => {
-                    if !m.name.is_empty() {
-                        return Err(bad("more than one name".into()));
-                    }
-                    if !valid_patch_name(value) {
-                        return Err(bad(format!(
-                            "name '{value:.80}': use 1 to {MAX_NAME} letters, digits, '_', '-' or '.'"
-                        )));
-                    }
-                    m.name = value.to_string();
-                }
-                "replace" | "replace_immediate" => {
-                    let (old, new) = value
-                        .split_once(':')
-                        .ok_or_else(|| bad(format!("replace={value:.80}: want OLD:NEW")))?;
-                    let old = KernelSymbol::parse(old).map_err(|e| bad(format!("replace: {e}")))?;
-                    if !is_c_identifier(new) {
-                        return Err(bad(format!("replace: '{new:.80}' is not a function name")));
-                    }
-                    if m.replacements.iter().any(|r| r.old == old) {
-                        return Err(bad(format!("{old} is replaced twice")));
-                    }
-                    m.replacements.push(Replacement {
-                        old,
-                        new: new.to_string(),
-                        immediate: key == "replace_immediate",
-                    });
-                }
-                "symbol" => {
-                    let (local, kernel) = value
-                        .split_once(':')
-                        .ok_or_else(|| bad(format!("symbol={value:.80}: want LOCAL:KERNEL,POS")))?;
-                    if !is_c_identifier(local) {
-                        return Err(bad(format!("symbol: '{local:.80}' is not a name")));
-                    }
-                    let kernel =
-                        KernelSymbol::parse(kernel).map_err(|e| bad(format!("symbol: {e}")))?;
-                    m.bindings.push(SymbolBinding {
-                        local: local.to_string(),
-                        kernel,
-                    });
-                }
-                "depends" => {
-                    if !valid_patch_name(value) {
-                        return Err(bad(format!("depends: '{value:.80}' is not a patch name")));
-                    }
-                    m.depends.push(value.to_string());
-                }
-                "state" => {
-                    let st =
-                        parse_state(value).map_err(|e| bad(format!("state={value:.40}: {e}")))?;
-                    if m.states.iter().any(|s| s.id == st.id) {
-                        return Err(bad(format!("state {} is declared twice", st.id)));
-                    }
-                    m.states.push(st);
-                }
-                "flags" => match value {
-                    "replace" => m.atomic_replace = true,
-                    other => return Err(bad(format!("unknown flag '{other:.40}'"))),
-                },
-                other => return Err(bad(format!("unknown key '{other:.40}'"))),
+            if let Some(v) = m.take_entry(key, value)? {
+                version = Some(v);
             }
         }
         if version.is_none() {
@@ -224,6 +153,96 @@ impl Manifest {
             return Err(bad("replaces no function (add LPVMM_REPLACE)".into()));
         }
         Ok(m)
+    }
+
+    /// One `key=value` entry; the format version when it is the `lpvmm=` entry.
+    fn take_entry(&mut self, key: &str, value: &str) -> Result<Option<u32>, KpError> {
+        let bad = |m: String| KpError::Manifest(m);
+        match key {
+            "lpvmm" => {
+                let v: u32 = value
+                    .parse()
+                    .map_err(|_| bad(format!("bad format version '{value:.20}'")))?;
+                if v != FORMAT_VERSION {
+                    return Err(bad(format!(
+                        "format version {v}; this lpvmm reads version {FORMAT_VERSION}"
+                    )));
+                }
+                return Ok(Some(v));
+            }
+            "name" => {
+                if !self.name.is_empty() {
+                    return Err(bad("more than one name".into()));
+                }
+                if !valid_patch_name(value) {
+                    return Err(bad(format!(
+                        "name '{value:.80}': use 1 to {MAX_NAME} letters, digits, '_', '-' or '.'"
+                    )));
+                }
+                self.name = value.to_string();
+            }
+            "replace" | "replace_immediate" => {
+                self.add_replacement(value, key == "replace_immediate")?
+            }
+            "symbol" => self.add_binding(value)?,
+            "depends" => {
+                if !valid_patch_name(value) {
+                    return Err(bad(format!("depends: '{value:.80}' is not a patch name")));
+                }
+                self.depends.push(value.to_string());
+            }
+            "state" => {
+                let st = parse_state(value).map_err(|e| bad(format!("state={value:.40}: {e}")))?;
+                if self.states.iter().any(|s| s.id == st.id) {
+                    return Err(bad(format!("state {} is declared twice", st.id)));
+                }
+                self.states.push(st);
+            }
+            "flags" => match value {
+                "replace" => self.atomic_replace = true,
+                other => return Err(bad(format!("unknown flag '{other:.40}'"))),
+            },
+            other => return Err(bad(format!("unknown key '{other:.40}'"))),
+        }
+        Ok(None)
+    }
+
+    /// `replace[_immediate]=OLD:NEW`.
+    fn add_replacement(&mut self, value: &str, immediate: bool) -> Result<(), KpError> {
+        let bad = |m: String| KpError::Manifest(m);
+        let (old, new) = value
+            .split_once(':')
+            .ok_or_else(|| bad(format!("replace={value:.80}: want OLD:NEW")))?;
+        let old = KernelSymbol::parse(old).map_err(|e| bad(format!("replace: {e}")))?;
+        if !is_c_identifier(new) {
+            return Err(bad(format!("replace: '{new:.80}' is not a function name")));
+        }
+        if self.replacements.iter().any(|r| r.old == old) {
+            return Err(bad(format!("{old} is replaced twice")));
+        }
+        self.replacements.push(Replacement {
+            old,
+            new: new.to_string(),
+            immediate,
+        });
+        Ok(())
+    }
+
+    /// `symbol=LOCAL:KERNEL,POS`.
+    fn add_binding(&mut self, value: &str) -> Result<(), KpError> {
+        let bad = |m: String| KpError::Manifest(m);
+        let (local, kernel) = value
+            .split_once(':')
+            .ok_or_else(|| bad(format!("symbol={value:.80}: want LOCAL:KERNEL,POS")))?;
+        if !is_c_identifier(local) {
+            return Err(bad(format!("symbol: '{local:.80}' is not a name")));
+        }
+        let kernel = KernelSymbol::parse(kernel).map_err(|e| bad(format!("symbol: {e}")))?;
+        self.bindings.push(SymbolBinding {
+            local: local.to_string(),
+            kernel,
+        });
+        Ok(())
     }
 }
 
