@@ -525,87 +525,109 @@ impl PatchStatusResult {
     pub fn of(e: &patcher::Engine) -> Self {
         let active = e.active();
         let trampolines = e.trampoline_code();
-        let u = e.area_use();
         PatchStatusResult {
             patches: e
                 .patches()
                 .iter()
-                .map(|p| PatchView {
-                    name: p.name.clone(),
-                    state: state_now(active, &p.name, p.state).into(),
-                    forced: p.forced,
-                    enables: p.enables,
-                    depends: p.depends.clone(),
-                    atomic_replace: p.atomic_replace,
-                    replaced_by: p.replaced_by.clone(),
-                    orc_entries: p.orc.len(),
-                    states: p
-                        .states
-                        .iter()
-                        .map(|s| StateView {
-                            id: s.id,
-                            version: s.version,
-                        })
-                        .collect(),
-                    funcs: p
-                        .funcs
-                        .iter()
-                        .map(|f| PatchFuncView {
-                            old: f.old.to_string(),
-                            old_addr: f.old_addr,
-                            new_name: f.new_name.clone(),
-                            new_addr: f.new_addr,
-                            new_size: f.new_size,
-                            frame_pointer: f.frame_pointer,
-                            immediate: f.immediate,
-                        })
-                        .collect(),
-                })
+                .map(|p| PatchView::of(p, active))
                 .collect(),
             funcs: e
                 .function_versions()
                 .into_iter()
-                .map(|v| FuncView {
-                    name: v.name,
-                    addr: v.addr,
-                    site: v.site,
-                    visible: v
-                        .versions
-                        .iter()
-                        .find(|x| x.visible)
-                        .map_or("original".into(), |x| x.patch.clone()),
-                    versions: v
-                        .versions
-                        .into_iter()
-                        .map(|x| VersionView {
-                            state: state_now(active, &x.patch, x.state).into(),
-                            patch: x.patch,
-                            function: x.function,
-                            addr: x.addr,
-                            visible: x.visible,
-                        })
-                        .collect(),
-                    site_now: site_now(e, v.addr, &trampolines),
-                    ftrace_hidden: e
-                        .funcs()
-                        .any(|s| s.addr == v.addr && s.ftrace_hidden.is_some()),
-                })
+                .map(|v| FuncView::of(e, v, active, &trampolines))
                 .collect(),
             active: active.map(TransitionView::of),
             history: e.history().map(TransitionView::of).collect(),
-            area: e.area_layout().map(|a| AreaView {
-                phys_start: a.phys.start,
-                phys_size: a.phys.size,
-                va: a.va,
-                code_start: a.code.start,
-                code_end: a.code.end,
-                code_used: u.map_or(0, |u| u.code.0),
-                code_size: a.code.size(),
-                rodata_used: u.map_or(0, |u| u.rodata.0),
-                rodata_size: a.rodata.size(),
-                data_used: u.map_or(0, |u| u.data.0),
-                data_size: a.data.size(),
-            }),
+            area: e.area_layout().map(|a| AreaView::of(a, e.area_use())),
+        }
+    }
+}
+
+impl PatchView {
+    fn of(p: &patcher::Patch, active: Option<&patcher::Transition>) -> Self {
+        PatchView {
+            name: p.name.clone(),
+            state: state_now(active, &p.name, p.state).into(),
+            forced: p.forced,
+            enables: p.enables,
+            depends: p.depends.clone(),
+            atomic_replace: p.atomic_replace,
+            replaced_by: p.replaced_by.clone(),
+            orc_entries: p.orc.len(),
+            states: p
+                .states
+                .iter()
+                .map(|s| StateView {
+                    id: s.id,
+                    version: s.version,
+                })
+                .collect(),
+            funcs: p
+                .funcs
+                .iter()
+                .map(|f| PatchFuncView {
+                    old: f.old.to_string(),
+                    old_addr: f.old_addr,
+                    new_name: f.new_name.clone(),
+                    new_addr: f.new_addr,
+                    new_size: f.new_size,
+                    frame_pointer: f.frame_pointer,
+                    immediate: f.immediate,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl FuncView {
+    fn of(
+        e: &patcher::Engine,
+        v: patcher::FunctionVersions,
+        active: Option<&patcher::Transition>,
+        trampolines: &[patcher::area::Region],
+    ) -> Self {
+        FuncView {
+            name: v.name,
+            addr: v.addr,
+            site: v.site,
+            visible: v
+                .versions
+                .iter()
+                .find(|x| x.visible)
+                .map_or("original".into(), |x| x.patch.clone()),
+            versions: v
+                .versions
+                .into_iter()
+                .map(|x| VersionView {
+                    state: state_now(active, &x.patch, x.state).into(),
+                    patch: x.patch,
+                    function: x.function,
+                    addr: x.addr,
+                    visible: x.visible,
+                })
+                .collect(),
+            site_now: site_now(e, v.addr, trampolines),
+            ftrace_hidden: e
+                .funcs()
+                .any(|s| s.addr == v.addr && s.ftrace_hidden.is_some()),
+        }
+    }
+}
+
+impl AreaView {
+    fn of(a: &patcher::area::AreaLayout, u: Option<patcher::engine::AreaUse>) -> Self {
+        AreaView {
+            phys_start: a.phys.start,
+            phys_size: a.phys.size,
+            va: a.va,
+            code_start: a.code.start,
+            code_end: a.code.end,
+            code_used: u.map_or(0, |u| u.code.0),
+            code_size: a.code.size(),
+            rodata_used: u.map_or(0, |u| u.rodata.0),
+            rodata_size: a.rodata.size(),
+            data_used: u.map_or(0, |u| u.data.0),
+            data_size: a.data.size(),
         }
     }
 }
