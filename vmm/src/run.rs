@@ -69,15 +69,7 @@ pub fn run(config: VmConfig) -> Result<i32> {
     crate::session::patching::spawn_driver(&session)?;
     let (listener, _socket_file) = server::bind(&socket_path)?;
 
-    let terminate = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
-    {
-        use std::os::unix::io::AsRawFd;
-        TERMINATE_FD.store(terminate.as_raw_fd(), Ordering::Relaxed);
-    }
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: installing a handler that only writes to an eventfd.
-        unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
-    }
+    let terminate = terminate_on_signals()?;
 
     let (vcpus, memory) = {
         let s = session.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,22 +86,15 @@ pub fn run(config: VmConfig) -> Result<i32> {
         // SAFETY: isatty on fd 0.
         unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
     };
-    let mut em: EventManager<Subscriber> =
-        EventManager::new().map_err(|e| anyhow::anyhow!("event manager: {e:?}"))?;
-    em.add_subscriber(Arc::new(Mutex::new(Console::new(
-        devices.clone(),
-        drained,
-        interactive,
-    ))));
-    em.add_subscriber(Arc::new(Mutex::new(ControlServer::new(
-        listener,
-        session.clone(),
-    ))));
-    em.add_subscriber(Arc::new(Mutex::new(StopWatcher {
-        stop_evt: devices.stop_evt.try_clone().context("eventfd")?,
-        terminate,
-        devices: devices.clone(),
-    })));
+    let mut em = event_manager(
+        Console::new(devices.clone(), drained, interactive),
+        ControlServer::new(listener, session.clone()),
+        StopWatcher {
+            stop_evt: devices.stop_evt.try_clone().context("eventfd")?,
+            terminate,
+            devices: devices.clone(),
+        },
+    )?;
 
     // From here on the main thread only serves: lock it down.
     if seccomp {
@@ -140,4 +125,32 @@ pub fn run(config: VmConfig) -> Result<i32> {
         eprintln!("lpvmm: {verdict}");
     }
     Ok(reason.exit_code())
+}
+
+/// An eventfd that SIGTERM, SIGINT and SIGHUP write to: the main loop ends the VM.
+fn terminate_on_signals() -> Result<EventFd> {
+    let terminate = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+    {
+        use std::os::unix::io::AsRawFd;
+        TERMINATE_FD.store(terminate.as_raw_fd(), Ordering::Relaxed);
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installing a handler that only writes to an eventfd.
+        unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
+    }
+    Ok(terminate)
+}
+
+/// The main thread's event loop: the console, the control socket, and the stop events.
+fn event_manager(
+    console: Console,
+    control: ControlServer,
+    stop: StopWatcher,
+) -> Result<EventManager<Subscriber>> {
+    let mut em: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| anyhow::anyhow!("event manager: {e:?}"))?;
+    em.add_subscriber(Arc::new(Mutex::new(console)));
+    em.add_subscriber(Arc::new(Mutex::new(control)));
+    em.add_subscriber(Arc::new(Mutex::new(stop)));
+    Ok(em)
 }
