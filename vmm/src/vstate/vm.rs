@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -194,37 +194,9 @@ impl Vm {
         let layout = MemoryLayout::new(config.memory, config.patch_area)?;
 
         let kvm = hostcheck::open_kvm()?;
-        let vm_fd = kvm.create_vm().context("KVM_CREATE_VM")?;
-        vm_fd
-            .set_tss_address(TSS_ADDR)
-            .context("KVM_SET_TSS_ADDR")?;
-        vm_fd
-            .set_identity_map_address(IDENTITY_MAP_ADDR)
-            .context("KVM_SET_IDENTITY_MAP_ADDR")?;
-        vm_fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .context("KVM_CREATE_PIT2")?;
-
+        let vm_fd = create_vm_fd(&kvm)?;
         let (mem, host_memory) = guest_memory(&layout)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| anyhow!("guest memory host address: {e}"))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the mapping belongs to `mem`, which the Vm keeps alive longer than
-            // the VM file descriptor uses it.
-            unsafe { vm_fd.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
-        }
+        register_memory(&vm_fd, &mem)?;
 
         let rsdp = acpi::write_tables(&mem, config.vcpus)?;
         let boot = boot::load_linux(
@@ -243,19 +215,7 @@ impl Vm {
             .context("KVM_IRQFD for the serial port")?;
         let devices = Arc::new(Devices::new(irq, drained).context("devices")?);
 
-        let base_cpuid = cpu::base_cpuid(&kvm)?;
-        let mut fds = Vec::new();
-        for id in 0..config.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
-            cpu::set_cpuid(&fd, &base_cpuid, id, config.vcpus)?;
-            cpu::set_lint(&fd)?;
-            if id == 0 {
-                cpu::setup_boot_vcpu(&fd, boot.entry)?;
-            }
-            fds.push(fd);
-        }
+        let fds = create_vcpu_fds(&kvm, &vm_fd, config.vcpus, boot.entry)?;
         let vcpus = Vcpus::start(fds, devices.clone(), config.seccomp)?;
 
         Ok(Vm {
@@ -415,6 +375,64 @@ impl Vm {
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
     }
+}
+
+/// The VM file descriptor with the x86 platform pieces KVM keeps in the kernel: the TSS
+/// and identity-map pages, the interrupt controllers and the PIT.
+fn create_vm_fd(kvm: &Kvm) -> Result<VmFd> {
+    let vm_fd = kvm.create_vm().context("KVM_CREATE_VM")?;
+    vm_fd
+        .set_tss_address(TSS_ADDR)
+        .context("KVM_SET_TSS_ADDR")?;
+    vm_fd
+        .set_identity_map_address(IDENTITY_MAP_ADDR)
+        .context("KVM_SET_IDENTITY_MAP_ADDR")?;
+    vm_fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+    vm_fd
+        .create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .context("KVM_CREATE_PIT2")?;
+    Ok(vm_fd)
+}
+
+/// Give every region of guest memory to KVM, one slot each.
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| anyhow!("guest memory host address: {e}"))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `mem`, which the Vm keeps alive longer than
+        // the VM file descriptor uses it.
+        unsafe { vm_fd.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    }
+    Ok(())
+}
+
+/// The vCPUs, each with its CPUID and LINT pins; the first set up to enter the kernel.
+fn create_vcpu_fds(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: u64) -> Result<Vec<VcpuFd>> {
+    let base_cpuid = cpu::base_cpuid(kvm)?;
+    let mut fds = Vec::new();
+    for id in 0..count {
+        let fd = vm_fd
+            .create_vcpu(u64::from(id))
+            .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
+        cpu::set_cpuid(&fd, &base_cpuid, id, count)?;
+        cpu::set_lint(&fd)?;
+        if id == 0 {
+            cpu::setup_boot_vcpu(&fd, entry)?;
+        }
+        fds.push(fd);
+    }
+    Ok(fds)
 }
 
 #[cfg(test)]
