@@ -100,18 +100,7 @@ pub fn load_linux(
         );
     }
 
-    let mut cmd = Cmdline::new(layout::CMDLINE_MAX).context("command line buffer")?;
-    cmd.insert_str(cmdline)
-        .map_err(|e| anyhow::anyhow!("invalid kernel command line '{cmdline}': {e}"))?;
-    let cmdline_max = { hdr.cmdline_size } as usize;
-    if cmdline.len() + 1 > cmdline_max {
-        bail!(
-            "kernel command line is {} bytes; this kernel accepts at most {cmdline_max}",
-            cmdline.len()
-        );
-    }
-    linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmd)
-        .context("writing the kernel command line")?;
+    write_cmdline(mem, cmdline, { hdr.cmdline_size } as usize)?;
 
     let mut params = boot_params {
         hdr,
@@ -133,15 +122,7 @@ pub fn load_linux(
         params.hdr.ramdisk_size = size as u32;
     }
 
-    let e820 = layout.e820();
-    for (i, (addr, size, kind)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry {
-            addr: *addr,
-            size: *size,
-            r#type: *kind,
-        };
-    }
-    params.e820_entries = e820.len() as u8;
+    set_e820(&mut params, layout);
 
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE_ADDR)),
@@ -152,6 +133,35 @@ pub fn load_linux(
     Ok(BootInfo {
         entry: loaded.kernel_load.0 + ENTRY_64_OFFSET,
     })
+}
+
+/// Write the kernel command line where the zero page will point, refusing one longer
+/// than the kernel accepts (`cmdline_max`, from its setup header).
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, cmdline_max: usize) -> Result<()> {
+    let mut cmd = Cmdline::new(layout::CMDLINE_MAX).context("command line buffer")?;
+    cmd.insert_str(cmdline)
+        .map_err(|e| anyhow::anyhow!("invalid kernel command line '{cmdline}': {e}"))?;
+    if cmdline.len() + 1 > cmdline_max {
+        bail!(
+            "kernel command line is {} bytes; this kernel accepts at most {cmdline_max}",
+            cmdline.len()
+        );
+    }
+    linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmd)
+        .context("writing the kernel command line")
+}
+
+/// The memory map the kernel reads from the zero page.
+fn set_e820(params: &mut boot_params, layout: &MemoryLayout) {
+    let e820 = layout.e820();
+    for (i, (addr, size, kind)) in e820.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *kind,
+        };
+    }
+    params.e820_entries = e820.len() as u8;
 }
 
 /// Place the initrd as high in low RAM as the kernel allows, page aligned, clear of the
