@@ -151,32 +151,76 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
+/// The type and string sections a BTF blob's header points to, both inside the blob.
+fn sections(blob: &[u8]) -> Result<(&[u8], &[u8]), BtfError> {
+    let bad = |m: &str| BtfError::BadHeader(m.to_string());
+    if blob.len() < 24 {
+        return Err(bad("shorter than a header"));
+    }
+    let magic = u16::from_le_bytes([blob[0], blob[1]]);
+    if magic != MAGIC {
+        return Err(bad(&format!("magic {magic:#x}, want {MAGIC:#x}")));
+    }
+    if blob[2] != 1 {
+        return Err(bad(&format!("version {}", blob[2])));
+    }
+    let word = |i| u32_at(blob, i).unwrap_or(0) as usize;
+    let (hdr_len, type_off, type_len, str_off, str_len) =
+        (word(4), word(8), word(12), word(16), word(20));
+    let section = |off: usize, len: usize, what: &str| {
+        hdr_len
+            .checked_add(off)
+            .and_then(|s| Some((s, s.checked_add(len)?)))
+            .filter(|&(_, e)| e <= blob.len())
+            .map(|(s, e)| &blob[s..e])
+            .ok_or_else(|| bad(&format!("{what} section outside the blob")))
+    };
+    Ok((
+        section(type_off, type_len, "type")?,
+        section(str_off, str_len, "string")?,
+    ))
+}
+
+/// A struct's or union's members: 12-byte records (name, type, offset); with `kflag`
+/// the offset word also holds a bitfield's size.
+fn push_members(records: &[u8], kflag: bool, members: &mut Vec<Member>) {
+    for r in records.chunks_exact(12) {
+        let off = u32_at(r, 8).unwrap_or(0);
+        let (bit_offset, bit_size) = if kflag {
+            (off & 0x00ff_ffff, off >> 24)
+        } else {
+            (off, 0)
+        };
+        members.push(Member {
+            name_off: u32_at(r, 0).unwrap_or(0),
+            type_id: u32_at(r, 4).unwrap_or(0),
+            bit_offset,
+            bit_size,
+        });
+    }
+}
+
+/// An enum's values: 8-byte records (name, value), or 12-byte ones for `Enum64` (name,
+/// low and high halves).
+fn push_enumerators(records: &[u8], kind: Kind, enumerators: &mut Vec<Enumerator>) {
+    let step = if kind == Kind::Enum { 8 } else { 12 };
+    for r in records.chunks_exact(step) {
+        let lo = u64::from(u32_at(r, 4).unwrap_or(0));
+        let hi = match kind {
+            Kind::Enum64 => u64::from(u32_at(r, 8).unwrap_or(0)),
+            _ => 0,
+        };
+        enumerators.push(Enumerator {
+            name_off: u32_at(r, 0).unwrap_or(0),
+            value: hi << 32 | lo,
+        });
+    }
+}
+
 impl Btf {
     pub fn parse(blob: &[u8]) -> Result<Btf, BtfError> {
-        let bad = |m: &str| BtfError::BadHeader(m.to_string());
-        if blob.len() < 24 {
-            return Err(bad("shorter than a header"));
-        }
-        let magic = u16::from_le_bytes([blob[0], blob[1]]);
-        if magic != MAGIC {
-            return Err(bad(&format!("magic {magic:#x}, want {MAGIC:#x}")));
-        }
-        if blob[2] != 1 {
-            return Err(bad(&format!("version {}", blob[2])));
-        }
-        let word = |i| u32_at(blob, i).unwrap_or(0) as usize;
-        let (hdr_len, type_off, type_len, str_off, str_len) =
-            (word(4), word(8), word(12), word(16), word(20));
-        let section = |off: usize, len: usize, what: &str| {
-            hdr_len
-                .checked_add(off)
-                .and_then(|s| Some((s, s.checked_add(len)?)))
-                .filter(|&(_, e)| e <= blob.len())
-                .map(|(s, e)| &blob[s..e])
-                .ok_or_else(|| bad(&format!("{what} section outside the blob")))
-        };
-        let type_sec = section(type_off, type_len, "type")?;
-        let strings = section(str_off, str_len, "string")?.to_vec();
+        let (type_sec, strings) = sections(blob)?;
+        let strings = strings.to_vec();
 
         let mut types = vec![Type {
             kind: Kind::Int, // id 0: void; never looked at as a real type
@@ -224,21 +268,7 @@ impl Btf {
                 Kind::Struct | Kind::Union => {
                     t.first = members.len() as u32;
                     t.count = vlen as u32;
-                    for m in 0..vlen {
-                        let r = body + 12 * m;
-                        let off = u32_at(type_sec, r + 8).unwrap_or(0);
-                        let (bit_offset, bit_size) = if kflag {
-                            (off & 0x00ff_ffff, off >> 24)
-                        } else {
-                            (off, 0)
-                        };
-                        members.push(Member {
-                            name_off: u32_at(type_sec, r).unwrap_or(0),
-                            type_id: u32_at(type_sec, r + 4).unwrap_or(0),
-                            bit_offset,
-                            bit_size,
-                        });
-                    }
+                    push_members(&type_sec[body..end], kflag, &mut members);
                 }
                 Kind::Array => {
                     t.first = u32_at(type_sec, body).unwrap_or(0);
@@ -247,19 +277,7 @@ impl Btf {
                 Kind::Enum | Kind::Enum64 => {
                     t.first = enumerators.len() as u32;
                     t.count = vlen as u32;
-                    let step = if kind == Kind::Enum { 8 } else { 12 };
-                    for e in 0..vlen {
-                        let r = body + step * e;
-                        let lo = u64::from(u32_at(type_sec, r + 4).unwrap_or(0));
-                        let hi = match kind {
-                            Kind::Enum64 => u64::from(u32_at(type_sec, r + 8).unwrap_or(0)),
-                            _ => 0,
-                        };
-                        enumerators.push(Enumerator {
-                            name_off: u32_at(type_sec, r).unwrap_or(0),
-                            value: hi << 32 | lo,
-                        });
-                    }
+                    push_enumerators(&type_sec[body..end], kind, &mut enumerators);
                 }
                 _ => {}
             }
@@ -274,14 +292,19 @@ impl Btf {
             strings,
             composites: HashMap::new(),
         };
-        for id in 1..btf.types.len() as u32 {
-            let t = &btf.types[id as usize];
+        btf.index_composites();
+        Ok(btf)
+    }
+
+    /// Every named struct and union by name (a name may have several).
+    fn index_composites(&mut self) {
+        for id in 1..self.types.len() as u32 {
+            let t = &self.types[id as usize];
             if matches!(t.kind, Kind::Struct | Kind::Union) && t.name_off != 0 {
-                let name = btf.str_at(t.name_off).to_string();
-                btf.composites.entry(name).or_default().push(id);
+                let name = self.str_at(t.name_off).to_string();
+                self.composites.entry(name).or_default().push(id);
             }
         }
-        Ok(btf)
     }
 
     pub fn type_count(&self) -> usize {
