@@ -162,44 +162,11 @@ impl Kernel {
         let orc = OrcTable::read(&mem, &symbols, OrcFormat::from_btf(&btf)?)?;
         let ftrace = FtraceLayout::from_kernel(&symbols, &btf)?;
 
-        let optional_range = |a: &str, b: &str| {
-            Some(Range {
-                start: symbols.addr(a)?,
-                end: symbols.addr(b)?,
-            })
-        };
-        let addrs = KernelAddrs {
-            text: range("_stext", "_etext")?,
-            init_text: optional_range("_sinittext", "_einittext"),
-            sched_text: range("__sched_text_start", "__sched_text_end")?,
-            lock_text: optional_range("__lock_text_start", "__lock_text_end"),
-            init_task: need("init_task")?,
-            per_cpu_offset: need("__per_cpu_offset")?,
-            runqueues: need("runqueues")?,
-            current_task: symbols.addr("current_task"),
-            pcpu_hot: symbols.addr("pcpu_hot"),
-            hardirq_stack_ptr: symbols.addr("hardirq_stack_ptr"),
-            nr_cpu_ids: symbols.addr("nr_cpu_ids"),
-            total_forks: symbols.addr("total_forks"),
-            nr_threads: symbols.addr("nr_threads"),
-            tasklist_lock: symbols.addr("tasklist_lock"),
-            ret_from_fork: ["ret_from_fork", "ret_from_fork_asm"]
-                .iter()
-                .filter_map(|n| symbols.addr(n))
-                .collect(),
-        };
+        let addrs = KernelAddrs::of(&symbols)?;
         if addrs.current_task.is_none() && (addrs.pcpu_hot.is_none() || layout.pcpu_hot.is_none()) {
             return Err(AttachError::MissingSymbol("current_task"));
         }
-        let thread_size = optional_range("__start_init_task", "__end_init_task")
-            .or_else(|| optional_range("__start_init_stack", "__end_init_stack"))
-            .map(|r| r.end.wrapping_sub(r.start))
-            .ok_or(AttachError::MissingSymbol("__end_init_task"))?;
-        if !thread_size.is_power_of_two() || !(4096..=1 << 20).contains(&thread_size) {
-            return Err(AttachError::Implausible(format!(
-                "THREAD_SIZE {thread_size:#x}"
-            )));
-        }
+        let thread_size = thread_size(&symbols)?;
 
         let stats = AttachStats {
             release: info.osrelease.clone(),
@@ -261,6 +228,61 @@ impl Kernel {
 
 pub(crate) fn duration_us(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+/// A range between two kernel symbols, if both exist.
+fn optional_range(symbols: &SymbolTable, a: &str, b: &str) -> Option<Range> {
+    Some(Range {
+        start: symbols.addr(a)?,
+        end: symbols.addr(b)?,
+    })
+}
+
+/// THREAD_SIZE, from the init task's stack (its symbols' names changed in 6.2).
+fn thread_size(symbols: &SymbolTable) -> Result<u64, AttachError> {
+    let thread_size = optional_range(symbols, "__start_init_task", "__end_init_task")
+        .or_else(|| optional_range(symbols, "__start_init_stack", "__end_init_stack"))
+        .map(|r| r.end.wrapping_sub(r.start))
+        .ok_or(AttachError::MissingSymbol("__end_init_task"))?;
+    if !thread_size.is_power_of_two() || !(4096..=1 << 20).contains(&thread_size) {
+        return Err(AttachError::Implausible(format!(
+            "THREAD_SIZE {thread_size:#x}"
+        )));
+    }
+    Ok(thread_size)
+}
+
+impl KernelAddrs {
+    /// The addresses introspection needs, from the guest's symbols.
+    fn of(symbols: &SymbolTable) -> Result<KernelAddrs, AttachError> {
+        let need = |n: &'static str| symbols.addr(n).ok_or(AttachError::MissingSymbol(n));
+        let range = |a: &'static str, b: &'static str| -> Result<Range, AttachError> {
+            Ok(Range {
+                start: need(a)?,
+                end: need(b)?,
+            })
+        };
+        Ok(KernelAddrs {
+            text: range("_stext", "_etext")?,
+            init_text: optional_range(symbols, "_sinittext", "_einittext"),
+            sched_text: range("__sched_text_start", "__sched_text_end")?,
+            lock_text: optional_range(symbols, "__lock_text_start", "__lock_text_end"),
+            init_task: need("init_task")?,
+            per_cpu_offset: need("__per_cpu_offset")?,
+            runqueues: need("runqueues")?,
+            current_task: symbols.addr("current_task"),
+            pcpu_hot: symbols.addr("pcpu_hot"),
+            hardirq_stack_ptr: symbols.addr("hardirq_stack_ptr"),
+            nr_cpu_ids: symbols.addr("nr_cpu_ids"),
+            total_forks: symbols.addr("total_forks"),
+            nr_threads: symbols.addr("nr_threads"),
+            tasklist_lock: symbols.addr("tasklist_lock"),
+            ret_from_fork: ["ret_from_fork", "ret_from_fork_asm"]
+                .iter()
+                .filter_map(|n| symbols.addr(n))
+                .collect(),
+        })
+    }
 }
 
 /// The kernel's master page table, `init_top_pgt`, whose kernel half every address space
