@@ -321,7 +321,6 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
 
     /// One `unwind_next_frame`.
     fn step(&self, state: &mut State, stacks: &[(u64, u64)]) -> Result<Step, String> {
-        let l = &self.kernel().layout.regs;
         let lookup = if state.signal {
             state.ip
         } else {
@@ -340,7 +339,28 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
         }
         let prev_sp = state.sp;
         let prev_stack = stack_of(stacks, prev_sp);
+        let sp = self.previous_sp(state, &orc, stacks)?;
+        self.previous_frame(state, orc.kind, sp, stacks)?;
+        state.signal = orc.signal;
+        self.previous_bp(state, &orc, sp, stacks)?;
 
+        if prev_stack.is_some() && stack_of(stacks, state.sp) == prev_stack && state.sp <= prev_sp {
+            return Err(format!(
+                "stack going in the wrong direction at {:#x}",
+                state.ip
+            ));
+        }
+        Ok(Step::More)
+    }
+
+    /// The caller's stack pointer (the frame's CFA), by the entry's sp rule.
+    fn previous_sp(
+        &self,
+        state: &State,
+        orc: &OrcEntry,
+        stacks: &[(u64, u64)],
+    ) -> Result<u64, String> {
+        let l = &self.kernel().layout.regs;
         let off = |v: u64| v.wrapping_add(orc.sp_offset as i64 as u64);
         let (mut sp, indirect) = match orc.sp_reg {
             reg::SP => (off(state.sp), false),
@@ -367,8 +387,20 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
                 sp = off(sp);
             }
         }
+        Ok(sp)
+    }
 
-        match orc.kind {
+    /// The caller's ip and sp, by the frame's kind: a call's return address below the
+    /// CFA, or a full or partial (IRET) register frame at it.
+    fn previous_frame(
+        &self,
+        state: &mut State,
+        kind: OrcKind,
+        sp: u64,
+        stacks: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let l = &self.kernel().layout.regs;
+        match kind {
             OrcKind::Call => {
                 state.ip = self.read(sp.wrapping_sub(8), stacks)?; // arch: return address below the CFA
                 state.sp = sp;
@@ -403,10 +435,22 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
                     full: false,
                 };
             }
-            OrcKind::Undefined | OrcKind::EndOfStack => unreachable!("handled above"),
+            OrcKind::Undefined | OrcKind::EndOfStack => {
+                return Err(format!("no caller frame at {:#x}", state.ip))
+            }
         }
-        state.signal = orc.signal;
+        Ok(())
+    }
 
+    /// The caller's frame pointer, by the entry's bp rule (`sp`: the CFA).
+    fn previous_bp(
+        &self,
+        state: &mut State,
+        orc: &OrcEntry,
+        sp: u64,
+        stacks: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let l = &self.kernel().layout.regs;
         match orc.bp_reg {
             reg::UNDEFINED => {
                 if let Some(bp) = self.reg(state, l.bp, stacks) {
@@ -421,14 +465,7 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
             }
             r => return Err(format!("unknown ORC bp register {r} at {:#x}", state.ip)),
         }
-
-        if prev_stack.is_some() && stack_of(stacks, state.sp) == prev_stack && state.sp <= prev_sp {
-            return Err(format!(
-                "stack going in the wrong direction at {:#x}",
-                state.ip
-            ));
-        }
-        Ok(Step::More)
+        Ok(())
     }
 }
 
