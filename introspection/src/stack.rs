@@ -240,31 +240,7 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
                     signal: true,
                 }
             }
-            None => {
-                if task.on_cpu {
-                    return Err("task is being switched on or off a CPU".into());
-                }
-                let sp = m
-                    .u64(task.addr.wrapping_add(k.layout.task.thread_sp))
-                    .map_err(|e| format!("cannot read thread.sp: {e}"))?;
-                let f = &k.layout.switch_frame;
-                if !within(&stacks, sp, f.size) {
-                    return Err(format!(
-                        "saved stack pointer {sp:#x} is outside the task's stack"
-                    ));
-                }
-                let ip = m
-                    .u64(sp.wrapping_add(f.ret_addr))
-                    .map_err(|e| e.to_string())?;
-                State {
-                    ip,
-                    sp: sp.wrapping_add(f.size),
-                    bp: m.u64(sp.wrapping_add(f.bp)).map_err(|e| e.to_string())?,
-                    regs: Regs::None,
-                    prev_regs: None,
-                    signal: k.addrs.ret_from_fork.contains(&ip),
-                }
-            }
+            None => self.switched_out(task, &stacks)?,
         };
 
         for _ in 0..MAX_FRAMES {
@@ -285,6 +261,36 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
             }
         }
         Err(format!("more than {MAX_FRAMES} frames"))
+    }
+
+    /// Where a task that is off its CPU resumes: the frame `__switch_to_asm` pushed at
+    /// its saved stack pointer.
+    fn switched_out(&self, task: &Task, stacks: &[(u64, u64)]) -> Result<State<'_>, String> {
+        let k = self.kernel();
+        let m = &self.reader.mem;
+        if task.on_cpu {
+            return Err("task is being switched on or off a CPU".into());
+        }
+        let sp = m
+            .u64(task.addr.wrapping_add(k.layout.task.thread_sp))
+            .map_err(|e| format!("cannot read thread.sp: {e}"))?;
+        let f = &k.layout.switch_frame;
+        if !within(stacks, sp, f.size) {
+            return Err(format!(
+                "saved stack pointer {sp:#x} is outside the task's stack"
+            ));
+        }
+        let ip = m
+            .u64(sp.wrapping_add(f.ret_addr))
+            .map_err(|e| e.to_string())?;
+        Ok(State {
+            ip,
+            sp: sp.wrapping_add(f.size),
+            bp: m.u64(sp.wrapping_add(f.bp)).map_err(|e| e.to_string())?,
+            regs: Regs::None,
+            prev_regs: None,
+            signal: k.addrs.ret_from_fork.contains(&ip),
+        })
     }
 
     fn read(&self, addr: u64, stacks: &[(u64, u64)]) -> Result<u64, String> {
