@@ -15,8 +15,9 @@ phase "cargo fmt --check"
 cargo fmt --all --check
 phase "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-phase "import circles (scripts/check-imports.sh)"
+phase "shape (scripts/check-imports.sh, scripts/check-function-length.sh)"
 scripts/check-imports.sh patcher vmm introspection
+scripts/check-function-length.sh
 phase "cargo test (unit and integration)"
 log=$(mktemp)
 # Every retry the harness makes files its evidence here, one file each; the run gets

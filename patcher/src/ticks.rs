@@ -2,6 +2,7 @@
 //! the guest's tasks and writes the sites, trampolines and task map (see
 //! [`crate::transition`] for the model).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use introspection::kernel::Kernel;
@@ -17,7 +18,7 @@ use crate::dispatch::{
 };
 use crate::engine::{Dispatch, Engine};
 use crate::ftrace::{self, FlagWrite, SiteMove};
-use crate::funcs::{CodeRange, FuncStack, Version};
+use crate::funcs::{CodeRange, FuncChange, FuncStack, Version};
 use crate::space::Sizes;
 use crate::transition::{
     Blocker, Check, CheckedCode, Consistency, Outcome, Phase, Request, TickParts, Transition,
@@ -240,40 +241,8 @@ impl Engine {
             map_va: b.map_va,
             init_slot_va: b.init_slot_va(),
         };
-        let mut code = Vec::new();
-        let mut slots = Vec::new();
-        let mut at = b.code.start;
-        for c in t.changes.iter_mut().filter(|c| !c.immediate) {
-            let s = &self.funcs[&c.func];
-            let targets = Targets {
-                start: s.entry(&c.from),
-                target: s.entry(&c.to),
-            };
-            let bytes = dispatch::trampoline(&env, targets, at)?;
-            if bytes.len() as u64 > MAX_TRAMPOLINE || at + MAX_TRAMPOLINE > b.code.end {
-                return Err(KpError::State(format!(
-                    "patch '{}' has more functions than one trampoline bank holds ({}); use \
-                     --consistency immediate",
-                    t.patch,
-                    BANK_CODE / MAX_TRAMPOLINE
-                )));
-            }
-            c.trampoline = Some(at);
-            slots.push(c.name.clone());
-            code.push((at, bytes));
-            at += MAX_TRAMPOLINE;
-        }
-        let mut sites = Vec::new();
-        for c in &t.changes {
-            let s = &self.funcs[&c.func];
-            sites.push((
-                c.func,
-                match c.trampoline {
-                    Some(tr) => crate::site::jump(s.site, tr)?,
-                    None => s.site_bytes(&c.to)?,
-                },
-            ));
-        }
+        let Trampolines { code, slots } = assemble_trampolines(&self.funcs, t, &env, b.code)?;
+        let sites = site_writes(&self.funcs, &t.changes)?;
         let flags = self.check_sites(guest.reader(), kernel, &sites)?;
         // Order matters only for the guest's view after the resume; it is paused now.
         let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
@@ -833,38 +802,7 @@ impl Engine {
                  --consistency immediate"
             ))
         };
-        let mem = kernel.memory(guest);
-        let pob = kernel
-            .symbols
-            .addr("page_offset_base")
-            .ok_or_else(|| need("the symbol page_offset_base"))?;
-        let base = mem
-            .u64(pob)
-            .map_err(|e| KpError::Guest(format!("reading page_offset_base: {e}")))?;
-        // task_structs are `arch_task_struct_size` bytes apart at least: on x86 that is
-        // sizeof(struct task_struct) with the FPU state resized to what the CPU saves,
-        // often smaller than the static size BTF gives. The granule must not exceed
-        // either.
-        let btf_size = kernel
-            .layout
-            .patcher
-            .task_struct_size
-            .ok_or_else(|| need("the size of struct task_struct in BTF"))?;
-        let task_size = match kernel.symbols.addr("arch_task_struct_size") {
-            Some(a) => {
-                let n =
-                    u64::from(mem.u32(a).map_err(|e| {
-                        KpError::Guest(format!("reading arch_task_struct_size: {e}"))
-                    })?);
-                if n < 1024 {
-                    return Err(KpError::Guest(format!(
-                        "arch_task_struct_size is {n}, too small for a task_struct"
-                    )));
-                }
-                n.min(btf_size)
-            }
-            None => btf_size,
-        };
+        let (base, task_size) = task_granule(guest, kernel)?;
         let current_offset = kernel
             .current_task_offset()
             .ok_or_else(|| need("the per-CPU current_task"))?;
@@ -1024,6 +962,112 @@ impl ExtraCode for PatchCode<'_> {
             p.name
         ))
     }
+}
+
+/// Where task_structs can be (the direct map's base) and how far apart they are at least
+/// (the task-map granule), from the guest kernel.
+fn task_granule(guest: &dyn PausedGuest, kernel: &Kernel) -> Result<(u64, u64), KpError> {
+    let need = |what: &str| {
+        KpError::State(format!(
+            "per-task consistency needs {what}, which this guest kernel lacks; use \
+             --consistency immediate"
+        ))
+    };
+    let mem = kernel.memory(guest);
+    let pob = kernel
+        .symbols
+        .addr("page_offset_base")
+        .ok_or_else(|| need("the symbol page_offset_base"))?;
+    let base = mem
+        .u64(pob)
+        .map_err(|e| KpError::Guest(format!("reading page_offset_base: {e}")))?;
+    // task_structs are `arch_task_struct_size` bytes apart at least: on x86 that is
+    // sizeof(struct task_struct) with the FPU state resized to what the CPU saves,
+    // often smaller than the static size BTF gives. The granule must not exceed
+    // either.
+    let btf_size = kernel
+        .layout
+        .patcher
+        .task_struct_size
+        .ok_or_else(|| need("the size of struct task_struct in BTF"))?;
+    let task_size = match kernel.symbols.addr("arch_task_struct_size") {
+        Some(a) => {
+            let n = u64::from(
+                mem.u32(a)
+                    .map_err(|e| KpError::Guest(format!("reading arch_task_struct_size: {e}")))?,
+            );
+            if n < 1024 {
+                return Err(KpError::Guest(format!(
+                    "arch_task_struct_size is {n}, too small for a task_struct"
+                )));
+            }
+            n.min(btf_size)
+        }
+        None => btf_size,
+    };
+    Ok((base, task_size))
+}
+
+/// A bank's trampolines, assembled: their code by address, and the function each slot
+/// serves.
+struct Trampolines {
+    code: Vec<(u64, Vec<u8>)>,
+    slots: Vec<String>,
+}
+
+/// One trampoline per function that moves per task, each in its slot of the bank's
+/// code; each change learns its trampoline.
+fn assemble_trampolines(
+    funcs: &BTreeMap<u64, FuncStack>,
+    t: &mut Transition,
+    env: &TrampolineEnv,
+    bank_code: Region,
+) -> Result<Trampolines, KpError> {
+    let mut code = Vec::new();
+    let mut slots = Vec::new();
+    let mut at = bank_code.start;
+    for c in t.changes.iter_mut().filter(|c| !c.immediate) {
+        let s = &funcs[&c.func];
+        let targets = Targets {
+            start: s.entry(&c.from),
+            target: s.entry(&c.to),
+        };
+        let bytes = dispatch::trampoline(env, targets, at)?;
+        if bytes.len() as u64 > MAX_TRAMPOLINE || at + MAX_TRAMPOLINE > bank_code.end {
+            return Err(KpError::State(format!(
+                "patch '{}' has more functions than one trampoline bank holds ({}); use \
+                 --consistency immediate",
+                t.patch,
+                BANK_CODE / MAX_TRAMPOLINE
+            )));
+        }
+        c.trampoline = Some(at);
+        slots.push(c.name.clone());
+        code.push((at, bytes));
+        at += MAX_TRAMPOLINE;
+    }
+    Ok(Trampolines { code, slots })
+}
+
+/// What each function's site holds while its tasks move: a jump to its trampoline, or
+/// (immediate functions) the version they move to.
+fn site_writes(
+    funcs: &BTreeMap<u64, FuncStack>,
+    changes: &[FuncChange],
+) -> Result<Vec<(u64, [u8; 5])>, KpError> {
+    changes
+        .iter()
+        .map(|c| {
+            let s = &funcs[&c.func];
+            Ok((
+                c.func,
+                match c.trampoline {
+                    Some(tr) => crate::site::jump(s.site, tr)?,
+                    None => s.site_bytes(&c.to)?,
+                },
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
