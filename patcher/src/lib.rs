@@ -48,7 +48,7 @@ pub use manifest::SystemState;
 pub use object::PatchObject;
 pub use patch::{Import, Patch, PatchState, PatchedFunc};
 pub use transition::{
-    Blocker, Consistency, EarlyCheckCounts, Op, Outcome, Request, TickParts, Transition,
+    Blocker, Consistency, EarlyCheckCounts, Op, Outcome, Phase, Request, TickParts, Transition,
 };
 
 /// Writing to a paused guest: only the patcher writes, and only through this.

@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use crate::cli::print_json;
 use crate::control::client::Client;
-use crate::control::proto::{PatchStatusResult, Request, TransitionStarted, TransitionView};
+use crate::control::proto::{
+    OutcomeView, PatchStatusResult, Request, TransitionStarted, TransitionView,
+};
 
 /// First and longest wait between status requests while a transition runs: most end
 /// within a tick or two.
@@ -64,7 +66,7 @@ pub fn cycles(a: CyclesArgs) -> Result<i32> {
             for name in &a.patches {
                 let t0 = Instant::now();
                 let t = transition(&mut client, name, enable, consistency, a.timeout_ms)?;
-                if t.outcome != "done" {
+                if t.outcome != OutcomeView::Done {
                     r.stopped = Some(format!(
                         "cycle {i}: {} {name} ended {}{}",
                         if enable { "enable" } else { "disable" },

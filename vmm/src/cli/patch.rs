@@ -11,7 +11,7 @@ use patcher::Consistency;
 use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::control::proto::{
-    AreaView, BlockerView, ChecksumResult, ChecksumTarget, FuncView, PatchLoadResult,
+    AreaView, BlockerView, ChecksumResult, ChecksumTarget, FuncView, OutcomeView, PatchLoadResult,
     PatchStatusResult, PatchView, Request, TransitionStarted, TransitionView,
 };
 use crate::control::rundir::PATCH_VERBS;
@@ -309,10 +309,10 @@ fn follow(vm: &str, id: u64, no_wait: bool, json: bool, expect: Expect) -> Resul
                 report(vm, t);
             }
             let ok = matches!(
-                (expect, t.outcome.as_str()),
-                (Expect::Done, "done" | "forced")
-                    | (Expect::Reversed, "reversed")
-                    | (Expect::Forced, "forced")
+                (expect, t.outcome),
+                (Expect::Done, OutcomeView::Done | OutcomeView::Forced)
+                    | (Expect::Reversed, OutcomeView::Reversed)
+                    | (Expect::Forced, OutcomeView::Forced)
             );
             return Ok(if ok { 0 } else { 1 });
         }
@@ -486,8 +486,8 @@ fn report(vm: &str, t: &TransitionView) {
     } else {
         format!("{secs:.1} s")
     };
-    match t.outcome.as_str() {
-        "done" => println!(
+    match t.outcome {
+        OutcomeView::Done => println!(
             "{} '{}' in {vm} after {took}: {} ({} tasks){}",
             op_word(t.op, true),
             t.patch,
@@ -498,7 +498,7 @@ fn report(vm: &str, t: &TransitionView) {
             t.tasks,
             pause_summary(t)
         ),
-        "forced" => {
+        OutcomeView::Forced => {
             println!(
                 "forced: '{}' {} in {vm} without checks; {} task(s) skipped:",
                 t.patch,
@@ -513,13 +513,13 @@ fn report(vm: &str, t: &TransitionView) {
                 t.patch
             );
         }
-        "reversed" => println!(
+        OutcomeView::Reversed => println!(
             "reversed: '{}' is back where it started in {vm} after {took} (every task runs \
              what it ran before){}",
             t.patch,
             pause_summary(t)
         ),
-        "timed_out" => {
+        OutcomeView::TimedOut => {
             println!(
                 "gave up: '{}' not {} after {} tick(s) in {secs:.1} s; the guest is as it was before.",
                 t.patch,
@@ -548,7 +548,7 @@ fn list(vm: &str, json: bool) -> Result<i32> {
     }
     for p in &s.patches {
         let funcs: Vec<&str> = p.funcs.iter().map(|f| f.old.as_str()).collect();
-        let mut state = p.state.clone();
+        let mut state = p.state.to_string();
         if let Some(by) = &p.replaced_by {
             state = format!("{state} by {by}");
         }

@@ -276,7 +276,7 @@ pub struct PatchView {
     pub name: String,
     /// `enabled`, `disabled`, `replaced` (by a cumulative patch), or `enabling`,
     /// `disabling` (a transition of it is in progress).
-    pub state: String,
+    pub state: PatchStateView,
     /// A transition of it was forced: its code stays in the guest.
     pub forced: bool,
     pub enables: u64,
@@ -321,7 +321,7 @@ pub struct FuncView {
     pub visible: String,
     /// What the site holds now: `original`, `jump` (straight to the top version) or
     /// `trampoline` (a transition dispatches each task).
-    pub site_now: String,
+    pub site_now: SiteNow,
     /// lpvmm hides the function's ftrace record from the guest's ftrace while it owns
     /// the site (docs/patching.md, "The guest's ftrace and kprobes").
     #[serde(default)]
@@ -334,7 +334,7 @@ pub struct VersionView {
     pub function: String,
     pub addr: u64,
     /// The patch's state, as in [`PatchView::state`].
-    pub state: String,
+    pub state: PatchStateView,
     pub visible: bool,
 }
 
@@ -353,6 +353,65 @@ pub struct AreaView {
     pub data_used: u64,
     pub data_size: u64,
 }
+/// A patch's state as status shows it: its own state, or the transition moving it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchStateView {
+    Enabling,
+    Disabling,
+    Enabled,
+    Disabled,
+    Replaced,
+}
+
+/// What a function's site holds now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteNow {
+    /// The kernel's own bytes.
+    Original,
+    /// A jump straight to one version.
+    Jump,
+    /// A jump to a trampoline: a transition dispatches each task.
+    Trampoline,
+}
+
+/// How a transition ended, or that it has not (`failure` says why one failed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeView {
+    Pending,
+    Done,
+    Forced,
+    Reversed,
+    TimedOut,
+    Failed,
+}
+
+impl From<&patcher::Outcome> for OutcomeView {
+    fn from(o: &patcher::Outcome) -> Self {
+        match o {
+            patcher::Outcome::Pending => OutcomeView::Pending,
+            patcher::Outcome::Done => OutcomeView::Done,
+            patcher::Outcome::Forced => OutcomeView::Forced,
+            patcher::Outcome::Reversed => OutcomeView::Reversed,
+            patcher::Outcome::TimedOut => OutcomeView::TimedOut,
+            patcher::Outcome::Failed(_) => OutcomeView::Failed,
+        }
+    }
+}
+
+/// The wire's word for each of these (`enabled`, `timed_out`, ...), for people too.
+macro_rules! wire_word {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&snake(self))
+            }
+        }
+    )*};
+}
+wire_word!(PatchStateView, SiteNow, OutcomeView);
 
 /// A patch's state as status shows it: `enabling`/`disabling` while a transition of
 /// it runs, else its engine state.
@@ -360,13 +419,13 @@ fn state_now(
     active: Option<&patcher::Transition>,
     patch: &str,
     state: patcher::PatchState,
-) -> &'static str {
+) -> PatchStateView {
     match (active.filter(|t| t.patch == patch), state) {
-        (Some(t), _) if t.op == patcher::Op::Enable => "enabling",
-        (Some(_), _) => "disabling",
-        (None, patcher::PatchState::Enabled) => "enabled",
-        (None, patcher::PatchState::Disabled) => "disabled",
-        (None, patcher::PatchState::Replaced) => "replaced",
+        (Some(t), _) if t.op == patcher::Op::Enable => PatchStateView::Enabling,
+        (Some(_), _) => PatchStateView::Disabling,
+        (None, patcher::PatchState::Enabled) => PatchStateView::Enabled,
+        (None, patcher::PatchState::Disabled) => PatchStateView::Disabled,
+        (None, patcher::PatchState::Replaced) => PatchStateView::Replaced,
     }
 }
 
@@ -378,13 +437,13 @@ pub struct TransitionView {
     pub op: patcher::Op,
     pub consistency: Consistency,
     /// `waiting` (nothing written yet), `switching`, `ended`.
-    pub phase: String,
+    pub phase: patcher::Phase,
     /// Heading back to where it started.
     pub reversed: bool,
     /// Reversed because its timeout passed.
     pub timed_out: bool,
     /// `pending`, `done`, `forced`, `reversed`, `timed_out`, `failed`.
-    pub outcome: String,
+    pub outcome: OutcomeView,
     pub failure: Option<String>,
     /// A request (reverse, force) waiting for the next tick.
     pub request: Option<patcher::Request>,
@@ -466,10 +525,10 @@ impl TransitionView {
             patch: t.patch.clone(),
             op: t.op,
             consistency: t.consistency,
-            phase: snake(&t.phase),
+            phase: t.phase,
             reversed: t.reversed,
             timed_out: t.timed_out,
-            outcome: snake(&t.outcome),
+            outcome: OutcomeView::from(&t.outcome),
             failure: match &t.outcome {
                 patcher::Outcome::Failed(why) => Some(why.clone()),
                 _ => None,
@@ -506,18 +565,18 @@ impl TransitionView {
 
 /// What the site of kernel function `func` holds now: `original`, `jump` (straight to
 /// one version) or `trampoline` (a transition dispatches each task).
-fn site_now(e: &patcher::Engine, func: u64, trampolines: &[patcher::area::Region]) -> String {
+fn site_now(e: &patcher::Engine, func: u64, trampolines: &[patcher::area::Region]) -> SiteNow {
     let Some(to) = e
         .funcs()
         .find(|s| s.addr == func)
         .and_then(|s| s.jump_target())
     else {
-        return "original".into();
+        return SiteNow::Original;
     };
     if trampolines.iter().any(|r| r.contains(to)) {
-        "trampoline".into()
+        SiteNow::Trampoline
     } else {
-        "jump".into()
+        SiteNow::Jump
     }
 }
 
@@ -547,7 +606,7 @@ impl PatchView {
     fn of(p: &patcher::Patch, active: Option<&patcher::Transition>) -> Self {
         PatchView {
             name: p.name.clone(),
-            state: state_now(active, &p.name, p.state).into(),
+            state: state_now(active, &p.name, p.state),
             forced: p.forced,
             enables: p.enables,
             depends: p.depends.clone(),
@@ -599,7 +658,7 @@ impl FuncView {
                 .versions
                 .into_iter()
                 .map(|x| VersionView {
-                    state: state_now(active, &x.patch, x.state).into(),
+                    state: state_now(active, &x.patch, x.state),
                     patch: x.patch,
                     function: x.function,
                     addr: x.addr,
@@ -644,6 +703,31 @@ pub struct ChecksumResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Phase, outcome, a patch's state and a site's content are enums in Rust and the
+    /// same words on the wire (and in the CLI's text) as when they were strings.
+    #[test]
+    fn wire_words_are_the_documented_words() {
+        let word = |v: serde_json::Value| v.as_str().map(str::to_string);
+        assert_eq!(
+            word(serde_json::to_value(OutcomeView::TimedOut).unwrap()),
+            Some("timed_out".into())
+        );
+        assert_eq!(OutcomeView::TimedOut.to_string(), "timed_out");
+        assert_eq!(
+            OutcomeView::from(&patcher::Outcome::Failed("x".into())),
+            OutcomeView::Failed
+        );
+        assert_eq!(PatchStateView::Enabling.to_string(), "enabling");
+        assert_eq!(PatchStateView::Replaced.to_string(), "replaced");
+        assert_eq!(SiteNow::Trampoline.to_string(), "trampoline");
+        assert_eq!(
+            word(serde_json::to_value(patcher::Phase::Switching).unwrap()),
+            Some("switching".into())
+        );
+        let back: OutcomeView = serde_json::from_str("\"done\"").unwrap();
+        assert_eq!(back, OutcomeView::Done);
+    }
 
     #[test]
     fn requests_round_trip_and_unknown_ops_are_rejected() {
