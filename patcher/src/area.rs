@@ -184,18 +184,56 @@ fn pmd_slot(mem: &KernelMemory, va: u64) -> Result<(u64, u64), KpError> {
     Ok((slot, e))
 }
 
-/// Write the area's page tables and hook them into the kernel's page-middle directory
-/// (the only guest kernel memory the area touches).
+/// The area's own page tables, one page per 2 MiB of area: built while the guest runs
+/// (the area is lpvmm's memory, and no guest entry points at these pages until
+/// [`install`] writes the page-middle entries in a pause).
+#[derive(Clone, Debug)]
+pub struct PageTables {
+    /// Each table's guest-physical address and its 4 KiB.
+    tables: Vec<(u64, Vec<u8>)>,
+}
+
+impl PageTables {
+    pub fn of(layout: &AreaLayout) -> PageTables {
+        let spans = layout.phys.size / PMD_SPAN;
+        let tables = (0..spans)
+            .map(|i| {
+                let table_pa = layout.phys.start + i * PAGE;
+                let mut table = vec![0u8; PAGE as usize];
+                for (j, chunk) in table.chunks_exact_mut(8).enumerate() {
+                    let va = layout.va + i * PMD_SPAN + j as u64 * PAGE;
+                    if let Some(flags) = layout.pte_flags(va) {
+                        chunk.copy_from_slice(&(layout.pa(va) | flags).to_le_bytes());
+                    }
+                }
+                (table_pa, table)
+            })
+            .collect();
+        PageTables { tables }
+    }
+
+    /// Where the tables go, guest-physical.
+    pub fn ranges(&self) -> impl Iterator<Item = introspection::PhysRange> + '_ {
+        self.tables.iter().map(|(pa, t)| introspection::PhysRange {
+            start: *pa,
+            size: t.len() as u64,
+        })
+    }
+}
+
+/// Map the area into the kernel's address space, in a pause: check that every
+/// page-middle entry it needs is still empty, then write its page tables and point the
+/// entries at them (those entries are the only guest kernel memory the area touches).
 pub fn install(
     guest: &mut dyn GuestWriter,
     kernel: &Kernel,
     layout: &AreaLayout,
+    tables: &PageTables,
 ) -> Result<(), KpError> {
-    let spans = layout.phys.size / PMD_SPAN;
     let mut slots = Vec::new();
     {
         let mem = kernel.memory(guest.reader());
-        for i in 0..spans {
+        for i in 0..tables.tables.len() as u64 {
             let (slot, e) = pmd_slot(&mem, layout.va + i * PMD_SPAN)?;
             if e != 0 {
                 return Err(KpError::Area(format!(
@@ -206,17 +244,9 @@ pub fn install(
             slots.push(slot);
         }
     }
-    for (i, slot) in slots.iter().enumerate() {
-        let table_pa = layout.phys.start + i as u64 * PAGE;
-        let mut table = vec![0u8; PAGE as usize];
-        for (j, chunk) in table.chunks_exact_mut(8).enumerate() {
-            let va = layout.va + i as u64 * PMD_SPAN + j as u64 * PAGE;
-            if let Some(flags) = layout.pte_flags(va) {
-                chunk.copy_from_slice(&(layout.pa(va) | flags).to_le_bytes());
-            }
-        }
+    for (slot, (table_pa, table)) in slots.iter().zip(&tables.tables) {
         guest
-            .write_phys(table_pa, &table)
+            .write_phys(*table_pa, table)
             .map_err(|e| KpError::Area(format!("writing the area's page tables: {e}")))?;
         guest
             .write_phys(*slot, &(table_pa | TABLE).to_le_bytes())

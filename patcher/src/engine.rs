@@ -17,7 +17,7 @@ use introspection::{GuestRam, PausedGuest};
 use serde::{Deserialize, Serialize};
 
 use crate::alternatives::CpuFeatures;
-use crate::area::{self, AreaLayout, Region};
+use crate::area::{self, AreaLayout, PageTables, Region};
 use crate::dispatch::{Bank, Geometry};
 use crate::funcs::FuncChange;
 use crate::funcs::{self, FuncStack, FunctionVersions};
@@ -320,9 +320,11 @@ impl Engine {
         let boot = BootChoices::of_guest(&mem, kernel, &obj)?;
         let (runs, linked) = link_into(&area, &boot, kernel, &obj)?;
         let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
+        let tables = (!area.installed).then(|| PageTables::of(&area.layout));
         Ok(Prepared {
             obj,
             area,
+            tables,
             runs,
             linked,
             orc,
@@ -373,6 +375,7 @@ impl Engine {
         let Prepared {
             obj,
             mut area,
+            tables,
             runs,
             linked,
             orc,
@@ -400,7 +403,13 @@ impl Engine {
 
         // Everything checked: write.
         if !area.installed {
-            area::install(guest, kernel, &area.layout)?;
+            let tables = tables.as_ref().ok_or_else(|| {
+                KpError::State(format!(
+                    "{}: prepared without the patch area's page tables; load it again",
+                    m.name
+                ))
+            })?;
+            area::install(guest, kernel, &area.layout, tables)?;
             area.installed = true;
         }
         for img in [&linked.code, &linked.rodata, &linked.data] {
@@ -786,6 +795,8 @@ pub struct Prepared {
     obj: PatchObject,
     /// The patch area as it will be once loaded (chosen now for the first patch).
     area: Area,
+    /// For the first patch: the area's page tables, written in the pause.
+    tables: Option<PageTables>,
     runs: Runs,
     linked: link::Linked,
     orc: Vec<OrcAt>,
@@ -798,6 +809,26 @@ pub struct Prepared {
 impl Prepared {
     pub fn name(&self) -> &str {
         &self.obj.manifest.name
+    }
+
+    /// The guest-physical ranges of the patch area its load will write (its images, and
+    /// for the first patch the area's page tables): lpvmm's own memory, which the VMM
+    /// may make resident before the pause so that the pause does not fault it in.
+    pub fn area_writes(&self) -> Vec<introspection::PhysRange> {
+        let layout = &self.area.layout;
+        let images = [&self.linked.code, &self.linked.rodata, &self.linked.data];
+        let mut ranges: Vec<introspection::PhysRange> = images
+            .iter()
+            .filter(|img| !img.bytes.is_empty())
+            .map(|img| introspection::PhysRange {
+                start: layout.pa(img.addr),
+                size: img.bytes.len() as u64,
+            })
+            .collect();
+        if let Some(t) = &self.tables {
+            ranges.extend(t.ranges());
+        }
+        ranges
     }
 }
 

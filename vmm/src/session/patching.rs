@@ -97,6 +97,7 @@ impl Session {
         let Session { vm, engine, .. } = self;
         // Parse, resolve and link while the guest runs; the pause checks and writes.
         let prepared = vm.running_ram(|ram| engine.prepare(ram, &kernel, &kp))?;
+        vm.make_resident(&prepared.area_writes());
         let (name, pause) = vm.paused_for_write(|g| engine.load_prepared(g, &kernel, prepared))?;
         let name = name?;
         if let (false, Some(a)) = (mapped_before, self.engine.area_layout()) {

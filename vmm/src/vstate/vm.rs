@@ -19,7 +19,7 @@ use crate::hostcheck;
 use crate::vstate::host_memory::{self, HostMapping};
 use crate::vstate::paused::{PausedVm, RamView};
 use crate::vstate::vcpu::Vcpus;
-use introspection::{GuestRam, VcpuState, VmcoreInfo};
+use introspection::{GuestRam, PhysRange, VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
@@ -360,6 +360,45 @@ impl Vm {
     /// for what the guest kernel never changes once booted ([`GuestRam`]), or for reads
     /// whose results a later pause confirms before anything relies on them (the patch
     /// engine's early checks); everything else is read through [`Vm::paused`].
+    /// Make the host memory under these guest-physical ranges resident and writable
+    /// now (`MADV_POPULATE_WRITE`), without changing a byte: for lpvmm's own patch area
+    /// before a pause that will write it, so that the pause does not wait on the host
+    /// kernel to fault pages in (a 2 MiB huge page zeroed on first touch, under THP).
+    /// Only ranges inside the patch area; best effort (older hosts refuse the advice,
+    /// and the pause then faults the pages in as before).
+    pub fn make_resident(&self, ranges: &[PhysRange]) {
+        let area = self.layout.patch_area;
+        for r in ranges {
+            let inside = r.start >= area.start
+                && r.start.checked_add(r.size).is_some_and(|e| e <= area.end());
+            if !inside || r.size == 0 {
+                continue;
+            }
+            let Ok(host) = self.mem.get_host_address(GuestAddress(r.start)) else {
+                continue;
+            };
+            // Whole 4 KiB pages around the range.
+            let start = (host as usize) & !0xfff;
+            let end = (host as usize + r.size as usize + 0xfff) & !0xfff;
+            // SAFETY: `start..end` lies inside the patch area's host mapping, which this
+            // VM owns; MADV_POPULATE_WRITE faults its pages in and never changes
+            // their contents.
+            let rc = unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                tracing::debug!(
+                    "madvise(MADV_POPULATE_WRITE) on the patch area: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+
     pub fn running_ram<R>(&self, f: impl FnOnce(&RamView) -> R) -> R {
         f(&RamView::new(&self.mem, &self.layout))
     }
