@@ -423,7 +423,7 @@ fn check_kp(
     // While enabled, each site jumps to its new function.
     let mut sites: Vec<(u64, u64)> = Vec::new();
     if enabled {
-        for f in &p.funcs {
+        for f in p.funcs() {
             let rel = f.new_addr.wrapping_sub(f.site.wrapping_add(5)) as i64;
             let want = i32::try_from(rel)
                 .map(|r| [&[0xe9][..], &r.to_le_bytes()].concat())

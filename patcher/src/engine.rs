@@ -25,7 +25,7 @@ use crate::journal::{Journal, PostMortem};
 use crate::link::{self, Placement};
 use crate::manifest::{Manifest, SystemState};
 use crate::object::PatchObject;
-use crate::patch::{Import, OrcAt, Patch, PatchState, PatchedFunc};
+use crate::patch::{Import, ObjectName, OrcAt, Patch, PatchState, PatchedFunc, PatchedObject};
 use crate::site::{self, SiteState};
 use crate::space::{AreaSpace, Runs, Sizes};
 use crate::states::{self, Candidate};
@@ -426,7 +426,10 @@ impl Engine {
             name: m.name.clone(),
             state: PatchState::Disabled,
             forced: false,
-            funcs,
+            objects: vec![PatchedObject {
+                name: ObjectName::Vmlinux,
+                funcs,
+            }],
             depends: m.depends.clone(),
             atomic_replace: m.atomic_replace,
             states: m.states.clone(),

@@ -172,19 +172,16 @@ pub struct FunctionVersions {
 impl Patch {
     /// This patch's version of kernel function `func`.
     pub fn version_of(&self, func: u64) -> Option<NewCode> {
-        self.funcs
-            .iter()
-            .find(|f| f.old_addr == func)
-            .map(|f| NewCode {
-                patch: self.name.clone(),
-                name: f.new_name.clone(),
-                addr: f.new_addr,
-                size: f.new_size,
-            })
+        self.funcs().find(|f| f.old_addr == func).map(|f| NewCode {
+            patch: self.name.clone(),
+            name: f.new_name.clone(),
+            addr: f.new_addr,
+            size: f.new_size,
+        })
     }
 
     fn immediate_for(&self, func: u64) -> bool {
-        self.funcs.iter().any(|f| f.old_addr == func && f.immediate)
+        self.funcs().any(|f| f.old_addr == func && f.immediate)
     }
 }
 
@@ -193,7 +190,7 @@ impl Patch {
 pub(crate) fn named(patches: &[Patch], func: u64) -> Option<&PatchedFunc> {
     patches
         .iter()
-        .flat_map(|p| &p.funcs)
+        .flat_map(|p| p.funcs())
         .find(|f| f.old_addr == func)
 }
 
@@ -225,11 +222,7 @@ pub(crate) fn plan(
     let funcs: BTreeSet<u64> = stacks
         .keys()
         .copied()
-        .chain(
-            patches
-                .iter()
-                .flat_map(|p| p.funcs.iter().map(|f| f.old_addr)),
-        )
+        .chain(patches.iter().flat_map(|p| p.funcs().map(|f| f.old_addr)))
         .collect();
     let mut changes = Vec::new();
     for func in funcs {
@@ -265,7 +258,7 @@ pub(crate) fn plan(
 pub(crate) fn function_versions(patches: &[Patch]) -> Vec<FunctionVersions> {
     let mut by_func: BTreeMap<u64, FunctionVersions> = BTreeMap::new();
     for p in patches {
-        for f in &p.funcs {
+        for f in p.funcs() {
             let e = by_func
                 .entry(f.old_addr)
                 .or_insert_with(|| FunctionVersions {

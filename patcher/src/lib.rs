@@ -46,7 +46,7 @@ pub use funcs::{FuncChange, FuncStack, FunctionVersions, NewCode, Version, Versi
 pub use journal::{PostMortem, POST_MORTEM_CLEAN, POST_MORTEM_MISMATCH};
 pub use manifest::SystemState;
 pub use object::PatchObject;
-pub use patch::{Import, Patch, PatchState, PatchedFunc};
+pub use patch::{Import, ObjectName, Patch, PatchState, PatchedFunc, PatchedObject};
 pub use transition::{
     Blocker, Consistency, EarlyCheckCounts, Op, Outcome, Phase, Request, TickParts, Transition,
 };

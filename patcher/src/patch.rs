@@ -1,6 +1,7 @@
-//! What a loaded patch is: its functions, the kernel symbols it uses, its unwind table
-//! and its state (the kernel livepatch's `klp_patch` and `klp_func`). Plain data that
-//! the engine owns; every other module of the patcher may read it.
+//! What a loaded patch is: the kernel objects it patches and their functions, the kernel
+//! symbols it uses, its unwind table and its state (the kernel livepatch's `klp_patch`
+//! → `klp_object` → `klp_func`). Plain data that the engine owns; every other module
+//! of the patcher may read it.
 
 use introspection::orc::OrcEntry;
 use serde::{Deserialize, Serialize};
@@ -61,7 +62,9 @@ pub struct Patch {
     /// A transition of this patch was forced: a task may still run its code, so the
     /// code stays in the guest.
     pub forced: bool,
-    pub funcs: Vec<PatchedFunc>,
+    /// The kernel objects it patches, each with its functions: vmlinux today; a module
+    /// by name is the module issue's.
+    pub objects: Vec<PatchedObject>,
     pub depends: Vec<String>,
     /// A cumulative patch (`LPVMM_ATOMIC_REPLACE`).
     pub atomic_replace: bool,
@@ -80,7 +83,36 @@ pub struct Patch {
     pub enables: u64,
 }
 
+/// A kernel object a patch patches (`klp_object`): vmlinux or a module, by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectName {
+    Vmlinux,
+    Module(String),
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectName::Vmlinux => f.write_str("vmlinux"),
+            ObjectName::Module(m) => f.write_str(m),
+        }
+    }
+}
+
+/// One object of a patch and the functions of it the patch replaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchedObject {
+    pub name: ObjectName,
+    pub funcs: Vec<PatchedFunc>,
+}
+
 impl Patch {
+    /// Every function it replaces, object by object.
+    pub fn funcs(&self) -> impl Iterator<Item = &PatchedFunc> {
+        self.objects.iter().flat_map(|o| o.funcs.iter())
+    }
+
     /// How to unwind at `ip` in its code, from its ORC table.
     pub(crate) fn orc_at(&self, ip: u64) -> Option<OrcEntry> {
         let i = self.orc.partition_point(|o| o.ip <= ip).checked_sub(1)?;
@@ -88,8 +120,7 @@ impl Patch {
     }
 
     pub(crate) fn function_at(&self, ip: u64) -> Option<&PatchedFunc> {
-        self.funcs
-            .iter()
+        self.funcs()
             .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
     }
 }

@@ -180,7 +180,7 @@ fn load_links_against_kallsyms_and_enable_disable_restore_exact_bytes() {
     assert_eq!(name, "cmdline");
     let p = f.engine.patch("cmdline").unwrap().clone();
     assert_eq!(p.state, PatchState::Disabled);
-    let func = &p.funcs[0];
+    let func = &p.funcs().next().unwrap();
     assert!(func.frame_pointer, "kp build keeps frame pointers");
     assert_eq!(
         site_bytes(&f, &g, "cmdline_proc_show"),
@@ -284,7 +284,13 @@ fn patch_with(name: &str, target: &str, extra: &str) -> Vec<u8> {
 }
 
 fn new_addr(f: &Fixture, name: &str) -> u64 {
-    f.engine.patch(name).unwrap().funcs[0].new_addr
+    f.engine
+        .patch(name)
+        .unwrap()
+        .funcs()
+        .next()
+        .unwrap()
+        .new_addr
 }
 
 fn state(f: &Fixture, name: &str) -> PatchState {
@@ -856,7 +862,14 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
     let t = pipefix_per_task(&mut f, &mut g, 1);
-    let new = f.engine.patch("pipefix").unwrap().funcs[0].new_addr;
+    let new = f
+        .engine
+        .patch("pipefix")
+        .unwrap()
+        .funcs()
+        .next()
+        .unwrap()
+        .new_addr;
     assert_eq!(
         (t.outcome.clone(), t.phase),
         (Outcome::Pending, Phase::Switching)
@@ -1035,7 +1048,10 @@ fn force_completes_names_what_it_skipped_and_keeps_the_code() {
     assert_eq!(skipped, [11, 12]);
     let p = f.engine.patch("pipefix").unwrap().clone();
     assert!(p.forced && p.state == PatchState::Enabled);
-    assert_eq!(site_target(&f, &g, "pipe_read"), Some(p.funcs[0].new_addr));
+    assert_eq!(
+        site_target(&f, &g, "pipe_read"),
+        Some(p.funcs().next().unwrap().new_addr)
+    );
     // Disabled, a forced patch still stays.
     move_out_of(&f, &mut g, 11, "pipe_read", "ksys_read");
     move_out_of(&f, &mut g, 12, "pipe_read", "ksys_read");
@@ -1066,7 +1082,7 @@ fn an_immediate_function_flips_in_the_first_tick_while_the_rest_waits() {
     );
     f.engine.load(&mut g, &f.kernel, &both).unwrap();
     let p = f.engine.patch("mixed").unwrap().clone();
-    let func = |n: &str| p.funcs.iter().find(|x| x.old.name == n).unwrap().clone();
+    let func = |n: &str| p.funcs().find(|x| x.old.name == n).unwrap().clone();
     assert!(func("meminfo_proc_show").immediate && !func("pipe_read").immediate);
     let t = run(&mut f, &mut g, "mixed", Op::Enable, Consistency::PerTask, 1).unwrap();
     assert_eq!(t.phase, Phase::Switching);
@@ -1159,7 +1175,14 @@ LPVMM_PATCH("percpu");
 LPVMM_REPLACE(meminfo_proc_show, nf);
 "#;
     f.engine.load(&mut g, &f.kernel, &kp(src, &[])).unwrap();
-    let func = f.engine.patch("percpu").unwrap().funcs[0].clone();
+    let func = f
+        .engine
+        .patch("percpu")
+        .unwrap()
+        .funcs()
+        .next()
+        .unwrap()
+        .clone();
     let code = f
         .kernel
         .memory(&g)
@@ -1199,7 +1222,7 @@ LPVMM_REPLACE(meminfo_proc_show, nf);
     let p = f.engine.patch("orc").unwrap();
     assert_eq!(p.orc.len(), 1);
     let at = p.orc[0];
-    let func = &p.funcs[0];
+    let func = &p.funcs().next().unwrap();
     assert!(
         at.ip > func.new_addr && at.ip < func.new_addr + func.new_size,
         "{at:x?} {func:x?}"
@@ -1654,8 +1677,29 @@ fn a_prepared_patch_loads_as_load_would_and_a_stale_one_is_refused() {
         .load(&mut g2, &f2.kernel, &patch_named("a", "meminfo_proc_show"))
         .unwrap();
     assert_eq!(
-        f2.engine.patch("a").unwrap().funcs,
-        f.engine.patch("a").unwrap().funcs
+        f2.engine.patch("a").unwrap().objects,
+        f.engine.patch("a").unwrap().objects
     );
     enable(&mut f, &mut g, "b").unwrap();
+}
+
+/// A patch is objects holding functions (klp_patch → klp_object → klp_func): today every
+/// loaded patch has one object, vmlinux, with each function it replaces.
+#[test]
+fn a_loaded_patch_is_its_objects_functions() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("a", "meminfo_proc_show"))
+        .unwrap();
+    let p = f.engine.patch("a").unwrap();
+    assert_eq!(p.objects.len(), 1);
+    assert_eq!(p.objects[0].name, crate::ObjectName::Vmlinux);
+    assert_eq!(p.objects[0].name.to_string(), "vmlinux");
+    let names: Vec<&str> = p.funcs().map(|x| x.old.name.as_str()).collect();
+    assert_eq!(names, ["meminfo_proc_show"]);
+    assert_eq!(
+        crate::ObjectName::Module("virtio_net".into()).to_string(),
+        "virtio_net"
+    );
 }

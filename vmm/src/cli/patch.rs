@@ -615,7 +615,13 @@ fn print_patch(p: &PatchView) {
     );
     for f in &p.funcs {
         println!(
-            "  {} {:#x} -> {} {:#x} ({} bytes{}{})",
+            "  {}{} {:#x} -> {} {:#x} ({} bytes{}{})",
+            // vmlinux's functions by name alone; a module's as MODULE:FUNCTION.
+            if f.object == "vmlinux" {
+                String::new()
+            } else {
+                format!("{}:", f.object)
+            },
             f.old,
             f.old_addr,
             f.new_name,

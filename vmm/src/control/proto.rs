@@ -301,6 +301,9 @@ pub struct StateView {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PatchFuncView {
+    /// The kernel object the function is in: `vmlinux`, or a module's name.
+    #[serde(default = "vmlinux")]
+    pub object: String,
     pub old: String,
     pub old_addr: u64,
     pub new_name: String,
@@ -415,6 +418,10 @@ wire_word!(PatchStateView, SiteNow, OutcomeView);
 
 /// A patch's state as status shows it: `enabling`/`disabling` while a transition of
 /// it runs, else its engine state.
+fn vmlinux() -> String {
+    "vmlinux".into()
+}
+
 fn state_now(
     active: Option<&patcher::Transition>,
     patch: &str,
@@ -622,9 +629,11 @@ impl PatchView {
                 })
                 .collect(),
             funcs: p
-                .funcs
+                .objects
                 .iter()
-                .map(|f| PatchFuncView {
+                .flat_map(|o| o.funcs.iter().map(move |f| (o, f)))
+                .map(|(o, f)| PatchFuncView {
+                    object: o.name.to_string(),
                     old: f.old.to_string(),
                     old_addr: f.old_addr,
                     new_name: f.new_name.clone(),

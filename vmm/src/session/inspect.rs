@@ -88,7 +88,7 @@ impl Session {
             .patches()
             .iter()
             .flat_map(|p| {
-                p.funcs.iter().filter(|f| want(f)).map(|f| PatchSymbol {
+                p.funcs().filter(|f| want(f)).map(|f| PatchSymbol {
                     patch: p.name.clone(),
                     name: f.new_name.clone(),
                     addr: f.new_addr,
