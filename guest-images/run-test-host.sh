@@ -12,7 +12,8 @@
 #                      there; connect with e.g. `socat - UNIX-CONNECT:PATH`).
 #                      Unset: ttyS1 exists but goes nowhere.
 #   LPVMM_HOST_MEM     memory (default 3G)
-#   LPVMM_HOST_SMP     vCPUs (default 2)
+#   LPVMM_HOST_SMP     vCPUs (default 1: with 2, QEMU's multi-threaded TCG kills guests;
+#                      docs/testing.md, "The test host has one vCPU")
 #   LPVMM_HOST_APPEND  extra kernel command line (e.g. "kvm_amd.nested=1")
 set -Eeuo pipefail
 
@@ -64,7 +65,7 @@ append="console=ttyS0 panic=-1 quiet nokaslr mitigations=off ${LPVMM_HOST_APPEND
 exec qemu-system-x86_64 \
 	-accel tcg,thread=multi \
 	-cpu EPYC,+svm,+npt,check=off \
-	-smp "${LPVMM_HOST_SMP:-2}" -m "${LPVMM_HOST_MEM:-3G}" \
+	-smp "${LPVMM_HOST_SMP:-1}" -m "${LPVMM_HOST_MEM:-3G}" \
 	-nodefaults -no-user-config -display none -no-reboot \
 	-serial mon:stdio "${ttys1[@]}" \
 	-kernel "$kernel" -initrd "$initrd" -append "$append"
