@@ -74,17 +74,18 @@ edges() {
 	done < <(find "$crate/src" -name '*.rs' | sort)
 }
 
+crates=("$@")
+[ ${#crates[@]} -gt 0 ] || crates=(patcher vmm)
 status=0
-for crate in "${@:-patcher vmm}"; do
-	for c in $crate; do
-		if ! out=$(edges "$c" | sort -u | tsort 2>&1 >/dev/null); then :; fi
-		if [ -n "$out" ]; then
-			echo "check-imports: $c: modules import each other in a circle:" >&2
-			echo "$out" | sed 's/^tsort: /  /' >&2
-			status=1
-		else
-			echo "check-imports: $c: no import circle ($(edges "$c" | sort -u | wc -l) edges)"
-		fi
-	done
+for c in "${crates[@]}"; do
+	found=$(edges "$c" | sort -u)
+	if ! circles=$(tsort 2>&1 >/dev/null <<<"$found"); then :; fi
+	if [ -n "$circles" ]; then
+		echo "check-imports: $c: modules import each other in a circle:" >&2
+		echo "$circles" | sed 's/^tsort: /  /' >&2
+		status=1
+	else
+		echo "check-imports: $c: no import circle ($(grep -c . <<<"$found") edges)"
+	fi
 done
 exit $status

@@ -385,7 +385,7 @@ impl Engine {
         let m = &obj.manifest;
         if generation != self.generation {
             return Err(KpError::State(format!(
-                "{}: patches were loaded or unloaded since it was linked; load it again",
+                "{}: the patch area changed (a load, an unload or dispatch banks) since it was linked; load it again",
                 m.name
             )));
         }

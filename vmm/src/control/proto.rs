@@ -506,10 +506,10 @@ fn version_name(v: &patcher::Version) -> String {
     }
 }
 
+/// The word a unit enum variant is on the wire (`timed_out`).
 fn snake<T: Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::String(s)) => s,
-        Ok(serde_json::Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
         _ => String::new(),
     }
 }

@@ -14,7 +14,7 @@
 
 use lpvmm_tests::{json, Guest, TestHost};
 
-use crate::{kp_build, median};
+use crate::{kp_build, median, transition_of};
 
 /// The pause of one `patch load`, in µs.
 fn load_pause(g: &mut Guest, kp: &str) -> Result<f64, String> {
@@ -44,10 +44,7 @@ fn enable_first_tick(g: &mut Guest, name: &str) -> Result<f64, String> {
     if rc != 0 {
         return Err(format!("patch enable {name}: {out}"));
     }
-    let v = json(&out)?;
-    if v["outcome"] != "done" {
-        return Err(format!("patch enable {name} did not complete: {out}"));
-    }
+    let v = transition_of(&out)?;
     v["pauses_us"][0]
         .as_f64()
         .ok_or(format!("patch enable {name}: no pauses in {out}"))
