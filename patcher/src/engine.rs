@@ -10,47 +10,26 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use iced_x86::{Code, Decoder, DecoderOptions, Register};
 use introspection::kernel::Kernel;
-use introspection::memory::KernelMemory;
-use introspection::{GuestRam, PausedGuest};
+use introspection::GuestRam;
 use serde::{Deserialize, Serialize};
 
-use crate::alternatives::CpuFeatures;
-use crate::area::{self, AreaLayout, PageTables, Region};
+use crate::area::{self, AreaLayout, Region};
 use crate::dispatch::{Bank, Geometry};
 use crate::funcs::FuncChange;
 use crate::funcs::{self, FuncStack, FunctionVersions};
 use crate::journal::{Journal, PostMortem};
-use crate::link::{self, Placement};
+use crate::load::{self, Prepared};
 use crate::manifest::{Manifest, SystemState};
 use crate::object::PatchObject;
-use crate::patch::{Import, ObjectName, OrcAt, Patch, PatchState, PatchedFunc, PatchedObject};
-use crate::site::{self, SiteState};
-use crate::space::{AreaSpace, Runs, Sizes};
+use crate::patch::{Import, ObjectName, Patch, PatchState, PatchedFunc, PatchedObject};
+use crate::space::Area;
 use crate::states::{self, Candidate};
 use crate::transition::{Consistency, Op, Request, Transition};
-use crate::{GuestWriter, KpError};
+use crate::{GuestControl, GuestWriter, KpError};
 
 /// Ended transitions kept for status.
 const HISTORY: usize = 32;
-
-#[derive(Clone, Debug)]
-pub(crate) struct Area {
-    pub(crate) layout: AreaLayout,
-    pub(crate) installed: bool,
-    pub(crate) space: AreaSpace,
-}
-
-impl Area {
-    fn new(layout: AreaLayout) -> Area {
-        Area {
-            space: AreaSpace::new(layout.code, layout.rodata, layout.data),
-            layout,
-            installed: false,
-        }
-    }
-}
 
 /// Trampoline banks and the geometry of their task maps, set up at the first
 /// per-task transition that needs them.
@@ -70,6 +49,22 @@ pub struct Begin {
     pub timeout: Option<Duration>,
     /// Unload the patch if the transition does not complete (a load-and-enable).
     pub unload_on_failure: bool,
+}
+
+/// How the enable of a load-and-enable runs ([`Engine::load_and_enable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnableArgs {
+    pub consistency: Consistency,
+    pub timeout: Option<Duration>,
+}
+
+/// A patch [`Engine::load_and_enable`] loaded: its name, the transition that enables it
+/// (if asked), and the load's pause as the guest saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    pub name: String,
+    pub transition: Option<u64>,
+    pub pause: Duration,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -119,83 +114,6 @@ impl Spent {
     pub(crate) fn keep_early(&mut self, early: Option<crate::early::EarlyTraces>) {
         self.early.extend(early);
     }
-}
-
-/// Does the function keep a frame pointer at its call sites: `push %rbp` and then
-/// `mov %rsp,%rbp` before its first call or jump (gcc schedules other instructions in
-/// between, and may put some that do not touch the stack before the push)?
-fn has_frame_pointer(code: &[u8], addr: u64) -> bool {
-    use iced_x86::InstructionInfoFactory;
-    let mut info = InstructionInfoFactory::new();
-    let touches_frame = |i: &iced_x86::Instruction, info: &mut InstructionInfoFactory| {
-        i.is_stack_instruction()
-            || info.info(i).used_registers().iter().any(|r| {
-                matches!(
-                    r.register(),
-                    Register::RSP | Register::RBP | Register::ESP | Register::EBP
-                )
-            })
-    };
-    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
-    let mut pushed = false;
-    while d.can_decode() {
-        let i = d.decode();
-        if i.flow_control() != iced_x86::FlowControl::Next {
-            return false;
-        }
-        if !pushed {
-            if i.code() == Code::Push_r64 && i.op0_register() == Register::RBP {
-                pushed = true;
-            } else if i.code() != Code::Endbr64 && touches_frame(&i, &mut info) {
-                return false;
-            }
-            continue;
-        }
-        let sets_fp = matches!(i.code(), Code::Mov_rm64_r64 | Code::Mov_r64_rm64)
-            && i.op0_register() == Register::RBP
-            && i.op1_register() == Register::RSP;
-        if sets_fp {
-            return true;
-        }
-        if touches_frame(&i, &mut info) {
-            return false;
-        }
-    }
-    false
-}
-
-#[cfg(test)]
-#[test]
-fn frame_pointer_prologues_as_gcc_schedules_them() {
-    // movabs $0x225c17d03,%r8; push %rbp; mov (%rdx),%rcx; mov %rsp,%rbp; call
-    let scheduled = [
-        0x49, 0xb8, 0x03, 0x7d, 0xc1, 0x25, 0x02, 0, 0, 0, 0x55, 0x48, 0x8b, 0x0a, 0x48, 0x89,
-        0xe5, 0xe8, 0, 0, 0, 0,
-    ];
-    assert!(has_frame_pointer(&scheduled, 0x1000));
-    // push %rbp; mov %rsp,%rbp
-    assert!(has_frame_pointer(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0x1000));
-    // sub $8,%rsp before the push: the frame-pointer rule would be wrong.
-    assert!(!has_frame_pointer(
-        &[0x48, 0x83, 0xec, 0x08, 0x55, 0x48, 0x89, 0xe5],
-        0x1000
-    ));
-    // A call before the frame is set up.
-    assert!(!has_frame_pointer(
-        &[0x55, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xe5],
-        0x1000
-    ));
-    // No frame pointer at all.
-    assert!(!has_frame_pointer(&[0x48, 0x89, 0xf8, 0xc3], 0x1000));
-}
-
-/// A kernel function a patch replaces, checked live.
-struct Target<'m> {
-    replacement: &'m crate::manifest::Replacement,
-    addr: u64,
-    size: u64,
-    site: u64,
-    site_pa: u64,
 }
 
 impl Engine {
@@ -256,13 +174,13 @@ impl Engine {
         Some(if t.request.is_some() { 0 } else { t.next_ms })
     }
 
-    /// The guest-visible pause of the last tick, as the VMM measured it.
     /// Free what the last tick read (call it once the guest runs again; a tick frees
     /// what an earlier one left if this was not called).
     pub fn release_spent(&mut self) {
         self.spent = Spent::default();
     }
 
+    /// The guest-visible pause of the last tick, as the VMM measured it.
     pub fn note_pause(&mut self, pause: Duration) {
         if let Some(t) = self.active.as_mut() {
             t.note_pause(pause);
@@ -282,6 +200,92 @@ impl Engine {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// Load a patch and, with `enable`, start enabling it: all or nothing. Everything
+    /// the enable would refuse is refused before the load writes; the patch is parsed,
+    /// resolved and linked while the guest runs, and one pause checks and writes it. A
+    /// load-and-enable whose transition does not complete unloads the patch again.
+    pub fn load_and_enable(
+        &mut self,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+        kp: &[u8],
+        enable: Option<EnableArgs>,
+        now_ms: u64,
+    ) -> Result<Loaded, KpError> {
+        let obj = PatchObject::parse(kp)?;
+        if enable.is_some() {
+            self.check_enable_of(&obj)?;
+        }
+        self.check_loadable(&obj)?;
+        let prepared = guest
+            .running(|ram| load::prepare(self.area.as_ref(), self.generation, ram, kernel, obj))?;
+        guest.make_resident(&prepared.area_writes());
+        let (name, pause) = guest.paused(|g| self.load_prepared(g, kernel, prepared))?;
+        let name = name?;
+        let Some(args) = enable else {
+            return Ok(Loaded {
+                name,
+                transition: None,
+                pause,
+            });
+        };
+        let begin = Begin {
+            patch: name.clone(),
+            op: Op::Enable,
+            consistency: args.consistency,
+            timeout: args.timeout,
+            unload_on_failure: true,
+        };
+        match self.begin(begin, now_ms) {
+            Ok(id) => Ok(Loaded {
+                name,
+                transition: Some(id),
+                pause,
+            }),
+            Err(e) => {
+                // Checked above, so not expected; leave nothing behind regardless.
+                let unloaded = guest
+                    .paused(|g| self.unload(g, &name))
+                    .map_err(KpError::from)
+                    .and_then(|(r, _)| r);
+                match unloaded {
+                    Ok(()) => Err(e),
+                    Err(u) => Err(KpError::State(format!(
+                        "{e}; unloading {name} again failed too, so it stays loaded and \
+                         disabled: {u}"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// One tick of the transition in progress, if one is due at `now_ms`: unwind the
+    /// guest's tasks while it runs, then pause for the tick, which confirms what it
+    /// takes of those unwinds. Returns when the next tick is due (ms), or `None` when no
+    /// transition is in progress.
+    pub fn drive(
+        &mut self,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<Option<u64>, KpError> {
+        let Some(due) = self.due() else {
+            return Ok(None);
+        };
+        if now_ms < due {
+            return Ok(Some(due));
+        }
+        guest.running(|ram| self.unwind_early(ram, kernel));
+        let ticked = guest.paused(|g| self.tick(g, kernel, now_ms));
+        if let Ok(((), pause)) = ticked {
+            self.note_pause(pause);
+        }
+        // The guest runs again: free what the tick read.
+        self.release_spent();
+        ticked?;
+        Ok(self.due())
     }
 
     /// Validate, link and load a patch (disabled), all in one pause: [`Engine::prepare`]
@@ -308,29 +312,7 @@ impl Engine {
     ) -> Result<Prepared, KpError> {
         let obj = PatchObject::parse(kp)?;
         self.check_loadable(&obj)?;
-        let mem = KernelMemory::new(ram, kernel.root);
-        let area = match &self.area {
-            Some(a) => a.clone(),
-            None => {
-                let phys = ram.patch_area();
-                let va = area::choose_va(&mem, kernel, phys.size)?;
-                Area::new(AreaLayout::new(phys, va)?)
-            }
-        };
-        let boot = BootChoices::of_guest(&mem, kernel, &obj)?;
-        let (runs, linked) = link_into(&area, &boot, kernel, &obj)?;
-        let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
-        let tables = (!area.installed).then(|| PageTables::of(&area.layout));
-        Ok(Prepared {
-            obj,
-            area,
-            tables,
-            runs,
-            linked,
-            orc,
-            boot,
-            generation: self.generation,
-        })
+        load::prepare(self.area.as_ref(), self.generation, ram, kernel, obj)
     }
 
     /// The load's pause: check what must be checked against a stopped guest (every
@@ -390,7 +372,7 @@ impl Engine {
             )));
         }
         self.check_loadable(&obj)?;
-        let now = BootChoices::of_guest(&kernel.memory(guest.reader()), kernel, &obj)?;
+        let now = load::BootChoices::of_guest(&kernel.memory(guest.reader()), kernel, &obj)?;
         if now != boot {
             return Err(KpError::State(format!(
                 "{}: the guest's CPU features or return thunk changed while it was linked; \
@@ -398,8 +380,8 @@ impl Engine {
                 m.name
             )));
         }
-        let targets = self.targets(guest.reader(), kernel, &obj)?;
-        let funcs = patched_funcs(targets, &obj, &linked)?;
+        let targets = load::targets(&self.funcs, guest.reader(), kernel, &obj)?;
+        let funcs = load::patched_funcs(targets, &obj, &linked)?;
 
         // Everything checked: write.
         if !area.installed {
@@ -446,59 +428,6 @@ impl Engine {
         Ok(m.name.clone())
     }
 
-    /// Every function the patch replaces, checked live: a kernel function whose site is
-    /// the fentry NOP, or lpvmm's own jump to the version on top.
-    fn targets<'o>(
-        &self,
-        guest: &dyn PausedGuest,
-        kernel: &Kernel,
-        obj: &'o PatchObject,
-    ) -> Result<Vec<Target<'o>>, KpError> {
-        let syms = &kernel.symbols;
-        let mem = kernel.memory(guest);
-        let mut targets = Vec::new();
-        for r in &obj.manifest.replacements {
-            let sym = syms
-                .resolve(&r.old.name, r.old.pos)
-                .map_err(|e| KpError::Symbol(e.to_string()))?;
-            if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
-                return Err(KpError::Symbol(format!(
-                    "{} is not a kernel function",
-                    r.old
-                )));
-            }
-            let size = syms.size_at(sym.addr).unwrap_or(0);
-            let entry = mem
-                .read_vec(sym.addr, 9)
-                .map_err(|e| KpError::Guest(format!("reading {}: {e}", r.old)))?;
-            let site = sym.addr + site::site_offset(&entry);
-            let at = (site - sym.addr) as usize;
-            let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
-            let ours = self.funcs.get(&sym.addr);
-            match site::inspect(&r.old.to_string(), site, &bytes)? {
-                SiteState::Nop if ours.is_none() => {}
-                _ if ours.is_some_and(|s| s.live == bytes) => {}
-                _ => {
-                    return Err(KpError::Site(format!(
-                        "{} at {site:#x} was changed by something other than lpvmm",
-                        r.old
-                    )))
-                }
-            }
-            let site_pa = mem
-                .translate(site)
-                .map_err(|e| KpError::Guest(format!("{}: {e}", r.old)))?;
-            targets.push(Target {
-                replacement: r,
-                addr: sym.addr,
-                size,
-                site,
-                site_pa,
-            });
-        }
-        Ok(targets)
-    }
-
     /// Start a transition (written at its first tick). Refused, changing nothing, when
     /// another runs or the patch stack does not allow it.
     pub fn begin(&mut self, b: Begin, now_ms: u64) -> Result<u64, KpError> {
@@ -528,8 +457,11 @@ impl Engine {
     /// Would a load-and-enable of `kp` be refused by the patch stack? Checked before
     /// the load, so that such a request writes nothing.
     pub fn check_load_and_enable(&self, kp: &[u8]) -> Result<(), KpError> {
+        self.check_enable_of(&PatchObject::parse(kp)?)
+    }
+
+    fn check_enable_of(&self, obj: &PatchObject) -> Result<(), KpError> {
         self.ensure_idle("load and enable a patch")?;
-        let obj = PatchObject::parse(kp)?;
         if self.patch(&obj.manifest.name).is_ok() {
             return Err(KpError::AlreadyLoaded(obj.manifest.name.clone()));
         }
@@ -789,181 +721,6 @@ impl Engine {
     }
 }
 
-/// Link `obj` where the area's first free runs of its size are: linked once to learn
-/// its size, then at its place. Takes nothing from the area.
-/// A patch parsed, resolved and linked while the guest ran ([`Engine::prepare`]), to be
-/// checked and written in a pause ([`Engine::load_prepared`]).
-#[derive(Debug)]
-pub struct Prepared {
-    obj: PatchObject,
-    /// The patch area as it will be once loaded (chosen now for the first patch).
-    area: Area,
-    /// For the first patch: the area's page tables, written in the pause.
-    tables: Option<PageTables>,
-    runs: Runs,
-    linked: link::Linked,
-    orc: Vec<OrcAt>,
-    /// What the link took from the guest, checked again in the pause.
-    boot: BootChoices,
-    /// The engine's [`Engine::generation`] it was linked against.
-    generation: u64,
-}
-
-impl Prepared {
-    pub fn name(&self) -> &str {
-        &self.obj.manifest.name
-    }
-
-    /// The guest-physical ranges of the patch area its load will write (its images, and
-    /// for the first patch the area's page tables): lpvmm's own memory, which the VMM
-    /// may make resident before the pause so that the pause does not fault it in.
-    pub fn area_writes(&self) -> Vec<introspection::PhysRange> {
-        let layout = &self.area.layout;
-        let images = [&self.linked.code, &self.linked.rodata, &self.linked.data];
-        let mut ranges: Vec<introspection::PhysRange> = images
-            .iter()
-            .filter(|img| !img.bytes.is_empty())
-            .map(|img| introspection::PhysRange {
-                start: layout.pa(img.addr),
-                size: img.bytes.len() as u64,
-            })
-            .collect();
-        if let Some(t) = &self.tables {
-            ranges.extend(t.ranges());
-        }
-        ranges
-    }
-}
-
-/// What the guest decided at boot that a link depends on: its return thunk, and its CPU
-/// features where the patch has alternatives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct BootChoices {
-    returns: link::Returns,
-    cpu: Option<CpuFeatures>,
-}
-
-impl BootChoices {
-    fn of_guest(mem: &KernelMemory, kernel: &Kernel, obj: &PatchObject) -> Result<Self, KpError> {
-        Ok(BootChoices {
-            returns: link::Returns::of_guest(mem, &kernel.symbols)?,
-            cpu: guest_cpu(mem, kernel, obj)?,
-        })
-    }
-}
-
-fn link_into(
-    area: &Area,
-    boot: &BootChoices,
-    kernel: &Kernel,
-    obj: &PatchObject,
-) -> Result<(Runs, link::Linked), KpError> {
-    let name = &obj.manifest.name;
-    let (returns, cpu) = (boot.returns, &boot.cpu);
-    let resolve = |sym: &str| resolve_import(kernel, obj, sym);
-    let at = |r: &Runs| Placement {
-        code: r.code.start,
-        rodata: r.rodata.start,
-        data: r.data.start,
-    };
-    let start = at(&area.space.place(name, Sizes::ZERO)?);
-    let sized = link::link(obj, start, returns, cpu.as_ref(), &resolve)?;
-    let runs = area.space.place(name, sized.sizes())?;
-    let linked = link::link(obj, at(&runs), returns, cpu.as_ref(), &resolve)?;
-    if linked.sizes() != sized.sizes() {
-        return Err(KpError::State(format!(
-            "{name}: its size changed with its address; not loaded"
-        )));
-    }
-    Ok((runs, linked))
-}
-
-/// The guest's CPU features, when the patch has alternatives to apply for them (their
-/// entry layout checked against the guest's BTF).
-fn guest_cpu(
-    mem: &introspection::memory::KernelMemory,
-    kernel: &Kernel,
-    obj: &PatchObject,
-) -> Result<Option<CpuFeatures>, KpError> {
-    let Some(alts) = &obj.alternatives else {
-        return Ok(None);
-    };
-    if let Some(size) = kernel.layout.patcher.alt_instr_size {
-        if size != alts.entry_size as u64 {
-            return Err(KpError::Unsupported(format!(
-                "{}: its alternatives are {}-byte entries, the guest kernel's {size}: was it \
-                 built for another kernel? (lpvmm kp build --kernel)",
-                obj.manifest.name, alts.entry_size
-            )));
-        }
-    }
-    CpuFeatures::of_guest(mem, kernel).map(Some)
-}
-
-/// Each function the patch replaces, with where its new version was linked.
-fn patched_funcs(
-    targets: Vec<Target>,
-    obj: &PatchObject,
-    linked: &link::Linked,
-) -> Result<Vec<PatchedFunc>, KpError> {
-    let mut funcs = Vec::new();
-    for t in targets {
-        let r = t.replacement;
-        let f = obj
-            .function(&r.new)
-            .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
-        let new_addr = linked.functions[&r.new];
-        site::jump(t.site, new_addr)?;
-        let off = (new_addr - linked.code.addr) as usize;
-        let body = linked
-            .code
-            .bytes
-            .get(off..off + f.size as usize)
-            .unwrap_or_default();
-        funcs.push(PatchedFunc {
-            old: r.old.clone(),
-            old_addr: t.addr,
-            old_size: t.size,
-            site: t.site,
-            site_pa: t.site_pa,
-            new_name: r.new.clone(),
-            new_addr,
-            new_size: f.size,
-            frame_pointer: has_frame_pointer(body, new_addr),
-            immediate: r.immediate,
-        });
-    }
-    Ok(funcs)
-}
-
-/// The patch's ORC entries decoded with the guest kernel's own layout.
-fn decode_orc(
-    kernel: &Kernel,
-    name: &str,
-    obj: &PatchObject,
-    linked: &link::Linked,
-) -> Result<Vec<OrcAt>, KpError> {
-    let Some(t) = &obj.orc else {
-        return Ok(Vec::new());
-    };
-    let format = kernel.orc.format();
-    if t.entry_size as u64 != format.entry_size {
-        return Err(KpError::Unsupported(format!(
-            "{name}: its ORC entries are {} bytes, the guest kernel's {}: was it built for \
-             another kernel? (lpvmm kp build --kernel RELEASE, as `uname -r` in the guest says)",
-            t.entry_size, format.entry_size
-        )));
-    }
-    Ok(linked
-        .orc
-        .iter()
-        .map(|(ip, raw)| OrcAt {
-            ip: *ip,
-            entry: format.decode(raw),
-        })
-        .collect())
-}
-
 /// What enabling a patch must respect, from its manifest or its loaded form.
 struct EnableRules<'a> {
     depends: &'a [String],
@@ -995,34 +752,4 @@ pub struct AreaUse {
     pub code: (u64, u64),
     pub rodata: (u64, u64),
     pub data: (u64, u64),
-}
-
-/// A kernel symbol a patch uses: its binding first, then the unique name.
-fn resolve_import(kernel: &Kernel, obj: &PatchObject, name: &str) -> Result<u64, KpError> {
-    let m = &obj.manifest;
-    let (kname, pos) = match m.bindings.iter().find(|b| b.local == name) {
-        Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
-        None => (name, None),
-    };
-    // Names the kernel's linker script gives another symbol, which kallsyms does not
-    // list (arch/x86/kernel/vmlinux.lds.S: `PROVIDE(const_pcpu_hot = pcpu_hot)`, what
-    // `current` reads on 6.x kernels with compiler segment support).
-    let kname = match kname {
-        "const_pcpu_hot" if kernel.symbols.addr("const_pcpu_hot").is_none() => "pcpu_hot",
-        other => other,
-    };
-    kernel
-        .symbols
-        .resolve(kname, pos)
-        .map(|s| s.addr)
-        .map_err(|e| {
-            KpError::Symbol(format!(
-                "{e}{}",
-                if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
-                    " (bind it with LPVMM_SYMBOL(local, name, pos))"
-                } else {
-                    ""
-                }
-            ))
-        })
 }

@@ -27,6 +27,7 @@ pub mod funcs;
 pub mod journal;
 pub mod kbuild;
 pub mod link;
+pub mod load;
 pub mod manifest;
 pub mod object;
 pub mod patch;
@@ -39,11 +40,14 @@ pub mod tick_early;
 pub mod ticks;
 pub mod transition;
 
-use introspection::{GuestError, PausedGuest};
+use std::time::Duration;
 
-pub use engine::{Begin, Engine};
+use introspection::{GuestError, GuestRam, PausedGuest, PhysRange};
+
+pub use engine::{Begin, EnableArgs, Engine, Loaded};
 pub use funcs::{FuncChange, FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
 pub use journal::{PostMortem, POST_MORTEM_CLEAN, POST_MORTEM_MISMATCH};
+pub use load::Prepared;
 pub use manifest::SystemState;
 pub use object::PatchObject;
 pub use patch::{Import, ObjectName, Patch, PatchState, PatchedFunc, PatchedObject};
@@ -61,9 +65,34 @@ pub trait GuestWriter: PausedGuest {
     fn reader(&self) -> &dyn PausedGuest;
 }
 
+/// What the engine asks of the VMM that runs the guest: its memory while it runs, and a
+/// pause in which the engine may write. The VMM decides when to pause; the engine,
+/// everything else ([`Engine::load_and_enable`], [`Engine::drive`]).
+pub trait GuestControl {
+    /// Run `f` on the guest's memory while the guest runs: what it reads may change
+    /// under it, so the engine checks again in a pause whatever it takes from it.
+    fn running<R>(&self, f: impl FnOnce(&dyn GuestRam) -> R) -> R;
+
+    /// Make these guest-physical ranges of lpvmm's own memory resident in the host, so
+    /// that the pause that writes them does not wait for the host to fault them in.
+    fn make_resident(&self, ranges: &[PhysRange]);
+
+    /// Pause the guest, run `f` on it, resume it. Returns what `f` returned and the
+    /// pause the guest saw.
+    fn paused<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn GuestWriter) -> R,
+    ) -> Result<(R, Duration), PauseError>;
+}
+
+/// The VMM could not pause the guest (its own error is the source).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot pause the guest")]
+pub struct PauseError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
 /// Everything that can be wrong with a patch or a patch operation. Each names the file
 /// part, symbol or state at fault; none leaves the guest changed.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum KpError {
     // The .kp file (object.rs, manifest.rs).
     #[error("not an ELF object: {0}")]
@@ -109,6 +138,8 @@ pub enum KpError {
     /// updating code, a tracer on a function lpvmm hands back); a transition waits.
     #[error("waiting for the guest: {0}")]
     GuestBusy(String),
+    #[error(transparent)]
+    Pause(#[from] PauseError),
     #[error("{context}: {source}")]
     GuestAccess {
         context: String,

@@ -173,6 +173,25 @@ impl AreaSpace {
     }
 }
 
+/// The patch area as the engine holds it: where it lies, whether it is mapped in the
+/// guest yet, and which of its space patches use.
+#[derive(Clone, Debug)]
+pub(crate) struct Area {
+    pub(crate) layout: crate::area::AreaLayout,
+    pub(crate) installed: bool,
+    pub(crate) space: AreaSpace,
+}
+
+impl Area {
+    pub(crate) fn new(layout: crate::area::AreaLayout) -> Area {
+        Area {
+            space: AreaSpace::new(layout.code, layout.rodata, layout.data),
+            layout,
+            installed: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

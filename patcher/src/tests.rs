@@ -440,7 +440,7 @@ fn atomic_replace_under_per_task_reverses_back_to_the_patches_it_replaced() {
         )
         .unwrap();
     let t = run(&mut f, &mut g, "c", Op::Enable, Consistency::PerTask, 1).unwrap();
-    assert_eq!(t.phase, Phase::Switching);
+    assert_eq!(t.phase(), Phase::Switching);
     let mut who: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
     who.sort();
     assert_eq!(who, [11, 12]);
@@ -871,7 +871,7 @@ fn per_task_moves_free_tasks_at_once_and_each_blocked_one_when_its_stack_allows(
         .unwrap()
         .new_addr;
     assert_eq!(
-        (t.outcome.clone(), t.phase),
+        (t.outcome.clone(), t.phase()),
         (Outcome::Pending, Phase::Switching)
     );
     let mut pending: Vec<i32> = t.blockers.iter().map(|b| b.pid).collect();
@@ -972,7 +972,7 @@ fn reverse_sends_moved_tasks_back_and_restores_the_text() {
     let mut g = f.sk.guest.clone();
     let before = text(&f, &g);
     let t = pipefix_per_task(&mut f, &mut g, 1);
-    assert_eq!(t.phase, Phase::Switching);
+    assert_eq!(t.phase(), Phase::Switching);
     let tramp = t.changes[0].trampoline.unwrap();
 
     // The busy task on vCPU 0 (moved at the first tick) is interrupted inside the
@@ -1085,7 +1085,7 @@ fn an_immediate_function_flips_in_the_first_tick_while_the_rest_waits() {
     let func = |n: &str| p.funcs().find(|x| x.old.name == n).unwrap().clone();
     assert!(func("meminfo_proc_show").immediate && !func("pipe_read").immediate);
     let t = run(&mut f, &mut g, "mixed", Op::Enable, Consistency::PerTask, 1).unwrap();
-    assert_eq!(t.phase, Phase::Switching);
+    assert_eq!(t.phase(), Phase::Switching);
     let change = |n: &str| t.changes.iter().find(|c| c.name == n).unwrap().clone();
     assert_eq!(
         site_target(&f, &g, "meminfo_proc_show"),
@@ -1320,7 +1320,7 @@ fn per_task_hides_the_record_from_the_first_trampoline_to_the_last_jump() {
     let mut f = fixture();
     let mut g = f.sk.guest.clone();
     let t = pipefix_per_task(&mut f, &mut g, 1);
-    assert_eq!(t.phase, Phase::Switching);
+    assert_eq!(t.phase(), Phase::Switching);
     assert_eq!(
         ftrace_flags(&f, &g, "pipe_read"),
         FTRACE_DISABLED,
@@ -1702,4 +1702,75 @@ fn a_loaded_patch_is_its_objects_functions() {
         crate::ObjectName::Module("virtio_net".into()).to_string(),
         "virtio_net"
     );
+}
+
+/// The synthetic guest as a VMM would drive it: it "runs" between pauses (nothing in it
+/// changes by itself), and counts the pauses it was asked for.
+struct SynthControl<'g> {
+    guest: &'g mut SynthGuest,
+    pauses: u32,
+}
+
+impl crate::GuestControl for SynthControl<'_> {
+    fn running<R>(&self, f: impl FnOnce(&dyn GuestRam) -> R) -> R {
+        f(&*self.guest)
+    }
+
+    fn make_resident(&self, _: &[introspection::PhysRange]) {}
+
+    fn paused<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn GuestWriter) -> R,
+    ) -> Result<(R, std::time::Duration), crate::PauseError> {
+        self.pauses += 1;
+        Ok((f(&mut *self.guest), std::time::Duration::from_micros(5)))
+    }
+}
+
+/// The VMM's two entry points: a load-and-enable takes one pause and starts the
+/// transition; `drive` ticks it, each tick one pause, until it is done and the site
+/// jumps to the new code. A load-and-enable the patch stack refuses takes no pause.
+#[test]
+fn load_and_enable_then_drive_until_done_pausing_once_per_step() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let site_before = site_bytes(&f, &g, "meminfo_proc_show");
+    let mut vm = SynthControl {
+        guest: &mut g,
+        pauses: 0,
+    };
+    let args = crate::EnableArgs {
+        consistency: Consistency::PerTask,
+        timeout: None,
+    };
+    let kp = patch_named("a", "meminfo_proc_show");
+    let loaded = f
+        .engine
+        .load_and_enable(&mut vm, &f.kernel, &kp, Some(args), f.now)
+        .unwrap();
+    assert_eq!((loaded.name.as_str(), vm.pauses), ("a", 1));
+    let id = loaded.transition.expect("a transition");
+    let mut due = Some(f.now);
+    while let Some(d) = due {
+        assert!(vm.pauses < 10, "the transition never ended");
+        f.now = f.now.max(d);
+        due = f.engine.drive(&mut vm, &f.kernel, f.now).unwrap();
+    }
+    let t = f.engine.history().last().unwrap();
+    assert_eq!((t.id, t.outcome.clone()), (id, Outcome::Done));
+    assert_eq!(t.pauses_us.len() as u32, vm.pauses - 1);
+    assert_eq!(f.engine.patch("a").unwrap().state, PatchState::Enabled);
+    assert_ne!(site_bytes(&f, &g, "meminfo_proc_show"), site_before);
+
+    // Loaded again by name: refused by the stack before any pause.
+    let mut vm = SynthControl {
+        guest: &mut g,
+        pauses: 0,
+    };
+    let err = f
+        .engine
+        .load_and_enable(&mut vm, &f.kernel, &kp, Some(args), f.now)
+        .unwrap_err();
+    assert!(matches!(err, KpError::AlreadyLoaded(_)), "{err}");
+    assert_eq!(vm.pauses, 0);
 }

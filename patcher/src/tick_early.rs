@@ -9,7 +9,7 @@ use introspection::{GuestRam, PausedGuest, Unconfirmed};
 use crate::early::{same_list, same_trace, EarlyList, EarlyTraces, Stamp};
 use crate::engine::Engine;
 use crate::ticks::pending;
-use crate::transition::{Check, CheckedCode, EarlyCheckCounts, Phase};
+use crate::transition::{Check, CheckedCode, EarlyCheckCounts};
 
 impl Engine {
     /// Unwind every task of the running guest that is off its CPU, for the next tick to
@@ -50,10 +50,10 @@ impl Engine {
     /// moved, in a per-task transition that is switching with no request waiting.
     fn still_to_move<'l>(&self, list: &'l TaskList) -> Option<Vec<&'l Task>> {
         let t = self.active.as_ref()?;
-        if t.phase != Phase::Switching || t.request.is_some() {
+        if t.request.is_some() {
             return None;
         }
-        let map = t.map.as_ref()?;
+        let (_, map) = t.switching().ok()?;
         let g = self.geometry().ok()?;
         Some(pending(map, &g, list, t.target_is_start()))
     }

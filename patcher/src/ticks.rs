@@ -21,7 +21,7 @@ use crate::ftrace::{self, FlagWrite, SiteMove};
 use crate::funcs::{CodeRange, FuncChange, FuncStack, Version};
 use crate::space::Sizes;
 use crate::transition::{
-    Blocker, Check, CheckedCode, Consistency, Outcome, Phase, Request, TickParts, Transition,
+    Blocker, Check, CheckedCode, Consistency, Outcome, Request, Stage, TickParts, Transition,
 };
 use crate::{EarlyCheckCounts, GuestWriter, KpError};
 
@@ -63,9 +63,9 @@ impl Engine {
         if let Err(e) = stepped {
             // A busy guest is waited for, at the first tick too, up to the deadline.
             let wait = matches!(e, KpError::GuestBusy(_)) && !t.last_chance(now_ms);
-            if t.phase == Phase::Waiting && !wait {
+            if t.stage == Stage::Waiting && !wait {
                 t.outcome = Outcome::Failed(e.to_string());
-                t.phase = Phase::Ended;
+                t.stage = Stage::Ended;
             } else {
                 t.note = Some(format!("tick {} failed, will retry: {e}", t.ticks));
                 let kept = std::mem::take(&mut t.blockers);
@@ -114,10 +114,10 @@ impl Engine {
             t.gave_up_on = t.blockers.clone();
             return self.reverse(t, guest, kernel, now_ms);
         }
-        match t.phase {
-            Phase::Waiting => self.start(t, guest, kernel, now_ms),
-            Phase::Switching => self.advance(t, guest, kernel, now_ms),
-            Phase::Ended => Ok(()),
+        match t.stage {
+            Stage::Waiting => self.start(t, guest, kernel, now_ms),
+            Stage::Switching { .. } => self.advance(t, guest, kernel, now_ms),
+            Stage::Ended => Ok(()),
         }
     }
 
@@ -164,7 +164,7 @@ impl Engine {
                 t.gave_up_on = blockers.clone();
                 t.blockers = blockers;
                 t.outcome = Outcome::TimedOut;
-                t.phase = Phase::Ended;
+                t.stage = Stage::Ended;
                 self.drop_unused_stacks();
                 if t.unload_on_failure {
                     self.unload(guest, &t.patch)?;
@@ -190,9 +190,7 @@ impl Engine {
         let started = Instant::now();
         let r = self.install_dispatch(t, guest, kernel, list, &blockers);
         self.tick_parts.writes_us += micros(started.elapsed());
-        if r? {
-            t.phase = Phase::Switching;
-        } else {
+        if !r? {
             t.note = Some(
                 "every trampoline bank may still have a task inside it (from earlier \
                  transitions); waiting for those tasks to run"
@@ -217,7 +215,7 @@ impl Engine {
         let Some(bank) = self.free_bank() else {
             return Ok(false);
         };
-        let d = self.dispatch.as_ref().expect("ensured above");
+        let d = self.dispatch()?;
         let g = d.geometry;
         if let Some(x) = list
             .tasks
@@ -245,19 +243,19 @@ impl Engine {
         let sites = site_writes(&self.funcs, &t.changes)?;
         let flags = self.check_sites(guest.reader(), kernel, &sites)?;
         // Order matters only for the guest's view after the resume; it is paused now.
-        let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
-        write_map(guest, &layout, self.dispatch_bank(bank), &g, &mut map)?;
+        let layout = self.layout()?;
+        write_map(guest, &layout, self.dispatch_bank(bank)?, &g, &mut map)?;
         for (va, bytes) in &code {
             guest
                 .write_phys(layout.pa(*va), bytes)
                 .map_err(|e| KpError::guest("writing a trampoline", e))?;
         }
         self.write_sites(guest, &sites, flags)?;
-        let b = &mut self.dispatch.as_mut().expect("ensured").banks[bank];
-        b.state = BankState::Live;
-        b.slots = slots;
-        t.bank = Some(bank);
-        t.map = Some(map);
+        if let Some(b) = self.dispatch.as_mut().and_then(|d| d.banks.get_mut(bank)) {
+            b.state = BankState::Live;
+            b.slots = slots;
+        }
+        t.stage = Stage::Switching { bank, map };
         Ok(true)
     }
 
@@ -272,17 +270,14 @@ impl Engine {
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let g = self.geometry()?;
         let target_start = t.target_is_start();
-        let map = t
-            .map
-            .as_ref()
-            .ok_or_else(|| KpError::State("no task map".into()))?;
+        let (_, map) = t.switching()?;
         let pending = pending(map, &g, &list, target_start);
         let code = self.far_side_code(t);
         let checks =
             self.unwind_checked(guest.reader(), kernel, &pending, &code, &mut t.early_checks);
         drop(pending);
         self.clear_suspects(&list, &checks);
-        let blockers = self.move_safe(t, &g, &list, &checks, target_start);
+        let blockers = self.move_safe(t.switching_mut()?.1, &g, &list, &checks, target_start);
         let advanced = self.finish_tick(t, guest, kernel, &list, blockers, now_ms);
         self.spent.keep(list, checks);
         advanced
@@ -296,7 +291,7 @@ impl Engine {
         kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
-        if t.phase == Phase::Waiting {
+        if t.stage == Stage::Waiting {
             // Nothing was written: it ends where it started.
             t.reversed = !t.reversed;
             t.blockers.clear();
@@ -305,7 +300,7 @@ impl Engine {
             } else {
                 Outcome::Reversed
             };
-            t.phase = Phase::Ended;
+            t.stage = Stage::Ended;
             self.drop_unused_stacks();
             if t.unload_on_failure {
                 self.unload(guest, &t.patch)?;
@@ -314,9 +309,7 @@ impl Engine {
         }
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
         let g = self.geometry()?;
-        if t.map.is_none() {
-            return Err(KpError::State("no task map".into()));
-        }
+        t.switching()?;
         t.reversed = !t.reversed;
         // Every task is checked against what it leaves if it is on the far side now.
         let code = self.far_side_code(t);
@@ -325,13 +318,13 @@ impl Engine {
         drop(all);
         self.clear_suspects(&list, &checks);
         let target_start = t.target_is_start();
-        let map = t.map.as_ref().expect("checked above");
+        let (_, map) = t.switching()?;
         // Only tasks on the far side have to move; they leave what they run now.
         let far: Vec<Check> = checks
             .into_iter()
             .filter(|c| map.on_start(&g, c.task) != target_start)
             .collect();
-        let blockers = self.move_safe(t, &g, &list, &far, target_start);
+        let blockers = self.move_safe(t.switching_mut()?.1, &g, &list, &far, target_start);
         let immediate: Vec<(u64, [u8; 5])> = t
             .changes
             .iter()
@@ -353,8 +346,8 @@ impl Engine {
         kernel: &Kernel,
     ) -> Result<(), KpError> {
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
-        let skipped = match (t.phase, self.geometry(), t.map.as_ref()) {
-            (Phase::Switching, Ok(g), Some(map)) => {
+        let skipped = match (&t.stage, self.geometry()) {
+            (Stage::Switching { map, .. }, Ok(g)) => {
                 let pending = pending(map, &g, &list, t.target_is_start());
                 let code = self.far_side_code(t);
                 blockers_of(&self.unwind_checked(
@@ -383,7 +376,7 @@ impl Engine {
         for c in &t.changes {
             self.ensure_stack(c.func)?;
         }
-        if let (Some(map), Ok(g)) = (t.map.as_mut(), self.geometry()) {
+        if let (Stage::Switching { map, .. }, Ok(g)) = (&mut t.stage, self.geometry()) {
             // Tasks still inside a trampoline take the target too.
             map.reset_unowned(&g, &[], t.reversed);
         }
@@ -396,13 +389,12 @@ impl Engine {
     /// task_structs never share a granule, but the map does not rely on it).
     fn move_safe(
         &self,
-        t: &mut Transition,
+        map: &mut TaskMap,
         g: &Geometry,
         list: &TaskList,
         checks: &[Check],
         target_start: bool,
     ) -> Vec<Blocker> {
-        let map = t.map.as_mut().expect("a switching transition has a map");
         let mut blockers = Vec::new();
         let mut held: Vec<u64> = Vec::new();
         let mut safe = Vec::new();
@@ -457,17 +449,11 @@ impl Engine {
         let g = self.geometry()?;
         let live: Vec<u64> = list.tasks.iter().map(|x| x.addr).collect();
         let target_start = t.target_is_start();
-        let bank = t
-            .bank
-            .ok_or_else(|| KpError::State("no trampoline bank".into()))?;
-        let map = t
-            .map
-            .as_mut()
-            .ok_or_else(|| KpError::State("no task map".into()))?;
+        let layout = self.layout()?;
+        let (bank, map) = t.switching_mut()?;
         map.reset_unowned(&g, &live, target_start);
-        let layout = self.area.as_ref().expect("a loaded patch").layout.clone();
         let started = Instant::now();
-        write_map(guest, &layout, self.dispatch_bank(bank), &g, map)?;
+        write_map(guest, &layout, self.dispatch_bank(bank)?, &g, map)?;
         self.tick_parts.writes_us += micros(started.elapsed());
         t.tasks = list.tasks.len();
         t.pending = blockers.len();
@@ -497,8 +483,11 @@ impl Engine {
         let flags = self.check_sites(guest.reader(), kernel, &writes)?;
         self.write_sites(guest, &writes, flags)?;
         self.tick_parts.writes_us += micros(started.elapsed());
-        if let (Some(bank), Some(d)) = (t.bank, self.dispatch.as_mut()) {
-            d.banks[bank].state = BankState::Retired {
+        let bank = t
+            .bank()
+            .and_then(|i| self.dispatch.as_mut()?.banks.get_mut(i));
+        if let Some(b) = bank {
+            b.state = BankState::Retired {
                 suspects: list.tasks.iter().map(|x| x.addr).collect(),
             };
         }
@@ -529,7 +518,7 @@ impl Engine {
             (false, true, false) => Outcome::Reversed,
             (false, true, true) => Outcome::TimedOut,
         };
-        t.phase = Phase::Ended;
+        t.stage = Stage::Ended;
         t.pending = 0;
         t.blockers.clear();
         if t.reversed && !forced && t.unload_on_failure {
@@ -600,10 +589,10 @@ impl Engine {
         if t.request.is_some() {
             return None;
         }
-        match t.phase {
-            Phase::Waiting => Some(self.start_code(t)),
-            Phase::Switching => Some(self.far_side_code(t)),
-            Phase::Ended => None,
+        match t.stage {
+            Stage::Waiting => Some(self.start_code(t)),
+            Stage::Switching { .. } => Some(self.far_side_code(t)),
+            Stage::Ended => None,
         }
     }
 
@@ -712,7 +701,7 @@ impl Engine {
         let (releases, claims): (Vec<_>, Vec<_>) = flags.into_iter().partition(|f| f.release);
         self.write_flags(guest, claims)?;
         for (func, bytes) in writes {
-            let s = self.funcs.get_mut(func).expect("checked");
+            let s = self.funcs.get_mut(func).ok_or_else(|| no_stack(*func))?;
             if s.live != *bytes {
                 guest
                     .write_phys(s.site_pa, bytes)
@@ -729,7 +718,10 @@ impl Engine {
         flags: Vec<FlagWrite>,
     ) -> Result<(), KpError> {
         for f in flags {
-            let s = self.funcs.get_mut(&f.func).expect("checked");
+            let s = self
+                .funcs
+                .get_mut(&f.func)
+                .ok_or_else(|| no_stack(f.func))?;
             guest
                 .write_phys(f.flags_pa, &f.flags.to_le_bytes())
                 .map_err(|e| KpError::guest(&format!("the ftrace record of {}", s.name), e))?;
@@ -745,8 +737,25 @@ impl Engine {
             .ok_or_else(|| KpError::State("per-task dispatch is not set up".into()))
     }
 
-    fn dispatch_bank(&self, i: usize) -> Bank {
-        self.dispatch.as_ref().expect("set up").banks[i].clone()
+    fn dispatch(&self) -> Result<&Dispatch, KpError> {
+        self.dispatch
+            .as_ref()
+            .ok_or_else(|| KpError::State("per-task dispatch is not set up".into()))
+    }
+
+    fn dispatch_bank(&self, i: usize) -> Result<Bank, KpError> {
+        self.dispatch()?
+            .banks
+            .get(i)
+            .cloned()
+            .ok_or_else(|| KpError::State(format!("no trampoline bank {i}")))
+    }
+
+    fn layout(&self) -> Result<crate::area::AreaLayout, KpError> {
+        self.area
+            .as_ref()
+            .map(|a| a.layout.clone())
+            .ok_or_else(|| KpError::State("no patch area: no patch is loaded".into()))
     }
 
     /// A bank no task can be inside: free, or retired with every suspect seen outside.
@@ -850,6 +859,12 @@ impl Engine {
         });
         Ok(())
     }
+}
+
+/// A site write for a function the engine keeps no version stack of: a bug of the
+/// engine's, refused as an error rather than a panic in the pause.
+fn no_stack(func: u64) -> KpError {
+    KpError::State(format!("no version stack for the function at {func:#x}"))
 }
 
 pub(crate) fn micros(d: Duration) -> u64 {
@@ -1129,7 +1144,7 @@ mod tests {
         for x in [&a, &b, &c] {
             map.set(&g, x.addr, true);
         }
-        t.map = Some(map);
+        t.stage = Stage::Switching { bank: 0, map };
         let list = TaskList {
             tasks: vec![a.clone(), b.clone(), c.clone()],
             vcpus: vec![],
@@ -1146,7 +1161,7 @@ mod tests {
         .into_iter()
         .map(|trace| Check::judged(trace, &code))
         .collect();
-        let blockers = e.move_safe(&mut t, &g, &list, &checks, false);
+        let blockers = e.move_safe(t.switching_mut().unwrap().1, &g, &list, &checks, false);
         let mut who: Vec<(i32, &str)> = blockers
             .iter()
             .map(|x| (x.pid, x.reason.as_str()))
@@ -1155,7 +1170,7 @@ mod tests {
         assert_eq!(who[0].0, 1);
         assert!(who[0].1.contains("shares a task-map granule"));
         assert_eq!(who[1].0, 2);
-        let map = t.map.as_ref().unwrap();
+        let map = t.switching().unwrap().1;
         assert!(map.on_start(&g, a.addr) && map.on_start(&g, b.addr));
         assert!(
             !map.on_start(&g, c.addr),

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::area::Region;
 use crate::dispatch::TaskMap;
 use crate::funcs::{CodeRange, FuncChange, Version};
+use crate::KpError;
 
 /// First retry after this, doubling up to `MAX_BACKOFF`.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -113,8 +114,33 @@ pub struct Blocker {
     pub trace: StackTrace,
 }
 
+/// Where a transition is, holding what that stage needs: a switching transition always
+/// has its trampoline bank and its task map, and nothing else has either.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Nothing written yet (no tick has found a way to start).
+    Waiting,
+    /// Sites dispatch through the trampolines of `bank`, which read `map` to send each
+    /// task to its side; some tasks are still on the starting side.
+    Switching {
+        bank: usize,
+        map: TaskMap,
+    },
+    Ended,
+}
+
+impl Stage {
+    pub(crate) fn phase(&self) -> Phase {
+        match self {
+            Stage::Waiting => Phase::Waiting,
+            Stage::Switching { .. } => Phase::Switching,
+            Stage::Ended => Phase::Ended,
+        }
+    }
+}
+
 /// One patch going from one state to the other.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct Transition {
     pub id: u64,
     pub patch: String,
@@ -125,7 +151,7 @@ pub struct Transition {
     /// complete.
     pub unload_on_failure: bool,
     pub changes: Vec<FuncChange>,
-    pub phase: Phase,
+    pub(crate) stage: Stage,
     /// Heading back to where it started.
     pub reversed: bool,
     /// Reversed because its timeout passed.
@@ -147,24 +173,17 @@ pub struct Transition {
     pub skipped: Vec<Blocker>,
     /// For a transition that timed out: what held each pending task at its last tick
     /// (a per-task transition then turns back, and `blockers` follows the way back).
-    #[serde(default)]
     pub gave_up_on: Vec<Blocker>,
     /// Guest-visible pause of each tick, µs.
     pub pauses_us: Vec<u64>,
     pub request: Option<Request>,
     /// Something about the last tick a person should know (a retried failure, a wait).
     pub note: Option<String>,
-    /// The trampoline bank in use.
-    pub bank: Option<usize>,
     /// How its task checks were made: confirmed early traces against unwinds in the
     /// pause (patcher/src/early.rs).
-    #[serde(default)]
     pub early_checks: EarlyCheckCounts,
     /// The engine's part of each tick's pause (as many as `pauses_us`, in order).
-    #[serde(default)]
     pub tick_parts: Vec<TickParts>,
-    #[serde(skip)]
-    pub(crate) map: Option<TaskMap>,
 }
 
 /// Where the engine's part of one tick's pause went, µs, as the engine measured it. The
@@ -212,7 +231,7 @@ impl Transition {
             timeout_ms: timeout.map(|t| t.as_millis() as u64),
             unload_on_failure: false,
             changes,
-            phase: Phase::Waiting,
+            stage: Stage::Waiting,
             reversed: false,
             timed_out: false,
             outcome: Outcome::Pending,
@@ -229,10 +248,46 @@ impl Transition {
             pauses_us: Vec::new(),
             request: None,
             note: None,
-            bank: None,
             early_checks: Default::default(),
             tick_parts: Vec::new(),
-            map: None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.stage.phase()
+    }
+
+    /// The bank and task map of a switching transition; an error for one that is not,
+    /// which a tick that needs them turns into a retry.
+    pub(crate) fn switching(&self) -> Result<(usize, &TaskMap), KpError> {
+        match &self.stage {
+            Stage::Switching { bank, map } => Ok((*bank, map)),
+            _ => Err(self.not_switching()),
+        }
+    }
+
+    pub(crate) fn switching_mut(&mut self) -> Result<(usize, &mut TaskMap), KpError> {
+        if !matches!(self.stage, Stage::Switching { .. }) {
+            return Err(self.not_switching());
+        }
+        match &mut self.stage {
+            Stage::Switching { bank, map } => Ok((*bank, map)),
+            _ => Err(KpError::State("not switching".into())),
+        }
+    }
+
+    fn not_switching(&self) -> KpError {
+        KpError::State(format!(
+            "transition {} of {} is not switching tasks: no task map",
+            self.id, self.patch
+        ))
+    }
+
+    /// The trampoline bank a switching transition dispatches through.
+    pub fn bank(&self) -> Option<usize> {
+        match &self.stage {
+            Stage::Switching { bank, .. } => Some(*bank),
+            _ => None,
         }
     }
 

@@ -532,7 +532,7 @@ impl TransitionView {
             patch: t.patch.clone(),
             op: t.op,
             consistency: t.consistency,
-            phase: t.phase,
+            phase: t.phase(),
             reversed: t.reversed,
             timed_out: t.timed_out,
             outcome: OutcomeView::from(&t.outcome),

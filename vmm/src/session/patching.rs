@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use patcher::{Begin, Consistency, Op, Request};
+use patcher::{Begin, Consistency, EnableArgs, Op, Request};
 use sha2::{Digest, Sha256};
 
 use crate::control::proto::{
@@ -20,6 +20,7 @@ use crate::control::proto::{
 use crate::devices::StopReason;
 use crate::session::Session;
 use crate::vstate::paused::PausedVm;
+use crate::vstate::vm::{PauseCost, Vm};
 
 /// How the VMM says, on stderr, where the patch code lies in the guest once it first
 /// maps the patch area (followed by `START-END`): a guest that dies executing there dies
@@ -86,20 +87,19 @@ impl Session {
         enable: bool,
         args: TransitionArgs,
     ) -> Result<PatchLoadResult> {
-        timeout(args.timeout_ms)?;
+        let timeout = timeout(args.timeout_ms)?;
+        let enable = enable.then_some(EnableArgs {
+            consistency: args.consistency,
+            timeout,
+        });
         let kp = hex_decode(kp_hex)?;
-        if enable {
-            // Everything the enable would refuse is refused before the load writes.
-            self.engine.check_load_and_enable(&kp)?;
-        }
         let kernel = self.kernel_attached()?;
         let mapped_before = self.engine.area_layout().is_some();
+        let now = self.now_ms();
         let Session { vm, engine, .. } = self;
-        // Parse, resolve and link while the guest runs; the pause checks and writes.
-        let prepared = vm.running_ram(|ram| engine.prepare(ram, &kernel, &kp))?;
-        vm.make_resident(&prepared.area_writes());
-        let (name, pause) = vm.paused_for_write(|g| engine.load_prepared(g, &kernel, prepared))?;
-        let name = name?;
+        let mut guest = Driven::new(vm);
+        let loaded = engine.load_and_enable(&mut guest, &kernel, &kp, enable, now)?;
+        let pause = guest.load_pause.unwrap_or_default();
         if let (false, Some(a)) = (mapped_before, self.engine.area_layout()) {
             // Once per VM, on stderr beside a crash report: whether a dead guest was
             // running lpvmm's code (docs/testing.md; the test harness reads it).
@@ -108,27 +108,12 @@ impl Session {
                 a.code.start, a.code.end
             );
         }
-        let transition = if enable {
-            match self.begin(&name, Op::Enable, args, true) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    // Checked above, so not expected; leave nothing behind regardless.
-                    let Session { vm, engine, .. } = self;
-                    let undone = vm
-                        .paused_for_write(|g| engine.unload(g, &name))
-                        .and_then(|(r, _)| r.map_err(anyhow::Error::from));
-                    if let Err(u) = undone {
-                        tracing::warn!("cannot unload {name} after a refused enable: {u:#}");
-                    }
-                    return Err(e);
-                }
-            }
-        } else {
-            None
-        };
+        if loaded.transition.is_some() {
+            self.wakeup.notify_all();
+        }
         Ok(PatchLoadResult {
-            name,
-            transition,
+            name: loaded.name,
+            transition: loaded.transition,
             pause,
         })
     }
@@ -164,11 +149,7 @@ impl Session {
 
     /// One tick of the transition in progress, if it is due. Returns when the next is.
     pub fn drive_transition(&mut self) -> Option<Instant> {
-        let due = self.engine.due()?;
-        let now = self.now_ms();
-        if now < due {
-            return Some(self.instant(due));
-        }
+        self.engine.due()?;
         let kernel = match self.kernel_attached() {
             Ok(k) => k,
             Err(e) => {
@@ -176,18 +157,16 @@ impl Session {
                 return Some(Instant::now() + IDLE_WAKEUP);
             }
         };
+        let now = self.now_ms();
         let Session { vm, engine, .. } = self;
-        // Unwind while the guest runs; the tick confirms in its pause what it takes.
-        vm.running_ram(|ram| engine.unwind_early(ram, &kernel));
-        match vm.paused_for_write(|g| engine.tick(g, &kernel, now)) {
-            Ok(((), cost)) => self
-                .engine
-                .note_pause(Duration::from_micros(cost.paused_us)),
-            Err(e) => tracing::warn!("patch driver: cannot pause for a tick: {e:#}"),
+        let due = engine.drive(&mut Driven::new(vm), &kernel, now);
+        match due {
+            Ok(due) => due.map(|d| self.instant(d)),
+            Err(e) => {
+                tracing::warn!("patch driver: cannot pause for a tick: {e:#}");
+                self.engine.due().map(|d| self.instant(d))
+            }
         }
-        // The guest runs again: free what the tick read.
-        self.engine.release_spent();
-        self.engine.due().map(|d| self.instant(d))
     }
 
     pub fn checksum(&mut self, what: ChecksumTarget) -> Result<ChecksumResult> {
@@ -293,6 +272,45 @@ fn drive(session: Weak<Mutex<Session>>, wakeup: Arc<std::sync::Condvar>) {
             .map(|(g, _)| g)
             .unwrap_or_else(|e| e.into_inner().0);
         drop(guard);
+    }
+}
+
+/// The engine's way to the guest ([`patcher::GuestControl`]): the VM's memory while it
+/// runs, and its writing pause. Keeps the first pause's cost, which a load reports.
+struct Driven<'v> {
+    vm: &'v mut Vm,
+    load_pause: Option<PauseCost>,
+}
+
+impl<'v> Driven<'v> {
+    fn new(vm: &'v mut Vm) -> Self {
+        Driven {
+            vm,
+            load_pause: None,
+        }
+    }
+}
+
+impl patcher::GuestControl for Driven<'_> {
+    fn running<R>(&self, f: impl FnOnce(&dyn introspection::GuestRam) -> R) -> R {
+        self.vm.running_ram(|ram| f(ram))
+    }
+
+    fn make_resident(&self, ranges: &[introspection::PhysRange]) {
+        self.vm.make_resident(ranges)
+    }
+
+    fn paused<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn patcher::GuestWriter) -> R,
+    ) -> Result<(R, Duration), patcher::PauseError> {
+        let (r, cost) = self
+            .vm
+            .paused_for_write(|g| f(g))
+            .map_err(|e| patcher::PauseError(e.into()))?;
+        let pause = Duration::from_micros(cost.paused_us);
+        self.load_pause.get_or_insert(cost);
+        Ok((r, pause))
     }
 }
 

@@ -1,0 +1,396 @@
+//! The load pipeline (the kernel's kernel/module/ for a livepatch module): a .kp parsed
+//! once, its symbols resolved against the guest kernel, linked at its place in the patch
+//! area, and the functions it replaces found and checked. [`prepare`] does all of it
+//! while the guest runs; the engine writes the result in a pause ([`crate::Engine`]'s
+//! `load_prepared`), after checking again what a running guest could have changed.
+
+use std::collections::BTreeMap;
+
+use iced_x86::{Code, Decoder, DecoderOptions, Register};
+use introspection::kernel::Kernel;
+use introspection::memory::KernelMemory;
+use introspection::{GuestRam, PausedGuest};
+
+use crate::alternatives::CpuFeatures;
+use crate::area::{self, AreaLayout, PageTables};
+use crate::funcs::FuncStack;
+use crate::link::{self, Placement};
+use crate::object::PatchObject;
+use crate::patch::{OrcAt, PatchedFunc};
+use crate::site::{self, SiteState};
+use crate::space::{Area, Runs, Sizes};
+use crate::KpError;
+
+/// Parse-free half of [`crate::Engine::prepare`]: resolve and link `obj` against the
+/// guest while it runs, into `area` (the engine's, or a new one chosen now for the first
+/// patch). `generation` is the engine's, for the pause to see whether the area changed.
+pub(crate) fn prepare(
+    area: Option<&Area>,
+    generation: u64,
+    ram: &dyn GuestRam,
+    kernel: &Kernel,
+    obj: PatchObject,
+) -> Result<Prepared, KpError> {
+    let mem = KernelMemory::new(ram, kernel.root);
+    let area = match area {
+        Some(a) => a.clone(),
+        None => {
+            let phys = ram.patch_area();
+            let va = area::choose_va(&mem, kernel, phys.size)?;
+            Area::new(AreaLayout::new(phys, va)?)
+        }
+    };
+    let boot = BootChoices::of_guest(&mem, kernel, &obj)?;
+    let (runs, linked) = link_into(&area, &boot, kernel, &obj)?;
+    let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
+    let tables = (!area.installed).then(|| PageTables::of(&area.layout));
+    Ok(Prepared {
+        obj,
+        area,
+        tables,
+        runs,
+        linked,
+        orc,
+        boot,
+        generation,
+    })
+}
+
+/// Does the function keep a frame pointer at its call sites: `push %rbp` and then
+/// `mov %rsp,%rbp` before its first call or jump (gcc schedules other instructions in
+/// between, and may put some that do not touch the stack before the push)?
+fn has_frame_pointer(code: &[u8], addr: u64) -> bool {
+    use iced_x86::InstructionInfoFactory;
+    let mut info = InstructionInfoFactory::new();
+    let touches_frame = |i: &iced_x86::Instruction, info: &mut InstructionInfoFactory| {
+        i.is_stack_instruction()
+            || info.info(i).used_registers().iter().any(|r| {
+                matches!(
+                    r.register(),
+                    Register::RSP | Register::RBP | Register::ESP | Register::EBP
+                )
+            })
+    };
+    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut pushed = false;
+    while d.can_decode() {
+        let i = d.decode();
+        if i.flow_control() != iced_x86::FlowControl::Next {
+            return false;
+        }
+        if !pushed {
+            if i.code() == Code::Push_r64 && i.op0_register() == Register::RBP {
+                pushed = true;
+            } else if i.code() != Code::Endbr64 && touches_frame(&i, &mut info) {
+                return false;
+            }
+            continue;
+        }
+        let sets_fp = matches!(i.code(), Code::Mov_rm64_r64 | Code::Mov_r64_rm64)
+            && i.op0_register() == Register::RBP
+            && i.op1_register() == Register::RSP;
+        if sets_fp {
+            return true;
+        }
+        if touches_frame(&i, &mut info) {
+            return false;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+#[test]
+fn frame_pointer_prologues_as_gcc_schedules_them() {
+    // movabs $0x225c17d03,%r8; push %rbp; mov (%rdx),%rcx; mov %rsp,%rbp; call
+    let scheduled = [
+        0x49, 0xb8, 0x03, 0x7d, 0xc1, 0x25, 0x02, 0, 0, 0, 0x55, 0x48, 0x8b, 0x0a, 0x48, 0x89,
+        0xe5, 0xe8, 0, 0, 0, 0,
+    ];
+    assert!(has_frame_pointer(&scheduled, 0x1000));
+    // push %rbp; mov %rsp,%rbp
+    assert!(has_frame_pointer(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0x1000));
+    // sub $8,%rsp before the push: the frame-pointer rule would be wrong.
+    assert!(!has_frame_pointer(
+        &[0x48, 0x83, 0xec, 0x08, 0x55, 0x48, 0x89, 0xe5],
+        0x1000
+    ));
+    // A call before the frame is set up.
+    assert!(!has_frame_pointer(
+        &[0x55, 0xe8, 0, 0, 0, 0, 0x48, 0x89, 0xe5],
+        0x1000
+    ));
+    // No frame pointer at all.
+    assert!(!has_frame_pointer(&[0x48, 0x89, 0xf8, 0xc3], 0x1000));
+}
+
+/// A kernel function a patch replaces, checked live.
+pub(crate) struct Target<'m> {
+    pub(crate) replacement: &'m crate::manifest::Replacement,
+    addr: u64,
+    size: u64,
+    site: u64,
+    site_pa: u64,
+}
+
+/// Every function the patch replaces, checked live: a kernel function whose site is
+/// the fentry NOP, or lpvmm's own jump to the version on top.
+pub(crate) fn targets<'o>(
+    funcs: &BTreeMap<u64, FuncStack>,
+    guest: &dyn PausedGuest,
+    kernel: &Kernel,
+    obj: &'o PatchObject,
+) -> Result<Vec<Target<'o>>, KpError> {
+    let syms = &kernel.symbols;
+    let mem = kernel.memory(guest);
+    let mut targets = Vec::new();
+    for r in &obj.manifest.replacements {
+        let sym = syms
+            .resolve(&r.old.name, r.old.pos)
+            .map_err(|e| KpError::Symbol(e.to_string()))?;
+        if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
+            return Err(KpError::Symbol(format!(
+                "{} is not a kernel function",
+                r.old
+            )));
+        }
+        let size = syms.size_at(sym.addr).unwrap_or(0);
+        let entry = mem
+            .read_vec(sym.addr, 9)
+            .map_err(|e| KpError::Guest(format!("reading {}: {e}", r.old)))?;
+        let site = sym.addr + site::site_offset(&entry);
+        let at = (site - sym.addr) as usize;
+        let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
+        let ours = funcs.get(&sym.addr);
+        match site::inspect(&r.old.to_string(), site, &bytes)? {
+            SiteState::Nop if ours.is_none() => {}
+            _ if ours.is_some_and(|s| s.live == bytes) => {}
+            _ => {
+                return Err(KpError::Site(format!(
+                    "{} at {site:#x} was changed by something other than lpvmm",
+                    r.old
+                )))
+            }
+        }
+        let site_pa = mem
+            .translate(site)
+            .map_err(|e| KpError::Guest(format!("{}: {e}", r.old)))?;
+        targets.push(Target {
+            replacement: r,
+            addr: sym.addr,
+            size,
+            site,
+            site_pa,
+        });
+    }
+    Ok(targets)
+}
+
+/// A patch parsed, resolved and linked while the guest ran ([`Engine::prepare`]), to be
+/// checked and written in a pause ([`Engine::load_prepared`]).
+#[derive(Debug)]
+pub struct Prepared {
+    pub(crate) obj: PatchObject,
+    /// The patch area as it will be once loaded (chosen now for the first patch).
+    pub(crate) area: Area,
+    /// For the first patch: the area's page tables, written in the pause.
+    pub(crate) tables: Option<PageTables>,
+    pub(crate) runs: Runs,
+    pub(crate) linked: link::Linked,
+    pub(crate) orc: Vec<OrcAt>,
+    /// What the link took from the guest, checked again in the pause.
+    pub(crate) boot: BootChoices,
+    /// The engine's [`Engine::generation`] it was linked against.
+    pub(crate) generation: u64,
+}
+
+impl Prepared {
+    pub fn name(&self) -> &str {
+        &self.obj.manifest.name
+    }
+
+    /// The guest-physical ranges of the patch area its load will write (its images, and
+    /// for the first patch the area's page tables): lpvmm's own memory, which the VMM
+    /// may make resident before the pause so that the pause does not fault it in.
+    pub fn area_writes(&self) -> Vec<introspection::PhysRange> {
+        let layout = &self.area.layout;
+        let images = [&self.linked.code, &self.linked.rodata, &self.linked.data];
+        let mut ranges: Vec<introspection::PhysRange> = images
+            .iter()
+            .filter(|img| !img.bytes.is_empty())
+            .map(|img| introspection::PhysRange {
+                start: layout.pa(img.addr),
+                size: img.bytes.len() as u64,
+            })
+            .collect();
+        if let Some(t) = &self.tables {
+            ranges.extend(t.ranges());
+        }
+        ranges
+    }
+}
+
+/// What the guest decided at boot that a link depends on: its return thunk, and its CPU
+/// features where the patch has alternatives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BootChoices {
+    returns: link::Returns,
+    cpu: Option<CpuFeatures>,
+}
+
+impl BootChoices {
+    pub(crate) fn of_guest(
+        mem: &KernelMemory,
+        kernel: &Kernel,
+        obj: &PatchObject,
+    ) -> Result<Self, KpError> {
+        Ok(BootChoices {
+            returns: link::Returns::of_guest(mem, &kernel.symbols)?,
+            cpu: guest_cpu(mem, kernel, obj)?,
+        })
+    }
+}
+
+/// Link `obj` where the area's first free runs of its size are: linked once to learn
+/// its size, then at its place. Takes nothing from the area.
+fn link_into(
+    area: &Area,
+    boot: &BootChoices,
+    kernel: &Kernel,
+    obj: &PatchObject,
+) -> Result<(Runs, link::Linked), KpError> {
+    let name = &obj.manifest.name;
+    let (returns, cpu) = (boot.returns, &boot.cpu);
+    let resolve = |sym: &str| resolve_import(kernel, obj, sym);
+    let at = |r: &Runs| Placement {
+        code: r.code.start,
+        rodata: r.rodata.start,
+        data: r.data.start,
+    };
+    let start = at(&area.space.place(name, Sizes::ZERO)?);
+    let sized = link::link(obj, start, returns, cpu.as_ref(), &resolve)?;
+    let runs = area.space.place(name, sized.sizes())?;
+    let linked = link::link(obj, at(&runs), returns, cpu.as_ref(), &resolve)?;
+    if linked.sizes() != sized.sizes() {
+        return Err(KpError::State(format!(
+            "{name}: its size changed with its address; not loaded"
+        )));
+    }
+    Ok((runs, linked))
+}
+
+/// The guest's CPU features, when the patch has alternatives to apply for them (their
+/// entry layout checked against the guest's BTF).
+fn guest_cpu(
+    mem: &introspection::memory::KernelMemory,
+    kernel: &Kernel,
+    obj: &PatchObject,
+) -> Result<Option<CpuFeatures>, KpError> {
+    let Some(alts) = &obj.alternatives else {
+        return Ok(None);
+    };
+    if let Some(size) = kernel.layout.patcher.alt_instr_size {
+        if size != alts.entry_size as u64 {
+            return Err(KpError::Unsupported(format!(
+                "{}: its alternatives are {}-byte entries, the guest kernel's {size}: was it \
+                 built for another kernel? (lpvmm kp build --kernel)",
+                obj.manifest.name, alts.entry_size
+            )));
+        }
+    }
+    CpuFeatures::of_guest(mem, kernel).map(Some)
+}
+
+/// Each function the patch replaces, with where its new version was linked.
+pub(crate) fn patched_funcs(
+    targets: Vec<Target>,
+    obj: &PatchObject,
+    linked: &link::Linked,
+) -> Result<Vec<PatchedFunc>, KpError> {
+    let mut funcs = Vec::new();
+    for t in targets {
+        let r = t.replacement;
+        let f = obj
+            .function(&r.new)
+            .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
+        let new_addr = linked.functions[&r.new];
+        site::jump(t.site, new_addr)?;
+        let off = (new_addr - linked.code.addr) as usize;
+        let body = linked
+            .code
+            .bytes
+            .get(off..off + f.size as usize)
+            .unwrap_or_default();
+        funcs.push(PatchedFunc {
+            old: r.old.clone(),
+            old_addr: t.addr,
+            old_size: t.size,
+            site: t.site,
+            site_pa: t.site_pa,
+            new_name: r.new.clone(),
+            new_addr,
+            new_size: f.size,
+            frame_pointer: has_frame_pointer(body, new_addr),
+            immediate: r.immediate,
+        });
+    }
+    Ok(funcs)
+}
+
+/// The patch's ORC entries decoded with the guest kernel's own layout.
+fn decode_orc(
+    kernel: &Kernel,
+    name: &str,
+    obj: &PatchObject,
+    linked: &link::Linked,
+) -> Result<Vec<OrcAt>, KpError> {
+    let Some(t) = &obj.orc else {
+        return Ok(Vec::new());
+    };
+    let format = kernel.orc.format();
+    if t.entry_size as u64 != format.entry_size {
+        return Err(KpError::Unsupported(format!(
+            "{name}: its ORC entries are {} bytes, the guest kernel's {}: was it built for \
+             another kernel? (lpvmm kp build --kernel RELEASE, as `uname -r` in the guest says)",
+            t.entry_size, format.entry_size
+        )));
+    }
+    Ok(linked
+        .orc
+        .iter()
+        .map(|(ip, raw)| OrcAt {
+            ip: *ip,
+            entry: format.decode(raw),
+        })
+        .collect())
+}
+
+/// A kernel symbol a patch uses: its binding first, then the unique name.
+fn resolve_import(kernel: &Kernel, obj: &PatchObject, name: &str) -> Result<u64, KpError> {
+    let m = &obj.manifest;
+    let (kname, pos) = match m.bindings.iter().find(|b| b.local == name) {
+        Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
+        None => (name, None),
+    };
+    // Names the kernel's linker script gives another symbol, which kallsyms does not
+    // list (arch/x86/kernel/vmlinux.lds.S: `PROVIDE(const_pcpu_hot = pcpu_hot)`, what
+    // `current` reads on 6.x kernels with compiler segment support).
+    let kname = match kname {
+        "const_pcpu_hot" if kernel.symbols.addr("const_pcpu_hot").is_none() => "pcpu_hot",
+        other => other,
+    };
+    kernel
+        .symbols
+        .resolve(kname, pos)
+        .map(|s| s.addr)
+        .map_err(|e| {
+            KpError::Symbol(format!(
+                "{e}{}",
+                if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
+                    " (bind it with LPVMM_SYMBOL(local, name, pos))"
+                } else {
+                    ""
+                }
+            ))
+        })
+}
