@@ -157,7 +157,7 @@ pub trait PausedGuest: GuestRam {
 /// so that the task and stack readers can be used on it. Two reads through it may see
 /// the guest at different moments, and a task it finds may be running: nothing read this
 /// way may be relied on until a pause confirms it. Its one user is the patcher's early
-/// checks, which do (patcher/src/early.rs).
+/// checks, which do (patcher/src/transition/early.rs).
 pub struct Unconfirmed<'a>(pub &'a dyn GuestRam);
 
 impl GuestRam for Unconfirmed<'_> {

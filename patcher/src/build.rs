@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::object::PatchObject;
+use crate::load::object::PatchObject;
 use crate::KpError;
 
 /// The author's header, shipped inside lpvmm so that an installed binary can build.

@@ -1,11 +1,13 @@
 //! The patch engine: loaded patches and their lifetime (the kernel livepatch's core.c),
 //! the version stacks of redirected functions ([`crate::funcs`]) and the transition in
-//! progress ([`crate::transition`], advanced by [`Engine::tick`] in `ticks.rs`).
+//! progress ([`crate::transition`], advanced by [`Engine::tick`] in `transition/tick.rs`).
 //!
-//! The VMM decides when to pause and calls the engine with the paused guest; the
-//! engine decides everything else. Every refusal happens before the first guest byte
-//! is written: `load` validates the whole patch, resolves every symbol and checks every
-//! site first; `begin` checks the request against the patch stack and writes nothing.
+//! The VMM has two entry points, over a [`GuestControl`] it implements (the running
+//! guest's memory, and a pause): [`Engine::load_and_enable`] and, once per tick,
+//! [`Engine::drive`]. The VMM decides when to pause; the engine decides everything else.
+//! Every refusal happens before the first guest byte is written: a load validates the
+//! whole patch, resolves every symbol and checks every site first; `begin` checks the
+//! request against the patch stack and writes nothing.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -15,16 +17,16 @@ use introspection::GuestRam;
 use serde::{Deserialize, Serialize};
 
 use crate::area::{self, AreaLayout, Region};
-use crate::dispatch::{Bank, Geometry};
 use crate::funcs::FuncChange;
 use crate::funcs::{self, FuncStack, FunctionVersions};
 use crate::journal::{Journal, PostMortem};
+use crate::load::manifest::{Manifest, SystemState};
+use crate::load::object::PatchObject;
 use crate::load::{self, Prepared};
-use crate::manifest::{Manifest, SystemState};
-use crate::object::PatchObject;
 use crate::patch::{Import, ObjectName, Patch, PatchState, PatchedFunc, PatchedObject};
 use crate::space::Area;
 use crate::states::{self, Candidate};
+use crate::transition::dispatch::{Bank, Geometry};
 use crate::transition::{Consistency, Op, Request, Transition};
 use crate::{GuestControl, GuestWriter, KpError};
 
@@ -77,7 +79,7 @@ pub struct Engine {
     pub(crate) history: VecDeque<Transition>,
     next_id: u64,
     /// Traces unwound while the guest ran, for the next tick to confirm.
-    pub(crate) early: Option<crate::early::EarlyTraces>,
+    pub(crate) early: Option<crate::transition::early::EarlyTraces>,
     /// Check each confirmed early trace against a fresh unwind.
     pub(crate) verify_early: bool,
     /// Where the tick in progress spends its time (see [`crate::TickParts`]).
@@ -98,7 +100,7 @@ pub struct Engine {
 pub(crate) struct Spent {
     lists: Vec<introspection::tasks::TaskList>,
     checks: Vec<Vec<crate::transition::Check>>,
-    early: Vec<crate::early::EarlyTraces>,
+    early: Vec<crate::transition::early::EarlyTraces>,
 }
 
 impl Spent {
@@ -111,7 +113,7 @@ impl Spent {
         self.checks.push(checks);
     }
 
-    pub(crate) fn keep_early(&mut self, early: Option<crate::early::EarlyTraces>) {
+    pub(crate) fn keep_early(&mut self, early: Option<crate::transition::early::EarlyTraces>) {
         self.early.extend(early);
     }
 }

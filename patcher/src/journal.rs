@@ -169,7 +169,7 @@ impl Journal {
     /// The bytes that really go to the guest: `data`, unless a fault is injected.
     fn as_written<'d>(&mut self, data: &'d [u8]) -> std::borrow::Cow<'d, [u8]> {
         #[cfg(feature = "fault-injection")]
-        if self.wrong_site_byte && data.len() == 5 && data[0] == crate::site::JMP_REL32 {
+        if self.wrong_site_byte && data.len() == 5 && data[0] == crate::funcs::site::JMP_REL32 {
             self.wrong_site_byte = false;
             let mut wrong = data.to_vec();
             // The displacement's sign: the jump lands 2 GiB away, in the unused hole

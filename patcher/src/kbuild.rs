@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::build::{compiled, write_checked, BuildError, PATCH_H};
-use crate::object::PatchObject;
+use crate::load::object::PatchObject;
 
 /// A Debian kernel release as `uname -r` prints it (`6.1.0-28-cloud-amd64`): what may be
 /// put in a package name.

@@ -5,10 +5,12 @@
 //! over synthetic guests.
 //!
 //! The engine reads like the kernel's livepatch: [`engine`] holds patches and their
-//! lifetime (core.c), [`funcs`] the per-function version stacks (patch.c), and
-//! [`transition`] with [`ticks`] the per-task switch (transition.c), [`states`] the
-//! system states of cumulative patches (state.c); [`dispatch`] is
-//! what lets lpvmm do from outside what the kernel does with a flag in each task.
+//! lifetime (core.c) and offers the VMM its two entry points; [`load`] parses, resolves
+//! and links a patch (what kernel/module/ does for a livepatch module); [`funcs`] holds
+//! the per-function version stacks and is the only writer of sites (patch.c);
+//! [`transition`] is the per-task switch (transition.c), with [`transition::dispatch`],
+//! what lets lpvmm do from outside what the kernel does with a flag in each task;
+//! [`states`] the system states of cumulative patches (state.c).
 #![forbid(unsafe_code)]
 
 // The fault-injection switch exists for one integration test; an optimised build that
@@ -16,28 +18,18 @@
 #[cfg(all(feature = "fault-injection", not(debug_assertions)))]
 compile_error!("the fault-injection feature is for test builds only, never a release build");
 
-pub mod alternatives;
 pub mod area;
 pub mod build;
-pub mod dispatch;
-pub mod early;
 pub mod engine;
-pub mod ftrace;
 pub mod funcs;
 pub mod journal;
 pub mod kbuild;
-pub mod link;
 pub mod load;
-pub mod manifest;
-pub mod object;
 pub mod patch;
-pub mod site;
 pub mod space;
 pub mod states;
 #[cfg(test)]
 mod tests;
-pub mod tick_early;
-pub mod ticks;
 pub mod transition;
 
 use std::time::Duration;
@@ -47,9 +39,9 @@ use introspection::{GuestError, GuestRam, PausedGuest, PhysRange};
 pub use engine::{Begin, EnableArgs, Engine, Loaded};
 pub use funcs::{FuncChange, FuncStack, FunctionVersions, NewCode, Version, VersionEntry};
 pub use journal::{PostMortem, POST_MORTEM_CLEAN, POST_MORTEM_MISMATCH};
+pub use load::manifest::SystemState;
+pub use load::object::PatchObject;
 pub use load::Prepared;
-pub use manifest::SystemState;
-pub use object::PatchObject;
 pub use patch::{Import, ObjectName, Patch, PatchState, PatchedFunc, PatchedObject};
 pub use transition::{
     Blocker, Consistency, EarlyCheckCounts, Op, Outcome, Phase, Request, TickParts, Transition,
@@ -94,7 +86,7 @@ pub struct PauseError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 /// part, symbol or state at fault; none leaves the guest changed.
 #[derive(Debug, thiserror::Error)]
 pub enum KpError {
-    // The .kp file (object.rs, manifest.rs).
+    // The .kp file (load/object.rs, load/manifest.rs).
     #[error("not an ELF object: {0}")]
     NotElf(String),
     #[error("wrong machine: {0}")]
@@ -109,7 +101,7 @@ pub enum KpError {
     Truncated(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
-    // Linking against the guest (link.rs, area.rs, site.rs).
+    // Linking against the guest (load/link.rs, area.rs, funcs/site.rs).
     #[error("symbol: {0}")]
     Symbol(String),
     #[error("out of rel32 range: {0}")]

@@ -6,7 +6,7 @@
 use introspection::orc::OrcEntry;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{KernelSymbol, SystemState};
+use crate::load::manifest::{KernelSymbol, SystemState};
 use crate::space::Runs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 //! cumulative patch that does not carry a state an enabled patch holds (it would
 //! silently drop it), is refused before anything changes.
 
-use crate::manifest::SystemState;
+use crate::load::manifest::SystemState;
 use crate::patch::{Patch, PatchState};
 use crate::KpError;
 

@@ -7,8 +7,8 @@ use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
 use introspection::{GuestRam, PausedGuest};
 
 use crate::engine::{Begin, Engine};
+use crate::funcs::site::FENTRY_NOP;
 use crate::patch::PatchState;
-use crate::site::FENTRY_NOP;
 use crate::transition::{Consistency, Op, Outcome, Phase, Request, Transition};
 use crate::{GuestWriter, KpError};
 
@@ -712,7 +712,7 @@ fn kp_parser_fuzz() {
                     }
                 }
             }
-            if crate::object::PatchObject::parse(&b).is_ok() {
+            if crate::load::object::PatchObject::parse(&b).is_ok() {
                 accepted += 1;
             }
             cases += 1;
@@ -741,8 +741,8 @@ fn guest_memory_errors_do_not_panic() {
 /// the selected thunk.
 #[test]
 fn return_thunk_jumps_follow_the_kernels_choice() {
-    use crate::link::{link, Placement, Returns};
-    let obj = crate::object::PatchObject::parse(&kp(CMDLINE, &[])).unwrap();
+    use crate::load::link::{link, Placement, Returns};
+    let obj = crate::load::object::PatchObject::parse(&kp(CMDLINE, &[])).unwrap();
     let at = Placement {
         code: 0xffff_ffff_a000_0000,
         rodata: 0xffff_ffff_a010_0000,
@@ -750,7 +750,7 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
     };
     let resolve = |_: &str| Ok(0xffff_ffff_8100_1000u64);
     let f = obj.function("new_cmdline_proc_show").unwrap();
-    let tail = |l: &crate::link::Linked| {
+    let tail = |l: &crate::load::link::Linked| {
         let end = (f.offset + f.size) as usize;
         l.code.bytes[end - 5..end].to_vec()
     };
@@ -1231,7 +1231,7 @@ LPVMM_REPLACE(meminfo_proc_show, nf);
         (at.entry.sp_offset, at.entry.sp_reg, at.entry.kind),
         (8, reg::SP, OrcKind::Call)
     );
-    let code = crate::ticks::PatchCode(&f.engine);
+    let code = crate::transition::tick::PatchCode(&f.engine);
     assert_eq!(
         code.unwind_entry(at.ip, true),
         Some(at.entry),
@@ -1627,14 +1627,14 @@ fn a_refreshed_list_is_the_same_list_for_every_check_when_a_sleeper_was_woken_el
         refreshed, fresh,
         "the woken task's state and CPU are the early read's"
     );
-    assert!(crate::early::same_list(&fresh, &refreshed));
+    assert!(crate::transition::early::same_list(&fresh, &refreshed));
     // A task whose switch count moved, or that is on a CPU, is another list.
     let mut ran = refreshed.clone();
     ran.tasks[1].switches += 1;
-    assert!(!crate::early::same_list(&fresh, &ran));
+    assert!(!crate::transition::early::same_list(&fresh, &ran));
     let mut running = refreshed.clone();
     running.tasks[1].on_cpu = !running.tasks[1].on_cpu;
-    assert!(!crate::early::same_list(&fresh, &running));
+    assert!(!crate::transition::early::same_list(&fresh, &running));
 }
 
 /// A patch linked while the guest runs (`prepare`) loads in a later pause as `load` would

@@ -378,7 +378,7 @@ pub fn dispatched_history(s: &Value) -> Result<(usize, usize), String> {
 }
 
 /// How the task checks of the transitions in a status's history were made, summed
-/// (`early_checks` of each: patcher/src/early.rs).
+/// (`early_checks` of each: patcher/src/transition/early.rs).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct EarlyChecks {
     pub confirmed: u64,

@@ -6,7 +6,7 @@
 //! for a function changes nothing there, and a cumulative patch that replaces the
 //! others leaves the functions it does not name with the original (upstream's "nop"
 //! version). A transition is planned as the difference between the visible versions
-//! before and after it ([`plan`]); while it runs, which version each task sees is the
+//! before and after it (`plan`); while it runs, which version each task sees is the
 //! transition's business ([`crate::transition`]).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,8 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::patch::{Patch, PatchState, PatchedFunc};
-use crate::site;
 use crate::KpError;
+
+pub mod ftrace;
+pub mod site;
+pub mod write;
 
 /// One function a transition moves: from the version every task ran to the one every
 /// task will run.
@@ -85,7 +88,7 @@ pub struct FuncStack {
     /// What lpvmm last wrote at the site (checked before every write).
     pub live: [u8; 5],
     /// The `flags` of the site's ftrace record, while lpvmm hides it from the guest's
-    /// ftrace (see [`crate::ftrace`]).
+    /// ftrace (see [`crate::funcs::ftrace`]).
     #[serde(default)]
     pub ftrace_hidden: Option<u64>,
 }

@@ -1,14 +1,14 @@
-//! The engine's side of the checks made before the pause ([`crate::early`] says what
-//! they are and why they are sound): the early unwind while the guest runs, and, in
-//! the tick's pause, the confirmation of what it read.
+//! The engine's side of the checks made before the pause ([`crate::transition::early`]
+//! says what they are and why they are sound): the early unwind while the guest runs,
+//! and, in the tick's pause, the confirmation of what it read.
 
 use introspection::kernel::Kernel;
 use introspection::tasks::{Task, TaskList, TaskReader};
 use introspection::{GuestRam, PausedGuest, Unconfirmed};
 
-use crate::early::{same_list, same_trace, EarlyList, EarlyTraces, Stamp};
 use crate::engine::Engine;
-use crate::ticks::pending;
+use crate::transition::dispatch::pending;
+use crate::transition::early::{same_list, same_trace, EarlyList, EarlyTraces, Stamp};
 use crate::transition::{Check, CheckedCode, EarlyCheckCounts};
 
 impl Engine {
@@ -21,7 +21,7 @@ impl Engine {
             return;
         }
         // The first tick may assemble trampolines: the assembler's first use is costly.
-        crate::dispatch::warm_up();
+        crate::transition::dispatch::warm_up();
         let running = Unconfirmed(ram);
         let early = self.with_unwinder(&running, kernel, |reader, unwinder| {
             // The stamp first: a fork or exit during the walk must show in the pause.
@@ -130,7 +130,7 @@ impl Engine {
                 })
                 .collect()
         });
-        self.tick_parts.checks_us += crate::ticks::micros(started.elapsed());
+        self.tick_parts.checks_us += crate::transition::tick::micros(started.elapsed());
         checks
     }
 }

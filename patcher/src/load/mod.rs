@@ -1,6 +1,6 @@
 //! The load pipeline (the kernel's kernel/module/ for a livepatch module): a .kp parsed
 //! once, its symbols resolved against the guest kernel, linked at its place in the patch
-//! area, and the functions it replaces found and checked. [`prepare`] does all of it
+//! area, and the functions it replaces found and checked. `prepare` does all of it
 //! while the guest runs; the engine writes the result in a pause ([`crate::Engine`]'s
 //! `load_prepared`), after checking again what a running guest could have changed.
 
@@ -11,15 +11,20 @@ use introspection::kernel::Kernel;
 use introspection::memory::KernelMemory;
 use introspection::{GuestRam, PausedGuest};
 
-use crate::alternatives::CpuFeatures;
 use crate::area::{self, AreaLayout, PageTables};
+use crate::funcs::site::{self, SiteState};
 use crate::funcs::FuncStack;
-use crate::link::{self, Placement};
-use crate::object::PatchObject;
+use crate::load::alternatives::CpuFeatures;
+use crate::load::link::Placement;
+use crate::load::object::PatchObject;
 use crate::patch::{OrcAt, PatchedFunc};
-use crate::site::{self, SiteState};
 use crate::space::{Area, Runs, Sizes};
 use crate::KpError;
+
+pub mod alternatives;
+pub mod link;
+pub mod manifest;
+pub mod object;
 
 /// Parse-free half of [`crate::Engine::prepare`]: resolve and link `obj` against the
 /// guest while it runs, into `area` (the engine's, or a new one chosen now for the first
@@ -126,7 +131,7 @@ fn frame_pointer_prologues_as_gcc_schedules_them() {
 
 /// A kernel function a patch replaces, checked live.
 pub(crate) struct Target<'m> {
-    pub(crate) replacement: &'m crate::manifest::Replacement,
+    pub(crate) replacement: &'m crate::load::manifest::Replacement,
     addr: u64,
     size: u64,
     site: u64,
@@ -186,8 +191,8 @@ pub(crate) fn targets<'o>(
     Ok(targets)
 }
 
-/// A patch parsed, resolved and linked while the guest ran ([`Engine::prepare`]), to be
-/// checked and written in a pause ([`Engine::load_prepared`]).
+/// A patch parsed, resolved and linked while the guest ran ([`crate::Engine::prepare`]), to be
+/// checked and written in a pause ([`crate::Engine::load_prepared`]).
 #[derive(Debug)]
 pub struct Prepared {
     pub(crate) obj: PatchObject,

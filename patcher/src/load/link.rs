@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use crate::alternatives::{self, CpuFeatures};
-use crate::object::{PatchObject, Reloc, RelocKind, RelocTarget, SectionKind};
+use crate::load::alternatives::{self, CpuFeatures};
+use crate::load::object::{PatchObject, Reloc, RelocKind, RelocTarget, SectionKind};
 use crate::KpError;
 
 /// The symbol gcc's `-mfunction-return=thunk-extern` returns through.
@@ -103,7 +103,7 @@ fn apply_alternatives(
         let repl_at = ro + a.repl.offset as usize;
         let instr_at = io + a.instr.offset as usize;
         let repl = images[ri].bytes[repl_at..repl_at + usize::from(a.repl_len)].to_vec();
-        let what = || match crate::object::function_at(&obj.functions, a.instr) {
+        let what = || match crate::load::object::function_at(&obj.functions, a.instr) {
             Some(f) => format!("{}+{:#x}", f.name, a.instr.offset - f.offset),
             None => format!(
                 "{}+{:#x}",
@@ -316,7 +316,7 @@ fn rewrite_as_the_kernel_does(
     let is_fentry = matches!(&r.target, RelocTarget::Kernel(n) if n == FENTRY);
     if is_fentry && r.kind == RelocKind::Pc32 {
         if at >= 1 && bytes[at - 1] == 0xe8 {
-            bytes[at - 1..at + 4].copy_from_slice(&crate::site::FENTRY_NOP);
+            bytes[at - 1..at + 4].copy_from_slice(&crate::funcs::site::FENTRY_NOP);
             return Ok(true);
         }
         return Err(KpError::Unsupported(format!(

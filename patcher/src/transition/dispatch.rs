@@ -30,6 +30,8 @@ use iced_x86::code_asm::{qword_ptr, r10, r11, CodeAssembler};
 use serde::{Deserialize, Serialize};
 
 use crate::area::Region;
+use introspection::tasks::{Task, TaskList};
+
 use crate::KpError;
 
 /// Trampoline banks: a bank's trampolines stay untouched while any task may still be
@@ -325,6 +327,19 @@ fn warm_up_code() -> Result<Vec<u8>, KpError> {
         target: 0xffff_ffff_a000_8000,
     };
     trampoline(&env, targets, 0xffff_ffff_a000_1000)
+}
+
+/// Tasks not yet on the target side of the map.
+pub(crate) fn pending<'l>(
+    map: &TaskMap,
+    g: &Geometry,
+    list: &'l TaskList,
+    target_start: bool,
+) -> Vec<&'l Task> {
+    list.tasks
+        .iter()
+        .filter(|x| map.on_start(g, x.addr) != target_start)
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //!   retried (backing off) until the timeout.
 //! - **Per-task** consistency (the default): the first tick checks every task, moves
 //!   every task that is at a safe point, and puts the rest on the *task map* of a
-//!   trampoline bank ([`crate::dispatch`]); from then on each site dispatches every
+//!   trampoline bank ([`crate::transition::dispatch`]); from then on each site dispatches every
 //!   call by the caller's bit. Later ticks check only the tasks still on the starting
 //!   version and move each one that is at a safe point. When none is left, every site
 //!   becomes a direct jump to its target (no dispatch left).
@@ -29,9 +29,15 @@ use introspection::stack::{StackTrace, TraceStart};
 use serde::{Deserialize, Serialize};
 
 use crate::area::Region;
-use crate::dispatch::TaskMap;
 use crate::funcs::{CodeRange, FuncChange, Version};
+use crate::transition::dispatch::TaskMap;
 use crate::KpError;
+
+pub mod banks;
+pub mod dispatch;
+pub mod early;
+pub mod tick;
+pub mod tick_early;
 
 /// First retry after this, doubling up to `MAX_BACKOFF`.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -180,7 +186,7 @@ pub struct Transition {
     /// Something about the last tick a person should know (a retried failure, a wait).
     pub note: Option<String>,
     /// How its task checks were made: confirmed early traces against unwinds in the
-    /// pause (patcher/src/early.rs).
+    /// pause (patcher/src/transition/early.rs).
     pub early_checks: EarlyCheckCounts,
     /// The engine's part of each tick's pause (as many as `pauses_us`, in order).
     pub tick_parts: Vec<TickParts>,

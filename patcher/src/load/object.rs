@@ -12,7 +12,7 @@ use object::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Manifest;
+use crate::load::manifest::Manifest;
 use crate::KpError;
 
 pub const MANIFEST_SECTION: &str = ".lpvmm.manifest";
@@ -371,7 +371,7 @@ fn special_section_advice(name: &str) -> Option<&'static str> {
 /// - `__mcount_loc`, `__patchable_function_entries`: ftrace call sites; the linker turns
 ///   every `call __fentry__` into the 5-byte NOP, as the kernel does at module load;
 /// - `.return_sites`: `jmp __x86_return_thunk` sites, rewritten by the linker to the
-///   guest's own choice (see [`crate::link::Returns`]);
+///   guest's own choice (see [`crate::load::link::Returns`]);
 /// - `.retpoline_sites`: calls through the guest's `__x86_indirect_thunk_*`, which the
 ///   guest itself patched for its mitigation mode, so calling them is what it chose;
 /// - `.call_sites`: call-depth accounting sites, only patched in `retbleed=stuff` mode;
@@ -380,7 +380,7 @@ fn special_section_advice(name: &str) -> Option<&'static str> {
 /// - `.orc_unwind`, `.orc_unwind_ip`, `.orc_header`: objtool's unwind table, read
 ///   separately ([`OrcTables`]);
 /// - `.altinstructions`: alternatives, read separately and applied at link time for the
-///   guest's CPU ([`crate::alternatives`]); their `.altinstr_replacement` (and
+///   guest's CPU ([`crate::load::alternatives`]); their `.altinstr_replacement` (and
 ///   `.altinstr_aux`) code is laid out as code;
 /// - `.modinfo`, `__versions`, `.gnu.linkonce.this_module`, `.comment`, `.discard.*`:
 ///   module bookkeeping.

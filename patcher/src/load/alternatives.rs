@@ -10,7 +10,7 @@ use iced_x86::{BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, Instr
 use introspection::kernel::Kernel;
 use introspection::memory::KernelMemory;
 
-use crate::object::Alternative;
+use crate::load::object::Alternative;
 use crate::KpError;
 
 /// `ALT_FLAG_NOT`: use the replacement when the feature is *absent*.
@@ -126,7 +126,7 @@ pub fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::Place;
+    use crate::load::object::Place;
 
     fn alt(feature: u16, flags: u16, instr_len: u8) -> Alternative {
         Alternative {
