@@ -506,7 +506,7 @@ const MAX_COMPLETION_ROUNDS: usize = 4096;
 
 /// Park until told to run or stop. Returns what ended the park.
 fn park(index: usize, fd: &VcpuFd, control: &VcpuControl) -> Want {
-    let state = cpu::capture_state(fd, index).map_err(|e| format!("{e:#}"));
+    let state = cpu::capture_state(fd, index).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
     let mut shared = control.lock();
     shared.parked[index] = Some(state);
     control.changed.notify_all();
