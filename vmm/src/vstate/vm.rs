@@ -188,8 +188,7 @@ impl Vm {
         }
         boot::check_kernel_file(&config.kernel)?;
         if let Some(initrd) = &config.initrd {
-            std::fs::metadata(initrd)
-                .with_context(|| format!("cannot read initrd '{}'", initrd.display()))?;
+            boot::check_initrd_file(initrd)?;
         }
         let layout = MemoryLayout::new(config.memory, config.patch_area)?;
 
