@@ -116,6 +116,7 @@ impl Session {
                     let Session { vm, engine, .. } = self;
                     let undone = vm
                         .paused_for_write(|g| engine.unload(g, &name))
+                        .map_err(anyhow::Error::from)
                         .and_then(|(r, _)| r.map_err(anyhow::Error::from));
                     if let Err(u) = undone {
                         tracing::warn!("cannot unload {name} after a refused enable: {u:#}");
