@@ -15,8 +15,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use anyhow::{bail, Context, Result};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::arch::layout;
 use crate::devices::{S5_SLEEP_TYPE, SERIAL_IRQ, SERIAL_PORT_BASE, SLEEP_CONTROL_PORT};
@@ -30,8 +30,17 @@ const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 
+/// Why the ACPI tables could not be written.
+#[derive(Debug, Error)]
+pub enum AcpiError {
+    #[error("ACPI tables do not fit in their window")]
+    TooLarge,
+    #[error("writing ACPI tables")]
+    Write(#[source] GuestMemoryError),
+}
+
 /// Write the tables at [`layout::ACPI_ADDR`]; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64> {
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> {
     let mut tables: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut next = layout::ACPI_ADDR + 0x100; // RSDP goes first, at ACPI_ADDR
 
@@ -56,10 +65,10 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64> {
 
     for (addr, bytes) in tables {
         if addr + bytes.len() as u64 > layout::ACPI_ADDR + layout::ACPI_MAX {
-            bail!("ACPI tables do not fit in their window");
+            return Err(AcpiError::TooLarge);
         }
         mem.write_slice(&bytes, GuestAddress(addr))
-            .context("writing ACPI tables")?;
+            .map_err(AcpiError::Write)?;
     }
     Ok(layout::ACPI_ADDR)
 }

@@ -4,15 +4,47 @@
 //! Secondary vCPUs are left in KVM's reset state; the guest wakes them with INIT/SIPI
 //! through the in-kernel LAPIC.
 
-use anyhow::{Context, Result};
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::arch::layout;
 use introspection::VcpuState;
+
+/// Setting up a vCPU for the boot protocol, or reading a parked one's registers: each
+/// variant names the KVM ioctl (or the step) that failed.
+#[derive(Debug, Error)]
+pub enum CpuError {
+    #[error("KVM_GET_SUPPORTED_CPUID")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_CPUID2")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_LAPIC")]
+    GetLapic(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_LAPIC")]
+    SetLapic(#[source] kvm_ioctls::Error),
+    #[error("writing the boot page tables and GDT")]
+    BootTables(#[source] GuestMemoryError),
+    #[error("KVM_GET_SREGS")]
+    GetSregs(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_SREGS")]
+    SetSregs(#[source] kvm_ioctls::Error),
+    #[error("KVM_GET_REGS")]
+    GetRegs(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_REGS")]
+    SetRegs(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_FPU")]
+    SetFpu(#[source] kvm_ioctls::Error),
+    #[error("building MSR list")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    #[error("KVM_GET_MSRS")]
+    GetMsrs(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_MSRS")]
+    SetMsrs(#[source] kvm_ioctls::Error),
+}
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -66,12 +98,12 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 
 /// The CPUID table every vCPU gets: what KVM supports, with per-vCPU APIC IDs and the
 /// hypervisor bit set.
-pub fn base_cpuid(kvm: &Kvm) -> Result<CpuId> {
+pub fn base_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .context("KVM_GET_SUPPORTED_CPUID")
+        .map_err(CpuError::GetSupportedCpuid)
 }
 
-pub fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, index: u8, count: u8) -> Result<()> {
+pub fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, index: u8, count: u8) -> Result<(), CpuError> {
     let mut cpuid = base.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -84,16 +116,16 @@ pub fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, index: u8, count: u8) -> Result<()
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")
+    vcpu.set_cpuid2(&cpuid).map_err(CpuError::SetCpuid)
 }
 
 /// LINT0 delivers ExtINT (the PIC), LINT1 delivers NMI, as firmware would set them up.
-pub fn set_lint(vcpu: &VcpuFd) -> Result<()> {
+pub fn set_lint(vcpu: &VcpuFd) -> Result<(), CpuError> {
     const APIC_LVT0: usize = 0x350;
     const APIC_LVT1: usize = 0x360;
     const MODE_EXTINT: u32 = 0x7;
     const MODE_NMI: u32 = 0x4;
-    let mut lapic = vcpu.get_lapic().context("KVM_GET_LAPIC")?;
+    let mut lapic = vcpu.get_lapic().map_err(CpuError::GetLapic)?;
     let regs = &mut lapic.regs;
     let mut set = |off: usize, mode: u32| {
         let bytes: [u8; 4] = [
@@ -109,20 +141,24 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<()> {
     };
     set(APIC_LVT0, MODE_EXTINT);
     set(APIC_LVT1, MODE_NMI);
-    vcpu.set_lapic(&lapic).context("KVM_SET_LAPIC")
+    vcpu.set_lapic(&lapic).map_err(CpuError::SetLapic)
 }
 
 /// Identity map of the first 1 GiB with 2 MiB pages: covers the kernel, zero page and
 /// command line, which is all the 64-bit entry needs.
-pub fn write_boot_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
-    mem.write_obj(PDPT_ADDR_ENTRY, GuestAddress(layout::PML4_ADDR))?;
-    mem.write_obj(PD_ADDR_ENTRY, GuestAddress(layout::PDPT_ADDR))?;
+pub fn write_boot_page_tables(mem: &GuestMemoryMmap) -> Result<(), CpuError> {
+    let write = |value: u64, addr: u64| {
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(CpuError::BootTables)
+    };
+    write(PDPT_ADDR_ENTRY, layout::PML4_ADDR)?;
+    write(PD_ADDR_ENTRY, layout::PDPT_ADDR)?;
     for i in 0..512u64 {
         let entry = (i << 21) | 0x83; // present, writable, 2 MiB page
-        mem.write_obj(entry, GuestAddress(layout::PD_ADDR + i * 8))?;
+        write(entry, layout::PD_ADDR + i * 8)?;
     }
     for (i, e) in GDT.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(layout::GDT_ADDR + i as u64 * 8))?;
+        write(*e, layout::GDT_ADDR + i as u64 * 8)?;
     }
     Ok(())
 }
@@ -130,8 +166,8 @@ const PDPT_ADDR_ENTRY: u64 = layout::PDPT_ADDR | 0x3;
 const PD_ADDR_ENTRY: u64 = layout::PD_ADDR | 0x3;
 
 /// Put the boot vCPU in long mode at the kernel's 64-bit entry.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<()> {
-    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), CpuError> {
+    let mut sregs = vcpu.get_sregs().map_err(CpuError::GetSregs)?;
     sregs.gdt.base = layout::GDT_ADDR;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = 0;
@@ -149,7 +185,7 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<()> {
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+    vcpu.set_sregs(&sregs).map_err(CpuError::SetSregs)?;
 
     let regs = kvm_regs {
         rflags: 0x2,
@@ -159,29 +195,29 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<()> {
         rsi: layout::ZERO_PAGE_ADDR,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+    vcpu.set_regs(&regs).map_err(CpuError::SetRegs)?;
 
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).context("KVM_SET_FPU")?;
+    vcpu.set_fpu(&fpu).map_err(CpuError::SetFpu)?;
 
     let msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: MSR_IA32_MISC_ENABLE,
         data: MISC_ENABLE_FAST_STRING,
         ..Default::default()
     }])
-    .map_err(|e| anyhow::anyhow!("building MSR list: {e:?}"))?;
-    vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
+    .map_err(CpuError::MsrList)?;
+    vcpu.set_msrs(&msrs).map_err(CpuError::SetMsrs)?;
     Ok(())
 }
 
 /// Capture what introspection needs from a parked vCPU.
-pub fn capture_state(vcpu: &VcpuFd, index: usize) -> Result<VcpuState> {
-    let r = vcpu.get_regs().context("KVM_GET_REGS")?;
-    let s = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+pub fn capture_state(vcpu: &VcpuFd, index: usize) -> Result<VcpuState, CpuError> {
+    let r = vcpu.get_regs().map_err(CpuError::GetRegs)?;
+    let s = vcpu.get_sregs().map_err(CpuError::GetSregs)?;
     let mut msrs = Msrs::from_entries(&[
         kvm_msr_entry {
             index: MSR_KERNEL_GS_BASE,
@@ -192,8 +228,8 @@ pub fn capture_state(vcpu: &VcpuFd, index: usize) -> Result<VcpuState> {
             ..Default::default()
         },
     ])
-    .map_err(|e| anyhow::anyhow!("building MSR list: {e:?}"))?;
-    let n = vcpu.get_msrs(&mut msrs).context("KVM_GET_MSRS")?;
+    .map_err(CpuError::MsrList)?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(CpuError::GetMsrs)?;
     let msr = |i: usize| {
         if i < n {
             msrs.as_slice()[i].data

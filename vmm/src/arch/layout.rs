@@ -11,7 +11,7 @@
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
 
-use anyhow::{bail, Result};
+use thiserror::Error;
 
 pub const GDT_ADDR: u64 = 0x500;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
@@ -40,6 +40,27 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// so guest RAM must reach at least that far plus the kernel's `init_size`.
 pub const KERNEL_RUN_ADDR: u64 = 0x100_0000;
 
+/// A memory size the user asked for that lpvmm cannot lay out.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("--memory {} MiB is too small: lpvmm needs at least 32 MiB of guest RAM", .0 >> 20)]
+    MemoryTooSmall(u64),
+    #[error("--memory must be a multiple of 4 KiB (got {0} bytes)")]
+    MemoryNotPageMultiple(u64),
+    #[error("--patch-area must be a non-zero multiple of 4 KiB")]
+    PatchAreaNotPageMultiple,
+    #[error(
+        "--patch-area {} MiB is too large: at most {} MiB fit below the interrupt controllers",
+        .0 >> 20,
+        PATCH_AREA_MAX >> 20
+    )]
+    PatchAreaTooLarge(u64),
+    #[error("'{0}' is not a size (examples: 512M, 1G, 65536)")]
+    NotASize(String),
+    #[error("size '{0}' is too large")]
+    SizeTooLarge(String),
+}
+
 /// One contiguous piece of guest-physical memory backed by host memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Region {
@@ -62,25 +83,18 @@ pub struct MemoryLayout {
 }
 
 impl MemoryLayout {
-    pub fn new(ram_bytes: u64, patch_area_bytes: u64) -> Result<Self> {
+    pub fn new(ram_bytes: u64, patch_area_bytes: u64) -> Result<Self, LayoutError> {
         if ram_bytes < 32 << 20 {
-            bail!(
-                "--memory {} MiB is too small: lpvmm needs at least 32 MiB of guest RAM",
-                ram_bytes >> 20
-            );
+            return Err(LayoutError::MemoryTooSmall(ram_bytes));
         }
         if !ram_bytes.is_multiple_of(4096) {
-            bail!("--memory must be a multiple of 4 KiB (got {ram_bytes} bytes)");
+            return Err(LayoutError::MemoryNotPageMultiple(ram_bytes));
         }
         if patch_area_bytes == 0 || !patch_area_bytes.is_multiple_of(4096) {
-            bail!("--patch-area must be a non-zero multiple of 4 KiB");
+            return Err(LayoutError::PatchAreaNotPageMultiple);
         }
         if patch_area_bytes > PATCH_AREA_MAX {
-            bail!(
-                "--patch-area {} MiB is too large: at most {} MiB fit below the interrupt controllers",
-                patch_area_bytes >> 20,
-                PATCH_AREA_MAX >> 20
-            );
+            return Err(LayoutError::PatchAreaTooLarge(patch_area_bytes));
         }
         let low = ram_bytes.min(LOW_RAM_MAX);
         let high = ram_bytes - low;
@@ -132,7 +146,7 @@ pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
 
 /// Parse sizes such as `512M`, `1G`, `64K` or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64> {
+pub fn parse_size(s: &str) -> Result<u64, LayoutError> {
     let s = s.trim();
     let (digits, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -142,9 +156,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| anyhow::anyhow!("'{s}' is not a size (examples: 512M, 1G, 65536)"))?;
+        .map_err(|_| LayoutError::NotASize(s.to_string()))?;
     n.checked_mul(mult)
-        .ok_or_else(|| anyhow::anyhow!("size '{s}' is too large"))
+        .ok_or_else(|| LayoutError::SizeTooLarge(s.to_string()))
 }
 
 #[cfg(test)]
@@ -190,9 +204,26 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        assert!(MemoryLayout::new(1 << 20, 16 << 20).is_err());
-        assert!(MemoryLayout::new((512 << 20) + 100, 16 << 20).is_err());
-        assert!(MemoryLayout::new(1 << 30, 1000).is_err());
-        assert!(MemoryLayout::new(1 << 30, 2 << 30).is_err());
+        assert_eq!(
+            MemoryLayout::new(1 << 20, 16 << 20),
+            Err(LayoutError::MemoryTooSmall(1 << 20))
+        );
+        assert_eq!(
+            MemoryLayout::new((512 << 20) + 100, 16 << 20),
+            Err(LayoutError::MemoryNotPageMultiple((512 << 20) + 100))
+        );
+        assert_eq!(
+            MemoryLayout::new(1 << 30, 1000),
+            Err(LayoutError::PatchAreaNotPageMultiple)
+        );
+        let too_large = MemoryLayout::new(1 << 30, 2 << 30).unwrap_err();
+        assert_eq!(
+            too_large.to_string(),
+            "--patch-area 2048 MiB is too large: at most 1004 MiB fit below the interrupt controllers"
+        );
+        assert_eq!(
+            parse_size("lots").unwrap_err().to_string(),
+            "'lots' is not a size (examples: 512M, 1G, 65536)"
+        );
     }
 }

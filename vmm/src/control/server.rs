@@ -207,8 +207,8 @@ pub fn handle_line(session: &Mutex<Session>, line: &[u8]) -> ResponseLine {
     dispatch(&mut s, parsed.request)
 }
 
-fn reply<T: serde::Serialize>(r: Result<T>) -> ResponseLine {
-    match r {
+fn reply<T: serde::Serialize, E: Into<anyhow::Error>>(r: Result<T, E>) -> ResponseLine {
+    match r.map_err(Into::into) {
         Ok(v) => ResponseLine::ok(v),
         Err(e) => {
             // Refusals of the patch engine are about the VM's state, not failures.

@@ -34,16 +34,16 @@ const FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
 pub enum HostMemoryError {
     #[error("a guest memory region of {0} bytes is not a non-zero multiple of 4 KiB")]
     Size(usize),
-    #[error("cannot map {} MiB of host memory for the guest: {source}", .size >> 20)]
+    #[error("cannot map {} MiB of host memory for the guest", .size >> 20)]
     Map { size: usize, source: io::Error },
-    #[error("vm-memory refused the mapping at {addr:#x}: {source}")]
+    #[error("vm-memory refused the mapping at {addr:#x}")]
     Region {
         addr: u64,
         source: vm_memory::mmap::MmapRegionError,
     },
     #[error("guest memory region at {0:#x} is out of range")]
     OutOfRange(u64),
-    #[error("guest memory regions: {0}")]
+    #[error("guest memory regions")]
     Collection(#[from] vm_memory::GuestRegionCollectionError),
 }
 

@@ -25,11 +25,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::arch::cpu;
+use crate::arch::cpu::{self, CpuError};
 use crate::devices::{Devices, StopReason};
 use crate::seccomp::{self, ThreadKind};
 use introspection::VcpuState;
@@ -45,10 +45,51 @@ enum Want {
     Stop = 2,
 }
 
+/// Starting the vCPU threads, or pausing and resuming them.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("cannot install the vCPU kick signal handler")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot start vCPU thread {index}")]
+    SpawnThread {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("a vCPU thread exited while pausing")]
+    ThreadExited,
+    /// Some vCPUs did not park in time (the VM was resumed): where each was.
+    #[error(
+        "vCPU(s) {:?} did not park within {timeout:?} ({}); the VM was resumed",
+        .stuck.iter().map(|s| s.index).collect::<Vec<_>>(),
+        .stuck.iter().map(StuckVcpu::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    NotParked {
+        timeout: Duration,
+        stuck: Vec<StuckVcpu>,
+    },
+    /// A vCPU parked, but its thread could not read its registers (the error is shared
+    /// with the park that met it).
+    #[error("vCPU {index} parked but its registers could not be read")]
+    Registers {
+        index: usize,
+        #[source]
+        source: Arc<CpuError>,
+    },
+    #[error("vCPUs did not leave the paused state within {0:?}")]
+    NotResumed(Duration),
+}
+
 #[derive(Default)]
 struct Shared {
     /// Per vCPU: `Some` while parked, holding the registers captured at park time.
-    parked: Vec<Option<std::result::Result<VcpuState, String>>>,
+    parked: Vec<Option<Result<VcpuState, Arc<CpuError>>>>,
     exited: usize,
 }
 
@@ -265,9 +306,13 @@ pub struct Paused {
 
 impl Vcpus {
     /// Start one thread per configured vCPU. They run until `stop`.
-    pub fn start(fds: Vec<VcpuFd>, devices: Arc<Devices>, seccomp: bool) -> Result<Self> {
+    pub fn start(
+        fds: Vec<VcpuFd>,
+        devices: Arc<Devices>,
+        seccomp: bool,
+    ) -> Result<Self, VcpuError> {
         register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, kick_handler)
-            .map_err(|e| anyhow!("cannot install the vCPU kick signal handler: {e}"))?;
+            .map_err(VcpuError::KickHandler)?;
         let control = Arc::new(VcpuControl {
             want: AtomicU8::new(Want::Run as u8),
             shared: Mutex::new(Shared {
@@ -285,7 +330,7 @@ impl Vcpus {
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || run_vcpu(index, fd, &control, &devices, seccomp))
-                .map_err(|e| anyhow!("cannot start vCPU thread {index}: {e}"))?;
+                .map_err(|source| VcpuError::SpawnThread { index, source })?;
             threads.push(t);
         }
         Ok(Vcpus { control, threads })
@@ -308,11 +353,11 @@ impl Vcpus {
     }
 
     /// Park every vCPU. Returns their registers once all are parked.
-    pub fn pause(&self, timeout: Duration) -> Result<Paused> {
+    pub fn pause(&self, timeout: Duration) -> Result<Paused, VcpuError> {
         let start = Instant::now();
         match self.control.want() {
-            Want::Stop => bail!("the VM is stopping"),
-            Want::Pause => bail!("the VM is already paused"),
+            Want::Stop => return Err(VcpuError::Stopping),
+            Want::Pause => return Err(VcpuError::AlreadyPaused),
             Want::Run => {}
         }
         self.control
@@ -329,7 +374,7 @@ impl Vcpus {
             if shared.exited > 0 {
                 drop(shared);
                 self.resume_inner();
-                bail!("a vCPU thread exited while pausing");
+                return Err(VcpuError::ThreadExited);
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
@@ -342,12 +387,7 @@ impl Vcpus {
                     .collect();
                 drop(shared);
                 self.resume_inner();
-                let indices: Vec<usize> = stuck.iter().map(|s| s.index).collect();
-                let where_: Vec<String> = stuck.iter().map(StuckVcpu::to_string).collect();
-                bail!(
-                    "vCPU(s) {indices:?} did not park within {timeout:?} ({}); the VM was resumed",
-                    where_.join("; ")
-                );
+                return Err(VcpuError::NotParked { timeout, stuck });
             }
             shared = self.control.wait(shared, left);
         }
@@ -357,10 +397,10 @@ impl Vcpus {
             match p {
                 Some(Ok(s)) => states.push(s.clone()),
                 Some(Err(e)) => {
-                    let msg = format!("vCPU {i} parked but its registers could not be read: {e}");
+                    let source = e.clone();
                     drop(shared);
                     self.resume_inner();
-                    bail!(msg);
+                    return Err(VcpuError::Registers { index: i, source });
                 }
                 None => unreachable!("checked above that every vCPU parked"),
             }
@@ -369,9 +409,9 @@ impl Vcpus {
     }
 
     /// Let every parked vCPU run again. Returns how long until all had left the park.
-    pub fn resume(&self, timeout: Duration) -> Result<Duration> {
+    pub fn resume(&self, timeout: Duration) -> Result<Duration, VcpuError> {
         if self.control.want() != Want::Pause {
-            bail!("the VM is not paused");
+            return Err(VcpuError::NotPaused);
         }
         let start = Instant::now();
         self.resume_inner();
@@ -379,7 +419,7 @@ impl Vcpus {
         while shared.parked.iter().any(Option::is_some) {
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                bail!("vCPUs did not leave the paused state within {timeout:?}");
+                return Err(VcpuError::NotResumed(timeout));
             }
             shared = self.control.wait(shared, left);
         }
@@ -506,7 +546,7 @@ const MAX_COMPLETION_ROUNDS: usize = 4096;
 
 /// Park until told to run or stop. Returns what ended the park.
 fn park(index: usize, fd: &VcpuFd, control: &VcpuControl) -> Want {
-    let state = cpu::capture_state(fd, index).map_err(|e| format!("{e:#}"));
+    let state = cpu::capture_state(fd, index).map_err(Arc::new);
     let mut shared = control.lock();
     shared.parked[index] = Some(state);
     control.changed.notify_all();
@@ -695,6 +735,41 @@ mod tests {
         c.record_entry(0, false);
         let stuck = c.stuck(0, at_kick, waited);
         assert!(!stuck.lost_kick && stuck.to_string().contains(HOST_HELD));
+    }
+
+    /// The words docs/running-vms.md shows and tests/src/host.rs reads back.
+    #[test]
+    fn a_pause_that_times_out_names_each_stuck_vcpu() {
+        let held = StuckVcpu {
+            index: 1,
+            in_kvm_run: true,
+            waited: Duration::from_millis(5000),
+            since_before_kick: true,
+            lost_kick: false,
+        };
+        let e = VcpuError::NotParked {
+            timeout: Duration::from_secs(5),
+            stuck: vec![held],
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "vCPU(s) [1] did not park within 5s (vCPU 1: inside KVM_RUN for 5.0 s although \
+                 kicked ({HOST_HELD})); the VM was resumed"
+            )
+        );
+        let e = VcpuError::Registers {
+            index: 0,
+            source: Arc::new(CpuError::GetRegs(kvm_ioctls::Error::new(libc::EBADF))),
+        };
+        let cause = std::error::Error::source(&e).map(|c| c.to_string());
+        assert_eq!(
+            (e.to_string().as_str(), cause.as_deref()),
+            (
+                "vCPU 0 parked but its registers could not be read",
+                Some("KVM_GET_REGS")
+            )
+        );
     }
 
     #[test]

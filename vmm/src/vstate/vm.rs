@@ -6,20 +6,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use thiserror::Error;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::MemoryLayout;
-use crate::arch::{acpi, boot, cpu};
+use crate::arch::acpi::{self, AcpiError};
+use crate::arch::boot::{self, BootError};
+use crate::arch::cpu::{self, CpuError};
+use crate::arch::layout::{LayoutError, MemoryLayout};
 use crate::devices::{Devices, SERIAL_IRQ};
-use crate::hostcheck;
-use crate::vstate::host_memory::{self, HostMapping};
+use crate::hostcheck::{self, HostCheckError};
+use crate::vstate::host_memory::{self, HostMapping, HostMemoryError};
 use crate::vstate::paused::{PausedVm, RamView};
-use crate::vstate::vcpu::Vcpus;
-use introspection::{GuestRam, PhysRange, VcpuState, VmcoreInfo};
+use crate::vstate::vcpu::{VcpuError, Vcpus};
+use introspection::vmcoreinfo::VmcoreInfoError;
+use introspection::{GuestError, GuestRam, PhysRange, VcpuState, VmcoreInfo};
 use serde::{Deserialize, Serialize};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
@@ -27,6 +32,71 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// Building a VM, or a request on a running one. The platform's own errors (boot, layout,
+/// host, ACPI, CPU, vCPU threads) pass through with their words; the KVM ioctls of the VM
+/// itself are named here.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("--vcpus must be between 1 and 32 (got {0})")]
+    VcpuCount(u8),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    HostCheck(#[from] HostCheckError),
+    #[error("KVM_CREATE_VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR")]
+    SetTssAddress(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_IDENTITY_MAP_ADDR")]
+    SetIdentityMapAddress(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP")]
+    CreateIrqChip(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    GuestMemory {
+        mib: u64,
+        #[source]
+        source: HostMemoryError,
+    },
+    #[error("guest memory host address")]
+    HostAddress(#[source] GuestMemoryError),
+    #[error("KVM_SET_USER_MEMORY_REGION")]
+    SetUserMemoryRegion(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    #[error("eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("KVM_IRQFD for the serial port")]
+    SerialIrqfd(#[source] kvm_ioctls::Error),
+    #[error("devices")]
+    Devices(#[source] std::io::Error),
+    #[error("KVM_CREATE_VCPU {id}")]
+    CreateVcpu {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("VM '{0}' is already paused")]
+    AlreadyPaused(String),
+    #[error("VM '{0}' is not paused")]
+    NotPaused(String),
+    #[error("VM '{0}' must be paused to read its memory")]
+    ReadWhileRunning(String),
+    #[error("read_phys: at most {max} bytes per request (asked {0})", max = MAX_READ_PHYS)]
+    ReadTooLong(u32),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error(transparent)]
+    Vmcoreinfo(#[from] VmcoreInfoError),
+}
 
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -143,18 +213,17 @@ pub struct Vm {
 
 /// Host memory for every region of the layout (RAM and patch area), 2 MiB-aligned
 /// ([`crate::vstate::host_memory`]), with the mappings under it, which must be dropped last.
-pub fn guest_memory(layout: &MemoryLayout) -> Result<(GuestMemoryMmap, Vec<HostMapping>)> {
+pub fn guest_memory(layout: &MemoryLayout) -> Result<(GuestMemoryMmap, Vec<HostMapping>), VmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout
         .regions()
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
-    let (mem, mappings) = host_memory::guest_memory(&ranges).map_err(|e| {
-        anyhow!(
-            "cannot allocate {} MiB of guest memory: {e}",
-            layout.regions().iter().map(|r| r.size).sum::<u64>() >> 20
-        )
-    })?;
+    let (mem, mappings) =
+        host_memory::guest_memory(&ranges).map_err(|source| VmError::GuestMemory {
+            mib: layout.regions().iter().map(|r| r.size).sum::<u64>() >> 20,
+            source,
+        })?;
     for r in mem.iter() {
         advise_huge_pages(r.as_ptr(), r.len() as usize);
     }
@@ -181,15 +250,14 @@ fn advise_huge_pages(addr: *mut u8, len: usize) {
 impl Vm {
     /// Build the VM and start its vCPUs. Every check on user input happens before the
     /// first vCPU runs; an error leaves nothing behind.
-    pub fn create(config: VmConfig, drained: EventFd) -> Result<Vm> {
+    pub fn create(config: VmConfig, drained: EventFd) -> Result<Vm, VmError> {
         let created = Instant::now();
         if config.vcpus == 0 || config.vcpus > 32 {
-            bail!("--vcpus must be between 1 and 32 (got {})", config.vcpus);
+            return Err(VmError::VcpuCount(config.vcpus));
         }
         boot::check_kernel_file(&config.kernel)?;
         if let Some(initrd) = &config.initrd {
-            std::fs::metadata(initrd)
-                .with_context(|| format!("cannot read initrd '{}'", initrd.display()))?;
+            boot::check_initrd_file(initrd)?;
         }
         let layout = MemoryLayout::new(config.memory, config.patch_area)?;
 
@@ -209,11 +277,11 @@ impl Vm {
         )?;
         cpu::write_boot_page_tables(&mem)?;
 
-        let irq = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm_fd
             .register_irqfd(&irq, SERIAL_IRQ)
-            .context("KVM_IRQFD for the serial port")?;
-        let devices = Arc::new(Devices::new(irq, drained).context("devices")?);
+            .map_err(VmError::SerialIrqfd)?;
+        let devices = Arc::new(Devices::new(irq, drained).map_err(VmError::Devices)?);
 
         let fds = create_vcpu_fds(&kvm, &vm_fd, config.vcpus, boot.entry)?;
         let vcpus = Vcpus::start(fds, devices.clone(), config.seccomp)?;
@@ -268,9 +336,9 @@ impl Vm {
         self.paused_states.is_some()
     }
 
-    pub fn pause(&mut self) -> Result<PauseResult> {
+    pub fn pause(&mut self) -> Result<PauseResult, VmError> {
         if self.paused_states.is_some() {
-            bail!("VM '{}' is already paused", self.config.name);
+            return Err(VmError::AlreadyPaused(self.config.name.clone()));
         }
         let paused = self.vcpus.pause(PAUSE_TIMEOUT)?;
         self.pauses += 1;
@@ -282,9 +350,9 @@ impl Vm {
         })
     }
 
-    pub fn resume(&mut self) -> Result<ResumeResult> {
+    pub fn resume(&mut self) -> Result<ResumeResult, VmError> {
         if self.paused_states.is_none() {
-            bail!("VM '{}' is not paused", self.config.name);
+            return Err(VmError::NotPaused(self.config.name.clone()));
         }
         let took = self.vcpus.resume(PAUSE_TIMEOUT)?;
         self.paused_states = None;
@@ -294,7 +362,7 @@ impl Vm {
     }
 
     /// Registers of every vCPU; a running VM is paused only for the read.
-    pub fn regs(&mut self) -> Result<RegsResult> {
+    pub fn regs(&mut self) -> Result<RegsResult, VmError> {
         let (vcpus, pause) = self.paused(|g| g.states().to_vec())?;
         Ok(RegsResult { pause, vcpus })
     }
@@ -302,7 +370,7 @@ impl Vm {
     /// Run `f` on the paused guest, to read it. A running VM is paused just for it and
     /// resumed after, even when `f` fails; the cost says whether that pause was needed
     /// and how long the guest saw it (pause request to the end of the resume).
-    pub fn paused<R>(&mut self, f: impl FnOnce(&PausedVm) -> R) -> Result<(R, PauseCost)> {
+    pub fn paused<R>(&mut self, f: impl FnOnce(&PausedVm) -> R) -> Result<(R, PauseCost), VmError> {
         self.paused_for_write(|g| f(g))
     }
 
@@ -311,7 +379,7 @@ impl Vm {
     pub fn paused_for_write<R>(
         &mut self,
         f: impl FnOnce(&mut PausedVm) -> R,
-    ) -> Result<(R, PauseCost)> {
+    ) -> Result<(R, PauseCost), VmError> {
         let t0 = Instant::now();
         let was_paused = self.is_paused();
         if !was_paused {
@@ -320,7 +388,7 @@ impl Vm {
         let states = self
             .paused_states
             .clone()
-            .ok_or_else(|| anyhow!("VM '{}' is not paused", self.config.name))?;
+            .ok_or_else(|| VmError::NotPaused(self.config.name.clone()))?;
         let out = f(&mut PausedVm::new(&self.mem, &self.layout, states));
         if !was_paused {
             self.resume()?;
@@ -340,15 +408,12 @@ impl Vm {
 
     /// Guest-physical memory of a VM the user paused (never pauses by itself: what a
     /// person reads this way must not change under them between two reads).
-    pub fn read_phys(&mut self, addr: u64, len: u32) -> Result<ReadPhysResult> {
+    pub fn read_phys(&mut self, addr: u64, len: u32) -> Result<ReadPhysResult, VmError> {
         if !self.is_paused() {
-            bail!(
-                "VM '{}' must be paused to read its memory",
-                self.config.name
-            );
+            return Err(VmError::ReadWhileRunning(self.config.name.clone()));
         }
         if len > MAX_READ_PHYS {
-            bail!("read_phys: at most {MAX_READ_PHYS} bytes per request (asked {len})");
+            return Err(VmError::ReadTooLong(len));
         }
         let mut buf = vec![0u8; len as usize];
         self.paused(|g| g.read_phys(addr, &mut buf))?.0?;
@@ -405,7 +470,7 @@ impl Vm {
 
     /// Find the guest's VMCOREINFO. The kernel writes it once while booting, so the
     /// scan needs no pause.
-    pub fn vmcoreinfo(&self) -> Result<VmcoreinfoResult> {
+    pub fn vmcoreinfo(&self) -> Result<VmcoreinfoResult, VmError> {
         let (phys_addr, info) = self.running_ram(|r| introspection::vmcoreinfo::find(r))?;
         Ok(VmcoreinfoResult { phys_addr, info })
     }
@@ -418,30 +483,30 @@ impl Vm {
 
 /// The VM file descriptor with the x86 platform pieces KVM keeps in the kernel: the TSS
 /// and identity-map pages, the interrupt controllers and the PIT.
-fn create_vm_fd(kvm: &Kvm) -> Result<VmFd> {
-    let vm_fd = kvm.create_vm().context("KVM_CREATE_VM")?;
+fn create_vm_fd(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm_fd = kvm.create_vm().map_err(VmError::CreateVm)?;
     vm_fd
         .set_tss_address(TSS_ADDR)
-        .context("KVM_SET_TSS_ADDR")?;
+        .map_err(VmError::SetTssAddress)?;
     vm_fd
         .set_identity_map_address(IDENTITY_MAP_ADDR)
-        .context("KVM_SET_IDENTITY_MAP_ADDR")?;
-    vm_fd.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
+        .map_err(VmError::SetIdentityMapAddress)?;
+    vm_fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
     vm_fd
         .create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         })
-        .context("KVM_CREATE_PIT2")?;
+        .map_err(VmError::CreatePit)?;
     Ok(vm_fd)
 }
 
 /// Give every region of guest memory to KVM, one slot each.
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
-            .map_err(|e| anyhow!("guest memory host address: {e}"))?;
+            .map_err(VmError::HostAddress)?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
@@ -451,19 +516,19 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
         };
         // SAFETY: the mapping belongs to `mem`, which the Vm keeps alive longer than
         // the VM file descriptor uses it.
-        unsafe { vm_fd.set_user_memory_region(r) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(VmError::SetUserMemoryRegion)?;
     }
     Ok(())
 }
 
 /// The vCPUs, each with its CPUID and LINT pins; the first set up to enter the kernel.
-fn create_vcpu_fds(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: u64) -> Result<Vec<VcpuFd>> {
+fn create_vcpu_fds(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: u64) -> Result<Vec<VcpuFd>, VmError> {
     let base_cpuid = cpu::base_cpuid(kvm)?;
     let mut fds = Vec::new();
     for id in 0..count {
         let fd = vm_fd
             .create_vcpu(u64::from(id))
-            .with_context(|| format!("KVM_CREATE_VCPU {id}"))?;
+            .map_err(|source| VmError::CreateVcpu { id, source })?;
         cpu::set_cpuid(&fd, &base_cpuid, id, count)?;
         cpu::set_lint(&fd)?;
         if id == 0 {
@@ -477,6 +542,44 @@ fn create_vcpu_fds(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: u64) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error and its sources, as `lpvmm` prints them (`{:#}` of its top-level error).
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut next = e.source();
+        while let Some(cause) = next {
+            text = format!("{text}: {cause}");
+            next = cause.source();
+        }
+        text
+    }
+
+    /// Each layer says its part once: a cause is a source, never also in the message.
+    #[test]
+    fn errors_chain_their_causes_once() {
+        let e = VmError::GuestMemory {
+            mib: 64,
+            source: HostMemoryError::Map {
+                size: 64 << 20,
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            },
+        };
+        assert_eq!(
+            chain(&e),
+            "cannot allocate 64 MiB of guest memory: cannot map 64 MiB of host memory for the \
+             guest: Cannot allocate memory (os error 12)"
+        );
+        let e = VmError::from(crate::vstate::vcpu::VcpuError::AlreadyPaused);
+        assert_eq!(chain(&e), "the VM is already paused");
+        let e = VmError::CreateVcpu {
+            id: 3,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        assert_eq!(
+            chain(&e),
+            "KVM_CREATE_VCPU 3: Invalid argument (os error 22)"
+        );
+    }
 
     /// The mapping of each region of guest memory carries the huge-page advice (`hg` in
     /// its smaps VmFlags), where the host kernel has THP at all.
