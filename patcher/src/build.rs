@@ -69,6 +69,12 @@ impl From<KpError> for BuildError {
     }
 }
 
+impl From<crate::ParseError> for BuildError {
+    fn from(e: crate::ParseError) -> Self {
+        BuildError::Invalid(e.into())
+    }
+}
+
 /// Compile `source` to `output` and check that the result is a loadable patch.
 /// `includes` are extra `-I` directories (for example kernel headers); `extra` are extra
 /// compiler flags, after lpvmm's.

@@ -82,11 +82,10 @@ pub trait GuestControl {
 #[error("cannot pause the guest")]
 pub struct PauseError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 
-/// Everything that can be wrong with a patch or a patch operation. Each names the file
-/// part, symbol or state at fault; none leaves the guest changed.
+/// What is wrong with a .kp file, found by parsing it alone (load/object.rs,
+/// load/manifest.rs): before any symbol is resolved or any guest byte read.
 #[derive(Debug, thiserror::Error)]
-pub enum KpError {
-    // The .kp file (load/object.rs, load/manifest.rs).
+pub enum ParseError {
     #[error("not an ELF object: {0}")]
     NotElf(String),
     #[error("wrong machine: {0}")]
@@ -101,7 +100,18 @@ pub enum KpError {
     Truncated(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
-    // Linking against the guest (load/link.rs, area.rs, funcs/site.rs).
+}
+
+/// Everything that can be wrong with a patch or a patch operation. Each names the file
+/// part, symbol or state at fault; none leaves the guest changed.
+#[derive(Debug, thiserror::Error)]
+pub enum KpError {
+    /// The .kp file itself.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    // Linking against the guest (load/, area.rs, funcs/site.rs).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     #[error("symbol: {0}")]
     Symbol(String),
     #[error("out of rel32 range: {0}")]
@@ -123,28 +133,51 @@ pub enum KpError {
     IncompatibleState(String),
     #[error("{0}")]
     State(String),
-    // The guest's memory.
-    #[error("guest memory: {0}")]
-    Guest(String),
+    // The guest.
+    /// The guest holds something lpvmm cannot work with (a value out of range, a record
+    /// gone from under it).
+    #[error("guest: {0}")]
+    GuestState(String),
     /// The guest is in the middle of something lpvmm must not cut across (its ftrace
     /// updating code, a tracer on a function lpvmm hands back); a transition waits.
     #[error("waiting for the guest: {0}")]
     GuestBusy(String),
     #[error(transparent)]
     Pause(#[from] PauseError),
+    /// Reading or writing the guest failed: what lpvmm was doing, and the guest error.
     #[error("{context}: {source}")]
-    GuestAccess {
+    Guest {
         context: String,
         #[source]
-        source: GuestError,
+        source: GuestAccess,
     },
 }
 
+/// What reading or writing a guest can fail with: its physical or virtual memory, its
+/// task list, its ftrace records.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestAccess {
+    #[error(transparent)]
+    Phys(#[from] GuestError),
+    #[error(transparent)]
+    Virt(#[from] introspection::memory::MemError),
+    #[error(transparent)]
+    Tasks(#[from] introspection::tasks::TaskError),
+    #[error(transparent)]
+    Ftrace(#[from] introspection::ftrace::FtraceError),
+}
+
 impl KpError {
-    pub fn guest(context: &str, source: GuestError) -> KpError {
-        KpError::GuestAccess {
-            context: context.to_string(),
-            source,
+    /// A refusal because of the engine's state (a transition in progress, a patch a
+    /// request depends on): the request was fine, the moment or the stack was not.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, KpError::State(_) | KpError::Dependency(_))
+    }
+
+    pub fn guest(context: impl Into<String>, source: impl Into<GuestAccess>) -> KpError {
+        KpError::Guest {
+            context: context.into(),
+            source: source.into(),
         }
     }
 }

@@ -44,3 +44,38 @@ pub fn process_start() -> Option<std::time::Instant> {
 
 /// The kernel command line `lpvmm run` gives a guest unless told otherwise.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// An error and its causes on one line, as `{:#}` writes them, less each cause whose
+/// text the line already holds: errors that keep their cause as a `source` and also say
+/// it in their message (so that their own text is whole) print it once.
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let guest = introspection::GuestError::Unmapped {
+            addr: 0x1000,
+            len: 8,
+        };
+        let e = patcher::KpError::guest("reading the site of f", guest);
+        let line = super::error_line(&e);
+        assert_eq!(line.matches("0x1000").count(), 1, "{line}");
+        assert!(line.starts_with("reading the site of f: "), "{line}");
+        let io = std::io::Error::other("disk gone");
+        let wrapped = anyhow::Error::new(io).context("saving");
+        assert_eq!(super::error_line(wrapped.as_ref()), "saving: disk gone");
+    }
+}

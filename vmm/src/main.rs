@@ -239,7 +239,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("lpvmm: error: {e:#}");
+            eprintln!("lpvmm: error: {}", lpvmm::error_line(e.as_ref()));
             ExitCode::from(1)
         }
     }

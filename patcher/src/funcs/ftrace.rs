@@ -86,7 +86,7 @@ pub(crate) fn plan(
                 func: s.addr,
                 flags_pa: mem
                     .translate(rec.flags_va)
-                    .map_err(|e| KpError::Guest(format!("the ftrace record of {}: {e}", s.name)))?,
+                    .map_err(|e| KpError::guest(format!("the ftrace record of {}", s.name), e))?,
                 flags,
                 hidden: (*m == SiteMove::Claim).then_some(rec.flags_va),
                 release: *m == SiteMove::Release,
@@ -127,7 +127,7 @@ fn release(
     let rec = rec
         .filter(|r| Some(r.flags_va) == s.ftrace_hidden)
         .ok_or_else(|| {
-            KpError::Guest(format!(
+            KpError::GuestState(format!(
                 "the ftrace record lpvmm hid for {} at {:#x} is gone",
                 s.name, s.site
             ))
@@ -165,5 +165,5 @@ fn describe(kernel: &Kernel, users: &[FtraceUser]) -> String {
 }
 
 fn ftrace_err(e: introspection::ftrace::FtraceError) -> KpError {
-    KpError::Guest(e.to_string())
+    KpError::guest("the guest's ftrace records", e)
 }

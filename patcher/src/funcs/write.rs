@@ -43,7 +43,7 @@ impl Engine {
             let mut now = [0u8; 5];
             guest
                 .read_phys(s.site_pa, &mut now)
-                .map_err(|e| KpError::guest(&format!("reading the site of {}", s.name), e))?;
+                .map_err(|e| KpError::guest(format!("reading the site of {}", s.name), e))?;
             if now != s.live {
                 // The guest's ftrace may have taken a site lpvmm had left as the NOP.
                 return Err(match crate::funcs::site::inspect(&s.name, s.site, &now) {
@@ -80,7 +80,7 @@ impl Engine {
             if s.live != *bytes {
                 guest
                     .write_phys(s.site_pa, bytes)
-                    .map_err(|e| KpError::guest(&format!("writing the site of {}", s.name), e))?;
+                    .map_err(|e| KpError::guest(format!("writing the site of {}", s.name), e))?;
                 s.live = *bytes;
             }
         }
@@ -99,7 +99,7 @@ impl Engine {
                 .ok_or_else(|| no_stack(f.func))?;
             guest
                 .write_phys(f.flags_pa, &f.flags.to_le_bytes())
-                .map_err(|e| KpError::guest(&format!("the ftrace record of {}", s.name), e))?;
+                .map_err(|e| KpError::guest(format!("the ftrace record of {}", s.name), e))?;
             s.ftrace_hidden = f.hidden;
         }
         Ok(())

@@ -53,7 +53,7 @@ impl CpuFeatures {
         let at = base + field.bit_offset / 8;
         let bytes = mem
             .read_vec(at, (words * 4) as usize)
-            .map_err(|e| KpError::Guest(format!("reading boot_cpu_data: {e}")))?;
+            .map_err(|e| KpError::guest("reading boot_cpu_data", e))?;
         Ok(CpuFeatures {
             words: bytes
                 .chunks_exact(4)

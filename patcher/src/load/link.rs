@@ -36,7 +36,7 @@ impl Returns {
             (Some(var), Some(default)) => {
                 let t = mem
                     .u64(var)
-                    .map_err(|e| crate::KpError::Guest(format!("reading x86_return_thunk: {e}")))?;
+                    .map_err(|e| crate::KpError::guest("reading x86_return_thunk", e))?;
                 Ok(if t == default {
                     Returns::Ret
                 } else {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::KpError;
+use crate::ParseError;
 
 /// Manifest format this lpvmm reads (`lpvmm=1`).
 pub const FORMAT_VERSION: u32 = 1;
@@ -120,8 +120,8 @@ fn parse_state(v: &str) -> Result<SystemState, &'static str> {
 }
 
 impl Manifest {
-    pub fn parse(section: &[u8]) -> Result<Manifest, KpError> {
-        let bad = |m: String| KpError::Manifest(m);
+    pub fn parse(section: &[u8]) -> Result<Manifest, ParseError> {
+        let bad = |m: String| ParseError::Manifest(m);
         let mut m = Manifest::default();
         let mut version = None;
         let entries: Vec<&[u8]> = section
@@ -156,8 +156,8 @@ impl Manifest {
     }
 
     /// One `key=value` entry; the format version when it is the `lpvmm=` entry.
-    fn take_entry(&mut self, key: &str, value: &str) -> Result<Option<u32>, KpError> {
-        let bad = |m: String| KpError::Manifest(m);
+    fn take_entry(&mut self, key: &str, value: &str) -> Result<Option<u32>, ParseError> {
+        let bad = |m: String| ParseError::Manifest(m);
         match key {
             "lpvmm" => {
                 let v: u32 = value
@@ -208,8 +208,8 @@ impl Manifest {
     }
 
     /// `replace[_immediate]=OLD:NEW`.
-    fn add_replacement(&mut self, value: &str, immediate: bool) -> Result<(), KpError> {
-        let bad = |m: String| KpError::Manifest(m);
+    fn add_replacement(&mut self, value: &str, immediate: bool) -> Result<(), ParseError> {
+        let bad = |m: String| ParseError::Manifest(m);
         let (old, new) = value
             .split_once(':')
             .ok_or_else(|| bad(format!("replace={value:.80}: want OLD:NEW")))?;
@@ -229,8 +229,8 @@ impl Manifest {
     }
 
     /// `symbol=LOCAL:KERNEL,POS`.
-    fn add_binding(&mut self, value: &str) -> Result<(), KpError> {
-        let bad = |m: String| KpError::Manifest(m);
+    fn add_binding(&mut self, value: &str) -> Result<(), ParseError> {
+        let bad = |m: String| ParseError::Manifest(m);
         let (local, kernel) = value
             .split_once(':')
             .ok_or_else(|| bad(format!("symbol={value:.80}: want LOCAL:KERNEL,POS")))?;

@@ -19,7 +19,7 @@ use crate::load::link::Placement;
 use crate::load::object::PatchObject;
 use crate::patch::{OrcAt, PatchedFunc};
 use crate::space::{Area, Runs, Sizes};
-use crate::KpError;
+use crate::{KpError, ParseError};
 
 pub mod alternatives;
 pub mod link;
@@ -162,7 +162,7 @@ pub(crate) fn targets<'o>(
         let size = syms.size_at(sym.addr).unwrap_or(0);
         let entry = mem
             .read_vec(sym.addr, 9)
-            .map_err(|e| KpError::Guest(format!("reading {}: {e}", r.old)))?;
+            .map_err(|e| KpError::guest(format!("reading {}", r.old), e))?;
         let site = sym.addr + site::site_offset(&entry);
         let at = (site - sym.addr) as usize;
         let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
@@ -179,7 +179,7 @@ pub(crate) fn targets<'o>(
         }
         let site_pa = mem
             .translate(site)
-            .map_err(|e| KpError::Guest(format!("{}: {e}", r.old)))?;
+            .map_err(|e| KpError::guest(r.old.to_string(), e))?;
         targets.push(Target {
             replacement: r,
             addr: sym.addr,
@@ -317,7 +317,7 @@ pub(crate) fn patched_funcs(
         let r = t.replacement;
         let f = obj
             .function(&r.new)
-            .ok_or_else(|| KpError::Manifest(format!("no function {}", r.new)))?;
+            .ok_or_else(|| ParseError::Manifest(format!("no function {}", r.new)))?;
         let new_addr = linked.functions[&r.new];
         site::jump(t.site, new_addr)?;
         let off = (new_addr - linked.code.addr) as usize;

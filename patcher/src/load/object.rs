@@ -13,7 +13,7 @@ use object::{
 use serde::{Deserialize, Serialize};
 
 use crate::load::manifest::Manifest;
-use crate::KpError;
+use crate::ParseError;
 
 pub const MANIFEST_SECTION: &str = ".lpvmm.manifest";
 /// No patch is this big; a larger file or section is refused before it is read.
@@ -179,11 +179,11 @@ fn read_alternatives(
     file: &object::File,
     index_of: &std::collections::HashMap<object::SectionIndex, usize>,
     sections: &[Section],
-) -> Result<Option<Alternatives>, KpError> {
+) -> Result<Option<Alternatives>, ParseError> {
     let Some(sec) = file.section_by_name(".altinstructions") else {
         return Ok(None);
     };
-    let bad = |m: String| KpError::Truncated(format!(".altinstructions: {m}"));
+    let bad = |m: String| ParseError::Truncated(format!(".altinstructions: {m}"));
     let data = sec.data().map_err(|e| bad(e.to_string()))?;
     let relocs: Vec<(u64, object::Relocation)> = sec.relocations().collect();
     let n = relocs.len() / 2;
@@ -274,14 +274,14 @@ impl OrcTables {
     fn read(
         file: &object::File,
         index_of: &std::collections::HashMap<object::SectionIndex, usize>,
-    ) -> Result<Option<OrcTables>, KpError> {
+    ) -> Result<Option<OrcTables>, ParseError> {
         let (Some(ips), Some(unwind)) = (
             file.section_by_name(".orc_unwind_ip"),
             file.section_by_name(".orc_unwind"),
         ) else {
             return Ok(None);
         };
-        let bad = |m: String| KpError::Truncated(format!("ORC table: {m}"));
+        let bad = |m: String| ParseError::Truncated(format!("ORC table: {m}"));
         let n = (ips.size() / 4) as usize;
         if n == 0 || n > MAX_ORC || ips.size() % 4 != 0 || unwind.size() % n as u64 != 0 {
             return Err(bad(format!(
@@ -412,7 +412,7 @@ enum Class {
     Refuse(&'static str),
 }
 
-fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Class, KpError> {
+fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Class, ParseError> {
     let alloc = flags & u64::from(elf::SHF_ALLOC) != 0;
     let exec = flags & u64::from(elf::SHF_EXECINSTR) != 0;
     if let Some(why) = special_section_advice(name) {
@@ -433,7 +433,7 @@ fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Class, KpError> {
     {
         SectionKind::Code
     } else if exec {
-        return Err(KpError::Unsupported(format!(
+        return Err(ParseError::Unsupported(format!(
             "section {name} is executable but not .text*"
         )));
     } else if name.starts_with(".rodata") {
@@ -443,7 +443,7 @@ fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Class, KpError> {
     } else if name.starts_with(".bss") || kind == ObjKind::UninitializedData {
         SectionKind::Bss
     } else {
-        return Err(KpError::Unsupported(format!(
+        return Err(ParseError::Unsupported(format!(
             "section {name}: unknown allocated section; lpvmm lays out only .text*, .rodata*, .data* and .bss*"
         )));
     };
@@ -482,7 +482,7 @@ struct Laid {
 }
 
 /// Classify every section: laid out (with its contents, bounded), skipped, or refused.
-fn lay_out_sections(file: &object::File) -> Result<Laid, KpError> {
+fn lay_out_sections(file: &object::File) -> Result<Laid, ParseError> {
     // Sections to lay out, with a map from ELF section index to ours; sections that
     // must be refused, refused once the functions that need them are known.
     let mut sections = Vec::new();
@@ -509,7 +509,7 @@ fn lay_out_sections(file: &object::File) -> Result<Laid, KpError> {
         // (The patch area, smaller, refuses most large patches with a clearer message.)
         laid_out = laid_out.saturating_add(s.size());
         if laid_out > MAX_LAID_OUT {
-            return Err(KpError::Truncated(format!(
+            return Err(ParseError::Truncated(format!(
                 "section {name} claims {} bytes: a patch's sections take at most \
                  {MAX_LAID_OUT} bytes together",
                 s.size()
@@ -519,14 +519,14 @@ fn lay_out_sections(file: &object::File) -> Result<Laid, KpError> {
             Vec::new()
         } else {
             s.data()
-                .map_err(|e| KpError::Truncated(format!("section {name}: {e}")))?
+                .map_err(|e| ParseError::Truncated(format!("section {name}: {e}")))?
                 .to_vec()
         };
         // A section with no contents in the file (SHT_NOBITS) under a .text, .rodata
         // or .data name would be laid out shorter than the places it claims (found
         // by fuzzing: a relocation written past its empty image).
         if kind != SectionKind::Bss && bytes.len() as u64 != s.size() {
-            return Err(KpError::Truncated(format!(
+            return Err(ParseError::Truncated(format!(
                 "section {name}: {} bytes by its header, {} in the file",
                 s.size(),
                 bytes.len()
@@ -534,7 +534,7 @@ fn lay_out_sections(file: &object::File) -> Result<Laid, KpError> {
         }
         let align = s.align().max(1);
         if !align.is_power_of_two() || align > 4096 {
-            return Err(KpError::Unsupported(format!(
+            return Err(ParseError::Unsupported(format!(
                 "section {name}: alignment {align}"
             )));
         }
@@ -560,12 +560,12 @@ fn lay_out_sections(file: &object::File) -> Result<Laid, KpError> {
 fn functions_of(
     file: &object::File,
     index_of: &HashMap<object::SectionIndex, usize>,
-) -> Result<Vec<Function>, KpError> {
+) -> Result<Vec<Function>, ParseError> {
     let mut functions = Vec::new();
     for sym in file.symbols() {
         let name = sym.name().unwrap_or("").to_string();
         if sym.section() == SymbolSection::Common {
-            return Err(KpError::Unsupported(format!(
+            return Err(ParseError::Unsupported(format!(
                 "common symbol {name} (build with -fno-common, as lpvmm kp build does)"
             )));
         }
@@ -592,7 +592,7 @@ fn refusal(
     refused: &[(object::SectionIndex, String, &'static str)],
     index_of: &HashMap<object::SectionIndex, usize>,
     functions: &[Function],
-) -> KpError {
+) -> ParseError {
     // One line per reason (an alternative has two sections, say), each with
     // the sections and the functions that need them.
     let mut each: Vec<String> = Vec::new();
@@ -619,7 +619,7 @@ fn refusal(
         };
         each.push(format!("{word} {}{by}: {why}", names.join(", ")));
     }
-    KpError::Unsupported(format!(
+    ParseError::Unsupported(format!(
         "{}; the guest kernel would have to know about {}",
         each.join("; "),
         if each.len() == 1 { "it" } else { "them" }
@@ -635,12 +635,12 @@ fn reloc_target(
     imports: &mut BTreeSet<String>,
     sname: &str,
     offset: u64,
-) -> Result<RelocTarget, KpError> {
+) -> Result<RelocTarget, ParseError> {
     Ok(match r.target() {
         RelocationTarget::Symbol(si) => {
             let sym = file
                 .symbol_by_index(si)
-                .map_err(|e| KpError::Truncated(format!("relocation symbol: {e}")))?;
+                .map_err(|e| ParseError::Truncated(format!("relocation symbol: {e}")))?;
             let name = sym.name().unwrap_or("").to_string();
             match sym.section() {
                 SymbolSection::Undefined => {
@@ -657,13 +657,13 @@ fn reloc_target(
                         name,
                     },
                     None => {
-                        return Err(KpError::Unsupported(format!(
+                        return Err(ParseError::Unsupported(format!(
                         "{sname}+{offset:#x} refers to '{name}' in a section lpvmm does not load"
                     )))
                     }
                 },
                 other => {
-                    return Err(KpError::Unsupported(format!(
+                    return Err(ParseError::Unsupported(format!(
                         "{sname}+{offset:#x} refers to '{name}' ({other:?})"
                     )))
                 }
@@ -672,13 +672,13 @@ fn reloc_target(
         RelocationTarget::Section(i) => match index_of.get(&i) {
             Some(&section) => RelocTarget::Section(section),
             None => {
-                return Err(KpError::Unsupported(format!(
+                return Err(ParseError::Unsupported(format!(
                     "{sname}+{offset:#x} refers to a section lpvmm does not load"
                 )))
             }
         },
         _ => {
-            return Err(KpError::Unsupported(format!(
+            return Err(ParseError::Unsupported(format!(
                 "{sname}+{offset:#x}: relocation without a target"
             )))
         }
@@ -691,7 +691,7 @@ fn read_relocations(
     file: &object::File,
     index_of: &HashMap<object::SectionIndex, usize>,
     sections: &mut [Section],
-) -> Result<BTreeSet<String>, KpError> {
+) -> Result<BTreeSet<String>, ParseError> {
     let mut imports = BTreeSet::new();
     for s in file.sections() {
         let Some(&ours) = index_of.get(&s.index()) else {
@@ -700,7 +700,7 @@ fn read_relocations(
         let sname = sections[ours].name.clone();
         for (offset, r) in s.relocations() {
             let RelocationFlags::Elf { r_type } = r.flags() else {
-                return Err(KpError::Unsupported(format!(
+                return Err(ParseError::Unsupported(format!(
                     "{sname}+{offset:#x}: non-ELF relocation"
                 )));
             };
@@ -710,7 +710,7 @@ fn read_relocations(
                 RelocTarget::Section(i) => sections[*i].name.clone(),
             };
             let kind = reloc_kind(r_type).ok_or_else(|| {
-                KpError::Unsupported(format!(
+                ParseError::Unsupported(format!(
                     "relocation {} against '{what}' at {sname}+{offset:#x} (build with -mcmodel=kernel -fno-pic, as lpvmm kp build does)",
                     reloc_name(r_type)
                 ))
@@ -721,7 +721,7 @@ fn read_relocations(
                     .checked_add(width)
                     .is_none_or(|e| e > sections[ours].size)
             {
-                return Err(KpError::Truncated(format!(
+                return Err(ParseError::Truncated(format!(
                     "relocation at {sname}+{offset:#x} is outside the section"
                 )));
             }
@@ -743,21 +743,21 @@ fn check_manifest(
     functions: &[Function],
     sections: &[Section],
     imports: &BTreeSet<String>,
-) -> Result<(), KpError> {
+) -> Result<(), ParseError> {
     for r in &manifest.replacements {
         let f = functions.iter().find(|f| f.name == r.new).ok_or_else(|| {
-            KpError::Manifest(format!(
+            ParseError::Manifest(format!(
                 "{} is to be replaced by '{}', which the object does not define as a function",
                 r.old, r.new
             ))
         })?;
         if !sections[f.section].kind.executable() || f.size == 0 {
-            return Err(KpError::Manifest(format!("'{}' is not code", r.new)));
+            return Err(ParseError::Manifest(format!("'{}' is not code", r.new)));
         }
     }
     for b in &manifest.bindings {
         if !imports.contains(&b.local) {
-            return Err(KpError::Manifest(format!(
+            return Err(ParseError::Manifest(format!(
                 "symbol binding for '{}', which the patch does not use",
                 b.local
             )));
@@ -775,15 +775,15 @@ fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
 }
 
 impl PatchObject {
-    pub fn parse(data: &[u8]) -> Result<PatchObject, KpError> {
+    pub fn parse(data: &[u8]) -> Result<PatchObject, ParseError> {
         if data.len() > MAX_KP_BYTES {
-            return Err(KpError::NotElf(format!(
+            return Err(ParseError::NotElf(format!(
                 "{} bytes; a .kp is at most {MAX_KP_BYTES}",
                 data.len()
             )));
         }
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
-            return Err(KpError::NotElf("no ELF magic".into()));
+            return Err(ParseError::NotElf("no ELF magic".into()));
         }
         // object's ELF reader needs 8-byte aligned input; a caller's slice need not be
         // (found by fuzzing: AFL++ hands over inputs at any address).
@@ -794,27 +794,27 @@ impl PatchObject {
             copy = aligned_copy(data);
             &copy.0[copy.1..]
         };
-        let file = object::File::parse(data).map_err(|e| KpError::NotElf(e.to_string()))?;
+        let file = object::File::parse(data).map_err(|e| ParseError::NotElf(e.to_string()))?;
         if !file.is_64() || !file.is_little_endian() {
-            return Err(KpError::WrongMachine(
+            return Err(ParseError::WrongMachine(
                 "not a 64-bit little-endian object".into(),
             ));
         }
         if file.architecture() != object::Architecture::X86_64 {
-            return Err(KpError::WrongMachine(format!(
+            return Err(ParseError::WrongMachine(format!(
                 "built for {:?}, the guest is x86-64",
                 file.architecture()
             )));
         }
         if file.kind() != object::ObjectKind::Relocatable {
-            return Err(KpError::NotRelocatable(format!("{:?}", file.kind())));
+            return Err(ParseError::NotRelocatable(format!("{:?}", file.kind())));
         }
 
         let manifest_data = file
             .section_by_name(MANIFEST_SECTION)
-            .ok_or(KpError::NoManifest)?
+            .ok_or(ParseError::NoManifest)?
             .data()
-            .map_err(|e| KpError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
+            .map_err(|e| ParseError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
         let manifest = Manifest::parse(manifest_data)?;
 
         let Laid {
@@ -850,12 +850,12 @@ impl PatchObject {
     /// Every place the object names lies in its section. Symbol values, sizes and
     /// addends are the object's to choose; checked once here, the linker may add them
     /// to where it lays the sections (found by fuzzing: a function's value near 2^64).
-    fn check_places(&self) -> Result<(), KpError> {
+    fn check_places(&self) -> Result<(), ParseError> {
         let inside = |section: usize, offset: u64, len: u64, what: &dyn Fn() -> String| {
             let s = self.sections.get(section);
             match (s, offset.checked_add(len)) {
                 (Some(s), Some(end)) if end <= s.size => Ok(()),
-                _ => Err(KpError::Truncated(format!(
+                _ => Err(ParseError::Truncated(format!(
                     "{} at {offset:#x}+{len:#x} lies outside its section {}",
                     what(),
                     s.map_or("(none)".into(), |s| format!(

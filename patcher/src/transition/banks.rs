@@ -230,7 +230,7 @@ fn task_granule(guest: &dyn PausedGuest, kernel: &Kernel) -> Result<(u64, u64), 
         .ok_or_else(|| need("the symbol page_offset_base"))?;
     let base = mem
         .u64(pob)
-        .map_err(|e| KpError::Guest(format!("reading page_offset_base: {e}")))?;
+        .map_err(|e| KpError::guest("reading page_offset_base", e))?;
     // task_structs are `arch_task_struct_size` bytes apart at least: on x86 that is
     // sizeof(struct task_struct) with the FPU state resized to what the CPU saves,
     // often smaller than the static size BTF gives. The granule must not exceed
@@ -244,10 +244,10 @@ fn task_granule(guest: &dyn PausedGuest, kernel: &Kernel) -> Result<(u64, u64), 
         Some(a) => {
             let n = u64::from(
                 mem.u32(a)
-                    .map_err(|e| KpError::Guest(format!("reading arch_task_struct_size: {e}")))?,
+                    .map_err(|e| KpError::guest("reading arch_task_struct_size", e))?,
             );
             if n < 1024 {
-                return Err(KpError::Guest(format!(
+                return Err(KpError::GuestState(format!(
                     "arch_task_struct_size is {n}, too small for a task_struct"
                 )));
             }

@@ -543,7 +543,7 @@ impl Engine {
         let started = Instant::now();
         let list = self
             .confirmed_list(&TaskReader::new(kernel, guest), counts)
-            .map_err(|e| KpError::Guest(format!("listing tasks: {e}")));
+            .map_err(|e| KpError::guest("listing tasks", e));
         self.tick_parts.list_us += micros(started.elapsed());
         list
     }

@@ -212,13 +212,14 @@ fn reply<T: serde::Serialize, E: Into<anyhow::Error>>(r: Result<T, E>) -> Respon
         Ok(v) => ResponseLine::ok(v),
         Err(e) => {
             // Refusals of the patch engine are about the VM's state, not failures.
-            let kind = match e.downcast_ref::<patcher::KpError>() {
-                Some(patcher::KpError::State(_) | patcher::KpError::Dependency(_)) => {
-                    ErrorKind::BadState
-                }
-                _ => ErrorKind::Failed,
+            let refused = e
+                .downcast_ref::<patcher::KpError>()
+                .is_some_and(patcher::KpError::is_refusal);
+            let kind = match refused {
+                true => ErrorKind::BadState,
+                false => ErrorKind::Failed,
             };
-            ResponseLine::err(kind, format!("{e:#}"))
+            ResponseLine::err(kind, crate::error_line(e.as_ref()))
         }
     }
 }

@@ -163,8 +163,8 @@ impl Session {
         match due {
             Ok(due) => due.map(|d| self.instant(d)),
             Err(e) => {
-                let e = anyhow::Error::from(e);
-                tracing::warn!("patch driver: cannot tick: {e:#}");
+                let e = crate::error_line(&e);
+                tracing::warn!("patch driver: cannot tick: {e}");
                 self.engine.due().map(|d| self.instant(d))
             }
         }
