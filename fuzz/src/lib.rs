@@ -582,7 +582,7 @@ pub fn guest(data: &[u8]) {
 
 /// One control-socket request line, as the server parses it before it touches the VM.
 pub fn control(data: &[u8]) {
-    if let Ok(r) = serde_json::from_slice::<lpvmm::control::proto::RequestLine>(data) {
+    if let Ok(r) = serde_json::from_slice::<lpvmm::proto::RequestLine>(data) {
         let _ = serde_json::to_string(&r);
     }
 }

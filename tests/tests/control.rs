@@ -120,7 +120,7 @@ fn endless_lines(g: &mut Guest, sock: &str) -> TestResult {
         out.contains("request longer than") && out.contains("bad_request"),
         "a never-ending line got no error:\n{out}"
     );
-    let limit = lpvmm::control::proto::MAX_REQUEST_BYTES as u64;
+    let limit = lpvmm::proto::MAX_REQUEST_BYTES as u64;
     check!(
         wrote >= limit && wrote < limit + (16 << 20),
         "lpvmm cut a never-ending line off after {wrote} bytes, not near its limit {limit}"

@@ -4,7 +4,9 @@
 //! Its parts, each a folder, in the order a request meets them (docs/architecture.md
 //! draws them):
 //! - [`cli`]: the client commands, which talk to a running VM's control socket;
-//! - [`control`]: the socket server, the wire protocol and the client;
+//! - [`control`]: the socket server and the client;
+//! - [`proto`]: the wire protocol, every request and answer (a leaf: it uses no other
+//!   part);
 //! - [`session`]: a running VM with its attached guest kernel and patch engine, and
 //!   the requests' glue ([`session::inspect`], [`session::patching`]);
 //! - [`vstate`]: the VM core (KVM objects, memory, vCPU threads, pause and resume);
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod control;
 pub mod devices;
 pub mod hostcheck;
+pub mod proto;
 pub mod run;
 pub mod seccomp;
 pub mod session;

@@ -37,7 +37,6 @@ pub mod banks;
 pub mod dispatch;
 pub mod early;
 pub mod tick;
-pub mod tick_early;
 
 /// First retry after this, doubling up to `MAX_BACKOFF`.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);

@@ -11,9 +11,7 @@ use serde::Serialize;
 
 use crate::cli::print_json;
 use crate::control::client::Client;
-use crate::control::proto::{
-    OutcomeView, PatchStatusResult, Request, TransitionStarted, TransitionView,
-};
+use crate::proto::{OutcomeView, PatchStatusResult, Request, TransitionStarted, TransitionView};
 
 /// First and longest wait between status requests while a transition runs: most end
 /// within a tick or two.

@@ -7,7 +7,7 @@ use introspection::stack::{StackTrace, TraceStart};
 
 use crate::cli::print_json;
 use crate::control::client::Client;
-use crate::control::proto::{
+use crate::proto::{
     DisasmResult, KernelResult, PauseCost, Request, StackResult, SymQuery, SymResult, TasksResult,
 };
 

@@ -10,11 +10,11 @@ use patcher::Consistency;
 
 use crate::cli::print_json;
 use crate::control::client::Client;
-use crate::control::proto::{
+use crate::control::rundir::PATCH_VERBS;
+use crate::proto::{
     AreaView, BlockerView, ChecksumResult, ChecksumTarget, FuncView, OutcomeView, PatchLoadResult,
     PatchStatusResult, PatchView, Request, TransitionStarted, TransitionView,
 };
-use crate::control::rundir::PATCH_VERBS;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -826,7 +826,7 @@ fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
 
 /// The release of a running VM's kernel, as introspection reads it.
 fn guest_release(vm: &str) -> Result<String> {
-    let k: crate::control::proto::KernelResult =
+    let k: crate::proto::KernelResult =
         Client::connect(vm)?.call(Request::Kernel { reattach: false })?;
     Ok(k.stats.release)
 }

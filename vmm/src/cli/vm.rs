@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use crate::cli::print_json;
 use crate::control::client::Client;
-use crate::control::proto::{
+use crate::control::rundir;
+use crate::proto::{
     PauseResult, ReadPhysResult, RegsResult, Request, ResumeResult, RunState, StatusInfo,
     VmcoreinfoResult,
 };
-use crate::control::rundir;
 
 #[derive(Subcommand)]
 pub enum Bench {

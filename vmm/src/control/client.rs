@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 
-use super::proto::{Request, RequestLine, ResponseLine, PROTOCOL_VERSION};
 use super::rundir;
+use crate::proto::{Request, RequestLine, ResponseLine, PROTOCOL_VERSION};
 
 pub struct Client {
     name: String,

@@ -2,6 +2,5 @@
 //! carrying JSON lines. The engine lives in the VMM process; the CLI is a thin client.
 
 pub mod client;
-pub mod proto;
 pub mod rundir;
 pub mod server;

@@ -12,11 +12,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::proto::{
-    ErrorKind, Request, RequestLine, ResponseLine, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
-};
 use super::rundir;
 use crate::devices::StopReason;
+use crate::proto::{
+    ErrorKind, Request, RequestLine, ResponseLine, MAX_REQUEST_BYTES, PROTOCOL_VERSION,
+};
 use crate::session::patching::TransitionArgs;
 use crate::session::Session;
 

@@ -12,7 +12,7 @@ use introspection::tasks::Task;
 use introspection::tasks::TaskReader;
 use introspection::{Kernel, PausedGuest};
 
-use crate::control::proto::{
+use crate::proto::{
     DisasmResult, KernelResult, PatchSymbol, PauseCost, Redirect, StackResult, SymQuery, SymResult,
     TasksResult,
 };

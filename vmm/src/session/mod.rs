@@ -1,12 +1,14 @@
 //! A running VM as the control socket sees it: the VM core, the guest kernel once
 //! attached, and the patch engine. Requests and the patch driver lock one `Session`;
-//! the VM core itself knows neither patches nor the protocol.
+//! the VM core itself knows neither patches nor the socket.
 //!
 //! - [`inspect`]: read-only requests (kernel, tasks, stacks, symbols);
-//! - [`patching`]: the patch engine's driver (load, unload, ticks).
+//! - [`patching`]: the patch engine's driver (load, unload, ticks);
+//! - [`status`]: the engine's state as `patch status` shows it.
 
 pub mod inspect;
 pub mod patching;
+pub mod status;
 
 use std::sync::{Arc, Condvar};
 use std::time::Instant;

@@ -14,13 +14,14 @@ use anyhow::{anyhow, bail, Result};
 use patcher::{Begin, Consistency, EnableArgs, Op, Request};
 use sha2::{Digest, Sha256};
 
-use crate::control::proto::{
+use crate::devices::StopReason;
+use crate::proto::PauseCost;
+use crate::proto::{
     ChecksumResult, ChecksumTarget, PatchLoadResult, PatchStatusResult, TransitionStarted,
 };
-use crate::devices::StopReason;
 use crate::session::Session;
 use crate::vstate::paused::PausedVm;
-use crate::vstate::vm::{PauseCost, Vm};
+use crate::vstate::vm::Vm;
 
 /// How the VMM says, on stderr, where the patch code lies in the guest once it first
 /// maps the patch area (followed by `START-END`): a guest that dies executing there dies

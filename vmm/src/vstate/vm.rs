@@ -1,6 +1,6 @@
 //! One VM: KVM objects, guest memory, devices and vCPU threads, pause and resume. The
-//! VM core knows neither patches nor the control protocol: the [`crate::session`]
-//! builds on it.
+//! VM core knows neither patches nor the control socket (what it answers, `status` or a
+//! pause's cost, are [`crate::proto`]'s types): the [`crate::session`] builds on it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,12 +20,15 @@ use crate::arch::cpu::{self, CpuError};
 use crate::arch::layout::{LayoutError, MemoryLayout};
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::hostcheck::{self, HostCheckError};
+use crate::proto::{
+    PauseCost, PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo,
+    VmcoreinfoResult, MAX_READ_PHYS,
+};
 use crate::vstate::host_memory::{self, HostMapping, HostMemoryError};
 use crate::vstate::paused::{PausedVm, RamView};
 use crate::vstate::vcpu::{VcpuError, Vcpus};
 use introspection::vmcoreinfo::VmcoreInfoError;
-use introspection::{GuestError, GuestRam, PhysRange, VcpuState, VmcoreInfo};
-use serde::{Deserialize, Serialize};
+use introspection::{GuestError, GuestRam, PhysRange, VcpuState};
 
 /// How long a pause may take before it is abandoned and the VM resumed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,82 +115,6 @@ pub struct VmConfig {
     /// The patch engine checks each early trace it confirms against a fresh unwind
     /// (`--verify-early-checks`).
     pub verify_early_checks: bool,
-}
-
-/// Largest guest-physical read one `read_phys` request may ask for.
-pub const MAX_READ_PHYS: u32 = 64 * 1024;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StatusInfo {
-    pub name: String,
-    pub pid: u32,
-    pub state: RunState,
-    pub vcpus: usize,
-    pub memory_bytes: u64,
-    pub kernel: String,
-    pub initrd: Option<String>,
-    pub cmdline: String,
-    pub uptime_ms: u64,
-    pub patch_area_start: u64,
-    pub patch_area_size: u64,
-    pub pauses: u64,
-    pub last_pause_ns: Option<u64>,
-    /// From the start of the lpvmm process (or, in a program that did not mark it, the
-    /// creation of this VM) to the first vCPU's first `KVM_RUN`: the VMM's start-up.
-    #[serde(default)]
-    pub start_to_first_run_us: Option<u64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PauseResult {
-    /// Request received → every vCPU parked, measured inside the VMM.
-    pub parked_ns: u64,
-    pub vcpus: Vec<VcpuState>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ResumeResult {
-    /// Resume request → every vCPU has left the park, measured inside the VMM.
-    pub resumed_ns: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RegsResult {
-    /// Whether lpvmm paused a running VM for this read, and how long the guest saw it:
-    /// a bare pause, the yardstick for every other request's pause.
-    #[serde(flatten)]
-    pub pause: PauseCost,
-    pub vcpus: Vec<VcpuState>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ReadPhysResult {
-    pub addr: u64,
-    /// Lower-case hex, two digits per byte.
-    pub hex: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VmcoreinfoResult {
-    /// Guest-physical address of the note's text.
-    pub phys_addr: u64,
-    pub info: VmcoreInfo,
-}
-
-/// How long a request kept the guest paused.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PauseCost {
-    /// True when the VM was running and lpvmm paused it just for this request.
-    pub paused_for_read: bool,
-    /// Pause request to resume done, inside the VMM (0 when no pause was needed).
-    pub paused_us: u64,
 }
 
 pub struct Vm {

@@ -12,10 +12,11 @@ use introspection::tasks::TaskList;
 pub use patcher::Consistency;
 use serde::{Deserialize, Serialize};
 
-pub use crate::vstate::vm::{
-    PauseCost, PauseResult, ReadPhysResult, RegsResult, ResumeResult, RunState, StatusInfo,
-    VmcoreinfoResult, MAX_READ_PHYS,
-};
+use introspection::vmcoreinfo::VmcoreInfo;
+use introspection::VcpuState;
+
+/// Largest guest-physical read one `read_phys` request may ask for.
+pub const MAX_READ_PHYS: u32 = 64 * 1024;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the server reads; anything longer is refused. A patch load
@@ -416,24 +417,8 @@ macro_rules! wire_word {
 }
 wire_word!(PatchStateView, SiteNow, OutcomeView);
 
-/// A patch's state as status shows it: `enabling`/`disabling` while a transition of
-/// it runs, else its engine state.
 fn vmlinux() -> String {
     "vmlinux".into()
-}
-
-fn state_now(
-    active: Option<&patcher::Transition>,
-    patch: &str,
-    state: patcher::PatchState,
-) -> PatchStateView {
-    match (active.filter(|t| t.patch == patch), state) {
-        (Some(t), _) if t.op == patcher::Op::Enable => PatchStateView::Enabling,
-        (Some(_), _) => PatchStateView::Disabling,
-        (None, patcher::PatchState::Enabled) => PatchStateView::Enabled,
-        (None, patcher::PatchState::Disabled) => PatchStateView::Disabled,
-        (None, patcher::PatchState::Replaced) => PatchStateView::Replaced,
-    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -499,204 +484,11 @@ pub struct BlockerView {
     pub trace: StackTrace,
 }
 
-fn version_name(v: &patcher::Version) -> String {
-    match v {
-        patcher::Version::Original => "original".into(),
-        patcher::Version::Code(c) => format!("{} [{}]", c.name, c.patch),
-    }
-}
-
 /// The word a unit enum variant is on the wire (`timed_out`).
 fn snake<T: Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
         Ok(serde_json::Value::String(s)) => s,
         _ => String::new(),
-    }
-}
-
-impl BlockerView {
-    fn of(b: &patcher::Blocker) -> Self {
-        BlockerView {
-            pid: b.pid,
-            comm: b.comm.clone(),
-            reason: b.reason.clone(),
-            trace: b.trace.clone(),
-        }
-    }
-}
-
-impl TransitionView {
-    pub fn of(t: &patcher::Transition) -> Self {
-        TransitionView {
-            id: t.id,
-            patch: t.patch.clone(),
-            op: t.op,
-            consistency: t.consistency,
-            phase: t.phase(),
-            reversed: t.reversed,
-            timed_out: t.timed_out,
-            outcome: OutcomeView::from(&t.outcome),
-            failure: match &t.outcome {
-                patcher::Outcome::Failed(why) => Some(why.clone()),
-                _ => None,
-            },
-            request: t.request,
-            note: t.note.clone(),
-            elapsed_ms: t.elapsed_ms,
-            timeout_ms: t.timeout_ms,
-            ticks: t.ticks,
-            backoff_ms: t.backoff_ms,
-            tasks: t.tasks,
-            moved: t.tasks.saturating_sub(t.pending),
-            pending: t.pending,
-            blockers: t.blockers.iter().map(BlockerView::of).collect(),
-            skipped: t.skipped.iter().map(BlockerView::of).collect(),
-            gave_up_on: t.gave_up_on.iter().map(BlockerView::of).collect(),
-            functions: t
-                .changes
-                .iter()
-                .map(|c| ChangeView {
-                    name: c.name.clone(),
-                    from: version_name(&c.from),
-                    to: version_name(&c.to),
-                    immediate: c.immediate,
-                    trampoline: c.trampoline,
-                })
-                .collect(),
-            pauses_us: t.pauses_us.clone(),
-            early_checks: t.early_checks,
-            tick_parts: t.tick_parts.clone(),
-        }
-    }
-}
-
-/// What the site of kernel function `func` holds now: `original`, `jump` (straight to
-/// one version) or `trampoline` (a transition dispatches each task).
-fn site_now(e: &patcher::Engine, func: u64, trampolines: &[patcher::area::Region]) -> SiteNow {
-    let Some(to) = e
-        .funcs()
-        .find(|s| s.addr == func)
-        .and_then(|s| s.jump_target())
-    else {
-        return SiteNow::Original;
-    };
-    if trampolines.iter().any(|r| r.contains(to)) {
-        SiteNow::Trampoline
-    } else {
-        SiteNow::Jump
-    }
-}
-
-impl PatchStatusResult {
-    pub fn of(e: &patcher::Engine) -> Self {
-        let active = e.active();
-        let trampolines = e.trampoline_code();
-        PatchStatusResult {
-            patches: e
-                .patches()
-                .iter()
-                .map(|p| PatchView::of(p, active))
-                .collect(),
-            funcs: e
-                .function_versions()
-                .into_iter()
-                .map(|v| FuncView::of(e, v, active, &trampolines))
-                .collect(),
-            active: active.map(TransitionView::of),
-            history: e.history().map(TransitionView::of).collect(),
-            area: e.area_layout().map(|a| AreaView::of(a, e.area_use())),
-        }
-    }
-}
-
-impl PatchView {
-    fn of(p: &patcher::Patch, active: Option<&patcher::Transition>) -> Self {
-        PatchView {
-            name: p.name.clone(),
-            state: state_now(active, &p.name, p.state),
-            forced: p.forced,
-            enables: p.enables,
-            depends: p.depends.clone(),
-            atomic_replace: p.atomic_replace,
-            replaced_by: p.replaced_by.clone(),
-            orc_entries: p.orc.len(),
-            states: p
-                .states
-                .iter()
-                .map(|s| StateView {
-                    id: s.id,
-                    version: s.version,
-                })
-                .collect(),
-            funcs: p
-                .objects
-                .iter()
-                .flat_map(|o| o.funcs.iter().map(move |f| (o, f)))
-                .map(|(o, f)| PatchFuncView {
-                    object: o.name.to_string(),
-                    old: f.old.to_string(),
-                    old_addr: f.old_addr,
-                    new_name: f.new_name.clone(),
-                    new_addr: f.new_addr,
-                    new_size: f.new_size,
-                    frame_pointer: f.frame_pointer,
-                    immediate: f.immediate,
-                })
-                .collect(),
-        }
-    }
-}
-
-impl FuncView {
-    fn of(
-        e: &patcher::Engine,
-        v: patcher::FunctionVersions,
-        active: Option<&patcher::Transition>,
-        trampolines: &[patcher::area::Region],
-    ) -> Self {
-        FuncView {
-            name: v.name,
-            addr: v.addr,
-            site: v.site,
-            visible: v
-                .versions
-                .iter()
-                .find(|x| x.visible)
-                .map_or("original".into(), |x| x.patch.clone()),
-            versions: v
-                .versions
-                .into_iter()
-                .map(|x| VersionView {
-                    state: state_now(active, &x.patch, x.state),
-                    patch: x.patch,
-                    function: x.function,
-                    addr: x.addr,
-                    visible: x.visible,
-                })
-                .collect(),
-            site_now: site_now(e, v.addr, trampolines),
-            ftrace_hidden: e
-                .funcs()
-                .any(|s| s.addr == v.addr && s.ftrace_hidden.is_some()),
-        }
-    }
-}
-
-impl AreaView {
-    fn of(a: &patcher::area::AreaLayout, u: Option<patcher::engine::AreaUse>) -> Self {
-        AreaView {
-            phys_start: a.phys.start,
-            phys_size: a.phys.size,
-            va: a.va,
-            code_start: a.code.start,
-            code_end: a.code.end,
-            code_used: u.map_or(0, |u| u.code.0),
-            code_size: a.code.size(),
-            rodata_used: u.map_or(0, |u| u.rodata.0),
-            rodata_size: a.rodata.size(),
-            data_used: u.map_or(0, |u| u.data.0),
-            data_size: a.data.size(),
-        }
     }
 }
 
@@ -707,6 +499,81 @@ pub struct ChecksumResult {
     pub len: u64,
     pub sha256: String,
     pub pause: PauseCost,
+}
+
+// What the VM core answers (vstate/vm.rs builds them).
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub name: String,
+    pub pid: u32,
+    pub state: RunState,
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub uptime_ms: u64,
+    pub patch_area_start: u64,
+    pub patch_area_size: u64,
+    pub pauses: u64,
+    pub last_pause_ns: Option<u64>,
+    /// From the start of the lpvmm process (or, in a program that did not mark it, the
+    /// creation of this VM) to the first vCPU's first `KVM_RUN`: the VMM's start-up.
+    #[serde(default)]
+    pub start_to_first_run_us: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PauseResult {
+    /// Request received → every vCPU parked, measured inside the VMM.
+    pub parked_ns: u64,
+    pub vcpus: Vec<VcpuState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResumeResult {
+    /// Resume request → every vCPU has left the park, measured inside the VMM.
+    pub resumed_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegsResult {
+    /// Whether lpvmm paused a running VM for this read, and how long the guest saw it:
+    /// a bare pause, the yardstick for every other request's pause.
+    #[serde(flatten)]
+    pub pause: PauseCost,
+    pub vcpus: Vec<VcpuState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadPhysResult {
+    pub addr: u64,
+    /// Lower-case hex, two digits per byte.
+    pub hex: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmcoreinfoResult {
+    /// Guest-physical address of the note's text.
+    pub phys_addr: u64,
+    pub info: VmcoreInfo,
+}
+
+/// How long a request kept the guest paused.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PauseCost {
+    /// True when the VM was running and lpvmm paused it just for this request.
+    pub paused_for_read: bool,
+    /// Pause request to resume done, inside the VMM (0 when no pause was needed).
+    pub paused_us: u64,
 }
 
 #[cfg(test)]
