@@ -59,17 +59,10 @@ mod load;
 
 use std::time::{Duration, Instant};
 
+use lpvmm_tests::stats::{median, median_range, min_max, percentile};
 use lpvmm_tests::{json, BootFailure, KvmTrace, TestHost, BOOT_TIMEOUT};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return 0.0;
-    }
-    v[v.len() / 2]
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -172,7 +165,7 @@ fn boot(runs: u32) -> Result<(), String> {
             q.push(time_boot(&mut host, "bench-qemu", &qemu)?);
         }
         eprintln!("{series}: lpvmm {l:?} qemu {q:?}");
-        let (lm, qm) = (median(l), median(q));
+        let (lm, qm) = (median(&l), median(&q));
         println!("| {series} | {lm:.2} | {qm:.2} | {:.2} |", lm / qm);
     }
     Ok(())
@@ -476,13 +469,6 @@ fn pause_one(
     Ok(v)
 }
 
-fn p99(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len() as f64 - 1.0) * 0.99).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
-}
-
 /// Attach time, and the guest-visible pause of `lpvmm tasks` and of unwinding every
 /// task, with 100 and 2000 extra guest tasks. Side by side: the guest reading every
 /// /proc/PID/stack itself (its own cost for the same information).
@@ -527,10 +513,10 @@ fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
         let st = &last["stats"];
         let ms = |k: &str| st[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
         eprintln!("{series}: attach runs (ms) {attach:?}, their pauses {attach_pause:?}, bare pauses {bare_pause:?}");
-        let (attach_pause, bare_pause) = (median(attach_pause), median(bare_pause));
+        let (attach_pause, bare_pause) = (median(&attach_pause), median(&bare_pause));
         println!(
             "| {series} | {:.0} | {:.0} | {:.0} | {:.0} | {attach_pause:.1} | {bare_pause:.1} | {:.2} | {} | {} | {} |",
-            median(attach),
+            median(&attach),
             ms("vmcoreinfo_done_us"),
             ms("kallsyms_done_us"),
             ms("btf_done_us"),
@@ -579,13 +565,13 @@ fn introspect_with(runs: u32, task_pauses: bool) -> Result<(), String> {
             eprintln!("{series} +{extra}: tasks pauses {tasks_us:?} stacks pauses {stacks_us:?} guest /proc walk {own_us} us");
             rows.push(format!(
                 "| {series} | {count:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.4} |",
-                median(tasks_us.clone()) / 1000.0,
-                p99(tasks_us.clone()) / 1000.0,
-                median(stacks_us.clone()) / 1000.0,
-                p99(stacks_us.clone()) / 1000.0,
-                median(stacks_us.clone()) / count,
+                median(&tasks_us) / 1000.0,
+                percentile(&tasks_us, 0.99) / 1000.0,
+                median(&stacks_us) / 1000.0,
+                percentile(&stacks_us, 0.99) / 1000.0,
+                median(&stacks_us) / count,
                 own_us / 1000.0,
-                median(stacks_us) / own_us,
+                median(&stacks_us) / own_us,
             ));
             g.run("pkill spawn; sleep 1; true")?;
         }
@@ -623,12 +609,10 @@ fn vmm_start(runs: u32) -> Result<(), String> {
                 g.poweroff()?;
             }
             eprintln!("{series}, {vcpus} vCPU: {ms:?} ms");
-            let (lo, hi) = ms
-                .iter()
-                .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+            let (lo, hi) = min_max(&ms);
             println!(
                 "| {series} | {vcpus} | {:.1} | {lo:.1}–{hi:.1} |",
-                median(ms)
+                median(&ms)
             );
         }
     }
@@ -749,7 +733,7 @@ fn per_read_us(g: &mut lpvmm_tests::Guest, n: u32, reps: u32) -> Result<f64, Str
             v.push((b - a) * 1e6 / f64::from(n));
         }
     }
-    Ok(median(v))
+    Ok(median(&v))
 }
 
 fn transition_of(out: &str) -> Result<serde_json::Value, String> {
@@ -846,10 +830,10 @@ fn patch(cycles: u32) -> Result<(), String> {
         eprintln!("{series}: enable pauses {en:?} disable pauses {dis:?}");
         pause_rows.push(format!(
             "| {series} | {:.0} | {:.0} | {:.0} | {:.0} | {lpvmm_switch_ms:.0} | {lp_switch_ms:.0} | {:.2} |",
-            median(en.clone()),
-            p99(en),
-            median(dis.clone()),
-            p99(dis),
+            median(&en),
+            percentile(&en, 0.99),
+            median(&dis),
+            percentile(&dis, 0.99),
             lpvmm_switch_ms / lp_switch_ms
         ));
         call_rows.push(format!(
@@ -1132,17 +1116,14 @@ impl TickRow {
     }
 
     fn line(&self, series: &str) -> String {
-        let (lo, hi) = self
-            .pauses
-            .iter()
-            .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
-        let (p, b) = (median(self.pauses.clone()), median(self.bare.clone()));
+        let (lo, hi) = min_max(&self.pauses);
+        let (p, b) = (median(&self.pauses), median(&self.bare));
         let parts = match self.parts[0].is_empty() {
             true => "–".to_string(),
             false => self
                 .parts
                 .iter()
-                .map(|v| format!("{:.0}", median(v.clone())))
+                .map(|v| format!("{:.0}", median(v)))
                 .collect::<Vec<_>>()
                 .join(" / "),
         };
@@ -1207,7 +1188,7 @@ fn transition(runs: u32) -> Result<(), String> {
             theirs.push(livepatch_completion_ms(&mut g, "lpvmm_lp_cmdline", false)?);
         }
         eprintln!("{series}: lpvmm {ours:?} livepatch {theirs:?}");
-        let (a, b) = (median(ours), median(theirs));
+        let (a, b) = (median(&ours), median(&theirs));
         done_rows.push(format!(
             "| {series} | none (cmdline fix) | {a:.0} | {b:.0} | {:.3} |",
             a / b
@@ -1218,7 +1199,7 @@ fn transition(runs: u32) -> Result<(), String> {
             lp_held.push(livepatch_completion_ms(&mut g, "lpvmm_lp_nsleep", true)?);
         }
         eprintln!("{series}: held by sleep 5: lpvmm {held:?} livepatch {lp_held:?}");
-        let (a, b) = (median(held), median(lp_held));
+        let (a, b) = (median(&held), median(&lp_held));
         done_rows.push(format!(
             "| {series} | sleep 5 in common_nsleep (nsleep-cmdline) | {a:.0} | {b:.0} | {:.3} |",
             a / b
@@ -1266,12 +1247,12 @@ fn transition(runs: u32) -> Result<(), String> {
             let first = a["pauses_us"][0].as_f64().unwrap_or(f64::NAN);
             tick_rows.push(format!(
                 "| {series} | {tasks} | {first:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.2} |",
-                median(ticks.clone()),
-                p99(ticks.clone()),
+                median(&ticks),
+                percentile(&ticks, 0.99),
                 ticks.len(),
-                median(bare.clone()),
-                p99(bare.clone()),
-                median(ticks) / median(bare)
+                median(&bare),
+                percentile(&bare, 0.99),
+                median(&ticks) / median(&bare)
             ));
             g.run("kill $(pidof spawn); true")?;
         }
@@ -1317,14 +1298,6 @@ fn initrd_with_livepatch(host: &mut TestHost, series: &str) -> Result<String, St
     Ok(initrd)
 }
 
-/// The median of `v` with its smallest and largest value, as "M (L–H)".
-fn median_range(v: &[f64], digits: usize) -> String {
-    let lo = v.iter().copied().fold(f64::MAX, f64::min);
-    let hi = v.iter().copied().fold(f64::MIN, f64::max);
-    let m = median(v.to_vec());
-    format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
-}
-
 /// Per-task transition completion against the guest's livepatch with `extra` more
 /// sleeping processes: RUNS interleaved runs of lpvmm's per-task enable of the cmdline
 /// fix (command to every task switched) and of `insmod lpvmm_lp_cmdline.ko` (until its
@@ -1359,7 +1332,7 @@ fn completion(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
                 "| {series} | {tasks} | {} | {} | {:.3} |",
                 median_range(&ours, 0),
                 median_range(&theirs, 0),
-                median(ours.clone()) / median(theirs.clone())
+                median(&ours) / median(&theirs)
             );
             g.run("kill $(pidof spawn); true")?;
         }
@@ -1477,13 +1450,8 @@ impl CallCosts {
         );
         let ratio = |a: &[f64], b: &[f64]| {
             let per_round: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
-            let (lo, hi) = per_round
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
-            format!(
-                "{:.3} ({lo:.3}–{hi:.3})",
-                median(a.to_vec()) / median(b.to_vec())
-            )
+            let (lo, hi) = min_max(&per_round);
+            format!("{:.3} ({lo:.3}–{hi:.3})", median(a) / median(b))
         };
         format!(
             "| {series} | {what} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1675,7 +1643,7 @@ fn pause_deaths(cycles: u32) -> Result<(), String> {
                 t.died,
                 t.host_lost,
                 f64::from(t.died) * 10_000.0 / f64::from(t.cycles.max(1)),
-                median(t.pause_us.clone())
+                median(&t.pause_us)
             );
         }
     }
