@@ -1,5 +1,5 @@
 //! qmp-cycles: pause and resume a QEMU guest through QMP, the peer of `lpvmm bench
-//! pause` in `bench pause-deaths` (tests/src/bin/bench/main.rs). It runs on the test host.
+//! pause` in `bench pause-deaths` (tests/src/bin/bench/pause_deaths.rs). It runs on the test host.
 //!
 //!   qmp-cycles SOCK CYCLES   connect to QEMU's QMP socket, then CYCLES times `stop`
 //!                            and `cont`, each waiting for its `{"return": {}}`; prints

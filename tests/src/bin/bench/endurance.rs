@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use lpvmm_tests::stats::median;
 use lpvmm_tests::{json, BootFailure, HostMode, KvmTrace, TestHost};
 
-use crate::{
+use crate::common::{
     host_traced, initrd_with_livepatch, kbuild_kp, kp_build, livepatch_cpio, qemu_microvm,
 };
 

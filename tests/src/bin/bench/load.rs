@@ -15,7 +15,7 @@
 use lpvmm_tests::stats::median;
 use lpvmm_tests::{json, Guest, TestHost};
 
-use crate::{kp_build, transition_of};
+use crate::common::{kp_build, transition_of};
 
 /// The pause of one `patch load`, in µs.
 fn load_pause(g: &mut Guest, kp: &str) -> Result<f64, String> {
