@@ -21,7 +21,7 @@ enum Round {
 /// The same work for both VMMs: two busy loops on the two vCPUs while the shell reads
 /// every task's /proc files three times (what the guests were doing when most deaths
 /// were seen), then a poweroff. lpvmm only runs the guest: no pause, no read.
-pub const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; done) & b=$!; \
+const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; done) & b=$!; \
     for i in 1 2 3; do cat /proc/[0-9]*/stat /proc/[0-9]*/task/*/comm >/dev/null 2>&1; done; \
     kill $a $b; wait";
 
@@ -29,14 +29,32 @@ pub const DEATHS_LOAD: &str = "(while :; do :; done) & a=$!; (while :; do :; don
 /// (4 `readcheck` readers of /proc/cmdline and 128 `getpid-hammer` processes, for two
 /// minutes), under which lpvmm's guests died within a few hundred cycles on 2026-12-06:
 /// whether QEMU's guest dies of the load alone.
-pub const HAMMER_LOAD: &str = "rm -f /tmp/stop; c=$(cat /proc/cmdline);     readcheck -p 4 -f /proc/cmdline -s /tmp/stop \"$c\" \"$c\" >/tmp/rc.log 2>&1 &     getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &     sleep 120; touch /tmp/stop; wait; cat /tmp/rc.log /tmp/hammer.log";
+const HAMMER_LOAD: &str = "rm -f /tmp/stop; c=$(cat /proc/cmdline);     readcheck -p 4 -f /proc/cmdline -s /tmp/stop \"$c\" \"$c\" >/tmp/rc.log 2>&1 &     getpid-hammer -p 128 -n 10 -s /tmp/stop >/tmp/hammer.log 2>&1 &     sleep 120; touch /tmp/stop; wait; cat /tmp/rc.log /tmp/hammer.log";
 
 /// The load of `bench deaths RUNS spawn`: what `bench ticks` does before its 2,000-task
 /// rows (2,000 processes forked at once, each asleep in pause(), then killed), where the
 /// guests of the nested host died most often on 2026-12-04.
-pub const SPAWN_LOAD: &str = "spawn 2000 >/tmp/spawn.out & \
+const SPAWN_LOAD: &str = "spawn 2000 >/tmp/spawn.out & \
     while ! grep -q spawned /tmp/spawn.out 2>/dev/null; do sleep 1; done; \
     kill $(pidof spawn); wait; true";
+
+/// The load of `bench deaths RUNS LOAD`, when one is named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Load {
+    /// 2,000 processes forked at once (SPAWN_LOAD)
+    Spawn,
+    /// The endurance run's readers and getpid hammers, no patch (HAMMER_LOAD)
+    Hammer,
+}
+
+/// The guest's shell commands of `load` ([`DEATHS_LOAD`] when none is named).
+pub fn script(load: Option<Load>) -> &'static str {
+    match load {
+        None => DEATHS_LOAD,
+        Some(Load::Spawn) => SPAWN_LOAD,
+        Some(Load::Hammer) => HAMMER_LOAD,
+    }
+}
 
 fn boot_load_poweroff(
     host: &mut TestHost,
