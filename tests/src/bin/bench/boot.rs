@@ -6,7 +6,7 @@ use std::time::Instant;
 use lpvmm_tests::stats::median;
 use lpvmm_tests::{TestHost, BOOT_TIMEOUT};
 
-use crate::common::lpvmm_and_qemu;
+use crate::common::{interleaved, lpvmm_and_qemu};
 
 /// Launch → the guest's /init prints its ready line, then poweroff.
 fn time_boot(host: &mut TestHost, name: &str, cmd: &str) -> Result<f64, String> {
@@ -24,12 +24,12 @@ pub fn boot(runs: u32) -> Result<(), String> {
     println!("|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
         let (lpvmm, qemu) = lpvmm_and_qemu(&host, "bench", series, 1);
-        let (mut l, mut q) = (vec![], vec![]);
-        for _ in 0..runs {
-            // Interleaved, so that drift in the host affects both alike.
-            l.push(time_boot(&mut host, "bench", &lpvmm)?);
-            q.push(time_boot(&mut host, "bench-qemu", &qemu)?);
-        }
+        let (l, q) = interleaved(
+            runs,
+            &mut host,
+            |h| time_boot(h, "bench", &lpvmm),
+            |h| time_boot(h, "bench-qemu", &qemu),
+        )?;
         eprintln!("{series}: lpvmm {l:?} qemu {q:?}");
         let (lm, qm) = (median(&l), median(&q));
         println!("| {series} | {lm:.2} | {qm:.2} | {:.2} |", lm / qm);

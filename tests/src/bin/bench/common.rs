@@ -314,3 +314,37 @@ pub fn series_or_both(arg: Option<String>) -> Result<Vec<&'static str>, String> 
             .ok_or_else(|| format!("no kernel series '{a}' (one of {:?})", lpvmm_tests::SERIES)),
     }
 }
+
+/// RUNS rounds of `ours` then `theirs` on the same `x`, interleaved so that drift in the
+/// host affects both alike: each one's results in round order.
+pub fn interleaved<X>(
+    runs: u32,
+    x: &mut X,
+    mut ours: impl FnMut(&mut X) -> Result<f64, String>,
+    mut theirs: impl FnMut(&mut X) -> Result<f64, String>,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        a.push(ours(x)?);
+        b.push(theirs(x)?);
+    }
+    Ok((a, b))
+}
+
+/// RUNS interleaved completions of the same fix: lpvmm's per-task enable of `kp`
+/// (`(file, patch name)`, [`lpvmm_completion_ms`]) and the guest's livepatch module
+/// `module` ([`livepatch_completion_ms`]), each with a blocker or not.
+pub fn completions(
+    g: &mut lpvmm_tests::Guest,
+    runs: u32,
+    (kp, name): (&str, &str),
+    module: &str,
+    blocker: bool,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    interleaved(
+        runs,
+        g,
+        |g| lpvmm_completion_ms(g, kp, name, blocker),
+        |g| livepatch_completion_ms(g, module, blocker),
+    )
+}

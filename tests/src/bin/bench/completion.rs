@@ -4,10 +4,7 @@
 use lpvmm_tests::stats::{median, median_range};
 use lpvmm_tests::TestHost;
 
-use crate::common::{
-    initrd_with_livepatch, kp_build, livepatch_completion_ms, livepatch_cpio, lpvmm_completion_ms,
-    spawn_tasks,
-};
+use crate::common::{completions, initrd_with_livepatch, kp_build, livepatch_cpio, spawn_tasks};
 
 /// Per-task transition completion against the guest's livepatch with `extra` more
 /// sleeping processes: RUNS interleaved runs of lpvmm's per-task enable of the cmdline
@@ -33,11 +30,8 @@ pub fn completion(runs: u32, extra_counts: &[u32]) -> Result<(), String> {
         for &extra in extra_counts {
             spawn_tasks(&mut g, extra)?;
             let tasks = g.run("ls -d /proc/[0-9]* | wc -l")?.trim().to_string();
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..runs {
-                ours.push(lpvmm_completion_ms(&mut g, &kp, "cmdline", false)?);
-                theirs.push(livepatch_completion_ms(&mut g, "lpvmm_lp_cmdline", false)?);
-            }
+            let (ours, theirs) =
+                completions(&mut g, runs, (&kp, "cmdline"), "lpvmm_lp_cmdline", false)?;
             eprintln!("{series} {tasks} tasks: lpvmm {ours:?} livepatch {theirs:?}");
             println!(
                 "| {series} | {tasks} | {} | {} | {:.3} |",
