@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use lpvmm_tests::patchtest::{triple_fault_rip, unlocated_death};
+use lpvmm::control::proto::{PauseResult, ReadPhysResult};
+use lpvmm_tests::patchtest::{parse, triple_fault_rip, unlocated_death};
 use lpvmm_tests::without_kernel_lines;
 use lpvmm_tests::{
     check, host_trial, images_dir, json, local_trial, new_splats, run_group, Guest, HostMode,
@@ -48,6 +49,7 @@ fn boot(host: &mut TestHost, series: &str, vcpus: u8) -> TestResult {
         "patch area not reserved in the guest's /proc/iomem:\n{iomem}"
     );
 
+    // The wire contract: raw JSON on purpose. `status --json` as its words are.
     let (rc, status) = g.lpvmm("status {vm} --json")?;
     check!(
         rc == 0 && status.contains("\"state\": \"running\""),
@@ -281,6 +283,7 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     // Registers while running workloads: sample until both user and kernel mode are seen.
     let (mut user, mut kernel) = (0, 0);
     for _ in 0..40 {
+        // The wire contract: raw JSON on purpose. `regs --json`'s vCPU registers.
         let (rc, out) = g.lpvmm("regs {vm} --json")?;
         check!(rc == 0, "regs failed: {out}");
         let v = json(&out)?;
@@ -303,12 +306,12 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     // The page-table root really is a PML4: the kernel half has present entries.
     let (rc, out) = g.lpvmm("pause {vm} --json")?;
     check!(rc == 0, "pause: {out}");
-    let v = json(&out)?;
-    let cr3 = v["vcpus"][0]["cr3"].as_u64().unwrap_or(0) & 0x000f_ffff_ffff_f000;
+    let v: PauseResult = parse(&out)?;
+    let cr3 = v.vcpus.first().map_or(0, |c| c.cr3) & 0x000f_ffff_ffff_f000;
     let (rc, out) = g.lpvmm(&format!("read-phys {{vm}} {cr3:#x} 4096 --json"))?;
     check!(rc == 0, "read-phys: {out}");
-    let v = json(&out)?;
-    let hex = v["hex"].as_str().unwrap_or("");
+    let v: ReadPhysResult = parse(&out)?;
+    let hex = v.hex.as_str();
     check!(
         hex.len() == 8192,
         "read-phys returned {} hex digits",
