@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lpvmm::control::proto::{RegsResult, StatusInfo};
+
 use crate::console::{tail, Console};
 use crate::verdict::{decide, Decision, Evidence};
 use crate::{images_dir, lpvmm_binary, repo_root};
@@ -105,18 +107,15 @@ pub fn host_fault_lines(log: &str) -> Vec<&str> {
 pub const IMPOSSIBLE_AT_BOOT: &str = "registers no guest can have";
 
 /// The vCPUs of `regs --json` whose CR3 lies outside `memory` bytes of guest RAM.
-fn impossible_cr3(regs: &serde_json::Value, memory: u64) -> Vec<String> {
-    let Some(vcpus) = regs["vcpus"].as_array() else {
-        return Vec::new();
-    };
-    vcpus
+fn impossible_cr3(regs: &RegsResult, memory: u64) -> Vec<String> {
+    regs.vcpus
         .iter()
         .filter_map(|v| {
-            let cr3 = v["cr3"].as_u64()? & 0x000f_ffff_ffff_f000;
+            let cr3 = v.cr3 & 0x000f_ffff_ffff_f000;
             (cr3 >= memory).then(|| {
                 format!(
                     "vCPU {} has CR3 {cr3:#x}, outside the guest's {} MiB of RAM",
-                    v["index"],
+                    v.index,
                     memory >> 20
                 )
             })
@@ -805,14 +804,14 @@ impl TestHost {
                 .unwrap_or_else(|e| (-1, e))
         };
         let (rc, regs) = run(self, format!("{lpvmm} regs {name} --json 2>&1"));
-        let parsed = serde_json::from_str::<serde_json::Value>(&regs);
+        let parsed = serde_json::from_str::<RegsResult>(&regs);
         let (Ok(regs_json), 0) = (parsed, rc) else {
             return regs;
         };
         let (_, status) = run(self, format!("{lpvmm} status {name} --json 2>&1"));
-        let memory = serde_json::from_str::<serde_json::Value>(&status)
+        let memory = serde_json::from_str::<StatusInfo>(&status)
             .ok()
-            .and_then(|s| s["memory_bytes"].as_u64());
+            .map(|s| s.memory_bytes);
         let impossible = memory
             .map(|m| impossible_cr3(&regs_json, m))
             .unwrap_or_default();
@@ -1356,15 +1355,23 @@ mod tests {
 
     #[test]
     fn a_page_table_root_outside_guest_ram_is_impossible() {
-        let regs = serde_json::json!({"vcpus": [
-            {"index": 0, "cr3": 0xbfe1_4000u64},
-            {"index": 1, "cr3": 0x0f41_0000u64},
-            {"index": 2, "cr3": 0x1000_0000u64 | 0x8000_0000_0000_0000u64},
-        ]});
+        let mut regs = RegsResult {
+            pause: Default::default(),
+            vcpus: vec![Default::default(); 3],
+        };
+        let cr3s = [
+            0xbfe1_4000u64,
+            0x0f41_0000u64,
+            0x1000_0000u64 | 0x8000_0000_0000_0000u64,
+        ];
+        for (i, (v, cr3)) in regs.vcpus.iter_mut().zip(cr3s).enumerate() {
+            (v.index, v.cr3) = (i, cr3);
+        }
         let bad = impossible_cr3(&regs, 512 << 20);
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert!(bad[0].starts_with("vCPU 0 has CR3 0xbfe14000"), "{bad:?}");
-        assert!(impossible_cr3(&serde_json::json!({}), 512 << 20).is_empty());
+        regs.vcpus.clear();
+        assert!(impossible_cr3(&regs, 512 << 20).is_empty());
         let report = format!("{IMPOSSIBLE_AT_BOOT}: {}", bad[0]);
         assert!(platform_host_fault(&report));
     }

@@ -17,6 +17,7 @@ mod host;
 mod hostkvm;
 pub mod patchtest;
 pub mod retries;
+pub mod stats;
 pub mod verdict;
 
 pub use console::{head, tail, Console};

@@ -7,12 +7,30 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use lpvmm::control::proto::{
+    BlockerView, FuncView, OutcomeView, PatchStatusResult, PatchView, TransitionView,
+};
+use patcher::Phase;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
-    address_in_report, check, json, lpvmm_binary, patch_code_ranges, repo_root, Guest, HostMode,
-    TestResult, SPLATS,
+    address_in_report, check, json, lpvmm_binary, patch_code_ranges, repo_root, tail, Guest,
+    HostMode, TestResult, SPLATS,
 };
+
+/// What an `lpvmm ... --json` printed, read as the protocol's type for it
+/// (`lpvmm::control::proto`): a field the test reads is then one the type has.
+pub fn parse<T: DeserializeOwned>(out: &str) -> Result<T, String> {
+    serde_json::from_str(out).map_err(|e| format!("{e}: {}", tail(out, 2000)))
+}
+
+/// `lpvmm ARGS` (`--json` among them), which must succeed, read as `T` ([`parse`]).
+pub fn lpvmm_json<T: DeserializeOwned>(g: &mut Guest, args: &str) -> Result<T, String> {
+    let (rc, out) = g.lpvmm(args)?;
+    check!(rc == 0, "lpvmm {args}: {out}");
+    parse(&out).map_err(|e| format!("lpvmm {args}: {e}"))
+}
 
 /// Where the test host keeps a patch the tests built.
 pub fn patch_path(name: &str) -> String {
@@ -30,6 +48,8 @@ pub fn checksum(g: &mut Guest, what: &str) -> Result<String, String> {
 /// The `sha256` of `lpvmm checksum --json` output: 64 hex digits, or an error (never an
 /// empty string that would compare equal to another missing one).
 pub fn sha256_in(out: &str) -> Result<String, String> {
+    // The wire contract: raw JSON on purpose. Every test's checksums come through here,
+    // and the unit test below feeds it what a ChecksumResult serializes to.
     let sum = json(out)?["sha256"].as_str().unwrap_or("").to_string();
     check!(
         sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -59,7 +79,14 @@ pub fn checksums(g: &mut Guest) -> Result<(String, String), String> {
     Ok((checksum(g, "text")?, checksum(g, "patch-area")?))
 }
 
-pub fn status(g: &mut Guest) -> Result<Value, String> {
+/// `lpvmm patch status --json`, which must succeed.
+pub fn status(g: &mut Guest) -> Result<PatchStatusResult, String> {
+    lpvmm_json(g, "patch status {vm} --json")
+}
+
+/// `lpvmm patch status --json` as raw JSON, for the test that holds the wire to its
+/// words; the others read [`status`].
+pub fn status_json(g: &mut Guest) -> Result<Value, String> {
     let (rc, out) = g.lpvmm("patch status {vm} --json")?;
     check!(rc == 0, "patch status: {out}");
     let s = json(&out)?;
@@ -71,11 +98,11 @@ pub fn status(g: &mut Guest) -> Result<Value, String> {
 }
 
 /// A loaded patch in `patch status`, which must be there.
-pub fn patch_of<'s>(s: &'s Value, name: &str) -> Result<&'s Value, String> {
-    s["patches"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == name))
-        .ok_or_else(|| format!("patch {name} is not in status: {}", s["patches"]))
+pub fn patch_of<'s>(s: &'s PatchStatusResult, name: &str) -> Result<&'s PatchView, String> {
+    s.patches
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| format!("patch {name} is not in status: {:?}", s.patches))
 }
 
 /// `sleep SECS` in the background, once the guest shows it asleep in `func`
@@ -94,21 +121,20 @@ pub fn sleeper(g: &mut Guest, secs: u32, func: &str) -> Result<(i64, String), St
 }
 
 /// The transition in progress once it has had its first tick.
-pub fn switching(g: &mut Guest) -> Result<Value, String> {
+pub fn switching(g: &mut Guest) -> Result<TransitionView, String> {
     let t0 = Instant::now();
     loop {
         let s = status(g)?;
-        let a = &s["active"];
-        if a["phase"] == "switching" {
+        if let Some(a) = s.active.as_ref().filter(|a| a.phase == Phase::Switching) {
             return Ok(a.clone());
         }
         check!(
-            !a.is_null() || t0.elapsed() < Duration::from_secs(1),
-            "no transition in progress: {s}"
+            s.active.is_some() || t0.elapsed() < Duration::from_secs(1),
+            "no transition in progress: {s:?}"
         );
         check!(
             t0.elapsed() < Duration::from_secs(60),
-            "the transition never started switching: {s}"
+            "the transition never started switching: {s:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -120,47 +146,51 @@ pub fn switching(g: &mut Guest) -> Result<Value, String> {
 /// livepatch retries a task running on another CPU; such a blocker is waited out for
 /// at most ten seconds. Any other blocker, a task asleep where the patch cannot let
 /// it go, is an error at once.
-pub fn held_by(g: &mut Guest, pid: i64) -> Result<Value, String> {
+pub fn held_by(g: &mut Guest, pid: i64) -> Result<TransitionView, String> {
     let t0 = Instant::now();
     loop {
         let t = switching(g)?;
-        let blockers = t["blockers"].as_array().cloned().unwrap_or_default();
-        if pids(&t["blockers"]) == [pid] {
+        let blockers = &t.blockers;
+        if pids(blockers) == [pid] {
             return Ok(t);
         }
-        let asleep: Vec<&Value> = blockers
+        let asleep: Vec<&BlockerView> = blockers
             .iter()
-            .filter(|b| b["pid"].as_i64() != Some(pid) && b["trace"]["start"]["vcpu"].is_null())
+            .filter(|b| i64::from(b.pid) != pid && !on_a_vcpu(b))
             .collect();
         check!(
-            asleep.is_empty() && blockers.iter().any(|b| b["pid"].as_i64() == Some(pid)),
-            "the transition should be held by {pid} alone: {}",
-            t["blockers"]
+            asleep.is_empty() && blockers.iter().any(|b| i64::from(b.pid) == pid),
+            "the transition should be held by {pid} alone: {:?}",
+            t.blockers
         );
         check!(
             t0.elapsed() < Duration::from_secs(10),
-            "a running task still blocks beside {pid} after 10 s: {}",
-            t["blockers"]
+            "a running task still blocks beside {pid} after 10 s: {:?}",
+            t.blockers
         );
         eprintln!(
-            "a running task blocks for now beside {pid}: {}",
-            t["blockers"]
+            "a running task blocks for now beside {pid}: {:?}",
+            t.blockers
         );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
+/// Whether the blocker's stack starts on a vCPU (`TraceStart::Vcpu`: it was running).
+/// Read through the wire's words (`{"vcpu": N}`): the tests crate does not depend on
+/// introspection, whose type that is.
+fn on_a_vcpu(b: &BlockerView) -> bool {
+    serde_json::to_value(&b.trace.start).is_ok_and(|v| !v["vcpu"].is_null())
+}
+
 /// Wait for transition `id` to end (at most two minutes); returns it. If it does not
 /// end, the error says what held it: `patch status` as a person reads it, and the
 /// VMM's stderr.
-pub fn ended(g: &mut Guest, id: u64) -> Result<Value, String> {
+pub fn ended(g: &mut Guest, id: u64) -> Result<TransitionView, String> {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(120) {
         let s = status(g)?;
-        if let Some(t) = s["history"]
-            .as_array()
-            .and_then(|h| h.iter().find(|t| t["id"] == id))
-        {
+        if let Some(t) = s.history.iter().find(|t| t.id == id) {
             return Ok(t.clone());
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -187,25 +217,23 @@ pub fn guest_report(g: &mut Guest) -> String {
 }
 
 /// The pids of a list of blockers.
-pub fn pids(list: &Value) -> Vec<i64> {
-    list.as_array()
-        .map(|l| l.iter().filter_map(|b| b["pid"].as_i64()).collect())
-        .unwrap_or_default()
+pub fn pids(list: &[BlockerView]) -> Vec<i64> {
+    list.iter().map(|b| i64::from(b.pid)).collect()
 }
 
 /// A function in `patch status`'s `funcs`, which must be there.
-pub fn func_of<'s>(s: &'s Value, func: &str) -> Result<&'s Value, String> {
-    s["funcs"]
-        .as_array()
-        .and_then(|f| f.iter().find(|x| x["name"] == func))
-        .ok_or_else(|| format!("{func} is not in status: {}", s["funcs"]))
+pub fn func_of<'s>(s: &'s PatchStatusResult, func: &str) -> Result<&'s FuncView, String> {
+    s.funcs
+        .iter()
+        .find(|x| x.name == func)
+        .ok_or_else(|| format!("{func} is not in status: {:?}", s.funcs))
 }
 
-/// What the site of `func` holds now (`original`, `jump`, `trampoline`); a function no
-/// loaded patch names is `original`.
-pub fn site_now(s: &Value, func: &str) -> String {
+/// What the site of `func` holds now (`original`, `jump`, `trampoline`: the wire's
+/// word); a function no loaded patch names is `original`.
+pub fn site_now(s: &PatchStatusResult, func: &str) -> String {
     match func_of(s, func) {
-        Ok(f) => f["site_now"].as_str().unwrap_or("missing").to_string(),
+        Ok(f) => f.site_now.to_string(),
         Err(_) => "original".to_string(),
     }
 }
@@ -355,19 +383,14 @@ impl Readers {
 /// Every transition in `patch status`'s history completed, and at least a quarter of
 /// them needed more than one tick (so the run exercised per-task dispatch). Returns how
 /// many did, of how many.
-pub fn dispatched_history(s: &Value) -> Result<(usize, usize), String> {
-    let history = s["history"]
-        .as_array()
-        .ok_or_else(|| format!("status without history: {s}"))?;
+pub fn dispatched_history(s: &PatchStatusResult) -> Result<(usize, usize), String> {
+    let history = &s.history;
     check!(
-        !history.is_empty() && history.iter().all(|t| t["outcome"] == "done"),
-        "a transition did not complete: {}",
-        s["history"]
+        !history.is_empty() && history.iter().all(|t| t.outcome == OutcomeView::Done),
+        "a transition did not complete: {:?}",
+        s.history
     );
-    let multi = history
-        .iter()
-        .filter(|t| t["ticks"].as_u64() > Some(1))
-        .count();
+    let multi = history.iter().filter(|t| t.ticks > 1).count();
     check!(
         multi * 4 >= history.len(),
         "only {multi} of {} transitions dispatched tasks by trampoline; the run would not \
@@ -390,7 +413,9 @@ pub struct EarlyChecks {
     pub list_mismatches: u64,
 }
 
-/// The [`EarlyChecks`] of a status's history; an error when a transition lacks them.
+/// The [`EarlyChecks`] of a status's history ([`status_json`]); an error when a
+/// transition lacks them. Raw JSON: the protocol's type gives absent counts as zeros
+/// (`#[serde(default)]`, for an older lpvmm), which this must tell from real zeros.
 pub fn early_checks(s: &Value) -> Result<EarlyChecks, String> {
     let history = s["history"]
         .as_array()
@@ -420,36 +445,52 @@ mod tests {
 
     #[test]
     fn readers_of_lpvmm_output_fail_when_the_value_is_missing() {
+        let with = |sha256: &str| {
+            serde_json::to_string(&lpvmm::control::proto::ChecksumResult {
+                what: lpvmm::control::proto::ChecksumTarget::Text,
+                start: 0,
+                len: 1,
+                sha256: sha256.to_string(),
+                pause: Default::default(),
+            })
+            .unwrap()
+        };
         let sum = "a".repeat(64);
-        assert_eq!(
-            sha256_in(&format!("{{\"sha256\": \"{sum}\"}}")).unwrap(),
-            sum
-        );
+        assert_eq!(sha256_in(&with(&sum)).unwrap(), sum);
         for bad in [
-            "{}",
-            "{\"sha256\": \"\"}",
-            "{\"sha256\": null}",
-            "{\"sha256\": \"xyz\"}",
-            "not json",
+            "{}".to_string(),
+            with(""),
+            with("xyz"),
+            with(&"a".repeat(63)),
+            with(&"g".repeat(64)),
+            with(&sum).replace(&format!("\"{sum}\""), "null"),
+            "not json".to_string(),
         ] {
-            assert!(sha256_in(bad).is_err(), "{bad}");
+            assert!(sha256_in(&bad).is_err(), "{bad}");
         }
-        let s: Value = serde_json::json!({
-            "patches": [{"name": "a", "state": "enabled"}],
-            "funcs": [{"name": "f", "site_now": "jump"}],
-        });
+        let s: PatchStatusResult = serde_json::from_value(serde_json::json!({
+            "patches": [{"name": "a", "state": "enabled", "forced": false, "enables": 1,
+                "depends": [], "atomic_replace": false, "states": [], "orc_entries": 0,
+                "funcs": []}],
+            "funcs": [{"name": "f", "addr": 1, "site": 1, "versions": [], "visible": "a",
+                "site_now": "jump"}],
+            "active": null,
+            "history": [],
+            "area": null,
+        }))
+        .unwrap();
         assert!(patch_of(&s, "a").is_ok());
         assert!(patch_of(&s, "b").is_err(), "a missing patch is an error");
-        assert!(patch_of(&serde_json::json!({}), "a").is_err());
         assert!(func_of(&s, "g").is_err());
         assert_eq!(site_now(&s, "f"), "jump");
-        let no_site = serde_json::json!({"funcs": [{"name": "f"}]});
-        assert_eq!(
-            site_now(&no_site, "f"),
-            "missing",
+        assert_eq!(site_now(&s, "g"), "original");
+        let no_site = r#"{"patches": [], "funcs": [{"name": "f", "addr": 1, "site": 1,
+            "versions": [], "visible": "a"}], "active": null, "history": [], "area": null}"#;
+        assert!(
+            parse::<PatchStatusResult>(no_site).is_err(),
             "never a value that could pass"
         );
-        assert!(pids(&serde_json::json!(null)).is_empty());
+        assert!(pids(&[]).is_empty());
         let counts = serde_json::json!({"confirmed": 5, "unwound": 2, "verified": 5, "mismatches": 0,
                 "lists_confirmed": 3, "lists_walked": 1, "list_mismatches": 0});
         let ok = serde_json::json!({"history": [{"id": 1, "early_checks": counts}, {"id": 2, "early_checks": counts}]});

@@ -9,15 +9,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use lpvmm::control::proto::{
+    OutcomeView, PatchStateView, PatchStatusResult, StackResult, TransitionView,
+};
 use lpvmm_tests::patchtest::{
     build_lpvmm, checksum, cmdline, dispatched_history, early_checks, ended, held_by, kill,
-    kp_build, patch_path, pids, site_now, sleeper, status, Readers,
+    kp_build, parse, patch_path, pids, site_now, sleeper, status, status_json, Readers,
 };
 use lpvmm_tests::{
     check, host_files_or_exit, json, repo_root, run_group, series_trials, Guest, TestHost,
     TestResult,
 };
-use serde_json::Value;
 
 const PATCHED: &str = "this has been live patched";
 /// Transitions of the consistency-under-load test.
@@ -25,7 +27,7 @@ const GENERATIONS: u32 = 100;
 
 /// Start the two-function patch per-task while `sleep` holds common_nsleep, and wait
 /// for its first tick.
-fn held_transition(g: &mut Guest, patch: &str) -> Result<(i64, Value), String> {
+fn held_transition(g: &mut Guest, patch: &str) -> Result<(i64, TransitionView), String> {
     let (pid, _) = sleeper(g, 1000, "common_nsleep")?;
     let file = g.host.file(&patch_path(patch));
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
@@ -100,36 +102,32 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
     check!(rc == 0, "{series}: per-task: {out}");
     let t = held_by(&mut g, old_sleeper)?;
-    let reason = t["blockers"][0]["reason"].as_str().unwrap_or("");
+    let reason = t.blockers.first().map_or("", |b| b.reason.as_str());
     check!(
         reason.contains("common_nsleep"),
         "{series}: reason {reason}"
     );
-    // Both counts present (two missing ones must not compare equal), and all but one moved.
+    // All but one moved (both counts are there: the type has them).
     check!(
-        t["pending"] == 1
-            && matches!(
-                (t["moved"].as_u64(), t["tasks"].as_u64()),
-                (Some(moved), Some(tasks)) if tasks > 1 && moved == tasks - 1
-            ),
-        "{series}: every other task moved: {t}"
+        t.pending == 1 && t.tasks > 1 && t.moved == t.tasks - 1,
+        "{series}: every other task moved: {t:?}"
     );
     let during = cmdline(&mut g)?;
     if during != PATCHED {
         let s = status(&mut g)?;
         return Err(format!(
-            "{series}: a new cat during the transition says {during:?}\nactive {}",
-            s["active"]
+            "{series}: a new cat during the transition says {during:?}\nactive {:?}",
+            s.active
         ));
     }
     let s = status(&mut g)?;
     for f in ["common_nsleep", "cmdline_proc_show"] {
         check!(
             site_now(&s, f) == "trampoline",
-            "{series}: {f} during: {}\nactive {}\nhistory {}",
-            s["funcs"],
-            s["active"],
-            s["history"]
+            "{series}: {f} during: {:?}\nactive {:?}\nhistory {:?}",
+            s.funcs,
+            s.active,
+            s.history
         );
     }
     let (_, human) = g.lpvmm("patch status {vm}")?;
@@ -139,6 +137,8 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     );
     eprintln!("{series}: lpvmm patch status during the transition:\n{human}");
 
+    // The wire contract: raw JSON on purpose. `stack --json`'s words for a task with no
+    // stack (`"start": "no_stack"`).
     let (rc, out) = g.lpvmm(&format!("stack {{vm}} {} --json", zombie.child))?;
     let z = &json(&out)?["traces"][0];
     check!(
@@ -162,30 +162,30 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
 
     // The sleeper goes: the transition completes, every site a direct jump.
     kill(&mut g, old_sleeper)?;
-    let done = ended(&mut g, t["id"].as_u64().unwrap_or(0))?;
-    check!(done["outcome"] == "done", "{series}: outcome {done}");
+    let done = ended(&mut g, t.id)?;
+    check!(
+        done.outcome == OutcomeView::Done,
+        "{series}: outcome {done:?}"
+    );
     let s = status(&mut g)?;
-    let news: Vec<(String, u64)> = s["patches"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "nsleep-cmdline"))
-        .and_then(|p| p["funcs"].as_array())
-        .map(|f| {
-            f.iter()
-                .map(|x| {
-                    (
-                        x["old"].as_str().unwrap_or("").to_string(),
-                        x["new_addr"].as_u64().unwrap_or(0),
-                    )
-                })
+    let news: Vec<(String, u64)> = s
+        .patches
+        .iter()
+        .find(|p| p.name == "nsleep-cmdline")
+        .map(|p| {
+            p.funcs
+                .iter()
+                .map(|x| (x.old.clone(), x.new_addr))
                 .collect()
         })
         .unwrap_or_default();
     check!(
         news.len() == 2,
-        "{series}: patch functions: {}",
-        s["patches"]
+        "{series}: patch functions: {:?}",
+        s.patches
     );
     for (func, new_addr) in &news {
+        // The wire contract: raw JSON on purpose. `disasm --json`'s redirect and lines.
         let (rc, out) = g.lpvmm(&format!("disasm {{vm}} {func} --json"))?;
         check!(rc == 0, "disasm {func}: {out}");
         let d = json(&out)?;
@@ -211,8 +211,8 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
         );
         check!(
             site_now(&s, func) == "jump",
-            "{series}: {func} after: {}",
-            s["funcs"]
+            "{series}: {func} after: {:?}",
+            s.funcs
         );
     }
     let now = cmdline(&mut g)?;
@@ -225,18 +225,18 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     let (pid, now_stack) = sleeper(&mut g, 1000, "hrtimer_nanosleep")?;
     let (rc, out) = g.lpvmm(&format!("stack {{vm}} {pid} --json"))?;
     check!(rc == 0, "stack: {out}");
-    let st = json(&out)?;
-    let trace = &st["traces"][0];
-    check!(trace["reliable"] == true, "{series}: unreliable: {trace}");
-    let ours: Vec<String> = trace["frames"]
-        .as_array()
-        .map(|f| {
-            f.iter()
-                .filter(|x| x["sched"] != true)
-                .filter_map(|x| x["symbol"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let traces = parse::<StackResult>(&out)?.traces;
+    let trace = traces.first();
+    check!(
+        trace.is_some_and(|t| t.reliable),
+        "{series}: unreliable: {trace:?}"
+    );
+    let ours: Vec<String> = trace
+        .iter()
+        .flat_map(|t| &t.frames)
+        .filter(|x| !x.sched)
+        .filter_map(|x| x.symbol.clone())
+        .collect();
     // /proc/PID/stack's lines are `[<0>] func+0xoff/0xsize`; the kernel's own warnings
     // share the console (`[  12.345678] clocksource: ...`) and are left out.
     let guest_lines = |s: &str| -> Vec<String> {
@@ -286,7 +286,7 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     kill(&mut g, pid)?;
     eprintln!(
         "{series}: per-task: sleep {old_sleeper} held only itself; {} ticks",
-        done["ticks"]
+        done.ticks
     );
     g.poweroff().map(|_| ())
 }
@@ -308,8 +308,8 @@ fn reverse(host: &mut TestHost, series: &str) -> TestResult {
         rc == 0 && out.contains("reversed"),
         "{series}: reverse: {out}"
     );
-    let r = ended(&mut g, t["id"].as_u64().unwrap_or(0))?;
-    check!(r["outcome"] == "reversed", "{series}: {r}");
+    let r = ended(&mut g, t.id)?;
+    check!(r.outcome == OutcomeView::Reversed, "{series}: {r:?}");
     check!(
         checksum(&mut g, "text")? == text_before,
         "{series}: text after reverse"
@@ -333,7 +333,7 @@ fn reverse(host: &mut TestHost, series: &str) -> TestResult {
     let (rc, out) = g.lpvmm("patch disable {vm} nsleep-cmdline --no-wait")?;
     check!(rc == 0, "{series}: disable: {out}");
     let t = held_by(&mut g, pid)?;
-    let reason = t["blockers"][0]["reason"].as_str().unwrap_or("");
+    let reason = t.blockers.first().map_or("", |b| b.reason.as_str());
     check!(
         reason.contains("lpvmm_common_nsleep [nsleep-cmdline]"),
         "{series}: reason {reason}"
@@ -346,14 +346,14 @@ fn reverse(host: &mut TestHost, series: &str) -> TestResult {
     check!(rc == 0, "{series}: reverse of disable: {out}");
     let s = status(&mut g)?;
     check!(
-        s["patches"][0]["state"] == "enabled"
-            && s["history"]
-                .as_array()
-                .and_then(|h| h.last())
-                .map(|t| t["outcome"] == "reversed")
-                == Some(true),
-        "{series}: after reversing the disable: {}",
-        s["patches"]
+        s.patches
+            .first()
+            .is_some_and(|p| p.state == PatchStateView::Enabled)
+            && s.history
+                .last()
+                .is_some_and(|t| t.outcome == OutcomeView::Reversed),
+        "{series}: after reversing the disable: {:?}",
+        s.patches
     );
     check!(
         cmdline(&mut g)? == PATCHED,
@@ -383,19 +383,15 @@ fn force(host: &mut TestHost, series: &str) -> TestResult {
     );
     eprintln!("{series}: lpvmm patch force:\n{out}");
     let s = status(&mut g)?;
-    let p = &s["patches"][0];
+    let p = s.patches.first();
     check!(
-        p["forced"] == true && p["state"] == "enabled",
-        "{series}: {p}"
+        p.is_some_and(|p| p.forced && p.state == PatchStateView::Enabled),
+        "{series}: {p:?}"
     );
-    let last = s["history"]
-        .as_array()
-        .and_then(|h| h.last())
-        .cloned()
-        .unwrap_or_default();
+    let last = s.history.last();
     check!(
-        last["outcome"] == "forced" && pids(&last["skipped"]).contains(&pid),
-        "{series}: {last}"
+        last.is_some_and(|t| t.outcome == OutcomeView::Forced && pids(&t.skipped).contains(&pid)),
+        "{series}: {last:?}"
     );
     for f in ["common_nsleep", "cmdline_proc_show"] {
         check!(site_now(&s, f) == "jump", "{series}: {f} after force");
@@ -426,31 +422,24 @@ fn immediate_function(host: &mut TestHost, series: &str) -> TestResult {
     let (pid, t) = held_transition(&mut g, "immediate-cmdline")?;
     // Immediate sites are written only by the tick that starts the dispatch: a direct
     // jump while the other function still dispatches means it flipped in that tick.
-    let change = |f: &str| {
-        t["functions"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["name"] == f))
-            .cloned()
-            .unwrap_or_default()
-    };
+    let change = |f: &str| t.functions.iter().find(|c| c.name == f);
     check!(
-        change("cmdline_proc_show")["immediate"] == true
-            && change("cmdline_proc_show")["trampoline"].is_null()
-            && change("common_nsleep")["trampoline"].is_u64(),
-        "{series}: changes {}",
-        t["functions"]
+        change("cmdline_proc_show").is_some_and(|c| c.immediate && c.trampoline.is_none())
+            && change("common_nsleep").is_some_and(|c| c.trampoline.is_some()),
+        "{series}: changes {:?}",
+        t.functions
     );
     let s = status(&mut g)?;
     check!(
         site_now(&s, "cmdline_proc_show") == "jump"
             && site_now(&s, "common_nsleep") == "trampoline",
-        "{series}: sites after the first tick: {}",
-        s["funcs"]
+        "{series}: sites after the first tick: {:?}",
+        s.funcs
     );
     check!(cmdline(&mut g)? == PATCHED, "{series}: cmdline");
     kill(&mut g, pid)?;
-    let done = ended(&mut g, t["id"].as_u64().unwrap_or(0))?;
-    check!(done["outcome"] == "done", "{series}: {done}");
+    let done = ended(&mut g, t.id)?;
+    check!(done.outcome == OutcomeView::Done, "{series}: {done:?}");
     g.poweroff().map(|_| ())
 }
 
@@ -545,9 +534,14 @@ fn consistency_under_load(host: &mut TestHost, series: &str) -> TestResult {
     let log = readers
         .stop(&mut g, GENERATIONS)
         .map_err(|e| format!("{series}: {e}"))?;
-    let st = status(&mut g)?;
+    // The wire contract: raw JSON on purpose. `patch status --json` as its words are
+    // (early_checks must tell a missing count from a zero); the typed read of the same
+    // output below it must agree.
+    let raw = status_json(&mut g)?;
+    let st: PatchStatusResult =
+        serde_json::from_value(raw.clone()).map_err(|e| format!("{series}: {e}"))?;
     let (multi, of) = dispatched_history(&st).map_err(|e| format!("{series}: {e}"))?;
-    let early = early_checks(&st).map_err(|e| format!("{series}: {e}"))?;
+    let early = early_checks(&raw).map_err(|e| format!("{series}: {e}"))?;
     eprintln!(
         "{series}: {GENERATIONS} per-task transitions under 4 readers: {log}; of the last {of}, \
          {multi} needed more than one tick (tasks dispatched by trampoline); their task checks: \

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use lpvmm::control::proto::OutcomeView;
 use lpvmm_tests::patchtest::{
     build_lpvmm, checksums, cmdline, ended, held_by, kill, kp_build, patch_path, sleeper, status,
 };
@@ -49,7 +50,7 @@ struct VmView {
 
 fn view(g: &mut Guest) -> Result<VmView, String> {
     let (text, area) = checksums(g)?;
-    let patches = status(g)?["patches"].to_string();
+    let patches = format!("{:?}", status(g)?.patches);
     Ok(VmView {
         text,
         area,
@@ -238,18 +239,16 @@ fn client_killed_mid_transition(host: &mut TestHost) -> TestResult {
     ))?;
     let after = held_by(&mut g, pid)?;
     check!(
-        after["id"] == before["id"]
-            && after["moved"] == before["moved"]
-            && after["pending"] == before["pending"],
-        "killing the client changed the transition: {after}, was {before}"
+        after.id == before.id && after.moved == before.moved && after.pending == before.pending,
+        "killing the client changed the transition: {after:?}, was {before:?}"
     );
     check!(
         cmdline(&mut g)? == PATCHED,
         "a new process during the transition does not see the patch"
     );
     kill(&mut g, pid)?;
-    let done = ended(&mut g, before["id"].as_u64().unwrap_or(0))?;
-    check!(done["outcome"] == "done", "outcome {done}");
+    let done = ended(&mut g, before.id)?;
+    check!(done.outcome == OutcomeView::Done, "outcome {done:?}");
     check!(
         cmdline(&mut g)? == PATCHED,
         "after the transition /proc/cmdline is not patched"

@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use lpvmm::control::proto::{OutcomeView, PatchStatusResult};
 use lpvmm_tests::patchtest::{
     apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of,
     guest_report, held_by, kill, kp_build, patch_of, patch_path, sleeper, status, verb, Readers,
@@ -16,7 +17,6 @@ use lpvmm_tests::patchtest::{
 use lpvmm_tests::{
     check, host_files_or_exit, repo_root, run_group, series_trials, Guest, TestHost, TestResult,
 };
-use serde_json::Value;
 
 /// Cumulative patches in the replace chain.
 const CHAIN: u32 = 50;
@@ -84,28 +84,23 @@ fn load(g: &mut Guest, name: &str) -> TestResult {
     Ok(())
 }
 
-fn state_of(s: &Value, name: &str) -> Result<String, String> {
-    Ok(patch_of(s, name)?["state"]
-        .as_str()
-        .ok_or_else(|| format!("{name} without a state"))?
-        .to_string())
+/// The state of patch `name` in status, as the wire's word (`enabled`, `replaced`, ...).
+fn state_of(s: &PatchStatusResult, name: &str) -> Result<String, String> {
+    Ok(patch_of(s, name)?.state.to_string())
 }
 
 /// The versions of `func` in status, as `patch:state` in load order, with `*` on the
 /// visible one.
-fn versions(s: &Value, func: &str) -> Result<Vec<String>, String> {
+fn versions(s: &PatchStatusResult, func: &str) -> Result<Vec<String>, String> {
     let f = func_of(s, func)?;
-    let list = f["versions"]
-        .as_array()
-        .ok_or_else(|| format!("{func} without versions: {f}"))?;
-    Ok(list
+    Ok(f.versions
         .iter()
         .map(|v| {
             format!(
                 "{}:{}{}",
-                v["patch"].as_str().unwrap_or("?"),
-                v["state"].as_str().unwrap_or("?"),
-                if v["visible"] == true { "*" } else { "" }
+                v.patch,
+                v.state,
+                if v.visible { "*" } else { "" }
             )
         })
         .collect())
@@ -128,7 +123,7 @@ fn versions_in_load_order(host: &mut TestHost, series: &str) -> TestResult {
     let s = status(&mut g)?;
     let v = versions(&s, "cmdline_proc_show")?;
     check!(
-        v == ["va:enabled", "vb:enabled*"] && func_of(&s, "cmdline_proc_show")?["visible"] == "vb",
+        v == ["va:enabled", "vb:enabled*"] && func_of(&s, "cmdline_proc_show")?.visible == "vb",
         "{series}: versions {v:?}"
     );
     let (_, human) = g.lpvmm("patch status {vm}")?;
@@ -212,31 +207,24 @@ fn atomic_replace_and_states(host: &mut TestHost, series: &str) -> TestResult {
     let s = status(&mut g)?;
     for p in ["ra", "rb"] {
         check!(
-            state_of(&s, p)? == "replaced" && patch_of(&s, p)?["replaced_by"] == "rc",
-            "{series}: {p}: {}",
+            state_of(&s, p)? == "replaced" && patch_of(&s, p)?.replaced_by.as_deref() == Some("rc"),
+            "{series}: {p}: {:?}",
             patch_of(&s, p)?
         );
     }
-    let last = s["history"]
-        .as_array()
-        .and_then(|h| h.last())
-        .cloned()
-        .unwrap_or_default();
-    let moved: Vec<String> = last["functions"]
-        .as_array()
-        .map(|f| {
-            f.iter()
-                .map(|c| format!("{}->{}", c["name"].as_str().unwrap_or("?"), c["to"]))
-                .collect()
-        })
-        .unwrap_or_default();
+    let last = s.history.last();
+    let moved: Vec<String> = last
+        .iter()
+        .flat_map(|t| &t.functions)
+        .map(|c| format!("{}->{:?}", c.name, c.to))
+        .collect();
     check!(
-        last["patch"] == "rc" && last["outcome"] == "done" && moved.len() == 2,
-        "{series}: one transition moves both functions: {last}"
+        last.is_some_and(|t| t.patch == "rc" && t.outcome == OutcomeView::Done) && moved.len() == 2,
+        "{series}: one transition moves both functions: {last:?}"
     );
     let v = versions(&s, "version_proc_show")?;
     check!(
-        v == ["rb:replaced"] && func_of(&s, "version_proc_show")?["visible"] == "original",
+        v == ["rb:replaced"] && func_of(&s, "version_proc_show")?.visible == "original",
         "{series}: version_proc_show versions {v:?}"
     );
     let (_, human) = g.lpvmm("patch status {vm}")?;
@@ -282,8 +270,12 @@ fn atomic_replace_and_states(host: &mut TestHost, series: &str) -> TestResult {
     check!(cmdline(&mut g)? == "state 2", "{series}: s2 stays");
     let s = status(&mut g)?;
     check!(
-        patch_of(&s, "s2")?["states"] == serde_json::json!([{"id": 1, "version": 2}]),
-        "{series}: s2 states: {}",
+        patch_of(&s, "s2")?
+            .states
+            .iter()
+            .map(|x| (x.id, x.version))
+            .eq([(1, 2)]),
+        "{series}: s2 states: {:?}",
         patch_of(&s, "s2")?
     );
     // Raising it is fine.
@@ -309,7 +301,7 @@ fn replace_per_task_and_reverse(host: &mut TestHost, series: &str) -> TestResult
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
     check!(rc == 0, "{series}: pc: {out}");
     let t = held_by(&mut g, pid)?;
-    let reason = t["blockers"][0]["reason"].as_str().unwrap_or("");
+    let reason = t.blockers.first().map_or("", |b| b.reason.as_str());
     check!(
         reason.contains("lpvmm_cum_common_nsleep [pa]"),
         "{series}: reason {reason}"
@@ -328,8 +320,8 @@ fn replace_per_task_and_reverse(host: &mut TestHost, series: &str) -> TestResult
     );
     let (rc, out) = g.lpvmm("patch reverse {vm}")?;
     check!(rc == 0, "{series}: reverse: {out}");
-    let r = ended(&mut g, t["id"].as_u64().unwrap_or(0))?;
-    check!(r["outcome"] == "reversed", "{series}: {r}");
+    let r = ended(&mut g, t.id)?;
+    check!(r.outcome == OutcomeView::Reversed, "{series}: {r:?}");
     check!(
         cmdline(&mut g)? == "per-task A" && version(&mut g)? == "per-task B",
         "{series}: after the reverse, A and B are back"
@@ -337,8 +329,8 @@ fn replace_per_task_and_reverse(host: &mut TestHost, series: &str) -> TestResult
     let s = status(&mut g)?;
     check!(
         state_of(&s, "pa")? == "enabled" && state_of(&s, "pb")? == "enabled",
-        "{series}: {}",
-        s["patches"]
+        "{series}: {:?}",
+        s.patches
     );
     check!(
         patch_of(&s, "pc").is_err(),
@@ -377,13 +369,12 @@ fn replace_chain(host: &mut TestHost, series: &str) -> TestResult {
         }
         Ok(())
     };
-    let area_use = |s: &Value| -> Result<[u64; 3], String> {
-        let a = &s["area"];
-        let n = |k: &str| {
-            a[k].as_u64()
-                .ok_or_else(|| format!("status area without {k}: {a}"))
-        };
-        Ok([n("code_used")?, n("rodata_used")?, n("data_used")?])
+    let area_use = |s: &PatchStatusResult| -> Result<[u64; 3], String> {
+        let a = s
+            .area
+            .as_ref()
+            .ok_or_else(|| "status without its area".to_string())?;
+        Ok([a.code_used, a.rodata_used, a.data_used])
     };
     // The space in use once one patch replaced another and the trampoline banks exist
     // (set up by the first transition that had to dispatch tasks).
@@ -391,21 +382,19 @@ fn replace_chain(host: &mut TestHost, series: &str) -> TestResult {
     // Where the kernel and the patch area lie in this boot, to place a guest RIP that
     // the test host's KVM trace (LPVMM_TEST_HOST_TRACE=1) reports for a death.
     let text = g.text("grep -w _stext /proc/kallsyms")?;
-    let area = status(&mut g)?["area"]["va"].as_u64().unwrap_or(0);
+    let area = status(&mut g)?.area.map_or(0, |a| a.va);
     eprintln!("{series}: kernel {} ; patch area at {area:#x}", text.trim());
     let mut at = 2;
     let early = loop {
         let s = status(&mut g)?;
-        let dispatched = s["history"]
-            .as_array()
-            .is_some_and(|h| h.iter().any(|t| t["ticks"].as_u64() > Some(1)));
+        let dispatched = s.history.iter().any(|t| t.ticks > 1);
         if dispatched {
             break area_use(&s)?;
         }
         check!(
             at < 10,
-            "{series}: no transition of the first {at} dispatched a task: {}",
-            s["history"]
+            "{series}: no transition of the first {at} dispatched a task: {:?}",
+            s.history
         );
         at += 1;
         step(&mut g, at, at)?;
@@ -415,10 +404,7 @@ fn replace_chain(host: &mut TestHost, series: &str) -> TestResult {
         .stop(&mut g, CHAIN)
         .map_err(|e| format!("{series}: {e}"))?;
     let s = status(&mut g)?;
-    let loaded: Vec<&str> = s["patches"]
-        .as_array()
-        .map(|p| p.iter().filter_map(|p| p["name"].as_str()).collect())
-        .unwrap_or_default();
+    let loaded: Vec<&str> = s.patches.iter().map(|p| p.name.as_str()).collect();
     check!(
         loaded == [format!("chain-{CHAIN}")],
         "{series}: only the last patch stays loaded: {loaded:?}"

@@ -2,6 +2,8 @@
 //!
 //! One test host serves every test here, one test at a time.
 
+use lpvmm::control::proto::DisasmResult;
+use lpvmm_tests::patchtest::parse;
 use lpvmm_tests::{check, host_trial, json, run_group, series_trials, TestHost, TestResult};
 
 /// Where x86-64 kernels link `_text` before KASLR moves them.
@@ -13,6 +15,7 @@ const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
 fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("vmci-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 1, "")?;
+    // The wire contract: raw JSON on purpose. `vmcoreinfo --json` as its words are.
     let (rc, out) = g.lpvmm("vmcoreinfo {vm} --json")?;
     check!(rc == 0, "vmcoreinfo failed: {out}");
     let v = json(&out)?;
@@ -209,6 +212,7 @@ fn tasks_equal_guest_view(host: &mut TestHost, series: &str) -> TestResult {
     // Some threads and a busy process, so that there is more than init and kthreads.
     g.run("(sleep 600 & sleep 600 & while :; do :; done) >/dev/null 2>&1 &")?;
     let before = task_set(&g.run(GUEST_TASKS)?);
+    // The wire contract: raw JSON on purpose. `tasks --json` as its words are.
     let (rc, out) = g.lpvmm("tasks {vm} --json")?;
     check!(rc == 0, "lpvmm tasks failed: {out}");
     let after = task_set(&g.run(GUEST_TASKS)?);
@@ -459,13 +463,13 @@ fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
     );
     let (rc, out) = g.lpvmm("disasm {vm} cmdline_proc_show --json")?;
     check!(rc == 0, "disasm: {out}");
-    let v = json(&out)?;
-    let first = &v["lines"][0];
+    let v: DisasmResult = parse(&out)?;
+    let nop_at = |i: usize| v.lines.get(i).is_some_and(|l| l.bytes == "0f1f440000");
     // ftrace's 5-byte NOP at the entry (after endbr64 on IBT kernels).
     check!(
-        first["bytes"] == "0f1f440000" || v["lines"][1]["bytes"] == "0f1f440000",
-        "no fentry NOP at the start of cmdline_proc_show: {}",
-        v["lines"]
+        nop_at(0) || nop_at(1),
+        "no fentry NOP at the start of cmdline_proc_show: {:?}",
+        v.lines
     );
     let (rc, out) = g.lpvmm("sym {vm} no_such_symbol_anywhere")?;
     check!(

@@ -7,14 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lpvmm::control::proto::{OutcomeView, StackResult, TransitionView};
 use lpvmm_tests::patchtest::{
-    self, build_lpvmm, checksum, checksums, held_by, patch_path, sleeper, status, verb,
+    self, build_lpvmm, checksum, checksums, held_by, parse, patch_path, sleeper, status, verb,
 };
 use lpvmm_tests::{
-    check, host_files_or_exit, images_dir, json, local_trial, lpvmm_binary, new_splats, repo_root,
+    check, host_files_or_exit, images_dir, local_trial, lpvmm_binary, new_splats, repo_root,
     run_group, series_trials, Guest, TestHost, TestResult, SERIES, SPLATS,
 };
-use serde_json::Value;
 
 /// The samples built for each series; the `bad-` ones only compiled (lpvmm refuses them).
 const SAMPLES: &[&str] = &["loadavg", "current", "features", "nsleep", "spin", "getpid"];
@@ -291,23 +291,23 @@ fn getpid_hammered(host: &mut TestHost, series: &str) -> TestResult {
     let s = status(&mut g)?;
     check!(
         patchtest::site_now(&s, "__x64_sys_getpid") == "jump",
-        "{series}: after the cycles getpid is not a direct jump: {}",
-        s["funcs"]
+        "{series}: after the cycles getpid is not a direct jump: {:?}",
+        s.funcs
     );
     // Each command above succeeded only once its transition was done; status keeps the
     // last 32 of them, and each must say so.
-    let history = s["history"].as_array().cloned().unwrap_or_default();
-    let kept: Vec<&Value> = history.iter().filter(|t| t["patch"] == "getpid").collect();
+    let history = &s.history;
+    let kept: Vec<&TransitionView> = history.iter().filter(|t| t.patch == "getpid").collect();
     check!(
         kept.len() >= (2 * HAMMER_CYCLES as usize + 1).min(32)
-            && kept.iter().all(|t| t["outcome"] == "done"),
-        "{series}: the getpid transitions in status: {}",
-        s["history"]
+            && kept.iter().all(|t| t.outcome == OutcomeView::Done),
+        "{series}: the getpid transitions in status: {:?}",
+        s.history
     );
-    let last = history.last().cloned().unwrap_or_default();
+    let last = history.last();
     check!(
-        last["tasks"].as_u64().unwrap_or(0) > u64::from(HAMMERS) && last["pending"] == 0,
-        "{series}: the last transition did not move every task: {last}"
+        last.is_some_and(|t| t.tasks as u64 > u64::from(HAMMERS) && t.pending == 0),
+        "{series}: the last transition did not move every task: {last:?}"
     );
     g.run("touch /tmp/hstop; wait")?;
     let log = g.run("cat /tmp/hammer.log")?;
@@ -409,9 +409,9 @@ fn ftrace_coexists(host: &mut TestHost, series: &str) -> TestResult {
     check!(patched(&mut g)?, "{series}: the patch is not in effect");
     let s = status(&mut g)?;
     check!(
-        patchtest::func_of(&s, "loadavg_proc_show")?["ftrace_hidden"] == true,
-        "{series}: status does not say the record is hidden: {}",
-        s["funcs"]
+        patchtest::func_of(&s, "loadavg_proc_show")?.ftrace_hidden,
+        "{series}: status does not say the record is hidden: {:?}",
+        s.funcs
     );
 
     // The function tracer: the redirected function alone matches nothing, a glob takes
@@ -607,11 +607,6 @@ fn current(host: &mut TestHost, series: &str) -> TestResult {
     g.poweroff().map(|_| ())
 }
 
-/// The frames of a trace, innermost first.
-fn frames(trace: &Value) -> Vec<Value> {
-    trace["frames"].as_array().cloned().unwrap_or_default()
-}
-
 /// Acceptance 3: a task asleep in, and one interrupted in, kbuild-built code unwind
 /// reliably through it with its ORC table; the blocker of a disable agrees.
 fn orc(host: &mut TestHost, series: &str) -> TestResult {
@@ -620,28 +615,30 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
     apply(&mut g, series, "nsleep")?;
     let s = status(&mut g)?;
     check!(
-        s["patches"][0]["orc_entries"].as_u64() > Some(0),
-        "{series}: the kbuild-built patch has no ORC entries: {}",
-        s["patches"][0]
+        s.patches.first().is_some_and(|p| p.orc_entries > 0),
+        "{series}: the kbuild-built patch has no ORC entries: {:?}",
+        s.patches.first()
     );
     let (pid, guest_stack) = sleeper(&mut g, 1000, "hrtimer_nanosleep")?;
     let (rc, out) = g.lpvmm(&format!("stack {{vm}} {pid} --json"))?;
     check!(rc == 0, "{series}: stack: {out}");
-    let trace = json(&out)?["traces"][0].clone();
-    let names: Vec<String> = frames(&trace)
+    let traces = parse::<StackResult>(&out)?.traces;
+    let trace = traces.first();
+    let names: Vec<String> = trace
         .iter()
-        .filter(|f| f["sched"] != true)
-        .filter_map(|f| f["symbol"].as_str().map(String::from))
+        .flat_map(|t| &t.frames)
+        .filter(|f| !f.sched)
+        .filter_map(|f| f.symbol.clone())
         .collect();
     let at = names.iter().position(|n| {
         n.starts_with("lpvmm_kbuild_common_nsleep+") && n.ends_with("[kbuild-nsleep]")
     });
     check!(
-        trace["reliable"] == true
+        trace.is_some_and(|t| t.reliable)
             && at.is_some_and(|i| i > 0
                 && names[i - 1].starts_with("hrtimer_nanosleep+")
                 && names.get(i + 1).is_some_and(|n| n.contains("sys_clock_nanosleep"))),
-        "{series}: a sleep in kbuild-built common_nsleep:\n{names:#?}\nguest: {guest_stack}\n{trace}"
+        "{series}: a sleep in kbuild-built common_nsleep:\n{names:#?}\nguest: {guest_stack}\n{trace:?}"
     );
     // The guest's own view, above the new function, is the same.
     let guest: Vec<&str> = guest_stack
@@ -660,11 +657,11 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
     let (rc, out) = g.lpvmm("patch disable {vm} kbuild-nsleep --no-wait")?;
     check!(rc == 0, "{series}: disable: {out}");
     let t = held_by(&mut g, pid)?;
-    let reason = t["blockers"][0]["reason"].as_str().unwrap_or("");
+    let reason = t.blockers.first().map_or("", |b| b.reason.as_str());
     check!(
         reason.contains("lpvmm_kbuild_common_nsleep [kbuild-nsleep]"),
-        "{series}: blockers of the disable: {}",
-        t["blockers"]
+        "{series}: blockers of the disable: {:?}",
+        t.blockers
     );
     let (rc, out) = g.lpvmm("patch reverse {vm}")?;
     check!(rc == 0, "{series}: reverse: {out}");
@@ -678,14 +675,17 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
     for _ in 0..60 {
         let (rc, out) = g.lpvmm(&format!("stack {{vm}} {reader} --json"))?;
         check!(rc == 0, "{series}: stack: {out}");
-        let trace = json(&out)?["traces"][0].clone();
-        let top = frames(&trace).first().cloned().unwrap_or_default();
-        let in_spin = top["interrupted"] == true
-            && top["symbol"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("lpvmm_spin_version_proc_show+"));
+        let trace = parse::<StackResult>(&out)?.traces.into_iter().next();
+        let top = trace.as_ref().and_then(|t| t.frames.first());
+        let in_spin = top.is_some_and(|top| {
+            top.interrupted
+                && top
+                    .symbol
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("lpvmm_spin_version_proc_show+"))
+        });
         if in_spin {
-            seen = Some(trace);
+            seen = trace;
             break;
         }
     }
@@ -693,16 +693,16 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
     let trace = seen.ok_or(format!(
         "{series}: in 60 samples the reader was never interrupted inside the spinning function"
     ))?;
-    let all = frames(&trace);
-    let names: Vec<&str> = all
+    let names: Vec<&str> = trace
+        .frames
         .iter()
-        .filter_map(|f| f["symbol"].as_str())
+        .filter_map(|f| f.symbol.as_deref())
         .map(|s| s.split('+').next().unwrap_or(s))
         .collect();
     check!(
-        trace["reliable"] == true && names.contains(&"seq_read_iter"),
+        trace.reliable && names.contains(&"seq_read_iter"),
         "{series}: interrupted in kbuild-built code, the trace must be reliable and reach \
-         its callers: {names:?}\n{trace}"
+         its callers: {names:?}\n{trace:?}"
     );
     eprintln!("{series}: interrupted in the new code: {names:?}");
     verb(&mut g, "disable", "spin")?;

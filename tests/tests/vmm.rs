@@ -48,6 +48,7 @@ fn boot(host: &mut TestHost, series: &str, vcpus: u8) -> TestResult {
         "patch area not reserved in the guest's /proc/iomem:\n{iomem}"
     );
 
+    // The wire contract: raw JSON on purpose. `status --json` as its words are.
     let (rc, status) = g.lpvmm("status {vm} --json")?;
     check!(
         rc == 0 && status.contains("\"state\": \"running\""),
@@ -281,6 +282,7 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     // Registers while running workloads: sample until both user and kernel mode are seen.
     let (mut user, mut kernel) = (0, 0);
     for _ in 0..40 {
+        // The wire contract: raw JSON on purpose. `regs --json`'s vCPU registers.
         let (rc, out) = g.lpvmm("regs {vm} --json")?;
         check!(rc == 0, "regs failed: {out}");
         let v = json(&out)?;
@@ -301,6 +303,8 @@ fn pause_resume_under_load(host: &mut TestHost, series: &str) -> TestResult {
     );
 
     // The page-table root really is a PML4: the kernel half has present entries.
+    // The wire contract: raw JSON on purpose. `pause --json` and `read-phys --json`
+    // (their only readers among the tests).
     let (rc, out) = g.lpvmm("pause {vm} --json")?;
     check!(rc == 0, "pause: {out}");
     let v = json(&out)?;

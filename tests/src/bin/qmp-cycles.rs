@@ -1,5 +1,5 @@
 //! qmp-cycles: pause and resume a QEMU guest through QMP, the peer of `lpvmm bench
-//! pause` in `bench pause-deaths` (tests/src/bin/bench/main.rs). It runs on the test host.
+//! pause` in `bench pause-deaths` (tests/src/bin/bench/pause_deaths.rs). It runs on the test host.
 //!
 //!   qmp-cycles SOCK CYCLES   connect to QEMU's QMP socket, then CYCLES times `stop`
 //!                            and `cont`, each waiting for its `{"return": {}}`; prints
@@ -9,6 +9,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+use lpvmm_tests::stats::median_of;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -76,9 +78,9 @@ impl Qmp {
     }
 }
 
-fn median_us(mut v: Vec<Duration>) -> u128 {
-    v.sort();
-    v.get(v.len() / 2).map_or(0, Duration::as_micros)
+/// The median of `v` in µs (the upper middle value of an even count; 0 when empty).
+fn median_us(v: &[Duration]) -> u128 {
+    median_of(v).map_or(0, |d| d.as_micros())
 }
 
 fn run(sock: &str, cycles: u32) -> Result<String, String> {
@@ -94,7 +96,7 @@ fn run(sock: &str, cycles: u32) -> Result<String, String> {
     }
     Ok(format!(
         "cycles={cycles} median_stop_us={} median_cont_us={}",
-        median_us(stops),
-        median_us(conts)
+        median_us(&stops),
+        median_us(&conts)
     ))
 }

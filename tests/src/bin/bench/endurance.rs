@@ -13,10 +13,11 @@
 
 use std::time::{Duration, Instant};
 
+use lpvmm_tests::stats::median;
 use lpvmm_tests::{json, BootFailure, HostMode, KvmTrace, TestHost};
 
-use crate::{
-    host_traced, initrd_with_livepatch, kbuild_kp, kp_build, livepatch_cpio, median, qemu_microvm,
+use crate::common::{
+    host_traced, initrd_with_livepatch, kbuild_kp, kp_build, livepatch_cpio, qemu_microvm,
 };
 
 /// Enable/disable cycles per batch: one shell loop on the test host, then the guest is
@@ -286,7 +287,7 @@ fn side_by_side_row(series: &str, vmm: &str, lives: &[Life], transition_ms: &[f6
         deaths as f64 * 60.0 / minutes.max(1.0 / 60.0),
         match transition_ms.is_empty() {
             true => "–".to_string(),
-            false => format!("{:.0}", median(transition_ms.to_vec())),
+            false => format!("{:.0}", median(transition_ms)),
         },
         verdict(lives, "readcheck"),
         verdict(lives, "getpid-hammer"),
@@ -349,7 +350,7 @@ fn endurance_row(
         _ if past(endurance_deadline(started)) => "at LPVMM_BENCH_MINUTES",
         _ => "(running)",
     };
-    let med = |v: Vec<f64>| match v.is_empty() {
+    let med = |v: &[f64]| match v.is_empty() {
         true => "–".to_string(),
         false => format!("{:.0}", median(v)),
     };
@@ -357,8 +358,8 @@ fn endurance_row(
         "| {series} | {done} | {} / {} | {} / {} | {} ({deaths}) | {checked} | {} | {} | {} | {} | {:.0} |",
         done.div_ceil(2),
         done / 2,
-        med(times.per_task.clone()),
-        med(times.immediate.clone()),
+        med(&times.per_task),
+        med(&times.immediate),
         lives.len(),
         verdict(lives, "readcheck"),
         verdict(lives, "getpid-hammer"),

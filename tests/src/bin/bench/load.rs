@@ -12,9 +12,10 @@
 //!
 //! Printed: medians over every guest, and each against the bare pause.
 
+use lpvmm_tests::stats::median;
 use lpvmm_tests::{json, Guest, TestHost};
 
-use crate::{kp_build, median, transition_of};
+use crate::common::{kp_build, transition_of};
 
 /// The pause of one `patch load`, in µs.
 fn load_pause(g: &mut Guest, kp: &str) -> Result<f64, String> {
@@ -101,8 +102,8 @@ pub fn load(runs: u32) -> Result<(), String> {
             "{series}: bare {:?} first {:?} later {:?} tick {:?}",
             p.bare, p.first, p.later, p.tick
         );
-        let bare = median(p.bare);
-        let (first, later, tick) = (median(p.first), median(p.later), median(p.tick));
+        let bare = median(&p.bare);
+        let (first, later, tick) = (median(&p.first), median(&p.later), median(&p.tick));
         println!(
             "| {series} | {runs} | {bare:.0} | {first:.0} | {:.2} | {later:.0} | {:.2} | {tick:.0} | {:.2} |",
             first / bare,
