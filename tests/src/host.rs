@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lpvmm::control::proto::{RegsResult, StatusInfo};
+use lpvmm::proto::{RegsResult, StatusInfo};
 
 use crate::console::{tail, Console};
 use crate::verdict::{decide, Decision, Evidence};

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lpvmm::control::proto::{
+use lpvmm::proto::{
     BlockerView, FuncView, OutcomeView, PatchStatusResult, PatchView, TransitionView,
 };
 use patcher::Phase;
@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// What an `lpvmm ... --json` printed, read as the protocol's type for it
-/// (`lpvmm::control::proto`): a field the test reads is then one the type has.
+/// (`lpvmm::proto`): a field the test reads is then one the type has.
 pub fn parse<T: DeserializeOwned>(out: &str) -> Result<T, String> {
     serde_json::from_str(out).map_err(|e| format!("{e}: {}", tail(out, 2000)))
 }
@@ -446,8 +446,8 @@ mod tests {
     #[test]
     fn readers_of_lpvmm_output_fail_when_the_value_is_missing() {
         let with = |sha256: &str| {
-            serde_json::to_string(&lpvmm::control::proto::ChecksumResult {
-                what: lpvmm::control::proto::ChecksumTarget::Text,
+            serde_json::to_string(&lpvmm::proto::ChecksumResult {
+                what: lpvmm::proto::ChecksumTarget::Text,
                 start: 0,
                 len: 1,
                 sha256: sha256.to_string(),

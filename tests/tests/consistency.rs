@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lpvmm::control::proto::{
+use lpvmm::proto::{
     OutcomeView, PatchStateView, PatchStatusResult, StackResult, TransitionView,
 };
 use lpvmm_tests::patchtest::{

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use lpvmm::control::proto::OutcomeView;
+use lpvmm::proto::OutcomeView;
 use lpvmm_tests::patchtest::{
     build_lpvmm, checksums, cmdline, ended, held_by, kill, kp_build, patch_path, sleeper, status,
 };

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lpvmm::control::proto::{OutcomeView, PatchStatusResult};
+use lpvmm::proto::{OutcomeView, PatchStatusResult};
 use lpvmm_tests::patchtest::{
     apply, build_lpvmm, checksum, checksums, cmdline, dispatched_history, ended, func_of,
     guest_report, held_by, kill, kp_build, patch_of, patch_path, sleeper, status, verb, Readers,

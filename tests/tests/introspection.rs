@@ -2,7 +2,7 @@
 //!
 //! One test host serves every test here, one test at a time.
 
-use lpvmm::control::proto::DisasmResult;
+use lpvmm::proto::DisasmResult;
 use lpvmm_tests::patchtest::parse;
 use lpvmm_tests::{check, host_trial, json, run_group, series_trials, TestHost, TestResult};
 

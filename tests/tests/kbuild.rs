@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lpvmm::control::proto::{OutcomeView, StackResult, TransitionView};
+use lpvmm::proto::{OutcomeView, StackResult, TransitionView};
 use lpvmm_tests::patchtest::{
     self, build_lpvmm, checksum, checksums, held_by, parse, patch_path, sleeper, status, verb,
 };

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use lpvmm::control::proto::OutcomeView;
+use lpvmm::proto::OutcomeView;
 use lpvmm_tests::patchtest::{
     self, checksum, checksums, in_patch_code, patch_path, run_cmd as run, triple_fault_rip,
     unlocated_death,
