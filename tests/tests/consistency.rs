@@ -9,9 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lpvmm::proto::{
-    OutcomeView, PatchStateView, PatchStatusResult, StackResult, TransitionView,
-};
+use lpvmm::proto::{OutcomeView, PatchStateView, PatchStatusResult, StackResult, TransitionView};
 use lpvmm_tests::patchtest::{
     build_lpvmm, checksum, cmdline, dispatched_history, early_checks, ended, held_by, kill,
     kp_build, parse, patch_path, pids, site_now, sleeper, status, status_json, Readers,
