@@ -33,6 +33,17 @@ declare -A USERPKG=(
 USERKEYS=(busybox bash)
 HOST_SERIES=6.1             # the test host runs this kernel
 HOST_MODULES=(kvm_amd)      # loaded in the test host, with their dependencies
+# Loaded in the guest at boot (rootfs/guest-init), with their dependencies, from
+# each guest kernel's own package: a guest with no module loaded is not a
+# realistic guest, and lpvmm's introspection (module list, addresses in module
+# space, [module] frames in stacks) and patching must meet module code.
+# Chosen to be small, to load without any device behind them, and to be what
+# a cloud guest really runs: tun (a task can sleep in it: programs/tunblock.c),
+# dummy (creates dummy0 on load), veth, virtio_net (a dependency chain:
+# failover, net_failover, and on 6.1 virtio and virtio_ring), overlay and
+# isofs (file systems; isofs brings cdrom).
+GUEST_MODULES=(tun dummy veth virtio_net overlay isofs)
+# module parameters, written into the lpvmm-modules lists (host and guest)
 declare -A MODULE_PARAMS=([kvm_amd]="nested=0")
 # glibc runtime for a dynamically linked Rust binary; host-payload.sh adds
 # whatever else `ldd` reports for the real binary.
@@ -322,6 +333,84 @@ release_of() {
 	die "no boot/vmlinuz-* in $(basename "${DEB[$2]}")"
 }
 
+# --- kernel modules -------------------------------------------------------------------------------
+
+# Modules always come from the package of the kernel that loads them (same
+# build: vermagic, symbol versions and signatures match). Used for the test
+# host (HOST_MODULES) and for every guest series (GUEST_MODULES).
+
+# module_tree SERIES: extract the package's vmlinuz and its whole module tree
+# into $WORK/modtree-SERIES (once per run) and run depmod on it: the package
+# ships no modules.dep (dpkg's postinst makes it), and modprobe needs one to
+# compute dependencies, which depmod can only do from the whole tree.
+# Sets MODTREE[SERIES] (the extracted package: MODTREE/boot/vmlinuz-RELEASE),
+# MODBASE[SERIES] (the -b/-d base directory) and MODREL[SERIES] (the release).
+declare -A MODTREE MODBASE MODREL
+module_tree() { # SERIES
+	local s=$1 x base rel
+	[ -n "${MODREL[$s]:-}" ] && return 0
+	x=$WORK/modtree-$s
+	# ('*lib/modules/*' matches ./lib/modules and merged-/usr ./usr/lib/modules)
+	extract_kernel "$s" "$x" './boot/vmlinuz-*' '*lib/modules/*'
+	rel=$(release_of "$x" "$s")
+	base=$x
+	[ -d "$x/lib/modules/$rel" ] || base=$x/usr   # merged-/usr style packages
+	[ -d "$base/lib/modules/$rel" ] || die "no lib/modules/$rel in ${PKG[$s]}"
+	depmod -b "$base" "$rel"
+	MODTREE[$s]=$x MODBASE[$s]=$base MODREL[$s]=$rel
+}
+
+# install_modules SERIES ROOT MODULE...: put MODULE... of the kernel package
+# of SERIES, and every module they depend on, into ROOT/lib/modules/RELEASE/
+# (at their paths in the package), and write ROOT/lib/modules/RELEASE/lpvmm-modules:
+# one "relative/path.ko [params]" line per module, in load order (dependencies
+# first, each module once; params from MODULE_PARAMS). The /init scripts
+# insmod that list line by line: the images carry neither modprobe nor
+# modules.dep, and busybox insmod loads exactly the file it is given.
+# Modules are stored decompressed (.ko): busybox insmod may not read .ko.xz or
+# .ko.zst (that is a build option), and the initramfs is compressed as a whole
+# anyway. The decompressed file is still the signed module (Debian signs
+# before it compresses), so loading it does not taint the kernel.
+install_modules() { # SERIES ROOT MODULE...
+	local s=$1 root=$2 m deps kind path rp ko name dir list base rel
+	local -A seen=()
+	shift 2
+	module_tree "$s"
+	base=${MODBASE[$s]} rel=${MODREL[$s]}
+	dir=$root/lib/modules/$rel
+	list=$dir/lpvmm-modules
+	mkdir -p "$dir"
+	: >"$list"
+	for m in "$@"; do
+		deps=$(modprobe -d "$base" -S "$rel" --show-depends "$m") ||
+			die "module $m not found for $rel"
+		# one "insmod /abs/path.ko[.xz] [params]" per module, dependencies
+		# first; "builtin NAME" for what is built in: nothing to load
+		while read -r kind path _; do
+			[ "$kind" = insmod ] || continue
+			rp=${path#"$base/lib/modules/$rel/"}
+			ko=${rp%.ko*}.ko
+			[ -n "${seen[$ko]:-}" ] && continue   # a dependency of an earlier one
+			seen[$ko]=1
+			mkdir -p "$(dirname "$dir/$ko")"
+			case "$rp" in
+			*.ko) cp "$path" "$dir/$ko" ;;
+			*.ko.xz) ensure xz:xz-utils; xz -dc "$path" >"$dir/$ko" ;;
+			*.ko.zst) ensure zstd:zstd; zstd -qdc "$path" >"$dir/$ko" ;;
+			*.ko.gz) gzip -dc "$path" >"$dir/$ko" ;;
+			*) die "unexpected module file $path" ;;
+			esac
+			name=$(basename "$ko" .ko | tr - _)
+			echo "$ko ${MODULE_PARAMS[$name]:-}" >>"$list"
+		done <<<"$deps"
+	done
+}
+
+# module names of an lpvmm-modules list, in load order, on one line
+module_names() { # LIST
+	awk '{ n = $1; sub(/.*\//, "", n); sub(/\.ko$/, "", n); gsub(/-/, "_", n); printf "%s%s", s, n; s = " " } END { print "" }' "$1"
+}
+
 # --- guest kernels ------------------------------------------------------------------------------
 
 for s in "${SERIES[@]}"; do
@@ -348,7 +437,11 @@ done
 GUEST_INPUTS=("$HERE/rootfs/guest-init" "$HERE"/programs/*.c)
 GCC_VER=$(gcc -dumpfullversion 2>/dev/null || gcc -dumpversion)
 LIBC_VER=$(dpkg-query -W -f='${Version}' libc6 2>/dev/null || echo unknown)
-key="$(basename "${DEB[busybox]}") $(basename "${DEB[bash]}") gcc-$GCC_VER libc-$LIBC_VER $SELF_HASH $(hash_of "${GUEST_INPUTS[@]}")"
+# The initrd carries modules of every guest kernel: a new kernel package of any
+# series, or another module list, means a new initrd.
+kernel_debs=
+for s in "${SERIES[@]}"; do kernel_debs+="$(basename "${DEB[$s]}") "; done
+key="$kernel_debs$(basename "${DEB[busybox]}") $(basename "${DEB[bash]}") modules=$(IFS=,; echo "${GUEST_MODULES[*]}") gcc-$GCC_VER libc-$LIBC_VER $SELF_HASH $(hash_of "${GUEST_INPUTS[@]}")"
 if up_to_date guest-initrd "$key" "$IMAGES/guest-initrd.cpio.gz"; then
 	echo "cached: guest-initrd.cpio.gz"
 else
@@ -362,6 +455,12 @@ else
 		gcc -static -O2 -Wall -Wextra -o "$r/usr/bin/$name" "$c" -lm ||
 			die "compiling programs/$name.c failed"
 		strip "$r/usr/bin/$name"
+	done
+	# One initrd serves both series: each kernel finds its own modules under
+	# /lib/modules/$(uname -r) and ignores the other's.
+	for s in "${SERIES[@]}"; do
+		install_modules "$s" "$r" "${GUEST_MODULES[@]}"
+		echo "guest-$s modules: $(module_names "$r/lib/modules/${MODREL[$s]}/lpvmm-modules")"
 	done
 	make_cpio "$r" "$WORK/guest-initrd.cpio"
 	gzip -9 -n "$WORK/guest-initrd.cpio"
@@ -382,43 +481,12 @@ if up_to_date host "$key" "$IMAGES/host/vmlinuz" "$IMAGES/host/base.cpio"; then
 	echo "cached: host (vmlinuz, base.cpio)"
 else
 	echo "building host/base.cpio from ${PKG[$HOST_SERIES]}"
-	x=$WORK/kernel-host
-	# the whole module tree: depmod needs it to compute dependencies
-	# (the package ships no modules.dep; dpkg's postinst would make it)
-	# ('*lib/modules/*' matches ./lib/modules and merged-/usr ./usr/lib/modules)
-	extract_kernel "$HOST_SERIES" "$x" './boot/vmlinuz-*' '*lib/modules/*'
-	rel=$(release_of "$x" "$HOST_SERIES")
-	base=$x
-	[ -d "$x/lib/modules/$rel" ] || base=$x/usr   # merged-/usr style packages
-	[ -d "$base/lib/modules/$rel" ] || die "no lib/modules/$rel in ${PKG[$HOST_SERIES]}"
-	depmod -b "$base" "$rel"
-
 	r=$WORK/host-root
 	skeleton "$r"
 	install -m 0755 "$HERE/rootfs/host-init" "$r/init"
-	mkdir -p "$r/lib/modules/$rel"
+	install_modules "$HOST_SERIES" "$r" "${HOST_MODULES[@]}"
+	x=${MODTREE[$HOST_SERIES]} rel=${MODREL[$HOST_SERIES]}
 	list=$r/lib/modules/$rel/lpvmm-modules
-	: >"$list"
-	for m in "${HOST_MODULES[@]}"; do
-		deps=$(modprobe -d "$base" -S "$rel" --show-depends "$m") ||
-			die "module $m not found for $rel"
-		while read -r kind path _; do
-			[ "$kind" = insmod ] || continue   # "builtin NAME": nothing to load
-			rp=${path#"$base/lib/modules/$rel/"}
-			grep -qF "${rp%.ko*}.ko " "$list" && continue   # already listed
-			mkdir -p "$(dirname "$r/lib/modules/$rel/$rp")"
-			# busybox insmod may not read compressed modules: store plain .ko
-			case "$rp" in
-			*.ko) cp "$path" "$r/lib/modules/$rel/$rp" ;;
-			*.ko.xz) ensure xz:xz-utils; xz -dc "$path" >"$r/lib/modules/$rel/${rp%.xz}" ;;
-			*.ko.zst) ensure zstd:zstd; zstd -qdc "$path" >"$r/lib/modules/$rel/${rp%.zst}" ;;
-			*.ko.gz) gzip -dc "$path" >"$r/lib/modules/$rel/${rp%.gz}" ;;
-			*) die "unexpected module file $path" ;;
-			esac
-			name=$(basename "${rp%.ko*}" | tr - _)
-			echo "${rp%.ko*}.ko ${MODULE_PARAMS[$name]:-}" >>"$list"
-		done <<<"$deps"
-	done
 	install -m 0755 "$(realpath "$HOST_SHELL")" "$r/bin/dash"
 	# glibc runtime, at its usual paths, symlinks resolved
 	for l in "${host_libs[@]}"; do
@@ -430,7 +498,7 @@ else
 	make_cpio "$r" "$WORK/host/base.cpio"
 	install_output "$WORK/host" "$IMAGES/host"
 	stamp host "$key"
-	echo "host modules: $(awk '{print $1}' "$list" | xargs -n1 basename | tr '\n' ' ')"
+	echo "host modules: $(module_names "$list")"
 fi
 
 # --- manifest -----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 #
 #   check.sh guest [SERIES...]        boot guest-SERIES/vmlinuz (default: 6.1 6.12)
 #                                     with guest-initrd.cpio.gz directly under TCG:
-#                                     READY line, shell, job control, workload
+#                                     READY line, modules, shell, job control,
+#                                     a task asleep in tun, workload; then a boot
+#                                     with lpvmm.modules=0 (no module loaded)
 #   check.sh host [BINARY]            boot the test host (run-test-host.sh) with a
 #                                     payload made from BINARY (default /bin/true):
 #                                     /dev/kvm, kvm_amd, the payload, ttyS1 pass-through
@@ -105,18 +107,41 @@ wait_vm_exit() { # TIMEOUT
 
 # --- guest: direct boot under TCG -----------------------------------------------------------------
 
-check_guest() { # SERIES
-	local s=$1 rel
-	rel=$(cat "$IMAGES/guest-$s/release")
-	log "guest $s ($rel): booting under plain QEMU TCG"
+boot_guest() { # SERIES [EXTRA-KERNEL-ARGS]
 	start_vm qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 1G \
 		-nodefaults -no-user-config -display none -no-reboot -serial stdio \
-		-kernel "$IMAGES/guest-$s/vmlinuz" -initrd "$IMAGES/guest-initrd.cpio.gz" \
-		-append "console=ttyS0"
-	expect '^LPVMM-GUEST-READY nproc=([0-9]+) release=(.*)$' 300
-	log "guest $s: ${BASH_REMATCH[0]}"
+		-kernel "$IMAGES/guest-$1/vmlinuz" -initrd "$IMAGES/guest-initrd.cpio.gz" \
+		-append "console=ttyS0 ${2:-}"
+}
+
+# the modules guest-init loads for RELEASE: names from the initrd's list, in order
+guest_modules() { # RELEASE
+	zcat "$IMAGES/guest-initrd.cpio.gz" |
+		(cd "$TMP" && cpio -i --quiet --to-stdout "lib/modules/$1/lpvmm-modules") |
+		awk '{ n = $1; sub(/.*\//, "", n); sub(/\.ko$/, "", n); gsub(/-/, "_", n); print n }'
+}
+
+check_guest() { # SERIES
+	local s=$1 rel want line failed=
+	rel=$(cat "$IMAGES/guest-$s/release")
+	mapfile -t want < <(guest_modules "$rel")
+	((${#want[@]})) || fail "no lib/modules/$rel/lpvmm-modules in guest-initrd.cpio.gz"
+	log "guest $s ($rel): booting under plain QEMU TCG"
+	boot_guest "$s"
+	# (a module that fails to load says "guest: insmod NAME failed" before READY)
+	while :; do
+		expect '^(guest: insmod .* failed|LPVMM-GUEST-READY .*)$' 300
+		line=${BASH_REMATCH[0]}
+		[[ $line == guest:* ]] || break
+		failed+="${line#guest: insmod } "
+	done
+	log "guest $s: $line"
+	[[ $line =~ ^LPVMM-GUEST-READY\ nproc=([0-9]+)\ release=([^ ]+)\ modules=([0-9]+)$ ]] ||
+		fail "READY line not as guest-init's contract says"
 	[ "${BASH_REMATCH[1]}" = 2 ] || fail "nproc ${BASH_REMATCH[1]}, want 2"
 	[ "${BASH_REMATCH[2]}" = "$rel" ] || fail "release ${BASH_REMATCH[2]}, want $rel"
+	[ -z "$failed" ] || fail "insmod failed: $failed"
+	[ "${BASH_REMATCH[3]}" = "${#want[@]}" ] || fail "modules=${BASH_REMATCH[3]}, want ${#want[@]} (${want[*]})"
 
 	# as a harness would: no echo of the commands, no prompt in the output
 	sh_run "stty -echo; PS1=''"
@@ -139,6 +164,25 @@ check_guest() { # SERIES
 	[[ $OUT == *alive* ]] || fail "shell did not survive: $OUT"
 	log "guest $s: tty, sysctls, kallsyms, job control, shell robustness ok"
 
+	# modules: every one listed is live, in module space, and none tainted the
+	# kernel (the decompressed .ko keeps Debian's signature)
+	must "cut -d' ' -f1 /proc/modules | sort | tr '\n' ' '"
+	[ "$OUT" = "$(printf '%s\n' "${want[@]}" | sort | tr '\n' ' ')" ] ||
+		fail "/proc/modules has '$OUT', want '${want[*]}'"
+	must "cat /proc/sys/kernel/tainted"
+	[ "$OUT" = $'0\n' ] || fail "kernel tainted: $OUT"
+	log "guest $s: /proc/modules: ${want[*]} (untainted)"
+	# a task asleep in module code: tunblock's read() sleeps in tun
+	must "tunblock >/tmp/tb 2>&1 &"
+	sleep 2
+	must "cat /tmp/tb; cat /proc/\$(sed -n 's/.* pid=//p' /tmp/tb)/stack"
+	# (OUT may start with the shell's notice of an earlier job's end)
+	[[ $OUT == *"tunblock: lpvmm0 pid="* ]] || fail "tunblock: $OUT"
+	[[ $OUT == *"tun_do_read+"*"[tun]"* ]] || fail "tunblock's stack has no tun_do_read [tun] frame: $OUT"
+	log "guest $s: $(grep '^tunblock:' <<<"$OUT"), its stack:"
+	grep '^\[<' <<<"$OUT" | sed 's/^/        /'
+	must "kill \$(sed -n 's/.* pid=//p' /tmp/tb)"
+
 	local t
 	t=$(us)
 	# (OUT may start with the shell's "[1]+ Terminated sleep 60" notice)
@@ -158,6 +202,18 @@ check_guest() { # SERIES
 	printf 'poweroff -f\n' >&"$VM_IN"
 	wait_vm_exit 60
 	log "guest $s: powered off"
+
+	# lpvmm.modules=0: same READY line, nothing loaded
+	boot_guest "$s" lpvmm.modules=0
+	expect '^LPVMM-GUEST-READY .*$' 300
+	log "guest $s: lpvmm.modules=0: ${BASH_REMATCH[0]}"
+	[[ ${BASH_REMATCH[0]} == *" modules=0" ]] || fail "lpvmm.modules=0 loaded modules"
+	sh_run "stty -echo; PS1=''"
+	must "wc -l </proc/modules"
+	[ "$OUT" = $'0\n' ] || fail "lpvmm.modules=0: /proc/modules has $OUT lines"
+	printf 'poweroff -f\n' >&"$VM_IN"
+	wait_vm_exit 60
+	log "guest $s: lpvmm.modules=0 ok, powered off"
 }
 
 # --- test host ----------------------------------------------------------------------------------------

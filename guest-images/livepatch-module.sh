@@ -7,7 +7,7 @@
 # never installed), and writes a gzip'd cpio with each module in /root/ (for example
 # /root/lpvmm_lp_cmdline.ko). Appended to the guest initrd (the kernel unpacks concatenated
 # archives), it puts the modules in the guest for the side-by-side benchmark
-# (tests/src/bin/bench/main.rs patch, transition and calls; bench/endurance.rs, its peer). Cached by kernel release and source hash.
+# (tests/src/bin/bench/ patch, transition and calls; bench/endurance.rs, its peer). Cached by kernel release and source hash.
 set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -90,6 +90,9 @@ pub struct Layout {
     pub rq_curr: u64,
     pub pcpu_hot: Option<PcpuHotLayout>,
     pub patcher: PatcherTypes,
+    /// `struct module` and what the module list needs; an error for a kernel whose
+    /// BTF lacks it (one built without modules), said when modules are asked for.
+    pub modules: Result<crate::modules::ModuleLayout, BtfError>,
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,6 +171,7 @@ impl Layout {
                 x86_capability: btf.field("cpuinfo_x86", "x86_capability").ok(),
                 alt_instr_size: btf.struct_size("alt_instr").ok(),
             },
+            modules: crate::modules::ModuleLayout::from_btf(btf),
         })
     }
 }

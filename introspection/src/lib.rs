@@ -10,7 +10,8 @@
 //! From the running guest alone (no System.map, no debug package, no offsets written by
 //! hand): [`vmcoreinfo`] finds the kernel, [`kallsyms`] decodes its symbol table,
 //! [`btf`] and [`layout`] give struct layouts, [`memory`] walks its page tables,
-//! [`tasks`] lists tasks, and [`stack`] unwinds their kernel stacks with [`orc`].
+//! [`tasks`] lists tasks, [`modules`] the loaded modules, and [`stack`] unwinds their
+//! kernel stacks with [`orc`] (the kernel's and each module's).
 #![forbid(unsafe_code)]
 
 pub mod btf;
@@ -21,6 +22,7 @@ pub mod kallsyms;
 pub mod kernel;
 pub mod layout;
 pub mod memory;
+pub mod modules;
 pub mod orc;
 pub mod stack;
 #[cfg(any(test, feature = "synthetic"))]

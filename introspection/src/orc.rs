@@ -210,6 +210,25 @@ impl OrcTable {
                 u_stop.wrapping_sub(u_start)
             )));
         }
+        Self::read_relative(mem, format, ip_start, u_start, count)
+    }
+
+    /// A table as the kernel keeps one for a module (`orc_unwind_ip`, `orc_unwind`,
+    /// `num_orcs`): `count` place-relative 32-bit addresses at `ip_start`, and as many
+    /// entries at `u_start`.
+    pub fn read_relative(
+        mem: &KernelMemory,
+        format: OrcFormat,
+        ip_start: u64,
+        u_start: u64,
+        count: u64,
+    ) -> Result<OrcTable, OrcError> {
+        let esize = format.entry_size;
+        if count > MAX_ENTRIES || esize == 0 || esize > 8 {
+            return Err(OrcError::Corrupt(format!(
+                "{count} entries of {esize} bytes"
+            )));
+        }
         let raw_ips = mem.read_vec(ip_start, (count * 4) as usize)?;
         let absolute: Vec<u64> = raw_ips
             .chunks_exact(4)

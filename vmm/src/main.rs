@@ -112,7 +112,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Look up a kernel symbol by NAME or 0xADDRESS (or dump all, as /proc/kallsyms)
+    /// Look up a kernel symbol by NAME, MODULE:NAME or 0xADDRESS (or dump all, module
+    /// symbols included, as /proc/kallsyms)
     Sym {
         vm: String,
         target: Option<String>,
@@ -123,6 +124,12 @@ enum Command {
     },
     /// List the guest's tasks (processes, threads, kthreads, idle) and each vCPU's current
     Tasks {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The guest's loaded kernel modules, as /proc/modules lists them
+    Modules {
         vm: String,
         #[arg(long)]
         json: bool,
@@ -229,6 +236,7 @@ fn main() -> ExitCode {
             json,
         } => cli_inspect::sym(&vm, target, all, json),
         Command::Tasks { vm, json } => cli_inspect::tasks(&vm, json),
+        Command::Modules { vm, json } => cli_inspect::modules(&vm, json),
         Command::Stack { vm, pid, json } => cli_inspect::stack(&vm, pid, json),
         Command::Disasm { vm, symbol, json } => cli_inspect::disasm(&vm, &symbol, json),
         Command::Patch(args) => cli_patch::patch(args),

@@ -51,6 +51,8 @@ pub enum Request {
     },
     /// Every task of the guest, and what each vCPU runs.
     Tasks,
+    /// The guest's loaded modules, as /proc/modules lists them.
+    Modules,
     /// Kernel stack traces: one task, or every task when `pid` is absent.
     Stack {
         #[serde(default)]
@@ -196,6 +198,29 @@ pub struct SymResult {
     /// Functions of loaded patches that match.
     #[serde(default)]
     pub patch: Vec<PatchSymbol>,
+    /// Module symbols that match (every one for `--all`), in /proc/kallsyms order.
+    #[serde(default)]
+    pub module_symbols: Vec<ModuleSymbolLine>,
+    /// For an address in a module's code: the module.
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+/// A module's symbol as /proc/kallsyms lists it: `ADDR KIND NAME\t[MODULE]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleSymbolLine {
+    pub module: String,
+    pub addr: u64,
+    /// The type letter /proc/kallsyms prints (upper case: exported by the module).
+    pub kind: char,
+    pub name: String,
+}
+
+/// The guest's modules, in the kernel's list order (newest first), as /proc/modules.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModulesResult {
+    pub modules: Vec<introspection::modules::Module>,
+    pub pause: PauseCost,
 }
 
 /// A function of a loaded patch.

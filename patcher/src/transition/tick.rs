@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use introspection::kernel::Kernel;
+use introspection::modules::ModuleCode;
 use introspection::orc::{reg, OrcEntry, OrcKind};
 use introspection::stack::{ExtraCode, StackTrace, Unwinder};
 use introspection::tasks::{Task, TaskList, TaskReader};
@@ -565,7 +566,8 @@ impl Engine {
     }
 
     /// Run `f` with a task reader of `guest` and an unwinder over it that knows patch
-    /// code and trampolines.
+    /// code and trampolines, and the guest's modules as they are now (each module's
+    /// tables read when a stack first passes through it).
     pub(crate) fn with_unwinder<R>(
         &self,
         guest: &dyn PausedGuest,
@@ -574,7 +576,8 @@ impl Engine {
     ) -> R {
         let reader = TaskReader::new(kernel, guest);
         let code = PatchCode(self);
-        let extra: [&dyn ExtraCode; 1] = [&code];
+        let modules = ModuleCode::new(kernel, kernel.memory(guest));
+        let extra: [&dyn ExtraCode; 2] = [&code, &modules];
         f(&reader, &Unwinder::new(&reader, &extra))
     }
 }

@@ -8,7 +8,8 @@ use introspection::stack::{StackTrace, TraceStart};
 use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::proto::{
-    DisasmResult, KernelResult, PauseCost, Request, StackResult, SymQuery, SymResult, TasksResult,
+    DisasmResult, KernelResult, ModulesResult, PauseCost, Request, StackResult, SymQuery,
+    SymResult, TasksResult,
 };
 
 fn pause_note(p: &PauseCost) -> String {
@@ -82,7 +83,10 @@ pub fn sym(vm: &str, target: Option<String>, all: bool, json: bool) -> Result<i3
         );
     }
     if let Some(l) = &r.located {
-        println!("{:#018x} {}", l.symbol_addr + l.offset, l.display());
+        match &r.module {
+            Some(m) => println!("{:#018x} {} [{m}]", l.symbol_addr + l.offset, l.display()),
+            None => println!("{:#018x} {}", l.symbol_addr + l.offset, l.display()),
+        }
         return Ok(0);
     }
     // The /proc/kallsyms format (symbols without a name are not shown there either).
@@ -103,7 +107,22 @@ pub fn sym(vm: &str, target: Option<String>, all: bool, json: bool) -> Result<i3
             writeln!(out, "{:016x} {} {}", s.addr, s.kind, s.name)?;
         }
     }
+    for s in &r.module_symbols {
+        writeln!(out, "{:016x} {} {}\t[{}]", s.addr, s.kind, s.name, s.module)?;
+    }
     out.flush()?;
+    Ok(0)
+}
+
+/// The guest's modules, one /proc/modules line each (`--json`: every field).
+pub fn modules(vm: &str, json: bool) -> Result<i32> {
+    let r: ModulesResult = Client::connect(vm)?.call(Request::Modules)?;
+    if json {
+        return print_json(&r);
+    }
+    for m in &r.modules {
+        println!("{}", m.proc_line());
+    }
     Ok(0)
 }
 

@@ -249,6 +249,7 @@ fn dispatch(s: &mut Session, request: Request) -> ResponseLine {
         Request::Kernel { reattach } => reply(s.kernel_info(reattach)),
         Request::Sym { query } => reply(s.sym(query)),
         Request::Tasks => reply(s.tasks()),
+        Request::Modules => reply(s.modules()),
         Request::Stack { pid } => reply(s.stack(pid)),
         Request::Disasm { symbol, sympos } => reply(s.disasm(&symbol, sympos)),
         Request::PatchLoad {

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use introspection::disasm::{self, MAX_BYTES};
+use introspection::modules::{ModuleError, ModuleList, ModuleState, ModuleSymbol, ModuleSymbols};
 use introspection::tasks::Task;
 use introspection::tasks::TaskReader;
 use introspection::{Kernel, PausedGuest};
 
 use crate::proto::{
-    DisasmResult, KernelResult, PatchSymbol, PauseCost, Redirect, StackResult, SymQuery, SymResult,
-    TasksResult,
+    DisasmResult, KernelResult, ModuleSymbolLine, ModulesResult, PatchSymbol, PauseCost, Redirect,
+    StackResult, SymQuery, SymResult, TasksResult,
 };
 use crate::session::Session;
 
@@ -50,37 +51,118 @@ impl Session {
         })
     }
 
-    /// Symbol lookups need no pause once attached: kallsyms is static, and so is what
-    /// lpvmm loaded.
+    /// Symbol lookups: the kernel's own need no pause once attached (kallsyms is
+    /// static, and so is what lpvmm loaded); modules come and go, so their symbols are
+    /// read in a pause, when the query can concern them. `module:name` looks in one
+    /// module only (`vmlinux:name` in the kernel's own table).
     pub fn sym(&mut self, query: SymQuery) -> Result<SymResult> {
         let (k, _, _) = self.attached(false)?;
-        let s = &k.symbols;
         let mut r = SymResult {
             symbols: Vec::new(),
             located: None,
             patch: Vec::new(),
+            module_symbols: Vec::new(),
+            module: None,
         };
         match query {
-            SymQuery::Name { name } => {
-                r.symbols = s.named(&name);
-                r.patch = self.patch_symbols(|f| f.new_name == name);
-                if r.symbols.is_empty() && r.patch.is_empty() {
-                    bail!("no kernel symbol named '{name}' (and no loaded patch defines one)");
-                }
+            SymQuery::Name { name } => self.sym_named(&k, &name, &mut r)?,
+            SymQuery::Addr { addr } => self.sym_at(&k, addr, &mut r)?,
+            SymQuery::All => {
+                r.symbols = k.symbols.symbols().collect();
+                r.module_symbols = module_lines(&self.module_symbols(&k)?, |_| true);
             }
-            SymQuery::Addr { addr } => {
-                r.patch =
-                    self.patch_symbols(|f| addr >= f.new_addr && addr < f.new_addr + f.new_size);
-                if r.patch.is_empty() {
-                    r.located = Some(
-                        s.locate(addr)
-                            .ok_or_else(|| anyhow!("{addr:#x} is below every kernel symbol"))?,
-                    );
-                }
-            }
-            SymQuery::All => r.symbols = s.symbols().collect(),
         }
         Ok(r)
+    }
+
+    fn sym_named(&mut self, k: &Kernel, query: &str, r: &mut SymResult) -> Result<()> {
+        let (module, name) = match query.split_once(':') {
+            Some((m, n)) => (Some(m), n),
+            None => (None, query),
+        };
+        if module.is_none_or(|m| m == "vmlinux") {
+            r.symbols = k.symbols.named(name);
+            r.patch = self.patch_symbols(|f| f.new_name == name);
+        }
+        if module != Some("vmlinux") {
+            let tables = self.module_symbols(k)?;
+            let wanted: Vec<&ModuleSymbols> = tables
+                .iter()
+                .filter(|t| module.is_none_or(|m| t.module == m))
+                .collect();
+            if let (Some(m), true) = (module, wanted.is_empty()) {
+                bail!("no module named '{m}' is loaded in the guest");
+            }
+            r.module_symbols = module_lines(&tables, |s| {
+                wanted.iter().any(|w| w.module == s.0) && s.1.name == name
+            });
+        }
+        if r.symbols.is_empty() && r.patch.is_empty() && r.module_symbols.is_empty() {
+            bail!("no kernel symbol named '{query}' (and no loaded patch or module defines one)");
+        }
+        Ok(())
+    }
+
+    fn sym_at(&mut self, k: &Kernel, addr: u64, r: &mut SymResult) -> Result<()> {
+        r.patch = self.patch_symbols(|f| addr >= f.new_addr && addr < f.new_addr + f.new_size);
+        if !r.patch.is_empty() {
+            return Ok(());
+        }
+        if !k.is_kernel_text(addr) {
+            let (found, _) = self.vm.paused(|g| {
+                let mem = k.memory(g);
+                let list = ModuleList::read(&mem, k)?;
+                let Some(m) = list.containing(addr) else {
+                    return Ok::<_, ModuleError>(None);
+                };
+                let layout = k.layout.modules.as_ref().map_err(|e| e.clone())?;
+                Ok(Some((
+                    m.name.clone(),
+                    m.symbols(&mem, layout)?.locate(addr),
+                )))
+            })?;
+            if let Some((module, located)) = found? {
+                r.located = Some(
+                    located
+                        .ok_or_else(|| anyhow!("{addr:#x} is below every symbol of {module}"))?,
+                );
+                r.module = Some(module);
+                return Ok(());
+            }
+        }
+        r.located = Some(
+            k.symbols
+                .locate(addr)
+                .ok_or_else(|| anyhow!("{addr:#x} is below every kernel symbol"))?,
+        );
+        Ok(())
+    }
+
+    /// Every formed module's symbols, read in one pause.
+    fn module_symbols(&mut self, k: &Kernel) -> Result<Vec<ModuleSymbols>> {
+        let (tables, _) = self.vm.paused(|g| {
+            let mem = k.memory(g);
+            let list = ModuleList::read(&mem, k)?;
+            let layout = k.layout.modules.as_ref().map_err(|e| e.clone())?;
+            list.modules
+                .iter()
+                .filter(|m| m.state != ModuleState::Unformed)
+                .map(|m| m.symbols(&mem, layout))
+                .collect::<Result<Vec<_>, ModuleError>>()
+        })?;
+        Ok(tables?)
+    }
+
+    /// The guest's modules, as /proc/modules lists them (unformed ones left out).
+    pub fn modules(&mut self) -> Result<ModulesResult> {
+        let (k, _, _) = self.attached(false)?;
+        let (list, pause) = self.vm.paused(|g| ModuleList::read(&k.memory(g), &k))?;
+        let modules = list?
+            .modules
+            .into_iter()
+            .filter(|m| m.state != ModuleState::Unformed)
+            .collect();
+        Ok(ModulesResult { modules, pause })
     }
 
     fn patch_symbols(&self, want: impl Fn(&patcher::PatchedFunc) -> bool) -> Vec<PatchSymbol> {
@@ -197,4 +279,24 @@ fn release_free_heap() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The lines /proc/kallsyms has for these modules' symbols that `keep` keeps (named
+/// ones only, as /proc/kallsyms shows), in its order.
+fn module_lines(
+    tables: &[ModuleSymbols],
+    keep: impl Fn((&str, &ModuleSymbol)) -> bool,
+) -> Vec<ModuleSymbolLine> {
+    tables
+        .iter()
+        .flat_map(|t| t.symbols.iter().map(move |s| (t.module.as_str(), s)))
+        .filter(|(_, s)| !s.name.is_empty())
+        .filter(|&x| keep(x))
+        .map(|(m, s)| ModuleSymbolLine {
+            module: m.to_string(),
+            addr: s.addr,
+            kind: s.proc_kind(),
+            name: s.name.clone(),
+        })
+        .collect()
 }

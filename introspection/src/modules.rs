@@ -1,0 +1,849 @@
+//! The guest's loaded kernel modules, read from the kernel's own module list: each
+//! module's name, state, memory, symbols (its `mod_kallsyms`) and ORC table.
+//!
+//! Modules come and go while the guest runs, so nothing here is read at attach: a
+//! [`ModuleList`] is one look at the list (cheap: a few fields per module), and a
+//! module's symbols and ORC table are read only when asked for ([`Module::symbols`],
+//! [`Module::orc`]). [`ModuleCode`] gives the unwinder module text with its ORC, so that
+//! a task sleeping in a module unwinds as the kernel's own reliable unwinder would
+//! unwind it, and names its frames `func+0xoff/0xsize [module]` as /proc/PID/stack does.
+//!
+//! Where the kernel keeps a module's memory changed in 6.4: up to 6.3 `core_layout` and
+//! `init_layout` (`struct module_layout`), from 6.4 `mem[MOD_MEM_NUM_TYPES]` (`struct
+//! module_memory`). Both are read from BTF ([`ModuleLayout`]). Guest memory is hostile
+//! input: every walk is bounded and every count checked before anything is allocated.
+
+use std::cell::OnceCell;
+
+use serde::{Deserialize, Serialize};
+
+use crate::btf::{Btf, BtfError};
+use crate::kallsyms::Located;
+use crate::kernel::{Kernel, Range};
+use crate::memory::{KernelMemory, MemError};
+use crate::orc::{OrcEntry, OrcError, OrcTable};
+use crate::stack::ExtraCode;
+
+/// More modules than a kernel can load (Debian's cloud kernel ships about 1,100).
+const MAX_MODULES: usize = 8192;
+/// More symbols than any module has (the largest in-tree module has ~30,000).
+const MAX_MODULE_SYMBOLS: u64 = 1 << 20;
+/// Longest string table read for one module.
+const MAX_STRTAB: u64 = 16 << 20;
+/// KSYM_NAME_LEN: the longest symbol name the kernel prints.
+const KSYM_NAME_LEN: u64 = 512;
+/// `sizeof(Elf64_Sym)`: the ELF ABI's, not a kernel layout.
+const ELF64_SYM: u64 = 24;
+/// Lowest address of the kernel half of the address space.
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    /// The guest kernel's BTF lacks what the module list needs (a kernel built without
+    /// modules, for one).
+    #[error("this kernel's modules cannot be read: {0}")]
+    Layout(#[from] BtfError),
+    #[error("the kernel symbol 'modules' (the module list) is not in kallsyms")]
+    NoList,
+    #[error("reading the module list: {0}")]
+    Mem(#[from] MemError),
+    #[error("the module list is corrupt: {0}")]
+    Corrupt(String),
+    #[error("module {module}: its ORC table: {source}")]
+    Orc {
+        module: String,
+        #[source]
+        source: OrcError,
+    },
+}
+
+/// `enum module_state`, as the guest's BTF numbers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleState {
+    Live,
+    Coming,
+    Going,
+    Unformed,
+}
+
+impl ModuleState {
+    /// The word /proc/modules prints.
+    pub fn proc_word(self) -> &'static str {
+        match self {
+            ModuleState::Live => "Live",
+            ModuleState::Coming => "Loading",
+            ModuleState::Going => "Unloading",
+            ModuleState::Unformed => "Unformed",
+        }
+    }
+}
+
+/// Where a module keeps its memory: up to 6.3 two `struct module_layout`s, from 6.4 an
+/// array of `struct module_memory`, one per `enum mod_mem_type`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModuleMemLayout {
+    Layouts {
+        core: u64,
+        init: u64,
+        /// `CONFIG_ARCH_WANTS_MODULES_DATA_IN_VMALLOC`: data apart from text.
+        data: Option<u64>,
+        base: u64,
+        size: u64,
+        text_size: u64,
+    },
+    Mem {
+        array: u64,
+        stride: u64,
+        base: u64,
+        size: u64,
+        /// `MOD_MEM_NUM_TYPES`.
+        types: u64,
+        text: u64,
+        init_text: u64,
+    },
+}
+
+/// Every offset the module readers use, from the guest's BTF.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleLayout {
+    pub list: u64,
+    pub name: u64,
+    pub name_len: u64,
+    pub state: u64,
+    pub state_size: u64,
+    pub mem: ModuleMemLayout,
+    /// `struct module.kallsyms` and `struct mod_kallsyms`'s fields.
+    pub kallsyms: u64,
+    pub symtab: u64,
+    pub num_symtab: u64,
+    pub strtab: u64,
+    pub typetab: u64,
+    /// The module's exports (`syms`, `num_syms`), and `struct kernel_symbol`:
+    /// place-relative `value_offset`/`name_offset` (PREL32) or absolute `value`/`name`.
+    pub syms: u64,
+    pub num_syms: u64,
+    pub ksym_size: u64,
+    pub ksym_value: u64,
+    pub ksym_name: u64,
+    pub ksym_relative: bool,
+    /// `refcnt` (with CONFIG_MODULE_UNLOAD).
+    pub refcnt: Option<u64>,
+    /// Who uses the module (with CONFIG_MODULE_UNLOAD): `source_list`, and in
+    /// `struct module_use` the link and the user.
+    pub users: Option<[u64; 3]>,
+    /// `init` and `exit`: a module with an init but no exit can never be unloaded.
+    pub init_fn: u64,
+    pub exit_fn: Option<u64>,
+    /// `arch.num_orcs`, `arch.orc_unwind_ip`, `arch.orc_unwind` (x86 with ORC).
+    pub orc: Option<[u64; 3]>,
+    /// The values of `enum module_state`.
+    pub states: [u64; 4],
+}
+
+impl ModuleLayout {
+    pub fn from_btf(btf: &Btf) -> Result<ModuleLayout, BtfError> {
+        let f = |p: &str| btf.field("module", p).map(|f| f.offset());
+        let name = btf.field("module", "name")?;
+        let state = btf.field("module", "state")?;
+        let kallsyms = |p: &str| btf.field("mod_kallsyms", p).map(|f| f.offset());
+        let relative = btf.has_field("kernel_symbol", "value_offset");
+        let ksym = |new: &str, old: &str| {
+            btf.field("kernel_symbol", if relative { new } else { old })
+                .map(|f| f.offset())
+        };
+        let state_of = |n: &str| {
+            btf.enumerator(n)
+                .ok_or_else(|| BtfError::NoStruct(format!("enum module_state ({n})")))
+        };
+        let orc = match (
+            f("arch.num_orcs"),
+            f("arch.orc_unwind_ip"),
+            f("arch.orc_unwind"),
+        ) {
+            (Ok(n), Ok(ip), Ok(u)) => Some([n, ip, u]),
+            _ => None,
+        };
+        Ok(ModuleLayout {
+            list: f("list")?,
+            name: name.offset(),
+            name_len: btf.array_len(name.type_id).unwrap_or(name.size),
+            state: state.offset(),
+            state_size: state.size,
+            mem: mem_layout(btf)?,
+            kallsyms: f("kallsyms")?,
+            symtab: kallsyms("symtab")?,
+            num_symtab: kallsyms("num_symtab")?,
+            strtab: kallsyms("strtab")?,
+            typetab: kallsyms("typetab")?,
+            syms: f("syms")?,
+            num_syms: f("num_syms")?,
+            ksym_size: btf.struct_size("kernel_symbol")?,
+            ksym_value: ksym("value_offset", "value")?,
+            ksym_name: ksym("name_offset", "name")?,
+            ksym_relative: relative,
+            refcnt: f("refcnt").ok(),
+            users: match (
+                f("source_list"),
+                btf.field("module_use", "source_list"),
+                btf.field("module_use", "source"),
+            ) {
+                (Ok(a), Ok(b), Ok(c)) => Some([a, b.offset(), c.offset()]),
+                _ => None,
+            },
+            init_fn: f("init")?,
+            exit_fn: f("exit").ok(),
+            orc,
+            states: [
+                state_of("MODULE_STATE_LIVE")?,
+                state_of("MODULE_STATE_COMING")?,
+                state_of("MODULE_STATE_GOING")?,
+                state_of("MODULE_STATE_UNFORMED")?,
+            ],
+        })
+    }
+
+    fn state_of(&self, raw: u64) -> Option<ModuleState> {
+        let i = self.states.iter().position(|&s| s == raw)?;
+        Some(
+            [
+                ModuleState::Live,
+                ModuleState::Coming,
+                ModuleState::Going,
+                ModuleState::Unformed,
+            ][i],
+        )
+    }
+}
+
+fn mem_layout(btf: &Btf) -> Result<ModuleMemLayout, BtfError> {
+    if let Ok(mem) = btf.field("module", "mem") {
+        let types = btf.array_len(mem.type_id).unwrap_or(0);
+        let need = |n: &str| {
+            btf.enumerator(n)
+                .ok_or_else(|| BtfError::NoStruct(format!("enum mod_mem_type ({n})")))
+        };
+        return Ok(ModuleMemLayout::Mem {
+            array: mem.offset(),
+            stride: btf.struct_size("module_memory")?,
+            base: btf.field("module_memory", "base")?.offset(),
+            size: btf.field("module_memory", "size")?.offset(),
+            types,
+            text: need("MOD_TEXT")?,
+            init_text: need("MOD_INIT_TEXT")?,
+        });
+    }
+    let l = |p: &str| btf.field("module_layout", p).map(|f| f.offset());
+    Ok(ModuleMemLayout::Layouts {
+        core: btf.field("module", "core_layout")?.offset(),
+        init: btf.field("module", "init_layout")?.offset(),
+        data: btf.field("module", "data_layout").ok().map(|f| f.offset()),
+        base: l("base")?,
+        size: l("size")?,
+        text_size: l("text_size")?,
+    })
+}
+
+/// One loaded module, as the list showed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Module {
+    pub name: String,
+    /// Its `struct module`.
+    pub addr: u64,
+    pub state: ModuleState,
+    /// Where /proc/modules says it is: the start of its core text.
+    pub base: u64,
+    /// What /proc/modules says its size is: all of its memory, init included.
+    pub size: u64,
+    /// Its code after init, and its init code until init ends.
+    pub text: Range,
+    pub init_text: Option<Range>,
+    /// References held on it (`refcnt` less the one it starts with); `None` without
+    /// CONFIG_MODULE_UNLOAD.
+    pub refcount: Option<i64>,
+    /// The modules that use it (in the kernel's order).
+    pub users: Vec<String>,
+    /// It has an init but no exit: it can never be unloaded.
+    pub permanent: bool,
+    kallsyms: u64,
+    syms: u64,
+    num_syms: u64,
+    /// `num_orcs`, `orc_unwind_ip`, `orc_unwind`.
+    orc: Option<[u64; 3]>,
+}
+
+impl Module {
+    /// True if `ip` is this module's code (core or init text).
+    pub fn contains(&self, ip: u64) -> bool {
+        self.text.contains(ip) || self.init_text.is_some_and(|r| r.contains(ip))
+    }
+
+    /// The module's line of /proc/modules (kernel/module/procfs.c, `m_show` and
+    /// `print_unload_info`), less the taint flags the kernel appends for a tainting
+    /// module.
+    pub fn proc_line(&self) -> String {
+        let mut used: String = self.users.iter().map(|u| format!("{u},")).collect();
+        if self.permanent {
+            used.push_str("[permanent],");
+        }
+        if used.is_empty() {
+            used.push('-');
+        }
+        let refs = match self.refcount {
+            Some(r) => format!("{r} {used}"),
+            None => "- -".to_string(),
+        };
+        format!(
+            "{} {} {refs} {} 0x{:016x}",
+            self.name,
+            self.size,
+            self.state.proc_word(),
+            self.base
+        )
+    }
+
+    /// Read one `struct module` at `addr`.
+    fn read(mem: &KernelMemory, l: &ModuleLayout, addr: u64) -> Result<Module, ModuleError> {
+        let raw_state = mem.uint(addr + l.state, l.state_size)?;
+        let state = l
+            .state_of(raw_state)
+            .ok_or_else(|| ModuleError::Corrupt(format!("state {raw_state} at {addr:#x}")))?;
+        let name = mem.fixed_str(addr + l.name, l.name_len.min(256) as usize)?;
+        let (text, init_text, size) = read_memory(mem, l, addr)?;
+        let refcount = match l.refcnt {
+            Some(off) => Some(i64::from(mem.u32(addr + off)? as i32) - 1),
+            None => None,
+        };
+        let orc = match l.orc {
+            Some([n, ip, u]) => Some([
+                u64::from(mem.u32(addr + n)?),
+                mem.u64(addr + ip)?,
+                mem.u64(addr + u)?,
+            ]),
+            None => None,
+        };
+        let permanent = match l.exit_fn {
+            Some(exit) => mem.u64(addr + l.init_fn)? != 0 && mem.u64(addr + exit)? == 0,
+            None => false,
+        };
+        Ok(Module {
+            users: users(mem, l, addr)?,
+            permanent,
+            name,
+            addr,
+            state,
+            base: text.start,
+            size,
+            text,
+            init_text,
+            refcount,
+            kallsyms: mem.u64(addr + l.kallsyms)?,
+            syms: mem.u64(addr + l.syms)?,
+            num_syms: u64::from(mem.u32(addr + l.num_syms)?),
+            orc,
+        })
+    }
+
+    /// The module's symbols as its `mod_kallsyms` holds them now (all of them while it
+    /// is coming, its core symbols once its init has run), each marked exported as
+    /// /proc/kallsyms marks it.
+    pub fn symbols(
+        &self,
+        mem: &KernelMemory,
+        l: &ModuleLayout,
+    ) -> Result<ModuleSymbols, ModuleError> {
+        let corrupt = |m: String| ModuleError::Corrupt(format!("module {}: {m}", self.name));
+        let k = self.kallsyms;
+        let symtab = mem.u64(k + l.symtab)?;
+        let count = u64::from(mem.u32(k + l.num_symtab)?);
+        let strtab = mem.u64(k + l.strtab)?;
+        let typetab = mem.u64(k + l.typetab)?;
+        if count > MAX_MODULE_SYMBOLS {
+            return Err(corrupt(format!("{count} symbols")));
+        }
+        let raw = mem.read_vec(symtab, (count * ELF64_SYM) as usize)?;
+        let types = mem.read_vec(typetab, count as usize)?;
+        let entries: Vec<ElfSym> = raw
+            .chunks_exact(ELF64_SYM as usize)
+            .map(ElfSym::of)
+            .collect();
+        let strings_len =
+            entries.iter().map(|e| u64::from(e.name)).max().unwrap_or(0) + KSYM_NAME_LEN;
+        if strings_len > MAX_STRTAB {
+            return Err(corrupt(format!(
+                "a name {strings_len} bytes into its string table"
+            )));
+        }
+        let strings = read_some(mem, strtab, strings_len as usize)?;
+        let exports = self.exports(mem, l)?;
+        let symbols = entries
+            .iter()
+            .zip(&types)
+            .map(|(e, &t)| {
+                let name = c_str(&strings, e.name as usize);
+                let exported = exports.binary_search(&(name.clone(), e.value)).is_ok();
+                ModuleSymbol {
+                    addr: e.value,
+                    kind: char::from(t),
+                    name,
+                    exported,
+                    undefined: e.shndx == 0,
+                }
+            })
+            .collect();
+        Ok(ModuleSymbols {
+            module: self.name.clone(),
+            symbols,
+            text: self.text,
+            init_text: self.init_text,
+        })
+    }
+
+    /// The module's exported symbols, (name, address), sorted: what the kernel's
+    /// `is_exported` searches.
+    fn exports(
+        &self,
+        mem: &KernelMemory,
+        l: &ModuleLayout,
+    ) -> Result<Vec<(String, u64)>, ModuleError> {
+        if self.num_syms > MAX_MODULE_SYMBOLS || l.ksym_size == 0 {
+            return Err(ModuleError::Corrupt(format!(
+                "module {}: {} exports",
+                self.name, self.num_syms
+            )));
+        }
+        let raw = mem.read_vec(self.syms, (self.num_syms * l.ksym_size) as usize)?;
+        let mut out = Vec::with_capacity(self.num_syms as usize);
+        for (i, ks) in raw.chunks_exact(l.ksym_size as usize).enumerate() {
+            let at = self.syms + i as u64 * l.ksym_size;
+            let ptr = |off: u64| -> Option<u64> {
+                let o = off as usize;
+                if l.ksym_relative {
+                    let rel = i32::from_le_bytes(ks.get(o..o + 4)?.try_into().ok()?);
+                    Some((at + off).wrapping_add(i64::from(rel) as u64))
+                } else {
+                    Some(u64::from_le_bytes(ks.get(o..o + 8)?.try_into().ok()?))
+                }
+            };
+            let (Some(value), Some(name_at)) = (ptr(l.ksym_value), ptr(l.ksym_name)) else {
+                continue;
+            };
+            let name = mem
+                .fixed_str(name_at, KSYM_NAME_LEN as usize)
+                .unwrap_or_default();
+            out.push((name, value));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The module's ORC table (`None`: it has none, and its frames cannot unwind
+    /// reliably).
+    pub fn orc(
+        &self,
+        mem: &KernelMemory,
+        kernel: &Kernel,
+    ) -> Result<Option<OrcTable>, ModuleError> {
+        let Some([count, ips, entries]) = self.orc else {
+            return Ok(None);
+        };
+        if count == 0 || ips == 0 || entries == 0 {
+            return Ok(None);
+        }
+        OrcTable::read_relative(mem, kernel.orc.format().clone(), ips, entries, count)
+            .map(Some)
+            .map_err(|source| ModuleError::Orc {
+                module: self.name.clone(),
+                source,
+            })
+    }
+}
+
+/// The names of the modules that use the module at `addr` (its `source_list`), at most
+/// [`MAX_MODULES`].
+fn users(mem: &KernelMemory, l: &ModuleLayout, addr: u64) -> Result<Vec<String>, ModuleError> {
+    let Some([list, link, source]) = l.users else {
+        return Ok(Vec::new());
+    };
+    let head = addr + list;
+    let mut out = Vec::new();
+    let mut next = mem.u64(head)?;
+    while next != head {
+        if out.len() >= MAX_MODULES || next < KERNEL_HALF {
+            return Err(ModuleError::Corrupt(format!(
+                "a user link {next:#x} of {addr:#x}"
+            )));
+        }
+        let user = mem.u64(next.wrapping_sub(link) + source)?;
+        out.push(mem.fixed_str(user + l.name, l.name_len.min(256) as usize)?);
+        next = mem.u64(next)?;
+    }
+    Ok(out)
+}
+
+/// A module's core text, init text and total size.
+fn read_memory(
+    mem: &KernelMemory,
+    l: &ModuleLayout,
+    addr: u64,
+) -> Result<(Range, Option<Range>, u64), ModuleError> {
+    let range = |base: u64, size: u64| Range {
+        start: base,
+        end: base.saturating_add(size),
+    };
+    match &l.mem {
+        ModuleMemLayout::Layouts {
+            core,
+            init,
+            data,
+            base,
+            size,
+            text_size,
+        } => {
+            let part = |at: u64| -> Result<(u64, u64, u64), MemError> {
+                Ok((
+                    mem.u64(addr + at + base)?,
+                    u64::from(mem.u32(addr + at + size)?),
+                    u64::from(mem.u32(addr + at + text_size)?),
+                ))
+            };
+            let (core_base, core_size, core_text) = part(*core)?;
+            let (init_base, init_size, init_text) = part(*init)?;
+            let data_size = match data {
+                Some(d) => part(*d)?.1,
+                None => 0,
+            };
+            let init = (init_base != 0 && init_text != 0).then(|| range(init_base, init_text));
+            Ok((
+                range(core_base, core_text),
+                init,
+                core_size + init_size + data_size,
+            ))
+        }
+        ModuleMemLayout::Mem {
+            array,
+            stride,
+            base,
+            size,
+            types,
+            text,
+            init_text,
+        } => {
+            if *types > 16 {
+                return Err(ModuleError::Corrupt(format!("{types} memory types")));
+            }
+            let part = |t: u64| -> Result<(u64, u64), MemError> {
+                let at = addr + array + t * stride;
+                Ok((mem.u64(at + base)?, u64::from(mem.u32(at + size)?)))
+            };
+            let mut total = 0;
+            for t in 0..*types {
+                total += part(t)?.1;
+            }
+            let (tb, ts) = part(*text)?;
+            let (ib, is) = part(*init_text)?;
+            let init = (ib != 0 && is != 0).then(|| range(ib, is));
+            Ok((range(tb, ts), init, total))
+        }
+    }
+}
+
+/// One `Elf64_Sym`, the fields kallsyms uses.
+struct ElfSym {
+    name: u32,
+    shndx: u16,
+    value: u64,
+}
+
+impl ElfSym {
+    fn of(b: &[u8]) -> ElfSym {
+        let u = |r: std::ops::Range<usize>| b.get(r).unwrap_or_default();
+        ElfSym {
+            name: u32::from_le_bytes(u(0..4).try_into().unwrap_or_default()),
+            shndx: u16::from_le_bytes(u(6..8).try_into().unwrap_or_default()),
+            value: u64::from_le_bytes(u(8..16).try_into().unwrap_or_default()),
+        }
+    }
+}
+
+/// Up to `len` bytes at `va`, fewer where the mapping ends (a string table's last
+/// names need not be followed by KSYM_NAME_LEN readable bytes).
+fn read_some(mem: &KernelMemory, va: u64, len: usize) -> Result<Vec<u8>, MemError> {
+    match mem.read_vec(va, len) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            // Page by page, up to the first page that does not read.
+            let mut out = Vec::new();
+            let mut at = va;
+            while out.len() < len {
+                let chunk = (4096 - (at % 4096) as usize).min(len - out.len());
+                let Ok(part) = mem.read_vec(at, chunk) else {
+                    break;
+                };
+                out.extend_from_slice(&part);
+                at += chunk as u64;
+            }
+            if out.is_empty() {
+                return Err(e);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// The NUL-terminated string at `at` in `table` (lossy, at most KSYM_NAME_LEN bytes).
+fn c_str(table: &[u8], at: usize) -> String {
+    let Some(rest) = table.get(at..) else {
+        return String::new();
+    };
+    let rest = &rest[..rest.len().min(KSYM_NAME_LEN as usize)];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end]).into_owned()
+}
+
+/// One symbol of a module's `mod_kallsyms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleSymbol {
+    pub addr: u64,
+    /// Its type letter as the module's `typetab` holds it (`t`, `d`, ...).
+    pub kind: char,
+    pub name: String,
+    /// In the module's export table: /proc/kallsyms prints its type in upper case.
+    pub exported: bool,
+    /// `SHN_UNDEF` (only while the module is coming).
+    pub undefined: bool,
+}
+
+impl ModuleSymbol {
+    /// The type letter /proc/kallsyms prints: upper case for an exported symbol.
+    pub fn proc_kind(&self) -> char {
+        if self.exported {
+            self.kind.to_ascii_uppercase()
+        } else {
+            self.kind.to_ascii_lowercase()
+        }
+    }
+}
+
+/// A module's symbols, in its table's order (the order /proc/kallsyms lists them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleSymbols {
+    pub module: String,
+    pub symbols: Vec<ModuleSymbol>,
+    text: Range,
+    init_text: Option<Range>,
+}
+
+impl ModuleSymbols {
+    /// The symbol at or below `addr` and the distance to the next one, as the kernel's
+    /// `find_kallsyms_symbol` picks them: every named, defined symbol counts (mapping
+    /// symbols do not), and the last one in the text ends where the text ends.
+    pub fn locate(&self, addr: u64) -> Option<Located> {
+        let init = self.init_text.filter(|r| r.contains(addr));
+        let mut next = init.unwrap_or(self.text).end;
+        let mut best: Option<&ModuleSymbol> = None;
+        for s in self.symbols.iter().skip(1) {
+            if s.undefined || s.name.is_empty() || is_mapping_symbol(&s.name) {
+                continue;
+            }
+            if s.addr <= addr && best.is_none_or(|b| s.addr > b.addr) {
+                best = Some(s);
+            }
+            if s.addr > addr && s.addr < next {
+                next = s.addr;
+            }
+        }
+        let b = best.filter(|b| b.addr != 0)?;
+        Some(Located {
+            name: b.name.clone(),
+            symbol_addr: b.addr,
+            offset: addr - b.addr,
+            size: Some(next.saturating_sub(b.addr)),
+        })
+    }
+
+    /// As [`ModuleSymbols::locate`] for a return address: the function that contains
+    /// `addr - 1`, with the offset of `addr` (the kernel's `%pB`).
+    pub fn locate_return(&self, addr: u64) -> Option<Located> {
+        let mut l = self.locate(addr.checked_sub(1)?)?;
+        l.offset += 1;
+        Some(l)
+    }
+
+    /// Every symbol called `name` (defined ones), in table order.
+    pub fn named(&self, name: &str) -> Vec<&ModuleSymbol> {
+        self.symbols
+            .iter()
+            .filter(|s| s.name == name && !s.undefined)
+            .collect()
+    }
+}
+
+/// The kernel's `is_mapping_symbol` (kernel/module/kallsyms.c): assembler local labels
+/// that name no function.
+fn is_mapping_symbol(name: &str) -> bool {
+    let b = name.as_bytes();
+    match b {
+        [b'.', b'L', ..] | [b'L', b'0', ..] => true,
+        [b'$', c, rest @ ..] => {
+            matches!(c, b'a' | b'd' | b't' | b'x') && (rest.is_empty() || rest[0] == b'.')
+        }
+        _ => false,
+    }
+}
+
+/// One look at the guest's module list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleList {
+    /// In list order (newest first), unformed modules included.
+    pub modules: Vec<Module>,
+}
+
+impl ModuleList {
+    /// Walk the list (`LIST_HEAD(modules)`), at most [`MAX_MODULES`] entries, every
+    /// link checked to stay in kernel memory.
+    pub fn read(mem: &KernelMemory, kernel: &Kernel) -> Result<ModuleList, ModuleError> {
+        let l = kernel.layout.modules.as_ref().map_err(|e| e.clone())?;
+        let head = list_head(kernel)?;
+        let mut modules = Vec::new();
+        let mut next = mem.u64(head)?;
+        while next != head {
+            if modules.len() >= MAX_MODULES || next < KERNEL_HALF {
+                return Err(ModuleError::Corrupt(format!(
+                    "link {next:#x} after {} modules",
+                    modules.len()
+                )));
+            }
+            let addr = next.wrapping_sub(l.list);
+            modules.push(Module::read(mem, l, addr)?);
+            next = mem.u64(next)?;
+        }
+        Ok(ModuleList { modules })
+    }
+
+    /// The module whose code `ip` is in (not one still unformed).
+    pub fn containing(&self, ip: u64) -> Option<&Module> {
+        self.modules
+            .iter()
+            .find(|m| m.state != ModuleState::Unformed && m.contains(ip))
+    }
+
+    /// The module called `name`.
+    pub fn named(&self, name: &str) -> Option<&Module> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+}
+
+/// The address of `modules`, the list head (a data symbol: a function of that name would
+/// not be it).
+fn list_head(kernel: &Kernel) -> Result<u64, ModuleError> {
+    kernel
+        .symbols
+        .named("modules")
+        .into_iter()
+        .find(|s| !s.is_text())
+        .map(|s| s.addr)
+        .ok_or(ModuleError::NoList)
+}
+
+/// Module code as the unwinder sees it: each module's text, unwound with its own ORC
+/// table, its frames named from its own symbols. Tables are read the first time an
+/// address in that module needs them.
+pub struct ModuleCode<'k, 'g> {
+    mem: KernelMemory<'g>,
+    kernel: &'k Kernel,
+    list: ModuleList,
+    tables: Vec<OnceCell<Option<ModuleTables>>>,
+}
+
+struct ModuleTables {
+    symbols: Option<ModuleSymbols>,
+    orc: Option<OrcTable>,
+}
+
+impl<'k, 'g> ModuleCode<'k, 'g> {
+    /// The modules of the guest as `mem` shows it now. A list that cannot be read gives
+    /// no module code: every address in a module is then unknown text, and a trace
+    /// through one is unreliable (never wrongly reliable).
+    pub fn new(kernel: &'k Kernel, mem: KernelMemory<'g>) -> Self {
+        let list = ModuleList::read(&mem, kernel).unwrap_or(ModuleList {
+            modules: Vec::new(),
+        });
+        Self::of(kernel, mem, list)
+    }
+
+    pub fn of(kernel: &'k Kernel, mem: KernelMemory<'g>, list: ModuleList) -> Self {
+        let tables = list.modules.iter().map(|_| OnceCell::new()).collect();
+        ModuleCode {
+            mem,
+            kernel,
+            list,
+            tables,
+        }
+    }
+
+    pub fn list(&self) -> &ModuleList {
+        &self.list
+    }
+
+    fn tables(&self, ip: u64) -> Option<(&Module, &ModuleTables)> {
+        let i = self
+            .list
+            .modules
+            .iter()
+            .position(|m| m.state != ModuleState::Unformed && m.contains(ip))?;
+        let m = &self.list.modules[i];
+        let t = self.tables[i].get_or_init(|| {
+            let layout = self.kernel.layout.modules.as_ref().ok()?;
+            Some(ModuleTables {
+                symbols: m.symbols(&self.mem, layout).ok(),
+                orc: m.orc(&self.mem, self.kernel).ok().flatten(),
+            })
+        });
+        Some((m, t.as_ref()?))
+    }
+}
+
+impl ExtraCode for ModuleCode<'_, '_> {
+    fn contains(&self, ip: u64) -> bool {
+        self.list.containing(ip).is_some()
+    }
+
+    fn unwind_entry(&self, ip: u64, _interrupted: bool) -> Option<OrcEntry> {
+        self.tables(ip)?.1.orc.as_ref()?.find(ip)
+    }
+
+    fn describe(&self, ip: u64, interrupted: bool) -> Option<String> {
+        let (m, t) = self.tables(ip)?;
+        let symbols = t.symbols.as_ref()?;
+        let l = if interrupted {
+            symbols.locate(ip)
+        } else {
+            symbols.locate_return(ip)
+        }?;
+        Some(format!("{} [{}]", l.display(), m.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_symbols_are_the_kernels() {
+        for m in [".L123", "L0", "$x", "$d.1", "$a"] {
+            assert!(is_mapping_symbol(m), "{m}");
+        }
+        for n in ["tun_do_read", "$xy", "L1", "", "$"] {
+            assert!(!is_mapping_symbol(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn names_stop_at_nul_and_never_read_past_the_table() {
+        let t = b"\0tun\0read\0";
+        assert_eq!(c_str(t, 1), "tun");
+        assert_eq!(c_str(t, 5), "read");
+        assert_eq!(c_str(t, 99), "");
+    }
+}
