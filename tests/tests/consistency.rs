@@ -95,8 +95,13 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     // A zombie nobody reaps: its stack is gone, so it holds nothing (as in the kernel's
     // livepatch), and lpvmm sees the same empty stack the guest shows.
     let zombie = zombie_child(&mut g)?;
+    // A process asleep in module code (the tun module's read): its stack unwinds through
+    // the module with the module's ORC, reliably, so it does not hold a patch of
+    // functions it is not in (issue 25).
+    let tun_reader = g.spawn("tunblock >/dev/null &")?;
 
-    // Per-task: only the sleeper waits; a new process sees the new text.
+    // Per-task: only the sleeper waits (not the tun reader); a new process sees the new
+    // text.
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
     check!(rc == 0, "{series}: per-task: {out}");
     let t = held_by(&mut g, old_sleeper)?;
@@ -157,6 +162,12 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: the zombie was reaped during the transition"
     );
     kill(&mut g, zombie.parent)?;
+    check!(
+        !t.blockers.iter().any(|b| i64::from(b.pid) == tun_reader),
+        "{series}: the tun reader held the transition: {:?}",
+        t.blockers
+    );
+    kill(&mut g, tun_reader)?;
 
     // The sleeper goes: the transition completes, every site a direct jump.
     kill(&mut g, old_sleeper)?;

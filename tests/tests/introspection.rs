@@ -123,7 +123,10 @@ fn first_differing_chunk(a: &[String], b: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// Acceptance 1: lpvmm's symbol table equals the guest's /proc/kallsyms, every entry.
+/// Acceptance 1: lpvmm's symbol table equals the guest's /proc/kallsyms, every entry,
+/// the modules' included (the guest loads real modules of its own kernel package at
+/// boot); `lpvmm modules` equals /proc/modules; a module symbol resolves by
+/// `module:name` to the guest's address.
 fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("ksyms-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
@@ -131,10 +134,17 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
     check!(rc == 0, "lpvmm kernel failed: {out}");
     eprintln!("{series}: {}", out.trim());
 
-    // Module, BPF and ftrace entries ("[name]" lines) are not in the kernel's own table.
-    let theirs_cmd = "grep -v '\\[' /proc/kallsyms";
+    let modules = modules_equal_proc_modules(&mut g, series)?;
+    // BPF programs and ftrace trampolines ("[bpf]", "[__builtin__...]") are not the
+    // kernel's nor a module's symbols; module lines ("[tun]") are compared too.
+    let theirs_cmd = "grep -v -F -e '[bpf]' -e '[__builtin' /proc/kallsyms";
     let guest = nonempty_lines(&g.run(&digest_cmd(theirs_cmd, "/tmp/ks", CHUNK_LINES))?);
-    let extra = g.run("grep -c '\\[' /proc/kallsyms || true")?;
+    let extra = g.run("grep -c -F '[' /proc/kallsyms || true")?;
+    let tun_lines = g.run("grep -c -F '[tun]' /proc/kallsyms || true")?;
+    check!(
+        tun_lines.trim().parse::<u32>().unwrap_or(0) > 10,
+        "{series}: no tun lines in /proc/kallsyms ({modules} modules loaded): {tun_lines}"
+    );
     let tmp = g.host.tmp();
     let (rc, out) = g.lpvmm(&format!("sym {{vm}} --all > {tmp}/ours.all"))?;
     check!(rc == 0, "lpvmm sym --all failed: {out}");
@@ -145,7 +155,7 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
         CHUNK_LINES,
     ))?);
     eprintln!(
-        "{series}: /proc/kallsyms has {} kernel entries ({} module/bpf lines left out), lpvmm {}",
+        "{series}: /proc/kallsyms has {} kernel and module entries ({} lines name a module or bpf), lpvmm {}",
         guest.first().map(String::as_str).unwrap_or("?"),
         extra.trim(),
         ours.first().map(String::as_str).unwrap_or("?")
@@ -185,6 +195,41 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
         ours.get(1).map(String::as_str).unwrap_or("?"),
         sub * SHOW_LINES + 1
     ))
+}
+
+/// `lpvmm modules` equals the guest's /proc/modules line for line (with at least the
+/// modules the guest image loads), and `sym tun:tun_get_socket` gives the address
+/// /proc/kallsyms has for it. Returns how many modules are loaded.
+fn modules_equal_proc_modules(g: &mut lpvmm_tests::Guest, series: &str) -> Result<usize, String> {
+    let theirs = g.run("cat /proc/modules")?;
+    let (rc, ours) = g.lpvmm("modules {vm}")?;
+    check!(rc == 0, "{series}: lpvmm modules failed: {ours}");
+    let lines = |t: &str| -> Vec<String> { nonempty_lines(t) };
+    check!(
+        lines(&ours) == lines(&theirs),
+        "{series}: lpvmm modules:\n{ours}\n/proc/modules:\n{theirs}"
+    );
+    let n = lines(&theirs).len();
+    check!(
+        n >= 5 && theirs.contains("tun "),
+        "{series}: too few modules loaded: {theirs}"
+    );
+    let line = g.run("grep -F ' tun_get_socket\t[tun]' /proc/kallsyms")?;
+    let addr = line.split_whitespace().next().ok_or("no tun_get_socket")?;
+    let (rc, out) = g.lpvmm("sym {vm} tun:tun_get_socket")?;
+    check!(
+        rc == 0 && out.contains(addr) && out.contains("[tun]"),
+        "{series}: sym tun:tun_get_socket: {out} (guest: {line})"
+    );
+    let (rc, out) = g.lpvmm(&format!("sym {{vm}} 0x{addr}"))?;
+    check!(
+        rc == 0 && out.contains("tun_get_socket+0x0/") && out.contains("[tun]"),
+        "{series}: sym by a module address: {out}"
+    );
+    eprintln!(
+        "{series}: {n} modules, lpvmm modules equals /proc/modules; tun:tun_get_socket at {addr}"
+    );
+    Ok(n)
 }
 
 /// The guest's own view of its tasks: "tid tgid comm" per thread.
@@ -330,12 +375,15 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
     let user_busy = g.spawn("(while :; do :; done) &")?;
     let kernel_busy =
         g.spawn("dd if=/dev/zero of=/dev/null bs=4M count=100000000 2>/dev/null &")?;
+    // Asleep in the tun module's read: a stack through module code.
+    let tun_reader = g.spawn("tunblock >/dev/null &")?;
     std::thread::sleep(std::time::Duration::from_secs(2));
 
     for (what, pid, expect) in [
         ("pipe reader", pipe_reader, "pipe_read"),
         ("nanosleep", sleeper, "nanosleep"),
         ("wait", waiter, "wait"),
+        ("tun module reader", tun_reader, "tun_do_read"),
     ] {
         let proc_stack = g.run(&format!("cat /proc/{pid}/stack"))?;
         let theirs: Vec<String> = proc_stack
@@ -438,7 +486,7 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
     check!(rc == 0, "lpvmm stack (all) failed: {all}");
     eprintln!("{series}: {}", all.lines().last().unwrap_or(""));
     g.run(&format!(
-        "kill {user_busy} {kernel_busy} {pipe_reader} {sleeper} {waiter} 2>/dev/null; true"
+        "kill {user_busy} {kernel_busy} {pipe_reader} {sleeper} {waiter} {tun_reader} 2>/dev/null; true"
     ))?;
     g.poweroff().map(|_| ())
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use super::btf::BtfBuilder;
 use super::ftrace::SynthFtrace;
+use super::modules::{BuiltModule, SynthModule};
 use super::SynthGuest;
 use crate::guest::VcpuState;
 use crate::kallsyms::Symbol;
@@ -19,7 +20,7 @@ const IMAGE_PA: u64 = 0x10_0000;
 const IMAGE_SIZE: u64 = 6 << 20;
 /// Image space per task: its task_struct, and its stack aligned to THREAD_SIZE.
 const TASK_SPACE: u64 = 2 * THREAD_SIZE;
-const FUNC_SIZE: u64 = 0x100;
+pub(super) const FUNC_SIZE: u64 = 0x100;
 /// Where inside a function its call sites (return addresses) are.
 const CALL_SITE: u64 = 0x10;
 pub const THREAD_SIZE: u64 = 0x4000;
@@ -61,7 +62,8 @@ impl SynthTask {
 #[derive(Clone, Debug)]
 pub struct SynthKernelSpec {
     pub release: String,
-    /// 6.4+ ORC entries (3-bit type, signal bit).
+    /// 6.4+ formats: ORC entries (3-bit type, signal bit), and modules' memory in
+    /// `struct module`'s `mem[]` (not `core_layout`/`init_layout`).
     pub new_orc: bool,
     /// 6.2+ `struct pcpu_hot`.
     pub pcpu_hot: bool,
@@ -73,6 +75,9 @@ pub struct SynthKernelSpec {
     pub tasks: Vec<SynthTask>,
     /// More functions to put in the text, by name (each with an fentry NOP).
     pub functions: Vec<String>,
+    /// Loaded modules, in load order (the `modules` list holds them newest first).
+    /// Task call chains may name their functions.
+    pub modules: Vec<SynthModule>,
 }
 
 impl SynthKernelSpec {
@@ -149,7 +154,20 @@ impl SynthKernelSpec {
                     calls: vec![],
                     ..SynthTask::sleeping(21, 21, "busy-user", &[])
                 },
+                // Asleep in a module: the tunx module's read.
+                user(
+                    30,
+                    "tunx-reader",
+                    &[
+                        "__schedule",
+                        "schedule",
+                        "tunx_do_read",
+                        "tunx_chr_read_iter",
+                        "vfs_read",
+                    ],
+                ),
             ],
+            modules: SynthModule::defaults(),
         }
     }
 
@@ -209,19 +227,21 @@ pub struct SynthKernel {
     pub task_addrs: Vec<u64>,
     pub init_task: u64,
     pub ftrace: SynthFtrace,
+    /// Ground truth of each spec module, in spec (load) order.
+    pub modules: Vec<BuiltModule>,
 }
 
 /// Bump allocator over the image's virtual range.
-struct Image {
-    base: u64,
-    next: u64,
-    size: u64,
+pub(super) struct Image {
+    pub(super) base: u64,
+    pub(super) next: u64,
+    pub(super) size: u64,
     /// Where the image starts in guest-physical memory.
-    pa: u64,
+    pub(super) pa: u64,
 }
 
 impl Image {
-    fn alloc(&mut self, size: u64, align: u64) -> u64 {
+    pub(super) fn alloc(&mut self, size: u64, align: u64) -> u64 {
         self.next = (self.next + align - 1) & !(align - 1);
         let at = self.next;
         self.next += size.max(1);
@@ -230,34 +250,42 @@ impl Image {
     }
 }
 
-struct Builder {
-    g: SynthGuest,
-    img: Image,
-    symbols: Vec<Symbol>,
+pub(super) struct Builder {
+    pub(super) g: SynthGuest,
+    pub(super) img: Image,
+    pub(super) symbols: Vec<Symbol>,
+    /// Memory mapped outside the image (modules'): `(va, len, pa)`, each backed by
+    /// image pages.
+    pub(super) aliases: Vec<(u64, u64, u64)>,
 }
 
 impl Builder {
-    fn pa(&self, va: u64) -> u64 {
+    pub(super) fn pa(&self, va: u64) -> u64 {
+        for &(start, len, pa) in &self.aliases {
+            if va >= start && va - start < len {
+                return pa + (va - start);
+            }
+        }
         self.img.pa + (va - self.img.base)
     }
-    fn w(&mut self, va: u64, data: &[u8]) {
+    pub(super) fn w(&mut self, va: u64, data: &[u8]) {
         let pa = self.pa(va);
         self.g.write_phys_raw(pa, data);
     }
-    fn w64(&mut self, va: u64, v: u64) {
+    pub(super) fn w64(&mut self, va: u64, v: u64) {
         self.w(va, &v.to_le_bytes());
     }
-    fn w32(&mut self, va: u64, v: u32) {
+    pub(super) fn w32(&mut self, va: u64, v: u32) {
         self.w(va, &v.to_le_bytes());
     }
-    fn sym(&mut self, addr: u64, kind: char, name: &str) {
+    pub(super) fn sym(&mut self, addr: u64, kind: char, name: &str) {
         self.symbols.push(Symbol {
             addr,
             kind,
             name: name.into(),
         });
     }
-    fn data(&mut self, name: &str, bytes: &[u8], align: u64) -> u64 {
+    pub(super) fn data(&mut self, name: &str, bytes: &[u8], align: u64) -> u64 {
         let a = self.img.alloc(bytes.len() as u64, align);
         self.w(a, bytes);
         if !name.is_empty() {
@@ -453,6 +481,18 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
         4,
         &[("FTRACE_OPS_FL_ENABLED", 1), ("FTRACE_OPS_FL_DYNAMIC", 2)],
     );
+    let base = super::modules::BaseTypes {
+        int,
+        uint,
+        chr,
+        voidp,
+        list,
+    };
+    super::modules::module_btf(
+        &mut b,
+        &base,
+        &super::modules::ModuleFields::of(spec.new_orc),
+    );
     b.finish()
 }
 
@@ -513,6 +553,7 @@ impl SynthKernel {
                 pa: layout.image_pa,
             },
             symbols: Vec::new(),
+            aliases: Vec::new(),
         };
 
         // --- per-CPU symbols: small absolute addresses, offsets into each CPU's area.
@@ -547,7 +588,12 @@ impl SynthKernel {
             .chain(spec.functions.iter().cloned())
             .filter(|n| !names.contains(n))
             .collect();
-        let mut seen = std::collections::HashSet::new();
+        // Functions of modules are module text, not the kernel's.
+        let mut seen: std::collections::HashSet<String> = spec
+            .modules
+            .iter()
+            .flat_map(|m| m.function_names().map(String::from))
+            .collect();
         others.retain(|n| n == "helper" || seen.insert(n.clone()));
         names.extend(others);
         let text = b.img.alloc(FUNC_SIZE * (names.len() as u64 + 1), 4096);
@@ -561,15 +607,7 @@ impl SynthKernel {
             let kind = if n == "helper" { 't' } else { 'T' };
             b.sym(a, kind, n);
             functions.entry(n.clone()).or_insert(a);
-            // Every function: a fentry NOP, then `ret` padding (for disassembly tests);
-            // `no_fentry` starts with `push %rbp` instead.
-            let mut body = vec![0xc3u8; FUNC_SIZE as usize];
-            if n == "no_fentry" {
-                body[..4].copy_from_slice(&[0x55, 0x48, 0x89, 0xe5]);
-            } else {
-                body[..5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
-            }
-            b.w(a, &body);
+            b.w(a, &function_body(n));
             if i == 1 {
                 b.sym(a + FUNC_SIZE, 'T', "__sched_text_end");
             }
@@ -592,8 +630,7 @@ impl SynthKernel {
             let row = match n.as_str() {
                 "entry_SYSCALL_64_after_hwframe" => orc_row(&spec, 0, 5, 0, Kind::Regs),
                 "ret_from_fork" => orc_row(&spec, 0, 0, 0, Kind::End),
-                // Vary frame sizes: 8 (return address only) to 24 bytes.
-                _ => orc_row(&spec, 8 + 8 * (n.len() as i16 % 3), 5, 0, Kind::Call),
+                _ => orc_row(&spec, frame_size(n) as i16, 5, 0, Kind::Call),
             };
             orc_rows.push((a, row));
         }
@@ -639,6 +676,9 @@ impl SynthKernel {
         let btf = build_btf(&spec, &f);
         let btf_va = b.data("__start_BTF", &btf, 8);
         b.sym(btf_va + btf.len() as u64, 'D', "__stop_BTF");
+
+        // --- modules (their functions named by task call chains).
+        let modules = super::modules::build_modules(&mut b, &spec, &mut functions);
 
         // --- init_task's stack (gives THREAD_SIZE), tasks, per-CPU areas.
         let (start_name, end_name) = if spec.new_orc {
@@ -863,6 +903,7 @@ impl SynthKernel {
             task_addrs,
             init_task,
             ftrace,
+            modules,
         }
     }
 
@@ -924,14 +965,20 @@ fn idle_vcpu(cpu: usize, base: u64, functions: &HashMap<String, u64>, rsp: u64) 
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     Undefined,
     End,
     Call,
     Regs,
 }
 
-fn orc_row(spec: &SynthKernelSpec, sp_offset: i16, sp_reg: u8, bp_reg: u8, kind: Kind) -> [u8; 6] {
+pub(super) fn orc_row(
+    spec: &SynthKernelSpec,
+    sp_offset: i16,
+    sp_reg: u8,
+    bp_reg: u8,
+    kind: Kind,
+) -> [u8; 6] {
     let s = sp_offset.to_le_bytes();
     let (sp_reg, high) = match (spec.new_orc, kind) {
         (true, Kind::Undefined) => (0, 0),
@@ -955,7 +1002,6 @@ fn build_stack(
     calls: &[&str],
 ) -> u64 {
     let top = stack + THREAD_SIZE;
-    let frame_size = |n: &str| 8 + 8 * (n.len() as u64 % 3);
     // The outermost frame's stack pointer.
     let mut sp = match calls.last() {
         Some(&"entry_SYSCALL_64_after_hwframe") => {
@@ -983,6 +1029,24 @@ fn build_stack(
     frame
 }
 
+/// A function's frame size (its ORC entry's sp offset): 8 (the return address only)
+/// to 24 bytes, by its name.
+pub(super) fn frame_size(name: &str) -> u64 {
+    8 + 8 * (name.len() as u64 % 3)
+}
+
+/// Every function: a fentry NOP, then `ret` padding (for disassembly tests);
+/// `no_fentry` starts with `push %rbp` instead.
+pub(super) fn function_body(name: &str) -> Vec<u8> {
+    let mut body = vec![0xc3u8; FUNC_SIZE as usize];
+    if name == "no_fentry" {
+        body[..4].copy_from_slice(&[0x55, 0x48, 0x89, 0xe5]);
+    } else {
+        body[..5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+    }
+    body
+}
+
 fn linker_symbol(name: &str) -> bool {
     name.starts_with("__start_")
         || name.starts_with("__stop_")
@@ -993,7 +1057,7 @@ fn linker_symbol(name: &str) -> bool {
         )
 }
 
-fn link_ring(b: &mut Builder, head: u64, nodes: &[u64]) {
+pub(super) fn link_ring(b: &mut Builder, head: u64, nodes: &[u64]) {
     let all: Vec<u64> = std::iter::once(head).chain(nodes.iter().copied()).collect();
     for (i, &n) in all.iter().enumerate() {
         let next = all[(i + 1) % all.len()];

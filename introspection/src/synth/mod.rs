@@ -8,12 +8,14 @@
 pub mod btf;
 pub mod ftrace;
 pub mod kernel;
+pub mod modules;
 
 use crate::guest::{GuestError, GuestRam, PausedGuest, PhysRange, VcpuState};
 use crate::memory::PagingRoot;
 
 pub use ftrace::SynthFtrace;
 pub use kernel::{SynthKernel, SynthKernelSpec, SynthTask};
+pub use modules::{BuiltModule, SynthModule};
 
 const PRESENT_RW: u64 = 0x3;
 const LARGE: u64 = 1 << 7;
