@@ -227,7 +227,9 @@ fn modules_equal_proc_modules(g: &mut lpvmm_tests::Guest, series: &str) -> Resul
         "{series}: sym by a module address: {out}"
     );
     eprintln!(
-        "{series}: {n} modules, lpvmm modules equals /proc/modules; tun:tun_get_socket at {addr}"
+        "{series}: {n} modules, lpvmm modules equals /proc/modules:\n{ours}\n\
+         lpvmm sym 0x{addr}: {}",
+        out.trim()
     );
     Ok(n)
 }
