@@ -493,7 +493,8 @@ fn stacks_match_proc_pid_stack(host: &mut TestHost, series: &str) -> TestResult 
     g.poweroff().map(|_| ())
 }
 
-/// `sym` by name and address and `disasm` agree with the guest.
+/// `sym` by name and address and `disasm` agree with the guest, for a kernel function
+/// and a module's; a module's text checksums the same twice.
 fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
     let (mut g, _) = host.boot_guest("disasm", "6.12", 1, "")?;
     let line = g.run("grep ' cmdline_proc_show$' /proc/kallsyms")?;
@@ -520,6 +521,25 @@ fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
         nop_at(0) || nop_at(1),
         "no fentry NOP at the start of cmdline_proc_show: {:?}",
         v.lines
+    );
+    // A module's function, from the module's own symbols, read live.
+    let line = g.run("grep -F ' tun_get_socket\t[tun]' /proc/kallsyms")?;
+    let tun_addr = line.split_whitespace().next().ok_or("no tun_get_socket")?;
+    let (rc, out) = g.lpvmm("disasm {vm} tun:tun_get_socket --json")?;
+    check!(rc == 0, "disasm tun:tun_get_socket: {out}");
+    let v: DisasmResult = parse(&out)?;
+    let nop_at = |i: usize| v.lines.get(i).is_some_and(|l| l.bytes == "0f1f440000");
+    check!(
+        format!("{:016x}", v.addr) == tun_addr && (nop_at(0) || nop_at(1)),
+        "disasm tun:tun_get_socket at {:#x} (guest: {line}): {:?}",
+        v.addr,
+        v.lines
+    );
+    let (rc, out) = g.lpvmm("checksum {vm} module:tun")?;
+    let (rc2, out2) = g.lpvmm("checksum {vm} module:tun")?;
+    check!(
+        rc == 0 && rc2 == 0 && out == out2 && out.len() > 64,
+        "checksum module:tun: {out} / {out2}"
     );
     let (rc, out) = g.lpvmm("sym {vm} no_such_symbol_anywhere")?;
     check!(

@@ -99,19 +99,22 @@ pub enum Request {
     },
     /// Loaded patches, the transition in progress and recent ones.
     PatchStatus,
-    /// SHA-256 of guest memory lpvmm may change: the kernel text or the patch area.
+    /// SHA-256 of guest memory lpvmm may change: the kernel text, a module's text or the
+    /// patch area.
     Checksum {
         what: ChecksumTarget,
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChecksumTarget {
     /// `_stext`..`_etext` of the guest kernel.
     Text,
     /// The whole patch area (guest-physical).
     PatchArea,
+    /// A loaded module's core text.
+    Module { name: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -835,7 +835,10 @@ pub fn checksum(vm: &str, what: &str, json: bool) -> Result<i32> {
     let what = match what {
         "text" => ChecksumTarget::Text,
         "patch-area" => ChecksumTarget::PatchArea,
-        other => bail!("checksum of '{other}': say text or patch-area"),
+        other => match other.strip_prefix("module:") {
+            Some(name) if !name.is_empty() => ChecksumTarget::Module { name: name.into() },
+            _ => bail!("checksum of '{other}': say text, patch-area or module:NAME"),
+        },
     };
     let r: ChecksumResult = Client::connect(vm)?.call(Request::Checksum { what })?;
     if json {

@@ -212,6 +212,10 @@ impl Session {
 
     pub fn disasm(&mut self, symbol: &str, sympos: Option<u32>) -> Result<DisasmResult> {
         let (k, _, _) = self.attached(false)?;
+        if let Some((module, name)) = symbol.split_once(':').filter(|(m, _)| *m != "vmlinux") {
+            return self.disasm_in_module(&k, module, name, sympos);
+        }
+        let symbol = symbol.strip_prefix("vmlinux:").unwrap_or(symbol);
         let sym = k.symbols.resolve(symbol, sympos)?;
         let size = k
             .symbols
@@ -231,6 +235,52 @@ impl Session {
             addr: sym.addr,
             size,
             lines: disasm::disassemble(&code, sym.addr, &k.symbols),
+            pause,
+        })
+    }
+
+    /// `disasm MODULE:NAME[,SYMPOS]`: the module's function, found in its own symbols
+    /// (SYMPOS counts within the module, from 1), read in the same pause.
+    fn disasm_in_module(
+        &mut self,
+        k: &Kernel,
+        module: &str,
+        name: &str,
+        sympos: Option<u32>,
+    ) -> Result<DisasmResult> {
+        let (found, pause) = self.vm.paused(|g| -> Result<(u64, Vec<u8>)> {
+            let mem = k.memory(g as &dyn PausedGuest);
+            let list = ModuleList::read(&mem, k)?;
+            let m = list
+                .named(module)
+                .ok_or_else(|| anyhow!("no module named '{module}' is loaded in the guest"))?;
+            let layout = k.layout.modules.as_ref().map_err(|e| e.clone())?;
+            let symbols = m.symbols(&mem, layout)?;
+            let named = symbols.named(name);
+            let sym = match (named.len(), sympos) {
+                (0, _) => bail!("module {module} has no symbol named '{name}'"),
+                (1, None | Some(1)) => named[0],
+                (n, None) => bail!("{n} symbols named '{name}' in {module}: add ,SYMPOS (1..={n})"),
+                (n, Some(p)) => *named
+                    .get((p as usize).wrapping_sub(1))
+                    .ok_or_else(|| anyhow!("'{name}' in {module} has sympos 1..={n}, not {p}"))?,
+            };
+            let size = symbols
+                .locate(sym.addr)
+                .and_then(|l| l.size)
+                .ok_or_else(|| anyhow!("cannot tell the size of '{module}:{name}'"))?;
+            if size > MAX_BYTES {
+                bail!("'{module}:{name}' is {size} bytes; disasm shows at most {MAX_BYTES}");
+            }
+            Ok((sym.addr, mem.read_vec(sym.addr, size as usize)?))
+        })?;
+        let (addr, code) = found?;
+        Ok(DisasmResult {
+            redirect: self.redirect_of(addr),
+            symbol: format!("{name} [{module}]"),
+            addr,
+            size: code.len() as u64,
+            lines: disasm::disassemble(&code, addr, &k.symbols),
             pause,
         })
     }

@@ -187,6 +187,21 @@ impl Session {
                     pause,
                 )
             }
+            ChecksumTarget::Module { ref name } => {
+                let k = self.kernel_attached()?;
+                let (r, pause) = self.vm.paused(|g| -> Result<(u64, Vec<u8>)> {
+                    let mem = k.memory(g);
+                    let list = introspection::modules::ModuleList::read(&mem, &k)?;
+                    let m = list.named(name).ok_or_else(|| {
+                        anyhow!("no module named '{name}' is loaded in the guest")
+                    })?;
+                    let t = m.text;
+                    let len = t.end.saturating_sub(t.start);
+                    Ok((t.start, mem.read_vec(t.start, len as usize)?))
+                })?;
+                let (start, bytes) = r?;
+                (start, bytes.len() as u64, bytes, pause)
+            }
             ChecksumTarget::PatchArea => {
                 let (r, pause) = self.vm.paused(|g| {
                     let a = introspection::GuestRam::patch_area(g);
