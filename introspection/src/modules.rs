@@ -747,13 +747,15 @@ fn list_head(kernel: &Kernel) -> Result<u64, ModuleError> {
 }
 
 /// Module code as the unwinder sees it: each module's text, unwound with its own ORC
-/// table, its frames named from its own symbols. Tables are read the first time an
-/// address in that module needs them.
+/// table, its frames named from its own symbols. Nothing is read until an address
+/// outside the kernel's own text needs it: then the module list, and the tables of the
+/// module that address is in. A stack entirely in the kernel's text (most are) costs
+/// nothing.
 pub struct ModuleCode<'k, 'g> {
     mem: KernelMemory<'g>,
     kernel: &'k Kernel,
-    list: ModuleList,
-    tables: Vec<OnceCell<Option<ModuleTables>>>,
+    list: OnceCell<ModuleList>,
+    tables: OnceCell<Vec<OnceCell<Option<ModuleTables>>>>,
 }
 
 struct ModuleTables {
@@ -762,38 +764,38 @@ struct ModuleTables {
 }
 
 impl<'k, 'g> ModuleCode<'k, 'g> {
-    /// The modules of the guest as `mem` shows it now. A list that cannot be read gives
-    /// no module code: every address in a module is then unknown text, and a trace
-    /// through one is unreliable (never wrongly reliable).
+    /// The modules of the guest `mem` shows, read when first needed. A list that cannot
+    /// be read gives no module code: every address in a module is then unknown text,
+    /// and a trace through one is unreliable (never wrongly reliable).
     pub fn new(kernel: &'k Kernel, mem: KernelMemory<'g>) -> Self {
-        let list = ModuleList::read(&mem, kernel).unwrap_or(ModuleList {
-            modules: Vec::new(),
-        });
-        Self::of(kernel, mem, list)
-    }
-
-    pub fn of(kernel: &'k Kernel, mem: KernelMemory<'g>, list: ModuleList) -> Self {
-        let tables = list.modules.iter().map(|_| OnceCell::new()).collect();
         ModuleCode {
             mem,
             kernel,
-            list,
-            tables,
+            list: OnceCell::new(),
+            tables: OnceCell::new(),
         }
     }
 
+    /// The module list, read now if it was not yet.
     pub fn list(&self) -> &ModuleList {
-        &self.list
+        self.list.get_or_init(|| {
+            ModuleList::read(&self.mem, self.kernel).unwrap_or(ModuleList {
+                modules: Vec::new(),
+            })
+        })
     }
 
     fn tables(&self, ip: u64) -> Option<(&Module, &ModuleTables)> {
-        let i = self
-            .list
+        let list = self.list();
+        let i = list
             .modules
             .iter()
             .position(|m| m.state != ModuleState::Unformed && m.contains(ip))?;
-        let m = &self.list.modules[i];
-        let t = self.tables[i].get_or_init(|| {
+        let m = &list.modules[i];
+        let cells = self
+            .tables
+            .get_or_init(|| list.modules.iter().map(|_| OnceCell::new()).collect());
+        let t = cells.get(i)?.get_or_init(|| {
             let layout = self.kernel.layout.modules.as_ref().ok()?;
             Some(ModuleTables {
                 symbols: m.symbols(&self.mem, layout).ok(),
@@ -806,7 +808,7 @@ impl<'k, 'g> ModuleCode<'k, 'g> {
 
 impl ExtraCode for ModuleCode<'_, '_> {
     fn contains(&self, ip: u64) -> bool {
-        self.list.containing(ip).is_some()
+        self.list().containing(ip).is_some()
     }
 
     fn unwind_entry(&self, ip: u64, _interrupted: bool) -> Option<OrcEntry> {
