@@ -10,8 +10,11 @@
 //! - [`tables`]: the kernel tables lpvmm decodes from guest memory: BTF (with every
 //!   layout and flag lpvmm derives from it) and VMCOREINFO.
 //! - [`guest`]: hostile guest memory under a synthetic kernel: words of task structs,
-//!   stacks, per-CPU data, ftrace's records and ops, kallsyms, BTF and ORC overwritten,
-//!   then attach, the task list, every stack and the ftrace walks.
+//!   stacks, per-CPU data, ftrace's records and ops, loaded modules (the module list,
+//!   each `struct module`, its symbol, export and ORC tables, its users), kallsyms, BTF
+//!   and ORC overwritten, then attach, the task list, every stack (through module code
+//!   as the patcher unwinds it), the module walk (each module's /proc/modules line,
+//!   symbols, names of its addresses, ORC table) and the ftrace walks.
 //! - [`control`]: a control-socket request line.
 #![forbid(unsafe_code)]
 
@@ -22,8 +25,9 @@ use introspection::btf::Btf;
 use introspection::ftrace::FtraceLayout;
 use introspection::kernel::Kernel;
 use introspection::layout::Layout;
+use introspection::modules::{ModuleCode, ModuleList};
 use introspection::orc::OrcFormat;
-use introspection::stack::Unwinder;
+use introspection::stack::{ExtraCode, Unwinder};
 use introspection::synth::{SynthGuest, SynthKernel, SynthKernelSpec};
 use introspection::tasks::{TaskList, TaskReader};
 use introspection::{
@@ -151,6 +155,8 @@ struct Fixture {
     /// How many of `words` are static tables: only writes there need a new attach
     /// (which scans all of RAM for VMCOREINFO, the slow part of an execution).
     static_words: usize,
+    /// Which of `words` are module memory (for [`module_seed`]).
+    module_words: std::ops::Range<usize>,
     ftrace_sites: Vec<u64>,
     /// The task list read as the patcher's early checks read it (no vCPUs), for the
     /// pause's refresh of it over hostile memory.
@@ -217,6 +223,12 @@ fn fixture() -> Fixture {
         .expect("the synthetic kernel's task list");
     drop(reader);
     let words: Vec<u64> = vas.iter().filter_map(|&va| m.translate(va).ok()).collect();
+    let module_pas: Vec<u64> = module_vas(&sk, &kernel)
+        .iter()
+        .filter_map(|&va| m.translate(va).ok())
+        .collect();
+    let module_words = words.len()..words.len() + module_pas.len();
+    let words = [words, module_pas].concat();
     let static_words = vas[..static_vas]
         .iter()
         .filter(|&&va| m.translate(va).is_ok())
@@ -249,11 +261,72 @@ fn fixture() -> Fixture {
         kernel,
         words,
         static_words,
+        module_words,
         ftrace_sites,
         early,
         text,
         ftrace_flags,
     }
+}
+
+/// The module memory a hostile guest may change: the `modules` list head, and for each
+/// module its `struct module` and symbol tables (its data, up to the end of its type
+/// letters), its exports and ORC tables (its read-only data), and the `module_use` of
+/// each of its users (in the direct map).
+fn module_vas(sk: &SynthKernel, kernel: &Kernel) -> Vec<u64> {
+    let m = kernel.memory(&sk.guest);
+    let mut vas: Vec<u64> = kernel.symbols.addr("modules").into_iter().collect();
+    let Ok(l) = kernel.layout.modules.as_ref() else {
+        return vas;
+    };
+    for md in &sk.modules {
+        let data_end = m
+            .u64(md.addr + l.kallsyms)
+            .and_then(|k| Ok(m.u64(k + l.typetab)? + u64::from(m.u32(k + l.num_symtab)?)))
+            .unwrap_or(md.addr + 0x400);
+        vas.extend((md.addr..data_end).step_by(8));
+        let (_, orc_entries, orcs) = md.orc;
+        vas.extend((md.syms..orc_entries + 6 * orcs).step_by(8));
+        if let Some([source_list, link, _]) = l.users {
+            let head = md.addr + source_list;
+            let mut node = m.u64(head).unwrap_or(head);
+            for _ in 0..sk.modules.len() {
+                if node == head {
+                    break;
+                }
+                vas.extend((0..48).step_by(8).map(|o| node - link + o));
+                node = m.u64(node).unwrap_or(head);
+            }
+        }
+    }
+    vas
+}
+
+/// A `guest` input of `n` overwrites in module memory, each of a word with a value
+/// near its own (a seed that starts the fuzzer in module structures).
+pub fn module_seed(n: usize) -> Vec<u8> {
+    FIXTURE.with(|f| {
+        let f = &*f.borrow();
+        let span = f.module_words.len().max(1) as u64;
+        let mut state = 0x006d_6f64_u64;
+        let mut rec = Vec::new();
+        for i in 0..n {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let index = f.module_words.start + ((state >> 33) % span) as usize;
+            let old = f.guest.read_u64(f.words[index]).unwrap_or(0);
+            let value = match i % 4 {
+                0 => old.wrapping_add(8),
+                1 => old ^ (1 << (state >> 58)),
+                2 => 0,
+                _ => old.wrapping_sub(0x1000),
+            };
+            rec.extend((index as u16).to_le_bytes());
+            rec.extend(value.to_le_bytes());
+        }
+        rec
+    })
 }
 
 /// A `.kp` file: parse, check, and (if it parses) link into the synthetic guest, enable
@@ -562,12 +635,17 @@ pub fn guest(data: &[u8]) {
             _ => &f.kernel,
         };
         let reader = TaskReader::new(k, &g);
+        // Modules under whatever layout the (possibly re-attached) kernel has: offsets
+        // from a hostile BTF too.
+        let modules = ModuleCode::new(k, k.memory(&g));
+        let extra: [&dyn ExtraCode; 1] = [&modules];
         if let Ok(list) = reader.list() {
-            let u = Unwinder::new(&reader, &[]);
+            let u = Unwinder::new(&reader, &extra);
             for t in &list.tasks {
                 let _ = u.trace(t);
             }
         }
+        module_walk(k, &g, modules.list());
         let _ = reader.refresh(f.early.clone());
         if let Some(ft) = &k.ftrace {
             let m = k.memory(&g);
@@ -578,6 +656,29 @@ pub fn guest(data: &[u8]) {
             }
         }
     });
+}
+
+/// What lpvmm reads of each module besides unwinding through it (`lpvmm modules`,
+/// `sym`): its /proc/modules line, its symbols and the names of addresses in its text,
+/// and its ORC table.
+fn module_walk(k: &Kernel, g: &dyn PausedGuest, list: &ModuleList) {
+    let Ok(layout) = k.layout.modules.as_ref() else {
+        return;
+    };
+    let m = k.memory(g);
+    for md in &list.modules {
+        let _ = md.proc_line();
+        let _ = md.orc(&m, k);
+        if let Ok(s) = md.symbols(&m, layout) {
+            for a in [
+                md.text.start,
+                md.text.start.wrapping_add(0x110),
+                md.text.end,
+            ] {
+                let _ = (s.locate(a), s.locate_return(a));
+            }
+        }
+    }
 }
 
 /// One control-socket request line, as the server parses it before it touches the VM.

@@ -92,7 +92,7 @@ pub struct Layout {
     pub patcher: PatcherTypes,
     /// `struct module` and what the module list needs; an error for a kernel whose
     /// BTF lacks it (one built without modules), said when modules are asked for.
-    pub modules: Result<crate::modules::ModuleLayout, BtfError>,
+    pub modules: Result<ModuleLayout, BtfError>,
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -171,7 +171,160 @@ impl Layout {
                 x86_capability: btf.field("cpuinfo_x86", "x86_capability").ok(),
                 alt_instr_size: btf.struct_size("alt_instr").ok(),
             },
-            modules: crate::modules::ModuleLayout::from_btf(btf),
+            modules: ModuleLayout::from_btf(btf),
         })
     }
+}
+
+/// Where a module keeps its memory: up to 6.3 two `struct module_layout`s, from 6.4 an
+/// array of `struct module_memory`, one per `enum mod_mem_type`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModuleMemLayout {
+    Layouts {
+        core: u64,
+        init: u64,
+        /// `CONFIG_ARCH_WANTS_MODULES_DATA_IN_VMALLOC`: data apart from text.
+        data: Option<u64>,
+        base: u64,
+        size: u64,
+        text_size: u64,
+    },
+    Mem {
+        array: u64,
+        stride: u64,
+        base: u64,
+        size: u64,
+        /// `MOD_MEM_NUM_TYPES`.
+        types: u64,
+        text: u64,
+        init_text: u64,
+    },
+}
+
+/// Every offset the module readers use, from the guest's BTF.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleLayout {
+    pub list: u64,
+    pub name: u64,
+    pub name_len: u64,
+    pub state: u64,
+    pub state_size: u64,
+    pub mem: ModuleMemLayout,
+    /// `struct module.kallsyms` and `struct mod_kallsyms`'s fields.
+    pub kallsyms: u64,
+    pub symtab: u64,
+    pub num_symtab: u64,
+    pub strtab: u64,
+    pub typetab: u64,
+    /// The module's exports (`syms`, `num_syms`), and `struct kernel_symbol`:
+    /// place-relative `value_offset`/`name_offset` (PREL32) or absolute `value`/`name`.
+    pub syms: u64,
+    pub num_syms: u64,
+    pub ksym_size: u64,
+    pub ksym_value: u64,
+    pub ksym_name: u64,
+    pub ksym_relative: bool,
+    /// `refcnt` (with CONFIG_MODULE_UNLOAD).
+    pub refcnt: Option<u64>,
+    /// Who uses the module (with CONFIG_MODULE_UNLOAD): `source_list`, and in
+    /// `struct module_use` the link and the user.
+    pub users: Option<[u64; 3]>,
+    /// `init` and `exit`: a module with an init but no exit can never be unloaded.
+    pub init_fn: u64,
+    pub exit_fn: Option<u64>,
+    /// `arch.num_orcs`, `arch.orc_unwind_ip`, `arch.orc_unwind` (x86 with ORC).
+    pub orc: Option<[u64; 3]>,
+    /// The values of `enum module_state`.
+    pub states: [u64; 4],
+}
+
+impl ModuleLayout {
+    pub fn from_btf(btf: &Btf) -> Result<ModuleLayout, BtfError> {
+        let f = |p: &str| btf.field("module", p).map(|f| f.offset());
+        let name = btf.field("module", "name")?;
+        let state = btf.field("module", "state")?;
+        let kallsyms = |p: &str| btf.field("mod_kallsyms", p).map(|f| f.offset());
+        let relative = btf.has_field("kernel_symbol", "value_offset");
+        let ksym = |new: &str, old: &str| {
+            btf.field("kernel_symbol", if relative { new } else { old })
+                .map(|f| f.offset())
+        };
+        let state_of = |n: &str| {
+            btf.enumerator(n)
+                .ok_or_else(|| BtfError::NoStruct(format!("enum module_state ({n})")))
+        };
+        let orc = match (
+            f("arch.num_orcs"),
+            f("arch.orc_unwind_ip"),
+            f("arch.orc_unwind"),
+        ) {
+            (Ok(n), Ok(ip), Ok(u)) => Some([n, ip, u]),
+            _ => None,
+        };
+        Ok(ModuleLayout {
+            list: f("list")?,
+            name: name.offset(),
+            name_len: btf.array_len(name.type_id).unwrap_or(name.size),
+            state: state.offset(),
+            state_size: state.size,
+            mem: mem_layout(btf)?,
+            kallsyms: f("kallsyms")?,
+            symtab: kallsyms("symtab")?,
+            num_symtab: kallsyms("num_symtab")?,
+            strtab: kallsyms("strtab")?,
+            typetab: kallsyms("typetab")?,
+            syms: f("syms")?,
+            num_syms: f("num_syms")?,
+            ksym_size: btf.struct_size("kernel_symbol")?,
+            ksym_value: ksym("value_offset", "value")?,
+            ksym_name: ksym("name_offset", "name")?,
+            ksym_relative: relative,
+            refcnt: f("refcnt").ok(),
+            users: match (
+                f("source_list"),
+                btf.field("module_use", "source_list"),
+                btf.field("module_use", "source"),
+            ) {
+                (Ok(a), Ok(b), Ok(c)) => Some([a, b.offset(), c.offset()]),
+                _ => None,
+            },
+            init_fn: f("init")?,
+            exit_fn: f("exit").ok(),
+            orc,
+            states: [
+                state_of("MODULE_STATE_LIVE")?,
+                state_of("MODULE_STATE_COMING")?,
+                state_of("MODULE_STATE_GOING")?,
+                state_of("MODULE_STATE_UNFORMED")?,
+            ],
+        })
+    }
+}
+
+fn mem_layout(btf: &Btf) -> Result<ModuleMemLayout, BtfError> {
+    if let Ok(mem) = btf.field("module", "mem") {
+        let types = btf.array_len(mem.type_id).unwrap_or(0);
+        let need = |n: &str| {
+            btf.enumerator(n)
+                .ok_or_else(|| BtfError::NoStruct(format!("enum mod_mem_type ({n})")))
+        };
+        return Ok(ModuleMemLayout::Mem {
+            array: mem.offset(),
+            stride: btf.struct_size("module_memory")?,
+            base: btf.field("module_memory", "base")?.offset(),
+            size: btf.field("module_memory", "size")?.offset(),
+            types,
+            text: need("MOD_TEXT")?,
+            init_text: need("MOD_INIT_TEXT")?,
+        });
+    }
+    let l = |p: &str| btf.field("module_layout", p).map(|f| f.offset());
+    Ok(ModuleMemLayout::Layouts {
+        core: btf.field("module", "core_layout")?.offset(),
+        init: btf.field("module", "init_layout")?.offset(),
+        data: btf.field("module", "data_layout").ok().map(|f| f.offset()),
+        base: l("base")?,
+        size: l("size")?,
+        text_size: l("text_size")?,
+    })
 }

@@ -17,9 +17,10 @@ use std::cell::OnceCell;
 
 use serde::{Deserialize, Serialize};
 
-use crate::btf::{Btf, BtfError};
+use crate::btf::BtfError;
 use crate::kallsyms::Located;
 use crate::kernel::{Kernel, Range};
+use crate::layout::{ModuleLayout, ModuleMemLayout};
 use crate::memory::{KernelMemory, MemError};
 use crate::orc::{OrcEntry, OrcError, OrcTable};
 use crate::stack::ExtraCode;
@@ -34,6 +35,8 @@ const MAX_STRTAB: u64 = 16 << 20;
 const KSYM_NAME_LEN: u64 = 512;
 /// `sizeof(Elf64_Sym)`: the ELF ABI's, not a kernel layout.
 const ELF64_SYM: u64 = 24;
+/// `MODULE_REF_BASE`: the reference a module holds on itself from its load.
+const MODULE_REF_BASE: i64 = 1;
 /// Lowest address of the kernel half of the address space.
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
@@ -79,169 +82,17 @@ impl ModuleState {
     }
 }
 
-/// Where a module keeps its memory: up to 6.3 two `struct module_layout`s, from 6.4 an
-/// array of `struct module_memory`, one per `enum mod_mem_type`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ModuleMemLayout {
-    Layouts {
-        core: u64,
-        init: u64,
-        /// `CONFIG_ARCH_WANTS_MODULES_DATA_IN_VMALLOC`: data apart from text.
-        data: Option<u64>,
-        base: u64,
-        size: u64,
-        text_size: u64,
-    },
-    Mem {
-        array: u64,
-        stride: u64,
-        base: u64,
-        size: u64,
-        /// `MOD_MEM_NUM_TYPES`.
-        types: u64,
-        text: u64,
-        init_text: u64,
-    },
-}
-
-/// Every offset the module readers use, from the guest's BTF.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModuleLayout {
-    pub list: u64,
-    pub name: u64,
-    pub name_len: u64,
-    pub state: u64,
-    pub state_size: u64,
-    pub mem: ModuleMemLayout,
-    /// `struct module.kallsyms` and `struct mod_kallsyms`'s fields.
-    pub kallsyms: u64,
-    pub symtab: u64,
-    pub num_symtab: u64,
-    pub strtab: u64,
-    pub typetab: u64,
-    /// The module's exports (`syms`, `num_syms`), and `struct kernel_symbol`:
-    /// place-relative `value_offset`/`name_offset` (PREL32) or absolute `value`/`name`.
-    pub syms: u64,
-    pub num_syms: u64,
-    pub ksym_size: u64,
-    pub ksym_value: u64,
-    pub ksym_name: u64,
-    pub ksym_relative: bool,
-    /// `refcnt` (with CONFIG_MODULE_UNLOAD).
-    pub refcnt: Option<u64>,
-    /// Who uses the module (with CONFIG_MODULE_UNLOAD): `source_list`, and in
-    /// `struct module_use` the link and the user.
-    pub users: Option<[u64; 3]>,
-    /// `init` and `exit`: a module with an init but no exit can never be unloaded.
-    pub init_fn: u64,
-    pub exit_fn: Option<u64>,
-    /// `arch.num_orcs`, `arch.orc_unwind_ip`, `arch.orc_unwind` (x86 with ORC).
-    pub orc: Option<[u64; 3]>,
-    /// The values of `enum module_state`.
-    pub states: [u64; 4],
-}
-
-impl ModuleLayout {
-    pub fn from_btf(btf: &Btf) -> Result<ModuleLayout, BtfError> {
-        let f = |p: &str| btf.field("module", p).map(|f| f.offset());
-        let name = btf.field("module", "name")?;
-        let state = btf.field("module", "state")?;
-        let kallsyms = |p: &str| btf.field("mod_kallsyms", p).map(|f| f.offset());
-        let relative = btf.has_field("kernel_symbol", "value_offset");
-        let ksym = |new: &str, old: &str| {
-            btf.field("kernel_symbol", if relative { new } else { old })
-                .map(|f| f.offset())
-        };
-        let state_of = |n: &str| {
-            btf.enumerator(n)
-                .ok_or_else(|| BtfError::NoStruct(format!("enum module_state ({n})")))
-        };
-        let orc = match (
-            f("arch.num_orcs"),
-            f("arch.orc_unwind_ip"),
-            f("arch.orc_unwind"),
-        ) {
-            (Ok(n), Ok(ip), Ok(u)) => Some([n, ip, u]),
-            _ => None,
-        };
-        Ok(ModuleLayout {
-            list: f("list")?,
-            name: name.offset(),
-            name_len: btf.array_len(name.type_id).unwrap_or(name.size),
-            state: state.offset(),
-            state_size: state.size,
-            mem: mem_layout(btf)?,
-            kallsyms: f("kallsyms")?,
-            symtab: kallsyms("symtab")?,
-            num_symtab: kallsyms("num_symtab")?,
-            strtab: kallsyms("strtab")?,
-            typetab: kallsyms("typetab")?,
-            syms: f("syms")?,
-            num_syms: f("num_syms")?,
-            ksym_size: btf.struct_size("kernel_symbol")?,
-            ksym_value: ksym("value_offset", "value")?,
-            ksym_name: ksym("name_offset", "name")?,
-            ksym_relative: relative,
-            refcnt: f("refcnt").ok(),
-            users: match (
-                f("source_list"),
-                btf.field("module_use", "source_list"),
-                btf.field("module_use", "source"),
-            ) {
-                (Ok(a), Ok(b), Ok(c)) => Some([a, b.offset(), c.offset()]),
-                _ => None,
-            },
-            init_fn: f("init")?,
-            exit_fn: f("exit").ok(),
-            orc,
-            states: [
-                state_of("MODULE_STATE_LIVE")?,
-                state_of("MODULE_STATE_COMING")?,
-                state_of("MODULE_STATE_GOING")?,
-                state_of("MODULE_STATE_UNFORMED")?,
-            ],
-        })
-    }
-
-    fn state_of(&self, raw: u64) -> Option<ModuleState> {
-        let i = self.states.iter().position(|&s| s == raw)?;
-        Some(
-            [
-                ModuleState::Live,
-                ModuleState::Coming,
-                ModuleState::Going,
-                ModuleState::Unformed,
-            ][i],
-        )
-    }
-}
-
-fn mem_layout(btf: &Btf) -> Result<ModuleMemLayout, BtfError> {
-    if let Ok(mem) = btf.field("module", "mem") {
-        let types = btf.array_len(mem.type_id).unwrap_or(0);
-        let need = |n: &str| {
-            btf.enumerator(n)
-                .ok_or_else(|| BtfError::NoStruct(format!("enum mod_mem_type ({n})")))
-        };
-        return Ok(ModuleMemLayout::Mem {
-            array: mem.offset(),
-            stride: btf.struct_size("module_memory")?,
-            base: btf.field("module_memory", "base")?.offset(),
-            size: btf.field("module_memory", "size")?.offset(),
-            types,
-            text: need("MOD_TEXT")?,
-            init_text: need("MOD_INIT_TEXT")?,
-        });
-    }
-    let l = |p: &str| btf.field("module_layout", p).map(|f| f.offset());
-    Ok(ModuleMemLayout::Layouts {
-        core: btf.field("module", "core_layout")?.offset(),
-        init: btf.field("module", "init_layout")?.offset(),
-        data: btf.field("module", "data_layout").ok().map(|f| f.offset()),
-        base: l("base")?,
-        size: l("size")?,
-        text_size: l("text_size")?,
-    })
+/// The state `raw` means, as the guest's `enum module_state` numbers it.
+fn state_of(l: &ModuleLayout, raw: u64) -> Option<ModuleState> {
+    let i = l.states.iter().position(|&s| s == raw)?;
+    Some(
+        [
+            ModuleState::Live,
+            ModuleState::Coming,
+            ModuleState::Going,
+            ModuleState::Unformed,
+        ][i],
+    )
 }
 
 /// One loaded module, as the list showed it.
@@ -303,31 +154,38 @@ impl Module {
     }
 
     /// Read one `struct module` at `addr`.
-    fn read(mem: &KernelMemory, l: &ModuleLayout, addr: u64) -> Result<Module, ModuleError> {
-        let raw_state = mem.uint(addr + l.state, l.state_size)?;
-        let state = l
-            .state_of(raw_state)
+    fn read(
+        mem: &KernelMemory,
+        l: &ModuleLayout,
+        addr: u64,
+        users_left: &mut usize,
+    ) -> Result<Module, ModuleError> {
+        let raw_state = mem.uint(addr.wrapping_add(l.state), l.state_size)?;
+        let state = state_of(l, raw_state)
             .ok_or_else(|| ModuleError::Corrupt(format!("state {raw_state} at {addr:#x}")))?;
-        let name = mem.fixed_str(addr + l.name, l.name_len.min(256) as usize)?;
+        let name = mem.fixed_str(addr.wrapping_add(l.name), l.name_len.min(256) as usize)?;
         let (text, init_text, size) = read_memory(mem, l, addr)?;
         let refcount = match l.refcnt {
-            Some(off) => Some(i64::from(mem.u32(addr + off)? as i32) - 1),
+            Some(off) => Some(i64::from(mem.u32(addr.wrapping_add(off))? as i32) - MODULE_REF_BASE),
             None => None,
         };
         let orc = match l.orc {
             Some([n, ip, u]) => Some([
-                u64::from(mem.u32(addr + n)?),
-                mem.u64(addr + ip)?,
-                mem.u64(addr + u)?,
+                u64::from(mem.u32(addr.wrapping_add(n))?),
+                mem.u64(addr.wrapping_add(ip))?,
+                mem.u64(addr.wrapping_add(u))?,
             ]),
             None => None,
         };
         let permanent = match l.exit_fn {
-            Some(exit) => mem.u64(addr + l.init_fn)? != 0 && mem.u64(addr + exit)? == 0,
+            Some(exit) => {
+                mem.u64(addr.wrapping_add(l.init_fn))? != 0
+                    && mem.u64(addr.wrapping_add(exit))? == 0
+            }
             None => false,
         };
         Ok(Module {
-            users: users(mem, l, addr)?,
+            users: users(mem, l, addr, users_left)?,
             permanent,
             name,
             addr,
@@ -337,9 +195,9 @@ impl Module {
             text,
             init_text,
             refcount,
-            kallsyms: mem.u64(addr + l.kallsyms)?,
-            syms: mem.u64(addr + l.syms)?,
-            num_syms: u64::from(mem.u32(addr + l.num_syms)?),
+            kallsyms: mem.u64(addr.wrapping_add(l.kallsyms))?,
+            syms: mem.u64(addr.wrapping_add(l.syms))?,
+            num_syms: u64::from(mem.u32(addr.wrapping_add(l.num_syms))?),
             orc,
         })
     }
@@ -428,9 +286,7 @@ impl Module {
             let (Some(value), Some(name_at)) = (ptr(l.ksym_value), ptr(l.ksym_name)) else {
                 continue;
             };
-            let name = mem
-                .fixed_str(name_at, KSYM_NAME_LEN as usize)
-                .unwrap_or_default();
+            let name = read_c_str(mem, name_at);
             out.push((name, value));
         }
         out.sort();
@@ -459,23 +315,30 @@ impl Module {
     }
 }
 
-/// The names of the modules that use the module at `addr` (its `source_list`), at most
-/// [`MAX_MODULES`].
-fn users(mem: &KernelMemory, l: &ModuleLayout, addr: u64) -> Result<Vec<String>, ModuleError> {
+/// The names of the modules that use the module at `addr` (its `source_list`), counted
+/// against `left`: what the whole list walk may still read (a kernel has at most one
+/// use per pair of modules it loaded; a list that claims more is corrupt).
+fn users(
+    mem: &KernelMemory,
+    l: &ModuleLayout,
+    addr: u64,
+    left: &mut usize,
+) -> Result<Vec<String>, ModuleError> {
     let Some([list, link, source]) = l.users else {
         return Ok(Vec::new());
     };
-    let head = addr + list;
+    let head = addr.wrapping_add(list);
     let mut out = Vec::new();
     let mut next = mem.u64(head)?;
     while next != head {
-        if out.len() >= MAX_MODULES || next < KERNEL_HALF {
+        if *left == 0 || next < KERNEL_HALF {
             return Err(ModuleError::Corrupt(format!(
                 "a user link {next:#x} of {addr:#x}"
             )));
         }
-        let user = mem.u64(next.wrapping_sub(link) + source)?;
-        out.push(mem.fixed_str(user + l.name, l.name_len.min(256) as usize)?);
+        *left -= 1;
+        let user = mem.u64(next.wrapping_sub(link).wrapping_add(source))?;
+        out.push(mem.fixed_str(user.wrapping_add(l.name), l.name_len.min(256) as usize)?);
         next = mem.u64(next)?;
     }
     Ok(out)
@@ -502,9 +365,9 @@ fn read_memory(
         } => {
             let part = |at: u64| -> Result<(u64, u64, u64), MemError> {
                 Ok((
-                    mem.u64(addr + at + base)?,
-                    u64::from(mem.u32(addr + at + size)?),
-                    u64::from(mem.u32(addr + at + text_size)?),
+                    mem.u64(addr.wrapping_add(at).wrapping_add(*base))?,
+                    u64::from(mem.u32(addr.wrapping_add(at).wrapping_add(*size))?),
+                    u64::from(mem.u32(addr.wrapping_add(at).wrapping_add(*text_size))?),
                 ))
             };
             let (core_base, core_size, core_text) = part(*core)?;
@@ -533,8 +396,13 @@ fn read_memory(
                 return Err(ModuleError::Corrupt(format!("{types} memory types")));
             }
             let part = |t: u64| -> Result<(u64, u64), MemError> {
-                let at = addr + array + t * stride;
-                Ok((mem.u64(at + base)?, u64::from(mem.u32(at + size)?)))
+                let at = addr
+                    .wrapping_add(*array)
+                    .wrapping_add(t.wrapping_mul(*stride));
+                Ok((
+                    mem.u64(at.wrapping_add(*base))?,
+                    u64::from(mem.u32(at.wrapping_add(*size))?),
+                ))
             };
             let mut total = 0;
             for t in 0..*types {
@@ -581,7 +449,10 @@ fn read_some(mem: &KernelMemory, va: u64, len: usize) -> Result<Vec<u8>, MemErro
                     break;
                 };
                 out.extend_from_slice(&part);
-                at += chunk as u64;
+                match at.checked_add(chunk as u64) {
+                    Some(next) => at = next,
+                    None => break,
+                }
             }
             if out.is_empty() {
                 return Err(e);
@@ -589,6 +460,14 @@ fn read_some(mem: &KernelMemory, va: u64, len: usize) -> Result<Vec<u8>, MemErro
             Ok(out)
         }
     }
+}
+
+/// The NUL-terminated string at `va` (at most KSYM_NAME_LEN bytes; empty if unreadable),
+/// read only as far as its memory is mapped.
+fn read_c_str(mem: &KernelMemory, va: u64) -> String {
+    read_some(mem, va, KSYM_NAME_LEN as usize)
+        .map(|b| c_str(&b, 0))
+        .unwrap_or_default()
 }
 
 /// The NUL-terminated string at `at` in `table` (lossy, at most KSYM_NAME_LEN bytes).
@@ -706,6 +585,8 @@ impl ModuleList {
         let l = kernel.layout.modules.as_ref().map_err(|e| e.clone())?;
         let head = list_head(kernel)?;
         let mut modules = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut users_left = MAX_MODULES;
         let mut next = mem.u64(head)?;
         while next != head {
             if modules.len() >= MAX_MODULES || next < KERNEL_HALF {
@@ -714,8 +595,13 @@ impl ModuleList {
                     modules.len()
                 )));
             }
+            if !seen.insert(next) {
+                return Err(ModuleError::Corrupt(format!(
+                    "link {next:#x} reached twice (a cycle)"
+                )));
+            }
             let addr = next.wrapping_sub(l.list);
-            modules.push(Module::read(mem, l, addr)?);
+            modules.push(Module::read(mem, l, addr, &mut users_left)?);
             next = mem.u64(next)?;
         }
         Ok(ModuleList { modules })

@@ -214,7 +214,7 @@ fn modules_equal_proc_modules(g: &mut lpvmm_tests::Guest, series: &str) -> Resul
         n >= 5 && theirs.contains("tun "),
         "{series}: too few modules loaded: {theirs}"
     );
-    let line = g.run("grep -F ' tun_get_socket\t[tun]' /proc/kallsyms")?;
+    let line = g.run("grep -E ' tun_get_socket.\\[tun\\]' /proc/kallsyms")?;
     let addr = line.split_whitespace().next().ok_or("no tun_get_socket")?;
     let (rc, out) = g.lpvmm("sym {vm} tun:tun_get_socket")?;
     check!(
@@ -523,7 +523,7 @@ fn sym_and_disasm_agree_with_guest(host: &mut TestHost) -> TestResult {
         v.lines
     );
     // A module's function, from the module's own symbols, read live.
-    let line = g.run("grep -F ' tun_get_socket\t[tun]' /proc/kallsyms")?;
+    let line = g.run("grep -E ' tun_get_socket.\\[tun\\]' /proc/kallsyms")?;
     let tun_addr = line.split_whitespace().next().ok_or("no tun_get_socket")?;
     let (rc, out) = g.lpvmm("disasm {vm} tun:tun_get_socket --json")?;
     check!(rc == 0, "disasm tun:tun_get_socket: {out}");

@@ -1,6 +1,7 @@
 //! Regenerates the generated part of seeds/ (run from fuzz/: `cargo afl run --bin
 //! seeds`): `.kp` patches built with gcc as `lpvmm kp build` does, the synthetic
-//! kernel's BTF and a VMCOREINFO note, guest-memory overwrites, and request lines.
+//! kernel's BTF and a VMCOREINFO note, guest-memory overwrites (some in module memory),
+//! and request lines.
 
 use std::path::Path;
 
@@ -85,6 +86,12 @@ fn main() {
         }
         write(&seeds.join("guest"), &format!("writes-{n}"), &rec);
     }
+    // Overwrites in module memory (the module list, struct module, symbol tables).
+    write(
+        &seeds.join("guest"),
+        "modules-12",
+        &lpvmm_fuzz::module_seed(12),
+    );
     for (i, r) in REQUESTS.iter().enumerate() {
         write(
             &seeds.join("control"),

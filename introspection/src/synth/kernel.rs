@@ -8,6 +8,9 @@ use std::collections::HashMap;
 
 use super::btf::BtfBuilder;
 use super::ftrace::SynthFtrace;
+use super::image::{
+    frame_size, function_body, link_ring, orc_row, Builder, Image, Kind, FUNC_SIZE,
+};
 use super::modules::{BuiltModule, SynthModule};
 use super::SynthGuest;
 use crate::guest::VcpuState;
@@ -20,7 +23,6 @@ const IMAGE_PA: u64 = 0x10_0000;
 const IMAGE_SIZE: u64 = 6 << 20;
 /// Image space per task: its task_struct, and its stack aligned to THREAD_SIZE.
 const TASK_SPACE: u64 = 2 * THREAD_SIZE;
-pub(super) const FUNC_SIZE: u64 = 0x100;
 /// Where inside a function its call sites (return addresses) are.
 const CALL_SITE: u64 = 0x10;
 pub const THREAD_SIZE: u64 = 0x4000;
@@ -229,70 +231,6 @@ pub struct SynthKernel {
     pub ftrace: SynthFtrace,
     /// Ground truth of each spec module, in spec (load) order.
     pub modules: Vec<BuiltModule>,
-}
-
-/// Bump allocator over the image's virtual range.
-pub(super) struct Image {
-    pub(super) base: u64,
-    pub(super) next: u64,
-    pub(super) size: u64,
-    /// Where the image starts in guest-physical memory.
-    pub(super) pa: u64,
-}
-
-impl Image {
-    pub(super) fn alloc(&mut self, size: u64, align: u64) -> u64 {
-        self.next = (self.next + align - 1) & !(align - 1);
-        let at = self.next;
-        self.next += size.max(1);
-        assert!(self.next - self.base < self.size, "synthetic image full");
-        at
-    }
-}
-
-pub(super) struct Builder {
-    pub(super) g: SynthGuest,
-    pub(super) img: Image,
-    pub(super) symbols: Vec<Symbol>,
-    /// Memory mapped outside the image (modules'): `(va, len, pa)`, each backed by
-    /// image pages.
-    pub(super) aliases: Vec<(u64, u64, u64)>,
-}
-
-impl Builder {
-    pub(super) fn pa(&self, va: u64) -> u64 {
-        for &(start, len, pa) in &self.aliases {
-            if va >= start && va - start < len {
-                return pa + (va - start);
-            }
-        }
-        self.img.pa + (va - self.img.base)
-    }
-    pub(super) fn w(&mut self, va: u64, data: &[u8]) {
-        let pa = self.pa(va);
-        self.g.write_phys_raw(pa, data);
-    }
-    pub(super) fn w64(&mut self, va: u64, v: u64) {
-        self.w(va, &v.to_le_bytes());
-    }
-    pub(super) fn w32(&mut self, va: u64, v: u32) {
-        self.w(va, &v.to_le_bytes());
-    }
-    pub(super) fn sym(&mut self, addr: u64, kind: char, name: &str) {
-        self.symbols.push(Symbol {
-            addr,
-            kind,
-            name: name.into(),
-        });
-    }
-    pub(super) fn data(&mut self, name: &str, bytes: &[u8], align: u64) -> u64 {
-        let a = self.img.alloc(bytes.len() as u64, align);
-        self.w(a, bytes);
-        if !name.is_empty() {
-            self.sym(a, 'D', name);
-        }
-        a
-    }
 }
 
 /// Field offsets the synthetic task_struct uses (shifted by `field_shift`).
@@ -628,13 +566,13 @@ impl SynthKernel {
         for (i, n) in names.iter().enumerate() {
             let a = text + FUNC_SIZE * i as u64;
             let row = match n.as_str() {
-                "entry_SYSCALL_64_after_hwframe" => orc_row(&spec, 0, 5, 0, Kind::Regs),
-                "ret_from_fork" => orc_row(&spec, 0, 0, 0, Kind::End),
-                _ => orc_row(&spec, frame_size(n) as i16, 5, 0, Kind::Call),
+                "entry_SYSCALL_64_after_hwframe" => orc_row(spec.new_orc, 0, 5, 0, Kind::Regs),
+                "ret_from_fork" => orc_row(spec.new_orc, 0, 0, 0, Kind::End),
+                _ => orc_row(spec.new_orc, frame_size(n) as i16, 5, 0, Kind::Call),
             };
             orc_rows.push((a, row));
         }
-        orc_rows.push((etext, orc_row(&spec, 0, 0, 0, Kind::Undefined)));
+        orc_rows.push((etext, orc_row(spec.new_orc, 0, 0, 0, Kind::Undefined)));
         let orc_ip = b.img.alloc(4 * orc_rows.len() as u64, 4);
         b.sym(orc_ip, 'D', "__start_orc_unwind_ip");
         for (i, (ip, _)) in orc_rows.iter().enumerate() {
@@ -964,35 +902,6 @@ fn idle_vcpu(cpu: usize, base: u64, functions: &HashMap<String, u64>, rsp: u64) 
     }
 }
 
-#[derive(Clone, Copy)]
-pub(super) enum Kind {
-    Undefined,
-    End,
-    Call,
-    Regs,
-}
-
-pub(super) fn orc_row(
-    spec: &SynthKernelSpec,
-    sp_offset: i16,
-    sp_reg: u8,
-    bp_reg: u8,
-    kind: Kind,
-) -> [u8; 6] {
-    let s = sp_offset.to_le_bytes();
-    let (sp_reg, high) = match (spec.new_orc, kind) {
-        (true, Kind::Undefined) => (0, 0),
-        (true, Kind::End) => (0, 1),
-        (true, Kind::Call) => (sp_reg, 2),
-        (true, Kind::Regs) => (sp_reg, 3 | 1 << 3),
-        (false, Kind::Undefined) => (0, 0),
-        (false, Kind::End) => (0, 1 << 2),
-        (false, Kind::Call) => (sp_reg, 0),
-        (false, Kind::Regs) => (sp_reg, 1),
-    };
-    [s[0], s[1], 0, 0, sp_reg | (bp_reg << 4), high]
-}
-
 /// Lay out the frames of `calls` (innermost first) at the top of a stack; returns the
 /// task's saved `thread.sp` (where its inactive_task_frame is).
 fn build_stack(
@@ -1029,24 +938,6 @@ fn build_stack(
     frame
 }
 
-/// A function's frame size (its ORC entry's sp offset): 8 (the return address only)
-/// to 24 bytes, by its name.
-pub(super) fn frame_size(name: &str) -> u64 {
-    8 + 8 * (name.len() as u64 % 3)
-}
-
-/// Every function: a fentry NOP, then `ret` padding (for disassembly tests);
-/// `no_fentry` starts with `push %rbp` instead.
-pub(super) fn function_body(name: &str) -> Vec<u8> {
-    let mut body = vec![0xc3u8; FUNC_SIZE as usize];
-    if name == "no_fentry" {
-        body[..4].copy_from_slice(&[0x55, 0x48, 0x89, 0xe5]);
-    } else {
-        body[..5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
-    }
-    body
-}
-
 fn linker_symbol(name: &str) -> bool {
     name.starts_with("__start_")
         || name.starts_with("__stop_")
@@ -1055,14 +946,4 @@ fn linker_symbol(name: &str) -> bool {
             name,
             "_text" | "_stext" | "_etext" | "_end" | "__sched_text_start" | "__sched_text_end"
         )
-}
-
-pub(super) fn link_ring(b: &mut Builder, head: u64, nodes: &[u64]) {
-    let all: Vec<u64> = std::iter::once(head).chain(nodes.iter().copied()).collect();
-    for (i, &n) in all.iter().enumerate() {
-        let next = all[(i + 1) % all.len()];
-        let prev = all[(i + all.len() - 1) % all.len()];
-        b.w64(n, next);
-        b.w64(n + 8, prev);
-    }
 }

@@ -7,6 +7,7 @@
 
 pub mod btf;
 pub mod ftrace;
+mod image;
 pub mod kernel;
 pub mod modules;
 

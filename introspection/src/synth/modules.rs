@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use super::btf::BtfBuilder;
-use super::kernel::{frame_size, function_body, link_ring, orc_row, Builder, Kind, FUNC_SIZE};
+use super::image::{frame_size, function_body, link_ring, orc_row, Builder, Kind, FUNC_SIZE};
 use super::SynthKernelSpec;
 use crate::kernel::Range;
 use crate::modules::ModuleState;
@@ -426,9 +426,9 @@ fn pages(len: u64) -> u64 {
 }
 
 impl Builder {
-    /// A module allocation of `len` bytes at `*va` (its pages from the image, mapped
-    /// there a second time unless `mapped` is false: memory already freed), and the
-    /// guard page after it.
+    /// A module allocation of `len` bytes at `*va`, backed by pages of the image and
+    /// mapped at `*va` (unless `mapped` is false: memory already freed), and the guard
+    /// page after it.
     fn module_alloc(&mut self, va: &mut u64, len: u64, mapped: bool) -> u64 {
         let at = *va;
         if mapped {
@@ -612,7 +612,7 @@ fn build_module(
             addr: value,
             kind: s.kind,
             name: s.name.clone(),
-            exported: shndx != 0 && exported.iter().any(|e| *e == (s.name.as_str(), value)),
+            exported: shndx != 0 && exported.contains(&(s.name.as_str(), value)),
             undefined: shndx == 0,
         });
     }
@@ -729,11 +729,11 @@ fn write_orc(
             let sp = frame_size(n) as i16;
             rows.push((
                 base + FUNC_SIZE * i as u64,
-                orc_row(spec, sp, 5, 0, Kind::Call),
+                orc_row(spec.new_orc, sp, 5, 0, Kind::Call),
             ));
         }
         let end = base + FUNC_SIZE * names.len() as u64;
-        rows.push((end, orc_row(spec, 0, 0, 0, Kind::Undefined)));
+        rows.push((end, orc_row(spec.new_orc, 0, 0, 0, Kind::Undefined)));
     }
     rows.sort_by_key(|r| r.0);
     for (i, (ip, row)) in rows.iter().enumerate() {
