@@ -1774,3 +1774,32 @@ fn load_and_enable_then_drive_until_done_pausing_once_per_step() {
     assert!(matches!(err, KpError::AlreadyLoaded(_)), "{err}");
     assert_eq!(vm.pauses, 0);
 }
+
+/// A patch of a module's function says which module has it (lpvmm patches vmlinux
+/// functions only, for now), and writes nothing.
+#[test]
+fn a_module_function_as_the_target_is_refused_naming_its_module() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = g.clone();
+    let err = f
+        .engine
+        .load(&mut g, &f.kernel, &patch_named("m", "tunx_do_read"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tunx_do_read is a function of module tunx"),
+        "{err}"
+    );
+    assert!(g.ram == before.ram, "a refused load wrote to the guest");
+    let err = f
+        .engine
+        .load(
+            &mut g,
+            &f.kernel,
+            &patch_named("n", "no_such_function_anywhere"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown symbol"), "{err}");
+}

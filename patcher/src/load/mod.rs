@@ -138,6 +138,32 @@ pub(crate) struct Target<'m> {
     site_pa: u64,
 }
 
+/// Why a patch cannot replace `name`, which vmlinux does not have: the kernel's own
+/// answer, or, when a loaded module has a function of that name, which module (lpvmm
+/// patches vmlinux functions only, for now). Read only on this error path.
+fn not_in_vmlinux(
+    mem: &KernelMemory,
+    kernel: &Kernel,
+    name: &str,
+    e: introspection::kallsyms::ResolveError,
+) -> KpError {
+    let in_module = |m: &introspection::modules::Module| {
+        let layout = kernel.layout.modules.as_ref().ok()?;
+        let symbols = m.symbols(mem, layout).ok()?;
+        (!symbols.named(name).is_empty()).then(|| m.name.clone())
+    };
+    let module = introspection::modules::ModuleList::read(mem, kernel)
+        .ok()
+        .and_then(|l| l.modules.iter().find_map(in_module));
+    match module {
+        Some(m) => KpError::Symbol(format!(
+            "{name} is a function of module {m}, not of vmlinux: lpvmm cannot patch \
+             module functions yet"
+        )),
+        None => KpError::Symbol(e.to_string()),
+    }
+}
+
 /// Every function the patch replaces, checked live: a kernel function whose site is
 /// the fentry NOP, or lpvmm's own jump to the version on top.
 pub(crate) fn targets<'o>(
@@ -152,7 +178,7 @@ pub(crate) fn targets<'o>(
     for r in &obj.manifest.replacements {
         let sym = syms
             .resolve(&r.old.name, r.old.pos)
-            .map_err(|e| KpError::Symbol(e.to_string()))?;
+            .map_err(|e| not_in_vmlinux(&mem, kernel, &r.old.name, e))?;
         if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
             return Err(KpError::Symbol(format!(
                 "{} is not a kernel function",
