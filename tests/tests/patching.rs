@@ -462,6 +462,10 @@ const BAD: &[(&str, &str)] = &[
         "unknown symbol 'no_such_kernel_function'",
     ),
     ("bad-ambiguous", "'address_show' is ambiguous"),
+    (
+        "bad-module-function",
+        "tun_get_socket is a function of module tun, not of vmlinux",
+    ),
     ("bad-relocation", "relocation R_X86_64_REX_GOTPCRELX"),
     ("bad-special-section", "__ex_table"),
     ("bad-no-fentry", "not an fentry NOP"),
@@ -546,6 +550,11 @@ fn bad_sources() -> Vec<(&'static str, String, Vec<&'static str>)> {
         (
             "bad-ambiguous",
             patch("extern int address_show(void);\nint nf(void) { return address_show(); }", "meminfo_proc_show"),
+            vec![],
+        ),
+        (
+            "bad-module-function",
+            patch("int nf(void) { return 0; }", "tun_get_socket"),
             vec![],
         ),
         (
