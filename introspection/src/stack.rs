@@ -340,6 +340,20 @@ impl<'r, 'k, 'g> Unwinder<'r, 'k, 'g> {
             OrcKind::Undefined => {
                 return Err(format!("undefined unwind information at {:#x}", state.ip))
             }
+            // Where a stack really ends, its last frame is a return address (a kernel
+            // thread's ret_from_fork) or the entry's user registers come first. An
+            // *interrupted* address the table marks as an end is code that says nothing
+            // of its callers: 6.1's UNWIND_HINT_EMPTY (end bit set) covers the retpoline
+            // thunks and entry code, which a task on a vCPU, or one interrupted in the
+            // kernel, can be caught in with its callers still on the stack (6.4 split
+            // that hint into END_OF_STACK and UNDEFINED for this reason).
+            OrcKind::EndOfStack if state.signal => {
+                return Err(format!(
+                    "interrupted at {:#x}, which the ORC table marks as a stack's end \
+                     (an entry or a thunk): its callers cannot be seen",
+                    state.ip
+                ))
+            }
             OrcKind::EndOfStack => return Ok(Step::End),
             _ => {}
         }

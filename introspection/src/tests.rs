@@ -1361,3 +1361,23 @@ fn module_layouts_from_hostile_btf_are_errors() {
         assert!(ModuleList::read(&k.memory(&sk.guest), &k).is_err());
     }
 }
+
+/// A task caught on a vCPU at an address the ORC table marks as a stack's end (6.1's
+/// retpoline thunks carry such a hint) has callers the table does not describe: its
+/// trace is unreliable, never a reliable one-frame stack (found by the integration
+/// suite: `dd` caught at `__x86_indirect_thunk_array+0x0` on 6.1, 2026-12-07).
+#[test]
+fn a_task_interrupted_where_the_orc_table_says_end_is_unreliable() {
+    for sk in both() {
+        let k = Kernel::attach(&sk.guest).unwrap();
+        let mut g = sk.guest.clone();
+        let busy = trace_of(&k, &g, 20, true);
+        assert!(busy.reliable, "{busy:?}");
+        // The same task, interrupted in ret_from_fork (an end-of-stack entry).
+        g.vcpus[0].rip = sk.function("ret_from_fork") + 0x20;
+        let t = trace_of(&k, &g, 20, true);
+        assert!(!t.reliable, "{t:?}");
+        let why = t.problem.unwrap_or_default();
+        assert!(why.contains("marks as a stack's end"), "{why}");
+    }
+}
