@@ -212,10 +212,10 @@ impl Module {
     ) -> Result<ModuleSymbols, ModuleError> {
         let corrupt = |m: String| ModuleError::Corrupt(format!("module {}: {m}", self.name));
         let k = self.kallsyms;
-        let symtab = mem.u64(k + l.symtab)?;
-        let count = u64::from(mem.u32(k + l.num_symtab)?);
-        let strtab = mem.u64(k + l.strtab)?;
-        let typetab = mem.u64(k + l.typetab)?;
+        let symtab = mem.u64(k.wrapping_add(l.symtab))?;
+        let count = u64::from(mem.u32(k.wrapping_add(l.num_symtab))?);
+        let strtab = mem.u64(k.wrapping_add(l.strtab))?;
+        let typetab = mem.u64(k.wrapping_add(l.typetab))?;
         if count > MAX_MODULE_SYMBOLS {
             return Err(corrupt(format!("{count} symbols")));
         }
@@ -273,12 +273,12 @@ impl Module {
         let raw = mem.read_vec(self.syms, (self.num_syms * l.ksym_size) as usize)?;
         let mut out = Vec::with_capacity(self.num_syms as usize);
         for (i, ks) in raw.chunks_exact(l.ksym_size as usize).enumerate() {
-            let at = self.syms + i as u64 * l.ksym_size;
+            let at = self.syms.wrapping_add(i as u64 * l.ksym_size);
             let ptr = |off: u64| -> Option<u64> {
                 let o = off as usize;
                 if l.ksym_relative {
                     let rel = i32::from_le_bytes(ks.get(o..o + 4)?.try_into().ok()?);
-                    Some((at + off).wrapping_add(i64::from(rel) as u64))
+                    Some(at.wrapping_add(off).wrapping_add(i64::from(rel) as u64))
                 } else {
                     Some(u64::from_le_bytes(ks.get(o..o + 8)?.try_into().ok()?))
                 }
