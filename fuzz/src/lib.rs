@@ -662,14 +662,11 @@ pub fn guest(data: &[u8]) {
 /// `sym`): its /proc/modules line, its symbols and the names of addresses in its text,
 /// and its ORC table.
 fn module_walk(k: &Kernel, g: &dyn PausedGuest, list: &ModuleList) {
-    let Ok(layout) = k.layout.modules.as_ref() else {
-        return;
-    };
     let m = k.memory(g);
     for md in &list.modules {
         let _ = md.proc_line();
         let _ = md.orc(&m, k);
-        if let Ok(s) = md.symbols(&m, layout) {
+        if let Ok(s) = md.symbols(&m, k) {
             for a in [
                 md.text.start,
                 md.text.start.wrapping_add(0x110),

@@ -68,6 +68,27 @@ pub enum ResolveError {
     },
 }
 
+/// Livepatch's `sympos` rule over the symbols called `name` (`all`, in table order): the
+/// only one when `sympos` is absent (or 0), else the pos-th, from 1. The kernel's own
+/// table and a module's both resolve by it.
+pub fn pick<'a, T>(name: &str, sympos: Option<u32>, all: &'a [T]) -> Result<&'a T, ResolveError> {
+    match (sympos, all.len()) {
+        (_, 0) => Err(ResolveError::Unknown(name.to_string())),
+        (None | Some(0), 1) => Ok(&all[0]),
+        (None | Some(0), count) => Err(ResolveError::Ambiguous {
+            name: name.to_string(),
+            count,
+        }),
+        (Some(pos), count) => all
+            .get(pos as usize - 1)
+            .ok_or(ResolveError::NoSuchPosition {
+                name: name.to_string(),
+                pos,
+                count,
+            }),
+    }
+}
+
 /// An address resolved to the symbol that contains it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Located {
@@ -299,24 +320,7 @@ impl SymbolTable {
     /// from 1, in kallsyms order: livepatch's `sympos`).
     pub fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<Symbol, ResolveError> {
         let all = self.named_indices(name);
-        let symbol = |i: &u32| self.symbol(self.entry(*i));
-        match (sympos, all.len()) {
-            (_, 0) => Err(ResolveError::Unknown(name.to_string())),
-            (None | Some(0), 1) => Ok(symbol(&all[0])),
-            (None | Some(0), count) => Err(ResolveError::Ambiguous {
-                name: name.to_string(),
-                count,
-            }),
-            (Some(pos), count) => {
-                all.get(pos as usize - 1)
-                    .map(symbol)
-                    .ok_or(ResolveError::NoSuchPosition {
-                        name: name.to_string(),
-                        pos,
-                        count,
-                    })
-            }
-        }
+        pick(name, sympos, &all).map(|i| self.symbol(self.entry(*i)))
     }
 
     /// The symbol containing `addr`: the last one at or below it (the first of several

@@ -18,7 +18,7 @@ use std::cell::OnceCell;
 use serde::{Deserialize, Serialize};
 
 use crate::btf::BtfError;
-use crate::kallsyms::Located;
+use crate::kallsyms::{Located, ResolveError};
 use crate::kernel::{Kernel, Range};
 use crate::layout::{ModuleLayout, ModuleMemLayout};
 use crate::memory::{KernelMemory, MemError};
@@ -208,8 +208,9 @@ impl Module {
     pub fn symbols(
         &self,
         mem: &KernelMemory,
-        l: &ModuleLayout,
+        kernel: &Kernel,
     ) -> Result<ModuleSymbols, ModuleError> {
+        let l = kernel.layout.modules.as_ref().map_err(|e| e.clone())?;
         let corrupt = |m: String| ModuleError::Corrupt(format!("module {}: {m}", self.name));
         let k = self.kallsyms;
         let symtab = mem.u64(k.wrapping_add(l.symtab))?;
@@ -549,6 +550,12 @@ impl ModuleSymbols {
         Some(l)
     }
 
+    /// `name` (which must be unique in the module) or `name,sympos` (sympos counts
+    /// within the module, as livepatch's does within an object).
+    pub fn resolve(&self, name: &str, sympos: Option<u32>) -> Result<&ModuleSymbol, ResolveError> {
+        crate::kallsyms::pick(name, sympos, &self.named(name)).copied()
+    }
+
     /// Every symbol called `name` (defined ones), in table order.
     pub fn named(&self, name: &str) -> Vec<&ModuleSymbol> {
         self.symbols
@@ -609,9 +616,13 @@ impl ModuleList {
 
     /// The module whose code `ip` is in (not one still unformed).
     pub fn containing(&self, ip: u64) -> Option<&Module> {
+        self.index_of(ip).map(|i| &self.modules[i])
+    }
+
+    fn index_of(&self, ip: u64) -> Option<usize> {
         self.modules
             .iter()
-            .find(|m| m.state != ModuleState::Unformed && m.contains(ip))
+            .position(|m| m.state != ModuleState::Unformed && m.contains(ip))
     }
 
     /// The module called `name`.
@@ -641,7 +652,7 @@ pub struct ModuleCode<'k, 'g> {
     mem: KernelMemory<'g>,
     kernel: &'k Kernel,
     list: OnceCell<ModuleList>,
-    tables: OnceCell<Vec<OnceCell<Option<ModuleTables>>>>,
+    tables: OnceCell<Vec<OnceCell<ModuleTables>>>,
 }
 
 struct ModuleTables {
@@ -673,22 +684,16 @@ impl<'k, 'g> ModuleCode<'k, 'g> {
 
     fn tables(&self, ip: u64) -> Option<(&Module, &ModuleTables)> {
         let list = self.list();
-        let i = list
-            .modules
-            .iter()
-            .position(|m| m.state != ModuleState::Unformed && m.contains(ip))?;
+        let i = list.index_of(ip)?;
         let m = &list.modules[i];
         let cells = self
             .tables
             .get_or_init(|| list.modules.iter().map(|_| OnceCell::new()).collect());
-        let t = cells.get(i)?.get_or_init(|| {
-            let layout = self.kernel.layout.modules.as_ref().ok()?;
-            Some(ModuleTables {
-                symbols: m.symbols(&self.mem, layout).ok(),
-                orc: m.orc(&self.mem, self.kernel).ok().flatten(),
-            })
+        let t = cells.get(i)?.get_or_init(|| ModuleTables {
+            symbols: m.symbols(&self.mem, self.kernel).ok(),
+            orc: m.orc(&self.mem, self.kernel).ok().flatten(),
         });
-        Some((m, t.as_ref()?))
+        Some((m, t))
     }
 }
 

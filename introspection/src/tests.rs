@@ -799,7 +799,7 @@ fn a_loading_module_counts_its_init_text_and_a_task_in_it_unwinds() {
             Some("loadx")
         );
 
-        let syms = m.symbols(&mem, k.layout.modules.as_ref().unwrap()).unwrap();
+        let syms = m.symbols(&mem, &k).unwrap();
         let table: Vec<(char, &str, bool)> = syms
             .symbols
             .iter()
@@ -843,14 +843,10 @@ fn module_symbols_are_its_table_in_order_upper_case_exactly_when_exported() {
     for sk in both() {
         let k = Kernel::attach(&sk.guest).unwrap();
         let mem = k.memory(&sk.guest);
-        let layout = k.layout.modules.as_ref().expect("module layout from BTF");
+        k.layout.modules.as_ref().expect("module layout from BTF");
         let list = ModuleList::read(&mem, &k).unwrap();
         for built in &sk.modules {
-            let syms = list
-                .named(&built.name)
-                .unwrap()
-                .symbols(&mem, layout)
-                .unwrap();
+            let syms = list.named(&built.name).unwrap().symbols(&mem, &k).unwrap();
             assert_eq!(syms.module, built.name);
             let got: Vec<SynthModuleSymbol> = syms
                 .symbols
@@ -868,7 +864,7 @@ fn module_symbols_are_its_table_in_order_upper_case_exactly_when_exported() {
                 assert_eq!(s.proc_kind().is_ascii_uppercase(), s.exported, "{}", s.name);
             }
         }
-        let tunx = list.named("tunx").unwrap().symbols(&mem, layout).unwrap();
+        let tunx = list.named("tunx").unwrap().symbols(&mem, &k).unwrap();
         let table: Vec<(char, &str)> = tunx
             .symbols
             .iter()
@@ -905,9 +901,8 @@ fn module_addresses_are_named_as_find_kallsyms_symbol_names_them() {
     for sk in both() {
         let k = Kernel::attach(&sk.guest).unwrap();
         let mem = k.memory(&sk.guest);
-        let layout = k.layout.modules.as_ref().unwrap();
         let list = ModuleList::read(&mem, &k).unwrap();
-        let syms = |name| list.named(name).unwrap().symbols(&mem, layout).unwrap();
+        let syms = |name| list.named(name).unwrap().symbols(&mem, &k).unwrap();
         let (tunx, dummyx) = (syms("tunx"), syms("dummyx"));
         let text = sk.modules[0].text.start;
         let at = |s: &crate::modules::ModuleSymbols, a| s.locate(a).map(|l| l.display());
@@ -1085,7 +1080,7 @@ fn corrupt_module_lists_and_tables_are_errors_or_unreliable_never_hangs() {
         let list = read(&g).unwrap();
         let m = list.named("tunx").unwrap();
         corrupt(
-            m.symbols(&k.memory(&g), &l).unwrap_err(),
+            m.symbols(&k.memory(&g), &k).unwrap_err(),
             "2147483648 symbols",
         );
         let t = trace_of(&k, &g, 30, true);
@@ -1102,7 +1097,7 @@ fn corrupt_module_lists_and_tables_are_errors_or_unreliable_never_hangs() {
             poke(&k, &mut g, tunx.addr + l.num_syms, &n.to_le_bytes());
             let list = read(&g).unwrap();
             let m = list.named("tunx").unwrap();
-            let err = quickly("the symbols", || m.symbols(&k.memory(&g), &l)).unwrap_err();
+            let err = quickly("the symbols", || m.symbols(&k.memory(&g), &k)).unwrap_err();
             match n {
                 u32::MAX => corrupt(err, "4294967295 exports"),
                 _ => assert!(matches!(err, ModuleError::Mem(_)), "{err}"),
@@ -1169,7 +1164,6 @@ fn hostile_module_memory_never_panics_and_stays_bounded() {
     let mut cases = 0;
     for sk in both() {
         let k = Kernel::attach(&sk.guest).unwrap();
-        let l = k.layout.modules.as_ref().unwrap();
         let (words, users) = module_words(&sk, &k);
         let mut g = sk.guest.clone();
         for _ in 0..700 {
@@ -1191,7 +1185,7 @@ fn hostile_module_memory_never_panics_and_stays_bounded() {
                 for m in &list.modules {
                     let _ = m.proc_line();
                     let _ = m.orc(&mem, &k);
-                    if let Ok(s) = m.symbols(&mem, l) {
+                    if let Ok(s) = m.symbols(&mem, &k) {
                         for a in [m.text.start, m.text.start.wrapping_add(0x110), m.text.end] {
                             let _ = (s.locate(a), s.locate_return(a));
                         }
@@ -1262,7 +1256,6 @@ fn a_module_use_source_of_all_ones_is_an_error() {
 fn an_export_named_at_the_end_of_read_only_data_is_still_exported() {
     let sk = SynthKernel::build(SynthKernelSpec::v6_12());
     let k = Kernel::attach(&sk.guest).unwrap();
-    let l = k.layout.modules.as_ref().unwrap();
     let tunx = &sk.modules[0];
     let mut g = sk.guest.clone();
     // Its one export's name moved to the last bytes of its read-only data's page.
@@ -1275,7 +1268,7 @@ fn an_export_named_at_the_end_of_read_only_data_is_still_exported() {
     let syms = list
         .named("tunx")
         .unwrap()
-        .symbols(&k.memory(&g), l)
+        .symbols(&k.memory(&g), &k)
         .unwrap();
     assert_eq!(syms.named("tunx_get_socket")[0].proc_kind(), 'T');
 }
@@ -1298,7 +1291,7 @@ fn a_string_table_in_the_top_page_is_read_or_an_error() {
         &0xffff_ffff_ffff_fff0u64.to_le_bytes(),
     );
     let list = ModuleList::read(&k.memory(&g), &k).unwrap();
-    let _ = list.named("tunx").unwrap().symbols(&k.memory(&g), l);
+    let _ = list.named("tunx").unwrap().symbols(&k.memory(&g), &k);
 }
 
 /// modules.rs `ModuleList::read`: the list walk (up to 8192 modules) and each module's

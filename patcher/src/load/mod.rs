@@ -148,8 +148,7 @@ fn not_in_vmlinux(
     e: introspection::kallsyms::ResolveError,
 ) -> KpError {
     let in_module = |m: &introspection::modules::Module| {
-        let layout = kernel.layout.modules.as_ref().ok()?;
-        let symbols = m.symbols(mem, layout).ok()?;
+        let symbols = m.symbols(mem, kernel).ok()?;
         (!symbols.named(name).is_empty()).then(|| m.name.clone())
     };
     let module = introspection::modules::ModuleList::read(mem, kernel)

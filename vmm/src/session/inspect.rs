@@ -69,7 +69,7 @@ impl Session {
             SymQuery::Addr { addr } => self.sym_at(&k, addr, &mut r)?,
             SymQuery::All => {
                 r.symbols = k.symbols.symbols().collect();
-                r.module_symbols = module_lines(&self.module_symbols(&k)?, |_| true);
+                r.module_symbols = module_lines(&self.module_symbols(&k, None)?, |_| true);
             }
         }
         Ok(r)
@@ -85,17 +85,11 @@ impl Session {
             r.patch = self.patch_symbols(|f| f.new_name == name);
         }
         if module != Some("vmlinux") {
-            let tables = self.module_symbols(k)?;
-            let wanted: Vec<&ModuleSymbols> = tables
-                .iter()
-                .filter(|t| module.is_none_or(|m| t.module == m))
-                .collect();
-            if let (Some(m), true) = (module, wanted.is_empty()) {
+            let tables = self.module_symbols(k, module)?;
+            if let (Some(m), true) = (module, tables.is_empty()) {
                 bail!("no module named '{m}' is loaded in the guest");
             }
-            r.module_symbols = module_lines(&tables, |s| {
-                wanted.iter().any(|w| w.module == s.0) && s.1.name == name
-            });
+            r.module_symbols = module_lines(&tables, |(_, s)| s.name == name);
         }
         if r.symbols.is_empty() && r.patch.is_empty() && r.module_symbols.is_empty() {
             bail!("no kernel symbol named '{query}' (and no loaded patch or module defines one)");
@@ -115,11 +109,7 @@ impl Session {
                 let Some(m) = list.containing(addr) else {
                     return Ok::<_, ModuleError>(None);
                 };
-                let layout = k.layout.modules.as_ref().map_err(|e| e.clone())?;
-                Ok(Some((
-                    m.name.clone(),
-                    m.symbols(&mem, layout)?.locate(addr),
-                )))
+                Ok(Some((m.name.clone(), m.symbols(&mem, k)?.locate(addr))))
             })?;
             if let Some((module, located)) = found? {
                 r.located = Some(
@@ -138,16 +128,17 @@ impl Session {
         Ok(())
     }
 
-    /// Every formed module's symbols, read in one pause.
-    fn module_symbols(&mut self, k: &Kernel) -> Result<Vec<ModuleSymbols>> {
+    /// The symbols of every formed module (of the one called `only`, if given), read in
+    /// one pause.
+    fn module_symbols(&mut self, k: &Kernel, only: Option<&str>) -> Result<Vec<ModuleSymbols>> {
         let (tables, _) = self.vm.paused(|g| {
             let mem = k.memory(g);
             let list = ModuleList::read(&mem, k)?;
-            let layout = k.layout.modules.as_ref().map_err(|e| e.clone())?;
             list.modules
                 .iter()
                 .filter(|m| m.state != ModuleState::Unformed)
-                .map(|m| m.symbols(&mem, layout))
+                .filter(|m| only.is_none_or(|o| m.name == o))
+                .map(|m| m.symbols(&mem, k))
                 .collect::<Result<Vec<_>, ModuleError>>()
         })?;
         Ok(tables?)
@@ -254,17 +245,10 @@ impl Session {
             let m = list
                 .named(module)
                 .ok_or_else(|| anyhow!("no module named '{module}' is loaded in the guest"))?;
-            let layout = k.layout.modules.as_ref().map_err(|e| e.clone())?;
-            let symbols = m.symbols(&mem, layout)?;
-            let named = symbols.named(name);
-            let sym = match (named.len(), sympos) {
-                (0, _) => bail!("module {module} has no symbol named '{name}'"),
-                (1, None | Some(1)) => named[0],
-                (n, None) => bail!("{n} symbols named '{name}' in {module}: add ,SYMPOS (1..={n})"),
-                (n, Some(p)) => *named
-                    .get((p as usize).wrapping_sub(1))
-                    .ok_or_else(|| anyhow!("'{name}' in {module} has sympos 1..={n}, not {p}"))?,
-            };
+            let symbols = m.symbols(&mem, k)?;
+            let sym = symbols
+                .resolve(name, sympos)
+                .map_err(|e| anyhow!("module {module}: {e}"))?;
             let size = symbols
                 .locate(sym.addr)
                 .and_then(|l| l.size)
