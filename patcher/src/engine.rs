@@ -226,41 +226,49 @@ impl Engine {
         guest.make_resident(&prepared.area_writes());
         let (name, pause) = guest.paused(|g| self.load_prepared(g, kernel, prepared))?;
         let name = name?;
-        let Some(args) = enable else {
-            return Ok(Loaded {
-                name,
-                transition: None,
-                pause,
-            });
+        let transition = match enable {
+            Some(args) => Some(self.begin_enable_or_unload(guest, &name, args, now_ms)?),
+            None => None,
         };
+        Ok(Loaded {
+            name,
+            transition,
+            pause,
+        })
+    }
+
+    /// Begin enabling `name`, just loaded by a load-and-enable; if the stack refuses
+    /// (checked before the load, so not expected), unload it again so that nothing is
+    /// left behind.
+    fn begin_enable_or_unload(
+        &mut self,
+        guest: &mut impl GuestControl,
+        name: &str,
+        args: EnableArgs,
+        now_ms: u64,
+    ) -> Result<u64, KpError> {
         let begin = Begin {
-            patch: name.clone(),
+            patch: name.to_string(),
             op: Op::Enable,
             consistency: args.consistency,
             timeout: args.timeout,
             unload_on_failure: true,
         };
-        match self.begin(begin, now_ms) {
-            Ok(id) => Ok(Loaded {
-                name,
-                transition: Some(id),
-                pause,
-            }),
-            Err(e) => {
-                // Checked above, so not expected; leave nothing behind regardless.
-                let unloaded = guest
-                    .paused(|g| self.unload(g, &name))
-                    .map_err(KpError::from)
-                    .and_then(|(r, _)| r);
-                match unloaded {
-                    Ok(()) => Err(e),
-                    Err(u) => Err(KpError::State(format!(
-                        "{e}; unloading {name} again failed too, so it stays loaded and \
-                         disabled: {u}"
-                    ))),
-                }
-            }
-        }
+        let refused = match self.begin(begin, now_ms) {
+            Ok(id) => return Ok(id),
+            Err(e) => e,
+        };
+        let unloaded = guest
+            .paused(|g| self.unload(g, name))
+            .map_err(KpError::from)
+            .and_then(|(r, _)| r);
+        Err(match unloaded {
+            Ok(()) => refused,
+            Err(u) => KpError::State(format!(
+                "{refused}; unloading {name} again failed too, so it stays loaded and \
+                 disabled: {u}"
+            )),
+        })
     }
 
     /// One tick of the transition in progress, if one is due at `now_ms`: unwind the

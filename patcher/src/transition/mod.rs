@@ -207,6 +207,14 @@ pub struct TickParts {
     pub tick_us: u64,
 }
 
+/// What a tick that needs a switching transition's bank and task map says when the
+/// transition is not switching (a bug of the engine's, retried rather than a panic).
+fn not_switching(id: u64, patch: &str) -> KpError {
+    KpError::State(format!(
+        "transition {id} of {patch} is not switching tasks: no task map"
+    ))
+}
+
 /// Wait after the `ticks`-th blocked tick: doubling from FIRST_BACKOFF.
 pub fn backoff_after(ticks: u32) -> Duration {
     FIRST_BACKOFF
@@ -267,25 +275,15 @@ impl Transition {
     pub(crate) fn switching(&self) -> Result<(usize, &TaskMap), KpError> {
         match &self.stage {
             Stage::Switching { bank, map } => Ok((*bank, map)),
-            _ => Err(self.not_switching()),
+            _ => Err(not_switching(self.id, &self.patch)),
         }
     }
 
     pub(crate) fn switching_mut(&mut self) -> Result<(usize, &mut TaskMap), KpError> {
-        if !matches!(self.stage, Stage::Switching { .. }) {
-            return Err(self.not_switching());
-        }
         match &mut self.stage {
             Stage::Switching { bank, map } => Ok((*bank, map)),
-            _ => Err(KpError::State("not switching".into())),
+            _ => Err(not_switching(self.id, &self.patch)),
         }
-    }
-
-    fn not_switching(&self) -> KpError {
-        KpError::State(format!(
-            "transition {} of {} is not switching tasks: no task map",
-            self.id, self.patch
-        ))
     }
 
     /// The trampoline bank a switching transition dispatches through.
