@@ -470,7 +470,8 @@ fn create_vcpu_fds(kvm: &Kvm, vm_fd: &VmFd, count: u8, entry: u64) -> Result<Vec
 mod tests {
     use super::*;
 
-    /// An error and its sources, as `lpvmm` prints them (`{:#}` of its top-level error).
+    /// An error and every source, joined as anyhow's `{:#}` joins them: with nothing left
+    /// out (unlike `lpvmm::error_line`), so that a cause a layer also says shows twice.
     fn chain(e: &dyn std::error::Error) -> String {
         let mut text = e.to_string();
         let mut next = e.source();
