@@ -23,7 +23,7 @@ use crate::journal::{Journal, PostMortem};
 use crate::load::manifest::{Manifest, SystemState};
 use crate::load::object::PatchObject;
 use crate::load::{self, Prepared};
-use crate::patch::{Import, ObjectName, Patch, PatchState, PatchedFunc, PatchedObject};
+use crate::patch::{Import, Patch, PatchState, PatchedFunc};
 use crate::space::Area;
 use crate::states::{self, Candidate};
 use crate::transition::dispatch::{Bank, Geometry};
@@ -372,6 +372,7 @@ impl Engine {
             linked,
             orc,
             boot,
+            objects,
             generation,
         } = prepared;
         let m = &obj.manifest;
@@ -390,8 +391,9 @@ impl Engine {
                 m.name
             )));
         }
-        let targets = load::targets(&self.funcs, guest.reader(), kernel, &obj)?;
-        let funcs = load::patched_funcs(targets, &obj, &linked)?;
+        load::objects::check_same(&kernel.memory(guest.reader()), kernel, &m.name, &objects)?;
+        let targets = load::targets(&self.funcs, guest.reader(), kernel, &obj, &objects)?;
+        let patched = load::patched_funcs(targets, &obj, &linked)?;
 
         // Everything checked: write.
         if !area.installed {
@@ -418,10 +420,7 @@ impl Engine {
             name: m.name.clone(),
             state: PatchState::Disabled,
             forced: false,
-            objects: vec![PatchedObject {
-                name: ObjectName::Vmlinux,
-                funcs,
-            }],
+            objects: patched,
             depends: m.depends.clone(),
             atomic_replace: m.atomic_replace,
             states: m.states.clone(),

@@ -1788,7 +1788,10 @@ fn a_module_function_as_the_target_is_refused_naming_its_module() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("tunx_do_read is a function of module tunx"),
+        err.contains(
+            "tunx_do_read is a function of module tunx, not of vmlinux: name its module \
+             (LPVMM_REPLACE_IN(tunx, tunx_do_read, ...))"
+        ),
         "{err}"
     );
     assert!(g.ram == before.ram, "a refused load wrote to the guest");
@@ -1802,4 +1805,160 @@ fn a_module_function_as_the_target_is_refused_naming_its_module() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unknown symbol"), "{err}");
+}
+
+// --- Functions of loaded modules (objects besides vmlinux). ---
+
+/// A patch of the synthetic `tunx` module's read (`tunx_do_read`, where task 30
+/// sleeps), whose code uses the module's own data (`tunx_debug`) and a vmlinux function.
+const TUNX_READ: &str = r#"
+#include <lpvmm/patch.h>
+extern int tunx_debug;
+extern int seq_printf(void *m, const char *fmt, ...);
+int new_tunx_do_read(void *m)
+{
+	return seq_printf(m, "%d\n", tunx_debug);
+}
+LPVMM_PATCH("tunfix");
+LPVMM_REPLACE_IN(tunx, tunx_do_read, new_tunx_do_read);
+"#;
+
+fn module_text(f: &Fixture, g: &SynthGuest, module: &str) -> Vec<u8> {
+    let m = f.sk.modules.iter().find(|m| m.name == module).unwrap();
+    f.kernel
+        .memory(g)
+        .read_vec(m.text.start, (m.text.end - m.text.start) as usize)
+        .unwrap()
+}
+
+#[test]
+fn a_module_function_is_patched_as_its_own_object_held_by_its_sleeper_alone() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = module_text(&f, &g, "tunx");
+    f.engine
+        .load(&mut g, &f.kernel, &kp(TUNX_READ, &[]))
+        .unwrap();
+    let p = f.engine.patch("tunfix").unwrap().clone();
+    assert_eq!(
+        p.objects
+            .iter()
+            .map(|o| o.name.to_string())
+            .collect::<Vec<_>>(),
+        ["tunx"]
+    );
+    let func = p.funcs().next().unwrap();
+    assert_eq!(func.old.to_string(), "tunx:tunx_do_read");
+    assert_eq!(func.old_addr, f.sk.function("tunx_do_read"));
+    // Its code resolved the module's data in the module, the rest in vmlinux.
+    let import = |n: &str| p.imports.iter().find(|i| i.name == n).unwrap().addr;
+    let tunx_debug = f.sk.modules[0]
+        .symbols
+        .iter()
+        .find(|s| s.name == "tunx_debug")
+        .unwrap()
+        .addr;
+    assert_eq!(import("tunx_debug"), tunx_debug);
+    assert_eq!(import("seq_printf"), f.sk.function("seq_printf"));
+
+    // Per-task: only the task asleep in tunx_do_read waits; it moves when it leaves.
+    let t = run(
+        &mut f,
+        &mut g,
+        "tunfix",
+        Op::Enable,
+        Consistency::PerTask,
+        1,
+    )
+    .unwrap();
+    assert_eq!(t.outcome, Outcome::Pending);
+    assert_eq!(t.blockers.iter().map(|b| b.pid).collect::<Vec<_>>(), [30]);
+    assert_eq!(t.blockers[0].reason, "tunx:tunx_do_read is on its stack");
+    move_out_of(&f, &mut g, 30, "tunx_do_read", "tunx_get_socket");
+    let t = tick(&mut f, &mut g, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    assert_eq!(site_target(&f, &g, "tunx_do_read"), Some(func.new_addr));
+
+    // Disabled and unloaded: the module's text is as it was, byte for byte.
+    disable(&mut f, &mut g, "tunfix").unwrap();
+    f.engine.unload(&mut g, "tunfix").unwrap();
+    assert_eq!(module_text(&f, &g, "tunx"), before);
+}
+
+#[test]
+fn a_module_part_that_cannot_be_found_is_refused_by_name() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = g.clone();
+    for (source, want) in [
+        (
+            TUNX_READ.replace("LPVMM_REPLACE_IN(tunx,", "LPVMM_REPLACE_IN(nosuch,"),
+            "tunfix patches module nosuch, which is not loaded",
+        ),
+        (
+            TUNX_READ.replace(
+                "LPVMM_REPLACE_IN(tunx, tunx_do_read,",
+                "LPVMM_REPLACE(pipe_read,",
+            ),
+            "unknown symbol 'tunx_debug' in vmlinux; module tunx has it",
+        ),
+        (
+            TUNX_READ.replace(
+                "LPVMM_REPLACE_IN(tunx, tunx_do_read,",
+                "LPVMM_REPLACE_IN(tunx, pipe_read,",
+            ),
+            "module tunx: unknown symbol 'pipe_read'",
+        ),
+        (
+            TUNX_READ.replace(
+                "LPVMM_REPLACE_IN(tunx, tunx_do_read,",
+                "LPVMM_REPLACE_IN(tunx, tunx_fops,",
+            ),
+            "tunx:tunx_fops is not a function of module tunx",
+        ),
+    ] {
+        let e = f
+            .engine
+            .load(&mut g, &f.kernel, &kp(&source, &[]))
+            .unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+        assert!(g.ram == before.ram, "a refused load wrote to the guest");
+    }
+}
+
+/// Take the module behind the first link of the `modules` list off the list, as its
+/// unload does before its memory is freed.
+fn unlink_module(f: &Fixture, g: &mut SynthGuest, name: &str) {
+    let head = f.kernel.symbols.addr("modules").unwrap();
+    let m = f.kernel.memory(g);
+    let (mut prev, mut link) = (head, m.u64(head).unwrap());
+    let list_off = f.kernel.layout.modules.as_ref().unwrap().list;
+    let addr = f.sk.modules.iter().find(|b| b.name == name).unwrap().addr;
+    while link != addr + list_off {
+        (prev, link) = (link, m.u64(link).unwrap());
+    }
+    let (pa, next) = (m.translate(prev).unwrap(), m.u64(link).unwrap());
+    drop(m);
+    g.write_phys(pa, &next.to_le_bytes()).unwrap();
+}
+
+#[test]
+fn a_site_in_a_module_the_guest_unloaded_is_never_written() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &kp(TUNX_READ, &[]))
+        .unwrap();
+    // The reader leaves the module (its file closed), and the module goes.
+    move_out_of(&f, &mut g, 30, "tunx_do_read", "ksys_read");
+    move_out_of(&f, &mut g, 30, "tunx_chr_read_iter", "ksys_read");
+    enable(&mut f, &mut g, "tunfix").unwrap();
+    unlink_module(&f, &mut g, "tunx");
+    let before = g.ram.clone();
+    let e = disable(&mut f, &mut g, "tunfix").unwrap_err();
+    assert!(
+        e.contains("module tunx was unloaded while tunx:tunx_do_read was patched"),
+        "{e}"
+    );
+    assert!(g.ram == before, "nothing was written");
 }

@@ -9,7 +9,8 @@ use std::process::Command;
 
 use lpvmm::proto::{OutcomeView, StackResult, TransitionView};
 use lpvmm_tests::patchtest::{
-    self, build_lpvmm, checksum, checksums, held_by, parse, patch_path, sleeper, status, verb,
+    self, build_lpvmm, checksum, checksums, ended, held_by, kill, parse, patch_path, sleeper,
+    status, verb,
 };
 use lpvmm_tests::{
     check, host_files_or_exit, images_dir, local_trial, lpvmm_binary, new_splats, repo_root,
@@ -17,7 +18,9 @@ use lpvmm_tests::{
 };
 
 /// The samples built for each series; the `bad-` ones only compiled (lpvmm refuses them).
-const SAMPLES: &[&str] = &["loadavg", "current", "features", "nsleep", "spin", "getpid"];
+const SAMPLES: &[&str] = &[
+    "loadavg", "current", "features", "nsleep", "spin", "getpid", "tun",
+];
 /// Guest processes hammering the patched getpid, and the per-task disable/enable cycles
 /// they go through (the 10,000-cycle run is `bench endurance`, docs/benchmarks.md).
 /// After each transition the test waits until every process has called getpid once
@@ -126,6 +129,105 @@ fn loadavg(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: kernel text after disable differs from before"
     );
     verb(&mut g, "unload", "loadavg")?;
+    g.poweroff().map(|_| ())
+}
+
+/// `tunblock` in the background, once the guest shows it asleep in tun's read; its pid.
+fn tun_reader(g: &mut Guest) -> Result<i64, String> {
+    let pid = g.spawn("tunblock >/tmp/tunblock.out 2>&1 &")?;
+    let mut stack = String::new();
+    for _ in 0..100 {
+        stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
+        if stack.contains("tun_do_read") {
+            return Ok(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Err(format!("tunblock {pid} never reached tun_do_read: {stack}"))
+}
+
+/// The `iff:` line tun prints for the tun file of `pid` (tunblock's, fd 3), read by
+/// another process (`grep`).
+fn tun_iff(g: &mut Guest, pid: i64) -> Result<String, String> {
+    g.text(&format!("grep '^iff:' /proc/{pid}/fdinfo/3"))
+}
+
+/// Issue 25, acceptance 3 and the second half of 2: two functions of the tun module,
+/// patched while tun is loaded (patcher/examples/kbuild/tun.c). A per-task enable is held
+/// by the one task asleep in tun_do_read, alone, while every other task already runs
+/// the new code: another process reading the sleeper's fdinfo gets the new line, which
+/// names tun's own static tun_do_read (resolved in the module). Reverse returns tun to
+/// its code; enabled again, the transition ends when the reader leaves, and a new
+/// reader's read fails with the new code's EIO. Disabled: tun's text is byte-identical
+/// to before, and tun behaves as before.
+fn module_functions_patched(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbtun-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let tun_before = checksum(&mut g, "module:tun")?;
+    let text_before = checksum(&mut g, "text")?;
+    let reader = tun_reader(&mut g)?;
+    let original = tun_iff(&mut g, reader)?;
+    check!(
+        original.starts_with("iff:\tlpvmm"),
+        "{series}: tunblock's fdinfo before: {original:?}"
+    );
+    let file = g.host.file(&kp(series, "tun"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
+    check!(rc == 0, "{series}: patch tun: {out}");
+    let t = held_by(&mut g, reader)?;
+    let reason = t.blockers.first().map_or("", |b| b.reason.as_str());
+    check!(
+        reason == "tun:tun_do_read is on its stack",
+        "{series}: the reader's reason: {reason}"
+    );
+    let during = tun_iff(&mut g, reader)?;
+    check!(
+        during == "iff:\tlpvmm tun_do_read [tun]",
+        "{series}: fdinfo read by a moved task during the transition: {during:?}"
+    );
+    let (rc, out) = g.lpvmm("patch reverse {vm}")?;
+    check!(
+        rc == 0 && out.contains("reversed"),
+        "{series}: reverse: {out}"
+    );
+    check!(
+        tun_iff(&mut g, reader)? == original,
+        "{series}: fdinfo after reverse"
+    );
+    check!(
+        checksum(&mut g, "module:tun")? == tun_before,
+        "{series}: tun's text after reverse differs from before"
+    );
+
+    // Reversed, the patch it loaded for the enable is unloaded: patched again, held by
+    // the reader until it leaves.
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
+    check!(rc == 0, "{series}: patch tun again: {out}");
+    let t = held_by(&mut g, reader)?;
+    kill(&mut g, reader)?;
+    let done = ended(&mut g, t.id)?;
+    check!(
+        done.outcome == OutcomeView::Done,
+        "{series}: outcome {done:?}"
+    );
+    let eio = g.text("tunblock; echo rc=$?")?;
+    check!(
+        eio.contains("tunblock: read: Input/output error") && eio.ends_with("rc=1"),
+        "{series}: a new reader under the patched tun_do_read: {eio:?}"
+    );
+
+    verb(&mut g, "disable", "tun")?;
+    check!(
+        checksum(&mut g, "module:tun")? == tun_before && checksum(&mut g, "text")? == text_before,
+        "{series}: tun's or the kernel's text after disable differs from before"
+    );
+    let reader = tun_reader(&mut g)?;
+    check!(
+        tun_iff(&mut g, reader)?.starts_with("iff:\tlpvmm"),
+        "{series}: fdinfo after disable"
+    );
+    verb(&mut g, "unload", "tun")?;
+    kill(&mut g, reader)?;
     g.poweroff().map(|_| ())
 }
 
@@ -824,6 +926,10 @@ fn main() {
         ("orc_unwinds_kbuild_code", orc),
         ("kbuild_special_sections_refused", refused),
         ("getpid_hammered_through_per_task_cycles", getpid_hammered),
+        (
+            "module_functions_patched_through_tun",
+            module_functions_patched,
+        ),
         (
             "ftrace_and_kprobes_share_a_redirected_function",
             ftrace_coexists,

@@ -64,9 +64,36 @@
 		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
 	__LPVMM_ENTRY("replace_immediate=" #old ":" #new)
 
+/*
+ * The same for a function of a loaded module (livepatch's klp_object): `mod` is the
+ * module's name as /proc/modules spells it (virtio_net, not virtio-net). The symbols
+ * this file uses resolve in the module first, then in vmlinux; `pos` counts within the
+ * module.
+ *
+ *   LPVMM_REPLACE_IN(tun, tun_chr_show_fdinfo, my_tun_chr_show_fdinfo);
+ */
+#define LPVMM_REPLACE_IN(mod, old, new)                                              \
+	static void *__LPVMM_CAT(__lpvmm_keep_, new)                                 \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
+	__LPVMM_ENTRY("replace=" #mod ":" #old ":" #new)
+
+#define LPVMM_REPLACE_POS_IN(mod, old, pos, new)                                     \
+	static void *__LPVMM_CAT(__lpvmm_keep_, new)                                 \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
+	__LPVMM_ENTRY("replace=" #mod ":" #old "," #pos ":" #new)
+
+#define LPVMM_REPLACE_IMMEDIATE_IN(mod, old, new)                                    \
+	static void *__LPVMM_CAT(__lpvmm_keep_, new)                                 \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)new;         \
+	__LPVMM_ENTRY("replace_immediate=" #mod ":" #old ":" #new)
+
 /* Make `local`, an extern this file declares, mean the pos-th kernel symbol `kname`. */
 #define LPVMM_SYMBOL(local, kname, pos)                                              \
 	__LPVMM_ENTRY("symbol=" #local ":" #kname "," #pos)
+
+/* The same for the pos-th symbol `kname` of module `mod`. */
+#define LPVMM_SYMBOL_IN(local, mod, kname, pos)                                      \
+	__LPVMM_ENTRY("symbol=" #local ":" #mod ":" #kname "," #pos)
 
 /* This patch needs patch `name` to be enabled first (and keeps it from being disabled). */
 #define LPVMM_DEPENDS(name) __LPVMM_ENTRY("depends=" name)

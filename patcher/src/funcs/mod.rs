@@ -91,6 +91,10 @@ pub struct FuncStack {
     /// ftrace (see [`crate::funcs::ftrace`]).
     #[serde(default)]
     pub ftrace_hidden: Option<u64>,
+    /// The module the function is in; `None` for vmlinux. Checked to be loaded, with
+    /// the function in its text, before every write of the site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
 impl FuncStack {
@@ -104,12 +108,16 @@ impl FuncStack {
             original: site::FENTRY_NOP,
             live: site::FENTRY_NOP,
             ftrace_hidden: None,
+            module: None,
         }
     }
 
     /// The site record of a function a patch names, not yet redirected.
     pub(crate) fn of(f: &PatchedFunc) -> FuncStack {
-        FuncStack::new(f.old.to_string(), f.old_addr, f.old_size, f.site, f.site_pa)
+        FuncStack {
+            module: f.old.object.clone(),
+            ..FuncStack::new(f.old.to_string(), f.old_addr, f.old_size, f.site, f.site_pa)
+        }
     }
 
     /// Where the site's jump goes now (`None` while it holds the original bytes).

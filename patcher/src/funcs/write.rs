@@ -38,6 +38,7 @@ impl Engine {
         kernel: &Kernel,
         writes: &[(u64, [u8; 5])],
     ) -> Result<Vec<FlagWrite>, KpError> {
+        check_modules_loaded(&self.funcs, guest, kernel, writes)?;
         for (func, _) in writes {
             let s = &self.funcs[func];
             let mut now = [0u8; 5];
@@ -104,6 +105,43 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Every module whose function sites are to be written is still loaded, with the
+/// function in its text: a site in a module the guest unloaded is freed memory, never
+/// to be written. (lpvmm does not yet follow a module's unload, DESIGN.md §11: until it
+/// does, such a patch stays as it is and says why.)
+fn check_modules_loaded(
+    funcs: &BTreeMap<u64, FuncStack>,
+    guest: &dyn PausedGuest,
+    kernel: &Kernel,
+    writes: &[(u64, [u8; 5])],
+) -> Result<(), KpError> {
+    let in_modules: Vec<&FuncStack> = writes
+        .iter()
+        .filter_map(|(func, _)| funcs.get(func))
+        .filter(|s| s.module.is_some())
+        .collect();
+    if in_modules.is_empty() {
+        return Ok(());
+    }
+    let mem = kernel.memory(guest);
+    let list = introspection::modules::ModuleList::read(&mem, kernel)
+        .map_err(|e| KpError::GuestState(e.to_string()))?;
+    for s in in_modules {
+        let name = s.module.as_deref().unwrap_or_default();
+        let here = list.named(name).is_some_and(|m| {
+            m.state != introspection::modules::ModuleState::Unformed && m.text.contains(s.addr)
+        });
+        if !here {
+            return Err(KpError::GuestState(format!(
+                "module {name} was unloaded while {} was patched: its site is gone, and \
+                 lpvmm writes nothing there",
+                s.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What each function's site holds while its tasks move: a jump to its trampoline, or

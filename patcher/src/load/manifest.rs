@@ -11,16 +11,42 @@ const MAX_NAME: usize = 64;
 /// More entries than a patch has; a bound on hostile input.
 const MAX_ENTRIES: usize = 4096;
 
+/// The longest module name the kernel keeps (`MODULE_NAME_LEN` less its NUL).
+const MAX_MODULE_NAME: usize = 55;
+
 /// A kernel symbol named the way livepatch does: `name`, or the `pos`-th of that name in
-/// kallsyms order.
+/// kallsyms order, in vmlinux or in the module `object` (where `pos` counts within that
+/// module, as livepatch's sympos counts within its object).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelSymbol {
+    /// The module the symbol is in; `None` for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
     pub name: String,
     pub pos: Option<u32>,
 }
 
+/// A module name as the kernel spells it (`struct module`'s `name`: `_`, never `-`).
+pub fn valid_module_name(s: &str) -> bool {
+    s.len() <= MAX_MODULE_NAME && is_c_identifier(s)
+}
+
 impl KernelSymbol {
+    /// `[MODULE:]NAME[,POS]`.
     fn parse(s: &str) -> Result<KernelSymbol, String> {
+        let (object, s) = match s.split_once(':') {
+            Some((m, rest)) => {
+                let m = m.trim();
+                if !valid_module_name(m) {
+                    return Err(format!(
+                        "'{m:.80}' is not a module name (the kernel's spelling: letters, \
+                         digits and '_', at most {MAX_MODULE_NAME})"
+                    ));
+                }
+                (Some(m.to_string()), rest)
+            }
+            None => (None, s),
+        };
         let (name, pos) = match s.split_once(',') {
             Some((n, p)) => {
                 let pos: u32 = p
@@ -37,6 +63,7 @@ impl KernelSymbol {
             return Err(format!("'{name}' is not a symbol name"));
         }
         Ok(KernelSymbol {
+            object,
             name: name.to_string(),
             pos,
         })
@@ -44,7 +71,11 @@ impl KernelSymbol {
 }
 
 impl std::fmt::Display for KernelSymbol {
+    /// `[module:]name[,pos]`, as `lpvmm sym` takes it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(m) = &self.object {
+            write!(f, "{m}:")?;
+        }
         match self.pos {
             Some(p) => write!(f, "{},{p}", self.name),
             None => write!(f, "{}", self.name),
@@ -155,6 +186,22 @@ impl Manifest {
         Ok(m)
     }
 
+    /// The modules whose functions it replaces, each once, in the order it names them
+    /// (its objects besides vmlinux).
+    pub fn modules(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for m in self
+            .replacements
+            .iter()
+            .filter_map(|r| r.old.object.as_deref())
+        {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
     /// One `key=value` entry; the format version when it is the `lpvmm=` entry.
     fn take_entry(&mut self, key: &str, value: &str) -> Result<Option<u32>, ParseError> {
         let bad = |m: String| ParseError::Manifest(m);
@@ -207,12 +254,12 @@ impl Manifest {
         Ok(None)
     }
 
-    /// `replace[_immediate]=OLD:NEW`.
+    /// `replace[_immediate]=[MODULE:]OLD[,POS]:NEW`.
     fn add_replacement(&mut self, value: &str, immediate: bool) -> Result<(), ParseError> {
         let bad = |m: String| ParseError::Manifest(m);
         let (old, new) = value
-            .split_once(':')
-            .ok_or_else(|| bad(format!("replace={value:.80}: want OLD:NEW")))?;
+            .rsplit_once(':')
+            .ok_or_else(|| bad(format!("replace={value:.80}: want [MODULE:]OLD:NEW")))?;
         let old = KernelSymbol::parse(old).map_err(|e| bad(format!("replace: {e}")))?;
         if !is_c_identifier(new) {
             return Err(bad(format!("replace: '{new:.80}' is not a function name")));
@@ -228,7 +275,7 @@ impl Manifest {
         Ok(())
     }
 
-    /// `symbol=LOCAL:KERNEL,POS`.
+    /// `symbol=LOCAL:[MODULE:]KERNEL,POS`.
     fn add_binding(&mut self, value: &str) -> Result<(), ParseError> {
         let bad = |m: String| ParseError::Manifest(m);
         let (local, kernel) = value
@@ -276,6 +323,41 @@ mod tests {
         assert_eq!(m.replacements[1].old.to_string(), "helper,2");
         assert_eq!(m.bindings[0].kernel.name, "static_fn");
         assert_eq!(m.depends, ["base"]);
+    }
+
+    #[test]
+    fn names_module_objects() {
+        let m = Manifest::parse(&raw(&[
+            "lpvmm=1",
+            "name=tunfix",
+            "replace=tun:tun_chr_show_fdinfo:new_fdinfo",
+            "replace_immediate=tun:tun_get_socket,2:new_get",
+            "replace=cmdline_proc_show:new_show",
+            "symbol=flags_name:tun:tun_flags,1",
+        ]))
+        .unwrap();
+        let old = &m.replacements[0].old;
+        assert_eq!(old.object.as_deref(), Some("tun"));
+        assert_eq!(old.name, "tun_chr_show_fdinfo");
+        assert_eq!(old.to_string(), "tun:tun_chr_show_fdinfo");
+        assert_eq!(m.replacements[1].old.to_string(), "tun:tun_get_socket,2");
+        assert!(m.replacements[1].immediate);
+        assert_eq!(m.replacements[2].old.object, None);
+        assert_eq!(m.bindings[0].kernel.to_string(), "tun:tun_flags,1");
+        assert_eq!(m.modules(), ["tun"]);
+        // The same name in two objects is two functions.
+        let two = ["lpvmm=1", "name=x", "replace=a:b", "replace=tun:a:c"];
+        assert_eq!(Manifest::parse(&raw(&two)).unwrap().replacements.len(), 2);
+        for (bad, want) in [
+            ("replace=virtio-net:f:g", "not a module name"),
+            ("replace=:f:g", "not a module name"),
+            ("replace=tun:1f:g", "not a symbol name"),
+        ] {
+            let e = Manifest::parse(&raw(&["lpvmm=1", "name=x", bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::funcs::FuncStack;
 use crate::load::alternatives::CpuFeatures;
 use crate::load::link::Placement;
 use crate::load::object::PatchObject;
-use crate::patch::{OrcAt, PatchedFunc};
+use crate::load::objects::ObjectModule;
+use crate::patch::{ObjectName, OrcAt, PatchedFunc, PatchedObject};
 use crate::space::{Area, Runs, Sizes};
 use crate::{KpError, ParseError};
 
@@ -25,6 +26,7 @@ pub mod alternatives;
 pub mod link;
 pub mod manifest;
 pub mod object;
+pub(crate) mod objects;
 
 /// Parse-free half of [`crate::Engine::prepare`]: resolve and link `obj` against the
 /// guest while it runs, into `area` (the engine's, or a new one chosen now for the first
@@ -46,7 +48,8 @@ pub(crate) fn prepare(
         }
     };
     let boot = BootChoices::of_guest(&mem, kernel, &obj)?;
-    let (runs, linked) = link_into(&area, &boot, kernel, &obj)?;
+    let objects = objects::read(&mem, kernel, &obj.manifest)?;
+    let (runs, linked) = link_into(&area, &boot, &mem, kernel, &objects, &obj)?;
     let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
     let tables = (!area.installed).then(|| PageTables::of(&area.layout));
     Ok(Prepared {
@@ -57,6 +60,7 @@ pub(crate) fn prepare(
         linked,
         orc,
         boot,
+        objects,
         generation,
     })
 }
@@ -138,60 +142,78 @@ pub(crate) struct Target<'m> {
     site_pa: u64,
 }
 
+/// The loaded module that has a symbol `name`, if one has: the hint for a name that
+/// vmlinux does not have. Read only on that error path.
+fn module_having(mem: &KernelMemory, kernel: &Kernel, name: &str) -> Option<String> {
+    let in_module = |m: &introspection::modules::Module| {
+        let symbols = m.symbols(mem, kernel).ok()?;
+        (!symbols.named(name).is_empty()).then(|| m.name.clone())
+    };
+    introspection::modules::ModuleList::read(mem, kernel)
+        .ok()
+        .and_then(|l| l.modules.iter().find_map(in_module))
+}
+
 /// Why a patch cannot replace `name`, which vmlinux does not have: the kernel's own
-/// answer, or, when a loaded module has a function of that name, which module (lpvmm
-/// patches vmlinux functions only, for now). Read only on this error path.
+/// answer, or, when a loaded module has a function of that name, how to name it in
+/// that module.
 fn not_in_vmlinux(
     mem: &KernelMemory,
     kernel: &Kernel,
     name: &str,
     e: introspection::kallsyms::ResolveError,
 ) -> KpError {
-    let in_module = |m: &introspection::modules::Module| {
-        let symbols = m.symbols(mem, kernel).ok()?;
-        (!symbols.named(name).is_empty()).then(|| m.name.clone())
-    };
-    let module = introspection::modules::ModuleList::read(mem, kernel)
-        .ok()
-        .and_then(|l| l.modules.iter().find_map(in_module));
-    match module {
+    match module_having(mem, kernel, name) {
         Some(m) => KpError::Symbol(format!(
-            "{name} is a function of module {m}, not of vmlinux: lpvmm cannot patch \
-             module functions yet"
+            "{name} is a function of module {m}, not of vmlinux: name its module \
+             (LPVMM_REPLACE_IN({m}, {name}, ...))"
         )),
         None => KpError::Symbol(e.to_string()),
     }
 }
 
-/// Every function the patch replaces, checked live: a kernel function whose site is
-/// the fentry NOP, or lpvmm's own jump to the version on top.
+/// Where a replaced function is: its address and size, in vmlinux or in its module.
+fn locate_target(
+    mem: &KernelMemory,
+    kernel: &Kernel,
+    objects: &[ObjectModule],
+    old: &crate::load::manifest::KernelSymbol,
+) -> Result<(u64, u64), KpError> {
+    if let Some(module) = &old.object {
+        return objects::function(objects, old, module);
+    }
+    let syms = &kernel.symbols;
+    let sym = syms
+        .resolve(&old.name, old.pos)
+        .map_err(|e| not_in_vmlinux(mem, kernel, &old.name, e))?;
+    if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
+        return Err(KpError::Symbol(format!("{old} is not a kernel function")));
+    }
+    Ok((sym.addr, syms.size_at(sym.addr).unwrap_or(0)))
+}
+
+/// Every function the patch replaces, checked live: a kernel function (of vmlinux or of
+/// one of `objects`, the modules checked in this pause to be the ones the patch was
+/// linked against) whose site is the fentry NOP, or lpvmm's own jump to the version on
+/// top.
 pub(crate) fn targets<'o>(
     funcs: &BTreeMap<u64, FuncStack>,
     guest: &dyn PausedGuest,
     kernel: &Kernel,
     obj: &'o PatchObject,
+    objects: &[ObjectModule],
 ) -> Result<Vec<Target<'o>>, KpError> {
-    let syms = &kernel.symbols;
     let mem = kernel.memory(guest);
     let mut targets = Vec::new();
     for r in &obj.manifest.replacements {
-        let sym = syms
-            .resolve(&r.old.name, r.old.pos)
-            .map_err(|e| not_in_vmlinux(&mem, kernel, &r.old.name, e))?;
-        if !sym.is_text() || !kernel.is_kernel_text(sym.addr) {
-            return Err(KpError::Symbol(format!(
-                "{} is not a kernel function",
-                r.old
-            )));
-        }
-        let size = syms.size_at(sym.addr).unwrap_or(0);
+        let (addr, size) = locate_target(&mem, kernel, objects, &r.old)?;
         let entry = mem
-            .read_vec(sym.addr, 9)
+            .read_vec(addr, 9)
             .map_err(|e| KpError::guest(format!("reading {}", r.old), e))?;
-        let site = sym.addr + site::site_offset(&entry);
-        let at = (site - sym.addr) as usize;
+        let site = addr + site::site_offset(&entry);
+        let at = (site - addr) as usize;
         let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
-        let ours = funcs.get(&sym.addr);
+        let ours = funcs.get(&addr);
         match site::inspect(&r.old.to_string(), site, &bytes)? {
             SiteState::Nop if ours.is_none() => {}
             _ if ours.is_some_and(|s| s.live == bytes) => {}
@@ -207,7 +229,7 @@ pub(crate) fn targets<'o>(
             .map_err(|e| KpError::guest(r.old.to_string(), e))?;
         targets.push(Target {
             replacement: r,
-            addr: sym.addr,
+            addr,
             size,
             site,
             site_pa,
@@ -230,6 +252,8 @@ pub struct Prepared {
     pub(crate) orc: Vec<OrcAt>,
     /// What the link took from the guest, checked again in the pause.
     pub(crate) boot: BootChoices,
+    /// The modules it patches or names, as the link saw them (checked again too).
+    pub(crate) objects: Vec<ObjectModule>,
     /// The engine's [`Engine::generation`] it was linked against.
     pub(crate) generation: u64,
 }
@@ -286,12 +310,14 @@ impl BootChoices {
 fn link_into(
     area: &Area,
     boot: &BootChoices,
+    mem: &KernelMemory,
     kernel: &Kernel,
+    objects: &[ObjectModule],
     obj: &PatchObject,
 ) -> Result<(Runs, link::Linked), KpError> {
     let name = &obj.manifest.name;
     let (returns, cpu) = (boot.returns, &boot.cpu);
-    let resolve = |sym: &str| resolve_import(kernel, obj, sym);
+    let resolve = |sym: &str| resolve_import(mem, kernel, objects, obj, sym);
     let at = |r: &Runs| Placement {
         code: r.code.start,
         rodata: r.rodata.start,
@@ -336,7 +362,7 @@ pub(crate) fn patched_funcs(
     targets: Vec<Target>,
     obj: &PatchObject,
     linked: &link::Linked,
-) -> Result<Vec<PatchedFunc>, KpError> {
+) -> Result<Vec<PatchedObject>, KpError> {
     let mut funcs = Vec::new();
     for t in targets {
         let r = t.replacement;
@@ -364,7 +390,38 @@ pub(crate) fn patched_funcs(
             immediate: r.immediate,
         });
     }
-    Ok(funcs)
+    Ok(by_object(funcs))
+}
+
+/// Functions grouped by the object they are in: vmlinux first, then each module in the
+/// order the patch first names it.
+fn by_object(funcs: Vec<PatchedFunc>) -> Vec<PatchedObject> {
+    let mut objects: Vec<PatchedObject> = Vec::new();
+    let mut vmlinux = Vec::new();
+    for f in funcs {
+        let Some(module) = f.old.object.clone() else {
+            vmlinux.push(f);
+            continue;
+        };
+        let name = ObjectName::Module(module);
+        match objects.iter_mut().find(|o| o.name == name) {
+            Some(o) => o.funcs.push(f),
+            None => objects.push(PatchedObject {
+                name,
+                funcs: vec![f],
+            }),
+        }
+    }
+    if !vmlinux.is_empty() {
+        objects.insert(
+            0,
+            PatchedObject {
+                name: ObjectName::Vmlinux,
+                funcs: vmlinux,
+            },
+        );
+    }
+    objects
 }
 
 /// The patch's ORC entries decoded with the guest kernel's own layout.
@@ -395,10 +452,25 @@ fn decode_orc(
         .collect())
 }
 
-/// A kernel symbol a patch uses: its binding first, then the unique name.
-fn resolve_import(kernel: &Kernel, obj: &PatchObject, name: &str) -> Result<u64, KpError> {
+/// A kernel symbol a patch uses: its binding first (in vmlinux or the module it names);
+/// else the name in the modules the patch replaces functions of, then in vmlinux.
+fn resolve_import(
+    mem: &KernelMemory,
+    kernel: &Kernel,
+    objects: &[ObjectModule],
+    obj: &PatchObject,
+    name: &str,
+) -> Result<u64, KpError> {
     let m = &obj.manifest;
-    let (kname, pos) = match m.bindings.iter().find(|b| b.local == name) {
+    let binding = m.bindings.iter().find(|b| b.local == name);
+    if let Some(b) = binding {
+        if let Some(module) = &b.kernel.object {
+            return objects::bound(objects, &b.kernel, module);
+        }
+    } else if let Some(addr) = objects::import(objects, name, None)? {
+        return Ok(addr);
+    }
+    let (kname, pos) = match binding {
         Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
         None => (name, None),
     };
@@ -414,13 +486,21 @@ fn resolve_import(kernel: &Kernel, obj: &PatchObject, name: &str) -> Result<u64,
         .resolve(kname, pos)
         .map(|s| s.addr)
         .map_err(|e| {
-            KpError::Symbol(format!(
-                "{e}{}",
-                if matches!(e, introspection::kallsyms::ResolveError::Ambiguous { .. }) {
-                    " (bind it with LPVMM_SYMBOL(local, name, pos))"
-                } else {
-                    ""
+            use introspection::kallsyms::ResolveError;
+            let hint = match &e {
+                ResolveError::Ambiguous { .. } => {
+                    " (bind it with LPVMM_SYMBOL(local, name, pos))".to_string()
                 }
-            ))
+                ResolveError::Unknown(_) => match module_having(mem, kernel, kname) {
+                    Some(m) => format!(
+                        " in vmlinux; module {m} has it (a patch uses a module's symbols \
+                         when it replaces a function of that module, LPVMM_REPLACE_IN, or \
+                         binds the symbol, LPVMM_SYMBOL_IN)"
+                    ),
+                    None => String::new(),
+                },
+                ResolveError::NoSuchPosition { .. } => String::new(),
+            };
+            KpError::Symbol(format!("{e}{hint}"))
         })
 }
