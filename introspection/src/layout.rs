@@ -74,6 +74,38 @@ pub struct PatcherTypes {
     pub x86_capability: Option<Field>,
     /// `sizeof(struct alt_instr)`: checked against a patch's `.altinstructions`.
     pub alt_instr_size: Option<u64>,
+    /// `struct blocking_notifier_head` and `struct notifier_block`: for the notifier
+    /// lpvmm puts on the guest's module notifier chain.
+    pub notifier: Option<NotifierLayout>,
+}
+
+/// A blocking notifier chain's head and one of its blocks (include/linux/notifier.h).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotifierLayout {
+    /// `blocking_notifier_head.rwsem.count`: 0 while no reader or writer holds the
+    /// chain.
+    pub head_rwsem_count: u64,
+    /// `blocking_notifier_head.head`: the first block.
+    pub head_first: u64,
+    /// `sizeof(struct notifier_block)` and its `notifier_call`, `next` and `priority`.
+    pub block_size: u64,
+    pub block_call: u64,
+    pub block_next: u64,
+    pub block_priority: u64,
+}
+
+impl NotifierLayout {
+    fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
+        let block = |f: &str| btf.field("notifier_block", f).map(|f| f.offset());
+        Ok(NotifierLayout {
+            head_rwsem_count: btf.field("blocking_notifier_head", "rwsem.count")?.offset(),
+            head_first: btf.field("blocking_notifier_head", "head")?.offset(),
+            block_size: btf.struct_size("notifier_block")?,
+            block_call: block("notifier_call")?,
+            block_next: block("next")?,
+            block_priority: block("priority")?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,6 +202,7 @@ impl Layout {
                 task_struct_size: btf.struct_size("task_struct").ok(),
                 x86_capability: btf.field("cpuinfo_x86", "x86_capability").ok(),
                 alt_instr_size: btf.struct_size("alt_instr").ok(),
+                notifier: NotifierLayout::from_btf(btf).ok(),
             },
             modules: ModuleLayout::from_btf(btf),
         })

@@ -91,6 +91,12 @@ pub struct Engine {
     /// Counts changes to the patch area's space (loads, unloads, the dispatch banks):
     /// a [`Prepared`] patch was linked against one.
     pub(crate) generation: u64,
+    /// How the guest's module notifier reaches the VMM, and the notifier once installed
+    /// (see [`crate::notifier`]).
+    pub(crate) doorbell: Option<crate::notifier::Doorbell>,
+    pub(crate) notifier: Option<crate::notifier::Notifier>,
+    /// What the guest's modules coming and going did to patches, newest last.
+    pub(crate) module_events: VecDeque<crate::coming::ModuleEvent>,
 }
 
 /// What a tick read and no longer needs (task lists, stack traces, early traces), kept
@@ -358,6 +364,29 @@ impl Engine {
         Ok(())
     }
 
+    /// The module notifier a patch with a module part needs, checked in its load's
+    /// pause: the doorbell it rings, the guest's chain free, room after the patch.
+    fn plan_notifier(
+        &self,
+        guest: &dyn introspection::PausedGuest,
+        kernel: &Kernel,
+        area: &Area,
+        runs: crate::space::Runs,
+    ) -> Result<(crate::notifier::NotifierPlan, crate::notifier::Doorbell), KpError> {
+        let bell = self.doorbell.ok_or_else(|| {
+            KpError::Unsupported(
+                "patching modules needs the VMM's doorbell for the guest's module notifier, \
+                 which this engine was not given"
+                    .into(),
+            )
+        })?;
+        let plan = crate::notifier::NotifierPlan::of_guest(guest, kernel)?;
+        let mut after = area.clone();
+        after.space.take(runs);
+        crate::notifier::NotifierPlan::fits(&after)?;
+        Ok((plan, bell))
+    }
+
     fn load_journaled(
         &mut self,
         guest: &mut dyn GuestWriter,
@@ -393,7 +422,16 @@ impl Engine {
         }
         load::objects::check_same(&kernel.memory(guest.reader()), kernel, &m.name, &objects)?;
         let targets = load::targets(&self.funcs, guest.reader(), kernel, &obj, &objects)?;
-        let patched = load::patched_funcs(targets, &obj, &linked)?;
+        let patched = load::patched_objects(targets, &obj, &linked, &objects)?;
+        let modular = !m.modules().is_empty();
+        let notifier = match (&self.notifier, modular) {
+            (None, true) => Some(self.plan_notifier(guest.reader(), kernel, &area, runs)?),
+            _ => None,
+        };
+        let late = match modular {
+            true => Some(load::late_link(&obj, runs, &boot, &linked, &objects)?),
+            false => None,
+        };
 
         // Everything checked: write.
         if !area.installed {
@@ -414,6 +452,9 @@ impl Engine {
             }
         }
         area.space.take(runs);
+        if let Some((plan, bell)) = notifier {
+            self.notifier = Some(plan.install(guest, &mut area, bell)?);
+        }
         self.area = Some(area);
         self.generation += 1;
         self.patches.push(Patch {
@@ -431,8 +472,15 @@ impl Engine {
                 .imports
                 .into_iter()
                 .map(|(name, addr)| Import { name, addr })
+                .chain(
+                    linked
+                        .pending
+                        .into_iter()
+                        .map(|name| Import { name, addr: 0 }),
+                )
                 .collect(),
             enables: 0,
+            late,
         });
         Ok(m.name.clone())
     }

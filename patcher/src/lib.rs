@@ -10,7 +10,9 @@
 //! the per-function version stacks and is the only writer of sites (patch.c);
 //! [`transition`] is the per-task switch (transition.c), with [`transition::dispatch`],
 //! what lets lpvmm do from outside what the kernel does with a flag in each task;
-//! [`states`] the system states of cumulative patches (state.c).
+//! [`states`] the system states of cumulative patches (state.c); [`notifier`] and
+//! [`coming`] follow the guest's modules as they come and go (core.c's
+//! `klp_module_coming` and `klp_module_going`).
 #![forbid(unsafe_code)]
 
 // The fault-injection switch exists for one integration test; an optimised build that
@@ -20,11 +22,13 @@ compile_error!("the fault-injection feature is for test builds only, never a rel
 
 pub mod area;
 pub mod build;
+pub mod coming;
 pub mod engine;
 pub mod funcs;
 pub mod journal;
 pub mod kbuild;
 pub mod load;
+pub mod notifier;
 pub mod patch;
 pub mod space;
 pub mod states;

@@ -52,6 +52,7 @@ pub struct OrcAt {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Import {
     pub name: String,
+    /// 0 while it is a symbol of a module not loaded yet.
     pub addr: u64,
 }
 
@@ -81,7 +82,48 @@ pub struct Patch {
     pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
+    /// For a patch with a module part: what linking it again needs when a module it
+    /// patches is loaded (lpvmm's own state, not shown).
+    #[serde(skip)]
+    pub(crate) late: Option<LateLink>,
 }
+
+/// What a patch with a module part was linked with, to link it again, at the same
+/// place, when the guest loads one of its modules: the symbols of that module, pending
+/// until then, then resolve ([`crate::load::link::ImportAt::Pending`]).
+#[derive(Clone)]
+pub(crate) struct LateLink {
+    pub(crate) obj: std::sync::Arc<crate::load::object::PatchObject>,
+    pub(crate) at: crate::load::link::Placement,
+    pub(crate) boot: crate::load::BootChoices,
+    /// The symbols it uses in vmlinux, with their addresses.
+    pub(crate) vmlinux: Vec<(String, u64)>,
+    /// The symbols it uses in each module, as (symbol, module): resolved in the module
+    /// while it is loaded, pending (the trap) while it is not.
+    pub(crate) owners: Vec<(String, String)>,
+    /// The addresses of those symbols in the modules loaded now.
+    pub(crate) current: Vec<(String, u64)>,
+}
+
+impl std::fmt::Debug for LateLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LateLink({} at {:#x})",
+            self.obj.manifest.name, self.at.code
+        )
+    }
+}
+
+/// Two links of one patch are the same link when they place the same object at the
+/// same place.
+impl PartialEq for LateLink {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at && self.obj == other.obj
+    }
+}
+
+impl Eq for LateLink {}
 
 /// A kernel object a patch patches (`klp_object`): vmlinux or a module, by name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,11 +142,69 @@ impl std::fmt::Display for ObjectName {
     }
 }
 
+/// Where an object of a patch is in the guest now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectState {
+    /// vmlinux, always there.
+    #[default]
+    Vmlinux,
+    /// A loaded module, its `struct module` at `module`: its functions are redirected
+    /// as the patch's state says.
+    Loaded { module: u64 },
+    /// A module the guest has not loaded: its part of the patch is linked and its
+    /// functions redirected when the guest loads it, before any of its code runs.
+    Waiting,
+}
+
+/// A replacement a module object of a patch makes whenever the module is loaded: the
+/// patch's side of a [`PatchedFunc`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectFunc {
+    pub old: KernelSymbol,
+    pub new_name: String,
+    pub new_addr: u64,
+    pub new_size: u64,
+    pub frame_pointer: bool,
+    pub immediate: bool,
+}
+
 /// One object of a patch and the functions of it the patch replaces.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PatchedObject {
     pub name: ObjectName,
+    /// Its functions as found in the guest (none while a module waits to be loaded).
     pub funcs: Vec<PatchedFunc>,
+    #[serde(default)]
+    pub state: ObjectState,
+    /// For a module: what it replaces each time the module is loaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaces: Vec<ObjectFunc>,
+}
+
+impl PatchedFunc {
+    /// `f` of a module, at the kernel function found at `old_addr` (`site` its fentry
+    /// site).
+    pub(crate) fn of_module(
+        f: &ObjectFunc,
+        old_addr: u64,
+        old_size: u64,
+        site: u64,
+        site_pa: u64,
+    ) -> Self {
+        PatchedFunc {
+            old: f.old.clone(),
+            old_addr,
+            old_size,
+            site,
+            site_pa,
+            new_name: f.new_name.clone(),
+            new_addr: f.new_addr,
+            new_size: f.new_size,
+            frame_pointer: f.frame_pointer,
+            immediate: f.immediate,
+        }
+    }
 }
 
 impl Patch {

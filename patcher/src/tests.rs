@@ -21,6 +21,12 @@ impl GuestWriter for SynthGuest {
     }
 }
 
+/// The doorbell the tests' engines are given.
+const BELL: crate::notifier::Doorbell = crate::notifier::Doorbell {
+    port: 0x7e0,
+    token: 0x5eed_1234_abcd_0042,
+};
+
 struct Fixture {
     sk: SynthKernel,
     kernel: Kernel,
@@ -32,10 +38,12 @@ struct Fixture {
 fn fixture() -> Fixture {
     let sk = SynthKernel::build(SynthKernelSpec::v6_12());
     let kernel = Kernel::attach(&sk.guest).expect("attach");
+    let mut engine = Engine::new();
+    engine.set_doorbell(BELL);
     Fixture {
         sk,
         kernel,
-        engine: Engine::new(),
+        engine,
         now: 0,
     }
 }
@@ -748,7 +756,7 @@ fn return_thunk_jumps_follow_the_kernels_choice() {
         rodata: 0xffff_ffff_a010_0000,
         data: 0xffff_ffff_a020_0000,
     };
-    let resolve = |_: &str| Ok(0xffff_ffff_8100_1000u64);
+    let resolve = |_: &str| Ok(crate::load::link::ImportAt::Addr(0xffff_ffff_8100_1000));
     let f = obj.function("new_cmdline_proc_show").unwrap();
     let tail = |l: &crate::load::link::Linked| {
         let end = (f.offset + f.size) as usize;
@@ -1892,10 +1900,6 @@ fn a_module_part_that_cannot_be_found_is_refused_by_name() {
     let before = g.clone();
     for (source, want) in [
         (
-            TUNX_READ.replace("LPVMM_REPLACE_IN(tunx,", "LPVMM_REPLACE_IN(nosuch,"),
-            "tunfix patches module nosuch, which is not loaded",
-        ),
-        (
             TUNX_READ.replace(
                 "LPVMM_REPLACE_IN(tunx, tunx_do_read,",
                 "LPVMM_REPLACE(pipe_read,",
@@ -1961,4 +1965,289 @@ fn a_site_in_a_module_the_guest_unloaded_is_never_written() {
         "{e}"
     );
     assert!(g.ram == before, "nothing was written");
+}
+
+// --- Modules loaded later: the notifier and its doorbell. ---
+
+/// A patch of `dummyx` (the synthetic kernel's second module), whose code uses the
+/// module's own data (`dummyx_link_ops`, resolved only when the module is there) and a
+/// vmlinux function.
+const DUMMYX_STATS: &str = r#"
+#include <lpvmm/patch.h>
+extern char dummyx_link_ops[];
+extern int seq_printf(void *m, const char *fmt, ...);
+int new_dummyx_get_stats(void *m)
+{
+	return seq_printf(m, "%p\n", dummyx_link_ops);
+}
+LPVMM_PATCH("dumfix");
+LPVMM_REPLACE_IN(dummyx, dummyx_get_stats, new_dummyx_get_stats);
+"#;
+
+/// Write `value` over `len` bytes at guest virtual `va`.
+fn poke_va(f: &Fixture, g: &mut SynthGuest, va: u64, value: u64, len: usize) {
+    let pa = f.kernel.memory(g).translate(va).unwrap();
+    g.write_phys(pa, &value.to_le_bytes()[..len]).unwrap();
+}
+
+/// Put module `name`'s state to `state` (0 live, 1 coming, 2 going, 3 unformed, as
+/// the synthetic kernel numbers them).
+fn set_module_state(f: &Fixture, g: &mut SynthGuest, name: &str, state: usize) {
+    let l = f.kernel.layout.modules.as_ref().unwrap();
+    let m = f.sk.modules.iter().find(|m| m.name == name).unwrap().addr;
+    poke_va(f, g, m + l.state, l.states[state], l.state_size as usize);
+}
+
+/// A ring of the notifier's doorbell for module `name` and event `state` (1 coming, 2
+/// going).
+fn ring(f: &Fixture, name: &str, state: usize) -> crate::notifier::Ring {
+    let l = f.kernel.layout.modules.as_ref().unwrap();
+    crate::notifier::Ring {
+        rip: f.engine.notifier().unwrap().ring_ip,
+        token: BELL.token,
+        module: f.sk.modules.iter().find(|m| m.name == name).unwrap().addr,
+        action: l.states[state],
+    }
+}
+
+/// Whether the code of `patch`'s module function refers to `addr` (as a 32-bit
+/// sign-extended immediate or displacement, as `-mcmodel=kernel` code does).
+fn refers_to(f: &Fixture, g: &SynthGuest, patch: &str, addr: u64) -> bool {
+    let p = f.engine.patch(patch).unwrap();
+    let o = p.objects.iter().find(|o| !o.replaces.is_empty()).unwrap();
+    let nf = &o.replaces[0];
+    let code = f
+        .kernel
+        .memory(g)
+        .read_vec(nf.new_addr, nf.new_size as usize)
+        .unwrap();
+    let want = (addr as u32).to_le_bytes();
+    code.windows(4).any(|w| w == want)
+}
+
+/// The address of the trap a patch's pending symbols point at: the 16-byte aligned
+/// `ud2` after its code.
+fn trap_of(f: &Fixture, g: &SynthGuest, patch: &str) -> u64 {
+    let p = f.engine.patch(patch).unwrap();
+    let code = f
+        .kernel
+        .memory(g)
+        .read_vec(
+            p.runs.code.start,
+            (p.runs.code.end - p.runs.code.start) as usize,
+        )
+        .unwrap();
+    let at = (0..code.len())
+        .step_by(16)
+        .find(|&i| code[i..].starts_with(&crate::load::link::TRAP))
+        .unwrap();
+    p.runs.code.start + at as u64
+}
+
+/// A module not loaded when its patch is: the patch loads with its part waiting and the
+/// notifier on the guest's chain; the module's COMING links the part (its symbols the
+/// patch uses, pending until then) and redirects its function; its GOING gives the site
+/// back and points the symbols at the trap again; loaded again, patched again.
+#[test]
+fn a_module_loaded_later_is_patched_at_coming_and_let_go_at_going() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    unlink_module(&f, &mut g, "dummyx");
+    f.engine
+        .load(&mut g, &f.kernel, &kp(DUMMYX_STATS, &[]))
+        .unwrap();
+    let p = f.engine.patch("dumfix").unwrap().clone();
+    assert_eq!(p.objects.len(), 1);
+    assert_eq!(p.objects[0].state, crate::patch::ObjectState::Waiting);
+    assert!(p.objects[0].funcs.is_empty());
+    let pending = p
+        .imports
+        .iter()
+        .find(|i| i.name == "dummyx_link_ops")
+        .unwrap();
+    assert_eq!(pending.addr, 0, "pending until dummyx loads");
+    // The notifier heads the chain, its block calling the stub, which rings at ring_ip.
+    let n = f.engine.notifier().unwrap().clone();
+    assert_eq!(peek(&f, &g, "module_notify_list"), 0, "rwsem.count still 0");
+    let head = f.kernel.symbols.addr("module_notify_list").unwrap() + 40;
+    assert_eq!(f.kernel.memory(&g).u64(head).unwrap(), n.block);
+    assert_eq!(f.kernel.memory(&g).u64(n.block).unwrap(), n.stub.start);
+    let stub = f.kernel.memory(&g).read_vec(n.stub.start, 64).unwrap();
+    assert_eq!(&stub[..4], &[0xf3, 0x0f, 0x1e, 0xfa], "endbr64 first");
+    let out = (n.ring_ip - n.stub.start) as usize;
+    assert_eq!(stub[out], 0xef, "out %eax,(%dx) at ring_ip");
+    let trap = trap_of(&f, &g, "dumfix");
+    assert!(refers_to(&f, &g, "dumfix", trap));
+    // Enabled while dummyx is absent: nothing to move, done at once.
+    enable(&mut f, &mut g, "dumfix").unwrap();
+    assert_eq!(state(&f, "dumfix"), PatchState::Enabled);
+
+    // The guest loads dummyx: back on the list, COMING.
+    let stats = f.sk.function("dummyx_get_stats");
+    let link_ops = f.sk.modules[1]
+        .symbols
+        .iter()
+        .find(|s| s.name == "dummyx_link_ops")
+        .unwrap()
+        .addr;
+    relist_newest(&f, &mut g, "dummyx");
+    set_module_state(&f, &mut g, "dummyx", 1);
+    let before = g.ram.clone();
+    let bad = crate::notifier::Ring {
+        token: 1,
+        ..ring(&f, "dummyx", 1)
+    };
+    let a = f.engine.module_ring(&mut g, &f.kernel, bad);
+    assert!(
+        !a.again && a.ret == 0 && g.ram == before,
+        "a bad token changes nothing"
+    );
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));
+    assert_eq!(
+        (a.ret, a.again, a.message),
+        (0, false, 0),
+        "{:?}",
+        f.engine.module_events()
+    );
+    let func = f
+        .engine
+        .patch("dumfix")
+        .unwrap()
+        .funcs()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(func.old_addr, stats);
+    assert_eq!(site_target(&f, &g, "dummyx_get_stats"), Some(func.new_addr));
+    assert!(refers_to(&f, &g, "dumfix", link_ops) && !refers_to(&f, &g, "dumfix", trap));
+    let import = |f: &Fixture, n: &str| {
+        f.engine
+            .patch("dumfix")
+            .unwrap()
+            .imports
+            .iter()
+            .find(|i| i.name == n)
+            .unwrap()
+            .addr
+    };
+    assert_eq!(import(&f, "dummyx_link_ops"), link_ops);
+
+    // GOING: the site given back, the symbol at the trap again.
+    set_module_state(&f, &mut g, "dummyx", 2);
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 2));
+    assert_eq!((a.ret, a.again), (0, false));
+    assert_eq!(site_bytes(&f, &g, "dummyx_get_stats"), FENTRY_NOP);
+    assert!(refers_to(&f, &g, "dumfix", trap) && !refers_to(&f, &g, "dumfix", link_ops));
+    assert_eq!(import(&f, "dummyx_link_ops"), 0);
+    let p = f.engine.patch("dumfix").unwrap();
+    assert_eq!(p.objects[0].state, crate::patch::ObjectState::Waiting);
+
+    // Loaded again: patched again. Disabled while loaded: original.
+    set_module_state(&f, &mut g, "dummyx", 1);
+    f.engine
+        .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));
+    assert_eq!(site_target(&f, &g, "dummyx_get_stats"), Some(func.new_addr));
+    disable(&mut f, &mut g, "dumfix").unwrap();
+    assert_eq!(site_bytes(&f, &g, "dummyx_get_stats"), FENTRY_NOP);
+    let events: Vec<(String, bool)> = f
+        .engine
+        .module_events()
+        .iter()
+        .map(|e| (e.action.clone(), e.refused))
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+}
+
+/// Put module `name` (the newest, which [`unlink_module`] took off) back at the head
+/// of the module list, as its load does (its own link still points at the next one).
+fn relist_newest(f: &Fixture, g: &mut SynthGuest, name: &str) {
+    let head = f.kernel.symbols.addr("modules").unwrap();
+    let l = f.kernel.layout.modules.as_ref().unwrap();
+    let m = f.sk.modules.iter().find(|m| m.name == name).unwrap().addr;
+    poke_va(f, g, head, m + l.list, 8);
+}
+
+/// A module part that cannot be linked refuses the module's load, with a line for the
+/// guest's log, and changes nothing (not even another patch's part for the module); a
+/// ring during a transition is answered "ring again".
+#[test]
+fn a_module_part_that_cannot_link_refuses_the_load_and_changes_nothing() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    unlink_module(&f, &mut g, "dummyx");
+    f.engine
+        .load(&mut g, &f.kernel, &kp(DUMMYX_STATS, &[]))
+        .unwrap();
+    let broken = DUMMYX_STATS
+        .replace("dummyx_link_ops", "no_such_symbol")
+        .replace("dumfix", "broken")
+        .replace("new_dummyx_get_stats", "other_get_stats")
+        .replace("dummyx_get_stats,", "dummyx_xmit,");
+    f.engine.load(&mut g, &f.kernel, &kp(&broken, &[])).unwrap();
+    enable(&mut f, &mut g, "dumfix").unwrap();
+    enable(&mut f, &mut g, "broken").unwrap();
+    relist_newest(&f, &mut g, "dummyx");
+    set_module_state(&f, &mut g, "dummyx", 1);
+    let before = g.ram.clone();
+
+    // A transition in flight: ring again later.
+    f.engine
+        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
+        .unwrap();
+    f.engine
+        .begin(
+            Begin {
+                patch: "pipefix".into(),
+                op: Op::Enable,
+                consistency: Consistency::PerTask,
+                timeout: None,
+                unload_on_failure: false,
+            },
+            f.now,
+        )
+        .unwrap();
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));
+    assert!(a.again, "during a transition");
+    f.engine.request(Request::Reverse).unwrap();
+    tick(&mut f, &mut g, 1).unwrap();
+    assert!(f.engine.active().is_none());
+    f.engine.unload(&mut g, "pipefix").unwrap();
+    let before_ring = g.ram.clone();
+
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));
+    assert_eq!(a.ret, crate::notifier::REFUSE_EINVAL);
+    assert!(!a.again && a.message != 0);
+    let line = f.kernel.memory(&g).read_vec(a.message, 200).unwrap();
+    let line =
+        String::from_utf8_lossy(&line[..line.iter().position(|&b| b == 0).unwrap()]).into_owned();
+    assert!(
+        line == "\u{1}3lpvmm: refusing module dummyx: patch broken: symbol: module dummyx: \
+                 unknown symbol 'no_such_symbol'\n",
+        "{line:?}"
+    );
+    // Only the message slot changed: no site, no relinked byte.
+    let slot = f.kernel.memory(&g).translate(a.message).unwrap() as usize;
+    let mut expect = before_ring.clone();
+    expect[slot..slot + 256].copy_from_slice(&g.ram[slot..slot + 256]);
+    assert!(
+        g.ram == expect,
+        "a refused COMING wrote more than its message"
+    );
+    assert_eq!(site_bytes(&f, &g, "dummyx_get_stats"), FENTRY_NOP);
+    for p in ["dumfix", "broken"] {
+        assert_eq!(
+            f.engine.patch(p).unwrap().objects[0].state,
+            crate::patch::ObjectState::Waiting
+        );
+    }
+    assert!(f.engine.module_events().back().unwrap().refused);
+    let _ = before;
 }

@@ -114,6 +114,8 @@ impl SynthKernelSpec {
                 "__x86_return_thunk",
                 "__x86_indirect_thunk_rax",
                 "memcpy",
+                "msleep",
+                "_printk",
                 "no_fentry",
             ]
             .map(String::from)
@@ -413,6 +415,26 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
         32,
         &[("owner", atomic_long, 0), ("wait_lock", uint, 64)],
     );
+    // The module notifier chain (include/linux/notifier.h, rwsem.h), 40 + 8 bytes.
+    let rwsem = b.strukt(
+        "rw_semaphore",
+        40,
+        &[("count", atomic_long, 0), ("owner", atomic_long, 64)],
+    );
+    b.strukt(
+        "blocking_notifier_head",
+        48,
+        &[("rwsem", rwsem, 0), ("head", voidp, 320)],
+    );
+    b.strukt(
+        "notifier_block",
+        24,
+        &[
+            ("notifier_call", voidp, 0),
+            ("next", voidp, 64),
+            ("priority", int, 128),
+        ],
+    );
     b.enumeration("", 8, &super::ftrace::record_flags(spec.new_orc));
     b.enumeration(
         "",
@@ -645,6 +667,8 @@ impl SynthKernel {
             4,
         );
         b.data("tasklist_lock", &[0; 8], 64);
+        // An empty chain: no reader, no writer, no block.
+        b.data("module_notify_list", &[0; 48], 64);
         let mut cpu_bases = Vec::new();
         for cpu in 0..spec.cpus {
             let area = b.img.alloc(percpu_size, 4096);

@@ -48,6 +48,22 @@ impl Returns {
     }
 }
 
+/// Where a kernel symbol a patch uses is, as its link finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportAt {
+    Addr(u64),
+    /// In a module the patch names that is not loaded yet: linked against the patch's
+    /// trap ([`TRAP`]) until the module loads and the patch is linked again.
+    Pending,
+}
+
+/// What ends the code of a patch with a module part: `ud2`, then `int3`s. A symbol of a
+/// module not loaded yet points here until the module loads, so that code reaching it
+/// early stops with an invalid-opcode oops in lpvmm's code, not somewhere at random.
+pub const TRAP: [u8; 16] = [
+    0x0f, 0x0b, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc,
+];
+
 /// Where a patch's bytes go: the next free address of each region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
@@ -75,6 +91,10 @@ pub struct Linked {
     pub functions: HashMap<String, u64>,
     /// Kernel symbols used, with the addresses they resolved to.
     pub imports: Vec<(String, u64)>,
+    /// Kernel symbols of modules not loaded yet, linked against [`Linked::trap`].
+    pub pending: Vec<String>,
+    /// Where the code's [`TRAP`] is (patches with a module part only).
+    pub trap: Option<u64>,
     /// objtool's ORC entries, each at its address, in address order (raw, in the guest
     /// kernel's own layout).
     pub orc: Vec<(u64, Vec<u8>)>,
@@ -160,8 +180,9 @@ fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
-/// Lay out and relocate `obj`. `resolve` gives the address of a kernel symbol the patch
-/// imports (it applies the manifest's symbol bindings).
+/// Lay out and relocate `obj`. `resolve` says where a kernel symbol the patch imports is
+/// (it applies the manifest's symbol bindings). A patch with a module part ends its code
+/// with a [`TRAP`], where the symbols of modules not loaded yet point.
 /// Alternatives are applied for `cpu`, the guest's CPU features (needed only when the
 /// object has alternatives).
 pub fn link(
@@ -169,15 +190,30 @@ pub fn link(
     at: Placement,
     returns: Returns,
     cpu: Option<&CpuFeatures>,
-    resolve: &dyn Fn(&str) -> Result<u64, KpError>,
+    resolve: &dyn Fn(&str) -> Result<ImportAt, KpError>,
 ) -> Result<Linked, KpError> {
     let mut layout = lay_out(obj, at);
+    let trap = (!obj.manifest.modules().is_empty()).then(|| add_trap(&mut layout.images[0]));
     let mut imports = Vec::new();
+    let mut pending = Vec::new();
     let mut resolved: HashMap<&str, u64> = HashMap::new();
     for name in &obj.imports {
-        let a = resolve(name)?;
+        let a = match (resolve(name)?, trap) {
+            (ImportAt::Addr(a), _) => {
+                imports.push((name.clone(), a));
+                a
+            }
+            (ImportAt::Pending, Some(trap)) => {
+                pending.push(name.clone());
+                trap
+            }
+            (ImportAt::Pending, None) => {
+                return Err(KpError::Symbol(format!(
+                    "'{name}' is in a module the patch does not name"
+                )))
+            }
+        };
         resolved.insert(name.as_str(), a);
-        imports.push((name.clone(), a));
     }
     relocate(obj, &mut layout, &resolved, returns)?;
 
@@ -207,8 +243,18 @@ pub fn link(
         section_addrs,
         functions,
         imports,
+        pending,
+        trap,
         orc,
     })
+}
+
+/// Append the [`TRAP`] to the code image, 16-byte aligned; its address.
+fn add_trap(code: &mut Image) -> u64 {
+    let off = align_up(code.bytes.len() as u64, 16) as usize;
+    code.bytes.resize(off, 0xcc);
+    code.bytes.extend_from_slice(&TRAP);
+    code.addr + off as u64
 }
 
 /// Where each section goes: the three images (code, read-only data, data), and each

@@ -15,10 +15,10 @@ use crate::area::{self, AreaLayout, PageTables};
 use crate::funcs::site::{self, SiteState};
 use crate::funcs::FuncStack;
 use crate::load::alternatives::CpuFeatures;
-use crate::load::link::Placement;
+use crate::load::link::{ImportAt, Placement};
 use crate::load::object::PatchObject;
-use crate::load::objects::ObjectModule;
-use crate::patch::{ObjectName, OrcAt, PatchedFunc, PatchedObject};
+use crate::load::objects::{ObjectModule, ObjectModules};
+use crate::patch::{ObjectFunc, ObjectName, ObjectState, OrcAt, PatchedFunc, PatchedObject};
 use crate::space::{Area, Runs, Sizes};
 use crate::{KpError, ParseError};
 
@@ -201,12 +201,19 @@ pub(crate) fn targets<'o>(
     guest: &dyn PausedGuest,
     kernel: &Kernel,
     obj: &'o PatchObject,
-    objects: &[ObjectModule],
+    objects: &ObjectModules,
 ) -> Result<Vec<Target<'o>>, KpError> {
     let mem = kernel.memory(guest);
     let mut targets = Vec::new();
     for r in &obj.manifest.replacements {
-        let (addr, size) = locate_target(&mem, kernel, objects, &r.old)?;
+        if r.old
+            .object
+            .as_ref()
+            .is_some_and(|m| objects.absent.contains(m))
+        {
+            continue;
+        }
+        let (addr, size) = locate_target(&mem, kernel, &objects.loaded, &r.old)?;
         let entry = mem
             .read_vec(addr, 9)
             .map_err(|e| KpError::guest(format!("reading {}", r.old), e))?;
@@ -253,7 +260,7 @@ pub struct Prepared {
     /// What the link took from the guest, checked again in the pause.
     pub(crate) boot: BootChoices,
     /// The modules it patches or names, as the link saw them (checked again too).
-    pub(crate) objects: Vec<ObjectModule>,
+    pub(crate) objects: ObjectModules,
     /// The engine's [`Engine::generation`] it was linked against.
     pub(crate) generation: u64,
 }
@@ -288,8 +295,8 @@ impl Prepared {
 /// features where the patch has alternatives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct BootChoices {
-    returns: link::Returns,
-    cpu: Option<CpuFeatures>,
+    pub(crate) returns: link::Returns,
+    pub(crate) cpu: Option<CpuFeatures>,
 }
 
 impl BootChoices {
@@ -312,7 +319,7 @@ fn link_into(
     boot: &BootChoices,
     mem: &KernelMemory,
     kernel: &Kernel,
-    objects: &[ObjectModule],
+    objects: &ObjectModules,
     obj: &PatchObject,
 ) -> Result<(Runs, link::Linked), KpError> {
     let name = &obj.manifest.name;
@@ -357,32 +364,22 @@ fn guest_cpu(
     CpuFeatures::of_guest(mem, kernel).map(Some)
 }
 
-/// Each function the patch replaces, with where its new version was linked.
-pub(crate) fn patched_funcs(
-    targets: Vec<Target>,
-    obj: &PatchObject,
-    linked: &link::Linked,
-) -> Result<Vec<PatchedObject>, KpError> {
-    let mut funcs = Vec::new();
-    for t in targets {
-        let r = t.replacement;
+/// The patch's side of each function it replaces: where its new version was linked.
+fn object_funcs(obj: &PatchObject, linked: &link::Linked) -> Result<Vec<ObjectFunc>, KpError> {
+    let mut out = Vec::new();
+    for r in &obj.manifest.replacements {
         let f = obj
             .function(&r.new)
             .ok_or_else(|| ParseError::Manifest(format!("no function {}", r.new)))?;
         let new_addr = linked.functions[&r.new];
-        site::jump(t.site, new_addr)?;
         let off = (new_addr - linked.code.addr) as usize;
         let body = linked
             .code
             .bytes
             .get(off..off + f.size as usize)
             .unwrap_or_default();
-        funcs.push(PatchedFunc {
+        out.push(ObjectFunc {
             old: r.old.clone(),
-            old_addr: t.addr,
-            old_size: t.size,
-            site: t.site,
-            site_pa: t.site_pa,
             new_name: r.new.clone(),
             new_addr,
             new_size: f.size,
@@ -390,38 +387,57 @@ pub(crate) fn patched_funcs(
             immediate: r.immediate,
         });
     }
-    Ok(by_object(funcs))
+    Ok(out)
 }
 
-/// Functions grouped by the object they are in: vmlinux first, then each module in the
-/// order the patch first names it.
-fn by_object(funcs: Vec<PatchedFunc>) -> Vec<PatchedObject> {
+/// The objects of the patch, each with the functions it replaces: vmlinux first, then
+/// each module in the order the patch first names it, loaded (at the targets found in
+/// this pause) or waiting.
+pub(crate) fn patched_objects(
+    targets: Vec<Target>,
+    obj: &PatchObject,
+    linked: &link::Linked,
+    modules: &ObjectModules,
+) -> Result<Vec<PatchedObject>, KpError> {
+    let news = object_funcs(obj, linked)?;
     let mut objects: Vec<PatchedObject> = Vec::new();
-    let mut vmlinux = Vec::new();
-    for f in funcs {
-        let Some(module) = f.old.object.clone() else {
-            vmlinux.push(f);
-            continue;
+    for (f, r) in news.iter().zip(&obj.manifest.replacements) {
+        let name = r
+            .old
+            .object
+            .clone()
+            .map_or(ObjectName::Vmlinux, ObjectName::Module);
+        let state = match &r.old.object {
+            None => ObjectState::Vmlinux,
+            Some(m) => match modules.loaded.iter().find(|o| &o.name == m) {
+                Some(o) => ObjectState::Loaded { module: o.addr },
+                None => ObjectState::Waiting,
+            },
         };
-        let name = ObjectName::Module(module);
-        match objects.iter_mut().find(|o| o.name == name) {
-            Some(o) => o.funcs.push(f),
-            None => objects.push(PatchedObject {
-                name,
-                funcs: vec![f],
-            }),
+        let at = match objects.iter().position(|o| o.name == name) {
+            Some(i) => i,
+            None => {
+                objects.push(PatchedObject {
+                    name: name.clone(),
+                    funcs: Vec::new(),
+                    state,
+                    replaces: Vec::new(),
+                });
+                objects.len() - 1
+            }
+        };
+        let o = &mut objects[at];
+        if name != ObjectName::Vmlinux {
+            o.replaces.push(f.clone());
+        }
+        if let Some(t) = targets.iter().find(|t| std::ptr::eq(t.replacement, r)) {
+            site::jump(t.site, f.new_addr)?;
+            o.funcs
+                .push(PatchedFunc::of_module(f, t.addr, t.size, t.site, t.site_pa));
         }
     }
-    if !vmlinux.is_empty() {
-        objects.insert(
-            0,
-            PatchedObject {
-                name: ObjectName::Vmlinux,
-                funcs: vmlinux,
-            },
-        );
-    }
-    objects
+    objects.sort_by_key(|o| o.name != ObjectName::Vmlinux);
+    Ok(objects)
 }
 
 /// The patch's ORC entries decoded with the guest kernel's own layout.
@@ -452,24 +468,133 @@ fn decode_orc(
         .collect())
 }
 
+/// The module not loaded yet that a symbol the patch uses will be resolved in when it
+/// loads: the module its binding names, or else the one module the patch replaces
+/// functions of that is not loaded (with several, a binding must say which).
+pub(crate) fn pending_module<'m>(
+    manifest: &'m crate::load::manifest::Manifest,
+    absent: &[String],
+    name: &str,
+) -> Result<Option<&'m str>, KpError> {
+    if let Some(b) = manifest.bindings.iter().find(|b| b.local == name) {
+        return Ok(b
+            .kernel
+            .object
+            .as_deref()
+            .filter(|m| absent.iter().any(|a| a == m)));
+    }
+    let waiting: Vec<&str> = manifest
+        .modules()
+        .into_iter()
+        .filter(|m| absent.iter().any(|a| a == m))
+        .collect();
+    match waiting[..] {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        _ => Err(KpError::Symbol(format!(
+            "'{name}' is in neither vmlinux nor a loaded module, and modules {} are not \
+             loaded: say which has it with LPVMM_SYMBOL_IN(local, module, name, pos)",
+            waiting.join(", ")
+        ))),
+    }
+}
+
+/// What linking a patch with a module part again needs ([`crate::patch::LateLink`]):
+/// each symbol it uses sorted by the object it is in.
+pub(crate) fn late_link(
+    obj: &PatchObject,
+    runs: Runs,
+    boot: &BootChoices,
+    linked: &link::Linked,
+    objects: &ObjectModules,
+) -> Result<crate::patch::LateLink, KpError> {
+    let m = &obj.manifest;
+    let mut late = crate::patch::LateLink {
+        obj: std::sync::Arc::new(obj.clone()),
+        at: Placement {
+            code: runs.code.start,
+            rodata: runs.rodata.start,
+            data: runs.data.start,
+        },
+        boot: boot.clone(),
+        vmlinux: Vec::new(),
+        owners: Vec::new(),
+        current: Vec::new(),
+    };
+    for (name, addr) in &linked.imports {
+        match import_owner(objects, m, name, false)? {
+            Some(module) => {
+                late.owners.push((name.clone(), module));
+                late.current.push((name.clone(), *addr));
+            }
+            None => late.vmlinux.push((name.clone(), *addr)),
+        }
+    }
+    for name in &linked.pending {
+        if let Some(module) = import_owner(objects, m, name, true)? {
+            late.owners.push((name.clone(), module));
+        }
+    }
+    Ok(late)
+}
+
+/// The module a symbol the patch uses is in (`None`: vmlinux), as [`resolve_import`]
+/// found it: the module its binding names, or the loaded module that has it, or the one
+/// not loaded yet it is pending on.
+pub(crate) fn import_owner(
+    objects: &ObjectModules,
+    manifest: &crate::load::manifest::Manifest,
+    name: &str,
+    pending: bool,
+) -> Result<Option<String>, KpError> {
+    if pending {
+        return Ok(pending_module(manifest, &objects.absent, name)?.map(str::to_string));
+    }
+    if let Some(b) = manifest.bindings.iter().find(|b| b.local == name) {
+        return Ok(b.kernel.object.clone());
+    }
+    Ok(objects::import(&objects.loaded, name, None)?.map(|(m, _)| m.to_string()))
+}
+
 /// A kernel symbol a patch uses: its binding first (in vmlinux or the module it names);
-/// else the name in the modules the patch replaces functions of, then in vmlinux.
+/// else the name in the loaded modules the patch replaces functions of, then in vmlinux.
+/// A symbol of a module not loaded yet ([`pending_module`]) is pending.
 fn resolve_import(
     mem: &KernelMemory,
     kernel: &Kernel,
-    objects: &[ObjectModule],
+    objects: &ObjectModules,
     obj: &PatchObject,
     name: &str,
-) -> Result<u64, KpError> {
+) -> Result<ImportAt, KpError> {
     let m = &obj.manifest;
     let binding = m.bindings.iter().find(|b| b.local == name);
     if let Some(b) = binding {
         if let Some(module) = &b.kernel.object {
-            return objects::bound(objects, &b.kernel, module);
+            if pending_module(m, &objects.absent, name)?.is_some() {
+                return Ok(ImportAt::Pending);
+            }
+            return objects::bound(&objects.loaded, &b.kernel, module).map(ImportAt::Addr);
         }
-    } else if let Some(addr) = objects::import(objects, name, None)? {
-        return Ok(addr);
+    } else if let Some((_, addr)) = objects::import(&objects.loaded, name, None)? {
+        return Ok(ImportAt::Addr(addr));
     }
+    match vmlinux_import(mem, kernel, binding, name) {
+        Ok(addr) => Ok(ImportAt::Addr(addr)),
+        Err(e) if binding.is_none() => match pending_module(m, &objects.absent, name)? {
+            Some(_) => Ok(ImportAt::Pending),
+            None => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// A symbol the patch uses, in vmlinux (by its binding, if it has one).
+fn vmlinux_import(
+    mem: &KernelMemory,
+    kernel: &Kernel,
+    binding: Option<&crate::load::manifest::SymbolBinding>,
+    name: &str,
+) -> Result<u64, KpError> {
     let (kname, pos) = match binding {
         Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
         None => (name, None),

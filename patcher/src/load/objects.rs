@@ -44,21 +44,27 @@ fn list(mem: &KernelMemory, kernel: &Kernel) -> Result<ModuleList, KpError> {
     ModuleList::read(mem, kernel).map_err(|e| KpError::GuestState(format!("{e}")))
 }
 
-/// The module called `name`, which must be loaded and live.
-fn live<'l>(l: &'l ModuleList, name: &str, patch: &str) -> Result<&'l Module, KpError> {
-    let m = l.named(name).ok_or_else(|| {
-        KpError::Symbol(format!(
-            "{patch} patches module {name}, which is not loaded in the guest (load it \
-             first: lpvmm patches a module's functions only while it is loaded)"
-        ))
-    })?;
+/// The modules a patch names, as one look at the guest's module list found them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ObjectModules {
+    /// Loaded and live.
+    pub(crate) loaded: Vec<ObjectModule>,
+    /// Not loaded (or on their way out): their part of the patch is linked and
+    /// redirected when the guest loads them.
+    pub(crate) absent: Vec<String>,
+}
+
+/// The module called `name`: live, absent (`None`; one being unloaded counts as gone),
+/// or an error for one loading now, whose notifier pass lpvmm may have missed.
+fn find<'l>(l: &'l ModuleList, name: &str) -> Result<Option<&'l Module>, KpError> {
+    let Some(m) = l.named(name) else {
+        return Ok(None);
+    };
     match m.state {
-        ModuleState::Live => Ok(m),
+        ModuleState::Live => Ok(Some(m)),
+        ModuleState::Going => Ok(None),
         ModuleState::Coming | ModuleState::Unformed => Err(KpError::GuestBusy(format!(
-            "module {name} is still loading; try again when it has loaded"
-        ))),
-        ModuleState::Going => Err(KpError::Symbol(format!(
-            "module {name} is being unloaded; {patch} was not loaded"
+            "module {name} is loading; try again when it has loaded"
         ))),
     }
 }
@@ -69,20 +75,23 @@ pub(crate) fn read(
     mem: &KernelMemory,
     kernel: &Kernel,
     manifest: &Manifest,
-) -> Result<Vec<ObjectModule>, KpError> {
+) -> Result<ObjectModules, KpError> {
     let names = named_modules(manifest);
     let replaced = manifest.modules();
     if names.is_empty() {
-        return Ok(Vec::new());
+        return Ok(ObjectModules::default());
     }
     let l = list(mem, kernel)?;
-    let mut out = Vec::new();
+    let mut out = ObjectModules::default();
     for name in names {
-        let m = live(&l, name, &manifest.name)?;
+        let Some(m) = find(&l, name)? else {
+            out.absent.push(name.to_string());
+            continue;
+        };
         let symbols = m
             .symbols(mem, kernel)
             .map_err(|e| KpError::GuestState(format!("module {name}: {e}")))?;
-        out.push(ObjectModule {
+        out.loaded.push(ObjectModule {
             name: name.to_string(),
             addr: m.addr,
             text: m.text,
@@ -93,25 +102,36 @@ pub(crate) fn read(
     Ok(out)
 }
 
-/// In the pause: each module is still the one prepare read, and still live.
+/// In the pause: each module is still the one prepare read, and each absent one still
+/// absent (or still unformed: its notifier pass is yet to come).
 pub(crate) fn check_same(
     mem: &KernelMemory,
     kernel: &Kernel,
     patch: &str,
-    seen: &[ObjectModule],
+    seen: &ObjectModules,
 ) -> Result<(), KpError> {
-    if seen.is_empty() {
+    if seen.loaded.is_empty() && seen.absent.is_empty() {
         return Ok(());
     }
     let l = list(mem, kernel)?;
-    for o in seen {
-        let m = live(&l, &o.name, patch)?;
-        if m.addr != o.addr || m.text != o.text {
-            return Err(KpError::State(format!(
-                "{patch}: module {} was unloaded and loaded again while the patch was \
-                 linked; load the patch again",
-                o.name
-            )));
+    let changed = |name: &str| {
+        KpError::State(format!(
+            "{patch}: module {name} was loaded or unloaded while the patch was linked; \
+             load the patch again"
+        ))
+    };
+    for o in &seen.loaded {
+        match find(&l, &o.name)? {
+            Some(m) if m.addr == o.addr && m.text == o.text => {}
+            _ => return Err(changed(&o.name)),
+        }
+    }
+    for name in &seen.absent {
+        let here = l
+            .named(name)
+            .is_some_and(|m| !matches!(m.state, ModuleState::Unformed | ModuleState::Going));
+        if here {
+            return Err(changed(name));
         }
     }
     Ok(())
@@ -146,13 +166,13 @@ pub(crate) fn function(
 }
 
 /// A symbol the patch uses, looked up in its modules in order (livepatch resolves an
-/// object's relocations in that object first, then in vmlinux): its address, if one of
-/// them has it. A name two of them have is ambiguous.
-pub(crate) fn import(
-    objects: &[ObjectModule],
+/// object's relocations in that object first, then in vmlinux): the module that has it
+/// and its address there, if one has. A name two of them have is ambiguous.
+pub(crate) fn import<'o>(
+    objects: &'o [ObjectModule],
     name: &str,
     pos: Option<u32>,
-) -> Result<Option<u64>, KpError> {
+) -> Result<Option<(&'o str, u64)>, KpError> {
     let mut found: Option<(&str, u64)> = None;
     for o in objects.iter().filter(|o| o.replaced) {
         let addr = match o.symbols.resolve(name, pos) {
@@ -169,7 +189,7 @@ pub(crate) fn import(
         }
         found = Some((&o.name, addr));
     }
-    Ok(found.map(|(_, a)| a))
+    Ok(found)
 }
 
 /// The symbol `sym` names in module `module` (a binding's).

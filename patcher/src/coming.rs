@@ -1,0 +1,575 @@
+//! The guest's modules coming and going, as patches see them (the kernel livepatch's
+//! `klp_module_coming` and `klp_module_going`). The doorbell of lpvmm's module notifier
+//! ([`crate::notifier`]) brings each event here, in a pause:
+//!
+//! - **COMING** (the module's text final, its ftrace records enabled, none of its code
+//!   run yet): every loaded patch with a part for that module is linked again at its
+//!   place with the module's symbols (those the patch uses from the module were pending
+//!   until now), its functions are found in the module, and each one whose visible
+//!   version is a patch's gets its jump. All of it or none: a patch whose module part
+//!   cannot be linked (a symbol the module lacks, a site ftrace holds) refuses the
+//!   module's load, with a line in the guest's kernel log, and changes nothing.
+//! - **GOING** (before the module's memory is freed): its sites get their original
+//!   bytes back (and their ftrace records), its functions are forgotten, its pending
+//!   symbols point at the patch's trap again. lpvmm never writes to the module's memory
+//!   after this.
+//!
+//! While a transition runs, an event for a module a patch has a part for is answered
+//! "ring again" until the transition ends: the loading task waits in the notifier (which
+//! unwinds reliably), and the module's functions never join a transition half-way.
+
+use std::collections::VecDeque;
+
+use introspection::kernel::Kernel;
+use introspection::modules::{Module, ModuleList, ModuleState, ModuleSymbols};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Engine;
+use crate::funcs::site::{self, SiteState};
+use crate::funcs::{self as versions, Version};
+use crate::load::link::{self, ImportAt};
+use crate::notifier::{Answer, Ring, NOTIFY_DONE, REFUSE_EINVAL};
+use crate::patch::{LateLink, ObjectName, ObjectState, PatchedFunc};
+use crate::{GuestWriter, KpError};
+
+/// Events kept for `patch status`.
+const KEPT_EVENTS: usize = 32;
+
+/// What a module's coming or going did, for `patch status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleEvent {
+    pub module: String,
+    /// `coming` or `going`.
+    pub action: String,
+    /// What lpvmm did: the patches it linked and the functions it redirected, or why it
+    /// refused the module's load.
+    pub outcome: String,
+    pub refused: bool,
+}
+
+/// Which of the two events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Coming,
+    Going,
+}
+
+/// One patch's part for an arriving module, checked and ready to write.
+struct Arrival {
+    patch: usize,
+    object: usize,
+    funcs: Vec<PatchedFunc>,
+    /// Patch-area bytes that change (guest-physical address, bytes).
+    relinked: Vec<(u64, Vec<u8>)>,
+    /// The module's symbols the patch uses, where they are.
+    resolved: Vec<(String, u64)>,
+}
+
+impl Engine {
+    /// Set how the guest's module notifier reaches the VMM (before any patch with a
+    /// module part is loaded).
+    pub fn set_doorbell(&mut self, bell: crate::notifier::Doorbell) {
+        self.doorbell = Some(bell);
+    }
+
+    /// The installed module notifier, if any.
+    pub fn notifier(&self) -> Option<&crate::notifier::Notifier> {
+        self.notifier.as_ref()
+    }
+
+    /// What the guest's modules coming and going did, oldest first.
+    pub fn module_events(&self) -> &VecDeque<ModuleEvent> {
+        &self.module_events
+    }
+
+    /// Handle one ring of the module notifier's doorbell, in a pause. Every field of
+    /// the ring is checked (the token, the `out` it came from, the module on the guest's
+    /// list in a state that fits the event); a ring that fails a check is answered
+    /// NOTIFY_DONE and changes nothing.
+    pub fn module_ring(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        ring: Ring,
+    ) -> Answer {
+        self.journaled(guest, |engine, guest| {
+            engine.ring_journaled(guest, kernel, ring)
+        })
+    }
+
+    fn ring_journaled(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        ring: Ring,
+    ) -> Answer {
+        let done = Answer {
+            ret: NOTIFY_DONE,
+            again: false,
+            message: 0,
+        };
+        let (Some(n), Some(bell)) = (&self.notifier, self.doorbell) else {
+            return done;
+        };
+        if ring.token != bell.token || !n.rang_here(ring.rip) {
+            return done;
+        }
+        let Some((module, action)) = self.ring_module(guest, kernel, ring) else {
+            return done;
+        };
+        let has_part = self.patches.iter().any(|p| {
+            p.objects
+                .iter()
+                .any(|o| o.name == ObjectName::Module(module.name.clone()))
+        });
+        if !has_part {
+            return done;
+        }
+        if self.active.is_some() {
+            return Answer::RETRY;
+        }
+        let result = match action {
+            Action::Coming => self.coming(guest, kernel, &module),
+            Action::Going => self.going(guest, kernel, &module),
+        };
+        let (outcome, refused) = match result {
+            Ok(did) => (did, false),
+            Err(e) => (e.to_string(), true),
+        };
+        let message = if refused {
+            let text = format!("refusing module {}: {outcome}", module.name);
+            self.log_message(guest, &text)
+        } else {
+            0
+        };
+        self.note_event(ModuleEvent {
+            module: module.name.clone(),
+            action: match action {
+                Action::Coming => "coming",
+                Action::Going => "going",
+            }
+            .into(),
+            outcome,
+            refused,
+        });
+        Answer {
+            ret: if refused { REFUSE_EINVAL } else { NOTIFY_DONE },
+            again: false,
+            message,
+        }
+    }
+
+    /// The module a ring names, if it is on the guest's list in a state that fits the
+    /// event (GOING also comes while a module is still COMING, when its load fails).
+    fn ring_module(
+        &self,
+        guest: &dyn GuestWriter,
+        kernel: &Kernel,
+        ring: Ring,
+    ) -> Option<(Module, Action)> {
+        let states = &kernel.layout.modules.as_ref().ok()?.states;
+        let mem = kernel.memory(guest.reader());
+        let list = ModuleList::read(&mem, kernel).ok()?;
+        let m = list.modules.into_iter().find(|m| m.addr == ring.module)?;
+        let action = match ring.action {
+            a if a == states[1] && m.state == ModuleState::Coming => Action::Coming,
+            a if a == states[2] && matches!(m.state, ModuleState::Going | ModuleState::Coming) => {
+                Action::Going
+            }
+            _ => return None,
+        };
+        Some((m, action))
+    }
+
+    fn log_message(&mut self, guest: &mut dyn GuestWriter, text: &str) -> u64 {
+        let (Some(n), Some(area)) = (self.notifier.as_mut(), self.area.as_ref()) else {
+            return 0;
+        };
+        n.message(guest, area, text).unwrap_or(0)
+    }
+
+    fn note_event(&mut self, e: ModuleEvent) {
+        self.module_events.push_back(e);
+        while self.module_events.len() > KEPT_EVENTS {
+            self.module_events.pop_front();
+        }
+    }
+
+    /// COMING: link and redirect every patch's part for `module`, or refuse it whole.
+    fn coming(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        module: &Module,
+    ) -> Result<String, KpError> {
+        let mem = kernel.memory(guest.reader());
+        let symbols = module
+            .symbols(&mem, kernel)
+            .map_err(|e| KpError::GuestState(format!("module {}: {e}", module.name)))?;
+        drop(mem);
+        let mut arrivals = Vec::new();
+        for (pi, p) in self.patches.iter().enumerate() {
+            let Some(oi) = p
+                .objects
+                .iter()
+                .position(|o| o.name == ObjectName::Module(module.name.clone()))
+            else {
+                continue;
+            };
+            let arrival = self
+                .arrival(guest, kernel, module, &symbols, pi, oi)
+                .map_err(|e| KpError::State(format!("patch {}: {e}", p.name)))?;
+            arrivals.push(arrival);
+        }
+        self.arrive(guest, kernel, module, arrivals)
+    }
+
+    /// One patch's part for `module`, checked: its functions found, its pending symbols
+    /// resolved, the patch linked again. Writes nothing.
+    fn arrival(
+        &self,
+        guest: &dyn GuestWriter,
+        kernel: &Kernel,
+        module: &Module,
+        symbols: &ModuleSymbols,
+        pi: usize,
+        oi: usize,
+    ) -> Result<Arrival, KpError> {
+        let p = &self.patches[pi];
+        let mem = kernel.memory(guest.reader());
+        let mut funcs = Vec::new();
+        for f in &p.objects[oi].replaces {
+            let s = symbols
+                .resolve(&f.old.name, f.old.pos)
+                .map_err(|e| KpError::Symbol(format!("module {}: {e}", module.name)))?;
+            let size = symbols.locate(s.addr).and_then(|l| l.size).unwrap_or(0);
+            if !matches!(s.kind, 't' | 'T') || !module.text.contains(s.addr) || size == 0 {
+                return Err(KpError::Symbol(format!(
+                    "{} is not a function of module {} (an __init function cannot be patched)",
+                    f.old, module.name
+                )));
+            }
+            let entry = mem
+                .read_vec(s.addr, 9)
+                .map_err(|e| KpError::guest(format!("reading {}", f.old), e))?;
+            let site = s.addr + site::site_offset(&entry);
+            let at = (site - s.addr) as usize;
+            let bytes: [u8; 5] = entry[at..at + 5].try_into().unwrap_or_default();
+            if site::inspect(&f.old.to_string(), site, &bytes)? != SiteState::Nop {
+                return Err(KpError::Site(format!(
+                    "{} at {site:#x} is not the fentry NOP",
+                    f.old
+                )));
+            }
+            let site_pa = mem
+                .translate(site)
+                .map_err(|e| KpError::guest(f.old.to_string(), e))?;
+            site::jump(site, f.new_addr)?;
+            funcs.push(PatchedFunc::of_module(f, s.addr, size, site, site_pa));
+        }
+        let (relinked, resolved) = match &p.late {
+            Some(late) => (
+                self.relink(late, &module.name, Some(symbols))?,
+                module_imports(late, &module.name, symbols)?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Ok(Arrival {
+            patch: pi,
+            object: oi,
+            funcs,
+            relinked,
+            resolved,
+        })
+    }
+
+    /// The patch-area bytes that change when `late`'s patch is linked with `module`'s
+    /// symbols (`Some`) instead of its trap, or back (`None`).
+    fn relink(
+        &self,
+        late: &LateLink,
+        module: &str,
+        symbols: Option<&ModuleSymbols>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, KpError> {
+        let Some(area) = &self.area else {
+            return Ok(Vec::new());
+        };
+        let m = &late.obj.manifest;
+        for (name, _) in &late.vmlinux {
+            let unbound = !m.bindings.iter().any(|b| &b.local == name);
+            if let (Some(syms), true) = (symbols, unbound) {
+                if !syms.named(name).is_empty() {
+                    return Err(KpError::Symbol(format!(
+                        "module {module} has its own '{name}', which the patch (loaded while \
+                         {module} was not) resolved in vmlinux: bind it with LPVMM_SYMBOL or \
+                         LPVMM_SYMBOL_IN"
+                    )));
+                }
+            }
+        }
+        let (returns, cpu) = (late.boot.returns, late.boot.cpu.as_ref());
+        let linked = |side: Side| {
+            link::link(&late.obj, late.at, returns, cpu, &|n| {
+                late_import(late, module, side, n)
+            })
+        };
+        let (from, to) = match symbols {
+            Some(syms) => (linked(Side::Gone)?, linked(Side::Arrived(syms))?),
+            None => (linked(Side::Now)?, linked(Side::Gone)?),
+        };
+        let mut writes = Vec::new();
+        for (a, b) in [
+            (&from.code, &to.code),
+            (&from.rodata, &to.rodata),
+            (&from.data, &to.data),
+        ] {
+            for (at, bytes) in differing(&a.bytes, &b.bytes) {
+                writes.push((area.layout.pa(b.addr + at as u64), bytes));
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Write every checked arrival: the relinked bytes, then each function's jump where
+    /// its visible version is a patch's.
+    fn arrive(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        module: &Module,
+        arrivals: Vec<Arrival>,
+    ) -> Result<String, KpError> {
+        let mut did = Vec::new();
+        for a in &arrivals {
+            let o = &mut self.patches[a.patch].objects[a.object];
+            o.funcs = a.funcs.clone();
+            o.state = ObjectState::Loaded {
+                module: module.addr,
+            };
+        }
+        let redirected = match self.redirect_arrived(guest, kernel, &arrivals) {
+            Ok(n) => n,
+            Err(e) => {
+                self.forget_arrivals(&arrivals);
+                return Err(e);
+            }
+        };
+        for a in arrivals {
+            for (pa, bytes) in &a.relinked {
+                guest
+                    .write_phys(*pa, bytes)
+                    .map_err(|e| KpError::guest("writing the patch area", e))?;
+            }
+            let p = &mut self.patches[a.patch];
+            set_module_imports(p, &module.name, &a.resolved);
+            did.push(p.name.clone());
+        }
+        Ok(format!(
+            "linked patch(es) {} for it; {redirected} function(s) redirected",
+            did.join(", ")
+        ))
+    }
+
+    /// The arrived functions whose visible version is a patch's, redirected; how many.
+    fn redirect_arrived(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        arrivals: &[Arrival],
+    ) -> Result<usize, KpError> {
+        let mut writes = Vec::new();
+        for f in arrivals.iter().flat_map(|a| &a.funcs) {
+            if let Version::Code(c) =
+                versions::visible(&self.patches, f.old_addr, &versions::is_enabled)
+            {
+                if !writes.iter().any(|(func, _)| *func == f.old_addr) {
+                    writes.push((f.old_addr, site::jump(f.site, c.addr)?));
+                }
+            }
+        }
+        for (func, _) in &writes {
+            self.ensure_stack(*func)?;
+        }
+        let flags = self.check_sites(guest.reader(), kernel, &writes)?;
+        self.write_sites(guest, &writes, flags)?;
+        Ok(writes.len())
+    }
+
+    /// Undo [`Engine::arrive`]'s bookkeeping for arrivals it could not write.
+    fn forget_arrivals(&mut self, arrivals: &[Arrival]) {
+        for a in arrivals {
+            let o = &mut self.patches[a.patch].objects[a.object];
+            o.funcs.clear();
+            o.state = ObjectState::Waiting;
+        }
+        self.drop_unused_stacks();
+    }
+
+    /// GOING: every site in `module` gets its original bytes back, its functions are
+    /// forgotten and its pending symbols point at the trap again.
+    fn going(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        module: &Module,
+    ) -> Result<String, KpError> {
+        let name = ObjectName::Module(module.name.clone());
+        let mut writes = Vec::new();
+        let mut relinks = Vec::new();
+        for p in &self.patches {
+            for o in p.objects.iter().filter(|o| o.name == name) {
+                if o.state
+                    != (ObjectState::Loaded {
+                        module: module.addr,
+                    })
+                {
+                    continue;
+                }
+                for f in &o.funcs {
+                    if let Some(s) = self.funcs.get(&f.old_addr) {
+                        if s.live != s.original && !writes.iter().any(|(a, _)| *a == f.old_addr) {
+                            writes.push((f.old_addr, s.original));
+                        }
+                    }
+                }
+                if let Some(late) = &p.late {
+                    relinks.extend(self.relink(late, &module.name, None)?);
+                }
+            }
+        }
+        let flags = self.check_sites(guest.reader(), kernel, &writes)?;
+        self.write_sites(guest, &writes, flags)?;
+        for (pa, bytes) in relinks {
+            guest
+                .write_phys(pa, &bytes)
+                .map_err(|e| KpError::guest("writing the patch area", e))?;
+        }
+        for p in &mut self.patches {
+            let mut had = false;
+            for o in p.objects.iter_mut().filter(|o| o.name == name) {
+                had |= o.state
+                    == (ObjectState::Loaded {
+                        module: module.addr,
+                    });
+                o.funcs.clear();
+                o.state = ObjectState::Waiting;
+            }
+            if had {
+                set_module_imports(p, &module.name, &[]);
+            }
+        }
+        self.drop_unused_stacks();
+        Ok(format!("{} site(s) given back", writes.len()))
+    }
+}
+
+/// Where a symbol `late`'s patch uses is, with `module`'s symbols (`with`) or without:
+/// in vmlinux, in `module`, in another module of the patch loaded now, or pending (the
+/// patch's trap).
+fn late_import(late: &LateLink, module: &str, side: Side, name: &str) -> Result<ImportAt, KpError> {
+    if let Some((_, a)) = late.vmlinux.iter().find(|(n, _)| n == name) {
+        return Ok(ImportAt::Addr(*a));
+    }
+    let owner = late
+        .owners
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, m)| m.as_str());
+    let current = || match late.current.iter().find(|(n, _)| n == name) {
+        Some((_, a)) => ImportAt::Addr(*a),
+        None => ImportAt::Pending,
+    };
+    match side {
+        Side::Arrived(syms) if owner == Some(module) => {
+            pending_in(&late.obj.manifest, syms, module, name).map(ImportAt::Addr)
+        }
+        Side::Gone if owner == Some(module) => Ok(ImportAt::Pending),
+        _ => Ok(current()),
+    }
+}
+
+/// Which link of a patch: `module`'s symbols where they are now, or as the arriving
+/// module has them, or gone (the trap).
+#[derive(Clone, Copy)]
+enum Side<'s> {
+    Now,
+    Arrived(&'s ModuleSymbols),
+    Gone,
+}
+
+/// A pending symbol of `manifest`'s, resolved in the arriving `module`: by its binding,
+/// or by name.
+fn pending_in(
+    manifest: &crate::load::manifest::Manifest,
+    symbols: &ModuleSymbols,
+    module: &str,
+    name: &str,
+) -> Result<u64, KpError> {
+    let (kname, pos) = match manifest.bindings.iter().find(|b| b.local == name) {
+        Some(b) => (b.kernel.name.as_str(), b.kernel.pos),
+        None => (name, None),
+    };
+    let used_as = match kname == name {
+        true => String::new(),
+        false => format!(" (the patch's '{name}')"),
+    };
+    symbols
+        .resolve(kname, pos)
+        .map(|s| s.addr)
+        .map_err(|e| KpError::Symbol(format!("module {module}: {e}{used_as}")))
+}
+
+/// The symbols `late`'s patch uses in `module`, where the arriving module has them.
+fn module_imports(
+    late: &LateLink,
+    module: &str,
+    symbols: &ModuleSymbols,
+) -> Result<Vec<(String, u64)>, KpError> {
+    late.owners
+        .iter()
+        .filter(|(_, m)| m == module)
+        .map(|(n, _)| {
+            Ok((
+                n.clone(),
+                pending_in(&late.obj.manifest, symbols, module, n)?,
+            ))
+        })
+        .collect()
+}
+
+/// Record where the symbols `p` uses in `module` are now (`resolved`; empty: gone).
+fn set_module_imports(p: &mut crate::patch::Patch, module: &str, resolved: &[(String, u64)]) {
+    let Some(late) = p.late.as_mut() else {
+        return;
+    };
+    let owned: Vec<String> = late
+        .owners
+        .iter()
+        .filter(|(_, m)| m == module)
+        .map(|(n, _)| n.clone())
+        .collect();
+    late.current.retain(|(n, _)| !owned.contains(n));
+    late.current.extend(resolved.iter().cloned());
+    for i in p.imports.iter_mut().filter(|i| owned.contains(&i.name)) {
+        i.addr = resolved
+            .iter()
+            .find(|(n, _)| n == &i.name)
+            .map_or(0, |(_, a)| *a);
+    }
+}
+
+/// The runs where `to` differs from `from` (same length: one object linked at one
+/// place), each with `to`'s bytes.
+fn differing(from: &[u8], to: &[u8]) -> Vec<(usize, Vec<u8>)> {
+    let mut out: Vec<(usize, Vec<u8>)> = Vec::new();
+    for (i, (a, b)) in from.iter().zip(to).enumerate() {
+        if a == b {
+            continue;
+        }
+        match out.last_mut() {
+            Some((at, run)) if *at + run.len() == i => run.push(*b),
+            _ => out.push((i, vec![*b])),
+        }
+    }
+    out
+}
