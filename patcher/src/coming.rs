@@ -97,6 +97,49 @@ impl Engine {
         })
     }
 
+    /// The answer to a ring that needs no pause, read from the running guest: a ring
+    /// that is not the notifier's, or for a module no patch has a part for, is done; one
+    /// for a module a patch has a part for waits while a transition runs. `None`: the
+    /// ring needs [`Engine::module_ring`] in a pause.
+    pub fn module_ring_unpaused(
+        &self,
+        ram: &dyn introspection::GuestRam,
+        kernel: &Kernel,
+        ring: Ring,
+    ) -> Option<Answer> {
+        let done = Some(Answer {
+            ret: NOTIFY_DONE,
+            again: false,
+            message: 0,
+        });
+        let (Some(n), Some(bell)) = (&self.notifier, self.doorbell) else {
+            return done;
+        };
+        if ring.token != bell.token || !n.rang_here(ring.rip) {
+            return done;
+        }
+        let l = kernel.layout.modules.as_ref().ok()?;
+        let mem = introspection::memory::KernelMemory::new(ram, kernel.root);
+        let name = mem
+            .fixed_str(
+                ring.module.wrapping_add(l.name),
+                l.name_len.min(256) as usize,
+            )
+            .ok()?;
+        if !self.has_part(&name) {
+            return done;
+        }
+        self.active.is_some().then_some(Answer::RETRY)
+    }
+
+    /// Whether a loaded patch has a part for module `name`.
+    fn has_part(&self, name: &str) -> bool {
+        let name = ObjectName::Module(name.to_string());
+        self.patches
+            .iter()
+            .any(|p| p.objects.iter().any(|o| o.name == name))
+    }
+
     fn ring_journaled(
         &mut self,
         guest: &mut dyn GuestWriter,
@@ -117,12 +160,7 @@ impl Engine {
         let Some((module, action)) = self.ring_module(guest, kernel, ring) else {
             return done;
         };
-        let has_part = self.patches.iter().any(|p| {
-            p.objects
-                .iter()
-                .any(|o| o.name == ObjectName::Module(module.name.clone()))
-        });
-        if !has_part {
+        if !self.has_part(&module.name) {
             return done;
         }
         if self.active.is_some() {

@@ -19,8 +19,19 @@ use lpvmm_tests::{
 
 /// The samples built for each series; the `bad-` ones only compiled (lpvmm refuses them).
 const SAMPLES: &[&str] = &[
-    "loadavg", "current", "features", "nsleep", "spin", "getpid", "tun",
+    "loadavg",
+    "current",
+    "features",
+    "nsleep",
+    "spin",
+    "getpid",
+    "tun",
+    "tunlate",
+    "tunbroken",
 ];
+/// tun's module file in the guest image (the path its module list gives it).
+const TUN_KO: &str =
+    "/lib/modules/$(uname -r)/$(grep -o '[^ ]*/tun[.]ko' /lib/modules/$(uname -r)/lpvmm-modules)";
 /// Guest processes hammering the patched getpid, and the per-task disable/enable cycles
 /// they go through (the 10,000-cycle run is `bench endurance`, docs/benchmarks.md).
 /// After each transition the test waits until every process has called getpid once
@@ -228,6 +239,132 @@ fn module_functions_patched(host: &mut TestHost, series: &str) -> TestResult {
     );
     verb(&mut g, "unload", "tun")?;
     kill(&mut g, reader)?;
+    g.poweroff().map(|_| ())
+}
+
+/// Whether module `name` is in the guest's /proc/modules.
+fn loaded(g: &mut Guest, name: &str) -> Result<bool, String> {
+    Ok(g.run(&format!("grep -c '^{name} ' /proc/modules || true"))?
+        .trim()
+        .ends_with('1'))
+}
+
+/// `insmod` tun; its exit status and what it said.
+fn insmod_tun(g: &mut Guest) -> Result<(i32, String), String> {
+    let out = g.text(&format!("insmod {TUN_KO} 2>&1; echo rc=$?"))?;
+    let rc = out
+        .rsplit_once("rc=")
+        .and_then(|(_, r)| r.trim().parse().ok())
+        .ok_or_else(|| format!("insmod tun: {out:?}"))?;
+    Ok((rc, out))
+}
+
+/// The state of patch `patch`'s part for module `module` in `patch status`.
+fn object_state(g: &mut Guest, patch: &str, module: &str) -> Result<String, String> {
+    let s = status(g)?;
+    let p = patchtest::patch_of(&s, patch)?;
+    p.objects
+        .iter()
+        .find(|o| o.name == module)
+        .map(|o| o.state.clone())
+        .ok_or_else(|| format!("{patch} has no object {module}: {:?}", p.objects))
+}
+
+/// Issue 25, acceptance 4 and 6: patches for a module the guest has not loaded
+/// (patcher/examples/kbuild/tunlate.c and tunbroken.c). Loaded while tun is unloaded,
+/// the patch says its tun part waits; when the guest loads tun, tun's own init already
+/// runs the new tun_device_event (its kernel log says "lpvmm: tun sees lo"), and
+/// tun's fdinfo names tun's static tun_do_read, a symbol pending until then. Unloaded
+/// and loaded again: patched again. Disabled while tun is unloaded, loaded again:
+/// tun's own code. A part that cannot be linked (a symbol tun lacks) makes insmod
+/// fail, with lpvmm's line in the kernel log, and changes nothing else.
+fn module_loaded_later(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kblate-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    g.run("rmmod tun")?;
+    check!(
+        !loaded(&mut g, "tun")?,
+        "{series}: tun still loaded after rmmod"
+    );
+    apply(&mut g, series, "tunlate")?;
+    check!(
+        object_state(&mut g, "tunlate", "tun")? == "waiting",
+        "{series}: tunlate's tun part should wait while tun is not loaded"
+    );
+    let sees = "dmesg | grep -c 'lpvmm: tun sees lo' || true";
+    for round in 1..=2 {
+        let (rc, out) = insmod_tun(&mut g)?;
+        check!(rc == 0, "{series}: insmod tun (round {round}): {out}");
+        let n = g.text(sees)?;
+        check!(
+            n == round.to_string(),
+            "{series}: round {round}: tun's init should have run the new tun_device_event \
+             once per load: {n} lines\n{}",
+            g.run("dmesg | tail -20")?
+        );
+        check!(
+            object_state(&mut g, "tunlate", "tun")? == "loaded",
+            "{series}: tun part after insmod"
+        );
+        let reader = tun_reader(&mut g)?;
+        let iff = tun_iff(&mut g, reader)?;
+        check!(
+            iff == "iff:\tlpvmm tun_do_read [tun]",
+            "{series}: round {round}: fdinfo of a tun file: {iff:?}"
+        );
+        kill(&mut g, reader)?;
+        g.run("rmmod tun")?;
+        check!(
+            object_state(&mut g, "tunlate", "tun")? == "waiting",
+            "{series}: tun part after rmmod"
+        );
+    }
+    // Disabled while tun is unloaded: tun loads as it is.
+    verb(&mut g, "disable", "tunlate")?;
+    let (rc, out) = insmod_tun(&mut g)?;
+    check!(rc == 0, "{series}: insmod tun after disable: {out}");
+    check!(
+        g.text(sees)? == "2",
+        "{series}: tun's init ran the new code after disable"
+    );
+    let reader = tun_reader(&mut g)?;
+    let iff = tun_iff(&mut g, reader)?;
+    check!(
+        iff.starts_with("iff:\tlpvmm0"),
+        "{series}: fdinfo after disable: {iff:?}"
+    );
+    kill(&mut g, reader)?;
+    verb(&mut g, "unload", "tunlate")?;
+
+    // A part that cannot link refuses tun's load, and only that.
+    g.run("rmmod tun")?;
+    apply(&mut g, series, "tunbroken")?;
+    let (rc, out) = insmod_tun(&mut g)?;
+    check!(
+        rc != 0,
+        "{series}: insmod tun under tunbroken should fail: {out}"
+    );
+    // (g.run: the lines are the kernel's, which g.text leaves out.)
+    let log = g.run("dmesg | grep 'lpvmm: refusing module tun' || true")?;
+    check!(
+        log.contains("refusing module tun: patch tunbroken:")
+            && log.contains("unknown symbol 'lpvmm_no_such_symbol'"),
+        "{series}: the guest's log should say why tun was refused: {log:?}"
+    );
+    check!(
+        !loaded(&mut g, "tun")?,
+        "{series}: tun loaded although refused"
+    );
+    let s = status(&mut g)?;
+    let e = s.module_events.last().ok_or("no module event")?;
+    check!(
+        e.module == "tun" && e.action == "coming" && e.refused,
+        "{series}: the last module event: {e:?}"
+    );
+    verb(&mut g, "disable", "tunbroken")?;
+    verb(&mut g, "unload", "tunbroken")?;
+    let (rc, out) = insmod_tun(&mut g)?;
+    check!(rc == 0, "{series}: insmod tun with no patch for it: {out}");
     g.poweroff().map(|_| ())
 }
 
@@ -929,6 +1066,10 @@ fn main() {
         (
             "module_functions_patched_through_tun",
             module_functions_patched,
+        ),
+        (
+            "module_loaded_later_is_patched_at_load",
+            module_loaded_later,
         ),
         (
             "ftrace_and_kprobes_share_a_redirected_function",

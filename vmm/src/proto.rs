@@ -298,6 +298,33 @@ pub struct PatchStatusResult {
     pub history: Vec<TransitionView>,
     /// Where the patch area is mapped in the guest, once it is.
     pub area: Option<AreaView>,
+    /// What the guest's modules coming and going did to patches, newest last.
+    #[serde(default)]
+    pub module_events: Vec<ModuleEventView>,
+}
+
+/// A module the guest loaded (`coming`) or unloaded (`going`) while a patch had a part
+/// for it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModuleEventView {
+    pub module: String,
+    pub action: String,
+    pub outcome: String,
+    /// lpvmm refused the module's load (the guest's insmod failed).
+    pub refused: bool,
+}
+
+/// One object of a patch: vmlinux, or a module with whether the guest has it loaded.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ObjectView {
+    pub name: String,
+    /// `vmlinux`, `loaded` (its functions are the patch's to redirect) or `waiting`
+    /// (not loaded: patched when the guest loads it).
+    pub state: String,
+    /// For a loaded module: its `struct module`.
+    pub module: Option<u64>,
+    /// For a module: the functions it replaces whenever it is loaded.
+    pub replaces: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -320,6 +347,8 @@ pub struct PatchView {
     /// through it by its frame pointer).
     pub orc_entries: usize,
     pub funcs: Vec<PatchFuncView>,
+    #[serde(default)]
+    pub objects: Vec<ObjectView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

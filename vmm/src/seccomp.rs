@@ -7,7 +7,8 @@
 //! and nothing else (firecracker's model; the filters are built with rust-vmm's
 //! seccompiler):
 //!
-//! - **vcpu**: `KVM_RUN` and the three register reads of a park (no other ioctl), the
+//! - **vcpu**: `KVM_RUN`, the three register reads of a park and the register write
+//!   that answers the module notifier's doorbell (no other ioctl), the
 //!   console's writes, futexes, memory management, the kick signal's return;
 //! - **api** (the main thread: event loop, console, control socket and every request):
 //!   the same base without any KVM ioctl (the VM's descriptor needs none after setup),
@@ -86,6 +87,8 @@ const KVM_RUN: u64 = 0xAE80;
 const KVM_GET_REGS: u64 = 0x8090_AE81;
 const KVM_GET_SREGS: u64 = 0x8138_AE83;
 const KVM_GET_MSRS: u64 = 0xC008_AE88;
+/// Answering the module notifier's doorbell (devices/doorbell.rs).
+const KVM_SET_REGS: u64 = 0x4090_AE82;
 
 /// System calls every thread makes in its steady state: memory, futexes, time, logging
 /// to stderr (and the console to stdout), signals' return, a panic's abort, exit.
@@ -177,7 +180,13 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     }
     // The VM's own descriptor needs no ioctl after setup; only vCPU threads touch KVM.
     let ioctls: &[u64] = match kind {
-        ThreadKind::Vcpu => &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_MSRS],
+        ThreadKind::Vcpu => &[
+            KVM_RUN,
+            KVM_GET_REGS,
+            KVM_GET_SREGS,
+            KVM_GET_MSRS,
+            KVM_SET_REGS,
+        ],
         ThreadKind::Api => {
             rules.extend(API.iter().map(|&n| (n, Vec::new())));
             API_IOCTLS
@@ -372,7 +381,7 @@ mod tests {
         assert!(!rules(ThreadKind::PatchDriver)
             .unwrap()
             .contains_key(&libc::SYS_read));
-        assert_eq!(rules(ThreadKind::Vcpu).unwrap()[&libc::SYS_ioctl].len(), 4);
+        assert_eq!(rules(ThreadKind::Vcpu).unwrap()[&libc::SYS_ioctl].len(), 5);
     }
 
     #[test]
@@ -393,6 +402,11 @@ mod tests {
         assert_eq!(
             KVM_GET_MSRS,
             iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>())
+        );
+        let iow = |nr: u64, size: usize| (1u64 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr;
+        assert_eq!(
+            KVM_SET_REGS,
+            iow(0x82, std::mem::size_of::<kvm_bindings::kvm_regs>())
         );
     }
 

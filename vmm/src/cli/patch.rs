@@ -578,6 +578,15 @@ fn status(vm: &str, json: bool) -> Result<i32> {
         println!("  (versions in load order; * is the one tasks run outside transitions)");
     }
     print_transitions(&s);
+    for e in &s.module_events {
+        println!(
+            "module {} {}: {}{}",
+            e.module,
+            e.action,
+            if e.refused { "REFUSED: " } else { "" },
+            e.outcome
+        );
+    }
     Ok(0)
 }
 
@@ -613,15 +622,20 @@ fn print_patch(p: &PatchView) {
         if p.forced { ", forced" } else { "" },
         p.enables
     );
+    for o in p.objects.iter().filter(|o| o.state != "vmlinux") {
+        match o.module {
+            Some(m) => println!("  module {}: loaded (struct module at {m:#x})", o.name),
+            None => println!(
+                "  module {}: not loaded; {} patched when the guest loads it",
+                o.name,
+                o.replaces.join(", ")
+            ),
+        }
+    }
     for f in &p.funcs {
         println!(
-            "  {}{} {:#x} -> {} {:#x} ({} bytes{}{})",
-            // vmlinux's functions by name alone; a module's as MODULE:FUNCTION.
-            if f.object == "vmlinux" {
-                String::new()
-            } else {
-                format!("{}:", f.object)
-            },
+            // A module's functions as MODULE:FUNCTION.
+            "  {} {:#x} -> {} {:#x} ({} bytes{}{})",
             f.old,
             f.old_addr,
             f.new_name,

@@ -2,10 +2,13 @@
 //!
 //! Devices: the 16550 serial port at 0x3f8 (IRQ 4), the i8042's reset line (0x64,
 //! command 0xfe: `reboot=k`), the ACPI sleep control register (poweroff), and a PCI
-//! config space with only a host bridge (see pci.rs). Everything
+//! config space with only a host bridge (see pci.rs), and the doorbell of lpvmm's
+//! module notifier (see doorbell.rs; its port is handled on the vCPU thread, which
+//! needs the registers). Everything
 //! else on the port bus reads as all-ones, as an empty ISA bus would.
 
 pub mod console;
+pub mod doorbell;
 pub mod pci;
 
 use std::io::{self, Write};
@@ -162,6 +165,7 @@ pub struct Devices {
     stop: Mutex<Option<StopReason>>,
     /// Written when a stop is requested, to wake the main loop.
     pub stop_evt: EventFd,
+    pub doorbell: doorbell::Doorbell,
 }
 
 impl Devices {
@@ -182,6 +186,7 @@ impl Devices {
             panic,
             stop: Mutex::new(None),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            doorbell: doorbell::Doorbell::new(),
         })
     }
 

@@ -32,13 +32,19 @@ impl Session {
     pub fn new(vm: Vm) -> Self {
         let mut engine = patcher::Engine::new();
         engine.set_verify_early(vm.config.verify_early_checks);
+        engine.set_doorbell(patcher::notifier::Doorbell {
+            port: crate::devices::doorbell::PORT,
+            token: vm.devices.doorbell.token(),
+        });
         inject_fault(&mut engine);
+        let wakeup = Arc::new(Condvar::new());
+        vm.devices.doorbell.set_waker(wakeup.clone());
         Session {
             vm,
             kernel: None,
             engine,
             epoch: Instant::now(),
-            wakeup: Arc::new(Condvar::new()),
+            wakeup,
         }
     }
 

@@ -148,6 +148,43 @@ impl Session {
         PatchStatusResult::of(&self.engine)
     }
 
+    /// Answer the rings of the guest's module notifier filed since the last look
+    /// (devices/doorbell.rs): without a pause where the engine can, else in one pause
+    /// per ring. A ring whose pause fails is answered at its next ring.
+    pub fn serve_doorbell(&mut self) {
+        let rings = self.vm.devices.doorbell.take();
+        if rings.is_empty() {
+            return;
+        }
+        let kernel = match self.kernel_attached() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("module notifier: {e:#}");
+                return;
+            }
+        };
+        for ring in rings {
+            let Session { vm, engine, .. } = self;
+            let quick = vm.running_ram(|ram| engine.module_ring_unpaused(ram, &kernel, ring));
+            let answer = match quick {
+                Some(a) => a,
+                None => match vm.paused_for_write(|g| engine.module_ring(g, &kernel, ring)) {
+                    Ok((a, _)) => {
+                        if let Some(e) = engine.module_events().back() {
+                            eprintln!("lpvmm: module {} {}: {}", e.module, e.action, e.outcome);
+                        }
+                        a
+                    }
+                    Err(e) => {
+                        tracing::warn!("module notifier: cannot pause: {e}");
+                        continue;
+                    }
+                },
+            };
+            vm.devices.doorbell.answer(ring, answer);
+        }
+    }
+
     /// One tick of the transition in progress, if it is due. Returns when the next is.
     pub fn drive_transition(&mut self) -> Option<Instant> {
         self.engine.due()?;
@@ -279,6 +316,7 @@ fn drive(session: Weak<Mutex<Session>>, wakeup: Arc<std::sync::Condvar>) {
         if guard.vm.devices.stop_reason().is_some() {
             return;
         }
+        guard.serve_doorbell();
         let wait = guard
             .drive_transition()
             .map(|t| t.saturating_duration_since(Instant::now()))

@@ -3,8 +3,9 @@
 //! the engine knows the other.
 
 use crate::proto::{
-    AreaView, BlockerView, ChangeView, FuncView, OutcomeView, PatchFuncView, PatchStateView,
-    PatchStatusResult, PatchView, SiteNow, StateView, TransitionView, VersionView,
+    AreaView, BlockerView, ChangeView, FuncView, ModuleEventView, ObjectView, OutcomeView,
+    PatchFuncView, PatchStateView, PatchStatusResult, PatchView, SiteNow, StateView,
+    TransitionView, VersionView,
 };
 
 /// A patch's state as status shows it: `enabling`/`disabling` while a transition of
@@ -121,6 +122,16 @@ impl PatchStatusResult {
             active: active.map(TransitionView::of),
             history: e.history().map(TransitionView::of).collect(),
             area: e.area_layout().map(|a| AreaView::of(a, e.area_use())),
+            module_events: e
+                .module_events()
+                .iter()
+                .map(|m| ModuleEventView {
+                    module: m.module.clone(),
+                    action: m.action.clone(),
+                    outcome: m.outcome.clone(),
+                    refused: m.refused,
+                })
+                .collect(),
         }
     }
 }
@@ -159,6 +170,24 @@ impl PatchView {
                     immediate: f.immediate,
                 })
                 .collect(),
+            objects: p.objects.iter().map(ObjectView::of).collect(),
+        }
+    }
+}
+
+impl ObjectView {
+    fn of(o: &patcher::PatchedObject) -> Self {
+        use patcher::patch::ObjectState;
+        let (state, module) = match o.state {
+            ObjectState::Vmlinux => ("vmlinux", None),
+            ObjectState::Loaded { module } => ("loaded", Some(module)),
+            ObjectState::Waiting => ("waiting", None),
+        };
+        ObjectView {
+            name: o.name.to_string(),
+            state: state.into(),
+            module,
+            replaces: o.replaces.iter().map(|f| f.old.to_string()).collect(),
         }
     }
 }

@@ -30,7 +30,7 @@ use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::cpu::{self, CpuError};
-use crate::devices::{Devices, StopReason};
+use crate::devices::{doorbell, Devices, StopReason};
 use crate::seccomp::{self, ThreadKind};
 use introspection::VcpuState;
 
@@ -579,6 +579,9 @@ fn run_once(index: usize, fd: &mut VcpuFd, control: &VcpuControl, devices: &Devi
     control.record_entry(index, armed);
     let ran = fd.run();
     control.record(index, false);
+    if matches!(ran, Ok(VcpuExit::IoOut(p, _)) if p == doorbell::PORT) {
+        return ring_doorbell(index, fd, devices);
+    }
     match ran {
         // A triple fault needs the vCPU for its report, so it is handled outside
         // `handle_exit`, which only sees the exit.
@@ -590,6 +593,37 @@ fn run_once(index: usize, fd: &mut VcpuFd, control: &VcpuControl, devices: &Devi
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Interrupted,
         Err(e) => Step::Stop(StopReason::Fatal(format!(
             "vCPU {index}: KVM_RUN failed: {e}"
+        ))),
+    }
+}
+
+/// The module notifier's stub rang (devices/doorbell.rs): read what it carries, write
+/// the answer into its registers. Never waits for the engine.
+fn ring_doorbell(index: usize, fd: &mut VcpuFd, devices: &Devices) -> Step {
+    let mut regs = match fd.get_regs() {
+        Ok(r) => r,
+        Err(e) => {
+            return Step::Stop(StopReason::Fatal(format!(
+                "vCPU {index}: reading registers at the doorbell: {e}"
+            )))
+        }
+    };
+    let ring = patcher::notifier::Ring {
+        rip: regs.rip,
+        token: regs.rdi,
+        module: regs.rsi,
+        action: regs.rcx,
+    };
+    let Some(answer) = devices.doorbell.ring(ring) else {
+        return Step::Continue;
+    };
+    regs.rax = answer.ret;
+    regs.rdi = u64::from(answer.again);
+    regs.rsi = answer.message;
+    match fd.set_regs(&regs) {
+        Ok(()) => Step::Continue,
+        Err(e) => Step::Stop(StopReason::Fatal(format!(
+            "vCPU {index}: answering the doorbell: {e}"
         ))),
     }
 }

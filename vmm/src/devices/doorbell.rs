@@ -1,0 +1,136 @@
+//! The doorbell of lpvmm's module notifier in the guest (patcher::notifier): an I/O
+//! port that the notifier's stub writes when the guest loads or unloads a module.
+//!
+//! The write is a `KVM_EXIT_IO` on the vCPU thread of the loading task. That thread
+//! never waits for the patch engine (which may be busy, and needs every vCPU parked to
+//! write): it files the ring and answers "ring again" at once, the stub sleeps 10 ms
+//! and rings again, and the patch driver thread handles the ring in a pause of its own
+//! and leaves the answer here for the next ring to take. A write to the port that does
+//! not carry the VM's token is not lpvmm's stub and is ignored.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use patcher::notifier::{Answer, Ring};
+
+/// The port the stub writes (4 bytes, `out %eax,(%dx)`): unused by the VM's devices.
+pub const PORT: u16 = 0x0ec0;
+/// Rings waiting for the engine; more are dropped (each is rung again).
+const MAX_QUEUED: usize = 256;
+
+/// Rings filed by vCPU threads and the engine's answers to them.
+pub struct Doorbell {
+    token: u64,
+    state: Mutex<State>,
+    /// Wakes the patch driver when a ring is filed.
+    waker: OnceLock<Arc<Condvar>>,
+}
+
+#[derive(Default)]
+struct State {
+    queued: VecDeque<Ring>,
+    /// Answers not yet taken, by (module, event).
+    answers: HashMap<(u64, u64), Answer>,
+}
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Doorbell {
+    /// A doorbell with a token of its own: 64 bits from the OS's random source (the
+    /// seed of the standard library's hash maps).
+    pub fn new() -> Self {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x6c70_766d_6d00_0000);
+        Doorbell {
+            token: h.finish() | 1,
+            state: Mutex::new(State::default()),
+            waker: OnceLock::new(),
+        }
+    }
+
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Wake `waker` when a ring is filed (the patch driver's condition variable).
+    pub fn set_waker(&self, waker: Arc<Condvar>) {
+        let _ = self.waker.set(waker);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A vCPU rang: the engine's answer if it has one, else "ring again" (the ring
+    /// filed once). `None` for a write without the VM's token.
+    pub fn ring(&self, ring: Ring) -> Option<Answer> {
+        if ring.token != self.token {
+            return None;
+        }
+        let key = (ring.module, ring.action);
+        let mut s = self.state();
+        if let Some(a) = s.answers.remove(&key) {
+            return Some(a);
+        }
+        let filed = s.queued.iter().any(|r| (r.module, r.action) == key);
+        if !filed && s.queued.len() < MAX_QUEUED {
+            s.queued.push_back(ring);
+            drop(s);
+            if let Some(w) = self.waker.get() {
+                w.notify_all();
+            }
+        }
+        Some(Answer::RETRY)
+    }
+
+    /// The rings waiting for the engine.
+    pub fn take(&self) -> Vec<Ring> {
+        self.state().queued.drain(..).collect()
+    }
+
+    /// The engine's answer to `ring`, for its next ring (a "ring again" answer files
+    /// nothing: the next ring is filed anew).
+    pub fn answer(&self, ring: Ring, answer: Answer) {
+        if answer.again {
+            return;
+        }
+        self.state()
+            .answers
+            .insert((ring.module, ring.action), answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ring_is_filed_once_answered_once_and_a_stranger_is_ignored() {
+        let d = Doorbell::new();
+        let ring = Ring {
+            rip: 0xffff_ffff_a000_0040,
+            token: d.token(),
+            module: 0xffff_ffff_c000_1000,
+            action: 1,
+        };
+        assert_eq!(d.ring(Ring { token: 7, ..ring }), None);
+        assert_eq!(d.ring(ring), Some(Answer::RETRY));
+        assert_eq!(d.ring(ring), Some(Answer::RETRY));
+        assert_eq!(d.take(), [ring], "filed once");
+        assert!(d.take().is_empty());
+        let done = Answer {
+            ret: 0,
+            again: false,
+            message: 0,
+        };
+        d.answer(ring, done);
+        assert_eq!(d.ring(ring), Some(done));
+        assert_eq!(d.ring(ring), Some(Answer::RETRY), "an answer is taken once");
+        assert_ne!(Doorbell::new().token(), d.token());
+    }
+}
