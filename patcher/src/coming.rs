@@ -22,30 +22,19 @@ use std::collections::VecDeque;
 
 use introspection::kernel::Kernel;
 use introspection::modules::{Module, ModuleList, ModuleState, ModuleSymbols};
-use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 use crate::funcs::site::{self, SiteState};
 use crate::funcs::{self as versions, Version};
+use crate::load::late::LateLink;
 use crate::load::link::{self, ImportAt};
+use crate::notifier::ModuleEvent;
 use crate::notifier::{Answer, Ring, NOTIFY_DONE, REFUSE_EINVAL};
-use crate::patch::{LateLink, ObjectName, ObjectState, PatchedFunc};
+use crate::patch::{ObjectName, ObjectState, PatchedFunc};
 use crate::{GuestWriter, KpError};
 
 /// Events kept for `patch status`.
 const KEPT_EVENTS: usize = 32;
-
-/// What a module's coming or going did, for `patch status`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModuleEvent {
-    pub module: String,
-    /// `coming` or `going`.
-    pub action: String,
-    /// What lpvmm did: the patches it linked and the functions it redirected, or why it
-    /// refused the module's load.
-    pub outcome: String,
-    pub refused: bool,
-}
 
 /// Which of the two events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

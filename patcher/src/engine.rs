@@ -96,7 +96,7 @@ pub struct Engine {
     pub(crate) doorbell: Option<crate::notifier::Doorbell>,
     pub(crate) notifier: Option<crate::notifier::Notifier>,
     /// What the guest's modules coming and going did to patches, newest last.
-    pub(crate) module_events: VecDeque<crate::coming::ModuleEvent>,
+    pub(crate) module_events: VecDeque<crate::notifier::ModuleEvent>,
 }
 
 /// What a tick read and no longer needs (task lists, stack traces, early traces), kept
@@ -364,6 +364,34 @@ impl Engine {
         Ok(())
     }
 
+    /// What a prepared patch took from the guest and the engine is still so: the patch
+    /// area's space, the patch stack, the guest's boot choices.
+    fn check_unchanged(
+        &self,
+        guest: &dyn introspection::PausedGuest,
+        kernel: &Kernel,
+        obj: &PatchObject,
+        generation: u64,
+        boot: &load::link::BootChoices,
+    ) -> Result<(), KpError> {
+        let name = &obj.manifest.name;
+        if generation != self.generation {
+            return Err(KpError::State(format!(
+                "{name}: the patch area changed (a load, an unload or dispatch banks) since it \
+                 was linked; load it again"
+            )));
+        }
+        self.check_loadable(obj)?;
+        let now = load::link::BootChoices::of_guest(&kernel.memory(guest), kernel, obj)?;
+        if now != *boot {
+            return Err(KpError::State(format!(
+                "{name}: the guest's CPU features or return thunk changed while it was linked; \
+                 not loaded"
+            )));
+        }
+        Ok(())
+    }
+
     /// The module notifier a patch with a module part needs, checked in its load's
     /// pause: the doorbell it rings, the guest's chain free, room after the patch.
     fn plan_notifier(
@@ -405,21 +433,7 @@ impl Engine {
             generation,
         } = prepared;
         let m = &obj.manifest;
-        if generation != self.generation {
-            return Err(KpError::State(format!(
-                "{}: the patch area changed (a load, an unload or dispatch banks) since it was linked; load it again",
-                m.name
-            )));
-        }
-        self.check_loadable(&obj)?;
-        let now = load::BootChoices::of_guest(&kernel.memory(guest.reader()), kernel, &obj)?;
-        if now != boot {
-            return Err(KpError::State(format!(
-                "{}: the guest's CPU features or return thunk changed while it was linked; \
-                 not loaded",
-                m.name
-            )));
-        }
+        self.check_unchanged(guest.reader(), kernel, &obj, generation, &boot)?;
         load::objects::check_same(&kernel.memory(guest.reader()), kernel, &m.name, &objects)?;
         let targets = load::targets(&self.funcs, guest.reader(), kernel, &obj, &objects)?;
         let patched = load::patched_objects(targets, &obj, &linked, &objects)?;
@@ -434,23 +448,7 @@ impl Engine {
         };
 
         // Everything checked: write.
-        if !area.installed {
-            let tables = tables.as_ref().ok_or_else(|| {
-                KpError::State(format!(
-                    "{}: prepared without the patch area's page tables; load it again",
-                    m.name
-                ))
-            })?;
-            area::install(guest, kernel, &area.layout, tables)?;
-            area.installed = true;
-        }
-        for img in [&linked.code, &linked.rodata, &linked.data] {
-            if !img.bytes.is_empty() {
-                guest
-                    .write_phys(area.layout.pa(img.addr), &img.bytes)
-                    .map_err(|e| KpError::guest("writing the patch area", e))?;
-            }
-        }
+        write_images(guest, kernel, &mut area, tables.as_ref(), &linked, &m.name)?;
         area.space.take(runs);
         if let Some((plan, bell)) = notifier {
             self.notifier = Some(plan.install(guest, &mut area, bell)?);
@@ -809,4 +807,33 @@ pub struct AreaUse {
     pub code: (u64, u64),
     pub rodata: (u64, u64),
     pub data: (u64, u64),
+}
+
+/// A patch's linked images written into the patch area, and for the first patch the
+/// area's page tables.
+fn write_images(
+    guest: &mut dyn GuestWriter,
+    kernel: &Kernel,
+    area: &mut Area,
+    tables: Option<&area::PageTables>,
+    linked: &load::link::Linked,
+    name: &str,
+) -> Result<(), KpError> {
+    if !area.installed {
+        let tables = tables.ok_or_else(|| {
+            KpError::State(format!(
+                "{name}: prepared without the patch area's page tables; load it again"
+            ))
+        })?;
+        area::install(guest, kernel, &area.layout, tables)?;
+        area.installed = true;
+    }
+    for img in [&linked.code, &linked.rodata, &linked.data] {
+        if !img.bytes.is_empty() {
+            guest
+                .write_phys(area.layout.pa(img.addr), &img.bytes)
+                .map_err(|e| KpError::guest("writing the patch area", e))?;
+        }
+    }
+    Ok(())
 }

@@ -26,6 +26,7 @@ use iced_x86::code_asm::{
 use introspection::kernel::Kernel;
 use introspection::layout::NotifierLayout;
 use introspection::PausedGuest;
+use serde::{Deserialize, Serialize};
 
 use crate::load::link::Returns;
 use crate::space::{Area, Runs, Sizes};
@@ -44,6 +45,18 @@ const SLOT: u64 = 256;
 const SLOTS_AT: u64 = 64;
 /// How long the stub sleeps before it rings again, in ms.
 const RETRY_MS: i32 = 10;
+
+/// What a module's coming or going did, for `patch status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleEvent {
+    pub module: String,
+    /// `coming` or `going`.
+    pub action: String,
+    /// What lpvmm did: the patches it linked and the functions it redirected, or why it
+    /// refused the module's load.
+    pub outcome: String,
+    pub refused: bool,
+}
 
 /// The VMM's doorbell: the I/O port and the per-VM token the stub rings with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 
+use introspection::kernel::Kernel;
+use introspection::memory::KernelMemory;
+
 use crate::load::alternatives::{self, CpuFeatures};
 use crate::load::object::{PatchObject, Reloc, RelocKind, RelocTarget, SectionKind};
 use crate::KpError;
@@ -448,4 +451,47 @@ fn reloc_bytes(
                 .to_vec()
         }
     })
+}
+
+/// What the guest decided at boot that a link depends on: its return thunk, and its CPU
+/// features where the patch has alternatives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BootChoices {
+    pub(crate) returns: Returns,
+    pub(crate) cpu: Option<CpuFeatures>,
+}
+
+/// The guest's CPU features, when the patch has alternatives to apply for them (their
+/// entry layout checked against the guest's BTF).
+fn guest_cpu(
+    mem: &introspection::memory::KernelMemory,
+    kernel: &Kernel,
+    obj: &PatchObject,
+) -> Result<Option<CpuFeatures>, KpError> {
+    let Some(alts) = &obj.alternatives else {
+        return Ok(None);
+    };
+    if let Some(size) = kernel.layout.patcher.alt_instr_size {
+        if size != alts.entry_size as u64 {
+            return Err(KpError::Unsupported(format!(
+                "{}: its alternatives are {}-byte entries, the guest kernel's {size}: was it \
+                 built for another kernel? (lpvmm kp build --kernel)",
+                obj.manifest.name, alts.entry_size
+            )));
+        }
+    }
+    CpuFeatures::of_guest(mem, kernel).map(Some)
+}
+
+impl BootChoices {
+    pub(crate) fn of_guest(
+        mem: &KernelMemory,
+        kernel: &Kernel,
+        obj: &PatchObject,
+    ) -> Result<Self, KpError> {
+        Ok(BootChoices {
+            returns: Returns::of_guest(mem, &kernel.symbols)?,
+            cpu: guest_cpu(mem, kernel, obj)?,
+        })
+    }
 }

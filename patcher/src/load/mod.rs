@@ -14,7 +14,6 @@ use introspection::{GuestRam, PausedGuest};
 use crate::area::{self, AreaLayout, PageTables};
 use crate::funcs::site::{self, SiteState};
 use crate::funcs::FuncStack;
-use crate::load::alternatives::CpuFeatures;
 use crate::load::link::{ImportAt, Placement};
 use crate::load::object::PatchObject;
 use crate::load::objects::{ObjectModule, ObjectModules};
@@ -23,6 +22,7 @@ use crate::space::{Area, Runs, Sizes};
 use crate::{KpError, ParseError};
 
 pub mod alternatives;
+pub(crate) mod late;
 pub mod link;
 pub mod manifest;
 pub mod object;
@@ -47,7 +47,7 @@ pub(crate) fn prepare(
             Area::new(AreaLayout::new(phys, va)?)
         }
     };
-    let boot = BootChoices::of_guest(&mem, kernel, &obj)?;
+    let boot = link::BootChoices::of_guest(&mem, kernel, &obj)?;
     let objects = objects::read(&mem, kernel, &obj.manifest)?;
     let (runs, linked) = link_into(&area, &boot, &mem, kernel, &objects, &obj)?;
     let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
@@ -258,7 +258,7 @@ pub struct Prepared {
     pub(crate) linked: link::Linked,
     pub(crate) orc: Vec<OrcAt>,
     /// What the link took from the guest, checked again in the pause.
-    pub(crate) boot: BootChoices,
+    pub(crate) boot: link::BootChoices,
     /// The modules it patches or names, as the link saw them (checked again too).
     pub(crate) objects: ObjectModules,
     /// The engine's [`Engine::generation`] it was linked against.
@@ -291,32 +291,11 @@ impl Prepared {
     }
 }
 
-/// What the guest decided at boot that a link depends on: its return thunk, and its CPU
-/// features where the patch has alternatives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct BootChoices {
-    pub(crate) returns: link::Returns,
-    pub(crate) cpu: Option<CpuFeatures>,
-}
-
-impl BootChoices {
-    pub(crate) fn of_guest(
-        mem: &KernelMemory,
-        kernel: &Kernel,
-        obj: &PatchObject,
-    ) -> Result<Self, KpError> {
-        Ok(BootChoices {
-            returns: link::Returns::of_guest(mem, &kernel.symbols)?,
-            cpu: guest_cpu(mem, kernel, obj)?,
-        })
-    }
-}
-
 /// Link `obj` where the area's first free runs of its size are: linked once to learn
 /// its size, then at its place. Takes nothing from the area.
 fn link_into(
     area: &Area,
-    boot: &BootChoices,
+    boot: &link::BootChoices,
     mem: &KernelMemory,
     kernel: &Kernel,
     objects: &ObjectModules,
@@ -340,28 +319,6 @@ fn link_into(
         )));
     }
     Ok((runs, linked))
-}
-
-/// The guest's CPU features, when the patch has alternatives to apply for them (their
-/// entry layout checked against the guest's BTF).
-fn guest_cpu(
-    mem: &introspection::memory::KernelMemory,
-    kernel: &Kernel,
-    obj: &PatchObject,
-) -> Result<Option<CpuFeatures>, KpError> {
-    let Some(alts) = &obj.alternatives else {
-        return Ok(None);
-    };
-    if let Some(size) = kernel.layout.patcher.alt_instr_size {
-        if size != alts.entry_size as u64 {
-            return Err(KpError::Unsupported(format!(
-                "{}: its alternatives are {}-byte entries, the guest kernel's {size}: was it \
-                 built for another kernel? (lpvmm kp build --kernel)",
-                obj.manifest.name, alts.entry_size
-            )));
-        }
-    }
-    CpuFeatures::of_guest(mem, kernel).map(Some)
 }
 
 /// The patch's side of each function it replaces: where its new version was linked.
@@ -499,17 +456,17 @@ pub(crate) fn pending_module<'m>(
     }
 }
 
-/// What linking a patch with a module part again needs ([`crate::patch::LateLink`]):
+/// What linking a patch with a module part again needs ([`late::LateLink`]):
 /// each symbol it uses sorted by the object it is in.
 pub(crate) fn late_link(
     obj: &PatchObject,
     runs: Runs,
-    boot: &BootChoices,
+    boot: &link::BootChoices,
     linked: &link::Linked,
     objects: &ObjectModules,
-) -> Result<crate::patch::LateLink, KpError> {
+) -> Result<late::LateLink, KpError> {
     let m = &obj.manifest;
-    let mut late = crate::patch::LateLink {
+    let mut late = late::LateLink {
         obj: std::sync::Arc::new(obj.clone()),
         at: Placement {
             code: runs.code.start,
