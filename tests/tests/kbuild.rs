@@ -28,6 +28,7 @@ const SAMPLES: &[&str] = &[
     "tun",
     "tunlate",
     "tunbroken",
+    "tunsleep",
 ];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
@@ -365,6 +366,67 @@ fn module_loaded_later(host: &mut TestHost, series: &str) -> TestResult {
     verb(&mut g, "unload", "tunbroken")?;
     let (rc, out) = insmod_tun(&mut g)?;
     check!(rc == 0, "{series}: insmod tun with no patch for it: {out}");
+    g.poweroff().map(|_| ())
+}
+
+/// Issue 25, acceptance 6 (second half): a module goes away while a transition that
+/// involves it runs (patcher/examples/kbuild/tunsleep.c: common_nsleep, where a `sleep`
+/// holds the per-task transition, and a tun function). `rmmod tun` waits in lpvmm's
+/// module notifier, where lpvmm's unwinder names its frame and finds its stack
+/// reliable, so it does not hold the transition; once the sleeper leaves and the
+/// transition ends, tun's part is let go and rmmod completes: tun is gone, the patch's
+/// tun part waits, its vmlinux part is enabled.
+fn module_going_during_a_transition(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbgoing-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let (sleeper, _) = sleeper(&mut g, 1000, "common_nsleep")?;
+    let file = g.host.file(&kp(series, "tunsleep"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
+    check!(rc == 0, "{series}: patch tunsleep: {out}");
+    let t = held_by(&mut g, sleeper)?;
+    let rmmod = g.spawn("rmmod tun &")?;
+    let mut waits = String::new();
+    for _ in 0..50 {
+        waits = g.run(&format!("cat /proc/{rmmod}/stack 2>/dev/null; true"))?;
+        if waits.contains("msleep") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    check!(
+        waits.contains("msleep") && loaded(&mut g, "tun")?,
+        "{series}: rmmod should wait in lpvmm's notifier during the transition: {waits}"
+    );
+    let (rc, stack) = g.lpvmm(&format!("stack {{vm}} {rmmod}"))?;
+    check!(
+        rc == 0 && stack.contains("lpvmm_module_notifier+") && !stack.contains("UNRELIABLE"),
+        "{series}: lpvmm's view of the waiting rmmod:\n{stack}"
+    );
+    eprintln!("{series}: rmmod waiting in lpvmm's module notifier, as lpvmm sees it:\n{stack}");
+    held_by(&mut g, sleeper)?;
+    kill(&mut g, sleeper)?;
+    let done = ended(&mut g, t.id)?;
+    check!(
+        done.outcome == OutcomeView::Done,
+        "{series}: outcome {done:?}"
+    );
+    g.run(&format!("wait {rmmod}; true"))?;
+    check!(
+        !loaded(&mut g, "tun")?,
+        "{series}: tun still loaded after rmmod returned"
+    );
+    check!(
+        object_state(&mut g, "tunsleep", "tun")? == "waiting",
+        "{series}: tunsleep's tun part after tun went"
+    );
+    let s = status(&mut g)?;
+    let e = s.module_events.last().ok_or("no module event")?;
+    check!(
+        e.module == "tun" && e.action == "going" && !e.refused,
+        "{series}: the last module event: {e:?}"
+    );
+    verb(&mut g, "disable", "tunsleep")?;
+    verb(&mut g, "unload", "tunsleep")?;
     g.poweroff().map(|_| ())
 }
 
@@ -1070,6 +1132,10 @@ fn main() {
         (
             "module_loaded_later_is_patched_at_load",
             module_loaded_later,
+        ),
+        (
+            "module_going_during_a_transition_ends_cleanly",
+            module_going_during_a_transition,
         ),
         (
             "ftrace_and_kprobes_share_a_redirected_function",

@@ -610,16 +610,31 @@ impl PatchCode<'_> {
     fn in_trampolines(&self, ip: u64) -> bool {
         self.0.trampoline_code().iter().any(|r| r.contains(ip))
     }
+
+    /// The module notifier's stub ([`crate::notifier`]), where a loading task waits.
+    fn in_notifier(&self, ip: u64) -> bool {
+        self.0
+            .notifier
+            .as_ref()
+            .is_some_and(|n| n.stub.contains(ip))
+    }
 }
 
 impl ExtraCode for PatchCode<'_> {
     fn contains(&self, ip: u64) -> bool {
-        self.0.patches.iter().any(|p| p.runs.code.contains(ip)) || self.in_trampolines(ip)
+        self.0.patches.iter().any(|p| p.runs.code.contains(ip))
+            || self.in_trampolines(ip)
+            || self.in_notifier(ip)
     }
 
     fn unwind_entry(&self, ip: u64, interrupted: bool) -> Option<OrcEntry> {
         if self.in_trampolines(ip) {
             return Some(AT_ENTRY);
+        }
+        // The stub calls (msleep, printk) only with its frame set up: a return address
+        // in it unwinds by the frame pointer. An interrupted one may be in its prologue.
+        if self.in_notifier(ip) {
+            return (!interrupted).then_some(OrcEntry::FRAME_POINTER);
         }
         // With objtool's table (kbuild builds), every instruction unwinds as the
         // kernel's own code does.
@@ -644,6 +659,13 @@ impl ExtraCode for PatchCode<'_> {
             return Some(format!(
                 "lpvmm_trampoline+{:#x}/{MAX_TRAMPOLINE:#x} [{func}]",
                 ip - start
+            ));
+        }
+        if let Some(n) = self.0.notifier.as_ref().filter(|_| self.in_notifier(ip)) {
+            return Some(format!(
+                "lpvmm_module_notifier+{:#x}/{:#x}",
+                ip - n.stub.start,
+                n.stub.end - n.stub.start
             ));
         }
         let at = if interrupted { ip } else { ip.wrapping_sub(1) };
