@@ -29,7 +29,10 @@ const SAMPLES: &[&str] = &[
     "tunlate",
     "tunbroken",
     "tunsleep",
+    "ethmtu",
 ];
+/// Samples built a second time with a flag: (sample, built as, flag).
+const VARIANTS: &[(&str, &str, &str)] = &[("ethmtu", "ethmtu-vmlinux", "-DLPVMM_VMLINUX_ONLY")];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
     "/lib/modules/$(uname -r)/$(grep -o '[^ ]*/tun[.]ko' /lib/modules/$(uname -r)/lpvmm-modules)";
@@ -74,12 +77,26 @@ fn apply(g: &mut Guest, series: &str, name: &str) -> TestResult {
 /// `lpvmm kp build SRC -o OUT --kernel RELEASE`, with `env` set; returns its exit code
 /// and output.
 fn kp_build(src: &Path, out: &Path, release: &str, env: &[(&str, &str)]) -> (i32, String) {
+    kp_build_with(src, out, release, env, &[])
+}
+
+/// [`kp_build`] with `--cflag FLAG` for each of `flags`.
+fn kp_build_with(
+    src: &Path,
+    out: &Path,
+    release: &str,
+    env: &[(&str, &str)],
+    flags: &[&str],
+) -> (i32, String) {
     let mut cmd = Command::new(lpvmm_binary());
     cmd.args(["kp", "build"])
         .arg(src)
         .arg("-o")
         .arg(out)
         .args(["--kernel", release]);
+    for f in flags {
+        cmd.arg(format!("--cflag={f}"));
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -427,6 +444,68 @@ fn module_going_during_a_transition(host: &mut TestHost, series: &str) -> TestRe
     );
     verb(&mut g, "disable", "tunsleep")?;
     verb(&mut g, "unload", "tunsleep")?;
+    g.poweroff().map(|_| ())
+}
+
+/// `insmod` dummy; then dummy0's MTU.
+fn insmod_dummy(g: &mut Guest) -> Result<String, String> {
+    let ko = "/lib/modules/$(uname -r)/$(grep -o '[^ ]*/dummy[.]ko' /lib/modules/$(uname -r)/lpvmm-modules)";
+    g.run(&format!("insmod {ko}"))?;
+    g.text("cat /sys/class/net/dummy0/mtu")
+}
+
+/// Issue 25, acceptance 5, the seeds' dependency case (patcher/examples/kbuild/ethmtu.c):
+/// one patch changes vmlinux's ether_setup to take the MTU from its caller, and
+/// dummy's dummy_setup to call it so. Loaded while dummy is not, then the guest loads
+/// dummy: its init already runs the new dummy_setup, which calls the new ether_setup
+/// correctly (dummy0's MTU is 1400). The negative control, the same vmlinux change
+/// without the module part (two patches where the rule says one), lets dummy's own
+/// dummy_setup call the new ether_setup the old way: dummy0's MTU is whatever was in
+/// the register, not 1400.
+fn dependency_in_one_patch(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbdep-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    check!(
+        g.text("cat /sys/class/net/dummy0/mtu")? == "1500",
+        "{series}: dummy0 before"
+    );
+    g.run("rmmod dummy")?;
+    apply(&mut g, series, "ethmtu")?;
+    check!(
+        object_state(&mut g, "ethmtu", "dummy")? == "waiting",
+        "{series}: ethmtu's dummy part should wait"
+    );
+    let mtu = insmod_dummy(&mut g)?;
+    check!(
+        mtu == "1400",
+        "{series}: dummy's init should have called the new ether_setup the new way: MTU \
+         {mtu}\n{}",
+        g.run("dmesg | grep 'lpvmm: ether_setup' | tail -5")?
+    );
+    g.run("rmmod dummy")?;
+    verb(&mut g, "disable", "ethmtu")?;
+    verb(&mut g, "unload", "ethmtu")?;
+
+    // The negative control: the vmlinux part alone.
+    apply(&mut g, series, "ethmtu-vmlinux")?;
+    let mtu = insmod_dummy(&mut g)?;
+    let said = g.run("dmesg | grep 'lpvmm: ether_setup' | tail -1")?;
+    check!(
+        mtu != "1400" && said.contains("lpvmm: ether_setup with mtu "),
+        "{series}: without its module part, dummy's own dummy_setup should call the new \
+         ether_setup the old way (a wrong MTU): MTU {mtu}, {said}"
+    );
+    eprintln!(
+        "{series}: the negative control: dummy0's MTU is {mtu} ({})",
+        said.trim()
+    );
+    g.run("rmmod dummy")?;
+    verb(&mut g, "disable", "ethmtu")?;
+    verb(&mut g, "unload", "ethmtu")?;
+    check!(
+        insmod_dummy(&mut g)? == "1500",
+        "{series}: dummy0 after both patches went"
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -1106,6 +1185,12 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
             check!(rc == 0, "kp build {name} --kernel {rel}: {msg}");
             files.push((kp_file, kp(series, name)));
         }
+        for (name, as_name, flag) in VARIANTS {
+            let kp_file = out.join(format!("{as_name}.kp"));
+            let (rc, msg) = kp_build_with(&sample(name), &kp_file, &rel, &[], &[flag]);
+            check!(rc == 0, "kp build {name} {flag} --kernel {rel}: {msg}");
+            files.push((kp_file, kp(series, as_name)));
+        }
         for name in BAD {
             let bytes = patcher::kbuild::compile(&sample(name), &rel, &[])
                 .map_err(|e| format!("kbuild of {name} for {rel}: {e}"))?;
@@ -1136,6 +1221,10 @@ fn main() {
         (
             "module_going_during_a_transition_ends_cleanly",
             module_going_during_a_transition,
+        ),
+        (
+            "dependency_in_one_patch_with_a_module",
+            dependency_in_one_patch,
         ),
         (
             "ftrace_and_kprobes_share_a_redirected_function",
