@@ -309,6 +309,8 @@ fn module_loaded_later(host: &mut TestHost, series: &str) -> TestResult {
         object_state(&mut g, "tunlate", "tun")? == "waiting",
         "{series}: tunlate's tun part should wait while tun is not loaded"
     );
+    let (_, human) = g.lpvmm("patch status {vm}")?;
+    eprintln!("{series}: lpvmm patch status, tun not loaded:\n{human}");
     let sees = "dmesg | grep -c 'lpvmm: tun sees lo' || true";
     for round in 1..=2 {
         let (rc, out) = insmod_tun(&mut g)?;
@@ -379,6 +381,8 @@ fn module_loaded_later(host: &mut TestHost, series: &str) -> TestResult {
         e.module == "tun" && e.action == "coming" && e.refused,
         "{series}: the last module event: {e:?}"
     );
+    let (_, human) = g.lpvmm("patch status {vm}")?;
+    eprintln!("{series}: lpvmm patch status after the refusal:\n{human}");
     verb(&mut g, "disable", "tunbroken")?;
     verb(&mut g, "unload", "tunbroken")?;
     let (rc, out) = insmod_tun(&mut g)?;

@@ -578,9 +578,12 @@ fn status(vm: &str, json: bool) -> Result<i32> {
         println!("  (versions in load order; * is the one tasks run outside transitions)");
     }
     print_transitions(&s);
+    if !s.module_events.is_empty() {
+        println!("modules that came or went while a patch had a part for them (newest last):");
+    }
     for e in &s.module_events {
         println!(
-            "module {} {}: {}{}",
+            "  {} {}: {}{}",
             e.module,
             e.action,
             if e.refused { "REFUSED: " } else { "" },
