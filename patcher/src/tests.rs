@@ -2214,10 +2214,21 @@ fn a_module_part_that_cannot_link_refuses_the_load_and_changes_nothing() {
         .engine
         .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));
     assert!(a.again, "during a transition");
+    // Answered without a pause: "ring again" for dummyx, done for tunx (no part).
+    let quick = |f: &Fixture, g: &SynthGuest, name: &str| {
+        f.engine
+            .module_ring_unpaused(g, &f.kernel, ring(f, name, 1))
+    };
+    assert_eq!(
+        quick(&f, &g, "dummyx"),
+        Some(crate::notifier::Answer::RETRY)
+    );
+    assert!(quick(&f, &g, "tunx").is_some_and(|a| !a.again && a.ret == 0));
     f.engine.request(Request::Reverse).unwrap();
     tick(&mut f, &mut g, 1).unwrap();
     assert!(f.engine.active().is_none());
     f.engine.unload(&mut g, "pipefix").unwrap();
+    assert_eq!(quick(&f, &g, "dummyx"), None, "idle: handled in a pause");
     let before_ring = g.ram.clone();
 
     let a = f

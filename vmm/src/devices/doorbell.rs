@@ -80,10 +80,12 @@ impl Doorbell {
         let filed = s.queued.iter().any(|r| (r.module, r.action) == key);
         if !filed && s.queued.len() < MAX_QUEUED {
             s.queued.push_back(ring);
-            drop(s);
-            if let Some(w) = self.waker.get() {
-                w.notify_all();
-            }
+        }
+        drop(s);
+        // At every ring, not only the first: the driver may have looked just before the
+        // ring was filed and gone to sleep; the next ring, 10 ms later, wakes it.
+        if let Some(w) = self.waker.get() {
+            w.notify_all();
         }
         Some(Answer::RETRY)
     }
