@@ -2262,3 +2262,69 @@ fn a_module_part_that_cannot_link_refuses_the_load_and_changes_nothing() {
     assert!(f.engine.module_events().back().unwrap().refused);
     let _ = before;
 }
+
+/// Atomic replace and force cover module functions as vmlinux's: a cumulative patch
+/// that does not name the module function returns it to the original in its one
+/// transition; a cumulative patch naming a function of a module not loaded takes it
+/// over when the module arrives, the replaced patch's version not.
+#[test]
+fn atomic_replace_covers_module_functions_loaded_or_not() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let before = module_text(&f, &g, "tunx");
+    let a = TUNX_READ
+        .replace("tunfix", "a")
+        .replace("tunx_do_read,", "tunx_get_socket,");
+    f.engine.load(&mut g, &f.kernel, &kp(&a, &[])).unwrap();
+    enable(&mut f, &mut g, "a").unwrap();
+    assert!(site_target(&f, &g, "tunx_get_socket").is_some());
+    let c = patch_with("c", "meminfo_proc_show", "LPVMM_ATOMIC_REPLACE();");
+    f.engine.load(&mut g, &f.kernel, &c).unwrap();
+    let t = run(&mut f, &mut g, "c", Op::Enable, Consistency::PerTask, 1).unwrap();
+    assert_eq!(t.outcome, Outcome::Done);
+    let names: Vec<&str> = t.changes.iter().map(|c| c.name.as_str()).collect();
+    assert!(names.contains(&"tunx:tunx_get_socket"), "{names:?}");
+    assert_eq!(site_bytes(&f, &g, "tunx_get_socket"), FENTRY_NOP);
+    assert_eq!(state(&f, "a"), PatchState::Replaced);
+    f.engine.unload(&mut g, "a").unwrap();
+    disable(&mut f, &mut g, "c").unwrap();
+    f.engine.unload(&mut g, "c").unwrap();
+    assert_eq!(module_text(&f, &g, "tunx"), before);
+
+    // dummyx not loaded: b (older) and cumulative d both name its function; when it
+    // arrives, d's version is the one its site gets.
+    unlink_module(&f, &mut g, "dummyx");
+    let b = DUMMYX_STATS.replace("dumfix", "b");
+    let d = DUMMYX_STATS
+        .replace("dumfix", "d")
+        .replace("new_dummyx_get_stats", "d_get_stats")
+        .replace(
+            "LPVMM_REPLACE_IN",
+            "LPVMM_ATOMIC_REPLACE();\nLPVMM_REPLACE_IN",
+        );
+    f.engine.load(&mut g, &f.kernel, &kp(&b, &[])).unwrap();
+    enable(&mut f, &mut g, "b").unwrap();
+    f.engine.load(&mut g, &f.kernel, &kp(&d, &[])).unwrap();
+    enable(&mut f, &mut g, "d").unwrap();
+    assert_eq!(state(&f, "b"), PatchState::Replaced);
+    relist_newest(&f, &mut g, "dummyx");
+    set_module_state(&f, &mut g, "dummyx", 1);
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));
+    assert_eq!(
+        (a.ret, a.again),
+        (0, false),
+        "{:?}",
+        f.engine.module_events()
+    );
+    let d_new = f
+        .engine
+        .patch("d")
+        .unwrap()
+        .funcs()
+        .next()
+        .unwrap()
+        .new_addr;
+    assert_eq!(site_target(&f, &g, "dummyx_get_stats"), Some(d_new));
+}
