@@ -357,8 +357,9 @@ impl Engine {
         Ok(writes)
     }
 
-    /// Write every checked arrival: the relinked bytes, then each function's jump where
-    /// its visible version is a patch's.
+    /// Write every checked arrival: each function's jump where its visible version is
+    /// a patch's (its site and ftrace record checked first, writing nothing if one
+    /// fails), and the relinked bytes.
     fn arrive(
         &mut self,
         guest: &mut dyn GuestWriter,
@@ -366,7 +367,6 @@ impl Engine {
         module: &Module,
         arrivals: Vec<Arrival>,
     ) -> Result<String, KpError> {
-        let mut did = Vec::new();
         for a in &arrivals {
             let o = &mut self.patches[a.patch].objects[a.object];
             o.funcs = a.funcs.clone();
@@ -374,13 +374,14 @@ impl Engine {
                 module: module.addr,
             };
         }
-        let redirected = match self.redirect_arrived(guest, kernel, &arrivals) {
-            Ok(n) => n,
+        let (writes, flags) = match self.plan_arrived(guest, kernel, &arrivals) {
+            Ok(planned) => planned,
             Err(e) => {
                 self.forget_arrivals(&arrivals);
                 return Err(e);
             }
         };
+        let mut did = Vec::new();
         for a in arrivals {
             for (pa, bytes) in &a.relinked {
                 guest
@@ -391,19 +392,22 @@ impl Engine {
             set_module_imports(p, &module.name, &a.resolved);
             did.push(p.name.clone());
         }
+        self.write_sites(guest, &writes, flags)?;
         Ok(format!(
-            "linked patch(es) {} for it; {redirected} function(s) redirected",
-            did.join(", ")
+            "linked patch(es) {} for it; {} function(s) redirected",
+            did.join(", "),
+            writes.len()
         ))
     }
 
-    /// The arrived functions whose visible version is a patch's, redirected; how many.
-    fn redirect_arrived(
+    /// The jumps of the arrived functions whose visible version is a patch's, with the
+    /// ftrace record writes around them, checked; nothing written.
+    fn plan_arrived(
         &mut self,
-        guest: &mut dyn GuestWriter,
+        guest: &dyn GuestWriter,
         kernel: &Kernel,
         arrivals: &[Arrival],
-    ) -> Result<usize, KpError> {
+    ) -> Result<(Vec<(u64, [u8; 5])>, Vec<crate::funcs::ftrace::FlagWrite>), KpError> {
         let mut writes = Vec::new();
         for f in arrivals.iter().flat_map(|a| &a.funcs) {
             if let Version::Code(c) =
@@ -418,8 +422,7 @@ impl Engine {
             self.ensure_stack(*func)?;
         }
         let flags = self.check_sites(guest.reader(), kernel, &writes)?;
-        self.write_sites(guest, &writes, flags)?;
-        Ok(writes.len())
+        Ok((writes, flags))
     }
 
     /// Undo [`Engine::arrive`]'s bookkeeping for arrivals it could not write.
