@@ -43,6 +43,13 @@ enum Action {
     Going,
 }
 
+/// Site writes checked and ready: each function's new site bytes, and the ftrace
+/// record writes around them.
+struct SiteWrites {
+    sites: Vec<(u64, [u8; 5])>,
+    flags: Vec<crate::funcs::ftrace::FlagWrite>,
+}
+
 /// One patch's part for an arriving module, checked and ready to write.
 struct Arrival {
     patch: usize,
@@ -374,7 +381,7 @@ impl Engine {
                 module: module.addr,
             };
         }
-        let (writes, flags) = match self.plan_arrived(guest, kernel, &arrivals) {
+        let SiteWrites { sites, flags } = match self.plan_arrived(guest, kernel, &arrivals) {
             Ok(planned) => planned,
             Err(e) => {
                 self.forget_arrivals(&arrivals);
@@ -392,11 +399,11 @@ impl Engine {
             set_module_imports(p, &module.name, &a.resolved);
             did.push(p.name.clone());
         }
-        self.write_sites(guest, &writes, flags)?;
+        self.write_sites(guest, &sites, flags)?;
         Ok(format!(
             "linked patch(es) {} for it; {} function(s) redirected",
             did.join(", "),
-            writes.len()
+            sites.len()
         ))
     }
 
@@ -407,7 +414,7 @@ impl Engine {
         guest: &dyn GuestWriter,
         kernel: &Kernel,
         arrivals: &[Arrival],
-    ) -> Result<(Vec<(u64, [u8; 5])>, Vec<crate::funcs::ftrace::FlagWrite>), KpError> {
+    ) -> Result<SiteWrites, KpError> {
         let mut writes = Vec::new();
         for f in arrivals.iter().flat_map(|a| &a.funcs) {
             if let Version::Code(c) =
@@ -422,7 +429,10 @@ impl Engine {
             self.ensure_stack(*func)?;
         }
         let flags = self.check_sites(guest.reader(), kernel, &writes)?;
-        Ok((writes, flags))
+        Ok(SiteWrites {
+            sites: writes,
+            flags,
+        })
     }
 
     /// Undo [`Engine::arrive`]'s bookkeeping for arrivals it could not write.
