@@ -103,15 +103,8 @@ impl Engine {
         kernel: &Kernel,
         ring: Ring,
     ) -> Option<Answer> {
-        let done = Some(Answer {
-            ret: NOTIFY_DONE,
-            again: false,
-            message: 0,
-        });
-        let (Some(n), Some(bell)) = (&self.notifier, self.doorbell) else {
-            return done;
-        };
-        if ring.token != bell.token || !n.rang_here(ring.rip) {
+        let done = Some(Answer::DONE);
+        if !self.rung_by_notifier(ring) {
             return done;
         }
         let l = kernel.layout.modules.as_ref().ok()?;
@@ -128,6 +121,14 @@ impl Engine {
         self.active.is_some().then_some(Answer::RETRY)
     }
 
+    /// Whether `ring` carries the VM's token and came from the notifier's `out`.
+    fn rung_by_notifier(&self, ring: Ring) -> bool {
+        match (&self.notifier, self.doorbell) {
+            (Some(n), Some(bell)) => ring.token == bell.token && n.rang_here(ring.rip),
+            _ => false,
+        }
+    }
+
     /// Whether a loaded patch has a part for module `name`.
     fn has_part(&self, name: &str) -> bool {
         let name = ObjectName::Module(name.to_string());
@@ -142,15 +143,8 @@ impl Engine {
         kernel: &Kernel,
         ring: Ring,
     ) -> Answer {
-        let done = Answer {
-            ret: NOTIFY_DONE,
-            again: false,
-            message: 0,
-        };
-        let (Some(n), Some(bell)) = (&self.notifier, self.doorbell) else {
-            return done;
-        };
-        if ring.token != bell.token || !n.rang_here(ring.rip) {
+        let done = Answer::DONE;
+        if !self.rung_by_notifier(ring) {
             return done;
         }
         let Some((module, action)) = self.ring_module(guest, kernel, ring) else {

@@ -89,6 +89,13 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Handled (or nothing to do): the notifier returns NOTIFY_DONE.
+    pub const DONE: Answer = Answer {
+        ret: NOTIFY_DONE,
+        again: false,
+        message: 0,
+    };
+
     /// Not handled yet: sleep and ring again.
     pub const RETRY: Answer = Answer {
         ret: 0,

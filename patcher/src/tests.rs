@@ -2194,22 +2194,10 @@ fn a_module_part_that_cannot_link_refuses_the_load_and_changes_nothing() {
     set_module_state(&f, &mut g, "dummyx", 1);
     let before = g.ram.clone();
 
-    // A transition in flight: ring again later.
-    f.engine
-        .load(&mut g, &f.kernel, &patch_named("pipefix", "pipe_read"))
-        .unwrap();
-    f.engine
-        .begin(
-            Begin {
-                patch: "pipefix".into(),
-                op: Op::Enable,
-                consistency: Consistency::PerTask,
-                timeout: None,
-                unload_on_failure: false,
-            },
-            f.now,
-        )
-        .unwrap();
+    // A transition in flight (pipefix's, held by the tasks asleep in pipe_read): ring
+    // again later.
+    let t = pipefix_per_task(&mut f, &mut g, 1);
+    assert_eq!(t.outcome, Outcome::Pending);
     let a = f
         .engine
         .module_ring(&mut g, &f.kernel, ring(&f, "dummyx", 1));

@@ -21,6 +21,7 @@ mod host_info;
 mod introspect;
 mod load;
 mod memory;
+mod modload;
 mod patch;
 mod pause;
 mod pause_deaths;
@@ -77,6 +78,12 @@ enum Command {
     Patch {
         #[arg(default_value_t = 30)]
         cycles: u32,
+    },
+    /// What lpvmm's module notifier costs the guest's insmod/rmmod: no notifier, a
+    /// patch for another module, a patch for the loaded module
+    Modload {
+        #[arg(default_value_t = 20)]
+        rounds: u32,
     },
     /// A patch load's pause (first patch, later patch) and the enable's first tick
     /// against a bare pause
@@ -177,6 +184,7 @@ fn run(command: Command) -> Result<(), String> {
         Command::Start { runs } => start::vmm_start(runs),
         Command::Patch { cycles } => patch::patch(cycles),
         Command::Load { runs } => load::load(runs),
+        Command::Modload { rounds } => modload::modload(rounds),
         Command::Deaths { runs, load, series } => {
             deaths::deaths(runs, deaths::script(load), &series_list(&series))
         }
@@ -292,6 +300,7 @@ mod tests {
         assert_eq!(parse("start"), Command::Start { runs: 5 });
         assert_eq!(parse("patch"), Command::Patch { cycles: 30 });
         assert_eq!(parse("load"), Command::Load { runs: 3 });
+        assert_eq!(parse("modload"), Command::Modload { rounds: 20 });
         assert_eq!(parse("transition"), Command::Transition { runs: 5 });
         assert_eq!(parse("calls"), Command::Calls { rounds: 5 });
         assert_eq!(
