@@ -221,6 +221,17 @@ fn modules_equal_proc_modules(g: &mut lpvmm_tests::Guest, series: &str) -> Resul
         rc == 0 && out.contains(addr) && out.contains("[tun]"),
         "{series}: sym tun:tun_get_socket: {out} (guest: {line})"
     );
+    // Names as a patch spells them: in the module, with a position counted in it.
+    let (rc, out) = g.lpvmm("sym {vm} tun:tun_get_socket,1")?;
+    check!(
+        rc == 0 && out.contains(addr),
+        "{series}: sym tun:tun_get_socket,1: {out}"
+    );
+    let (rc, out) = g.lpvmm("sym {vm} tun:tun_get_socket,2")?;
+    check!(
+        rc != 0 && out.contains("no kernel symbol named 'tun:tun_get_socket,2'"),
+        "{series}: sym tun:tun_get_socket,2 (tun has one): {out}"
+    );
     let (rc, out) = g.lpvmm(&format!("sym {{vm}} 0x{addr}"))?;
     check!(
         rc == 0 && out.contains("tun_get_socket+0x0/") && out.contains("[tun]"),

@@ -75,13 +75,27 @@ impl Session {
         Ok(r)
     }
 
+    /// `NAME`, `MODULE:NAME` or either with `,POS` (the POS-th of that name, counted in
+    /// vmlinux or within the module, as a patch's sympos counts).
     fn sym_named(&mut self, k: &Kernel, query: &str, r: &mut SymResult) -> Result<()> {
-        let (module, name) = match query.split_once(':') {
+        let (module, spec) = match query.split_once(':') {
             Some((m, n)) => (Some(m), n),
             None => (None, query),
         };
+        let (name, pos) = match spec.split_once(',') {
+            Some((n, p)) => (
+                n,
+                Some(p.trim().parse::<u32>().map_err(|_| {
+                    anyhow::anyhow!("'{query}': the position after ',' must be a number from 1")
+                })?),
+            ),
+            None => (spec, None),
+        };
         if module.is_none_or(|m| m == "vmlinux") {
-            r.symbols = k.symbols.named(name);
+            r.symbols = match pos {
+                Some(p) => k.symbols.resolve(name, Some(p)).into_iter().collect(),
+                None => k.symbols.named(name),
+            };
             r.patch = self.patch_symbols(|f| f.new_name == name);
         }
         if module != Some("vmlinux") {
@@ -89,7 +103,17 @@ impl Session {
             if let (Some(m), true) = (module, tables.is_empty()) {
                 bail!("no module named '{m}' is loaded in the guest");
             }
-            r.module_symbols = module_lines(&tables, |(_, s)| s.name == name);
+            let chosen: Vec<(String, u64)> = tables
+                .iter()
+                .filter_map(|t| {
+                    let p = pos?;
+                    Some((t.module.clone(), t.resolve(name, Some(p)).ok()?.addr))
+                })
+                .collect();
+            r.module_symbols = module_lines(&tables, |(m, s)| {
+                s.name == name
+                    && (pos.is_none() || chosen.iter().any(|(cm, a)| cm == m && *a == s.addr))
+            });
         }
         if r.symbols.is_empty() && r.patch.is_empty() && r.module_symbols.is_empty() {
             bail!("no kernel symbol named '{query}' (and no loaded patch or module defines one)");
