@@ -16,7 +16,9 @@ use patcher::notifier::{Answer, Ring};
 
 /// The port the stub writes (4 bytes, `out %eax,(%dx)`): unused by the VM's devices.
 pub const PORT: u16 = 0x0ec0;
-/// Rings waiting for the engine; more are dropped (each is rung again).
+/// Rings waiting for the engine, and answers waiting to be taken; past that a ring is
+/// dropped (it is rung again) and the oldest answer forgotten (its ring, if it ever
+/// comes, is filed anew): a hostile guest cannot grow either.
 const MAX_QUEUED: usize = 256;
 
 /// Rings filed by vCPU threads and the engine's answers to them.
@@ -30,8 +32,9 @@ pub struct Doorbell {
 #[derive(Default)]
 struct State {
     queued: VecDeque<Ring>,
-    /// Answers not yet taken, by (module, event).
+    /// Answers not yet taken, by (module, event), and their keys oldest first.
     answers: HashMap<(u64, u64), Answer>,
+    answered: VecDeque<(u64, u64)>,
 }
 
 impl Default for Doorbell {
@@ -75,6 +78,7 @@ impl Doorbell {
         let key = (ring.module, ring.action);
         let mut s = self.state();
         if let Some(a) = s.answers.remove(&key) {
+            s.answered.retain(|k| *k != key);
             return Some(a);
         }
         let filed = s.queued.iter().any(|r| (r.module, r.action) == key);
@@ -101,9 +105,16 @@ impl Doorbell {
         if answer.again {
             return;
         }
-        self.state()
-            .answers
-            .insert((ring.module, ring.action), answer);
+        let key = (ring.module, ring.action);
+        let mut s = self.state();
+        if s.answers.insert(key, answer).is_none() {
+            s.answered.push_back(key);
+        }
+        while s.answered.len() > MAX_QUEUED {
+            if let Some(old) = s.answered.pop_front() {
+                s.answers.remove(&old);
+            }
+        }
     }
 }
 
@@ -134,5 +145,29 @@ mod tests {
         assert_eq!(d.ring(ring), Some(done));
         assert_eq!(d.ring(ring), Some(Answer::RETRY), "an answer is taken once");
         assert_ne!(Doorbell::new().token(), d.token());
+    }
+
+    #[test]
+    fn a_guest_cannot_grow_the_queue_or_the_answers() {
+        let d = Doorbell::new();
+        let ring = |module: u64| Ring {
+            rip: 0,
+            token: d.token(),
+            module,
+            action: 1,
+        };
+        for m in 0..1000 {
+            d.ring(ring(m));
+        }
+        let filed = d.take();
+        assert_eq!(filed.len(), MAX_QUEUED);
+        for r in &filed {
+            d.answer(*r, Answer::DONE);
+        }
+        for m in 1000..2000 {
+            d.answer(ring(m), Answer::DONE);
+        }
+        let s = d.state();
+        assert!(s.answers.len() <= MAX_QUEUED && s.answered.len() == s.answers.len());
     }
 }
