@@ -547,7 +547,18 @@ fn list(vm: &str, json: bool) -> Result<i32> {
         println!("no patches loaded in {vm}");
     }
     for p in &s.patches {
-        let funcs: Vec<&str> = p.funcs.iter().map(|f| f.old.as_str()).collect();
+        // A module not loaded: its functions, marked as waiting for it.
+        let waiting = p
+            .objects
+            .iter()
+            .filter(|o| o.state == "waiting")
+            .flat_map(|o| o.replaces.iter().map(|f| format!("{f} (not loaded)")));
+        let funcs: Vec<String> = p
+            .funcs
+            .iter()
+            .map(|f| f.old.clone())
+            .chain(waiting)
+            .collect();
         let mut state = p.state.to_string();
         if let Some(by) = &p.replaced_by {
             state = format!("{state} by {by}");
