@@ -214,6 +214,16 @@ fn module_functions_patched(host: &mut TestHost, series: &str) -> TestResult {
         during == "iff:\tlpvmm tun_do_read [tun]",
         "{series}: fdinfo read by a moved task during the transition: {during:?}"
     );
+    // tun's sites dispatch per task, their ftrace records hidden from the guest's ftrace
+    // as vmlinux's are.
+    let s = status(&mut g)?;
+    for f in ["tun:tun_do_read", "tun:tun_chr_show_fdinfo"] {
+        let v = patchtest::func_of(&s, f)?;
+        check!(
+            v.site_now.to_string() == "trampoline" && v.ftrace_hidden,
+            "{series}: {f} during the transition: {v:?}"
+        );
+    }
     let (rc, out) = g.lpvmm("patch reverse {vm}")?;
     check!(
         rc == 0 && out.contains("reversed"),
