@@ -77,6 +77,45 @@ pub struct PatcherTypes {
     /// `struct blocking_notifier_head` and `struct notifier_block`: for the notifier
     /// lpvmm puts on the guest's module notifier chain.
     pub notifier: Option<NotifierLayout>,
+    /// `struct __call_single_data` and `struct work_struct`: for running patch code in
+    /// the guest (callbacks).
+    pub guest_call: Option<GuestCallLayout>,
+}
+
+/// A cross-CPU call and a work item (include/linux/smp_types.h, smp.h, workqueue.h):
+/// what lpvmm queues to run a function in a guest kworker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestCallLayout {
+    /// `sizeof(struct __call_single_data)`, its `node.llist.next`, `node.u_flags`,
+    /// `func` and `info`.
+    pub csd_size: u64,
+    pub csd_next: u64,
+    pub csd_flags: u64,
+    pub csd_func: u64,
+    pub csd_info: u64,
+    /// `sizeof(struct work_struct)`, its `data`, `entry` (a list_head) and `func`.
+    pub work_size: u64,
+    pub work_data: u64,
+    pub work_entry: u64,
+    pub work_func: u64,
+}
+
+impl GuestCallLayout {
+    fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
+        let csd = |f: &str| btf.field("__call_single_data", f).map(|f| f.offset());
+        let work = |f: &str| btf.field("work_struct", f).map(|f| f.offset());
+        Ok(GuestCallLayout {
+            csd_size: btf.struct_size("__call_single_data")?,
+            csd_next: csd("node.llist.next")?,
+            csd_flags: csd("node.u_flags")?,
+            csd_func: csd("func")?,
+            csd_info: csd("info")?,
+            work_size: btf.struct_size("work_struct")?,
+            work_data: work("data")?,
+            work_entry: work("entry")?,
+            work_func: work("func")?,
+        })
+    }
 }
 
 /// A blocking notifier chain's head and one of its blocks (include/linux/notifier.h).
@@ -203,6 +242,7 @@ impl Layout {
                 x86_capability: btf.field("cpuinfo_x86", "x86_capability").ok(),
                 alt_instr_size: btf.struct_size("alt_instr").ok(),
                 notifier: NotifierLayout::from_btf(btf).ok(),
+                guest_call: GuestCallLayout::from_btf(btf).ok(),
             },
             modules: ModuleLayout::from_btf(btf),
         })

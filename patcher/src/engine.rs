@@ -20,7 +20,7 @@ use crate::area::{self, AreaLayout, Region};
 use crate::funcs::FuncChange;
 use crate::funcs::{self, FuncStack, FunctionVersions};
 use crate::journal::{Journal, PostMortem};
-use crate::load::manifest::{Manifest, SystemState};
+use crate::load::manifest::{CallbackKind, Manifest, SystemState};
 use crate::load::object::PatchObject;
 use crate::load::{self, Prepared};
 use crate::patch::{Import, Patch, PatchState, PatchedFunc};
@@ -95,6 +95,9 @@ pub struct Engine {
     /// (see [`crate::notifier`]).
     pub(crate) doorbell: Option<crate::notifier::Doorbell>,
     pub(crate) notifier: Option<crate::notifier::Notifier>,
+    /// The machinery that runs callbacks in the guest, once a patch with callbacks
+    /// was loaded (see [`crate::guestcall`]).
+    pub(crate) caller: Option<crate::guestcall::GuestCaller>,
     /// What the guest's modules coming and going did to patches, newest last.
     pub(crate) module_events: VecDeque<crate::notifier::ModuleEvent>,
 }
@@ -293,6 +296,9 @@ impl Engine {
         if now_ms < due {
             return Ok(Some(due));
         }
+        if self.in_callbacks() {
+            return self.drive_calls(guest, kernel, now_ms);
+        }
         guest.running(|ram| self.unwind_early(ram, kernel));
         let ticked = guest.paused(|g| self.tick(g, kernel, now_ms));
         if let Ok(((), pause)) = ticked {
@@ -446,12 +452,22 @@ impl Engine {
             true => Some(load::late_link(&obj, runs, &boot, &linked, &objects)?),
             false => None,
         };
+        let callbacks = load::callbacks(&obj, &linked);
+        let needs_caller = !callbacks.is_empty() && self.caller.is_none();
+        if needs_caller {
+            crate::guestcall::GuestCaller::check(guest.reader(), kernel)?;
+        }
 
         // Everything checked: write.
         write_images(guest, kernel, &mut area, tables.as_ref(), &linked, &m.name)?;
         area.space.take(runs);
         if let Some((plan, bell)) = notifier {
             self.notifier = Some(plan.install(guest, &mut area, bell)?);
+        }
+        if needs_caller {
+            self.caller = Some(crate::guestcall::GuestCaller::install(
+                guest, kernel, &mut area,
+            )?);
         }
         self.area = Some(area);
         self.generation += 1;
@@ -479,6 +495,7 @@ impl Engine {
                 .collect(),
             enables: 0,
             late,
+            callbacks,
         });
         Ok(m.name.clone())
     }
@@ -505,6 +522,11 @@ impl Engine {
             now_ms,
         );
         t.unload_on_failure = b.unload_on_failure;
+        let first = match b.op {
+            Op::Enable => CallbackKind::PrePatch,
+            Op::Disable => CallbackKind::PreUnpatch,
+        };
+        t.calls = crate::transition::calls::Calls::before(self.patch(&b.patch)?, first);
         self.active = Some(t);
         Ok(self.next_id)
     }

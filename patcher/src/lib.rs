@@ -22,9 +22,11 @@ compile_error!("the fault-injection feature is for test builds only, never a rel
 
 pub mod area;
 pub mod build;
+pub mod callbacks;
 pub mod coming;
 pub mod engine;
 pub mod funcs;
+pub mod guestcall;
 pub mod journal;
 pub mod kbuild;
 pub mod load;
@@ -79,6 +81,10 @@ pub trait GuestControl {
         &mut self,
         f: impl FnOnce(&mut dyn GuestWriter) -> R,
     ) -> Result<(R, Duration), PauseError>;
+
+    /// Send a guest CPU the interrupt of a guest call queued in a pause
+    /// ([`guestcall`]), once the guest runs again.
+    fn interrupt(&mut self, ipi: guestcall::Ipi) -> Result<(), PauseError>;
 }
 
 /// The VMM could not pause the guest (its own error is the source).

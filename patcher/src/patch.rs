@@ -6,7 +6,7 @@
 use introspection::orc::OrcEntry;
 use serde::{Deserialize, Serialize};
 
-use crate::load::manifest::{KernelSymbol, SystemState};
+use crate::load::manifest::{CallbackKind, KernelSymbol, SystemState};
 use crate::space::Runs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +82,9 @@ pub struct Patch {
     pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
+    /// Its callbacks, for the objects they belong to.
+    #[serde(default)]
+    pub callbacks: Vec<PatchCallback>,
     /// For a patch with a module part: what linking it again needs when a module it
     /// patches is loaded (lpvmm's own state, not shown).
     #[serde(skip)]
@@ -186,4 +189,13 @@ impl Patch {
         self.funcs()
             .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
     }
+}
+
+/// A callback of a patch, linked: its function's address in the patch area.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchCallback {
+    pub object: ObjectName,
+    pub kind: CallbackKind,
+    pub func: String,
+    pub addr: u64,
 }

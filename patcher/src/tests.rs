@@ -1717,6 +1717,8 @@ fn a_loaded_patch_is_its_objects_functions() {
 struct SynthControl<'g> {
     guest: &'g mut SynthGuest,
     pauses: u32,
+    /// The guest-call interrupts sent.
+    ipis: Vec<crate::guestcall::Ipi>,
 }
 
 impl crate::GuestControl for SynthControl<'_> {
@@ -1733,6 +1735,11 @@ impl crate::GuestControl for SynthControl<'_> {
         self.pauses += 1;
         Ok((f(&mut *self.guest), std::time::Duration::from_micros(5)))
     }
+
+    fn interrupt(&mut self, ipi: crate::guestcall::Ipi) -> Result<(), crate::PauseError> {
+        self.ipis.push(ipi);
+        Ok(())
+    }
 }
 
 /// The VMM's two entry points: a load-and-enable takes one pause and starts the
@@ -1746,6 +1753,7 @@ fn load_and_enable_then_drive_until_done_pausing_once_per_step() {
     let mut vm = SynthControl {
         guest: &mut g,
         pauses: 0,
+        ipis: Vec::new(),
     };
     let args = crate::EnableArgs {
         consistency: Consistency::PerTask,
@@ -1774,6 +1782,7 @@ fn load_and_enable_then_drive_until_done_pausing_once_per_step() {
     let mut vm = SynthControl {
         guest: &mut g,
         pauses: 0,
+        ipis: Vec::new(),
     };
     let err = f
         .engine
@@ -2315,4 +2324,167 @@ fn atomic_replace_covers_module_functions_loaded_or_not() {
         .unwrap()
         .new_addr;
     assert_eq!(site_target(&f, &g, "dummyx_get_stats"), Some(d_new));
+}
+
+// --- Callbacks: run in the guest through the guest-call machinery. ---
+
+/// A patch of meminfo_proc_show with the four callbacks for vmlinux.
+const CALLBACKS: &str = r#"
+#include <lpvmm/patch.h>
+int new_meminfo(void *m) { return 0; }
+int cb_pre(void *mod) { return 0; }
+int cb_post(void *mod) { return 0; }
+int cb_pre_un(void *mod) { return 0; }
+int cb_post_un(void *mod) { return 0; }
+LPVMM_PATCH("cb");
+LPVMM_REPLACE(meminfo_proc_show, new_meminfo);
+LPVMM_PRE_PATCH(cb_pre);
+LPVMM_POST_PATCH(cb_post);
+LPVMM_PRE_UNPATCH(cb_pre_un);
+LPVMM_POST_UNPATCH(cb_post_un);
+"#;
+
+/// What the guest does with a guest call queued on CPU 0: its IPI handler takes the
+/// call off `call_single_queue` (unlocking it), its kworker runs the mailbox's function,
+/// which returns `ret`. Returns the function called.
+fn guest_runs_call(f: &Fixture, g: &mut SynthGuest, ret: i32) -> u64 {
+    let c = f.engine.caller.clone().expect("the guest-call machinery");
+    let k = &f.kernel;
+    let l = k.layout.patcher.guest_call.as_ref().unwrap();
+    let m = k.memory(g);
+    let base = m.u64(k.addrs.per_cpu_offset).unwrap();
+    let head = base + k.symbols.addr("call_single_queue").unwrap();
+    assert_eq!(m.u64(head).unwrap(), c.csd, "the call heads CPU 0's queue");
+    assert_eq!(m.u32(c.csd + l.csd_flags).unwrap(), 1, "locked, async");
+    assert_eq!(m.u64(c.csd + l.csd_func).unwrap(), c.ipi_fn);
+    let next = m.u64(c.csd + l.csd_next).unwrap();
+    let func = m.u64(c.mailbox + 8).unwrap();
+    drop(m);
+    poke_va(f, g, head, next, 8);
+    poke_va(f, g, c.csd + l.csd_flags, 0, 4);
+    poke_va(f, g, c.mailbox, 3 | (u64::from(ret as u32) << 32), 8);
+    func
+}
+
+/// Drive the active transition until it ends, the guest running each call it queues
+/// with the return `rets` gives for that function; the functions called, in order.
+fn drive_with_calls(f: &mut Fixture, g: &mut SynthGuest, rets: &dyn Fn(u64) -> i32) -> Vec<u64> {
+    let mut called = Vec::new();
+    for _ in 0..50 {
+        if f.engine.active().is_none() {
+            break;
+        }
+        f.now += 1000;
+        let mut vm = SynthControl {
+            guest: &mut *g,
+            pauses: 0,
+            ipis: Vec::new(),
+        };
+        f.engine.drive(&mut vm, &f.kernel, f.now).unwrap();
+        let ipis = vm.ipis.len();
+        assert!(ipis <= 1);
+        if ipis == 1 {
+            assert_eq!(vm.ipis[0].apic_id, 0);
+            let c = f.engine.caller.clone().unwrap();
+            let func = f.kernel.memory(g).u64(c.mailbox + 8).unwrap();
+            called.push(guest_runs_call(f, g, rets(func)));
+        }
+    }
+    assert!(f.engine.active().is_none(), "the transition did not end");
+    called
+}
+
+fn callback_addr(f: &Fixture, patch: &str, func: &str) -> u64 {
+    let p = f.engine.patch(patch).unwrap();
+    p.callbacks.iter().find(|c| c.func == func).unwrap().addr
+}
+
+/// Pre-patch before the enable's first tick, post-patch after it completed;
+/// pre-unpatch and post-unpatch around the disable; each queued on CPU 0's
+/// call_single_queue with the guest-call machinery, and the transition ends only once
+/// they returned.
+#[test]
+fn callbacks_run_in_the_guest_around_each_transition() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    f.engine
+        .load(&mut g, &f.kernel, &kp(CALLBACKS, &[]))
+        .unwrap();
+    let begin = |op| Begin {
+        patch: "cb".into(),
+        op,
+        consistency: Consistency::PerTask,
+        timeout: None,
+        unload_on_failure: false,
+    };
+    f.engine.begin(begin(Op::Enable), f.now).unwrap();
+    let called = drive_with_calls(&mut f, &mut g, &|_| 0);
+    let names = |f: &Fixture, v: &[u64]| -> Vec<String> {
+        let p = f.engine.patch("cb").unwrap();
+        v.iter()
+            .map(|a| {
+                p.callbacks
+                    .iter()
+                    .find(|c| c.addr == *a)
+                    .unwrap()
+                    .func
+                    .clone()
+            })
+            .collect()
+    };
+    assert_eq!(names(&f, &called), ["cb_pre", "cb_post"]);
+    let t = f.engine.history().last().unwrap().clone();
+    assert_eq!(t.outcome, Outcome::Done);
+    assert_eq!(t.calls.ran.len(), 2);
+    assert_eq!(state(&f, "cb"), PatchState::Enabled);
+    assert_eq!(
+        site_target(&f, &g, "meminfo_proc_show"),
+        Some(new_addr(&f, "cb"))
+    );
+
+    f.engine.begin(begin(Op::Disable), f.now).unwrap();
+    let called = drive_with_calls(&mut f, &mut g, &|_| 0);
+    assert_eq!(names(&f, &called), ["cb_pre_un", "cb_post_un"]);
+    assert_eq!(site_bytes(&f, &g, "meminfo_proc_show"), FENTRY_NOP);
+}
+
+/// A pre-patch that returns non-zero refuses the enable before anything is written;
+/// a patch loaded for that enable is unloaded; post-unpatch does not run for the object
+/// whose pre-patch failed.
+#[test]
+fn a_failing_pre_patch_refuses_the_enable_and_writes_nothing() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let text_before = text(&f, &g);
+    let mut vm = SynthControl {
+        guest: &mut g,
+        pauses: 0,
+        ipis: Vec::new(),
+    };
+    let args = crate::EnableArgs {
+        consistency: Consistency::PerTask,
+        timeout: None,
+    };
+    f.engine
+        .load_and_enable(&mut vm, &f.kernel, &kp(CALLBACKS, &[]), Some(args), f.now)
+        .unwrap();
+    let pre = callback_addr(&f, "cb", "cb_pre");
+    let called = drive_with_calls(&mut f, &mut g, &|func| if func == pre { -19 } else { 0 });
+    assert_eq!(
+        called,
+        [pre],
+        "post-unpatch runs only where pre-patch succeeded"
+    );
+    let t = f.engine.history().last().unwrap().clone();
+    assert_eq!(
+        t.outcome,
+        Outcome::Failed(
+            "the pre-patch callback cb_pre of vmlinux returned -19: not enabled".into()
+        )
+    );
+    assert!(
+        f.engine.patch("cb").is_err(),
+        "unloaded after its failed enable"
+    );
+    assert_eq!(text(&f, &g), text_before);
 }

@@ -30,9 +30,17 @@ const SAMPLES: &[&str] = &[
     "tunbroken",
     "tunsleep",
     "ethmtu",
+    "callbacks",
 ];
 /// Samples built a second time with a flag: (sample, built as, flag).
-const VARIANTS: &[(&str, &str, &str)] = &[("ethmtu", "ethmtu-vmlinux", "-DLPVMM_VMLINUX_ONLY")];
+const VARIANTS: &[(&str, &str, &str)] = &[
+    ("ethmtu", "ethmtu-vmlinux", "-DLPVMM_VMLINUX_ONLY"),
+    (
+        "callbacks",
+        "callbacks-refused",
+        "-DLPVMM_PRE_PATCH_RET=-19",
+    ),
+];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
     "/lib/modules/$(uname -r)/$(grep -o '[^ ]*/tun[.]ko' /lib/modules/$(uname -r)/lpvmm-modules)";
@@ -519,6 +527,86 @@ fn dependency_in_one_patch(host: &mut TestHost, series: &str) -> TestResult {
     check!(
         insmod_dummy(&mut g)? == "1500",
         "{series}: dummy0 after both patches went"
+    );
+    g.poweroff().map(|_| ())
+}
+
+/// The lines the callbacks sample wrote to the guest's kernel log, in order (`what ran
+/// in COMM`).
+fn callback_lines(g: &mut Guest) -> Result<Vec<String>, String> {
+    Ok(g.run("dmesg | grep 'lpvmm-callbacks: ' || true")?
+        .lines()
+        .filter_map(|l| {
+            l.split_once("lpvmm-callbacks: ")
+                .map(|(_, r)| r.trim().to_string())
+        })
+        .collect())
+}
+
+/// Issue 27, callbacks (patcher/examples/kbuild/callbacks.c): enabling runs pre_patch,
+/// then the transition, then post_patch; disabling pre_unpatch, the transition,
+/// post_unpatch; each in a kworker of the guest (its log names the task), where it may
+/// sleep. A pre_patch that returns -19 refuses the enable: `lpvmm patch` says so,
+/// nothing is written (kernel text as before, /proc/cmdline the guest's own), the patch
+/// loaded for it is gone, and no post_unpatch runs for the object whose pre_patch
+/// failed.
+fn callbacks_around_transitions(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbcb-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let text_before = checksum(&mut g, "text")?;
+    let original = g.text("cat /proc/cmdline")?;
+    let out = patchtest::apply(&mut g, &stem(series, "callbacks"))?;
+    check!(
+        out.contains("callback pre_patch lpvmm_cb_pre_patch (vmlinux): returned 0")
+            && out.contains("callback post_patch lpvmm_cb_post_patch (vmlinux): returned 0"),
+        "{series}: lpvmm patch should report the callbacks: {out}"
+    );
+    eprintln!("{series}: lpvmm patch callbacks.kp:\n{out}");
+    check!(
+        g.text("cat /proc/cmdline")? == "lpvmm callbacks",
+        "{series}: the patch is not in effect"
+    );
+    verb(&mut g, "disable", "callbacks")?;
+    let lines = callback_lines(&mut g)?;
+    let order: Vec<&str> = lines.iter().filter_map(|l| l.split(' ').next()).collect();
+    check!(
+        order == ["pre_patch", "post_patch", "pre_unpatch", "post_unpatch"],
+        "{series}: the callbacks' order in the guest's log: {lines:?}"
+    );
+    check!(
+        lines.iter().all(|l| l.contains("ran in kworker/")),
+        "{series}: callbacks should run in kworkers: {lines:?}"
+    );
+    eprintln!("{series}: the guest's log of the callbacks: {lines:?}");
+    verb(&mut g, "unload", "callbacks")?;
+    check!(
+        checksum(&mut g, "text")? == text_before,
+        "{series}: text after disable"
+    );
+
+    // A refusing pre_patch.
+    let file = g.host.file(&kp(series, "callbacks-refused"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    check!(
+        rc != 0
+            && out.contains("the pre-patch callback lpvmm_cb_pre_patch of vmlinux returned -19"),
+        "{series}: a pre_patch returning -19 should refuse the enable: {out}"
+    );
+    eprintln!("{series}: lpvmm patch callbacks-refused.kp:\n{out}");
+    let lines = callback_lines(&mut g)?;
+    check!(
+        lines.len() == 5 && lines[4].starts_with("pre_patch"),
+        "{series}: after the refusal only its pre_patch should have run: {lines:?}"
+    );
+    check!(
+        checksum(&mut g, "text")? == text_before && g.text("cat /proc/cmdline")? == original,
+        "{series}: a refused enable changed the guest"
+    );
+    let s = status(&mut g)?;
+    check!(
+        s.patches.is_empty(),
+        "{series}: the patch loaded for the refused enable is still loaded: {:?}",
+        s.patches
     );
     g.poweroff().map(|_| ())
 }
@@ -1240,6 +1328,7 @@ fn main() {
             "dependency_in_one_patch_with_a_module",
             dependency_in_one_patch,
         ),
+        ("callbacks_around_transitions", callbacks_around_transitions),
         (
             "ftrace_and_kprobes_share_a_redirected_function",
             ftrace_coexists,

@@ -522,6 +522,23 @@ pub struct TransitionView {
     /// the whole tick (µs; the rest of `pauses_us` is parking and resuming vCPUs).
     #[serde(default)]
     pub tick_parts: Vec<patcher::TickParts>,
+    /// The patch's callbacks around it: those that returned (with `ret`), then the one
+    /// running and those still to run (`ret` none).
+    #[serde(default)]
+    pub callbacks: Vec<CallbackView>,
+}
+
+/// One callback of a transition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CallbackView {
+    /// `pre_patch`, `post_patch`, `pre_unpatch` or `post_unpatch`.
+    pub kind: String,
+    /// `vmlinux` or a module's name.
+    pub object: String,
+    pub func: String,
+    pub ret: Option<i32>,
+    /// From its queueing to its return, ms.
+    pub ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -14,8 +14,9 @@
 //!   the same base without any KVM ioctl (the VM's descriptor needs none after setup),
 //!   plus epoll, accepting and reading connections, the socket options it sets,
 //!   terminal modes, signalling vCPU threads, removing its socket file at exit;
-//! - **patch-driver** (the thread that drives transitions): the base and signalling vCPU
-//!   threads; no ioctl at all.
+//! - **patch-driver** (the thread that drives transitions): the base, signalling vCPU
+//!   threads, and one ioctl, `KVM_SIGNAL_MSI` (the interrupt that runs a callback in the
+//!   guest, patcher::guestcall).
 //!
 //! A call outside a thread's filter raises SIGSYS; the handler says which thread made
 //! which call and ends lpvmm with [`EXIT_CODE`], so a subverted VMM stops rather than
@@ -89,6 +90,8 @@ const KVM_GET_SREGS: u64 = 0x8138_AE83;
 const KVM_GET_MSRS: u64 = 0xC008_AE88;
 /// Answering the module notifier's doorbell (devices/doorbell.rs).
 const KVM_SET_REGS: u64 = 0x4090_AE82;
+/// The patch driver's one ioctl, on the VM: the interrupt of a guest call (callbacks).
+const KVM_SIGNAL_MSI: u64 = 0x4020_AEA5;
 
 /// System calls every thread makes in its steady state: memory, futexes, time, logging
 /// to stderr (and the console to stdout), signals' return, a panic's abort, exit.
@@ -178,7 +181,8 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             )?])?],
         );
     }
-    // The VM's own descriptor needs no ioctl after setup; only vCPU threads touch KVM.
+    // After setup, the VM's own descriptor takes one ioctl, from the patch driver: the
+    // interrupt of a guest call. vCPU threads touch their vCPUs.
     let ioctls: &[u64] = match kind {
         ThreadKind::Vcpu => &[
             KVM_RUN,
@@ -191,7 +195,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             rules.extend(API.iter().map(|&n| (n, Vec::new())));
             API_IOCTLS
         }
-        ThreadKind::PatchDriver => &[],
+        ThreadKind::PatchDriver => &[KVM_SIGNAL_MSI],
     };
     if !ioctls.is_empty() {
         let allowed = ioctls
@@ -363,11 +367,7 @@ mod tests {
             let prog = program(kind).unwrap();
             assert!(!prog.is_empty());
             let r = rules(kind).unwrap();
-            assert_eq!(
-                r.contains_key(&libc::SYS_ioctl),
-                kind != ThreadKind::PatchDriver,
-                "{kind:?}"
-            );
+            assert!(r.contains_key(&libc::SYS_ioctl), "{kind:?}");
             assert!(!r.contains_key(&libc::SYS_socket), "{kind:?}");
             assert!(!r.contains_key(&libc::SYS_execve), "{kind:?}");
             assert!(!r.contains_key(&libc::SYS_openat), "{kind:?}");
@@ -382,6 +382,11 @@ mod tests {
             .unwrap()
             .contains_key(&libc::SYS_read));
         assert_eq!(rules(ThreadKind::Vcpu).unwrap()[&libc::SYS_ioctl].len(), 5);
+        assert_eq!(
+            rules(ThreadKind::PatchDriver).unwrap()[&libc::SYS_ioctl].len(),
+            1,
+            "the patch driver's one ioctl: KVM_SIGNAL_MSI"
+        );
     }
 
     #[test]
@@ -407,6 +412,10 @@ mod tests {
         assert_eq!(
             KVM_SET_REGS,
             iow(0x82, std::mem::size_of::<kvm_bindings::kvm_regs>())
+        );
+        assert_eq!(
+            KVM_SIGNAL_MSI,
+            iow(0xa5, std::mem::size_of::<kvm_bindings::kvm_msi>())
         );
     }
 

@@ -116,6 +116,7 @@ impl SynthKernelSpec {
                 "memcpy",
                 "msleep",
                 "_printk",
+                "queue_work_on",
                 "no_fentry",
             ]
             .map(String::from)
@@ -415,6 +416,32 @@ fn build_btf(spec: &SynthKernelSpec, f: &TaskFields) -> Vec<u8> {
         32,
         &[("owner", atomic_long, 0), ("wait_lock", uint, 64)],
     );
+    // Cross-CPU calls and work items (include/linux/smp_types.h, workqueue.h).
+    let llist_node = b.strukt("llist_node", 8, &[("next", voidp, 0)]);
+    let csd_node = b.strukt(
+        "__call_single_node",
+        16,
+        &[("llist", llist_node, 0), ("u_flags", uint, 64)],
+    );
+    b.strukt(
+        "__call_single_data",
+        32,
+        &[
+            ("node", csd_node, 0),
+            ("func", voidp, 128),
+            ("info", voidp, 192),
+        ],
+    );
+    let list_head = b.strukt("", 16, &[("next", voidp, 0), ("prev", voidp, 64)]);
+    b.strukt(
+        "work_struct",
+        32,
+        &[
+            ("data", atomic_long, 0),
+            ("entry", list_head, 64),
+            ("func", voidp, 192),
+        ],
+    );
     // The module notifier chain (include/linux/notifier.h, rwsem.h), 40 + 8 bytes.
     let rwsem = b.strukt(
         "rw_semaphore",
@@ -528,6 +555,8 @@ impl SynthKernel {
             b.sym(percpu_irqstack, 'D', "hardirq_stack_ptr");
         }
         b.sym(percpu_runqueues, 'D', "runqueues");
+        // kernel/smp.c's per-CPU queue of cross-CPU calls (an empty llist_head).
+        b.sym(0x180, 'd', "call_single_queue");
 
         // --- text: sched text first, then the rest, each function FUNC_SIZE bytes.
         let mut names: Vec<String> = vec!["__schedule".into(), "schedule".into()];
@@ -669,6 +698,9 @@ impl SynthKernel {
         b.data("tasklist_lock", &[0; 8], 64);
         // An empty chain: no reader, no writer, no block.
         b.data("module_notify_list", &[0; 48], 64);
+        // The workqueue a guest call queues its work on (a pointer to it).
+        let wq = b.data("", &[0; 64], 64);
+        b.data("system_wq", &wq.to_le_bytes(), 8);
         let mut cpu_bases = Vec::new();
         for cpu in 0..spec.cpus {
             let area = b.img.alloc(percpu_size, 4096);

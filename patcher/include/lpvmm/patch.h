@@ -115,4 +115,34 @@
 #define LPVMM_STATE(id, version)                                                     \
 	__LPVMM_ENTRY("state=" __LPVMM_STR(id) ":" __LPVMM_STR(version))
 
+/*
+ * Callbacks, as the kernel's livepatch has them (klp_callbacks), for vmlinux or, with
+ * _IN, for a module the patch patches. Each is `int fn(struct module *mod)`, called in
+ * a kworker of the guest (process context: it may sleep), `mod` NULL for vmlinux:
+ *   - pre_patch: before the enable's transition; a non-zero return refuses the enable
+ *     (nothing changes; post_unpatch runs for the objects whose pre_patch succeeded);
+ *   - post_patch: once the enable's transition completed;
+ *   - pre_unpatch: before the disable's transition;
+ *   - post_unpatch: once the disable's transition completed, or after an enable that
+ *     was refused or reversed.
+ * Only the returns of pre_patch count. See docs/patching.md, "Callbacks".
+ */
+#define __LPVMM_CALLBACK(kind, fn)                                                   \
+	static void *__LPVMM_CAT(__lpvmm_keep_, fn)                                  \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)fn;          \
+	__LPVMM_ENTRY("callback=" kind ":" #fn)
+#define __LPVMM_CALLBACK_IN(mod, kind, fn)                                           \
+	static void *__LPVMM_CAT(__lpvmm_keep_, fn)                                  \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)fn;          \
+	__LPVMM_ENTRY("callback=" #mod ":" kind ":" #fn)
+
+#define LPVMM_PRE_PATCH(fn) __LPVMM_CALLBACK("pre_patch", fn)
+#define LPVMM_POST_PATCH(fn) __LPVMM_CALLBACK("post_patch", fn)
+#define LPVMM_PRE_UNPATCH(fn) __LPVMM_CALLBACK("pre_unpatch", fn)
+#define LPVMM_POST_UNPATCH(fn) __LPVMM_CALLBACK("post_unpatch", fn)
+#define LPVMM_PRE_PATCH_IN(mod, fn) __LPVMM_CALLBACK_IN(mod, "pre_patch", fn)
+#define LPVMM_POST_PATCH_IN(mod, fn) __LPVMM_CALLBACK_IN(mod, "post_patch", fn)
+#define LPVMM_PRE_UNPATCH_IN(mod, fn) __LPVMM_CALLBACK_IN(mod, "pre_unpatch", fn)
+#define LPVMM_POST_UNPATCH_IN(mod, fn) __LPVMM_CALLBACK_IN(mod, "post_unpatch", fn)
+
 #endif /* LPVMM_PATCH_H */

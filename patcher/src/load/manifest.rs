@@ -110,6 +110,49 @@ pub struct SystemState {
     pub version: u32,
 }
 
+/// When a callback runs (the kernel livepatch's `klp_callbacks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackKind {
+    /// Before the patch's enable transition starts; a non-zero return refuses the enable.
+    PrePatch,
+    /// Once the enable transition has completed.
+    PostPatch,
+    /// Before the disable transition starts.
+    PreUnpatch,
+    /// Once the disable transition has completed (and after an enable that did not).
+    PostUnpatch,
+}
+
+impl CallbackKind {
+    pub const ALL: [CallbackKind; 4] = [
+        CallbackKind::PrePatch,
+        CallbackKind::PostPatch,
+        CallbackKind::PreUnpatch,
+        CallbackKind::PostUnpatch,
+    ];
+
+    /// Its manifest word: `pre_patch`, `post_patch`, `pre_unpatch`, `post_unpatch`.
+    pub fn word(self) -> &'static str {
+        match self {
+            CallbackKind::PrePatch => "pre_patch",
+            CallbackKind::PostPatch => "post_patch",
+            CallbackKind::PreUnpatch => "pre_unpatch",
+            CallbackKind::PostUnpatch => "post_unpatch",
+        }
+    }
+}
+
+/// A callback of one object of the patch: `func`, a function of the patch, called as
+/// `int func(struct module *mod)` (`mod` NULL for vmlinux) in a guest kworker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Callback {
+    /// The module; `None` for vmlinux.
+    pub object: Option<String>,
+    pub kind: CallbackKind,
+    pub func: String,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub name: String,
@@ -122,6 +165,9 @@ pub struct Manifest {
     pub atomic_replace: bool,
     /// States it establishes (`LPVMM_STATE`), each id once.
     pub states: Vec<SystemState>,
+    /// Its callbacks (`LPVMM_PRE_PATCH` and the others), each kind once per object.
+    #[serde(default)]
+    pub callbacks: Vec<Callback>,
 }
 
 fn is_c_identifier(s: &str) -> bool {
@@ -183,6 +229,19 @@ impl Manifest {
         if m.replacements.is_empty() {
             return Err(bad("replaces no function (add LPVMM_REPLACE)".into()));
         }
+        for c in &m.callbacks {
+            let patched = match &c.object {
+                None => m.replacements.iter().any(|r| r.old.object.is_none()),
+                Some(o) => m.modules().contains(&o.as_str()),
+            };
+            if !patched {
+                return Err(bad(format!(
+                    "a {} callback for {}, of which the patch replaces no function",
+                    c.kind.word(),
+                    c.object.as_deref().unwrap_or("vmlinux")
+                )));
+            }
+        }
         Ok(m)
     }
 
@@ -232,6 +291,7 @@ impl Manifest {
                 self.add_replacement(value, key == "replace_immediate")?
             }
             "symbol" => self.add_binding(value)?,
+            "callback" => self.add_callback(value)?,
             "depends" => {
                 if !valid_patch_name(value) {
                     return Err(bad(format!("depends: '{value:.80}' is not a patch name")));
@@ -271,6 +331,46 @@ impl Manifest {
             old,
             new: new.to_string(),
             immediate,
+        });
+        Ok(())
+    }
+
+    /// `callback=[MODULE:]KIND:FUNC`.
+    fn add_callback(&mut self, value: &str) -> Result<(), ParseError> {
+        let bad = |m: String| ParseError::Manifest(format!("callback={value:.80}: {m}"));
+        let parts: Vec<&str> = value.split(':').collect();
+        let (object, kind, func) = match parts[..] {
+            [k, f] => (None, k, f),
+            [m, k, f] if valid_module_name(m) => (Some(m.to_string()), k, f),
+            [m, _, _] => return Err(bad(format!("'{m:.60}' is not a module name"))),
+            _ => return Err(bad("want [MODULE:]KIND:FUNCTION".into())),
+        };
+        let kind = CallbackKind::ALL
+            .into_iter()
+            .find(|c| c.word() == kind)
+            .ok_or_else(|| {
+                bad(format!(
+                    "'{kind:.40}' is not pre_patch, post_patch, pre_unpatch or post_unpatch"
+                ))
+            })?;
+        if !is_c_identifier(func) {
+            return Err(bad(format!("'{func:.60}' is not a function name")));
+        }
+        if self
+            .callbacks
+            .iter()
+            .any(|c| c.object == object && c.kind == kind)
+        {
+            return Err(bad(format!(
+                "a second {} callback for {}",
+                kind.word(),
+                object.as_deref().unwrap_or("vmlinux")
+            )));
+        }
+        self.callbacks.push(Callback {
+            object,
+            kind,
+            func: func.to_string(),
         });
         Ok(())
     }
@@ -358,6 +458,57 @@ mod tests {
                 .to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn callbacks_per_object() {
+        let m = Manifest::parse(&raw(&[
+            "lpvmm=1",
+            "name=cb",
+            "replace=a:b",
+            "replace=tun:c:d",
+            "callback=pre_patch:pre",
+            "callback=tun:post_unpatch:tun_post",
+        ]))
+        .unwrap();
+        assert_eq!(
+            m.callbacks,
+            [
+                Callback {
+                    object: None,
+                    kind: CallbackKind::PrePatch,
+                    func: "pre".into()
+                },
+                Callback {
+                    object: Some("tun".into()),
+                    kind: CallbackKind::PostUnpatch,
+                    func: "tun_post".into()
+                }
+            ]
+        );
+        for (bad, want) in [
+            ("callback=pre_patch", "want [MODULE:]KIND:FUNCTION"),
+            ("callback=before:f", "is not pre_patch"),
+            ("callback=virtio-net:pre_patch:f", "not a module name"),
+            (
+                "callback=dummy:pre_patch:f",
+                "of which the patch replaces no function",
+            ),
+        ] {
+            let e = Manifest::parse(&raw(&["lpvmm=1", "name=x", "replace=a:b", bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let twice = [
+            "lpvmm=1",
+            "name=x",
+            "replace=a:b",
+            "callback=pre_patch:f",
+            "callback=pre_patch:g",
+        ];
+        let e = Manifest::parse(&raw(&twice)).unwrap_err().to_string();
+        assert!(e.contains("a second pre_patch callback for vmlinux"), "{e}");
     }
 
     #[test]

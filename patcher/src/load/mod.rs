@@ -38,6 +38,12 @@ pub(crate) fn prepare(
     kernel: &Kernel,
     obj: PatchObject,
 ) -> Result<Prepared, KpError> {
+    // The module notifier's and the guest-call functions are assembled in the load's
+    // pause: the assembler's first use (its tables) comes here, before it.
+    let m = &obj.manifest;
+    if !m.modules().is_empty() || !m.callbacks.is_empty() {
+        crate::transition::dispatch::warm_up();
+    }
     let mem = KernelMemory::new(ram, kernel.root);
     let area = match area {
         Some(a) => a.clone(),
@@ -395,6 +401,28 @@ pub(crate) fn patched_objects(
     }
     objects.sort_by_key(|o| o.name != ObjectName::Vmlinux);
     Ok(objects)
+}
+
+/// The patch's callbacks, each at the address its function was linked at.
+pub(crate) fn callbacks(
+    obj: &PatchObject,
+    linked: &link::Linked,
+) -> Vec<crate::patch::PatchCallback> {
+    obj.manifest
+        .callbacks
+        .iter()
+        .filter_map(|c| {
+            Some(crate::patch::PatchCallback {
+                object: c
+                    .object
+                    .clone()
+                    .map_or(ObjectName::Vmlinux, ObjectName::Module),
+                kind: c.kind,
+                func: c.func.clone(),
+                addr: *linked.functions.get(&c.func)?,
+            })
+        })
+        .collect()
 }
 
 /// The patch's ORC entries decoded with the guest kernel's own layout.

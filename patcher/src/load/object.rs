@@ -755,6 +755,18 @@ fn check_manifest(
             return Err(ParseError::Manifest(format!("'{}' is not code", r.new)));
         }
     }
+    for c in &manifest.callbacks {
+        let f = functions.iter().find(|f| f.name == c.func).ok_or_else(|| {
+            ParseError::Manifest(format!(
+                "{} callback '{}' is not a function the object defines",
+                c.kind.word(),
+                c.func
+            ))
+        })?;
+        if !sections[f.section].kind.executable() || f.size == 0 {
+            return Err(ParseError::Manifest(format!("'{}' is not code", c.func)));
+        }
+    }
     for b in &manifest.bindings {
         if !imports.contains(&b.local) {
             return Err(ParseError::Manifest(format!(

@@ -34,6 +34,7 @@ use crate::transition::dispatch::TaskMap;
 use crate::KpError;
 
 pub mod banks;
+pub mod calls;
 pub mod dispatch;
 pub mod early;
 pub mod tick;
@@ -189,6 +190,8 @@ pub struct Transition {
     pub early_checks: EarlyCheckCounts,
     /// The engine's part of each tick's pause (as many as `pauses_us`, in order).
     pub tick_parts: Vec<TickParts>,
+    /// The patch's callbacks around this transition ([`crate::callbacks`]).
+    pub calls: calls::Calls,
 }
 
 /// Where the engine's part of one tick's pause went, µs, as the engine measured it. The
@@ -263,6 +266,7 @@ impl Transition {
             note: None,
             early_checks: Default::default(),
             tick_parts: Vec::new(),
+            calls: calls::Calls::default(),
         }
     }
 
@@ -294,8 +298,9 @@ impl Transition {
         }
     }
 
+    /// Its outcome is final and its callbacks, if it has any, all ran.
     pub fn finished(&self) -> bool {
-        self.outcome != Outcome::Pending
+        self.outcome != Outcome::Pending && self.calls.settled()
     }
 
     /// The version every task runs at the end, for `c`.

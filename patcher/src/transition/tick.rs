@@ -165,9 +165,7 @@ impl Engine {
                 t.outcome = Outcome::TimedOut;
                 t.stage = Stage::Ended;
                 self.drop_unused_stacks();
-                if t.unload_on_failure {
-                    self.unload(guest, &t.patch)?;
-                }
+                self.unload_failed(t, guest)?;
             } else {
                 t.record_blocked(now_ms, blockers);
             }
@@ -243,9 +241,7 @@ impl Engine {
             };
             t.stage = Stage::Ended;
             self.drop_unused_stacks();
-            if t.unload_on_failure {
-                self.unload(guest, &t.patch)?;
-            }
+            self.unload_failed(t, guest)?;
             return Ok(());
         }
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
@@ -462,10 +458,27 @@ impl Engine {
         t.stage = Stage::Ended;
         t.pending = 0;
         t.blockers.clear();
-        if t.reversed && !forced && t.unload_on_failure {
-            self.unload(guest, &t.patch)?;
+        if t.reversed && !forced {
+            self.unload_failed(t, guest)?;
         }
         Ok(())
+    }
+
+    /// A patch loaded for an enable that did not complete is unloaded: now, or, when
+    /// it has callbacks, once its post-unpatch callbacks ran (they are its code).
+    fn unload_failed(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut dyn GuestWriter,
+    ) -> Result<(), KpError> {
+        if !t.unload_on_failure {
+            return Ok(());
+        }
+        if t.calls.any {
+            t.calls.unload_after = true;
+            return Ok(());
+        }
+        self.unload(guest, &t.patch)
     }
 
     /// The code a task leaves, for each function that moves per task (`all`: every

@@ -536,6 +536,21 @@ fn report(vm: &str, t: &TransitionView) {
             t.failure.as_deref().unwrap_or("unknown")
         ),
     }
+    print_callbacks(t, "  ");
+}
+
+/// A transition's callbacks, one per line.
+fn print_callbacks(t: &TransitionView, indent: &str) {
+    for c in &t.callbacks {
+        let how = match (c.ret, c.ms) {
+            (Some(ret), Some(ms)) => format!("returned {ret} after {ms} ms"),
+            _ => "not returned yet".into(),
+        };
+        println!(
+            "{indent}callback {} {} ({}): {how}",
+            c.kind, c.func, c.object
+        );
+    }
 }
 
 fn list(vm: &str, json: bool) -> Result<i32> {
@@ -730,6 +745,7 @@ fn print_transitions(s: &PatchStatusResult) {
             if let Some(n) = &t.note {
                 println!("  note: {n}");
             }
+            print_callbacks(t, "  ");
             for b in &t.blockers {
                 print_blocker(b, "  ", "blocked by ");
             }
@@ -823,6 +839,14 @@ fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
     }
     for b in &m.bindings {
         println!("binds:     {} to kernel {}", b.local, b.kernel);
+    }
+    for c in &m.callbacks {
+        println!(
+            "callback:  {} {} ({})",
+            c.kind.word(),
+            c.func,
+            c.object.as_deref().unwrap_or("vmlinux")
+        );
     }
     if !m.depends.is_empty() {
         println!("depends:   {}", m.depends.join(", "));

@@ -367,6 +367,12 @@ impl patcher::GuestControl for Driven<'_> {
         self.load_pause.get_or_insert(cost);
         Ok((r, pause))
     }
+
+    fn interrupt(&mut self, ipi: patcher::guestcall::Ipi) -> Result<(), patcher::PauseError> {
+        self.vm
+            .signal_msi(ipi.apic_id, patcher::guestcall::CALL_FUNCTION_SINGLE_VECTOR)
+            .map_err(|e| patcher::PauseError(e.into()))
+    }
 }
 
 /// The patcher's view of a paused guest it may write: the VM core offers the write

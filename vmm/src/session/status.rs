@@ -3,8 +3,8 @@
 //! the engine knows the other.
 
 use crate::proto::{
-    AreaView, BlockerView, ChangeView, FuncView, ModuleEventView, ObjectView, OutcomeView,
-    PatchFuncView, PatchStateView, PatchStatusResult, PatchView, SiteNow, StateView,
+    AreaView, BlockerView, CallbackView, ChangeView, FuncView, ModuleEventView, ObjectView,
+    OutcomeView, PatchFuncView, PatchStateView, PatchStatusResult, PatchView, SiteNow, StateView,
     TransitionView, VersionView,
 };
 
@@ -40,6 +40,23 @@ impl BlockerView {
             trace: b.trace.clone(),
         }
     }
+}
+
+/// A transition's callbacks: those that returned, then the running one, then the rest.
+fn callback_views(c: &patcher::transition::calls::Calls) -> Vec<CallbackView> {
+    let view = |call: &patcher::transition::calls::Call, ret, ms| CallbackView {
+        kind: call.kind.word().into(),
+        object: call.object.clone(),
+        func: call.func.clone(),
+        ret,
+        ms,
+    };
+    c.ran
+        .iter()
+        .map(|r| view(&r.call, Some(r.ret), Some(r.ms)))
+        .chain(c.running.iter().map(|(call, _)| view(call, None, None)))
+        .chain(c.queue.iter().map(|call| view(call, None, None)))
+        .collect()
 }
 
 impl TransitionView {
@@ -83,6 +100,7 @@ impl TransitionView {
             pauses_us: t.pauses_us.clone(),
             early_checks: t.early_checks,
             tick_parts: t.tick_parts.clone(),
+            callbacks: callback_views(&t.calls),
         }
     }
 }

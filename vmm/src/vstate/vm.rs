@@ -59,6 +59,8 @@ pub enum VmError {
     CreateIrqChip(#[source] kvm_ioctls::Error),
     #[error("KVM_CREATE_PIT2")]
     CreatePit(#[source] kvm_ioctls::Error),
+    #[error("KVM_SIGNAL_MSI")]
+    SignalMsi(#[source] kvm_ioctls::Error),
     #[error("cannot allocate {mib} MiB of guest memory")]
     GuestMemory {
         mib: u64,
@@ -358,6 +360,22 @@ impl Vm {
     /// kernel to fault pages in (a 2 MiB huge page zeroed on first touch, under THP).
     /// Only ranges inside the patch area; best effort (older hosts refuse the advice,
     /// and the pause then faults the pages in as before).
+    /// Send `vector` to the guest CPU whose local APIC is `apic_id`, as an MSI would
+    /// (fixed delivery, physical destination): how the patcher's guest calls reach a
+    /// guest CPU (patcher::guestcall).
+    pub fn signal_msi(&self, apic_id: u32, vector: u8) -> Result<(), VmError> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: 0xfee0_0000 | ((apic_id & 0xff) << 12),
+            address_hi: 0,
+            data: u32::from(vector),
+            ..Default::default()
+        };
+        self._vm_fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(VmError::SignalMsi)
+    }
+
     pub fn make_resident(&self, ranges: &[PhysRange]) {
         let area = self.layout.patch_area;
         for r in ranges {

@@ -1,0 +1,205 @@
+//! A patch's callbacks around its transitions (the kernel livepatch's `klp_callbacks`,
+//! core.c and transition.c): pre-patch before an enable's first tick, post-patch once it
+//! completed; pre-unpatch before a disable, post-unpatch once it completed; and after an
+//! enable that was refused, reversed or timed out, post-unpatch for the objects whose
+//! pre-patch ran. A pre-patch that returns non-zero refuses the enable before anything
+//! is written. Only the transition's own patch's callbacks run (on atomic replace, the
+//! cumulative patch's alone), each for an object that is there (vmlinux, a loaded
+//! module).
+//!
+//! Each callback runs in the guest ([`crate::guestcall`]): queued in a short pause, then
+//! followed while the guest runs. The transition waits for it: its first tick comes
+//! after the last "before" callback returned, and it ends (leaves `patch status`'s
+//! active place) after the last "after" one. A patch loaded for its enable is unloaded,
+//! when the enable fails, only after its post-unpatch callbacks ran.
+
+use introspection::kernel::Kernel;
+
+use crate::engine::Engine;
+use crate::guestcall::CallState;
+use crate::load::manifest::CallbackKind;
+use crate::patch::Patch;
+use crate::transition::calls::{Call, CallRan, Calls};
+use crate::transition::{Op, Outcome, Transition};
+use crate::{GuestControl, KpError};
+
+/// How often a running callback is looked at, ms.
+const POLL_MS: u64 = 10;
+
+/// The "after" callbacks for how `t` ended.
+fn after(p: &Patch, t: &Transition) -> Vec<Call> {
+    let completed = matches!(t.outcome, Outcome::Done | Outcome::Forced);
+    match (t.op, completed) {
+        (Op::Enable, true) => Calls::of(p, CallbackKind::PostPatch),
+        // Back to unpatched: post-unpatch for the objects whose pre-patch succeeded.
+        (Op::Enable, false) => {
+            let ok: Vec<&str> = t
+                .calls
+                .ran
+                .iter()
+                .filter(|r| r.call.kind == CallbackKind::PrePatch && r.ret == 0)
+                .map(|r| r.call.object.as_str())
+                .collect();
+            Calls::of(p, CallbackKind::PostUnpatch)
+                .into_iter()
+                .filter(|c| ok.contains(&c.object.as_str()))
+                .collect()
+        }
+        (Op::Disable, true) => Calls::of(p, CallbackKind::PostUnpatch),
+        (Op::Disable, false) => Calls::of(p, CallbackKind::PostPatch),
+    }
+}
+
+impl Engine {
+    /// Whether the active transition is running its callbacks rather than ticking: its
+    /// "before" callbacks (no tick yet), or its "after" ones (its outcome is final).
+    pub(crate) fn in_callbacks(&self) -> bool {
+        self.active.as_ref().is_some_and(|t| {
+            let c = &t.calls;
+            c.any && ((t.ticks == 0 && !c.idle()) || t.outcome != Outcome::Pending)
+        })
+    }
+
+    /// One step of the active transition's callbacks: look at the running one, or
+    /// queue the next (one short pause), or, once all ran, end the transition. Returns
+    /// when to come back.
+    pub(crate) fn drive_calls(
+        &mut self,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<Option<u64>, KpError> {
+        let Some(mut t) = self.active.take() else {
+            return Ok(None);
+        };
+        let r = self.step_calls(&mut t, guest, kernel, now_ms);
+        if t.outcome != Outcome::Pending && t.calls.settled() {
+            let unload = t.calls.unload_after.then(|| t.patch.clone());
+            self.end(t);
+            if let Some(name) = unload {
+                guest
+                    .paused(|g| self.unload(g, &name))
+                    .map_err(KpError::Pause)?
+                    .0?;
+            }
+            return r.map(|_| self.due());
+        }
+        if let Err(e) = &r {
+            t.note = Some(format!("callbacks: {e}; trying again"));
+        }
+        t.next_ms = now_ms + POLL_MS;
+        self.active = Some(t);
+        Ok(self.due())
+    }
+
+    fn step_calls(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        if t.calls.running.is_some() {
+            return self.look_at_call(t, guest, now_ms);
+        }
+        if t.outcome != Outcome::Pending && !t.calls.after_queued {
+            let p = self.patch(&t.patch)?;
+            t.calls.queue = after(p, t).into();
+            t.calls.after_queued = true;
+        }
+        let Some(call) = t.calls.queue.pop_front() else {
+            return Ok(());
+        };
+        match self.queue_call(guest, kernel, &call) {
+            Ok(()) => {
+                t.calls.running = Some((call, now_ms));
+                Ok(())
+            }
+            Err(e) => {
+                t.calls.queue.push_front(call);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queue `call` on guest CPU 0 in a pause, then interrupt that CPU.
+    fn queue_call(
+        &mut self,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+        call: &Call,
+    ) -> Result<(), KpError> {
+        let (Some(caller), Some(area)) = (self.caller.clone(), self.area.clone()) else {
+            return Err(KpError::State(
+                "callbacks without the guest-call machinery".into(),
+            ));
+        };
+        let (ipi, _) = guest
+            .paused(|g| {
+                self.journaled(g, |_, g| {
+                    caller.queue(g, kernel, &area, (call.addr, call.arg), 0)
+                })
+            })
+            .map_err(KpError::Pause)?;
+        guest.interrupt(ipi?).map_err(KpError::Pause)
+    }
+
+    /// How the running callback is doing: returned (and what that means for the
+    /// transition), or still running (a note says for how long, and where).
+    fn look_at_call(
+        &mut self,
+        t: &mut Transition,
+        guest: &mut impl GuestControl,
+        now_ms: u64,
+    ) -> Result<(), KpError> {
+        let (Some(caller), Some(area)) = (&self.caller, &self.area) else {
+            return Err(KpError::State(
+                "callbacks without the guest-call machinery".into(),
+            ));
+        };
+        let state = guest.running(|ram| caller.state(ram, area))?;
+        let Some((call, since)) = t.calls.running.take() else {
+            return Ok(());
+        };
+        let ret = match state {
+            CallState::Done { ret } => ret,
+            other => {
+                t.note = Some(running_note(&call, other, now_ms.saturating_sub(since)));
+                t.calls.running = Some((call, since));
+                return Ok(());
+            }
+        };
+        t.note = None;
+        let refused = call.kind == CallbackKind::PrePatch && ret != 0;
+        if refused {
+            t.outcome = Outcome::Failed(format!(
+                "the pre-patch callback {} of {} returned {ret}: not enabled",
+                call.func, call.object
+            ));
+            t.stage = crate::transition::Stage::Ended;
+            t.calls.queue.clear();
+            t.calls.unload_after = t.unload_on_failure;
+        }
+        t.calls.ran.push(CallRan {
+            call,
+            ret,
+            ms: now_ms.saturating_sub(since),
+        });
+        Ok(())
+    }
+}
+
+/// What `patch status` says of a callback still running.
+fn running_note(call: &Call, state: CallState, ms: u64) -> String {
+    let where_ = match state {
+        CallState::Running { task } => format!("running in the kworker at task {task:#x}"),
+        _ => "queued, not started yet".into(),
+    };
+    format!(
+        "{} callback {} of {} {where_} for {:.1} s",
+        call.kind.word(),
+        call.func,
+        call.object,
+        ms as f64 / 1000.0
+    )
+}

@@ -1,0 +1,93 @@
+//! The callbacks of one transition, as data: which run next, which runs in the guest,
+//! which ran and what they returned ([`crate::callbacks`] runs them).
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::load::manifest::CallbackKind;
+use crate::patch::{ObjectState, Patch};
+
+/// One callback to run: the patch's function, for one object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Call {
+    pub kind: CallbackKind,
+    /// `vmlinux` or the module's name.
+    pub object: String,
+    pub func: String,
+    pub addr: u64,
+    /// Its argument: the module's `struct module`, 0 for vmlinux.
+    pub arg: u64,
+}
+
+/// A callback that returned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRan {
+    pub call: Call,
+    pub ret: i32,
+    /// From queueing to its return, ms.
+    pub ms: u64,
+}
+
+/// The callbacks of one transition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Calls {
+    /// The patch has callbacks: the transition ends only once the "after" ones ran.
+    pub any: bool,
+    /// To run next, in order.
+    pub queue: VecDeque<Call>,
+    /// Running in the guest, since (the engine's clock, ms).
+    pub running: Option<(Call, u64)>,
+    pub ran: Vec<CallRan>,
+    /// The "after" callbacks were queued (the outcome is final).
+    pub after_queued: bool,
+    /// Unload the patch once the callbacks ran (an enable that loaded it failed).
+    pub unload_after: bool,
+}
+
+impl Calls {
+    /// Nothing runs or waits to run.
+    pub fn idle(&self) -> bool {
+        self.queue.is_empty() && self.running.is_none()
+    }
+
+    /// The transition may end: no callbacks, or the "after" ones all ran.
+    pub fn settled(&self) -> bool {
+        !self.any || (self.after_queued && self.idle())
+    }
+}
+
+impl Calls {
+    /// The patch's callbacks of `kind` for its objects that are there, in object order.
+    pub fn of(p: &Patch, kind: CallbackKind) -> Vec<Call> {
+        p.callbacks
+            .iter()
+            .filter(|c| c.kind == kind)
+            .filter_map(|c| {
+                let o = p.objects.iter().find(|o| o.name == c.object)?;
+                let arg = match o.state {
+                    ObjectState::Vmlinux => 0,
+                    ObjectState::Loaded { module } => module,
+                    ObjectState::Waiting => return None,
+                };
+                Some(Call {
+                    kind,
+                    object: o.name.to_string(),
+                    func: c.func.clone(),
+                    addr: c.addr,
+                    arg,
+                })
+            })
+            .collect()
+    }
+
+    /// A transition's callbacks of `p`, its `kind` ones (pre-patch, pre-unpatch) to run
+    /// first.
+    pub fn before(p: &Patch, kind: CallbackKind) -> Calls {
+        Calls {
+            any: !p.callbacks.is_empty(),
+            queue: Calls::of(p, kind).into(),
+            ..Calls::default()
+        }
+    }
+}
