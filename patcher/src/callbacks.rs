@@ -60,6 +60,17 @@ impl Engine {
         })
     }
 
+    /// Once `t`'s outcome is final, its "after" callbacks (none: it may end now).
+    pub(crate) fn queue_after_calls(&self, t: &mut Transition) {
+        if t.outcome == Outcome::Pending || t.calls.after_queued || !t.calls.any {
+            return;
+        }
+        if let Ok(p) = self.patch(&t.patch) {
+            t.calls.queue = after(p, t).into();
+        }
+        t.calls.after_queued = true;
+    }
+
     /// One step of the active transition's callbacks: look at the running one, or
     /// queue the next (one short pause), or, once all ran, end the transition. Returns
     /// when to come back.
@@ -102,11 +113,7 @@ impl Engine {
         if t.calls.running.is_some() {
             return self.look_at_call(t, guest, now_ms);
         }
-        if t.outcome != Outcome::Pending && !t.calls.after_queued {
-            let p = self.patch(&t.patch)?;
-            t.calls.queue = after(p, t).into();
-            t.calls.after_queued = true;
-        }
+        self.queue_after_calls(t);
         let Some(call) = t.calls.queue.pop_front() else {
             return Ok(());
         };

@@ -28,9 +28,11 @@ use crate::funcs::site::{self, SiteState};
 use crate::funcs::{self as versions, Version};
 use crate::load::late::LateLink;
 use crate::load::link::{self, ImportAt};
+use crate::load::manifest::CallbackKind;
 use crate::notifier::ModuleEvent;
-use crate::notifier::{Answer, Ring, NOTIFY_DONE, REFUSE_EINVAL};
+use crate::notifier::{Answer, EventRun, Ring, NOTIFY_DONE, REFUSE};
 use crate::patch::{ObjectName, ObjectState, PatchedFunc};
+use crate::transition::calls::Call;
 use crate::{GuestWriter, KpError};
 
 /// Events kept for `patch status`.
@@ -143,33 +145,175 @@ impl Engine {
         kernel: &Kernel,
         ring: Ring,
     ) -> Answer {
-        let done = Answer::DONE;
         if !self.rung_by_notifier(ring) {
-            return done;
+            return Answer::DONE;
         }
         let Some((module, action)) = self.ring_module(guest, kernel, ring) else {
-            return done;
+            return Answer::DONE;
         };
         if !self.has_part(&module.name) {
-            return done;
+            return Answer::DONE;
         }
-        if self.active.is_some() {
-            return Answer::RETRY;
+        let key = (ring.module, ring.action);
+        let run = match self.events.iter().position(|r| r.key == key) {
+            Some(i) => self.events.swap_remove(i),
+            // A new event waits for the transition in progress to end.
+            None if self.active.is_some() => return Answer::RETRY,
+            None => self.event_run(key, &module, action),
+        };
+        self.event_step(guest, kernel, &module, action, run, ring.result)
+    }
+
+    /// A module event, with the callbacks the enabled patches have for the module: the
+    /// "before" ones (pre-patch, pre-unpatch) and the "after" ones.
+    fn event_run(&self, key: (u64, u64), module: &Module, action: Action) -> EventRun {
+        let (before, after) = match action {
+            Action::Coming => (CallbackKind::PrePatch, CallbackKind::PostPatch),
+            Action::Going => (CallbackKind::PreUnpatch, CallbackKind::PostUnpatch),
+        };
+        EventRun {
+            key,
+            before: self.module_calls(module, before, None),
+            after: self.module_calls(module, after, None),
+            calling: None,
+            pre_ok: Vec::new(),
+            worked: false,
+            refusal: None,
+            outcome: String::new(),
         }
-        let result = match action {
-            Action::Coming => self.coming(guest, kernel, &module),
-            Action::Going => self.going(guest, kernel, &module),
+    }
+
+    /// The `kind` callbacks for `module` of the enabled patches (of those in `only`,
+    /// if given), each with the patch's name.
+    fn module_calls(
+        &self,
+        module: &Module,
+        kind: CallbackKind,
+        only: Option<&[String]>,
+    ) -> VecDeque<(String, Call)> {
+        let object = ObjectName::Module(module.name.clone());
+        self.patches
+            .iter()
+            .filter(|p| p.state == crate::patch::PatchState::Enabled)
+            .filter(|p| only.is_none_or(|o| o.contains(&p.name)))
+            .flat_map(|p| {
+                p.callbacks
+                    .iter()
+                    .filter(|c| c.kind == kind && c.object == object)
+                    .map(|c| {
+                        let call = Call {
+                            kind,
+                            object: module.name.clone(),
+                            func: c.func.clone(),
+                            addr: c.addr,
+                            arg: module.addr,
+                        };
+                        (p.name.clone(), call)
+                    })
+            })
+            .collect()
+    }
+
+    /// One step of a module event: take the result of the callback the stub called,
+    /// then call the next one, or do the event's own work, or finish.
+    fn event_step(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        module: &Module,
+        action: Action,
+        mut run: EventRun,
+        result: Option<i64>,
+    ) -> Answer {
+        match (run.calling.take(), result) {
+            (Some((patch, call)), Some(ret)) => self.called(module, &mut run, patch, call, ret),
+            // Rung without the result: the stub has not called it yet; ask again.
+            (Some(pending), None) => return self.call_in_loader(run, pending),
+            (None, _) => {}
+        }
+        if let Some(next) = run.before.pop_front() {
+            return self.call_in_loader(run, next);
+        }
+        if !run.worked {
+            run.worked = true;
+            let worked = match action {
+                Action::Coming => self.coming(guest, kernel, module),
+                Action::Going => self.going(guest, kernel, module),
+            };
+            match worked {
+                Ok(did) => run.outcome = did,
+                Err(e) => self.refuse(module, &mut run, e.to_string(), -22),
+            }
+        }
+        if let Some(next) = run.after.pop_front() {
+            return self.call_in_loader(run, next);
+        }
+        self.finish_event(guest, module, action, run)
+    }
+
+    /// Ask the stub to call `next` in the loading task; the run waits for its result.
+    fn call_in_loader(&mut self, mut run: EventRun, next: (String, Call)) -> Answer {
+        let answer = Answer::call(next.1.addr, next.1.arg);
+        run.calling = Some(next);
+        self.events.push(run);
+        answer
+    }
+
+    /// A callback returned `ret`: a pre-patch's non-zero return refuses the module
+    /// (post-unpatch then runs for the patches whose pre-patch succeeded).
+    fn called(&mut self, module: &Module, run: &mut EventRun, patch: String, call: Call, ret: i64) {
+        run.outcome += &format!("{} {} returned {ret}; ", call.kind.word(), call.func);
+        if call.kind != CallbackKind::PrePatch {
+            return;
+        }
+        if ret == 0 {
+            run.pre_ok.push(patch);
+            return;
+        }
+        let why = format!(
+            "patch {patch}: its pre-patch callback {} returned {ret}",
+            call.func
+        );
+        run.worked = true;
+        self.refuse(module, run, why, ret);
+    }
+
+    /// The module's load is refused: no more pre-patch callbacks, post-unpatch for the
+    /// patches whose pre-patch succeeded, then the refusal.
+    fn refuse(&self, module: &Module, run: &mut EventRun, why: String, errno: i64) {
+        run.before.clear();
+        run.after = self.module_calls(module, CallbackKind::PostUnpatch, Some(&run.pre_ok));
+        run.refusal = Some((why, errno));
+    }
+
+    /// The event's answer, and its line in `patch status`.
+    fn finish_event(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        module: &Module,
+        action: Action,
+        run: EventRun,
+    ) -> Answer {
+        let (outcome, answer) = match run.refusal {
+            Some((why, errno)) => {
+                let text = format!("refusing module {}: {why}", module.name);
+                let message = self.log_message(guest, &text);
+                // An errno the kernel knows (a callback's other return: EINVAL).
+                let errno = if (-4095..0).contains(&errno) {
+                    errno
+                } else {
+                    -22
+                };
+                let answer = Answer {
+                    ret: REFUSE | (1 - errno) as u64,
+                    message,
+                    ..Answer::DONE
+                };
+                (format!("{why}; {}", run.outcome), answer)
+            }
+            None => (run.outcome, Answer::DONE),
         };
-        let (outcome, refused) = match result {
-            Ok(did) => (did, false),
-            Err(e) => (e.to_string(), true),
-        };
-        let message = if refused {
-            let text = format!("refusing module {}: {outcome}", module.name);
-            self.log_message(guest, &text)
-        } else {
-            0
-        };
+        let refused = answer.ret != NOTIFY_DONE;
         self.note_event(ModuleEvent {
             module: module.name.clone(),
             action: match action {
@@ -177,14 +321,10 @@ impl Engine {
                 Action::Going => "going",
             }
             .into(),
-            outcome,
+            outcome: outcome.trim_end_matches("; ").to_string(),
             refused,
         });
-        Answer {
-            ret: if refused { REFUSE_EINVAL } else { NOTIFY_DONE },
-            again: false,
-            message,
-        }
+        answer
     }
 
     /// The module a ring names, if it is on the guest's list in a state that fits the

@@ -100,6 +100,8 @@ pub struct Engine {
     pub(crate) caller: Option<crate::guestcall::GuestCaller>,
     /// What the guest's modules coming and going did to patches, newest last.
     pub(crate) module_events: VecDeque<crate::notifier::ModuleEvent>,
+    /// Module events whose callbacks are being called in the loading task.
+    pub(crate) events: Vec<crate::notifier::EventRun>,
 }
 
 /// What a tick read and no longer needs (task lists, stack traces, early traces), kept

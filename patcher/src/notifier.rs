@@ -20,8 +20,10 @@
 //! transition need not wait for a module load it holds up).
 
 use iced_x86::code_asm::{
-    dx, eax, edi, edx, r12, rax, rbp, rbx, rcx, rdi, rdx, rsi, rsp, CodeAssembler,
+    dx, eax, edi, edx, r12, r13, r13d, r14, r14d, r8, r9, rax, rbp, rbx, rcx, rdi, rdx, rsi, rsp,
+    CodeAssembler, CodeLabel,
 };
+use iced_x86::IcedError;
 
 use introspection::kernel::Kernel;
 use introspection::layout::NotifierLayout;
@@ -32,9 +34,11 @@ use crate::load::link::Returns;
 use crate::space::{Area, Runs, Sizes};
 use crate::{GuestWriter, KpError};
 
-/// What `notifier_from_errno(-EINVAL)` returns: `NOTIFY_STOP_MASK | (NOTIFY_OK + EINVAL)`,
-/// which the module loader turns back into -EINVAL.
-pub const REFUSE_EINVAL: u64 = 0x8000 | (1 + 22);
+/// `NOTIFY_STOP_MASK`: `notifier_from_errno(err)` is `REFUSE | (NOTIFY_OK - err)`, which
+/// the module loader turns back into `err`.
+pub const REFUSE: u64 = 0x8000;
+/// `notifier_from_errno(-EINVAL)`.
+pub const REFUSE_EINVAL: u64 = REFUSE | (1 + 22);
 /// `NOTIFY_DONE`.
 pub const NOTIFY_DONE: u64 = 0;
 /// Messages the engine can have in flight to the guest's log at once (module loads run
@@ -58,6 +62,26 @@ pub struct ModuleEvent {
     pub refused: bool,
 }
 
+/// A module event in progress: the enabled patches' callbacks for the module, called
+/// one at a time by the notifier's stub in the loading task, around the event's own
+/// work (linking and redirecting, or giving the sites back).
+#[derive(Clone, Debug)]
+pub(crate) struct EventRun {
+    /// The ring's (`struct module`, event).
+    pub(crate) key: (u64, u64),
+    pub(crate) before: std::collections::VecDeque<(String, crate::transition::calls::Call)>,
+    pub(crate) after: std::collections::VecDeque<(String, crate::transition::calls::Call)>,
+    /// The callback the stub was asked to call, whose result the next ring brings.
+    pub(crate) calling: Option<(String, crate::transition::calls::Call)>,
+    /// Patches whose pre-patch callback for the module returned 0.
+    pub(crate) pre_ok: Vec<String>,
+    /// The event's own work is done (or will not be).
+    pub(crate) worked: bool,
+    /// Why the module's load is refused, and the errno its insmod gets.
+    pub(crate) refusal: Option<(String, i64)>,
+    pub(crate) outcome: String,
+}
+
 /// The VMM's doorbell: the I/O port and the per-VM token the stub rings with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Doorbell {
@@ -75,6 +99,9 @@ pub struct Ring {
     pub module: u64,
     /// The notifier's `action`: the module's new state.
     pub action: u64,
+    /// What the function the last answer asked the stub to call returned, when this
+    /// ring reports it.
+    pub result: Option<i64>,
 }
 
 /// The doorbell's answer: the registers the stub reads after its `out`.
@@ -86,6 +113,9 @@ pub struct Answer {
     pub again: bool,
     /// A NUL-terminated `printk` format in the patch area, or 0 (`rsi`).
     pub message: u64,
+    /// Call this function with this argument in the loading task, then ring again with
+    /// what it returned (`rdi` = 2, `rax`, `rsi`).
+    pub call: Option<(u64, u64)>,
 }
 
 impl Answer {
@@ -94,6 +124,7 @@ impl Answer {
         ret: NOTIFY_DONE,
         again: false,
         message: 0,
+        call: None,
     };
 
     /// Not handled yet: sleep and ring again.
@@ -101,7 +132,24 @@ impl Answer {
         ret: 0,
         again: true,
         message: 0,
+        call: None,
     };
+
+    /// Call `func(arg)` in the loading task and ring again with its return.
+    pub fn call(func: u64, arg: u64) -> Answer {
+        Answer {
+            call: Some((func, arg)),
+            ..Answer::RETRY
+        }
+    }
+
+    /// The registers the stub reads after its `out`: `rax`, `rdi`, `rsi`.
+    pub fn registers(&self) -> [u64; 3] {
+        match self.call {
+            Some((func, arg)) => [func, 2, arg],
+            None => [self.ret, u64::from(self.again), self.message],
+        }
+    }
 }
 
 /// The installed notifier.
@@ -117,7 +165,10 @@ pub struct Notifier {
     next_slot: u64,
 }
 
-/// The stub, assembled at `at`; with where its `out` is.
+/// The stub, assembled at `at`; with where its `out` is. After each ring, `rdi` says
+/// what next: 0 return `rax` (printing `rsi` first if not 0), 1 sleep and ring again,
+/// 2 call `rax(rsi)` here, in the loading task, and ring again with what it returned
+/// (`r8`, with `r9` = 1).
 fn stub(
     at: u64,
     bell: Doorbell,
@@ -127,63 +178,108 @@ fn stub(
 ) -> Result<(Vec<u8>, u64), KpError> {
     let e = |e: iced_x86::IcedError| KpError::Area(format!("assembling the module notifier: {e}"));
     let mut a = CodeAssembler::new(64).map_err(e)?;
-    let (mut ring, mut again, mut quiet, mut done, mut out) = (
-        a.create_label(),
-        a.create_label(),
-        a.create_label(),
-        a.create_label(),
-        a.create_label(),
-    );
+    let mut l = StubLabels {
+        ring: a.create_label(),
+        again: a.create_label(),
+        out: a.create_label(),
+        call: a.create_label(),
+        quiet: a.create_label(),
+        done: a.create_label(),
+    };
     a.endbr64().map_err(e)?;
     a.cmp(rsi, coming as i32).map_err(e)?;
-    a.je(ring).map_err(e)?;
+    a.je(l.ring).map_err(e)?;
     a.cmp(rsi, going as i32).map_err(e)?;
-    a.je(ring).map_err(e)?;
+    a.je(l.ring).map_err(e)?;
     a.xor(eax, eax).map_err(e)?;
     ret(&mut a, calls.returns).map_err(e)?;
-    a.set_label(&mut ring).map_err(e)?;
-    a.push(rbp).map_err(e)?;
-    a.mov(rbp, rsp).map_err(e)?;
-    a.push(rbx).map_err(e)?;
-    a.push(r12).map_err(e)?;
-    a.mov(rbx, rdx).map_err(e)?;
-    a.mov(r12, rsi).map_err(e)?;
-    a.set_label(&mut again).map_err(e)?;
-    a.mov(rdi, bell.token).map_err(e)?;
-    a.mov(rsi, rbx).map_err(e)?;
-    a.mov(rcx, r12).map_err(e)?;
-    a.xor(eax, eax).map_err(e)?;
-    a.mov(edx, u32::from(bell.port)).map_err(e)?;
-    a.set_label(&mut out).map_err(e)?;
-    a.out(dx, eax).map_err(e)?;
-    a.test(rsi, rsi).map_err(e)?;
-    a.je(quiet).map_err(e)?;
-    a.push(rax).map_err(e)?;
-    a.push(rdi).map_err(e)?;
-    a.mov(rdi, rsi).map_err(e)?;
-    a.xor(eax, eax).map_err(e)?;
-    a.call(calls.printk).map_err(e)?;
-    a.pop(rdi).map_err(e)?;
-    a.pop(rax).map_err(e)?;
-    a.set_label(&mut quiet).map_err(e)?;
-    a.test(edi, edi).map_err(e)?;
-    a.je(done).map_err(e)?;
-    a.mov(edi, RETRY_MS).map_err(e)?;
-    a.call(calls.msleep).map_err(e)?;
-    a.jmp(again).map_err(e)?;
-    a.set_label(&mut done).map_err(e)?;
-    a.pop(r12).map_err(e)?;
-    a.pop(rbx).map_err(e)?;
-    a.pop(rbp).map_err(e)?;
-    ret(&mut a, calls.returns).map_err(e)?;
+    ring_loop(&mut a, &mut l, bell).map_err(e)?;
+    after_ring(&mut a, &mut l, calls).map_err(e)?;
     let r = a
         .assemble_options(
             at,
             iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )
         .map_err(e)?;
-    let ring_ip = r.label_ip(&out).map_err(e)?;
+    let ring_ip = r.label_ip(&l.out).map_err(e)?;
     Ok((r.inner.code_buffer, ring_ip))
+}
+
+struct StubLabels {
+    ring: CodeLabel,
+    again: CodeLabel,
+    out: CodeLabel,
+    call: CodeLabel,
+    quiet: CodeLabel,
+    done: CodeLabel,
+}
+
+/// The frame (five callee-saved registers: the stack stays 16-byte aligned at its
+/// calls), then the ring: token, module, event, the last call's result.
+fn ring_loop(a: &mut CodeAssembler, l: &mut StubLabels, bell: Doorbell) -> Result<(), IcedError> {
+    a.set_label(&mut l.ring)?;
+    a.push(rbp)?;
+    a.mov(rbp, rsp)?;
+    a.push(rbx)?;
+    a.push(r12)?;
+    a.push(r13)?;
+    a.push(r14)?;
+    a.mov(rbx, rdx)?;
+    a.mov(r12, rsi)?;
+    a.xor(r13d, r13d)?;
+    a.xor(r14d, r14d)?;
+    a.set_label(&mut l.again)?;
+    a.mov(rdi, bell.token)?;
+    a.mov(rsi, rbx)?;
+    a.mov(rcx, r12)?;
+    a.mov(r8, r13)?;
+    a.mov(r9, r14)?;
+    a.xor(eax, eax)?;
+    a.mov(edx, u32::from(bell.port))?;
+    a.set_label(&mut l.out)?;
+    a.out(dx, eax)?;
+    a.xor(r14d, r14d)?;
+    a.cmp(edi, 2)?;
+    a.je(l.call)
+}
+
+/// What the answer says: call and ring again, print and return, or sleep and ring.
+fn after_ring(
+    a: &mut CodeAssembler,
+    l: &mut StubLabels,
+    calls: &StubCalls,
+) -> Result<(), IcedError> {
+    a.test(rsi, rsi)?;
+    a.je(l.quiet)?;
+    a.push(rax)?;
+    a.push(rdi)?;
+    a.mov(rdi, rsi)?;
+    a.xor(eax, eax)?;
+    a.call(calls.printk)?;
+    a.pop(rdi)?;
+    a.pop(rax)?;
+    a.set_label(&mut l.quiet)?;
+    a.test(edi, edi)?;
+    a.je(l.done)?;
+    a.mov(edi, RETRY_MS)?;
+    a.call(calls.msleep)?;
+    a.jmp(l.again)?;
+    a.set_label(&mut l.call)?;
+    a.mov(rdi, rsi)?;
+    match calls.indirect_thunk {
+        Some(thunk) => a.call(thunk)?,
+        None => a.call(rax)?,
+    }
+    a.movsxd(r13, eax)?;
+    a.mov(r14d, 1)?;
+    a.jmp(l.again)?;
+    a.set_label(&mut l.done)?;
+    a.pop(r14)?;
+    a.pop(r13)?;
+    a.pop(r12)?;
+    a.pop(rbx)?;
+    a.pop(rbp)?;
+    ret(a, calls.returns)
 }
 
 /// `ret`, as the guest returns: through its return thunk when it uses one.
@@ -198,6 +294,9 @@ fn ret(a: &mut CodeAssembler, returns: Returns) -> Result<(), iced_x86::IcedErro
 struct StubCalls {
     printk: u64,
     msleep: u64,
+    /// `__x86_indirect_thunk_rax`, for the callback calls (a plain `call *%rax` where
+    /// the kernel has none).
+    indirect_thunk: Option<u64>,
     returns: Returns,
 }
 
@@ -221,6 +320,7 @@ impl StubCalls {
         Ok(StubCalls {
             printk: sym("_printk").or_else(|_| sym("printk"))?,
             msleep: sym("msleep")?,
+            indirect_thunk: kernel.symbols.addr("__x86_indirect_thunk_rax"),
             returns,
         })
     }

@@ -2016,6 +2016,7 @@ fn ring(f: &Fixture, name: &str, state: usize) -> crate::notifier::Ring {
         token: BELL.token,
         module: f.sk.modules.iter().find(|m| m.name == name).unwrap().addr,
         action: l.states[state],
+        result: None,
     }
 }
 
@@ -2081,7 +2082,7 @@ fn a_module_loaded_later_is_patched_at_coming_and_let_go_at_going() {
     let head = f.kernel.symbols.addr("module_notify_list").unwrap() + 40;
     assert_eq!(f.kernel.memory(&g).u64(head).unwrap(), n.block);
     assert_eq!(f.kernel.memory(&g).u64(n.block).unwrap(), n.stub.start);
-    let stub = f.kernel.memory(&g).read_vec(n.stub.start, 64).unwrap();
+    let stub = f.kernel.memory(&g).read_vec(n.stub.start, 160).unwrap();
     assert_eq!(&stub[..4], &[0xf3, 0x0f, 0x1e, 0xfa], "endbr64 first");
     let out = (n.ring_ip - n.stub.start) as usize;
     assert_eq!(stub[out], 0xef, "out %eax,(%dx) at ring_ip");
@@ -2487,4 +2488,93 @@ fn a_failing_pre_patch_refuses_the_enable_and_writes_nothing() {
         "unloaded after its failed enable"
     );
     assert_eq!(text(&f, &g), text_before);
+}
+
+/// A module loaded later runs its object's callbacks in the loading task: the answer
+/// to its ring asks the notifier's stub to call pre-patch (with the module), its
+/// result comes with the next ring, then the part is linked and redirected, then
+/// post-patch; a pre-patch's non-zero return refuses the module with that errno, the
+/// module's sites untouched. Disabled patches' callbacks do not run.
+#[test]
+fn a_module_loaded_later_runs_its_callbacks_in_the_loading_task() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    unlink_module(&f, &mut g, "dummyx");
+    let src = DUMMYX_STATS.replace(
+        "LPVMM_REPLACE_IN(dummyx, dummyx_get_stats, new_dummyx_get_stats);",
+        "LPVMM_REPLACE_IN(dummyx, dummyx_get_stats, new_dummyx_get_stats);\n\
+         int pre(void *m) { return 0; }\nint post(void *m) { return 0; }\n\
+         LPVMM_PRE_PATCH_IN(dummyx, pre);\nLPVMM_POST_PATCH_IN(dummyx, post);",
+    );
+    f.engine.load(&mut g, &f.kernel, &kp(&src, &[])).unwrap();
+    enable(&mut f, &mut g, "dumfix").unwrap();
+    relist_newest(&f, &mut g, "dummyx");
+    set_module_state(&f, &mut g, "dummyx", 1);
+    let module = f.sk.modules[1].addr;
+    let (pre, post) = (
+        callback_addr(&f, "dumfix", "pre"),
+        callback_addr(&f, "dumfix", "post"),
+    );
+    let ring_with = |f: &Fixture, result| crate::notifier::Ring {
+        result,
+        ..ring(f, "dummyx", 1)
+    };
+    let a = f.engine.module_ring(&mut g, &f.kernel, ring_with(&f, None));
+    assert_eq!(
+        a.call,
+        Some((pre, module)),
+        "pre-patch first, with the module"
+    );
+    assert_eq!(site_bytes(&f, &g, "dummyx_get_stats"), FENTRY_NOP);
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring_with(&f, Some(0)));
+    assert_eq!(
+        a.call,
+        Some((post, module)),
+        "then post-patch, once redirected"
+    );
+    assert!(site_target(&f, &g, "dummyx_get_stats").is_some());
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring_with(&f, Some(0)));
+    assert_eq!(a, crate::notifier::Answer::DONE);
+
+    // Gone, and loaded again with a pre-patch that says no.
+    set_module_state(&f, &mut g, "dummyx", 2);
+    let going = crate::notifier::Ring {
+        result: None,
+        ..ring(&f, "dummyx", 2)
+    };
+    assert_eq!(
+        f.engine.module_ring(&mut g, &f.kernel, going),
+        crate::notifier::Answer::DONE
+    );
+    set_module_state(&f, &mut g, "dummyx", 1);
+    let before = g.ram.clone();
+    let a = f.engine.module_ring(&mut g, &f.kernel, ring_with(&f, None));
+    assert_eq!(a.call, Some((pre, module)));
+    let a = f
+        .engine
+        .module_ring(&mut g, &f.kernel, ring_with(&f, Some(-19)));
+    assert_eq!(
+        a.ret,
+        crate::notifier::REFUSE | 20,
+        "notifier_from_errno(-19)"
+    );
+    assert!(a.message != 0 && a.call.is_none());
+    let slot = f.kernel.memory(&g).translate(a.message).unwrap() as usize;
+    let mut expect = before.clone();
+    expect[slot..slot + 256].copy_from_slice(&g.ram[slot..slot + 256]);
+    assert!(
+        g.ram == expect,
+        "a refused module: only the log line written"
+    );
+    let e = f.engine.module_events().back().unwrap();
+    assert!(
+        e.refused
+            && e.outcome
+                .contains("its pre-patch callback pre returned -19"),
+        "{e:?}"
+    );
 }

@@ -31,6 +31,7 @@ const SAMPLES: &[&str] = &[
     "tunsleep",
     "ethmtu",
     "callbacks",
+    "tuncb",
 ];
 /// Samples built a second time with a flag: (sample, built as, flag).
 const VARIANTS: &[(&str, &str, &str)] = &[
@@ -40,6 +41,7 @@ const VARIANTS: &[(&str, &str, &str)] = &[
         "callbacks-refused",
         "-DLPVMM_PRE_PATCH_RET=-19",
     ),
+    ("tuncb", "tuncb-refused", "-DLPVMM_PRE_PATCH_RET=-19"),
 ];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
@@ -607,6 +609,96 @@ fn callbacks_around_transitions(host: &mut TestHost, series: &str) -> TestResult
         s.patches.is_empty(),
         "{series}: the patch loaded for the refused enable is still loaded: {:?}",
         s.patches
+    );
+    g.poweroff().map(|_| ())
+}
+
+/// The tuncb sample's log lines since the last look (`KIND ran in COMM for MODULE
+/// (state S)`); dmesg is cleared.
+fn tuncb_lines(g: &mut Guest) -> Result<Vec<String>, String> {
+    Ok(g.run("dmesg -c | grep 'lpvmm-tuncb: ' || true")?
+        .lines()
+        .filter_map(|l| {
+            l.split_once("lpvmm-tuncb: ")
+                .map(|(_, r)| r.trim().to_string())
+        })
+        .collect())
+}
+
+/// Issue 27, callbacks of a module object (patcher/examples/kbuild/tuncb.c), as the
+/// kernel's test-callbacks.sh has them: a patch for tun loaded while tun is not runs
+/// none; `insmod tun` runs pre_patch and post_patch in insmod, given tun (COMING);
+/// `rmmod tun`, pre_unpatch and post_unpatch in rmmod (GOING); with tun loaded, the
+/// disable runs pre_unpatch and post_unpatch in a kworker. A pre_patch returning -19
+/// refuses tun's load: insmod says No such device, the guest's log says why, tun is not
+/// loaded.
+fn module_callbacks(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbtuncb-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    g.run("rmmod tun")?;
+    tuncb_lines(&mut g)?;
+    patchtest::apply(&mut g, &stem(series, "tuncb"))?;
+    let none = tuncb_lines(&mut g)?;
+    check!(
+        none.is_empty(),
+        "{series}: callbacks ran for an absent tun: {none:?}"
+    );
+    let (rc, out) = insmod_tun(&mut g)?;
+    check!(rc == 0, "{series}: insmod tun: {out}");
+    let coming = tuncb_lines(&mut g)?;
+    check!(
+        coming
+            == [
+                "pre_patch ran in insmod for tun (state 1)",
+                "post_patch ran in insmod for tun (state 1)"
+            ],
+        "{series}: insmod tun's callbacks: {coming:?}"
+    );
+    g.run("rmmod tun")?;
+    let going = tuncb_lines(&mut g)?;
+    check!(
+        going
+            == [
+                "pre_unpatch ran in rmmod for tun (state 2)",
+                "post_unpatch ran in rmmod for tun (state 2)"
+            ],
+        "{series}: rmmod tun's callbacks: {going:?}"
+    );
+    let (rc, out) = insmod_tun(&mut g)?;
+    check!(rc == 0, "{series}: insmod tun again: {out}");
+    tuncb_lines(&mut g)?;
+    verb(&mut g, "disable", "tuncb")?;
+    let disable = tuncb_lines(&mut g)?;
+    check!(
+        disable.len() == 2
+            && disable[0].starts_with("pre_unpatch ran in kworker/")
+            && disable[1].starts_with("post_unpatch ran in kworker/")
+            && disable.iter().all(|l| l.ends_with("for tun (state 0)")),
+        "{series}: the disable's callbacks: {disable:?}"
+    );
+    eprintln!("{series}: tuncb's callbacks: {coming:?} {going:?} {disable:?}");
+    verb(&mut g, "unload", "tuncb")?;
+
+    g.run("rmmod tun")?;
+    patchtest::apply(&mut g, &stem(series, "tuncb-refused"))?;
+    let (rc, out) = insmod_tun(&mut g)?;
+    check!(
+        rc != 0 && out.contains("No such device"),
+        "{series}: insmod tun under a pre_patch returning -19: {out}"
+    );
+    let log = g.run("dmesg | grep -E 'lpvmm-tuncb|lpvmm: refusing' || true")?;
+    check!(
+        log.contains("pre_patch ran in insmod for tun")
+            && log.contains(
+                "refusing module tun: patch tuncb: its pre-patch callback \
+                            lpvmm_tuncb_pre_patch returned -19"
+            )
+            && !log.contains("post_patch"),
+        "{series}: the refusal in the guest's log: {log}"
+    );
+    check!(
+        !loaded(&mut g, "tun")?,
+        "{series}: tun loaded although refused"
     );
     g.poweroff().map(|_| ())
 }
@@ -1329,6 +1421,7 @@ fn main() {
             dependency_in_one_patch,
         ),
         ("callbacks_around_transitions", callbacks_around_transitions),
+        ("module_callbacks_in_the_loading_task", module_callbacks),
         (
             "ftrace_and_kprobes_share_a_redirected_function",
             ftrace_coexists,

@@ -74,6 +74,13 @@ impl Engine {
         // Early traces serve one tick: the guest runs on after it.
         let early = self.early.take();
         self.spent.keep_early(early);
+        self.queue_after_calls(&mut t);
+        if t.finished() && t.calls.unload_after {
+            // No callback left to run its code: the patch loaded for it goes now.
+            if let Err(e) = self.unload(guest, &t.patch) {
+                t.note = Some(format!("could not unload {}: {e}", t.patch));
+            }
+        }
         if t.finished() {
             self.end(t);
         } else {

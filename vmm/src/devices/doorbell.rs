@@ -77,13 +77,21 @@ impl Doorbell {
         }
         let key = (ring.module, ring.action);
         let mut s = self.state();
-        if let Some(a) = s.answers.remove(&key) {
-            s.answered.retain(|k| *k != key);
-            return Some(a);
+        // An answer is for a ring without a result: one with a result is news for the
+        // engine, whatever it answered before.
+        if ring.result.is_none() {
+            if let Some(a) = s.answers.remove(&key) {
+                s.answered.retain(|k| *k != key);
+                return Some(a);
+            }
         }
-        let filed = s.queued.iter().any(|r| (r.module, r.action) == key);
-        if !filed && s.queued.len() < MAX_QUEUED {
-            s.queued.push_back(ring);
+        // A ring that brings a callback's result replaces one of the same event still
+        // queued: the result must reach the engine.
+        match s.queued.iter().position(|r| (r.module, r.action) == key) {
+            Some(i) if ring.result.is_some() => s.queued[i] = ring,
+            Some(_) => {}
+            None if s.queued.len() < MAX_QUEUED => s.queued.push_back(ring),
+            None => {}
         }
         drop(s);
         // At every ring, not only the first: the driver may have looked just before the
@@ -99,10 +107,10 @@ impl Doorbell {
         self.state().queued.drain(..).collect()
     }
 
-    /// The engine's answer to `ring`, for its next ring (a "ring again" answer files
-    /// nothing: the next ring is filed anew).
+    /// The engine's answer to `ring`, for its next ring (a plain "ring again" answer
+    /// files nothing: the next ring is filed anew; "call this, then ring again" is kept).
     pub fn answer(&self, ring: Ring, answer: Answer) {
-        if answer.again {
+        if answer == Answer::RETRY {
             return;
         }
         let key = (ring.module, ring.action);
@@ -130,21 +138,35 @@ mod tests {
             token: d.token(),
             module: 0xffff_ffff_c000_1000,
             action: 1,
+            result: None,
         };
         assert_eq!(d.ring(Ring { token: 7, ..ring }), None);
         assert_eq!(d.ring(ring), Some(Answer::RETRY));
         assert_eq!(d.ring(ring), Some(Answer::RETRY));
         assert_eq!(d.take(), [ring], "filed once");
         assert!(d.take().is_empty());
-        let done = Answer {
-            ret: 0,
-            again: false,
-            message: 0,
-        };
+        let done = Answer::DONE;
         d.answer(ring, done);
         assert_eq!(d.ring(ring), Some(done));
         assert_eq!(d.ring(ring), Some(Answer::RETRY), "an answer is taken once");
         assert_ne!(Doorbell::new().token(), d.token());
+        // A callback's result reaches the engine even past a queued ring, and is never
+        // answered with an answer meant for the ring before it.
+        d.ring(ring);
+        d.answer(ring, Answer::call(0x1000, 7));
+        let with = Ring {
+            result: Some(-19),
+            ..ring
+        };
+        assert_eq!(d.ring(with), Some(Answer::RETRY));
+        assert_eq!(
+            d.take(),
+            [ring, with]
+                .iter()
+                .filter(|r| r.result.is_some())
+                .copied()
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -155,6 +177,7 @@ mod tests {
             token: d.token(),
             module,
             action: 1,
+            result: None,
         };
         for m in 0..1000 {
             d.ring(ring(m));

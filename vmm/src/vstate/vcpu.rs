@@ -613,13 +613,12 @@ fn ring_doorbell(index: usize, fd: &mut VcpuFd, devices: &Devices) -> Step {
         token: regs.rdi,
         module: regs.rsi,
         action: regs.rcx,
+        result: (regs.r9 == 1).then_some(regs.r8 as i64),
     };
     let Some(answer) = devices.doorbell.ring(ring) else {
         return Step::Continue;
     };
-    regs.rax = answer.ret;
-    regs.rdi = u64::from(answer.again);
-    regs.rsi = answer.message;
+    [regs.rax, regs.rdi, regs.rsi] = answer.registers();
     match fd.set_regs(&regs) {
         Ok(()) => Step::Continue,
         Err(e) => Step::Stop(StopReason::Fatal(format!(
