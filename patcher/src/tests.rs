@@ -2578,3 +2578,48 @@ fn a_module_loaded_later_runs_its_callbacks_in_the_loading_task() {
         "{e:?}"
     );
 }
+
+/// An enable reversed after its pre-patch ran: post-unpatch runs (not post-patch), as
+/// the kernel's `klp_complete_transition` does for a transition turned back.
+#[test]
+fn a_reversed_enable_runs_post_unpatch() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let src = CALLBACKS.replace("meminfo_proc_show", "pipe_read");
+    f.engine.load(&mut g, &f.kernel, &kp(&src, &[])).unwrap();
+    f.engine
+        .begin(
+            Begin {
+                patch: "cb".into(),
+                op: Op::Enable,
+                consistency: Consistency::PerTask,
+                timeout: None,
+                unload_on_failure: false,
+            },
+            f.now,
+        )
+        .unwrap();
+    // Pre-patch, then ticks held by the tasks asleep in pipe_read.
+    let mut called = Vec::new();
+    for _ in 0..4 {
+        f.now += 1000;
+        let mut vm = SynthControl {
+            guest: &mut g,
+            pauses: 0,
+            ipis: Vec::new(),
+        };
+        f.engine.drive(&mut vm, &f.kernel, f.now).unwrap();
+        if !vm.ipis.is_empty() {
+            called.push(guest_runs_call(&f, &mut g, 0));
+        }
+    }
+    assert_eq!(called, [callback_addr(&f, "cb", "cb_pre")]);
+    assert_eq!(f.engine.active().unwrap().outcome, Outcome::Pending);
+    f.engine.request(Request::Reverse).unwrap();
+    let after = drive_with_calls(&mut f, &mut g, &|_| 0);
+    assert_eq!(after, [callback_addr(&f, "cb", "cb_post_un")]);
+    assert_eq!(
+        f.engine.history().last().unwrap().outcome,
+        Outcome::Reversed
+    );
+}
