@@ -25,6 +25,9 @@ use crate::{GuestControl, KpError};
 
 /// How often a running callback is looked at, ms.
 const POLL_MS: u64 = 10;
+/// A callback running longer than this is reported with its kworker's stack (it cannot
+/// be cancelled: the transition waits for it, as the kernel's waits for its own).
+const SLOW_CALL_MS: u64 = 10_000;
 
 /// The "after" callbacks for how `t` ended.
 fn after(p: &Patch, t: &Transition) -> Vec<Call> {
@@ -111,7 +114,7 @@ impl Engine {
         now_ms: u64,
     ) -> Result<(), KpError> {
         if t.calls.running.is_some() {
-            return self.look_at_call(t, guest, now_ms);
+            return self.look_at_call(t, guest, kernel, now_ms);
         }
         self.queue_after_calls(t);
         let Some(call) = t.calls.queue.pop_front() else {
@@ -151,12 +154,36 @@ impl Engine {
         guest.interrupt(ipi?).map_err(KpError::Pause)
     }
 
+    /// The stack of the kworker running a slow callback, unwound while the guest runs:
+    /// `; its stack: f1 < f2 < ...` (innermost first), or why it could not be read.
+    fn kworker_stack(&self, guest: &mut impl GuestControl, kernel: &Kernel, task: u64) -> String {
+        let trace = guest.running(|ram| {
+            let running = introspection::Unconfirmed(ram);
+            self.with_unwinder(&running, kernel, |reader, unwinder| {
+                reader.task(task).ok().map(|t| unwinder.trace(&t))
+            })
+        });
+        match trace {
+            Some(tr) => {
+                let frames: Vec<&str> = tr
+                    .frames
+                    .iter()
+                    .filter_map(|f| f.symbol.as_deref())
+                    .take(12)
+                    .collect();
+                format!("; its stack (pid {}): {}", tr.pid, frames.join(" < "))
+            }
+            None => "; its stack could not be read".into(),
+        }
+    }
+
     /// How the running callback is doing: returned (and what that means for the
     /// transition), or still running (a note says for how long, and where).
     fn look_at_call(
         &mut self,
         t: &mut Transition,
         guest: &mut impl GuestControl,
+        kernel: &Kernel,
         now_ms: u64,
     ) -> Result<(), KpError> {
         let (Some(caller), Some(area)) = (&self.caller, &self.area) else {
@@ -171,7 +198,12 @@ impl Engine {
         let ret = match state {
             CallState::Done { ret } => ret,
             other => {
-                t.note = Some(running_note(&call, other, now_ms.saturating_sub(since)));
+                let ms = now_ms.saturating_sub(since);
+                let mut note = running_note(&call, other, ms);
+                if let (CallState::Running { task }, true) = (other, ms >= SLOW_CALL_MS) {
+                    note += &self.kworker_stack(guest, kernel, task);
+                }
+                t.note = Some(note);
                 t.calls.running = Some((call, since));
                 return Ok(());
             }

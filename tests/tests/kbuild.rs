@@ -42,6 +42,11 @@ const VARIANTS: &[(&str, &str, &str)] = &[
         "-DLPVMM_PRE_PATCH_RET=-19",
     ),
     ("tuncb", "tuncb-refused", "-DLPVMM_PRE_PATCH_RET=-19"),
+    (
+        "callbacks",
+        "callbacks-slow",
+        "-DLPVMM_PRE_PATCH_SLEEP_MS=13000",
+    ),
 ];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
@@ -610,7 +615,43 @@ fn callbacks_around_transitions(host: &mut TestHost, series: &str) -> TestResult
         "{series}: the patch loaded for the refused enable is still loaded: {:?}",
         s.patches
     );
+    slow_callback(&mut g, series)?;
     g.poweroff().map(|_| ())
+}
+
+/// A pre_patch that sleeps 13 s: after 10 s `patch status` names it running, with its
+/// kworker's stack (asleep in msleep, inside the callback); once it returns, the enable
+/// goes on and completes.
+fn slow_callback(g: &mut Guest, series: &str) -> TestResult {
+    let file = g.host.file(&kp(series, "callbacks-slow"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
+    check!(rc == 0, "{series}: patch callbacks-slow: {out}");
+    let t0 = std::time::Instant::now();
+    let mut note = String::new();
+    while t0.elapsed() < std::time::Duration::from_secs(30) {
+        let s = status(g)?;
+        note = s.active.and_then(|t| t.note).unwrap_or_default();
+        if note.contains("its stack") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    check!(
+        note.contains("pre_patch callback lpvmm_cb_pre_patch of vmlinux running in the kworker")
+            && note.contains("msleep")
+            && note.contains("lpvmm_cb_pre_patch+"),
+        "{series}: a slow callback in patch status: {note:?}"
+    );
+    eprintln!("{series}: a slow callback in patch status: {note}");
+    let s = status(g)?;
+    let id = s.active.map(|t| t.id).ok_or("no transition")?;
+    let done = ended(g, id)?;
+    check!(
+        done.outcome == OutcomeView::Done,
+        "{series}: after the slow callback: {done:?}"
+    );
+    verb(g, "disable", "callbacks")?;
+    verb(g, "unload", "callbacks").map(|_| ())
 }
 
 /// The tuncb sample's log lines since the last look (`KIND ran in COMM for MODULE

@@ -7,7 +7,8 @@
  *
  * It replaces cmdline_proc_show (/proc/cmdline says "lpvmm callbacks"), and each
  * callback says in the kernel log that it ran, in which task, and that it could sleep
- * there. Built with -DLPVMM_PRE_PATCH_RET=-19, its pre_patch refuses the enable.
+ * there. Built with -DLPVMM_PRE_PATCH_RET=-19, its pre_patch refuses the enable; with
+ * -DLPVMM_PRE_PATCH_SLEEP_MS=N, it sleeps N ms first (a slow callback).
  */
 #include <linux/delay.h>
 #include <linux/module.h>
@@ -28,6 +29,9 @@ static void said(const char *what)
 
 static int lpvmm_cb_pre_patch(struct module *mod)
 {
+#ifdef LPVMM_PRE_PATCH_SLEEP_MS
+	msleep(LPVMM_PRE_PATCH_SLEEP_MS);
+#endif
 	said("pre_patch");
 	return LPVMM_PRE_PATCH_RET;
 }
