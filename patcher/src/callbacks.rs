@@ -165,13 +165,21 @@ impl Engine {
         });
         match trace {
             Some(tr) => {
-                let frames: Vec<&str> = tr
+                let frames: Vec<String> = tr
                     .frames
                     .iter()
-                    .filter_map(|f| f.symbol.as_deref())
                     .take(12)
+                    .map(|f| f.symbol.clone().unwrap_or_else(|| format!("{:#x}", f.addr)))
                     .collect();
-                format!("; its stack (pid {}): {}", tr.pid, frames.join(" < "))
+                let unreliable = match &tr.problem {
+                    Some(why) => format!(" (unreliable: {why})"),
+                    None => String::new(),
+                };
+                format!(
+                    "; its stack (pid {}): {}{unreliable}",
+                    tr.pid,
+                    frames.join(" < ")
+                )
             }
             None => "; its stack could not be read".into(),
         }

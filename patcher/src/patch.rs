@@ -189,6 +189,13 @@ impl Patch {
         self.funcs()
             .find(|f| ip >= f.new_addr && ip < f.new_addr + f.new_size)
     }
+
+    /// The callback whose code holds `ip`.
+    pub(crate) fn callback_at(&self, ip: u64) -> Option<&PatchCallback> {
+        self.callbacks
+            .iter()
+            .find(|c| ip >= c.addr && ip < c.addr + c.size)
+    }
 }
 
 /// A callback of a patch, linked: its function's address in the patch area.
@@ -198,4 +205,6 @@ pub struct PatchCallback {
     pub kind: CallbackKind,
     pub func: String,
     pub addr: u64,
+    #[serde(default)]
+    pub size: u64,
 }

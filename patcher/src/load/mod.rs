@@ -420,6 +420,7 @@ pub(crate) fn callbacks(
                 kind: c.kind,
                 func: c.func.clone(),
                 addr: *linked.functions.get(&c.func)?,
+                size: obj.function(&c.func)?.size,
             })
         })
         .collect()

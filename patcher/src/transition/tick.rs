@@ -638,6 +638,11 @@ impl PatchCode<'_> {
             .as_ref()
             .is_some_and(|n| n.stub.contains(ip))
     }
+
+    /// The guest-call functions ([`crate::guestcall`]), where a kworker runs a callback.
+    fn in_guest_call(&self, ip: u64) -> bool {
+        self.0.caller.as_ref().is_some_and(|c| c.code.contains(ip))
+    }
 }
 
 impl ExtraCode for PatchCode<'_> {
@@ -645,6 +650,7 @@ impl ExtraCode for PatchCode<'_> {
         self.0.patches.iter().any(|p| p.runs.code.contains(ip))
             || self.in_trampolines(ip)
             || self.in_notifier(ip)
+            || self.in_guest_call(ip)
     }
 
     fn unwind_entry(&self, ip: u64, interrupted: bool) -> Option<OrcEntry> {
@@ -653,7 +659,7 @@ impl ExtraCode for PatchCode<'_> {
         }
         // The stub calls (msleep, printk) only with its frame set up: a return address
         // in it unwinds by the frame pointer. An interrupted one may be in its prologue.
-        if self.in_notifier(ip) {
+        if self.in_notifier(ip) || self.in_guest_call(ip) {
             return (!interrupted).then_some(OrcEntry::FRAME_POINTER);
         }
         // With objtool's table (kbuild builds), every instruction unwinds as the
@@ -688,7 +694,28 @@ impl ExtraCode for PatchCode<'_> {
                 n.stub.end - n.stub.start
             ));
         }
+        if let Some(c) = self.0.caller.as_ref().filter(|_| self.in_guest_call(ip)) {
+            return Some(format!(
+                "lpvmm_guest_call+{:#x}/{:#x}",
+                ip - c.code.start,
+                c.code.end - c.code.start
+            ));
+        }
         let at = if interrupted { ip } else { ip.wrapping_sub(1) };
+        let callback = self
+            .0
+            .patches
+            .iter()
+            .find_map(|p| p.callback_at(at).map(|c| (p, c)));
+        if let Some((p, c)) = callback {
+            return Some(format!(
+                "{}+{:#x}/{:#x} [{}]",
+                c.func,
+                ip - c.addr,
+                c.size,
+                p.name
+            ));
+        }
         let (p, f) = self.0.function_at(at)?;
         Some(format!(
             "{}+{:#x}/{:#x} [{}]",
