@@ -205,11 +205,24 @@ impl Engine {
     }
 
     fn ensure_idle(&self, what: &str) -> Result<(), KpError> {
-        match &self.active {
-            Some(t) => Err(KpError::State(format!(
+        if let Some(t) = &self.active {
+            return Err(KpError::State(format!(
                 "cannot {what}: a transition of patch '{}' is in progress (lpvmm patch status; \
                  lpvmm patch reverse or force)",
                 t.patch
+            )));
+        }
+        self.ensure_no_module_event(what)
+    }
+
+    /// Refused while a module loads or unloads in the guest with patch callbacks being
+    /// called in its task: the patches they belong to must stay as they are (and their
+    /// code where it is) until it is done.
+    fn ensure_no_module_event(&self, what: &str) -> Result<(), KpError> {
+        match self.events.first() {
+            Some(_) => Err(KpError::GuestBusy(format!(
+                "cannot {what}: a module is loading or unloading in the guest and patch \
+                 callbacks run in its task; try again"
             ))),
             None => Ok(()),
         }
@@ -695,6 +708,7 @@ impl Engine {
     }
 
     fn unload_journaled(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
+        self.ensure_no_module_event("unload a patch")?;
         if self.active.as_ref().is_some_and(|t| t.patch == name) {
             return Err(KpError::State(format!(
                 "patch '{name}' is in a transition; wait for it to end"

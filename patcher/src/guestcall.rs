@@ -312,7 +312,10 @@ impl GuestCaller {
         };
         write(guest, area.layout.pa(self.mailbox), &mb)?;
         write(guest, area.layout.pa(self.csd), &csd)?;
-        write(guest, head_pa, &self.csd.to_le_bytes())?;
+        // The CPU's queue is the guest's: its next IPI takes the call off it.
+        guest
+            .write_handed_back(head_pa, &self.csd.to_le_bytes())
+            .map_err(|e| KpError::guest("queueing a guest call", e))?;
         Ok(Ipi { apic_id })
     }
 

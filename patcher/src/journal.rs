@@ -9,8 +9,10 @@
 //!   before. A byte written back to its old value is given back and no longer held
 //!   (a site restored to its NOP belongs to the guest's ftrace again).
 //! - inside the patch area: every page lpvmm wrote, as it wrote it. The guest only ever
-//!   writes the area's data region (patch variables); the page tables, code and
-//!   read-only data are lpvmm's alone and mapped read-only.
+//!   writes the area's data region (patch variables, the guest-call mailbox); the page
+//!   tables, code and read-only data are lpvmm's alone and mapped read-only.
+//! - writes handed straight back to the guest (a guest call pushed onto a CPU's queue of
+//!   cross-CPU calls, which the guest changes at its next IPI): counted, not held.
 //!
 //! [`Journal::post_mortem`] compares both with the guest. A difference is lpvmm's fault
 //! (it wrote something other than what it recorded, or wrote where it did not record)
@@ -34,6 +36,9 @@ struct HeldByte {
 #[derive(Clone, Debug, Default)]
 pub struct Journal {
     held: BTreeMap<u64, HeldByte>,
+    /// Writes of guest-owned data handed straight back to the guest (a guest call
+    /// pushed onto a CPU's queue), not held.
+    pub handed_back: u64,
     /// Patch-area pages lpvmm wrote, keyed by guest-physical page address.
     pages: BTreeMap<u64, Box<[u8]>>,
     /// Test builds only: the next site jump is written with one wrong byte (but
@@ -314,6 +319,12 @@ impl GuestWriter for Recorder<'_> {
 
     fn reader(&self) -> &dyn PausedGuest {
         self.guest.reader()
+    }
+
+    fn write_handed_back(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.guest.write_phys(addr, data)?;
+        self.journal.handed_back += 1;
+        Ok(())
     }
 }
 

@@ -61,6 +61,14 @@ pub trait GuestWriter: PausedGuest {
 
     /// The same guest, read-only.
     fn reader(&self) -> &dyn PausedGuest;
+
+    /// Write guest-owned data that lpvmm changes once and hands straight back to the
+    /// guest, which changes it next (the head of one of the guest's own lists, pushed
+    /// onto): the journal counts it but holds none of its bytes (a post-mortem would
+    /// otherwise take the guest's next change for a fault of lpvmm's).
+    fn write_handed_back(&mut self, addr: u64, data: &[u8]) -> Result<(), GuestError> {
+        self.write_phys(addr, data)
+    }
 }
 
 /// What the engine asks of the VMM that runs the guest: its memory while it runs, and a
