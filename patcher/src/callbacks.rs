@@ -32,25 +32,50 @@ const SLOW_CALL_MS: u64 = 10_000;
 /// The "after" callbacks for how `t` ended.
 fn after(p: &Patch, t: &Transition) -> Vec<Call> {
     let completed = matches!(t.outcome, Outcome::Done | Outcome::Forced);
-    match (t.op, completed) {
-        (Op::Enable, true) => Calls::of(p, CallbackKind::PostPatch),
-        // Back to unpatched: post-unpatch for the objects whose pre-patch succeeded.
-        (Op::Enable, false) => {
-            let ok: Vec<&str> = t
-                .calls
-                .ran
-                .iter()
-                .filter(|r| r.call.kind == CallbackKind::PrePatch && r.ret == 0)
-                .map(|r| r.call.object.as_str())
-                .collect();
-            Calls::of(p, CallbackKind::PostUnpatch)
-                .into_iter()
-                .filter(|c| ok.contains(&c.object.as_str()))
-                .collect()
-        }
-        (Op::Disable, true) => Calls::of(p, CallbackKind::PostUnpatch),
-        (Op::Disable, false) => Calls::of(p, CallbackKind::PostPatch),
-    }
+    let states = &t.calls.states;
+    let ok = |kind: CallbackKind| -> Vec<String> {
+        t.calls
+            .ran
+            .iter()
+            .filter(|r| r.call.kind == kind && r.ret == 0)
+            .map(|r| r.call.object.clone())
+            .collect()
+    };
+    let only = |calls: Vec<Call>, ok: &[String]| -> Vec<Call> {
+        calls
+            .into_iter()
+            .filter(|c| ok.contains(&c.object))
+            .collect()
+    };
+    let (objects, state_calls) = match (t.op, completed) {
+        (Op::Enable, true) => (
+            Calls::of(p, CallbackKind::PostPatch),
+            Calls::of_states(p, CallbackKind::StateEnable, states),
+        ),
+        // Back to where it started: undo what the "before" callbacks that succeeded did.
+        (Op::Enable, false) => (
+            only(
+                Calls::of(p, CallbackKind::PostUnpatch),
+                &ok(CallbackKind::PrePatch),
+            ),
+            only(
+                Calls::of_states(p, CallbackKind::StateRelease, states),
+                &ok(CallbackKind::StateSetup),
+            ),
+        ),
+        (Op::Disable, true) => (
+            Calls::of(p, CallbackKind::PostUnpatch),
+            Calls::of_states(p, CallbackKind::StateRelease, states),
+        ),
+        (Op::Disable, false) => (
+            Calls::of(p, CallbackKind::PostPatch),
+            only(
+                Calls::of_states(p, CallbackKind::StateEnable, states),
+                &ok(CallbackKind::StateDisable),
+            ),
+        ),
+    };
+    objects.into_iter().chain(state_calls).collect()
 }
 
 impl Engine {
@@ -217,10 +242,15 @@ impl Engine {
             }
         };
         t.note = None;
-        let refused = call.kind == CallbackKind::PrePatch && ret != 0;
+        let refused =
+            matches!(call.kind, CallbackKind::PrePatch | CallbackKind::StateSetup) && ret != 0;
         if refused {
+            let which = match call.kind {
+                CallbackKind::StateSetup => "state setup",
+                _ => "pre-patch",
+            };
             t.outcome = Outcome::Failed(format!(
-                "the pre-patch callback {} of {} returned {ret}: not enabled",
+                "the {which} callback {} of {} returned {ret}: not enabled",
                 call.func, call.object
             ));
             t.stage = crate::transition::Stage::Ended;

@@ -215,6 +215,22 @@ impl Engine {
         self.ensure_no_module_event(what)
     }
 
+    /// The states `p` holds that no other enabled patch holds: those its enable brings
+    /// in, or its disable ends.
+    fn states_alone(&self, p: &Patch) -> Vec<u64> {
+        p.states
+            .iter()
+            .map(|s| s.id)
+            .filter(|id| {
+                !self.patches.iter().any(|q| {
+                    q.name != p.name
+                        && q.state == PatchState::Enabled
+                        && q.states.iter().any(|s| s.id == *id)
+                })
+            })
+            .collect()
+    }
+
     /// Refused while a module loads or unloads in the guest with patch callbacks being
     /// called in its task: the patches they belong to must stay as they are (and their
     /// code where it is) until it is done.
@@ -538,10 +554,12 @@ impl Engine {
         );
         t.unload_on_failure = b.unload_on_failure;
         let first = match b.op {
-            Op::Enable => CallbackKind::PrePatch,
-            Op::Disable => CallbackKind::PreUnpatch,
+            Op::Enable => (CallbackKind::PrePatch, CallbackKind::StateSetup),
+            Op::Disable => (CallbackKind::PreUnpatch, CallbackKind::StateDisable),
         };
-        t.calls = crate::transition::calls::Calls::before(self.patch(&b.patch)?, first);
+        let p = self.patch(&b.patch)?;
+        let states = self.states_alone(p);
+        t.calls = crate::transition::calls::Calls::before(p, first, states);
         self.active = Some(t);
         Ok(self.next_id)
     }

@@ -207,4 +207,7 @@ pub struct PatchCallback {
     pub addr: u64,
     #[serde(default)]
     pub size: u64,
+    /// For a state's callback: the state's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<u64>,
 }

@@ -2626,3 +2626,84 @@ fn a_reversed_enable_runs_post_unpatch() {
         Outcome::Reversed
     );
 }
+
+/// A cumulative patch holding state 7 with the four state callbacks.
+fn state_patch(name: &str) -> Vec<u8> {
+    kp(
+        &format!(
+            r#"
+#include <lpvmm/patch.h>
+int new_meminfo(void *m) {{ return 0; }}
+int st_setup(unsigned long id) {{ return 0; }}
+int st_enable(unsigned long id) {{ return 0; }}
+int st_disable(unsigned long id) {{ return 0; }}
+int st_release(unsigned long id) {{ return 0; }}
+LPVMM_PATCH("{name}");
+LPVMM_ATOMIC_REPLACE();
+LPVMM_STATE(7, 1);
+LPVMM_REPLACE(meminfo_proc_show, new_meminfo);
+LPVMM_STATE_SETUP(7, st_setup);
+LPVMM_STATE_ENABLE(7, st_enable);
+LPVMM_STATE_DISABLE(7, st_disable);
+LPVMM_STATE_RELEASE(7, st_release);
+"#
+        ),
+        &[],
+    )
+}
+
+/// A state's callbacks run once across a chain of three cumulative patches holding it:
+/// setup and enable with the first enable, disable and release with the last disable;
+/// none when a patch takes the state over.
+#[test]
+fn state_callbacks_run_once_across_a_chain_of_cumulative_patches() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let mut ran: Vec<(String, String)> = Vec::new();
+    let begin = |f: &mut Fixture, name: &str, op| {
+        f.engine
+            .begin(
+                Begin {
+                    patch: name.into(),
+                    op,
+                    consistency: Consistency::Immediate,
+                    timeout: None,
+                    unload_on_failure: false,
+                },
+                f.now,
+            )
+            .unwrap();
+    };
+    for name in ["s1", "s2", "s3"] {
+        f.engine
+            .load(&mut g, &f.kernel, &state_patch(name))
+            .unwrap();
+        begin(&mut f, name, Op::Enable);
+        for a in drive_with_calls(&mut f, &mut g, &|_| 0) {
+            let p = f
+                .engine
+                .patches()
+                .iter()
+                .find(|p| p.callbacks.iter().any(|c| c.addr == a));
+            let p = p.unwrap();
+            let c = p.callbacks.iter().find(|c| c.addr == a).unwrap();
+            ran.push((p.name.clone(), c.func.clone()));
+        }
+    }
+    begin(&mut f, "s3", Op::Disable);
+    for a in drive_with_calls(&mut f, &mut g, &|_| 0) {
+        let p = f.engine.patch("s3").unwrap();
+        let c = p.callbacks.iter().find(|c| c.addr == a).unwrap();
+        ran.push(("s3".into(), c.func.clone()));
+    }
+    let want: Vec<(String, String)> = [
+        ("s1", "st_setup"),
+        ("s1", "st_enable"),
+        ("s3", "st_disable"),
+        ("s3", "st_release"),
+    ]
+    .iter()
+    .map(|(p, c)| (p.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(ran, want);
+}

@@ -32,6 +32,7 @@ const SAMPLES: &[&str] = &[
     "ethmtu",
     "callbacks",
     "tuncb",
+    "states",
 ];
 /// Samples built a second time with a flag: (sample, built as, flag).
 const VARIANTS: &[(&str, &str, &str)] = &[
@@ -47,6 +48,8 @@ const VARIANTS: &[(&str, &str, &str)] = &[
         "callbacks-slow",
         "-DLPVMM_PRE_PATCH_SLEEP_MS=13000",
     ),
+    ("states", "states-2", "-DLPVMM_N=2"),
+    ("states", "states-3", "-DLPVMM_N=3"),
 ];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
@@ -743,6 +746,49 @@ fn module_callbacks(host: &mut TestHost, series: &str) -> TestResult {
         !loaded(&mut g, "tun")?,
         "{series}: tun loaded although refused"
     );
+    g.poweroff().map(|_| ())
+}
+
+/// Issue 27, acceptance 3 (patcher/examples/kbuild/states.c): three cumulative patches
+/// holding state 7, each with the state's four callbacks, enabled one after the other,
+/// then the last disabled: the guest's log holds setup and enable once (by the first),
+/// disable and release once (by the last), and /proc/cmdline follows the chain.
+fn state_callbacks_across_a_chain(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbstate-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    for (stem_name, patch) in [
+        ("states", "states-1"),
+        ("states-2", "states-2"),
+        ("states-3", "states-3"),
+    ] {
+        patchtest::apply(&mut g, &stem(series, stem_name))?;
+        check!(
+            g.text("cat /proc/cmdline")? == patch,
+            "{series}: /proc/cmdline under {patch}"
+        );
+    }
+    verb(&mut g, "disable", "states-3")?;
+    let log: Vec<String> = g
+        .run("dmesg | grep 'lpvmm-states: ' || true")?
+        .lines()
+        .filter_map(|l| {
+            l.split_once("lpvmm-states: ")
+                .map(|(_, r)| r.trim().to_string())
+        })
+        .collect();
+    check!(
+        log == [
+            "setup of state 7 by states-1",
+            "enable of state 7 by states-1",
+            "disable of state 7 by states-3",
+            "release of state 7 by states-3"
+        ],
+        "{series}: the state callbacks in the guest's log: {log:?}"
+    );
+    eprintln!("{series}: state 7's callbacks across the chain: {log:?}");
+    for p in ["states-1", "states-2", "states-3"] {
+        verb(&mut g, "unload", p)?;
+    }
     g.poweroff().map(|_| ())
 }
 
@@ -1465,6 +1511,10 @@ fn main() {
         ),
         ("callbacks_around_transitions", callbacks_around_transitions),
         ("module_callbacks_in_the_loading_task", module_callbacks),
+        (
+            "state_callbacks_run_once_across_a_chain",
+            state_callbacks_across_a_chain,
+        ),
         (
             "ftrace_and_kprobes_share_a_redirected_function",
             ftrace_coexists,

@@ -145,4 +145,22 @@
 #define LPVMM_PRE_UNPATCH_IN(mod, fn) __LPVMM_CALLBACK_IN(mod, "pre_unpatch", fn)
 #define LPVMM_POST_UNPATCH_IN(mod, fn) __LPVMM_CALLBACK_IN(mod, "post_unpatch", fn)
 
+/*
+ * Callbacks of a state the patch declares with LPVMM_STATE(id, version), each
+ * `int fn(unsigned long id)`, run once across any chain of (cumulative) patches that
+ * hold the state: setup before the enable of the first enabled patch holding it (a
+ * non-zero return refuses that enable), enable once that enable completed; disable
+ * before the disable of the last enabled patch holding it, release once that disable
+ * completed. A patch that takes the state over from another (a cumulative patch) runs
+ * none of them.
+ */
+#define __LPVMM_STATE_CALLBACK(id, kind, fn)                                         \
+	static void *__LPVMM_CAT(__lpvmm_keep_, fn)                                  \
+		__attribute__((section(".lpvmm.keep"), used)) = (void *)fn;          \
+	__LPVMM_ENTRY("state_callback=" __LPVMM_STR(id) ":" kind ":" #fn)
+#define LPVMM_STATE_SETUP(id, fn) __LPVMM_STATE_CALLBACK(id, "setup", fn)
+#define LPVMM_STATE_ENABLE(id, fn) __LPVMM_STATE_CALLBACK(id, "enable", fn)
+#define LPVMM_STATE_DISABLE(id, fn) __LPVMM_STATE_CALLBACK(id, "disable", fn)
+#define LPVMM_STATE_RELEASE(id, fn) __LPVMM_STATE_CALLBACK(id, "release", fn)
+
 #endif /* LPVMM_PATCH_H */

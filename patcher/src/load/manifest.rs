@@ -122,14 +122,29 @@ pub enum CallbackKind {
     PreUnpatch,
     /// Once the disable transition has completed (and after an enable that did not).
     PostUnpatch,
+    /// A state's (`LPVMM_STATE_SETUP`): before the enable of the first enabled patch
+    /// that holds the state; a non-zero return refuses the enable.
+    StateSetup,
+    /// Once that enable completed.
+    StateEnable,
+    /// Before the disable of the last enabled patch that holds the state.
+    StateDisable,
+    /// Once that disable completed (and after an enable that ran the setup but did not
+    /// complete).
+    StateRelease,
 }
 
 impl CallbackKind {
-    pub const ALL: [CallbackKind; 4] = [
+    /// The objects' four, then the states' four.
+    pub const ALL: [CallbackKind; 8] = [
         CallbackKind::PrePatch,
         CallbackKind::PostPatch,
         CallbackKind::PreUnpatch,
         CallbackKind::PostUnpatch,
+        CallbackKind::StateSetup,
+        CallbackKind::StateEnable,
+        CallbackKind::StateDisable,
+        CallbackKind::StateRelease,
     ];
 
     /// Its manifest word: `pre_patch`, `post_patch`, `pre_unpatch`, `post_unpatch`.
@@ -139,18 +154,26 @@ impl CallbackKind {
             CallbackKind::PostPatch => "post_patch",
             CallbackKind::PreUnpatch => "pre_unpatch",
             CallbackKind::PostUnpatch => "post_unpatch",
+            CallbackKind::StateSetup => "state_setup",
+            CallbackKind::StateEnable => "state_enable",
+            CallbackKind::StateDisable => "state_disable",
+            CallbackKind::StateRelease => "state_release",
         }
     }
 }
 
 /// A callback of one object of the patch: `func`, a function of the patch, called as
-/// `int func(struct module *mod)` (`mod` NULL for vmlinux) in a guest kworker.
+/// `int func(struct module *mod)` (`mod` NULL for vmlinux) in a guest kworker; or of one
+/// of its states (`state`), called as `int func(unsigned long id)`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Callback {
-    /// The module; `None` for vmlinux.
+    /// The module; `None` for vmlinux (and for a state's).
     pub object: Option<String>,
     pub kind: CallbackKind,
     pub func: String,
+    /// For a state's callback: the state's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +253,16 @@ impl Manifest {
             return Err(bad("replaces no function (add LPVMM_REPLACE)".into()));
         }
         for c in &m.callbacks {
+            if let Some(id) = c.state {
+                if !m.states.iter().any(|st| st.id == id) {
+                    return Err(bad(format!(
+                        "a {} callback for state {id}, which the patch does not declare \
+                         (LPVMM_STATE)",
+                        c.kind.word()
+                    )));
+                }
+                continue;
+            }
             let patched = match &c.object {
                 None => m.replacements.iter().any(|r| r.old.object.is_none()),
                 Some(o) => m.modules().contains(&o.as_str()),
@@ -292,6 +325,7 @@ impl Manifest {
             }
             "symbol" => self.add_binding(value)?,
             "callback" => self.add_callback(value)?,
+            "state_callback" => self.add_state_callback(value)?,
             "depends" => {
                 if !valid_patch_name(value) {
                     return Err(bad(format!("depends: '{value:.80}' is not a patch name")));
@@ -345,8 +379,9 @@ impl Manifest {
             [m, _, _] => return Err(bad(format!("'{m:.60}' is not a module name"))),
             _ => return Err(bad("want [MODULE:]KIND:FUNCTION".into())),
         };
-        let kind = CallbackKind::ALL
-            .into_iter()
+        let kind = CallbackKind::ALL[..4]
+            .iter()
+            .copied()
             .find(|c| c.word() == kind)
             .ok_or_else(|| {
                 bad(format!(
@@ -371,6 +406,47 @@ impl Manifest {
             object,
             kind,
             func: func.to_string(),
+            state: None,
+        });
+        Ok(())
+    }
+
+    /// `state_callback=ID:KIND:FUNC`, KIND one of setup, enable, disable, release.
+    fn add_state_callback(&mut self, value: &str) -> Result<(), ParseError> {
+        let bad = |m: String| ParseError::Manifest(format!("state_callback={value:.80}: {m}"));
+        let [id, kind, func] = value.split(':').collect::<Vec<_>>()[..] else {
+            return Err(bad("want ID:KIND:FUNCTION".into()));
+        };
+        let id: u64 = id
+            .parse()
+            .map_err(|_| bad("the id is not a number".into()))?;
+        let kind = CallbackKind::ALL[4..]
+            .iter()
+            .copied()
+            .find(|c| c.word() == format!("state_{kind}"))
+            .ok_or_else(|| {
+                bad(format!(
+                    "'{kind:.40}' is not setup, enable, disable or release"
+                ))
+            })?;
+        if !is_c_identifier(func) {
+            return Err(bad(format!("'{func:.60}' is not a function name")));
+        }
+        if self
+            .callbacks
+            .iter()
+            .any(|c| c.state == Some(id) && c.kind == kind)
+        {
+            return Err(bad(format!(
+                "a second {} callback for state {id}",
+                kind.word()
+            )));
+        }
+        self.callbacks.push(Callback {
+            object: None,
+            kind,
+            func: func.to_string(),
+            state: Some(id),
         });
         Ok(())
     }
@@ -477,12 +553,14 @@ mod tests {
                 Callback {
                     object: None,
                     kind: CallbackKind::PrePatch,
-                    func: "pre".into()
+                    func: "pre".into(),
+                    state: None,
                 },
                 Callback {
                     object: Some("tun".into()),
                     kind: CallbackKind::PostUnpatch,
-                    func: "tun_post".into()
+                    func: "tun_post".into(),
+                    state: None,
                 }
             ]
         );

@@ -421,6 +421,7 @@ pub(crate) fn callbacks(
                 func: c.func.clone(),
                 addr: *linked.functions.get(&c.func)?,
                 size: obj.function(&c.func)?.size,
+                state: c.state,
             })
         })
         .collect()

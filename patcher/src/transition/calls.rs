@@ -43,6 +43,10 @@ pub struct Calls {
     pub after_queued: bool,
     /// Unload the patch once the callbacks ran (an enable that loaded it failed).
     pub unload_after: bool,
+    /// The states the transition brings in (enable) or ends (disable): those no other
+    /// enabled patch holds, whose state callbacks it runs.
+    #[serde(default)]
+    pub states: Vec<u64>,
 }
 
 impl Calls {
@@ -81,12 +85,37 @@ impl Calls {
             .collect()
     }
 
-    /// A transition's callbacks of `p`, its `kind` ones (pre-patch, pre-unpatch) to run
-    /// first.
-    pub fn before(p: &Patch, kind: CallbackKind) -> Calls {
+    /// The patch's state callbacks of `kind` for `states`, in the order it declares them.
+    pub fn of_states(p: &Patch, kind: CallbackKind, states: &[u64]) -> Vec<Call> {
+        p.callbacks
+            .iter()
+            .filter(|c| c.kind == kind)
+            .filter_map(|c| {
+                let id = c.state.filter(|id| states.contains(id))?;
+                Some(Call {
+                    kind,
+                    object: format!("state {id}"),
+                    func: c.func.clone(),
+                    addr: c.addr,
+                    arg: id,
+                })
+            })
+            .collect()
+    }
+
+    /// A transition's callbacks of `p`: its objects' `kind` ones (pre-patch,
+    /// pre-unpatch), then `state_kind` ones of `states` (setup, disable), to run first.
+    pub fn before(
+        p: &Patch,
+        (kind, state_kind): (CallbackKind, CallbackKind),
+        states: Vec<u64>,
+    ) -> Calls {
+        let mut queue: VecDeque<Call> = Calls::of(p, kind).into();
+        queue.extend(Calls::of_states(p, state_kind, &states));
         Calls {
             any: !p.callbacks.is_empty(),
-            queue: Calls::of(p, kind).into(),
+            queue,
+            states,
             ..Calls::default()
         }
     }

@@ -841,12 +841,12 @@ fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
         println!("binds:     {} to kernel {}", b.local, b.kernel);
     }
     for c in &m.callbacks {
-        println!(
-            "callback:  {} {} ({})",
-            c.kind.word(),
-            c.func,
-            c.object.as_deref().unwrap_or("vmlinux")
-        );
+        let of = match (c.state, &c.object) {
+            (Some(id), _) => format!("state {id}"),
+            (None, Some(m)) => m.clone(),
+            (None, None) => "vmlinux".into(),
+        };
+        println!("callback:  {} {} ({of})", c.kind.word(), c.func);
     }
     if !m.depends.is_empty() {
         println!("depends:   {}", m.depends.join(", "));
