@@ -146,8 +146,9 @@ impl Engine {
             return Ok(());
         };
         match self.queue_call(guest, kernel, &call) {
-            Ok(()) => {
+            Ok(pause_us) => {
                 t.calls.running = Some((call, now_ms));
+                t.calls.pauses_us.push(pause_us);
                 Ok(())
             }
             Err(e) => {
@@ -163,20 +164,21 @@ impl Engine {
         guest: &mut impl GuestControl,
         kernel: &Kernel,
         call: &Call,
-    ) -> Result<(), KpError> {
+    ) -> Result<u64, KpError> {
         let (Some(caller), Some(area)) = (self.caller.clone(), self.area.clone()) else {
             return Err(KpError::State(
                 "callbacks without the guest-call machinery".into(),
             ));
         };
-        let (ipi, _) = guest
+        let (ipi, pause) = guest
             .paused(|g| {
                 self.journaled(g, |_, g| {
                     caller.queue(g, kernel, &area, (call.addr, call.arg), 0)
                 })
             })
             .map_err(KpError::Pause)?;
-        guest.interrupt(ipi?).map_err(KpError::Pause)
+        guest.interrupt(ipi?).map_err(KpError::Pause)?;
+        Ok(u64::try_from(pause.as_micros()).unwrap_or(u64::MAX))
     }
 
     /// The stack of the kworker running a slow callback, unwound while the guest runs:

@@ -526,6 +526,9 @@ pub struct TransitionView {
     /// running and those still to run (`ret` none).
     #[serde(default)]
     pub callbacks: Vec<CallbackView>,
+    /// The guest's pause to queue each callback, µs.
+    #[serde(default)]
+    pub callback_pauses_us: Vec<u64>,
 }
 
 /// One callback of a transition.

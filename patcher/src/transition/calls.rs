@@ -47,6 +47,9 @@ pub struct Calls {
     /// enabled patch holds, whose state callbacks it runs.
     #[serde(default)]
     pub states: Vec<u64>,
+    /// The guest's pause to queue each callback, µs, in order.
+    #[serde(default)]
+    pub pauses_us: Vec<u64>,
 }
 
 impl Calls {

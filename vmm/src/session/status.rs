@@ -101,6 +101,7 @@ impl TransitionView {
             early_checks: t.early_checks,
             tick_parts: t.tick_parts.clone(),
             callbacks: callback_views(&t.calls),
+            callback_pauses_us: t.calls.pauses_us.clone(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! ratios: absolute times on nested TCG say little.
 
 mod boot;
+mod callback;
 mod calls;
 mod common;
 mod completion;
@@ -78,6 +79,12 @@ enum Command {
     Patch {
         #[arg(default_value_t = 30)]
         cycles: u32,
+    },
+    /// A callback in the guest: the pause to queue it against a bare pause, and its
+    /// round trip
+    Callback {
+        #[arg(default_value_t = 10)]
+        rounds: u32,
     },
     /// What lpvmm's module notifier costs the guest's insmod/rmmod: no notifier, a
     /// patch for another module, a patch for the loaded module
@@ -185,6 +192,7 @@ fn run(command: Command) -> Result<(), String> {
         Command::Patch { cycles } => patch::patch(cycles),
         Command::Load { runs } => load::load(runs),
         Command::Modload { rounds } => modload::modload(rounds),
+        Command::Callback { rounds } => callback::callback(rounds),
         Command::Deaths { runs, load, series } => {
             deaths::deaths(runs, deaths::script(load), &series_list(&series))
         }
@@ -246,6 +254,8 @@ mod tests {
             "host-info",
             "introspect 5",
             "load 5",
+            "modload 20",
+            "callback 5",
             "patch 30",
             "calls",
             "calls 5",
@@ -301,6 +311,7 @@ mod tests {
         assert_eq!(parse("patch"), Command::Patch { cycles: 30 });
         assert_eq!(parse("load"), Command::Load { runs: 3 });
         assert_eq!(parse("modload"), Command::Modload { rounds: 20 });
+        assert_eq!(parse("callback"), Command::Callback { rounds: 10 });
         assert_eq!(parse("transition"), Command::Transition { runs: 5 });
         assert_eq!(parse("calls"), Command::Calls { rounds: 5 });
         assert_eq!(
