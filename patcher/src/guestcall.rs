@@ -158,13 +158,7 @@ impl StubEnv {
             })
         };
         let mem = kernel.memory(guest);
-        let returns = match Returns::of_guest(&mem, &kernel.symbols)? {
-            Returns::AsSymbol => match kernel.symbols.addr(crate::load::link::RETURN_THUNK) {
-                Some(t) => Returns::Jump(t),
-                None => Returns::Ret,
-            },
-            r => r,
-        };
+        let returns = Returns::for_stubs(&mem, &kernel.symbols)?;
         Ok(StubEnv {
             queue_work_on: sym("queue_work_on")?,
             system_wq: sym("system_wq")?,

@@ -310,13 +310,7 @@ impl StubCalls {
                 .map_err(|e| KpError::Unsupported(format!("the module notifier needs {n}: {e}")))
         };
         let mem = kernel.memory(guest);
-        let returns = match Returns::of_guest(&mem, &kernel.symbols)? {
-            Returns::AsSymbol => match kernel.symbols.addr(crate::load::link::RETURN_THUNK) {
-                Some(t) => Returns::Jump(t),
-                None => Returns::Ret,
-            },
-            r => r,
-        };
+        let returns = Returns::for_stubs(&mem, &kernel.symbols)?;
         Ok(StubCalls {
             printk: sym("_printk").or_else(|_| sym("printk"))?,
             msleep: sym("msleep")?,

@@ -51,6 +51,24 @@ impl Returns {
     }
 }
 
+impl Returns {
+    /// How code lpvmm assembles itself returns in this guest: as the guest's own code
+    /// does, a kernel without `x86_return_thunk` through `__x86_return_thunk` if it has
+    /// one, else a plain `ret`.
+    pub fn for_stubs(
+        mem: &introspection::memory::KernelMemory,
+        syms: &introspection::kallsyms::SymbolTable,
+    ) -> Result<Returns, crate::KpError> {
+        Ok(match Returns::of_guest(mem, syms)? {
+            Returns::AsSymbol => match syms.addr(RETURN_THUNK) {
+                Some(t) => Returns::Jump(t),
+                None => Returns::Ret,
+            },
+            r => r,
+        })
+    }
+}
+
 /// Where a kernel symbol a patch uses is, as its link finds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImportAt {

@@ -391,24 +391,13 @@ impl Manifest {
         if !is_c_identifier(func) {
             return Err(bad(format!("'{func:.60}' is not a function name")));
         }
-        if self
-            .callbacks
-            .iter()
-            .any(|c| c.object == object && c.kind == kind)
-        {
-            return Err(bad(format!(
-                "a second {} callback for {}",
-                kind.word(),
-                object.as_deref().unwrap_or("vmlinux")
-            )));
-        }
-        self.callbacks.push(Callback {
+        self.push_callback(Callback {
             object,
             kind,
             func: func.to_string(),
             state: None,
-        });
-        Ok(())
+        })
+        .map_err(bad)
     }
 
     /// `state_callback=ID:KIND:FUNC`, KIND one of setup, enable, disable, release.
@@ -432,22 +421,29 @@ impl Manifest {
         if !is_c_identifier(func) {
             return Err(bad(format!("'{func:.60}' is not a function name")));
         }
-        if self
-            .callbacks
-            .iter()
-            .any(|c| c.state == Some(id) && c.kind == kind)
-        {
-            return Err(bad(format!(
-                "a second {} callback for state {id}",
-                kind.word()
-            )));
-        }
-        self.callbacks.push(Callback {
+        self.push_callback(Callback {
             object: None,
             kind,
             func: func.to_string(),
             state: Some(id),
-        });
+        })
+        .map_err(bad)
+    }
+
+    /// Add `cb`, refused if its object or state already has a callback of its kind.
+    fn push_callback(&mut self, cb: Callback) -> Result<(), String> {
+        let twin = self
+            .callbacks
+            .iter()
+            .any(|c| (&c.object, c.state, c.kind) == (&cb.object, cb.state, cb.kind));
+        if twin {
+            let of = match (cb.state, &cb.object) {
+                (Some(id), _) => format!("state {id}"),
+                (None, o) => o.as_deref().unwrap_or("vmlinux").to_string(),
+            };
+            return Err(format!("a second {} callback for {of}", cb.kind.word()));
+        }
+        self.callbacks.push(cb);
         Ok(())
     }
 

@@ -11,18 +11,7 @@
 use lpvmm_tests::stats::median;
 use lpvmm_tests::{json, Guest, TestHost};
 
-use crate::common::kbuild_kp;
-
-/// One bare pause, in µs.
-fn bare_pause(g: &mut Guest) -> Result<f64, String> {
-    let (rc, out) = g.lpvmm("regs {vm} --json")?;
-    if rc != 0 {
-        return Err(format!("regs: {out}"));
-    }
-    json(&out)?["paused_us"]
-        .as_f64()
-        .ok_or(format!("regs: no pause in {out}"))
-}
+use crate::common::{bare_pause, kbuild_kp};
 
 /// The callbacks of `lpvmm patch VERB` (or a load-and-enable): their queueing pauses
 /// (µs) and round trips (ms).

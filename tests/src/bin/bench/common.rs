@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lpvmm::DEFAULT_CMDLINE;
 use lpvmm_tests::stats::median;
-use lpvmm_tests::{json, TestHost};
+use lpvmm_tests::{json, Guest, TestHost};
 
 /// Command lines for the same guest on lpvmm (as NAME) and on QEMU's microvm machine,
 /// its closest match to a minimal VMM: same kernel, initrd, memory, vCPUs and command
@@ -347,4 +347,15 @@ pub fn completions(
         |g| lpvmm_completion_ms(g, kp, name, blocker),
         |g| livepatch_completion_ms(g, module, blocker),
     )
+}
+
+/// One bare pause, in µs.
+pub fn bare_pause(g: &mut Guest) -> Result<f64, String> {
+    let (rc, out) = g.lpvmm("regs {vm} --json")?;
+    if rc != 0 {
+        return Err(format!("regs: {out}"));
+    }
+    json(&out)?["paused_us"]
+        .as_f64()
+        .ok_or(format!("regs: no pause in {out}"))
 }

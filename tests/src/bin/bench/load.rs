@@ -15,7 +15,7 @@
 use lpvmm_tests::stats::median;
 use lpvmm_tests::{json, Guest, TestHost};
 
-use crate::common::{kp_build, transition_of};
+use crate::common::{bare_pause, kp_build, transition_of};
 
 /// The pause of one `patch load`, in µs.
 fn load_pause(g: &mut Guest, kp: &str) -> Result<f64, String> {
@@ -26,17 +26,6 @@ fn load_pause(g: &mut Guest, kp: &str) -> Result<f64, String> {
     json(&out)?["pause"]["paused_us"]
         .as_f64()
         .ok_or(format!("patch load {kp}: no pause in {out}"))
-}
-
-/// One bare pause, in µs.
-fn bare_pause(g: &mut Guest) -> Result<f64, String> {
-    let (rc, out) = g.lpvmm("regs {vm} --json")?;
-    if rc != 0 {
-        return Err(format!("regs: {out}"));
-    }
-    json(&out)?["paused_us"]
-        .as_f64()
-        .ok_or(format!("regs: no pause in {out}"))
 }
 
 /// The pause of the first tick of `patch enable NAME`, in µs.
