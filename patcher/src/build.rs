@@ -9,6 +9,8 @@ use crate::KpError;
 
 /// The author's header, shipped inside lpvmm so that an installed binary can build.
 pub const PATCH_H: &str = include_str!("../include/lpvmm/patch.h");
+/// Shadow variables (`lpvmm/shadow.h`): for builds with the guest's kbuild only.
+pub const SHADOW_H: &str = include_str!("../include/lpvmm/shadow.h");
 
 /// Code generation for kernel context, as the kernel's own Makefile sets it for x86-64
 /// where it matters to a patch:

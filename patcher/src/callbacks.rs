@@ -52,7 +52,8 @@ fn after(p: &Patch, t: &Transition) -> Vec<Call> {
             Calls::of(p, CallbackKind::PostPatch),
             Calls::of_states(p, CallbackKind::StateEnable, states),
         ),
-        // Back to where it started: undo what the "before" callbacks that succeeded did.
+        // Back to where it started: undo what the "before" callbacks that succeeded did,
+        // and free what its states' shadow variables it allocated.
         (Op::Enable, false) => (
             only(
                 Calls::of(p, CallbackKind::PostUnpatch),
@@ -61,11 +62,17 @@ fn after(p: &Patch, t: &Transition) -> Vec<Call> {
             only(
                 Calls::of_states(p, CallbackKind::StateRelease, states),
                 &ok(CallbackKind::StateSetup),
-            ),
+            )
+            .into_iter()
+            .chain(Calls::of_states(p, CallbackKind::ShadowFree, states))
+            .collect(),
         ),
         (Op::Disable, true) => (
             Calls::of(p, CallbackKind::PostUnpatch),
-            Calls::of_states(p, CallbackKind::StateRelease, states),
+            Calls::of_states(p, CallbackKind::StateRelease, states)
+                .into_iter()
+                .chain(Calls::of_states(p, CallbackKind::ShadowFree, states))
+                .collect(),
         ),
         (Op::Disable, false) => (
             Calls::of(p, CallbackKind::PostPatch),

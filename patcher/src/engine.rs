@@ -149,6 +149,25 @@ impl Engine {
         self.area.as_ref().map(|a| &a.layout)
     }
 
+    /// Where the guest's shadow-variable table is, once the patch area is mapped.
+    pub fn shadow_table(&self) -> Option<u64> {
+        self.area
+            .as_ref()
+            .filter(|a| a.installed)
+            .map(|a| a.shadow_table)
+    }
+
+    /// The shadow variables the loaded patches tie to a state (`LPVMM_SHADOW`).
+    pub fn shadow_ties(&self) -> Vec<crate::load::manifest::ShadowTie> {
+        let mut ties: Vec<_> = Vec::new();
+        for t in self.patches.iter().flat_map(|p| &p.shadows) {
+            if !ties.contains(t) {
+                ties.push(t.clone());
+            }
+        }
+        ties
+    }
+
     /// Functions whose site lpvmm owns now.
     pub fn funcs(&self) -> impl Iterator<Item = &FuncStack> {
         self.funcs.values()
@@ -510,6 +529,7 @@ impl Engine {
             depends: m.depends.clone(),
             atomic_replace: m.atomic_replace,
             states: m.states.clone(),
+            shadows: m.shadows.clone(),
             replaced_by: None,
             runs,
             orc,
@@ -882,6 +902,12 @@ fn write_images(
             ))
         })?;
         area::install(guest, kernel, &area.layout, tables)?;
+        guest
+            .write_phys(
+                area.layout.pa(area.shadow_table),
+                &[0; crate::shadow::TABLE_BYTES as usize],
+            )
+            .map_err(|e| KpError::guest("clearing the shadow-variable table", e))?;
         area.installed = true;
     }
     for img in [&linked.code, &linked.rodata, &linked.data] {

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::build::{compiled, write_checked, BuildError, PATCH_H};
+use crate::build::{compiled, write_checked, BuildError, PATCH_H, SHADOW_H};
 use crate::load::object::PatchObject;
 
 /// A Debian kernel release as `uname -r` prints it (`6.1.0-28-cloud-amd64`): what may be
@@ -216,6 +216,7 @@ pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("include/lpvmm")).map_err(io)?;
     std::fs::write(work.join("include/lpvmm/patch.h"), PATCH_H).map_err(io)?;
+    std::fs::write(work.join("include/lpvmm/shadow.h"), SHADOW_H).map_err(io)?;
     std::fs::copy(source, work.join("lpvmm_patch.c"))
         .map_err(|e| BuildError::Io(format!("reading {}: {e}", source.display())))?;
     std::fs::write(

@@ -32,6 +32,7 @@ pub mod kbuild;
 pub mod load;
 pub mod notifier;
 pub mod patch;
+pub mod shadow;
 pub mod space;
 pub mod states;
 #[cfg(test)]

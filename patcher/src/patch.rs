@@ -71,6 +71,9 @@ pub struct Patch {
     pub atomic_replace: bool,
     /// System states it establishes (`LPVMM_STATE`).
     pub states: Vec<SystemState>,
+    /// Shadow variables it ties to one of its states (`LPVMM_SHADOW`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadows: Vec<crate::load::manifest::ShadowTie>,
     /// For a replaced patch: the cumulative patch that replaced it.
     pub replaced_by: Option<String>,
     /// Where its code and data are in the patch area.

@@ -180,14 +180,23 @@ pub(crate) struct Area {
     pub(crate) layout: crate::area::AreaLayout,
     pub(crate) installed: bool,
     pub(crate) space: AreaSpace,
+    /// The guest's shadow-variable table ([`crate::shadow`]): the first page of the
+    /// data region, zeroed when the area is mapped, never handed to a patch.
+    pub(crate) shadow_table: u64,
 }
 
 impl Area {
     pub(crate) fn new(layout: crate::area::AreaLayout) -> Area {
+        let mut space = AreaSpace::new(layout.code, layout.rodata, layout.data);
+        let table = space
+            .data
+            .alloc(PAGE)
+            .map_or(layout.data.start, |r| r.start);
         Area {
-            space: AreaSpace::new(layout.code, layout.rodata, layout.data),
+            space,
             layout,
             installed: false,
+            shadow_table: table,
         }
     }
 }

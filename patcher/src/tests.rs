@@ -2707,3 +2707,75 @@ fn state_callbacks_run_once_across_a_chain_of_cumulative_patches() {
     .collect();
     assert_eq!(ran, want);
 }
+
+/// Write a shadow variable (struct lpvmm_shadow) at `at`: key, size, owner, next.
+fn put_shadow_var(g: &mut SynthGuest, f: &Fixture, at: u64, var: (u64, u64, &str), next: u64) {
+    let (obj, id, owner) = var;
+    let mut b = vec![0u8; 72];
+    b[0..8].copy_from_slice(&next.to_le_bytes());
+    b[8..16].copy_from_slice(&obj.to_le_bytes());
+    b[16..24].copy_from_slice(&id.to_le_bytes());
+    b[24..32].copy_from_slice(&8u64.to_le_bytes());
+    b[32..32 + owner.len()].copy_from_slice(owner.as_bytes());
+    let pa = f.engine.area_layout().unwrap().pa(at);
+    g.write_phys(pa, &b).unwrap();
+}
+
+#[test]
+fn shadow_variables_are_read_from_the_guests_table_and_a_loop_is_refused() {
+    use crate::load::manifest::ShadowTie;
+    use crate::shadow::ShadowTable;
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    assert_eq!(
+        f.engine.shadow_table(),
+        None,
+        "no table before the area is mapped"
+    );
+    f.engine.load(&mut g, &f.kernel, &kp(CMDLINE, &[])).unwrap();
+    let table = f
+        .engine
+        .shadow_table()
+        .expect("the table once a patch is loaded");
+    let read = |g: &SynthGuest| ShadowTable::read(&f.kernel.memory(g), table);
+    assert_eq!(read(&g).unwrap(), ShadowTable::default(), "zeroed: empty");
+    // Three variables in two buckets (nodes in the table's own page, past the table).
+    let (a, b, c) = (table + 1024, table + 1280, table + 1536);
+    put_shadow_var(&mut g, &f, a, (0xffff_8880_0000_1000, 1, "shadow-1"), b);
+    put_shadow_var(&mut g, &f, b, (0xffff_8880_0000_2000, 1, "shadow-2"), 0);
+    put_shadow_var(&mut g, &f, c, (0xffff_8880_0000_1000, 2, "shadow-2"), 0);
+    let pa = f.engine.area_layout().unwrap().pa(table);
+    let mut head = Vec::new();
+    head.extend_from_slice(&0x3148_534d_4d56_504c_u64.to_le_bytes());
+    head.extend_from_slice(&3u64.to_le_bytes());
+    head.extend_from_slice(&a.to_le_bytes());
+    head.extend_from_slice(&[0; 8 * 4]);
+    head.extend_from_slice(&c.to_le_bytes());
+    g.write_phys(pa, &head).unwrap();
+    let t = read(&g).unwrap();
+    assert_eq!((t.count, t.vars.len()), (3, 3));
+    let groups = t.groups(&[ShadowTie { id: 1, state: 9 }]);
+    assert_eq!(groups.len(), 2);
+    assert_eq!(
+        (
+            groups[0].id,
+            groups[0].count,
+            groups[0].bytes,
+            groups[0].state
+        ),
+        (1, 2, 16, Some(9))
+    );
+    assert_eq!(groups[0].owners, ["shadow-1", "shadow-2"]);
+    assert_eq!((groups[1].id, groups[1].state), (2, None));
+    // A loop the guest made: refused after the bound, not followed forever.
+    put_shadow_var(&mut g, &f, b, (0xffff_8880_0000_2000, 1, "shadow-2"), a);
+    let e = read(&g).unwrap_err().to_string();
+    assert!(e.contains("more than 1048576 variables, or a loop"), "{e}");
+    // A table lpvmm does not know, and one in memory that is not there.
+    g.write_phys(pa, &7u64.to_le_bytes()).unwrap();
+    assert!(read(&g)
+        .unwrap_err()
+        .to_string()
+        .contains("not one lpvmm knows"));
+    assert!(ShadowTable::read(&f.kernel.memory(&g), 0xffff_ffff_ffff_f000).is_err());
+}

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lpvmm::proto::{OutcomeView, StackResult, TransitionView};
+use lpvmm::proto::{OutcomeView, ShadowResult, StackResult, TransitionView};
 use lpvmm_tests::patchtest::{
     self, build_lpvmm, checksum, checksums, ended, held_by, kill, parse, patch_path, sleeper,
     status, verb,
@@ -33,6 +33,8 @@ const SAMPLES: &[&str] = &[
     "callbacks",
     "tuncb",
     "states",
+    "shadow",
+    "shadowvars",
 ];
 /// Samples built a second time with a flag: (sample, built as, flag).
 const VARIANTS: &[(&str, &str, &str)] = &[
@@ -50,6 +52,10 @@ const VARIANTS: &[(&str, &str, &str)] = &[
     ),
     ("states", "states-2", "-DLPVMM_N=2"),
     ("states", "states-3", "-DLPVMM_N=3"),
+    ("shadow", "shadow-2", "-DLPVMM_N=2"),
+    ("callbacks", "callbacks-2", "-DLPVMM_N=2"),
+    ("callbacks", "callbacks-3", "-DLPVMM_N=3 -DLPVMM_CUMULATIVE"),
+    ("tuncb", "tuncb-busy", "-DLPVMM_BUSY"),
 ];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
@@ -619,7 +625,76 @@ fn callbacks_around_transitions(host: &mut TestHost, series: &str) -> TestResult
         s.patches
     );
     slow_callback(&mut g, series)?;
+    several_patches_callbacks(&mut g, series)?;
     g.poweroff().map(|_| ())
+}
+
+/// The callbacks sample's log lines since the last look (`KIND ran in COMM for PATCH`,
+/// the comm left out); dmesg is cleared.
+fn callback_lines_since(g: &mut Guest) -> Result<Vec<String>, String> {
+    Ok(g.run("dmesg -c | grep 'lpvmm-callbacks: ' || true")?
+        .lines()
+        .filter_map(|l| {
+            let (_, r) = l.split_once("lpvmm-callbacks: ")?;
+            let (kind, rest) = r.trim().split_once(" ran in ")?;
+            let (_, patch) = rest.split_once(" for ")?;
+            Some(format!("{kind} {patch}"))
+        })
+        .collect())
+}
+
+/// test-callbacks.sh's "multiple livepatches" and "atomic replace": two patches with
+/// callbacks each run their own, the second's disable only its own; a cumulative patch
+/// replacing `callbacks` runs only its own callbacks (none of the replaced patch's
+/// unpatch ones), and its disable too.
+fn several_patches_callbacks(g: &mut Guest, series: &str) -> TestResult {
+    callback_lines_since(g)?;
+    patchtest::apply(g, &stem(series, "callbacks"))?;
+    patchtest::apply(g, &stem(series, "callbacks-2"))?;
+    check!(
+        g.text("cat /proc/cmdline")? == "lpvmm callbacks-2",
+        "{series}: callbacks-2 is not in effect"
+    );
+    verb(g, "disable", "callbacks-2")?;
+    verb(g, "disable", "callbacks")?;
+    let two = callback_lines_since(g)?;
+    check!(
+        two == [
+            "pre_patch callbacks",
+            "post_patch callbacks",
+            "pre_patch callbacks-2",
+            "post_patch callbacks-2",
+            "pre_unpatch callbacks-2",
+            "post_unpatch callbacks-2",
+            "pre_unpatch callbacks",
+            "post_unpatch callbacks"
+        ],
+        "{series}: two patches' callbacks: {two:?}"
+    );
+    verb(g, "unload", "callbacks-2")?;
+    verb(g, "enable", "callbacks")?;
+    patchtest::apply(g, &stem(series, "callbacks-3"))?;
+    check!(
+        g.text("cat /proc/cmdline")? == "lpvmm callbacks-3",
+        "{series}: callbacks-3 is not in effect"
+    );
+    verb(g, "disable", "callbacks-3")?;
+    let replace = callback_lines_since(g)?;
+    check!(
+        replace
+            == [
+                "pre_patch callbacks",
+                "post_patch callbacks",
+                "pre_patch callbacks-3",
+                "post_patch callbacks-3",
+                "pre_unpatch callbacks-3",
+                "post_unpatch callbacks-3"
+            ],
+        "{series}: atomic replace's callbacks: {replace:?}"
+    );
+    eprintln!("{series}: two patches' callbacks {two:?}; atomic replace's {replace:?}");
+    verb(g, "unload", "callbacks-3")?;
+    verb(g, "unload", "callbacks").map(|_| ())
 }
 
 /// A pre_patch that sleeps 13 s: after 10 s `patch status` names it running, with its
@@ -681,6 +756,7 @@ fn tuncb_lines(g: &mut Guest) -> Result<Vec<String>, String> {
 fn module_callbacks(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("kbtuncb-{}", series.replace('.', "_"));
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    module_loaded_before(&mut g, series)?;
     g.run("rmmod tun")?;
     tuncb_lines(&mut g)?;
     patchtest::apply(&mut g, &stem(series, "tuncb"))?;
@@ -746,7 +822,88 @@ fn module_callbacks(host: &mut TestHost, series: &str) -> TestResult {
         !loaded(&mut g, "tun")?,
         "{series}: tun loaded although refused"
     );
+    verb(&mut g, "disable", "tuncb")?;
+    verb(&mut g, "unload", "tuncb")?;
+    busy_target_module(&mut g, series)?;
     g.poweroff().map(|_| ())
+}
+
+/// test-callbacks.sh's "target module before livepatch" and "pre-patch callback
+/// -ENODEV", with tun loaded: the enable runs tun's pre_patch and post_patch in a
+/// kworker, the disable its pre_unpatch and post_unpatch; a pre_patch returning -19
+/// refuses the enable, runs nothing else (no post_unpatch for the object whose pre_patch
+/// failed) and leaves tun's text as it was.
+fn module_loaded_before(g: &mut Guest, series: &str) -> TestResult {
+    tuncb_lines(g)?;
+    patchtest::apply(g, &stem(series, "tuncb"))?;
+    verb(g, "disable", "tuncb")?;
+    verb(g, "unload", "tuncb")?;
+    let lines = tuncb_lines(g)?;
+    let kinds: Vec<&str> = lines.iter().filter_map(|l| l.split(' ').next()).collect();
+    check!(
+        kinds == ["pre_patch", "post_patch", "pre_unpatch", "post_unpatch"]
+            && lines
+                .iter()
+                .all(|l| l.contains(" ran in kworker/") && l.ends_with("for tun (state 0)")),
+        "{series}: tuncb's callbacks with tun loaded first: {lines:?}"
+    );
+    let tun_before = checksum(g, "module:tun")?;
+    let file = g.host.file(&kp(series, "tuncb-refused"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    check!(
+        rc != 0 && out.contains("the pre-patch callback lpvmm_tuncb_pre_patch of tun returned -19"),
+        "{series}: tuncb-refused with tun loaded: {out}"
+    );
+    let refused = tuncb_lines(g)?;
+    check!(
+        refused.len() == 1 && refused[0].starts_with("pre_patch ran in kworker/"),
+        "{series}: after the refusal only tun's pre_patch should have run: {refused:?}"
+    );
+    check!(
+        checksum(g, "module:tun")? == tun_before && status(g)?.patches.is_empty(),
+        "{series}: a refused enable changed tun or left its patch loaded"
+    );
+    eprintln!("{series}: tun loaded first: {lines:?}; refused: {refused:?}");
+    Ok(())
+}
+
+/// test-callbacks.sh's "busy target module": a task asleep in tun's read holds the
+/// enable of a patch replacing tun_do_read, after tun's pre_patch ran; reversed, the
+/// transition runs tun's post_unpatch (and neither post_patch nor pre_unpatch), tun's
+/// text is as before, and the patch loaded for the enable is gone.
+fn busy_target_module(g: &mut Guest, series: &str) -> TestResult {
+    let (rc, out) = insmod_tun(g)?;
+    check!(rc == 0, "{series}: insmod tun for the busy case: {out}");
+    let tun_before = checksum(g, "module:tun")?;
+    let reader = tun_reader(g)?;
+    tuncb_lines(g)?;
+    let file = g.host.file(&kp(series, "tuncb-busy"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --no-wait"))?;
+    check!(rc == 0, "{series}: patch tuncb-busy: {out}");
+    let t = held_by(g, reader)?;
+    let during = tuncb_lines(g)?;
+    let (rc, out) = g.lpvmm("patch reverse {vm}")?;
+    check!(
+        rc == 0 && out.contains("reversed"),
+        "{series}: reverse: {out}"
+    );
+    let done = ended(g, t.id)?;
+    let after = tuncb_lines(g)?;
+    kill(g, reader)?;
+    check!(
+        during.len() == 1
+            && during[0].starts_with("pre_patch ran in kworker/")
+            && after.len() == 1
+            && after[0].starts_with("post_unpatch ran in kworker/")
+            && after[0].ends_with("for tun (state 0)"),
+        "{series}: a busy target's callbacks: {during:?} then {after:?} ({done:?})"
+    );
+    check!(
+        checksum(g, "module:tun")? == tun_before && status(g)?.patches.is_empty(),
+        "{series}: after the reversed enable, tun's text or the patch list"
+    );
+    eprintln!("{series}: busy target: {during:?} while held, {after:?} once reversed");
+    Ok(())
 }
 
 /// Issue 27, acceptance 3 (patcher/examples/kbuild/states.c): three cumulative patches
@@ -789,6 +946,171 @@ fn state_callbacks_across_a_chain(host: &mut TestHost, series: &str) -> TestResu
     for p in ["states-1", "states-2", "states-3"] {
         verb(&mut g, "unload", p)?;
     }
+    g.poweroff().map(|_| ())
+}
+
+/// `lpvmm shadow VM --json`.
+fn shadow_vars(g: &mut Guest) -> Result<ShadowResult, String> {
+    patchtest::lpvmm_json(g, "shadow {vm} --json")
+}
+
+/// The kernel's test-shadow-vars.sh with lpvmm's runtime (patcher/examples/kbuild/
+/// shadowvars.c, whose pre_patch makes test_klp_shadow_vars.c's calls): the guest's log
+/// holds what each call returned, in order, every check ok, and no variable is left.
+fn shadow_calls(g: &mut Guest, series: &str) -> TestResult {
+    patchtest::apply(g, &stem(series, "shadowvars"))?;
+    let log: Vec<String> = g
+        .run("dmesg | grep 'lpvmm-shadow-vars: ' || true")?
+        .lines()
+        .filter_map(|l| {
+            l.split_once("lpvmm-shadow-vars: ")
+                .map(|(_, r)| r.trim().to_string())
+        })
+        .collect();
+    eprintln!("{series}: test-shadow-vars with lpvmm's runtime: {log:#?}");
+    check!(
+        log == SHADOW_VARS_LOG,
+        "{series}: the shadow-variable calls in the guest's log: {log:#?}"
+    );
+    check!(
+        shadow_vars(g)?.count == 0,
+        "{series}: variables left by shadowvars"
+    );
+    verb(g, "disable", "shadowvars")?;
+    verb(g, "unload", "shadowvars").map(|_| ())
+}
+
+/// What shadowvars.c's calls log (test-shadow-vars.sh's expected output, in lpvmm's
+/// spelling, with the refusals lpvmm adds).
+const SHADOW_VARS_LOG: &[&str] = &[
+    "get(obj=PTR1, id=0x1234) = PTR0",
+    "nothing there at first: ok",
+    "ctor(obj=PTR1, shadow_data=PTR2, ctor_data=PTR3)",
+    "alloc(obj=PTR1, id=0x1234, ctor_data=PTR3) = PTR2",
+    "ctor(obj=PTR4, shadow_data=PTR5, ctor_data=PTR6)",
+    "alloc(obj=PTR4, id=0x1234, ctor_data=PTR6) = PTR5",
+    "ctor(obj=PTR1, shadow_data=PTR7, ctor_data=PTR8)",
+    "alloc(obj=PTR1, id=0x1235, ctor_data=PTR8) = PTR7",
+    "get(obj=PTR1, id=0x1234) = PTR2",
+    "get(obj=PTR4, id=0x1234) = PTR5",
+    "get(obj=PTR1, id=0x1235) = PTR7",
+    "each is found by <obj, id>: ok",
+    "each holds its constructor's data: ok",
+    "ctor(obj=PTR9, shadow_data=PTR10, ctor_data=PTR11)",
+    "get_or_alloc(obj=PTR9, id=0x1234, ctor_data=PTR11) = PTR10",
+    "get_or_alloc(obj=PTR9, id=0x1234, ctor_data=PTR3) = PTR10",
+    "get_or_alloc returns the one there: ok",
+    "alloc(obj=PTR1, id=0x1234, ctor_data=PTR6) = PTR0",
+    "alloc refuses a second <obj, id>: ok",
+    "ctor(obj=PTR12) refuses: -12",
+    "alloc(obj=PTR12, id=0x1234, ctor_data=PTR3) = PTR0",
+    "get(obj=PTR12, id=0x1234) = PTR0",
+    "a refusing constructor allocates nothing: ok",
+    "dtor(obj=PTR1, shadow_data=PTR2, holds PTR3)",
+    "get(obj=PTR1, id=0x1234) = PTR0",
+    "free: gone: ok",
+    "dtor(obj=PTR4, shadow_data=PTR5, holds PTR6)",
+    "dtor(obj=PTR9, shadow_data=PTR10, holds PTR11)",
+    "get(obj=PTR4, id=0x1234) = PTR0",
+    "get(obj=PTR9, id=0x1234) = PTR0",
+    "free: the others gone: ok",
+    "get(obj=PTR1, id=0x1235) = PTR7",
+    "free leaves other ids: ok",
+    "dtor(obj=PTR1, shadow_data=PTR7, holds PTR8)",
+    "get(obj=PTR1, id=0x1235) = PTR0",
+    "free_all: gone: ok",
+    "done",
+];
+
+/// The count a `shadow-N reads=K` line of the shadow sample says.
+fn reads(line: &str, patch: &str) -> Result<u64, String> {
+    line.strip_prefix(&format!("{patch} reads="))
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| format!("not a line of {patch}: {line:?}"))
+}
+
+/// Issue 27, acceptance 2 (patcher/examples/kbuild/shadow.c): a field added to every
+/// task_struct that reads /proc/cmdline (shadow variable 1, tied to state 9). Four
+/// guest tasks read it in a loop all along. The shell's own count goes on across the
+/// cumulative patch that takes the variables over (3 reads under shadow-1, the 4th
+/// under shadow-2), and so do the readers'. `lpvmm shadow` sees exactly the five
+/// variables, allocated by shadow-1, tied to state 9, as the guest's log later counts
+/// them. The last patch's disable frees every one (the guest's log names each, with its
+/// count), and `lpvmm shadow` is back to zero.
+fn shadow_variables_handed_over(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbshadow-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let original = g.text("cat /proc/cmdline")?;
+    shadow_calls(&mut g, series)?;
+    patchtest::apply(&mut g, &stem(series, "shadow"))?;
+    let mut shell = Vec::new();
+    for _ in 0..3 {
+        shell.push(reads(
+            &g.text("read l </proc/cmdline; echo $l")?,
+            "shadow-1",
+        )?);
+    }
+    check!(
+        shell == [1, 2, 3],
+        "{series}: the shell's counts: {shell:?}"
+    );
+    g.run(
+        "rm -f /tmp/stop; for i in 1 2 3 4; do (while [ ! -e /tmp/stop ]; do \
+         read l </proc/cmdline; echo \"$l\" >/tmp/r$i.new; mv /tmp/r$i.new /tmp/r$i; done) & \
+         done; sleep 1",
+    )?;
+    let before = g.text("cat /tmp/r1")?;
+    let v = shadow_vars(&mut g)?;
+    check!(
+        v.count == 5
+            && v.vars.len() == 5
+            && v.groups.len() == 1
+            && v.groups[0].id == 1
+            && v.groups[0].state == Some(9)
+            && v.groups[0].owners == ["shadow-1"]
+            && v.groups[0].bytes == 5 * 8,
+        "{series}: lpvmm shadow under shadow-1: {:?}",
+        v.groups
+    );
+    patchtest::apply(&mut g, &stem(series, "shadow-2"))?;
+    let next = reads(&g.text("read l </proc/cmdline; echo $l")?, "shadow-2")?;
+    check!(
+        next == 4,
+        "{series}: the shell's 4th read under shadow-2 said {next}"
+    );
+    g.run("sleep 1")?;
+    let after = g.text("cat /tmp/r1")?;
+    let (b, a) = (reads(&before, "shadow-1")?, reads(&after, "shadow-2")?);
+    check!(a > b, "{series}: a reader's count went from {b} to {a}");
+    verb(&mut g, "unload", "shadow-1")?;
+    g.run("touch /tmp/stop; wait")?;
+    let v = shadow_vars(&mut g)?;
+    check!(
+        v.count == 5 && v.groups[0].owners == ["shadow-1"],
+        "{series}: lpvmm shadow once shadow-1 is gone: {:?}",
+        v.groups
+    );
+    eprintln!(
+        "{series}: reader 1 went from {before:?} to {after:?}; lpvmm shadow: {:?}",
+        v.groups
+    );
+    verb(&mut g, "disable", "shadow-2")?;
+    let freed = g.run("dmesg | grep -c 'lpvmm-shadow: freed reads=' || true")?;
+    check!(
+        freed.trim() == "5" && g.text("dmesg | grep -c 'freed reads=4$'")? == "1",
+        "{series}: the guest's log should free 5 variables, the shell's with 4 reads: {freed}"
+    );
+    let v = shadow_vars(&mut g)?;
+    check!(
+        v.count == 0 && v.vars.is_empty(),
+        "{series}: shadow variables left after the last patch: {:?}",
+        v.vars
+    );
+    check!(
+        g.text("cat /proc/cmdline")? == original,
+        "{series}: /proc/cmdline after the disable"
+    );
+    verb(&mut g, "unload", "shadow-2")?;
     g.poweroff().map(|_| ())
 }
 
@@ -1470,7 +1792,8 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
         }
         for (name, as_name, flag) in VARIANTS {
             let kp_file = out.join(format!("{as_name}.kp"));
-            let (rc, msg) = kp_build_with(&sample(name), &kp_file, &rel, &[], &[flag]);
+            let flags: Vec<&str> = flag.split_whitespace().collect();
+            let (rc, msg) = kp_build_with(&sample(name), &kp_file, &rel, &[], &flags);
             check!(rc == 0, "kp build {name} {flag} --kernel {rel}: {msg}");
             files.push((kp_file, kp(series, as_name)));
         }
@@ -1514,6 +1837,10 @@ fn main() {
         (
             "state_callbacks_run_once_across_a_chain",
             state_callbacks_across_a_chain,
+        ),
+        (
+            "shadow_variables_handed_over_under_load",
+            shadow_variables_handed_over,
         ),
         (
             "ftrace_and_kprobes_share_a_redirected_function",

@@ -134,6 +134,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The shadow variables patches allocated in the guest: per id, or each one (--all)
+    Shadow {
+        vm: String,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Kernel stack of a guest task (every task without PID; 0 = the idle tasks)
     Stack {
         vm: String,
@@ -237,6 +245,7 @@ fn main() -> ExitCode {
         } => cli_inspect::sym(&vm, target, all, json),
         Command::Tasks { vm, json } => cli_inspect::tasks(&vm, json),
         Command::Modules { vm, json } => cli_inspect::modules(&vm, json),
+        Command::Shadow { vm, all, json } => cli_inspect::shadow(&vm, all, json),
         Command::Stack { vm, pid, json } => cli_inspect::stack(&vm, pid, json),
         Command::Disasm { vm, symbol, json } => cli_inspect::disasm(&vm, &symbol, json),
         Command::Patch(args) => cli_patch::patch(args),

@@ -53,6 +53,8 @@ pub enum Request {
     Tasks,
     /// The guest's loaded modules, as /proc/modules lists them.
     Modules,
+    /// The shadow variables patches allocated in the guest.
+    Shadow,
     /// Kernel stack traces: one task, or every task when `pid` is absent.
     Stack {
         #[serde(default)]
@@ -223,6 +225,18 @@ pub struct ModuleSymbolLine {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModulesResult {
     pub modules: Vec<introspection::modules::Module>,
+    pub pause: PauseCost,
+}
+
+/// The guest's shadow variables: per id, and each one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShadowResult {
+    /// Where the table is (none before the first patch is loaded).
+    pub table: Option<u64>,
+    /// The table's own count.
+    pub count: u64,
+    pub groups: Vec<patcher::shadow::ShadowGroup>,
+    pub vars: Vec<patcher::shadow::ShadowVar>,
     pub pause: PauseCost,
 }
 

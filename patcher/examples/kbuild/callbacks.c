@@ -8,7 +8,9 @@
  * It replaces cmdline_proc_show (/proc/cmdline says "lpvmm callbacks"), and each
  * callback says in the kernel log that it ran, in which task, and that it could sleep
  * there. Built with -DLPVMM_PRE_PATCH_RET=-19, its pre_patch refuses the enable; with
- * -DLPVMM_PRE_PATCH_SLEEP_MS=N, it sleeps N ms first (a slow callback).
+ * -DLPVMM_PRE_PATCH_SLEEP_MS=N, it sleeps N ms first (a slow callback). -DLPVMM_N=2 names
+ * it callbacks-2 (a second patch), and -DLPVMM_CUMULATIVE makes it a cumulative patch
+ * (atomic replace): test-callbacks.sh's "multiple livepatches" and "atomic replace".
  */
 #include <linux/delay.h>
 #include <linux/module.h>
@@ -20,11 +22,16 @@
 #ifndef LPVMM_PRE_PATCH_RET
 #define LPVMM_PRE_PATCH_RET 0
 #endif
+#ifdef LPVMM_N
+#define LPVMM_NAME "callbacks-" __LPVMM_STR(LPVMM_N)
+#else
+#define LPVMM_NAME "callbacks"
+#endif
 
 static void said(const char *what)
 {
 	msleep(1);	/* process context: a callback may sleep */
-	pr_info("lpvmm-callbacks: %s ran in %s\n", what, current->comm);
+	pr_info("lpvmm-callbacks: %s ran in %s for %s\n", what, current->comm, LPVMM_NAME);
 }
 
 static int lpvmm_cb_pre_patch(struct module *mod)
@@ -56,11 +63,14 @@ static int lpvmm_cb_post_unpatch(struct module *mod)
 
 static int lpvmm_cb_cmdline_proc_show(struct seq_file *m, void *v)
 {
-	seq_puts(m, "lpvmm callbacks\n");
+	seq_printf(m, "lpvmm %s\n", LPVMM_NAME);
 	return 0;
 }
 
-LPVMM_PATCH("callbacks");
+LPVMM_PATCH(LPVMM_NAME);
+#ifdef LPVMM_CUMULATIVE
+LPVMM_ATOMIC_REPLACE();
+#endif
 LPVMM_REPLACE(cmdline_proc_show, lpvmm_cb_cmdline_proc_show);
 LPVMM_PRE_PATCH(lpvmm_cb_pre_patch);
 LPVMM_POST_PATCH(lpvmm_cb_post_patch);

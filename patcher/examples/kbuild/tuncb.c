@@ -7,7 +7,9 @@
  * it, pre_unpatch and post_unpatch run in rmmod. With tun loaded, enabling and
  * disabling run them in a kworker. Each says so in the kernel log, with the module it
  * was given and that module's state. Built with -DLPVMM_PRE_PATCH_RET=-19, its
- * pre_patch refuses tun's load (insmod: No such device).
+ * pre_patch refuses tun's load (insmod: No such device). Built with -DLPVMM_BUSY, it is
+ * tuncb-busy and also replaces tun_do_read (a read then fails with EIO), so that a task
+ * asleep in tun's read holds its transition: test-callbacks.sh's "busy target module".
  *
  *   lpvmm kp build tuncb.c -o tuncb.kp --kernel "$(uname -r of the guest)"
  */
@@ -20,6 +22,11 @@
 
 #ifndef LPVMM_PRE_PATCH_RET
 #define LPVMM_PRE_PATCH_RET 0
+#endif
+#ifdef LPVMM_BUSY
+#define LPVMM_NAME "tuncb-busy"
+#else
+#define LPVMM_NAME "tuncb"
 #endif
 
 static void said(const char *what, struct module *mod)
@@ -57,7 +64,15 @@ static void lpvmm_tuncb_show_fdinfo(struct seq_file *m, struct file *file)
 	seq_puts(m, "iff:\tlpvmm tuncb\n");
 }
 
-LPVMM_PATCH("tuncb");
+#ifdef LPVMM_BUSY
+static ssize_t lpvmm_tuncb_do_read(void *tun, void *tfile, void *to, int noblock, void *ptr)
+{
+	return -EIO;
+}
+LPVMM_REPLACE_IN(tun, tun_do_read, lpvmm_tuncb_do_read);
+#endif
+
+LPVMM_PATCH(LPVMM_NAME);
 LPVMM_REPLACE_IN(tun, tun_chr_show_fdinfo, lpvmm_tuncb_show_fdinfo);
 LPVMM_PRE_PATCH_IN(tun, lpvmm_tuncb_pre_patch);
 LPVMM_POST_PATCH_IN(tun, lpvmm_tuncb_post_patch);

@@ -37,8 +37,15 @@
 	static const char __LPVMM_CAT(__lpvmm_manifest_, __COUNTER__)[]              \
 		__attribute__((section(".lpvmm.manifest"), used, aligned(1))) = text
 
-/* The patch's name (letters, digits, '_', '-', '.'; at most 64), and format version. */
+/*
+ * The patch's name (letters, digits, '_', '-', '.'; at most 64), and format version.
+ * (The function is for lpvmm/shadow.h, which records who allocated a shadow variable.)
+ */
 #define LPVMM_PATCH(name)                                                            \
+	static __attribute__((unused)) const char *__lpvmm_patch_name(void)          \
+	{                                                                            \
+		return name;                                                         \
+	}                                                                            \
 	__LPVMM_ENTRY("lpvmm=1");                                                    \
 	__LPVMM_ENTRY("name=" name)
 

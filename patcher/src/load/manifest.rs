@@ -132,6 +132,9 @@ pub enum CallbackKind {
     /// Once that disable completed (and after an enable that ran the setup but did not
     /// complete).
     StateRelease,
+    /// After a state's release: frees the shadow variables tied to it (`LPVMM_SHADOW`,
+    /// a function lpvmm/shadow.h defines; one per variable id).
+    ShadowFree,
 }
 
 impl CallbackKind {
@@ -158,6 +161,7 @@ impl CallbackKind {
             CallbackKind::StateEnable => "state_enable",
             CallbackKind::StateDisable => "state_disable",
             CallbackKind::StateRelease => "state_release",
+            CallbackKind::ShadowFree => "shadow_free",
         }
     }
 }
@@ -191,6 +195,17 @@ pub struct Manifest {
     /// Its callbacks (`LPVMM_PRE_PATCH` and the others), each kind once per object.
     #[serde(default)]
     pub callbacks: Vec<Callback>,
+    /// Shadow variables tied to a state (`LPVMM_SHADOW`), each id once.
+    #[serde(default)]
+    pub shadows: Vec<ShadowTie>,
+}
+
+/// Shadow variable `id` lives as long as state `state`: lpvmm runs the patch's `free`
+/// (which frees every variable `id`) once the state ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowTie {
+    pub id: u64,
+    pub state: u64,
 }
 
 fn is_c_identifier(s: &str) -> bool {
@@ -251,6 +266,15 @@ impl Manifest {
         }
         if m.replacements.is_empty() {
             return Err(bad("replaces no function (add LPVMM_REPLACE)".into()));
+        }
+        for t in &m.shadows {
+            if !m.states.iter().any(|st| st.id == t.state) {
+                return Err(bad(format!(
+                    "shadow variable {} is tied to state {}, which the patch does not \
+                     declare (LPVMM_STATE)",
+                    t.id, t.state
+                )));
+            }
         }
         for c in &m.callbacks {
             if let Some(id) = c.state {
@@ -326,6 +350,7 @@ impl Manifest {
             "symbol" => self.add_binding(value)?,
             "callback" => self.add_callback(value)?,
             "state_callback" => self.add_state_callback(value)?,
+            "shadow" => self.add_shadow(value)?,
             "depends" => {
                 if !valid_patch_name(value) {
                     return Err(bad(format!("depends: '{value:.80}' is not a patch name")));
@@ -430,6 +455,33 @@ impl Manifest {
         .map_err(bad)
     }
 
+    /// `shadow=ID:STATE:FUNC`: variable ID tied to state STATE, freed by FUNC.
+    fn add_shadow(&mut self, value: &str) -> Result<(), ParseError> {
+        let bad = |m: String| ParseError::Manifest(format!("shadow={value:.80}: {m}"));
+        let [id, state, func] = value.split(':').collect::<Vec<_>>()[..] else {
+            return Err(bad("want ID:STATE:FUNCTION".into()));
+        };
+        let number = |v: &str, what: &str| {
+            v.parse::<u64>()
+                .map_err(|_| bad(format!("the {what} is not a number")))
+        };
+        let (id, state) = (number(id, "id")?, number(state, "state")?);
+        if !is_c_identifier(func) {
+            return Err(bad(format!("'{func:.60}' is not a function name")));
+        }
+        if self.shadows.iter().any(|t| t.id == id) {
+            return Err(bad(format!("shadow variable {id} is tied twice")));
+        }
+        self.shadows.push(ShadowTie { id, state });
+        self.callbacks.push(Callback {
+            object: None,
+            kind: CallbackKind::ShadowFree,
+            func: func.to_string(),
+            state: Some(state),
+        });
+        Ok(())
+    }
+
     /// Add `cb`, refused if its object or state already has a callback of its kind.
     fn push_callback(&mut self, cb: Callback) -> Result<(), String> {
         let twin = self
@@ -471,6 +523,35 @@ mod tests {
 
     fn raw(entries: &[&str]) -> Vec<u8> {
         entries.iter().flat_map(|e| e.bytes().chain([0])).collect()
+    }
+
+    #[test]
+    fn parses_shadow_ties_as_state_callbacks() {
+        let m = Manifest::parse(&raw(&[
+            "lpvmm=1",
+            "name=x",
+            "replace=a:b",
+            "state=9:1",
+            "shadow=1:9:free_1",
+            "shadow=2:9:free_2",
+        ]))
+        .unwrap();
+        assert_eq!(
+            m.shadows,
+            [ShadowTie { id: 1, state: 9 }, ShadowTie { id: 2, state: 9 }]
+        );
+        let frees: Vec<_> = m
+            .callbacks
+            .iter()
+            .map(|c| (c.kind, c.state, c.func.as_str()))
+            .collect();
+        assert_eq!(
+            frees,
+            [
+                (CallbackKind::ShadowFree, Some(9), "free_1"),
+                (CallbackKind::ShadowFree, Some(9), "free_2")
+            ]
+        );
     }
 
     #[test]
@@ -614,6 +695,29 @@ mod tests {
             (
                 vec!["lpvmm=1", "name=x", "replace=a:b", "state=1:1", "state=1:2"],
                 "declared twice",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "shadow=1:9:f"],
+                "shadow variable 1 is tied to state 9, which the patch does not declare",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "shadow=1:9"],
+                "ID:STATE:FUNCTION",
+            ),
+            (
+                vec!["lpvmm=1", "name=x", "replace=a:b", "shadow=x:9:f"],
+                "id is not a number",
+            ),
+            (
+                vec![
+                    "lpvmm=1",
+                    "name=x",
+                    "replace=a:b",
+                    "state=9:1",
+                    "shadow=1:9:f",
+                    "shadow=1:9:g",
+                ],
+                "tied twice",
             ),
         ] {
             let e = Manifest::parse(&raw(&entries)).unwrap_err().to_string();

@@ -309,7 +309,10 @@ fn link_into(
 ) -> Result<(Runs, link::Linked), KpError> {
     let name = &obj.manifest.name;
     let (returns, cpu) = (boot.returns, &boot.cpu);
-    let resolve = |sym: &str| resolve_import(mem, kernel, objects, obj, sym);
+    let resolve = |sym: &str| match sym {
+        crate::shadow::TABLE_SYMBOL => Ok(ImportAt::Addr(area.shadow_table)),
+        _ => resolve_import(mem, kernel, objects, obj, sym),
+    };
     let at = |r: &Runs| Placement {
         code: r.code.start,
         rodata: r.rodata.start,

@@ -8,8 +8,8 @@ use introspection::stack::{StackTrace, TraceStart};
 use crate::cli::print_json;
 use crate::control::client::Client;
 use crate::proto::{
-    DisasmResult, KernelResult, ModulesResult, PauseCost, Request, StackResult, SymQuery,
-    SymResult, TasksResult,
+    DisasmResult, KernelResult, ModulesResult, PauseCost, Request, ShadowResult, StackResult,
+    SymQuery, SymResult, TasksResult,
 };
 
 fn pause_note(p: &PauseCost) -> String {
@@ -123,6 +123,39 @@ pub fn modules(vm: &str, json: bool) -> Result<i32> {
     for m in &r.modules {
         println!("{}", m.proc_line());
     }
+    Ok(0)
+}
+
+/// The guest's shadow variables: one line per id, or per variable with `all`.
+pub fn shadow(vm: &str, all: bool, json: bool) -> Result<i32> {
+    let r: ShadowResult = Client::connect(vm)?.call(Request::Shadow)?;
+    if json {
+        return print_json(&r);
+    }
+    if r.table.is_none() {
+        println!("no shadow variables (no patch loaded yet)");
+        return Ok(0);
+    }
+    if all {
+        println!("{:<18} {:>8} {:>8} OWNER", "OBJECT", "ID", "SIZE");
+        for v in &r.vars {
+            println!("{:#018x} {:>8} {:>8} {}", v.obj, v.id, v.size, v.owner);
+        }
+    } else {
+        println!(
+            "{:>8} {:>8} {:>10} {:>6} OWNERS",
+            "ID", "COUNT", "BYTES", "STATE"
+        );
+        for g in &r.groups {
+            let state = g.state.map_or("-".to_string(), |s| s.to_string());
+            let owners = g.owners.join(", ");
+            println!(
+                "{:>8} {:>8} {:>10} {:>6} {owners}",
+                g.id, g.count, g.bytes, state
+            );
+        }
+    }
+    println!("{} shadow variables", r.count);
     Ok(0)
 }
 

@@ -840,7 +840,17 @@ fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
     for b in &m.bindings {
         println!("binds:     {} to kernel {}", b.local, b.kernel);
     }
-    for c in &m.callbacks {
+    for t in &m.shadows {
+        println!(
+            "shadow:    variable {} lives as long as state {} (lpvmm frees them all once it ends)",
+            t.id, t.state
+        );
+    }
+    for c in m
+        .callbacks
+        .iter()
+        .filter(|c| c.kind != patcher::load::manifest::CallbackKind::ShadowFree)
+    {
         let of = match (c.state, &c.object) {
             (Some(id), _) => format!("state {id}"),
             (None, Some(m)) => m.clone(),

@@ -250,6 +250,7 @@ fn dispatch(s: &mut Session, request: Request) -> ResponseLine {
         Request::Sym { query } => reply(s.sym(query)),
         Request::Tasks => reply(s.tasks()),
         Request::Modules => reply(s.modules()),
+        Request::Shadow => reply(s.shadow()),
         Request::Stack { pid } => reply(s.stack(pid)),
         Request::Disasm { symbol, sympos } => reply(s.disasm(&symbol, sympos)),
         Request::PatchLoad {

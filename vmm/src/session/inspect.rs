@@ -15,7 +15,7 @@ use introspection::{Kernel, PausedGuest};
 
 use crate::proto::{
     DisasmResult, KernelResult, ModuleSymbolLine, ModulesResult, PatchSymbol, PauseCost, Redirect,
-    StackResult, SymQuery, SymResult, TasksResult,
+    ShadowResult, StackResult, SymQuery, SymResult, TasksResult,
 };
 use crate::session::Session;
 
@@ -178,6 +178,31 @@ impl Session {
             .filter(|m| m.state != ModuleState::Unformed)
             .collect();
         Ok(ModulesResult { modules, pause })
+    }
+
+    /// The shadow variables in the guest's table, read in a pause (patches change it).
+    pub fn shadow(&mut self) -> Result<ShadowResult> {
+        let (k, _, _) = self.attached(false)?;
+        let Some(table) = self.engine.shadow_table() else {
+            return Ok(ShadowResult {
+                table: None,
+                count: 0,
+                groups: Vec::new(),
+                vars: Vec::new(),
+                pause: PauseCost::default(),
+            });
+        };
+        let (read, pause) = self
+            .vm
+            .paused(|g| patcher::shadow::ShadowTable::read(&k.memory(g), table))?;
+        let read = read?;
+        Ok(ShadowResult {
+            table: Some(table),
+            count: read.count,
+            groups: read.groups(&self.engine.shadow_ties()),
+            vars: read.vars,
+            pause,
+        })
     }
 
     fn patch_symbols(&self, want: impl Fn(&patcher::PatchedFunc) -> bool) -> Vec<PatchSymbol> {
