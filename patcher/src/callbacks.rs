@@ -18,6 +18,7 @@ use introspection::kernel::Kernel;
 use crate::engine::Engine;
 use crate::guestcall::CallState;
 use crate::load::manifest::CallbackKind;
+use crate::lost_calls::{Lost, CALL_TIMEOUT_MS};
 use crate::patch::Patch;
 use crate::transition::calls::{Call, CallRan, Calls};
 use crate::transition::{Op, Outcome, Transition};
@@ -37,7 +38,7 @@ fn after(p: &Patch, t: &Transition) -> Vec<Call> {
         t.calls
             .ran
             .iter()
-            .filter(|r| r.call.kind == kind && r.ret == 0)
+            .filter(|r| r.call.kind == kind && r.ret == 0 && r.gave_up.is_none())
             .map(|r| r.call.object.clone())
             .collect()
     };
@@ -156,6 +157,9 @@ impl Engine {
             Ok(pause_us) => {
                 t.calls.running = Some((call, now_ms));
                 t.calls.pauses_us.push(pause_us);
+                t.calls.taint_at_queue = guest
+                    .running(|ram| crate::lost_calls::guest_taint(ram, kernel))
+                    .unwrap_or(0);
                 Ok(())
             }
             Err(e) => {
@@ -241,6 +245,9 @@ impl Engine {
             CallState::Done { ret } => ret,
             other => {
                 let ms = now_ms.saturating_sub(since);
+                if let Some(lost) = self.lost(t, other, ms, guest, kernel) {
+                    return self.give_up_call(t, (call, since, now_ms), lost, guest, kernel);
+                }
                 let mut note = running_note(&call, other, ms);
                 if let (CallState::Running { task }, true) = (other, ms >= SLOW_CALL_MS) {
                     note += &self.kworker_stack(guest, kernel, task);
@@ -270,8 +277,35 @@ impl Engine {
             call,
             ret,
             ms: now_ms.saturating_sub(since),
+            gave_up: None,
         });
         Ok(())
+    }
+
+    /// Whether to give up on the running call, `ms` after it was queued: its kworker
+    /// died in an oops, or it ran past its limit (the transition's timeout, else
+    /// [`CALL_TIMEOUT_MS`]).
+    fn lost(
+        &self,
+        t: &Transition,
+        state: CallState,
+        ms: u64,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+    ) -> Option<Lost> {
+        if let CallState::Running { task } = state {
+            if let Some(taint) = self.call_died(guest, kernel, t.calls.taint_at_queue, task) {
+                return Some(Lost::Died { taint });
+            }
+        }
+        if ms < t.timeout_ms.unwrap_or(CALL_TIMEOUT_MS) {
+            return None;
+        }
+        let stack = match state {
+            CallState::Running { task } => self.kworker_stack(guest, kernel, task),
+            _ => "; it never started".into(),
+        };
+        Some(Lost::Hung { ms, stack })
     }
 }
 

@@ -98,6 +98,9 @@ pub struct Engine {
     /// The machinery that runs callbacks in the guest, once a patch with callbacks
     /// was loaded (see [`crate::guestcall`]).
     pub(crate) caller: Option<crate::guestcall::GuestCaller>,
+    /// Guest-call machineries set aside with a callback lpvmm gave up on (see
+    /// [`crate::lost_calls`]).
+    pub(crate) set_aside: Vec<crate::guestcall::SetAside>,
     /// What the guest's modules coming and going did to patches, newest last.
     pub(crate) module_events: VecDeque<crate::notifier::ModuleEvent>,
     /// Module events whose callbacks are being called in the loading task.
@@ -763,6 +766,9 @@ impl Engine {
             return Err(KpError::State(format!(
                 "patch '{name}' is enabled; disable it first"
             )));
+        }
+        if let Some(why) = self.callback_still_running(guest.reader(), name) {
+            return Err(KpError::State(format!("patch '{name}': {why}")));
         }
         if let Some(user) = self.patches.iter().find(|q| q.depends.contains(&p.name)) {
             return Err(KpError::Dependency(format!(

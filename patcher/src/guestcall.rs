@@ -5,7 +5,7 @@
 //! __call_single_data`), a work item (`struct work_struct`), a mailbox of its own, and
 //! two small functions:
 //! - `lpvmm_call_ipi`, the call's function: run by the guest's own IPI handler (hardirq),
-//!   it only queues the work item on `system_wq`;
+//!   it only queues the work item on `system_unbound_wq`;
 //! - `lpvmm_call_work`, the work item's function: run by a kworker (process context, it
 //!   may sleep, as the kernel's livepatch callbacks do), it records its task, calls the
 //!   mailbox's function with the mailbox's argument, stores the `int` it returns and
@@ -94,10 +94,25 @@ pub struct GuestCaller {
     pub(crate) ipi_fn: u64,
 }
 
+/// A guest-call machinery set aside with a callback lpvmm gave up on (see
+/// [`crate::lost_calls`]), and that call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SetAside {
+    pub(crate) caller: GuestCaller,
+    pub(crate) patch: String,
+    pub(crate) func: String,
+    /// The kworker died: nothing runs the patch's code there any more.
+    pub(crate) died: bool,
+}
+
 /// The kernel symbols and offsets the stubs use.
 struct StubEnv {
     queue_work_on: u64,
-    system_wq: u64,
+    /// `system_unbound_wq`: its pools are not concurrency-managed, so a callback that
+    /// sleeps long, or whose kworker dies in an oops, holds no other work up (a dead
+    /// per-CPU kworker leaves its pool counting it as running: 6.1 then never runs
+    /// that CPU's system_wq work again; see [`crate::lost_calls`]).
+    unbound_wq: u64,
     current: u64,
     indirect_thunk: Option<u64>,
     returns: Returns,
@@ -112,10 +127,10 @@ fn asm_err(e: iced_x86::IcedError) -> KpError {
 fn stubs(at: u64, env: &StubEnv, work: u64, mailbox: u64) -> Result<(Vec<u8>, u64), KpError> {
     let mut a = CodeAssembler::new(64).map_err(asm_err)?;
     let mut work_fn = a.create_label();
-    // lpvmm_call_ipi(void *info): queue_work_on(mailbox.cpu, system_wq, &work).
+    // lpvmm_call_ipi(void *info): queue_work_on(mailbox.cpu, system_unbound_wq, &work).
     a.endbr64().map_err(asm_err)?;
     a.mov(edi, dword_ptr(mailbox + MB_CPU)).map_err(asm_err)?;
-    a.mov(rsi, qword_ptr(env.system_wq)).map_err(asm_err)?;
+    a.mov(rsi, qword_ptr(env.unbound_wq)).map_err(asm_err)?;
     a.mov(rdx, work).map_err(asm_err)?;
     a.jmp(env.queue_work_on).map_err(asm_err)?;
     a.int3().map_err(asm_err)?;
@@ -161,7 +176,7 @@ impl StubEnv {
         let returns = Returns::for_stubs(&mem, &kernel.symbols)?;
         Ok(StubEnv {
             queue_work_on: sym("queue_work_on")?,
-            system_wq: sym("system_wq")?,
+            unbound_wq: sym("system_unbound_wq")?,
             current: kernel.current_task_offset().ok_or_else(|| {
                 KpError::Unsupported("running callbacks needs `current`'s per-CPU offset".into())
             })?,

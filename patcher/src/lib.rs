@@ -30,6 +30,7 @@ pub mod guestcall;
 pub mod journal;
 pub mod kbuild;
 pub mod load;
+pub mod lost_calls;
 pub mod notifier;
 pub mod patch;
 pub mod shadow;

@@ -56,6 +56,8 @@ const VARIANTS: &[(&str, &str, &str)] = &[
     ("callbacks", "callbacks-2", "-DLPVMM_N=2"),
     ("callbacks", "callbacks-3", "-DLPVMM_N=3 -DLPVMM_CUMULATIVE"),
     ("tuncb", "tuncb-busy", "-DLPVMM_BUSY"),
+    ("callbacks", "callbacks-hang", "-DLPVMM_PRE_PATCH_HANG"),
+    ("callbacks", "callbacks-oops", "-DLPVMM_PRE_PATCH_OOPS"),
 ];
 /// tun's module file in the guest image (the path its module list gives it).
 const TUN_KO: &str =
@@ -627,6 +629,99 @@ fn callbacks_around_transitions(host: &mut TestHost, series: &str) -> TestResult
     slow_callback(&mut g, series)?;
     several_patches_callbacks(&mut g, series)?;
     g.poweroff().map(|_| ())
+}
+
+/// Issue 27, acceptance 4: a pre_patch that hangs (callbacks-hang waits for the hostname
+/// lpvmm-release) is given up on at the transition's timeout, reported with its
+/// kworker's stack; nothing was written; its patch stays loaded (unload refused, naming
+/// the kworker) while callbacks of another patch run; once released it returns and the
+/// patch unloads. A pre_patch that oopses (callbacks-oops) is given up on at once: lpvmm
+/// reports the guest's new taint `D`, as /proc/sys/kernel/tainted has it, the enable is
+/// refused with nothing written, the patch is gone, and callbacks run again after it.
+fn callbacks_that_hang_or_oops(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kblost-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let text_before = checksum(&mut g, "text")?;
+    let original = g.text("cat /proc/cmdline")?;
+    let file = g.host.file(&kp(series, "callbacks-hang"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} --timeout 3"))?;
+    check!(
+        rc != 0
+            && out.contains(
+                "the pre_patch callback lpvmm_cb_pre_patch of vmlinux did not return within"
+            )
+            && out.contains("msleep")
+            && out.contains("lpvmm_cb_pre_patch+")
+            && out.contains("lpvmm_guest_call+")
+            && out.contains("not enabled; the patch stays loaded until the callback returns"),
+        "{series}: a hung pre_patch: {out}"
+    );
+    eprintln!("{series}: lpvmm patch callbacks-hang.kp --timeout 3:\n{out}");
+    check!(
+        checksum(&mut g, "text")? == text_before && g.text("cat /proc/cmdline")? == original,
+        "{series}: a hung pre_patch changed the guest"
+    );
+    let (rc, out) = g.lpvmm("patch unload {vm} callbacks")?;
+    check!(
+        rc != 0 && out.contains("is still running in the guest's kworker"),
+        "{series}: unload while its callback hangs: {out}"
+    );
+    several_callbacks_run(&mut g, series)?;
+    let host_name = g.text("hostname")?;
+    g.run("hostname lpvmm-release; sleep 1")?;
+    g.run(&format!("hostname {host_name}"))?;
+    verb(&mut g, "unload", "callbacks")?;
+    let released = callback_lines_since(&mut g)?;
+    check!(
+        released.contains(&"pre_patch callbacks".to_string()),
+        "{series}: the released pre_patch's line: {released:?}"
+    );
+
+    let file = g.host.file(&kp(series, "callbacks-oops"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    let guest_taint: u64 = g
+        .text("cat /proc/sys/kernel/tainted")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    check!(
+        rc != 0
+            && out.contains(
+                "the pre_patch callback lpvmm_cb_pre_patch of vmlinux died in an oops in its \
+                 kworker (the guest's kernel is now tainted D"
+            )
+            && guest_taint & (1 << 7) != 0,
+        "{series}: an oopsing pre_patch (guest taint {guest_taint:#x}): {out}"
+    );
+    eprintln!("{series}: lpvmm patch callbacks-oops.kp (guest taint {guest_taint:#x}):\n{out}");
+    let oops = g.run("dmesg | grep -c -E 'BUG: kernel NULL pointer dereference|Oops' || true")?;
+    check!(oops.trim() != "0", "{series}: no oops in the guest's log");
+    check!(
+        checksum(&mut g, "text")? == text_before && status(&mut g)?.patches.is_empty(),
+        "{series}: after the oops, kernel text or the patch list"
+    );
+    several_callbacks_run(&mut g, series)?;
+    g.poweroff().map(|_| ())
+}
+
+/// Callbacks still run in the guest: callbacks-2 enabled and disabled, each of its four
+/// callbacks returning 0.
+fn several_callbacks_run(g: &mut Guest, series: &str) -> TestResult {
+    callback_lines_since(g)?;
+    patchtest::apply(g, &stem(series, "callbacks-2"))?;
+    verb(g, "disable", "callbacks-2")?;
+    verb(g, "unload", "callbacks-2")?;
+    let lines = callback_lines_since(g)?;
+    check!(
+        lines
+            == [
+                "pre_patch callbacks-2",
+                "post_patch callbacks-2",
+                "pre_unpatch callbacks-2",
+                "post_unpatch callbacks-2"
+            ],
+        "{series}: callbacks-2's callbacks: {lines:?}"
+    );
+    Ok(())
 }
 
 /// The callbacks sample's log lines since the last look (`KIND ran in COMM for PATCH`,
@@ -1834,6 +1929,7 @@ fn main() {
         ),
         ("callbacks_around_transitions", callbacks_around_transitions),
         ("module_callbacks_in_the_loading_task", module_callbacks),
+        ("callbacks_that_hang_or_oops", callbacks_that_hang_or_oops),
         (
             "state_callbacks_run_once_across_a_chain",
             state_callbacks_across_a_chain,

@@ -556,6 +556,9 @@ pub struct CallbackView {
     pub ret: Option<i32>,
     /// From its queueing to its return, ms.
     pub ms: Option<u64>,
+    /// lpvmm stopped waiting for it (it hung, or its kworker died), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gave_up: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

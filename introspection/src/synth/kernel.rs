@@ -700,7 +700,7 @@ impl SynthKernel {
         b.data("module_notify_list", &[0; 48], 64);
         // The workqueue a guest call queues its work on (a pointer to it).
         let wq = b.data("", &[0; 64], 64);
-        b.data("system_wq", &wq.to_le_bytes(), 8);
+        b.data("system_unbound_wq", &wq.to_le_bytes(), 8);
         let mut cpu_bases = Vec::new();
         for cpu in 0..spec.cpus {
             let area = b.img.alloc(percpu_size, 4096);

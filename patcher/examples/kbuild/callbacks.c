@@ -11,12 +11,17 @@
  * -DLPVMM_PRE_PATCH_SLEEP_MS=N, it sleeps N ms first (a slow callback). -DLPVMM_N=2 names
  * it callbacks-2 (a second patch), and -DLPVMM_CUMULATIVE makes it a cumulative patch
  * (atomic replace): test-callbacks.sh's "multiple livepatches" and "atomic replace".
+ * -DLPVMM_PRE_PATCH_HANG makes its pre_patch wait until the guest's hostname is
+ * lpvmm-release (a hung callback, released by hand); -DLPVMM_PRE_PATCH_OOPS makes it
+ * write through a NULL pointer (an oops in the kworker).
  */
 #include <linux/delay.h>
 #include <linux/module.h>
 #include <linux/printk.h>
 #include <linux/sched.h>
 #include <linux/seq_file.h>
+#include <linux/string.h>
+#include <linux/utsname.h>
 #include <lpvmm/patch.h>
 
 #ifndef LPVMM_PRE_PATCH_RET
@@ -34,12 +39,23 @@ static void said(const char *what)
 	pr_info("lpvmm-callbacks: %s ran in %s for %s\n", what, current->comm, LPVMM_NAME);
 }
 
+#ifdef LPVMM_PRE_PATCH_OOPS
+static int *volatile lpvmm_cb_nowhere;
+#endif
+
 static int lpvmm_cb_pre_patch(struct module *mod)
 {
 #ifdef LPVMM_PRE_PATCH_SLEEP_MS
 	msleep(LPVMM_PRE_PATCH_SLEEP_MS);
 #endif
+#ifdef LPVMM_PRE_PATCH_HANG
+	while (strcmp(init_utsname()->nodename, "lpvmm-release"))
+		msleep(100);
+#endif
 	said("pre_patch");
+#ifdef LPVMM_PRE_PATCH_OOPS
+	*lpvmm_cb_nowhere = 1;
+#endif
 	return LPVMM_PRE_PATCH_RET;
 }
 

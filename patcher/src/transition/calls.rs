@@ -27,6 +27,10 @@ pub struct CallRan {
     pub ret: i32,
     /// From queueing to its return, ms.
     pub ms: u64,
+    /// lpvmm stopped waiting for it, and why (`ret` means nothing then; see
+    /// [`crate::lost_calls`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gave_up: Option<String>,
 }
 
 /// The callbacks of one transition.
@@ -50,6 +54,9 @@ pub struct Calls {
     /// The guest's pause to queue each callback, µs, in order.
     #[serde(default)]
     pub pauses_us: Vec<u64>,
+    /// The guest's taint when the running callback was queued (an oops since is seen).
+    #[serde(default)]
+    pub taint_at_queue: u64,
 }
 
 impl Calls {

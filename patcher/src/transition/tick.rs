@@ -641,7 +641,18 @@ impl PatchCode<'_> {
 
     /// The guest-call functions ([`crate::guestcall`]), where a kworker runs a callback.
     fn in_guest_call(&self, ip: u64) -> bool {
-        self.0.caller.as_ref().is_some_and(|c| c.code.contains(ip))
+        self.guest_call_at(ip).is_some()
+    }
+
+    /// The guest-call machinery whose functions hold `ip`: the one in use, or one set
+    /// aside with a callback that did not return.
+    fn guest_call_at(&self, ip: u64) -> Option<&crate::guestcall::GuestCaller> {
+        let set_aside = self.0.set_aside.iter().map(|s| &s.caller);
+        self.0
+            .caller
+            .iter()
+            .chain(set_aside)
+            .find(|c| c.code.contains(ip))
     }
 }
 
@@ -694,7 +705,7 @@ impl ExtraCode for PatchCode<'_> {
                 n.stub.end - n.stub.start
             ));
         }
-        if let Some(c) = self.0.caller.as_ref().filter(|_| self.in_guest_call(ip)) {
+        if let Some(c) = self.guest_call_at(ip) {
             return Some(format!(
                 "lpvmm_guest_call+{:#x}/{:#x}",
                 ip - c.code.start,

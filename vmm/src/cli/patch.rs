@@ -38,7 +38,8 @@ pub struct WaitArgs {
     #[arg(long, default_value = "per-task", value_parser = parse_consistency)]
     consistency: Consistency,
     /// Give up after this many seconds: immediate leaves the guest as it was (default
-    /// 30), per-task reverses the transition (default: no timeout)
+    /// 30), per-task reverses the transition (default: no timeout); a callback that
+    /// runs longer is given up on (default 60)
     #[arg(long)]
     timeout: Option<f64>,
     /// Return once the transition has started instead of following it
@@ -542,8 +543,9 @@ fn report(vm: &str, t: &TransitionView) {
 /// A transition's callbacks, one per line.
 fn print_callbacks(t: &TransitionView, indent: &str) {
     for c in &t.callbacks {
-        let how = match (c.ret, c.ms) {
-            (Some(ret), Some(ms)) => format!("returned {ret} after {ms} ms"),
+        let how = match (c.ret, c.ms, &c.gave_up) {
+            (_, Some(ms), Some(why)) => format!("given up on after {ms} ms: it {why}"),
+            (Some(ret), Some(ms), None) => format!("returned {ret} after {ms} ms"),
             _ => "not returned yet".into(),
         };
         println!(

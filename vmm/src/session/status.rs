@@ -50,10 +50,17 @@ fn callback_views(c: &patcher::transition::calls::Calls) -> Vec<CallbackView> {
         func: call.func.clone(),
         ret,
         ms,
+        gave_up: None,
     };
     c.ran
         .iter()
-        .map(|r| view(&r.call, Some(r.ret), Some(r.ms)))
+        .map(|r| match &r.gave_up {
+            Some(why) => CallbackView {
+                gave_up: Some(why.clone()),
+                ..view(&r.call, None, Some(r.ms))
+            },
+            None => view(&r.call, Some(r.ret), Some(r.ms)),
+        })
         .chain(c.running.iter().map(|(call, _)| view(call, None, None)))
         .chain(c.queue.iter().map(|call| view(call, None, None)))
         .collect()
