@@ -2779,3 +2779,68 @@ fn shadow_variables_are_read_from_the_guests_table_and_a_loop_is_refused() {
         .contains("not one lpvmm knows"));
     assert!(ShadowTable::read(&f.kernel.memory(&g), 0xffff_ffff_ffff_f000).is_err());
 }
+
+/// A pre-patch that never returns: at the transition's timeout lpvmm gives up on it,
+/// the enable fails with nothing written, the guest-call machinery is set aside and a
+/// fresh one installed, and the patch cannot be unloaded until the call returns.
+#[test]
+fn a_hung_pre_patch_fails_the_enable_at_its_timeout_and_pins_its_patch() {
+    let mut f = fixture();
+    let mut g = f.sk.guest.clone();
+    let text_before = text(&f, &g);
+    let mut vm = SynthControl {
+        guest: &mut g,
+        pauses: 0,
+        ipis: Vec::new(),
+    };
+    let args = crate::EnableArgs {
+        consistency: Consistency::PerTask,
+        timeout: Some(std::time::Duration::from_secs(3)),
+    };
+    f.engine
+        .load_and_enable(&mut vm, &f.kernel, &kp(CALLBACKS, &[]), Some(args), f.now)
+        .unwrap();
+    f.now += 10;
+    f.engine.drive(&mut vm, &f.kernel, f.now).unwrap();
+    assert_eq!(vm.ipis.len(), 1, "pre_patch queued");
+    // The guest takes the call and its kworker starts it, and it never returns.
+    let old = f.engine.caller.clone().unwrap();
+    let l = f.kernel.layout.patcher.guest_call.clone().unwrap();
+    let head = {
+        let m = f.kernel.memory(&g);
+        m.u64(f.kernel.addrs.per_cpu_offset).unwrap()
+            + f.kernel.symbols.addr("call_single_queue").unwrap()
+    };
+    poke_va(&f, &mut g, head, 0, 8);
+    poke_va(&f, &mut g, old.csd + l.csd_flags, 0, 4);
+    poke_va(&f, &mut g, old.mailbox, 2, 4);
+    for _ in 0..5 {
+        f.now += 1000;
+        let mut vm = SynthControl {
+            guest: &mut g,
+            pauses: 0,
+            ipis: Vec::new(),
+        };
+        f.engine.drive(&mut vm, &f.kernel, f.now).unwrap();
+    }
+    assert!(f.engine.active().is_none(), "the transition ended");
+    let t = f.engine.history().last().unwrap().clone();
+    let Outcome::Failed(why) = &t.outcome else {
+        panic!("{:?}", t.outcome)
+    };
+    assert!(
+        why.starts_with("the pre_patch callback cb_pre of vmlinux did not return within")
+            && why.ends_with("not enabled; the patch stays loaded until the callback returns (unload is refused while it runs)"),
+        "{why}"
+    );
+    assert!(t.calls.ran[0].gave_up.is_some());
+    assert_eq!(text(&f, &g), text_before, "nothing written");
+    let fresh = f.engine.caller.clone().unwrap();
+    assert_ne!(fresh.csd, old.csd, "a fresh machinery");
+    assert_eq!(f.engine.set_aside.len(), 1);
+    let e = f.engine.unload(&mut g, "cb").unwrap_err().to_string();
+    assert!(e.contains("its callback cb_pre"), "{e}");
+    // It returns at last: the patch may go.
+    poke_va(&f, &mut g, old.mailbox, 3, 4);
+    f.engine.unload(&mut g, "cb").unwrap();
+}
