@@ -80,6 +80,73 @@ pub struct PatcherTypes {
     /// `struct __call_single_data` and `struct work_struct`: for running patch code in
     /// the guest (callbacks).
     pub guest_call: Option<GuestCallLayout>,
+    /// The kernel livepatch's structures (CONFIG_LIVEPATCH): for reading a livepatch
+    /// module's `struct klp_patch`.
+    pub klp: Option<KlpLayout>,
+}
+
+/// `struct klp_patch`, `klp_object`, `klp_func`, `klp_state` (include/linux/livepatch.h),
+/// `struct kernel_param` (moduleparam.h) and `sizeof(struct module)`: what lpvmm reads
+/// of a livepatch module's static description, laid out as this kernel compiled it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KlpLayout {
+    pub patch_mod: u64,
+    pub patch_objs: u64,
+    pub patch_states: u64,
+    pub patch_replace: u64,
+    pub object_size: u64,
+    pub object_name: u64,
+    pub object_funcs: u64,
+    /// `callbacks.pre_patch`, `.post_patch`, `.pre_unpatch`, `.post_unpatch`.
+    pub object_callbacks: [u64; 4],
+    pub object_mod: u64,
+    pub func_size: u64,
+    pub func_old_name: u64,
+    pub func_new_func: u64,
+    pub func_old_sympos: u64,
+    pub state_size: u64,
+    pub state_id: u64,
+    pub state_version: u64,
+    pub param_size: u64,
+    pub param_name: u64,
+    pub param_ops: u64,
+    pub param_arg: u64,
+    pub module_size: u64,
+}
+
+impl KlpLayout {
+    fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
+        let off = |s: &str, f: &str| btf.field(s, f).map(|f| f.offset());
+        let cb = |f: &str| off("klp_object", &format!("callbacks.{f}"));
+        Ok(KlpLayout {
+            patch_mod: off("klp_patch", "mod")?,
+            patch_objs: off("klp_patch", "objs")?,
+            patch_states: off("klp_patch", "states")?,
+            patch_replace: off("klp_patch", "replace")?,
+            object_size: btf.struct_size("klp_object")?,
+            object_name: off("klp_object", "name")?,
+            object_funcs: off("klp_object", "funcs")?,
+            object_callbacks: [
+                cb("pre_patch")?,
+                cb("post_patch")?,
+                cb("pre_unpatch")?,
+                cb("post_unpatch")?,
+            ],
+            object_mod: off("klp_object", "mod")?,
+            func_size: btf.struct_size("klp_func")?,
+            func_old_name: off("klp_func", "old_name")?,
+            func_new_func: off("klp_func", "new_func")?,
+            func_old_sympos: off("klp_func", "old_sympos")?,
+            state_size: btf.struct_size("klp_state")?,
+            state_id: off("klp_state", "id")?,
+            state_version: off("klp_state", "version")?,
+            param_size: btf.struct_size("kernel_param")?,
+            param_name: off("kernel_param", "name")?,
+            param_ops: off("kernel_param", "ops")?,
+            param_arg: off("kernel_param", "arg")?,
+            module_size: btf.struct_size("module")?,
+        })
+    }
 }
 
 /// A cross-CPU call and a work item (include/linux/smp_types.h, smp.h, workqueue.h):
@@ -243,6 +310,7 @@ impl Layout {
                 alt_instr_size: btf.struct_size("alt_instr").ok(),
                 notifier: NotifierLayout::from_btf(btf).ok(),
                 guest_call: GuestCallLayout::from_btf(btf).ok(),
+                klp: KlpLayout::from_btf(btf).ok(),
             },
             modules: ModuleLayout::from_btf(btf),
         })

@@ -242,6 +242,7 @@ impl Engine {
             return Ok(());
         };
         let ret = match state {
+            CallState::Done { .. } if call.void => 0,
             CallState::Done { ret } => ret,
             other => {
                 let ms = now_ms.saturating_sub(since);

@@ -159,7 +159,13 @@ impl Engine {
             Some(i) => self.events.swap_remove(i),
             // A new event waits for the transition in progress to end.
             None if self.active.is_some() => return Answer::RETRY,
-            None => self.event_run(key, &module, action),
+            None => {
+                // A livepatch module's object learns its module before its callbacks.
+                if action == Action::Coming {
+                    self.set_klp_mod(guest, kernel, &module.name, module.addr);
+                }
+                self.event_run(key, &module, action)
+            }
         };
         self.event_step(guest, kernel, &module, action, run, ring.result)
     }
@@ -206,7 +212,8 @@ impl Engine {
                             object: module.name.clone(),
                             func: c.func.clone(),
                             addr: c.addr,
-                            arg: module.addr,
+                            arg: p.callback_arg(&object, module.addr),
+                            void: p.void_callback(kind),
                         };
                         (p.name.clone(), call)
                     })
@@ -248,7 +255,7 @@ impl Engine {
         if let Some(next) = run.after.pop_front() {
             return self.call_in_loader(run, next);
         }
-        self.finish_event(guest, module, action, run)
+        self.finish_event(guest, kernel, module, action, run)
     }
 
     /// Ask the stub to call `next` in the loading task; the run waits for its result.
@@ -262,6 +269,7 @@ impl Engine {
     /// A callback returned `ret`: a pre-patch's non-zero return refuses the module
     /// (post-unpatch then runs for the patches whose pre-patch succeeded).
     fn called(&mut self, module: &Module, run: &mut EventRun, patch: String, call: Call, ret: i64) {
+        let ret = if call.void { 0 } else { ret };
         run.outcome += &format!("{} {} returned {ret}; ", call.kind.word(), call.func);
         if call.kind != CallbackKind::PrePatch {
             return;
@@ -290,6 +298,7 @@ impl Engine {
     fn finish_event(
         &mut self,
         guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
         module: &Module,
         action: Action,
         run: EventRun,
@@ -314,6 +323,9 @@ impl Engine {
             None => (run.outcome, Answer::DONE),
         };
         let refused = answer.ret != NOTIFY_DONE;
+        if refused || action == Action::Going {
+            self.set_klp_mod(guest, kernel, &module.name, 0);
+        }
         self.note_event(ModuleEvent {
             module: module.name.clone(),
             action: match action {
@@ -325,6 +337,23 @@ impl Engine {
             refused,
         });
         answer
+    }
+
+    /// Point the livepatch modules' `klp_object.mod` for module `name` at `module` (its
+    /// `struct module`; 0 once it goes), as the kernel does before the object's
+    /// callbacks. Patch-area memory, lpvmm's own: a write that fails leaves the field
+    /// as it was, and the callbacks see that.
+    fn set_klp_mod(&self, guest: &mut dyn GuestWriter, kernel: &Kernel, name: &str, module: u64) {
+        let (Some(klp), Some(area)) = (kernel.layout.patcher.klp.as_ref(), &self.area) else {
+            return;
+        };
+        let object = ObjectName::Module(name.to_string());
+        for k in self.patches.iter().flat_map(|p| &p.klp_objects) {
+            if k.object == object {
+                let pa = area.layout.pa(k.addr + klp.object_mod);
+                let _ = guest.write_phys(pa, &module.to_le_bytes());
+            }
+        }
     }
 
     /// The module a ring names, if it is on the guest's list in a state that fits the

@@ -279,6 +279,19 @@ impl Engine {
         now_ms: u64,
     ) -> Result<Loaded, KpError> {
         let obj = PatchObject::parse(kp)?;
+        self.load_and_enable_object(guest, kernel, obj, enable, now_ms)
+    }
+
+    /// [`Engine::load_and_enable`] of a parsed patch (a `.kp`, or a livepatch module read
+    /// with [`crate::parse_patch`]).
+    pub fn load_and_enable_object(
+        &mut self,
+        guest: &mut impl GuestControl,
+        kernel: &Kernel,
+        obj: PatchObject,
+        enable: Option<EnableArgs>,
+        now_ms: u64,
+    ) -> Result<Loaded, KpError> {
         if enable.is_some() {
             self.check_enable_of(&obj)?;
         }
@@ -485,7 +498,7 @@ impl Engine {
             mut area,
             tables,
             runs,
-            linked,
+            mut linked,
             orc,
             boot,
             objects,
@@ -501,10 +514,12 @@ impl Engine {
             (None, true) => Some(self.plan_notifier(guest.reader(), kernel, &area, runs)?),
             _ => None,
         };
-        let late = match modular {
-            true => Some(load::late_link(&obj, runs, &boot, &linked, &objects)?),
-            false => None,
-        };
+        let late = modular
+            .then(|| load::late_link(&obj, runs, &boot, &linked, &objects))
+            .transpose()?;
+        let klp_objects = crate::klp::objects_at(&obj, &linked);
+        let klp = kernel.layout.patcher.klp.as_ref();
+        crate::klp::set_loaded_mods(&mut linked, &klp_objects, &objects.loaded, klp)?;
         let callbacks = load::callbacks(&obj, &linked);
         let needs_caller = !callbacks.is_empty() && self.caller.is_none();
         if needs_caller {
@@ -536,20 +551,11 @@ impl Engine {
             replaced_by: None,
             runs,
             orc,
-            imports: linked
-                .imports
-                .into_iter()
-                .map(|(name, addr)| Import { name, addr })
-                .chain(
-                    linked
-                        .pending
-                        .into_iter()
-                        .map(|name| Import { name, addr: 0 }),
-                )
-                .collect(),
+            imports: imports_of(linked),
             enables: 0,
             late,
             callbacks,
+            klp_objects,
         });
         Ok(m.name.clone())
     }
@@ -889,6 +895,20 @@ pub struct AreaUse {
     pub code: (u64, u64),
     pub rodata: (u64, u64),
     pub data: (u64, u64),
+}
+
+/// The kernel symbols a linked patch uses: resolved, then pending (address 0).
+fn imports_of(linked: load::link::Linked) -> Vec<Import> {
+    let pending = linked
+        .pending
+        .into_iter()
+        .map(|name| Import { name, addr: 0 });
+    linked
+        .imports
+        .into_iter()
+        .map(|(name, addr)| Import { name, addr })
+        .chain(pending)
+        .collect()
 }
 
 /// A patch's linked images written into the patch area, and for the first patch the

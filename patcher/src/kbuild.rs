@@ -55,7 +55,7 @@ pub fn kernel_tree(release: &str) -> Result<PathBuf, BuildError> {
     Ok(tree)
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
     let out = cmd
         .output()
         .map_err(|e| BuildError::Kernel(format!("cannot run {what}: {e}")))?;
@@ -204,11 +204,8 @@ fn fetch(release: &str, dir: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Build `source` as the one object of a kbuild module against the headers of `release`, with
-/// `lpvmm/patch.h` on the include path and `extra` compiler flags; returns the object's
-/// bytes, checked for nothing.
-pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>, BuildError> {
-    let tree = kernel_tree(release)?;
+/// A fresh directory for one kbuild run, with lpvmm's headers in `include/`.
+pub(crate) fn work_dir() -> Result<PathBuf, BuildError> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let work = std::env::temp_dir().join(format!("lpvmm-kbuild-{}-{seq}", std::process::id()));
@@ -217,6 +214,39 @@ pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>
     std::fs::create_dir_all(work.join("include/lpvmm")).map_err(io)?;
     std::fs::write(work.join("include/lpvmm/patch.h"), PATCH_H).map_err(io)?;
     std::fs::write(work.join("include/lpvmm/shadow.h"), SHADOW_H).map_err(io)?;
+    Ok(work)
+}
+
+/// `make -C TREE M=WORK ... TARGET` with `extra` as KCFLAGS; `vars` are more make
+/// variables.
+pub(crate) fn make(
+    tree: &Path,
+    work: &Path,
+    target: &str,
+    extra: &[String],
+    vars: &[&str],
+) -> Result<std::process::Output, BuildError> {
+    Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(tree)
+        .arg(format!("M={}", work.display()))
+        // No BTF for the module (lpvmm reads the kernel's).
+        .arg("CONFIG_DEBUG_INFO_BTF_MODULES=")
+        .arg(format!("KCFLAGS={}", extra.join(" ")))
+        .args(vars)
+        .arg(target)
+        .output()
+        .map_err(|e| BuildError::NoCompiler("make".into(), e))
+}
+
+/// Build `source` as the one object of a kbuild module against the headers of `release`, with
+/// `lpvmm/patch.h` on the include path and `extra` compiler flags; returns the object's
+/// bytes, checked for nothing.
+pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>, BuildError> {
+    let tree = kernel_tree(release)?;
+    let work = work_dir()?;
+    let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", work.display()));
     std::fs::copy(source, work.join("lpvmm_patch.c"))
         .map_err(|e| BuildError::Io(format!("reading {}: {e}", source.display())))?;
     std::fs::write(
@@ -224,19 +254,10 @@ pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>
         "obj-m := lpvmm_patch.o\nccflags-y := -I$(src)/include\n",
     )
     .map_err(io)?;
-    let out = Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(&tree)
-        .arg(format!("M={}", work.display()))
-        // The object alone, compiled and checked by objtool as the kernel's own modules'
-        // objects are; no modpost (lpvmm resolves every symbol, exported or not, from
-        // the guest's kallsyms), no BTF (lpvmm reads the kernel's).
-        .arg("CONFIG_DEBUG_INFO_BTF_MODULES=")
-        .arg(format!("KCFLAGS={}", extra.join(" ")))
-        .arg("lpvmm_patch.o")
-        .output()
-        .map_err(|e| BuildError::NoCompiler("make".into(), e))?;
+    // The object alone, compiled and checked by objtool as the kernel's own modules'
+    // objects are; no modpost (lpvmm resolves every symbol, exported or not, from the
+    // guest's kallsyms).
+    let out = make(&tree, &work, "lpvmm_patch.o", extra, &[])?;
     let result = compiled(
         &out,
         &work.join("lpvmm_patch.o"),

@@ -29,11 +29,13 @@ pub mod funcs;
 pub mod guestcall;
 pub mod journal;
 pub mod kbuild;
+pub mod klp;
 pub mod load;
 pub mod lost_calls;
 pub mod notifier;
 pub mod patch;
 pub mod shadow;
+pub mod source;
 pub mod space;
 pub mod states;
 #[cfg(test)]
@@ -200,4 +202,31 @@ impl KpError {
             source: source.into(),
         }
     }
+}
+
+/// The patch a file holds, read against the guest's `kernel`: a `.kp`, or a kernel
+/// livepatch module (`.ko`), whose `struct klp_patch` is read with the kernel's layout of
+/// it and whose parameters are set to `params` (`NAME=VALUE`, as on insmod's command
+/// line). A `.kp` takes no parameters.
+pub fn parse_patch(
+    bytes: &[u8],
+    kernel: &introspection::kernel::Kernel,
+    params: &[String],
+) -> Result<PatchObject, KpError> {
+    if klp::livepatch_module_name(bytes).is_none() {
+        if let Some(p) = params.first() {
+            return Err(KpError::Parse(ParseError::Manifest(format!(
+                "'{p}': parameters are for kernel livepatch modules; a .kp has none"
+            ))));
+        }
+        return Ok(PatchObject::parse(bytes)?);
+    }
+    let layout = kernel.layout.patcher.klp.as_ref().ok_or_else(|| {
+        KpError::Unsupported(
+            "this guest kernel's BTF has no struct klp_patch (CONFIG_LIVEPATCH): lpvmm reads a \
+             livepatch module's description with the kernel's own layout of it"
+                .into(),
+        )
+    })?;
+    Ok(PatchObject::parse_livepatch(bytes, layout, params)?)
 }

@@ -88,10 +88,38 @@ pub struct Patch {
     /// Its callbacks, for the objects they belong to.
     #[serde(default)]
     pub callbacks: Vec<PatchCallback>,
+    /// For a livepatch module: each object's `struct klp_object` in the patch area, its
+    /// callbacks' argument (see [`crate::klp`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub klp_objects: Vec<KlpObjectAt>,
     /// For a patch with a module part: what linking it again needs when a module it
     /// patches is loaded (lpvmm's own state, not shown).
     #[serde(skip)]
     pub(crate) late: Option<crate::load::late::LateLink>,
+}
+
+/// Where a livepatch module's `struct klp_object` for `object` is in the patch area.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KlpObjectAt {
+    pub object: ObjectName,
+    pub addr: u64,
+}
+
+impl Patch {
+    /// The argument its callbacks for `object` get: the livepatch module's `struct
+    /// klp_object`, else `module` (a module's `struct module`, 0 for vmlinux).
+    pub(crate) fn callback_arg(&self, object: &ObjectName, module: u64) -> u64 {
+        self.klp_objects
+            .iter()
+            .find(|k| &k.object == object)
+            .map_or(module, |k| k.addr)
+    }
+
+    /// Whether its `kind` callbacks return nothing: a livepatch module's, but pre_patch
+    /// (`void (*post_patch)(struct klp_object *)` and the others).
+    pub(crate) fn void_callback(&self, kind: crate::load::manifest::CallbackKind) -> bool {
+        !self.klp_objects.is_empty() && kind != crate::load::manifest::CallbackKind::PrePatch
+    }
 }
 
 /// A kernel object a patch patches (`klp_object`): vmlinux or a module, by name.

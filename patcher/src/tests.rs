@@ -49,7 +49,7 @@ fn fixture() -> Fixture {
 }
 
 /// Build C source into a .kp with `lpvmm kp build`'s flags (and `extra`).
-fn kp(source: &str, extra: &[&str]) -> Vec<u8> {
+pub(crate) fn kp(source: &str, extra: &[&str]) -> Vec<u8> {
     try_kp(source, extra).unwrap_or_else(|e| panic!("{e}"))
 }
 

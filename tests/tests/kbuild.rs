@@ -73,6 +73,13 @@ const HAMMER_CYCLES: u32 = 5;
 /// Where the hammer says what its children ran in each phase.
 const HAMMER_FIFO: &str = "/tmp/hphase";
 const BAD: &[&str] = &["bad-get-user", "bad-warn"];
+/// The kernel's own samples/livepatch modules, taken from Debian's linux-source of each
+/// guest's release (fetched once, never committed), built with `kp build --kernel`:
+/// (file in samples/livepatch, built as).
+const KLP_SAMPLES: &[(&str, &str)] = &[
+    ("livepatch-sample.c", "klp-sample"),
+    ("livepatch-callbacks-demo.c", "klp-callbacks-demo"),
+];
 
 /// The guest kernel release of `series` (what `uname -r` prints in it).
 fn release(series: &str) -> Result<String, String> {
@@ -722,6 +729,102 @@ fn several_callbacks_run(g: &mut Guest, series: &str) -> TestResult {
         "{series}: callbacks-2's callbacks: {lines:?}"
     );
     Ok(())
+}
+
+/// The lines the kernel's livepatch-callbacks-demo wrote to the guest's log since the
+/// last look (its pr_fmt prefix left out); dmesg is cleared.
+fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
+    Ok(
+        g.run("dmesg -c | grep 'livepatch_callbacks_demo: ' || true")?
+            .lines()
+            .filter_map(|l| {
+                l.split_once("livepatch_callbacks_demo: ")
+                    .map(|(_, r)| r.trim().to_string())
+            })
+            .collect(),
+    )
+}
+
+/// Issue 28, the kernel's samples/livepatch (Debian's source of the guest's release,
+/// built with `kp build --kernel` into real .ko files), applied by lpvmm with the guest
+/// never loading a livepatch module: livepatch-sample's /proc/cmdline says "this has
+/// been live patched" and the patch is named livepatch_sample; nothing of it is in
+/// /proc/modules; disabled, the guest's own text is back. livepatch-callbacks-demo's
+/// vmlinux callbacks log what the sample documents (`pre_patch_callback: vmlinux`, ...,
+/// each given its `struct klp_object`), its two target modules wait; with
+/// `pre_patch_ret=-19` (a module parameter, as insmod takes it) the enable is refused
+/// after its pre_patch alone; an unknown parameter is refused naming the module's.
+fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbklp-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let text_before = checksum(&mut g, "text")?;
+    let original = g.text("cat /proc/cmdline")?;
+    let out = patchtest::apply(&mut g, &stem(series, "klp-sample"))?;
+    check!(
+        out.contains("loaded 'livepatch_sample'")
+            && g.text("cat /proc/cmdline")? == "this has been live patched",
+        "{series}: livepatch-sample: {out}"
+    );
+    let modules = g.run("cat /proc/modules; ls /sys/kernel/livepatch 2>/dev/null; true")?;
+    check!(
+        !modules.contains("livepatch"),
+        "{series}: the guest loaded a livepatch module: {modules}"
+    );
+    verb(&mut g, "disable", "livepatch_sample")?;
+    verb(&mut g, "unload", "livepatch_sample")?;
+    check!(
+        g.text("cat /proc/cmdline")? == original && checksum(&mut g, "text")? == text_before,
+        "{series}: after livepatch-sample's disable"
+    );
+
+    klp_demo_lines(&mut g)?;
+    patchtest::apply(&mut g, &stem(series, "klp-callbacks-demo"))?;
+    let waiting = [
+        object_state(
+            &mut g,
+            "livepatch_callbacks_demo",
+            "livepatch_callbacks_mod",
+        )?,
+        object_state(
+            &mut g,
+            "livepatch_callbacks_demo",
+            "livepatch_callbacks_busymod",
+        )?,
+    ];
+    verb(&mut g, "disable", "livepatch_callbacks_demo")?;
+    verb(&mut g, "unload", "livepatch_callbacks_demo")?;
+    let lines = klp_demo_lines(&mut g)?;
+    check!(
+        lines
+            == [
+                "pre_patch_callback: vmlinux",
+                "post_patch_callback: vmlinux",
+                "pre_unpatch_callback: vmlinux",
+                "post_unpatch_callback: vmlinux"
+            ]
+            && waiting == ["waiting", "waiting"],
+        "{series}: livepatch-callbacks-demo: {lines:?}, its modules {waiting:?}"
+    );
+    let file = g.host.file(&kp(series, "klp-callbacks-demo"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} pre_patch_ret=-19"))?;
+    let refused = klp_demo_lines(&mut g)?;
+    check!(
+        rc != 0
+            && out.contains("the pre-patch callback pre_patch_callback of vmlinux returned -19")
+            && refused == ["pre_patch_callback: vmlinux"],
+        "{series}: pre_patch_ret=-19: {out} {refused:?}"
+    );
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} frobnicate=1"))?;
+    check!(
+        rc != 0 && out.contains("the module has no parameter 'frobnicate' (it has: pre_patch_ret)"),
+        "{series}: an unknown parameter: {out}"
+    );
+    check!(
+        status(&mut g)?.patches.is_empty() && checksum(&mut g, "text")? == text_before,
+        "{series}: refused loads left a patch or changed the text"
+    );
+    eprintln!("{series}: livepatch-callbacks-demo's log: {lines:?}");
+    g.poweroff().map(|_| ())
 }
 
 /// The callbacks sample's log lines since the last look (`KIND ran in COMM for PATCH`,
@@ -1892,6 +1995,17 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
             check!(rc == 0, "kp build {name} {flag} --kernel {rel}: {msg}");
             files.push((kp_file, kp(series, as_name)));
         }
+        let klp_dir = patcher::source::source_dir(&rel, "samples/livepatch")
+            .map_err(|e| format!("the kernel's samples/livepatch of {rel}: {e}"))?;
+        for (file, as_name) in KLP_SAMPLES {
+            let kp_file = out.join(format!("{as_name}.ko"));
+            let (rc, msg) = kp_build(&klp_dir.join(file), &kp_file, &rel, &[]);
+            check!(
+                rc == 0 && msg.contains("livepatch module"),
+                "kp build {file} --kernel {rel}: {msg}"
+            );
+            files.push((kp_file, kp(series, as_name)));
+        }
         for name in BAD {
             let bytes = patcher::kbuild::compile(&sample(name), &rel, &[])
                 .map_err(|e| format!("kbuild of {name} for {rel}: {e}"))?;
@@ -1930,6 +2044,10 @@ fn main() {
         ("callbacks_around_transitions", callbacks_around_transitions),
         ("module_callbacks_in_the_loading_task", module_callbacks),
         ("callbacks_that_hang_or_oops", callbacks_that_hang_or_oops),
+        (
+            "livepatch_modules_applied_from_outside",
+            livepatch_modules_from_outside,
+        ),
         (
             "state_callbacks_run_once_across_a_chain",
             state_callbacks_across_a_chain,

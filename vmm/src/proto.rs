@@ -69,6 +69,9 @@ pub enum Request {
     /// Load a patch (the .kp file, hex) and, with `enable`, start enabling it.
     PatchLoad {
         kp_hex: String,
+        /// A livepatch module's parameters (`NAME=VALUE`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        params: Vec<String>,
         #[serde(default)]
         enable: bool,
         #[serde(default)]

@@ -287,10 +287,7 @@ impl Manifest {
                 }
                 continue;
             }
-            let patched = match &c.object {
-                None => m.replacements.iter().any(|r| r.old.object.is_none()),
-                Some(o) => m.modules().contains(&o.as_str()),
-            };
+            let patched = m.replacements.iter().any(|r| r.old.object == c.object);
             if !patched {
                 return Err(bad(format!(
                     "a {} callback for {}, of which the patch replaces no function",
@@ -302,15 +299,14 @@ impl Manifest {
         Ok(m)
     }
 
-    /// The modules whose functions it replaces, each once, in the order it names them
-    /// (its objects besides vmlinux).
+    /// The modules whose functions it replaces or that have callbacks, each once, in
+    /// the order it names them (its objects besides vmlinux; a kernel livepatch module
+    /// may give an object callbacks and no function).
     pub fn modules(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for m in self
-            .replacements
-            .iter()
-            .filter_map(|r| r.old.object.as_deref())
-        {
+        let replaced = self.replacements.iter().map(|r| r.old.object.as_deref());
+        let called = self.callbacks.iter().map(|c| c.object.as_deref());
+        for m in replaced.chain(called).flatten() {
             if !out.contains(&m) {
                 out.push(m);
             }

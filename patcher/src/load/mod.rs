@@ -402,6 +402,29 @@ pub(crate) fn patched_objects(
                 .push(PatchedFunc::of_module(f, t.addr, t.size, t.site, t.site_pa));
         }
     }
+    // Objects with callbacks and no function (a livepatch module's may have them).
+    for c in obj.manifest.callbacks.iter().filter(|c| c.state.is_none()) {
+        let name = c
+            .object
+            .clone()
+            .map_or(ObjectName::Vmlinux, ObjectName::Module);
+        if objects.iter().any(|o| o.name == name) {
+            continue;
+        }
+        let state = match &c.object {
+            None => ObjectState::Vmlinux,
+            Some(m) => match modules.loaded.iter().find(|o| &o.name == m) {
+                Some(o) => ObjectState::Loaded { module: o.addr },
+                None => ObjectState::Waiting,
+            },
+        };
+        objects.push(PatchedObject {
+            name,
+            funcs: Vec::new(),
+            state,
+            replaces: Vec::new(),
+        });
+    }
     objects.sort_by_key(|o| o.name != ObjectName::Vmlinux);
     Ok(objects)
 }

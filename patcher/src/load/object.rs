@@ -86,6 +86,19 @@ pub struct Section {
     pub relocs: Vec<Reloc>,
 }
 
+/// The section a module's `struct module` (`__this_module`) is in.
+pub const THIS_MODULE_SECTION: &str = ".gnu.linkonce.this_module";
+
+/// What lpvmm keeps of a kernel livepatch module beyond its manifest (see
+/// [`crate::klp`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KlpParts {
+    /// Each object's `struct klp_object`: its name (`None`: vmlinux) and place.
+    pub objects: Vec<(Option<String>, Place)>,
+    /// The parameters given, as `NAME=VALUE`.
+    pub params: Vec<String>,
+}
+
 /// A function the patch defines.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Function {
@@ -107,6 +120,10 @@ pub struct PatchObject {
     /// `.altinstructions`, applied at link time for the guest's CPU.
     #[serde(default)]
     pub alternatives: Option<Alternatives>,
+    /// For a kernel livepatch module: where its `struct klp_object`s are, and the
+    /// parameters it was given (see [`crate::klp`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub klp: Option<KlpParts>,
 }
 
 /// The object's alternatives, in table order (the kernel applies them in that order: a
@@ -175,7 +192,7 @@ fn reloc_place(
 /// (`u16 cpuid; u8 instrlen; u8 replacementlen`, up to 6.1) and 14 bytes (`u32 ft_flags`
 /// with flags above bit 16, later); which one is the stride between the entries'
 /// relocations.
-fn read_alternatives(
+pub(crate) fn read_alternatives(
     file: &object::File,
     index_of: &std::collections::HashMap<object::SectionIndex, usize>,
     sections: &[Section],
@@ -211,8 +228,15 @@ fn read_alternatives(
     let mut entries = Vec::with_capacity(n);
     for (i, p) in places.into_iter().enumerate() {
         let e = &data[i * stride..(i + 1) * stride];
-        let [Some(instr), Some(repl)] = p else {
-            return Err(bad(format!("entry {i} does not point into loaded code")));
+        let (instr, repl) = match p {
+            // For code lpvmm does not load (a livepatch module's init): dropped.
+            [None, _] => continue,
+            [Some(instr), Some(repl)] => (instr, repl),
+            [Some(_), None] => {
+                return Err(bad(format!(
+                    "entry {i}: its replacement is not in loaded code"
+                )))
+            }
         };
         let (feature, flags, lens) = if stride == 14 {
             let ft = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
@@ -228,26 +252,33 @@ fn read_alternatives(
             instr_len: lens.0,
             repl_len: lens.1,
         };
-        for (what, at, len) in [
-            ("instruction", a.instr, a.instr_len),
-            ("replacement", a.repl, a.repl_len),
-        ] {
-            let s = &sections[at.section];
-            if !s.kind.executable()
-                || at
-                    .offset
-                    .checked_add(u64::from(len))
-                    .is_none_or(|end| end > s.size)
-            {
-                return Err(bad(format!("entry {i}: its {what} is not inside code")));
-            }
-        }
+        check_alternative(sections, &a)
+            .map_err(|what| bad(format!("entry {i}: its {what} is not inside code")))?;
         entries.push(a);
     }
     Ok(Some(Alternatives {
         entry_size: stride,
         entries,
     }))
+}
+
+/// Both places of an alternative lie in laid-out code; else which one does not.
+fn check_alternative(sections: &[Section], a: &Alternative) -> Result<(), &'static str> {
+    for (what, at, len) in [
+        ("instruction", a.instr, a.instr_len),
+        ("replacement", a.repl, a.repl_len),
+    ] {
+        let s = &sections[at.section];
+        if !s.kind.executable()
+            || at
+                .offset
+                .checked_add(u64::from(len))
+                .is_none_or(|end| end > s.size)
+        {
+            return Err(what);
+        }
+    }
+    Ok(())
 }
 
 /// objtool's ORC table of the object: one raw `struct orc_entry` per address, the
@@ -271,7 +302,7 @@ pub struct OrcSpot {
 const MAX_ORC: usize = 1 << 20;
 
 impl OrcTables {
-    fn read(
+    pub(crate) fn read(
         file: &object::File,
         index_of: &std::collections::HashMap<object::SectionIndex, usize>,
     ) -> Result<Option<OrcTables>, ParseError> {
@@ -412,9 +443,34 @@ enum Class {
     Refuse(&'static str),
 }
 
-fn classify(name: &str, flags: u64, kind: ObjKind) -> Result<Class, ParseError> {
+/// What kind of object is laid out: a `.kp`, or a kernel livepatch module, whose init
+/// and exit code, parameters and `struct module` lpvmm handles itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavour {
+    Kp,
+    Livepatch,
+}
+
+/// Sections of a livepatch module lpvmm does not load: init and exit code and data
+/// (its init only enables the patch, which lpvmm does; see [`crate::klp`]), and the
+/// parameters' table (read apart).
+fn livepatch_skips(name: &str) -> bool {
+    name.starts_with(".init") || name.starts_with(".exit") || name == "__param"
+}
+
+fn classify(name: &str, flags: u64, kind: ObjKind, flavour: Flavour) -> Result<Class, ParseError> {
     let alloc = flags & u64::from(elf::SHF_ALLOC) != 0;
     let exec = flags & u64::from(elf::SHF_EXECINSTR) != 0;
+    if flavour == Flavour::Livepatch {
+        if livepatch_skips(name) {
+            return Ok(Class::Skip);
+        }
+        // The module's own `struct module`, zero-filled: `THIS_MODULE` must point
+        // somewhere (klp_patch.mod), and nothing in the guest reads it.
+        if name == THIS_MODULE_SECTION {
+            return Ok(Class::Load(SectionKind::Bss));
+        }
+    }
     if let Some(why) = special_section_advice(name) {
         return Ok(Class::Refuse(why));
     }
@@ -472,17 +528,17 @@ fn reloc_name(r_type: u32) -> String {
 }
 
 /// The sections a patch lays out, and those it must refuse.
-struct Laid {
-    sections: Vec<Section>,
+pub(crate) struct Laid {
+    pub(crate) sections: Vec<Section>,
     /// ELF section index to ours.
-    index_of: HashMap<object::SectionIndex, usize>,
+    pub(crate) index_of: HashMap<object::SectionIndex, usize>,
     /// Sections refused (ELF index, name, why), refused once the functions that need
     /// them are known.
-    refused: Vec<(object::SectionIndex, String, &'static str)>,
+    pub(crate) refused: Vec<(object::SectionIndex, String, &'static str)>,
 }
 
 /// Classify every section: laid out (with its contents, bounded), skipped, or refused.
-fn lay_out_sections(file: &object::File) -> Result<Laid, ParseError> {
+pub(crate) fn lay_out_sections(file: &object::File, flavour: Flavour) -> Result<Laid, ParseError> {
     // Sections to lay out, with a map from ELF section index to ours; sections that
     // must be refused, refused once the functions that need them are known.
     let mut sections = Vec::new();
@@ -495,7 +551,7 @@ fn lay_out_sections(file: &object::File) -> Result<Laid, ParseError> {
             SectionFlags::Elf { sh_flags } => sh_flags,
             _ => 0,
         };
-        let kind = match classify(&name, flags, s.kind())? {
+        let kind = match classify(&name, flags, s.kind(), flavour)? {
             Class::Load(k) => k,
             Class::Skip => continue,
             Class::Refuse(why) => {
@@ -557,7 +613,7 @@ fn lay_out_sections(file: &object::File) -> Result<Laid, ParseError> {
 
 /// The object's functions (its text symbols in sections it lays out); a common symbol
 /// is refused.
-fn functions_of(
+pub(crate) fn functions_of(
     file: &object::File,
     index_of: &HashMap<object::SectionIndex, usize>,
 ) -> Result<Vec<Function>, ParseError> {
@@ -587,7 +643,7 @@ fn functions_of(
 
 /// The error for refused sections: one line per reason (an alternative has two
 /// sections, say), each with the sections and the functions that need them.
-fn refusal(
+pub(crate) fn refusal(
     file: &object::File,
     refused: &[(object::SectionIndex, String, &'static str)],
     index_of: &HashMap<object::SectionIndex, usize>,
@@ -687,7 +743,7 @@ fn reloc_target(
 
 /// Every relocation of the laid-out sections, checked and attached to its section; the
 /// kernel symbols they use.
-fn read_relocations(
+pub(crate) fn read_relocations(
     file: &object::File,
     index_of: &HashMap<object::SectionIndex, usize>,
     sections: &mut [Section],
@@ -698,6 +754,10 @@ fn read_relocations(
             continue;
         };
         let sname = sections[ours].name.clone();
+        if sname == THIS_MODULE_SECTION {
+            // Its init and exit pointers: left zero (lpvmm runs neither).
+            continue;
+        }
         for (offset, r) in s.relocations() {
             let RelocationFlags::Elf { r_type } = r.flags() else {
                 return Err(ParseError::Unsupported(format!(
@@ -738,7 +798,7 @@ fn read_relocations(
 
 /// The manifest against the object: every replacement is a function of the object,
 /// every symbol binding is for a symbol the patch uses.
-fn check_manifest(
+pub(crate) fn check_manifest(
     manifest: &Manifest,
     functions: &[Function],
     sections: &[Section],
@@ -779,7 +839,7 @@ fn check_manifest(
 }
 
 /// `data` copied to an 8-byte aligned place: the buffer, and where the copy starts in it.
-fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
+pub(crate) fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
     let mut buf = vec![0u8; data.len() + 7];
     let at = buf.as_ptr().align_offset(8);
     buf[at..at + data.len()].copy_from_slice(data);
@@ -788,40 +848,15 @@ fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
 
 impl PatchObject {
     pub fn parse(data: &[u8]) -> Result<PatchObject, ParseError> {
-        if data.len() > MAX_KP_BYTES {
-            return Err(ParseError::NotElf(format!(
-                "{} bytes; a .kp is at most {MAX_KP_BYTES}",
-                data.len()
-            )));
-        }
-        if data.len() < 4 || &data[..4] != b"\x7fELF" {
-            return Err(ParseError::NotElf("no ELF magic".into()));
-        }
-        // object's ELF reader needs 8-byte aligned input; a caller's slice need not be
-        // (found by fuzzing: AFL++ hands over inputs at any address).
         let copy;
-        let data = if data.as_ptr().align_offset(8) == 0 {
-            data
-        } else {
-            copy = aligned_copy(data);
-            &copy.0[copy.1..]
+        let data = match data.as_ptr().align_offset(8) {
+            0 => data,
+            _ => {
+                copy = aligned_copy(data);
+                &copy.0[copy.1..]
+            }
         };
-        let file = object::File::parse(data).map_err(|e| ParseError::NotElf(e.to_string()))?;
-        if !file.is_64() || !file.is_little_endian() {
-            return Err(ParseError::WrongMachine(
-                "not a 64-bit little-endian object".into(),
-            ));
-        }
-        if file.architecture() != object::Architecture::X86_64 {
-            return Err(ParseError::WrongMachine(format!(
-                "built for {:?}, the guest is x86-64",
-                file.architecture()
-            )));
-        }
-        if file.kind() != object::ObjectKind::Relocatable {
-            return Err(ParseError::NotRelocatable(format!("{:?}", file.kind())));
-        }
-
+        let file = open_elf(data)?;
         let manifest_data = file
             .section_by_name(MANIFEST_SECTION)
             .ok_or(ParseError::NoManifest)?
@@ -833,7 +868,7 @@ impl PatchObject {
             mut sections,
             index_of,
             refused,
-        } = lay_out_sections(&file)?;
+        } = lay_out_sections(&file, Flavour::Kp)?;
 
         let functions = functions_of(&file, &index_of)?;
 
@@ -854,15 +889,47 @@ impl PatchObject {
             imports: imports.into_iter().collect(),
             orc,
             alternatives,
+            klp: None,
         };
         obj.check_places()?;
         Ok(obj)
     }
+}
 
+/// `data` as a relocatable x86-64 ELF object (`data` 8-byte aligned), bounded.
+pub(crate) fn open_elf(data: &[u8]) -> Result<object::File<'_>, ParseError> {
+    if data.len() > MAX_KP_BYTES {
+        return Err(ParseError::NotElf(format!(
+            "{} bytes; a .kp is at most {MAX_KP_BYTES}",
+            data.len()
+        )));
+    }
+    if data.len() < 4 || &data[..4] != b"\x7fELF" {
+        return Err(ParseError::NotElf("no ELF magic".into()));
+    }
+    let file = object::File::parse(data).map_err(|e| ParseError::NotElf(e.to_string()))?;
+    if !file.is_64() || !file.is_little_endian() {
+        return Err(ParseError::WrongMachine(
+            "not a 64-bit little-endian object".into(),
+        ));
+    }
+    if file.architecture() != object::Architecture::X86_64 {
+        return Err(ParseError::WrongMachine(format!(
+            "built for {:?}, the guest is x86-64",
+            file.architecture()
+        )));
+    }
+    if file.kind() != object::ObjectKind::Relocatable {
+        return Err(ParseError::NotRelocatable(format!("{:?}", file.kind())));
+    }
+    Ok(file)
+}
+
+impl PatchObject {
     /// Every place the object names lies in its section. Symbol values, sizes and
     /// addends are the object's to choose; checked once here, the linker may add them
     /// to where it lays the sections (found by fuzzing: a function's value near 2^64).
-    fn check_places(&self) -> Result<(), ParseError> {
+    pub(crate) fn check_places(&self) -> Result<(), ParseError> {
         let inside = |section: usize, offset: u64, len: u64, what: &dyn Fn() -> String| {
             let s = self.sections.get(section);
             match (s, offset.checked_add(len)) {

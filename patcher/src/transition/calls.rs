@@ -16,8 +16,13 @@ pub struct Call {
     pub object: String,
     pub func: String,
     pub addr: u64,
-    /// Its argument: the module's `struct module`, 0 for vmlinux.
+    /// Its argument: the module's `struct module`, 0 for vmlinux (a livepatch
+    /// module's callbacks: the object's `struct klp_object`).
     pub arg: u64,
+    /// It returns nothing (a livepatch module's callbacks but pre_patch): what is in
+    /// the return register is not its result.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub void: bool,
 }
 
 /// A callback that returned.
@@ -79,17 +84,19 @@ impl Calls {
             .filter(|c| c.kind == kind)
             .filter_map(|c| {
                 let o = p.objects.iter().find(|o| o.name == c.object)?;
-                let arg = match o.state {
+                let module = match o.state {
                     ObjectState::Vmlinux => 0,
                     ObjectState::Loaded { module } => module,
                     ObjectState::Waiting => return None,
                 };
+                let arg = p.callback_arg(&o.name, module);
                 Some(Call {
                     kind,
                     object: o.name.to_string(),
                     func: c.func.clone(),
                     addr: c.addr,
                     arg,
+                    void: p.void_callback(kind),
                 })
             })
             .collect()
@@ -108,6 +115,7 @@ impl Calls {
                     func: c.func.clone(),
                     addr: c.addr,
                     arg: id,
+                    void: false,
                 })
             })
             .collect()

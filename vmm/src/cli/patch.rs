@@ -24,9 +24,11 @@ pub struct PatchArgs {
     /// The VM to patch
     #[arg(required = true)]
     vm: Option<String>,
-    /// The patch (.kp, from `lpvmm kp build`)
+    /// The patch (.kp, from `lpvmm kp build`), or a kernel livepatch module (.ko)
     #[arg(required = true)]
     file: Option<PathBuf>,
+    /// A livepatch module's parameters, NAME=VALUE, as insmod takes them
+    params: Vec<String>,
     #[command(flatten)]
     wait: WaitArgs,
 }
@@ -81,6 +83,8 @@ pub enum PatchAction {
     Load {
         vm: String,
         file: PathBuf,
+        /// A livepatch module's parameters, NAME=VALUE
+        params: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -163,7 +167,12 @@ pub fn seconds_to_ms(timeout: Option<f64>) -> Result<Option<u64>> {
 pub fn patch(args: PatchArgs) -> Result<i32> {
     match args.action {
         Some(PatchAction::List { vm, json }) => list(&vm, json),
-        Some(PatchAction::Load { vm, file, json }) => load_only(&vm, &file, json),
+        Some(PatchAction::Load {
+            vm,
+            file,
+            params,
+            json,
+        }) => load_only(&vm, &file, params, json),
         Some(PatchAction::Status { vm, json }) => status(&vm, json),
         Some(PatchAction::Enable { vm, name, wait }) => {
             let r: TransitionStarted = Client::connect(&vm)?.call(Request::PatchEnable {
@@ -200,7 +209,7 @@ pub fn patch(args: PatchArgs) -> Result<i32> {
         }
         None => {
             let (vm, file) = (args.vm.unwrap_or_default(), args.file.unwrap_or_default());
-            load(&vm, &file, &args.wait)
+            load(&vm, &file, args.params, &args.wait)
         }
     }
 }
@@ -224,14 +233,18 @@ fn read_kp(vm: &str, file: &Path) -> Result<String> {
             bytes.len()
         );
     }
-    patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+    // A livepatch module is read against the guest's kernel, by the VMM.
+    if patcher::klp::livepatch_module_name(&bytes).is_none() {
+        patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+    }
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn load_only(vm: &str, file: &Path, json: bool) -> Result<i32> {
+fn load_only(vm: &str, file: &Path, params: Vec<String>, json: bool) -> Result<i32> {
     let kp_hex = read_kp(vm, file)?;
     let r: PatchLoadResult = Client::connect(vm)?.call(Request::PatchLoad {
         kp_hex,
+        params,
         enable: false,
         timeout_ms: None,
         consistency: Consistency::PerTask,
@@ -247,10 +260,11 @@ fn load_only(vm: &str, file: &Path, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn load(vm: &str, file: &Path, wait: &WaitArgs) -> Result<i32> {
+fn load(vm: &str, file: &Path, params: Vec<String>, wait: &WaitArgs) -> Result<i32> {
     let kp_hex = read_kp(vm, file)?;
     let r: PatchLoadResult = Client::connect(vm)?.call(Request::PatchLoad {
         kp_hex,
+        params,
         enable: true,
         timeout_ms: timeout_ms(wait)?,
         consistency: wait.consistency,
@@ -799,6 +813,9 @@ fn kp_build(
         (None, Some(vm)) => Some(guest_release(&vm)?),
         (None, None) => None,
     };
+    if patcher::klp::build::is_livepatch_source(source) {
+        return kp_build_livepatch(source, output, release.as_deref(), cflags);
+    }
     let p = match &release {
         Some(r) => patcher::kbuild::build(source, output, r, cflags)?,
         None => patcher::build::build(source, output, include, cflags)?,
@@ -817,6 +834,32 @@ fn kp_build(
             .map(|r| format!(" with the kbuild of {r}"))
             .unwrap_or_default(),
         funcs.join(", ")
+    );
+    Ok(0)
+}
+
+/// `kp build --kernel` of a kernel livepatch module's source: a `.ko` as kbuild makes
+/// it, with lpvmm's shadow-variable runtime (read against the guest's kernel when it
+/// is applied).
+fn kp_build_livepatch(
+    source: &Path,
+    output: &Path,
+    release: Option<&str>,
+    cflags: &[String],
+) -> Result<i32> {
+    let Some(release) = release else {
+        bail!(
+            "{} is a kernel livepatch module's source (it includes <linux/livepatch.h>): \
+             build it with --kernel RELEASE (or --vm VM), as the guest's own modules are built",
+            source.display()
+        );
+    };
+    let (bytes, name) = patcher::klp::build::compile(source, release, cflags)?;
+    std::fs::write(output, &bytes).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "built {} (livepatch module {name}) with the kbuild of {release}; lpvmm reads its \
+         struct klp_patch when it applies it",
+        output.display()
     );
     Ok(0)
 }

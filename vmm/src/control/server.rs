@@ -255,10 +255,11 @@ fn dispatch(s: &mut Session, request: Request) -> ResponseLine {
         Request::Disasm { symbol, sympos } => reply(s.disasm(&symbol, sympos)),
         Request::PatchLoad {
             kp_hex,
+            params,
             enable,
             timeout_ms,
             consistency,
-        } => reply(s.patch_load(&kp_hex, enable, args(consistency, timeout_ms))),
+        } => reply(s.patch_load(&kp_hex, &params, enable, args(consistency, timeout_ms))),
         Request::PatchEnable {
             name,
             timeout_ms,

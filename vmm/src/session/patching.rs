@@ -85,6 +85,7 @@ impl Session {
     pub fn patch_load(
         &mut self,
         kp_hex: &str,
+        params: &[String],
         enable: bool,
         args: TransitionArgs,
     ) -> Result<PatchLoadResult> {
@@ -95,11 +96,12 @@ impl Session {
         });
         let kp = hex_decode(kp_hex)?;
         let kernel = self.kernel_attached()?;
+        let obj = patcher::parse_patch(&kp, &kernel, params)?;
         let mapped_before = self.engine.area_layout().is_some();
         let now = self.now_ms();
         let Session { vm, engine, .. } = self;
         let mut guest = Driven::new(vm);
-        let loaded = engine.load_and_enable(&mut guest, &kernel, &kp, enable, now)?;
+        let loaded = engine.load_and_enable_object(&mut guest, &kernel, obj, enable, now)?;
         let pause = guest.load_pause.unwrap_or_default();
         if let (false, Some(a)) = (mapped_before, self.engine.area_layout()) {
             // Once per VM, on stderr beside a crash report: whether a dead guest was
