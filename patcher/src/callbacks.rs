@@ -73,6 +73,7 @@ fn after(p: &Patch, t: &Transition) -> Vec<Call> {
             Calls::of_states(p, CallbackKind::StateRelease, states)
                 .into_iter()
                 .chain(Calls::of_states(p, CallbackKind::ShadowFree, states))
+                .chain(Calls::of_exit(p))
                 .collect(),
         ),
         (Op::Disable, false) => (

@@ -553,6 +553,7 @@ impl Engine {
             orc,
             imports: imports_of(linked),
             enables: 0,
+            exited: false,
             late,
             callbacks,
             klp_objects,
@@ -657,6 +658,12 @@ impl Engine {
                     p.replaced_by.as_deref().unwrap_or("?")
                 )))
             }
+            PatchState::Disabled if p.exited => {
+                return Err(KpError::State(format!(
+                    "'{name}' is a kernel livepatch module whose exit ran when it was disabled \
+                     (as the kernel frees a disabled livepatch): unload it and load it again"
+                )))
+            }
             PatchState::Disabled => {}
         }
         self.check_enable(name, &EnableRules::of_patch(p))?;
@@ -713,7 +720,13 @@ impl Engine {
                         q.state = PatchState::Enabled;
                         q.enables += 1;
                     }
-                    Op::Disable => q.state = PatchState::Disabled,
+                    Op::Disable => {
+                        q.state = PatchState::Disabled;
+                        q.exited = q
+                            .callbacks
+                            .iter()
+                            .any(|c| c.kind == CallbackKind::ModuleExit);
+                    }
                 }
             } else if op == Op::Enable
                 && replace

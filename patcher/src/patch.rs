@@ -85,6 +85,10 @@ pub struct Patch {
     pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
+    /// A livepatch module whose exit ran (after its disable): it cannot be enabled again,
+    /// as the kernel frees a disabled livepatch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exited: bool,
     /// Its callbacks, for the objects they belong to.
     #[serde(default)]
     pub callbacks: Vec<PatchCallback>,

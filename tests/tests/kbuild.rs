@@ -79,6 +79,15 @@ const BAD: &[&str] = &["bad-get-user", "bad-warn"];
 const KLP_SAMPLES: &[(&str, &str)] = &[
     ("livepatch-sample.c", "klp-sample"),
     ("livepatch-callbacks-demo.c", "klp-callbacks-demo"),
+    ("livepatch-shadow-fix1.c", "klp-shadow-fix1"),
+    ("livepatch-shadow-fix2.c", "klp-shadow-fix2"),
+];
+/// The samples' target modules, built as ordinary modules of each release and put in
+/// the guest as /root/klp/NAME.ko (an archive appended to its initrd).
+const KLP_TARGETS: &[&str] = &[
+    "livepatch-shadow-mod.c",
+    "livepatch-callbacks-mod.c",
+    "livepatch-callbacks-busymod.c",
 ];
 
 /// The guest kernel release of `series` (what `uname -r` prints in it).
@@ -756,7 +765,7 @@ fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
 /// after its pre_patch alone; an unknown parameter is refused naming the module's.
 fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("kbklp-{}", series.replace('.', "_"));
-    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
+    let mut g = boot_with_klp_targets(host, &name, series)?;
     let text_before = checksum(&mut g, "text")?;
     let original = g.text("cat /proc/cmdline")?;
     let out = patchtest::apply(&mut g, &stem(series, "klp-sample"))?;
@@ -824,6 +833,84 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
         "{series}: refused loads left a patch or changed the text"
     );
     eprintln!("{series}: livepatch-callbacks-demo's log: {lines:?}");
+    g.poweroff().map(|_| ())
+}
+
+/// How many lines of the guest's log contain `what`.
+fn log_count(g: &mut Guest, what: &str) -> Result<usize, String> {
+    let n = g.text(&format!("dmesg | grep -c -- '{what}' || true"))?;
+    n.parse().map_err(|e| format!("{what}: {n:?}: {e}"))
+}
+
+/// The shadow variables of id `id`: how many, and who allocated them.
+fn shadow_group(g: &mut Guest, id: u64) -> Result<(u64, Vec<String>), String> {
+    let v = shadow_vars(g)?;
+    Ok(v.groups
+        .iter()
+        .find(|gr| gr.id == id)
+        .map_or((0, Vec::new()), |gr| (gr.count, gr.owners.clone())))
+}
+
+/// Issue 28, the kernel's shadow-variable samples as livepatch-shadow-mod.c's "Usage"
+/// documents them, with lpvmm in place of insmod: the buggy target module (loaded in
+/// the guest) leaks; livepatch-shadow-fix1 (applied from outside) records each new
+/// dummy's leak in shadow variable 1 and frees it with the dummy ("prevented leak" in
+/// the guest's log; dummies from before it "leaked!"); fix2 on top of it adds a check
+/// counter in shadow variable 2 (an expiring dummy's "check counter = N" line). `lpvmm shadow` sees both,
+/// owned by each fix. Disabling fix2 runs its exit, which frees every variable 2;
+/// disabling fix1 runs its exit, which frees the rest, each with its destructor: no
+/// shadow variable is left. The guest never loaded fix1 or fix2 as modules.
+fn livepatch_shadow_samples(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbklpsh-{}", series.replace('.', "_"));
+    let mut g = boot_with_klp_targets(host, &name, series)?;
+    g.run("insmod /root/klp/livepatch_shadow_mod.ko; sleep 2")?;
+    patchtest::apply(&mut g, &stem(series, "klp-shadow-fix1"))?;
+    g.run("sleep 14")?;
+    let prevented = "livepatch_fix1_dummy_leak_dtor: dummy @";
+    let (n1, owners1) = shadow_group(&mut g, 1)?;
+    check!(
+        log_count(&mut g, prevented)? >= 1
+            && log_count(&mut g, "livepatch_fix1_dummy_free: dummy @")? >= 1
+            && n1 >= 1
+            && owners1 == ["livepatch_shadow_fix1"],
+        "{series}: fix1 in effect: {n1} variables 1 by {owners1:?}"
+    );
+    patchtest::apply(&mut g, &stem(series, "klp-shadow-fix2"))?;
+    g.run("sleep 7")?;
+    let (n2, owners2) = shadow_group(&mut g, 2)?;
+    check!(
+        log_count(&mut g, ", check counter = ")? >= 1
+            && n2 >= 1
+            && owners2 == ["livepatch_shadow_fix2"],
+        "{series}: fix2 in effect: {n2} variables 2 by {owners2:?}"
+    );
+    let modules = g.text("cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' '")?;
+    check!(
+        modules.contains("livepatch_shadow_mod") && !modules.contains("fix"),
+        "{series}: the guest's modules: {modules}"
+    );
+    verb(&mut g, "disable", "livepatch_shadow_fix2")?;
+    check!(
+        shadow_group(&mut g, 2)?.0 == 0,
+        "{series}: fix2's exit left variables 2"
+    );
+    let before_exit = log_count(&mut g, prevented)?;
+    verb(&mut g, "disable", "livepatch_shadow_fix1")?;
+    let v = shadow_vars(&mut g)?;
+    let after_exit = log_count(&mut g, prevented)?;
+    check!(
+        v.count == 0 && after_exit > before_exit,
+        "{series}: after fix1's exit: {} variables left; prevented-leak lines {before_exit} -> {after_exit}",
+        v.count
+    );
+    eprintln!(
+        "{series}: fix1 held {n1} variables, fix2 {n2}; fix1's exit freed {} with its destructor",
+        after_exit - before_exit
+    );
+    for p in ["livepatch_shadow_fix2", "livepatch_shadow_fix1"] {
+        verb(&mut g, "unload", p)?;
+    }
+    g.run("rmmod livepatch_shadow_mod")?;
     g.poweroff().map(|_| ())
 }
 
@@ -1973,6 +2060,57 @@ fn kernel_errors() -> TestResult {
     Ok(())
 }
 
+/// The samples' target modules for `rel`, built with its kbuild, stripped of debug
+/// information, in a gzip'd cpio at `out/klp-targets.cpio.gz` (as /root/klp/NAME.ko).
+fn klp_targets(klp_dir: &Path, rel: &str, out: &Path) -> Result<PathBuf, String> {
+    let stage = out.join("klp-targets");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(stage.join("root/klp")).map_err(|e| e.to_string())?;
+    for t in KLP_TARGETS {
+        let (bytes, name) = patcher::klp::build::compile_module(&klp_dir.join(t), rel)
+            .map_err(|e| format!("kbuild of {t} for {rel}: {e}"))?;
+        let ko = stage.join(format!("root/klp/{name}.ko"));
+        std::fs::write(&ko, bytes).map_err(|e| e.to_string())?;
+        let st = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&ko)
+            .status();
+        check!(
+            st.is_ok_and(|s| s.success()),
+            "objcopy --strip-debug {}",
+            ko.display()
+        );
+    }
+    let cpio = out.join("klp-targets.cpio.gz");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . -mindepth 1 -printf '%P\\n' | LC_ALL=C sort | \
+             cpio -o -H newc -R 0:0 --quiet | gzip -n > {}",
+            stage.display(),
+            cpio.display()
+        ))
+        .status();
+    check!(st.is_ok_and(|s| s.success()), "packing {}", cpio.display());
+    Ok(cpio)
+}
+
+/// Boot a guest of `series` whose initrd also holds the samples' target modules in
+/// /root/klp.
+fn boot_with_klp_targets<'h>(
+    host: &'h mut TestHost,
+    name: &str,
+    series: &str,
+) -> Result<Guest<'h>, String> {
+    let initrd = format!("{}/initrd-klp-{series}", host.tmp());
+    let (base, targets) = (
+        host.image("guest-initrd.cpio.gz"),
+        host.file(&kp(series, "klp-targets")),
+    );
+    host.exec(&format!("cat {base} {targets} > {initrd}"))?;
+    Ok(host.boot_guest_initrd(name, series, 2, &initrd, "")?.0)
+}
+
 /// Build every sample for both series with the guest's kbuild (the bad ones without
 /// lpvmm's checks, as a user's object could arrive).
 fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
@@ -2006,6 +2144,10 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
             );
             files.push((kp_file, kp(series, as_name)));
         }
+        files.push((
+            klp_targets(&klp_dir, &rel, &out)?,
+            kp(series, "klp-targets"),
+        ));
         for name in BAD {
             let bytes = patcher::kbuild::compile(&sample(name), &rel, &[])
                 .map_err(|e| format!("kbuild of {name} for {rel}: {e}"))?;
@@ -2047,6 +2189,10 @@ fn main() {
         (
             "livepatch_modules_applied_from_outside",
             livepatch_modules_from_outside,
+        ),
+        (
+            "livepatch_shadow_samples_fix_the_leak",
+            livepatch_shadow_samples,
         ),
         (
             "state_callbacks_run_once_across_a_chain",

@@ -1,5 +1,6 @@
 //! Redirection sites: the 5-byte fentry NOP every patchable kernel function starts with
-//! (after `endbr64` on IBT kernels), turned into `jmp rel32` to the new function.
+//! (after `endbr64`, or the NOP the kernel seals it with, on IBT kernels), turned into
+//! `jmp rel32` to the new function.
 
 use iced_x86::{Code, Decoder, DecoderOptions};
 
@@ -8,12 +9,16 @@ use crate::KpError;
 /// `nopl 0x0(%rax,%rax,1)`: what ftrace leaves at an untraced function's entry.
 pub const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// `ENDBR_POISON` (arch/x86/include/asm/ibt.h, `osp nopl (%rax)`): what the kernel
+/// seals an `endbr64` with, at boot or module load, in a function nothing calls
+/// indirectly (objtool's `.ibt_endbr_seal`).
+const ENDBR_SEALED: [u8; 4] = [0x66, 0x0f, 0x1f, 0x00];
 pub(crate) const JMP_REL32: u8 = 0xe9;
 pub(crate) const CALL_REL32: u8 = 0xe8;
 
 /// Offset of the fentry site from the function's start.
 pub fn site_offset(entry: &[u8]) -> u64 {
-    if entry.starts_with(&ENDBR64) {
+    if entry.starts_with(&ENDBR64) || entry.starts_with(&ENDBR_SEALED) {
         4
     } else {
         0
@@ -83,6 +88,12 @@ mod tests {
             .to_string()
             .contains("not an fentry NOP"));
         assert_eq!(site_offset(&[0xf3, 0x0f, 0x1e, 0xfa, 0x0f]), 4);
+        assert_eq!(
+            site_offset(&[0x66, 0x0f, 0x1f, 0x00, 0x0f]),
+            4,
+            "a sealed endbr64"
+        );
+        assert_eq!(site_offset(&FENTRY_NOP), 0);
         assert!(jump(0, 1 << 40).is_err());
     }
 }

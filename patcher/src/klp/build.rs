@@ -76,19 +76,35 @@ pub fn compile(
     release: &str,
     extra: &[String],
 ) -> Result<(Vec<u8>, String), BuildError> {
+    build_module(source, release, extra, true)
+}
+
+/// Build `source` as an ordinary module of `release` (a livepatch's target, for a
+/// guest to load), as kbuild would: the `.ko`'s bytes and its name.
+pub fn compile_module(source: &Path, release: &str) -> Result<(Vec<u8>, String), BuildError> {
+    build_module(source, release, &[], false)
+}
+
+fn build_module(
+    source: &Path,
+    release: &str,
+    extra: &[String],
+    runtime: bool,
+) -> Result<(Vec<u8>, String), BuildError> {
     let tree = kernel_tree(release)?;
     let name = module_name(source)?;
     let work = work_dir()?;
     let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", work.display()));
     std::fs::copy(source, work.join(format!("{name}_main.c")))
         .map_err(|e| BuildError::Io(format!("reading {}: {e}", source.display())))?;
-    std::fs::write(work.join("lpvmm_klp_shadow.c"), runtime_source(&name)).map_err(io)?;
+    let mut objs = format!("{name}_main.o");
+    if runtime {
+        std::fs::write(work.join("lpvmm_klp_shadow.c"), runtime_source(&name)).map_err(io)?;
+        objs += " lpvmm_klp_shadow.o";
+    }
     std::fs::write(
         work.join("Kbuild"),
-        format!(
-            "obj-m := {name}.o\n{name}-y := {name}_main.o lpvmm_klp_shadow.o\n\
-             ccflags-y := -I$(src)/include\n"
-        ),
+        format!("obj-m := {name}.o\n{name}-y := {objs}\nccflags-y := -I$(src)/include\n"),
     )
     .map_err(io)?;
     let out = make(&tree, &work, "modules", extra, &["KBUILD_MODPOST_WARN=1"])?;

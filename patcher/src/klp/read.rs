@@ -221,6 +221,15 @@ pub fn describe(
         places.push((object, at));
     }
     m.states = read_states(sections, klp, patch)?;
+    // module_exit's alias: the kernel runs it at rmmod, lpvmm after the last disable.
+    if functions.iter().any(|f| f.name == "cleanup_module") {
+        m.callbacks.push(Callback {
+            object: None,
+            kind: CallbackKind::ModuleExit,
+            func: "cleanup_module".into(),
+            state: None,
+        });
+    }
     Ok((m, places))
 }
 

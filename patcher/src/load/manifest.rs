@@ -135,6 +135,9 @@ pub enum CallbackKind {
     /// After a state's release: frees the shadow variables tied to it (`LPVMM_SHADOW`,
     /// a function lpvmm/shadow.h defines; one per variable id).
     ShadowFree,
+    /// A kernel livepatch module's exit function (`module_exit`), run once its disable
+    /// completed, last: where the kernel would run it at rmmod (see [`crate::klp`]).
+    ModuleExit,
 }
 
 impl CallbackKind {
@@ -162,6 +165,7 @@ impl CallbackKind {
             CallbackKind::StateDisable => "state_disable",
             CallbackKind::StateRelease => "state_release",
             CallbackKind::ShadowFree => "shadow_free",
+            CallbackKind::ModuleExit => "module_exit",
         }
     }
 }

@@ -403,7 +403,11 @@ pub(crate) fn patched_objects(
         }
     }
     // Objects with callbacks and no function (a livepatch module's may have them).
-    for c in obj.manifest.callbacks.iter().filter(|c| c.state.is_none()) {
+    let object_callbacks =
+        obj.manifest.callbacks.iter().filter(|c| {
+            c.state.is_none() && c.kind != crate::load::manifest::CallbackKind::ModuleExit
+        });
+    for c in object_callbacks {
         let name = c
             .object
             .clone()

@@ -451,11 +451,14 @@ pub(crate) enum Flavour {
     Livepatch,
 }
 
-/// Sections of a livepatch module lpvmm does not load: init and exit code and data
-/// (its init only enables the patch, which lpvmm does; see [`crate::klp`]), and the
-/// parameters' table (read apart).
+/// Sections of a livepatch module lpvmm does not load: init code and data (its init
+/// only enables the patch, which lpvmm does; see [`crate::klp`]), exit data (the exit
+/// code is loaded: lpvmm runs it after the last disable), and the parameters' table
+/// (read apart).
 fn livepatch_skips(name: &str) -> bool {
-    name.starts_with(".init") || name.starts_with(".exit") || name == "__param"
+    name.starts_with(".init")
+        || (name.starts_with(".exit") && name != ".exit.text")
+        || name == "__param"
 }
 
 fn classify(name: &str, flags: u64, kind: ObjKind, flavour: Flavour) -> Result<Class, ParseError> {

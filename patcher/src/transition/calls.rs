@@ -121,6 +121,22 @@ impl Calls {
             .collect()
     }
 
+    /// A livepatch module's exit function, run after its disable completed.
+    pub fn of_exit(p: &Patch) -> Vec<Call> {
+        p.callbacks
+            .iter()
+            .filter(|c| c.kind == CallbackKind::ModuleExit)
+            .map(|c| Call {
+                kind: c.kind,
+                object: p.name.clone(),
+                func: c.func.clone(),
+                addr: c.addr,
+                arg: 0,
+                void: true,
+            })
+            .collect()
+    }
+
     /// A transition's callbacks of `p`: its objects' `kind` ones (pre-patch,
     /// pre-unpatch), then `state_kind` ones of `states` (setup, disable), to run first.
     pub fn before(
