@@ -248,7 +248,7 @@ impl Engine {
                 Action::Going => self.going(guest, kernel, module),
             };
             match worked {
-                Ok(did) => run.outcome = did,
+                Ok(did) => run.outcome += &format!("{did}; "),
                 Err(e) => self.refuse(module, &mut run, e.to_string(), -22),
             }
         }

@@ -786,34 +786,8 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
         "{series}: after livepatch-sample's disable"
     );
 
-    klp_demo_lines(&mut g)?;
-    patchtest::apply(&mut g, &stem(series, "klp-callbacks-demo"))?;
-    let waiting = [
-        object_state(
-            &mut g,
-            "livepatch_callbacks_demo",
-            "livepatch_callbacks_mod",
-        )?,
-        object_state(
-            &mut g,
-            "livepatch_callbacks_demo",
-            "livepatch_callbacks_busymod",
-        )?,
-    ];
-    verb(&mut g, "disable", "livepatch_callbacks_demo")?;
-    verb(&mut g, "unload", "livepatch_callbacks_demo")?;
-    let lines = klp_demo_lines(&mut g)?;
-    check!(
-        lines
-            == [
-                "pre_patch_callback: vmlinux",
-                "post_patch_callback: vmlinux",
-                "pre_unpatch_callback: vmlinux",
-                "post_unpatch_callback: vmlinux"
-            ]
-            && waiting == ["waiting", "waiting"],
-        "{series}: livepatch-callbacks-demo: {lines:?}, its modules {waiting:?}"
-    );
+    klp_callbacks_demo(&mut g, series)?;
+    klp_busy_target(&mut g, series)?;
     let file = g.host.file(&kp(series, "klp-callbacks-demo"));
     let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file} pre_patch_ret=-19"))?;
     let refused = klp_demo_lines(&mut g)?;
@@ -832,8 +806,76 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
         status(&mut g)?.patches.is_empty() && checksum(&mut g, "text")? == text_before,
         "{series}: refused loads left a patch or changed the text"
     );
-    eprintln!("{series}: livepatch-callbacks-demo's log: {lines:?}");
     g.poweroff().map(|_| ())
+}
+
+const COMING: &str = "[MODULE_STATE_COMING] Full formed, running module_init";
+const GOING: &str = "[MODULE_STATE_GOING] Going away";
+const LIVE: &str = "[MODULE_STATE_LIVE] Normal state";
+
+/// livepatch-callbacks-demo with its target livepatch-callbacks-mod loaded after it
+/// (the kernel's test-callbacks.sh "module_coming and module_going notifiers"): the
+/// vmlinux object's pre_patch and post_patch at the enable, the module's in insmod
+/// (COMING, its `klp_object.mod` the guest's module) and pre_unpatch and post_unpatch in
+/// rmmod (GOING), then vmlinux's at the disable; the targets wait meanwhile.
+fn klp_callbacks_demo(g: &mut Guest, series: &str) -> TestResult {
+    klp_demo_lines(g)?;
+    patchtest::apply(g, &stem(series, "klp-callbacks-demo"))?;
+    let waiting = [
+        object_state(g, "livepatch_callbacks_demo", "livepatch_callbacks_mod")?,
+        object_state(g, "livepatch_callbacks_demo", "livepatch_callbacks_busymod")?,
+    ];
+    g.run("insmod /root/klp/livepatch_callbacks_mod.ko && rmmod livepatch_callbacks_mod")?;
+    verb(g, "disable", "livepatch_callbacks_demo")?;
+    verb(g, "unload", "livepatch_callbacks_demo")?;
+    let lines = klp_demo_lines(g)?;
+    let m = "livepatch_callbacks_mod";
+    let want = [
+        "pre_patch_callback: vmlinux".to_string(),
+        "post_patch_callback: vmlinux".into(),
+        format!("pre_patch_callback: {m} -> {COMING}"),
+        format!("post_patch_callback: {m} -> {COMING}"),
+        format!("pre_unpatch_callback: {m} -> {GOING}"),
+        format!("post_unpatch_callback: {m} -> {GOING}"),
+        "pre_unpatch_callback: vmlinux".into(),
+        "post_unpatch_callback: vmlinux".into(),
+    ];
+    check!(
+        lines == want && waiting == ["waiting", "waiting"],
+        "{series}: livepatch-callbacks-demo: {lines:#?}, its modules {waiting:?}"
+    );
+    eprintln!("{series}: livepatch-callbacks-demo's log: {lines:#?}");
+    Ok(())
+}
+
+/// livepatch-callbacks-demo enabled while livepatch-callbacks-busymod's work function
+/// (which the demo replaces) sleeps 6 s in a kworker (`sleep_secs=6`, the sample's
+/// busy target): pre_patch runs for vmlinux and busymod (LIVE), the transition waits for
+/// the sleeper, then post_patch runs for both.
+fn klp_busy_target(g: &mut Guest, series: &str) -> TestResult {
+    g.run("insmod /root/klp/livepatch_callbacks_busymod.ko sleep_secs=6; sleep 1")?;
+    klp_demo_lines(g)?;
+    let file = g.host.file(&kp(series, "klp-callbacks-demo"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    check!(rc == 0, "{series}: the demo over a busy target: {out}");
+    let busy = g.run("dmesg | grep -c 'busymod_work_func exit' || true")?;
+    let lines = klp_demo_lines(g)?;
+    let b = "livepatch_callbacks_busymod";
+    let want = [
+        "pre_patch_callback: vmlinux".to_string(),
+        format!("pre_patch_callback: {b} -> {LIVE}"),
+        "post_patch_callback: vmlinux".into(),
+        format!("post_patch_callback: {b} -> {LIVE}"),
+    ];
+    check!(
+        lines == want && busy.trim() == "1",
+        "{series}: the demo over a busy target: {lines:#?}; {out}"
+    );
+    eprintln!("{series}: over a busy target:\n{out}");
+    verb(g, "disable", "livepatch_callbacks_demo")?;
+    verb(g, "unload", "livepatch_callbacks_demo")?;
+    klp_demo_lines(g)?;
+    g.run("rmmod livepatch_callbacks_busymod").map(|_| ())
 }
 
 /// How many lines of the guest's log contain `what`.
