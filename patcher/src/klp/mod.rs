@@ -77,6 +77,14 @@ impl PatchObject {
         let orc = OrcTables::read(&file, &index_of)?;
         let alternatives = read_alternatives(&file, &index_of, &sections)?;
         let imports = read_relocations(&file, &index_of, &mut sections)?;
+        if let Some(shadow) = imports.iter().find(|i| i.starts_with("klp_shadow_")) {
+            return Err(ParseError::Unsupported(format!(
+                "{name} calls {shadow}, which lpvmm serves with its own shadow-variable \
+                 runtime (the guest's would keep the variables where lpvmm cannot see or free \
+                 them): build the module with lpvmm kp build --kernel RELEASE, which links the \
+                 runtime in"
+            )));
+        }
         let declared = params::read(&file, &index_of, &sections, klp)?;
         let set = params::set(&mut sections, &declared, params)?;
         let this_module = sections

@@ -162,3 +162,19 @@ fn an_object_without_klp_patch_or_modinfo_is_refused() {
         .to_string();
     assert!(e.contains("nor a kernel livepatch module"), "{e}");
 }
+
+#[test]
+fn a_module_calling_the_kernels_shadow_api_is_refused() {
+    let src = MODULE.replace(
+        "int new_tun_show(void *m, void *f) { return 1; }",
+        "extern void *klp_shadow_get(void *o, unsigned long id);\nint new_tun_show(void *m, void *f) { return klp_shadow_get(m, 1) != 0; }",
+    );
+    let ko = crate::tests::kp(&src, &[]);
+    let e = PatchObject::parse_livepatch(&ko, &LAYOUT, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("calls klp_shadow_get") && e.contains("kp build --kernel"),
+        "{e}"
+    );
+}
