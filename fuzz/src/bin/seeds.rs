@@ -39,11 +39,15 @@ fn main() {
     std::fs::create_dir_all(&tmp).expect("tmp");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patcher/examples/cmdline.c");
     let cmdline = std::fs::read_to_string(example).expect("patcher/examples/cmdline.c");
-    for (name, src) in [("cmdline", cmdline.as_str()), ("two", TWO)] {
+    for (name, src) in [
+        ("cmdline.kp", cmdline.as_str()),
+        ("two.kp", TWO),
+        ("klp.ko", lpvmm_fuzz::KLP_SEED),
+    ] {
         let c = tmp.join(format!("{name}.c"));
         std::fs::write(&c, src).expect("source");
         let kp = patcher::build::compile(&c, &[], &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
-        write(&seeds.join("kp"), &format!("{name}.kp"), &kp);
+        write(&seeds.join("kp"), name, &kp);
     }
     let _ = std::fs::remove_dir_all(&tmp);
 

@@ -13,6 +13,9 @@ use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget, SymbolSectio
 use crate::load::object::{Place, Section, SectionKind};
 use crate::ParseError;
 
+/// At most this many parameters (a bound on hostile input).
+const MAX_PARAMS: u64 = 4096;
+
 /// How a parameter's value is stored (the kernel's `param_ops_*` it uses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -106,6 +109,9 @@ pub fn read(
         return Ok(Vec::new());
     };
     let n = sec.size() / klp.param_size.max(1);
+    if n > MAX_PARAMS {
+        return Err(bad(format!("{n} entries in __param; at most {MAX_PARAMS}")));
+    }
     let mut fields: HashMap<u64, (String, u64, Option<Place>)> = HashMap::new();
     for (offset, r) in sec.relocations() {
         let RelocationTarget::Symbol(si) = r.target() else {
