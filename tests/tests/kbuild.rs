@@ -568,12 +568,16 @@ fn dependency_in_one_patch(host: &mut TestHost, series: &str) -> TestResult {
 /// The lines the callbacks sample wrote to the guest's kernel log, in order (`what ran
 /// in COMM`).
 fn callback_lines(g: &mut Guest) -> Result<Vec<String>, String> {
-    Ok(g.run("dmesg | grep 'lpvmm-callbacks: ' || true")?
+    log_lines(g, "lpvmm-callbacks: ", false)
+}
+
+/// The rest of each line of the guest's kernel log that contains `prefix`, in order;
+/// with `clear`, the log is cleared (the next look sees only newer lines).
+fn log_lines(g: &mut Guest, prefix: &str, clear: bool) -> Result<Vec<String>, String> {
+    let dmesg = if clear { "dmesg -c" } else { "dmesg" };
+    Ok(g.run(&format!("{dmesg} | grep -- '{prefix}' || true"))?
         .lines()
-        .filter_map(|l| {
-            l.split_once("lpvmm-callbacks: ")
-                .map(|(_, r)| r.trim().to_string())
-        })
+        .filter_map(|l| l.split_once(prefix).map(|(_, r)| r.trim().to_string()))
         .collect())
 }
 
@@ -743,15 +747,7 @@ fn several_callbacks_run(g: &mut Guest, series: &str) -> TestResult {
 /// The lines the kernel's livepatch-callbacks-demo wrote to the guest's log since the
 /// last look (its pr_fmt prefix left out); dmesg is cleared.
 fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
-    Ok(
-        g.run("dmesg -c | grep 'livepatch_callbacks_demo: ' || true")?
-            .lines()
-            .filter_map(|l| {
-                l.split_once("livepatch_callbacks_demo: ")
-                    .map(|(_, r)| r.trim().to_string())
-            })
-            .collect(),
-    )
+    log_lines(g, "livepatch_callbacks_demo: ", true)
 }
 
 /// Issue 28, the kernel's samples/livepatch (Debian's source of the guest's release,
@@ -851,7 +847,9 @@ fn klp_callbacks_demo(g: &mut Guest, series: &str) -> TestResult {
 /// livepatch-callbacks-demo enabled while livepatch-callbacks-busymod's work function
 /// (which the demo replaces) sleeps 6 s in a kworker (`sleep_secs=6`, the sample's
 /// busy target): pre_patch runs for vmlinux and busymod (LIVE), the transition waits for
-/// the sleeper, then post_patch runs for both.
+/// the sleeper, then post_patch runs for both. Then test-callbacks.sh's "multiple target
+/// modules": livepatch-callbacks-mod loaded and unloaded (its callbacks in insmod and
+/// rmmod), and the disable's callbacks for vmlinux and busymod.
 fn klp_busy_target(g: &mut Guest, series: &str) -> TestResult {
     g.run("insmod /root/klp/livepatch_callbacks_busymod.ko sleep_secs=6; sleep 1")?;
     klp_demo_lines(g)?;
@@ -872,9 +870,25 @@ fn klp_busy_target(g: &mut Guest, series: &str) -> TestResult {
         "{series}: the demo over a busy target: {lines:#?}; {out}"
     );
     eprintln!("{series}: over a busy target:\n{out}");
+    g.run("insmod /root/klp/livepatch_callbacks_mod.ko && rmmod livepatch_callbacks_mod")?;
     verb(g, "disable", "livepatch_callbacks_demo")?;
     verb(g, "unload", "livepatch_callbacks_demo")?;
-    klp_demo_lines(g)?;
+    let lines = klp_demo_lines(g)?;
+    let m = "livepatch_callbacks_mod";
+    let want = [
+        format!("pre_patch_callback: {m} -> {COMING}"),
+        format!("post_patch_callback: {m} -> {COMING}"),
+        format!("pre_unpatch_callback: {m} -> {GOING}"),
+        format!("post_unpatch_callback: {m} -> {GOING}"),
+        "pre_unpatch_callback: vmlinux".into(),
+        format!("pre_unpatch_callback: {b} -> {LIVE}"),
+        "post_unpatch_callback: vmlinux".into(),
+        format!("post_unpatch_callback: {b} -> {LIVE}"),
+    ];
+    check!(
+        lines == want,
+        "{series}: multiple target modules: {lines:#?}"
+    );
     g.run("rmmod livepatch_callbacks_busymod").map(|_| ())
 }
 
@@ -959,11 +973,10 @@ fn livepatch_shadow_samples(host: &mut TestHost, series: &str) -> TestResult {
 /// The callbacks sample's log lines since the last look (`KIND ran in COMM for PATCH`,
 /// the comm left out); dmesg is cleared.
 fn callback_lines_since(g: &mut Guest) -> Result<Vec<String>, String> {
-    Ok(g.run("dmesg -c | grep 'lpvmm-callbacks: ' || true")?
-        .lines()
-        .filter_map(|l| {
-            let (_, r) = l.split_once("lpvmm-callbacks: ")?;
-            let (kind, rest) = r.trim().split_once(" ran in ")?;
+    Ok(log_lines(g, "lpvmm-callbacks: ", true)?
+        .iter()
+        .filter_map(|r| {
+            let (kind, rest) = r.split_once(" ran in ")?;
             let (_, patch) = rest.split_once(" for ")?;
             Some(format!("{kind} {patch}"))
         })
@@ -1064,13 +1077,7 @@ fn slow_callback(g: &mut Guest, series: &str) -> TestResult {
 /// The tuncb sample's log lines since the last look (`KIND ran in COMM for MODULE
 /// (state S)`); dmesg is cleared.
 fn tuncb_lines(g: &mut Guest) -> Result<Vec<String>, String> {
-    Ok(g.run("dmesg -c | grep 'lpvmm-tuncb: ' || true")?
-        .lines()
-        .filter_map(|l| {
-            l.split_once("lpvmm-tuncb: ")
-                .map(|(_, r)| r.trim().to_string())
-        })
-        .collect())
+    log_lines(g, "lpvmm-tuncb: ", true)
 }
 
 /// Issue 27, callbacks of a module object (patcher/examples/kbuild/tuncb.c), as the
@@ -1252,14 +1259,7 @@ fn state_callbacks_across_a_chain(host: &mut TestHost, series: &str) -> TestResu
         );
     }
     verb(&mut g, "disable", "states-3")?;
-    let log: Vec<String> = g
-        .run("dmesg | grep 'lpvmm-states: ' || true")?
-        .lines()
-        .filter_map(|l| {
-            l.split_once("lpvmm-states: ")
-                .map(|(_, r)| r.trim().to_string())
-        })
-        .collect();
+    let log = log_lines(&mut g, "lpvmm-states: ", false)?;
     check!(
         log == [
             "setup of state 7 by states-1",
@@ -1286,14 +1286,7 @@ fn shadow_vars(g: &mut Guest) -> Result<ShadowResult, String> {
 /// holds what each call returned, in order, every check ok, and no variable is left.
 fn shadow_calls(g: &mut Guest, series: &str) -> TestResult {
     patchtest::apply(g, &stem(series, "shadowvars"))?;
-    let log: Vec<String> = g
-        .run("dmesg | grep 'lpvmm-shadow-vars: ' || true")?
-        .lines()
-        .filter_map(|l| {
-            l.split_once("lpvmm-shadow-vars: ")
-                .map(|(_, r)| r.trim().to_string())
-        })
-        .collect();
+    let log = log_lines(g, "lpvmm-shadow-vars: ", false)?;
     eprintln!("{series}: test-shadow-vars with lpvmm's runtime: {log:#?}");
     check!(
         log == SHADOW_VARS_LOG,

@@ -23,10 +23,7 @@ pub mod params;
 pub mod read;
 
 use crate::load::link::Linked;
-use crate::load::object::{
-    aligned_copy, check_manifest, functions_of, lay_out_sections, open_elf, read_alternatives,
-    read_relocations, refusal, Flavour, Laid, OrcTables, PatchObject,
-};
+use crate::load::object::{aligned_copy, check_manifest, open_elf, Body, Flavour, PatchObject};
 use crate::load::objects::ObjectModule;
 use crate::patch::{KlpObjectAt, ObjectName};
 use crate::ParseError;
@@ -65,18 +62,14 @@ impl PatchObject {
         })?;
         let (buf, at) = aligned_copy(data);
         let file = open_elf(&buf[at..])?;
-        let Laid {
+        let Body {
             mut sections,
             index_of,
-            refused,
-        } = lay_out_sections(&file, Flavour::Livepatch)?;
-        let functions = functions_of(&file, &index_of)?;
-        if !refused.is_empty() {
-            return Err(refusal(&file, &refused, &index_of, &functions));
-        }
-        let orc = OrcTables::read(&file, &index_of)?;
-        let alternatives = read_alternatives(&file, &index_of, &sections)?;
-        let imports = read_relocations(&file, &index_of, &mut sections)?;
+            functions,
+            orc,
+            alternatives,
+            imports,
+        } = Body::read(&file, Flavour::Livepatch)?;
         if let Some(shadow) = imports.iter().find(|i| i.starts_with("klp_shadow_")) {
             return Err(ParseError::Unsupported(format!(
                 "{name} calls {shadow}, which lpvmm serves with its own shadow-variable \

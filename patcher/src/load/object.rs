@@ -192,7 +192,7 @@ fn reloc_place(
 /// (`u16 cpuid; u8 instrlen; u8 replacementlen`, up to 6.1) and 14 bytes (`u32 ft_flags`
 /// with flags above bit 16, later); which one is the stride between the entries'
 /// relocations.
-pub(crate) fn read_alternatives(
+fn read_alternatives(
     file: &object::File,
     index_of: &std::collections::HashMap<object::SectionIndex, usize>,
     sections: &[Section],
@@ -302,7 +302,7 @@ pub struct OrcSpot {
 const MAX_ORC: usize = 1 << 20;
 
 impl OrcTables {
-    pub(crate) fn read(
+    fn read(
         file: &object::File,
         index_of: &std::collections::HashMap<object::SectionIndex, usize>,
     ) -> Result<Option<OrcTables>, ParseError> {
@@ -531,17 +531,17 @@ fn reloc_name(r_type: u32) -> String {
 }
 
 /// The sections a patch lays out, and those it must refuse.
-pub(crate) struct Laid {
-    pub(crate) sections: Vec<Section>,
+struct Laid {
+    sections: Vec<Section>,
     /// ELF section index to ours.
-    pub(crate) index_of: HashMap<object::SectionIndex, usize>,
+    index_of: HashMap<object::SectionIndex, usize>,
     /// Sections refused (ELF index, name, why), refused once the functions that need
     /// them are known.
-    pub(crate) refused: Vec<(object::SectionIndex, String, &'static str)>,
+    refused: Vec<(object::SectionIndex, String, &'static str)>,
 }
 
 /// Classify every section: laid out (with its contents, bounded), skipped, or refused.
-pub(crate) fn lay_out_sections(file: &object::File, flavour: Flavour) -> Result<Laid, ParseError> {
+fn lay_out_sections(file: &object::File, flavour: Flavour) -> Result<Laid, ParseError> {
     // Sections to lay out, with a map from ELF section index to ours; sections that
     // must be refused, refused once the functions that need them are known.
     let mut sections = Vec::new();
@@ -616,7 +616,7 @@ pub(crate) fn lay_out_sections(file: &object::File, flavour: Flavour) -> Result<
 
 /// The object's functions (its text symbols in sections it lays out); a common symbol
 /// is refused.
-pub(crate) fn functions_of(
+fn functions_of(
     file: &object::File,
     index_of: &HashMap<object::SectionIndex, usize>,
 ) -> Result<Vec<Function>, ParseError> {
@@ -646,7 +646,7 @@ pub(crate) fn functions_of(
 
 /// The error for refused sections: one line per reason (an alternative has two
 /// sections, say), each with the sections and the functions that need them.
-pub(crate) fn refusal(
+fn refusal(
     file: &object::File,
     refused: &[(object::SectionIndex, String, &'static str)],
     index_of: &HashMap<object::SectionIndex, usize>,
@@ -746,7 +746,7 @@ fn reloc_target(
 
 /// Every relocation of the laid-out sections, checked and attached to its section; the
 /// kernel symbols they use.
-pub(crate) fn read_relocations(
+fn read_relocations(
     file: &object::File,
     index_of: &HashMap<object::SectionIndex, usize>,
     sections: &mut [Section],
@@ -867,22 +867,14 @@ impl PatchObject {
             .map_err(|e| ParseError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
         let manifest = Manifest::parse(manifest_data)?;
 
-        let Laid {
-            mut sections,
-            index_of,
-            refused,
-        } = lay_out_sections(&file, Flavour::Kp)?;
-
-        let functions = functions_of(&file, &index_of)?;
-
-        if !refused.is_empty() {
-            return Err(refusal(&file, &refused, &index_of, &functions));
-        }
-        let orc = OrcTables::read(&file, &index_of)?;
-        let alternatives = read_alternatives(&file, &index_of, &sections)?;
-
-        let imports = read_relocations(&file, &index_of, &mut sections)?;
-
+        let Body {
+            sections,
+            functions,
+            orc,
+            alternatives,
+            imports,
+            ..
+        } = Body::read(&file, Flavour::Kp)?;
         check_manifest(&manifest, &functions, &sections, &imports)?;
 
         let obj = PatchObject {
@@ -896,6 +888,43 @@ impl PatchObject {
         };
         obj.check_places()?;
         Ok(obj)
+    }
+}
+
+/// What an object holds besides its description (manifest or `klp_patch`): its laid-out
+/// sections with their relocations, functions, ORC and alternatives, and the kernel
+/// symbols it uses; a section it must refuse refuses it.
+pub(crate) struct Body {
+    pub(crate) sections: Vec<Section>,
+    pub(crate) index_of: HashMap<object::SectionIndex, usize>,
+    pub(crate) functions: Vec<Function>,
+    pub(crate) orc: Option<OrcTables>,
+    pub(crate) alternatives: Option<Alternatives>,
+    pub(crate) imports: BTreeSet<String>,
+}
+
+impl Body {
+    pub(crate) fn read(file: &object::File, flavour: Flavour) -> Result<Body, ParseError> {
+        let Laid {
+            mut sections,
+            index_of,
+            refused,
+        } = lay_out_sections(file, flavour)?;
+        let functions = functions_of(file, &index_of)?;
+        if !refused.is_empty() {
+            return Err(refusal(file, &refused, &index_of, &functions));
+        }
+        let orc = OrcTables::read(file, &index_of)?;
+        let alternatives = read_alternatives(file, &index_of, &sections)?;
+        let imports = read_relocations(file, &index_of, &mut sections)?;
+        Ok(Body {
+            sections,
+            index_of,
+            functions,
+            orc,
+            alternatives,
+            imports,
+        })
     }
 }
 

@@ -867,6 +867,18 @@ fn kp_build_livepatch(
 /// `lpvmm kp inspect`: what a .kp holds and what it needs from the kernel.
 fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if let Some(name) = patcher::klp::livepatch_module_name(&bytes) {
+        if json {
+            return print_json(&serde_json::json!({ "livepatch_module": name }));
+        }
+        println!(
+            "livepatch module {name}: lpvmm reads its struct klp_patch (objects, functions, \
+             callbacks, states, parameters) with the guest kernel's own layout of it when it \
+             applies it: lpvmm patch VM {} [PARAM=VALUE...]; `patch status` then shows it",
+            file.display()
+        );
+        return Ok(0);
+    }
     let p = patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
     if json {
         return print_json(&p);

@@ -168,12 +168,18 @@ impl Session {
         for ring in rings {
             let Session { vm, engine, .. } = self;
             let quick = vm.running_ram(|ram| engine.module_ring_unpaused(ram, &kernel, ring));
+            let last = engine.module_events().back().cloned();
             let answer = match quick {
                 Some(a) => a,
                 None => match vm.paused_for_write(|g| engine.module_ring(g, &kernel, ring)) {
                     Ok((a, _)) => {
-                        if let Some(e) = engine.module_events().back() {
-                            eprintln!("lpvmm: module {} {}: {}", e.module, e.action, e.outcome);
+                        // Once per event, when it ends (a ring that asks the stub to
+                        // call a callback ends none).
+                        match engine.module_events().back() {
+                            Some(e) if Some(e) != last.as_ref() => {
+                                eprintln!("lpvmm: module {} {}: {}", e.module, e.action, e.outcome)
+                            }
+                            _ => {}
                         }
                         a
                     }
