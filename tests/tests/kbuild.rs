@@ -758,7 +758,9 @@ fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
 /// vmlinux callbacks log what the sample documents (`pre_patch_callback: vmlinux`, ...,
 /// each given its `struct klp_object`), its two target modules wait; with
 /// `pre_patch_ret=-19` (a module parameter, as insmod takes it) the enable is refused
-/// after its pre_patch alone; an unknown parameter is refused naming the module's.
+/// after its pre_patch alone; an unknown parameter is refused naming the module's;
+/// lpvmm's klp-percpu.ko (per-CPU data) is refused naming `.data..percpu` and the
+/// function that needs it, kernel text and patch area unchanged.
 fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("kbklp-{}", series.replace('.', "_"));
     let mut g = boot_with_klp_targets(host, &name, series)?;
@@ -798,9 +800,18 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
         rc != 0 && out.contains("the module has no parameter 'frobnicate' (it has: pre_patch_ret)"),
         "{series}: an unknown parameter: {out}"
     );
+    let area_before = checksum(&mut g, "patch-area")?;
+    let percpu = g.host.file(&kp(series, "klp-percpu"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {percpu}"))?;
     check!(
-        status(&mut g)?.patches.is_empty() && checksum(&mut g, "text")? == text_before,
-        "{series}: refused loads left a patch or changed the text"
+        rc != 0 && out.contains("section .data..percpu (needed by klp_percpu_cmdline_proc_show)"),
+        "{series}: a livepatch module with per-CPU data: {out}"
+    );
+    check!(
+        status(&mut g)?.patches.is_empty()
+            && checksum(&mut g, "text")? == text_before
+            && checksum(&mut g, "patch-area")? == area_before,
+        "{series}: refused loads left a patch or changed the text or the patch area"
     );
     g.poweroff().map(|_| ())
 }
@@ -2183,6 +2194,11 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
             klp_targets(&klp_dir, &rel, &out)?,
             kp(series, "klp-targets"),
         ));
+        // lpvmm's own livepatch module that it refuses (per-CPU data).
+        let kp_file = out.join("klp-percpu.ko");
+        let (rc, msg) = kp_build(&sample("klp-percpu"), &kp_file, &rel, &[]);
+        check!(rc == 0, "kp build klp-percpu.c --kernel {rel}: {msg}");
+        files.push((kp_file, kp(series, "klp-percpu")));
         for name in BAD {
             let bytes = patcher::kbuild::compile(&sample(name), &rel, &[])
                 .map_err(|e| format!("kbuild of {name} for {rel}: {e}"))?;

@@ -178,3 +178,19 @@ fn a_module_calling_the_kernels_shadow_api_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn a_module_with_per_cpu_data_is_refused_naming_the_function() {
+    let src = MODULE.replace(
+        "int new_tun_show(void *m, void *f) { return 1; }",
+        "static unsigned long reads __attribute__((section(\".data..percpu\")));\nint new_tun_show(void *m, void *f) { return ++reads; }",
+    );
+    let ko = crate::tests::kp(&src, &[]);
+    let e = PatchObject::parse_livepatch(&ko, &LAYOUT, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("section .data..percpu (needed by new_tun_show)"),
+        "{e}"
+    );
+}

@@ -376,7 +376,37 @@ fn users_of(
             users.insert(f.name.clone());
         }
     }
+    // And the functions whose code refers into it (per-CPU variables, say).
+    for code in file
+        .sections()
+        .filter(|s| index_of.contains_key(&s.index()))
+    {
+        for (offset, r) in code.relocations() {
+            if reloc_section(file, &r) != Some(index) {
+                continue;
+            }
+            let at = Place {
+                section: index_of[&code.index()],
+                offset,
+            };
+            if let Some(f) = function_at(functions, at) {
+                users.insert(f.name.clone());
+            }
+        }
+    }
     users.into_iter().collect()
+}
+
+/// The ELF section a relocation's target lies in.
+fn reloc_section(file: &object::File, r: &object::Relocation) -> Option<object::SectionIndex> {
+    match r.target() {
+        RelocationTarget::Section(s) => Some(s),
+        RelocationTarget::Symbol(si) => match file.symbol_by_index(si).ok()?.section() {
+            SymbolSection::Section(s) => Some(s),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Sections that make the kernel do something with the code (fix up faults, patch
