@@ -159,7 +159,7 @@ impl Engine {
                 t.calls.running = Some((call, now_ms));
                 t.calls.pauses_us.push(pause_us);
                 t.calls.taint_at_queue = guest
-                    .running(|ram| crate::lost_calls::guest_taint(ram, kernel))
+                    .running(|ram| crate::taint::guest_taint(ram, kernel))
                     .unwrap_or(0);
                 Ok(())
             }

@@ -528,6 +528,7 @@ impl Engine {
 
         // Everything checked: write.
         write_images(guest, kernel, &mut area, tables.as_ref(), &linked, &m.name)?;
+        crate::taint::taint_livepatch(guest, kernel);
         area.space.take(runs);
         if let Some((plan, bell)) = notifier {
             self.notifier = Some(plan.install(guest, &mut area, bell)?);

@@ -38,6 +38,7 @@ pub mod shadow;
 pub mod source;
 pub mod space;
 pub mod states;
+pub mod taint;
 #[cfg(test)]
 mod tests;
 pub mod transition;

@@ -22,17 +22,13 @@ use introspection::{GuestRam, Unconfirmed};
 use crate::engine::Engine;
 use crate::guestcall::{CallState, GuestCaller, SetAside};
 use crate::load::manifest::CallbackKind;
+use crate::taint::{guest_taint, taint_letters, TAINT_DIE};
 use crate::transition::calls::{Call, CallRan};
 use crate::transition::{Op, Outcome, Stage, Transition};
 use crate::{GuestControl, KpError};
 
 /// How long a callback may run when its transition has no timeout.
 pub const CALL_TIMEOUT_MS: u64 = 60_000;
-/// The kernel's TAINT_DIE: an oops happened.
-const TAINT_DIE: u64 = 1 << 7;
-/// The kernel's taint letters, bit by bit (kernel/panic.c, `taint_flags`).
-const TAINT_LETTERS: &[u8; 19] = b"PFSRMBUDAWCIOELKXTN";
-
 /// Why a call was given up on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Lost {
@@ -53,22 +49,6 @@ impl Lost {
             ),
         }
     }
-}
-
-/// The letters /proc/sys/kernel/tainted's bits stand for, as the kernel prints them.
-pub fn taint_letters(mask: u64) -> String {
-    TAINT_LETTERS
-        .iter()
-        .enumerate()
-        .filter(|(bit, _)| mask & (1 << bit) != 0)
-        .map(|(_, &c)| c as char)
-        .collect()
-}
-
-/// The guest kernel's `tainted_mask`, read while it runs (`None`: no such symbol).
-pub(crate) fn guest_taint(ram: &dyn GuestRam, kernel: &Kernel) -> Option<u64> {
-    let at = kernel.symbols.addr("tainted_mask")?;
-    kernel.memory(&Unconfirmed(ram)).u64(at).ok()
 }
 
 /// Whether the task at `task` is on the guest's task list and not dead.
@@ -204,22 +184,5 @@ impl Engine {
                     s.func
                 )),
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn taint_letters_are_the_kernels() {
-        assert_eq!(taint_letters(0), "");
-        assert_eq!(taint_letters(1 << 7), "D");
-        assert_eq!(taint_letters((1 << 7) | (1 << 9) | (1 << 15)), "DWK");
-        assert_eq!(
-            taint_letters(1 << 63),
-            "",
-            "bits the kernel has no letter for"
-        );
     }
 }

@@ -754,7 +754,8 @@ fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
 /// built with `kp build --kernel` into real .ko files), applied by lpvmm with the guest
 /// never loading a livepatch module: livepatch-sample's /proc/cmdline says "this has
 /// been live patched" and the patch is named livepatch_sample; nothing of it is in
-/// /proc/modules; disabled, the guest's own text is back. livepatch-callbacks-demo's
+/// /proc/modules; the guest's taint has K, as after insmod of a livepatch; disabled,
+/// the guest's own text is back. livepatch-callbacks-demo's
 /// vmlinux callbacks log what the sample documents (`pre_patch_callback: vmlinux`, ...,
 /// each given its `struct klp_object`), its two target modules wait; with
 /// `pre_patch_ret=-19` (a module parameter, as insmod takes it) the enable is refused
@@ -776,6 +777,15 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
     check!(
         !modules.contains("livepatch"),
         "{series}: the guest loaded a livepatch module: {modules}"
+    );
+    // Tainted K, as loading a livepatch module taints the kernel.
+    let taint: u64 = g
+        .text("cat /proc/sys/kernel/tainted")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    check!(
+        taint & (1 << 15) != 0,
+        "{series}: the guest's taint {taint:#x} lacks K (TAINT_LIVEPATCH)"
     );
     verb(&mut g, "disable", "livepatch_sample")?;
     verb(&mut g, "unload", "livepatch_sample")?;
