@@ -18,6 +18,33 @@ pub use ftrace::SynthFtrace;
 pub use kernel::{SynthKernel, SynthKernelSpec, SynthTask};
 pub use modules::{BuiltModule, SynthModule};
 
+/// The layout of the kernel livepatch's structs (`klp_patch`, `klp_object`, `klp_func`,
+/// `klp_state`, `kernel_param`) in tests that build livepatch modules with gcc (patcher's
+/// unit tests, the fuzzer's seed): every field 8 bytes, in declaration order.
+pub const KLP_LAYOUT: crate::layout::KlpLayout = crate::layout::KlpLayout {
+    patch_mod: 0,
+    patch_objs: 8,
+    patch_states: 16,
+    patch_replace: 24,
+    object_size: 56,
+    object_name: 0,
+    object_funcs: 8,
+    object_callbacks: [16, 24, 32, 40],
+    object_mod: 48,
+    func_size: 24,
+    func_old_name: 0,
+    func_new_func: 8,
+    func_old_sympos: 16,
+    state_size: 16,
+    state_id: 0,
+    state_version: 8,
+    param_size: 40,
+    param_name: 0,
+    param_ops: 16,
+    param_arg: 32,
+    module_size: 64,
+};
+
 const PRESENT_RW: u64 = 0x3;
 const LARGE: u64 = 1 << 7;
 

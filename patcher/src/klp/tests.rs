@@ -7,30 +7,8 @@ use introspection::layout::KlpLayout;
 use crate::load::manifest::CallbackKind;
 use crate::PatchObject;
 
-/// The test's kernel: every struct field 8 bytes, in this order.
-const LAYOUT: KlpLayout = KlpLayout {
-    patch_mod: 0,
-    patch_objs: 8,
-    patch_states: 16,
-    patch_replace: 24,
-    object_size: 56,
-    object_name: 0,
-    object_funcs: 8,
-    object_callbacks: [16, 24, 32, 40],
-    object_mod: 48,
-    func_size: 24,
-    func_old_name: 0,
-    func_new_func: 8,
-    func_old_sympos: 16,
-    state_size: 16,
-    state_id: 0,
-    state_version: 8,
-    param_size: 40,
-    param_name: 0,
-    param_ops: 16,
-    param_arg: 32,
-    module_size: 64,
-};
+/// The test kernel's layout of the structs: every field 8 bytes, in order.
+const LAYOUT: KlpLayout = introspection::synth::KLP_LAYOUT;
 
 const MODULE: &str = r#"
 struct klp_func { const char *old_name; void *new_func; unsigned long old_sympos; };
