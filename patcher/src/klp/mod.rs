@@ -23,7 +23,7 @@ pub mod params;
 pub mod read;
 
 use crate::load::link::Linked;
-use crate::load::object::{aligned_copy, check_manifest, open_elf, Body, Flavour, PatchObject};
+use crate::load::object::{aligned_copy, open_elf, Body, Flavour, PatchObject};
 use crate::load::objects::ObjectModule;
 use crate::patch::{KlpObjectAt, ObjectName};
 use crate::ParseError;
@@ -35,8 +35,12 @@ pub use crate::load::object::{KlpParts, THIS_MODULE_SECTION};
 /// `None` for an object that is not one.
 pub fn livepatch_module_name(data: &[u8]) -> Option<String> {
     let (buf, at) = aligned_copy(data);
-    let file = open_elf(&buf[at..]).ok()?;
-    let info = object::Object::section_by_name(&file, ".modinfo")?;
+    modinfo_name(&open_elf(&buf[at..]).ok()?)
+}
+
+/// [`livepatch_module_name`] of an opened object.
+fn modinfo_name(file: &object::File) -> Option<String> {
+    let info = object::Object::section_by_name(file, ".modinfo")?;
     let info = object::ObjectSection::data(&info).ok()?;
     let entries: Vec<&[u8]> = info.split(|&b| b == 0).collect();
     let livepatch = entries.iter().any(|e| *e == b"livepatch=Y");
@@ -53,24 +57,17 @@ impl PatchObject {
         klp: &KlpLayout,
         params: &[String],
     ) -> Result<PatchObject, ParseError> {
-        let name = livepatch_module_name(data).ok_or_else(|| {
+        let (buf, at) = aligned_copy(data);
+        let file = open_elf(&buf[at..])?;
+        let name = modinfo_name(&file).ok_or_else(|| {
             ParseError::Manifest(
                 "neither an lpvmm patch (no .lpvmm.manifest) nor a kernel livepatch module \
                  (no livepatch=Y and name= in .modinfo)"
                     .into(),
             )
         })?;
-        let (buf, at) = aligned_copy(data);
-        let file = open_elf(&buf[at..])?;
-        let Body {
-            mut sections,
-            index_of,
-            functions,
-            orc,
-            alternatives,
-            imports,
-        } = Body::read(&file, Flavour::Livepatch)?;
-        if let Some(shadow) = imports.iter().find(|i| i.starts_with("klp_shadow_")) {
+        let mut body = Body::read(&file, Flavour::Livepatch)?;
+        if let Some(shadow) = body.imports.iter().find(|i| i.starts_with("klp_shadow_")) {
             return Err(ParseError::Unsupported(format!(
                 "{name} calls {shadow}, which lpvmm serves with its own shadow-variable \
                  runtime (the guest's would keep the variables where lpvmm cannot see or free \
@@ -78,34 +75,27 @@ impl PatchObject {
                  runtime in"
             )));
         }
-        let declared = params::read(&file, &index_of, &sections, klp)?;
-        let set = params::set(&mut sections, &declared, params)?;
-        let this_module = sections
+        let declared = params::read(&file, &body.index_of, &body.sections, klp)?;
+        let set = params::set(&mut body.sections, &declared, params)?;
+        let this_module = body
+            .sections
             .iter()
             .position(|s| s.name == THIS_MODULE_SECTION)
             .ok_or_else(|| ParseError::Manifest(format!("no {THIS_MODULE_SECTION} section")))?;
         let (mut manifest, objects) =
-            read::describe(&sections, &functions, klp, this_module, &name)?;
+            read::describe(&body.sections, &body.functions, klp, this_module, &name)?;
         // What the module's init would do with a `replace` parameter (the kernel's
         // selftests: `patch.replace = replace`).
         if let Some((_, v)) = set.iter().find(|(n, _)| n == "replace") {
             manifest.atomic_replace = v != "0";
         }
-        check_manifest(&manifest, &functions, &sections, &imports)?;
-        let obj = PatchObject {
+        body.into_object(
             manifest,
-            sections,
-            functions,
-            imports: imports.into_iter().collect(),
-            orc,
-            alternatives,
-            klp: Some(KlpParts {
+            Some(KlpParts {
                 objects,
                 params: params.to_vec(),
             }),
-        };
-        obj.check_places()?;
-        Ok(obj)
+        )
     }
 }
 

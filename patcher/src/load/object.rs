@@ -831,7 +831,7 @@ fn read_relocations(
 
 /// The manifest against the object: every replacement is a function of the object,
 /// every symbol binding is for a symbol the patch uses.
-pub(crate) fn check_manifest(
+fn check_manifest(
     manifest: &Manifest,
     functions: &[Function],
     sections: &[Section],
@@ -897,27 +897,7 @@ impl PatchObject {
             .map_err(|e| ParseError::Truncated(format!("{MANIFEST_SECTION}: {e}")))?;
         let manifest = Manifest::parse(manifest_data)?;
 
-        let Body {
-            sections,
-            functions,
-            orc,
-            alternatives,
-            imports,
-            ..
-        } = Body::read(&file, Flavour::Kp)?;
-        check_manifest(&manifest, &functions, &sections, &imports)?;
-
-        let obj = PatchObject {
-            manifest,
-            sections,
-            functions,
-            imports: imports.into_iter().collect(),
-            orc,
-            alternatives,
-            klp: None,
-        };
-        obj.check_places()?;
-        Ok(obj)
+        Body::read(&file, Flavour::Kp)?.into_object(manifest, None)
     }
 }
 
@@ -955,6 +935,27 @@ impl Body {
             alternatives,
             imports,
         })
+    }
+
+    /// The patch this body and `manifest` make, checked: every function the manifest
+    /// names is the object's code, every place lies in its section.
+    pub(crate) fn into_object(
+        self,
+        manifest: Manifest,
+        klp: Option<KlpParts>,
+    ) -> Result<PatchObject, ParseError> {
+        check_manifest(&manifest, &self.functions, &self.sections, &self.imports)?;
+        let obj = PatchObject {
+            manifest,
+            sections: self.sections,
+            functions: self.functions,
+            imports: self.imports.into_iter().collect(),
+            orc: self.orc,
+            alternatives: self.alternatives,
+            klp,
+        };
+        obj.check_places()?;
+        Ok(obj)
     }
 }
 
