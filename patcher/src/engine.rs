@@ -554,7 +554,6 @@ impl Engine {
             orc,
             imports: imports_of(linked),
             enables: 0,
-            exited: false,
             late,
             callbacks,
             klp_objects,
@@ -659,7 +658,7 @@ impl Engine {
                     p.replaced_by.as_deref().unwrap_or("?")
                 )))
             }
-            PatchState::Disabled if p.exited => {
+            PatchState::Disabled if p.exited() => {
                 return Err(KpError::State(format!(
                     "'{name}' is a kernel livepatch module whose exit ran when it was disabled \
                      (as the kernel frees a disabled livepatch): unload it and load it again"
@@ -721,13 +720,7 @@ impl Engine {
                         q.state = PatchState::Enabled;
                         q.enables += 1;
                     }
-                    Op::Disable => {
-                        q.state = PatchState::Disabled;
-                        q.exited = q
-                            .callbacks
-                            .iter()
-                            .any(|c| c.kind == CallbackKind::ModuleExit);
-                    }
+                    Op::Disable => q.state = PatchState::Disabled,
                 }
             } else if op == Op::Enable
                 && replace

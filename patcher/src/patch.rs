@@ -85,10 +85,6 @@ pub struct Patch {
     pub imports: Vec<Import>,
     /// Times this patch was enabled.
     pub enables: u64,
-    /// A livepatch module whose exit ran (after its disable): it cannot be enabled again,
-    /// as the kernel frees a disabled livepatch.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub exited: bool,
     /// Its callbacks, for the objects they belong to.
     #[serde(default)]
     pub callbacks: Vec<PatchCallback>,
@@ -117,6 +113,17 @@ impl Patch {
             .iter()
             .find(|k| &k.object == object)
             .map_or(module, |k| k.addr)
+    }
+
+    /// A livepatch module whose exit ran, after a disable that followed an enable: it
+    /// cannot be enabled again, as the kernel frees a disabled livepatch.
+    pub(crate) fn exited(&self) -> bool {
+        self.state == PatchState::Disabled
+            && self.enables > 0
+            && self
+                .callbacks
+                .iter()
+                .any(|c| c.kind == crate::load::manifest::CallbackKind::ModuleExit)
     }
 
     /// Whether its `kind` callbacks return nothing: a livepatch module's, but pre_patch
