@@ -243,8 +243,7 @@ impl Engine {
             return Ok(());
         };
         let ret = match state {
-            CallState::Done { .. } if call.void => 0,
-            CallState::Done { ret } => ret,
+            CallState::Done { ret } => call.returned(ret),
             other => {
                 let ms = now_ms.saturating_sub(since);
                 if let Some(lost) = self.lost(t, other, ms, guest, kernel) {

@@ -269,7 +269,7 @@ impl Engine {
     /// A callback returned `ret`: a pre-patch's non-zero return refuses the module
     /// (post-unpatch then runs for the patches whose pre-patch succeeded).
     fn called(&mut self, module: &Module, run: &mut EventRun, patch: String, call: Call, ret: i64) {
-        let ret = if call.void { 0 } else { ret };
+        let ret = call.returned(ret);
         run.outcome += &format!("{} {} returned {ret}; ", call.kind.word(), call.func);
         if call.kind != CallbackKind::PrePatch {
             return;

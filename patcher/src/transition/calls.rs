@@ -64,6 +64,18 @@ pub struct Calls {
     pub taint_at_queue: u64,
 }
 
+impl Call {
+    /// What it returned, of the value in the return register: 0 for a callback that
+    /// returns nothing.
+    pub fn returned<T: Default>(&self, raw: T) -> T {
+        if self.void {
+            T::default()
+        } else {
+            raw
+        }
+    }
+}
+
 impl Calls {
     /// Nothing runs or waits to run.
     pub fn idle(&self) -> bool {
