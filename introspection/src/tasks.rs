@@ -91,9 +91,20 @@ impl TaskList {
 /// `nr_threads` (the one other writer, `de_thread`, puts the exec'ing thread in its
 /// leader's place on `init_task.tasks`, which leaves the set of tasks the same). So if a
 /// stamp read *before* a walk of the running guest equals one read in a later pause,
-/// and in that pause no writer holds the lock, no fork or exit completed after the walk
-/// began and none is under way: the walk's list of task addresses is the pause's.
-/// (`total_forks` only grows; `nr_threads` only falls without a fork.)
+/// no fork or exit completed after the walk began and none is under way: the walk's
+/// list of task addresses is the pause's. (`total_forks` only grows; `nr_threads` only
+/// falls without a fork.)
+///
+/// A stamp is only taken where no writer holds the lock *after* the counters were read
+/// ([`TaskReader::list_stamp`]), in the running guest as in the pause. The critical
+/// section writes counters and list in no fixed order (`__unhash_process` decrements
+/// `nr_threads` before it unlinks the task), so counters read in the middle of an exit
+/// can already be the final ones while the list is not: a walk that followed would
+/// still find the exiting task, and a pause after the exit would read the same stamp.
+/// A lock seen free after the counters means every section that began before has ended,
+/// and its list writes are seen by the walk that follows (x86 orders a CPU's stores,
+/// and the unlock is the section's last); a section that begins later changes the
+/// counters after they were read, and the pause's stamp differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListStamp {
     pub forks: u64,
@@ -418,30 +429,34 @@ impl<'k, 'g> TaskReader<'k, 'g> {
         Ok(out)
     }
 
-    /// The task list's stamp now, `None` for a kernel without the counters' symbols.
+    /// The task list's stamp now (see [`ListStamp`]): `None` where it cannot be told, for
+    /// a kernel without the counters' symbols, or while a writer holds `tasklist_lock`
+    /// (a fork or exit may be half made).
     pub fn list_stamp(&self) -> Result<Option<ListStamp>, TaskError> {
         let a = &self.kernel.addrs;
-        let (Some(forks), Some(threads)) = (a.total_forks, a.nr_threads) else {
+        let (Some(forks), Some(threads), Some(lock)) =
+            (a.total_forks, a.nr_threads, a.tasklist_lock)
+        else {
             return Ok(None);
         };
-        Ok(Some(ListStamp {
+        let stamp = ListStamp {
             forks: self.mem.u64(forks)?, // kernel/fork.c: unsigned long total_forks
             threads: self.mem.u32(threads)?, // kernel/fork.c: int nr_threads
-        }))
+        };
+        // The lock word strictly after the counters, and before any read of the list.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.mem.u32(lock)? & QRW_WRITER_LOCKED != 0 {
+            return Ok(None);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(Some(stamp))
     }
 
     /// Whether the task list read from a running guest after `then` was taken is the
-    /// list of this (paused) guest: the stamp is the same and no writer holds
-    /// `tasklist_lock` (see [`ListStamp`]). `false` whenever it cannot be told.
+    /// list of this (paused) guest: its stamp now is `then` (see [`ListStamp`]).
+    /// `false` whenever it cannot be told.
     pub fn list_unchanged_since(&self, then: ListStamp) -> bool {
-        let Some(lock) = self.kernel.addrs.tasklist_lock else {
-            return false;
-        };
-        let writer = match self.mem.u32(lock) {
-            Ok(cnts) => cnts & QRW_WRITER_LOCKED != 0,
-            Err(_) => return false,
-        };
-        !writer && matches!(self.list_stamp(), Ok(Some(now)) if now == then)
+        matches!(self.list_stamp(), Ok(Some(now)) if now == then)
     }
 
     /// Every task, and what each vCPU runs.

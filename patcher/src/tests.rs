@@ -1606,6 +1606,20 @@ fn a_task_list_walked_early_is_used_only_while_no_task_appeared_or_went_away() {
         .list()
         .unwrap();
     assert!(list.by_pid(2).is_none());
+    // An exit half made when the early walk began (`__unhash_process` has counted one
+    // thread fewer and not yet unlinked the task, the writer holds the lock) and
+    // finished before the pause: the counters then equal the pause's, but the early
+    // walk still found the task. Walked in the pause.
+    let threads = peek(&f, &g, "nr_threads") as u32;
+    poke(&f, &mut g, "nr_threads", u64::from(threads - 1), 4);
+    poke(&f, &mut g, "tasklist_lock", 0xff, 4);
+    assert_eq!(
+        step(&mut f, &mut g, &|f, g| {
+            unlink(f, g, 30);
+            poke(f, g, "tasklist_lock", 0, 4);
+        }),
+        (0, 1, 0)
+    );
     // A kernel that unlinked a task without counting it breaks what the stamp relies
     // on: the early list is taken, and verification against a walk in the same pause
     // counts the difference.

@@ -17,8 +17,8 @@
 //!
 //! The task list itself is walked and read early too. The pause skips the walk when the
 //! kernel's fork and exit counters, read before the early walk, are the same in the
-//! pause and no writer holds `tasklist_lock` ([`introspection::tasks::ListStamp`]): then
-//! no task appeared or went away. It then brings the early list up to date
+//! pause, and no writer held `tasklist_lock` just after either read
+//! ([`introspection::tasks::ListStamp`]): then no task appeared or went away. It then brings the early list up to date
 //! ([`introspection::tasks::TaskReader::refresh`]): one read of each task's switch count,
 //! and the whole task read again only where it ran. Otherwise the pause walks the list
 //! and reads every task itself.
