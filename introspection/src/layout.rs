@@ -83,6 +83,113 @@ pub struct PatcherTypes {
     /// The kernel livepatch's structures (CONFIG_LIVEPATCH): for reading a livepatch
     /// module's `struct klp_patch`.
     pub klp: Option<KlpLayout>,
+    /// What lpvmm writes to make a patch a module the guest knows.
+    pub guest_module: Option<GuestModuleLayout>,
+}
+
+/// The rest of `struct module`, `struct module_use`, `struct mod_kallsyms`, the module
+/// address tree (`struct mod_tree_root` and its nodes, `struct rb_node`) and
+/// `rq.nr_switches`: what lpvmm writes to make a loaded patch a module the guest's
+/// kernel knows (kernel/module/, include/linux/rbtree_latch.h), beside what
+/// [`ModuleLayout`] reads. Offsets in `struct module` unless said otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestModuleLayout {
+    pub module_size: u64,
+    pub target_list: u64,
+    pub taints: u64,
+    pub extable: u64,
+    pub num_exentries: u64,
+    pub bug_table: u64,
+    pub num_bugs: u64,
+    pub bug_list: u64,
+    /// The text region's tree node (`mem[MOD_TEXT].mtn`, or `core_layout.mtn`).
+    pub text_mtn: u64,
+    /// 6.1's `core_layout.text_size`, `.ro_size`, `.ro_after_init_size` (the text is
+    /// all of the layout); none with `mem[]`.
+    pub layout_sizes: Vec<u64>,
+    /// In the region (`module_memory` or `module_layout`): `mtn`, and `base`.
+    pub region_mtn: u64,
+    pub region_base: u64,
+    /// `struct mod_tree_node`: `mod`, `node` (a `latch_tree_node`: two `rb_node`s).
+    pub mtn_mod: u64,
+    pub mtn_node: u64,
+    /// `struct rb_node`: its size, `__rb_parent_color`, `rb_right`, `rb_left`.
+    pub rb_size: u64,
+    pub rb_parent_color: u64,
+    pub rb_right: u64,
+    pub rb_left: u64,
+    /// `struct mod_tree_root`: `root.seq` (the latch's sequence), `root.tree`,
+    /// `addr_min`, `addr_max`.
+    pub tree_seq: u64,
+    pub tree_roots: u64,
+    pub addr_min: u64,
+    pub addr_max: u64,
+    /// `struct module_use`: size, `target_list`, `target`.
+    pub use_size: u64,
+    pub use_target_list: u64,
+    pub use_target: u64,
+    pub kallsyms_size: u64,
+    /// `sizeof(struct bug_entry)`.
+    pub bug_entry_size: u64,
+    /// `rq.nr_switches`.
+    pub rq_nr_switches: u64,
+}
+
+impl GuestModuleLayout {
+    fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
+        let m = |f: &str| btf.field("module", f).map(|f| f.offset());
+        let off = |s: &str, f: &str| btf.field(s, f).map(|f| f.offset());
+        let (text_mtn, layout_sizes, region) = match btf.field("module", "mem") {
+            Ok(mem) => {
+                let text = btf
+                    .enumerator("MOD_TEXT")
+                    .ok_or_else(|| BtfError::NoStruct("enum mod_mem_type (MOD_TEXT)".into()))?;
+                let stride = btf.struct_size("module_memory")?;
+                let mtn = off("module_memory", "mtn")?;
+                (
+                    mem.offset() + text * stride + mtn,
+                    Vec::new(),
+                    "module_memory",
+                )
+            }
+            Err(_) => {
+                let core = m("core_layout")?;
+                let l = |f: &str| off("module_layout", f).map(|o| core + o);
+                let sizes = vec![l("text_size")?, l("ro_size")?, l("ro_after_init_size")?];
+                (l("mtn")?, sizes, "module_layout")
+            }
+        };
+        Ok(GuestModuleLayout {
+            module_size: btf.struct_size("module")?,
+            target_list: m("target_list")?,
+            taints: m("taints")?,
+            extable: m("extable")?,
+            num_exentries: m("num_exentries")?,
+            bug_table: m("bug_table")?,
+            num_bugs: m("num_bugs")?,
+            bug_list: m("bug_list")?,
+            text_mtn,
+            layout_sizes,
+            region_mtn: off(region, "mtn")?,
+            region_base: off(region, "base")?,
+            mtn_mod: off("mod_tree_node", "mod")?,
+            mtn_node: off("mod_tree_node", "node")?,
+            rb_size: btf.struct_size("rb_node")?,
+            rb_parent_color: off("rb_node", "__rb_parent_color")?,
+            rb_right: off("rb_node", "rb_right")?,
+            rb_left: off("rb_node", "rb_left")?,
+            tree_seq: off("mod_tree_root", "root.seq")?,
+            tree_roots: off("mod_tree_root", "root.tree")?,
+            addr_min: off("mod_tree_root", "addr_min")?,
+            addr_max: off("mod_tree_root", "addr_max")?,
+            use_size: btf.struct_size("module_use")?,
+            use_target_list: off("module_use", "target_list")?,
+            use_target: off("module_use", "target")?,
+            kallsyms_size: btf.struct_size("mod_kallsyms")?,
+            bug_entry_size: btf.struct_size("bug_entry")?,
+            rq_nr_switches: off("rq", "nr_switches")?,
+        })
+    }
 }
 
 /// `struct klp_patch`, `klp_object`, `klp_func`, `klp_state` (include/linux/livepatch.h),
@@ -311,6 +418,7 @@ impl Layout {
                 notifier: NotifierLayout::from_btf(btf).ok(),
                 guest_call: GuestCallLayout::from_btf(btf).ok(),
                 klp: KlpLayout::from_btf(btf).ok(),
+                guest_module: GuestModuleLayout::from_btf(btf).ok(),
             },
             modules: ModuleLayout::from_btf(btf),
         })

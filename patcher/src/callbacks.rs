@@ -126,7 +126,7 @@ impl Engine {
             self.end(t);
             if let Some(name) = unload {
                 guest
-                    .paused(|g| self.unload(g, &name))
+                    .paused(|g| self.unload(g, kernel, &name))
                     .map_err(KpError::Pause)?
                     .0?;
             }

@@ -101,6 +101,9 @@ pub struct Engine {
     /// Guest-call machineries set aside with a callback lpvmm gave up on (see
     /// [`crate::lost_calls`]).
     pub(crate) set_aside: Vec<crate::guestcall::SetAside>,
+    /// Module records of unloaded patches, kept until no guest reader can be inside
+    /// them (see [`crate::guest_module`]).
+    pub(crate) retired: Vec<crate::guest_module::Retired>,
     /// What the guest's modules coming and going did to patches, newest last.
     pub(crate) module_events: VecDeque<crate::notifier::ModuleEvent>,
     /// Module events whose callbacks are being called in the loading task.
@@ -296,13 +299,28 @@ impl Engine {
             self.check_enable_of(&obj)?;
         }
         self.check_loadable(&obj)?;
-        let prepared = guest
-            .running(|ram| load::prepare(self.area.as_ref(), self.generation, ram, kernel, obj))?;
-        guest.make_resident(&prepared.area_writes());
-        let (name, pause) = guest.paused(|g| self.load_prepared(g, kernel, prepared))?;
-        let name = name?;
+        let mut tries = 0;
+        let (name, pause) = loop {
+            tries += 1;
+            let prepared = guest.running(|ram| {
+                load::prepare(
+                    self.area.as_ref(),
+                    self.generation,
+                    ram,
+                    kernel,
+                    obj.clone(),
+                )
+            })?;
+            guest.make_resident(&prepared.area_writes());
+            match guest.paused(|g| self.load_prepared(g, kernel, prepared))? {
+                (Err(KpError::GuestBusy(_)), _) if tries < crate::BUSY_TRIES => {
+                    std::thread::sleep(crate::BUSY_WAIT)
+                }
+                (r, pause) => break (r?, pause),
+            }
+        };
         let transition = match enable {
-            Some(args) => Some(self.begin_enable_or_unload(guest, &name, args, now_ms)?),
+            Some(args) => Some(self.begin_enable_or_unload(guest, kernel, &name, args, now_ms)?),
             None => None,
         };
         Ok(Loaded {
@@ -318,6 +336,7 @@ impl Engine {
     fn begin_enable_or_unload(
         &mut self,
         guest: &mut impl GuestControl,
+        kernel: &Kernel,
         name: &str,
         args: EnableArgs,
         now_ms: u64,
@@ -334,7 +353,7 @@ impl Engine {
             Err(e) => e,
         };
         let unloaded = guest
-            .paused(|g| self.unload(g, name))
+            .paused(|g| self.unload(g, kernel, name))
             .map_err(KpError::from)
             .and_then(|(r, _)| r);
         Err(match unloaded {
@@ -503,6 +522,7 @@ impl Engine {
             boot,
             objects,
             generation,
+            module_record,
         } = prepared;
         let m = &obj.manifest;
         self.check_unchanged(guest.reader(), kernel, &obj, generation, &boot)?;
@@ -522,14 +542,16 @@ impl Engine {
         crate::klp::set_loaded_mods(&mut linked, &klp_objects, &objects.loaded, klp)?;
         let callbacks = load::callbacks(&obj, &linked);
         let needs_caller = !callbacks.is_empty() && self.caller.is_none();
-        if needs_caller {
-            crate::guestcall::GuestCaller::check(guest.reader(), kernel)?;
-        }
-
+        let module = module_record.is_some();
+        check_guest_machinery(guest.reader(), kernel, needs_caller, module)?;
         // Everything checked: write.
+        self.free_retired(guest, kernel);
         write_images(guest, kernel, &mut area, tables.as_ref(), &linked, &m.name)?;
         crate::taint::taint_livepatch(guest, kernel);
         area.space.take(runs);
+        let guest_module = module_record
+            .map(|(gm, bytes)| write_module(guest, kernel, &mut area, gm, &bytes))
+            .transpose()?;
         if let Some((plan, bell)) = notifier {
             self.notifier = Some(plan.install(guest, &mut area, bell)?);
         }
@@ -557,6 +579,7 @@ impl Engine {
             late,
             callbacks,
             klp_objects,
+            guest_module,
         });
         Ok(m.name.clone())
     }
@@ -757,11 +780,44 @@ impl Engine {
 
     /// Remove a disabled or replaced patch: its code is overwritten with `int3`, its
     /// data zeroed, and its space is free for the next load.
-    pub fn unload(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
-        self.journaled(guest, |engine, guest| engine.unload_journaled(guest, name))
+    pub fn unload(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        name: &str,
+    ) -> Result<(), KpError> {
+        self.journaled(guest, |engine, guest| {
+            engine.unload_journaled(guest, kernel, name)
+        })
     }
 
-    fn unload_journaled(&mut self, guest: &mut dyn GuestWriter, name: &str) -> Result<(), KpError> {
+    /// Clear and give back the module records no guest reader can be inside any more.
+    fn free_retired(&mut self, guest: &mut dyn GuestWriter, kernel: &Kernel) {
+        let Some(area) = self.area.as_mut() else {
+            return;
+        };
+        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|r| crate::guest_module::quiesced(guest.reader(), kernel, r));
+        self.retired = kept;
+        for r in done {
+            let cleared = guest.write_phys(
+                area.layout.pa(r.record.start),
+                &vec![0; r.record.size() as usize],
+            );
+            match cleared {
+                Ok(()) => area.space.data.free(r.record),
+                Err(_) => self.retired.push(r),
+            }
+        }
+    }
+
+    fn unload_journaled(
+        &mut self,
+        guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
+        name: &str,
+    ) -> Result<(), KpError> {
         self.ensure_no_module_event("unload a patch")?;
         if self.active.as_ref().is_some_and(|t| t.patch == name) {
             return Err(KpError::State(format!(
@@ -789,7 +845,12 @@ impl Engine {
                 user.name
             )));
         }
-        let runs = p.runs;
+        let (runs, module) = (p.runs, p.guest_module);
+        if let Some(m) = &module {
+            let retired = crate::guest_module::withdraw(guest, kernel, m)?;
+            self.retired.push(retired);
+        }
+        self.free_retired(guest, kernel);
         let area = self
             .area
             .as_mut()
@@ -920,6 +981,41 @@ fn imports_of(linked: load::link::Linked) -> Vec<Import> {
 
 /// A patch's linked images written into the patch area, and for the first patch the
 /// area's page tables.
+/// What a load's pause checks before it writes lpvmm's machinery in the guest: that
+/// the guest-call machinery can be installed, and that the patch's module can be
+/// linked (no task holds `module_mutex`).
+fn check_guest_machinery(
+    guest: &dyn introspection::PausedGuest,
+    kernel: &Kernel,
+    caller: bool,
+    module: bool,
+) -> Result<(), KpError> {
+    if caller {
+        crate::guestcall::GuestCaller::check(guest, kernel)?;
+    }
+    if module {
+        crate::guest_module::check_free(guest, kernel)?;
+    }
+    Ok(())
+}
+
+/// Write a patch's module record and link it into the guest's module lists and tree
+/// ([`crate::guest_module`]), in the load's pause, once `module_mutex` was found free.
+fn write_module(
+    guest: &mut dyn GuestWriter,
+    kernel: &Kernel,
+    area: &mut Area,
+    module: crate::guest_module::GuestModule,
+    bytes: &[u8],
+) -> Result<crate::guest_module::GuestModule, KpError> {
+    guest
+        .write_phys(area.layout.pa(module.record.start), bytes)
+        .map_err(|e| KpError::guest("writing the patch's module", e))?;
+    area.space.data.take(module.record);
+    crate::guest_module::publish(guest, kernel, &module)?;
+    Ok(module)
+}
+
 fn write_images(
     guest: &mut dyn GuestWriter,
     kernel: &Kernel,

@@ -26,6 +26,7 @@ pub mod callbacks;
 pub mod coming;
 pub mod engine;
 pub mod funcs;
+pub mod guest_module;
 pub mod guestcall;
 pub mod journal;
 pub mod kbuild;
@@ -124,6 +125,11 @@ pub enum ParseError {
     #[error("unsupported: {0}")]
     Unsupported(String),
 }
+
+/// How many times a load or an unload is tried while the guest is busy
+/// ([`KpError::GuestBusy`]: a module of its own loading, say), and how long apart.
+pub const BUSY_TRIES: u32 = 100;
+pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Everything that can be wrong with a patch or a patch operation. Each names the file
 /// part, symbol or state at fault; none leaves the guest changed.

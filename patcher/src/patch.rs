@@ -92,6 +92,9 @@ pub struct Patch {
     /// callbacks' argument (see [`crate::klp`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub klp_objects: Vec<KlpObjectAt>,
+    /// The module the guest's kernel knows the patch's code as ([`crate::guest_module`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_module: Option<crate::guest_module::GuestModule>,
     /// For a patch with a module part: what linking it again needs when a module it
     /// patches is loaded (lpvmm's own state, not shown).
     #[serde(skip)]

@@ -229,7 +229,7 @@ fn load_links_against_kallsyms_and_enable_disable_restore_exact_bytes() {
     // Enable again after disable, then unload.
     enable(&mut f, &mut g, "cmdline").unwrap();
     disable(&mut f, &mut g, "cmdline").unwrap();
-    f.engine.unload(&mut g, "cmdline").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "cmdline").unwrap();
     assert!(f.engine.patches().is_empty());
 }
 
@@ -418,15 +418,15 @@ fn atomic_replace_returns_what_it_does_not_name_to_the_original() {
         let e = disable(&mut f, &mut g, name).unwrap_err();
         assert!(e.contains("replaced it"), "{e}");
     }
-    f.engine.unload(&mut g, "a").unwrap();
-    f.engine.unload(&mut g, "b").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "a").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "b").unwrap();
     disable(&mut f, &mut g, "c").unwrap();
     assert_eq!(
         text(&f, &g),
         before,
         "disabling the replace patch restores all"
     );
-    f.engine.unload(&mut g, "c").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "c").unwrap();
     assert!(f.engine.patches().is_empty());
 }
 
@@ -493,7 +493,7 @@ fn states_refuse_a_downgrade_or_a_dropped_state_before_anything_changes() {
         f.engine.load(&mut g, &f.kernel, &kp).unwrap();
         let e = enable(&mut f, &mut g, name).unwrap_err();
         assert!(e.contains(want), "{name}: {e}");
-        f.engine.unload(&mut g, name).unwrap();
+        f.engine.unload(&mut g, &f.kernel, name).unwrap();
         assert!(f.engine.active().is_none());
         let _ = before;
     }
@@ -534,7 +534,7 @@ fn a_chain_of_cumulative_patches_reuses_the_space_of_unloaded_ones() {
         );
         if i > 0 {
             assert_eq!(state(&f, &prev), PatchState::Replaced);
-            f.engine.unload(&mut g, &prev).unwrap();
+            f.engine.unload(&mut g, &f.kernel, &prev).unwrap();
         }
         let used = f.engine.area_use().unwrap();
         match steady {
@@ -615,9 +615,14 @@ fn bad_patches_are_refused_before_any_guest_byte_changes() {
             "R_X86_64_REX_GOTPCRELX",
         ),
         (
-            "special section",
+            "an exception table in a guest that cannot know the patch as a module",
+            kp("#include <lpvmm/patch.h>\nint nf(void) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.long 1b - .\\n.long 0\\n.popsection\"); return 0; }\nLPVMM_PATCH(\"ex\");\nLPVMM_REPLACE(meminfo_proc_show, nf);\n", &[]),
+            "ex: its exception or bug table needs the patch to be a module the guest knows",
+        ),
+        (
+            "an exception table that is not whole entries",
             kp("#include <lpvmm/patch.h>\nint nf(void) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.popsection\"); return 0; }\nLPVMM_PATCH(\"ex\");\nLPVMM_REPLACE(meminfo_proc_show, nf);\n", &[]),
-            "section __ex_table (needed by nf): an exception table",
+            "__ex_table: 4 bytes are not whole entries",
         ),
         (
             "a jump table and a bug table, each named with its function",
@@ -965,7 +970,7 @@ fn the_post_mortem_holds_every_byte_the_engine_wrote() {
     assert_eq!(tick(&mut f, &mut g, 1).unwrap().outcome, Outcome::Done);
     clean(&f, &g);
     disable(&mut f, &mut g, "pipefix").unwrap();
-    f.engine.unload(&mut g, "pipefix").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "pipefix").unwrap();
     let pm = clean(&f, &g);
     // The site is the guest's again; the area's mapping stays lpvmm's.
     assert!(
@@ -1075,7 +1080,11 @@ fn force_completes_names_what_it_skipped_and_keeps_the_code() {
         .unwrap(),
     )
     .unwrap();
-    let e = f.engine.unload(&mut g, "pipefix").unwrap_err().to_string();
+    let e = f
+        .engine
+        .unload(&mut g, &f.kernel, "pipefix")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("was forced"), "{e}");
 }
 
@@ -1121,7 +1130,7 @@ fn an_immediate_function_flips_in_the_first_tick_while_the_rest_waits() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("in progress"), "{e}");
-    assert!(f.engine.unload(&mut g, "mixed").is_err());
+    assert!(f.engine.unload(&mut g, &f.kernel, "mixed").is_err());
     assert!(g.ram == before);
 }
 
@@ -1912,7 +1921,7 @@ fn a_module_function_is_patched_as_its_own_object_held_by_its_sleeper_alone() {
 
     // Disabled and unloaded: the module's text is as it was, byte for byte.
     disable(&mut f, &mut g, "tunfix").unwrap();
-    f.engine.unload(&mut g, "tunfix").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "tunfix").unwrap();
     assert_eq!(module_text(&f, &g, "tunx"), before);
 }
 
@@ -2239,7 +2248,7 @@ fn a_module_part_that_cannot_link_refuses_the_load_and_changes_nothing() {
     f.engine.request(Request::Reverse).unwrap();
     tick(&mut f, &mut g, 1).unwrap();
     assert!(f.engine.active().is_none());
-    f.engine.unload(&mut g, "pipefix").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "pipefix").unwrap();
     assert_eq!(quick(&f, &g, "dummyx"), None, "idle: handled in a pause");
     let before_ring = g.ram.clone();
 
@@ -2298,9 +2307,9 @@ fn atomic_replace_covers_module_functions_loaded_or_not() {
     assert!(names.contains(&"tunx:tunx_get_socket"), "{names:?}");
     assert_eq!(site_bytes(&f, &g, "tunx_get_socket"), FENTRY_NOP);
     assert_eq!(state(&f, "a"), PatchState::Replaced);
-    f.engine.unload(&mut g, "a").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "a").unwrap();
     disable(&mut f, &mut g, "c").unwrap();
-    f.engine.unload(&mut g, "c").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "c").unwrap();
     assert_eq!(module_text(&f, &g, "tunx"), before);
 
     // dummyx not loaded: b (older) and cumulative d both name its function; when it
@@ -2852,9 +2861,13 @@ fn a_hung_pre_patch_fails_the_enable_at_its_timeout_and_pins_its_patch() {
     let fresh = f.engine.caller.clone().unwrap();
     assert_ne!(fresh.csd, old.csd, "a fresh machinery");
     assert_eq!(f.engine.set_aside.len(), 1);
-    let e = f.engine.unload(&mut g, "cb").unwrap_err().to_string();
+    let e = f
+        .engine
+        .unload(&mut g, &f.kernel, "cb")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("its callback cb_pre"), "{e}");
     // It returns at last: the patch may go.
     poke_va(&f, &mut g, old.mailbox, 3, 4);
-    f.engine.unload(&mut g, "cb").unwrap();
+    f.engine.unload(&mut g, &f.kernel, "cb").unwrap();
 }

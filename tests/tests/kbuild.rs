@@ -35,6 +35,7 @@ const SAMPLES: &[&str] = &[
     "states",
     "shadow",
     "shadowvars",
+    "guest-module",
 ];
 /// Samples built a second time with a flag: (sample, built as, flag).
 const VARIANTS: &[(&str, &str, &str)] = &[
@@ -72,7 +73,7 @@ const HAMMERS: u32 = 128;
 const HAMMER_CYCLES: u32 = 5;
 /// Where the hammer says what its children ran in each phase.
 const HAMMER_FIFO: &str = "/tmp/hphase";
-const BAD: &[&str] = &["bad-get-user", "bad-warn"];
+const BAD: &[&str] = &["bad-jump"];
 /// The kernel's own samples/livepatch modules, taken from Debian's linux-source of each
 /// guest's release (fetched once, never committed), built with `kp build --kernel`:
 /// (file in samples/livepatch, built as).
@@ -2035,34 +2036,106 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
     g.poweroff().map(|_| ())
 }
 
-/// Acceptance 4: what the guest would have to know about is refused, naming the section
-/// and the function, and nothing changes.
-fn refused(host: &mut TestHost, series: &str) -> TestResult {
-    let name = format!("kbbad-{}", series.replace('.', "_"));
-    let (mut g, _) = host.boot_guest(&name, series, 1, "")?;
+/// Issue 28, acceptance 2: patch code is a module the guest knows. A WARN_ON in it
+/// prints a WARNING naming the patch function and the guest goes on; a read through a
+/// bad user pointer returns -EFAULT, through the kernel's get_user and through the
+/// patch's own exception table; /proc/PID/stack of a task asleep in it names it. The
+/// module shows in /proc/modules and /proc/kallsyms, the guest cannot unload it, and
+/// lpvmm's unload takes every trace away. A static branch (`__jump_table`) is still
+/// refused, naming section and function, changing nothing.
+fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
+    let name = format!("kbgm-{}", series.replace('.', "_"));
+    let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     let before = checksums(&mut g)?;
-    for (bad, want) in [
-        (
-            "bad-get-user",
-            "section __ex_table (needed by lpvmm_bad_cmdline_proc_show)",
-        ),
-        (
-            "bad-warn",
-            "section __bug_table (needed by lpvmm_warn_cmdline_proc_show)",
-        ),
-    ] {
-        let file = g.host.file(&kp(series, bad));
-        let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
-        check!(
-            rc != 0 && out.contains(want),
-            "{series}: {bad} should be refused with '{want}': {out}"
-        );
-        eprintln!("{series}: refused as it should be: {}", out.trim());
-        check!(
-            checksums(&mut g)? == before,
-            "{series}: refused {bad} changed kernel text or the patch area"
-        );
+    let file = g.host.file(&kp(series, "bad-jump"));
+    let (rc, out) = g.lpvmm(&format!("patch {{vm}} {file}"))?;
+    let want = "section __jump_table (needed by lpvmm_jump_cmdline_proc_show)";
+    check!(rc != 0 && out.contains(want), "{series}: bad-jump: {out}");
+    check!(
+        checksums(&mut g)? == before,
+        "{series}: refused bad-jump changed the guest"
+    );
+
+    apply(&mut g, series, "guest-module")?;
+    let read = g.run("cat /proc/cmdline")?;
+    check!(
+        read.contains("lpvmm-gm get_user=-14 unsafe_get_user=-14"),
+        "{series}: reads through a bad user pointer: {read}"
+    );
+    let modules = g.run("grep '^kbuild_gm ' /proc/modules; true")?;
+    check!(
+        modules.contains(" 1 lpvmm, Live 0x") && modules.trim_end().ends_with("(K)"),
+        "{series}: /proc/modules: {modules}"
+    );
+    let syms =
+        g.run("grep -c ' t lpvmm_gm_cmdline_proc_show.\\[kbuild_gm\\]' /proc/kallsyms; true")?;
+    check!(syms.trim() == "1", "{series}: /proc/kallsyms: {syms}");
+    let rmmod = g.run("rmmod kbuild-gm 2>&1; rmmod -f kbuild-gm 2>&1; true")?;
+    check!(
+        g.run("grep -c '^kbuild_gm ' /proc/modules; true")?.trim() == "1",
+        "{series}: the guest unloaded the patch's module: {rmmod}"
+    );
+
+    // A WARN_ON in patch code: a WARNING naming it, and the read still completes.
+    g.run("dmesg -c >/dev/null")?;
+    let warned =
+        g.run("sh -c 'printf gmwarn > /proc/self/comm; read -r l < /proc/cmdline; echo \"$l\"'")?;
+    let log = g.run("dmesg")?;
+    let warning = log.lines().find(|l| l.contains("WARNING:")).unwrap_or("");
+    check!(
+        warning.contains("lpvmm_gm_cmdline_proc_show+")
+            && warning.contains("[kbuild_gm]")
+            && warned.contains("lpvmm-gm get_user=-14"),
+        "{series}: WARN_ON in patch code:\n{warned}\n{log}"
+    );
+    check!(
+        log.contains("Modules linked in:") && log.contains("kbuild_gm(K"),
+        "{series}: the WARNING's module list: {log}"
+    );
+
+    // A task asleep in patch code: the guest's own unwinder goes through it.
+    let pid = g.spawn("sh -c 'printf gmsleep > /proc/self/comm; read -r l < /proc/cmdline' &")?;
+    let mut stack = String::new();
+    for _ in 0..100 {
+        stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
+        if stack.contains("msleep") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let frames: Vec<&str> = stack
+        .lines()
+        .filter_map(|l| l.trim().split_once("] "))
+        .map(|(_, f)| f)
+        .collect();
+    let at = frames
+        .iter()
+        .position(|f| f.starts_with("lpvmm_gm_cmdline_proc_show+"));
+    check!(
+        at.is_some_and(|i| frames[i].ends_with("[kbuild_gm]")
+            && frames[i + 1..]
+                .iter()
+                .any(|f| f.starts_with("seq_read_iter+"))),
+        "{series}: /proc/{pid}/stack of a task asleep in patch code:\n{stack}"
+    );
+    g.run(&format!("kill {pid}; wait {pid} 2>/dev/null; true"))?;
+
+    // lpvmm's unload takes it all away.
+    verb(&mut g, "disable", "kbuild-gm")?;
+    let (rc, out) = g.lpvmm("patch unload {vm} kbuild-gm")?;
+    check!(rc == 0, "{series}: unload: {out}");
+    let left = g.run("grep -c 'kbuild_gm' /proc/modules /proc/kallsyms; true")?;
+    check!(
+        left.lines().all(|l| l.ends_with(":0")),
+        "{series}: traces of the unloaded patch's module: {left}"
+    );
+    // Since the log was cleared: no splat but the patch's own WARNING and its trace.
+    let splats = g.run(SPLATS)?;
+    check!(
+        splats.lines().all(|l| l.contains("Call Trace")
+            || (l.contains("WARNING: CPU") && l.contains("lpvmm_gm_cmdline_proc_show"))),
+        "{series}: guest warnings other than the patch's own WARN_ON:\n{splats}"
+    );
     g.poweroff().map(|_| ())
 }
 
@@ -2226,7 +2299,7 @@ fn main() {
         ("loadavg_from_kernel_source", loadavg),
         ("current_and_unexported_function", current),
         ("orc_unwinds_kbuild_code", orc),
-        ("kbuild_special_sections_refused", refused),
+        ("patch_code_is_a_module_the_guest_knows", guest_module),
         ("getpid_hammered_through_per_task_cycles", getpid_hammered),
         (
             "module_functions_patched_through_tun",

@@ -57,6 +57,7 @@ pub(crate) fn prepare(
     let objects = objects::read(&mem, kernel, &obj.manifest)?;
     let (runs, linked) = link_into(&area, &boot, &mem, kernel, &objects, &obj)?;
     let orc = decode_orc(kernel, &obj.manifest.name, &obj, &linked)?;
+    let module_record = crate::guest_module::plan(kernel, &area, runs, &obj, &linked)?;
     let tables = (!area.installed).then(|| PageTables::of(&area.layout));
     Ok(Prepared {
         obj,
@@ -68,6 +69,7 @@ pub(crate) fn prepare(
         boot,
         objects,
         generation,
+        module_record,
     })
 }
 
@@ -269,6 +271,8 @@ pub struct Prepared {
     pub(crate) objects: ObjectModules,
     /// The engine's [`Engine::generation`] it was linked against.
     pub(crate) generation: u64,
+    /// The module the guest will know its code as, and the record's bytes.
+    pub(crate) module_record: Option<(crate::guest_module::GuestModule, Vec<u8>)>,
 }
 
 impl Prepared {
@@ -292,6 +296,12 @@ impl Prepared {
             .collect();
         if let Some(t) = &self.tables {
             ranges.extend(t.ranges());
+        }
+        if let Some((m, bytes)) = &self.module_record {
+            ranges.push(introspection::PhysRange {
+                start: layout.pa(m.record.start),
+                size: bytes.len() as u64,
+            });
         }
         ranges
     }

@@ -120,6 +120,10 @@ pub struct PatchObject {
     /// `.altinstructions`, applied at link time for the guest's CPU.
     #[serde(default)]
     pub alternatives: Option<Alternatives>,
+    /// `__ex_table`: where code may fault and where it goes on, for the guest's
+    /// exception table of the patch ([`crate::guest_module`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extable: Vec<ExEntry>,
     /// For a kernel livepatch module: where its `struct klp_object`s are, and the
     /// parameters it was given (see [`crate::klp`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +150,70 @@ pub struct Alternative {
     pub flags: u16,
     pub instr_len: u8,
     pub repl_len: u8,
+}
+
+/// One `struct exception_table_entry` (arch/x86/include/asm/extable.h, the same in
+/// 6.1 and 6.12): the instruction that may fault, where the fault handler sends it, and
+/// the handler's type and register bits (`data`, copied as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExEntry {
+    pub insn: Place,
+    pub fixup: Place,
+    pub data: i32,
+}
+
+/// Bytes of an x86 `struct exception_table_entry` (`int insn, fixup, data`).
+pub const EX_ENTRY_BYTES: usize = 12;
+
+/// `__ex_table`: each entry's two PC32 relocations (the faulting instruction and the
+/// fixup), both in code lpvmm lays out, and its data word. An entry for code lpvmm
+/// does not load (a livepatch module's init) is dropped.
+fn read_extable(
+    file: &object::File,
+    index_of: &HashMap<object::SectionIndex, usize>,
+    sections: &[Section],
+) -> Result<Vec<ExEntry>, ParseError> {
+    let Some(sec) = file.section_by_name("__ex_table") else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| ParseError::Truncated(format!("__ex_table: {m}"));
+    let data = sec.data().map_err(|e| bad(e.to_string()))?;
+    let n = data.len() / EX_ENTRY_BYTES;
+    if !data.len().is_multiple_of(EX_ENTRY_BYTES) || n > MAX_ORC {
+        return Err(bad(format!("{} bytes are not whole entries", data.len())));
+    }
+    let mut places: Vec<[Option<Place>; 2]> = vec![[None, None]; n];
+    for (offset, r) in sec.relocations() {
+        let (i, field) = (
+            (offset as usize) / EX_ENTRY_BYTES,
+            (offset as usize) % EX_ENTRY_BYTES,
+        );
+        if i >= n || (field != 0 && field != 4) {
+            return Err(bad(format!("relocation at {offset:#x}")));
+        }
+        places[i][field / 4] = reloc_place(file, &r, index_of);
+    }
+    let in_code =
+        |p: Place| sections[p.section].kind.executable() && p.offset < sections[p.section].size;
+    let mut entries = Vec::with_capacity(n);
+    for (i, p) in places.into_iter().enumerate() {
+        let e = &data[i * EX_ENTRY_BYTES..(i + 1) * EX_ENTRY_BYTES];
+        let (insn, fixup) = match p {
+            [None, _] => continue,
+            [Some(insn), Some(fixup)] if in_code(insn) && in_code(fixup) => (insn, fixup),
+            _ => {
+                return Err(bad(format!(
+                    "entry {i}: its instruction or fixup is not in loaded code"
+                )))
+            }
+        };
+        entries.push(ExEntry {
+            insn,
+            fixup,
+            data: i32::from_le_bytes([e[8], e[9], e[10], e[11]]),
+        });
+    }
+    Ok(entries)
 }
 
 /// The function of `functions` that contains `p`.
@@ -415,14 +483,20 @@ fn reloc_section(file: &object::File, r: &object::Relocation) -> Option<object::
 /// what to do instead.
 fn special_section_advice(name: &str) -> Option<&'static str> {
     Some(match name {
-        "__ex_table" => "an exception table (code that may fault on user memory, e.g. inline get_user/copy_to_user): call the kernel's out-of-line helpers such as _copy_to_user instead",
-        "__jump_table" => "static keys / jump labels (static_branch_*), which the kernel patches at run time",
-        ".static_call_sites" | ".static_call.text" => "static calls, which the kernel patches at run time",
-        "__bug_table" => "BUG()/WARN() entries the kernel's trap handler looks up (use pr_warn, or return an error, instead)",
+        "__jump_table" => {
+            "static keys / jump labels (static_branch_*), which the kernel patches at run time"
+        }
+        ".static_call_sites" | ".static_call.text" => {
+            "static calls, which the kernel patches at run time"
+        }
         ".parainstructions" => "paravirt call sites the kernel patches",
         ".data..percpu" => "per-CPU variables, which need the kernel's per-CPU allocator",
-        _ if name.starts_with(".init") || name.starts_with(".exit") => "init/exit code, which never runs in a live patch",
-        _ if name.starts_with(".tdata") || name.starts_with(".tbss") => "thread-local storage, which the kernel does not have",
+        _ if name.starts_with(".init") || name.starts_with(".exit") => {
+            "init/exit code, which never runs in a live patch"
+        }
+        _ if name.starts_with(".tdata") || name.starts_with(".tbss") => {
+            "thread-local storage, which the kernel does not have"
+        }
         _ => return None,
     })
 }
@@ -459,6 +533,7 @@ fn handled_elsewhere(name: &str) -> bool {
             | ".orc_unwind_ip"
             | ".orc_header"
             | ".altinstructions"
+            | "__ex_table"
             | ".modinfo"
             | "__versions"
             | ".gnu.linkonce.this_module"
@@ -528,6 +603,10 @@ fn classify(name: &str, flags: u64, kind: ObjKind, flavour: Flavour) -> Result<C
     } else if name.starts_with(".rodata") {
         SectionKind::ReadOnly
     } else if name.starts_with(".data") {
+        SectionKind::Data
+    } else if name == "__bug_table" {
+        // The guest's trap handler finds it through the patch's module, and marks a
+        // WARN_ONCE done in it: writable.
         SectionKind::Data
     } else if name.starts_with(".bss") || kind == ObjKind::UninitializedData {
         SectionKind::Bss
@@ -910,6 +989,7 @@ pub(crate) struct Body {
     pub(crate) functions: Vec<Function>,
     pub(crate) orc: Option<OrcTables>,
     pub(crate) alternatives: Option<Alternatives>,
+    pub(crate) extable: Vec<ExEntry>,
     pub(crate) imports: BTreeSet<String>,
 }
 
@@ -926,6 +1006,7 @@ impl Body {
         }
         let orc = OrcTables::read(file, &index_of)?;
         let alternatives = read_alternatives(file, &index_of, &sections)?;
+        let extable = read_extable(file, &index_of, &sections)?;
         let imports = read_relocations(file, &index_of, &mut sections)?;
         Ok(Body {
             sections,
@@ -933,6 +1014,7 @@ impl Body {
             functions,
             orc,
             alternatives,
+            extable,
             imports,
         })
     }
@@ -952,6 +1034,7 @@ impl Body {
             imports: self.imports.into_iter().collect(),
             orc: self.orc,
             alternatives: self.alternatives,
+            extable: self.extable,
             klp,
         };
         obj.check_places()?;

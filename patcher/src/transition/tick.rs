@@ -77,7 +77,7 @@ impl Engine {
         self.queue_after_calls(&mut t);
         if t.finished() && t.calls.unload_after {
             // No callback left to run its code: the patch loaded for it goes now.
-            if let Err(e) = self.unload(guest, &t.patch) {
+            if let Err(e) = self.unload(guest, kernel, &t.patch) {
                 t.note = Some(format!("could not unload {}: {e}", t.patch));
             }
         }
@@ -172,7 +172,7 @@ impl Engine {
                 t.outcome = Outcome::TimedOut;
                 t.stage = Stage::Ended;
                 self.drop_unused_stacks();
-                self.unload_failed(t, guest)?;
+                self.unload_failed(t, guest, kernel)?;
             } else {
                 t.record_blocked(now_ms, blockers);
             }
@@ -248,7 +248,7 @@ impl Engine {
             };
             t.stage = Stage::Ended;
             self.drop_unused_stacks();
-            self.unload_failed(t, guest)?;
+            self.unload_failed(t, guest, kernel)?;
             return Ok(());
         }
         let list = self.list_tasks(guest.reader(), kernel, &mut t.early_checks)?;
@@ -466,7 +466,7 @@ impl Engine {
         t.pending = 0;
         t.blockers.clear();
         if t.reversed && !forced {
-            self.unload_failed(t, guest)?;
+            self.unload_failed(t, guest, kernel)?;
         }
         Ok(())
     }
@@ -477,6 +477,7 @@ impl Engine {
         &mut self,
         t: &mut Transition,
         guest: &mut dyn GuestWriter,
+        kernel: &Kernel,
     ) -> Result<(), KpError> {
         if !t.unload_on_failure {
             return Ok(());
@@ -485,7 +486,7 @@ impl Engine {
             t.calls.unload_after = true;
             return Ok(());
         }
-        self.unload(guest, &t.patch)
+        self.unload(guest, kernel, &t.patch)
     }
 
     /// The code a task leaves, for each function that moves per task (`all`: every

@@ -141,8 +141,20 @@ impl Session {
 
     pub fn patch_unload(&mut self, name: &str) -> Result<serde_json::Value> {
         self.engine.patch(name)?;
+        let kernel = self.kernel_attached()?;
         let Session { vm, engine, .. } = self;
-        vm.paused_for_write(|g| engine.unload(g, name))?.0?;
+        // The guest's module_mutex, held while one of its modules loads or unloads,
+        // keeps the patch's module where it is for a moment: tried again.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match vm.paused_for_write(|g| engine.unload(g, &kernel, name))?.0 {
+                Err(patcher::KpError::GuestBusy(_)) if tries < patcher::BUSY_TRIES => {
+                    std::thread::sleep(patcher::BUSY_WAIT)
+                }
+                r => break r?,
+            }
+        }
         Ok(serde_json::json!({ "unloaded": name }))
     }
 
