@@ -11,6 +11,9 @@ use crate::KpError;
 pub const PATCH_H: &str = include_str!("../include/lpvmm/patch.h");
 /// Shadow variables (`lpvmm/shadow.h`): for builds with the guest's kbuild only.
 pub const SHADOW_H: &str = include_str!("../include/lpvmm/shadow.h");
+/// Found before the kernel's own `<asm/jump_label.h>` in builds with the guest's kbuild:
+/// static branches as tests of their key (see the header).
+pub const JUMP_LABEL_H: &str = include_str!("../include/kbuild-override/asm/jump_label.h");
 
 /// Code generation for kernel context, as the kernel's own Makefile sets it for x86-64
 /// where it matters to a patch:

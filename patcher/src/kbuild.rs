@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::build::{compiled, write_checked, BuildError, PATCH_H, SHADOW_H};
+use crate::build::{compiled, write_checked, BuildError, JUMP_LABEL_H, PATCH_H, SHADOW_H};
 use crate::load::object::PatchObject;
 
 /// A Debian kernel release as `uname -r` prints it (`6.1.0-28-cloud-amd64`): what may be
@@ -204,7 +204,14 @@ fn fetch(release: &str, dir: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// A fresh directory for one kbuild run, with lpvmm's headers in `include/`.
+/// The `Kbuild` lines every lpvmm build has: lpvmm's headers on the include path, and
+/// its `override/` before the kernel's own (`NOSTDINC_FLAGS` comes first on the
+/// compiler's command line, as out-of-tree backports use it).
+pub(crate) const KBUILD_FLAGS: &str =
+    "ccflags-y := -I$(src)/include\nNOSTDINC_FLAGS += -I$(src)/override\n";
+
+/// A fresh directory for one kbuild run, with lpvmm's headers in `include/` and its
+/// overrides of the kernel's in `override/`.
 pub(crate) fn work_dir() -> Result<PathBuf, BuildError> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -214,6 +221,8 @@ pub(crate) fn work_dir() -> Result<PathBuf, BuildError> {
     std::fs::create_dir_all(work.join("include/lpvmm")).map_err(io)?;
     std::fs::write(work.join("include/lpvmm/patch.h"), PATCH_H).map_err(io)?;
     std::fs::write(work.join("include/lpvmm/shadow.h"), SHADOW_H).map_err(io)?;
+    std::fs::create_dir_all(work.join("override/asm")).map_err(io)?;
+    std::fs::write(work.join("override/asm/jump_label.h"), JUMP_LABEL_H).map_err(io)?;
     Ok(work)
 }
 
@@ -251,7 +260,7 @@ pub fn compile(source: &Path, release: &str, extra: &[String]) -> Result<Vec<u8>
         .map_err(|e| BuildError::Io(format!("reading {}: {e}", source.display())))?;
     std::fs::write(
         work.join("Kbuild"),
-        "obj-m := lpvmm_patch.o\nccflags-y := -I$(src)/include\n",
+        format!("obj-m := lpvmm_patch.o\n{KBUILD_FLAGS}"),
     )
     .map_err(io)?;
     // The object alone, compiled and checked by objtool as the kernel's own modules'

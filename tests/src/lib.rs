@@ -15,6 +15,7 @@ pub mod fault_injection;
 mod group;
 mod host;
 mod hostkvm;
+pub mod klpconvert;
 pub mod patchtest;
 pub mod retries;
 pub mod stats;

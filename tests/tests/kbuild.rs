@@ -36,6 +36,7 @@ const SAMPLES: &[&str] = &[
     "shadow",
     "shadowvars",
     "guest-module",
+    "tracepoint",
 ];
 /// Samples built a second time with a flag: (sample, built as, flag).
 const VARIANTS: &[(&str, &str, &str)] = &[
@@ -763,6 +764,23 @@ fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
 /// after its pre_patch alone; an unknown parameter is refused naming the module's;
 /// lpvmm's klp-percpu.ko (per-CPU data) is refused naming `.data..percpu` and the
 /// function that needs it, kernel text and patch area unchanged.
+/// The guest knows livepatch module `name`, applied by lpvmm, only as the module of
+/// lpvmm's making (in /proc/modules, used by `lpvmm`, tainted `K`), and never loaded
+/// it: nothing of it in /sys/kernel/livepatch or /sys/module.
+fn known_only_as_lpvmms(g: &mut Guest, series: &str, name: &str) -> TestResult {
+    let seen = g.run(&format!(
+        "grep '^{name} ' /proc/modules; ls /sys/kernel/livepatch /sys/module/{name} 2>/dev/null; true"
+    ))?;
+    let lines: Vec<&str> = seen.lines().filter(|l| !l.trim().is_empty()).collect();
+    check!(
+        lines.len() == 1
+            && lines[0].contains(" 1 lpvmm, Live ")
+            && lines[0].trim_end().ends_with("(K)"),
+        "{series}: the guest's view of {name}: {seen}"
+    );
+    Ok(())
+}
+
 fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResult {
     let name = format!("kbklp-{}", series.replace('.', "_"));
     let mut g = boot_with_klp_targets(host, &name, series)?;
@@ -774,11 +792,7 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
             && g.text("cat /proc/cmdline")? == "this has been live patched",
         "{series}: livepatch-sample: {out}"
     );
-    let modules = g.run("cat /proc/modules; ls /sys/kernel/livepatch 2>/dev/null; true")?;
-    check!(
-        !modules.contains("livepatch"),
-        "{series}: the guest loaded a livepatch module: {modules}"
-    );
+    known_only_as_lpvmms(&mut g, series, "livepatch_sample")?;
     // Tainted K, as loading a livepatch module taints the kernel.
     let taint: u64 = g
         .text("cat /proc/sys/kernel/tainted")?
@@ -794,6 +808,16 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
         g.text("cat /proc/cmdline")? == original && checksum(&mut g, "text")? == text_before,
         "{series}: after livepatch-sample's disable"
     );
+    // The same module as klp-convert or kpatch-build would give it: its seq_printf
+    // through a `.klp.sym.vmlinux.seq_printf,0` symbol and a `.klp.rela.vmlinux..text`
+    // section.
+    let out = patchtest::apply(&mut g, &stem(series, "klp-sample-klp-rela"))?;
+    check!(
+        g.text("cat /proc/cmdline")? == "this has been live patched",
+        "{series}: livepatch-sample with livepatch relocations: {out}"
+    );
+    verb(&mut g, "disable", "livepatch_sample")?;
+    verb(&mut g, "unload", "livepatch_sample")?;
 
     klp_callbacks_demo(&mut g, series)?;
     klp_busy_target(&mut g, series)?;
@@ -962,11 +986,9 @@ fn livepatch_shadow_samples(host: &mut TestHost, series: &str) -> TestResult {
             && owners2 == ["livepatch_shadow_fix2"],
         "{series}: fix2 in effect: {n2} variables 2 by {owners2:?}"
     );
-    let modules = g.text("cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' '")?;
-    check!(
-        modules.contains("livepatch_shadow_mod") && !modules.contains("fix"),
-        "{series}: the guest's modules: {modules}"
-    );
+    for fix in ["livepatch_shadow_fix1", "livepatch_shadow_fix2"] {
+        known_only_as_lpvmms(&mut g, series, fix)?;
+    }
     verb(&mut g, "disable", "livepatch_shadow_fix2")?;
     check!(
         shadow_group(&mut g, 2)?.0 == 0,
@@ -1958,7 +1980,7 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
         .filter_map(|f| f.symbol.clone())
         .collect();
     let at = names.iter().position(|n| {
-        n.starts_with("lpvmm_kbuild_common_nsleep+") && n.ends_with("[kbuild-nsleep]")
+        n.starts_with("lpvmm_kbuild_common_nsleep+") && n.ends_with("[kbuild_nsleep]")
     });
     check!(
         trace.is_some_and(|t| t.reliable)
@@ -2129,6 +2151,7 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
         left.lines().all(|l| l.ends_with(":0")),
         "{series}: traces of the unloaded patch's module: {left}"
     );
+    static_keys_followed(&mut g, series)?;
     // Since the log was cleared: no splat but the patch's own WARNING and its trace.
     let splats = g.run(SPLATS)?;
     check!(
@@ -2137,6 +2160,38 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: guest warnings other than the patch's own WARN_ON:\n{splats}"
     );
     g.poweroff().map(|_| ())
+}
+
+/// A tracepoint in patch code (`tracepoint.c`: a static branch on its key and a static
+/// call) follows the guest's switch: its event is in the guest's trace only while the
+/// guest has the event enabled.
+fn static_keys_followed(g: &mut Guest, series: &str) -> TestResult {
+    apply(g, series, "tracepoint")?;
+    let ev = format!("{T}/events/printk/console/enable");
+    g.run(&format!(
+        "mount -t tracefs nodev {T} 2>/dev/null; test -w {ev}"
+    ))?;
+    let events = |g: &mut Guest, on: u8| -> Result<usize, String> {
+        g.run(&format!("echo {on} > {ev}; echo > {T}/trace"))?;
+        let read = g.run("cat /proc/cmdline")?;
+        check!(
+            read.contains("lpvmm-tp"),
+            "{series}: the tracepoint patch: {read}"
+        );
+        let n = g.run(&format!(
+            "echo 0 > {ev}; grep -c lpvmm-tp-event {T}/trace; true"
+        ))?;
+        Ok(n.trim().parse().unwrap_or(0))
+    };
+    let off = events(g, 0)?;
+    let on = events(g, 1)?;
+    let off_again = events(g, 0)?;
+    check!(
+        (off, on, off_again) == (0, 1, 0),
+        "{series}: events traced from patch code with the event off, on, off: \
+         {off}, {on}, {off_again} (want 0, 1, 0)"
+    );
+    verb(g, "disable", "kbuild-tp").map(|_| ())
 }
 
 /// Acceptance 5: `--kernel` with a release Debian does not have, or without the network
@@ -2273,6 +2328,12 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
             );
             files.push((kp_file, kp(series, as_name)));
         }
+        // livepatch-sample in the form klp-convert and kpatch-build give a module.
+        let ko = std::fs::read(out.join("klp-sample.ko")).map_err(|e| e.to_string())?;
+        let converted = out.join("klp-sample-klp-rela.ko");
+        let bytes = lpvmm_tests::klpconvert::klp_convert(&ko, ".text", &["seq_printf"])?;
+        std::fs::write(&converted, bytes).map_err(|e| e.to_string())?;
+        files.push((converted, kp(series, "klp-sample-klp-rela")));
         files.push((
             klp_targets(&klp_dir, &rel, &out)?,
             kp(series, "klp-targets"),

@@ -104,7 +104,10 @@ fn build_module(
     }
     std::fs::write(
         work.join("Kbuild"),
-        format!("obj-m := {name}.o\n{name}-y := {objs}\nccflags-y := -I$(src)/include\n"),
+        format!(
+            "obj-m := {name}.o\n{name}-y := {objs}\n{}",
+            crate::kbuild::KBUILD_FLAGS
+        ),
     )
     .map_err(io)?;
     let out = make(&tree, &work, "modules", extra, &["KBUILD_MODPOST_WARN=1"])?;

@@ -10,7 +10,9 @@
 //! - [`params`]: module parameters given as on insmod's command line, set in the
 //!   module's data first;
 //! - [`build`]: `kp build --kernel` of such a source, with lpvmm's shadow-variable
-//!   runtime linked in under the kernel's `klp_shadow_*` names.
+//!   runtime linked in under the kernel's `klp_shadow_*` names;
+//! - [`sym`]: kpatch-build's and klp-convert's `.klp.sym.*` symbols and `.klp.rela.*`
+//!   sections.
 //!
 //! The module's init (which only calls `klp_enable_patch`) and exit code are not loaded;
 //! its `struct module` is laid out zero-filled, for `THIS_MODULE` to point at. Its
@@ -21,6 +23,7 @@
 pub mod build;
 pub mod params;
 pub mod read;
+pub mod sym;
 
 use crate::load::link::Linked;
 use crate::load::object::{aligned_copy, open_elf, Body, Flavour, PatchObject};

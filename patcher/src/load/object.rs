@@ -484,10 +484,11 @@ fn reloc_section(file: &object::File, r: &object::Relocation) -> Option<object::
 fn special_section_advice(name: &str) -> Option<&'static str> {
     Some(match name {
         "__jump_table" => {
-            "static keys / jump labels (static_branch_*), which the kernel patches at run time"
+            "static keys / jump labels (static_branch_*, tracepoints), which the kernel patches \
+             at run time: `lpvmm kp build --kernel` builds them as tests of their key instead"
         }
-        ".static_call_sites" | ".static_call.text" => {
-            "static calls, which the kernel patches at run time"
+        ".static_call.text" => {
+            "static call trampolines the patch defines, which the kernel patches at run time"
         }
         ".parainstructions" => "paravirt call sites the kernel patches",
         ".data..percpu" => "per-CPU variables, which need the kernel's per-CPU allocator",
@@ -517,8 +518,15 @@ fn special_section_advice(name: &str) -> Option<&'static str> {
 /// - `.altinstructions`: alternatives, read separately and applied at link time for the
 ///   guest's CPU ([`crate::load::alternatives`]); their `.altinstr_replacement` (and
 ///   `.altinstr_aux`) code is laid out as code;
+/// - `__ex_table`: the exception table, read separately ([`ExEntry`]) and given to the
+///   guest, sorted, with the patch's module ([`crate::guest_module`]);
+/// - `.static_call_sites`: calls through a static call's trampoline (`__SCT__*`), which
+///   the kernel would turn into direct calls; left calling the trampoline, which the
+///   kernel keeps pointing at the call's current target;
 /// - `.modinfo`, `__versions`, `.gnu.linkonce.this_module`, `.comment`, `.discard.*`:
-///   module bookkeeping.
+///   module bookkeeping;
+/// - `.klp.rela.*`: livepatch relocation sections, read with the section they apply to
+///   (each is one of its relocation sections; [`crate::klp::sym`]).
 fn handled_elsewhere(name: &str) -> bool {
     matches!(
         name,
@@ -534,11 +542,13 @@ fn handled_elsewhere(name: &str) -> bool {
             | ".orc_header"
             | ".altinstructions"
             | "__ex_table"
+            | ".static_call_sites"
             | ".modinfo"
             | "__versions"
             | ".gnu.linkonce.this_module"
             | ".comment"
     ) || name.starts_with(".discard")
+        || name.starts_with(crate::klp::sym::RELA_PREFIX)
 }
 
 /// Why a section is refused, or how it is laid out (`None`: not loaded).
@@ -811,6 +821,11 @@ fn reloc_target(
                 .map_err(|e| ParseError::Truncated(format!("relocation symbol: {e}")))?;
             let name = sym.name().unwrap_or("").to_string();
             match sym.section() {
+                // A livepatch symbol (`SHN_LIVEPATCH`): bound by its name (crate::klp::sym).
+                _ if name.starts_with(crate::klp::sym::PREFIX) => {
+                    imports.insert(name.clone());
+                    RelocTarget::Kernel(name)
+                }
                 SymbolSection::Undefined => {
                     imports.insert(name.clone());
                     RelocTarget::Kernel(name)
@@ -1026,6 +1041,13 @@ impl Body {
         manifest: Manifest,
         klp: Option<KlpParts>,
     ) -> Result<PatchObject, ParseError> {
+        let mut manifest = manifest;
+        for local in &self.imports {
+            let bound = manifest.bindings.iter().any(|b| &b.local == local);
+            if let Some(b) = crate::klp::sym::binding(local)?.filter(|_| !bound) {
+                manifest.bindings.push(b);
+            }
+        }
         check_manifest(&manifest, &self.functions, &self.sections, &self.imports)?;
         let obj = PatchObject {
             manifest,

@@ -714,6 +714,17 @@ impl ExtraCode for PatchCode<'_> {
             ));
         }
         let at = if interrupted { ip } else { ip.wrapping_sub(1) };
+        // Code of a patch the guest knows as a module is named as the guest names it,
+        // from that module's symbols (the module code that comes next in the unwinder's
+        // list): `func+0xoff/0xsize [module]`, the module's name spelled with `_`.
+        if self
+            .0
+            .patches
+            .iter()
+            .any(|p| p.guest_module.is_some_and(|m| m.text.contains(at)))
+        {
+            return None;
+        }
         let callback = self
             .0
             .patches
