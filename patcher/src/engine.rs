@@ -848,9 +848,11 @@ impl Engine {
         let (runs, module) = (p.runs, p.guest_module);
         if let Some(m) = &module {
             let retired = crate::guest_module::withdraw(guest, kernel, m)?;
+            // Records retired before this one, that no reader can be inside any more;
+            // this one stays at least until the next load or unload.
+            self.free_retired(guest, kernel);
             self.retired.push(retired);
         }
-        self.free_retired(guest, kernel);
         let area = self
             .area
             .as_mut()

@@ -15,8 +15,9 @@
 //!
 //! The guest reads these lists and the tree without locks (RCU and a latch), so an
 //! unloaded patch's record is not cleared at once: a reader in the pause may be inside
-//! it. It is kept ([`Retired`]) until every guest CPU has switched tasks since, which a
-//! reader with preemption off cannot span, then cleared and its space given back.
+//! it. It is kept ([`Retired`]) until every guest CPU has switched tasks since (which a
+//! reader with preemption off cannot span) or is halted in its idle loop, then cleared
+//! and its space given back.
 
 pub(crate) mod rbtree;
 pub(crate) mod record;
@@ -263,14 +264,48 @@ fn cpu_switches(
         .collect()
 }
 
-/// Whether every CPU has switched tasks since `r` was withdrawn.
+/// Whether no guest reader can be inside `r` any more: every CPU has switched tasks
+/// since it was withdrawn (no reader with preemption off spans a switch), or is halted
+/// in its idle loop now (a reader it was in at the withdrawal has ended; an idle CPU may
+/// switch nothing for a long time).
 pub(crate) fn quiesced(guest: &dyn PausedGuest, kernel: &Kernel, r: &Retired) -> bool {
     let Ok((gm, _)) = layouts(kernel) else {
         return false;
     };
-    cpu_switches(guest, kernel, gm).is_ok_and(|now| {
-        now.len() == r.switches.len() && now.iter().zip(&r.switches).all(|(a, b)| a != b)
-    })
+    let Ok(now) = cpu_switches(guest, kernel, gm) else {
+        return false;
+    };
+    let halted = halted_cpus(guest, kernel);
+    now.len() == r.switches.len()
+        && now
+            .iter()
+            .zip(&r.switches)
+            .enumerate()
+            .all(|(cpu, (a, b))| a != b || halted.get(cpu) == Some(&true))
+}
+
+/// For each guest CPU, whether its vCPU is halted in kernel mode: parked just after a
+/// `hlt` (KVM moves a halted vCPU's RIP past the instruction), which the kernel executes
+/// only in its idle loop.
+fn halted_cpus(guest: &dyn PausedGuest, kernel: &Kernel) -> Vec<bool> {
+    const HLT: u8 = 0xf4;
+    let reader = introspection::tasks::TaskReader::new(kernel, guest);
+    let Ok(bases) = reader.percpu_bases() else {
+        return Vec::new();
+    };
+    let mem = kernel.memory(guest);
+    let mut out = vec![false; bases.len()];
+    for i in 0..guest.vcpu_count() {
+        let Ok(v) = guest.vcpu(i) else { continue };
+        let Some(cpu) = introspection::tasks::TaskReader::cpu_of(&bases, v) else {
+            continue;
+        };
+        let after_hlt = mem
+            .read_vec(v.rip.wrapping_sub(1), 1)
+            .is_ok_and(|b| b == [HLT]);
+        out[cpu] = v.cpl() == 0 && after_hlt;
+    }
+    out
 }
 
 /// Both trees of the guest's latched module tree written again with `m`'s text node
