@@ -786,6 +786,16 @@ fn livepatch_modules_from_outside(host: &mut TestHost, series: &str) -> TestResu
     let mut g = boot_with_klp_targets(host, &name, series)?;
     let text_before = checksum(&mut g, "text")?;
     let original = g.text("cat /proc/cmdline")?;
+    // Described as this guest would get it, loading nothing.
+    let file = g.host.file(&kp(series, "klp-sample"));
+    let (rc, out) = g.lpvmm(&format!("kp inspect --vm {{vm}} {file}"))?;
+    check!(
+        rc == 0
+            && out.contains("patch:     livepatch_sample")
+            && out.contains("replaces:  cmdline_proc_show with livepatch_cmdline_proc_show")
+            && status(&mut g)?.patches.is_empty(),
+        "{series}: kp inspect --vm of livepatch-sample: {out}"
+    );
     let out = patchtest::apply(&mut g, &stem(series, "klp-sample"))?;
     check!(
         out.contains("loaded 'livepatch_sample'")

@@ -79,6 +79,14 @@ pub enum Request {
         #[serde(default)]
         consistency: Consistency,
     },
+    /// Read a patch (the file, hex) with the guest kernel's layouts, as a load would,
+    /// and describe it; loads nothing. For a livepatch module, whose `struct klp_patch`
+    /// is laid out as the guest's kernel lays it out.
+    KpInspect {
+        kp_hex: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        params: Vec<String>,
+    },
     /// Start enabling or disabling a loaded patch.
     PatchEnable {
         name: String,

@@ -140,9 +140,15 @@ pub enum KpCommand {
         #[arg(long, value_name = "VM", conflicts_with = "include")]
         vm: Option<String>,
     },
-    /// Show what a .kp contains and what it needs from the kernel
+    /// Show what a .kp or a livepatch module contains and what it needs from the kernel
     Inspect {
         file: PathBuf,
+        /// A livepatch module's parameters, NAME=VALUE (with --vm)
+        params: Vec<String>,
+        /// Read it with this VM's kernel layouts, as a load would (needed for a
+        /// livepatch module, whose struct klp_patch is laid out as that kernel's)
+        #[arg(long, value_name = "VM")]
+        vm: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -794,7 +800,12 @@ pub fn kp(cmd: KpCommand) -> Result<i32> {
             kernel,
             vm,
         } => kp_build(&source, &output, &include, &cflags, kernel, vm),
-        KpCommand::Inspect { file, json } => kp_inspect(&file, json),
+        KpCommand::Inspect {
+            file,
+            params,
+            vm,
+            json,
+        } => kp_inspect(&file, params, vm.as_deref(), json),
     }
 }
 
@@ -865,24 +876,48 @@ fn kp_build_livepatch(
 }
 
 /// `lpvmm kp inspect`: what a .kp holds and what it needs from the kernel.
-fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
+fn kp_inspect(file: &Path, params: Vec<String>, vm: Option<&str>, json: bool) -> Result<i32> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if let Some(name) = patcher::klp::livepatch_module_name(&bytes) {
-        if json {
-            return print_json(&serde_json::json!({ "livepatch_module": name }));
+    let p = match (patcher::klp::livepatch_module_name(&bytes), vm) {
+        (_, Some(vm)) => {
+            let kp_hex = read_kp(vm, file)?;
+            let p: patcher::PatchObject =
+                Client::connect(vm)?.call(Request::KpInspect { kp_hex, params })?;
+            p
         }
-        println!(
-            "livepatch module {name}: lpvmm reads its struct klp_patch (objects, functions, \
-             callbacks, states, parameters) with the guest kernel's own layout of it when it \
-             applies it: lpvmm patch VM {} [PARAM=VALUE...]; `patch status` then shows it",
-            file.display()
-        );
-        return Ok(0);
-    }
-    let p = patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?;
+        (Some(name), None) => {
+            if json {
+                return print_json(&serde_json::json!({ "livepatch_module": name }));
+            }
+            println!(
+                "livepatch module {name}: lpvmm reads its struct klp_patch (objects, functions, \
+                 callbacks, states, parameters) with a guest kernel's own layout of it: \
+                 lpvmm kp inspect --vm VM {} [PARAM=VALUE...] describes it as that guest would \
+                 get it, lpvmm patch VM {} [PARAM=VALUE...] applies it",
+                file.display(),
+                file.display()
+            );
+            return Ok(0);
+        }
+        (None, None) => {
+            if !params.is_empty() {
+                bail!(
+                    "parameters are a livepatch module's; {} is a .kp",
+                    file.display()
+                );
+            }
+            patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?
+        }
+    };
     if json {
         return print_json(&p);
     }
+    describe_patch(&p);
+    Ok(0)
+}
+
+/// What `kp inspect` prints of a patch.
+fn describe_patch(p: &patcher::PatchObject) {
     let m = &p.manifest;
     println!("patch:     {}", m.name);
     for r in &m.replacements {
@@ -939,8 +974,13 @@ fn kp_inspect(file: &Path, json: bool) -> Result<i32> {
             s.relocs.len()
         );
     }
+    if !p.extable.is_empty() {
+        println!(
+            "faults:    {} exception table entries, given to the guest with the patch's module",
+            p.extable.len()
+        );
+    }
     println!("needs:     {}", p.imports.join(", "));
-    Ok(0)
 }
 
 /// The release of a running VM's kernel, as introspection reads it.

@@ -260,6 +260,7 @@ fn dispatch(s: &mut Session, request: Request) -> ResponseLine {
             timeout_ms,
             consistency,
         } => reply(s.patch_load(&kp_hex, &params, enable, args(consistency, timeout_ms))),
+        Request::KpInspect { kp_hex, params } => reply(s.kp_inspect(&kp_hex, &params)),
         Request::PatchEnable {
             name,
             timeout_ms,

@@ -82,6 +82,14 @@ impl Session {
         Ok(id)
     }
 
+    /// A patch read as [`Session::patch_load`] reads it, against this guest's kernel,
+    /// loading nothing: what `kp inspect --vm` describes.
+    pub fn kp_inspect(&mut self, kp_hex: &str, params: &[String]) -> Result<patcher::PatchObject> {
+        let kp = hex_decode(kp_hex)?;
+        let kernel = self.kernel_attached()?;
+        Ok(patcher::parse_patch(&kp, &kernel, params)?)
+    }
+
     pub fn patch_load(
         &mut self,
         kp_hex: &str,
