@@ -545,7 +545,7 @@ impl Engine {
         let module = module_record.is_some();
         check_guest_machinery(guest.reader(), kernel, needs_caller, module)?;
         // Everything checked: write.
-        self.free_retired(guest, kernel);
+        crate::guest_module::free_quiesced(&mut self.retired, guest, kernel, &mut area);
         write_images(guest, kernel, &mut area, tables.as_ref(), &linked, &m.name)?;
         crate::taint::taint_livepatch(guest, kernel);
         area.space.take(runs);
@@ -791,27 +791,6 @@ impl Engine {
         })
     }
 
-    /// Clear and give back the module records no guest reader can be inside any more.
-    fn free_retired(&mut self, guest: &mut dyn GuestWriter, kernel: &Kernel) {
-        let Some(area) = self.area.as_mut() else {
-            return;
-        };
-        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
-            .into_iter()
-            .partition(|r| crate::guest_module::quiesced(guest.reader(), kernel, r));
-        self.retired = kept;
-        for r in done {
-            let cleared = guest.write_phys(
-                area.layout.pa(r.record.start),
-                &vec![0; r.record.size() as usize],
-            );
-            match cleared {
-                Ok(()) => area.space.data.free(r.record),
-                Err(_) => self.retired.push(r),
-            }
-        }
-    }
-
     fn unload_journaled(
         &mut self,
         guest: &mut dyn GuestWriter,
@@ -846,17 +825,17 @@ impl Engine {
             )));
         }
         let (runs, module) = (p.runs, p.guest_module);
-        if let Some(m) = &module {
-            let retired = crate::guest_module::withdraw(guest, kernel, m)?;
-            // Records retired before this one, that no reader can be inside any more;
-            // this one stays at least until the next load or unload.
-            self.free_retired(guest, kernel);
-            self.retired.push(retired);
-        }
         let area = self
             .area
             .as_mut()
             .ok_or_else(|| KpError::State("no patch area".into()))?;
+        if let Some(m) = &module {
+            let retired = crate::guest_module::withdraw(guest, kernel, m)?;
+            // Records retired before this one, that no reader can be inside any more;
+            // this one stays at least until the next load or unload.
+            crate::guest_module::free_quiesced(&mut self.retired, guest, kernel, area);
+            self.retired.push(retired);
+        }
         for (r, fill) in [(runs.code, 0xccu8), (runs.rodata, 0), (runs.data, 0)] {
             if r.size() > 0 {
                 guest

@@ -243,6 +243,27 @@ pub(crate) fn withdraw(
     })
 }
 
+/// Clear and give back, in `area` (the engine's, or the one a load will make it), the
+/// records of `retired` no guest reader can be inside any more ([`quiesced`]).
+pub(crate) fn free_quiesced(
+    retired: &mut Vec<Retired>,
+    guest: &mut dyn GuestWriter,
+    kernel: &Kernel,
+    area: &mut crate::space::Area,
+) {
+    let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(retired)
+        .into_iter()
+        .partition(|r| quiesced(guest.reader(), kernel, r));
+    *retired = kept;
+    for r in done {
+        let zeros = vec![0; r.record.size() as usize];
+        match guest.write_phys(area.layout.pa(r.record.start), &zeros) {
+            Ok(()) => area.space.data.free(r.record),
+            Err(_) => retired.push(r),
+        }
+    }
+}
+
 /// Each CPU's `rq->nr_switches`.
 fn cpu_switches(
     guest: &dyn PausedGuest,
