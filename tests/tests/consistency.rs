@@ -260,7 +260,7 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
         .iter()
         .map(|l| {
             if l.starts_with("common_nsleep+") {
-                "lpvmm_common_nsleep [nsleep_cmdline]".to_string()
+                "lpvmm_common_nsleep [lpvmm:nsleep_cmdline]".to_string()
             } else {
                 l.clone()
             }
@@ -269,8 +269,8 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     let shown: Vec<String> = ours
         .iter()
         .map(|l| {
-            if l.starts_with("lpvmm_common_nsleep+") && l.ends_with(" [nsleep_cmdline]") {
-                "lpvmm_common_nsleep [nsleep_cmdline]".to_string()
+            if l.starts_with("lpvmm_common_nsleep+") && l.ends_with(" [lpvmm:nsleep_cmdline]") {
+                "lpvmm_common_nsleep [lpvmm:nsleep_cmdline]".to_string()
             } else {
                 l.clone()
             }
@@ -286,7 +286,7 @@ fn sleeper_holds_only_itself(host: &mut TestHost, series: &str) -> TestResult {
     );
     let (_, human) = g.lpvmm(&format!("stack {{vm}} {pid}"))?;
     check!(
-        human.contains("[nsleep_cmdline]")
+        human.contains("[lpvmm:nsleep_cmdline]")
             && human.contains("reliable")
             && !human.contains("UNRELIABLE"),
         "{series}: stack:\n{human}"

@@ -765,11 +765,12 @@ fn klp_demo_lines(g: &mut Guest) -> Result<Vec<String>, String> {
 /// lpvmm's klp-percpu.ko (per-CPU data) is refused naming `.data..percpu` and the
 /// function that needs it, kernel text and patch area unchanged.
 /// The guest knows livepatch module `name`, applied by lpvmm, only as the module of
-/// lpvmm's making (in /proc/modules, used by `lpvmm`, tainted `K`), and never loaded
-/// it: nothing of it in /sys/kernel/livepatch or /sys/module.
+/// lpvmm's making (`lpvmm:NAME` in /proc/modules, used by `lpvmm`, tainted `K`), and
+/// never loaded it: nothing in /sys/kernel/livepatch, no /sys/module/NAME.
 fn known_only_as_lpvmms(g: &mut Guest, series: &str, name: &str) -> TestResult {
     let seen = g.run(&format!(
-        "grep '^{name} ' /proc/modules; ls /sys/kernel/livepatch /sys/module/{name} 2>/dev/null; true"
+        "grep '^lpvmm:{name} ' /proc/modules; ls -A /sys/kernel/livepatch; \
+         ls -d /sys/module/{name} 2>/dev/null; true"
     ))?;
     let lines: Vec<&str> = seen.lines().filter(|l| !l.trim().is_empty()).collect();
     check!(
@@ -1990,7 +1991,7 @@ fn orc(host: &mut TestHost, series: &str) -> TestResult {
         .filter_map(|f| f.symbol.clone())
         .collect();
     let at = names.iter().position(|n| {
-        n.starts_with("lpvmm_kbuild_common_nsleep+") && n.ends_with("[kbuild_nsleep]")
+        n.starts_with("lpvmm_kbuild_common_nsleep+") && n.ends_with("[lpvmm:kbuild_nsleep]")
     });
     check!(
         trace.is_some_and(|t| t.reliable)
@@ -2094,17 +2095,24 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
         read.contains("lpvmm-gm get_user=-14 unsafe_get_user=-14"),
         "{series}: reads through a bad user pointer: {read}"
     );
-    let modules = g.run("grep '^kbuild_gm ' /proc/modules; true")?;
+    let modules = g.run("grep '^lpvmm:kbuild_gm ' /proc/modules; true")?;
     check!(
         modules.contains(" 1 lpvmm, Live 0x") && modules.trim_end().ends_with("(K)"),
         "{series}: /proc/modules: {modules}"
     );
-    let syms =
-        g.run("grep -c ' t lpvmm_gm_cmdline_proc_show.\\[kbuild_gm\\]' /proc/kallsyms; true")?;
+    let syms = g.run(
+        "grep -c ' t lpvmm_gm_cmdline_proc_show.\\[lpvmm:kbuild_gm\\]' /proc/kallsyms; true",
+    )?;
     check!(syms.trim() == "1", "{series}: /proc/kallsyms: {syms}");
-    let rmmod = g.run("rmmod kbuild-gm 2>&1; rmmod -f kbuild-gm 2>&1; true")?;
+    let rmmod = g.run("rmmod lpvmm:kbuild_gm 2>&1; rmmod -f lpvmm:kbuild_gm 2>&1; true")?;
     check!(
-        g.run("grep -c '^kbuild_gm ' /proc/modules; true")?.trim() == "1",
+        rmmod.matches("Resource temporarily unavailable").count() == 2,
+        "{series}: rmmod and rmmod -f of the patch's module: {rmmod}"
+    );
+    check!(
+        g.run("grep -c '^lpvmm:kbuild_gm ' /proc/modules; true")?
+            .trim()
+            == "1",
         "{series}: the guest unloaded the patch's module: {rmmod}"
     );
 
@@ -2116,12 +2124,12 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
     let warning = log.lines().find(|l| l.contains("WARNING:")).unwrap_or("");
     check!(
         warning.contains("lpvmm_gm_cmdline_proc_show+")
-            && warning.contains("[kbuild_gm]")
+            && warning.contains("[lpvmm:kbuild_gm]")
             && warned.contains("lpvmm-gm get_user=-14"),
         "{series}: WARN_ON in patch code:\n{warned}\n{log}"
     );
     check!(
-        log.contains("Modules linked in:") && log.contains("kbuild_gm(K"),
+        log.contains("Modules linked in:") && log.contains("lpvmm:kbuild_gm(K"),
         "{series}: the WARNING's module list: {log}"
     );
 
@@ -2144,7 +2152,7 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
         .iter()
         .position(|f| f.starts_with("lpvmm_gm_cmdline_proc_show+"));
     check!(
-        at.is_some_and(|i| frames[i].ends_with("[kbuild_gm]")
+        at.is_some_and(|i| frames[i].ends_with("[lpvmm:kbuild_gm]")
             && frames[i + 1..]
                 .iter()
                 .any(|f| f.starts_with("seq_read_iter+"))),
@@ -2156,7 +2164,7 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
     verb(&mut g, "disable", "kbuild-gm")?;
     let (rc, out) = g.lpvmm("patch unload {vm} kbuild-gm")?;
     check!(rc == 0, "{series}: unload: {out}");
-    let left = g.run("grep -c 'kbuild_gm' /proc/modules /proc/kallsyms; true")?;
+    let left = g.run("grep -c 'lpvmm:kbuild_gm' /proc/modules /proc/kallsyms; true")?;
     check!(
         left.lines().all(|l| l.ends_with(":0")),
         "{series}: traces of the unloaded patch's module: {left}"

@@ -34,7 +34,18 @@ pub(crate) struct Symbol {
     pub(crate) size: u64,
 }
 
-/// What goes in a record: the module's name (the patch's, `-` written `_`) and text, its functions, ORC entries
+/// The name of the module the guest knows patch `patch` as: `lpvmm:` and the patch's
+/// name, `-` written `_` as rmmod and modprobe spell module names. No module the kernel
+/// loads can have it (kbuild's names are C identifiers), so it never stands in a real
+/// module's way: the guest refuses a second module of one name.
+pub(crate) fn module_name(patch: &str) -> String {
+    format!("{MODULE_PREFIX}{}", patch.replace('-', "_"))
+}
+
+/// What the name of every patch's module starts with.
+pub const MODULE_PREFIX: &str = "lpvmm:";
+
+/// What goes in a record: the module's name ([`module_name`]) and text, its functions, ORC entries
 /// (address and raw entry, sorted) and exception table (sorted by instruction).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Contents {
@@ -51,8 +62,7 @@ pub(crate) struct Contents {
 impl Contents {
     /// The record's contents for `obj`, linked as `linked`.
     pub(crate) fn of(obj: &PatchObject, linked: &Linked, bug_entry: u64) -> Result<Self, KpError> {
-        // As kbuild names a module (KBUILD_MODNAME), and as rmmod and modprobe spell it.
-        let name = obj.manifest.name.replace('-', "_");
+        let name = module_name(&obj.manifest.name);
         let text = Region {
             start: linked.code.addr,
             end: linked.code.addr + linked.code.bytes.len() as u64,
