@@ -467,7 +467,7 @@ const BAD: &[(&str, &str)] = &[
         "tun_get_socket is a function of module tun, not of vmlinux",
     ),
     ("bad-relocation", "relocation R_X86_64_REX_GOTPCRELX"),
-    ("bad-special-section", "__ex_table"),
+    ("bad-special-section", "section __jump_table (needed by nf)"),
     ("bad-no-fentry", "not an fentry NOP"),
     ("bad-out-of-range", "does not fit in 32 bits"),
     ("bad-area-full", "patch area full"),
@@ -564,7 +564,7 @@ fn bad_sources() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "bad-special-section",
-            patch("int nf(void) { asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n.long 1b - .\\n.popsection\"); return 0; }", "meminfo_proc_show"),
+            patch("int nf(void) { asm volatile(\"1: nop\\n.pushsection __jump_table,\\\"aw\\\"\\n.long 1b - .\\n.long 1b - .\\n.quad 0\\n.popsection\"); return 0; }", "meminfo_proc_show"),
             vec![],
         ),
         ("bad-no-fentry", patch("int nf(void) { return 0; }", "do_syscall_64"), vec![]),
