@@ -109,15 +109,24 @@ pub fn patch_of<'s>(s: &'s PatchStatusResult, name: &str) -> Result<&'s PatchVie
 /// (/proc/PID/stack); returns its pid and that stack.
 pub fn sleeper(g: &mut Guest, secs: u32, func: &str) -> Result<(i64, String), String> {
     let pid = g.spawn(&format!("sleep {secs} &"))?;
+    match guest_stack_naming(g, pid, func)? {
+        (true, stack) => Ok((pid, stack)),
+        (false, stack) => Err(format!("sleep {pid} never reached {func}: {stack}")),
+    }
+}
+
+/// The guest's own `/proc/PID/stack` of `pid`, read every 100 ms for up to 10 s until
+/// it names `func`: whether it did, and the last one read.
+pub fn guest_stack_naming(g: &mut Guest, pid: i64, func: &str) -> Result<(bool, String), String> {
     let mut stack = String::new();
     for _ in 0..100 {
         stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
         if stack.contains(func) {
-            return Ok((pid, stack));
+            return Ok((true, stack));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("sleep {pid} never reached {func}: {stack}"))
+    Ok((false, stack))
 }
 
 /// The transition in progress once it has had its first tick.

@@ -460,16 +460,9 @@ fn module_going_during_a_transition(host: &mut TestHost, series: &str) -> TestRe
     check!(rc == 0, "{series}: patch tunsleep: {out}");
     let t = held_by(&mut g, sleeper)?;
     let rmmod = g.spawn("rmmod tun &")?;
-    let mut waits = String::new();
-    for _ in 0..50 {
-        waits = g.run(&format!("cat /proc/{rmmod}/stack 2>/dev/null; true"))?;
-        if waits.contains("msleep") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (waiting, waits) = patchtest::guest_stack_naming(&mut g, rmmod, "msleep")?;
     check!(
-        waits.contains("msleep") && loaded(&mut g, "tun")?,
+        waiting && loaded(&mut g, "tun")?,
         "{series}: rmmod should wait in lpvmm's notifier during the transition: {waits}"
     );
     let (rc, stack) = g.lpvmm(&format!("stack {{vm}} {rmmod}"))?;
@@ -2135,14 +2128,7 @@ fn guest_module(host: &mut TestHost, series: &str) -> TestResult {
 
     // A task asleep in patch code: the guest's own unwinder goes through it.
     let pid = g.spawn("sh -c 'printf gmsleep > /proc/self/comm; read -r l < /proc/cmdline' &")?;
-    let mut stack = String::new();
-    for _ in 0..100 {
-        stack = g.run(&format!("cat /proc/{pid}/stack 2>/dev/null; true"))?;
-        if stack.contains("msleep") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let (_, stack) = patchtest::guest_stack_naming(&mut g, pid, "msleep")?;
     let frames: Vec<&str> = stack
         .lines()
         .filter_map(|l| l.trim().split_once("] "))
