@@ -34,14 +34,20 @@ use rbtree::RbLayout;
 /// A patch's module as the guest knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestModule {
-    /// The record's place in the patch area's data region.
+    /// The record's place in the patch area's data region; the `struct module` is its
+    /// start ([`GuestModule::module`]).
     pub record: Region,
-    /// The `struct module` (the record's start).
-    pub module: u64,
     /// Its text: the patch's code.
     pub text: Region,
     /// Whether it has a bug table (and so is on the guest's bug list).
     pub bugs: bool,
+}
+
+impl GuestModule {
+    /// The `struct module`: the record's first part.
+    pub fn module(&self) -> u64 {
+        self.record.start
+    }
 }
 
 /// A withdrawn record, kept until every guest CPU has switched tasks since.
@@ -148,7 +154,6 @@ pub(crate) fn plan(
     let bytes = record::build(&contents, at.start, gm, ml, orc_entry)?;
     let module = GuestModule {
         record: at,
-        module: at.start,
         text: contents.text,
         bugs: contents.bugs.is_some(),
     };
@@ -215,9 +220,9 @@ pub(crate) fn publish(
     w.write_u64(min, lo)?;
     w.write_u64(max, hi)?;
     if m.bugs {
-        w.list_add(m.module + gm.bug_list, g.bug_list)?;
+        w.list_add(m.module() + gm.bug_list, g.bug_list)?;
     }
-    w.list_add(m.module + ml.list, g.modules)
+    w.list_add(m.module() + ml.list, g.modules)
 }
 
 /// Take `m` out of the guest's lists and tree, in a pause (its record stays as it was
@@ -232,9 +237,9 @@ pub(crate) fn withdraw(
     let g = Globals::of_free_guest(guest.reader(), kernel)?;
     let switches = cpu_switches(guest.reader(), kernel, gm)?;
     let mut w = GuestWords { guest, kernel };
-    w.list_del(m.module + ml.list)?;
+    w.list_del(m.module() + ml.list)?;
     if m.bugs {
-        w.list_del(m.module + gm.bug_list)?;
+        w.list_del(m.module() + gm.bug_list)?;
     }
     retree(&mut w, gm, g.tree, m, false)?;
     Ok(Retired {
@@ -244,16 +249,23 @@ pub(crate) fn withdraw(
 }
 
 /// Clear and give back, in `area` (the engine's, or the one a load will make it), the
-/// records of `retired` no guest reader can be inside any more ([`quiesced`]).
+/// records of `retired` no guest reader can be inside any more ([`CpusNow::past`]).
+/// The guest's CPUs are read once for all of them.
 pub(crate) fn free_quiesced(
     retired: &mut Vec<Retired>,
     guest: &mut dyn GuestWriter,
     kernel: &Kernel,
     area: &mut crate::space::Area,
 ) {
+    if retired.is_empty() {
+        return;
+    }
+    let Some(now) = CpusNow::read(guest.reader(), kernel) else {
+        return;
+    };
     let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(retired)
         .into_iter()
-        .partition(|r| quiesced(guest.reader(), kernel, r));
+        .partition(|r| now.past(r));
     *retired = kept;
     for r in done {
         let zeros = vec![0; r.record.size() as usize];
@@ -285,24 +297,35 @@ fn cpu_switches(
         .collect()
 }
 
-/// Whether no guest reader can be inside `r` any more: every CPU has switched tasks
-/// since it was withdrawn (no reader with preemption off spans a switch), or is halted
-/// in its idle loop now (a reader it was in at the withdrawal has ended; an idle CPU may
-/// switch nothing for a long time).
-pub(crate) fn quiesced(guest: &dyn PausedGuest, kernel: &Kernel, r: &Retired) -> bool {
-    let Ok((gm, _)) = layouts(kernel) else {
-        return false;
-    };
-    let Ok(now) = cpu_switches(guest, kernel, gm) else {
-        return false;
-    };
-    let halted = halted_cpus(guest, kernel);
-    now.len() == r.switches.len()
-        && now
-            .iter()
-            .zip(&r.switches)
-            .enumerate()
-            .all(|(cpu, (a, b))| a != b || halted.get(cpu) == Some(&true))
+/// What each guest CPU is doing in this pause: its switch count, and whether it is
+/// halted in its idle loop.
+struct CpusNow {
+    switches: Vec<u64>,
+    halted: Vec<bool>,
+}
+
+impl CpusNow {
+    fn read(guest: &dyn PausedGuest, kernel: &Kernel) -> Option<CpusNow> {
+        let (gm, _) = layouts(kernel).ok()?;
+        Some(CpusNow {
+            switches: cpu_switches(guest, kernel, gm).ok()?,
+            halted: halted_cpus(guest, kernel),
+        })
+    }
+
+    /// Whether no guest reader can be inside `r` any more: every CPU has switched tasks
+    /// since it was withdrawn (no reader with preemption off spans a switch), or is
+    /// halted in its idle loop now (a reader it was in at the withdrawal has ended; an
+    /// idle CPU may switch nothing for a long time).
+    fn past(&self, r: &Retired) -> bool {
+        self.switches.len() == r.switches.len()
+            && self
+                .switches
+                .iter()
+                .zip(&r.switches)
+                .enumerate()
+                .all(|(cpu, (a, b))| a != b || self.halted.get(cpu) == Some(&true))
+    }
 }
 
 /// For each guest CPU, whether its vCPU is halted in kernel mode: parked just after a
@@ -350,7 +373,7 @@ fn retree(
         let root_at = tree + gm.tree_roots + 8 * idx;
         // From a node of this tree to its region's base.
         let to_base = (idx * gm.rb_size + gm.mtn_node + gm.region_mtn).wrapping_sub(gm.region_base);
-        let ours = m.module + gm.text_mtn + gm.mtn_node + idx * gm.rb_size;
+        let ours = m.module() + gm.text_mtn + gm.mtn_node + idx * gm.rb_size;
         let read = |a: u64| w.read(a).ok();
         let nodes = rbtree::in_order(w.read(root_at)?, rb, &read)
             .map_err(|e| KpError::Unsupported(format!("the guest's mod_tree: {e}")))?;
@@ -376,4 +399,34 @@ fn retree(
         w.write_u64(*root_at, t.root)?;
     }
     w.write(seq_at, &seq.wrapping_add(2).to_le_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_past_once_each_cpu_switched_or_is_halted() {
+        let r = Retired {
+            record: Region {
+                start: 0x1000,
+                end: 0x2000,
+            },
+            switches: vec![10, 20],
+        };
+        let now = |switches: Vec<u64>, halted: Vec<bool>| CpusNow { switches, halted };
+        assert!(now(vec![11, 21], vec![false, false]).past(&r));
+        assert!(
+            !now(vec![11, 20], vec![false, false]).past(&r),
+            "CPU 1 may still read it"
+        );
+        assert!(
+            now(vec![11, 20], vec![false, true]).past(&r),
+            "CPU 1 idles in hlt"
+        );
+        assert!(
+            !now(vec![11], vec![false]).past(&r),
+            "another number of CPUs"
+        );
+    }
 }

@@ -53,8 +53,7 @@ pub(crate) struct Contents {
     pub(crate) text: Region,
     pub(crate) symbols: Vec<Symbol>,
     pub(crate) orc: Vec<(u64, Vec<u8>)>,
-    pub(crate) extable: Vec<[u64; 2]>,
-    pub(crate) extable_data: Vec<i32>,
+    pub(crate) extable: Vec<Fixup>,
     /// The patch's `__bug_table`, laid out with its code: address and entries.
     pub(crate) bugs: Option<(u64, u32)>,
 }
@@ -81,16 +80,23 @@ impl Contents {
             .collect();
         symbols.sort_by_key(|s| s.addr);
         let at = |p: crate::load::object::Place| linked.section_addrs[p.section] + p.offset;
-        let mut ex: Vec<&ExEntry> = obj.extable.iter().collect();
-        ex.sort_by_key(|e| at(e.insn));
+        let mut extable: Vec<Fixup> = obj
+            .extable
+            .iter()
+            .map(|e: &ExEntry| Fixup {
+                insn: at(e.insn),
+                fixup: at(e.fixup),
+                data: e.data,
+            })
+            .collect();
+        extable.sort_by_key(|e| e.insn);
         let bugs = bug_table(obj, linked, bug_entry, &name)?;
         Ok(Contents {
             name,
             text,
             symbols,
             orc: linked.orc.clone(),
-            extable: ex.iter().map(|e| [at(e.insn), at(e.fixup)]).collect(),
-            extable_data: ex.iter().map(|e| e.data).collect(),
+            extable,
             bugs,
         })
     }
@@ -114,6 +120,15 @@ fn bug_table(
         )));
     }
     Ok(Some((linked.section_addrs[i], (size / entry) as u32)))
+}
+
+/// An exception table entry at the addresses the link gave it: the instruction that
+/// may fault, where the handler sends it, the handler's data word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fixup {
+    pub(crate) insn: u64,
+    pub(crate) fixup: u64,
+    pub(crate) data: i32,
 }
 
 /// Where each part of a record is, from its start.
@@ -334,10 +349,10 @@ fn unwind_and_fixups(
         b.ptr(gm.extable, p.extable);
         b.u32(gm.num_exentries, c.extable.len() as u32);
     }
-    for (i, ([insn, fixup], data)) in c.extable.iter().zip(&c.extable_data).enumerate() {
+    for (i, f) in c.extable.iter().enumerate() {
         let e = p.extable + (i * EX_ENTRY_BYTES) as u64;
-        b.rel(e, *insn);
-        b.rel(e + 4, *fixup);
-        b.u32(e + 8, *data as u32);
+        b.rel(e, f.insn);
+        b.rel(e + 4, f.fixup);
+        b.u32(e + 8, f.data as u32);
     }
 }
