@@ -6,9 +6,12 @@ set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # gcc, libc6-dev: static guest test programs; make: kbuild-built patches (`lpvmm kp
-# build --kernel`). The rest: image building. QEMU (the nested test host, when /dev/kvm
-# has no VMX/SVM under it) comes below.
-PKGS=(gcc libc6-dev make cpio kmod binutils xz-utils zstd busybox-static)
+# build --kernel`); bison, flex, bc, libelf-dev, libssl-dev, dwarves: preparing a
+# release's own source tree for diff builds (`lpvmm kp build --diff`: kconfig, objtool,
+# and pahole, whose version the release's .config records). The rest: image building.
+# QEMU (the nested test host, when /dev/kvm has no VMX/SVM under it) comes below.
+PKGS=(gcc libc6-dev make cpio kmod binutils xz-utils zstd busybox-static
+	bison flex bc libelf-dev libssl-dev dwarves)
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 apt_install() {
 	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null

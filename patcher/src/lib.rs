@@ -24,6 +24,7 @@ pub mod area;
 pub mod build;
 pub mod callbacks;
 pub mod coming;
+pub mod diffbuild;
 pub mod engine;
 pub mod funcs;
 pub mod guest_module;

@@ -1,11 +1,11 @@
 //! Debian's source of a guest kernel release: the `linux-source-X.Y` package at the
 //! version of the release's own packages (`apt-cache show linux-headers-RELEASE`), for
-//! the parts of the tree lpvmm builds from (today the kernel's samples/livepatch, which
-//! the test suite applies from outside). Fetched with `apt-get download` (never
-//! installed), unpacked once under `~/.cache/lpvmm/source/RELEASE/`; the whole tarball is
-//! not kept.
+//! the parts of the tree lpvmm builds from: the kernel's samples/livepatch, which the
+//! test suite applies from outside, and the whole tree a diff build compiles in
+//! ([`whole_tree`]). Fetched with `apt-get download` (never installed), unpacked once
+//! under `~/.cache/lpvmm/source/RELEASE/`; the package itself is not kept.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::build::BuildError;
@@ -33,22 +33,35 @@ fn series(release: &str) -> Option<String> {
     Some(format!("{}.{}", parts.next()?, parts.next()?))
 }
 
-/// The directory `dir` (e.g. `samples/livepatch`) of the source of `release`, fetched
-/// and unpacked the first time.
-pub fn source_dir(release: &str, dir: &str) -> Result<PathBuf, BuildError> {
-    if !valid_release(release) || dir.split('/').any(|p| p.is_empty() || p == "..") {
+/// The source version the release was built from: the `Built-Using` of its image
+/// package (`linux (= 6.1.192-3)`), which must be its packages' own version (Debian's
+/// `linux-source-X.Y` of that version is then the exact source).
+fn built_from(release: &str, version: &str) -> Result<(), BuildError> {
+    let out = run(
+        Command::new("apt-cache").args([
+            "show",
+            "--no-all-versions",
+            &format!("linux-image-{release}"),
+        ]),
+        "apt-cache show",
+    )?;
+    let using = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Built-Using:"))
+        .map(str::trim)
+        .unwrap_or("");
+    if !using.contains(&format!("(= {version})")) {
         return Err(BuildError::Kernel(format!(
-            "bad release or directory: {release} {dir}"
+            "linux-image-{release} was built from '{using}', not from the source version \
+             {version} lpvmm would fetch: give its source with --source DIR"
         )));
     }
-    let root = crate::kbuild::cache_root()
-        .with_file_name("source")
-        .join(release);
-    let want = root.join(dir);
-    let ready = root.join(format!(".ready-{}", dir.replace('/', "_")));
-    if ready.exists() {
-        return Ok(want);
-    }
+    Ok(())
+}
+
+/// `linux-source-SERIES=VERSION` of `release`, downloaded into a fresh stage directory
+/// under `root`; returns (stage, series, version).
+fn download(release: &str, root: &Path) -> Result<(PathBuf, String, String), BuildError> {
     let series = series(release).ok_or_else(|| BuildError::Kernel(release.to_string()))?;
     let version = package_version(release)?;
     let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", root.display()));
@@ -64,19 +77,53 @@ pub fn source_dir(release: &str, dir: &str) -> Result<PathBuf, BuildError> {
             .arg(&pkg)
             .current_dir(&stage),
         &format!("apt-get download {pkg}"),
-    )?;
-    // The package holds usr/src/linux-source-X.Y.tar.xz; only `dir` of it is unpacked.
+    )
+    .map_err(|e| {
+        BuildError::Kernel(format!(
+            "{e} (Debian's archive keeps recent versions only: for an older release, give \
+             its source with --source DIR)"
+        ))
+    })?;
+    Ok((stage, series, version))
+}
+
+/// Unpack `members` (paths inside the tarball, empty: all) of the downloaded package.
+fn unpack(stage: &Path, series: &str, members: &str) -> Result<(), BuildError> {
+    // The package holds usr/src/linux-source-X.Y.tar.xz.
     let script = format!(
         "dpkg-deb --fsys-tarfile linux-source-*.deb | tar -xO ./usr/src/linux-source-{series}.tar.xz \
-         | tar -xJ linux-source-{series}/{dir}"
+         | tar -xJ {members} && rm linux-source-*.deb"
     );
     run(
-        Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .current_dir(&stage),
-        &format!("unpacking {dir} of {pkg}"),
+        Command::new("sh").arg("-c").arg(&script).current_dir(stage),
+        &format!("unpacking linux-source-{series}"),
     )?;
+    Ok(())
+}
+
+fn source_root(release: &str) -> PathBuf {
+    crate::kbuild::cache_root()
+        .with_file_name("source")
+        .join(release)
+}
+
+/// The directory `dir` (e.g. `samples/livepatch`) of the source of `release`, fetched
+/// and unpacked the first time.
+pub fn source_dir(release: &str, dir: &str) -> Result<PathBuf, BuildError> {
+    if !valid_release(release) || dir.split('/').any(|p| p.is_empty() || p == "..") {
+        return Err(BuildError::Kernel(format!(
+            "bad release or directory: {release} {dir}"
+        )));
+    }
+    let root = source_root(release);
+    let want = root.join(dir);
+    let ready = root.join(format!(".ready-{}", dir.replace('/', "_")));
+    if ready.exists() {
+        return Ok(want);
+    }
+    let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", root.display()));
+    let (stage, series, version) = download(release, &root)?;
+    unpack(&stage, &series, &format!("linux-source-{series}/{dir}"))?;
     let got = stage.join(format!("linux-source-{series}")).join(dir);
     std::fs::create_dir_all(want.parent().unwrap_or(&root)).map_err(io)?;
     let _ = std::fs::remove_dir_all(&want);
@@ -84,6 +131,28 @@ pub fn source_dir(release: &str, dir: &str) -> Result<PathBuf, BuildError> {
     std::fs::write(&ready, &version).map_err(io)?;
     let _ = std::fs::remove_dir_all(&stage);
     Ok(want)
+}
+
+/// The whole source tree of `release` (`~/.cache/lpvmm/source/RELEASE/tree`), fetched
+/// and unpacked the first time, after checking that the release was built from it.
+pub fn whole_tree(release: &str) -> Result<PathBuf, BuildError> {
+    if !valid_release(release) {
+        return Err(BuildError::Kernel(format!("bad release: {release}")));
+    }
+    let root = source_root(release);
+    let tree = root.join("tree");
+    if root.join(".ready-tree").exists() {
+        return Ok(tree);
+    }
+    let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", root.display()));
+    built_from(release, &package_version(release)?)?;
+    let (stage, series, version) = download(release, &root)?;
+    unpack(&stage, &series, "")?;
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::rename(stage.join(format!("linux-source-{series}")), &tree).map_err(io)?;
+    std::fs::write(root.join(".ready-tree"), &version).map_err(io)?;
+    let _ = std::fs::remove_dir_all(&stage);
+    Ok(tree)
 }
 
 #[cfg(test)]

@@ -2,7 +2,11 @@
 //! kernel's own kbuild against Debian's headers for it (`lpvmm kp build --kernel`), on
 //! real KVM (native or nested), both kernel series: what the guest prints, lpvmm's
 //! unwinding through the new code with objtool's ORC table, refusals of what the guest
-//! would have to know about, and the errors of `--kernel` itself.
+//! would have to know about, and the errors of `--kernel` itself. Patches built from
+//! source diffs of real upstream fixes (`kp build --diff`) are in [`diff`].
+
+#[path = "kbuild/diff.rs"]
+mod diff;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,6 +148,11 @@ fn kp_build_with(
     for (k, v) in env {
         cmd.env(k, v);
     }
+    exit_and_output(&mut cmd)
+}
+
+/// Run `cmd`: its exit code and its output (stdout, then stderr).
+fn exit_and_output(cmd: &mut Command) -> (i32, String) {
     match cmd.output() {
         Ok(o) => (
             o.status.code().unwrap_or(-1),
@@ -2347,6 +2356,9 @@ fn build_patches() -> Result<Vec<(PathBuf, String)>, String> {
         let (rc, msg) = kp_build(&sample("klp-percpu"), &kp_file, &rel, &[]);
         check!(rc == 0, "kp build klp-percpu.c --kernel {rel}: {msg}");
         files.push((kp_file, kp(series, "klp-percpu")));
+        let diff_out = out.join("diff");
+        std::fs::create_dir_all(&diff_out).map_err(|e| e.to_string())?;
+        files.extend(diff::build(series, &rel, &diff_out)?);
         for name in BAD {
             let bytes = patcher::kbuild::compile(&sample(name), &rel, &[])
                 .map_err(|e| format!("kbuild of {name} for {rel}: {e}"))?;
@@ -2405,7 +2417,18 @@ fn main() {
             "ftrace_and_kprobes_share_a_redirected_function",
             ftrace_coexists,
         ),
+        (
+            "upstream_fixes_built_from_diffs_reverted_and_restored",
+            diff::fixes_reverted_and_restored,
+        ),
     ]);
     trials.push(local_trial("kernel_release_errors", kernel_errors));
+    for series in SERIES {
+        let tag = series.replace('.', "_");
+        trials.push(local_trial(
+            format!("diff_build_refusals_{tag}"),
+            move || diff::refusals(&release(series)?),
+        ));
+    }
     run_group(trials)
 }

@@ -121,11 +121,34 @@ pub enum PatchAction {
 
 #[derive(Subcommand)]
 pub enum KpCommand {
-    /// Compile a C patch into a .kp
+    /// Compile a C patch into a .kp, or build one from a source diff (--diff)
     Build {
-        source: PathBuf,
+        /// The patch's C source (not with --diff)
+        #[arg(
+            value_name = "SOURCE",
+            required_unless_present = "diff",
+            conflicts_with = "diff"
+        )]
+        file: Option<PathBuf>,
         #[arg(short, long)]
         output: PathBuf,
+        /// Build from a source diff of the guest kernel (a unified diff, as `git diff`
+        /// writes it): the functions it changes, compiled in the release's own source tree
+        /// with its config and compiler (needs --kernel or --vm)
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["include", "cflags"])]
+        diff: Option<PathBuf>,
+        /// With --diff: build in this kernel source tree (prepared in place) instead of
+        /// Debian's linux-source package of the release
+        #[arg(long = "source", value_name = "DIR", requires = "diff")]
+        source_tree: Option<PathBuf>,
+        /// With --diff: the patch's name (default: the diff file's name)
+        #[arg(long, value_name = "NAME", requires = "diff")]
+        name: Option<String>,
+        /// With --diff: the POS-th kernel symbol NAME (in kallsyms order, from 1; in the
+        /// module for a module's file), for a name the kernel has more than once
+        /// (repeatable; `lpvmm sym VM NAME` lists them)
+        #[arg(long, value_name = "NAME=POS", requires = "diff")]
+        sympos: Vec<String>,
         /// Extra include directory (for example kernel headers)
         #[arg(short = 'I', value_name = "DIR")]
         include: Vec<PathBuf>,
@@ -793,13 +816,39 @@ fn print_transitions(s: &PatchStatusResult) {
 pub fn kp(cmd: KpCommand) -> Result<i32> {
     match cmd {
         KpCommand::Build {
-            source,
+            file,
+            output,
+            diff: Some(diff),
+            source_tree,
+            name,
+            sympos,
+            kernel,
+            vm,
+            ..
+        } => {
+            let _ = file;
+            let req = patcher::diffbuild::Request {
+                diff: &diff,
+                release: &release_of(kernel, vm)?,
+                source: source_tree.as_deref(),
+                output: &output,
+                name: name.as_deref(),
+                sympos: positions(&sympos)?,
+            };
+            kp_build_diff(&req)
+        }
+        KpCommand::Build {
+            file,
             output,
             include,
             cflags,
             kernel,
             vm,
-        } => kp_build(&source, &output, &include, &cflags, kernel, vm),
+            ..
+        } => {
+            let source = file.context("a C source file, or --diff FILE")?;
+            kp_build(&source, &output, &include, &cflags, kernel, vm)
+        }
         KpCommand::Inspect {
             file,
             params,
@@ -831,12 +880,6 @@ fn kp_build(
         Some(r) => patcher::kbuild::build(source, output, r, cflags)?,
         None => patcher::build::build(source, output, include, cflags)?,
     };
-    let funcs: Vec<String> = p
-        .manifest
-        .replacements
-        .iter()
-        .map(|r| format!("{} -> {}", r.old, r.new))
-        .collect();
     println!(
         "built {} ({}){}: {}",
         output.display(),
@@ -844,9 +887,69 @@ fn kp_build(
         release
             .map(|r| format!(" with the kbuild of {r}"))
             .unwrap_or_default(),
-        funcs.join(", ")
+        replaced(&p)
     );
     Ok(0)
+}
+
+/// The release `--kernel` names, or that of `--vm`'s guest.
+fn release_of(kernel: Option<String>, vm: Option<String>) -> Result<String> {
+    match (kernel, vm) {
+        (Some(r), _) => Ok(r),
+        (None, Some(vm)) => guest_release(&vm),
+        (None, None) => bail!(
+            "--diff needs the guest kernel's release: --kernel RELEASE (as `uname -r` prints \
+             it in the guest) or --vm VM"
+        ),
+    }
+}
+
+/// `--sympos NAME=POS` values.
+fn positions(args: &[String]) -> Result<std::collections::BTreeMap<String, u32>> {
+    let mut out = std::collections::BTreeMap::new();
+    for a in args {
+        let (name, pos) = a
+            .split_once('=')
+            .with_context(|| format!("--sympos {a}: want NAME=POS"))?;
+        let pos: u32 = pos
+            .parse()
+            .ok()
+            .filter(|&p| p > 0)
+            .with_context(|| format!("--sympos {a}: POS is a number from 1"))?;
+        if out.insert(name.to_string(), pos).is_some() {
+            bail!("--sympos {name} is given twice");
+        }
+    }
+    Ok(out)
+}
+
+/// `lpvmm kp build --diff`: a patch from a source diff of the guest kernel, built in the
+/// release's own source tree.
+fn kp_build_diff(req: &patcher::diffbuild::Request<'_>) -> Result<i32> {
+    let built = patcher::diffbuild::build(req)?;
+    for line in &built.report {
+        println!("{line}");
+    }
+    println!(
+        "built {} ({}) from {} with the source and kbuild of {}: {}",
+        req.output.display(),
+        built.patch.manifest.name,
+        req.diff.display(),
+        req.release,
+        replaced(&built.patch)
+    );
+    Ok(0)
+}
+
+/// `old -> new, ...` of a patch's replacements, as `kp build` says them.
+fn replaced(p: &patcher::PatchObject) -> String {
+    let funcs: Vec<String> = p
+        .manifest
+        .replacements
+        .iter()
+        .map(|r| format!("{} -> {}", r.old, r.new))
+        .collect();
+    funcs.join(", ")
 }
 
 /// `kp build --kernel` of a kernel livepatch module's source: a `.ko` as kbuild makes
@@ -909,10 +1012,18 @@ fn kp_inspect(file: &Path, params: Vec<String>, vm: Option<&str>, json: bool) ->
             patcher::PatchObject::parse(&bytes).with_context(|| format!("{}", file.display()))?
         }
     };
+    let diff = patcher::diffbuild::report_of(&bytes);
     if json {
-        return print_json(&p);
+        let mut v = serde_json::to_value(&p)?;
+        if let (Some(lines), Some(o)) = (&diff, v.as_object_mut()) {
+            o.insert("diff_build".into(), serde_json::json!(lines));
+        }
+        return print_json(&v);
     }
     describe_patch(&p);
+    for line in diff.iter().flatten() {
+        println!("from diff: {line}");
+    }
     Ok(0)
 }
 

@@ -15,6 +15,7 @@ mod calls;
 mod common;
 mod completion;
 mod deaths;
+mod diff_build;
 mod endurance;
 mod fork_under_dispatch;
 mod guest_diff;
@@ -143,6 +144,14 @@ enum Command {
         #[arg(default_value_t = 5)]
         rounds: u32,
     },
+    /// `kp build --diff` of a one-function change: preparing a release (from an empty
+    /// cache), then the build, against kbuild compiling the file twice
+    DiffBuild {
+        #[arg(default_value_t = 5)]
+        runs: u32,
+        /// The kernel series [default: 6.1]
+        series: Option<String>,
+    },
     /// The test host's kernel, CPUs and clock source
     HostInfo,
     /// What lpvmm's and QEMU's guests see: CPU flags, KVM features
@@ -208,6 +217,9 @@ fn run(command: Command) -> Result<(), String> {
                 .and_then(|c| completion::completion(runs, &c))
         }
         Command::Calls { rounds } => calls::calls(rounds),
+        Command::DiffBuild { runs, series } => {
+            diff_build::diff_build(runs, series.as_deref().unwrap_or("6.1"))
+        }
         Command::HostInfo => host_info::host_info(),
         Command::GuestDiff { series } => guest_diff::guest_diff(series),
         Command::Endurance { cycles, rest } => {
@@ -298,6 +310,13 @@ mod tests {
     #[test]
     fn defaults_are_the_old_ones() {
         assert_eq!(parse("boot"), Command::Boot { runs: 5 });
+        assert_eq!(
+            parse("diff-build"),
+            Command::DiffBuild {
+                runs: 5,
+                series: None
+            }
+        );
         assert_eq!(
             parse("pause"),
             Command::Pause {
