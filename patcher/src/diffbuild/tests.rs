@@ -328,3 +328,22 @@ fn positions_given_for_names_the_kernel_has_twice_reach_the_manifest() {
         "{e}"
     );
 }
+
+#[test]
+fn a_clone_gcc_made_is_replaced_under_the_releases_clone_name() {
+    // gcc specializes `scale` for the constant k = 3 both callers pass: `scale.constprop.0`.
+    let before = r#"
+extern int printk(const char *fmt, ...);
+static int __attribute__((noinline)) scale(int x, int k) { printk("scale\n"); return x * k + 1; }
+int one(int x) { return scale(x, 3); }
+int two(int x) { return scale(x + 1, 3); }
+"#;
+    let after = before.replace("return x * k + 1;", "return x * k + 2;");
+    let d = diff(before, &after).unwrap();
+    let carried = d.carried();
+    assert_eq!(carried.len(), 1, "{carried:?}");
+    let (name, replaces, _) = &carried[0];
+    assert!(name.starts_with("scale.constprop."), "{carried:?}");
+    assert_eq!(replaces.as_deref(), Some(name.as_str()));
+    assert!(emit::new_name(name).starts_with("scale_constprop_"));
+}

@@ -57,6 +57,7 @@ pub fn prepare(release: &str, source: Option<&Path>) -> Result<Tree, DiffBuildEr
         None => crate::source::whole_tree(release)?,
     };
     let _lock = lock(&root)?;
+    recover(&root)?;
     let marker = root.join(MARKER);
     let want = format!("{release}\n{cc}\n");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
@@ -201,16 +202,69 @@ fn lock(root: &Path) -> Result<Lock, DiffBuildError> {
     Ok(Lock(f))
 }
 
+/// Where the original of a file under change is kept, beside the tree's files: if lpvmm
+/// dies before it puts the original back, the next build in the tree does
+/// ([`recover`]), so that no later "before" is built from another build's "after".
+const ORIGINALS: &str = ".lpvmm-originals";
+
 /// The original text of a file put back when a build ends, however it ends.
-struct Restore<'a> {
-    path: &'a Path,
+struct Restore {
+    path: PathBuf,
+    kept: PathBuf,
     original: Vec<u8>,
 }
 
-impl Drop for Restore<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path, &self.original);
+impl Restore {
+    /// Keep the original of `file` (in `root`), then write `text` over it.
+    fn write(
+        root: &Path,
+        file: &str,
+        original: Vec<u8>,
+        text: &str,
+    ) -> Result<Restore, DiffBuildError> {
+        let kept = root.join(ORIGINALS).join(file);
+        std::fs::create_dir_all(kept.parent().unwrap_or(root)).map_err(io(root))?;
+        std::fs::write(&kept, &original).map_err(io(&kept))?;
+        let path = root.join(file);
+        let restore = Restore {
+            path,
+            kept,
+            original,
+        };
+        std::fs::write(&restore.path, text).map_err(io(&restore.path))?;
+        Ok(restore)
     }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if std::fs::write(&self.path, &self.original).is_ok() {
+            let _ = std::fs::remove_file(&self.kept);
+        }
+    }
+}
+
+/// Put back every original an earlier build kept and did not restore (it was killed).
+fn recover(root: &Path) -> Result<(), DiffBuildError> {
+    let kept = root.join(ORIGINALS);
+    let mut todo = vec![kept.clone()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                todo.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(&kept).unwrap_or(&path);
+            let original = std::fs::read(&path).map_err(io(&path))?;
+            std::fs::write(root.join(rel), original).map_err(io(root))?;
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
 }
 
 impl Tree {
@@ -221,18 +275,12 @@ impl Tree {
     /// (`kernel/sched/rt.c`, included by `build_policy.c`) is built through that one.
     pub fn build(&self, file: &str, text: Option<&str>) -> Result<Built, DiffBuildError> {
         let _lock = lock(&self.root)?;
-        let src = self.root.join(file);
-        let original = std::fs::read(&src).map_err(|e| {
+        recover(&self.root)?;
+        let original = std::fs::read(self.root.join(file)).map_err(|e| {
             DiffBuildError::Refused(format!("{file}: not in the release's source ({e})"))
         })?;
         let _restore = match text {
-            Some(t) => {
-                std::fs::write(&src, t).map_err(io(&src))?;
-                Some(Restore {
-                    path: &src,
-                    original,
-                })
-            }
+            Some(t) => Some(Restore::write(&self.root, file, original, t)?),
             None => None,
         };
         match self.includer(file)? {
@@ -374,6 +422,41 @@ fn module_of(cmd: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_original_a_killed_build_left_kept_is_put_back_by_the_next() {
+        let root = std::env::temp_dir().join(format!("lpvmm-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("fs/proc")).unwrap();
+        std::fs::write(root.join("fs/proc/x.c"), "original\n").unwrap();
+        {
+            let r =
+                Restore::write(&root, "fs/proc/x.c", b"original\n".to_vec(), "after\n").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(root.join("fs/proc/x.c")).unwrap(),
+                "after\n"
+            );
+            std::mem::forget(r); // as if lpvmm died here
+        }
+        assert_eq!(
+            std::fs::read_to_string(root.join("fs/proc/x.c")).unwrap(),
+            "after\n"
+        );
+        recover(&root).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("fs/proc/x.c")).unwrap(),
+            "original\n"
+        );
+        assert!(!root.join(ORIGINALS).join("fs/proc/x.c").exists());
+        // A build that ends puts the original back itself and keeps nothing.
+        drop(Restore::write(&root, "fs/proc/x.c", b"original\n".to_vec(), "after\n").unwrap());
+        assert_eq!(
+            std::fs::read_to_string(root.join("fs/proc/x.c")).unwrap(),
+            "original\n"
+        );
+        assert!(!root.join(ORIGINALS).join("fs/proc/x.c").exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     /// Lines of `.dummy.o.cmd` and `.cmdline.o.cmd` as Debian's 6.12 and 6.1 kbuild wrote them.
     #[test]
