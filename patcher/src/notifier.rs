@@ -159,6 +159,10 @@ pub struct Notifier {
     /// The stub's code, and the address of its `out`.
     pub stub: crate::area::Region,
     pub ring_ip: u64,
+    /// Where in the stub `rbp` is its frame pointer (from just after `mov rbp, rsp` to
+    /// its `pop rbp`, that one included): a task interrupted there, as one ringing the
+    /// doorbell is, unwinds by it.
+    pub framed: std::ops::Range<u64>,
     /// The `struct notifier_block`.
     pub block: u64,
     /// The message slot to use next.
@@ -169,13 +173,20 @@ pub struct Notifier {
 /// what next: 0 return `rax` (printing `rsi` first if not 0), 1 sleep and ring again,
 /// 2 call `rax(rsi)` here, in the loading task, and ring again with what it returned
 /// (`r8`, with `r9` = 1).
+/// The assembled stub: its bytes, its `out`, and where it has its frame.
+struct Stub {
+    code: Vec<u8>,
+    ring_ip: u64,
+    framed: std::ops::Range<u64>,
+}
+
 fn stub(
     at: u64,
     bell: Doorbell,
     coming: u64,
     going: u64,
     calls: &StubCalls,
-) -> Result<(Vec<u8>, u64), KpError> {
+) -> Result<Stub, KpError> {
     let e = |e: iced_x86::IcedError| KpError::Area(format!("assembling the module notifier: {e}"));
     let mut a = CodeAssembler::new(64).map_err(e)?;
     let mut l = StubLabels {
@@ -185,6 +196,8 @@ fn stub(
         call: a.create_label(),
         quiet: a.create_label(),
         done: a.create_label(),
+        framed: a.create_label(),
+        unframe: a.create_label(),
     };
     a.endbr64().map_err(e)?;
     a.cmp(rsi, coming as i32).map_err(e)?;
@@ -202,7 +215,12 @@ fn stub(
         )
         .map_err(e)?;
     let ring_ip = r.label_ip(&l.out).map_err(e)?;
-    Ok((r.inner.code_buffer, ring_ip))
+    let framed = r.label_ip(&l.framed).map_err(e)?..r.label_ip(&l.unframe).map_err(e)? + 1;
+    Ok(Stub {
+        code: r.inner.code_buffer,
+        ring_ip,
+        framed,
+    })
 }
 
 struct StubLabels {
@@ -212,6 +230,9 @@ struct StubLabels {
     call: CodeLabel,
     quiet: CodeLabel,
     done: CodeLabel,
+    /// Just after `mov rbp, rsp`; at `pop rbp`.
+    framed: CodeLabel,
+    unframe: CodeLabel,
 }
 
 /// The frame (five callee-saved registers: the stack stays 16-byte aligned at its
@@ -220,6 +241,7 @@ fn ring_loop(a: &mut CodeAssembler, l: &mut StubLabels, bell: Doorbell) -> Resul
     a.set_label(&mut l.ring)?;
     a.push(rbp)?;
     a.mov(rbp, rsp)?;
+    a.set_label(&mut l.framed)?;
     a.push(rbx)?;
     a.push(r12)?;
     a.push(r13)?;
@@ -278,6 +300,7 @@ fn after_ring(
     a.pop(r13)?;
     a.pop(r12)?;
     a.pop(rbx)?;
+    a.set_label(&mut l.unframe)?;
     a.pop(rbp)?;
     ret(a, calls.returns)
 }
@@ -411,7 +434,11 @@ impl NotifierPlan {
     ) -> Result<Notifier, KpError> {
         let l = &self.layout;
         let runs = area.space.place("the module notifier", SIZES)?;
-        let (code, ring_ip) = stub(runs.code.start, bell, self.coming, self.going, &self.calls)?;
+        let Stub {
+            code,
+            ring_ip,
+            framed,
+        } = stub(runs.code.start, bell, self.coming, self.going, &self.calls)?;
         let block = runs.data.start;
         let mut nb = vec![0u8; l.block_size as usize];
         let mut put = |at: u64, v: &[u8]| {
@@ -437,6 +464,7 @@ impl NotifierPlan {
             },
             runs,
             ring_ip,
+            framed,
             block,
             next_slot: 0,
         })

@@ -2109,6 +2109,31 @@ fn a_module_loaded_later_is_patched_at_coming_and_let_go_at_going() {
     assert_eq!(&stub[..4], &[0xf3, 0x0f, 0x1e, 0xfa], "endbr64 first");
     let out = (n.ring_ip - n.stub.start) as usize;
     assert_eq!(stub[out], 0xef, "out %eax,(%dx) at ring_ip");
+    // Its frame: from just after `push %rbp; mov %rsp,%rbp` to its `pop %rbp`. A task
+    // interrupted there (ringing: at ring_ip, or just after the `out`) unwinds by the
+    // frame pointer; one interrupted at the stub's first instructions does not.
+    let framed = (n.framed.start - n.stub.start) as usize;
+    assert_eq!(
+        &stub[framed - 4..framed],
+        &[0x55, 0x48, 0x89, 0xe5],
+        "push rbp; mov rbp,rsp"
+    );
+    assert_eq!(
+        stub[(n.framed.end - 1 - n.stub.start) as usize],
+        0x5d,
+        "pop rbp"
+    );
+    use introspection::stack::ExtraCode;
+    let code = crate::transition::tick::PatchCode(&f.engine);
+    for ip in [n.ring_ip, n.ring_ip + 1] {
+        assert_eq!(
+            code.unwind_entry(ip, true),
+            Some(introspection::orc::OrcEntry::FRAME_POINTER),
+            "{ip:#x}"
+        );
+    }
+    assert_eq!(code.unwind_entry(n.stub.start, true), None);
+    assert_eq!(code.unwind_entry(n.framed.end, true), None, "after pop rbp");
     let trap = trap_of(&f, &g, "dumfix");
     assert!(refers_to(&f, &g, "dumfix", trap));
     // Enabled while dummyx is absent: nothing to move, done at once.

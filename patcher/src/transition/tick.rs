@@ -669,9 +669,19 @@ impl ExtraCode for PatchCode<'_> {
         if self.in_trampolines(ip) {
             return Some(AT_ENTRY);
         }
-        // The stub calls (msleep, printk) only with its frame set up: a return address
-        // in it unwinds by the frame pointer. An interrupted one may be in its prologue.
-        if self.in_notifier(ip) || self.in_guest_call(ip) {
+        // The stubs call (msleep, printk) only with their frame set up: a return address
+        // in one unwinds by the frame pointer. An interrupted address may be in a
+        // prologue, except where the notifier's stub has its frame (a task ringing its
+        // doorbell is caught there).
+        if self.in_notifier(ip) {
+            let framed = self
+                .0
+                .notifier
+                .as_ref()
+                .is_some_and(|n| n.framed.contains(&ip));
+            return (!interrupted || framed).then_some(OrcEntry::FRAME_POINTER);
+        }
+        if self.in_guest_call(ip) {
             return (!interrupted).then_some(OrcEntry::FRAME_POINTER);
         }
         // With objtool's table (kbuild builds), every instruction unwinds as the
