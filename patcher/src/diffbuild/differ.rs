@@ -119,7 +119,7 @@ const TABLES: &[(&str, usize)] = &[
     (".discard.func_stack_frame_non_standard", 1),
 ];
 
-/// Tables a patch cannot carry: found for a carried function, the build is refused.
+/// Tables a patch cannot carry: an entry about a carried function refuses the build.
 const REFUSED_TABLES: &[(&str, &str)] = &[
     (
         "__jump_table",
@@ -129,11 +129,11 @@ const REFUSED_TABLES: &[(&str, &str)] = &[
         ".parainstructions",
         "a paravirt call site the kernel would have to patch",
     ),
-    (
-        ".static_call_sites",
-        "a static call the kernel would have to patch",
-    ),
 ];
+// Not refused: `.static_call_sites` (objtool's list of calls to static call trampolines).
+// Carried code keeps calling the kernel's `__SCT__*` trampoline, which the kernel keeps
+// pointing at the current target; objtool lists the calls again in the patch object,
+// and the loader ignores that list (kp-format.md).
 
 /// `foo.isra.0` → `foo.isra`, `count.12` → `count`, `__UNIQUE_ID_ddebug123` →
 /// `__UNIQUE_ID_ddebug`: a name without the numbers gcc and the preprocessor hand out.

@@ -10,8 +10,8 @@
 //! Refused, each with its reason: a change to a header, an assembly file or any file
 //! that is not C; a file the release does not build; a function in init or exit code; a
 //! variable the kernel has given another initial value; a struct or union whose layout
-//! changes, a global function whose prototype changes ([`layout`]); a static branch,
-//! paravirt site or static call the kernel would have to patch.
+//! changes, a global function whose prototype changes ([`layout`]); a static branch or
+//! paravirt site the kernel would have to patch.
 
 pub mod differ;
 pub mod emit;
