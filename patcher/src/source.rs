@@ -11,19 +11,22 @@ use std::process::Command;
 use crate::build::BuildError;
 use crate::kbuild::{run, valid_release};
 
-/// The version of the release's packages (`6.1.192-3` for 6.1.0-57-cloud-amd64).
-fn package_version(release: &str) -> Result<String, BuildError> {
+/// Field `field` of `apt-cache show --no-all-versions PACKAGE`, if it has one.
+fn package_field(package: &str, field: &str) -> Result<Option<String>, BuildError> {
     let out = run(
-        Command::new("apt-cache").args([
-            "show",
-            "--no-all-versions",
-            &format!("linux-headers-{release}"),
-        ]),
+        Command::new("apt-cache").args(["show", "--no-all-versions", package]),
         "apt-cache show",
     )?;
-    out.lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .map(|v| v.trim().to_string())
+    let key = format!("{field}:");
+    Ok(out
+        .lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .map(|v| v.trim().to_string()))
+}
+
+/// The version of the release's packages (`6.1.192-3` for 6.1.0-57-cloud-amd64).
+fn package_version(release: &str) -> Result<String, BuildError> {
+    package_field(&format!("linux-headers-{release}"), "Version")?
         .ok_or_else(|| BuildError::Kernel(format!("Debian has no linux-headers-{release}")))
 }
 
@@ -37,19 +40,8 @@ fn series(release: &str) -> Option<String> {
 /// package (`linux (= 6.1.192-3)`), which must be its packages' own version (Debian's
 /// `linux-source-X.Y` of that version is then the exact source).
 fn built_from(release: &str, version: &str) -> Result<(), BuildError> {
-    let out = run(
-        Command::new("apt-cache").args([
-            "show",
-            "--no-all-versions",
-            &format!("linux-image-{release}"),
-        ]),
-        "apt-cache show",
-    )?;
-    let using = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Built-Using:"))
-        .map(str::trim)
-        .unwrap_or("");
+    let using =
+        package_field(&format!("linux-image-{release}"), "Built-Using")?.unwrap_or_default();
     if !using.contains(&format!("(= {version})")) {
         return Err(BuildError::Kernel(format!(
             "linux-image-{release} was built from '{using}', not from the source version \
@@ -60,10 +52,9 @@ fn built_from(release: &str, version: &str) -> Result<(), BuildError> {
 }
 
 /// `linux-source-SERIES=VERSION` of `release`, downloaded into a fresh stage directory
-/// under `root`; returns (stage, series, version).
-fn download(release: &str, root: &Path) -> Result<(PathBuf, String, String), BuildError> {
+/// under `root`; returns (stage, series).
+fn download(release: &str, version: &str, root: &Path) -> Result<(PathBuf, String), BuildError> {
     let series = series(release).ok_or_else(|| BuildError::Kernel(release.to_string()))?;
-    let version = package_version(release)?;
     let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", root.display()));
     let stage = root.join(format!("stage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&stage);
@@ -84,7 +75,7 @@ fn download(release: &str, root: &Path) -> Result<(PathBuf, String, String), Bui
              its source with --source DIR)"
         ))
     })?;
-    Ok((stage, series, version))
+    Ok((stage, series))
 }
 
 /// Unpack `members` (paths inside the tarball, empty: all) of the downloaded package.
@@ -122,7 +113,8 @@ pub fn source_dir(release: &str, dir: &str) -> Result<PathBuf, BuildError> {
         return Ok(want);
     }
     let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", root.display()));
-    let (stage, series, version) = download(release, &root)?;
+    let version = package_version(release)?;
+    let (stage, series) = download(release, &version, &root)?;
     unpack(&stage, &series, &format!("linux-source-{series}/{dir}"))?;
     let got = stage.join(format!("linux-source-{series}")).join(dir);
     std::fs::create_dir_all(want.parent().unwrap_or(&root)).map_err(io)?;
@@ -145,8 +137,9 @@ pub fn whole_tree(release: &str) -> Result<PathBuf, BuildError> {
         return Ok(tree);
     }
     let io = |e: std::io::Error| BuildError::Io(format!("{}: {e}", root.display()));
-    built_from(release, &package_version(release)?)?;
-    let (stage, series, version) = download(release, &root)?;
+    let version = package_version(release)?;
+    built_from(release, &version)?;
+    let (stage, series) = download(release, &version, &root)?;
     unpack(&stage, &series, "")?;
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::rename(stage.join(format!("linux-source-{series}")), &tree).map_err(io)?;

@@ -5,7 +5,6 @@
 //! function whose parameters or return type change would be called by the rest of the
 //! kernel (other objects, which the patch does not carry) the old way.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use object::{Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget};
@@ -21,7 +20,7 @@ pub struct Layout {
 
 /// Refuse a change that lays out any named struct or union the two objects share
 /// differently.
-pub fn check(before: &[u8], after: &[u8], path: &str) -> Result<(), DiffBuildError> {
+pub fn check(before: &Debug, after: &Debug, path: &str) -> Result<(), DiffBuildError> {
     let (b, a) = (layouts(before)?, layouts(after)?);
     for (name, now) in &a {
         let Some(was) = b.get(name) else { continue };
@@ -38,7 +37,7 @@ pub fn check(before: &[u8], after: &[u8], path: &str) -> Result<(), DiffBuildErr
 
 /// Refuse a change to the prototype of a function other objects can call (a global
 /// one the file defines).
-pub fn check_prototypes(before: &[u8], after: &[u8], path: &str) -> Result<(), DiffBuildError> {
+pub fn check_prototypes(before: &Debug, after: &Debug, path: &str) -> Result<(), DiffBuildError> {
     let (b, a) = (prototypes(before)?, prototypes(after)?);
     for (name, now) in &a {
         match b.get(name) {
@@ -56,9 +55,9 @@ pub fn check_prototypes(before: &[u8], after: &[u8], path: &str) -> Result<(), D
 
 /// Every global function the object defines: name → `return(parameter, ...)`, types as
 /// the debug info names them.
-pub fn prototypes(bytes: &[u8]) -> Result<BTreeMap<String, String>, DiffBuildError> {
+pub fn prototypes(debug: &Debug) -> Result<BTreeMap<String, String>, DiffBuildError> {
     let mut out = BTreeMap::new();
-    each_unit(bytes, |dwarf, unit| {
+    debug.each_unit(|dwarf, unit| {
         let mut cursor = unit.entries();
         while let Some((_, e)) = cursor.next_dfs()? {
             let global = matches!(
@@ -156,32 +155,51 @@ fn difference(was: &BTreeSet<Layout>, now: &BTreeSet<Layout>) -> String {
 
 /// Every named struct and union the object's debug info defines: `struct foo` → its
 /// layouts (a set: the same tag may be defined in several scopes).
-pub fn layouts(bytes: &[u8]) -> Result<BTreeMap<String, BTreeSet<Layout>>, DiffBuildError> {
+pub fn layouts(debug: &Debug) -> Result<BTreeMap<String, BTreeSet<Layout>>, DiffBuildError> {
     let mut out: BTreeMap<String, BTreeSet<Layout>> = BTreeMap::new();
-    each_unit(bytes, |dwarf, unit| collect(dwarf, unit, &mut out))?;
+    debug.each_unit(|dwarf, unit| collect(dwarf, unit, &mut out))?;
     Ok(out)
 }
 
-/// Run `f` over each unit of the object's debug info (its relocations applied).
-pub(super) fn each_unit(
-    bytes: &[u8],
-    mut f: impl FnMut(&gimli::Dwarf<Reader<'_>>, &gimli::Unit<Reader<'_>>) -> Result<(), gimli::Error>,
-) -> Result<(), DiffBuildError> {
-    let bad = |e: String| DiffBuildError::Object(format!("reading debug info: {e}"));
-    let file = object::File::parse(bytes).map_err(|e| bad(e.to_string()))?;
-    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
-        Ok(Cow::Owned(relocated(&file, id.name())))
-    })
-    .map_err(|e| bad(e.to_string()))?;
-    let dwarf = sections.borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
-    let mut units = dwarf.units();
-    let mut walk = || -> Result<(), gimli::Error> {
-        while let Some(header) = units.next()? {
-            f(&dwarf, &dwarf.unit(header)?)?;
-        }
-        Ok(())
-    };
-    walk().map_err(|e| bad(e.to_string()))
+/// An object's debug info, its relocations applied, read once for every check of it.
+pub struct Debug {
+    sections: gimli::DwarfSections<Vec<u8>>,
+}
+
+impl Debug {
+    pub fn load(bytes: &[u8]) -> Result<Debug, DiffBuildError> {
+        let file = object::File::parse(bytes).map_err(|e| bad(e.to_string()))?;
+        let sections = gimli::DwarfSections::load(|id| -> Result<Vec<u8>, gimli::Error> {
+            Ok(relocated(&file, id.name()))
+        })
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(Debug { sections })
+    }
+
+    /// Run `f` over each unit.
+    pub(super) fn each_unit(
+        &self,
+        mut f: impl FnMut(
+            &gimli::Dwarf<Reader<'_>>,
+            &gimli::Unit<Reader<'_>>,
+        ) -> Result<(), gimli::Error>,
+    ) -> Result<(), DiffBuildError> {
+        let dwarf = self
+            .sections
+            .borrow(|s| gimli::EndianSlice::new(s, gimli::LittleEndian));
+        let mut units = dwarf.units();
+        let mut walk = || -> Result<(), gimli::Error> {
+            while let Some(header) = units.next()? {
+                f(&dwarf, &dwarf.unit(header)?)?;
+            }
+            Ok(())
+        };
+        walk().map_err(|e| bad(e.to_string()))
+    }
+}
+
+fn bad(e: String) -> DiffBuildError {
+    DiffBuildError::Object(format!("reading debug info: {e}"))
 }
 
 pub(super) type Reader<'a> = gimli::EndianSlice<'a, gimli::LittleEndian>;

@@ -175,12 +175,16 @@ fn build_file(tree: &tree::Tree, f: &unidiff::FileDiff) -> Result<FileResult, Di
     let after = tree.build(&f.path, Some(&changed))?;
     let b = ObjFile::parse(&before.bytes, &format!("{} (before)", f.path))?;
     let a = ObjFile::parse(&after.bytes, &format!("{} (after)", f.path))?;
-    layout::check(&before.bytes, &after.bytes, &f.path)?;
-    layout::check_prototypes(&before.bytes, &after.bytes, &f.path)?;
+    let (debug_b, debug_a) = (
+        layout::Debug::load(&before.bytes)?,
+        layout::Debug::load(&after.bytes)?,
+    );
+    layout::check(&debug_b, &debug_a, &f.path)?;
+    layout::check_prototypes(&debug_b, &debug_a, &f.path)?;
     let c = differ::correlate(&a, &b);
     differ::check_data(&a, &b, &c).map_err(|e| in_file(&f.path, e))?;
     let mut carried = differ::carried(&a, &b, &c).map_err(|e| in_file(&f.path, e))?;
-    explain(&mut carried, &before.bytes, f)?;
+    explain(&mut carried, &debug_b, f)?;
     let plan = differ::plan(&a, &b, &c, carried).map_err(|e| in_file(&f.path, e))?;
     Ok(FileResult {
         path: f.path.clone(),
@@ -195,7 +199,7 @@ fn build_file(tree: &tree::Tree, f: &unidiff::FileDiff) -> Result<FileResult, Di
 /// source or that of a function it inlines.
 fn explain(
     carried: &mut [differ::Carried],
-    before: &[u8],
+    before: &layout::Debug,
     f: &unidiff::FileDiff,
 ) -> Result<(), DiffBuildError> {
     let functions = why::functions(before)?;

@@ -48,8 +48,9 @@ fn diff_objects(before: &str, after: &str) -> Diffed {
 
 fn diff(before: &str, after: &str) -> Result<Diffed, DiffBuildError> {
     let (b, a) = (compile(before), compile(after));
-    layout::check(&b, &a, "x.c")?;
-    layout::check_prototypes(&b, &a, "x.c")?;
+    let (debug_b, debug_a) = (layout::Debug::load(&b)?, layout::Debug::load(&a)?);
+    layout::check(&debug_b, &debug_a, "x.c")?;
+    layout::check_prototypes(&debug_b, &debug_a, "x.c")?;
     let (b, a) = (ObjFile::parse(&b, "before")?, ObjFile::parse(&a, "after")?);
     let c = differ::correlate(&a, &b);
     differ::check_data(&a, &b, &c)?;
@@ -254,7 +255,12 @@ fn a_caller_is_said_to_inline_the_function_whose_source_changed() {
     let after = super::unidiff::apply(before, f).unwrap();
     let d = diff_objects(before, &after);
     let mut carried = d.plan.carried.clone();
-    super::explain(&mut carried, &compile(before), f).unwrap();
+    super::explain(
+        &mut carried,
+        &layout::Debug::load(&compile(before)).unwrap(),
+        f,
+    )
+    .unwrap();
     let reasons: Vec<String> = carried
         .iter()
         .map(|c| format!("{}: {}", c.name, c.reason))

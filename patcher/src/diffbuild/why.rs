@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::layout::{attr_string, each_unit, Reader};
+use super::layout::{attr_string, Debug, Reader};
 use super::unidiff::{FileDiff, Line};
 use super::DiffBuildError;
 
@@ -64,9 +64,9 @@ pub fn touched(
 }
 
 /// Every function the object's debug info defines, by name.
-pub fn functions(bytes: &[u8]) -> Result<BTreeMap<String, Function>, DiffBuildError> {
+pub fn functions(debug: &Debug) -> Result<BTreeMap<String, Function>, DiffBuildError> {
     let mut out = BTreeMap::new();
-    each_unit(bytes, |dwarf, unit| collect(dwarf, unit, &mut out))?;
+    debug.each_unit(|dwarf, unit| collect(dwarf, unit, &mut out))?;
     Ok(out)
 }
 
