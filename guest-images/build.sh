@@ -41,8 +41,9 @@ HOST_MODULES=(kvm_amd)      # loaded in the test host, with their dependencies
 # a cloud guest really runs: tun (a task can sleep in it: programs/tunblock.c),
 # dummy (creates dummy0 on load), veth, virtio_net (a dependency chain:
 # failover, net_failover, and on 6.1 virtio and virtio_ring), overlay and
-# isofs (file systems; isofs brings cdrom).
-GUEST_MODULES=(tun dummy veth virtio_net overlay isofs)
+# isofs (file systems; isofs brings cdrom), and virtio_mmio and virtio_blk, which
+# drive lpvmm's `--disk` (a guest without one loads them and they find nothing).
+GUEST_MODULES=(tun dummy veth virtio_net overlay isofs virtio_mmio virtio_blk)
 # module parameters, written into the lpvmm-modules lists (host and guest)
 declare -A MODULE_PARAMS=([kvm_amd]="nested=0")
 # glibc runtime for a dynamically linked Rust binary; host-payload.sh adds

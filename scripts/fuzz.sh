@@ -14,7 +14,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXECS=${1:-1000000}
 shift || true
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(kp tables guest control)
+((${#TARGETS[@]})) || TARGETS=(kp tables guest control virtio_blk)
 
 if ! cargo afl --version >/dev/null 2>&1; then
 	echo "fuzz: installing cargo-afl"

@@ -40,7 +40,7 @@ struct Target {
     mutations: u32,
 }
 
-const TARGETS: [Target; 4] = [
+const TARGETS: [Target; 5] = [
     Target {
         name: "kp",
         run: lpvmm_fuzz::kp,
@@ -54,6 +54,11 @@ const TARGETS: [Target; 4] = [
     Target {
         name: "guest",
         run: lpvmm_fuzz::guest,
+        mutations: 20_000,
+    },
+    Target {
+        name: "virtio_blk",
+        run: lpvmm_fuzz::virtio_blk,
         mutations: 20_000,
     },
     Target {

@@ -1197,7 +1197,51 @@ impl Guest<'_> {
             .map(|(rc, out)| format!("lpvmm status (exit {rc}):\n{}", out.trim()))
             .unwrap_or_else(|e| format!("(lpvmm status failed: {e})"));
         let regs = self.host.vcpu_whereabouts(&name);
-        format!("{stderr}\n{status}\nlpvmm regs:\n{}", tail(&regs, 3000))
+        // First what the guest is doing: a report is often shown cut after its start.
+        let doing = self.guest_doing();
+        format!(
+            "{doing}\n{stderr}\n{status}\nlpvmm regs:\n{}",
+            tail(&regs, 3000)
+        )
+    }
+
+    /// What a silent guest is doing, as lpvmm sees it: each vCPU's task and the symbol
+    /// at its kernel address, and the stack of every task that runs or waits
+    /// uninterruptibly (`R`, `D`), at most eight.
+    fn guest_doing(&mut self) -> String {
+        let (rc, tasks) = match self.lpvmm("tasks {vm}") {
+            Ok(r) => r,
+            Err(e) => return format!("(lpvmm tasks failed: {e})"),
+        };
+        if rc != 0 {
+            return format!("lpvmm tasks (exit {rc}): {}", tail(&tasks, 1000));
+        }
+        let mut out = String::from("what the guest is doing (lpvmm tasks, stack, sym):\n");
+        let mut busy: Vec<(String, String)> = Vec::new();
+        for line in tasks.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if line.starts_with("vcpu") {
+                out += &format!("  {line}\n");
+                if let Some(at) = line.split("kernel mode at ").nth(1) {
+                    let sym = self.lpvmm(&format!("sym {{vm}} {}", at.trim()));
+                    let sym = sym.map(|(_, s)| s).unwrap_or_else(|e| e);
+                    out += &format!("    {}\n", sym.trim());
+                }
+            } else if matches!(cols.get(2), Some(&"R") | Some(&"D"))
+                && busy.len() < 8
+                && !busy
+                    .iter()
+                    .any(|(pid, _)| Some(&pid.as_str()) == cols.first())
+            {
+                busy.push((cols[0].to_string(), line.to_string()));
+            }
+        }
+        for (pid, line) in busy {
+            let stack = self.lpvmm(&format!("stack {{vm}} {pid}"));
+            let stack = stack.map(|(_, s)| s).unwrap_or_else(|e| e);
+            out += &format!("  {line}\n{}\n", tail(stack.trim(), 1500));
+        }
+        out
     }
 
     /// What the VMM printed on stderr so far, for failure messages.

@@ -54,6 +54,10 @@ enum Command {
         /// (costs pause time; for tests)
         #[arg(long)]
         verify_early_checks: bool,
+        /// A virtio disk: a raw image file or block device, FILE or FILE,ro (repeat for
+        /// more; the guest's vda, vdb, ... in order)
+        #[arg(long = "disk", value_name = "FILE[,ro]")]
+        disks: Vec<lpvmm::devices::virtio::block::DiskSpec>,
     },
     /// List running VMs
     Ls {
@@ -210,6 +214,7 @@ fn main() -> ExitCode {
             patch_area,
             no_seccomp,
             verify_early_checks,
+            disks,
         } => cli::vm::default_name(name).and_then(|name| {
             run::run(vm::VmConfig {
                 name,
@@ -221,6 +226,7 @@ fn main() -> ExitCode {
                 patch_area,
                 seccomp: !no_seccomp,
                 verify_early_checks,
+                disks,
             })
         }),
         Command::Ls { json } => cli::vm::ls(json),

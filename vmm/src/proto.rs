@@ -634,6 +634,10 @@ pub struct StatusInfo {
     /// creation of this VM) to the first vCPU's first `KVM_RUN`: the VMM's start-up.
     #[serde(default)]
     pub start_to_first_run_us: Option<u64>,
+    /// Each virtio device: kind, name, backing file, window, interrupt, and whether its
+    /// driver is ready or the device is broken.
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

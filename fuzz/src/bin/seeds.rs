@@ -1,7 +1,7 @@
 //! Regenerates the generated part of seeds/ (run from fuzz/: `cargo afl run --bin
 //! seeds`): `.kp` patches built with gcc as `lpvmm kp build` does, the synthetic
 //! kernel's BTF and a VMCOREINFO note, guest-memory overwrites (some in module memory),
-//! and request lines.
+//! request lines, and virtio-blk queues (`seeds virtio-blk` writes only those).
 
 use std::path::Path;
 
@@ -35,6 +35,13 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) {
 
 fn main() {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    for (name, bytes) in lpvmm_fuzz::virtio_blk_seeds() {
+        write(&seeds.join("virtio_blk"), name, &bytes);
+    }
+    // `seeds virtio-blk`: only those (the others need gcc and the synthetic kernel).
+    if std::env::args().nth(1).as_deref() == Some("virtio-blk") {
+        return;
+    }
     let tmp = std::env::temp_dir().join(format!("lpvmm-seeds-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patcher/examples/cmdline.c");

@@ -5,7 +5,9 @@
 //! blocks, no SCI; poweroff is a write to the FADT's sleep control register, which
 //! the devices' [`SLEEP_CONTROL_PORT`] catches.
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, IO};
+use acpi_tables::aml::{
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -19,6 +21,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::arch::layout;
+use crate::devices::virtio::{MmioSlot, MMIO_WINDOW};
 use crate::devices::{S5_SLEEP_TYPE, SERIAL_IRQ, SERIAL_PORT_BASE, SLEEP_CONTROL_PORT};
 
 const OEM_ID: [u8; 6] = *b"LPVMM ";
@@ -40,7 +43,11 @@ pub enum AcpiError {
 }
 
 /// Write the tables at [`layout::ACPI_ADDR`]; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> {
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    virtio: &[MmioSlot],
+) -> Result<u64, AcpiError> {
     let mut tables: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut next = layout::ACPI_ADDR + 0x100; // RSDP goes first, at ACPI_ADDR
 
@@ -51,7 +58,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> 
         addr
     };
 
-    let dsdt_addr = place(dsdt());
+    let dsdt_addr = place(dsdt(virtio));
     let fadt_addr = place(fadt(dsdt_addr));
     let madt_addr = place(madt(vcpus));
 
@@ -86,7 +93,10 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
 ///   drops the legacy PIC (`acpi_reduced_hw_init`), so ISA IRQ 4 has no mapping unless
 ///   ACPI names it; without this the 8250 driver never gets its interrupt and nothing
 ///   from userspace reaches the console (kernel messages still do, they are polled).
-fn dsdt() -> Vec<u8> {
+///
+/// And one `LNRO0005` device per virtio-mmio slot, with its register window and its
+/// edge-triggered interrupt: how the cloud kernel's `virtio_mmio` finds its devices.
+fn dsdt(virtio: &[MmioSlot]) -> Vec<u8> {
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, OEM_REVISION);
     let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&S5_SLEEP_TYPE]));
     sdt.append_slice(&to_bytes(&s5));
@@ -97,7 +107,24 @@ fn dsdt() -> Vec<u8> {
     let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&io, &irq]));
     let com1 = Device::new(Path::new("_SB_.COM1"), vec![&hid, &uid, &crs]);
     sdt.append_slice(&to_bytes(&com1));
+    for (i, slot) in virtio.iter().enumerate() {
+        sdt.append_slice(&virtio_device(i, slot));
+    }
     sdt.as_slice().to_vec()
+}
+
+fn virtio_device(index: usize, slot: &MmioSlot) -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+    let uid = Name::new(Path::new("_UID"), &(index as u8));
+    // Both fit: the windows lie below 4 GiB (devices/virtio/mod.rs).
+    let window = Memory32Fixed::new(true, slot.base as u32, MMIO_WINDOW as u32);
+    let irq = Interrupt::new(true, true, false, false, slot.irq);
+    let crs = Name::new(
+        Path::new("_CRS"),
+        &ResourceTemplate::new(vec![&window, &irq]),
+    );
+    let path = format!("_SB_.VR{index:02}");
+    to_bytes(&Device::new(Path::new(&path), vec![&hid, &uid, &crs]))
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -145,7 +172,7 @@ mod tests {
 
     #[test]
     fn tables_have_valid_checksums_and_lengths() {
-        for t in [dsdt(), fadt(0x1000), madt(4)] {
+        for t in [dsdt(&[MmioSlot::of(0)]), fadt(0x1000), madt(4)] {
             assert!(checksum_ok(&t), "bad checksum for {:?}", &t[..4]);
             let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, t.len());
@@ -154,11 +181,27 @@ mod tests {
 
     #[test]
     fn dsdt_defines_s5_and_com1() {
-        let d = dsdt();
+        let d = dsdt(&[]);
         assert!(d.windows(4).any(|w| w == b"_S5_"));
         assert!(d.windows(4).any(|w| w == b"COM1"));
         // EISA ID "PNP0501" compressed: 0x41d00501 as the AML dword 0x0105d041.
         assert!(d.windows(4).any(|w| w == [0x41, 0xd0, 0x05, 0x01]));
+    }
+
+    #[test]
+    fn dsdt_names_each_virtio_slot_with_its_window_and_interrupt() {
+        assert!(!dsdt(&[]).windows(8).any(|w| w == b"LNRO0005"));
+        let d = dsdt(&[MmioSlot::of(0), MmioSlot::of(1)]);
+        assert_eq!(d.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+        assert!(d.windows(4).any(|w| w == b"VR01"));
+        // Memory32Fixed: descriptor 0x86, length 9, read-write, base, length.
+        let mut window = vec![0x86, 9, 0, 1];
+        window.extend_from_slice(&(MmioSlot::of(1).base as u32).to_le_bytes());
+        window.extend_from_slice(&(MMIO_WINDOW as u32).to_le_bytes());
+        assert!(d.windows(window.len()).any(|w| w == window));
+        // Extended IRQ: consumer, edge, active high, exclusive; one interrupt, 17.
+        let irq = [0x89, 6, 0, 0b0011, 1, 17, 0, 0, 0];
+        assert!(d.windows(irq.len()).any(|w| w == irq));
     }
 
     #[test]

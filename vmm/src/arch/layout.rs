@@ -7,6 +7,7 @@
 //! 0x000e_0000  ACPI tables (RSDP first), inside the legacy BIOS hole
 //! 0x0010_0000  bzImage protected-mode code, then usable RAM up to the low RAM end
 //! 0xc000_0000  patch area (e820 reserved): the guest never uses it, lpvmm owns it
+//! 0xfe00_0000  virtio-mmio register windows, 4 KiB each (devices/virtio/)
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (in-kernel irqchip)
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
@@ -29,8 +30,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// Where RAM stops below 4 GiB and the patch area begins.
 pub const LOW_RAM_MAX: u64 = 0xc000_0000;
 pub const PATCH_AREA_START: u64 = LOW_RAM_MAX;
-/// The patch area must end before the IOAPIC/LAPIC window.
-pub const PATCH_AREA_MAX: u64 = 0xfec0_0000 - PATCH_AREA_START;
+/// The patch area must end before the virtio devices' windows (and the IOAPIC/LAPIC
+/// above them).
+pub const PATCH_AREA_MAX: u64 = crate::devices::virtio::MMIO_BASE - PATCH_AREA_START;
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
@@ -50,7 +52,7 @@ pub enum LayoutError {
     #[error("--patch-area must be a non-zero multiple of 4 KiB")]
     PatchAreaNotPageMultiple,
     #[error(
-        "--patch-area {} MiB is too large: at most {} MiB fit below the interrupt controllers",
+        "--patch-area {} MiB is too large: at most {} MiB fit below the device windows",
         .0 >> 20,
         PATCH_AREA_MAX >> 20
     )]
@@ -219,7 +221,7 @@ mod tests {
         let too_large = MemoryLayout::new(1 << 30, 2 << 30).unwrap_err();
         assert_eq!(
             too_large.to_string(),
-            "--patch-area 2048 MiB is too large: at most 1004 MiB fit below the interrupt controllers"
+            "--patch-area 2048 MiB is too large: at most 992 MiB fit below the device windows"
         );
         assert_eq!(
             parse_size("lots").unwrap_err().to_string(),

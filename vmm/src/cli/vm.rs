@@ -122,6 +122,9 @@ pub fn status(vm: &str, json: bool) -> Result<i32> {
     println!("kernel:      {}", s.kernel);
     println!("initrd:      {}", s.initrd.as_deref().unwrap_or("-"));
     println!("cmdline:     {}", s.cmdline);
+    for d in &s.devices {
+        println!("device:      {d}");
+    }
     println!("uptime:      {:.1} s", s.uptime_ms as f64 / 1000.0);
     if let Some(us) = s.start_to_first_run_us {
         println!(

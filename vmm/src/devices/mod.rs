@@ -5,11 +5,13 @@
 //! config space with only a host bridge (see pci.rs), and the doorbell of lpvmm's
 //! module notifier (see doorbell.rs; its port is handled on the vCPU thread, which
 //! needs the registers). Everything
-//! else on the port bus reads as all-ones, as an empty ISA bus would.
+//! else on the port bus reads as all-ones, as an empty ISA bus would. On the MMIO bus:
+//! the virtio devices' register windows (see virtio/), and nothing else (all-ones).
 
 pub mod console;
 pub mod doorbell;
 pub mod pci;
+pub mod virtio;
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
@@ -166,10 +168,16 @@ pub struct Devices {
     /// Written when a stop is requested, to wake the main loop.
     pub stop_evt: EventFd,
     pub doorbell: doorbell::Doorbell,
+    /// The virtio devices, each in its MMIO window.
+    pub virtio: Vec<Arc<Mutex<virtio::mmio::MmioTransport>>>,
 }
 
 impl Devices {
-    pub fn new(irq: EventFd, drained: EventFd) -> io::Result<Self> {
+    pub fn new(
+        irq: EventFd,
+        drained: EventFd,
+        virtio: Vec<Arc<Mutex<virtio::mmio::MmioTransport>>>,
+    ) -> io::Result<Self> {
         let panic = Arc::new(Mutex::new(None));
         let out = ConsoleOut {
             line: Vec::new(),
@@ -187,6 +195,7 @@ impl Devices {
             stop: Mutex::new(None),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             doorbell: doorbell::Doorbell::new(),
+            virtio,
         })
     }
 
@@ -228,6 +237,40 @@ impl Devices {
 
     fn pci(&self) -> std::sync::MutexGuard<'_, PciConfig> {
         self.pci.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The virtio device whose window holds `addr`, and the offset in it.
+    fn virtio_at(&self, addr: u64) -> Option<(&Mutex<virtio::mmio::MmioTransport>, u64)> {
+        let index = addr.checked_sub(virtio::MMIO_BASE)? / virtio::MMIO_WINDOW;
+        let t = self.virtio.get(usize::try_from(index).ok()?)?;
+        Some((t, addr - virtio::MmioSlot::of(index as usize).base))
+    }
+
+    /// A line per virtio device, for `lpvmm status`.
+    pub fn describe_virtio(&self) -> Vec<String> {
+        self.virtio
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).describe())
+            .collect()
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.virtio_at(addr) {
+            Some((t, offset)) => t
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(offset, data),
+            // Nothing is mapped there: reads see all-ones, like an empty bus.
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((t, offset)) = self.virtio_at(addr) {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset, data);
+        }
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -285,7 +328,12 @@ mod tests {
     use super::*;
 
     fn devices() -> Devices {
-        Devices::new(EventFd::new(0).unwrap(), EventFd::new(0).unwrap()).unwrap()
+        Devices::new(
+            EventFd::new(0).unwrap(),
+            EventFd::new(0).unwrap(),
+            Vec::new(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -651,12 +651,14 @@ fn handle_exit(index: usize, exit: VcpuExit, devices: &Devices) -> Option<StopRe
             None
         }
         VcpuExit::IoOut(port, data) => devices.pio_write(port, data),
-        VcpuExit::MmioRead(_, data) => {
-            // Nothing is mapped there: reads see all-ones, like an empty bus.
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            devices.mmio_read(addr, data);
             None
         }
-        VcpuExit::MmioWrite(..) => None,
+        VcpuExit::MmioWrite(addr, data) => {
+            devices.mmio_write(addr, data);
+            None
+        }
         VcpuExit::Hlt => None,
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(StopReason::Poweroff),

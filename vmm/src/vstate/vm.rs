@@ -18,6 +18,10 @@ use crate::arch::acpi::{self, AcpiError};
 use crate::arch::boot::{self, BootError};
 use crate::arch::cpu::{self, CpuError};
 use crate::arch::layout::{LayoutError, MemoryLayout};
+use crate::devices::virtio::block::{Block, Disk, DiskError, DiskSpec};
+use crate::devices::virtio::iothread::{DeviceQueues, IoThread};
+use crate::devices::virtio::mmio::{Interrupt, MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::{MmioSlot, MAX_DEVICES};
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::hostcheck::{self, HostCheckError};
 use crate::proto::{
@@ -81,6 +85,22 @@ pub enum VmError {
     SerialIrqfd(#[source] kvm_ioctls::Error),
     #[error("devices")]
     Devices(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("KVM_IRQFD for virtio device {index}")]
+    VirtioIrqfd {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_IOEVENTFD for virtio device {index}")]
+    VirtioIoeventfd {
+        index: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the I/O thread")]
+    IoThread(#[source] std::io::Error),
     #[error("KVM_CREATE_VCPU {id}")]
     CreateVcpu {
         id: u8,
@@ -117,6 +137,8 @@ pub struct VmConfig {
     /// The patch engine checks each early trace it confirms against a fresh unwind
     /// (`--verify-early-checks`).
     pub verify_early_checks: bool,
+    /// `--disk`: virtio-blk devices, in order (the guest's vda, vdb, ...).
+    pub disks: Vec<DiskSpec>,
 }
 
 pub struct Vm {
@@ -129,6 +151,8 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     vcpus: Vcpus,
     pub devices: Arc<Devices>,
+    /// Serves the virtio devices' queues (none without devices).
+    io: Option<IoThread>,
     /// Registers from the current pause; `Some` exactly while paused.
     paused_states: Option<Vec<VcpuState>>,
     pauses: u64,
@@ -189,13 +213,15 @@ impl Vm {
             boot::check_initrd_file(initrd)?;
         }
         let layout = MemoryLayout::new(config.memory, config.patch_area)?;
+        let disks = open_disks(&config.disks)?;
 
         let kvm = hostcheck::open_kvm()?;
         let vm_fd = create_vm_fd(&kvm)?;
         let (mem, host_memory) = guest_memory(&layout)?;
         register_memory(&vm_fd, &mem)?;
 
-        let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+        let slots: Vec<MmioSlot> = (0..disks.len()).map(MmioSlot::of).collect();
+        let rsdp = acpi::write_tables(&mem, config.vcpus, &slots)?;
         let boot = boot::load_linux(
             &mem,
             &layout,
@@ -210,7 +236,13 @@ impl Vm {
         vm_fd
             .register_irqfd(&irq, SERIAL_IRQ)
             .map_err(VmError::SerialIrqfd)?;
-        let devices = Arc::new(Devices::new(irq, drained).map_err(VmError::Devices)?);
+        let queues = virtio_devices(&vm_fd, &mem, disks)?;
+        let transports = queues.iter().map(|d| d.transport.clone()).collect();
+        let devices = Arc::new(Devices::new(irq, drained, transports).map_err(VmError::Devices)?);
+        let io = match queues.is_empty() {
+            true => None,
+            false => Some(IoThread::start(queues, config.seccomp).map_err(VmError::IoThread)?),
+        };
 
         let fds = create_vcpu_fds(&kvm, &vm_fd, config.vcpus, boot.entry)?;
         let vcpus = Vcpus::start(fds, devices.clone(), config.seccomp)?;
@@ -223,6 +255,7 @@ impl Vm {
             mem,
             vcpus,
             devices,
+            io,
             paused_states: None,
             pauses: 0,
             last_pause: None,
@@ -252,6 +285,7 @@ impl Vm {
             pauses: self.pauses,
             last_pause_ns: self.last_pause.map(|d| d.as_nanos() as u64),
             start_to_first_run_us: self.start_to_first_run().map(|d| d.as_micros() as u64),
+            devices: self.devices.describe_virtio(),
         }
     }
 
@@ -423,7 +457,61 @@ impl Vm {
     /// Stop the vCPU threads (a paused VM too).
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
+        if let Some(io) = &mut self.io {
+            io.stop();
+        }
     }
+}
+
+/// Open every `--disk` before anything else is made: a disk lpvmm cannot use is the
+/// user's error, reported before KVM is touched.
+fn open_disks(specs: &[DiskSpec]) -> Result<Vec<Disk>, VmError> {
+    if specs.len() > MAX_DEVICES {
+        return Err(DiskError::TooMany(MAX_DEVICES).into());
+    }
+    Ok(specs.iter().map(Disk::open).collect::<Result<_, _>>()?)
+}
+
+/// Each disk as a virtio-blk device on virtio-mmio: its interrupt through an irqfd, its
+/// queue's notifications through an ioeventfd on QueueNotify (matched on the queue's
+/// index), for the I/O thread.
+fn virtio_devices(
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    disks: Vec<Disk>,
+) -> Result<Vec<DeviceQueues>, VmError> {
+    let mut out = Vec::new();
+    for (index, disk) in disks.into_iter().enumerate() {
+        let slot = MmioSlot::of(index);
+        let name = format!("vd{}", (b'a' + index as u8) as char);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&irq, slot.irq)
+            .map_err(|source| VmError::VirtioIrqfd { index, source })?;
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let address = kvm_ioctls::IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY);
+        vm_fd
+            .register_ioevent(&notify, &address, 0u32)
+            .map_err(|source| VmError::VirtioIoeventfd { index, source })?;
+        let events = vec![notify];
+        let clones = events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(VmError::EventFd)?;
+        let transport = MmioTransport::new(
+            Box::new(Block::new(disk, name)),
+            slot,
+            mem.clone(),
+            clones,
+            Arc::new(Interrupt::new(irq)),
+        );
+        out.push(DeviceQueues {
+            transport: Arc::new(std::sync::Mutex::new(transport)),
+            events,
+        });
+    }
+    Ok(out)
 }
 
 /// The VM file descriptor with the x86 platform pieces KVM keeps in the kernel: the TSS
