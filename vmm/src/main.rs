@@ -58,6 +58,17 @@ enum Command {
         /// more; the guest's vda, vdb, ... in order)
         #[arg(long = "disk", value_name = "FILE[,ro]")]
         disks: Vec<lpvmm::devices::virtio::block::DiskSpec>,
+        /// A virtio network interface on an existing tap, TAP or TAP,mac=MAC (repeat for
+        /// more; the guest's eth0, eth1, ... in order)
+        #[arg(long = "net", value_name = "TAP[,mac=MAC]")]
+        nets: Vec<lpvmm::devices::virtio::net::NetSpec>,
+        /// A patch (.kp or livepatch .ko) to apply once each boot's kernel is up (repeat
+        /// for more, applied in order)
+        #[arg(long = "patch", value_name = "FILE")]
+        patches: Vec<PathBuf>,
+        /// End the VM when the guest reboots, instead of starting it again
+        #[arg(long)]
+        no_reboot: bool,
     },
     /// List running VMs
     Ls {
@@ -215,8 +226,11 @@ fn main() -> ExitCode {
             no_seccomp,
             verify_early_checks,
             disks,
+            nets,
+            patches,
+            no_reboot,
         } => cli::vm::default_name(name).and_then(|name| {
-            run::run(vm::VmConfig {
+            let config = vm::VmConfig {
                 name,
                 kernel,
                 initrd,
@@ -227,7 +241,10 @@ fn main() -> ExitCode {
                 seccomp: !no_seccomp,
                 verify_early_checks,
                 disks,
-            })
+                nets,
+                reboot: !no_reboot,
+            };
+            run::run(config, &patches)
         }),
         Command::Ls { json } => cli::vm::ls(json),
         Command::Status { vm, json } => cli::vm::status(&vm, json),

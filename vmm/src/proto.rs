@@ -326,6 +326,21 @@ pub struct PatchStatusResult {
     /// What the guest's modules coming and going did to patches, newest last.
     #[serde(default)]
     pub module_events: Vec<ModuleEventView>,
+    /// The guest's reboots in this VM and the patches applied at its boots.
+    #[serde(default)]
+    pub boot: BootView,
+}
+
+/// Patches applied when a boot's kernel came up (`lpvmm run --patch`, and those loaded
+/// before a reboot).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BootView {
+    /// How many times the guest rebooted in this VM.
+    pub reboots: u64,
+    /// Patches still to apply at this boot (waiting for its kernel).
+    pub pending: usize,
+    /// What applying them did, one line each, oldest first.
+    pub log: Vec<String>,
 }
 
 /// A module the guest loaded (`coming`) or unloaded (`going`) while a patch had a part
@@ -374,6 +389,10 @@ pub struct PatchView {
     pub funcs: Vec<PatchFuncView>,
     #[serde(default)]
     pub objects: Vec<ObjectView>,
+    /// How it came to be loaded at this boot, when lpvmm applied it there: `applied at
+    /// boot (--patch FILE)` or `applied again after reboot N`.
+    #[serde(default)]
+    pub applied_at_boot: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ use crate::control::server::{self, ControlServer};
 use crate::devices::console::{Console, RawTerminal};
 use crate::devices::StopReason;
 use crate::seccomp::ThreadKind;
+use crate::session::boot::BootPatches;
 use crate::session::Session;
 use crate::vstate::vm::{Vm, VmConfig};
 
@@ -54,10 +55,13 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
-/// Run a VM to its end; returns lpvmm's exit code.
-pub fn run(config: VmConfig) -> Result<i32> {
+/// Run a VM to its end; returns lpvmm's exit code. `patches` (`--patch`) are applied
+/// once each boot's kernel is up.
+pub fn run(config: VmConfig, patches: &[std::path::PathBuf]) -> Result<i32> {
+    one_malloc_arena();
     let name = config.name.clone();
     let seccomp = config.seccomp;
+    let boot_patches = BootPatches::from_files(patches)?;
     let socket_path = server::claim_name(&name)?;
     if seccomp {
         crate::seccomp::install_handler(&socket_path)?;
@@ -65,7 +69,7 @@ pub fn run(config: VmConfig) -> Result<i32> {
     let drained = EventFd::new(libc::EFD_NONBLOCK).context("eventfd")?;
     let vm = Vm::create(config, drained.try_clone().context("eventfd")?)?;
     let devices = vm.devices.clone();
-    let session = Arc::new(Mutex::new(Session::new(vm)));
+    let session = Arc::new(Mutex::new(Session::new(vm, boot_patches)));
     crate::session::patching::spawn_driver(&session)?;
     let (listener, _socket_file) = server::bind(&socket_path)?;
 
@@ -104,7 +108,13 @@ pub fn run(config: VmConfig) -> Result<i32> {
     }
     let reason = loop {
         if let Some(reason) = devices.stop_reason() {
-            break reason;
+            if !devices.restarts(&reason) {
+                break reason;
+            }
+            if let Err(e) = reboot(&session, &reason) {
+                break StopReason::Fatal(e);
+            }
+            continue;
         }
         if let Err(e) = em.run_with_timeout(1000) {
             break StopReason::Fatal(format!("event loop failed: {e:?}"));
@@ -125,6 +135,36 @@ pub fn run(config: VmConfig) -> Result<i32> {
         eprintln!("lpvmm: {verdict}");
     }
     Ok(reason.exit_code())
+}
+
+/// Every thread allocates from glibc's main arena. A thread's own arena is an mmap'd
+/// heap, and when a large free lets glibc shrink one (`shrink_heap`), glibc first reads
+/// /proc/sys/vm/overcommit_memory, an `openat` that no thread's seccomp filter allows:
+/// the patch driver died so when it dropped a kernel it had attached during a guest's
+/// boot. The main arena shrinks with `brk`, and large blocks are `munmap`ped anyway.
+/// (It also keeps the VMM's memory smaller: one arena instead of one per thread.)
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before lpvmm starts any
+    // thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// The guest asked for a reboot: start it again in this VM (`Session::reboot`).
+fn reboot(session: &Mutex<Session>, why: &StopReason) -> Result<(), String> {
+    let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+    let n = s
+        .reboot()
+        .map_err(|e| format!("cannot restart the guest: {}", crate::error_line(&e)))?;
+    let name = s.vm.config.name.clone();
+    let again = s.boot.view(n).pending;
+    eprintln!(
+        "\r\nlpvmm: {}; VM '{name}' starts it again (reboot {n}; {again} patch(es) to apply once its kernel is up)",
+        why.describe()
+    );
+    Ok(())
 }
 
 /// An eventfd that SIGTERM, SIGINT and SIGHUP write to: the main loop ends the VM.

@@ -94,6 +94,34 @@ const KVM_SET_REGS: u64 = 0x4090_AE82;
 /// The patch driver's one ioctl, on the VM: the interrupt of a guest call (callbacks).
 const KVM_SIGNAL_MSI: u64 = 0x4020_AEA5;
 
+/// `_IOW(KVMIO, nr, size)`, `_IOR(KVMIO, nr, size)`.
+const fn kvm_iow(nr: u64, size: usize) -> u64 {
+    (1 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+}
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+}
+
+/// What a vCPU thread writes to put its vCPU back in its boot state at a guest reboot
+/// (vstate/reset.rs; `KVM_SET_REGS` is above).
+const VCPU_RESET: [u64; 8] = [
+    kvm_iow(0x84, std::mem::size_of::<kvm_bindings::kvm_sregs>()),
+    kvm_iow(0x8d, std::mem::size_of::<kvm_bindings::kvm_fpu>()),
+    kvm_iow(0xa7, std::mem::size_of::<kvm_bindings::kvm_xcrs>()),
+    kvm_iow(0x89, std::mem::size_of::<kvm_bindings::kvm_msrs>()),
+    kvm_iow(0x8f, std::mem::size_of::<kvm_bindings::kvm_lapic_state>()),
+    kvm_iow(0x99, std::mem::size_of::<kvm_bindings::kvm_mp_state>()),
+    kvm_iow(0xa0, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>()),
+    kvm_iow(0xa2, std::mem::size_of::<kvm_bindings::kvm_debugregs>()),
+];
+
+/// What the api thread writes to the VM at a guest reboot: the PIC/IOAPIC
+/// (`KVM_SET_IRQCHIP`, which is an `_IOR`) and the PIT (`KVM_SET_PIT2`).
+const PLATFORM_RESET: [u64; 2] = [
+    kvm_ior(0x63, std::mem::size_of::<kvm_bindings::kvm_irqchip>()),
+    kvm_iow(0xa0, std::mem::size_of::<kvm_bindings::kvm_pit_state2>()),
+];
+
 /// System calls every thread makes in its steady state: memory, futexes, time, logging
 /// to stderr (and the console to stdout), signals' return, a panic's abort, exit.
 const COMMON: &[i64] = &[
@@ -142,6 +170,8 @@ const API: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_fcntl,
     libc::SYS_unlink,
+    // A guest reboot reads the kernel and initrd again from their open files.
+    libc::SYS_lseek,
 ];
 
 /// The I/O thread's calls beyond [`COMMON`]: its event loop, the eventfds it reads,
@@ -206,17 +236,22 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     }
     // After setup, the VM's own descriptor takes one ioctl, from the patch driver: the
     // interrupt of a guest call. vCPU threads touch their vCPUs.
+    let vcpu: Vec<u64> = [
+        KVM_RUN,
+        KVM_GET_REGS,
+        KVM_GET_SREGS,
+        KVM_GET_MSRS,
+        KVM_SET_REGS,
+    ]
+    .into_iter()
+    .chain(VCPU_RESET)
+    .collect();
+    let api: Vec<u64> = API_IOCTLS.iter().copied().chain(PLATFORM_RESET).collect();
     let ioctls: &[u64] = match kind {
-        ThreadKind::Vcpu => &[
-            KVM_RUN,
-            KVM_GET_REGS,
-            KVM_GET_SREGS,
-            KVM_GET_MSRS,
-            KVM_SET_REGS,
-        ],
+        ThreadKind::Vcpu => &vcpu,
         ThreadKind::Api => {
             rules.extend(API.iter().map(|&n| (n, Vec::new())));
-            API_IOCTLS
+            &api
         }
         ThreadKind::PatchDriver => &[KVM_SIGNAL_MSI],
         ThreadKind::Io => {
@@ -417,7 +452,7 @@ mod tests {
         assert!(!rules(ThreadKind::Vcpu)
             .unwrap()
             .contains_key(&libc::SYS_pwrite64));
-        assert_eq!(rules(ThreadKind::Vcpu).unwrap()[&libc::SYS_ioctl].len(), 5);
+        assert_eq!(rules(ThreadKind::Vcpu).unwrap()[&libc::SYS_ioctl].len(), 13);
         assert_eq!(
             rules(ThreadKind::PatchDriver).unwrap()[&libc::SYS_ioctl].len(),
             1,
@@ -453,6 +488,9 @@ mod tests {
             KVM_SIGNAL_MSI,
             iow(0xa5, std::mem::size_of::<kvm_bindings::kvm_msi>())
         );
+        // KVM_SET_SREGS and KVM_SET_IRQCHIP as kvm-ioctls spells them.
+        assert_eq!(VCPU_RESET[0], 0x4138_AE84);
+        assert_eq!(PLATFORM_RESET[0], 0x8208_AE63);
     }
 
     #[test]

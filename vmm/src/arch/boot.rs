@@ -2,7 +2,7 @@
 //! x86 64-bit boot protocol (Documentation/arch/x86/boot.rst).
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
@@ -164,24 +164,71 @@ fn initrd_size(path: &Path) -> Result<u64, BootError> {
         })
 }
 
+/// The kernel and the initrd, opened once before the VM starts: a guest reboot loads
+/// them again from these descriptors (by then the main thread's seccomp filter lets it
+/// open nothing). The initrd's size is the one checked at the start.
+pub struct BootFiles {
+    kernel: File,
+    kernel_path: PathBuf,
+    initrd: Option<InitrdFile>,
+}
+
+struct InitrdFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl BootFiles {
+    pub fn open(kernel: &Path, initrd: Option<&Path>) -> Result<BootFiles, BootError> {
+        check_kernel_file(kernel)?;
+        let initrd = match initrd {
+            None => None,
+            Some(path) => {
+                let size = initrd_size(path)?;
+                let file = File::open(path).map_err(|source| BootError::ReadInitrd {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Some(InitrdFile {
+                    file,
+                    path: path.to_path_buf(),
+                    size,
+                })
+            }
+        };
+        Ok(BootFiles {
+            kernel: open_kernel(kernel)?,
+            kernel_path: kernel.to_path_buf(),
+            initrd,
+        })
+    }
+}
+
 /// Load kernel, command line and initrd into guest memory and write the zero page.
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
-    kernel: &Path,
-    initrd: Option<&Path>,
+    files: &mut BootFiles,
     cmdline: &str,
     rsdp_addr: u64,
 ) -> Result<BootInfo, BootError> {
-    let mut kernel_file = open_kernel(kernel)?;
+    let kernel = files.kernel_path.clone();
+    files
+        .kernel
+        .seek(SeekFrom::Start(0))
+        .map_err(|source| BootError::OpenKernel {
+            path: kernel.clone(),
+            source,
+        })?;
     let loaded = BzImage::load(
         mem,
         None,
-        &mut kernel_file,
+        &mut files.kernel,
         Some(GuestAddress(layout::HIMEM_START)),
     )
     .map_err(|source| BootError::LoadKernel {
-        path: kernel.to_path_buf(),
+        path: kernel.clone(),
         source,
     })?;
     let hdr = loaded.setup_header.ok_or(BootError::NoSetupHeader)?;
@@ -212,7 +259,7 @@ pub fn load_linux(
     }
     params.acpi_rsdp_addr = rsdp_addr;
 
-    if let Some(initrd) = initrd {
+    if let Some(initrd) = &mut files.initrd {
         let (addr, size) = load_initrd(mem, layout, initrd, &params, kernel_needs)?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -272,30 +319,32 @@ fn set_e820(params: &mut boot_params, layout: &MemoryLayout) {
 fn load_initrd(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
-    path: &Path,
+    initrd: &mut InitrdFile,
     params: &boot_params,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    // Size first: a huge file is refused without reading it.
-    let size = initrd_size(path)?;
+    let size = initrd.size;
     // initrd_addr_max is the highest address the initrd may *end* at (minus one).
     let max_end = (u64::from(params.hdr.initrd_addr_max) + 1).min(layout.low_ram.end());
     let addr = max_end.checked_sub(size).map(|a| a & !0xfff);
     match addr {
         Some(addr) if addr >= kernel_end && size <= u32::MAX as u64 => {
-            let data = std::fs::read(path).map_err(|source| BootError::ReadInitrd {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            if data.len() as u64 != size {
-                return Err(BootError::InitrdChanged(path.to_path_buf()));
-            }
-            mem.write_slice(&data, GuestAddress(addr))
-                .map_err(BootError::WriteInitrd)?;
+            let path = initrd.path.clone();
+            initrd
+                .file
+                .seek(SeekFrom::Start(0))
+                .map_err(|source| BootError::ReadInitrd {
+                    path: path.clone(),
+                    source,
+                })?;
+            // Straight from the file into guest memory; a file that shrank since its
+            // size was checked leaves the read short.
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut initrd.file, size as usize)
+                .map_err(|_| BootError::InitrdChanged(path))?;
             Ok((addr, size))
         }
         _ => Err(BootError::InitrdTooLarge {
-            path: path.to_path_buf(),
+            path: initrd.path.clone(),
             size,
             memory: layout.low_ram.end(),
             free: max_end.saturating_sub(kernel_end),

@@ -639,6 +639,7 @@ fn status(vm: &str, json: bool) -> Result<i32> {
     if let Some(a) = &s.area {
         print_area(a);
     }
+    print_boot(&s.boot);
     for p in &s.patches {
         print_patch(p);
     }
@@ -682,10 +683,26 @@ fn print_area(a: &AreaView) {
     );
 }
 
+/// The guest's reboots and what lpvmm applied at its boots (nothing to say before a
+/// first reboot without `--patch`).
+fn print_boot(b: &crate::proto::BootView) {
+    if b.reboots == 0 && b.log.is_empty() && b.pending == 0 {
+        return;
+    }
+    println!(
+        "boots: the guest rebooted {} time(s) in this VM; {} patch(es) still to apply once \
+         this boot's kernel is up",
+        b.reboots, b.pending
+    );
+    for line in &b.log {
+        println!("  {line}");
+    }
+}
+
 /// A patch, its functions, dependencies, unwind table and states.
 fn print_patch(p: &PatchView) {
     println!(
-        "patch {} ({}{}{}{}, enabled {} time(s))",
+        "patch {} ({}{}{}{}, enabled {} time(s){})",
         p.name,
         p.state,
         p.replaced_by
@@ -694,7 +711,11 @@ fn print_patch(p: &PatchView) {
             .unwrap_or_default(),
         if p.atomic_replace { ", cumulative" } else { "" },
         if p.forced { ", forced" } else { "" },
-        p.enables
+        p.enables,
+        p.applied_at_boot
+            .as_ref()
+            .map(|a| format!("; {a}"))
+            .unwrap_or_default()
     );
     for o in p.objects.iter().filter(|o| o.state != "vmlinux") {
         match o.module {

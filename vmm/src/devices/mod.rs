@@ -43,8 +43,8 @@ const POST_PORT: u16 = 0x80;
 pub enum StopReason {
     /// The guest powered off (ACPI S5).
     Poweroff,
-    /// The guest rebooted (how: keyboard controller, KVM reset event). lpvmm does not
-    /// restart guests: the VM ends, like firecracker.
+    /// The guest rebooted (how: keyboard controller, KVM reset event). The VM starts it
+    /// again, unless `lpvmm run --no-reboot`, where the VM ends here.
     Reboot(String),
     /// A vCPU triple-faulted (where, as far as KVM still knows it): the guest crashed,
     /// unless it was told to reboot that way (`reboot=t`, which lpvmm's default command
@@ -76,9 +76,7 @@ impl StopReason {
     pub fn describe(&self) -> String {
         match self {
             StopReason::Poweroff => "guest powered off".into(),
-            StopReason::Reboot(how) => format!(
-                "guest requested a reboot ({how}): lpvmm ends the VM rather than restarting it"
-            ),
+            StopReason::Reboot(how) => format!("guest requested a reboot ({how})"),
             StopReason::Panic(msg) => format!("guest kernel panic: {msg}"),
             StopReason::TripleFault(at) => format!("guest crashed ({at}): lpvmm ends the VM"),
             StopReason::Requested(why) => format!("VM stopped: {why}"),
@@ -170,6 +168,8 @@ pub struct Devices {
     pub doorbell: doorbell::Doorbell,
     /// The virtio devices, each in its MMIO window.
     pub virtio: Vec<Arc<Mutex<virtio::mmio::MmioTransport>>>,
+    /// A guest reboot restarts the guest in this VM (`lpvmm run` without `--no-reboot`).
+    restart: std::sync::atomic::AtomicBool,
 }
 
 impl Devices {
@@ -196,6 +196,7 @@ impl Devices {
             stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             doorbell: doorbell::Doorbell::new(),
             virtio,
+            restart: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -206,6 +207,29 @@ impl Devices {
             *stop = Some(reason);
         }
         let _ = self.stop_evt.write(1);
+    }
+
+    /// Whether a guest reboot restarts the guest instead of ending the VM.
+    pub fn set_restart(&self, on: bool) {
+        self.restart.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether `reason` restarts the guest in this VM rather than ending it: a reboot
+    /// the guest asked for (never a panic's or a crash's reset), unless `--no-reboot`.
+    pub fn restarts(&self, reason: &StopReason) -> bool {
+        matches!(reason, StopReason::Reboot(_))
+            && self.restart.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// For the guest's next boot in this VM (vCPUs parked): no stop pending, no panic
+    /// seen, every virtio device reset as at power-on, no module-notifier ring left.
+    pub fn reset_for_reboot(&self) {
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for t in &self.virtio {
+            t.lock().unwrap_or_else(|e| e.into_inner()).power_on_reset();
+        }
+        drop(self.doorbell.take());
     }
 
     pub fn stop_reason(&self) -> Option<StopReason> {

@@ -6,6 +6,7 @@
 //! - [`patching`]: the patch engine's driver (load, unload, ticks);
 //! - [`status`]: the engine's state as `patch status` shows it.
 
+pub mod boot;
 pub mod inspect;
 pub mod patching;
 pub mod status;
@@ -26,17 +27,13 @@ pub struct Session {
     epoch: Instant,
     /// Wakes the patch driver when a transition starts or is asked to change.
     pub(crate) wakeup: Arc<Condvar>,
+    /// Patches applied at each boot: `--patch` files, and those loaded before a reboot.
+    pub(crate) boot: boot::BootPatches,
 }
 
 impl Session {
-    pub fn new(vm: Vm) -> Self {
-        let mut engine = patcher::Engine::new();
-        engine.set_verify_early(vm.config.verify_early_checks);
-        engine.set_doorbell(patcher::notifier::Doorbell {
-            port: crate::devices::doorbell::PORT,
-            token: vm.devices.doorbell.token(),
-        });
-        inject_fault(&mut engine);
+    pub fn new(vm: Vm, boot: boot::BootPatches) -> Self {
+        let engine = new_engine(&vm);
         let wakeup = Arc::new(Condvar::new());
         vm.devices.doorbell.set_waker(wakeup.clone());
         Session {
@@ -45,7 +42,28 @@ impl Session {
             engine,
             epoch: Instant::now(),
             wakeup,
+            boot,
         }
+    }
+
+    /// The guest asked for a reboot and the VM restarts it (`Vm::reboot`): the new
+    /// kernel is another one (its own KASLR offset, none of lpvmm's code), so the
+    /// attached kernel and the engine's state go, and the patches loaded now are
+    /// applied again once the new kernel is up ([`boot`]). Returns the reboot's number.
+    pub fn reboot(&mut self) -> Result<u64, crate::vstate::vm::VmError> {
+        let states: Vec<(String, crate::proto::PatchStateView)> = self
+            .patch_status()
+            .patches
+            .into_iter()
+            .map(|p| (p.name, p.state))
+            .collect();
+        self.vm.reboot()?;
+        let reboots = self.vm.boots();
+        self.kernel = None;
+        self.engine = new_engine(&self.vm);
+        self.boot.rebooted(reboots, &states);
+        self.wakeup.notify_all();
+        Ok(reboots)
     }
 
     /// Whether the guest still holds every byte the engine wrote (for a guest that
@@ -63,6 +81,18 @@ impl Session {
     pub(crate) fn instant(&self, ms: u64) -> Instant {
         self.epoch + std::time::Duration::from_millis(ms)
     }
+}
+
+/// The patch engine of a boot of `vm`'s guest.
+fn new_engine(vm: &Vm) -> patcher::Engine {
+    let mut engine = patcher::Engine::new();
+    engine.set_verify_early(vm.config.verify_early_checks);
+    engine.set_doorbell(patcher::notifier::Doorbell {
+        port: crate::devices::doorbell::PORT,
+        token: vm.devices.doorbell.token(),
+    });
+    inject_fault(&mut engine);
+    engine
 }
 
 /// Test builds only (the `fault-injection` feature, which release builds refuse):

@@ -97,12 +97,23 @@ impl Session {
         enable: bool,
         args: TransitionArgs,
     ) -> Result<PatchLoadResult> {
+        let kp = hex_decode(kp_hex)?;
+        self.patch_load_bytes(kp, params, enable, args)
+    }
+
+    /// [`Session::patch_load`] of a file's bytes (a client's, or one applied at boot).
+    pub(crate) fn patch_load_bytes(
+        &mut self,
+        kp: Vec<u8>,
+        params: &[String],
+        enable: bool,
+        args: TransitionArgs,
+    ) -> Result<PatchLoadResult> {
         let timeout = timeout(args.timeout_ms)?;
         let enable = enable.then_some(EnableArgs {
             consistency: args.consistency,
             timeout,
         });
-        let kp = hex_decode(kp_hex)?;
         let kernel = self.kernel_attached()?;
         let obj = patcher::parse_patch(&kp, &kernel, params)?;
         let mapped_before = self.engine.area_layout().is_some();
@@ -122,6 +133,7 @@ impl Session {
         if loaded.transition.is_some() {
             self.wakeup.notify_all();
         }
+        self.boot.loaded(&loaded.name, kp, params);
         Ok(PatchLoadResult {
             name: loaded.name,
             transition: loaded.transition,
@@ -163,11 +175,17 @@ impl Session {
                 r => break r?,
             }
         }
+        self.boot.unloaded(name);
         Ok(serde_json::json!({ "unloaded": name }))
     }
 
     pub fn patch_status(&self) -> PatchStatusResult {
-        PatchStatusResult::of(&self.engine)
+        let mut s = PatchStatusResult::of(&self.engine);
+        s.boot = self.boot.view(self.vm.boots());
+        for p in &mut s.patches {
+            p.applied_at_boot = self.boot.note(&p.name);
+        }
+        s
     }
 
     /// Answer the rings of the guest's module notifier filed since the last look
@@ -341,12 +359,19 @@ fn drive(session: Weak<Mutex<Session>>, wakeup: Arc<std::sync::Condvar>) {
             return;
         };
         let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.vm.devices.stop_reason().is_some() {
-            return;
+        let devices = guard.vm.devices.clone();
+        if let Some(reason) = devices.stop_reason() {
+            if !devices.restarts(&reason) {
+                return;
+            }
         }
         guard.serve_doorbell();
-        let wait = guard
-            .drive_transition()
+        let transition = guard.drive_transition();
+        let boot = guard.apply_boot_patches();
+        let wait = [transition, boot]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(IDLE_WAKEUP)
             .max(Duration::from_millis(1));

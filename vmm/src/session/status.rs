@@ -158,6 +158,7 @@ impl PatchStatusResult {
                     refused: m.refused,
                 })
                 .collect(),
+            boot: Default::default(),
         }
     }
 }
@@ -197,6 +198,7 @@ impl PatchView {
                 })
                 .collect(),
             objects: p.objects.iter().map(ObjectView::of).collect(),
+            applied_at_boot: None,
         }
     }
 }

@@ -9,5 +9,6 @@
 
 pub mod host_memory;
 pub mod paused;
+pub mod reset;
 pub mod vcpu;
 pub mod vm;

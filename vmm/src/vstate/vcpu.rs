@@ -29,6 +29,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::vstate::reset::VcpuBootState;
+
 use crate::arch::cpu::{self, CpuError};
 use crate::devices::{doorbell, Devices, StopReason};
 use crate::seccomp::{self, ThreadKind};
@@ -102,6 +104,8 @@ pub struct VcpuControl {
     whereabouts: Vec<Whereabouts>,
     /// When a vCPU first entered `KVM_RUN`.
     first_run: OnceLock<Instant>,
+    /// Per vCPU: put it back in its boot state when it leaves the park (a reboot).
+    reset: Vec<AtomicBool>,
 }
 
 /// Where one vCPU thread is: inside `KVM_RUN` or in lpvmm, and how many times it has
@@ -308,6 +312,7 @@ impl Vcpus {
     /// Start one thread per configured vCPU. They run until `stop`.
     pub fn start(
         fds: Vec<VcpuFd>,
+        boot_states: Vec<VcpuBootState>,
         devices: Arc<Devices>,
         seccomp: bool,
     ) -> Result<Self, VcpuError> {
@@ -322,14 +327,21 @@ impl Vcpus {
             changed: Condvar::new(),
             whereabouts: (0..fds.len()).map(|_| Whereabouts::default()).collect(),
             first_run: OnceLock::new(),
+            reset: (0..fds.len()).map(|_| AtomicBool::new(false)).collect(),
         });
         let mut threads = Vec::new();
-        for (index, fd) in fds.into_iter().enumerate() {
+        for (index, (fd, boot)) in fds.into_iter().zip(boot_states).enumerate() {
             let control = control.clone();
             let devices = devices.clone();
+            let vcpu = VcpuThread {
+                index,
+                fd,
+                boot,
+                seccomp,
+            };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(index, fd, &control, &devices, seccomp))
+                .spawn(move || run_vcpu(vcpu, &control, &devices))
                 .map_err(|source| VcpuError::SpawnThread { index, source })?;
             threads.push(t);
         }
@@ -426,6 +438,14 @@ impl Vcpus {
         Ok(start.elapsed())
     }
 
+    /// Have every vCPU, parked now, put itself back in its boot state as it leaves the
+    /// park (a guest reboot, vstate/reset.rs).
+    pub fn reset_on_resume(&self) {
+        for flag in &self.control.reset {
+            flag.store(true, Ordering::Release);
+        }
+    }
+
     fn resume_inner(&self) {
         let _shared = self.control.lock();
         self.control.want.store(Want::Run as u8, Ordering::Release);
@@ -461,16 +481,26 @@ fn lock_down(seccomp: bool) -> Result<(), StopReason> {
     seccomp::install(ThreadKind::Vcpu).map_err(|e| StopReason::Fatal(e.to_string()))
 }
 
-fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devices, seccomp: bool) {
-    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+/// What a vCPU thread owns.
+struct VcpuThread {
+    index: usize,
+    fd: VcpuFd,
+    /// What a reboot puts back.
+    boot: VcpuBootState,
+    seccomp: bool,
+}
+
+fn run_vcpu(mut vcpu: VcpuThread, control: &VcpuControl, devices: &Devices) {
+    let index = vcpu.index;
+    let immediate_exit: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
     if let Some(w) = control.whereabouts.get(index) {
         KICKS.with(|c| c.set(&w.kicks));
     }
 
-    let reason = match lock_down(seccomp) {
+    let reason = match lock_down(vcpu.seccomp) {
         Err(reason) => Some(reason),
-        Ok(()) => run_loop(index, &mut fd, control, devices),
+        Ok(()) => run_loop(&mut vcpu, control, devices),
     };
 
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
@@ -485,12 +515,8 @@ fn run_vcpu(index: usize, mut fd: VcpuFd, control: &VcpuControl, devices: &Devic
 }
 
 /// Run the guest until told to stop (`None`) or the VM must end.
-fn run_loop(
-    index: usize,
-    fd: &mut VcpuFd,
-    control: &VcpuControl,
-    devices: &Devices,
-) -> Option<StopReason> {
+fn run_loop(vcpu: &mut VcpuThread, control: &VcpuControl, devices: &Devices) -> Option<StopReason> {
+    let (index, fd) = (vcpu.index, &mut vcpu.fd);
     loop {
         match control.want() {
             Want::Run => {}
@@ -502,6 +528,11 @@ fn run_loop(
                 if park(index, fd, control) == Want::Stop {
                     break None;
                 }
+                if control.reset[index].swap(false, Ordering::AcqRel) {
+                    if let Err(e) = vcpu.boot.restore(fd) {
+                        break Some(StopReason::Fatal(crate::error_line(&e)));
+                    }
+                }
                 serialize_instruction_stream();
                 fd.set_kvm_immediate_exit(0);
                 continue;
@@ -510,8 +541,22 @@ fn run_loop(
         match run_once(index, fd, control, devices) {
             Step::Continue => {}
             Step::Interrupted => fd.set_kvm_immediate_exit(0),
+            // The VM restarts the guest: this vCPU runs no more guest code until the
+            // main thread has paused the VM for the reset.
+            Step::Stop(reason) if devices.restarts(&reason) => {
+                devices.request_stop(reason);
+                wait_while_running(control);
+            }
             Step::Stop(reason) => break Some(reason),
         }
+    }
+}
+
+/// Wait until the controller wants something other than running (a pause, a stop).
+fn wait_while_running(control: &VcpuControl) {
+    let mut shared = control.lock();
+    while control.want() == Want::Run {
+        shared = control.wait(shared, Duration::from_millis(10));
     }
 }
 
@@ -691,6 +736,7 @@ mod tests {
             changed: Condvar::new(),
             whereabouts: (0..vcpus).map(|_| Whereabouts::default()).collect(),
             first_run: OnceLock::new(),
+            reset: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 

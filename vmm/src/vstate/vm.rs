@@ -15,13 +15,14 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::acpi::{self, AcpiError};
-use crate::arch::boot::{self, BootError};
+use crate::arch::boot::{self, BootError, BootFiles};
 use crate::arch::cpu::{self, CpuError};
 use crate::arch::layout::{LayoutError, MemoryLayout};
 use crate::devices::virtio::block::{Block, Disk, DiskError, DiskSpec};
 use crate::devices::virtio::iothread::{DeviceQueues, IoThread};
 use crate::devices::virtio::mmio::{Interrupt, MmioTransport, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::{MmioSlot, MAX_DEVICES};
+use crate::devices::virtio::net::{Net, NetError, NetSpec, Tap};
+use crate::devices::virtio::{MmioSlot, VirtioDevice, MAX_DEVICES};
 use crate::devices::{Devices, SERIAL_IRQ};
 use crate::hostcheck::{self, HostCheckError};
 use crate::proto::{
@@ -30,6 +31,7 @@ use crate::proto::{
 };
 use crate::vstate::host_memory::{self, HostMapping, HostMemoryError};
 use crate::vstate::paused::{PausedVm, RamView};
+use crate::vstate::reset::{PlatformBootState, ResetError, VcpuBootState};
 use crate::vstate::vcpu::{VcpuError, Vcpus};
 use introspection::vmcoreinfo::VmcoreInfoError;
 use introspection::{GuestError, GuestRam, PhysRange, VcpuState};
@@ -87,6 +89,8 @@ pub enum VmError {
     Devices(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("KVM_IRQFD for virtio device {index}")]
     VirtioIrqfd {
         index: usize,
@@ -101,6 +105,8 @@ pub enum VmError {
     },
     #[error("the I/O thread")]
     IoThread(#[source] std::io::Error),
+    #[error(transparent)]
+    Reset(#[from] ResetError),
     #[error("KVM_CREATE_VCPU {id}")]
     CreateVcpu {
         id: u8,
@@ -139,6 +145,10 @@ pub struct VmConfig {
     pub verify_early_checks: bool,
     /// `--disk`: virtio-blk devices, in order (the guest's vda, vdb, ...).
     pub disks: Vec<DiskSpec>,
+    /// `--net`: virtio-net devices on existing taps, in order (eth0, ...).
+    pub nets: Vec<NetSpec>,
+    /// A guest reboot restarts the guest in this VM (`--no-reboot` ends the VM instead).
+    pub reboot: bool,
 }
 
 pub struct Vm {
@@ -153,12 +163,18 @@ pub struct Vm {
     pub devices: Arc<Devices>,
     /// Serves the virtio devices' queues (none without devices).
     io: Option<IoThread>,
+    /// Kernel and initrd, for each boot.
+    boot_files: BootFiles,
+    /// The interrupt controllers before the first boot (a reboot puts them back).
+    platform_boot: PlatformBootState,
+    /// Reboots so far: this is the guest's boot number `boots` (0: the first).
+    boots: u64,
     /// Registers from the current pause; `Some` exactly while paused.
     paused_states: Option<Vec<VcpuState>>,
     pauses: u64,
     last_pause: Option<Duration>,
     // Dropped last: vCPU threads and memory slots belong to these.
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     _kvm: Kvm,
     /// The host memory under `mem` and the memory slots: unmapped after both are gone.
     _host_memory: Vec<HostMapping>,
@@ -208,35 +224,24 @@ impl Vm {
         if config.vcpus == 0 || config.vcpus > 32 {
             return Err(VmError::VcpuCount(config.vcpus));
         }
-        boot::check_kernel_file(&config.kernel)?;
-        if let Some(initrd) = &config.initrd {
-            boot::check_initrd_file(initrd)?;
-        }
+        let mut boot_files = BootFiles::open(&config.kernel, config.initrd.as_deref())?;
         let layout = MemoryLayout::new(config.memory, config.patch_area)?;
         let disks = open_disks(&config.disks)?;
+        let taps = open_taps(&config.nets, disks.len())?;
+        let models = virtio_models(disks, taps);
 
         let kvm = hostcheck::open_kvm()?;
         let vm_fd = create_vm_fd(&kvm)?;
         let (mem, host_memory) = guest_memory(&layout)?;
         register_memory(&vm_fd, &mem)?;
 
-        let slots: Vec<MmioSlot> = (0..disks.len()).map(MmioSlot::of).collect();
-        let rsdp = acpi::write_tables(&mem, config.vcpus, &slots)?;
-        let boot = boot::load_linux(
-            &mem,
-            &layout,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            rsdp,
-        )?;
-        cpu::write_boot_page_tables(&mem)?;
+        let boot = write_boot(&mem, &layout, &mut boot_files, &config, models.len())?;
 
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm_fd
             .register_irqfd(&irq, SERIAL_IRQ)
             .map_err(VmError::SerialIrqfd)?;
-        let queues = virtio_devices(&vm_fd, &mem, disks)?;
+        let queues = virtio_devices(&vm_fd, &mem, models)?;
         let transports = queues.iter().map(|d| d.transport.clone()).collect();
         let devices = Arc::new(Devices::new(irq, drained, transports).map_err(VmError::Devices)?);
         let io = match queues.is_empty() {
@@ -244,8 +249,16 @@ impl Vm {
             false => Some(IoThread::start(queues, config.seccomp).map_err(VmError::IoThread)?),
         };
 
+        devices.set_restart(config.reboot);
+
         let fds = create_vcpu_fds(&kvm, &vm_fd, config.vcpus, boot.entry)?;
-        let vcpus = Vcpus::start(fds, devices.clone(), config.seccomp)?;
+        let boot_states = fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| VcpuBootState::capture(&kvm, fd, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let platform_boot = PlatformBootState::capture(&vm_fd)?;
+        let vcpus = Vcpus::start(fds, boot_states, devices.clone(), config.seccomp)?;
 
         Ok(Vm {
             config,
@@ -256,10 +269,13 @@ impl Vm {
             vcpus,
             devices,
             io,
+            boot_files,
+            platform_boot,
+            boots: 0,
             paused_states: None,
             pauses: 0,
             last_pause: None,
-            _vm_fd: vm_fd,
+            vm_fd,
             _kvm: kvm,
             _host_memory: host_memory,
         })
@@ -404,7 +420,7 @@ impl Vm {
             data: u32::from(vector),
             ..Default::default()
         };
-        self._vm_fd
+        self.vm_fd
             .signal_msi(msi)
             .map(|_| ())
             .map_err(VmError::SignalMsi)
@@ -455,12 +471,76 @@ impl Vm {
     }
 
     /// Stop the vCPU threads (a paused VM too).
+    /// How many times the guest has rebooted in this VM.
+    pub fn boots(&self) -> u64 {
+        self.boots
+    }
+
+    /// The guest asked for a reboot: start it again in this VM, as a machine's reset
+    /// does. Every vCPU and the interrupt controllers go back to their boot state
+    /// (vstate/reset.rs), guest RAM and the patch area are zeroed (the new kernel must
+    /// not meet the old one's data, nor lpvmm the old kernel's VMCOREINFO), the kernel,
+    /// initrd, boot parameters and ACPI tables are written again, the devices are reset;
+    /// disks, console, name and socket stay.
+    pub fn reboot(&mut self) -> Result<(), VmError> {
+        if self.paused_states.is_none() {
+            self.pause()?;
+        }
+        self.zero_memory();
+        let disks = self.devices.virtio.len();
+        write_boot(
+            &self.mem,
+            &self.layout,
+            &mut self.boot_files,
+            &self.config,
+            disks,
+        )?;
+        self.devices.reset_for_reboot();
+        self.platform_boot.restore(&self.vm_fd)?;
+        self.vcpus.reset_on_resume();
+        self.resume()?;
+        self.boots += 1;
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// Every region of guest memory reads zero again and its host memory is freed
+    /// (`MADV_DONTNEED` on private anonymous memory).
+    fn zero_memory(&self) {
+        for r in self.mem.iter() {
+            // SAFETY: `r` is one whole mapping of guest memory this process made and
+            // keeps; the vCPUs are parked, and MADV_DONTNEED only zero-fills it.
+            let rc =
+                unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                // Not fatal: the new boot overwrites what it uses.
+                tracing::warn!("zeroing guest memory: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+
     pub fn shutdown(&mut self) {
         self.vcpus.stop();
         if let Some(io) = &mut self.io {
             io.stop();
         }
     }
+}
+
+/// What the guest finds at each boot: ACPI tables (with the virtio slots), the kernel,
+/// its initrd, command line and zero page, and the boot page tables.
+fn write_boot(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    files: &mut BootFiles,
+    config: &VmConfig,
+    virtio_devices: usize,
+) -> Result<boot::BootInfo, VmError> {
+    let slots: Vec<MmioSlot> = (0..virtio_devices).map(MmioSlot::of).collect();
+    let rsdp = acpi::write_tables(mem, config.vcpus, &slots)?;
+    let boot = boot::load_linux(mem, layout, files, &config.cmdline, rsdp)?;
+    cpu::write_boot_page_tables(mem)?;
+    Ok(boot)
 }
 
 /// Open every `--disk` before anything else is made: a disk lpvmm cannot use is the
@@ -472,41 +552,66 @@ fn open_disks(specs: &[DiskSpec]) -> Result<Vec<Disk>, VmError> {
     Ok(specs.iter().map(Disk::open).collect::<Result<_, _>>()?)
 }
 
-/// Each disk as a virtio-blk device on virtio-mmio: its interrupt through an irqfd, its
-/// queue's notifications through an ioeventfd on QueueNotify (matched on the queue's
-/// index), for the I/O thread.
+/// Attach to every `--net` tap, as early (the disks and taps share the device slots).
+fn open_taps(specs: &[NetSpec], disks: usize) -> Result<Vec<Tap>, VmError> {
+    if disks + specs.len() > MAX_DEVICES {
+        return Err(NetError::TooMany(MAX_DEVICES - disks).into());
+    }
+    Ok(specs.iter().map(Tap::open).collect::<Result<_, _>>()?)
+}
+
+/// The guest's virtio devices: each disk as virtio-blk (vda, vdb, ...), then each tap
+/// as virtio-net (eth0, ...), in that order of slots.
+fn virtio_models(disks: Vec<Disk>, taps: Vec<Tap>) -> Vec<Box<dyn VirtioDevice>> {
+    let disks = disks.into_iter().enumerate().map(|(i, d)| {
+        let name = format!("vd{}", (b'a' + i as u8) as char);
+        Box::new(Block::new(d, name)) as Box<dyn VirtioDevice>
+    });
+    let nets = taps
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Box::new(Net::new(t, format!("eth{i}"))) as Box<dyn VirtioDevice>);
+    disks.chain(nets).collect()
+}
+
+/// Each device on virtio-mmio: its interrupt through an irqfd, each queue's
+/// notifications through an ioeventfd on QueueNotify (matched on the queue's index),
+/// for the I/O thread.
 fn virtio_devices(
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
-    disks: Vec<Disk>,
+    models: Vec<Box<dyn VirtioDevice>>,
 ) -> Result<Vec<DeviceQueues>, VmError> {
     let mut out = Vec::new();
-    for (index, disk) in disks.into_iter().enumerate() {
+    for (index, model) in models.into_iter().enumerate() {
         let slot = MmioSlot::of(index);
-        let name = format!("vd{}", (b'a' + index as u8) as char);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         vm_fd
             .register_irqfd(&irq, slot.irq)
             .map_err(|source| VmError::VirtioIrqfd { index, source })?;
-        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let address = kvm_ioctls::IoEventAddress::Mmio(slot.base + REG_QUEUE_NOTIFY);
-        vm_fd
-            .register_ioevent(&notify, &address, 0u32)
-            .map_err(|source| VmError::VirtioIoeventfd { index, source })?;
-        let events = vec![notify];
+        let mut events = Vec::new();
+        for queue in 0..model.queue_max_sizes().len() {
+            let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm_fd
+                .register_ioevent(&notify, &address, queue as u32)
+                .map_err(|source| VmError::VirtioIoeventfd { index, source })?;
+            events.push(notify);
+        }
         let clones = events
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<_, _>>()
             .map_err(VmError::EventFd)?;
         let transport = MmioTransport::new(
-            Box::new(Block::new(disk, name)),
+            model,
             slot,
             mem.clone(),
             clones,
             Arc::new(Interrupt::new(irq)),
         );
         out.push(DeviceQueues {
+            backend: transport.backend_fds(),
             transport: Arc::new(std::sync::Mutex::new(transport)),
             events,
         });

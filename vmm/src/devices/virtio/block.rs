@@ -365,10 +365,13 @@ impl VirtioDevice for Block {
 
     fn process(
         &mut self,
-        _index: usize,
-        queue: &mut Queue,
+        index: usize,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
+        let Some(queue) = queues.get_mut(index) else {
+            return Ok(false);
+        };
         let chains: Vec<_> = queue
             .iter(mem)
             .map_err(|e| DeviceError::Ring(e.to_string()))?
@@ -449,8 +452,8 @@ mod tests {
             })
             .collect();
         vq.add_desc_chains(&descs, 0).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        assert!(b.process(0, &mut q, m)?);
+        let q: Queue = vq.create_queue().unwrap();
+        assert!(b.process(0, &mut [q], m)?);
         Ok(vq.used().ring().ref_at(0).unwrap().load().len())
     }
 

@@ -3,7 +3,7 @@
 //! loop, under the `io` seccomp filter. Disk I/O never runs on a vCPU thread, so a
 //! slow disk stalls the guest's I/O and not its CPUs.
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,10 +16,12 @@ use crate::seccomp::ThreadKind;
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// A device and the ioeventfds of its queues, in queue order.
+/// A device, the ioeventfds of its queues (in queue order) and its backend's
+/// descriptors (a tap's).
 pub struct DeviceQueues {
     pub transport: Arc<Mutex<MmioTransport>>,
     pub events: Vec<EventFd>,
+    pub backend: Vec<RawFd>,
 }
 
 impl MutEventSubscriber for DeviceQueues {
@@ -29,18 +31,28 @@ impl MutEventSubscriber for DeviceQueues {
                 tracing::error!("I/O thread cannot watch a queue: {e:?}");
             }
         }
+        // Edge-triggered: a backend with data and no guest buffer to take it is not
+        // looked at again until the guest adds buffers (its queue's notification).
+        for &fd in &self.backend {
+            let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::new_raw(fd, set)) {
+                tracing::error!("I/O thread cannot watch a device's backend: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
+        let mut transport = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+        if self.backend.contains(&fd) {
+            transport.backend_ready();
+            return;
+        }
         let Some(index) = self.events.iter().position(|e| e.as_raw_fd() == fd) else {
             return;
         };
         let _ = self.events[index].read();
-        self.transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .notified(index);
+        transport.notified(index);
     }
 }
 

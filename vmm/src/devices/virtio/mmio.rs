@@ -274,6 +274,11 @@ impl MmioTransport {
         self.status = value;
     }
 
+    /// The guest rebooted: the device is as at power-on (as a driver's reset leaves it).
+    pub fn power_on_reset(&mut self) {
+        self.reset();
+    }
+
     fn reset(&mut self) {
         for q in &mut self.queues {
             q.reset();
@@ -317,10 +322,28 @@ impl MmioTransport {
         if self.broken.is_some() || self.status & STATUS_DRIVER_OK == 0 {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else {
+        if !self.queues.get(index).is_some_and(|q| q.ready()) {
             return;
-        };
-        match self.device.process(index, queue, &self.mem) {
+        }
+        let served = self.device.process(index, &mut self.queues, &self.mem);
+        self.served(served);
+    }
+
+    /// A backend descriptor of the device is ready (a tap has frames).
+    pub fn backend_ready(&mut self) {
+        if self.broken.is_some() || self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        let served = self.device.backend_ready(&mut self.queues, &self.mem);
+        self.served(served);
+    }
+
+    pub fn backend_fds(&self) -> Vec<std::os::unix::io::RawFd> {
+        self.device.backend_fds()
+    }
+
+    fn served(&mut self, served: Result<bool, DeviceError>) {
+        match served {
             Ok(true) => self.interrupt.raise(INT_VRING),
             Ok(false) => {}
             Err(e) => self.mark_broken(e),
@@ -372,7 +395,7 @@ mod tests {
         fn process(
             &mut self,
             _: usize,
-            _: &mut Queue,
+            _: &mut [Queue],
             _: &GuestMemoryMmap,
         ) -> Result<bool, DeviceError> {
             self.served.fetch_add(1, Ordering::AcqRel);

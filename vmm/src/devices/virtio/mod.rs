@@ -1,5 +1,6 @@
-//! virtio devices for real guests: a disk (`--disk`) the guest's own `virtio_blk`
-//! drives, over virtio-mmio (virtio 1.x, MMIO version 2).
+//! virtio devices for real guests: disks (`--disk`) and network interfaces (`--net`)
+//! the guest's own `virtio_blk` and `virtio_net` drive, over virtio-mmio (virtio 1.x,
+//! MMIO version 2).
 //!
 //! Why virtio-mmio described in ACPI: Debian's cloud kernels build `virtio_mmio` as a
 //! module without `VIRTIO_MMIO_CMDLINE_DEVICES`, so `virtio_mmio.device=` on the command
@@ -22,6 +23,7 @@
 pub mod block;
 pub mod iothread;
 pub mod mmio;
+pub mod net;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -64,6 +66,8 @@ pub enum DeviceError {
     Ring(String),
     #[error("a descriptor chain is malformed: {0}")]
     Chain(String),
+    #[error("its backend failed: {0}")]
+    Backend(String),
 }
 
 /// What a device model provides to the transport.
@@ -76,14 +80,28 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// The device-specific configuration space.
     fn config(&self) -> &[u8];
-    /// Serve what the driver made available on `queue`. `Ok(true)`: used buffers were
-    /// added (the driver must be interrupted).
+    /// Serve what the driver made available on queue `index` (of `queues`, every queue
+    /// of the device). `Ok(true)`: used buffers were added (the driver must be
+    /// interrupted).
     fn process(
         &mut self,
         index: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError>;
+    /// Descriptors besides the queues' notifications that the I/O thread watches for
+    /// this device (a tap's), edge-triggered.
+    fn backend_fds(&self) -> Vec<std::os::unix::io::RawFd> {
+        Vec::new()
+    }
+    /// One of [`VirtioDevice::backend_fds`] is ready. As `process`.
+    fn backend_ready(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
     /// A line for `lpvmm status`.
     fn describe(&self) -> String;
 }
