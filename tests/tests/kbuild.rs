@@ -957,6 +957,22 @@ fn log_count(g: &mut Guest, what: &str) -> Result<usize, String> {
     n.parse().map_err(|e| format!("{what}: {n:?}: {e}"))
 }
 
+/// Wait up to `secs` seconds until the guest's log has a line with each of `what` (the
+/// checks that follow say what is missing).
+fn wait_for_log(g: &mut Guest, what: &[&str], secs: u32) -> TestResult {
+    for _ in 0..secs {
+        let mut all = true;
+        for w in what {
+            all &= log_count(g, w)? >= 1;
+        }
+        if all {
+            break;
+        }
+        g.run("sleep 1")?;
+    }
+    Ok(())
+}
+
 /// The shadow variables of id `id`: how many, and who allocated them.
 fn shadow_group(g: &mut Guest, id: u64) -> Result<(u64, Vec<String>), String> {
     let v = shadow_vars(g)?;
@@ -980,8 +996,15 @@ fn livepatch_shadow_samples(host: &mut TestHost, series: &str) -> TestResult {
     let mut g = boot_with_klp_targets(host, &name, series)?;
     g.run("insmod /root/klp/livepatch_shadow_mod.ko; sleep 2")?;
     patchtest::apply(&mut g, &stem(series, "klp-shadow-fix1"))?;
-    g.run("sleep 14")?;
+    // The module frees a dummy 12 s after making it, in a cleanup every 3 s (the
+    // sample's EXPIRE_PERIOD and CLEANUP_PERIOD): the first dummy fix1 made is freed
+    // 12 to 15 s after fix1 (a fixed 14 s wait was short now and then).
     let prevented = "livepatch_fix1_dummy_leak_dtor: dummy @";
+    wait_for_log(
+        &mut g,
+        &[prevented, "livepatch_fix1_dummy_free: dummy @"],
+        40,
+    )?;
     let (n1, owners1) = shadow_group(&mut g, 1)?;
     check!(
         log_count(&mut g, prevented)? >= 1
@@ -991,7 +1014,7 @@ fn livepatch_shadow_samples(host: &mut TestHost, series: &str) -> TestResult {
         "{series}: fix1 in effect: {n1} variables 1 by {owners1:?}"
     );
     patchtest::apply(&mut g, &stem(series, "klp-shadow-fix2"))?;
-    g.run("sleep 7")?;
+    wait_for_log(&mut g, &[", check counter = "], 40)?;
     let (n2, owners2) = shadow_group(&mut g, 2)?;
     check!(
         log_count(&mut g, ", check counter = ")? >= 1

@@ -595,7 +595,8 @@ fn seccomp_stops_forbidden_calls(host: &mut TestHost) -> TestResult {
 /// file on the host, byte for byte (sha256), while the VM runs; read back past the
 /// guest's cache it is the same; a `,ro` disk reads as its file and refuses writes; the
 /// guest logged no virtio error; `lpvmm status` names both disks with a ready driver;
-/// a second VM given the same disk is refused before it boots.
+/// a second VM given the same disk is refused before it boots; data fsynced before the
+/// VMM is killed with SIGKILL mid-write is intact for the next VM.
 fn virtio_disks(host: &mut TestHost, series: &str) -> TestResult {
     let tag = series.replace('.', "_");
     let tmp = host.tmp();
@@ -684,10 +685,42 @@ fn virtio_disks(host: &mut TestHost, series: &str) -> TestResult {
         rc != 0 && out.contains("another process uses it"),
         "{series}: a second VM on the same disk: {rc} {out}"
     );
+    let kept = killed_mid_write(g, series)?;
+
+    // The disk as the next VM finds it: what was fsynced before the kill is there.
+    let (mut g, _) =
+        host.boot_guest(&format!("{name}-next"), series, 1, &format!("--disk {rw}"))?;
+    let now = g.text("dd if=/dev/vda bs=1M skip=20 count=2 2>/dev/null | sha256sum")?;
+    check!(
+        now == kept,
+        "{series}: after the VMM was killed, fsynced data reads {now}, was {kept}"
+    );
     g.poweroff()?;
     drop(g);
     host.exec(&format!("rm -f {rw} {ro}"))?;
     Ok(())
+}
+
+/// Crash consistency: 2 MiB written with fsync, then a long write without, and the VMM
+/// killed with SIGKILL in the middle of it. Returns the fsynced data's sha256.
+fn killed_mid_write(mut g: lpvmm_tests::Guest<'_>, series: &str) -> Result<String, String> {
+    g.run("dd if=/dev/urandom of=/tmp/a bs=1M count=2 2>/dev/null")?;
+    let kept = g.text("sha256sum < /tmp/a")?;
+    g.run("dd if=/tmp/a of=/dev/vda bs=1M seek=20 conv=fsync 2>/dev/null")?;
+    g.run("(dd if=/dev/urandom of=/dev/vda bs=1M seek=30 count=30 2>/dev/null &)")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, status) = g.lpvmm("status {vm} --json")?;
+    let pid = json(&status)?["pid"]
+        .as_u64()
+        .ok_or("status without a pid")?;
+    g.host.exec(&format!("kill -9 {pid}"))?;
+    let exit = g.wait_exit(Duration::from_secs(60))?;
+    check!(
+        exit.code != 0,
+        "{series}: a VMM killed with SIGKILL exited {}",
+        exit.code
+    );
+    Ok(kept)
 }
 
 /// A guest's virtio NIC (`--net TAP,mac=...`) on a tap the test host made: the stock
