@@ -227,7 +227,7 @@ impl Devices {
         *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = None;
         for t in &self.virtio {
-            t.lock().unwrap_or_else(|e| e.into_inner()).power_on_reset();
+            t.lock().unwrap_or_else(|e| e.into_inner()).reset();
         }
         drop(self.doorbell.take());
     }

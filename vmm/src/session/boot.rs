@@ -170,8 +170,12 @@ impl Session {
             return None;
         }
         let now = Instant::now();
-        if self.boot.next_look.is_some_and(|t| t > now) || self.engine.due().is_some() {
-            return Some(self.boot.next_look.unwrap_or(now + BOOT_POLL));
+        if self.engine.due().is_some() {
+            // A transition runs (its ticks wake the driver): look again after a poll.
+            return Some(now + BOOT_POLL);
+        }
+        if let Some(t) = self.boot.next_look.filter(|&t| t > now) {
+            return Some(t);
         }
         if !self.kernel_is_up() {
             self.boot.next_look = Some(now + BOOT_POLL);

@@ -274,12 +274,9 @@ impl MmioTransport {
         self.status = value;
     }
 
-    /// The guest rebooted: the device is as at power-on (as a driver's reset leaves it).
-    pub fn power_on_reset(&mut self) {
-        self.reset();
-    }
-
-    fn reset(&mut self) {
+    /// The device as at power-on: what a driver's reset (status 0) and a guest reboot
+    /// leave.
+    pub fn reset(&mut self) {
         for q in &mut self.queues {
             q.reset();
         }
