@@ -32,7 +32,7 @@ declare -A USERPKG=(
 )
 USERKEYS=(busybox bash)
 HOST_SERIES=6.1             # the test host runs this kernel
-HOST_MODULES=(kvm_amd tun)  # loaded in the test host, with their dependencies (tun: the taps of --net)
+HOST_MODULES=(kvm_amd tun virtio_pci virtio_blk)  # loaded in the test host, with their dependencies (tun: the taps of --net; virtio_pci, virtio_blk: the disks tests give it, TestHost::disk)
 # Loaded in the guest at boot (rootfs/guest-init), with their dependencies, from
 # each guest kernel's own package: a guest with no module loaded is not a
 # realistic guest, and lpvmm's introspection (module list, addresses in module

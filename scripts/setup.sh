@@ -62,3 +62,6 @@ echo "setup: building lpvmm"
 
 echo "setup: building guest images"
 "$ROOT/guest-images/build.sh"
+
+echo "setup: building the Debian system image"
+"$ROOT/guest-images/debian.sh"

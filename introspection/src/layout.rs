@@ -475,6 +475,8 @@ pub struct ModuleLayout {
     pub ksym_relative: bool,
     /// `refcnt` (with CONFIG_MODULE_UNLOAD).
     pub refcnt: Option<u64>,
+    /// `taints`: the TAINT_* bits a module brought (`(OE)`, `(K)` in /proc/modules).
+    pub taints: Option<u64>,
     /// Who uses the module (with CONFIG_MODULE_UNLOAD): `source_list`, and in
     /// `struct module_use` the link and the user.
     pub users: Option<[u64; 3]>,
@@ -529,6 +531,7 @@ impl ModuleLayout {
             ksym_name: ksym("name_offset", "name")?,
             ksym_relative: relative,
             refcnt: f("refcnt").ok(),
+            taints: f("taints").ok(),
             users: match (
                 f("source_list"),
                 btf.field("module_use", "source_list"),

@@ -37,6 +37,19 @@ const KSYM_NAME_LEN: u64 = 512;
 const ELF64_SYM: u64 = 24;
 /// `MODULE_REF_BASE`: the reference a module holds on itself from its load.
 const MODULE_REF_BASE: i64 = 1;
+/// The taints a module can bring and their letters, in the kernel's `taint_flags`
+/// order (kernel/panic.c, the entries with `module` true; the same in 6.1 and 6.12).
+const MODULE_TAINT_LETTERS: [(u32, char); 9] = [
+    (0, 'P'),  // PROPRIETARY_MODULE
+    (1, 'F'),  // FORCED_MODULE
+    (10, 'C'), // CRAP (staging)
+    (12, 'O'), // OOT_MODULE
+    (13, 'E'), // UNSIGNED_MODULE
+    (15, 'K'), // LIVEPATCH
+    (16, 'X'), // AUX
+    (17, 'T'), // RANDSTRUCT
+    (18, 'N'), // TEST
+];
 /// Lowest address of the kernel half of the address space.
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
@@ -116,6 +129,8 @@ pub struct Module {
     pub users: Vec<String>,
     /// It has an init but no exit: it can never be unloaded.
     pub permanent: bool,
+    /// The TAINT_* bits it brought (0 where the kernel has no `taints`).
+    pub taints: u64,
     kallsyms: u64,
     syms: u64,
     num_syms: u64,
@@ -130,8 +145,7 @@ impl Module {
     }
 
     /// The module's line of /proc/modules (kernel/module/procfs.c, `m_show` and
-    /// `print_unload_info`), less the taint flags the kernel appends for a tainting
-    /// module.
+    /// `print_unload_info`, and `module_flags` for a tainting module's flags).
     pub fn proc_line(&self) -> String {
         let mut used: String = self.users.iter().map(|u| format!("{u},")).collect();
         if self.permanent {
@@ -145,12 +159,33 @@ impl Module {
             None => "- -".to_string(),
         };
         format!(
-            "{} {} {refs} {} 0x{:016x}",
+            "{} {} {refs} {} 0x{:016x}{}",
             self.name,
             self.size,
             self.state.proc_word(),
-            self.base
+            self.base,
+            self.flags()
         )
+    }
+
+    /// What `m_show` appends for a module with taints: ` (` its taint letters in
+    /// `taint_flags` order, `-` while going or `+` while coming, `)`. Empty without
+    /// taints.
+    fn flags(&self) -> String {
+        if self.taints == 0 {
+            return String::new();
+        }
+        let mut flags: String = MODULE_TAINT_LETTERS
+            .iter()
+            .filter(|(bit, _)| self.taints & (1 << bit) != 0)
+            .map(|&(_, letter)| letter)
+            .collect();
+        match self.state {
+            ModuleState::Going => flags.push('-'),
+            ModuleState::Coming => flags.push('+'),
+            _ => {}
+        }
+        format!(" ({flags})")
     }
 
     /// Read one `struct module` at `addr`.
@@ -184,9 +219,14 @@ impl Module {
             }
             None => false,
         };
+        let taints = match l.taints {
+            Some(off) => mem.u64(addr.wrapping_add(off))?,
+            None => 0,
+        };
         Ok(Module {
             users: users(mem, l, addr, users_left)?,
             permanent,
+            taints,
             name,
             addr,
             state,

@@ -753,6 +753,8 @@ fn a_loading_module_counts_its_init_text_and_a_task_in_it_unwinds() {
         loadx.exit = Some("loadx_remove".into());
         loadx.uses = vec!["dummyx".into()];
         loadx.state = ModuleState::Coming;
+        // Out of tree, a livepatch, and a kernel-wide taint no module letter shows (WARN).
+        loadx.taints = (1 << 12) | (1 << 15) | (1 << 9);
         spec.modules.push(loadx);
         spec.tasks.push(SynthTask::sleeping(
             40,
@@ -788,7 +790,7 @@ fn a_loading_module_counts_its_init_text_and_a_task_in_it_unwinds() {
         assert_eq!(m.size, built.size);
         assert_eq!(
             m.proc_line(),
-            format!("loadx 16384 0 - Loading 0x{:016x}", built.text.start)
+            format!("loadx 16384 0 - Loading 0x{:016x} (OK+)", built.text.start)
         );
         let dummyx = list.named("dummyx").unwrap();
         assert!(dummyx

@@ -13,6 +13,14 @@ static HOST: Mutex<Option<TestHost>> = Mutex::new(None);
 /// Extra files the group's host gets (see [`TestHost::start_with_files`]).
 static FILES: Mutex<Vec<(std::path::PathBuf, String)>> = Mutex::new(Vec::new());
 
+/// Disk images the group's host gets (see [`TestHost::start_with_disks`]).
+static DISKS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Give the group's host these disk images (call before [`run_group`]).
+pub fn host_disks(disks: Vec<std::path::PathBuf>) {
+    *DISKS.lock().unwrap_or_else(|e| e.into_inner()) = disks;
+}
+
 /// Give the group's host these files (call before [`run_group`]).
 pub fn host_files(files: Vec<(std::path::PathBuf, String)>) {
     *FILES.lock().unwrap_or_else(|e| e.into_inner()) = files;
@@ -86,7 +94,8 @@ fn run_on_host(label: &str, f: &dyn Fn(&mut TestHost) -> TestResult) -> Result<(
     for attempt in 1..=PLATFORM_ATTEMPTS {
         if slot.is_none() {
             let files = FILES.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut host = TestHost::start_with_files(false, &files)?;
+            let disks = DISKS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut host = TestHost::start_with_disks(false, &files, &disks)?;
             host.start_death_trace();
             *slot = Some(host);
         }

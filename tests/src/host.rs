@@ -32,6 +32,29 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The guest shell's prompt (guest-images/rootfs/guest-init).
 pub const PROMPT: &str = "guest# ";
 
+/// What `lpvmm run` boots for a test: the kernel of a series, an initrd (a path on the
+/// host), the kernel command line and any other options.
+pub struct GuestSpec<'a> {
+    pub series: &'a str,
+    pub vcpus: u8,
+    pub initrd: &'a str,
+    pub cmdline: &'a str,
+    pub extra: &'a str,
+}
+
+impl<'a> GuestSpec<'a> {
+    /// The busybox test guest's: [`GUEST_CMDLINE`].
+    pub fn busybox(series: &'a str, vcpus: u8, initrd: &'a str, extra: &'a str) -> Self {
+        GuestSpec {
+            series,
+            vcpus,
+            initrd,
+            cmdline: GUEST_CMDLINE,
+            extra,
+        }
+    }
+}
+
 pub struct TestHost {
     mode: HostMode,
     /// Nested: the QEMU process; its ttyS0 shell and ttyS1 guest console.
@@ -44,9 +67,21 @@ pub struct TestHost {
     seq: u64,
     /// Extra files (local path, path on the nested host).
     files: Vec<(PathBuf, String)>,
+    /// Disk images the host gets as block devices (see [`TestHost::disk`]).
+    disks: Vec<PathBuf>,
     /// Set when a VMM started here could not be ended even by SIGKILL: the host's
     /// kernel holds it, and the group runner replaces the host.
     wedged: Option<String>,
+}
+
+/// A command for the nested test host's shell (dash and busybox: no `pkill`) that sends
+/// `sig` to every child of the process whose id `pid` expands to, by the `PPid` of each
+/// /proc/PID/status.
+pub fn kill_children(pid: &str, sig: &str) -> String {
+    format!(
+        "kill -{sig} $(awk -v pp=\"{pid}\" '/^PPid:/ && $2 == pp {{ split(FILENAME, f, \"/\"); \
+         print f[3] }}' /proc/[0-9]*/status 2>/dev/null) 2>/dev/null"
+    )
 }
 
 /// How many times a boot, or a test, is tried when the platform kills its guest (or,
@@ -195,6 +230,18 @@ impl TestHost {
         with_qemu: bool,
         files: &[(PathBuf, String)],
     ) -> Result<TestHost, String> {
+        Self::start_with_disks(with_qemu, files, &[])
+    }
+
+    /// Like [`TestHost::start_with_files`], with disk images: the host sees each as a
+    /// block device of its own ([`TestHost::disk`]) whose writes never reach the image
+    /// (QEMU's `snapshot=on` nested; a sparse copy in the work directory natively), so
+    /// that every host starts from the image as built.
+    pub fn start_with_disks(
+        with_qemu: bool,
+        files: &[(PathBuf, String)],
+        disks: &[PathBuf],
+    ) -> Result<TestHost, String> {
         let images = images_dir();
         for need in [
             "guest-6.1/vmlinuz",
@@ -238,10 +285,13 @@ impl TestHost {
             workdir,
             seq: 0,
             files: files.to_vec(),
+            disks: disks.to_vec(),
             wedged: None,
         };
         if host.mode == HostMode::Nested {
             host.boot_nested(with_qemu)?;
+        } else {
+            host.copy_disks()?;
         }
         eprintln!("test host: {:?}", host.mode);
         Ok(host)
@@ -324,6 +374,13 @@ impl TestHost {
                 std::env::var("LPVMM_TEST_HOST_APPEND").unwrap_or_default()
             ),
         ])
+        .args(self.disks.iter().flat_map(|d| {
+            let drive = format!(
+                "file={},format=raw,if=virtio,snapshot=on,cache=unsafe",
+                d.display()
+            );
+            ["-drive".to_string(), drive]
+        }))
         .args(["-chardev", &chardev("s0", &s0), "-serial", "chardev:s0"])
         .args(["-chardev", &chardev("s1", &s1), "-serial", "chardev:s1"])
         .stdin(Stdio::null())
@@ -474,6 +531,36 @@ impl TestHost {
         self.image(&format!("guest-{series}/vmlinuz"))
     }
 
+    /// The `i`th disk given to [`TestHost::start_with_disks`], as the host sees it: a
+    /// virtio block device nested (`/dev/vda` first), the work directory's copy natively.
+    pub fn disk(&self, i: usize) -> String {
+        match self.mode {
+            HostMode::Nested => format!("/dev/vd{}", (b'a' + i as u8) as char),
+            HostMode::Native => self
+                .workdir
+                .join(format!("disk{i}.img"))
+                .display()
+                .to_string(),
+        }
+    }
+
+    /// Native: each disk image copied (sparse) into the work directory, so that tests
+    /// never write to the image as built.
+    fn copy_disks(&self) -> Result<(), String> {
+        for i in 0..self.disks.len() {
+            let status = Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&self.disks[i])
+                .arg(self.disk(i))
+                .status()
+                .map_err(|e| format!("cp: {e}"))?;
+            if !status.success() {
+                return Err(format!("cannot copy {}", self.disks[i].display()));
+            }
+        }
+        Ok(())
+    }
+
     /// Where an extra file given to [`TestHost::start_with_files`] is, as the host sees it.
     pub fn file(&self, dest: &str) -> String {
         match self.mode {
@@ -614,7 +701,7 @@ impl TestHost {
         let gone = match self.mode {
             HostMode::Nested => {
                 let pid_file = format!("{}/{name}.pid", self.tmp());
-                let kill = format!("pkill -9 -P \"$(cat {pid_file})\"");
+                let kill = kill_children(&format!("$(cat {pid_file})"), "KILL");
                 matches!(self.wait_for_rc(name, &kill, KILL_TIMEOUT), Ok(Some(_)))
             }
             HostMode::Native => match self.native_guest.as_mut() {
@@ -693,8 +780,9 @@ impl TestHost {
                 let pid_file = format!("{}/{name}.pid", self.tmp());
                 let _ = self.exec_status(
                     &format!(
-                        "{} stop {name} 2>/dev/null || pkill -P \"$(cat {pid_file})\"",
-                        self.lpvmm()
+                        "{} stop {name} 2>/dev/null || {}",
+                        self.lpvmm(),
+                        kill_children(&format!("$(cat {pid_file})"), "TERM")
                     ),
                     CMD_TIMEOUT,
                 );
@@ -849,7 +937,8 @@ impl TestHost {
         extra: &str,
     ) -> Result<(Guest<'_>, String), String> {
         let initrd = self.image("guest-initrd.cpio.gz");
-        self.boot_guest_with(vmm, name, series, vcpus, &initrd, extra)
+        let spec = GuestSpec::busybox(series, vcpus, &initrd, extra);
+        self.boot_guest_with(vmm, name, &spec)
     }
 
     /// Like [`TestHost::boot_guest`] with another initrd (a path on the host).
@@ -862,22 +951,34 @@ impl TestHost {
         extra: &str,
     ) -> Result<(Guest<'_>, String), String> {
         let vmm = self.lpvmm();
-        self.boot_guest_with(&vmm, name, series, vcpus, initrd, extra)
+        self.boot_guest_with(
+            &vmm,
+            name,
+            &GuestSpec::busybox(series, vcpus, initrd, extra),
+        )
+    }
+
+    /// Like [`TestHost::boot_guest`] for any guest that keeps the test guests' console
+    /// contract (its ready line and prompt): the Debian system, say.
+    pub fn boot_guest_spec(
+        &mut self,
+        name: &str,
+        spec: &GuestSpec,
+    ) -> Result<(Guest<'_>, String), String> {
+        let vmm = self.lpvmm();
+        self.boot_guest_with(&vmm, name, spec)
     }
 
     fn boot_guest_with(
         &mut self,
         vmm: &str,
         name: &str,
-        series: &str,
-        vcpus: u8,
-        initrd: &str,
-        extra: &str,
+        spec: &GuestSpec,
     ) -> Result<(Guest<'_>, String), String> {
         // A 2-vCPU guest on the nested TCG test host sometimes dies during boot, before
         // lpvmm did anything but run it (docs/testing.md, "Known platform quirks"): such a
         // boot is repeated, said loudly, where the harness's rule lets it.
-        let cmd = self.run_command(vmm, name, series, vcpus, initrd, extra);
+        let cmd = self.run_command(vmm, name, spec);
         let booting = Instant::now();
         let mut attempt = 1;
         let line = loop {
@@ -918,30 +1019,30 @@ impl TestHost {
         extra: &str,
     ) -> Result<(Guest<'_>, String), BootFailure> {
         let (vmm, initrd) = (self.lpvmm(), self.image("guest-initrd.cpio.gz"));
-        let cmd = self.run_command(&vmm, name, series, vcpus, &initrd, extra);
+        let cmd = self.run_command(
+            &vmm,
+            name,
+            &GuestSpec::busybox(series, vcpus, &initrd, extra),
+        );
         let line = self.spawn_and_wait_ready(name, &cmd)?;
         Ok((self.ready_guest(name).map_err(BootFailure::Other)?, line))
     }
 
     /// `VMM run --name NAME ...` for a test guest.
-    fn run_command(
-        &self,
-        vmm: &str,
-        name: &str,
-        series: &str,
-        vcpus: u8,
-        initrd: &str,
-        extra: &str,
-    ) -> String {
+    fn run_command(&self, vmm: &str, name: &str, spec: &GuestSpec) -> String {
         // 512 MiB unless `extra` says otherwise (lpvmm takes each option once).
-        let memory = match extra.contains("--memory") {
+        let memory = match spec.extra.contains("--memory") {
             true => "",
             false => "--memory 512M",
         };
         format!(
-            "{vmm} run --name {name} --kernel {} --initrd {initrd} --vcpus {vcpus} {memory} \
-             --cmdline '{GUEST_CMDLINE}' {extra}",
-            self.guest_kernel(series),
+            "{vmm} run --name {name} --kernel {} --initrd {} --vcpus {} {memory} \
+             --cmdline '{}' {}",
+            self.guest_kernel(spec.series),
+            spec.initrd,
+            spec.vcpus,
+            spec.cmdline,
+            spec.extra,
         )
     }
 

@@ -11,6 +11,7 @@
 //! Images come from `guest-images/build.sh` (see guest-images/README.md).
 
 mod console;
+pub mod debian;
 pub mod fault_injection;
 mod group;
 mod host;
@@ -20,14 +21,17 @@ pub mod patchtest;
 pub mod retries;
 pub mod stats;
 pub mod verdict;
+pub mod views;
 
 pub use console::{head, tail, Console};
 pub use group::{
-    host_files, host_files_or_exit, host_trial, local_trial, run_group, series_trials, SeriesCase,
+    host_disks, host_files, host_files_or_exit, host_trial, local_trial, run_group, series_trials,
+    SeriesCase,
 };
 pub use host::{
-    platform_guest_death, platform_host_fault, BootFailure, Guest, GuestExit, HostMode, TestHost,
-    BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS, PROMPT,
+    kill_children, platform_guest_death, platform_host_fault, BootFailure, Guest, GuestExit,
+    GuestSpec, HostMode, TestHost, BOOT_TIMEOUT, CMD_TIMEOUT, EXIT_TIMEOUT, PLATFORM_ATTEMPTS,
+    PROMPT,
 };
 pub use hostkvm::{
     address_in_report, dead_vcpu_rips, death_in_patch_code, death_places, harness_host_trace,

@@ -105,6 +105,42 @@ pub fn patch_of<'s>(s: &'s PatchStatusResult, name: &str) -> Result<&'s PatchVie
         .ok_or_else(|| format!("patch {name} is not in status: {:?}", s.patches))
 }
 
+/// Wait until each of `want` (patch name, words of its `applied_at_boot`) is enabled and
+/// was applied at this boot as said.
+pub fn wait_applied_at_boot(g: &mut Guest, want: &[(&str, &str)]) -> TestResult {
+    let mut last = None;
+    for _ in 0..120 {
+        let s = status(g)?;
+        let done = want.iter().all(|(name, note)| {
+            s.patches.iter().any(|p| {
+                p.name == *name
+                    && p.state == lpvmm::proto::PatchStateView::Enabled
+                    && p.applied_at_boot
+                        .as_deref()
+                        .is_some_and(|a| a.contains(note))
+            })
+        });
+        if done && s.active.is_none() {
+            return Ok(());
+        }
+        last = Some(s);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let s = last.map(|s| {
+        format!(
+            "{:?} {:?}",
+            s.patches
+                .iter()
+                .map(|p| (&p.name, p.state, &p.applied_at_boot))
+                .collect::<Vec<_>>(),
+            s.boot
+        )
+    });
+    Err(format!(
+        "patches {want:?} not applied at boot within 120 s: {s:?}"
+    ))
+}
+
 /// `sleep SECS` in the background, once the guest shows it asleep in `func`
 /// (/proc/PID/stack); returns its pid and that stack.
 pub fn sleeper(g: &mut Guest, secs: u32, func: &str) -> Result<(i64, String), String> {

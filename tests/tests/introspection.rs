@@ -4,7 +4,7 @@
 
 use lpvmm::proto::DisasmResult;
 use lpvmm_tests::patchtest::parse;
-use lpvmm_tests::{check, host_trial, json, run_group, series_trials, TestHost, TestResult};
+use lpvmm_tests::{check, host_trial, json, run_group, series_trials, views, TestHost, TestResult};
 
 /// Where x86-64 kernels link `_text` before KASLR moves them.
 const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
@@ -93,36 +93,6 @@ fn vmcoreinfo_matches_guest(host: &mut TestHost, series: &str) -> TestResult {
     Ok(())
 }
 
-/// Count, hash and per-chunk hashes of a command's output lines, computed where the
-/// command runs: under nested TCG megabytes of console text are slow, so only a small
-/// region that differs is ever printed.
-const CHUNK_LINES: usize = 4096;
-const SHOW_LINES: usize = 48;
-
-fn digest_cmd(producer: &str, dir: &str, chunk: usize) -> String {
-    format!(
-        "rm -rf {dir}; mkdir -p {dir}; {producer} > {dir}/all; wc -l < {dir}/all; \
-         sha256sum < {dir}/all; cd {dir} && \
-         awk -v n={chunk} '{{ print > sprintf(\"part_%05d\", int((NR - 1) / n)) }}' all && \
-         for f in part_*; do sha256sum < $f; done; cd /"
-    )
-}
-
-fn nonempty_lines(t: &str) -> Vec<String> {
-    t.lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
-/// Index of the first differing per-chunk hash (the first two lines are count and hash).
-fn first_differing_chunk(a: &[String], b: &[String]) -> usize {
-    (2..a.len().max(b.len()))
-        .find(|&i| a.get(i) != b.get(i))
-        .map(|i| i - 2)
-        .unwrap_or(0)
-}
-
 /// Acceptance 1: lpvmm's symbol table equals the guest's /proc/kallsyms, every entry,
 /// the modules' included (the guest loads real modules of its own kernel package at
 /// boot); `lpvmm modules` equals /proc/modules; a module symbol resolves by
@@ -135,84 +105,20 @@ fn symbols_equal_proc_kallsyms(host: &mut TestHost, series: &str) -> TestResult 
     eprintln!("{series}: {}", out.trim());
 
     let modules = modules_equal_proc_modules(&mut g, series)?;
-    // BPF programs and ftrace trampolines ("[bpf]", "[__builtin__...]") are not the
-    // kernel's nor a module's symbols; module lines ("[tun]") are compared too.
-    let theirs_cmd = "grep -v -F -e '[bpf]' -e '[__builtin' /proc/kallsyms";
-    let guest = nonempty_lines(&g.run(&digest_cmd(theirs_cmd, "/tmp/ks", CHUNK_LINES))?);
-    let extra = g.run("grep -c -F '[' /proc/kallsyms || true")?;
-    let tun_lines = g.run("grep -c -F '[tun]' /proc/kallsyms || true")?;
-    check!(
-        tun_lines.trim().parse::<u32>().unwrap_or(0) > 10,
-        "{series}: no tun lines in /proc/kallsyms ({modules} modules loaded): {tun_lines}"
-    );
-    let tmp = g.host.tmp();
-    let (rc, out) = g.lpvmm(&format!("sym {{vm}} --all > {tmp}/ours.all"))?;
-    check!(rc == 0, "lpvmm sym --all failed: {out}");
-    let ours_cmd = format!("cat {tmp}/ours.all");
-    let ours = nonempty_lines(&g.host.exec(&digest_cmd(
-        &ours_cmd,
-        &format!("{tmp}/ks"),
-        CHUNK_LINES,
-    ))?);
-    eprintln!(
-        "{series}: /proc/kallsyms has {} kernel and module entries ({} lines name a module or bpf), lpvmm {}",
-        guest.first().map(String::as_str).unwrap_or("?"),
-        extra.trim(),
-        ours.first().map(String::as_str).unwrap_or("?")
-    );
-    if guest == ours {
-        let n = guest
-            .first()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        check!(n > 10_000, "suspiciously few symbols: {guest:?}");
-        eprintln!("{series}: all {n} entries equal (sha256 {})", guest[1]);
-        return g.poweroff().map(|_| ());
-    }
-    // Narrow down to a few lines and show them from both sides.
-    let chunk = first_differing_chunk(&guest, &ours);
-    let window = |producer: &str, dir: &str| {
-        let from = chunk * CHUNK_LINES + 1;
-        let sub = format!("{producer} | sed -n '{from},{}p'", from + CHUNK_LINES - 1);
-        digest_cmd(&sub, dir, SHOW_LINES)
-    };
-    let g2 = nonempty_lines(&g.run(&window(theirs_cmd, "/tmp/ks2"))?);
-    let o2 = nonempty_lines(&g.host.exec(&window(&ours_cmd, &format!("{tmp}/ks2")))?);
-    let sub = first_differing_chunk(&g2, &o2);
-    let show = format!(
-        "sed -n '{},{}p'",
-        sub * SHOW_LINES + 1,
-        (sub + 1) * SHOW_LINES
-    );
-    let theirs_region = g.run(&format!("{show} /tmp/ks2/all"))?;
-    let ours_region = g.host.exec(&format!("{show} {tmp}/ks2/all"))?;
-    Err(format!(
-        "{series}: symbol tables differ: guest {} entries (sha256 {}), lpvmm {} (sha256 {}).\n\
-         Lines {}.. of chunk {chunk}:\nguest:\n{theirs_region}\nlpvmm:\n{ours_region}",
-        guest.first().map(String::as_str).unwrap_or("?"),
-        guest.get(1).map(String::as_str).unwrap_or("?"),
-        ours.first().map(String::as_str).unwrap_or("?"),
-        ours.get(1).map(String::as_str).unwrap_or("?"),
-        sub * SHOW_LINES + 1
-    ))
+    let n = views::kallsyms_equal(&mut g, series)?;
+    eprintln!("{series}: all {n} entries equal, {modules} modules");
+    g.poweroff().map(|_| ())
 }
 
 /// `lpvmm modules` equals the guest's /proc/modules line for line (with at least the
 /// modules the guest image loads), and `sym tun:tun_get_socket` gives the address
 /// /proc/kallsyms has for it. Returns how many modules are loaded.
 fn modules_equal_proc_modules(g: &mut lpvmm_tests::Guest, series: &str) -> Result<usize, String> {
-    let theirs = g.run("cat /proc/modules")?;
-    let (rc, ours) = g.lpvmm("modules {vm}")?;
-    check!(rc == 0, "{series}: lpvmm modules failed: {ours}");
-    let lines = |t: &str| -> Vec<String> { nonempty_lines(t) };
+    let n = views::modules_equal(g, series)?;
+    let tun_lines = g.run("grep -c -F '[tun]' /proc/kallsyms || true")?;
     check!(
-        lines(&ours) == lines(&theirs),
-        "{series}: lpvmm modules:\n{ours}\n/proc/modules:\n{theirs}"
-    );
-    let n = lines(&theirs).len();
-    check!(
-        n >= 5 && theirs.contains("tun "),
-        "{series}: too few modules loaded: {theirs}"
+        n >= 5 && tun_lines.trim().parse::<u32>().unwrap_or(0) > 10,
+        "{series}: too few modules loaded ({n}), or no tun lines in /proc/kallsyms: {tun_lines}"
     );
     let line = g.run("grep -E ' tun_get_socket.\\[tun\\]' /proc/kallsyms")?;
     let addr = line.split_whitespace().next().ok_or("no tun_get_socket")?;
@@ -238,28 +144,10 @@ fn modules_equal_proc_modules(g: &mut lpvmm_tests::Guest, series: &str) -> Resul
         "{series}: sym by a module address: {out}"
     );
     eprintln!(
-        "{series}: {n} modules, lpvmm modules equals /proc/modules:\n{ours}\n\
-         lpvmm sym 0x{addr}: {}",
+        "{series}: {n} modules, lpvmm modules equals /proc/modules; lpvmm sym 0x{addr}: {}",
         out.trim()
     );
     Ok(n)
-}
-
-/// The guest's own view of its tasks: "tid tgid comm" per thread.
-const GUEST_TASKS: &str = "for p in /proc/[0-9]*; do for t in $p/task/[0-9]*; do \
-    read -r c < $t/comm 2>/dev/null && echo \"${t##*/} ${p##*/} $c\"; done; done";
-
-fn task_set(out: &str) -> std::collections::BTreeSet<(i64, i64, String)> {
-    out.lines()
-        .filter_map(|l| {
-            let mut f = l.trim().splitn(3, ' ');
-            Some((
-                f.next()?.parse().ok()?,
-                f.next()?.parse().ok()?,
-                f.next()?.to_string(),
-            ))
-        })
-        .collect()
 }
 
 /// Acceptance 2: `lpvmm tasks` equals the guest's view, and both vCPUs' current tasks
@@ -269,92 +157,8 @@ fn tasks_equal_guest_view(host: &mut TestHost, series: &str) -> TestResult {
     let (mut g, _) = host.boot_guest(&name, series, 2, "")?;
     // Some threads and a busy process, so that there is more than init and kthreads.
     g.run("(sleep 600 & sleep 600 & while :; do :; done) >/dev/null 2>&1 &")?;
-    let before = task_set(&g.run(GUEST_TASKS)?);
-    // The wire contract: raw JSON on purpose. `tasks --json` as its words are.
-    let (rc, out) = g.lpvmm("tasks {vm} --json")?;
-    check!(rc == 0, "lpvmm tasks failed: {out}");
-    let after = task_set(&g.run(GUEST_TASKS)?);
-    let v = json(&out)?;
-    let tasks = v["list"]["tasks"].as_array().ok_or("no tasks")?;
-    let ours: std::collections::BTreeSet<(i64, i64, String)> = tasks
-        .iter()
-        .filter(|t| !t["idle"].as_bool().unwrap_or(false))
-        .map(|t| {
-            (
-                t["pid"].as_i64().unwrap_or(-1),
-                t["tgid"].as_i64().unwrap_or(-1),
-                t["comm"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    // lpvmm shows task->comm, at most 15 bytes. /proc/PID/comm shows a kthread's full
-    // name where it was cut (`get_kthread_comm`) and a workqueue worker's last work
-    // (`wq_worker_comm`, "-desc"/"+desc"): the same name, decorated.
-    let same_name = |ours: &str, theirs: &str| {
-        ours == theirs
-            || (theirs.starts_with(ours)
-                && (ours.len() == 15
-                    || matches!(theirs[ours.len()..].chars().next(), Some('-' | '+'))))
-    };
-    let matches = |set: &std::collections::BTreeSet<(i64, i64, String)>, t: &(i64, i64, String)| {
-        set.iter()
-            .any(|o| o.0 == t.0 && o.1 == t.1 && same_name(&o.2, &t.2))
-    };
-    let stable: Vec<_> = before.intersection(&after).collect();
-    let missing: Vec<_> = stable.iter().filter(|t| !matches(&ours, t)).collect();
-    check!(
-        missing.is_empty(),
-        "{series}: tasks the guest shows before and after but lpvmm does not: {missing:?}\nlpvmm: {ours:?}"
-    );
-    let union: std::collections::BTreeSet<_> = before.union(&after).cloned().collect();
-    let unexplained: Vec<_> = ours
-        .iter()
-        .filter(|o| {
-            !union
-                .iter()
-                .any(|t| t.0 == o.0 && t.1 == o.1 && same_name(&o.2, &t.2))
-        })
-        .collect();
-    check!(
-        unexplained.is_empty(),
-        "{series}: lpvmm lists tasks the guest never showed: {unexplained:?}"
-    );
-    let idle = tasks
-        .iter()
-        .filter(|t| t["idle"].as_bool() == Some(true))
-        .count();
-    check!(idle == 2, "{series}: {idle} idle tasks for 2 vCPUs");
-    let vcpus = v["list"]["vcpus"].as_array().ok_or("no vcpus")?;
-    check!(vcpus.len() == 2, "{series}: {} vCPUs reported", vcpus.len());
-    let mut cpus = Vec::new();
-    for vc in vcpus {
-        let pid = vc["pid"]
-            .as_i64()
-            .ok_or_else(|| format!("vCPU without a current task: {vc}"))?;
-        let known = pid == 0 || ours.iter().any(|t| t.0 == pid);
-        check!(
-            known,
-            "{series}: vCPU current pid {pid} is not in the task list: {vc}"
-        );
-        cpus.push(
-            vc["cpu"]
-                .as_u64()
-                .ok_or_else(|| format!("vCPU without a CPU: {vc}"))?,
-        );
-    }
-    cpus.sort();
-    check!(cpus == [0, 1], "{series}: vCPUs map to CPUs {cpus:?}");
-    eprintln!(
-        "{series}: {} tasks match the guest ({} stable, {} idle); vCPUs: {}",
-        ours.len(),
-        stable.len(),
-        idle,
-        vcpus
-            .iter()
-            .map(|v| format!("cpu{} pid {} {}", v["cpu"], v["pid"], v["comm"]))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let summary = views::tasks_equal(&mut g, series, 2)?;
+    eprintln!("{series}: {summary}");
     g.poweroff().map(|_| ())
 }
 

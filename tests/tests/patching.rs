@@ -665,119 +665,6 @@ fn gcc_like_kp_build(src: &Path, kp: &Path, extra: &[&str]) -> TestResult {
         .arg(src))
 }
 
-/// Wait until each of `want` (patch name, words of its `applied_at_boot`) is enabled and
-/// was applied at this boot as said.
-fn wait_applied_at_boot(g: &mut Guest, want: &[(&str, &str)]) -> TestResult {
-    let mut last = None;
-    for _ in 0..120 {
-        let s = patchtest::status(g)?;
-        let done = want.iter().all(|(name, note)| {
-            s.patches.iter().any(|p| {
-                p.name == *name
-                    && p.state == lpvmm::proto::PatchStateView::Enabled
-                    && p.applied_at_boot
-                        .as_deref()
-                        .is_some_and(|a| a.contains(note))
-            })
-        });
-        if done && s.active.is_none() {
-            return Ok(());
-        }
-        last = Some(s);
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let s = last.map(|s| {
-        format!(
-            "{:?} {:?}",
-            s.patches
-                .iter()
-                .map(|p| (&p.name, p.state, &p.applied_at_boot))
-                .collect::<Vec<_>>(),
-            s.boot
-        )
-    });
-    Err(format!(
-        "patches {want:?} not applied at boot within 120 s: {s:?}"
-    ))
-}
-
-/// Issue 26, reboot: a guest reboot restarts the guest in the same VM (name, socket and
-/// disk kept); the patch given with `lpvmm run --patch` is applied once each boot's
-/// kernel is up, and the one loaded with `lpvmm patch` before the reboot is applied
-/// again: both are in effect in the guest after the reboot (its /proc/cmdline and
-/// `uname -v` say so), `patch status` says how each came back, and the disk's data
-/// survived the reboot (sha256).
-fn reboot_applies_patches_again(host: &mut TestHost, series: &str) -> TestResult {
-    let tag = series.replace('.', "_");
-    let name = format!("reboot-{tag}");
-    let disk = format!("{}/reboot-{tag}.img", host.tmp());
-    host.exec(&format!("truncate -s 16M {disk}"))?;
-    let cmdline_kp = host.file(&patch_path("cmdline"));
-    let extra = format!("--patch {cmdline_kp} --disk {disk}");
-    let (mut g, _) = host.boot_guest(&name, series, 2, &extra)?;
-    wait_applied_at_boot(&mut g, &[("cmdline", "applied at boot (--patch")])?;
-    check!(
-        g.text("cat /proc/cmdline")? == PATCHED,
-        "{series}: --patch not in effect"
-    );
-    apply(&mut g, "uname")?;
-    check!(
-        g.text("uname -v")? == "lpvmm-live-patched",
-        "{series}: uname patch not in effect"
-    );
-    g.run("dd if=/dev/urandom of=/dev/vda bs=1M count=4 conv=fsync 2>/dev/null")?;
-    let sum = g.text("dd if=/dev/vda bs=1M count=4 2>/dev/null | sha256sum")?;
-
-    g.type_at_prompt("reboot -f")?;
-    let ready = g
-        .console()
-        .wait_line("LPVMM-GUEST-READY", Duration::from_secs(180))?;
-    eprintln!("{series}: back after the reboot: {ready}");
-    wait_applied_at_boot(
-        &mut g,
-        &[
-            ("cmdline", "applied at boot (--patch"),
-            ("uname", "applied again after reboot 1"),
-        ],
-    )?;
-    check!(
-        g.text("cat /proc/cmdline")? == PATCHED,
-        "{series}: the --patch patch is not in effect after the reboot"
-    );
-    check!(
-        g.text("uname -v")? == "lpvmm-live-patched",
-        "{series}: the patch loaded before the reboot is not in effect after it"
-    );
-    let after = g.text("dd if=/dev/vda bs=1M count=4 2>/dev/null | sha256sum")?;
-    check!(
-        after == sum,
-        "{series}: the disk holds {after}, {sum} before the reboot"
-    );
-    let (_, human) = g.lpvmm("patch status {vm}")?;
-    check!(
-        human.contains("the guest rebooted 1 time(s) in this VM")
-            && human.contains("applied again after reboot 1"),
-        "{series}: patch status does not tell the reboot:\n{human}"
-    );
-    let err = g.vmm_stderr();
-    check!(
-        err.contains(&format!(
-            "VM '{name}' starts it again (reboot 1; 2 patch(es)"
-        )),
-        "{series}: lpvmm did not say it restarted the guest:\n{err}"
-    );
-    let dmesg = g.run("dmesg | grep -E 'WARNING: CPU|BUG:|Oops|cut here' ; true")?;
-    let splat = ["WARNING: CPU", "BUG:", "Oops", "cut here"];
-    check!(
-        !dmesg.lines().any(|l| splat.iter().any(|w| l.contains(w))),
-        "{series}: the rebooted guest logged:\n{dmesg}"
-    );
-    g.poweroff()?;
-    drop(g);
-    host.exec(&format!("rm -f {disk}"))?;
-    Ok(())
-}
-
 fn main() {
     // The patches, and lpvmm built with the test-only fault-injection feature.
     host_files_or_exit(build_patches().and_then(|mut files| {
@@ -790,7 +677,6 @@ fn main() {
         ("blocked_by_a_sleeping_task", blocked_transition),
         ("bad_patches_refused", bad_input),
         ("enable_disable_200_cycles_under_load", under_load),
-        ("reboot_applies_patches_again", reboot_applies_patches_again),
     ]);
     trials.push(host_trial(
         "a_death_in_patch_code_is_lpvmms_and_named",

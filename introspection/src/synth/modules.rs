@@ -70,6 +70,8 @@ pub struct SynthModule {
     /// References held on it besides its users' (open files, for one).
     pub holds: u32,
     pub state: ModuleState,
+    /// Its `taints` (TAINT_* bits: `1 << 15` is a livepatch's `K`).
+    pub taints: u64,
 }
 
 impl SynthModule {
@@ -85,6 +87,7 @@ impl SynthModule {
             uses: Vec::new(),
             holds: 0,
             state: ModuleState::Live,
+            taints: 0,
         }
     }
 
@@ -180,6 +183,7 @@ pub(super) struct ModuleFields {
     target_list: u64,
     exit: u64,
     refcnt: u64,
+    taints: u64,
 }
 
 impl ModuleFields {
@@ -209,7 +213,8 @@ impl ModuleFields {
             target_list: after + 0x50,
             exit: after + 0x60,
             refcnt: after + 0x68,
-            size: after + 0x70,
+            taints: after + 0x70,
+            size: after + 0x78,
         }
     }
 }
@@ -293,6 +298,7 @@ pub(super) fn module_btf(b: &mut BtfBuilder, t: &BaseTypes, f: &ModuleFields) {
         ("target_list", t.list, bits(f.target_list)),
         ("exit", t.voidp, bits(f.exit)),
         ("refcnt", atomic, bits(f.refcnt)),
+        ("taints", t.voidp, bits(f.taints)),
     ];
     if f.new {
         let mem = b.strukt(
@@ -638,6 +644,7 @@ fn build_module(
     b.w64(addr + f.init, init);
     let exit = m.exit.as_deref().map(function_at).unwrap_or(0);
     b.w64(addr + f.exit, exit);
+    b.w64(addr + f.taints, m.taints);
     write_memory(b, f, addr, &p);
     b.w32(addr + f.arch, orc.2 as u32);
     b.w64(addr + f.arch + 8, orc.0);

@@ -1,7 +1,8 @@
-//! The main job, for a person to watch: boot the default guest on lpvmm (on real KVM,
+//! The main job, for a person to watch: boot the default guest, a Debian system with
+//! systemd on a virtio disk and NIC (guest-images/debian.sh), on lpvmm (on real KVM,
 //! nested where needed), use its console, look inside its kernel from outside, build a
-//! live patch and apply it (the guest prints the patched text), take it out again, and
-//! power the guest off.
+//! live patch and apply it while its services run (the guest prints the patched text),
+//! take it out again, and power the guest off.
 //!
 //! Run through scripts/demo.sh, which installs and builds everything first.
 
@@ -9,9 +10,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use lpvmm_tests::{
-    lpvmm_binary, platform_guest_death, platform_host_fault, repo_root, HostMode, TestHost,
+    debian, lpvmm_binary, platform_guest_death, platform_host_fault, repo_root, HostMode, TestHost,
     PLATFORM_ATTEMPTS,
 };
+
+/// The test host's end of the Debian system's NIC.
+const TAP: &str = "lpvdemo0";
 
 fn say(s: &str) {
     println!("\n\x1b[1;36m==> {s}\x1b[0m");
@@ -90,27 +94,47 @@ fn demo() -> Result<(), String> {
 /// Start a host with real KVM and walk through everything on it.
 fn walk_through(series: &str, kps: &[std::path::PathBuf]) -> Result<(), Stopped> {
     say("Starting a host with real KVM");
-    let files: Vec<_> = kps
+    let mut files: Vec<_> = kps
         .iter()
         .map(|kp| {
             let name = kp.file_name().unwrap_or_default().to_string_lossy();
             (kp.clone(), format!("/root/{name}"))
         })
         .collect();
-    let mut host = TestHost::start_with_files(false, &files).map_err(|report| Stopped {
+    let initrd = debian::host_files(&[series]).map_err(|report| Stopped {
+        report,
+        by_platform: false,
+    })?;
+    files.extend(initrd);
+    // The host works on its own copy of the image (QEMU's snapshot, or a copy natively).
+    let disks = [debian::disk_image()];
+    let mut host = TestHost::start_with_disks(false, &files, &disks).map_err(|report| Stopped {
         report,
         by_platform: false,
     })?;
     on_host(&mut host, series).map_err(|report| {
+        // Only the platform's own evidence (a command that timed out is not).
         let by_platform = platform_guest_death(&report)
             || platform_host_fault(&report)
-            || host.wedged().is_some()
-            || !host.answers();
+            || host.wedged().is_some();
         Stopped {
             report,
             by_platform,
         }
     })
+}
+
+/// Wait (up to three minutes) until the guest's transition in progress ends.
+fn wait_for_transition(g: &mut lpvmm_tests::Guest) -> Result<(), String> {
+    let t0 = Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(180) {
+        if lpvmm_tests::patchtest::status(g)?.active.is_none() {
+            println!("    done after {:.0} s", t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    Err("the transition did not end within 180 s".into())
 }
 
 fn on_host(host: &mut TestHost, series: &str) -> Result<(), String> {
@@ -123,21 +147,31 @@ fn on_host(host: &mut TestHost, series: &str) -> Result<(), String> {
     }
 
     say(&format!(
-        "lpvmm run: Debian {series} cloud kernel, 2 vCPUs, 512 MiB, busybox initramfs"
+        "lpvmm run: Debian bookworm with systemd, {series} cloud kernel, 2 vCPUs, 1 GiB, \
+         virtio disk and NIC"
     ));
-    let t0 = Instant::now();
-    let (mut g, ready) = host.boot_guest("demo", series, 2, "")?;
+    debian::tap_up(host, TAP)?;
     println!(
-        "    guest reached /init in {:.1}s: {ready}",
+        "    $ lpvmm run --name demo --kernel vmlinuz --initrd initrd.img --cmdline '{}' \
+         --memory 1G --vcpus 2 --disk {} --net {TAP}",
+        debian::CMDLINE,
+        host.disk(0)
+    );
+    let t0 = Instant::now();
+    let (mut g, ready) = debian::boot(host, "demo", series, (0, TAP), "")?;
+    println!(
+        "    systemd reached multi-user in {:.1}s: {ready}",
         t0.elapsed().as_secs_f64()
     );
 
     say("Typing commands at the guest's serial console");
     for cmd in [
         "uname -a",
-        "nproc",
+        "systemctl is-system-running",
+        "systemctl list-units --type=service --state=running --no-legend --plain | cut -c1-60",
+        "df -h / | tail -1",
+        "ip -br addr show",
         "cat /proc/cmdline",
-        "grep -i reserved /proc/iomem",
     ] {
         println!("    guest# {cmd}");
         show("guest", &g.run(cmd)?);
@@ -155,6 +189,15 @@ fn on_host(host: &mut TestHost, series: &str) -> Result<(), String> {
 
     say("Looking inside the guest kernel from outside: lpvmm kernel demo (no profile, no debug info)");
     show("host", &g.lpvmm("kernel {vm}")?.1);
+    say("lpvmm modules demo   (the modules udev loaded, as /proc/modules shows them)");
+    show("host", &g.lpvmm("modules {vm}")?.1);
+    say("lpvmm tasks demo   (every task of the running system, read from guest memory; the first 25)");
+    let (_, tasks) = g.lpvmm("tasks {vm}")?;
+    show(
+        "host",
+        &tasks.lines().take(25).collect::<Vec<_>>().join("\n"),
+    );
+    println!("    ... {} lines in all", tasks.lines().count());
     g.run("sleep 1000 | cat >/dev/null &")?;
     let pid = g.run("pidof cat")?.trim().to_string();
     say(&format!(
@@ -188,9 +231,20 @@ fn on_host(host: &mut TestHost, series: &str) -> Result<(), String> {
     g.spawn("sleep 8 &")?;
     std::thread::sleep(std::time::Duration::from_secs(1));
     say(&format!(
-        "lpvmm patch demo {kp}   (every other task moves at once; the sleep moves when it wakes)"
+        "lpvmm patch demo {kp} --no-wait   (every other task moves at once; a task asleep \
+         in the old common_nsleep moves when it wakes)"
     ));
-    show("host", &g.lpvmm(&format!("patch {{vm}} {kp}"))?.1);
+    show("host", &g.lpvmm(&format!("patch {{vm}} {kp} --no-wait"))?.1);
+    say("lpvmm patch status demo   (the tasks the transition waits for, and where they sleep)");
+    let (_, status) = g.lpvmm("patch status {vm}")?;
+    let transition = status.lines().skip_while(|l| !l.starts_with("transition"));
+    show("host", &transition.take(12).collect::<Vec<_>>().join("\n"));
+    say(
+        "... waiting for them to wake (the shell's sleep in 8 s; a daemon sleeping in \
+         nanosleep, cron's say, within its minute)",
+    );
+    wait_for_transition(&mut g)?;
+    show("host", &g.lpvmm("patch list {vm}")?.1);
     println!("    guest# cat /proc/cmdline");
     show("guest", &g.run("cat /proc/cmdline")?);
     say(
@@ -202,6 +256,8 @@ fn on_host(host: &mut TestHost, series: &str) -> Result<(), String> {
 
     say("guest# poweroff -f");
     let exit = g.poweroff()?;
+    drop(g);
+    host.exec(&format!("ip link del {TAP} 2>/dev/null; true"))?;
     show("host", &exit.stderr);
     println!("    lpvmm exited with code {}", exit.code);
     say("Done. More: docs/patching.md (writing patches), docs/consistency.md, docs/introspection.md");

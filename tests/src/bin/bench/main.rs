@@ -28,6 +28,7 @@ mod patch;
 mod pause;
 mod pause_deaths;
 mod start;
+mod system;
 mod ticks;
 mod transition;
 
@@ -50,6 +51,14 @@ enum Command {
     Boot {
         #[arg(default_value_t = 5)]
         runs: u32,
+    },
+    /// The Debian system on lpvmm vs QEMU microvm: boot to multi-user, disk and network
+    /// throughput, VMM memory
+    System {
+        #[arg(default_value_t = 2)]
+        runs: u32,
+        /// One kernel series [default: both]
+        series: Option<String>,
     },
     /// Pause/resume latency with 1, 2, 4 and 8 vCPUs (or VCPUS, e.g. 1,2), seccomp on and off
     Pause {
@@ -191,6 +200,7 @@ fn series_list(series: &Option<String>) -> Vec<&str> {
 fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Boot { runs } => boot::boot(runs),
+        Command::System { runs, series } => system::system(runs, &series_list(&series)),
         Command::Pause { cycles, vcpus } => {
             pause::vcpu_counts(vcpus).and_then(|v| pause::pause(cycles, &v))
         }
@@ -261,6 +271,8 @@ mod tests {
     fn documented_command_lines_parse() {
         let documented = [
             "boot 5",
+            "system 2",
+            "system 1 6.1",
             "pause 1000",
             "pause 1000 1,2",
             "host-info",

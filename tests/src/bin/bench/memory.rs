@@ -3,6 +3,25 @@
 
 use lpvmm_tests::{json, TestHost};
 
+/// The lpvmm process of a guest and the guest memory it maps, from `lpvmm status`.
+pub struct LpvmmMemory {
+    pub pid: u64,
+    /// Guest RAM and the patch area, in bytes.
+    pub ram: u64,
+    pub patch_area: u64,
+}
+
+pub fn lpvmm_memory(g: &mut lpvmm_tests::Guest) -> Result<LpvmmMemory, String> {
+    let (_, status) = g.lpvmm("status {vm} --json")?;
+    let st = json(&status)?;
+    let field = |k: &str| st[k].as_u64().ok_or(format!("status has no {k}: {status}"));
+    Ok(LpvmmMemory {
+        pid: field("pid")?,
+        ram: field("memory_bytes")?,
+        patch_area: field("patch_area_size")?,
+    })
+}
+
 /// The VMM's own memory, as a user would measure it: the resident set of the lpvmm
 /// process from /proc/PID/smaps, leaving out the mappings of guest RAM and of the patch
 /// area (guest memory, whatever the VMM), before the first attach and after it.
@@ -12,14 +31,11 @@ pub fn vmm_memory() -> Result<(), String> {
     println!("|---|---|---|---|---|");
     for series in lpvmm_tests::SERIES {
         let (mut g, _) = host.boot_guest("bench", series, 2, "")?;
-        let (_, status) = g.lpvmm("status {vm} --json")?;
-        let st = json(&status)?;
-        let field = |k: &str| st[k].as_u64().ok_or(format!("status has no {k}: {status}"));
-        let (pid, ram, area) = (
-            field("pid")?,
-            field("memory_bytes")?,
-            field("patch_area_size")?,
-        );
+        let LpvmmMemory {
+            pid,
+            ram,
+            patch_area: area,
+        } = lpvmm_memory(&mut g)?;
         let outside = |g: &mut lpvmm_tests::Guest| -> Result<f64, String> {
             // Size precedes Rss in each mapping's block; the kernel may merge the RAM
             // and patch-area mappings into one.
