@@ -61,7 +61,11 @@ fn qemu_cmd(host: &TestHost, series: &str) -> String {
 /// Seconds `dd` says it took ("... copied, 2.345 s, 57.2 MB/s").
 fn dd_seconds(out: &str) -> Result<f64, String> {
     out.lines()
-        .find_map(|l| l.split(", ").nth(1)?.strip_suffix(" s")?.parse().ok())
+        .filter(|l| l.contains(" copied, "))
+        .find_map(|l| {
+            l.split(", ")
+                .find_map(|p| p.strip_suffix(" s")?.parse().ok())
+        })
         .ok_or_else(|| format!("no time in dd's output: {out}"))
 }
 
@@ -200,4 +204,17 @@ pub fn system(runs: u32, series: &[&str]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dd_seconds;
+
+    #[test]
+    fn dd_says_how_long_it_took() {
+        let out = "64+0 records in\n64+0 records out\n\
+                   67108864 bytes (67 MB, 64 MiB) copied, 3.10417 s, 21.6 MB/s\n";
+        assert_eq!(dd_seconds(out), Ok(3.10417));
+        assert!(dd_seconds("dd: error writing '/var/tmp/big': No space left").is_err());
+    }
 }
