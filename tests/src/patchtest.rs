@@ -74,6 +74,25 @@ pub fn verb(g: &mut Guest, verb: &str, name: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// `lpvmm patch FIRST` then `patch SECOND` of the loaded patch `name` in `g`, `cycles`
+/// times, in one shell loop on the host (no harness round trip per command), stopping at
+/// the first command that fails; its exit status and `cycles=N`, the cycles completed.
+pub fn verb_cycles(
+    g: &mut Guest,
+    name: &str,
+    [first, second]: [&str; 2],
+    cycles: u64,
+) -> Result<(i32, String), String> {
+    let (lp, vm) = (g.host.lpvmm(), g.name.clone());
+    g.host.exec_status(
+        &format!(
+            "i=0; while [ $i -lt {cycles} ]; do {lp} patch {first} {vm} {name} >/dev/null || break; \
+             {lp} patch {second} {vm} {name} >/dev/null || break; i=$((i+1)); done; echo cycles=$i"
+        ),
+        Duration::from_secs(1800),
+    )
+}
+
 /// Kernel text and patch area checksums.
 pub fn checksums(g: &mut Guest) -> Result<(String, String), String> {
     Ok((checksum(g, "text")?, checksum(g, "patch-area")?))

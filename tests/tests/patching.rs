@@ -376,15 +376,8 @@ fn under_load(host: &mut TestHost, series: &str) -> TestResult {
     g.run(&format!(
         "rm -f /tmp/stop; readcheck -p 4 -f /proc/cmdline -s /tmp/stop '{original}' '{PATCHED}' >/tmp/rc.log 2>&1 &"
     ))?;
-    let lp = g.host.lpvmm();
-    let cycles = 200;
-    let (rc, out) = g.host.exec_status(
-        &format!(
-            "i=0; while [ $i -lt {cycles} ]; do {lp} patch enable {name} cmdline >/dev/null || break; \
-             {lp} patch disable {name} cmdline >/dev/null || break; i=$((i+1)); done; echo cycles=$i"
-        ),
-        Duration::from_secs(1800),
-    )?;
+    let cycles: u64 = 200;
+    let (rc, out) = patchtest::verb_cycles(&mut g, "cmdline", ["enable", "disable"], cycles)?;
     if rc != 0 || !out.contains(&format!("cycles={cycles}")) {
         let why = g.vmm_stderr();
         return Err(format!(

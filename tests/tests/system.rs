@@ -34,7 +34,11 @@ fn blk_stem(series: &str) -> String {
 fn boot_system<'h>(host: &'h mut TestHost, series: &str) -> Result<Guest<'h>, String> {
     let tag = series.replace('.', "_");
     debian::tap_up(host, TAP)?;
-    let disk = if series == "6.1" { 0 } else { 1 };
+    // Each series boots on the host's disk of its own (see main).
+    let disk = lpvmm_tests::SERIES
+        .iter()
+        .position(|s| *s == series)
+        .ok_or_else(|| format!("no disk for series {series}"))?;
     let uname = format!("--patch {}", host.file(&patch_path("uname")));
     let t0 = Instant::now();
     let (mut g, ready) = debian::boot(host, &format!("debian-{tag}"), series, (disk, TAP), &uname)?;
@@ -175,16 +179,9 @@ fn cycles_under_workloads(g: &mut Guest, series: &str) -> TestResult {
     g.run(DISK_WORKLOAD)?;
     g.run(&net_workload())?;
     let sent_sum = g.text("sha256sum < /dev/shm/s | cut -d' ' -f1")?;
-    let lp = g.host.lpvmm();
-    let name = g.name.clone();
     let t0 = Instant::now();
-    let (rc, out) = g.host.exec_status(
-        &format!(
-            "i=0; while [ $i -lt {CYCLES} ]; do {lp} patch disable {name} blkcomplete >/dev/null || break; \
-             {lp} patch enable {name} blkcomplete >/dev/null || break; i=$((i+1)); done; echo cycles=$i"
-        ),
-        Duration::from_secs(1800),
-    )?;
+    let (rc, out) =
+        patchtest::verb_cycles(g, "blkcomplete", ["disable", "enable"], u64::from(CYCLES))?;
     let took = t0.elapsed().as_secs_f64();
     g.run("touch /tmp/stop; wait")?;
     check!(
@@ -374,6 +371,6 @@ fn host_files() -> Result<Vec<(PathBuf, String)>, String> {
 fn main() {
     host_files_or_exit(host_files());
     // One copy of the image per series (each boots, writes and reboots on its own).
-    host_disks(vec![debian::disk_image(), debian::disk_image()]);
+    host_disks(lpvmm_tests::SERIES.map(|_| debian::disk_image()).to_vec());
     run_group(series_trials(&[("debian_system", debian_system)]))
 }

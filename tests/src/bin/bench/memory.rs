@@ -22,6 +22,23 @@ pub fn lpvmm_memory(g: &mut lpvmm_tests::Guest) -> Result<LpvmmMemory, String> {
     })
 }
 
+/// The resident memory of process `pid` on the host, in MiB, leaving out its mappings
+/// of exactly `skip_kib` KiB each (guest memory, whatever the VMM). Size precedes Rss
+/// in each mapping's block of /proc/PID/smaps.
+pub fn rss_outside(g: &mut lpvmm_tests::Guest, pid: u64, skip_kib: &[u64]) -> Result<f64, String> {
+    let skip: Vec<String> = skip_kib.iter().map(|k| k.to_string()).collect();
+    let out = g.host.exec(&format!(
+        "awk -v skip='{}' 'BEGIN {{ k = split(skip, s, \" \"); for (i = 1; i <= k; i++) g[s[i]] = 1 }} \
+         /^Size:/ {{ size = $2 }} /^Rss:/ {{ if (!(size in g)) rss += $2; n++ }} \
+         END {{ if (n) print rss + 0; else print \"none\" }}' /proc/{pid}/smaps",
+        skip.join(" ")
+    ))?;
+    out.trim()
+        .parse::<f64>()
+        .map(|kib| kib / 1024.0)
+        .map_err(|_| format!("no Rss lines in /proc/{pid}/smaps: {out}"))
+}
+
 /// The VMM's own memory, as a user would measure it: the resident set of the lpvmm
 /// process from /proc/PID/smaps, leaving out the mappings of guest RAM and of the patch
 /// area (guest memory, whatever the VMM), before the first attach and after it.
@@ -36,18 +53,9 @@ pub fn vmm_memory() -> Result<(), String> {
             ram,
             patch_area: area,
         } = lpvmm_memory(&mut g)?;
-        let outside = |g: &mut lpvmm_tests::Guest| -> Result<f64, String> {
-            // Size precedes Rss in each mapping's block; the kernel may merge the RAM
-            // and patch-area mappings into one.
-            let out = g.host.exec(&format!(
-                "awk -v ram={} -v area={} '/^Size:/ {{ size = $2 }} /^Rss:/ {{ if (size != ram && size != area && size != ram + area) rss += $2; n++ }} END {{ if (n) print rss; else print \"none\" }}' /proc/{pid}/smaps",
-                ram / 1024,
-                area / 1024
-            ))?;
-            out.trim()
-                .parse::<f64>()
-                .map(|kib| kib / 1024.0)
-                .map_err(|_| format!("no Rss lines in /proc/{pid}/smaps: {out}"))
+        let outside = |g: &mut lpvmm_tests::Guest| {
+            // The kernel may merge the RAM and patch-area mappings into one.
+            rss_outside(g, pid, &[ram / 1024, area / 1024, (ram + area) / 1024])
         };
         let before = outside(&mut g)?;
         eprintln!(

@@ -11,7 +11,7 @@ use lpvmm_tests::debian::{self, CMDLINE, GUEST_IP};
 use lpvmm_tests::stats::median;
 use lpvmm_tests::{Guest, TestHost};
 
-use crate::memory::lpvmm_memory;
+use crate::memory::{lpvmm_memory, rss_outside};
 
 const TAP: &str = "lpvbench0";
 /// As tests/system.rs and the demo boot it (lpvmm_tests::debian::boot).
@@ -106,22 +106,6 @@ fn net_mib_s(g: &mut Guest) -> Result<f64, String> {
     Err("the guest's listener never finished".into())
 }
 
-/// The VMM's resident memory outside guest RAM (mappings of exactly `skip_kib`, or of
-/// guest RAM and the patch area merged, are guest memory), in MiB.
-fn vmm_mib(g: &mut Guest, pid: u64, skip_kib: &[u64]) -> Result<f64, String> {
-    let skip: Vec<String> = skip_kib.iter().map(|k| k.to_string()).collect();
-    let out = g.host.exec(&format!(
-        "awk -v skip='{}' 'BEGIN {{ n = split(skip, s, \" \"); for (i = 1; i <= n; i++) g[s[i]] = 1 }} \
-         /^Size:/ {{ size = $2 }} /^Rss:/ {{ if (!(size in g)) rss += $2 }} END {{ print rss + 0 }}' \
-         /proc/{pid}/smaps",
-        skip.join(" ")
-    ))?;
-    out.trim()
-        .parse::<f64>()
-        .map(|kib| kib / 1024.0)
-        .map_err(|_| format!("no Rss in /proc/{pid}/smaps: {out}"))
-}
-
 /// One VMM's run: boot, workloads, memory, then power off.
 fn one_run(host: &mut TestHost, name: &str, cmd: &str, lpvmm: bool) -> Result<Run, String> {
     let t0 = Instant::now();
@@ -139,14 +123,14 @@ fn one_run(host: &mut TestHost, name: &str, cmd: &str, lpvmm: bool) -> Result<Ru
     let vmm_mib = if lpvmm {
         let m = lpvmm_memory(&mut g)?;
         let (ram, area) = (m.ram / 1024, m.patch_area / 1024);
-        vmm_mib(&mut g, m.pid, &[ram, area, ram + area])?
+        rss_outside(&mut g, m.pid, &[ram, area, ram + area])?
     } else {
         let pid = g.host.exec("pidof qemu-system-x86_64-microvm")?;
         let pid = pid
             .trim()
             .parse()
             .map_err(|_| format!("no QEMU pid: {pid}"))?;
-        vmm_mib(&mut g, pid, &[MEMORY_MIB * 1024])?
+        rss_outside(&mut g, pid, &[MEMORY_MIB * 1024])?
     };
     g.run("sync")?;
     g.poweroff()?;
